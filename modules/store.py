@@ -1,0 +1,70 @@
+"""A content-addressed file store (``root/ab/cd/abcd…``): the hub's blobs and the agent's chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from protocol.topics import DIGEST_RE
+
+BLOCK = 1024 * 1024
+
+
+class ContentStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        if not DIGEST_RE.match(digest):
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return self.root / digest[:2] / digest[2:4] / digest
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).exists()
+
+    def get(self, digest: str) -> bytes:
+        return self.path(digest).read_bytes()
+
+    def put(self, data: bytes, expected: str | None = None) -> str:
+        return self.put_blocks([data], expected)[0]
+
+    def put_stream(self, stream: BinaryIO, expected: str | None = None) -> tuple[str, int]:
+        return self.put_blocks(iter(lambda: stream.read(BLOCK), b""), expected)
+
+    def put_blocks(self, blocks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
+        """Stream blocks to a temporary file, hashing as they pass, then rename into place.
+
+        With ``expected``, a digest mismatch leaves nothing behind and raises ValueError.
+        """
+        h = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for block in blocks:
+                    h.update(block)
+                    size += len(block)
+                    out.write(block)
+            digest = h.hexdigest()
+            if expected is not None and digest != expected:
+                raise ValueError(f"content hash {digest[:12]}… does not match expected {expected[:12]}…")
+            final = self.path(digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            return digest, size
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        with self.path(digest).open("rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def delete(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
