@@ -57,7 +57,7 @@ def coerce_inputs(raw: dict[str, Any], specs: list[TensorSpec]) -> Batch:
         except (TypeError, ValueError) as exc:
             raise InputError(f"input {spec.name!r} is not {spec.dtype}: {exc}") from None
         if arr.ndim != len(spec.shape) or any(
-            want is not None and want >= 0 and got != want for got, want in zip(arr.shape, spec.shape)
+            want is not None and want >= 0 and got != want for got, want in zip(arr.shape, spec.shape, strict=False)
         ):
             raise InputError(f"input {spec.name!r} has shape {list(arr.shape)}; expected {describe_signature(specs)}")
         out[spec.name] = arr
@@ -92,7 +92,7 @@ class OnnxRunner:
 
     def predict(self, inputs: Batch) -> Batch:
         results = self.session.run(self._output_names, inputs)
-        return dict(zip(self._output_names, (np.asarray(r) for r in results)))
+        return dict(zip(self._output_names, (np.asarray(r) for r in results), strict=False))
 
 
 def _tflite_interpreter(model_path: Path) -> Any:

@@ -16,7 +16,7 @@ class BrokerURL:
     username: str | None = None
     password: str | None = None
 
-    def with_credentials(self, username: str | None, password: str | None) -> "BrokerURL":
+    def with_credentials(self, username: str | None, password: str | None) -> BrokerURL:
         return BrokerURL(self.host, self.port, self.tls, username, password)
 
     def public(self) -> str:

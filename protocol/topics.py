@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from protocol.encoding import ProtocolError
 
@@ -17,7 +17,7 @@ DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class Channel(str, Enum):
+class Channel(StrEnum):
     """The per-device channels, and who publishes on each."""
 
     DESIRED = "desired"  # hub -> device, retained, QoS 1, signed
