@@ -1,0 +1,240 @@
+"""The hub's MQTT side: hears every device channel, stores what is valid, serves bundle parts.
+
+It must never die on input: every rejection (bad topic, bad payload, unknown
+device, device mismatch, a failing handler) is logged at WARNING with the topic
+and reason, counted per channel, and the next message is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from hub.bundles import bundle_chunks, release_envelope
+from hub.config import HubConfig
+from hub.db import Database, dumps, now
+from hub.errors import NotFound
+from hub.ingest import BatchWriter
+from modules.store import ContentStore
+from protocol.broker_url import parse_broker_url
+from protocol.encoding import ProtocolError, canonical_json, sha256_hex
+from protocol.messages import (
+    BlobRequest,
+    CommandReply,
+    DataBatch,
+    ReportedState,
+    Status,
+    TelemetryBatch,
+    decode,
+)
+from protocol.topics import DEVICE_TO_HUB, MANIFEST_PART, Channel, DeviceTopic, blob_topic, device_wildcard, parse_topic
+
+log = logging.getLogger("edgefleet.hub.bridge")
+
+
+class Rejected(Exception):
+    """A message the hub refuses; the text is the reason logged."""
+
+
+class Bridge:
+    def __init__(self, config: HubConfig, db: Database, store: ContentStore,
+                 is_enrolled: Callable[[str], bool]) -> None:
+        self.config, self.db, self.store, self.is_enrolled = config, db, store, is_enrolled
+        self.on_ready: Callable[[], None] = lambda: None  # set by the hub: re-send retained desired states
+        self.received: dict[str, int] = defaultdict(int)
+        self.rejected: dict[str, int] = defaultdict(int)
+        self.processed: dict[str, int] = defaultdict(int)  # handled either way; tests wait on it
+        self.telemetry_rows = 0
+        self.blob_bytes_sent = 0
+        self.command_replies: dict[str, dict[str, Any]] = {}
+        self._counter_lock = threading.Lock()
+        self._sent_at: dict[tuple[str, str], float] = {}
+        self._sent_lock = threading.Lock()
+        self._ready = threading.Event()
+        self._sub_mid: int | None = None
+        self._stopping = False
+        self.writer = BatchWriter(db, config.writer_flush_s, config.writer_batch_rows, self._count_rows)
+        self._handlers: dict[Channel, Callable[[Any], None]] = {
+            Channel.STATUS: self._on_status, Channel.REPORTED: self._on_reported,
+            Channel.TELEMETRY: self._on_telemetry, Channel.DATA: self._on_data,
+            Channel.BLOB_REQ: self._on_blob_request, Channel.CMD_RES: self._on_command_reply,
+        }
+        url = parse_broker_url(config.mqtt_url)
+        self._url = url
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=config.mqtt_client_id,
+                                  protocol=mqtt.MQTTv5)
+        if url.username:
+            self.client.username_pw_set(url.username, url.password)
+        if url.tls:
+            self.client.tls_set()
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Connected and subscribed: the hub hears devices."""
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def start(self) -> None:
+        self.writer.start()
+        # connect_async + loop_start: the network thread connects, and reconnects after any loss
+        self.client.connect_async(self._url.host, self._url.port, keepalive=30)
+        self.client.loop_start()
+        log.info("MQTT bridge connecting to %s", self._url.public())
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.writer.stop()
+        self._ready.clear()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        # while disconnected paho keeps QoS>0 messages and sends them after reconnecting
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the hub's connection: %s", reason_code)
+            return
+        result, mid = client.subscribe([(device_wildcard(ch), 1) for ch in DEVICE_TO_HUB])
+        self._sub_mid = mid
+        log.info("MQTT bridge connected to %s", self._url.public())
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        if mid != self._sub_mid:
+            return
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("broker refused the hub's subscriptions: %s", failed)
+            return
+        try:
+            self.on_ready()
+        except Exception:
+            log.exception("re-sending desired states after connecting failed")
+        self._ready.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        self._ready.clear()
+        if self._stopping:
+            log.info("MQTT bridge disconnected")
+        else:
+            log.warning("MQTT bridge lost the broker (%s); reconnecting", reason_code)
+
+    # --- inbound ---------------------------------------------------------------------------
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        channel = "unknown"
+        try:
+            where = parse_topic(msg.topic)
+            if not isinstance(where, DeviceTopic):
+                raise Rejected("not a device topic")
+            channel = where.channel.value
+            self._count(self.received, channel)
+            handler = self._handlers.get(where.channel)
+            if handler is None:
+                raise Rejected(f"the hub does not accept channel {channel!r} from devices")
+            if not self.is_enrolled(where.device_id):
+                raise Rejected(f"device {where.device_id!r} is not enrolled")
+            message = decode(where.channel, msg.payload)
+            claimed = getattr(message, "device", where.device_id)
+            if claimed != where.device_id:
+                raise Rejected(f"message names device {claimed!r} but came on the topic of {where.device_id!r}")
+            handler(message)
+        except (Rejected, ProtocolError, NotFound) as exc:
+            self._reject(channel, msg.topic, str(exc))
+        except Exception as exc:  # a bug or a failing disk must cost one message, not the bridge
+            log.exception("handler failed on %s", msg.topic)
+            self._reject(channel, msg.topic, f"handler error: {exc!r}")
+        finally:
+            self._count(self.processed, channel)
+
+    def _reject(self, channel: str, topic: str, reason: str) -> None:
+        self._count(self.rejected, channel)
+        log.warning("rejected message on %s: %s", topic, reason[:500])
+
+    def _count(self, counter: dict[str, int], key: str, n: int = 1) -> None:
+        with self._counter_lock:
+            counter[key] += n
+
+    def _count_rows(self, n: int) -> None:
+        with self._counter_lock:
+            self.telemetry_rows += n
+
+    def _on_status(self, msg: Status) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?", (int(msg.online), now(), msg.device))
+
+    def _on_reported(self, msg: ReportedState) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE devices SET reported = ?, last_seen = ? WHERE id = ?",
+                       (dumps(msg.model_dump(mode="json")), now(), msg.device))
+            if msg.facts:
+                tx.execute("UPDATE devices SET facts = ? WHERE id = ?", (dumps(msg.facts), msg.device))
+
+    def _on_telemetry(self, msg: TelemetryBatch) -> None:
+        self.writer.telemetry([(msg.device, msg.seq, p.ts, p.module, p.version, p.inferences, p.errors,
+                                p.latency_ms.p50, p.latency_ms.p95, p.latency_ms.p99) for p in msg.points])
+
+    def _on_data(self, msg: DataBatch) -> None:
+        self.writer.data([(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output))
+                          for i, r in enumerate(msg.records)])
+
+    def _on_command_reply(self, msg: CommandReply) -> None:
+        self.command_replies[msg.id] = msg.model_dump(mode="json")
+        while len(self.command_replies) > 1000:  # keep memory bounded until commands are stored
+            self.command_replies.pop(next(iter(self.command_replies)))
+
+    # --- bundle transfer -------------------------------------------------------------------
+
+    def _on_blob_request(self, msg: BlobRequest) -> None:
+        known = bundle_chunks(self.db, msg.bundle)  # NotFound -> rejected
+        unknown = [c for c in msg.chunks if c not in known]
+        if unknown:
+            raise Rejected(f"bundle {msg.bundle[:12]}… has no chunk(s) {[c[:12] for c in unknown[:3]]}")
+        if msg.manifest and self._due(msg.bundle, MANIFEST_PART):
+            self._send(msg.bundle, MANIFEST_PART, canonical_json(release_envelope(self.db, msg.bundle)))
+        for chunk in dict.fromkeys(msg.chunks):
+            if not self._due(msg.bundle, chunk):
+                continue
+            row = self.db.one("SELECT blob, offset, length FROM chunks WHERE digest = ?", (chunk,))
+            if row is None:
+                raise Rejected(f"chunk {chunk[:12]}… is not in the chunk index")
+            data = self.store.read_range(row["blob"], row["offset"], row["length"])
+            if sha256_hex(data) != chunk:  # never send a device bytes it will refuse; say the store is damaged
+                raise Rejected(f"stored bytes of chunk {chunk[:12]}… do not match its digest (blob store damaged)")
+            self._send(msg.bundle, chunk, data)
+
+    def _due(self, bundle: str, part: str) -> bool:
+        """Coalesce: a part published within the resend window is not published again (N askers, ~one copy)."""
+        window = self.config.blob_resend_window_s
+        t = time.monotonic()
+        with self._sent_lock:
+            last = self._sent_at.get((bundle, part))
+            if last is not None and t - last < window:
+                return False
+            self._sent_at[(bundle, part)] = t
+            if len(self._sent_at) > 50_000:
+                self._sent_at = {k: v for k, v in self._sent_at.items() if t - v < window}
+            return True
+
+    def _send(self, bundle: str, part: str, payload: bytes) -> None:
+        self.publish(blob_topic(bundle, part), payload, qos=1, retain=False)
+        with self._counter_lock:
+            self.blob_bytes_sent += len(payload)

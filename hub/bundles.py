@@ -1,0 +1,134 @@
+"""Modules: build a registered model set into a signed bundle, and index its chunks for MQTT transfer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from hub.db import Database, dumps, loads, now
+from hub.errors import Invalid, NotFound
+from hub.keys import KeyRing
+from hub.registry import ModelRegistry
+from modules.bundle import build_manifest, sign_release
+from modules.store import ContentStore
+from protocol.encoding import ProtocolError, canonical_json
+from protocol.manifest import CHUNK_SIZE, Manifest, TensorSpec, parse_manifest
+
+log = logging.getLogger("edgefleet.hub.bundles")
+
+SAMPLE_PATH = "sample.json"
+
+
+def parse_ref(ref: str) -> tuple[str, int]:
+    """``"name:version"`` -> (name, version)."""
+    name, sep, version = ref.rpartition(":")
+    if not sep or not name or not version.isdigit() or int(version) < 1:
+        raise Invalid(f"{ref!r} is not name:version")
+    return name, int(version)
+
+
+def module_row(row: dict[str, Any], with_envelope: bool = False) -> dict[str, Any]:
+    envelope = loads(row["envelope"])
+    out = {"name": row["name"], "version": row["version"], "digest": row["digest"], "runtime": row["runtime"],
+           "size": row["size"], "created_at": row["created_at"],
+           "collect_rate_ppm": envelope["signed"]["manifest"].get("collect_rate_ppm", 0)}
+    if with_envelope:
+        out["envelope"] = envelope
+    return out
+
+
+class ModuleBuilder:
+    def __init__(self, db: Database, store: ContentStore, registry: ModelRegistry, keys: KeyRing,
+                 release_ttl_s: int) -> None:
+        self.db, self.store, self.registry, self.keys = db, store, registry, keys
+        self.release_ttl_s = release_ttl_s
+
+    def build(self, name: str, model_refs: list[str], runtime: str | None = None,
+              sample: dict[str, Any] | None = None, collect_rate_ppm: int = 0) -> dict[str, Any]:
+        """Build version N+1 of module ``name``; rebuilding unchanged inputs returns the latest version instead."""
+        if not model_refs:
+            raise Invalid("a module needs at least one model")
+        models = [self.registry.get(*parse_ref(ref)) for ref in model_refs]
+        files: dict[str, Path] = {}
+        for model in models:
+            for f in model["files"]:
+                if f["path"] in files:
+                    raise Invalid(f"two models both hold a file named {f['path']!r}")
+                files[f["path"]] = self.store.path(f["sha256"])
+        if sample is not None:
+            if not isinstance(sample.get("inputs"), dict) or SAMPLE_PATH in files:
+                raise Invalid('sample must be {"inputs": {name: values}} and no model file may be named sample.json')
+            digest, _ = self.store.put_blocks([canonical_json(sample)])
+            files[SAMPLE_PATH] = self.store.path(digest)
+        first = models[0]
+        kwargs: dict[str, Any] = {
+            "runtime": runtime or first["framework"], "files": files, "model": first["files"][0]["path"],
+            "sample": SAMPLE_PATH if sample is not None else "", "collect_rate_ppm": collect_rate_ppm,
+            "inputs": [TensorSpec.model_validate(s) for s in first["inputs"]],
+            "outputs": [TensorSpec.model_validate(s) for s in first["outputs"]],
+        }
+        try:  # hash the files once, outside the write lock; only the version differs below
+            draft = build_manifest(name, 1, **kwargs)
+            parse_manifest(draft.model_dump(mode="json"))  # the checks a device will make
+        except (ValueError, ProtocolError) as exc:  # pydantic refuses a bad runtime, rate or name
+            raise Invalid(f"cannot build module {name!r}: {exc}") from None
+        with self.db.transaction() as tx:
+            latest = tx.execute("SELECT version, digest FROM modules WHERE name = ? ORDER BY version DESC LIMIT 1",
+                                (name,)).fetchone()
+            if latest is not None and draft.model_copy(update={"version": latest[0]}).digest() == latest[1]:
+                return self.get(name, latest[0])
+            manifest = draft.model_copy(update={"version": (latest[0] if latest else 0) + 1})
+            envelope = sign_release(manifest, [self.keys.release_key], int(time.time()) + self.release_ttl_s)
+            tx.execute("INSERT INTO modules (name, version, digest, runtime, envelope, size, created_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (name, manifest.version, manifest.digest(), manifest.runtime, dumps(envelope), manifest.size,
+                        now()))
+            tx.conn.executemany("INSERT OR IGNORE INTO chunks (digest, blob, offset, length) VALUES (?, ?, ?, ?)",
+                           [(c, f.sha256, i * CHUNK_SIZE, min(CHUNK_SIZE, f.size - i * CHUNK_SIZE))
+                            for f in manifest.files for i, c in enumerate(f.chunks)])
+        log.info("built module %s:%d bundle %s", name, manifest.version, manifest.digest()[:12])
+        return self.get(name, manifest.version)
+
+    def get(self, name: str, version: int, with_envelope: bool = True) -> dict[str, Any]:
+        row = self.db.one("SELECT * FROM modules WHERE name = ? AND version = ?", (name, version))
+        if row is None:
+            raise NotFound(f"module {name}:{version} does not exist")
+        return module_row(row, with_envelope)
+
+    def list(self, name: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM modules" + (" WHERE name = ?" if name else "") + " ORDER BY created_at DESC, version DESC"
+        return [module_row(r) for r in self.db.query(sql, (name,) if name else ())]
+
+    def release(self, digest: str) -> dict[str, Any]:
+        """The release envelope of a bundle."""
+        return release_envelope(self.db, digest)
+
+    def file_path(self, digest: str, path: str) -> Path:
+        manifest = Manifest.model_validate(self.release(digest)["signed"]["manifest"])
+        for f in manifest.files:
+            if f.path == path:
+                return self.store.path(f.sha256)
+        raise NotFound(f"bundle {digest[:12]}… has no file {path!r}")
+
+
+def release_envelope(db: Database, digest: str) -> dict[str, Any]:
+    row = db.one("SELECT envelope FROM modules WHERE digest = ?", (digest,))
+    if row is None:
+        raise NotFound(f"no bundle {digest}")
+    return loads(row["envelope"])
+
+
+@lru_cache(maxsize=256)
+def _chunk_set(envelope_json: str) -> frozenset[str]:
+    return frozenset(Manifest.model_validate(loads(envelope_json)["signed"]["manifest"]).chunk_digests())
+
+
+def bundle_chunks(db: Database, digest: str) -> frozenset[str]:
+    """The chunk digests a bundle is made of (cached: bundles are immutable)."""
+    row = db.one("SELECT envelope FROM modules WHERE digest = ?", (digest,))
+    if row is None:
+        raise NotFound(f"no bundle {digest}")
+    return _chunk_set(row["envelope"])

@@ -1,0 +1,39 @@
+"""Hub settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.broker_url import parse_broker_url
+
+
+@dataclass
+class HubConfig:
+    """Where the hub keeps its state and how it reaches the broker.
+
+    ``mqtt_url`` may carry the hub's own broker credentials; devices are handed
+    ``public_mqtt_url`` (by default the same address without credentials).
+    ``admin_token`` falls back to env ``EDGEFLEET_ADMIN_TOKEN``, else one is
+    generated at first start.
+    """
+
+    data_dir: Path
+    mqtt_url: str
+    public_mqtt_url: str | None = None
+    admin_token: str | None = None
+    desired_ttl_s: int = 7 * 86400
+    blob_resend_window_s: float = 1.0
+    mqtt_client_id: str = "edgefleet-hub"  # two hubs on one broker need distinct ids
+    release_ttl_s: int = 365 * 86400
+    writer_flush_s: float = 0.1
+    writer_batch_rows: int = 1000
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        parse_broker_url(self.mqtt_url)  # fail at start, not at first connect
+
+    @property
+    def device_mqtt_url(self) -> str:
+        """The broker URL handed to devices at enrolment: never the hub's own credentials."""
+        return self.public_mqtt_url or parse_broker_url(self.mqtt_url).public()

@@ -1,0 +1,67 @@
+"""The running hub: its database, keys, services and MQTT bridge, wired together once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from hub.auth import ensure_admin_token
+from hub.bridge import Bridge
+from hub.bundles import ModuleBuilder
+from hub.config import HubConfig
+from hub.db import Database
+from hub.deployments import Deployments
+from hub.director import Director
+from hub.fleet import Fleet
+from hub.keys import load_or_create_keys
+from hub.registry import ModelRegistry
+from modules.store import ContentStore
+
+log = logging.getLogger("edgefleet.hub")
+
+RENEW_CHECK_S = 3600.0
+
+
+class Hub:
+    """Everything one hub process owns; the app builds it in its lifespan, start() connects MQTT."""
+
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(config.data_dir / "hub.db")
+        self.keys = load_or_create_keys(config.data_dir / "keys")
+        self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
+        self.store = ContentStore(config.data_dir / "blobs")
+        self.registry = ModelRegistry(self.db, self.store)
+        self.modules = ModuleBuilder(self.db, self.store, self.registry, self.keys, config.release_ttl_s)
+        self.bridge = Bridge(config, self.db, self.store, self._is_enrolled)
+        self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish)
+        self.bridge.on_ready = self.director.republish_all
+        self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url)
+        self.deployments = Deployments(self.db, self.director)
+        self._stop = threading.Event()
+        self._maintenance = threading.Thread(target=self._maintain, name="hub-maintenance", daemon=True)
+
+    def _is_enrolled(self, device_id: str) -> bool:
+        return self.fleet.is_enrolled(device_id)
+
+    def start(self) -> None:
+        self.bridge.start()
+        self._maintenance.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.bridge.stop()
+        if self._maintenance.is_alive():
+            self._maintenance.join(5)
+        self.db.close()
+
+    def _maintain(self) -> None:
+        # first pass at start: after a long downtime some states may be close to expiry
+        while True:
+            try:
+                self.director.renew_expiring()
+            except Exception:
+                log.exception("renewing desired states failed")
+            if self._stop.wait(RENEW_CHECK_S):
+                return

@@ -1,0 +1,160 @@
+"""The hub's SQLite database (WAL): schema, per-thread connections and serialised write transactions.
+
+The FastAPI thread pool, the MQTT thread and the ingest writer all touch the
+database. Each thread gets its own connection (WAL lets readers run beside a
+writer); writers take one process-wide lock and ``BEGIN IMMEDIATE`` so a
+read-modify-write (e.g. "next version = max + 1") is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_tokens (
+    token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_hash TEXT PRIMARY KEY, labels TEXT NOT NULL DEFAULT '{}', expires_at REAL NOT NULL, used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    labels TEXT NOT NULL DEFAULT '{}',
+    facts TEXT NOT NULL DEFAULT '{}',
+    online INTEGER NOT NULL DEFAULT 0,
+    last_seen REAL,
+    revision INTEGER NOT NULL DEFAULT 0,
+    reported TEXT,
+    created_at REAL NOT NULL,
+    mqtt_password_hash TEXT,
+    desired TEXT,           -- the module list last published, to publish only on change
+    desired_envelope TEXT,  -- the signed envelope last published, re-sent after a broker restart
+    desired_expires INTEGER
+);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL, version INTEGER NOT NULL, framework TEXT NOT NULL,
+    files TEXT NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL, tags TEXT NOT NULL DEFAULT '{}',
+    description TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS modules (
+    name TEXT NOT NULL, version INTEGER NOT NULL, digest TEXT NOT NULL UNIQUE, runtime TEXT NOT NULL,
+    envelope TEXT NOT NULL, size INTEGER NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    digest TEXT PRIMARY KEY, blob TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deployments (
+    name TEXT PRIMARY KEY, module_name TEXT NOT NULL, module_version INTEGER NOT NULL, digest TEXT NOT NULL,
+    target TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1
+);
+-- ts is part of the key so two points of one module in one batch both survive; a replayed batch has the same ts
+CREATE TABLE IF NOT EXISTS telemetry (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, module TEXT NOT NULL, version INTEGER NOT NULL,
+    inferences INTEGER NOT NULL, errors INTEGER NOT NULL, p50 REAL, p95 REAL, p99 REAL,
+    PRIMARY KEY (device, seq, module, ts)
+);
+CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts);
+CREATE TABLE IF NOT EXISTS data_records (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, ts REAL NOT NULL,
+    module TEXT NOT NULL, version INTEGER NOT NULL, input TEXT, output TEXT,
+    PRIMARY KEY (device, seq, idx)
+);
+"""
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+def loads(text: str | None, default: Any = None) -> Any:
+    return default if text is None else json.loads(text)
+
+
+class Database:
+    """``data_dir/hub.db``; use :meth:`query`/:meth:`one` to read and :meth:`transaction` to write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        db = self.db()
+        db.enable_wal()
+        db.conn.executescript(SCHEMA)
+
+    def db(self) -> sqlite_utils.Database:
+        """This thread's connection (autocommit; transactions are explicit)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across app crashes, fast commits
+            db = sqlite_utils.Database(conn, execute_plugins=False)
+            self._local.db = db
+            self._local.depth = 0
+            with self._conns_lock:
+                self._conns.append(conn)
+        return db
+
+    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        return list(self.db().query(sql, params))
+
+    def one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def scalar(self, sql: str, params: Any = ()) -> Any:
+        row = self.db().execute(sql, params).fetchone()
+        return row[0] if row else None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """One write transaction; nested calls join the outer one."""
+        with self._write_lock:
+            db = self.db()
+            if self._local.depth:
+                self._local.depth += 1
+                try:
+                    yield db
+                finally:
+                    self._local.depth -= 1
+                return
+            db.execute("BEGIN IMMEDIATE")
+            self._local.depth = 1
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
+            finally:
+                self._local.depth = 0
+
+    def close(self) -> None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,143 @@
+"""Fleet: enrolment tokens, device enrolment, and the device views the API shows."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from hub.auth import hash_token
+from hub.db import Database, dumps, loads, now
+from hub.director import Director
+from hub.errors import Conflict, Forbidden, Invalid, NotFound
+from hub.keys import KeyRing
+from protocol.encoding import ProtocolError
+from protocol.topics import check_device_id
+
+log = logging.getLogger("edgefleet.hub.fleet")
+
+INSTALLING = {"downloading", "verifying", "staged", "activating", "health_check"}
+FAILED = {"failed", "rolled_back", "rolling_back"}
+
+
+def module_views(desired: list[dict[str, Any]], reported: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each desired module with the state the device reports for that bundle ("pending" until it does)."""
+    reports = {m["name"]: m for m in (reported or {}).get("modules", [])}
+    views = []
+    for d in desired:
+        r = reports.pop(d["name"], None)
+        same = r is not None and r["bundle"] == d["bundle"]
+        views.append({"name": d["name"], "version": d["version"], "bundle": d["bundle"], "deployment": d["deployment"],
+                      "state": r["state"] if same else "pending", "error": r.get("error", "") if same else ""})
+    # modules the device still runs or reports but no longer should
+    views += [{"name": r["name"], "version": r["version"], "bundle": r["bundle"], "deployment": "",
+               "state": r["state"], "error": r.get("error", "")} for r in reports.values()]
+    return views
+
+
+def summarize(desired: list[dict[str, Any]], views: list[dict[str, Any]]) -> str:
+    if not desired:
+        return "idle"
+    states = [v["state"] for v in views if v["deployment"]]
+    if any(s in FAILED for s in states):
+        return "failed"
+    if all(s == "running" for s in states):
+        return "running"
+    if any(s in INSTALLING for s in states):
+        return "installing"
+    return "pending"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+class Fleet:
+    def __init__(self, db: Database, keys: KeyRing, director: Director, device_mqtt_url: str) -> None:
+        self.db, self.keys, self.director, self.device_mqtt_url = db, keys, director, device_mqtt_url
+
+    def create_enrollment_tokens(self, count: int, labels: dict[str, str], expires_in: int) -> dict[str, Any]:
+        if not 1 <= count <= 10_000 or expires_in <= 0:
+            raise Invalid("count must be 1..10000 and expires_in positive")
+        expires_at = now() + expires_in
+        tokens = [secrets.token_urlsafe(24) for _ in range(count)]
+        with self.db.transaction() as tx:
+            tx.conn.executemany("INSERT INTO enrollment_tokens (token_hash, labels, expires_at) VALUES (?, ?, ?)",
+                           [(hash_token(t), dumps(labels), expires_at) for t in tokens])
+        return {"tokens": tokens, "expires_at": expires_at}
+
+    def enroll(self, token: str, device_id: str | None, facts: dict[str, str]) -> dict[str, Any]:
+        """Spend a single-use token: create the device, hand it credentials and the root of trust."""
+        if device_id is not None:
+            try:
+                check_device_id(device_id)
+            except ProtocolError as exc:
+                raise Invalid(str(exc)) from None
+        password = secrets.token_urlsafe(24)
+        with self.db.transaction() as tx:
+            row = self.db.one("SELECT * FROM enrollment_tokens WHERE token_hash = ?", (hash_token(token),))
+            if row is None:
+                raise Forbidden("enrolment token is not valid: the hub never issued it")
+            if row["used_by"]:
+                raise Forbidden(f"enrolment token was already used (by device {row['used_by']}); tokens are single-use")
+            if row["expires_at"] <= now():
+                raise Forbidden(f"enrolment token expired at {_iso(row['expires_at'])}")
+            if device_id is None:
+                device_id = self._fresh_id()
+            elif self.db.one("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+                raise Conflict(f"device id {device_id!r} is already enrolled")
+            tx.execute("UPDATE enrollment_tokens SET used_by = ? WHERE token_hash = ?", (device_id, row["token_hash"]))
+            tx.execute("INSERT INTO devices (id, labels, facts, created_at, mqtt_password_hash) VALUES (?, ?, ?, ?, ?)",
+                       (device_id, row["labels"], dumps(facts), now(), hash_token(password)))
+        log.info("enrolled device %s", device_id)
+        self.director.sync([device_id])
+        return {"device_id": device_id, "mqtt_url": self.device_mqtt_url, "mqtt_username": device_id,
+                "mqtt_password": password, "root": self.keys.root_envelope, "hub_time": time.time()}
+
+    def _fresh_id(self) -> str:
+        while True:
+            candidate = f"dev-{secrets.token_hex(4)}"
+            if self.db.one("SELECT 1 FROM devices WHERE id = ?", (candidate,)) is None:
+                return candidate
+
+    def is_enrolled(self, device_id: str) -> bool:
+        return self.db.one("SELECT 1 FROM devices WHERE id = ?", (device_id,)) is not None
+
+    def _views(self, where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        totals = {r["device"]: r for r in self.db.query(
+            "SELECT device, sum(inferences) AS inferences, sum(errors) AS errors FROM telemetry"
+            + (" WHERE device = ?" if params else "") + " GROUP BY device", params)}
+        out = []
+        for row in self.db.query("SELECT * FROM devices" + where + " ORDER BY id", params):
+            desired = loads(row["desired"], [])
+            reported = loads(row["reported"])
+            views = module_views(desired, reported)
+            t = totals.get(row["id"], {})
+            out.append({
+                "id": row["id"], "online": bool(row["online"]), "state": summarize(desired, views),
+                "labels": loads(row["labels"], {}), "facts": loads(row["facts"], {}), "last_seen": row["last_seen"],
+                "revision": row["revision"], "reported_revision": (reported or {}).get("revision"),
+                "error": (reported or {}).get("error", ""), "modules": views,
+                "inferences": t.get("inferences") or 0, "errors": t.get("errors") or 0,
+            })
+        return out
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self._views()
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        found = self._views(" WHERE id = ?", (device_id,))
+        if not found:
+            raise NotFound(f"device {device_id!r} is not enrolled")
+        return found[0]
+
+    def summary(self) -> dict[str, Any]:
+        devices = self.devices()
+        by_state: dict[str, int] = {}
+        for d in devices:
+            by_state[d["state"]] = by_state.get(d["state"], 0) + 1
+        return {"devices": len(devices), "online": sum(d["online"] for d in devices),
+                "inferences": sum(d["inferences"] for d in devices), "errors": sum(d["errors"] for d in devices),
+                "by_state": by_state}

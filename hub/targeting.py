@@ -1,0 +1,44 @@
+"""Deployment targets: ``*`` (every device), ``id1,id2`` (device ids) or ``k=v,k2!=v2`` (label selector)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hub.errors import Invalid
+
+
+@dataclass(frozen=True)
+class Target:
+    everyone: bool = False
+    ids: frozenset[str] = frozenset()
+    equals: tuple[tuple[str, str], ...] = field(default=())
+    not_equals: tuple[tuple[str, str], ...] = field(default=())
+
+    def matches(self, device_id: str, labels: dict[str, str]) -> bool:
+        if self.everyone:
+            return True
+        if self.ids:
+            return device_id in self.ids
+        return all(labels.get(k) == v for k, v in self.equals) and all(labels.get(k) != v for k, v in self.not_equals)
+
+
+def parse_target(text: str) -> Target:
+    text = text.strip()
+    if text == "*":
+        return Target(everyone=True)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise Invalid("empty target: use '*', 'id1,id2' or 'key=value,key2!=value2'")
+    selectors = [p for p in parts if "=" in p]
+    if not selectors:
+        return Target(ids=frozenset(parts))
+    if len(selectors) != len(parts):
+        raise Invalid(f"target {text!r} mixes device ids and label conditions")
+    equals, not_equals = [], []
+    for p in parts:
+        negated = "!=" in p
+        key, _, value = p.partition("!=" if negated else "=")
+        if not key.strip():
+            raise Invalid(f"label condition {p!r} has no key")
+        (not_equals if negated else equals).append((key.strip(), value.strip()))
+    return Target(equals=tuple(equals), not_equals=tuple(not_equals))
