@@ -1,0 +1,571 @@
+"""The device agent: one device's MQTT session, reconciler, installs, inference and reporting.
+
+Everything runs as tasks on the caller's event loop, so the simulator can run
+thousands of agents in one process. Inbound messages are checked before they
+are acted on; anything malformed or unverifiable is logged, counted in
+``rejected`` and ignored, and the modules already running keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import platform
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import psutil
+
+from agent.identity import Identity
+from agent.install import BEFORE_ACTIVATION, Entry, Installed, Installer, atomic_write_json
+from agent.mqtt import AsyncMqttClient, MessageHandler, MqttOffline, Will
+from agent.outbox import Outbox
+from agent.transfer import MANIFESTS_DIR, BundleFetch
+from agent.workload import ModuleStats, Workload
+from modules.runners import Batch, Runner, coerce_inputs
+from modules.store import ContentStore
+from protocol.broker_url import BrokerURL
+from protocol.encoding import ProtocolError, digest_of
+from protocol.messages import (
+    Command,
+    CommandReply,
+    DataBatch,
+    DataRecord,
+    DesiredModule,
+    DesiredState,
+    ModuleReport,
+    ReportedState,
+    Status,
+    TelemetryBatch,
+    TelemetryPoint,
+    decode,
+    validate,
+)
+from protocol.signing import parse_envelope
+from protocol.topics import BlobTopic, Channel, device_topic, parse_topic
+from protocol.verify import accept_desired
+
+log = logging.getLogger("edgefleet.agent")
+
+AGENT_VERSION = "0.1.0"
+STATE_FILE = "state.json"
+RETRY_AFTER_ERROR = 30.0
+_PROC = psutil.Process()
+
+
+class MqttClient(Protocol):
+    """What the agent needs from an MQTT session (``AsyncMqttClient`` or a test double)."""
+
+    connected: asyncio.Event
+    on_message: MessageHandler | None
+    on_connect: Callable[[], None] | None
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+    async def subscribe(self, topic: str, qos: int = 1) -> None: ...
+    async def unsubscribe(self, topic: str) -> None: ...
+
+
+ClientFactory = Callable[[str, BrokerURL, Will], MqttClient]
+
+
+def default_client_factory(client_id: str, broker: BrokerURL, will: Will) -> MqttClient:
+    return AsyncMqttClient(client_id, broker, will=will)
+
+
+@dataclass
+class ActiveModule:
+    """A committed module version, loaded and serving."""
+
+    name: str
+    bundle: str
+    version: int
+    runner: Runner
+    collect_rate_ppm: int
+    stats: ModuleStats = field(default_factory=ModuleStats)
+    task: asyncio.Task[None] | None = None
+
+
+class Agent:
+    """One device. ``await run()`` until ``await stop()``; ``snapshot()`` for a summary at any time."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        data_dir: Path,
+        *,
+        mqtt_url: str | None = None,
+        mqtt_client_factory: ClientFactory = default_client_factory,
+        clock: Callable[[], float] = time.time,
+        workload: Workload | None = None,
+        telemetry_interval: float = 5.0,
+        runner_cache: MutableMapping[str, Runner] | None = None,
+        health_timeout: float = 30.0,
+        outbox_rows: int = 10_000,
+        blob_retry: float = 3.0,
+        facts: dict[str, str] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.device_id = identity.device_id
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.root = identity.trusted_root()
+        self.clock = clock
+        self.workload = workload
+        self.telemetry_interval = telemetry_interval
+        self.blob_retry = blob_retry
+        self.facts = {
+            "agent": AGENT_VERSION, "python": platform.python_version(), "os": platform.system(),
+            "machine": platform.machine(), "runtimes": "onnx,python", **(facts or {}),
+        }
+        self.chunks = ContentStore(self.data_dir / "chunks")
+        self.installer = Installer(self.data_dir, self.root, self.chunks, runner_cache, health_timeout, self._on_install)
+        self.outbox = Outbox(self.data_dir / "outbox.db", max_rows=outbox_rows)
+        will: Will = (self._topic(Channel.STATUS), Status(device=self.device_id, online=False).encode(), 1, True)
+        self.client = mqtt_client_factory(self.device_id, identity.broker(mqtt_url), will)
+
+        self.rejected: Counter[str] = Counter()
+        self.active: dict[str, ActiveModule] = {}
+        self.revision = 0
+        self.desired: DesiredState | None = None
+        self.desired_error = ""
+        self._desired_digest = ""
+        self._load_state()
+        self._progress: dict[str, float] = {}
+        self._load_errors: dict[str, str] = {}
+        self._fetches: dict[str, BundleFetch] = {}
+        self._installing: tuple[str, str] | None = None  # (name, bundle) of the install under way
+        self._install_task: asyncio.Task[Entry] | None = None
+        self._data: list[DataRecord] = []
+        self._rng = np.random.default_rng(workload.seed if workload else None)
+        self._desired_changed = asyncio.Event()
+        self._report_dirty = asyncio.Event()
+        self._outbox_ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.inferences = 0  # lifetime, across module versions
+        self._running = False
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def _topic(self, channel: Channel) -> str:
+        return device_topic(self.device_id, channel)
+
+    def _load_state(self) -> None:
+        path = self.data_dir / STATE_FILE
+        if not path.exists():
+            return
+        try:
+            raw = json.loads(path.read_text())
+            self.revision = int(raw.get("revision", 0))
+            if raw.get("desired"):
+                # Verified when it was accepted; re-checking expiry here would strand a device that rebooted.
+                self.desired = validate(DesiredState, raw["desired"]["signed"])  # type: ignore[assignment]
+                self._desired_digest = digest_of(raw["desired"])
+        except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+            log.error("%s: %s unreadable (%s); waiting for a fresh desired state", self.device_id, path, exc)
+
+    def _save_state(self, envelope: Any) -> None:
+        atomic_write_json(self.data_dir / STATE_FILE, {"revision": self.revision, "desired": envelope})
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Recover interrupted installs, connect, and serve until :meth:`stop`."""
+        self._running = True
+        try:
+            await self.installer.recover()
+            for name in self.installer.installed_names():
+                await self._activate(name)
+            self.client.on_message = self._on_message
+            self.client.on_connect = self._on_connected
+            await self.client.subscribe(self._topic(Channel.DESIRED))
+            await self.client.subscribe(self._topic(Channel.CMD))
+            await self.client.start()
+            self._spawn(self._reconcile_loop(), self._report_loop(), self._telemetry_loop(), self._drain_loop())
+            self._desired_changed.set()  # reconcile against the persisted desired state straight away
+            await self._stopping.wait()
+        finally:
+            await self._shutdown()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._running:
+            await self._stopped.wait()
+
+    def _spawn(self, *coros: Any) -> None:
+        for coro in coros:
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)  # short-lived ones (replies, announcements) go away
+
+    async def _shutdown(self) -> None:
+        tasks = [*self._tasks, *(m.task for m in self.active.values() if m.task)]
+        if self._install_task is not None:
+            tasks.append(self._install_task)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.client.connected.is_set():
+            # A clean disconnect suppresses the last will, so say "offline" ourselves.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.client.publish(
+                    self._topic(Channel.STATUS), Status(device=self.device_id, online=False, ts=self.clock()).encode(),
+                    qos=1, retain=True), 3.0)
+        await self.client.stop()
+        self.outbox.close()
+        self._running = False
+        self._stopped.set()
+
+    def _on_connected(self) -> None:
+        async def announce() -> None:
+            with contextlib.suppress(MqttOffline, TimeoutError):
+                await asyncio.wait_for(self.client.publish(
+                    self._topic(Channel.STATUS), Status(device=self.device_id, online=True, ts=self.clock()).encode(),
+                    qos=1, retain=True), 10.0)
+        self._spawn(announce())
+        self._report_dirty.set()  # the hub may have missed changes while we were away
+        self._outbox_ready.set()
+
+    # --- inbound -----------------------------------------------------------------------------
+
+    def _reject(self, key: str, topic: str, reason: str) -> None:
+        self.rejected[key] += 1
+        log.warning("%s: rejected message on %s: %s", self.device_id, topic, reason)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = parse_topic(topic)
+        except ProtocolError as exc:
+            self._reject("topic", topic, str(exc))
+            return
+        if isinstance(parsed, BlobTopic):
+            fetch = self._fetches.get(parsed.bundle_digest)
+            if fetch is not None:
+                fetch.on_part(parsed.part, payload)
+            return
+        if parsed.device_id != self.device_id:
+            self._reject(parsed.channel.value, topic, f"topic is for device {parsed.device_id!r}")
+        elif parsed.channel == Channel.DESIRED:
+            self._on_desired(topic, payload)
+        elif parsed.channel == Channel.CMD:
+            self._on_command(topic, payload)
+
+    def _on_desired(self, topic: str, payload: bytes) -> None:
+        try:
+            envelope = parse_envelope(payload)
+            digest = digest_of(envelope)
+            if digest == self._desired_digest:
+                return  # the retained copy of the state already applied (re-sent on every reconnect)
+            state = accept_desired(envelope, self.root, self.device_id, self.revision, now=self.clock())
+        except ProtocolError as exc:
+            self._refuse_desired(topic, str(exc))
+            return
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # shapes the schema checks never reached
+            self._refuse_desired(topic, f"malformed desired state: {exc!r}")
+            return
+        self.revision, self.desired, self._desired_digest, self.desired_error = state.revision, state, digest, ""
+        self._save_state(envelope)
+        log.info("%s: accepted desired revision %d (%d modules)", self.device_id, state.revision, len(state.modules))
+        self._cancel_superseded_download(state)
+        self._desired_changed.set()
+        self._report_dirty.set()
+
+    def _refuse_desired(self, topic: str, reason: str) -> None:
+        self.desired_error = f"desired state refused: {reason}"
+        self._reject("desired", topic, reason)
+        self._report_dirty.set()
+
+    def _cancel_superseded_download(self, state: DesiredState) -> None:
+        if self._installing is None or self._install_task is None:
+            return
+        name, bundle = self._installing
+        entry = self.installer.journal.get(name)
+        still_wanted = any(m.bundle == bundle for m in state.modules)
+        if not still_wanted and entry is not None and entry.state == "downloading":
+            self._install_task.cancel()  # nothing was activated yet: drop it and go for the new state
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        try:
+            cmd = decode(Channel.CMD, payload)
+        except ProtocolError as exc:
+            self._reject("cmd", topic, str(exc))
+            return
+        assert isinstance(cmd, Command)
+        reply = self._run_command(cmd)
+
+        async def send() -> None:
+            with contextlib.suppress(MqttOffline, TimeoutError):
+                await asyncio.wait_for(self.client.publish(self._topic(Channel.CMD_RES), reply.encode()), 10.0)
+        self._spawn(send())
+
+    def _run_command(self, cmd: Command) -> CommandReply:
+        if cmd.name == "ping":
+            return CommandReply(id=cmd.id, ok=True, result={"pong": True, "ts": self.clock(), "revision": self.revision})
+        if cmd.name == "infer":
+            name = cmd.args.get("module")
+            active = self.active.get(name) if isinstance(name, str) else None
+            if active is None:
+                return CommandReply(id=cmd.id, ok=False, error=f"module {name!r} is not running here")
+            try:
+                raw = cmd.args.get("inputs", {})
+                batch = coerce_inputs(raw, active.runner.inputs) if active.runner.inputs else raw
+                out = self._infer(active, batch)
+            except Exception as exc:  # the caller gets the reason; the agent keeps serving
+                return CommandReply(id=cmd.id, ok=False, error=str(exc) or repr(exc))
+            return CommandReply(id=cmd.id, ok=True, result={
+                "module": active.name, "version": active.version, "outputs": {k: v.tolist() for k, v in out.items()}})
+        return CommandReply(id=cmd.id, ok=False, error=f"unknown command {cmd.name!r}: this agent knows ping, infer")
+
+    # --- reconciling -------------------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._desired_changed.wait()
+            self._desired_changed.clear()
+            if self.desired is None:
+                continue
+            try:
+                await self._reconcile(self.desired)
+            except Exception:  # e.g. a full disk: settle the journal, keep serving, try again later
+                log.exception("%s: reconcile failed; retrying in %.0fs", self.device_id, RETRY_AFTER_ERROR)
+                with contextlib.suppress(Exception):
+                    await self.installer.recover()
+                asyncio.get_running_loop().call_later(RETRY_AFTER_ERROR, self._desired_changed.set)
+                self._report_dirty.set()
+
+    async def _reconcile(self, state: DesiredState) -> None:
+        wanted = {m.name: m for m in state.modules}
+        for name in set(self.installer.installed_names()) | set(self.active):
+            if name not in wanted:
+                self._deactivate(name)
+                self.installer.remove(name)
+                self._report_dirty.set()
+        for m in state.modules:
+            if self.desired is not state:
+                return  # a newer state arrived; the loop starts over with it
+            if self.installer.current(m.name) == m.bundle:
+                if m.name not in self.active or self.active[m.name].bundle != m.bundle:
+                    await self._activate(m.name)
+                if m.name in self.active:
+                    self.active[m.name].collect_rate_ppm = m.collect_rate_ppm
+                continue
+            entry = self.installer.journal.get(m.name)
+            if entry is not None and entry.bundle == m.bundle and entry.state in ("rolled_back", "failed"):
+                continue  # judged unusable on this device; wait for a different bundle
+            await self._install(m)
+        self._report_dirty.set()
+
+    async def _install(self, m: DesiredModule) -> None:
+        fetch = BundleFetch(
+            self.device_id, m, self.root, self.chunks, self.data_dir / MANIFESTS_DIR,
+            publish=lambda t, p: self.client.publish(t, p, qos=1), reject=self._reject,
+            progress=lambda f: self._set_progress(m.bundle, f), retry=self.blob_retry, clock=self.clock,
+        )
+        self._fetches[m.bundle] = fetch
+        self._installing = (m.name, m.bundle)
+        try:
+            await self.client.subscribe(fetch.topic)
+            self._install_task = asyncio.create_task(self.installer.install(m, fetch.run))
+            await asyncio.wait({self._install_task})  # not cancelled with it: a superseded download is
+            if self._install_task.cancelled():
+                entry = self.installer.journal.get(m.name)
+                if entry is not None and entry.state in BEFORE_ACTIVATION:
+                    self.installer.journal.drop(m.name)
+                log.info("%s: download of %s %s superseded", self.device_id, m.name, m.bundle[:12])
+                return
+            entry = self._install_task.result()
+        finally:
+            self._fetches.pop(m.bundle, None)
+            self._installing, self._install_task = None, None
+            self._progress.pop(m.bundle, None)
+            with contextlib.suppress(MqttOffline):
+                await self.client.unsubscribe(fetch.topic)
+        if entry.state == "committed":
+            await self._activate(m.name)
+        elif entry.state == "failed" and self.installer.current(m.name) is None:
+            self._deactivate(m.name)
+
+    def _set_progress(self, bundle: str, fraction: float) -> None:
+        self._progress[bundle] = fraction
+        self._report_dirty.set()
+
+    def _on_install(self, name: str, entry: Entry) -> None:
+        self._report_dirty.set()
+
+    async def _activate(self, name: str) -> None:
+        """Load the active version of ``name`` and start serving it (replacing an older one)."""
+        try:
+            inst: Installed = await asyncio.to_thread(self.installer.load_installed, name)
+            runner = await asyncio.to_thread(self.installer.runner_for, inst)
+        except Exception as exc:  # a broken install must not stop the agent; report it
+            self._load_errors[name] = f"cannot load the active version: {exc}"
+            log.error("%s: module %s: %s", self.device_id, name, self._load_errors[name])
+            return
+        self._load_errors.pop(name, None)
+        self._deactivate(name)
+        ppm = inst.manifest.collect_rate_ppm
+        if self.desired is not None:
+            ppm = next((m.collect_rate_ppm for m in self.desired.modules if m.name == name), ppm)
+        active = ActiveModule(name, inst.bundle, inst.manifest.version, runner, ppm)
+        if self.workload is not None and self.workload.rate > 0 and runner.inputs:
+            active.task = asyncio.create_task(self._workload_loop(active))
+        self.active[name] = active
+        self._report_dirty.set()
+
+    def _deactivate(self, name: str) -> None:
+        active = self.active.pop(name, None)
+        if active is not None and active.task is not None:
+            active.task.cancel()
+
+    # --- inference ---------------------------------------------------------------------------
+
+    def _infer(self, active: ActiveModule, batch: Batch) -> Batch:
+        t0 = time.perf_counter()
+        ok = False
+        self.inferences += 1
+        try:
+            out = active.runner.predict(batch)
+            ok = True
+        finally:
+            active.stats.record((time.perf_counter() - t0) * 1000.0, ok)
+        if active.collect_rate_ppm and self._rng.random() * 1_000_000 < active.collect_rate_ppm:
+            self._data.append(DataRecord(
+                ts=self.clock(), module=active.name, version=active.version,
+                input={k: np.asarray(v).tolist() for k, v in batch.items()},
+                output={k: v.tolist() for k, v in out.items()},
+            ))
+        return out
+
+    async def _workload_loop(self, active: ActiveModule) -> None:
+        assert self.workload is not None
+        loop = asyncio.get_running_loop()
+        period = 1.0 / self.workload.rate
+        rng = np.random.default_rng(None if self.workload.seed is None else self.workload.seed + hash(active.name) % 1000)
+        next_t = loop.time() + random.uniform(0, period)  # spread many agents across the period
+        while True:
+            await asyncio.sleep(max(0.0, next_t - loop.time()))
+            next_t = max(next_t + period, loop.time() - 1.0)  # after a stall, catch up at most one second
+            batch = self.workload.make_inputs(rng, active.runner.inputs)
+            with contextlib.suppress(Exception):  # counted as an error in stats; the workload goes on
+                self._infer(active, batch)
+
+    # --- outbound ----------------------------------------------------------------------------
+
+    def reported(self) -> ReportedState:
+        modules: list[ModuleReport] = []
+        for m in self.desired.modules if self.desired else []:
+            entry = self.installer.journal.get(m.name)
+            active = self.active.get(m.name)
+            state, error, progress = "pending", "", 0.0
+            if entry is not None and entry.bundle == m.bundle and entry.state != "committed":
+                state, error = entry.state, entry.error
+                progress = 1.0 if entry.state not in ("downloading",) else self._progress.get(m.bundle, 0.0)
+            elif active is not None and active.bundle == m.bundle:
+                state, progress = "running", 1.0
+            elif m.name in self._load_errors:
+                state, error = "failed", self._load_errors[m.name]
+            elif self.installer.current(m.name) == m.bundle:
+                state, progress = "activating", 1.0
+            modules.append(ModuleReport(name=m.name, version=m.version, bundle=m.bundle, state=state,  # type: ignore[arg-type]
+                                        error=error, progress=round(progress, 4)))
+        return ReportedState(device=self.device_id, revision=self.revision, modules=modules, error=self.desired_error,
+                             facts=self.facts, ts=self.clock())
+
+    async def _report_loop(self) -> None:
+        while True:
+            await self._report_dirty.wait()
+            await asyncio.sleep(0.05)  # coalesce a burst of state changes into one retained message
+            self._report_dirty.clear()
+            if not self.client.connected.is_set():
+                continue  # re-sent from _on_connected
+            try:
+                await asyncio.wait_for(self.client.publish(
+                    self._topic(Channel.REPORTED), self.reported().encode(), qos=1, retain=True), 10.0)
+            except (MqttOffline, TimeoutError):
+                self._report_dirty.set()
+                await asyncio.sleep(1.0)
+
+    async def _telemetry_loop(self) -> None:
+        # A random phase, so a fleet started together does not report in lock-step.
+        await asyncio.sleep(random.uniform(0, self.telemetry_interval))
+        while True:
+            self.flush_telemetry()
+            await asyncio.sleep(self.telemetry_interval)
+
+    def flush_telemetry(self) -> None:
+        """Queue this interval's telemetry (and sampled data) in the outbox."""
+        now = self.clock()
+        points = []
+        for a in self.active.values():
+            n, errors, latency = a.stats.take()
+            points.append(TelemetryPoint(ts=now, module=a.name, version=a.version, inferences=n, errors=errors,
+                                         latency_ms=latency))
+        agent = {
+            "rss_mb": round(_PROC.memory_info().rss / 2**20, 1),
+            "outbox_dropped": float(self.outbox.dropped),
+            "outbox_pending": float(len(self.outbox)),
+            "rejected_messages": float(sum(self.rejected.values())),
+            "connected": 1.0 if self.client.connected.is_set() else 0.0,
+        }
+        batch = TelemetryBatch(device=self.device_id, seq=self.outbox.next_seq("telemetry"), ts=now, points=points,
+                               agent=agent)
+        self.outbox.put("telemetry", batch.encode())
+        while self._data:
+            records, self._data = self._data[:1000], self._data[1000:]
+            data = DataBatch(device=self.device_id, seq=self.outbox.next_seq("data"), ts=now, records=records)
+            self.outbox.put("data", data.encode())
+        self._outbox_ready.set()
+
+    async def _drain_loop(self) -> None:
+        topics = {"telemetry": self._topic(Channel.TELEMETRY), "data": self._topic(Channel.DATA)}
+        while True:
+            await self.client.connected.wait()
+            self._outbox_ready.clear()
+            rows = self.outbox.peek(50)
+            if not rows:
+                await self._outbox_ready.wait()
+                continue
+            # Pipelined: paho keeps them in order on the wire; each row is deleted on its PUBACK.
+            results = await asyncio.gather(
+                *(self._send(topics.get(kind, topics["telemetry"]), payload) for _, kind, payload in rows),
+                return_exceptions=True)
+            failed = False
+            for (rowid, _, _), result in zip(rows, results):
+                if isinstance(result, BaseException):
+                    failed = True
+                else:
+                    self.outbox.delete(rowid)
+            if failed:
+                await asyncio.sleep(1.0)
+
+    async def _send(self, topic: str, payload: bytes, timeout: float = 30.0) -> None:
+        # The publish coroutine is made inside this task, so a cancelled gather leaves none un-awaited.
+        await asyncio.wait_for(self.client.publish(topic, payload, qos=1), timeout)
+
+    # --- introspection -----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        report = self.reported()
+        return {
+            "device_id": self.device_id,
+            "connected": self.client.connected.is_set(),
+            "revision": self.revision,
+            "error": self.desired_error,
+            "modules": [{"name": m.name, "version": m.version, "bundle": m.bundle, "state": m.state, "error": m.error,
+                         "progress": m.progress} for m in report.modules],
+            "inferences": self.inferences,
+            "rejected": dict(self.rejected),
+            "outbox": len(self.outbox),
+            "outbox_dropped": self.outbox.dropped,
+        }

@@ -1,0 +1,336 @@
+"""The install state machine: one module version at a time, journalled, recoverable.
+
+    downloading -> verifying -> staged -> activating -> health_check -> committed
+                                           \\-> rolling_back -> rolled_back | failed
+
+Every transition is written to ``data_dir/journal.json`` (temp file, fsync,
+rename) *before* it takes effect, so after a crash :meth:`Installer.recover`
+knows what was under way and finishes or undoes it. Versions unpack to
+``modules/{name}/{digest}/``; ``modules/{name}/current`` is a symlink swapped
+atomically, and the previous version stays on disk until the new one commits,
+so a device always ends with the old or the new version active, never neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modules.bundle import FILES_DIR, write_bundle_dir
+from modules.bundle import verify_bundle_dir as _verify_bundle_dir
+from modules.runners import InputError, ModelError, Runner, health_check, load_runner, load_sample
+from modules.store import ContentStore
+from protocol.encoding import ProtocolError
+from protocol.manifest import FileEntry, Manifest
+from protocol.messages import DesiredModule
+from protocol.signing import Root
+
+log = logging.getLogger("edgefleet.agent.install")
+
+JOURNAL_FILE = "journal.json"
+CURRENT = "current"
+
+# state -> states it may move to. None is "no install on record": where a first install begins.
+TRANSITIONS: dict[str | None, frozenset[str]] = {
+    None: frozenset({"downloading"}),
+    "downloading": frozenset({"verifying", "failed"}),
+    "verifying": frozenset({"staged", "failed"}),
+    "staged": frozenset({"activating", "failed"}),
+    "activating": frozenset({"health_check", "rolling_back"}),
+    "health_check": frozenset({"committed", "rolling_back"}),
+    "rolling_back": frozenset({"rolled_back", "failed"}),
+    # Terminal for this version; the next version's install starts from here.
+    "committed": frozenset({"downloading"}),
+    "rolled_back": frozenset({"downloading"}),
+    "failed": frozenset({"downloading"}),
+}
+TERMINAL = frozenset({"committed", "rolled_back", "failed"})
+BEFORE_ACTIVATION = frozenset({"downloading", "verifying", "staged"})
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class InstallError(RuntimeError):
+    """An install step refused the bundle; the text is the reason reported to the hub."""
+
+
+def check_transition(old: str | None, new: str) -> None:
+    if new not in TRANSITIONS.get(old, frozenset()):
+        raise IllegalTransition(f"install state {old!r} cannot move to {new!r}")
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write, fsync, rename, fsync the directory: the file is the old or the new version after any crash."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class Entry:
+    """One module's install on record."""
+
+    state: str
+    bundle: str
+    version: int
+    previous: str | None = None  # the digest active before this install, the rollback target
+    error: str = ""
+    ts: float = 0.0
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, Entry] = {}
+        if path.exists():
+            try:
+                raw = json.loads(path.read_text())
+                self.entries = {name: Entry(**e) for name, e in raw.get("modules", {}).items()}
+            except (ValueError, TypeError, AttributeError) as exc:
+                # Only a torn write of an old format could cause this; start clean but say so.
+                log.error("install journal %s unreadable (%s): starting with an empty journal", path, exc)
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"v": 1, "modules": {n: vars(e) for n, e in self.entries.items()}})
+
+    def get(self, name: str) -> Entry | None:
+        return self.entries.get(name)
+
+    def transition(self, name: str, new: str, **fields: Any) -> Entry:
+        old = self.entries.get(name)
+        check_transition(old.state if old else None, new)
+        if new == "downloading":
+            entry = Entry(state=new, bundle=fields["bundle"], version=fields["version"], previous=fields.get("previous"))
+        else:
+            assert old is not None
+            entry = Entry(**{**vars(old), "state": new, **fields})
+        entry.ts = time.time()
+        self.entries[name] = entry
+        self.save()  # persisted before the step it names is carried out
+        return entry
+
+    def drop(self, name: str) -> None:
+        if self.entries.pop(name, None) is not None:
+            self.save()
+
+
+@dataclass(frozen=True)
+class Installed:
+    name: str
+    bundle: str
+    manifest: Manifest
+    files: Path  # the unpacked files directory
+
+
+ChangeHook = Callable[[str, Entry], None]
+
+
+class Installer:
+    """Installs, activates, health-checks and rolls back module versions under ``data_dir/modules``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        root: Root,
+        chunks: ContentStore,
+        runner_cache: MutableMapping[str, Runner] | None = None,
+        health_timeout: float = 30.0,
+        on_change: ChangeHook | None = None,
+    ) -> None:
+        self.modules_dir = Path(data_dir) / "modules"
+        self.modules_dir.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.chunks = chunks
+        self.runner_cache: MutableMapping[str, Runner] = runner_cache if runner_cache is not None else {}
+        self.health_timeout = health_timeout
+        self.on_change = on_change
+        self.journal = Journal(Path(data_dir) / JOURNAL_FILE)
+
+    # --- layout ------------------------------------------------------------------------------
+
+    def version_dir(self, name: str, digest: str) -> Path:
+        return self.modules_dir / name / digest
+
+    def current(self, name: str) -> str | None:
+        """The digest ``current`` points at, or None."""
+        try:
+            return os.readlink(self.modules_dir / name / CURRENT)
+        except OSError:
+            return None
+
+    def installed_names(self) -> list[str]:
+        return sorted(p.name for p in self.modules_dir.iterdir() if p.is_dir() and self.current(p.name))
+
+    def _swap(self, name: str, digest: str | None) -> None:
+        """Point ``current`` at ``digest`` (None removes it) with one atomic rename."""
+        link = self.modules_dir / name / CURRENT
+        if digest is None:
+            link.unlink(missing_ok=True)
+            return
+        tmp = link.with_name(f".{CURRENT}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        os.symlink(digest, tmp)  # relative: the data directory may move
+        os.replace(tmp, link)
+
+    def _set(self, name: str, state: str, **fields: Any) -> Entry:
+        entry = self.journal.transition(name, state, **fields)
+        log.info("module %s %s: %s%s", name, entry.bundle[:12], state, f" ({entry.error})" if entry.error else "")
+        if self.on_change is not None:
+            self.on_change(name, entry)
+        return entry
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def load_installed(self, name: str) -> Installed:
+        """The active version of ``name``, its signature and every file's hash checked."""
+        digest = self.current(name)
+        if digest is None:
+            raise InstallError(f"module {name} has no active version")
+        # now=0: expiry guards fresh metadata against freeze attacks; it must not stop a version
+        # that was accepted and committed from running again after a reboot.
+        manifest = _verify_bundle_dir(self.version_dir(name, digest), self.root, now=0)
+        return Installed(name, digest, manifest, self.version_dir(name, digest) / FILES_DIR)
+
+    def runner_for(self, inst: Installed) -> Runner:
+        runner = self.runner_cache.get(inst.bundle)
+        if runner is None:
+            runner = load_runner(inst.files, inst.manifest)
+            self.runner_cache[inst.bundle] = runner
+        return runner
+
+    # --- install -----------------------------------------------------------------------------
+
+    async def install(self, module: DesiredModule, fetch: Callable[[], Awaitable[dict[str, Any]]]) -> Entry:
+        """Install ``module``: ``fetch`` returns the verified release envelope once every chunk is stored."""
+        name = module.name
+        previous = self.current(name)
+        self._set(name, "downloading", bundle=module.bundle, version=module.version, previous=previous)
+        try:
+            envelope = await fetch()
+        except InstallError as exc:
+            return self._set(name, "failed", error=str(exc))
+        self._set(name, "verifying")
+        try:
+            await asyncio.to_thread(self._unpack, module, envelope)
+        except (InstallError, ProtocolError, OSError, ValueError) as exc:
+            shutil.rmtree(self.version_dir(name, module.bundle), ignore_errors=True)
+            return self._set(name, "failed", error=f"verification failed: {exc}")
+        self._set(name, "staged")
+        self._set(name, "activating")
+        self._swap(name, module.bundle)
+        return await self._check_and_finish(name)
+
+    def _unpack(self, module: DesiredModule, envelope: dict[str, Any]) -> None:
+        dest = self.version_dir(module.name, module.bundle)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def open_file(entry: FileEntry) -> Iterator[bytes]:
+            for digest in entry.chunks:
+                if not self.chunks.has(digest):
+                    raise InstallError(f"chunk {digest[:12]}… of {entry.path} is not in the chunk store")
+                yield self.chunks.get(digest)
+
+        write_bundle_dir(dest, envelope, open_file)
+        manifest = _verify_bundle_dir(dest, self.root)
+        if manifest.digest() != module.bundle:
+            raise InstallError(f"unpacked bundle is {manifest.digest()[:12]}…, desired {module.bundle[:12]}…")
+        if manifest.size != module.size:
+            raise InstallError(f"bundle holds {manifest.size} bytes, the desired state says {module.size}")
+        if manifest.version != module.version:
+            raise InstallError(f"bundle is version {manifest.version}, the desired state says {module.version}")
+
+    async def _check_and_finish(self, name: str) -> Entry:
+        entry = self.journal.get(name)
+        assert entry is not None
+        if entry.state != "health_check":
+            self._set(name, "health_check")
+        try:
+            inst = self.load_installed(name)
+            await asyncio.wait_for(asyncio.to_thread(self._health_check, inst), self.health_timeout)
+        except TimeoutError:
+            return await self._roll_back(name, f"health check timed out after {self.health_timeout:g}s")
+        except (InstallError, ProtocolError, ModelError, InputError, OSError, ValueError) as exc:
+            return await self._roll_back(name, f"health check failed: {exc}")
+        entry = self._set(name, "committed", error="")
+        self._collect_garbage(name)
+        return entry
+
+    def _health_check(self, inst: Installed) -> None:
+        runner = self.runner_cache.get(inst.bundle) or load_runner(inst.files, inst.manifest)
+        health_check(runner, load_sample(inst.files, inst.manifest))
+        self.runner_cache[inst.bundle] = runner  # cache only what passed
+
+    async def _roll_back(self, name: str, reason: str) -> Entry:
+        entry = self.journal.get(name)
+        assert entry is not None
+        if entry.state != "rolling_back":
+            entry = self._set(name, "rolling_back", error=reason)
+        prev = entry.previous
+        if prev and prev != entry.bundle and self.version_dir(name, prev).is_dir():
+            self._swap(name, prev)
+            shutil.rmtree(self.version_dir(name, entry.bundle), ignore_errors=True)
+            return self._set(name, "rolled_back")
+        self._swap(name, None)
+        shutil.rmtree(self.version_dir(name, entry.bundle), ignore_errors=True)
+        return self._set(name, "failed")
+
+    def _collect_garbage(self, name: str) -> None:
+        """After a commit, drop every other version of ``name`` (the rollback target is no longer needed)."""
+        keep = self.current(name)
+        base = self.modules_dir / name
+        for p in base.iterdir():
+            if p.name != keep and p.name != CURRENT and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def remove(self, name: str) -> None:
+        """Uninstall ``name`` (no longer desired)."""
+        self._swap(name, None)
+        shutil.rmtree(self.modules_dir / name, ignore_errors=True)
+        self.journal.drop(name)
+        log.info("module %s removed", name)
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Finish or undo installs a crash interrupted; idempotent."""
+        for name, entry in list(self.journal.entries.items()):
+            base = self.modules_dir / name
+            if base.is_dir():
+                for partial in base.glob("*.partial"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            if entry.state in BEFORE_ACTIVATION:
+                # Nothing was activated: discard; the reconciler re-installs from the chunk store.
+                if self.current(name) != entry.bundle:
+                    shutil.rmtree(self.version_dir(name, entry.bundle), ignore_errors=True)
+                self.journal.drop(name)
+                log.info("module %s: discarded an install interrupted in %s", name, entry.state)
+            elif entry.state == "activating":
+                try:
+                    _verify_bundle_dir(self.version_dir(name, entry.bundle), self.root, now=0)
+                except (ProtocolError, OSError) as exc:
+                    await self._roll_back(name, f"interrupted during activation and the new version is unusable: {exc}")
+                    continue
+                self._swap(name, entry.bundle)  # finish the activation, then judge it
+                await self._check_and_finish(name)
+            elif entry.state == "health_check":
+                await self._check_and_finish(name)
+            elif entry.state == "rolling_back":
+                await self._roll_back(name, entry.error)

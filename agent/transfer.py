@@ -1,0 +1,234 @@
+"""Bundle transfer over MQTT: ask for the manifest, then for the chunks the local store lacks.
+
+The hub publishes each requested part once per coalescing window on the
+bundle's blob topic, so many devices share one copy. Everything received is
+checked before it is stored: the manifest against the root of trust and the
+desired digest, each chunk against the digest in its topic and the manifest's
+list. What is still missing after a timeout is asked for again, with backoff.
+The chunk store persists, so a restart or an update moves only what is new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from agent.install import InstallError
+from modules.store import ContentStore
+from protocol.encoding import ProtocolError, sha256_hex
+from protocol.manifest import CHUNK_SIZE, Manifest
+from protocol.messages import BlobRequest, DesiredModule
+from protocol.signing import Root, parse_envelope
+from protocol.topics import MANIFEST_PART, Channel, blob_topic, blob_wildcard, device_topic
+from protocol.verify import accept_manifest
+
+log = logging.getLogger("edgefleet.agent.transfer")
+
+MAX_CHUNKS_PER_REQUEST = 64
+MANIFESTS_DIR = "manifests"
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+Subscribe = Callable[[str], Awaitable[None]]
+Reject = Callable[[str, str, str], None]  # (counter key, topic, reason)
+Progress = Callable[[float], None]
+
+
+def chunk_sizes(manifest: Manifest) -> dict[str, int]:
+    """Bytes per distinct chunk digest (every chunk but a file's last is CHUNK_SIZE)."""
+    sizes: dict[str, int] = {}
+    for f in manifest.files:
+        for i, digest in enumerate(f.chunks):
+            sizes.setdefault(digest, min(CHUNK_SIZE, f.size - i * CHUNK_SIZE))
+    return sizes
+
+
+class BundleFetch:
+    """Fetches one bundle; the agent routes that bundle's blob-topic messages to :meth:`on_part`."""
+
+    def __init__(
+        self,
+        device_id: str,
+        module: DesiredModule,
+        root: Root,
+        chunks: ContentStore,
+        manifests_dir: Path,
+        publish: Publish,
+        reject: Reject,
+        progress: Progress | None = None,
+        retry: float = 3.0,
+        retry_cap: float = 30.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.module = module
+        self.root = root
+        self.chunks = chunks
+        self.manifests_dir = manifests_dir
+        self.publish = publish
+        self.reject = reject
+        self.progress = progress
+        self.retry, self.retry_cap = retry, retry_cap
+        self.clock = clock
+        self.fatal = ""  # set when the genuine manifest contradicts the desired state
+        self.envelope: dict[str, Any] | None = None
+        self.manifest: Manifest | None = None
+        self._sizes: dict[str, int] = {}
+        self._missing: set[str] = set()
+        self._changed = asyncio.Event()
+        self.requests = 0  # BlobRequests sent, for tests and telemetry
+
+    @property
+    def topic(self) -> str:
+        return blob_wildcard(self.module.bundle)
+
+    # --- inbound -----------------------------------------------------------------------------
+
+    def on_part(self, part: str, payload: bytes) -> None:
+        topic = blob_topic(self.module.bundle, part)
+        if part == MANIFEST_PART:
+            if self.manifest is None:
+                self._accept_manifest(topic, payload)
+            return
+        if self.manifest is None:
+            # Not judgeable against the manifest yet, but it must at least be what its topic names.
+            if len(payload) > CHUNK_SIZE or sha256_hex(payload) != part:
+                self.reject("blob", topic, f"{len(payload)} bytes that are not the chunk its topic names")
+            return
+        if part not in self._sizes:
+            self.reject("blob", topic, "chunk is not listed in the bundle's manifest")
+            return
+        if part not in self._missing:
+            return  # a duplicate: the hub serves many devices on this topic
+        if len(payload) != self._sizes[part]:
+            self.reject("blob", topic, f"chunk is {len(payload)} bytes, manifest implies {self._sizes[part]}")
+            return
+        if sha256_hex(payload) != part:
+            self.reject("blob", topic, "chunk bytes do not hash to the digest in its topic (tampered or corrupt)")
+            return
+        self.chunks.put(payload, expected=part)
+        self._missing.discard(part)
+        self._report_progress()
+        self._changed.set()
+
+    def _accept_manifest(self, topic: str, payload: bytes) -> None:
+        try:
+            envelope = parse_envelope(payload)
+            manifest = self._verify_signed(envelope)
+        except ProtocolError as exc:
+            # Anyone may publish on a blob topic: refuse this copy and keep waiting for a genuine one.
+            self.reject("manifest", topic, str(exc))
+            return
+        try:
+            self._check_desired(manifest)
+        except ProtocolError as exc:
+            # Genuinely signed but not what the desired state describes: waiting will not fix it.
+            self.reject("manifest", topic, str(exc))
+            self.fatal = str(exc)
+            self._changed.set()
+            return
+        self._use_manifest(envelope, manifest)
+        path = self.manifests_dir / f"{self.module.bundle}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(payload)
+        tmp.replace(path)  # kept so a restart resumes without asking again
+        self._changed.set()
+
+    def _verify(self, envelope: Any) -> Manifest:
+        manifest = self._verify_signed(envelope)
+        self._check_desired(manifest)
+        return manifest
+
+    def _verify_signed(self, envelope: Any) -> Manifest:
+        now = self.clock() if self.clock is not None else None
+        return accept_manifest(envelope, self.root, self.module.bundle, self.module.name, now=now)
+
+    def _check_desired(self, manifest: Manifest) -> None:
+        if manifest.version != self.module.version:
+            raise ProtocolError(f"bundle is version {manifest.version}, the desired state says {self.module.version}")
+        if manifest.size != self.module.size:
+            raise ProtocolError(f"bundle holds {manifest.size} bytes, the desired state says {self.module.size}")
+
+    def _use_manifest(self, envelope: dict[str, Any], manifest: Manifest) -> None:
+        self.envelope, self.manifest = envelope, manifest
+        self._sizes = chunk_sizes(manifest)
+        self._missing = {d for d in self._sizes if not self.chunks.has(d)}
+        self._report_progress()
+
+    def _load_cached_manifest(self) -> None:
+        path = self.manifests_dir / f"{self.module.bundle}.json"
+        if not path.exists():
+            return
+        try:
+            envelope = json.loads(path.read_bytes())
+            self._use_manifest(envelope, self._verify(envelope))
+        except (ValueError, TypeError, ProtocolError) as exc:
+            log.info("cached manifest %s unusable (%s): asking again", path.name, exc)
+            path.unlink(missing_ok=True)
+
+    def _report_progress(self) -> None:
+        if self.progress is None or not self._sizes:
+            return
+        total = sum(self._sizes.values()) or 1
+        missing = sum(self._sizes[d] for d in self._missing)
+        self.progress((total - missing) / total)
+
+    # --- the transfer ------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """Return the verified release envelope once every chunk is in the store."""
+        self._load_cached_manifest()
+        delay = self.retry
+        while self.manifest is None:
+            if self.fatal:
+                raise InstallError(f"manifest refused: {self.fatal}")
+            await self._request(manifest=True)
+            await self._wait(delay)
+            delay = min(delay * 2, self.retry_cap)
+        delay = self.retry
+        while self._missing:
+            before = len(self._missing)
+            for i, group in enumerate(_groups(sorted(self._missing), MAX_CHUNKS_PER_REQUEST)):
+                await self._request(chunks=group)
+                if i % 8 == 7:
+                    await asyncio.sleep(0)  # let replies in between large batches of requests
+            await self._wait_progress(delay)
+            # Back off only while nothing arrives: a slow but moving transfer keeps the short timeout.
+            delay = self.retry if len(self._missing) < before else min(delay * 2, self.retry_cap)
+        assert self.envelope is not None
+        return self.envelope
+
+    async def _request(self, manifest: bool = False, chunks: list[str] | None = None) -> None:
+        req = BlobRequest(device=self.device_id, bundle=self.module.bundle, manifest=manifest, chunks=chunks or [])
+        self.requests += 1
+        with contextlib.suppress(ConnectionError):  # offline: the next round asks again
+            await self.publish(device_topic(self.device_id, Channel.BLOB_REQ), req.encode())
+
+    async def _wait(self, timeout: float) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def _wait_progress(self, timeout: float) -> None:
+        """Wait until all chunks are in, or ``timeout`` passes without any arriving."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._missing:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+                deadline = loop.time() + timeout
+            except TimeoutError:
+                return
+
+
+def _groups(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]

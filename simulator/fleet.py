@@ -1,0 +1,199 @@
+"""Many agents in one process, over real MQTT connections, on one event loop.
+
+Each simulated device is a full :class:`agent.Agent` with its own data
+directory, identity, chunk store, outbox and MQTT session; only onnxruntime
+sessions are shared (one per bundle, through a shared runner cache), so a
+thousand devices cost a thousand sockets, not a thousand models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from agent.core import Agent
+from agent.identity import EnrollmentError, Identity, enroll_async, load_identity
+from agent.workload import Workload
+from modules.runners import Runner
+
+log = logging.getLogger("edgefleet.simulator")
+
+
+class Fleet:
+    """``await run()`` on your loop, or ``start()``/``stop()`` to run it on a background thread."""
+
+    def __init__(
+        self,
+        hub_url: str,
+        api_token: str,
+        n: int,
+        data_root: Path | str,
+        mqtt_url: str | None = None,
+        rate: float = 2.0,
+        telemetry_interval: float = 2.0,
+        prefix: str = "sim",
+        workload: Workload | None = None,
+        http_transport: httpx.AsyncBaseTransport | None = None,
+        enroll_concurrency: int = 32,
+    ) -> None:
+        self.hub_url = hub_url.rstrip("/")
+        self.api_token = api_token
+        self.n = n
+        self.data_root = Path(data_root)
+        self.mqtt_url = mqtt_url
+        self.workload = workload if workload is not None else (Workload(rate=rate) if rate > 0 else None)
+        self.telemetry_interval = telemetry_interval
+        self.prefix = prefix
+        self.http_transport = http_transport  # tests hand in an httpx.MockTransport
+        self.enroll_concurrency = enroll_concurrency
+        self.runner_cache: dict[str, Runner] = {}
+        self.agents: list[Agent] = []
+        self.ready = threading.Event()  # set once every agent is started (or start failed)
+        self.error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def device_ids(self) -> list[str]:
+        return [f"{self.prefix}-{i:04d}" for i in range(self.n)]
+
+    # --- enrolment ---------------------------------------------------------------------------
+
+    async def enroll(self) -> list[Identity]:
+        """Identities for every device: re-used from ``data_root`` where present, else enrolled now."""
+        identities: dict[str, Identity] = {}
+        missing: list[str] = []
+        for dev in self.device_ids():
+            try:
+                identities[dev] = load_identity(self.data_root / dev)
+            except EnrollmentError:
+                missing.append(dev)
+        if missing:
+            async with httpx.AsyncClient(transport=self.http_transport, timeout=30.0) as http:
+                tokens = await self._tokens(http, len(missing))
+                gate = asyncio.Semaphore(self.enroll_concurrency)
+
+                async def one(dev: str, token: str) -> None:
+                    async with gate:
+                        identities[dev] = await enroll_async(
+                            http, self.hub_url, token, self.data_root / dev, device_id=dev, facts={"simulated": "true"})
+
+                await asyncio.gather(*(one(d, t) for d, t in zip(missing, tokens, strict=True)))
+            log.info("enrolled %d simulated devices (%d re-used)", len(missing), self.n - len(missing))
+        return [identities[d] for d in self.device_ids()]
+
+    async def _tokens(self, http: httpx.AsyncClient, count: int) -> list[str]:
+        try:
+            resp = await http.post(f"{self.hub_url}/api/v1/enrollment-tokens", json={"count": count, "labels": {"sim": "true"}},
+                                   headers={"Authorization": f"Bearer {self.api_token}"})
+        except httpx.HTTPError as exc:
+            raise EnrollmentError(f"cannot reach the hub at {self.hub_url}: {exc}") from None
+        if resp.status_code != 200:
+            raise EnrollmentError(f"hub refused to create enrolment tokens: HTTP {resp.status_code}: {resp.text[:200]}")
+        tokens = resp.json().get("tokens", [])
+        if len(tokens) != count:
+            raise EnrollmentError(f"asked the hub for {count} enrolment tokens, got {len(tokens)}")
+        return [str(t) for t in tokens]
+
+    # --- running -----------------------------------------------------------------------------
+
+    async def run(self, duration: float | None = None) -> list[Agent]:
+        """Enrol, run every agent until ``duration`` passes or :meth:`stop`, then stop them; returns the agents."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            identities = await self.enroll()
+            self.agents = [
+                Agent(ident, self.data_root / ident.device_id, mqtt_url=self.mqtt_url, workload=self.workload,
+                      telemetry_interval=self.telemetry_interval, runner_cache=self.runner_cache)
+                for ident in identities
+            ]
+            tasks = [asyncio.create_task(a.run(), name=f"agent-{a.device_id}") for a in self.agents]
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+            raise
+        self.ready.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), duration)
+        finally:  # also when cancelled: every device says "offline" and closes its outbox
+            await asyncio.gather(*(a.stop() for a in self.agents), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return self.agents
+
+    async def astop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def snapshot_all(self) -> list[dict[str, Any]]:
+        """Snapshots of every agent; call on the fleet's loop (or via :meth:`snapshots`)."""
+        return [a.snapshot() for a in self.agents]
+
+    # --- background thread (CLI demo) --------------------------------------------------------
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Run the fleet on its own thread and loop; returns once every agent has started."""
+
+        def target() -> None:
+            with contextlib.suppress(Exception):  # the error is kept in self.error and raised by start()
+                asyncio.run(self.run())
+
+        self._thread = threading.Thread(target=target, name="edgefleet-sim", daemon=True)
+        self._thread.start()
+        if not self.ready.wait(timeout):
+            raise TimeoutError(f"simulated fleet did not start within {timeout}s")
+        if self.error is not None:
+            raise self.error
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.astop(), self._loop)
+            self._thread.join(timeout)
+
+    def snapshots(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Thread-safe: snapshots taken on the fleet's own loop."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return self.snapshot_all()
+        try:
+            asyncio.get_running_loop()
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            return self.snapshot_all()
+
+        async def take() -> list[dict[str, Any]]:
+            return self.snapshot_all()
+
+        fut: concurrent.futures.Future[list[dict[str, Any]]] = asyncio.run_coroutine_threadsafe(take(), loop)
+        return fut.result(timeout)
+
+
+async def run_fleet(
+    hub_url: str,
+    api_token: str,
+    n: int,
+    data_root: Path | str,
+    mqtt_url: str | None = None,
+    rate: float = 2.0,
+    telemetry_interval: float = 2.0,
+    duration: float | None = None,
+    prefix: str = "sim",
+) -> list[Agent]:
+    """Enrol ``n`` devices ``{prefix}-{i:04d}`` (re-using identities in ``data_root``) and run them on this loop.
+
+    Runs until ``duration`` seconds pass (forever if None, until cancelled); returns the agents.
+    """
+    fleet = Fleet(hub_url, api_token, n, data_root, mqtt_url=mqtt_url, rate=rate,
+                  telemetry_interval=telemetry_interval, prefix=prefix)
+    return await fleet.run(duration)

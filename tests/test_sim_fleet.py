@@ -1,0 +1,124 @@
+"""The simulator: many real agents on one loop over real MQTT connections, enrolled through the hub API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from simulator.fleet import Fleet, run_fleet
+from tests.hubside import HubSide, until
+
+
+@pytest.fixture
+def hub(broker, tmp_path):
+    h = HubSide(broker.url, tmp_path / "hub")
+    yield h
+    h.close()
+
+
+def fake_hub_api(hub: HubSide, calls: list[str]) -> httpx.MockTransport:
+    """The two hub endpoints the simulator uses, answering as the contract says."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        body = json.loads(request.content)
+        if request.url.path == "/api/v1/enrollment-tokens":
+            if request.headers.get("authorization") != "Bearer admin-token":
+                return httpx.Response(401, json={"detail": "bad token"})
+            assert body["labels"] == {"sim": "true"}
+            return httpx.Response(200, json={"tokens": [f"tok-{i}" for i in range(body["count"])]})
+        if request.url.path == "/api/v1/enroll":
+            if not body["token"].startswith("tok-"):
+                return httpx.Response(403, json={"detail": "unknown enrolment token"})
+            return httpx.Response(200, json={"device_id": body["device_id"], "mqtt_url": hub.broker_url,
+                                             "mqtt_username": None, "mqtt_password": None, "root": hub.root,
+                                             "hub_time": time.time()})
+        return httpx.Response(404, json={"detail": "not found"})
+
+    return httpx.MockTransport(handle)
+
+
+def test_fleet_in_background_thread_installs_everywhere_and_reuses_identities(hub, tmp_path):
+    n = 12
+    calls: list[str] = []
+    bundle = hub.build("classifier", 1)
+    fleet = Fleet("http://hub.test", "admin-token", n, tmp_path / "sim", rate=20, telemetry_interval=0.5,
+                  prefix="simt", http_transport=fake_hub_api(hub, calls))
+    for dev in fleet.device_ids():
+        hub.publish_desired(dev, 1, [bundle.desired(collect_rate_ppm=100_000)])
+    fleet.start()
+    try:
+        deadline = time.monotonic() + 40
+        while not all(s["modules"] and s["modules"][0]["state"] == "running" and s["inferences"] > 0
+                      for s in fleet.snapshots()):
+            assert time.monotonic() < deadline, fleet.snapshots()
+            time.sleep(0.2)
+        assert len(fleet.runner_cache) == 1  # one onnxruntime session shared by every device
+        assert calls.count("/api/v1/enrollment-tokens") == 1 and calls.count("/api/v1/enroll") == n
+        # every device gets its own telemetry stream
+        deadline = time.monotonic() + 20
+        while not all(hub.telemetry(d) for d in fleet.device_ids()):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        fleet.stop()
+    assert all(not s["connected"] for s in fleet.snapshots())
+
+    calls.clear()
+    agents = asyncio.run(run_fleet("http://hub.test", "admin-token", n, tmp_path / "sim", rate=0, duration=1.0,
+                                   prefix="simt"))
+    assert calls == [] and len(agents) == n  # identities re-used: no tokens, no enrolment
+
+
+def test_enrolment_refusal_is_a_clear_error(hub, tmp_path):
+    calls: list[str] = []
+    fleet = Fleet("http://hub.test", "wrong", 2, tmp_path / "sim", http_transport=fake_hub_api(hub, calls))
+
+    async def main() -> None:
+        with pytest.raises(Exception, match="HTTP 401"):
+            await fleet.run(duration=0.1)
+
+    asyncio.run(main())
+    assert fleet.error is not None
+
+
+def test_agents_share_one_loop_and_reconnect_after_broker_restart(tmp_path):
+    from agent.core import Agent
+    from agent.mqtt import AsyncMqttClient
+    from edgefleet.broker import LocalBroker
+
+    b = LocalBroker().start()
+    hub = None
+    try:
+        hub = HubSide(b.url, tmp_path / "hub")
+        agents = [Agent(hub.identity(f"rc-{i}", tmp_path / f"rc-{i}"), tmp_path / f"rc-{i}", telemetry_interval=0.2,
+                        mqtt_client_factory=lambda cid, url, will: AsyncMqttClient(cid, url, will=will, backoff_cap=1.0))
+                  for i in range(5)]
+
+        async def main() -> None:
+            nonlocal hub
+            tasks = [asyncio.create_task(a.run()) for a in agents]
+            await until(lambda: all(a.client.connected.is_set() for a in agents), 10, "all connected")
+            hub.close()
+            b.stop()
+            await until(lambda: not any(a.client.connected.is_set() for a in agents), 10, "all offline")
+            await until(lambda: all(len(a.outbox) >= 3 for a in agents), 10, "telemetry stored while offline")
+            b.start()
+            hub = HubSide(b.url, tmp_path / "hub2")
+            await until(lambda: all(a.client.connected.is_set() for a in agents), 20, "all reconnected")
+            await until(lambda: all(len(a.outbox) <= 1 for a in agents), 20, "outbox drained")
+            for a in agents:
+                seqs = [t.seq for t in hub.telemetry(a.device_id)]
+                assert seqs == sorted(set(seqs)) and len(seqs) >= 3  # stored-and-forwarded, in order
+            await asyncio.gather(*(a.stop() for a in agents))
+            await asyncio.gather(*tasks)
+
+        asyncio.run(main())
+    finally:
+        if hub is not None:
+            hub.close()
+        b.stop()
