@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hub.server import HubServer
-from simulator.fleet import Fleet
-
 from edgefleet.broker import LocalBroker, free_port
 from edgefleet.client import HubClient
 from hub.config import HubConfig
+from hub.server import HubServer
 from modules.examples import write_logreg_onnx, write_sample
+from simulator.fleet import Fleet
 
 log = logging.getLogger("edgefleet.demo")
 

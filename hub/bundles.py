@@ -16,10 +16,13 @@ from modules.bundle import build_manifest, sign_release
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import CHUNK_SIZE, Manifest, TensorSpec, parse_manifest
+from protocol.signing import sign
 
 log = logging.getLogger("edgefleet.hub.bundles")
 
 SAMPLE_PATH = "sample.json"
+ENTRY_PATH = "entry.py"
+MAX_ENTRY_BYTES = 1024 * 1024
 
 
 def parse_ref(ref: str) -> tuple[str, int]:
@@ -47,11 +50,18 @@ class ModuleBuilder:
         self.release_ttl_s = release_ttl_s
 
     def build(self, name: str, model_refs: list[str], runtime: str | None = None,
-              sample: dict[str, Any] | None = None, collect_rate_ppm: int = 0) -> dict[str, Any]:
-        """Build version N+1 of module ``name``; rebuilding unchanged inputs returns the latest version instead."""
+              sample: dict[str, Any] | None = None, collect_rate_ppm: int = 0, *,
+              entry: str | None = None, entry_name: str = ENTRY_PATH,
+              resources: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Build version N+1 of module ``name``; rebuilding unchanged inputs returns the latest version instead.
+
+        ``entry`` is the text of a pre/post-processing script (``preprocess``/``postprocess``,
+        or ``init``/``run`` for the python runtime); it travels in the bundle as ``entry_name``.
+        """
         if not model_refs:
             raise Invalid("a module needs at least one model")
-        models = [self.registry.get(*parse_ref(ref)) for ref in model_refs]
+        refs = [parse_ref(ref) for ref in model_refs]
+        models = [self.registry.get(*ref) for ref in refs]
         files: dict[str, Path] = {}
         for model in models:
             for f in model["files"]:
@@ -63,9 +73,17 @@ class ModuleBuilder:
                 raise Invalid('sample must be {"inputs": {name: values}} and no model file may be named sample.json')
             digest, _ = self.store.put_blocks([canonical_json(sample)])
             files[SAMPLE_PATH] = self.store.path(digest)
+        if entry is not None:
+            data = entry.encode()
+            if len(data) > MAX_ENTRY_BYTES or not entry_name.endswith(".py") or "/" in entry_name or entry_name in files:
+                raise Invalid(f"entry script must be a .py file name not used by a model file (got {entry_name!r}) "
+                              f"and at most {MAX_ENTRY_BYTES} bytes")
+            digest, _ = self.store.put_blocks([data])
+            files[entry_name] = self.store.path(digest)
         first = models[0]
         kwargs: dict[str, Any] = {
             "runtime": runtime or first["framework"], "files": files, "model": first["files"][0]["path"],
+            "entry": entry_name if entry is not None else "",
             "sample": SAMPLE_PATH if sample is not None else "", "collect_rate_ppm": collect_rate_ppm,
             "inputs": [TensorSpec.model_validate(s) for s in first["inputs"]],
             "outputs": [TensorSpec.model_validate(s) for s in first["outputs"]],
@@ -79,6 +97,7 @@ class ModuleBuilder:
             latest = tx.execute("SELECT version, digest FROM modules WHERE name = ? ORDER BY version DESC LIMIT 1",
                                 (name,)).fetchone()
             if latest is not None and draft.model_copy(update={"version": latest[0]}).digest() == latest[1]:
+                self._record_sources(tx, name, latest[0], refs, resources)
                 return self.get(name, latest[0])
             manifest = draft.model_copy(update={"version": (latest[0] if latest else 0) + 1})
             envelope = sign_release(manifest, [self.keys.release_key], int(time.time()) + self.release_ttl_s)
@@ -89,8 +108,45 @@ class ModuleBuilder:
             tx.conn.executemany("INSERT OR IGNORE INTO chunks (digest, blob, offset, length) VALUES (?, ?, ?, ?)",
                            [(c, f.sha256, i * CHUNK_SIZE, min(CHUNK_SIZE, f.size - i * CHUNK_SIZE))
                             for f in manifest.files for i, c in enumerate(f.chunks)])
+            self._record_sources(tx, name, manifest.version, refs, resources)
         log.info("built module %s:%d bundle %s", name, manifest.version, manifest.digest()[:12])
         return self.get(name, manifest.version)
+
+    @staticmethod
+    def _record_sources(tx: Any, name: str, version: int, refs: list[tuple[str, int]],
+                        resources: dict[str, Any] | None) -> None:
+        """Which model versions a module version was built from: deleting those is refused while it is deployed."""
+        tx.conn.executemany("INSERT OR IGNORE INTO module_sources (module_name, module_version, model_name, model_version)"
+                            " VALUES (?, ?, ?, ?)", [(name, version, m, v) for m, v in refs])
+        if resources is not None:
+            tx.execute("INSERT OR REPLACE INTO module_meta (module_name, module_version, resources) VALUES (?, ?, ?)",
+                       (name, version, dumps(resources)))
+
+    def resign(self, before: float | None = None) -> int:
+        """Re-sign release envelopes with the current release key (after a rotation), or only those expiring
+        before ``before`` (renewal). The manifest, hence the bundle digest, is unchanged."""
+        expires = int(time.time()) + self.release_ttl_s
+        count = 0
+        with self.db.transaction() as tx:
+            for row in self.db.query("SELECT name, version, envelope FROM modules"):
+                envelope = loads(row["envelope"])
+                if before is not None and envelope["signed"]["expires"] >= before:
+                    continue
+                # the stored document with a new expiry: its manifest bytes, hence the digest, stay identical
+                fresh = sign({**envelope["signed"], "expires": expires}, [self.keys.release_key])
+                tx.execute("UPDATE modules SET envelope = ? WHERE name = ? AND version = ?",
+                           (dumps(fresh), row["name"], row["version"]))
+                count += 1
+        return count
+
+    def resources(self, name: str, version: int) -> dict[str, Any]:
+        row = self.db.one("SELECT resources FROM module_meta WHERE module_name = ? AND module_version = ?", (name, version))
+        return loads(row["resources"]) if row else {}
+
+    def sources(self, name: str, version: int) -> list[str]:
+        rows = self.db.query("SELECT model_name, model_version FROM module_sources WHERE module_name = ?"
+                             " AND module_version = ? ORDER BY model_name, model_version", (name, version))
+        return [f"{r['model_name']}:{r['model_version']}" for r in rows]
 
     def get(self, name: str, version: int, with_envelope: bool = True) -> dict[str, Any]:
         row = self.db.one("SELECT * FROM modules WHERE name = ? AND version = ?", (name, version))

@@ -28,6 +28,8 @@ class HubConfig:
     release_ttl_s: int = 365 * 86400
     writer_flush_s: float = 0.1
     writer_batch_rows: int = 1000
+    load_check_timeout_s: float = 120.0  # registering: how long the child process may take to load a model
+    load_check_memory_mb: int = 0  # registering: address-space cap for that child (0: none)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from hub.auth import ensure_admin_token
 from hub.bridge import Bridge
@@ -32,7 +33,7 @@ class Hub:
         self.keys = load_or_create_keys(config.data_dir / "keys")
         self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
         self.store = ContentStore(config.data_dir / "blobs")
-        self.registry = ModelRegistry(self.db, self.store)
+        self.registry = ModelRegistry(self.db, self.store, config.load_check_timeout_s, config.load_check_memory_mb)
         self.modules = ModuleBuilder(self.db, self.store, self.registry, self.keys, config.release_ttl_s)
         self.bridge = Bridge(config, self.db, self.store, self._is_enrolled)
         self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish)
@@ -63,5 +64,9 @@ class Hub:
                 self.director.renew_expiring()
             except Exception:
                 log.exception("renewing desired states failed")
+            try:  # releases expire too (freeze protection): re-sign those past half their lifetime
+                self.modules.resign(before=time.time() + self.config.release_ttl_s / 2)
+            except Exception:
+                log.exception("renewing release signatures failed")
             if self._stop.wait(RENEW_CHECK_S):
                 return

@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field
 
 from hub.auth import create_token, require
 from hub.context import Hub
+from hub.errors import NotFound
+from hub.keys import rotate_key
 from hub.routes import get_hub
 
 router = APIRouter(tags=["admin"])
@@ -29,3 +31,28 @@ def new_token(body: TokenRequest, hub: Hub = Depends(get_hub)) -> dict[str, str]
 def root(hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     """The signed root document devices pin at enrolment."""
     return hub.keys.root_envelope
+
+
+@router.get("/roots/{version}", dependencies=[Depends(require("viewer"))])
+def root_version(version: int, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Root version ``version``: a verifier pinned to an older root walks these one by one."""
+    envelope = hub.keys.root_version(version)
+    if envelope is None:
+        raise NotFound(f"no root version {version} (current: {hub.keys.root.version})")
+    return envelope
+
+
+class RotateRequest(BaseModel):
+    role: Literal["root", "release", "director"]
+
+
+@router.post("/keys/rotate", dependencies=[Depends(require("admin"))])
+def rotate(body: RotateRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """New key for ``role``; root version N+1 signed by the old and new root keys; the old key is revoked.
+
+    After a release-key rotation every stored release is re-signed with the new key
+    (bundle digests do not change); new desired states are signed with the new director key.
+    """
+    result = rotate_key(hub.keys, body.role)
+    result["resigned_releases"] = hub.modules.resign() if body.role == "release" else 0
+    return result
