@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,13 @@ def main(
     token: str | None = typer.Option(None, "--token", envvar="EDGEFLEET_TOKEN", help="API bearer token."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rich.logging import RichHandler
+
+    # Logs go through the same stderr console as progress bars and the demo's live table, so they never tear it.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s",
+                        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)])
+    for noisy in ("httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     CTX.hub, CTX.token = hub, token
 
 
@@ -119,7 +123,7 @@ def demo(
     if as_json:
         logging.getLogger().setLevel(logging.WARNING)
     run_demo(DemoOptions(devices=devices, duration=duration, data_dir=data, mqtt_url=mqtt, port=port, rate=rate),
-             as_json=as_json)
+             as_json=as_json, console=err)
 
 
 # --- hub ----------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
 from edgefleet.broker import LocalBroker, free_port
 from edgefleet.client import HubClient
 from hub.config import HubConfig
@@ -120,13 +124,10 @@ class Demo:
         self.stack.close()
 
 
-def run_demo(options: DemoOptions, as_json: bool, stop_event: threading.Event | None = None) -> dict[str, Any]:
+def run_demo(options: DemoOptions, as_json: bool, stop_event: threading.Event | None = None,
+             console: Console | None = None) -> dict[str, Any]:
     """Run until ``duration`` passes or Ctrl-C; return (and print) the final summary."""
-    from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
-
-    console = Console(stderr=True)
+    console = console or Console(stderr=True)
     stop_event = stop_event or threading.Event()
     demo = Demo(options)
     try:
