@@ -1,0 +1,128 @@
+"""Commands that run things: the demo, the hub, the agent, the simulator."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from edgefleet.cli_common import CTX, emit, err
+
+hub_app = typer.Typer(help="Run the hub.", no_args_is_help=True)
+agent_app = typer.Typer(help="Enrol and run the device agent.", no_args_is_help=True)
+sim_app = typer.Typer(help="Simulated fleets: many real agents in one process.", no_args_is_help=True)
+
+# --- demo ---------------------------------------------------------------------------------------
+
+
+def demo(
+    devices: int = typer.Option(5, "--devices", min=1, help="Simulated devices."),
+    duration: float | None = typer.Option(None, "--duration", help="Seconds to run (default: until Ctrl-C)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary at the end."),
+    data: Path | None = typer.Option(None, "--data", help="Keep state here (default: a temporary dir)."),
+    mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Use this broker instead of starting one."),
+    port: int = typer.Option(0, "--port", help="Hub HTTP port (default: a free one)."),
+    rate: float = typer.Option(5.0, "--rate", help="Inferences per second per device."),
+) -> None:
+    """Broker + hub + simulated fleet + a real ONNX model, deployed; live telemetry."""
+    from edgefleet.demo import DemoOptions, run_demo
+
+    if as_json:
+        logging.getLogger().setLevel(logging.WARNING)
+    run_demo(DemoOptions(devices=devices, duration=duration, data_dir=data, mqtt_url=mqtt, port=port, rate=rate),
+             as_json=as_json, console=err)
+
+
+# --- hub ----------------------------------------------------------------------------------------
+
+
+@hub_app.command("serve")
+def hub_serve(
+    data: Path = typer.Option(Path("edgefleet-data"), "--data", envvar="EDGEFLEET_DATA", help="Hub data directory."),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="EDGEFLEET_HOST"),
+    port: int = typer.Option(8080, "--port", envvar="EDGEFLEET_PORT"),
+    mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Broker URL; default: start a local one."),
+    public_mqtt: str | None = typer.Option(None, "--public-mqtt", envvar="EDGEFLEET_PUBLIC_MQTT", help="Broker URL handed to devices."),
+) -> None:
+    """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C."""
+    from edgefleet.broker import LocalBroker
+    from hub.config import HubConfig
+    from hub.server import serve_forever
+
+    log = logging.getLogger("edgefleet.hub")
+    broker = None
+    if mqtt is None:
+        broker = LocalBroker(host="127.0.0.1").start()
+        mqtt = broker.url
+    log.info("hub API at http://%s:%s (docs /docs, metrics /metrics); MQTT broker %s", host, port, mqtt)
+    try:
+        serve_forever(HubConfig(data_dir=data, mqtt_url=mqtt, public_mqtt_url=public_mqtt), host=host, port=port)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+# --- agent --------------------------------------------------------------------------------------
+
+
+@agent_app.command("enroll")
+def agent_enroll(
+    token: str = typer.Option(..., "--token", help="Enrolment token from `edgefleet device token`."),
+    data: Path = typer.Option(..., "--data", help="Agent data directory."),
+    hub: str | None = typer.Option(None, "--hub", help="Hub URL (default: the global --hub)."),
+    device_id: str | None = typer.Option(None, "--device-id"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Enrol this device: get its id, MQTT credentials and the pinned root of trust."""
+    from agent.identity import enroll
+
+    try:
+        ident = enroll(hub or CTX.hub, token, data, device_id=device_id)
+    except Exception as exc:  # enrol errors are reported, not traced
+        err.print(f"[red]enrolment failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    emit({"device_id": ident.device_id, "data": str(data)}, as_json)
+
+
+@agent_app.command("run")
+def agent_run(
+    data: Path = typer.Option(..., "--data", help="Agent data directory (after `agent enroll`)."),
+    mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Override the broker URL."),
+    rate: float = typer.Option(0.0, "--rate", help="Synthetic inferences/s (0: serve only local requests)."),
+    telemetry_interval: float = typer.Option(5.0, "--telemetry-interval"),
+) -> None:
+    """Run the device daemon until SIGINT/SIGTERM."""
+    from agent.daemon import run_agent
+
+    run_agent(data, mqtt_url=mqtt, workload_rate=rate, telemetry_interval=telemetry_interval)
+
+
+# --- simulator ----------------------------------------------------------------------------------
+
+
+@sim_app.command("run")
+def sim_run(
+    devices: int = typer.Option(10, "--devices", min=1),
+    data: Path = typer.Option(Path("edgefleet-sim"), "--data"),
+    mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT"),
+    rate: float = typer.Option(2.0, "--rate"),
+    telemetry_interval: float = typer.Option(2.0, "--telemetry-interval"),
+    duration: float | None = typer.Option(None, "--duration"),
+    prefix: str = typer.Option("sim", "--prefix"),
+) -> None:
+    """Run N simulated devices (real agents, real MQTT connections) against --hub."""
+    import asyncio
+
+    from simulator.fleet import run_fleet
+
+    if not CTX.token:
+        err.print("[red]error:[/] --token (or EDGEFLEET_TOKEN) is needed to create enrolment tokens")
+        raise typer.Exit(2)
+    try:
+        asyncio.run(run_fleet(CTX.hub, CTX.token, devices, data, mqtt_url=mqtt, rate=rate,
+                              telemetry_interval=telemetry_interval, duration=duration, prefix=prefix))
+    except KeyboardInterrupt:
+        pass
+
+
