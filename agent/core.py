@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import platform
@@ -24,16 +25,18 @@ from typing import Any, Protocol
 import numpy as np
 import psutil
 
-from agent.identity import Identity
+from agent.identity import Identity, save_identity
 from agent.install import BEFORE_ACTIVATION, Entry, Installed, Installer, atomic_write_json
+from agent.localapi import LocalApi
 from agent.mqtt import AsyncMqttClient, MessageHandler, MqttOffline, Will
 from agent.outbox import Outbox
+from agent.supervisor import ModuleWorker, WorkerProcess, health_check_in_worker
 from agent.transfer import MANIFESTS_DIR, BundleFetch
 from agent.workload import ModuleStats, Workload
 from modules.runners import Batch, Runner, coerce_inputs
 from modules.store import ContentStore
 from protocol.broker_url import BrokerURL
-from protocol.encoding import ProtocolError, digest_of
+from protocol.encoding import ProtocolError, digest_of, parse_json
 from protocol.messages import (
     Command,
     CommandReply,
@@ -41,6 +44,7 @@ from protocol.messages import (
     DataRecord,
     DesiredModule,
     DesiredState,
+    HubStatus,
     ModuleReport,
     ReportedState,
     Status,
@@ -49,8 +53,16 @@ from protocol.messages import (
     decode,
     validate,
 )
-from protocol.signing import parse_envelope
-from protocol.topics import BlobTopic, Channel, device_topic, parse_topic
+from protocol.signing import parse_envelope, update_root
+from protocol.topics import (
+    HUB_STATUS_TOPIC,
+    BlobTopic,
+    Channel,
+    device_topic,
+    parse_root_topic,
+    parse_topic,
+    root_wildcard,
+)
 from protocol.verify import accept_desired
 
 log = logging.getLogger("edgefleet.agent")
@@ -58,6 +70,7 @@ log = logging.getLogger("edgefleet.agent")
 AGENT_VERSION = "0.1.0"
 STATE_FILE = "state.json"
 RETRY_AFTER_ERROR = 30.0
+MAX_PENDING_ROOTS = 64  # root versions held while waiting for the one before them
 _PROC = psutil.Process()
 
 
@@ -76,6 +89,9 @@ class MqttClient(Protocol):
 
 
 ClientFactory = Callable[[str, BrokerURL, Will], MqttClient]
+# "process": each module in its own supervised worker process (the daemon's default);
+# "inprocess": runners on the event loop thread, shareable across agents (the simulator's thousands of agents).
+ISOLATION_MODES = ("process", "inprocess")
 
 
 def default_client_factory(client_id: str, broker: BrokerURL, will: Will) -> MqttClient:
@@ -89,7 +105,7 @@ class ActiveModule:
     name: str
     bundle: str
     version: int
-    runner: Runner
+    runner: Runner | ModuleWorker
     collect_rate_ppm: int
     stats: ModuleStats = field(default_factory=ModuleStats)
     task: asyncio.Task[None] | None = None
@@ -113,7 +129,16 @@ class Agent:
         outbox_rows: int = 10_000,
         blob_retry: float = 3.0,
         facts: dict[str, str] | None = None,
+        isolation: str = "inprocess",
+        module_limits: dict[str, int] | None = None,
+        api_port: int = 0,
     ) -> None:
+        if isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {ISOLATION_MODES}, not {isolation!r}")
+        self.isolation = isolation
+        self.module_limits = module_limits or {}  # worker rlimits: memory_mb, cpu_seconds
+        self.api_port = api_port
+        self.health_timeout = health_timeout
         self.identity = identity
         self.device_id = identity.device_id
         self.data_dir = Path(data_dir)
@@ -128,7 +153,9 @@ class Agent:
             "machine": platform.machine(), "runtimes": "onnx,python", **(facts or {}),
         }
         self.chunks = ContentStore(self.data_dir / "chunks")
-        self.installer = Installer(self.data_dir, self.root, self.chunks, runner_cache, health_timeout, self._on_install)
+        self.installer = Installer(self.data_dir, self.root, self.chunks, runner_cache, health_timeout, self._on_install,
+                                   health=self._health_in_worker if isolation == "process" else None)
+        self._warm: dict[str, WorkerProcess] = {}  # health-checked workers, handed over on activation
         self.outbox = Outbox(self.data_dir / "outbox.db", max_rows=outbox_rows)
         will: Will = (self._topic(Channel.STATUS), Status(device=self.device_id, online=False).encode(), 1, True)
         self.client = mqtt_client_factory(self.device_id, identity.broker(mqtt_url), will)
@@ -154,6 +181,12 @@ class Agent:
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.inferences = 0  # lifetime, across module versions
+        # None: no hub presence heard yet (an older hub): send. Otherwise send only while the hub says online.
+        self.hub_online: bool | None = None
+        self._hub_changed = asyncio.Event()
+        self._pending_roots: dict[int, Any] = {}
+        self._procs: dict[int, psutil.Process] = {}
+        self.api: LocalApi | None = LocalApi(self, port=api_port) if api_port else None
         self._running = False
 
     # --- persistence -------------------------------------------------------------------------
@@ -191,7 +224,15 @@ class Agent:
             self.client.on_connect = self._on_connected
             await self.client.subscribe(self._topic(Channel.DESIRED))
             await self.client.subscribe(self._topic(Channel.CMD))
+            await self.client.subscribe(HUB_STATUS_TOPIC)
+            await self.client.subscribe(root_wildcard())
             await self.client.start()
+            if self.api is not None:
+                try:
+                    await self.api.start()
+                except OSError as exc:  # e.g. the port is taken: the device still serves over MQTT
+                    log.error("%s: local API not started on port %d: %s", self.device_id, self.api_port, exc)
+                    self.api = None
             self._spawn(self._reconcile_loop(), self._report_loop(), self._telemetry_loop(), self._drain_loop())
             self._desired_changed.set()  # reconcile against the persisted desired state straight away
             await self._stopping.wait()
@@ -210,12 +251,25 @@ class Agent:
             task.add_done_callback(self._tasks.discard)  # short-lived ones (replies, announcements) go away
 
     async def _shutdown(self) -> None:
+        try:
+            await self._release()
+        finally:  # stop() waits on this: set it whatever went wrong above
+            self._running = False
+            self._stopped.set()
+
+    async def _release(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
         tasks = [*self._tasks, *(m.task for m in self.active.values() if m.task)]
         if self._install_task is not None:
             tasks.append(self._install_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(self._stop_runner(m.runner) for m in self.active.values()),
+                             *(w.stop() for w in self._warm.values()), return_exceptions=True)
+        self.active.clear()
+        self._warm.clear()
         if self.client.connected.is_set():
             # A clean disconnect suppresses the last will, so say "offline" ourselves.
             with contextlib.suppress(Exception):
@@ -224,8 +278,6 @@ class Agent:
                     qos=1, retain=True), 3.0)
         await self.client.stop()
         self.outbox.close()
-        self._running = False
-        self._stopped.set()
 
     def _on_connected(self) -> None:
         async def announce() -> None:
@@ -234,6 +286,9 @@ class Agent:
                     self._topic(Channel.STATUS), Status(device=self.device_id, online=True, ts=self.clock()).encode(),
                     qos=1, retain=True), 10.0)
         self._spawn(announce())
+        if self.hub_online is not None:
+            # A restarted broker forgets the retained "online": wait for the hub to say it again.
+            self.hub_online = False
         self._report_dirty.set()  # the hub may have missed changes while we were away
         self._outbox_ready.set()
 
@@ -244,6 +299,13 @@ class Agent:
         log.warning("%s: rejected message on %s: %s", self.device_id, topic, reason)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == HUB_STATUS_TOPIC:
+            self._on_hub_status(topic, payload)
+            return
+        root_version = parse_root_topic(topic)
+        if root_version is not None:
+            self._on_root(topic, root_version, payload)
+            return
         try:
             parsed = parse_topic(topic)
         except ProtocolError as exc:
@@ -281,6 +343,51 @@ class Agent:
         self._desired_changed.set()
         self._report_dirty.set()
 
+    def _on_hub_status(self, topic: str, payload: bytes) -> None:
+        if not payload:  # the retained status was cleared: no hub announces presence, send when connected
+            self.hub_online = None
+            self._hub_changed.set()
+            return
+        try:
+            status = validate(HubStatus, parse_json(payload, 4096))
+        except ProtocolError as exc:
+            self._reject("hub-status", topic, str(exc))
+            return
+        assert isinstance(status, HubStatus)
+        self.hub_online = status.online
+        self._hub_changed.set()
+
+    def _on_root(self, topic: str, version: int, payload: bytes) -> None:
+        """Hold a root version; apply every consecutive one after the trusted root, one version at a time."""
+        if version <= self.root.version or not payload:
+            return  # the retained history, re-sent on every connect (or a cleared retained message)
+        if len(self._pending_roots) >= MAX_PENDING_ROOTS and version not in self._pending_roots:
+            self._reject("root", topic, f"more than {MAX_PENDING_ROOTS} root versions pending")
+            return
+        try:
+            self._pending_roots[version] = parse_envelope(payload)
+        except ProtocolError as exc:
+            self._reject("root", topic, str(exc))
+            return
+        while (nxt := self.root.version + 1) in self._pending_roots:
+            envelope = self._pending_roots.pop(nxt)
+            try:
+                new = update_root(self.root, envelope, now=self.clock())
+                if new.version != nxt:
+                    raise ProtocolError(f"root on the topic for version {nxt} is version {new.version}")
+            except ProtocolError as exc:
+                self._reject("root", topic, f"root version {nxt} refused: {exc}")
+                continue
+            self._trust_root(new.document, new)
+
+    def _trust_root(self, envelope: Any, root: Any) -> None:
+        # Persisted before use (atomic write), so a restart never falls back to a revoked key set.
+        self.identity = dataclasses.replace(self.identity, root=envelope)
+        save_identity(self.data_dir, self.identity)
+        self.root = self.installer.root = root
+        log.warning("%s: now trusting root version %d", self.device_id, root.version)
+        self._pending_roots = {v: e for v, e in self._pending_roots.items() if v > root.version}
+
     def _refuse_desired(self, topic: str, reason: str) -> None:
         self.desired_error = f"desired state refused: {reason}"
         self._reject("desired", topic, reason)
@@ -302,14 +409,14 @@ class Agent:
             self._reject("cmd", topic, str(exc))
             return
         assert isinstance(cmd, Command)
-        reply = self._run_command(cmd)
 
         async def send() -> None:
+            reply = await self._run_command(cmd)
             with contextlib.suppress(MqttOffline, TimeoutError):
                 await asyncio.wait_for(self.client.publish(self._topic(Channel.CMD_RES), reply.encode()), 10.0)
         self._spawn(send())
 
-    def _run_command(self, cmd: Command) -> CommandReply:
+    async def _run_command(self, cmd: Command) -> CommandReply:
         if cmd.name == "ping":
             return CommandReply(id=cmd.id, ok=True, result={"pong": True, "ts": self.clock(), "revision": self.revision})
         if cmd.name == "infer":
@@ -320,7 +427,7 @@ class Agent:
             try:
                 raw = cmd.args.get("inputs", {})
                 batch = coerce_inputs(raw, active.runner.inputs) if active.runner.inputs else raw
-                out = self._infer(active, batch)
+                out = await self.infer(active, batch)
             except Exception as exc:  # the caller gets the reason; the agent keeps serving
                 return CommandReply(id=cmd.id, ok=False, error=str(exc) or repr(exc))
             return CommandReply(id=cmd.id, ok=True, result={
@@ -395,6 +502,7 @@ class Agent:
             await self._activate(m.name)
         elif entry.state == "failed" and self.installer.current(m.name) is None:
             self._deactivate(m.name)
+        await self._drop_unused_warm()
 
     def _set_progress(self, bundle: str, fraction: float) -> None:
         self._progress[bundle] = fraction
@@ -407,7 +515,14 @@ class Agent:
         """Load the active version of ``name`` and start serving it (replacing an older one)."""
         try:
             inst: Installed = await asyncio.to_thread(self.installer.load_installed, name)
-            runner = await asyncio.to_thread(self.installer.runner_for, inst)
+            runner: Runner | ModuleWorker
+            if self.isolation == "process":
+                runner = ModuleWorker(name, inst.files, inst.manifest, limits=self.module_limits,
+                                      start_timeout=self.health_timeout,
+                                      on_crash_loop=lambda reason: self._spawn(self._crash_loop(name, inst.bundle, reason)))
+                await runner.start(warm=self._warm.pop(inst.bundle, None))
+            else:
+                runner = await asyncio.to_thread(self.installer.runner_for, inst)
         except Exception as exc:  # a broken install must not stop the agent; report it
             self._load_errors[name] = f"cannot load the active version: {exc}"
             log.error("%s: module %s: %s", self.device_id, name, self._load_errors[name])
@@ -427,15 +542,54 @@ class Agent:
         active = self.active.pop(name, None)
         if active is not None and active.task is not None:
             active.task.cancel()
+        if active is not None:
+            self._spawn(self._stop_runner(active.runner))
+
+    @staticmethod
+    async def _stop_runner(runner: Runner | ModuleWorker) -> None:
+        if isinstance(runner, ModuleWorker):
+            await runner.stop()
+
+    async def _health_in_worker(self, inst: Installed) -> None:
+        """The installer's health check in process mode: a fresh worker, killed if it overruns the deadline."""
+        worker = await health_check_in_worker(inst.name, inst.files, inst.manifest, self.health_timeout,
+                                              self.module_limits)
+        old = self._warm.pop(inst.bundle, None)
+        if old is not None:
+            await old.stop()
+        self._warm[inst.bundle] = worker
+
+    async def _drop_unused_warm(self) -> None:
+        for bundle in [b for b in self._warm if not any(m.bundle == b for m in self.active.values())]:
+            await self._warm.pop(bundle).stop()
+
+    async def _crash_loop(self, name: str, bundle: str, reason: str) -> None:
+        """A committed version's worker keeps dying: roll back to the version before it, with the reason."""
+        active = self.active.get(name)
+        if active is None or active.bundle != bundle:
+            return
+        entry = await self.installer.roll_back_committed(name, reason)
+        if entry is None:  # no install record to undo (e.g. a version older than the journal): report it
+            self._load_errors[name] = reason
+            self._deactivate(name)
+        elif self.installer.current(name) is not None:
+            await self._activate(name)
+        else:
+            self._deactivate(name)
+        self._report_dirty.set()
 
     # --- inference ---------------------------------------------------------------------------
 
-    def _infer(self, active: ActiveModule, batch: Batch) -> Batch:
+    async def infer(self, active: ActiveModule, batch: Batch) -> Batch:
+        """Run one batch through ``active`` (its worker, or in process), counting and sampling it."""
         t0 = time.perf_counter()
         ok = False
         self.inferences += 1
         try:
-            out = active.runner.predict(batch)
+            if isinstance(active.runner, ModuleWorker):
+                out = await active.runner.predict(batch)
+            else:
+                out = active.runner.predict(batch)
             ok = True
         finally:
             active.stats.record((time.perf_counter() - t0) * 1000.0, ok)
@@ -458,7 +612,7 @@ class Agent:
             next_t = max(next_t + period, loop.time() - 1.0)  # after a stall, catch up at most one second
             batch = self.workload.make_inputs(rng, active.runner.inputs)
             with contextlib.suppress(Exception):  # counted as an error in stats; the workload goes on
-                self._infer(active, batch)
+                await self.infer(active, batch)
 
     # --- outbound ----------------------------------------------------------------------------
 
@@ -517,6 +671,8 @@ class Agent:
             "outbox_pending": float(len(self.outbox)),
             "rejected_messages": float(sum(self.rejected.values())),
             "connected": 1.0 if self.client.connected.is_set() else 0.0,
+            **self.health(),
+            **self.worker_stats(),
         }
         batch = TelemetryBatch(device=self.device_id, seq=self.outbox.next_seq("telemetry"), ts=now, points=points,
                                agent=agent)
@@ -531,6 +687,10 @@ class Agent:
         topics = {"telemetry": self._topic(Channel.TELEMETRY), "data": self._topic(Channel.DATA)}
         while True:
             await self.client.connected.wait()
+            if self.hub_online is False:
+                self._hub_changed.clear()
+                await self._hub_changed.wait()  # the broker would accept, but nobody would store it
+                continue
             self._outbox_ready.clear()
             rows = self.outbox.peek(50)
             if not rows:
@@ -554,6 +714,37 @@ class Agent:
         await asyncio.wait_for(self.client.publish(topic, payload, qos=1), timeout)
 
     # --- introspection -----------------------------------------------------------------------
+
+    def health(self) -> dict[str, float]:
+        """Agent health: 1.0 when every desired module is serving and no load or install error stands."""
+        wanted = {m.name for m in self.desired.modules} if self.desired else set()
+        serving = {n for n, a in self.active.items()
+                   if not isinstance(a.runner, ModuleWorker) or a.runner.state == "serving"}
+        healthy = wanted <= serving and not self._load_errors and not self.desired_error
+        return {"healthy": 1.0 if healthy else 0.0, "modules_running": float(len(serving))}
+
+    def worker_stats(self) -> dict[str, float]:
+        """Per module worker: CPU % since the last call, RSS in MB and restarts (flat keys: the schema is str -> float)."""
+        out: dict[str, float] = {}
+        procs: dict[int, psutil.Process] = {}
+        for name, a in self.active.items():
+            if not isinstance(a.runner, ModuleWorker):
+                continue
+            out[f"worker.{name}.restarts"] = float(a.runner.restarts)
+            pid = a.runner.pid
+            if pid is None:
+                continue
+            try:
+                proc = procs[pid] = self._procs.get(pid) or psutil.Process(pid)
+                with proc.oneshot():
+                    if proc.status() == psutil.STATUS_ZOMBIE:
+                        continue  # dead, not yet reaped: the supervisor is about to restart it
+                    out[f"worker.{name}.cpu_pct"] = round(proc.cpu_percent(None), 1)
+                    out[f"worker.{name}.rss_mb"] = round(proc.memory_info().rss / 2**20, 1)
+            except psutil.Error:
+                continue  # it died between the two looks; the next interval sees the new one
+        self._procs = procs  # cpu_percent measures since the previous call on the same object
+        return out
 
     def snapshot(self) -> dict[str, Any]:
         report = self.reported()

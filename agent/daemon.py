@@ -8,11 +8,13 @@ import logging
 import signal
 from pathlib import Path
 
-from agent.core import Agent
+from agent.core import ISOLATION_MODES, Agent
 from agent.identity import EnrollmentError, load_identity
 from agent.workload import Workload
 
 log = logging.getLogger("edgefleet.agent")
+
+DEFAULT_API_PORT = 8765
 
 
 async def _serve(agent: Agent) -> None:
@@ -24,13 +26,16 @@ async def _serve(agent: Agent) -> None:
 
 
 def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: float = 0.0,
-              telemetry_interval: float = 5.0) -> None:
+              telemetry_interval: float = 5.0, *, api_port: int = DEFAULT_API_PORT, isolation: str = "process",
+              module_memory_mb: int = 0, module_cpu_seconds: int = 0, health_timeout: float = 30.0) -> None:
     """Run the agent enrolled in ``data_dir`` until SIGINT/SIGTERM."""
     identity = load_identity(Path(data_dir))
     workload = Workload(rate=workload_rate) if workload_rate > 0 else None
     agent = Agent(identity, Path(data_dir), mqtt_url=mqtt_url, workload=workload,
-                  telemetry_interval=telemetry_interval)
-    log.info("agent %s starting (data %s)", identity.device_id, data_dir)
+                  telemetry_interval=telemetry_interval, isolation=isolation, api_port=api_port,
+                  module_limits={"memory_mb": module_memory_mb, "cpu_seconds": module_cpu_seconds},
+                  health_timeout=health_timeout)
+    log.info("agent %s starting (data %s, %s isolation)", identity.device_id, data_dir, isolation)
     asyncio.run(_serve(agent))
     log.info("agent %s stopped", identity.device_id)
 
@@ -41,11 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mqtt", default=None, help="broker URL overriding the enrolled one")
     parser.add_argument("--rate", type=float, default=0.0, help="synthetic inferences per second per module")
     parser.add_argument("--telemetry-interval", type=float, default=5.0, help="seconds between telemetry batches")
+    parser.add_argument("--api-port", type=int, default=DEFAULT_API_PORT,
+                        help="local inference API port on 127.0.0.1 (0: off)")
+    parser.add_argument("--isolation", choices=ISOLATION_MODES, default="process",
+                        help="run each module in a supervised worker process, or in the agent process")
+    parser.add_argument("--module-memory-mb", type=int, default=0, help="address-space cap per module worker (0: none)")
+    parser.add_argument("--module-cpu-seconds", type=int, default=0, help="CPU-time cap per module worker (0: none)")
+    parser.add_argument("--health-timeout", type=float, default=30.0, help="seconds a health check may take")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run_agent(args.data, args.mqtt, args.rate, args.telemetry_interval)
+        run_agent(args.data, args.mqtt, args.rate, args.telemetry_interval, api_port=args.api_port,
+                  isolation=args.isolation, module_memory_mb=args.module_memory_mb,
+                  module_cpu_seconds=args.module_cpu_seconds, health_timeout=args.health_timeout)
     except EnrollmentError as exc:
         log.error("%s", exc)
         return 2

@@ -8,13 +8,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from protocol.broker_url import BrokerURL, parse_broker_url
 from protocol.encoding import ProtocolError
 from protocol.signing import Root, load_trusted_root
+
+if TYPE_CHECKING:  # httpx (and the rich/pygments its CLI pulls in) costs ~15 MB: loaded only to enrol
+    import httpx
 
 log = logging.getLogger("edgefleet.agent.identity")
 
@@ -87,6 +88,8 @@ def enroll(
     client: httpx.Client | None = None,
 ) -> Identity:
     """Trade an enrolment token for credentials and the root of trust; writes ``data_dir/identity.json``."""
+    import httpx
+
     body: dict[str, Any] = {"token": token, "facts": facts or {}}
     if device_id:
         body["device_id"] = device_id
@@ -133,6 +136,8 @@ async def enroll_async(
     facts: dict[str, str] | None = None,
 ) -> Identity:
     """``enroll`` for callers on an event loop (the simulator enrols many devices at once)."""
+    import httpx
+
     body: dict[str, Any] = {"token": token, "facts": facts or {}}
     if device_id:
         body["device_id"] = device_id

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ log = logging.getLogger("edgefleet.agent.install")
 
 JOURNAL_FILE = "journal.json"
 CURRENT = "current"
+# Test hook: kill -9 this process right after the named install state is persisted, so crash-recovery
+# tests can stop at a chosen point deterministically. Never set it on a real device.
+CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AT"
 
 # state -> states it may move to. None is "no install on record": where a first install begins.
 TRANSITIONS: dict[str | None, frozenset[str]] = {
@@ -47,8 +51,9 @@ TRANSITIONS: dict[str | None, frozenset[str]] = {
     "activating": frozenset({"health_check", "rolling_back"}),
     "health_check": frozenset({"committed", "rolling_back"}),
     "rolling_back": frozenset({"rolled_back", "failed"}),
-    # Terminal for this version; the next version's install starts from here.
-    "committed": frozenset({"downloading"}),
+    # Terminal for this version; the next version's install starts from here. A committed version
+    # whose worker then crash-loops is rolled back to the version kept beside it.
+    "committed": frozenset({"downloading", "rolling_back"}),
     "rolled_back": frozenset({"downloading"}),
     "failed": frozenset({"downloading"}),
 }
@@ -141,6 +146,8 @@ class Installed:
 
 
 ChangeHook = Callable[[str, Entry], None]
+# Runs the health check elsewhere (the agent's worker process) within its own deadline; raises on failure.
+HealthHook = Callable[[Installed], Awaitable[None]]
 
 
 class Installer:
@@ -154,6 +161,7 @@ class Installer:
         runner_cache: MutableMapping[str, Runner] | None = None,
         health_timeout: float = 30.0,
         on_change: ChangeHook | None = None,
+        health: HealthHook | None = None,
     ) -> None:
         self.modules_dir = Path(data_dir) / "modules"
         self.modules_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +170,9 @@ class Installer:
         self.runner_cache: MutableMapping[str, Runner] = runner_cache if runner_cache is not None else {}
         self.health_timeout = health_timeout
         self.on_change = on_change
+        self.health = health
         self.journal = Journal(Path(data_dir) / JOURNAL_FILE)
+        self._crash_at = os.environ.get(CRASH_ENV, "")
 
     # --- layout ------------------------------------------------------------------------------
 
@@ -192,6 +202,9 @@ class Installer:
 
     def _set(self, name: str, state: str, **fields: Any) -> Entry:
         entry = self.journal.transition(name, state, **fields)
+        if state == self._crash_at:
+            log.warning("%s=%s: killing the agent (test hook)", CRASH_ENV, state)
+            os.kill(os.getpid(), signal.SIGKILL)
         log.info("module %s %s: %s%s", name, entry.bundle[:12], state, f" ({entry.error})" if entry.error else "")
         if self.on_change is not None:
             self.on_change(name, entry)
@@ -264,13 +277,16 @@ class Installer:
             self._set(name, "health_check")
         try:
             inst = self.load_installed(name)
-            await asyncio.wait_for(asyncio.to_thread(self._health_check, inst), self.health_timeout)
+            if self.health is not None:
+                await self.health(inst)
+            else:
+                await asyncio.wait_for(asyncio.to_thread(self._health_check, inst), self.health_timeout)
         except TimeoutError:
             return await self._roll_back(name, f"health check timed out after {self.health_timeout:g}s")
         except (InstallError, ProtocolError, ModelError, InputError, OSError, ValueError) as exc:
             return await self._roll_back(name, f"health check failed: {exc}")
         entry = self._set(name, "committed", error="")
-        self._collect_garbage(name)
+        self._collect_garbage(name, entry.previous)
         return entry
 
     def _health_check(self, inst: Installed) -> None:
@@ -292,13 +308,22 @@ class Installer:
         shutil.rmtree(self.version_dir(name, entry.bundle), ignore_errors=True)
         return self._set(name, "failed")
 
-    def _collect_garbage(self, name: str) -> None:
-        """After a commit, drop every other version of ``name`` (the rollback target is no longer needed)."""
-        keep = self.current(name)
-        base = self.modules_dir / name
-        for p in base.iterdir():
-            if p.name != keep and p.name != CURRENT and p.is_dir():
+    def _collect_garbage(self, name: str, previous: str | None) -> None:
+        """After a commit, drop every version of ``name`` but the active one and the one before it.
+
+        The previous version stays as the target should the new one crash-loop after its commit.
+        """
+        keep = {self.current(name), previous, CURRENT}
+        for p in (self.modules_dir / name).iterdir():
+            if p.name not in keep and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+
+    async def roll_back_committed(self, name: str, reason: str) -> Entry | None:
+        """Undo a committed version that fails in service (e.g. its worker crash-loops); None if not committed."""
+        entry = self.journal.get(name)
+        if entry is None or entry.state != "committed" or self.current(name) != entry.bundle:
+            return None
+        return await self._roll_back(name, reason)
 
     def remove(self, name: str) -> None:
         """Uninstall ``name`` (no longer desired)."""

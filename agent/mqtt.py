@@ -9,8 +9,10 @@ Publishing: ``publish`` with QoS 1 returns after the PUBACK. While the client is
 offline it raises :class:`MqttOffline` at once instead of queueing in memory:
 durable store-and-forward is the outbox's job, and retained state is re-published
 by the agent after each reconnect. A QoS 1 message already handed to paho when the
-link drops is re-sent by paho after the reconnect, and its ``publish`` call
-resolves then.
+link drops fails its ``publish`` call with MqttOffline too: paho may still re-send it
+after the reconnect, but a broker that restarted may take it before the hub has
+subscribed again, so only a PUBACK on a live connection counts. The caller (the
+outbox) sends it again; the hub stores each ``(device, seq)`` once.
 """
 
 from __future__ import annotations
@@ -244,9 +246,8 @@ class AsyncMqttClient:
             fut.set_exception(ConnectionError(f"disconnected before CONNACK: {reason}"))
         if was and not self._stopping:
             log.info("%s: connection lost (%s)", self.client_id, reason)
-        # Subscribe/unsubscribe acks will not come; QoS 1 publishes stay pending: paho re-sends them.
-        for mid in [m for m, f in self._pending.items() if not f.done() and m not in self._client._out_messages]:
-            self._pending.pop(mid).set_exception(MqttOffline("connection lost"))
+        # No ack on this connection will come now (see the module docstring for QoS 1 publishes).
+        self._fail_pending(MqttOffline("connection lost"))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self.on_message is None:

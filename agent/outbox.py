@@ -56,6 +56,10 @@ class Outbox:
         self._db.execute("COMMIT")
         return seq
 
+    def last_seq(self, kind: str) -> int:
+        """The sequence number ``next_seq`` handed out last for ``kind`` (0: none yet)."""
+        return self._meta(f"seq:{kind}")
+
     def put(self, kind: str, payload: bytes) -> int:
         """Append a message; if over the bound, drop the oldest rows and count them. Returns the row id."""
         self._db.execute("BEGIN IMMEDIATE")

@@ -41,12 +41,16 @@ class ModuleStats:
     inferences: int = 0
     errors: int = 0
     total: int = 0
+    errors_total: int = 0
+    latency_ms_sum: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
 
     def record(self, latency_ms: float, ok: bool) -> None:
         self.inferences += 1
         self.total += 1
         self.errors += 0 if ok else 1
+        self.errors_total += 0 if ok else 1
+        self.latency_ms_sum += latency_ms
         if len(self.latencies_ms) < 100_000:  # bounded even at absurd rates
             self.latencies_ms.append(latency_ms)
 

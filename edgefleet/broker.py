@@ -30,6 +30,8 @@ max_keepalive 600
 log_dest stderr
 log_type error
 log_type warning
+max_connections -1
+{user_line}
 """
 
 RUMQTTD_CONF = """\
@@ -98,7 +100,9 @@ class LocalBroker:
             conf = self._dir / "mosquitto.conf"
             conf.write_text(MOSQUITTO_CONF.format(
                 port=self.port, host=self.host, anonymous="false" if self.password_file else "true",
-                password_line="\n".join(lines)))
+                password_line="\n".join(lines),
+                # started as root, mosquitto drops to user "mosquitto", which cannot read a private password file
+                user_line="user root" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""))
             cmd = [binary, "-c", str(conf)]
         elif self.kind == "iotcore":
             conf = self._dir / "rumqttd.toml"
@@ -107,7 +111,8 @@ class LocalBroker:
         else:
             raise RuntimeError(f"unknown broker kind {self.kind!r}: mosquitto or iotcore")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=open(self._dir / "broker.log", "wb"), start_new_session=True)
+                                     stderr=open(self._dir / "broker.log", "wb"), start_new_session=True,
+                                     preexec_fn=raise_fd_limit)
         try:
             wait_for_port(self.host, self.port, timeout, self.proc)
         except RuntimeError:
@@ -143,6 +148,19 @@ class LocalBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def raise_fd_limit() -> int:
+    """Lift this process's open-file limit to the hard limit (a broker or fleet of 10k devices needs > 10k fds)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (ImportError, ValueError, OSError):
+        return -1
 
 
 def find_mosquitto() -> str | None:

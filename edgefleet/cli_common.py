@@ -65,3 +65,35 @@ def parse_kv(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``30s``, ``10m``, ``1h``, ``7d`` -> seconds."""
+    text = text.strip()
+    unit = DURATION_UNITS.get(text[-1:].lower())
+    try:
+        return float(text[:-1]) * unit if unit else float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration like 30s, 10m, 1h or 7d") from None
+
+
+def parse_time(text: str | None) -> float | None:
+    """A point in time: unix seconds, ISO 8601 (``2026-11-25T08:00``), or an age such as ``1h`` (one hour ago)."""
+    if text is None:
+        return None
+    import time
+    from datetime import datetime
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text[-1:].lower() in DURATION_UNITS and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - parse_duration(text)
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a time: use unix seconds, ISO 8601 or an age like 1h") from None

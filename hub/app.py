@@ -11,8 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from hub.config import HubConfig
 from hub.context import Hub
+from hub.endpoints.manager import EndpointManager
 from hub.errors import HubError
-from hub.routes import admin, deployments, fleet, models, modules, monitoring
+from hub.routes import admin, deployments, endpoints, fleet, models, modules, monitoring
 
 API = "/api/v1"
 
@@ -23,10 +24,13 @@ def create_app(config: HubConfig) -> FastAPI:
         # opening the database and creating keys is blocking work: keep it off the event loop
         hub = await run_in_threadpool(Hub, config)
         app.state.hub = hub
+        app.state.endpoints = EndpointManager(hub)
         hub.start()
+        app.state.endpoints.start()
         try:
             yield
         finally:
+            await run_in_threadpool(app.state.endpoints.stop)
             await run_in_threadpool(hub.stop)
 
     app = FastAPI(title="edgefleet hub", version="0.1.0", lifespan=lifespan, docs_url="/docs")
@@ -36,7 +40,9 @@ def create_app(config: HubConfig) -> FastAPI:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
     for router in (admin.router, models.router, modules.router, fleet.router, deployments.router,
+                   deployments.rollouts,
                    monitoring.router):
         app.include_router(router, prefix=API)
+    app.include_router(endpoints.router, prefix=API)
     app.include_router(monitoring.ops)
     return app

@@ -22,6 +22,7 @@ from hub.config import HubConfig
 from hub.db import Database, dumps, now
 from hub.errors import NotFound
 from hub.ingest import BatchWriter
+from hub.roots_publish import announce, offline_will
 from modules.store import ContentStore
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import ProtocolError, canonical_json, sha256_hex
@@ -75,6 +76,7 @@ class Bridge:
         if url.tls:
             self.client.tls_set()
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.will_set(*offline_will(), qos=1, retain=True)  # devices hold telemetry while the hub is away
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
@@ -99,7 +101,7 @@ class Bridge:
 
     def stop(self) -> None:
         self._stopping = True
-        self.client.disconnect()
+        self.client.disconnect(reasoncode=mqtt.ReasonCode(mqtt.PacketTypes.DISCONNECT, "Disconnect with will message"))
         self.client.loop_stop()
         self.writer.stop()
         self._ready.clear()
@@ -127,6 +129,10 @@ class Bridge:
             self.on_ready()
         except Exception:
             log.exception("re-sending desired states after connecting failed")
+        try:
+            announce(self.publish, self.config.data_dir / "keys")  # roots, then "online": devices may send
+        except Exception:
+            log.exception("announcing the hub and its roots failed")
         self._ready.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,

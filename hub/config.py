@@ -30,6 +30,16 @@ class HubConfig:
     writer_batch_rows: int = 1000
     load_check_timeout_s: float = 120.0  # registering: how long the child process may take to load a model
     load_check_memory_mb: int = 0  # registering: address-space cap for that child (0: none)
+    endpoint_host: str = "127.0.0.1"  # web endpoints: where their gateways listen (each on its own port)
+    endpoint_url_host: str | None = None  # the host name put in endpoint URLs (default: endpoint_host)
+    endpoint_threads: int = 1  # onnxruntime intra-op threads per endpoint worker process
+    endpoint_queue_timeout_s: float = 30.0  # how long a request may wait for a live worker before a 503
+    rollout_tick_s: float = 0.5  # how often the rollout controller re-reads rollouts and checks gates
+    isolate: bool = False  # generate a per-device password file and ACL in DATA/broker (hub/broker_auth.py)
+    broker_pid: int | None = None  # isolate: the mosquitto to SIGHUP after each change (None: an external broker)
+    alert_eval_s: float = 15.0  # how often alert rules are evaluated
+    telemetry_retention_s: float = 7 * 86400  # raw telemetry older than this is folded into 1-minute rollups
+    data_retention_s: float = 30 * 86400  # collected inputs/predictions older than this are deleted
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

@@ -8,6 +8,7 @@ import time
 
 from hub.auth import ensure_admin_token
 from hub.bridge import Bridge
+from hub.broker_auth import BrokerAuth, signal_reload
 from hub.bundles import ModuleBuilder
 from hub.config import HubConfig
 from hub.db import Database
@@ -15,7 +16,9 @@ from hub.deployments import Deployments
 from hub.director import Director
 from hub.fleet import Fleet
 from hub.keys import load_or_create_keys
+from hub.monitoring.service import Monitor
 from hub.registry import ModelRegistry
+from hub.rollouts import Rollouts
 from modules.store import ContentStore
 
 log = logging.getLogger("edgefleet.hub")
@@ -39,19 +42,35 @@ class Hub:
         self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish)
         self.bridge.on_ready = self.director.republish_all
         self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url)
-        self.deployments = Deployments(self.db, self.director)
+        self.broker_auth: BrokerAuth | None = None
+        if config.isolate:
+            reload = signal_reload(config.broker_pid) if config.broker_pid else None
+            self.broker_auth = BrokerAuth(config.data_dir / "broker", reload)
+            self.fleet.on_credentials_changed = self._write_broker_auth
+            self._write_broker_auth()
+        self.rollouts = Rollouts(self.db, self.director, config.rollout_tick_s)
+        self.deployments = Deployments(self.db, self.director, self.rollouts)
+        self.monitor = Monitor(config, self.db, self.store)
         self._stop = threading.Event()
         self._maintenance = threading.Thread(target=self._maintain, name="hub-maintenance", daemon=True)
+
+    def _write_broker_auth(self) -> None:
+        if self.broker_auth is not None:
+            self.broker_auth.write(self.fleet.broker_credentials())
 
     def _is_enrolled(self, device_id: str) -> bool:
         return self.fleet.is_enrolled(device_id)
 
     def start(self) -> None:
         self.bridge.start()
+        self.monitor.start()
         self._maintenance.start()
+        self.rollouts.start_loop()
 
     def stop(self) -> None:
         self._stop.set()
+        self.rollouts.stop_loop()
+        self.monitor.stop()
         self.bridge.stop()
         if self._maintenance.is_alive():
             self._maintenance.join(5)

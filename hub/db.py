@@ -66,6 +66,31 @@ CREATE TABLE IF NOT EXISTS telemetry (
     PRIMARY KEY (device, seq, module, ts)
 );
 CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts);
+-- every revision of a deployment stays, so a rollout can go back to any of them
+CREATE TABLE IF NOT EXISTS deployment_revisions (
+    deployment TEXT NOT NULL, revision INTEGER NOT NULL, module_name TEXT NOT NULL, module_version INTEGER NOT NULL,
+    digest TEXT NOT NULL, target TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, collect_rate_ppm INTEGER,
+    created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (deployment, revision)
+);
+-- one row per rollout of a revision; state machine in hub/rollout_states.py
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, deployment TEXT NOT NULL, revision INTEGER NOT NULL,
+    from_revision INTEGER, strategy TEXT NOT NULL, gates TEXT NOT NULL, on_failure TEXT NOT NULL,
+    bake_s REAL NOT NULL, wave_timeout_s REAL NOT NULL, state TEXT NOT NULL, wave INTEGER NOT NULL DEFAULT 0,
+    paused_from TEXT, phase_started_at REAL, everyone INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',
+    last_gate TEXT, created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollouts_deployment ON rollouts (deployment, id);
+-- the devices a rollout has moved to its revision (the rest keep the deployment's stable revision)
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout INTEGER NOT NULL, device TEXT NOT NULL, wave INTEGER NOT NULL, admitted_at REAL NOT NULL,
+    PRIMARY KEY (rollout, device)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+    subject TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '{}'
+);
 CREATE TABLE IF NOT EXISTS data_records (
     device TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, ts REAL NOT NULL,
     module TEXT NOT NULL, version INTEGER NOT NULL, input TEXT, output TEXT,
@@ -95,6 +120,20 @@ class Database:
         db = self.db()
         db.enable_wal()
         db.conn.executescript(SCHEMA)
+        self._add_columns(db)
+
+    # columns added after a table first shipped: (table, column, declaration); SQLite has no ADD COLUMN IF NOT EXISTS
+    ADDED_COLUMNS = (
+        ("devices", "mqtt_password_mosq", "TEXT"),  # mosquitto $7$ hash of the device's broker password
+        ("deployments", "revision", "INTEGER NOT NULL DEFAULT 1"),
+        ("deployments", "stable_revision", "INTEGER"),  # what devices outside a rollout get; NULL: nothing yet
+    )
+
+    def _add_columns(self, db: sqlite_utils.Database) -> None:
+        for table, column, decl in self.ADDED_COLUMNS:
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})").fetchall()}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def db(self) -> sqlite_utils.Database:
         """This thread's connection (autocommit; transactions are explicit)."""
@@ -109,6 +148,11 @@ class Database:
             with self._conns_lock:
                 self._conns.append(conn)
         return db
+
+    def apply_schema(self, script: str) -> None:
+        """Run idempotent DDL (``CREATE … IF NOT EXISTS``) for a service's own tables and indexes."""
+        with self._write_lock:
+            self.db().conn.executescript(script)  # executescript commits by itself: never inside transaction()
 
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
         return list(self.db().query(sql, params))

@@ -5,21 +5,42 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from hub.audit import record
 from hub.auth import hash_token
+from hub.broker_auth import mosquitto_hash
 from hub.db import Database, dumps, loads, now
 from hub.director import Director
 from hub.errors import Conflict, Forbidden, Invalid, NotFound
 from hub.keys import KeyRing
 from protocol.encoding import ProtocolError
-from protocol.topics import check_device_id
+from protocol.topics import Channel, check_device_id, device_topic
 
 log = logging.getLogger("edgefleet.hub.fleet")
 
 INSTALLING = {"downloading", "verifying", "staged", "activating", "health_check"}
 FAILED = {"failed", "rolled_back", "rolling_back"}
+
+
+# the progress buckets operators see (rollout status, deployment counts), from the agent's install states
+CATEGORY = {"pending": "pending", "downloading": "downloading", "verifying": "installing", "staged": "installing",
+            "activating": "installing", "health_check": "installing", "running": "running", "failed": "failed",
+            "rolling_back": "rolled_back", "rolled_back": "rolled_back"}
+
+
+def category(state: str) -> str:
+    return CATEGORY.get(state, state)
+
+
+def bundle_state(reported: dict[str, Any] | None, bundle: str) -> tuple[str, str]:
+    """What a device reports for ``bundle``: (state, error); ("pending", "") if it does not mention it."""
+    for m in (reported or {}).get("modules", []):
+        if m.get("bundle") == bundle:
+            return m.get("state", "pending"), m.get("error", "")
+    return "pending", ""
 
 
 def module_views(desired: list[dict[str, Any]], reported: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -57,6 +78,40 @@ def _iso(ts: float) -> str:
 class Fleet:
     def __init__(self, db: Database, keys: KeyRing, director: Director, device_mqtt_url: str) -> None:
         self.db, self.keys, self.director, self.device_mqtt_url = db, keys, director, device_mqtt_url
+        self.on_credentials_changed: Callable[[], None] = lambda: None  # isolation: rewrite the broker's files
+
+    def broker_credentials(self) -> list[tuple[str, str]]:
+        """(device id, mosquitto $7$ hash) of every enrolled device, for the broker's password file."""
+        return [(r["id"], r["mqtt_password_mosq"]) for r in self.db.query(
+            "SELECT id, mqtt_password_mosq FROM devices WHERE mqtt_password_mosq IS NOT NULL ORDER BY id")]
+
+    def set_labels(self, device_id: str, set_: dict[str, str], unset: list[str], actor: str) -> dict[str, Any]:
+        """Change labels; the device's desired state follows (deployments select by label)."""
+        for k in [*set_, *unset]:
+            if not k or "=" in k or "," in k or "!" in k:
+                raise Invalid(f"label key {k!r} is not usable in a selector")
+        with self.db.transaction() as tx:
+            row = self.db.one("SELECT labels FROM devices WHERE id = ?", (device_id,))
+            if row is None:
+                raise NotFound(f"device {device_id!r} is not enrolled")
+            labels = {k: v for k, v in loads(row["labels"], {}).items() if k not in unset} | set_
+            tx.execute("UPDATE devices SET labels = ? WHERE id = ?", (dumps(labels), device_id))
+            record(self.db, actor, "device.labels", device_id, set=set_, unset=unset)
+        self.director.sync([device_id])
+        return self.device(device_id)
+
+    def decommission(self, device_id: str, actor: str) -> dict[str, Any]:
+        """Forget the device and revoke its broker login now; clear its retained topics."""
+        with self.db.transaction() as tx:
+            if tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount == 0:
+                raise NotFound(f"device {device_id!r} is not enrolled")
+            tx.execute("DELETE FROM rollout_devices WHERE device = ?", (device_id,))
+            record(self.db, actor, "device.decommissioned", device_id)
+        self.on_credentials_changed()
+        for channel in (Channel.DESIRED, Channel.REPORTED, Channel.STATUS):
+            self.director.publish(device_topic(device_id, channel), b"", 1, True)  # empty retained: deleted
+        log.info("decommissioned device %s", device_id)
+        return {"id": device_id, "decommissioned": True}
 
     def create_enrollment_tokens(self, count: int, labels: dict[str, str], expires_in: int) -> dict[str, Any]:
         if not 1 <= count <= 10_000 or expires_in <= 0:
@@ -89,9 +144,12 @@ class Fleet:
             elif self.db.one("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
                 raise Conflict(f"device id {device_id!r} is already enrolled")
             tx.execute("UPDATE enrollment_tokens SET used_by = ? WHERE token_hash = ?", (device_id, row["token_hash"]))
-            tx.execute("INSERT INTO devices (id, labels, facts, created_at, mqtt_password_hash) VALUES (?, ?, ?, ?, ?)",
-                       (device_id, row["labels"], dumps(facts), now(), hash_token(password)))
+            tx.execute("INSERT INTO devices (id, labels, facts, created_at, mqtt_password_hash, mqtt_password_mosq)"
+                       " VALUES (?, ?, ?, ?, ?, ?)", (device_id, row["labels"], dumps(facts), now(),
+                                                     hash_token(password), mosquitto_hash(password)))
+            record(self.db, f"device:{device_id}", "device.enrolled", device_id, labels=loads(row["labels"], {}))
         log.info("enrolled device %s", device_id)
+        self.on_credentials_changed()  # before answering: the device connects as soon as it has its password
         self.director.sync([device_id])
         return {"device_id": device_id, "mqtt_url": self.device_mqtt_url, "mqtt_username": device_id,
                 "mqtt_password": password, "root": self.keys.root_envelope, "hub_time": time.time()}

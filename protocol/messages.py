@@ -54,6 +54,13 @@ class DesiredState(Message):
     modules: list[DesiredModule] = Field(default_factory=list, max_length=64)
 
 
+class HubStatus(Message):
+    """Retained on ``edgefleet/v1/hub/status``: whether the hub is subscribed and storing device messages."""
+
+    online: bool
+    ts: float = 0.0
+
+
 # --- device -> hub ---------------------------------------------------------------------------
 
 
@@ -174,4 +181,9 @@ def decode(channel: Channel, payload: bytes) -> Message:
     model = SCHEMAS.get(channel)
     if model is None:
         raise ProtocolError(f"channel {channel.value!r} carries no plain JSON message")
+    if len(payload) <= MAX_MESSAGE_BYTES:
+        try:  # fast path: pydantic parses and validates in one pass (about 2x json.loads + validate)
+            return model.model_validate_json(payload)
+        except ValidationError:
+            pass  # the slow path below names the problem precisely (not JSON, wrong version, which field)
     return validate(model, parse_json(payload, MAX_MESSAGE_BYTES))

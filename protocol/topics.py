@@ -59,6 +59,29 @@ def blob_wildcard(bundle_digest: str) -> str:
     return f"{ROOT}/blobs/{bundle_digest}/+"
 
 
+HUB_STATUS_TOPIC = f"{ROOT}/hub/status"  # hub -> devices, retained: HubStatus (also the hub's last will)
+ROOT_PREFIX = f"{ROOT}/root"  # hub -> devices, retained per version: every signed root document
+
+
+def root_topic(version: int) -> str:
+    """Where root version ``version`` stays retained, so a device behind by several rotations gets each link."""
+    if not isinstance(version, int) or version < 1:
+        raise ProtocolError(f"invalid root version {version!r}")
+    return f"{ROOT_PREFIX}/{version}"
+
+
+def root_wildcard() -> str:
+    return f"{ROOT_PREFIX}/+"
+
+
+def parse_root_topic(topic: str) -> int | None:
+    """The version in a root topic, or None if ``topic`` is not one."""
+    head, _, tail = topic.rpartition("/")
+    if head != ROOT_PREFIX or not tail.isdigit() or tail.startswith("0"):
+        return None
+    return int(tail)
+
+
 @dataclass(frozen=True)
 class DeviceTopic:
     device_id: str

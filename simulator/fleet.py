@@ -22,6 +22,7 @@ from agent.core import Agent
 from agent.identity import EnrollmentError, Identity, enroll_async, load_identity
 from agent.workload import Workload
 from modules.runners import Runner
+from simulator.scenarios import Scenario
 
 log = logging.getLogger("edgefleet.simulator")
 
@@ -42,6 +43,9 @@ class Fleet:
         workload: Workload | None = None,
         http_transport: httpx.AsyncBaseTransport | None = None,
         enroll_concurrency: int = 32,
+        scenario: Scenario | None = None,
+        labels: dict[str, str] | None = None,
+        agent_options: dict[str, Any] | None = None,
     ) -> None:
         self.hub_url = hub_url.rstrip("/")
         self.api_token = api_token
@@ -53,6 +57,9 @@ class Fleet:
         self.prefix = prefix
         self.http_transport = http_transport  # tests hand in an httpx.MockTransport
         self.enroll_concurrency = enroll_concurrency
+        self.scenario = scenario or Scenario()
+        self.labels = {"sim": "true"} | (labels or {})
+        self.agent_options = agent_options or {}  # e.g. a client factory with a short reconnect backoff
         self.runner_cache: dict[str, Runner] = {}
         self.agents: list[Agent] = []
         self.ready = threading.Event()  # set once every agent is started (or start failed)
@@ -91,7 +98,7 @@ class Fleet:
 
     async def _tokens(self, http: httpx.AsyncClient, count: int) -> list[str]:
         try:
-            resp = await http.post(f"{self.hub_url}/api/v1/enrollment-tokens", json={"count": count, "labels": {"sim": "true"}},
+            resp = await http.post(f"{self.hub_url}/api/v1/enrollment-tokens", json={"count": count, "labels": self.labels},
                                    headers={"Authorization": f"Bearer {self.api_token}"})
         except httpx.HTTPError as exc:
             raise EnrollmentError(f"cannot reach the hub at {self.hub_url}: {exc}") from None
@@ -109,14 +116,18 @@ class Fleet:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
+        flaky: asyncio.Task[None] | None = None
         try:
             identities = await self.enroll()
             self.agents = [
                 Agent(ident, self.data_root / ident.device_id, mqtt_url=self.mqtt_url, workload=self.workload,
-                      telemetry_interval=self.telemetry_interval, runner_cache=self.runner_cache)
+                      telemetry_interval=self.telemetry_interval, runner_cache=self.runner_cache, **self.agent_options)
                 for ident in identities
             ]
+            for a in self.agents:
+                self.scenario.apply(a)
             tasks = [asyncio.create_task(a.run(), name=f"agent-{a.device_id}") for a in self.agents]
+            flaky = asyncio.create_task(self.scenario.flaky(self.agents), name="sim-flaky")
         except BaseException as exc:
             self.error = exc
             self.ready.set()
@@ -126,6 +137,8 @@ class Fleet:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), duration)
         finally:  # also when cancelled: every device says "offline" and closes its outbox
+            if flaky is not None:
+                flaky.cancel()
             await asyncio.gather(*(a.stop() for a in self.agents), return_exceptions=True)
             await asyncio.gather(*tasks, return_exceptions=True)
         return self.agents
@@ -189,11 +202,12 @@ async def run_fleet(
     telemetry_interval: float = 2.0,
     duration: float | None = None,
     prefix: str = "sim",
+    scenario: Scenario | None = None,
 ) -> list[Agent]:
     """Enrol ``n`` devices ``{prefix}-{i:04d}`` (re-using identities in ``data_root``) and run them on this loop.
 
     Runs until ``duration`` seconds pass (forever if None, until cancelled); returns the agents.
     """
     fleet = Fleet(hub_url, api_token, n, data_root, mqtt_url=mqtt_url, rate=rate,
-                  telemetry_interval=telemetry_interval, prefix=prefix)
+                  telemetry_interval=telemetry_interval, prefix=prefix, scenario=scenario)
     return await fleet.run(duration)

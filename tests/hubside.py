@@ -33,12 +33,13 @@ from protocol.messages import (
     BlobRequest,
     DesiredModule,
     DesiredState,
+    HubStatus,
     ReportedState,
     TelemetryBatch,
     decode,
 )
 from protocol.signing import Root, load_trusted_root, make_root, sign
-from protocol.topics import Channel, blob_topic, device_topic, parse_topic
+from protocol.topics import HUB_STATUS_TOPIC, Channel, blob_topic, device_topic, parse_topic, root_topic
 
 X_SPEC = [TensorSpec(name="x", dtype="float32", shape=[None, 4])]
 P_SPEC = [TensorSpec(name="probability", dtype="float32", shape=[None, 1])]
@@ -74,12 +75,17 @@ class HubSide:
         self._sent: dict[tuple[str, str], float] = {}
         self.requests: list[BlobRequest] = []
         self.received: dict[tuple[str, str], list[bytes]] = defaultdict(list)
+        self.chunk_bytes_sent: dict[str, int] = defaultdict(int)  # bundle -> bytes of chunks published
         self._cond = threading.Condition()
         b = parse_broker_url(broker_url)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"hubside-{id(self)}", protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
         connected = threading.Event()
-        self.client.on_connect = lambda *a: (self.client.subscribe("edgefleet/v1/devices/+/+", qos=1), connected.set())
+        # Like the hub: subscribe, then say "online" (retained), or agents that heard a hub hold their outbox.
+        self.client.on_connect = lambda *a: (self.client.subscribe("edgefleet/v1/devices/+/+", qos=1),
+                                             self.client.publish(HUB_STATUS_TOPIC, HubStatus(online=True).encode(),
+                                                                 qos=1, retain=True),
+                                             connected.set())
         self.client.connect(b.host, b.port)
         self.client.loop_start()
         if not connected.wait(10):
@@ -102,20 +108,27 @@ class HubSide:
         return ident
 
     def build(self, name: str, version: int, *, failing: bool = False, pad_bytes: int = 0, pad_seed: int | None = None,
-              collect_rate_ppm: int = 0) -> Bundle:
-        d = self.workdir / f"{name}-v{version}-{'bad' if failing else 'ok'}"
+              collect_rate_ppm: int = 0, script: str | None = None, extra: dict[str, bytes] | None = None,
+              model_seed: int | None = None) -> Bundle:
+        """A logreg ONNX bundle; ``failing`` or ``script`` make it a Python module running that script instead."""
+        if failing:
+            script = FAILING_SCRIPT
+        d = self.workdir / f"{name}-v{version}-{'ok' if script is None else abs(hash(script))}"
         d.mkdir(parents=True, exist_ok=True)
         files = {"sample.json": write_sample(d / "sample.json")}
-        if failing:
-            (d / "main.py").write_text(FAILING_SCRIPT)
+        if script is not None:
+            (d / "main.py").write_text(script)
             files["main.py"] = d / "main.py"
             runtime, model = "python", "main.py"
         else:
-            files["model.onnx"] = write_logreg_onnx(d / "model.onnx", seed=version)
+            files["model.onnx"] = write_logreg_onnx(d / "model.onnx", seed=version if model_seed is None else model_seed)
             runtime, model = "onnx", "model.onnx"
         if pad_bytes:
             (d / "pad.bin").write_bytes(np.random.default_rng(version if pad_seed is None else pad_seed).bytes(pad_bytes))
             files["pad.bin"] = d / "pad.bin"
+        for path, data in (extra or {}).items():
+            (d / path).write_bytes(data)
+            files[path] = d / path
         manifest = build_manifest(name, version, runtime, files, model=model, sample="sample.json", inputs=X_SPEC,
                                   outputs=P_SPEC, collect_rate_ppm=collect_rate_ppm)
         envelope = sign_release(manifest, [self.release_key], int(time.time()) + 3600)
@@ -173,6 +186,8 @@ class HubSide:
                 self.tamper[digest] -= 1 if bad else 0
             if bad:
                 data = bytes(b ^ 0xFF for b in data[:16]) + data[16:]
+            with self._cond:
+                self.chunk_bytes_sent[req.bundle] += len(data)
             self.client.publish(blob_topic(req.bundle, digest), data, qos=1)
 
     def _due(self, bundle: str, part: str) -> bool:
@@ -237,3 +252,57 @@ async def running_agent(hub: HubSide, device: str, data_dir: Path, **kw: Any) ->
     finally:
         await agent.stop()
         await asyncio.wait_for(task, 10)
+
+
+class RealHub:
+    """The real hub (``hub.server.HubServer``) on a given broker, with helpers to enrol devices and deploy a model."""
+
+    def __init__(self, broker_url: str, workdir: Path) -> None:
+        from edgefleet.client import HubClient
+        from hub import HubConfig, HubServer
+
+        self.workdir = workdir
+        config = HubConfig(workdir / "hub", broker_url, mqtt_client_id=f"hub-{uuid.uuid4().hex[:8]}",
+                           admin_token=f"test-admin-{uuid.uuid4().hex}")
+        self.server = HubServer(config).start()
+        if not self.server.wait_mqtt(15):
+            self.server.stop()
+            raise RuntimeError("hub did not connect to the broker")
+        self.api = HubClient(self.server.url, self.server.admin_token)
+        self._models = 0
+
+    def close(self) -> None:
+        from hub.testing import MqttProbe
+
+        url = self.server.hub.config.mqtt_url
+        versions = self.server.hub.keys.root.version
+        self.api.close()
+        self.server.stop()
+        # Clear what this hub left retained, so later tests on a shared broker do not see a stranger's hub.
+        probe = MqttProbe(url)
+        try:
+            for topic in [HUB_STATUS_TOPIC, *(root_topic(v) for v in range(1, versions + 1))]:
+                probe.publish(topic, b"", retain=True)
+        finally:
+            probe.close()
+
+    def enroll(self, data_dir: Path, device_id: str | None = None) -> Identity:
+        from agent.identity import enroll
+
+        token = self.api.post("/api/v1/enrollment-tokens", {})["tokens"][0]
+        return enroll(self.server.url, token, data_dir, device_id=device_id or new_device())
+
+    def deploy(self, device_id: str, module: str = "classifier") -> dict[str, Any]:
+        """Register a fresh logreg model, build ``module`` from it and deploy it to ``device_id``; the module record."""
+        import json
+
+        self._models += 1
+        d = self.workdir / f"model{self._models}"
+        d.mkdir(parents=True, exist_ok=True)
+        model = self.api.register_model(f"{module}-model", [write_logreg_onnx(d / "logreg.onnx", seed=self._models)])
+        sample = json.loads(write_sample(d / "sample.json").read_text())
+        built = self.api.post("/api/v1/modules", {"name": module, "models": [f"{model['name']}:{model['version']}"],
+                                                  "sample": sample})
+        self.api.post("/api/v1/deployments", {"name": f"{module}-{device_id}", "module": f"{module}:{built['version']}",
+                                              "target": device_id})
+        return built

@@ -1,40 +1,226 @@
-"""Fleet commands: deployments, devices, status."""
+"""Fleet commands: deployments and their rollouts, devices, the audit log, status."""
 
 from __future__ import annotations
 
-import typer
+import time
+from typing import Any
 
-from edgefleet.cli_common import call, client, emit, parse_kv
+import typer
+from rich.console import Console
+
+from edgefleet.cli_common import call, client, emit, err, parse_duration, parse_kv
 
 deploy_app = typer.Typer(help="Deploy modules to devices and to the cloud.", no_args_is_help=True)
+deployment_app = typer.Typer(help="Edge deployments: update, list, revisions.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Rollouts: status, pause, resume, abort, rollback.", no_args_is_help=True)
 device_app = typer.Typer(help="Devices and enrolment tokens.", no_args_is_help=True)
+audit_app = typer.Typer(help="Who did what, when.", no_args_is_help=True)
+
+STRATEGY_HELP = "all | canary:N | canary:P% | waves:1,10,50,100"
+GATE_HELP = ("Health gate k=v, repeatable: max_install_failure_rate (default 0), max_error_rate, max_p95_increase,"
+             " min_reporting; v 'none' turns one off.")
+
+
+def _gates(pairs: list[str]) -> dict[str, float | None] | None:
+    if not pairs:
+        return None
+    out: dict[str, float | None] = {}
+    for k, v in parse_kv(pairs).items():
+        try:
+            out[k] = None if v.lower() in ("none", "off", "") else float(v)
+        except ValueError:
+            raise typer.BadParameter(f"gate {k}={v!r}: want a number or none") from None
+    return out
+
+
+def _rollout_options(strategy: str | None, bake: str | None, gate: list[str], on_failure: str | None,
+                     collect_rate: int | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {"strategy": strategy or "all", "bake_s": parse_duration(bake) if bake else 0.0,
+                            "gates": _gates(gate), "collect_rate_ppm": collect_rate}
+    if on_failure:
+        opts["on_failure"] = on_failure
+    return opts
+
+
+def _summary(res: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        emit(res, True)
+        return
+    ro = res.get("rollout")
+    state = ro.get("state") if isinstance(ro, dict) else None
+    err.print(f"deployment [bold]{res['name']}[/] revision {res.get('revision')}: {res['module']} on {res['target']!r}"
+              f" (priority {res['priority']}); {res.get('published', 0)} device(s) updated"
+              + (f"; rollout {state}" if state else ""))
+
 
 @deploy_app.command("edge")
 def deploy_edge(
     name: str,
     module: str = typer.Option(..., "--module", help="MODULE:VERSION"),
     target: str = typer.Option("*", "--target", help="'*', device ids, or labels like site=berlin,tier!=dev"),
-    priority: int = typer.Option(0, "--priority"),
+    priority: int = typer.Option(0, "--priority", help="Per module, the highest-priority deployment wins."),
+    strategy: str = typer.Option("all", "--strategy", help=STRATEGY_HELP),
+    bake: str | None = typer.Option(None, "--bake", help="How long each wave runs before its gates: 30s, 10m."),
+    gate: list[str] = typer.Option([], "--gate", help=GATE_HELP),
+    on_failure: str | None = typer.Option(None, "--on-failure", help="rollback (default) or halt"),
+    collect_rate: int | None = typer.Option(None, "--collect-rate", help="Override data collection (ppm)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Deploy a module to the devices a selector matches."""
+    """Deploy a module to the devices a selector matches (a new revision of NAME, rolled out by --strategy)."""
+    body = {"name": name, "module": module, "target": target, "priority": priority,
+            **_rollout_options(strategy, bake, gate, on_failure, collect_rate)}
     with client() as c:
-        res = call(lambda: c.post("/api/v1/deployments", {"name": name, "module": module, "target": target,
-                                                          "priority": priority}))
+        res = call(lambda: c.post("/api/v1/deployments", body))
+    _summary(res, as_json)
+
+
+@deployment_app.command("update")
+def deployment_update(
+    name: str,
+    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION"),
+    target: str | None = typer.Option(None, "--target"),
+    priority: int | None = typer.Option(None, "--priority"),
+    strategy: str = typer.Option("all", "--strategy", help=STRATEGY_HELP),
+    bake: str | None = typer.Option(None, "--bake"),
+    gate: list[str] = typer.Option([], "--gate", help=GATE_HELP),
+    on_failure: str | None = typer.Option(None, "--on-failure"),
+    collect_rate: int | None = typer.Option(None, "--collect-rate"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Start a rollout of a new revision; earlier revisions stay for rollback."""
+    body = {"module": module, "target": target, "priority": priority,
+            **_rollout_options(strategy, bake, gate, on_failure, collect_rate)}
+    with client() as c:
+        res = call(lambda: c.request("PATCH", f"/api/v1/deployments/{name}", json=body))
+    _summary(res, as_json)
+
+
+@deployment_app.command("list")
+def deployment_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    with client() as c:
+        res = call(lambda: c.get("/api/v1/deployments"))
+    emit(res, as_json, ["name", "module", "target", "priority", "revision", "stable_revision", "active"])
+
+
+@deployment_app.command("show")
+def deployment_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    with client() as c:
+        res = call(lambda: c.get(f"/api/v1/deployments/{name}"))
     emit(res, as_json)
+
+
+@deployment_app.command("revisions")
+def deployment_revisions(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    with client() as c:
+        res = call(lambda: c.get(f"/api/v1/deployments/{name}/revisions"))
+    emit(res, as_json, ["revision", "module", "target", "priority", "created_at", "created_by"])
+
+
+# --- rollouts ---------------------------------------------------------------------------------
+
+BUCKETS = ("waiting", "pending", "downloading", "installing", "running", "failed", "rolled_back")
+
+
+def _render(st: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.progress import BarColumn, Progress, TextColumn
+    from rich.text import Text
+
+    total = max(1, sum(st["counts"].values()))
+    bars = Progress(TextColumn("{task.description:>12}"), BarColumn(), TextColumn("{task.completed:>5}"))
+    for b in BUCKETS:
+        bars.add_task(b, total=total, completed=st["counts"].get(b, 0))
+    head = Text.from_markup(f"[bold]{st['deployment']}[/] revision {st['revision']} ({st['module']}"
+                            f"{' from ' + st['from_module'] if st['from_module'] else ''}): [bold]{st['state']}[/]"
+                            f"  waves {', '.join(st['strategy'])}")
+    parts = [head, bars]
+    if st["reason"]:
+        parts.append(Text(f"reason: {st['reason']}", style="red" if "fail" in st["reason"] else ""))
+    return Group(*parts)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    name: str,
+    watch: bool = typer.Option(False, "--watch", help="Live progress until the rollout ends."),
+    interval: float = typer.Option(1.0, "--interval"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The latest rollout of deployment NAME: state (e.g. wave[2].baking), counts by device state, reason."""
+    with client() as c:
+        st = call(lambda: c.get(f"/api/v1/rollouts/{name}"))
+        if watch and not as_json:
+            from rich.live import Live
+
+            with Live(_render(st), console=Console(), refresh_per_second=4) as live:
+                while not st["terminal"]:
+                    time.sleep(interval)
+                    st = call(lambda: c.get(f"/api/v1/rollouts/{name}"))
+                    live.update(_render(st))
+            return
+    if as_json:
+        emit(st, True)
+    else:
+        Console().print(_render(st))
+
+
+def _action(action: str, name: str, as_json: bool, body: dict[str, Any] | None = None) -> None:
+    with client() as c:
+        st = call(lambda: c.post(f"/api/v1/rollouts/{name}/{action}", body))
+    if as_json:
+        emit(st, True)
+    else:
+        Console().print(_render(st))
+
+
+@rollout_app.command("pause")
+def rollout_pause(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stop advancing; devices keep what they have."""
+    _action("pause", name, as_json)
+
+
+@rollout_app.command("resume")
+def rollout_resume(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Continue a paused rollout, or re-install and re-gate the wave of a halted one."""
+    _action("resume", name, as_json)
+
+
+@rollout_app.command("abort")
+def rollout_abort(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stop for good; moved devices return to the stable revision."""
+    _action("abort", name, as_json)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(name: str, to: int | None = typer.Option(None, "--to", help="Revision to go back to."),
+                     as_json: bool = typer.Option(False, "--json")) -> None:
+    """Roll back the live rollout; with none live, roll out the previous revision (or --to) again."""
+    _action("rollback", name, as_json, {"to_revision": to})
+
+
+@rollout_app.command("list")
+def rollout_list(deployment: str | None = typer.Option(None, "--deployment"),
+                 as_json: bool = typer.Option(False, "--json")) -> None:
+    with client() as c:
+        res = call(lambda: c.get("/api/v1/rollouts", **({"deployment": deployment} if deployment else {})))
+    emit(res, as_json, ["id", "deployment", "revision", "from_revision", "state", "reason", "created_by"])
+
+
+# --- devices ----------------------------------------------------------------------------------
 
 
 @device_app.command("token")
 def device_token(
     label: list[str] = typer.Option([], "--label", help="key=value given to the device, repeatable."),
-    expires: int = typer.Option(3600, "--expires", help="Seconds until the token expires."),
+    expires: str = typer.Option("1h", "--expires", help="Lifetime: 30s, 10m, 1h, 7d (or seconds)."),
     count: int = typer.Option(1, "--count", min=1),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Create single-use enrolment tokens."""
+    expires_in = int(parse_duration(expires))
     with client() as c:
         res = call(lambda: c.post("/api/v1/enrollment-tokens", {"count": count, "labels": parse_kv(label),
-                                                                "expires_in": expires}))
+                                                                "expires_in": expires_in}))
     out = {"token": res["tokens"][0], "tokens": res["tokens"], "expires_at": res.get("expires_at")}
     if as_json:
         emit(out, True)
@@ -45,10 +231,15 @@ def device_token(
 
 @device_app.command("list")
 def device_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Devices with their state, modules and inference counts."""
+    """Devices with their state, modules (and which deployment supplies each) and inference counts."""
     with client() as c:
         res = call(lambda: c.get("/api/v1/devices"))
-    emit(res, as_json, ["id", "online", "state", "labels", "modules", "inferences", "last_seen"])
+    if as_json:
+        emit(res, True)
+        return
+    rows = [d | {"modules": ", ".join(f"{m['name']}:{m['version']} ({m['state']}, {m['deployment'] or '-'})"
+                                      for m in d["modules"])} for d in res]
+    emit(rows, False, ["id", "online", "state", "labels", "modules", "inferences", "last_seen"])
 
 
 @device_app.command("show")
@@ -58,10 +249,41 @@ def device_show(device_id: str, as_json: bool = typer.Option(False, "--json")) -
     emit(res, as_json)
 
 
+@device_app.command("label")
+def device_label(device_id: str, changes: list[str] = typer.Argument(..., help="k=v sets, k- removes"),
+                 as_json: bool = typer.Option(False, "--json")) -> None:
+    """Set or remove labels (deployments that select by label follow)."""
+    labels: dict[str, str | None] = {}
+    for ch in changes:
+        if ch.endswith("-") and "=" not in ch:
+            labels[ch[:-1]] = None
+        else:
+            labels |= parse_kv([ch])
+    with client() as c:
+        res = call(lambda: c.request("PATCH", f"/api/v1/devices/{device_id}", json={"labels": labels}))
+    emit(res if as_json else {"id": res["id"], "labels": res["labels"]}, as_json)
+
+
+@device_app.command("decommission")
+def device_decommission(device_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Forget a device and revoke its broker credentials."""
+    with client() as c:
+        res = call(lambda: c.request("DELETE", f"/api/v1/devices/{device_id}"))
+    emit(res, as_json)
+
+
+@audit_app.command("list")
+def audit_list(subject: str | None = typer.Option(None, "--subject"), action: str | None = typer.Option(None, "--action"),
+               limit: int = typer.Option(50, "--limit"), as_json: bool = typer.Option(False, "--json")) -> None:
+    params: dict[str, Any] = {"limit": limit} | ({"subject": subject} if subject else {}) | (
+        {"action": action} if action else {})
+    with client() as c:
+        res = call(lambda: c.get("/api/v1/audit", **params))
+    emit(res, as_json, ["id", "ts", "actor", "action", "subject", "detail"])
+
+
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Fleet summary from the hub."""
     with client() as c:
         res = call(lambda: c.get("/api/v1/fleet/summary"))
     emit(res, as_json)
-
-

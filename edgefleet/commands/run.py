@@ -44,6 +44,7 @@ def hub_serve(
     port: int = typer.Option(8080, "--port", envvar="EDGEFLEET_PORT"),
     mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Broker URL; default: start a local one."),
     public_mqtt: str | None = typer.Option(None, "--public-mqtt", envvar="EDGEFLEET_PUBLIC_MQTT", help="Broker URL handed to devices."),
+    isolate: bool = typer.Option(False, "--isolate", help="Per-device broker logins and ACL (DATA/broker); see docs/fleet.md."),
 ) -> None:
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C."""
     from edgefleet.broker import LocalBroker
@@ -52,12 +53,30 @@ def hub_serve(
 
     log = logging.getLogger("edgefleet.hub")
     broker = None
-    if mqtt is None:
+    broker_pid = None
+    if isolate:
+        from hub.broker_auth import BrokerAuth
+
+        auth = BrokerAuth(data / "broker")
+        if mqtt is None:  # our own mosquitto, reading the files the hub keeps current (SIGHUP on change)
+            if not auth.password_file.exists():
+                auth.write([])
+            broker = LocalBroker(host="127.0.0.1", kind="mosquitto", password_file=auth.password_file,
+                                 acl_file=auth.acl_file).start()
+            broker_pid = broker.proc.pid if broker.proc else None
+            public_mqtt = public_mqtt or broker.url
+            mqtt = auth.hub_url(broker.url)
+        else:
+            log.warning("--isolate with an external broker: point it at %s and %s and reload it after each change",
+                        auth.password_file, auth.acl_file)
+    elif mqtt is None:
         broker = LocalBroker(host="127.0.0.1").start()
         mqtt = broker.url
-    log.info("hub API at http://%s:%s (docs /docs, metrics /metrics); MQTT broker %s", host, port, mqtt)
+    log.info("hub API at http://%s:%s (docs /docs, metrics /metrics); MQTT broker %s", host, port,
+             public_mqtt or mqtt.split("@")[-1])
     try:
-        serve_forever(HubConfig(data_dir=data, mqtt_url=mqtt, public_mqtt_url=public_mqtt), host=host, port=port)
+        serve_forever(HubConfig(data_dir=data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=isolate,
+                                broker_pid=broker_pid), host=host, port=port)
     finally:
         if broker is not None:
             broker.stop()
@@ -91,11 +110,16 @@ def agent_run(
     mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Override the broker URL."),
     rate: float = typer.Option(0.0, "--rate", help="Synthetic inferences/s (0: serve only local requests)."),
     telemetry_interval: float = typer.Option(5.0, "--telemetry-interval"),
+    api_port: int = typer.Option(8765, "--api-port", help="Local inference API on 127.0.0.1 (0: off)."),
+    isolation: str = typer.Option("process", "--isolation", help="process (a worker per module) or inprocess."),
+    module_memory_mb: int = typer.Option(0, "--module-memory-mb", help="Address-space cap per module worker."),
+    module_cpu_seconds: int = typer.Option(0, "--module-cpu-seconds", help="CPU-time cap per module worker."),
 ) -> None:
     """Run the device daemon until SIGINT/SIGTERM."""
     from agent.daemon import run_agent
 
-    run_agent(data, mqtt_url=mqtt, workload_rate=rate, telemetry_interval=telemetry_interval)
+    run_agent(data, mqtt_url=mqtt, workload_rate=rate, telemetry_interval=telemetry_interval, api_port=api_port,
+              isolation=isolation, module_memory_mb=module_memory_mb, module_cpu_seconds=module_cpu_seconds)
 
 
 # --- simulator ----------------------------------------------------------------------------------
@@ -110,18 +134,28 @@ def sim_run(
     telemetry_interval: float = typer.Option(2.0, "--telemetry-interval"),
     duration: float | None = typer.Option(None, "--duration"),
     prefix: str = typer.Option("sim", "--prefix"),
+    fail_share: float = typer.Option(0.0, "--fail-share", help="Share of devices whose health check fails (by id)."),
+    fail_module: list[str] = typer.Option([], "--fail-module", help="Which modules fail there: NAME or NAME:VERSION (default all)."),
+    slow_share: float = typer.Option(0.0, "--slow-share", help="Share of devices with a slow health check."),
+    slow: float = typer.Option(5.0, "--slow", help="Seconds a slow device's health check takes longer."),
+    flaky_share: float = typer.Option(0.0, "--flaky-share", help="Share of devices whose link drops now and then."),
+    flaky_period: float = typer.Option(30.0, "--flaky-period", help="About how often each flaky link drops (s)."),
 ) -> None:
     """Run N simulated devices (real agents, real MQTT connections) against --hub."""
     import asyncio
 
     from simulator.fleet import run_fleet
+    from simulator.scenarios import Scenario
 
     if not CTX.token:
         err.print("[red]error:[/] --token (or EDGEFLEET_TOKEN) is needed to create enrolment tokens")
         raise typer.Exit(2)
     try:
         asyncio.run(run_fleet(CTX.hub, CTX.token, devices, data, mqtt_url=mqtt, rate=rate,
-                              telemetry_interval=telemetry_interval, duration=duration, prefix=prefix))
+                              telemetry_interval=telemetry_interval, duration=duration, prefix=prefix,
+                              scenario=Scenario(fail_share=fail_share, fail_modules=tuple(fail_module) or ("*",),
+                                                slow_share=slow_share, slow_s=slow, flaky_share=flaky_share,
+                                                flaky_period_s=flaky_period)))
     except KeyboardInterrupt:
         pass
 

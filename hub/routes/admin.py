@@ -11,6 +11,7 @@ from hub.auth import create_token, require
 from hub.context import Hub
 from hub.errors import NotFound
 from hub.keys import rotate_key
+from hub.roots_publish import publish_roots
 from hub.routes import get_hub
 
 router = APIRouter(tags=["admin"])
@@ -55,4 +56,5 @@ def rotate(body: RotateRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     """
     result = rotate_key(hub.keys, body.role)
     result["resigned_releases"] = hub.modules.resign() if body.role == "release" else 0
+    publish_roots(hub.bridge.publish, hub.config.data_dir / "keys")  # devices learn the new root now
     return result

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from hub.auth import require
+from hub import audit
+from hub.auth import Principal, require
 from hub.context import Hub
 from hub.routes import get_hub
 
@@ -46,3 +47,37 @@ def devices(hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
 @router.get("/devices/{device_id}", dependencies=[Depends(require("viewer"))])
 def device(device_id: str, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     return hub.fleet.device(device_id)
+
+
+class LabelsPatch(BaseModel):
+    labels: dict[str, str | None] = Field(default_factory=dict, description="value sets the label, null removes it")
+    unset: list[str] = Field(default_factory=list)
+
+
+@router.patch("/devices/{device_id}")
+def patch_device(device_id: str, body: LabelsPatch, hub: Hub = Depends(get_hub),
+                 who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Set or remove labels; deployments that select by label follow at once."""
+    set_ = {k: v for k, v in body.labels.items() if v is not None}
+    unset = [*body.unset, *(k for k, v in body.labels.items() if v is None)]
+    return hub.fleet.set_labels(device_id, set_, unset, who.name)
+
+
+@router.delete("/devices/{device_id}")
+def delete_device(device_id: str, hub: Hub = Depends(get_hub),
+                  who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Decommission: forget the device and revoke its broker credentials at once (under isolation)."""
+    return hub.fleet.decommission(device_id, who.name)
+
+
+@router.post("/devices/{device_id}/decommission")
+def decommission_device(device_id: str, hub: Hub = Depends(get_hub),
+                        who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    return hub.fleet.decommission(device_id, who.name)
+
+
+@router.get("/audit", dependencies=[Depends(require("viewer"))])
+def audit_log(subject: str | None = None, action: str | None = None, since_id: int = 0,
+              limit: int = Query(default=200, ge=1, le=10_000), hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    """Who did what, when: deployments, rollout transitions (actor ``controller``), device changes. Newest first."""
+    return audit.events(hub.db, subject, action, limit, since_id)

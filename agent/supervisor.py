@@ -1,0 +1,254 @@
+"""Supervised module workers: a child process per module, restarted with backoff, rolled back on a crash loop.
+
+    starting -> serving -> (crash) -> backoff -> starting ...
+                        \\-> crash_loop (``CRASH_LOOP`` crashes within ``CRASH_WINDOW`` s: stop, report, roll back)
+                        \\-> stopped
+
+A request that hangs past its deadline kills the worker (a hung health check or predict
+cannot wedge the agent); the next request starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.worker import _LEN, MAX_HEADER, arrays_from, body_size, pack, parse_header
+from modules.runners import Batch, InputError, ModelError
+from protocol.manifest import Manifest, TensorSpec
+
+log = logging.getLogger("edgefleet.agent.supervisor")
+
+CRASH_LOOP = 3
+CRASH_WINDOW = 60.0
+_SRC = str(Path(__file__).resolve().parents[1])  # so the worker imports this very code
+# Run by path, not ``-m agent.worker``: that would import the agent package (MQTT, SQLite, ...) into every worker.
+_WORKER = str(Path(__file__).resolve().with_name("worker.py"))
+
+
+class WorkerCrashed(ModelError):
+    """The worker process died or was killed mid-request."""
+
+
+class WorkerProcess:
+    """One child running ``agent.worker``; one request at a time."""
+
+    def __init__(self, name: str, files: Path, manifest: Manifest, limits: dict[str, Any] | None = None) -> None:
+        self.name, self.files, self.manifest = name, files, manifest
+        self.limits = limits or {}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self._lock = asyncio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self, timeout: float) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SRC, os.environ.get("PYTHONPATH")]))}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, _WORKER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env=env, limit=2**26)
+        header, _ = await self.request({"op": "load", "files": str(self.files), "manifest": self.manifest.model_dump(),
+                                        "limits": self.limits}, timeout=timeout)
+        self.inputs = [TensorSpec.model_validate(s) for s in header["inputs"]]
+        self.outputs = [TensorSpec.model_validate(s) for s in header["outputs"]]
+
+    async def request(self, header: dict[str, Any], arrays: Batch | None = None,
+                      timeout: float | None = None) -> tuple[dict[str, Any], Batch]:
+        """Send one request; the answer's header and arrays. Kills the worker on timeout or a broken pipe."""
+        async with self._lock:
+            if not self.alive:
+                raise WorkerCrashed(f"module {self.name} worker is not running")
+            try:
+                return await asyncio.wait_for(self._exchange(header, arrays), timeout)
+            except TimeoutError:
+                await self.kill()
+                raise
+            except (ConnectionError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
+                await self.kill()
+                raise WorkerCrashed(f"module {self.name} worker died ({self._exit_text()}): {exc!r}") from None
+
+    async def _exchange(self, header: dict[str, Any], arrays: Batch | None) -> tuple[dict[str, Any], Batch]:
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(pack(header, arrays))
+        await self.proc.stdin.drain()
+        (n,) = _LEN.unpack(await self.proc.stdout.readexactly(_LEN.size))
+        if n > MAX_HEADER:
+            raise ValueError(f"worker header of {n} bytes")
+        answer = parse_header(await self.proc.stdout.readexactly(n))
+        size = body_size(answer)
+        body = await self.proc.stdout.readexactly(size) if size else b""
+        if not answer.get("ok"):
+            error = str(answer.get("error", "worker error"))
+            raise InputError(error) if answer.get("kind") == "input" else ModelError(error)
+        return answer, arrays_from(answer, body)
+
+    def _exit_text(self) -> str:
+        rc = self.proc.returncode if self.proc is not None else None
+        return "still running" if rc is None else f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Close stdin (the worker exits on EOF); kill it if it does not."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        if self.proc.stdin is not None:
+            with contextlib.suppress(Exception):
+                self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except TimeoutError:
+            await self.kill()
+
+
+async def health_check_in_worker(name: str, files: Path, manifest: Manifest, timeout: float,
+                                 limits: dict[str, Any] | None = None) -> WorkerProcess:
+    """Load and health-check in a fresh worker; on success the warm worker is returned for serving.
+
+    The whole check (load + sample inference) must finish within ``timeout``; a hung one is killed.
+    """
+    worker = WorkerProcess(name, files, manifest, limits)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        await worker.start(timeout)
+        await worker.request({"op": "health"}, timeout=max(0.1, deadline - loop.time()))
+    except BaseException:
+        await worker.kill()
+        raise
+    return worker
+
+
+CrashLoopHook = Callable[[str], None]
+
+
+class ModuleWorker:
+    """A supervised worker serving one module version: the agent's runner in process-isolation mode."""
+
+    def __init__(self, name: str, files: Path, manifest: Manifest, *, limits: dict[str, Any] | None = None,
+                 start_timeout: float = 60.0, request_timeout: float = 30.0, on_crash_loop: CrashLoopHook | None = None,
+                 backoff_base: float = 0.5, backoff_cap: float = 30.0) -> None:
+        self.name, self.files, self.manifest, self.limits = name, files, manifest, limits
+        self.start_timeout, self.request_timeout = start_timeout, request_timeout
+        self.on_crash_loop = on_crash_loop
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.inputs: list[TensorSpec] = manifest.inputs
+        self.outputs: list[TensorSpec] = manifest.outputs
+        self.state = "starting"
+        self.restarts = 0
+        self.crashes: list[float] = []
+        self.last_crash = ""
+        self._worker: WorkerProcess | None = None
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._worker.pid if self._worker is not None and self._worker.alive else None
+
+    async def start(self, warm: WorkerProcess | None = None) -> None:
+        """Start serving (with an already health-checked worker if given); waits for the first start."""
+        if warm is not None and warm.alive:
+            self._use(warm)
+        else:
+            await self._spawn()
+        self._task = asyncio.create_task(self._watch(), name=f"worker-{self.name}")
+
+    def _use(self, worker: WorkerProcess) -> None:
+        self._worker = worker
+        if worker.inputs:
+            self.inputs, self.outputs = worker.inputs, worker.outputs
+        self.state = "serving"
+        self._ready.set()
+
+    async def _spawn(self) -> None:
+        worker = WorkerProcess(self.name, self.files, self.manifest, self.limits)
+        try:
+            await worker.start(self.start_timeout)
+        except BaseException:
+            await worker.kill()
+            raise
+        self._use(worker)
+
+    async def _watch(self) -> None:
+        """Wait for the worker to die; restart it with backoff, or declare a crash loop."""
+        while self.state != "stopped":
+            worker = self._worker
+            assert worker is not None and worker.proc is not None
+            rc = await worker.proc.wait()
+            if self.state == "stopped":
+                return
+            self._ready.clear()
+            now = time.monotonic()
+            self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW] + [now]
+            self.last_crash = f"worker {worker._exit_text()}"
+            log.warning("module %s worker exited (%s), crash %d in %.0fs", self.name, self.last_crash,
+                        len(self.crashes), CRASH_WINDOW)
+            while True:
+                if len(self.crashes) >= CRASH_LOOP:
+                    self.state = "crash_loop"
+                    reason = f"crash loop: {len(self.crashes)} worker crashes within {CRASH_WINDOW:g}s (last: {self.last_crash})"
+                    log.error("module %s: %s", self.name, reason)
+                    if self.on_crash_loop is not None:
+                        self.on_crash_loop(reason)
+                    return
+                self.state = "backoff"
+                await asyncio.sleep(min(self.backoff_cap, self.backoff_base * 2 ** (len(self.crashes) - 1)))
+                self.state = "starting"
+                try:
+                    await self._spawn()
+                    self.restarts += 1
+                    break
+                except Exception as exc:  # a failed start counts as another crash
+                    self.crashes.append(time.monotonic())
+                    self.last_crash = f"restart failed: {exc}"
+            _ = rc
+
+    async def predict(self, batch: Batch) -> Batch:
+        if self.state in ("crash_loop", "stopped"):
+            raise ModelError(f"module {self.name} is not serving ({self.state}: {self.last_crash})")
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.request_timeout)
+            except TimeoutError:
+                raise ModelError(f"module {self.name} worker is restarting ({self.last_crash})") from None
+        assert self._worker is not None
+        try:
+            _, out = await self._worker.request({"op": "predict"}, batch, timeout=self.request_timeout)
+        except TimeoutError:
+            raise ModelError(f"module {self.name} did not answer within {self.request_timeout:g}s; worker killed") from None
+        return out
+
+    async def stop(self) -> None:
+        self.state = "stopped"
+        self._ready.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._worker is not None:
+            await self._worker.stop()
+
+
+def as_lists(batch: Batch) -> dict[str, Any]:
+    return {k: np.asarray(v).tolist() for k, v in batch.items()}

@@ -1,0 +1,159 @@
+"""Agent benchmarks, each against its baseline measured in the same run (medians over rounds).
+
+    python bench/agent_bench.py [--rounds 3] [--requests 2000]
+
+(a) idle RSS of ``python -m agent`` with no module, vs a bare ``python -c "import time; time.sleep()"``
+(b) local inference API p50 (HTTP keep-alive, worker process) minus bare onnxruntime ``session.run`` p50
+(c) an update changing one 1 KB file in a 50 MB bundle: chunk bytes published to the agent / bundle size
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgefleet.broker import LocalBroker, free_port  # noqa: E402
+from tests.hubside import HubSide, new_device, running_agent, until  # noqa: E402
+
+X = [[0.1, 0.2, 0.3, 0.4]]
+
+
+def settle_rss(proc: subprocess.Popen, settle: float = 4.0) -> float:
+    time.sleep(settle)  # let imports and connection set-up finish; a benchmark may sleep
+    return psutil.Process(proc.pid).memory_info().rss / 2**20
+
+
+def bench_idle_rss(hub: HubSide, rounds: int) -> tuple[float, float]:
+    agent_mb, bare_mb = [], []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as d:
+            hub.identity(new_device(), Path(d))
+            proc = subprocess.Popen([sys.executable, "-m", "agent", "--data", d, "--api-port", "0", "--log-level",
+                                     "WARNING"], cwd=ROOT)
+            try:
+                agent_mb.append(settle_rss(proc))
+            finally:
+                proc.terminate()
+                proc.wait(15)
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            bare_mb.append(settle_rss(proc, 1.0))
+        finally:
+            proc.kill()
+            proc.wait()
+    return statistics.median(agent_mb), statistics.median(bare_mb)
+
+
+def p50_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000.0
+
+
+def bench_api_latency(hub: HubSide, work: Path, requests: int, rounds: int) -> tuple[float, float]:
+    import onnxruntime as ort
+
+    bundle = hub.build("classifier", 1)
+    device, port = new_device(), free_port()
+    api_p50s: list[float] = []
+
+    async def serve() -> None:
+        async with running_agent(hub, device, work / "latency", isolation="process", api_port=port):
+            hub.publish_desired(device, 1, [bundle.desired()])
+            await until(lambda: hub.module_state(device, "classifier") == "running", 60, "module running")
+            api_p50s.extend(await asyncio.to_thread(http_rounds, port, requests, rounds))
+
+    asyncio.run(serve())
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1  # as the runner sets them
+    model = work / "latency" / "modules" / "classifier" / bundle.digest / "files" / "model.onnx"
+    if not model.exists():  # the agent removed its data at stop: use the build's copy
+        model = next(hub.workdir.glob("classifier-v1-ok/model.onnx"))
+    session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    x = np.asarray(X, dtype=np.float32)
+    bare: list[float] = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            session.run(None, {"x": x})
+            times.append(time.perf_counter() - t0)
+        bare.append(p50_ms(times))
+    return statistics.median(api_p50s), statistics.median(bare)
+
+
+def http_rounds(port: int, requests: int, rounds: int) -> list[float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    body = json.dumps({"inputs": {"x": X}})
+    headers = {"Content-Type": "application/json"}
+    out = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/modules/classifier/predict", body, headers)
+            resp = conn.getresponse()
+            resp.read()
+            times.append(time.perf_counter() - t0)
+            assert resp.status == 200
+        out.append(p50_ms(times))
+    conn.close()
+    return out
+
+
+def bench_delta(hub: HubSide, work: Path) -> tuple[int, int]:
+    rng = np.random.default_rng(1)
+    pad = 50 * 2**20
+    v1 = hub.build("big", 1, pad_bytes=pad, pad_seed=5, model_seed=1, extra={"config.bin": rng.bytes(1024)})
+    v2 = hub.build("big", 2, pad_bytes=pad, pad_seed=5, model_seed=1, extra={"config.bin": rng.bytes(1024)})
+    device = new_device()
+
+    async def run() -> None:
+        async with running_agent(hub, device, work / "delta", blob_retry=2.0):
+            hub.publish_desired(device, 1, [v1.desired()])
+            await until(lambda: hub.module_state(device, "big") == "running", 300, "v1 running")
+            hub.publish_desired(device, 2, [v2.desired()])
+            await until(lambda: hub.reported(device).revision == 2 and hub.module_state(device, "big") == "running",
+                        120, "v2 running")
+
+    asyncio.run(run())
+    return hub.chunk_bytes_sent[v2.digest], v2.manifest.size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args()
+    with LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        hub = HubSide(broker.url, work / "hub")
+        try:
+            agent_mb, bare_mb = bench_idle_rss(hub, args.rounds)
+            print(f"(a) idle RSS: agent {agent_mb:.1f} MB, bare python {bare_mb:.1f} MB, "
+                  f"ratio {agent_mb / bare_mb:.2f}x, agent over bare {agent_mb - bare_mb:.1f} MB (goal: agent <= 40 MB)")
+            api, bare = bench_api_latency(hub, work, args.requests, args.rounds)
+            print(f"(b) p50: local API {api:.3f} ms, bare session.run {bare:.3f} ms, ratio {api / bare:.1f}x, "
+                  f"overhead {api - bare:.3f} ms (goal <= 0.5 ms)")
+            moved, size = bench_delta(hub, work)
+            print(f"(c) delta update: {moved:,} chunk bytes sent for a {size:,}-byte bundle = {100 * moved / size:.2f}% "
+                  f"(goal < 1%)")
+        finally:
+            hub.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

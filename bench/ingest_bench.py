@@ -1,0 +1,164 @@
+"""Telemetry ingest: the hub persisting batches vs the ceiling, a bare paho subscriber counting them.
+
+Same broker (mosquitto), same publishers, same messages, one run:
+  (a) bare:  a paho subscriber on edgefleet/v1/devices/+/telemetry that only counts;
+  (b) hub:   `edgefleet hub serve` (child process) decoding, validating, de-duplicating and writing to SQLite.
+Two shapes: 1 point per batch (message rate) and 100 points per batch (points persisted per second).
+Prints medians over rounds and the hub/bare ratio.  Usage: python bench/ingest_bench.py [--messages 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from edgefleet.broker import LocalBroker, free_port, wait_for_port  # noqa: E402
+from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint  # noqa: E402
+from protocol.topics import Channel, device_topic  # noqa: E402
+
+PUBLISHERS = 2
+DEVICES = 50
+TOKEN = "bench-admin-token-0123456789"
+_KEEP: list[object] = []
+
+
+def publish(port: int, devices: list[str], count: int, points: int, seq0: int, start: mp.Event) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{devices[0]}-{seq0}", protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(500)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    now = time.time()
+    payloads = []
+    for i in range(count):
+        dev = devices[i % len(devices)]
+        batch = TelemetryBatch(device=dev, seq=seq0 + i // len(devices), ts=now, points=[
+            TelemetryPoint(ts=now + k * 1e-3, module="m", version=1, inferences=10, errors=0,
+                           latency_ms=LatencyMs(p50=1.0, p95=2.0, p99=3.0)) for k in range(points)])
+        payloads.append((device_topic(dev, Channel.TELEMETRY), batch.encode()))
+    start.wait()
+    infos = [client.publish(t, p, qos=1) for t, p in payloads]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.loop_stop()
+    client.disconnect()
+
+
+def run_publishers(port: int, total: int, points: int, seq0: int) -> tuple[list[mp.Process], float]:
+    """Start the publishers; return them and the moment they were released (the clock's start)."""
+    ctx = mp.get_context("spawn")
+    start = ctx.Event()
+    devs = [f"bench-{i:03d}" for i in range(DEVICES)]
+    procs = [ctx.Process(target=publish, args=(port, devs[i::PUBLISHERS], total // PUBLISHERS, points, seq0, start))
+             for i in range(PUBLISHERS)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)  # let the publishers connect and pre-encode before the clock starts
+    t0 = time.perf_counter()
+    start.set()
+    _KEEP.append(start)  # the children may unpickle it after we return: keep its semaphore alive
+    return procs, t0
+
+
+def bare(port: int, total: int, points: int, seq0: int) -> float:
+    got, first, last = 0, 0.0, 0.0
+    done = threading.Event()
+
+    def on_message(c, u, m):
+        nonlocal got, first, last
+        got += 1
+        last = time.perf_counter()
+        if got == 1:
+            first = last
+        if got >= total:
+            done.set()
+
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bare-sub", protocol=mqtt.MQTTv5)
+    sub.on_message = on_message
+    ready = threading.Event()
+    sub.on_subscribe = lambda *a: ready.set()
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    sub.subscribe("edgefleet/v1/devices/+/telemetry", qos=1)
+    ready.wait(10)
+    procs, t0 = run_publishers(port, total, points, seq0)
+    done.wait(300)
+    for p in procs:
+        p.join()
+    sub.loop_stop()
+    sub.disconnect()
+    return got / (last - t0) if got else 0.0
+
+
+def hub_rows(url: str) -> int:
+    text = httpx.get(url + "/metrics").text
+    m = re.search(r"^edgefleet_hub_telemetry_rows_total (\d+)", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def hub_run(url: str, port: int, total: int, points: int, seq0: int) -> float:
+    base = hub_rows(url)
+    procs, t0 = run_publishers(port, total, points, seq0)
+    target = base + total * points
+    deadline = time.monotonic() + 300
+    while hub_rows(url) < target and time.monotonic() < deadline:
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    return total / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    results: dict[tuple[str, int], list[float]] = {}
+    with LocalBroker(kind="mosquitto") as broker, tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": TOKEN}
+        hub = subprocess.Popen([sys.executable, "-m", "edgefleet", "hub", "serve", "--data", tmp, "--port", str(port),
+                                "--mqtt", broker.url], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_port("127.0.0.1", port, 60, hub)
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+                tokens = c.post("/api/v1/enrollment-tokens", json={"count": DEVICES}).json()["tokens"]
+                for i, tok in enumerate(tokens):
+                    c.post("/api/v1/enroll", json={"token": tok, "device_id": f"bench-{i:03d}"}).raise_for_status()
+            seq = 0
+            for points in (1, 100):
+                n = args.messages if points == 1 else max(args.messages // 10, DEVICES)
+                for _ in range(args.rounds):
+                    results.setdefault(("bare", points), []).append(bare(broker.port, n, points, seq))
+                    seq += n // DEVICES + 1
+                    results.setdefault(("hub", points), []).append(hub_run(url, broker.port, n, points, seq))
+                    seq += n // DEVICES + 1
+        finally:
+            hub.send_signal(signal.SIGINT)
+            hub.wait(30)
+    print(f"{'points/batch':>12} {'bare msgs/s':>12} {'hub msgs/s':>11} {'hub/bare':>9} {'hub points/s':>13}")
+    for points in (1, 100):
+        b, h = statistics.median(results[("bare", points)]), statistics.median(results[("hub", points)])
+        print(f"{points:>12} {b:>12.0f} {h:>11.0f} {h / b:>8.2f}x {h * points:>13.0f}")
+
+
+if __name__ == "__main__":
+    main()

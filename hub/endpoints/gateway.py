@@ -1,0 +1,325 @@
+"""The endpoint's front end: one process per endpoint serving ``/endpoints/NAME/score`` to its worker pools.
+
+It checks keys, picks a version by weight (smooth weighted round robin, so a 90/10 split
+is exact over every 10 requests), optionally mirrors a share of traffic to another version
+(answers discarded), and forwards raw bodies to the pools, which batch them to workers.
+Parsing, validation, inference and encoding all happen in the workers, so this process
+does little more than HTTP. Changes arrive as a whole new spec (``apply``): new versions
+start on fresh workers and take traffic only once healthy; removed ones drain, then stop.
+
+Run by the hub (``python -m hub.endpoints.gateway``, spec and control token on stdin) or
+in the foreground by ``edgefleet serve``; both use :class:`Gateway`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hub.endpoints.codec import JSON, NPY, dumps, loads
+from hub.endpoints.httpserver import HttpProtocol, Request
+from hub.endpoints.pool import Pool, PoolError, Response, Settings
+from hub.endpoints.worker import read_manifest
+from modules.bundle import FILES_DIR, verify_pulled
+from modules.runners import load_sample
+from protocol.encoding import ProtocolError
+from protocol.signing import load_trusted_root
+
+log = logging.getLogger("edgefleet.endpoint.gateway")
+
+CONTROL_HEADER = b"x-control-token"
+
+
+def reply(status: int, doc: Any, *headers: tuple[str, str]) -> Response:
+    return status, dumps(doc), JSON, tuple(headers)
+
+
+UNAUTHORIZED = reply(401, {"detail": "a valid endpoint key is required (Authorization: Bearer KEY or api-key: KEY)"},
+                     ("www-authenticate", "Bearer"))
+
+
+@dataclass
+class Version:
+    """One model version behind the endpoint and its share of traffic."""
+
+    label: str  # "module:version"
+    bundle_dir: str
+    weight: float = 100.0
+    mirror: float = 0.0  # share (0-1) of all requests also sent here, answers discarded
+
+
+def parse_spec(spec: dict[str, Any]) -> tuple[list[Version], Settings]:
+    versions = [Version(v["label"], str(v["bundle_dir"]), float(v.get("weight", 100)), float(v.get("mirror", 0)))
+                for v in spec.get("versions", [])]
+    if not versions or sum(v.weight for v in versions) <= 0:
+        raise ValueError("an endpoint needs at least one version with a positive weight")
+    if len({v.label for v in versions}) != len(versions):
+        raise ValueError("each version may appear once")
+    if any(v.weight < 0 or not 0 <= v.mirror <= 1 for v in versions):
+        raise ValueError("weights must be >= 0 and mirror shares between 0 and 1")
+    settings = Settings(replicas=int(spec.get("replicas", 1)), max_batch=max(1, int(spec.get("max_batch", 64))),
+                        max_wait_ms=float(spec.get("max_wait_ms", 2.0)), threads=int(spec.get("threads", 1)),
+                        queue_timeout_s=float(spec.get("queue_timeout_s", 30.0)),
+                        collect_db=str(spec.get("collect_db") or ""),
+                        collect_rate_ppm=int(spec.get("collect_rate_ppm", -1)))
+    return versions, settings
+
+
+class Gateway:
+    def __init__(self, name: str, root: dict[str, Any] | None, control_token: str | None = None) -> None:
+        self.name = name
+        self.root = root  # the pinned root envelope every bundle must verify against (None: trust the bundle's own)
+        self.control_token = control_token.encode() if control_token else None
+        self.keys: list[bytes] = []
+        self.versions: list[Version] = []
+        self.pools: dict[str, Pool] = {}
+        self.settings = Settings()
+        self.counts: dict[int, int] = {}
+        self.mirrored = 0
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(3)
+        self._current: dict[str, float] = {}
+        self._mirror_credit: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+        self.score_path = f"/endpoints/{name}/score"
+        self.info_path = f"/endpoints/{name}"
+        self._server: asyncio.base_events.Server | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: HttpProtocol(self.handle), sock=sock, backlog=2048)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await asyncio.gather(*(p.drain_and_stop(10) for p in self.pools.values()))
+        self.pools.clear()
+
+    async def apply(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Move to ``spec``: start and health-check new versions first, then switch traffic, then drain the rest."""
+        async with self._lock:
+            versions, settings = parse_spec(spec)
+            keys = [k.encode() for k in spec.get("keys", []) if k]
+            started: list[Pool] = []
+            try:
+                for v in versions:
+                    pool = self.pools.get(v.label)
+                    if pool is None or str(pool.bundle_dir) != v.bundle_dir:
+                        await asyncio.get_running_loop().run_in_executor(None, self.verify, Path(v.bundle_dir))
+                        pool = Pool(self.name, v.label, Path(v.bundle_dir), Settings(**vars(settings)))
+                        started.append(pool)
+                        await pool.start()
+            except (PoolError, ProtocolError, OSError, ValueError) as exc:
+                await asyncio.gather(*(p.drain_and_stop(1) for p in started))
+                raise PoolError(str(exc)) from None
+            new = {p.label: p for p in started}
+            old = [p for label, p in self.pools.items() if label not in {v.label for v in versions} or label in new]
+            pools = {v.label: new.get(v.label) or self.pools[v.label] for v in versions}
+            # the switch: one synchronous step on the event loop, so every request sees the old or the new set
+            self.pools, self.versions, self.keys, self.settings = pools, versions, keys, settings
+            self._current = {v.label: 0.0 for v in versions}
+            self._mirror_credit = {v.label: 0.0 for v in versions}
+            for pool in pools.values():
+                pool.settings.max_batch, pool.settings.max_wait_ms = settings.max_batch, settings.max_wait_ms
+                pool.settings.queue_timeout_s = settings.queue_timeout_s
+            await asyncio.gather(*(p.scale(settings.replicas) for p in pools.values() if p not in started))
+            await asyncio.gather(*(p.drain_and_stop() for p in old))
+            log.info("endpoint %s now serves %s", self.name, ", ".join(f"{v.label}={v.weight:g}" for v in versions))
+            return self.status()
+
+    def verify(self, bundle_dir: Path) -> None:
+        """The bundle's signature and files, against the pinned root (through the root chain it ships)."""
+        root_doc = self.root
+        if root_doc is None:  # trust on first use: the root the bundle was pulled with
+            root_doc = json.loads((bundle_dir / "root.json").read_text())
+        verify_pulled(bundle_dir, load_trusted_root(root_doc))
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def handle(self, req: Request) -> Response | asyncio.Future[Response]:
+        if req.path == self.score_path:
+            if req.method != b"POST":
+                return reply(405, {"detail": "use POST"}, ("allow", "POST"))
+            if not self.authorized(req.headers):
+                return self.count(UNAUTHORIZED)
+            return self.score(req)
+        if req.path == self.info_path:
+            if not self.authorized(req.headers):
+                return self.count(UNAUTHORIZED)
+            return reply(200, self.describe())
+        if req.path in ("/healthz", "/readyz"):
+            ready = bool(self.pools) and all(p.ready for p in self.pools.values())
+            return reply(200 if ready or req.path == "/healthz" else 503, {"status": "ready" if ready else "starting"})
+        if req.path.startswith("/_control/"):
+            return self.control(req)
+        return reply(404, {"detail": f"no such path; score at POST {self.score_path}"})
+
+    def authorized(self, headers: dict[bytes, bytes]) -> bool:
+        given = headers.get(b"authorization", b"")
+        if given[:7].lower() == b"bearer ":
+            given = given[7:].strip()
+        else:
+            given = headers.get(b"api-key", b"")
+        ok = False
+        for key in self.keys:  # compare against both keys, in constant time, without an early exit
+            ok |= hmac.compare_digest(given, key)
+        return ok and bool(given)
+
+    def count(self, resp: Response) -> Response:
+        self.counts[resp[0]] = self.counts.get(resp[0], 0) + 1
+        return resp
+
+    def pick(self) -> str:
+        """Smooth weighted round robin (as in nginx): deterministic, and exact over every sum-of-weights requests."""
+        best, total = "", 0.0
+        current = self._current
+        for v in self.versions:
+            current[v.label] += v.weight
+            total += v.weight
+            if not best or current[v.label] > current[best]:
+                best = v.label
+        current[best] -= total
+        return best
+
+    def score(self, req: Request) -> Response | asyncio.Future[Response]:
+        if not self.pools:
+            return self.count(reply(503, {"detail": "the endpoint has no version yet"}, ("retry-after", "1")))
+        request_id = f"{self._id_prefix}-{next(self._ids)}"
+        ctype = req.headers.get(b"content-type", b"application/json").decode("latin-1")
+        want_npy = NPY in req.headers.get(b"accept", b"").decode("latin-1")
+        item = (request_id, ctype, req.body, req.headers.get(b"x-input", b"").decode("latin-1"), want_npy)
+        label = self.pick()
+        for v in self.versions:  # mirroring: the candidate sees real traffic, the client never sees its answers
+            if v.mirror and v.label != label:
+                self._mirror_credit[v.label] += v.mirror
+                if self._mirror_credit[v.label] >= 1:
+                    self._mirror_credit[v.label] -= 1
+                    self.mirrored += 1
+                    self.pools[v.label].submit(item)
+        fut = self.pools[label].submit(item)
+        out: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future[Response]) -> None:
+            status, body, ct, extra = f.result()
+            self.counts[status] = self.counts.get(status, 0) + 1
+            out.set_result((status, body, ct, (*extra, ("x-request-id", request_id), ("x-edgefleet-version", label))))
+
+        fut.add_done_callback(done)
+        return out
+
+    # --- description, status, control ------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        pool = next(iter(self.pools.values()), None)
+        inputs = pool.info.get("inputs", []) if pool else []
+        sample = None
+        if pool is not None:
+            try:
+                sample = load_sample(pool.bundle_dir / FILES_DIR, read_manifest(pool.bundle_dir))
+            except (OSError, ValueError):
+                sample = None
+        if sample is None and inputs:
+            sample = {"inputs": {s["name"]: [[0] * (d or 1) for d in s["shape"][1:2]] or 0 for s in inputs}}
+        ready = bool(self.pools) and all(p.ready for p in self.pools.values())
+        return {
+            "name": self.name, "status": "ready" if ready else "degraded" if self.pools else "starting",
+            "scoring_uri": self.score_path,
+            "versions": [{"label": v.label, "weight": v.weight, "mirror": v.mirror} for v in self.versions],
+            "inputs": inputs, "outputs": pool.info.get("outputs", []) if pool else [],
+            "batchable": bool(pool and pool.info.get("batchable")),
+            "sample_request": {"inputs": (sample or {}).get("inputs", {})},
+            "binary": {"content-type": NPY, "x-input": "input name (optional for single-input models)",
+                       "accept": f"{NPY} for a .npy answer (single-output models)"},
+            "auth": "Authorization: Bearer KEY, or api-key: KEY",
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "versions": [{"label": v.label, "weight": v.weight, "mirror": v.mirror,
+                                                 **self.pools[v.label].status()} for v in self.versions
+                                                if v.label in self.pools],
+                "max_batch": self.settings.max_batch, "max_wait_ms": self.settings.max_wait_ms,
+                "replicas": self.settings.replicas, "responses": {str(k): n for k, n in sorted(self.counts.items())},
+                "mirrored": self.mirrored}
+
+    def control(self, req: Request) -> Response | asyncio.Future[Response]:
+        token = req.headers.get(CONTROL_HEADER, b"")
+        if self.control_token is None or not hmac.compare_digest(token, self.control_token):
+            return reply(403, {"detail": "control token required"})
+        if req.path == "/_control/status":
+            return reply(200, self.status())
+        if req.path == "/_control/spec" and req.method == b"PUT":
+            out: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+            async def run() -> None:
+                try:
+                    out.set_result(reply(200, await self.apply(loads(req.body))))
+                except (PoolError, ValueError, KeyError) as exc:
+                    out.set_result(reply(422, {"detail": str(exc)}))
+
+            asyncio.get_running_loop().create_task(run())
+            return out
+        return reply(404, {"detail": "unknown control path"})
+
+
+def bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    try:  # uvloop's loop and transports are markedly cheaper per request than asyncio's
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()
+
+
+async def _hub_main() -> None:
+    """Under the hub: settings on stdin's first line; stdin's end (the hub gone) stops the gateway."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    boot = json.loads(await reader.readline())
+    root = json.loads(Path(boot["root_file"]).read_text()) if boot.get("root_file") else None
+    gateway = Gateway(boot["name"], root, boot["control_token"])
+    try:
+        sock = bind(boot.get("host", "127.0.0.1"), int(boot.get("port", 0)))
+    except OSError:  # the remembered port is taken: any free one
+        sock = bind(boot.get("host", "127.0.0.1"), 0)
+    await gateway.serve(sock)
+    print(json.dumps({"port": sock.getsockname()[1], "pid": os.getpid()}), flush=True)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    eof = loop.create_task(reader.read())
+    waiter = loop.create_task(stop.wait())
+    await asyncio.wait([eof, waiter], return_when=asyncio.FIRST_COMPLETED)
+    await gateway.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="gateway %(levelname)s %(name)s: %(message)s")
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(_hub_main())
+
+
+if __name__ == "__main__":
+    main()

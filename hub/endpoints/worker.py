@@ -1,0 +1,192 @@
+"""A worker process: load one verified bundle with the shared runner, then score batches from the gateway.
+
+Started by the gateway as ``python -m hub.endpoints.worker --fd N ...`` with one end of a
+socket pair; it announces ``("ready", info)`` only after the bundle's health check passed,
+then answers each ``("run", batch_id, items)`` with ``("res", batch_id, results)``.
+The gateway already checked the bundle's signature; a closed socket ends the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hub.endpoints import wire
+from hub.endpoints.codec import JSON, NPY, dumps, json_safe, loads, npy_bytes, read_npy
+from hub.endpoints.collect import Collector
+from modules.bundle import FILES_DIR, RELEASE_FILE
+from modules.runners import (
+    InputError,
+    Runner,
+    coerce_inputs,
+    describe_signature,
+    health_check,
+    load_runner,
+    load_sample,
+)
+from protocol.manifest import Manifest
+
+log = logging.getLogger("edgefleet.endpoint.worker")
+
+# one request as the gateway forwards it: (request id, content type, body, input name for binary bodies, wants npy)
+Item = tuple[str, str, bytes, str, bool]
+Result = tuple[int, bytes, str]  # (HTTP status, body, content type)
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    return Manifest.model_validate(loads((bundle_dir / RELEASE_FILE).read_bytes())["signed"]["manifest"])
+
+
+def batchable(manifest: Manifest) -> bool:
+    """Requests can be stacked when every input has a free first (batch) dimension."""
+    return bool(manifest.inputs) and all(s.shape and s.shape[0] is None for s in manifest.inputs)
+
+
+def error(status: int, detail: str, request_id: str) -> Result:
+    return status, dumps({"detail": detail, "request_id": request_id}), JSON
+
+
+class Scorer:
+    """Parses, batches, runs and encodes; the part of a worker that tests can drive without a socket."""
+
+    def __init__(self, runner: Runner, manifest: Manifest, label: str, collector: Collector | None = None) -> None:
+        self.runner, self.manifest, self.label = runner, manifest, label
+        self.specs = manifest.inputs or runner.inputs
+        self.batchable = batchable(manifest)
+        self.collector = collector
+
+    def parse(self, item: Item) -> dict[str, np.ndarray]:
+        _, ctype, body, input_name, _ = item
+        if ctype.startswith(NPY):
+            try:
+                arr = read_npy(body)
+            except (ValueError, OSError) as exc:
+                raise InputError(f"body is not a .npy array: {exc}") from None
+            name = input_name or (self.specs[0].name if len(self.specs) == 1 else "")
+            if not name:
+                raise InputError(f"a binary body needs an X-Input header naming one of: {describe_signature(self.specs)}")
+            raw: Any = {name: arr}
+        else:
+            try:
+                doc = loads(body)
+            except ValueError as exc:
+                raise InputError(f"body is not JSON: {exc}") from None
+            if not isinstance(doc, dict) or "inputs" not in doc:
+                raise InputError(f'body must be {{"inputs": {{...}}}}; expected {describe_signature(self.specs)}')
+            raw = doc["inputs"]
+        if not self.specs:  # a python entry script without a declared signature takes what it is given
+            if not isinstance(raw, dict):
+                raise InputError("inputs must be an object keyed by input name")
+            return {k: np.asarray(v) for k, v in raw.items()}
+        return coerce_inputs(raw, self.specs)
+
+    def encode(self, item: Item, outputs: dict[str, np.ndarray]) -> Result:
+        request_id, _, _, _, want_npy = item
+        if want_npy and len(outputs) == 1:
+            return 200, npy_bytes(next(iter(outputs.values()))), NPY
+        body = {"outputs": {k: json_safe(v) for k, v in outputs.items()}, "version": self.label, "request_id": request_id}
+        return 200, dumps(body), JSON
+
+    def run(self, items: list[Item]) -> list[Result]:
+        results: list[Result | None] = [None] * len(items)
+        parsed: dict[int, dict[str, np.ndarray]] = {}
+        for i, item in enumerate(items):
+            try:
+                parsed[i] = self.parse(item)
+            except InputError as exc:
+                results[i] = error(422, str(exc), item[0])
+        outputs: dict[int, dict[str, np.ndarray]] = {}
+        if self.batchable and len(parsed) > 1:
+            outputs = self._batched(parsed)
+        for i, inputs in parsed.items():
+            if i in outputs:
+                continue
+            try:
+                outputs[i] = self.runner.predict(inputs)
+            except Exception as exc:  # the model's own failure: this request gets a 500, the worker lives on
+                log.error("request %s: model raised %r\n%s", items[i][0], exc, traceback.format_exc())
+                results[i] = error(500, f"the model failed on this request ({type(exc).__name__}); request id "
+                                        f"{items[i][0]}", items[i][0])
+        for i, out in outputs.items():
+            results[i] = self.encode(items[i], out)
+            if self.collector is not None:
+                self.collector.offer(parsed[i], out)
+        return results  # type: ignore[return-value]
+
+    def _batched(self, parsed: dict[int, dict[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:
+        """One model call for all requests; {} (run them one by one) if they do not stack or the call fails."""
+        order = list(parsed)
+        first = self.specs[0].name
+        rows = [parsed[i][first].shape[0] for i in order]
+        total = sum(rows)
+        try:
+            stacked = {s.name: np.concatenate([parsed[i][s.name] for i in order]) for s in self.specs}
+            out = self.runner.predict(stacked)
+        except Exception:  # shapes that do not stack, or one bad request: isolate it by running each alone
+            return {}
+        if any(v.ndim == 0 or v.shape[0] != total for v in out.values()):
+            self.batchable = False  # outputs not per row: this model cannot be batched after all
+            return {}
+        bounds = np.cumsum(rows)[:-1]
+        parts = {k: np.split(v, bounds) for k, v in out.items()}
+        return {i: {k: parts[k][n] for k in parts} for n, i in enumerate(order)}
+
+
+def load(bundle_dir: Path, threads: int) -> tuple[Runner, Manifest]:
+    manifest = read_manifest(bundle_dir)
+    files = bundle_dir / FILES_DIR
+    runner = load_runner(files, manifest)
+    if hasattr(runner, "session") and threads != 1:  # reload with the thread count asked for
+        from modules.runners import OnnxRunner
+
+        runner = OnnxRunner(files / manifest.model, intra_op_threads=threads)
+    health_check(runner, load_sample(files, manifest))
+    return runner, manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hub.endpoints.worker")
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--label", required=True)
+    p.add_argument("--endpoint", default="")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--collect-db", default="")
+    p.add_argument("--collect-rate-ppm", type=int, default=-1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"worker {args.label} %(levelname)s: %(message)s")
+    sock = socket.socket(fileno=args.fd)
+    try:
+        runner, manifest = load(args.bundle, args.threads)
+    except Exception as exc:  # a model that does not load or fails its health check: say why, then stop
+        sock.sendall(wire.encode(("fail", f"{type(exc).__name__}: {exc}")))
+        return 1
+    rate = manifest.collect_rate_ppm if args.collect_rate_ppm < 0 else args.collect_rate_ppm
+    collector = (Collector(args.collect_db, args.endpoint, manifest.name, manifest.version, rate)
+                 if args.collect_db and rate > 0 else None)
+    scorer = Scorer(runner, manifest, args.label, collector)
+    sock.sendall(wire.encode(("ready", {"pid": os.getpid(), "batchable": scorer.batchable,
+                                        "inputs": [s.model_dump() for s in scorer.specs],
+                                        "outputs": [s.model_dump() for s in (manifest.outputs or runner.outputs)]})))
+    try:
+        while (msg := wire.recv(sock)) is not None:
+            if msg[0] == "run":
+                sock.sendall(wire.encode(("res", msg[1], scorer.run(msg[2]))))
+    except (ConnectionError, OSError):
+        pass  # the gateway went away
+    finally:
+        if collector is not None:
+            collector.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Monitoring: drift, alerts, data export, time-series queries, retention."""

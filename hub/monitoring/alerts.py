@@ -1,0 +1,231 @@
+"""Alert rules on metrics and drift -> events in the hub -> webhooks with retries and backoff.
+
+Rule kinds:
+
+* ``drift``      a feature's PSI over ``window_s`` > ``threshold`` (one alert per feature);
+* ``error_rate`` errors / inferences of a deployment over ``window_s`` > ``threshold``;
+* ``offline``    a device offline for more than ``for_s`` (one alert per device).
+
+A condition must hold for ``for_s`` seconds before it fires (``offline`` uses
+``for_s`` as its threshold instead); each firing and each resolution is one event.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, Field
+
+from hub.db import Database
+from hub.errors import Conflict, Invalid, NotFound
+from hub.monitoring.reports import DriftReports
+
+log = logging.getLogger("edgefleet.hub.alerts")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS alert_rules (
+    name TEXT PRIMARY KEY, kind TEXT NOT NULL, deployment TEXT, threshold REAL NOT NULL,
+    for_s REAL NOT NULL DEFAULT 0, window_s REAL NOT NULL DEFAULT 300, webhook TEXT, created_at REAL NOT NULL,
+    created_by TEXT NOT NULL DEFAULT ''
+);
+-- one row per (rule, key) currently breached: pending until for_s passes, then firing
+CREATE TABLE IF NOT EXISTS alert_state (
+    rule TEXT NOT NULL, key TEXT NOT NULL, since REAL NOT NULL, firing INTEGER NOT NULL DEFAULT 0, value REAL,
+    PRIMARY KEY (rule, key)
+);
+CREATE TABLE IF NOT EXISTS alert_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
+    state TEXT NOT NULL, value REAL, message TEXT NOT NULL, ts REAL NOT NULL, webhook TEXT,
+    delivered INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+class AlertRule(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["drift", "error_rate", "offline"]
+    deployment: str | None = None  # drift and error_rate: which deployment
+    threshold: float = 0.2
+    for_s: float = Field(default=0.0, ge=0)
+    window_s: float = Field(default=300.0, gt=0)
+    webhook: str | None = None
+
+
+@dataclass(frozen=True)
+class Breach:
+    key: str
+    value: float
+    message: str
+
+
+class Alerts:
+    """Rules, their evaluation, events and webhook delivery."""
+
+    def __init__(self, db: Database, reports: DriftReports, max_attempts: int = 6, backoff_s: float = 0.5) -> None:
+        self.db = db
+        self.reports = reports
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        db.apply_schema(SCHEMA)
+        self._outbox: queue.Queue[int | None] = queue.Queue()
+        self._sender = threading.Thread(target=self._deliver_loop, name="hub-webhooks", daemon=True)
+        self._http = httpx.Client(timeout=5.0)
+        for row in db.query("SELECT id FROM alert_events WHERE webhook IS NOT NULL AND delivered = 0 "
+                            "AND attempts < ?", (max_attempts,)):
+            self._outbox.put(row["id"])  # deliveries pending from before a restart
+
+    # --- rules --------------------------------------------------------------------------------
+
+    def add_rule(self, rule: AlertRule, who: str = "") -> dict[str, Any]:
+        if rule.kind in ("drift", "error_rate") and not rule.deployment:
+            raise Invalid(f"a {rule.kind} rule needs a deployment")
+        with self.db.transaction() as tx:
+            if tx.execute("SELECT 1 FROM alert_rules WHERE name = ?", (rule.name,)).fetchone():
+                raise Conflict(f"alert rule {rule.name!r} exists")
+            tx.execute("INSERT INTO alert_rules (name, kind, deployment, threshold, for_s, window_s, webhook, "
+                       "created_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (rule.name, rule.kind, rule.deployment, rule.threshold, rule.for_s, rule.window_s,
+                        rule.webhook, time.time(), who))
+        return self.rule(rule.name)
+
+    def rule(self, name: str) -> dict[str, Any]:
+        row = self.db.one("SELECT * FROM alert_rules WHERE name = ?", (name,))
+        if row is None:
+            raise NotFound(f"no alert rule {name!r}")
+        return row
+
+    def rules(self) -> list[dict[str, Any]]:
+        return self.db.query("SELECT * FROM alert_rules ORDER BY name")
+
+    def delete_rule(self, name: str) -> None:
+        self.rule(name)
+        with self.db.transaction() as tx:
+            tx.execute("DELETE FROM alert_rules WHERE name = ?", (name,))
+            tx.execute("DELETE FROM alert_state WHERE rule = ?", (name,))
+
+    def events(self, rule: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM alert_events", []
+        if rule:
+            sql += " WHERE rule = ?"
+            params.append(rule)
+        return self.db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+
+    def firing(self) -> list[dict[str, Any]]:
+        return self.db.query("SELECT * FROM alert_state WHERE firing = 1 ORDER BY rule, key")
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def breaches(self, rule: dict[str, Any], now: float) -> list[Breach]:
+        if rule["kind"] == "drift":
+            try:
+                report = self.reports.report(self.reports.deployment_target(rule["deployment"]), rule["window_s"],
+                                             until=now, psi_threshold=rule["threshold"])
+            except NotFound:
+                return []
+            return [Breach(f["feature"], f["psi"],
+                           f"input drift on {f['feature']} in deployment {rule['deployment']}: "
+                           f"PSI {f['psi']:.3f} > {rule['threshold']} (KS p={f['p_value']:.2g}, n={f['n_current']})")
+                    for f in report["features"] if f["psi"] > rule["threshold"]]
+        if rule["kind"] == "error_rate":
+            try:
+                target = self.reports.deployment_target(rule["deployment"])
+            except NotFound:
+                return []
+            row = self.db.one("SELECT SUM(inferences) AS n, SUM(errors) AS e FROM telemetry WHERE module = ? AND "
+                              "version = ? AND ts >= ?", (target.module, target.version, now - rule["window_s"]))
+            n, e = (row or {}).get("n") or 0, (row or {}).get("e") or 0
+            rate = e / n if n else 0.0
+            if n and rate > rule["threshold"]:
+                return [Breach("error_rate", rate, f"error rate of deployment {rule['deployment']} is "
+                                                    f"{rate:.1%} > {rule['threshold']:.1%} ({e} of {n})")]
+            return []
+        if rule["kind"] == "offline":
+            rows = self.db.query("SELECT id, last_seen FROM devices WHERE online = 0 AND last_seen IS NOT NULL "
+                                 "AND last_seen < ?", (now - rule["for_s"],))
+            return [Breach(r["id"], now - r["last_seen"], f"device {r['id']} offline for {now - r['last_seen']:.0f}s")
+                    for r in rows]
+        return []
+
+    def evaluate(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Evaluate every rule once; return the events it raised."""
+        now = time.time() if now is None else now
+        raised = []
+        for rule in self.rules():
+            try:
+                found = {b.key: b for b in self.breaches(rule, now)}
+            except Exception:
+                log.exception("evaluating alert rule %s failed", rule["name"])
+                continue
+            hold = 0.0 if rule["kind"] == "offline" else rule["for_s"]
+            state = {r["key"]: r for r in self.db.query("SELECT * FROM alert_state WHERE rule = ?", (rule["name"],))}
+            with self.db.transaction() as tx:
+                for key, b in found.items():
+                    current = state.get(key)
+                    if current is None:
+                        tx.execute("INSERT INTO alert_state (rule, key, since, firing, value) VALUES (?, ?, ?, 0, ?)",
+                                   (rule["name"], key, now, b.value))
+                        current = {"since": now, "firing": 0}
+                    if not current["firing"] and now - current["since"] >= hold:
+                        tx.execute("UPDATE alert_state SET firing = 1, value = ? WHERE rule = ? AND key = ?",
+                                   (b.value, rule["name"], key))
+                        raised.append(self._event(tx, rule, key, "firing", b.value, b.message))
+                for key, current in state.items():
+                    if key not in found:
+                        tx.execute("DELETE FROM alert_state WHERE rule = ? AND key = ?", (rule["name"], key))
+                        if current["firing"]:
+                            raised.append(self._event(tx, rule, key, "resolved", None, f"{rule['name']}: {key} resolved"))
+        for event in raised:
+            log.warning("alert %s %s: %s", event["rule"], event["state"], event["message"])
+            if event["webhook"]:
+                self._outbox.put(event["id"])
+        return raised
+
+    def _event(self, tx: Any, rule: dict[str, Any], key: str, state: str, value: float | None,
+               message: str) -> dict[str, Any]:
+        ts = time.time()
+        cur = tx.execute("INSERT INTO alert_events (rule, kind, key, state, value, message, ts, webhook) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (rule["name"], rule["kind"], key, state, value, message, ts, rule["webhook"]))
+        return {"id": cur.lastrowid, "rule": rule["name"], "kind": rule["kind"], "key": key, "state": state,
+                "value": value, "message": message, "ts": ts, "webhook": rule["webhook"],
+                "deployment": rule["deployment"]}
+
+    # --- webhooks -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sender.start()
+
+    def stop(self) -> None:
+        self._outbox.put(None)
+        if self._sender.is_alive():
+            self._sender.join(5)
+        self._http.close()
+
+    def _deliver_loop(self) -> None:
+        while (event_id := self._outbox.get()) is not None:
+            row = self.db.one("SELECT * FROM alert_events WHERE id = ?", (event_id,))
+            if row is None or row["delivered"]:
+                continue
+            attempt = row["attempts"] + 1
+            body = {k: row[k] for k in ("id", "rule", "kind", "key", "state", "value", "message", "ts")}
+            try:
+                resp = self._http.post(row["webhook"], json=body)
+                ok, error = resp.status_code < 300, f"HTTP {resp.status_code}"
+            except httpx.HTTPError as exc:
+                ok, error = False, str(exc) or type(exc).__name__
+            with self.db.transaction() as tx:
+                tx.execute("UPDATE alert_events SET attempts = ?, delivered = ?, last_error = ? WHERE id = ?",
+                           (attempt, int(ok), "" if ok else error, event_id))
+            if not ok and attempt < self.max_attempts:
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                log.warning("webhook for alert event %s failed (%s); retry %s in %.1fs", event_id, error, attempt, delay)
+                threading.Timer(delay, self._outbox.put, (event_id,)).start()
+            elif not ok:
+                log.error("webhook for alert event %s failed %s times; giving up: %s", event_id, attempt, error)
+

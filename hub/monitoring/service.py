@@ -1,0 +1,65 @@
+"""The hub's monitoring service: drift reports, alerts, time series, retention, on one background thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from hub.config import HubConfig
+from hub.db import Database
+from hub.monitoring import export
+from hub.monitoring.alerts import Alerts
+from hub.monitoring.reports import DriftReports
+from hub.monitoring.timeseries import TimeSeries
+from modules.store import ContentStore
+
+log = logging.getLogger("edgefleet.hub.monitoring")
+
+RETENTION_EVERY_S = 600.0
+
+
+class Monitor:
+    def __init__(self, config: HubConfig, db: Database, store: ContentStore) -> None:
+        self.config = config
+        self.db = db
+        self.reports = DriftReports(db, store)
+        self.alerts = Alerts(db, self.reports)
+        self.series = TimeSeries(db)
+        db.apply_schema(export.INDEXES)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hub-monitoring", daemon=True)
+
+    def start(self) -> None:
+        self.alerts.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self.alerts.stop()
+
+    def apply_retention(self, now: float | None = None) -> dict[str, int]:
+        now = time.time() if now is None else now
+        folded = self.series.downsample(self.config.telemetry_retention_s, now)
+        with self.db.transaction() as tx:
+            pruned = tx.execute("DELETE FROM data_records WHERE ts < ?",
+                                (now - self.config.data_retention_s,)).rowcount
+        if folded or pruned:
+            log.info("retention: folded %d telemetry rows into rollups, pruned %d collected records", folded, pruned)
+        return {"telemetry_rows_folded": folded, "data_rows_pruned": pruned}
+
+    def _run(self) -> None:
+        next_retention = 0.0
+        while not self._stop.wait(self.config.alert_eval_s):
+            try:
+                self.alerts.evaluate()
+            except Exception:
+                log.exception("alert evaluation failed")
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + RETENTION_EVERY_S
+                try:
+                    self.apply_retention()
+                except Exception:
+                    log.exception("retention failed")

@@ -1,0 +1,57 @@
+"""Root rotation reaches devices: the real hub rotates its director key, a running agent applies the new root
+(persisted in identity.json), accepts a desired state signed by the new key, and refuses a forged root."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.core import Agent
+from protocol.encoding import canonical_json
+from protocol.signing import make_root
+from protocol.topics import root_topic
+from tests.hubside import RealHub, until
+
+
+def test_rotated_director_key_is_learnt_and_a_state_signed_by_it_accepted(broker, tmp_path):
+    hub = RealHub(broker.url, tmp_path)
+    try:
+        data = tmp_path / "agent"
+        ident = hub.enroll(data)
+        assert ident.trusted_root().version == 1
+
+        async def main() -> None:
+            agent = Agent(ident, data, telemetry_interval=0.5, blob_retry=0.5)
+            task = asyncio.create_task(agent.run())
+            try:
+                # The hub's HTTP calls run in a thread: the agent under test shares this loop.
+                first = await asyncio.to_thread(hub.deploy, ident.device_id)
+                await until(lambda: (a := agent.active.get("classifier")) and a.version == first["version"], 60,
+                            "first version running")
+                revision = agent.revision
+
+                await asyncio.to_thread(hub.api.post, "/api/v1/keys/rotate", {"role": "director"})
+                await until(lambda: agent.root.version == 2, 20, "agent trusts root v2")
+                pinned = json.loads((data / "identity.json").read_text())["root"]
+                assert pinned["signed"]["version"] == 2  # persisted, so a restart keeps the new keys
+
+                second = await asyncio.to_thread(hub.deploy, ident.device_id)  # signed with the new director key only
+                await until(lambda: (a := agent.active.get("classifier")) and a.version == second["version"], 60,
+                            "desired state signed by the new key applied")
+                assert agent.revision > revision and not agent.desired_error
+
+                # A "root v3" signed only by a stranger's key: refused and counted, trust unchanged.
+                stranger = Ed25519PrivateKey.generate()
+                forged = make_root({r: [stranger] for r in ("root", "release", "director")}, [stranger], version=3)
+                hub.server.hub.bridge.publish(root_topic(3), canonical_json(forged), qos=1, retain=False)
+                await until(lambda: agent.rejected["root"] >= 1, 20, "forged root refused")
+                assert agent.root.version == 2
+            finally:
+                await agent.stop()
+                await asyncio.wait_for(task, 15)
+
+        asyncio.run(main())
+    finally:
+        hub.close()

@@ -1,0 +1,115 @@
+"""Process isolation: modules in supervised worker processes, the local inference API, crash loops, hung checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import httpx
+import psutil
+import pytest
+
+from edgefleet.broker import free_port
+from tests.hubside import HubSide, new_device, running_agent, until
+
+HANGING_SCRIPT = "import time\n\ndef run(inputs):\n    time.sleep(3600)\n"
+
+
+@pytest.fixture
+def hub(broker, tmp_path):
+    h = HubSide(broker.url, tmp_path / "hub")
+    yield h
+    h.close()
+
+
+def workers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "agent/worker.py" in " ".join(p.cmdline())]
+
+
+def test_local_api_serves_a_worker_that_is_restarted_after_kill_9(hub, tmp_data):
+    device, port = new_device(), free_port()
+    v1 = hub.build("classifier", 1)
+
+    async def main() -> None:
+        async with running_agent(hub, device, tmp_data, isolation="process", api_port=port) as agent, \
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as api:
+            hub.publish_desired(device, 1, [v1.desired()])
+            await until(lambda: hub.module_state(device, "classifier") == "running", 30, "v1 running")
+            worker = agent.active["classifier"].runner
+            assert worker.pid is not None and worker.pid != os.getpid()  # served from another process
+
+            r = await api.post("/v1/modules/classifier/predict", json={"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}})
+            assert r.status_code == 200 and r.json()["version"] == 1
+            assert len(r.json()["outputs"]["probability"]) == 1
+            r = await api.post("/v1/modules/classifier/predict", json={"inputs": {"x": [[1, 2]]}})
+            assert r.status_code == 422 and "expected x: float32" in r.json()["detail"]
+            r = await api.post("/v1/modules/nope/predict", json={"inputs": {}})
+            assert r.status_code == 404
+            assert (await api.get("/healthz")).status_code == 200
+            metrics = (await api.get("/metrics")).text
+            for line in ('edgefleet_agent_inferences_total{module="classifier"} 1',  # the 422 never reached the model
+                         'edgefleet_agent_inference_errors_total{module="classifier"} 0',
+                         "edgefleet_agent_outbox_rows ", "edgefleet_agent_rss_bytes ",
+                         'edgefleet_agent_worker{metric="rss_mb",module="classifier"}'):
+                assert line in metrics, line
+
+            os.kill(worker.pid, signal.SIGKILL)
+            await until(lambda: worker.restarts == 1 and worker.state == "serving", 30, "worker restarted")
+            r = await api.post("/v1/modules/classifier/predict", json={"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}})
+            assert r.status_code == 200
+
+            def stats():
+                return next((b.agent for b in reversed(hub.telemetry(device))
+                             if b.agent.get("worker.classifier.restarts") == 1.0 and "worker.classifier.rss_mb" in b.agent),
+                            None)
+            agent_stats = await until(stats, 10, "worker stats in telemetry")
+            assert agent_stats["worker.classifier.rss_mb"] > 0 and agent_stats["healthy"] == 1.0
+        assert not workers()  # a stopped agent leaves no worker behind
+
+    asyncio.run(main())
+
+
+def test_crash_loop_rolls_back_to_the_previous_version_with_the_reason(hub, tmp_data):
+    device = new_device()
+    v1, v2 = hub.build("classifier", 1), hub.build("classifier", 2)
+
+    async def main() -> None:
+        async with running_agent(hub, device, tmp_data, isolation="process") as agent:
+            hub.publish_desired(device, 1, [v1.desired()])
+            await until(lambda: hub.module_state(device, "classifier") == "running", 30, "v1 running")
+            hub.publish_desired(device, 2, [v2.desired()])
+            await until(lambda: (a := agent.active.get("classifier")) and a.version == 2
+                        and hub.module_state(device, "classifier") == "running", 30, "v2 running")
+            worker = agent.active["classifier"].runner
+            for i in range(3):  # each kill waits for the restart, so these are three distinct crashes
+                await until(lambda: worker.pid is not None, 30, f"worker up before kill {i + 1}")
+                os.kill(worker.pid, signal.SIGKILL)
+                await until(lambda n=i: len(worker.crashes) == n + 1, 10, f"crash {i + 1} seen")
+            await until(lambda: hub.module_state(device, "classifier") == "rolled_back"
+                        and agent.active["classifier"].version == 1, 30, "rolled back to v1")
+            mod = hub.reported(device).modules[0]
+            assert mod.bundle == v2.digest and "crash loop" in mod.error
+            assert agent.installer.current("classifier") == v1.digest
+            r = await agent.infer(agent.active["classifier"], {"x": __import__("numpy").zeros((1, 4), "float32")})
+            assert r["probability"].shape == (1, 1)
+
+    asyncio.run(main())
+
+
+def test_hung_health_check_is_killed_and_the_update_rolled_back(hub, tmp_data):
+    device = new_device()
+    v1, v2 = hub.build("classifier", 1), hub.build("classifier", 2, script=HANGING_SCRIPT)
+
+    async def main() -> None:
+        async with running_agent(hub, device, tmp_data, isolation="process", health_timeout=3) as agent:
+            hub.publish_desired(device, 1, [v1.desired()])
+            await until(lambda: hub.module_state(device, "classifier") == "running", 30, "v1 running")
+            hub.publish_desired(device, 2, [v2.desired()])
+            await until(lambda: hub.module_state(device, "classifier") == "rolled_back", 30, "v2 rolled back")
+            assert "timed out" in hub.reported(device).modules[0].error
+            assert agent.active["classifier"].version == 1
+            alive = workers()
+            assert [p.pid for p in alive] == [agent.active["classifier"].runner.pid]  # the hung one was killed
+
+    asyncio.run(main())

@@ -1,0 +1,108 @@
+"""`deploy web`, `endpoint …` and `serve` as `python -m edgefleet`: a real hub, real gateway and worker processes."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hub import HubConfig, HubServer
+from modules.examples import write_logreg_onnx, write_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def server(broker, tmp_data, monkeypatch):
+    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
+    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
+    yield s
+    s.stop()
+
+
+def cli(server: HubServer, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "edgefleet", "--hub", server.url, "--token", server.admin_token, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    if ok:
+        assert proc.returncode == 0, f"{args} failed: {proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def js(proc: subprocess.CompletedProcess[str]) -> object:
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def module(server, tmp_path) -> str:
+    cli(server, "model", "register", "lr", str(write_logreg_onnx(tmp_path / "model.onnx")))
+    cli(server, "model", "register", "lr", str(write_logreg_onnx(tmp_path / "model.onnx", seed=2)))
+    sample = write_sample(tmp_path / "sample.json")
+    cli(server, "module", "build", "lrmod", "--model", "lr:1", "--sample", str(sample))
+    cli(server, "module", "build", "lrmod", "--model", "lr:2", "--sample", str(sample))
+    return "lrmod:1"
+
+
+def test_deploy_web_and_the_endpoint_commands(server, module):
+    ep = js(cli(server, "deploy", "web", "scoring", "--module", module, "--replicas", "2", "--max-batch", "8",
+                "--max-wait-ms", "1", "--json"))
+    assert ep["url"].endswith("/endpoints/scoring/score") and set(ep["keys"]) == {"primary", "secondary"}
+    body = {"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}
+    assert httpx.post(ep["url"], json=body, headers={"api-key": ep["keys"]["primary"]}).status_code == 200
+
+    listed = js(cli(server, "endpoint", "list", "--json"))
+    assert [(e["name"], e["replicas"], e["max_batch"]) for e in listed] == [("scoring", 2, 8)]
+    shown = js(cli(server, "endpoint", "show", "scoring", "--json"))
+    assert len(shown["status"]["versions"][0]["workers"]) == 2 and "keys" not in shown
+
+    keys = js(cli(server, "endpoint", "keys", "scoring", "--regenerate", "secondary", "--json"))
+    assert keys["primary"] == ep["keys"]["primary"] and keys["secondary"] != ep["keys"]["secondary"]
+    assert httpx.post(ep["url"], json=body, headers={"api-key": ep["keys"]["secondary"]}).status_code == 401
+    assert httpx.post(ep["url"], json=body, headers={"api-key": keys["secondary"]}).status_code == 200
+
+    cli(server, "deploy", "web", "scoring", "--module", "lrmod:2", "--traffic", "25")
+    split = js(cli(server, "endpoint", "traffic", "scoring", "lrmod:1=60", "lrmod:2=40", "--json"))
+    assert {v["module"]: v["weight"] for v in split["versions"]} == {"lrmod:1": 60.0, "lrmod:2": 40.0}
+
+    refused = cli(server, "model", "delete", "lr:2", ok=False)
+    assert refused.returncode == 1 and "web endpoint 'scoring'" in " ".join(refused.stderr.split())
+    cli(server, "endpoint", "delete", "scoring")
+    assert js(cli(server, "endpoint", "list", "--json")) == []
+    cli(server, "model", "delete", "lr:2")
+
+
+def test_serve_runs_a_pulled_bundle_without_the_hub(server, module, tmp_path):
+    bundle = tmp_path / "bundle"
+    cli(server, "bundle", "pull", module, str(bundle))
+    root = server.config.data_dir / "keys" / "root.json"
+    proc = subprocess.Popen([sys.executable, "-m", "edgefleet", "serve", str(bundle), "--root", str(root), "--host",
+                             "127.0.0.1", "--port", "0", "--workers", "2", "--key", "k-one", "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())  # printed once verified, loaded, health-checked and listening
+        url = ready["url"]
+        assert url.endswith("/endpoints/lrmod/score") and ready["keys"] == ["k-one"]
+        r = httpx.post(url, json={"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}, headers={"Authorization": "Bearer k-one"})
+        assert r.status_code == 200 and r.json()["version"] == module
+        assert httpx.post(url, json={"inputs": {"x": [[0.1]]}}, headers={"api-key": "k-one"}).status_code == 422
+        assert httpx.post(url, json={"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}).status_code == 401
+        assert httpx.get(url.rsplit("/endpoints", 1)[0] + "/readyz").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_serve_refuses_a_tampered_bundle(server, module, tmp_path):
+    bundle = tmp_path / "bundle"
+    cli(server, "bundle", "pull", module, str(bundle))
+    (bundle / "files" / "model.onnx").write_bytes(b"not the signed model")
+    proc = subprocess.run([sys.executable, "-m", "edgefleet", "serve", str(bundle), "--root",
+                           str(server.config.data_dir / "keys" / "root.json"), "--port", "0", "--key", "k"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "model.onnx" in proc.stderr
