@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from protocol.broker_url import parse_broker_url
-from protocol.topics import DEVICE_TO_HUB, ROOT
+from protocol.topics import DEVICE_TO_HUB, HUB_STATUS_TOPIC, ROOT, root_wildcard
 
 log = logging.getLogger("edgefleet.hub.broker_auth")
 
@@ -47,7 +47,8 @@ topic readwrite #
 pattern read {ROOT}/devices/%u/#
 {writes}
 pattern read {ROOT}/blobs/#
-pattern read {ROOT}/root
+pattern read {root_wildcard()}
+pattern read {HUB_STATUS_TOPIC}
 """
 
 

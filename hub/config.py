@@ -23,7 +23,9 @@ class HubConfig:
     public_mqtt_url: str | None = None
     admin_token: str | None = None
     desired_ttl_s: int = 7 * 86400
-    blob_resend_window_s: float = 1.0
+    # a part published less than this ago is not sent again: longer than the agent's 3 s re-request, so a
+    # device that subscribed just after the first copy waits one retry instead of costing a second copy
+    blob_resend_window_s: float = 4.0
     mqtt_client_id: str = "edgefleet-hub"  # two hubs on one broker need distinct ids
     release_ttl_s: int = 365 * 86400
     writer_flush_s: float = 0.1

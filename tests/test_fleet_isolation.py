@@ -15,7 +15,7 @@ from hub import HubConfig, HubServer
 from hub.broker_auth import BrokerAuth, mosquitto_hash
 from hub.testing import wait_until
 from protocol.messages import ReportedState
-from protocol.topics import Channel, device_topic
+from protocol.topics import HUB_STATUS_TOPIC, Channel, device_topic, root_topic, root_wildcard
 from tests.rollout_support import build_versions
 
 
@@ -80,7 +80,11 @@ def test_devices_are_confined_to_their_own_topics_and_decommission_revokes(isola
     assert not Client(broker, "iso-a", creds["iso-b"]).accepted  # someone else's password
     a = Client(broker, "iso-a", creds["iso-a"])
     assert a.accepted
-    a.c.subscribe([("#", 1), (device_topic("iso-b", Channel.DESIRED), 1), (device_topic("iso-a", Channel.DESIRED), 1)])
+    a.c.subscribe([("#", 1), (device_topic("iso-b", Channel.DESIRED), 1), (device_topic("iso-a", Channel.DESIRED), 1),
+                   (HUB_STATUS_TOPIC, 1), (root_wildcard(), 1)])
+    # what every device must read: the hub's presence and the chain of signed roots
+    wait_until(lambda: HUB_STATUS_TOPIC in a.messages and root_topic(1) in a.messages, 10,
+               what="hub status and root v1 readable by a device")
     admin.post("/api/v1/deployments", json={"name": "iso", "module": "scorer:1"}).raise_for_status()
     # positive control: A gets its own desired state ...
     wait_until(lambda: device_topic("iso-a", Channel.DESIRED) in a.messages, 10, what="A's desired state")
@@ -100,7 +104,8 @@ def test_devices_are_confined_to_their_own_topics_and_decommission_revokes(isola
                what="the hub hears A on its own topic")
     assert server.hub.bridge.received.get("reported", 0) == before + 1
     assert '"revision":99' not in server.hub.db.one("SELECT reported FROM devices WHERE id = 'iso-b'")["reported"]
-    assert all("/iso-a/" in t for t in a.messages), a.messages
+    shared = {HUB_STATUS_TOPIC, root_topic(1)}
+    assert all("/iso-a/" in t or t in shared for t in a.messages), a.messages
 
     # decommission: the live session is cut at once and the login no longer works
     assert admin.delete("/api/v1/devices/iso-a").json()["decommissioned"]
