@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import re
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -106,18 +106,18 @@ def bare(port: int, total: int, points: int, seq0: int) -> float:
     return got / (last - t0) if got else 0.0
 
 
-def hub_rows(url: str) -> int:
-    text = httpx.get(url + "/metrics").text
-    m = re.search(r"^edgefleet_hub_telemetry_rows_total (\d+)", text, re.M)
-    return int(m.group(1)) if m else 0
+def hub_rows(db: Path) -> int:
+    """Rows persisted so far, by any ingest process (rowid only grows on a new row: O(log n) to read)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM telemetry").fetchone()[0]
 
 
-def hub_run(url: str, port: int, total: int, points: int, seq0: int) -> float:
-    base = hub_rows(url)
+def hub_run(db: Path, port: int, total: int, points: int, seq0: int) -> float:
+    base = hub_rows(db)
     procs, t0 = run_publishers(port, total, points, seq0)
     target = base + total * points
     deadline = time.monotonic() + 300
-    while hub_rows(url) < target and time.monotonic() < deadline:
+    while hub_rows(db) < target and time.monotonic() < deadline:
         time.sleep(0.05)
     elapsed = time.perf_counter() - t0
     for p in procs:
@@ -125,39 +125,57 @@ def hub_run(url: str, port: int, total: int, points: int, seq0: int) -> float:
     return total / elapsed
 
 
+def start_hub(broker_url: str, data: str, workers: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": TOKEN}
+    hub = subprocess.Popen([sys.executable, "-m", "edgefleet", "hub", "serve", "--data", data, "--port", str(port),
+                            "--mqtt", broker_url, "--ingest-workers", str(workers)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_port("127.0.0.1", port, 60, hub)
+    time.sleep(2.0)  # let the ingest workers join the shared-subscription group
+    return hub, url
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", default="0", help="comma-separated ingest worker counts to measure, e.g. 0,1,3")
     args = ap.parse_args()
+    worker_counts = [int(w) for w in args.workers.split(",")]
     results: dict[tuple[str, int], list[float]] = {}
-    with LocalBroker(kind="mosquitto") as broker, tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": TOKEN}
-        hub = subprocess.Popen([sys.executable, "-m", "edgefleet", "hub", "serve", "--data", tmp, "--port", str(port),
-                                "--mqtt", broker.url], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for_port("127.0.0.1", port, 60, hub)
-            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-                tokens = c.post("/api/v1/enrollment-tokens", json={"count": DEVICES}).json()["tokens"]
-                for i, tok in enumerate(tokens):
-                    c.post("/api/v1/enroll", json={"token": tok, "device_id": f"bench-{i:03d}"}).raise_for_status()
-            seq = 0
-            for points in (1, 100):
-                n = args.messages if points == 1 else max(args.messages // 10, DEVICES)
-                for _ in range(args.rounds):
-                    results.setdefault(("bare", points), []).append(bare(broker.port, n, points, seq))
-                    seq += n // DEVICES + 1
-                    results.setdefault(("hub", points), []).append(hub_run(url, broker.port, n, points, seq))
-                    seq += n // DEVICES + 1
-        finally:
-            hub.send_signal(signal.SIGINT)
-            hub.wait(30)
-    print(f"{'points/batch':>12} {'bare msgs/s':>12} {'hub msgs/s':>11} {'hub/bare':>9} {'hub points/s':>13}")
+    seq = 0
+    with LocalBroker(kind="mosquitto") as broker:
+        for workers in worker_counts:
+            with tempfile.TemporaryDirectory() as tmp:
+                hub, url = start_hub(broker.url, tmp, workers)
+                db = Path(tmp) / "hub.db"
+                try:
+                    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+                        tokens = c.post("/api/v1/enrollment-tokens", json={"count": DEVICES}).json()["tokens"]
+                        for i, tok in enumerate(tokens):
+                            c.post("/api/v1/enroll", json={"token": tok, "device_id": f"bench-{i:03d}"}).raise_for_status()
+                    for points in (1, 100):
+                        n = args.messages if points == 1 else max(args.messages // 10, DEVICES)
+                        for _ in range(args.rounds):
+                            if workers == worker_counts[0]:  # the ceiling, once per shape
+                                results.setdefault(("bare", points), []).append(bare(broker.port, n, points, seq))
+                                seq += n // DEVICES + 1
+                            results.setdefault((f"hub+{workers}", points), []).append(
+                                hub_run(db, broker.port, n, points, seq))
+                            seq += n // DEVICES + 1
+                finally:
+                    hub.send_signal(signal.SIGINT)
+                    hub.wait(30)
+    print(f"{'ingest':<12} {'points/batch':>12} {'msgs/s':>9} {'vs bare':>8} {'points/s':>10}")
     for points in (1, 100):
-        b, h = statistics.median(results[("bare", points)]), statistics.median(results[("hub", points)])
-        print(f"{points:>12} {b:>12.0f} {h:>11.0f} {h / b:>8.2f}x {h * points:>13.0f}")
+        b = statistics.median(results[("bare", points)])
+        print(f"{'bare':<12} {points:>12} {b:>9.0f} {1:>7.2f}x {b * points:>10.0f}")
+        for workers in worker_counts:
+            h = statistics.median(results[(f"hub+{workers}", points)])
+            label = f"hub+{workers}w"
+            print(f"{label:<12} {points:>12} {h:>9.0f} {h / b:>7.2f}x {h * points:>10.0f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from hub.bundles import bundle_chunks, release_envelope
 from hub.config import HubConfig
 from hub.db import Database, dumps, now
 from hub.errors import NotFound
-from hub.ingest import BatchWriter
+from hub.ingest import INGEST_CHANNELS, BatchWriter, data_rows, shared_wildcard, telemetry_rows
 from hub.roots_publish import announce, offline_will
 from modules.store import ContentStore
 from protocol.broker_url import parse_broker_url
@@ -114,7 +114,10 @@ class Bridge:
         if reason_code.is_failure:
             log.warning("broker refused the hub's connection: %s", reason_code)
             return
-        result, mid = client.subscribe([(device_wildcard(ch), 1) for ch in DEVICE_TO_HUB])
+        # with ingest workers, telemetry and data are shared with them (hub/ingest_worker.py)
+        shared = self.config.ingest_workers > 0
+        result, mid = client.subscribe([(shared_wildcard(ch) if shared and ch in INGEST_CHANNELS else device_wildcard(ch), 1)
+                                        for ch in DEVICE_TO_HUB])
         self._sub_mid = mid
         log.info("MQTT bridge connected to %s", self._url.public())
 
@@ -195,12 +198,10 @@ class Bridge:
                 tx.execute("UPDATE devices SET facts = ? WHERE id = ?", (dumps(msg.facts), msg.device))
 
     def _on_telemetry(self, msg: TelemetryBatch) -> None:
-        self.writer.telemetry([(msg.device, msg.seq, p.ts, p.module, p.version, p.inferences, p.errors,
-                                p.latency_ms.p50, p.latency_ms.p95, p.latency_ms.p99) for p in msg.points])
+        self.writer.telemetry(telemetry_rows(msg))
 
     def _on_data(self, msg: DataBatch) -> None:
-        self.writer.data([(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output))
-                          for i, r in enumerate(msg.records)])
+        self.writer.data(data_rows(msg))
 
     def _on_command_reply(self, msg: CommandReply) -> None:
         self.command_replies[msg.id] = msg.model_dump(mode="json")

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 
+from hub import ingest_worker
 from hub.auth import ensure_admin_token
 from hub.bridge import Bridge
 from hub.broker_auth import BrokerAuth, signal_reload
@@ -51,6 +52,7 @@ class Hub:
         self.rollouts = Rollouts(self.db, self.director, config.rollout_tick_s)
         self.deployments = Deployments(self.db, self.director, self.rollouts)
         self.monitor = Monitor(config, self.db, self.store)
+        self._ingest_workers: list = []  # processes, started by start()
         self._stop = threading.Event()
         self._maintenance = threading.Thread(target=self._maintain, name="hub-maintenance", daemon=True)
 
@@ -62,6 +64,7 @@ class Hub:
         return self.fleet.is_enrolled(device_id)
 
     def start(self) -> None:
+        self._ingest_workers = ingest_worker.spawn(self.config, self.db)
         self.bridge.start()
         self.monitor.start()
         self._maintenance.start()
@@ -72,6 +75,7 @@ class Hub:
         self.rollouts.stop_loop()
         self.monitor.stop()
         self.bridge.stop()
+        ingest_worker.stop_all(self._ingest_workers)
         if self._maintenance.is_alive():
             self._maintenance.join(5)
         self.db.close()

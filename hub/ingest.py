@@ -9,7 +9,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hub.db import Database
+from hub.db import Database, dumps
+from protocol.messages import DataBatch, TelemetryBatch
+from protocol.topics import Channel, device_wildcard
 
 log = logging.getLogger("edgefleet.hub.ingest")
 
@@ -18,6 +20,25 @@ TELEMETRY_SQL = ("INSERT OR IGNORE INTO telemetry (device, seq, ts, module, vers
 DATA_SQL = ("INSERT OR IGNORE INTO data_records (device, seq, idx, ts, module, version, input, output)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _STOP = object()
+
+# Telemetry and collected data may be spread over several ingest processes through one MQTT 5
+# shared-subscription group: the broker hands each message to one member.
+INGEST_CHANNELS = (Channel.TELEMETRY, Channel.DATA)
+SHARE_GROUP = "edgefleet-ingest"
+
+
+def shared_wildcard(channel: Channel) -> str:
+    return f"$share/{SHARE_GROUP}/{device_wildcard(channel)}"
+
+
+def telemetry_rows(msg: TelemetryBatch) -> list[tuple[Any, ...]]:
+    return [(msg.device, msg.seq, p.ts, p.module, p.version, p.inferences, p.errors,
+             p.latency_ms.p50, p.latency_ms.p95, p.latency_ms.p99) for p in msg.points]
+
+
+def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
+    return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output))
+            for i, r in enumerate(msg.records)]
 
 
 class BatchWriter:

@@ -37,4 +37,8 @@ def render(hub: Hub) -> str:
            [({}, bridge.blob_bytes_sent)])
     family("edgefleet_hub_mqtt_connected", "gauge", "1 while the hub is connected and subscribed.",
            [({}, 1 if bridge.connected else 0)])
+    if hub.config.ingest_workers:  # the workers save their counters in the database every second
+        workers = hub.db.query("SELECT idx, received, rejected FROM ingest_workers ORDER BY idx")
+        family("edgefleet_hub_ingest_worker_messages_total", "counter", "Messages handled by each ingest worker.",
+               [({"worker": str(w["idx"]), "outcome": o}, w[o]) for w in workers for o in ("received", "rejected")])
     return "\n".join(lines) + "\n"

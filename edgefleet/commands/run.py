@@ -45,6 +45,8 @@ def hub_serve(
     mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Broker URL; default: start a local one."),
     public_mqtt: str | None = typer.Option(None, "--public-mqtt", envvar="EDGEFLEET_PUBLIC_MQTT", help="Broker URL handed to devices."),
     isolate: bool = typer.Option(False, "--isolate", help="Per-device broker logins and ACL (DATA/broker); see docs/fleet.md."),
+    ingest_workers: int = typer.Option(0, "--ingest-workers", envvar="EDGEFLEET_INGEST_WORKERS", min=0,
+                                       help="Extra processes sharing telemetry ingest (MQTT 5 shared subscription)."),
 ) -> None:
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C."""
     from edgefleet.broker import LocalBroker
@@ -76,7 +78,7 @@ def hub_serve(
              public_mqtt or mqtt.split("@")[-1])
     try:
         serve_forever(HubConfig(data_dir=data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=isolate,
-                                broker_pid=broker_pid), host=host, port=port)
+                                broker_pid=broker_pid, ingest_workers=ingest_workers), host=host, port=port)
     finally:
         if broker is not None:
             broker.stop()
