@@ -36,3 +36,37 @@ def tmp_data(tmp_path):
     d.mkdir()
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def server(broker, tmp_data, monkeypatch):
+    """A real hub (uvicorn + MQTT bridge) on a free port, its data in ``tmp_data``, connected to the broker."""
+    import secrets
+
+    from hub.config import HubConfig
+    from hub.server import HubServer
+
+    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
+    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
+    assert s.wait_mqtt(10)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def admin(server):
+    """An HTTP client for ``server`` with its admin token."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}) as c:
+        yield c
+
+
+@pytest.fixture
+def probe(broker):
+    """A test-side MQTT client on the broker (hub.testing.MqttProbe)."""
+    from hub.testing import MqttProbe
+
+    p = MqttProbe(broker.url)
+    yield p
+    p.close()

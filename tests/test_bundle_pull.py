@@ -4,7 +4,6 @@ predicts; on-disk tampering is caught; key rotation keeps pinned verifiers worki
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from hub import HubConfig, HubServer
+from hub import HubServer
 from modules.bundle import FILES_DIR, verify_pulled
 from modules.examples import write_logreg_onnx, write_sample
 from modules.runners import coerce_inputs, health_check, load_runner, load_sample
@@ -24,14 +23,6 @@ from protocol.signing import load_trusted_root, sign
 from protocol.verify import accept_desired
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def server(broker, tmp_data, monkeypatch):
-    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
-    yield s
-    s.stop()
 
 
 def cli(server: HubServer, *args: str) -> subprocess.CompletedProcess[str]:

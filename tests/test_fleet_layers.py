@@ -2,28 +2,9 @@
 
 from __future__ import annotations
 
-import secrets
-
 import httpx
-import pytest
 
-from hub import HubConfig, HubServer
 from tests.rollout_support import build_versions
-
-
-@pytest.fixture
-def server(broker, tmp_data, monkeypatch):
-    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
-    assert s.wait_mqtt(10)
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def admin(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}) as c:
-        yield c
 
 
 def enrol(server, admin, device: str, **labels: str) -> None:

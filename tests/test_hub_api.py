@@ -32,12 +32,6 @@ def server(broker, tmp_data, monkeypatch):
 
 
 @pytest.fixture
-def admin(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}) as c:
-        yield c
-
-
-@pytest.fixture
 def onnx_file(tmp_path) -> Path:
     return write_logreg_onnx(tmp_path / "model.onnx")
 

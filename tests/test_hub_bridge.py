@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from hub import HubConfig, HubServer
-from hub.testing import MqttProbe, wait_until
+from hub.testing import wait_until
 from modules.examples import write_logreg_onnx
 from protocol.encoding import sha256_hex
 from protocol.manifest import CHUNK_SIZE
@@ -32,19 +32,6 @@ def server(broker, tmp_data, monkeypatch):
     assert s.wait_mqtt(10)
     yield s
     s.stop()
-
-
-@pytest.fixture
-def admin(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}) as c:
-        yield c
-
-
-@pytest.fixture
-def probe(broker):
-    p = MqttProbe(broker.url)
-    yield p
-    p.close()
 
 
 @pytest.fixture

@@ -8,35 +8,12 @@ import secrets
 import httpx
 import pytest
 
-from hub import HubConfig, HubServer
-from hub.testing import MqttProbe, wait_until
+from hub.testing import wait_until
 from modules.examples import write_logreg_onnx
 from protocol.messages import ModuleReport, ReportedState, Status
 from protocol.signing import load_trusted_root
 from protocol.topics import Channel, device_topic
 from protocol.verify import accept_desired
-
-
-@pytest.fixture
-def server(broker, tmp_data, monkeypatch):
-    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
-    assert s.wait_mqtt(10)
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def admin(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}) as c:
-        yield c
-
-
-@pytest.fixture
-def probe(broker):
-    p = MqttProbe(broker.url)
-    yield p
-    p.close()
 
 
 @pytest.fixture

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from hub import HubConfig, HubServer
+from hub import HubServer
 from modules.examples import write_logreg_onnx, write_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def server(broker, tmp_data, monkeypatch):
-    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
-    yield s
-    s.stop()
 
 
 def cli(server: HubServer, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

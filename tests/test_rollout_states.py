@@ -50,12 +50,6 @@ def server(broker, tmp_data, monkeypatch):
     s.stop()
 
 
-@pytest.fixture
-def admin(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}) as c:
-        yield c
-
-
 def test_controller_walks_the_table(server, admin, tmp_path):
     hub = server.hub
     mods = build_versions(admin, tmp_path, n=3)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 
 from edgefleet.client import HubClient
-from hub import HubConfig, HubServer
 from modules.bundle import FILES_DIR
 from modules.runners import TfliteRunner, load_runner
 
@@ -29,14 +27,6 @@ VENV_PACKAGES = ["tflite-runtime==2.14.0", "numpy<2", "pydantic>=2.5"]
 
 def rng_input() -> np.ndarray:
     return np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32)
-
-
-@pytest.fixture
-def server(broker, tmp_data, monkeypatch):
-    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
-    yield s
-    s.stop()
 
 
 def test_litert_backend_registers_bundles_verifies_predicts(server, tmp_path):
