@@ -6,27 +6,12 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
-from hub import HubServer
 from modules.examples import write_logreg_onnx, write_sample
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(server: HubServer, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "edgefleet", "--hub", server.url, "--token", server.admin_token, *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
-    if ok:
-        assert proc.returncode == 0, f"{args} failed: {proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def js(proc: subprocess.CompletedProcess[str]) -> object:
-    return json.loads(proc.stdout)
+from tests.clirun import ROOT, as_json, cli
 
 
 @pytest.fixture
@@ -40,30 +25,30 @@ def module(server, tmp_path) -> str:
 
 
 def test_deploy_web_and_the_endpoint_commands(server, module):
-    ep = js(cli(server, "deploy", "web", "scoring", "--module", module, "--replicas", "2", "--max-batch", "8",
+    ep = as_json(cli(server, "deploy", "web", "scoring", "--module", module, "--replicas", "2", "--max-batch", "8",
                 "--max-wait-ms", "1", "--json"))
     assert ep["url"].endswith("/endpoints/scoring/score") and set(ep["keys"]) == {"primary", "secondary"}
     body = {"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}
     assert httpx.post(ep["url"], json=body, headers={"api-key": ep["keys"]["primary"]}).status_code == 200
 
-    listed = js(cli(server, "endpoint", "list", "--json"))
+    listed = as_json(cli(server, "endpoint", "list", "--json"))
     assert [(e["name"], e["replicas"], e["max_batch"]) for e in listed] == [("scoring", 2, 8)]
-    shown = js(cli(server, "endpoint", "show", "scoring", "--json"))
+    shown = as_json(cli(server, "endpoint", "show", "scoring", "--json"))
     assert len(shown["status"]["versions"][0]["workers"]) == 2 and "keys" not in shown
 
-    keys = js(cli(server, "endpoint", "keys", "scoring", "--regenerate", "secondary", "--json"))
+    keys = as_json(cli(server, "endpoint", "keys", "scoring", "--regenerate", "secondary", "--json"))
     assert keys["primary"] == ep["keys"]["primary"] and keys["secondary"] != ep["keys"]["secondary"]
     assert httpx.post(ep["url"], json=body, headers={"api-key": ep["keys"]["secondary"]}).status_code == 401
     assert httpx.post(ep["url"], json=body, headers={"api-key": keys["secondary"]}).status_code == 200
 
     cli(server, "deploy", "web", "scoring", "--module", "lrmod:2", "--traffic", "25")
-    split = js(cli(server, "endpoint", "traffic", "scoring", "lrmod:1=60", "lrmod:2=40", "--json"))
+    split = as_json(cli(server, "endpoint", "traffic", "scoring", "lrmod:1=60", "lrmod:2=40", "--json"))
     assert {v["module"]: v["weight"] for v in split["versions"]} == {"lrmod:1": 60.0, "lrmod:2": 40.0}
 
     refused = cli(server, "model", "delete", "lr:2", ok=False)
     assert refused.returncode == 1 and "web endpoint 'scoring'" in " ".join(refused.stderr.split())
     cli(server, "endpoint", "delete", "scoring")
-    assert js(cli(server, "endpoint", "list", "--json")) == []
+    assert as_json(cli(server, "endpoint", "list", "--json")) == []
     cli(server, "model", "delete", "lr:2")
 
 

@@ -2,27 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-from hub import HubServer
 from modules.examples import write_logreg_onnx, write_sample
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(server: HubServer, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "edgefleet", "--hub", server.url, "--token", server.admin_token, *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    if ok:
-        assert proc.returncode == 0, f"{args} failed: {proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def as_json(proc: subprocess.CompletedProcess[str]) -> object:
-    return json.loads(proc.stdout)
+from tests.clirun import as_json, cli
 
 
 def test_model_commands_register_list_show_tag_download_delete(server, tmp_path):
