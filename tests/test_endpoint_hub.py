@@ -310,6 +310,16 @@ def test_model_exception_is_a_500_with_request_id_and_the_worker_keeps_serving(a
     good = httpx.post(ep["url"], json={"inputs": {"x": [[1.0, 1.0]]}}, headers={"api-key": key})
     assert good.status_code == 200 and good.json()["outputs"]["y"] == [[2.0, 2.0]]
     assert status(admin, "broken")["versions"][0]["workers"][0]["pid"] == pid
+
+    # the hub's /metrics carries the gateway's counters: one 500, one 200 with its latency in the histogram
+    text = httpx.get(admin.base_url.join("/metrics")).text
+    label = status(admin, "broken")["versions"][0]["label"]
+    assert 'edgefleet_hub_endpoint_up{endpoint="broken"} 1' in text
+    assert 'edgefleet_hub_endpoint_responses_total{endpoint="broken",code="500"} 1' in text
+    assert 'edgefleet_hub_endpoint_responses_total{endpoint="broken",code="200"} 1' in text
+    series = f'endpoint="broken",version="{label}"'
+    assert f'edgefleet_hub_endpoint_latency_ms_count{{{series}}} 1' in text
+    assert f'edgefleet_hub_endpoint_latency_ms_bucket{{{series},le="+Inf"}} 1' in text
     admin.delete("/api/v1/endpoints/broken")
 
 

@@ -278,3 +278,17 @@ def test_export_one_million_rows_to_parquet_in_constant_memory(hub, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "some.jsonl").read_text().splitlines()]
     assert jsonl_out["rows"] == len(records) == 1000
     assert records[0]["input"] == {"x": [[0.1, -1.2, 0.3, 2.5]]} and records[0]["version"] == 1
+
+
+def test_latency_histogram_exposition_is_cumulative_with_le_boundaries_inclusive():
+    from hub.prom import Exposition, LatencyHistogram
+
+    h = LatencyHistogram(buckets=(1.0, 10.0))
+    for v in (0.5, 1.0, 3.0, 50.0):
+        h.observe(v)
+    out = Exposition()
+    out.histogram("lat_ms", "test", [({"endpoint": "e"}, h.as_dict())])
+    lines = out.render().splitlines()
+    assert lines[2:] == ['lat_ms_bucket{endpoint="e",le="1"} 2', 'lat_ms_bucket{endpoint="e",le="10"} 3',
+                         'lat_ms_bucket{endpoint="e",le="+Inf"} 4', 'lat_ms_sum{endpoint="e"} 54.5',
+                         'lat_ms_count{endpoint="e"} 4']

@@ -23,6 +23,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from hub.endpoints.codec import JSON, NPY, dumps, loads
 from hub.endpoints.httpserver import HttpProtocol, Request
 from hub.endpoints.pool import Pool, PoolError, Response, Settings
 from hub.endpoints.worker import read_manifest
+from hub.prom import LatencyHistogram
 from modules.bundle import FILES_DIR, verify_pulled
 from modules.runners import load_sample
 from protocol.encoding import ProtocolError
@@ -86,6 +88,7 @@ class Gateway:
         self.pools: dict[str, Pool] = {}
         self.settings = Settings()
         self.counts: dict[int, int] = {}
+        self.latency: dict[str, LatencyHistogram] = {}  # per version label, for the hub's /metrics
         self.mirrored = 0
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
@@ -211,10 +214,13 @@ class Gateway:
                     self.pools[v.label].submit(item)
         fut = self.pools[label].submit(item)
         out: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
 
         def done(f: asyncio.Future[Response]) -> None:
             status, body, ct, extra = f.result()
             self.counts[status] = self.counts.get(status, 0) + 1
+            if status == 200:
+                self.latency.setdefault(label, LatencyHistogram()).observe((time.perf_counter() - started) * 1000.0)
             out.set_result((status, body, ct, (*extra, ("x-request-id", request_id), ("x-edgefleet-version", label))))
 
         fut.add_done_callback(done)
@@ -252,6 +258,7 @@ class Gateway:
                                                 if v.label in self.pools],
                 "max_batch": self.settings.max_batch, "max_wait_ms": self.settings.max_wait_ms,
                 "replicas": self.settings.replicas, "responses": {str(k): n for k, n in sorted(self.counts.items())},
+                "latency_ms": {label: h.as_dict() for label, h in sorted(self.latency.items())},
                 "mirrored": self.mirrored}
 
     def control(self, req: Request) -> Response | asyncio.Future[Response]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from hub import metrics
@@ -44,8 +44,9 @@ def healthz(hub: Hub = Depends(get_hub)) -> dict[str, Any]:
 
 
 @ops.get("/metrics", response_class=PlainTextResponse)
-def prometheus(hub: Hub = Depends(get_hub)) -> PlainTextResponse:
-    return PlainTextResponse(metrics.render(hub), media_type="text/plain; version=0.0.4")
+def prometheus(request: Request, hub: Hub = Depends(get_hub)) -> PlainTextResponse:
+    return PlainTextResponse(metrics.render(hub, getattr(request.app.state, "endpoints", None)),
+                             media_type="text/plain; version=0.0.4")
 
 
 # --- time series, drift, alerts, data export (docs/monitoring.md) --------------------------------
