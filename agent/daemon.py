@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 from pathlib import Path
 
 from agent.core import ISOLATION_MODES, Agent
-from agent.identity import EnrollmentError, load_identity
+from agent.identity import EnrollmentError, load_identity, read_ca_file
 from agent.workload import Workload
 
 log = logging.getLogger("edgefleet.agent")
@@ -27,9 +28,15 @@ async def _serve(agent: Agent) -> None:
 
 def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: float = 0.0,
               telemetry_interval: float = 5.0, *, api_port: int = DEFAULT_API_PORT, isolation: str = "process",
-              module_memory_mb: int = 0, module_cpu_seconds: int = 0, health_timeout: float = 30.0) -> None:
-    """Run the agent enrolled in ``data_dir`` until SIGINT/SIGTERM."""
+              module_memory_mb: int = 0, module_cpu_seconds: int = 0, health_timeout: float = 30.0,
+              broker_ca: Path | str | None = None) -> None:
+    """Run the agent enrolled in ``data_dir`` until SIGINT/SIGTERM.
+
+    ``broker_ca``: a PEM file to trust for ``mqtts://`` instead of the CA pinned at enrolment.
+    """
     identity = load_identity(Path(data_dir))
+    if broker_ca is not None:
+        identity = dataclasses.replace(identity, broker_ca=read_ca_file(broker_ca))
     workload = Workload(rate=workload_rate) if workload_rate > 0 else None
     agent = Agent(identity, Path(data_dir), mqtt_url=mqtt_url, workload=workload,
                   telemetry_interval=telemetry_interval, isolation=isolation, api_port=api_port,
@@ -44,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent", description="Run the edgefleet device agent.")
     parser.add_argument("--data", required=True, type=Path, help="data directory holding identity.json")
     parser.add_argument("--mqtt", default=None, help="broker URL overriding the enrolled one")
+    parser.add_argument("--broker-ca", default=None, type=Path,
+                        help="PEM CA file to trust for mqtts:// (default: the one pinned at enrolment)")
     parser.add_argument("--rate", type=float, default=0.0, help="synthetic inferences per second per module")
     parser.add_argument("--telemetry-interval", type=float, default=5.0, help="seconds between telemetry batches")
     parser.add_argument("--api-port", type=int, default=DEFAULT_API_PORT,
@@ -59,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_agent(args.data, args.mqtt, args.rate, args.telemetry_interval, api_port=args.api_port,
                   isolation=args.isolation, module_memory_mb=args.module_memory_mb,
-                  module_cpu_seconds=args.module_cpu_seconds, health_timeout=args.health_timeout)
+                  module_cpu_seconds=args.module_cpu_seconds, health_timeout=args.health_timeout,
+                  broker_ca=args.broker_ca)
     except EnrollmentError as exc:
         log.error("%s", exc)
         return 2

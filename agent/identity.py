@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,14 +35,31 @@ class Identity:
     mqtt_username: str | None
     mqtt_password: str | None
     root: dict[str, Any] = field(repr=False)  # the root envelope pinned at enrolment
+    broker_ca: str | None = field(default=None, repr=False)  # PEM of the broker's CA, pinned at enrolment (mqtts)
 
     def broker(self, override_url: str | None = None) -> BrokerURL:
         """The broker to use: ``override_url`` (e.g. --mqtt) or the enrolled one, with this device's credentials."""
         url = parse_broker_url(override_url or self.mqtt_url)
-        return url.with_credentials(self.mqtt_username or url.username, self.mqtt_password or url.password)
+        return url.with_credentials(self.mqtt_username or url.username,
+                                    self.mqtt_password or url.password).with_ca(self.broker_ca)
 
     def trusted_root(self) -> Root:
         return load_trusted_root(self.root)
+
+
+def check_ca_pem(pem: str) -> None:
+    """Raise ``ssl.SSLError`` unless ``pem`` holds at least one certificate OpenSSL accepts."""
+    ssl.create_default_context(cadata=pem)
+
+
+def read_ca_file(path: Path | str) -> str:
+    """A CA bundle (PEM) from disk, checked; ``EnrollmentError`` naming the file otherwise."""
+    try:
+        pem = Path(path).read_text()
+        check_ca_pem(pem)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        raise EnrollmentError(f"broker CA file {path}: {exc}") from None
+    return pem
 
 
 def write_private_json(path: Path, obj: Any) -> None:
@@ -69,7 +87,7 @@ def load_identity(data_dir: Path) -> Identity:
         raw = json.loads(path.read_text())
         identity = Identity(
             device_id=raw["device_id"], mqtt_url=raw["mqtt_url"], mqtt_username=raw.get("mqtt_username"),
-            mqtt_password=raw.get("mqtt_password"), root=raw["root"],
+            mqtt_password=raw.get("mqtt_password"), root=raw["root"], broker_ca=raw.get("broker_ca"),
         )
     except FileNotFoundError:
         raise EnrollmentError(f"{path} does not exist: enrol first (edgefleet agent enroll --hub URL --token T)") from None
@@ -116,11 +134,13 @@ def _accept_enrolment(resp: httpx.Response, data_dir: Path) -> Identity:
         data = resp.json()
         identity = Identity(
             device_id=data["device_id"], mqtt_url=data["mqtt_url"], mqtt_username=data.get("mqtt_username"),
-            mqtt_password=data.get("mqtt_password"), root=data["root"],
+            mqtt_password=data.get("mqtt_password"), root=data["root"], broker_ca=data.get("broker_ca"),
         )
         identity.trusted_root()  # refuse to pin a root that does not verify
         parse_broker_url(identity.mqtt_url)
-    except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+        if identity.broker_ca is not None:
+            check_ca_pem(identity.broker_ca)
+    except (ValueError, KeyError, TypeError, ProtocolError, ssl.SSLError) as exc:
         raise EnrollmentError(f"hub sent an invalid enrolment answer: {exc}") from None
     hub_time = data.get("hub_time")
     if isinstance(hub_time, int | float) and abs(hub_time - time.time()) > MAX_CLOCK_SKEW:

@@ -73,7 +73,6 @@ class AsyncMqttClient:
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         connect_timeout: float = 10.0,
-        ca_file: str | None = None,
     ) -> None:
         self.client_id = client_id
         self.broker = broker
@@ -86,6 +85,7 @@ class AsyncMqttClient:
         self.on_connect: Callable[[], None] | None = None  # called on the loop after every CONNACK
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.last_error = ""  # why the last connection attempt failed, for logs and health
         self._subs: dict[str, int] = {}
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._connack: asyncio.Future[None] | None = None
@@ -100,9 +100,8 @@ class AsyncMqttClient:
         c.max_inflight_messages_set(100)
         if broker.username is not None:
             c.username_pw_set(broker.username, broker.password)
-        if broker.tls:
-            ctx = ssl.create_default_context(cafile=ca_file)
-            c.tls_set_context(ctx)
+        if broker.tls:  # the CA pinned at enrolment, else the system's trust store; host names are checked
+            c.tls_set_context(ssl.create_default_context(cadata=broker.ca_pem))
         if will is not None:
             topic, payload, qos, retain = will
             c.will_set(topic, payload, qos=qos, retain=retain)
@@ -148,7 +147,11 @@ class AsyncMqttClient:
             except (OSError, TimeoutError, ConnectionError) as exc:
                 attempt += 1
                 delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap)
-                log.info("%s: connect to %s failed (%s); retry in %.1fs", self.client_id, self.broker.public(), exc, delay)
+                # a certificate problem will not fix itself: say it louder than a refused connection
+                level = logging.WARNING if isinstance(exc, ssl.SSLError) else logging.INFO
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.log(level, "%s: connect to %s failed (%s); retry in %.1fs", self.client_id, self.broker.public(),
+                        self.last_error, delay)
                 self._drop_socket()
                 await asyncio.sleep(delay)
                 continue
@@ -233,7 +236,8 @@ class AsyncMqttClient:
             client.subscribe(topic, qos=qos)
         if fut is not None and not fut.done():
             fut.set_result(None)
-        log.debug("%s: connected to %s", self.client_id, self.broker.public())
+        log.info("%s: connected to %s%s", self.client_id, self.broker.public(),
+                 f" (reconnect {self.reconnects})" if self.reconnects else "")
         if self.on_connect is not None:
             self.on_connect()
 

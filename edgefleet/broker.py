@@ -20,6 +20,7 @@ log = logging.getLogger("edgefleet.broker")
 
 MOSQUITTO_CONF = """\
 listener {port} {host}
+{tls_lines}
 allow_anonymous {anonymous}
 {password_line}
 persistence false
@@ -77,8 +78,11 @@ class LocalBroker:
     """A broker child process on ``host:port``; ``kind`` is "mosquitto" or "iotcore"."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, kind: str | None = None,
-                 password_file: Path | None = None, acl_file: Path | None = None) -> None:
+                 password_file: Path | None = None, acl_file: Path | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate chain, private key) PEM files; the listener then speaks mqtts (mosquitto only)."""
         self.host = host
+        self.tls = tls
         self.port = port or free_port(host)
         self.kind = kind or os.environ.get("EDGEFLEET_BROKER") or ("mosquitto" if find_mosquitto() else "iotcore")
         self.password_file, self.acl_file = password_file, acl_file
@@ -87,7 +91,7 @@ class LocalBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> LocalBroker:
         if self.kind == "mosquitto":
@@ -100,11 +104,14 @@ class LocalBroker:
             conf = self._dir / "mosquitto.conf"
             conf.write_text(MOSQUITTO_CONF.format(
                 port=self.port, host=self.host, anonymous="false" if self.password_file else "true",
+                tls_lines=f"certfile {self.tls[0]}\nkeyfile {self.tls[1]}" if self.tls else "",
                 password_line="\n".join(lines),
                 # started as root, mosquitto drops to user "mosquitto", which cannot read a private password file
                 user_line="user root" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""))
             cmd = [binary, "-c", str(conf)]
         elif self.kind == "iotcore":
+            if self.tls:
+                raise RuntimeError("a TLS listener needs mosquitto (apt-get install -y mosquitto)")
             conf = self._dir / "rumqttd.toml"
             conf.write_text(RUMQTTD_CONF.format(host=self.host, port=self.port))
             cmd = [sys.executable, "-m", "iotcore", "--config", str(conf), "--log-level", "WARNING"]

@@ -74,7 +74,7 @@ class Bridge:
         if url.username:
             self.client.username_pw_set(url.username, url.password)
         if url.tls:
-            self.client.tls_set()
+            self.client.tls_set(ca_certs=config.tls_ca_certs())
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.will_set(*offline_will(), qos=1, retain=True)  # devices hold telemetry while the hub is away
         self.client.on_connect = self._on_connect

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +44,21 @@ class HubConfig:
     alert_eval_s: float = 15.0  # how often alert rules are evaluated
     telemetry_retention_s: float = 7 * 86400  # raw telemetry older than this is folded into 1-minute rollups
     data_retention_s: float = 30 * 86400  # collected inputs/predictions older than this are deleted
+    broker_ca: Path | None = None  # mqtts: the broker's CA (PEM); the hub trusts it and pins it on devices at enrolment
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         parse_broker_url(self.mqtt_url)  # fail at start, not at first connect
+        if self.broker_ca is not None:
+            self.broker_ca = Path(self.broker_ca)
+            ssl.create_default_context(cafile=str(self.broker_ca))  # a bad CA file fails here, with OpenSSL's reason
+
+    def broker_ca_pem(self) -> str | None:
+        return self.broker_ca.read_text() if self.broker_ca is not None else None
+
+    def tls_ca_certs(self) -> str | None:
+        """For paho's ``tls_set(ca_certs=...)``: the configured CA, or None for the system store."""
+        return str(self.broker_ca) if self.broker_ca is not None else None
 
     @property
     def device_mqtt_url(self) -> str:

@@ -76,8 +76,10 @@ def _iso(ts: float) -> str:
 
 
 class Fleet:
-    def __init__(self, db: Database, keys: KeyRing, director: Director, device_mqtt_url: str) -> None:
+    def __init__(self, db: Database, keys: KeyRing, director: Director, device_mqtt_url: str,
+                 broker_ca_pem: str | None = None) -> None:
         self.db, self.keys, self.director, self.device_mqtt_url = db, keys, director, device_mqtt_url
+        self.broker_ca_pem = broker_ca_pem  # handed to devices at enrolment so they pin the broker's CA
         self.on_credentials_changed: Callable[[], None] = lambda: None  # isolation: rewrite the broker's files
 
     def broker_credentials(self) -> list[tuple[str, str]]:
@@ -152,7 +154,8 @@ class Fleet:
         self.on_credentials_changed()  # before answering: the device connects as soon as it has its password
         self.director.sync([device_id])
         return {"device_id": device_id, "mqtt_url": self.device_mqtt_url, "mqtt_username": device_id,
-                "mqtt_password": password, "root": self.keys.root_envelope, "hub_time": time.time()}
+                "mqtt_password": password, "root": self.keys.root_envelope, "hub_time": time.time(),
+                **({"broker_ca": self.broker_ca_pem} if self.broker_ca_pem else {})}
 
     def _fresh_id(self) -> str:
         while True:

@@ -59,7 +59,7 @@ class IngestWorker:
         if url.username:
             self.client.username_pw_set(url.username, url.password)
         if url.tls:
-            self.client.tls_set()
+            self.client.tls_set(ca_certs=config.tls_ca_certs())
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self._url = url

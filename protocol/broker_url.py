@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from urllib.parse import unquote, urlsplit
 
 from protocol.encoding import ProtocolError
@@ -15,9 +15,13 @@ class BrokerURL:
     tls: bool = False
     username: str | None = None
     password: str | None = None
+    ca_pem: str | None = field(default=None, repr=False)  # mqtts: trust this CA (PEM) instead of the system store
 
     def with_credentials(self, username: str | None, password: str | None) -> BrokerURL:
-        return BrokerURL(self.host, self.port, self.tls, username, password)
+        return replace(self, username=username, password=password)
+
+    def with_ca(self, ca_pem: str | None) -> BrokerURL:
+        return replace(self, ca_pem=ca_pem)
 
     def public(self) -> str:
         """The URL without credentials, safe to log or hand out."""

@@ -47,6 +47,8 @@ def hub_serve(
     isolate: bool = typer.Option(False, "--isolate", help="Per-device broker logins and ACL (DATA/broker); see docs/fleet.md."),
     ingest_workers: int = typer.Option(0, "--ingest-workers", envvar="EDGEFLEET_INGEST_WORKERS", min=0,
                                        help="Extra processes sharing telemetry ingest (MQTT 5 shared subscription)."),
+    broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA", exists=True, dir_okay=False,
+                                          help="PEM CA of an mqtts:// broker: the hub trusts it and pins it on devices."),
 ) -> None:
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C."""
     from edgefleet.broker import LocalBroker
@@ -78,7 +80,8 @@ def hub_serve(
              public_mqtt or mqtt.split("@")[-1])
     try:
         serve_forever(HubConfig(data_dir=data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=isolate,
-                                broker_pid=broker_pid, ingest_workers=ingest_workers), host=host, port=port)
+                                broker_pid=broker_pid, ingest_workers=ingest_workers, broker_ca=broker_ca),
+                     host=host, port=port)
     finally:
         if broker is not None:
             broker.stop()
@@ -116,12 +119,20 @@ def agent_run(
     isolation: str = typer.Option("process", "--isolation", help="process (a worker per module) or inprocess."),
     module_memory_mb: int = typer.Option(0, "--module-memory-mb", help="Address-space cap per module worker."),
     module_cpu_seconds: int = typer.Option(0, "--module-cpu-seconds", help="CPU-time cap per module worker."),
+    broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA",
+                                          help="PEM CA to trust for mqtts:// (default: the one pinned at enrolment)."),
 ) -> None:
     """Run the device daemon until SIGINT/SIGTERM."""
     from agent.daemon import run_agent
+    from agent.identity import EnrollmentError
 
-    run_agent(data, mqtt_url=mqtt, workload_rate=rate, telemetry_interval=telemetry_interval, api_port=api_port,
-              isolation=isolation, module_memory_mb=module_memory_mb, module_cpu_seconds=module_cpu_seconds)
+    try:
+        run_agent(data, mqtt_url=mqtt, workload_rate=rate, telemetry_interval=telemetry_interval, api_port=api_port,
+                  isolation=isolation, module_memory_mb=module_memory_mb, module_cpu_seconds=module_cpu_seconds,
+                  broker_ca=broker_ca)
+    except EnrollmentError as exc:
+        err.print(f"[red]cannot start the agent:[/] {exc}")
+        raise typer.Exit(2) from None
 
 
 # --- simulator ----------------------------------------------------------------------------------
