@@ -25,6 +25,7 @@ import numpy as np
 from agent.worker import _LEN, MAX_HEADER, arrays_from, body_size, pack, parse_header
 from modules.runners import Batch, InputError, ModelError
 from protocol.manifest import Manifest, TensorSpec
+from protocol.schema import validate
 
 log = logging.getLogger("edgefleet.agent.supervisor")
 
@@ -63,10 +64,10 @@ class WorkerProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, _WORKER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=env, limit=2**26)
-        header, _ = await self.request({"op": "load", "files": str(self.files), "manifest": self.manifest.model_dump(),
+        header, _ = await self.request({"op": "load", "files": str(self.files), "manifest": self.manifest.to_dict(),
                                         "limits": self.limits}, timeout=timeout)
-        self.inputs = [TensorSpec.model_validate(s) for s in header["inputs"]]
-        self.outputs = [TensorSpec.model_validate(s) for s in header["outputs"]]
+        self.inputs = [validate(TensorSpec, s) for s in header["inputs"]]
+        self.outputs = [validate(TensorSpec, s) for s in header["outputs"]]
 
     async def request(self, header: dict[str, Any], arrays: Batch | None = None,
                       timeout: float | None = None) -> tuple[dict[str, Any], Batch]:

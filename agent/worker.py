@@ -103,6 +103,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """The worker loop; returns on EOF."""
     from modules.runners import InputError, health_check, load_runner, load_sample
     from protocol.manifest import Manifest
+    from protocol.schema import validate
 
     runner: Any = None
     files = Path(".")
@@ -117,12 +118,12 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         op = header.get("op")
         try:
             if op == "load":
-                files, manifest = Path(header["files"]), Manifest.model_validate(header["manifest"])
+                files, manifest = Path(header["files"]), validate(Manifest, header["manifest"])
                 apply_limits(header.get("limits") or {})
                 runner = load_runner(files, manifest)
                 reply({"ok": True, "pid": os.getpid(),
-                       "inputs": [s.model_dump() for s in runner.inputs],
-                       "outputs": [s.model_dump() for s in runner.outputs]})
+                       "inputs": [s.to_dict() for s in runner.inputs],
+                       "outputs": [s.to_dict() for s in runner.outputs]})
             elif op == "predict":
                 reply({"ok": True}, runner.predict(arrays))
             elif op == "health":
