@@ -79,13 +79,18 @@ class WorkerProcess:
             if not self.alive:
                 raise WorkerCrashed(f"module {self.name} worker is not running")
             try:
-                return await asyncio.wait_for(self._exchange(header, arrays, blob), timeout)
+                answer, out, out_blob = await asyncio.wait_for(self._exchange(header, arrays, blob), timeout)
             except TimeoutError:
                 await self.kill()
                 raise
             except (ConnectionError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
                 await self.kill()
                 raise WorkerCrashed(f"module {self.name} worker died ({self._exit_text()}): {exc!r}") from None
+        if not answer.get("ok"):  # the worker answered, and lives on: the request failed, not the worker
+            error = str(answer.get("error", "worker error"))
+            kind = answer.get("kind")
+            raise BodyError(error) if kind == "body" else InputError(error) if kind == "input" else ModelError(error)
+        return answer, out, out_blob
 
     async def _exchange(self, header: dict[str, Any], arrays: Batch | None,
                         blob: bytes) -> tuple[dict[str, Any], Batch, bytes]:
@@ -98,10 +103,6 @@ class WorkerProcess:
         answer = parse_header(await self.proc.stdout.readexactly(n))
         size = body_size(answer)
         body = await self.proc.stdout.readexactly(size) if size else b""
-        if not answer.get("ok"):
-            error = str(answer.get("error", "worker error"))
-            kind = answer.get("kind")
-            raise BodyError(error) if kind == "body" else InputError(error) if kind == "input" else ModelError(error)
         return (answer, *unpack_body(answer, body))
 
     def _exit_text(self) -> str:
