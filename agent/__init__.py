@@ -3,6 +3,6 @@
 from agent.core import Agent
 from agent.daemon import run_agent
 from agent.identity import Identity, enroll, load_identity
-from agent.workload import Workload
 
-__all__ = ["Agent", "Identity", "Workload", "enroll", "load_identity", "run_agent"]
+# agent.workload (the synthetic load, NumPy) is imported by those who use it: the daemon never loads NumPy otherwise.
+__all__ = ["Agent", "Identity", "enroll", "load_identity", "run_agent"]

@@ -20,9 +20,8 @@ from collections import Counter
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import psutil
 
 from agent.identity import Identity, save_identity
@@ -30,10 +29,10 @@ from agent.install import BEFORE_ACTIVATION, Entry, Installed, Installer, atomic
 from agent.localapi import LocalApi
 from agent.mqtt import AsyncMqttClient, MessageHandler, MqttOffline, Will
 from agent.outbox import Outbox
+from agent.stats import ModuleStats
 from agent.supervisor import ModuleWorker, WorkerProcess, health_check_in_worker
 from agent.transfer import MANIFESTS_DIR, BundleFetch
-from agent.workload import ModuleStats, Workload
-from modules.runners import Batch, Runner, coerce_inputs
+from modules.errors import InputError
 from modules.store import ContentStore
 from protocol.broker_url import BrokerURL
 from protocol.encoding import ProtocolError, digest_of, parse_json
@@ -64,6 +63,10 @@ from protocol.topics import (
     root_wildcard,
 )
 from protocol.verify import accept_desired
+
+if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
+    from agent.workload import Workload
+    from modules.runners import Batch, Runner
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -173,7 +176,7 @@ class Agent:
         self._installing: tuple[str, str] | None = None  # (name, bundle) of the install under way
         self._install_task: asyncio.Task[Entry] | None = None
         self._data: list[DataRecord] = []
-        self._rng = np.random.default_rng(workload.seed if workload else None)
+        self._rng = random.Random(workload.seed if workload else None)  # which inferences are sampled
         self._desired_changed = asyncio.Event()
         self._report_dirty = asyncio.Event()
         self._outbox_ready = asyncio.Event()
@@ -425,13 +428,11 @@ class Agent:
             if active is None:
                 return CommandReply(id=cmd.id, ok=False, error=f"module {name!r} is not running here")
             try:
-                raw = cmd.args.get("inputs", {})
-                batch = coerce_inputs(raw, active.runner.inputs) if active.runner.inputs else raw
-                out = await self.infer(active, batch)
+                out = await self.infer_json(active, json.dumps({"inputs": cmd.args.get("inputs", {})}).encode())
             except Exception as exc:  # the caller gets the reason; the agent keeps serving
                 return CommandReply(id=cmd.id, ok=False, error=str(exc) or repr(exc))
             return CommandReply(id=cmd.id, ok=True, result={
-                "module": active.name, "version": active.version, "outputs": {k: v.tolist() for k, v in out.items()}})
+                "module": active.name, "version": active.version, "outputs": json.loads(out)})
         return CommandReply(id=cmd.id, ok=False, error=f"unknown command {cmd.name!r}: this agent knows ping, infer")
 
     # --- reconciling -------------------------------------------------------------------------
@@ -581,7 +582,7 @@ class Agent:
     # --- inference ---------------------------------------------------------------------------
 
     async def infer(self, active: ActiveModule, batch: Batch) -> Batch:
-        """Run one batch through ``active`` (its worker, or in process), counting and sampling it."""
+        """Run one batch of arrays through ``active`` (its worker, or in process), counting and sampling it."""
         t0 = time.perf_counter()
         ok = False
         self.inferences += 1
@@ -593,19 +594,51 @@ class Agent:
             ok = True
         finally:
             active.stats.record((time.perf_counter() - t0) * 1000.0, ok)
-        if active.collect_rate_ppm and self._rng.random() * 1_000_000 < active.collect_rate_ppm:
-            self._data.append(DataRecord(
-                ts=self.clock(), module=active.name, version=active.version,
-                input={k: np.asarray(v).tolist() for k, v in batch.items()},
-                output={k: v.tolist() for k, v in out.items()},
-            ))
+        if self._sampled(active):
+            self._collect(active, {k: v.tolist() for k, v in batch.items()}, {k: v.tolist() for k, v in out.items()})
         return out
+
+    async def infer_json(self, active: ActiveModule, body: bytes) -> bytes:
+        """Run a JSON request ``{"inputs": {...}}`` through ``active``; the outputs object as JSON.
+
+        With process isolation the body goes to the worker as it is: the worker parses it, checks it
+        against the signature and runs it, so the agent never builds an array. A body that is not
+        JSON (BodyError) or does not fit the signature (InputError) never reached the model: not counted.
+        """
+        t0 = time.perf_counter()
+        ok, counted = False, True
+        try:
+            if isinstance(active.runner, ModuleWorker):
+                out = await active.runner.predict_json(body)
+            else:
+                from modules.runners import predict_json  # in-process isolation: the runner's NumPy is here anyway
+
+                out = predict_json(active.runner, body)
+            ok = True
+        except InputError:
+            counted = False
+            raise
+        finally:
+            if counted:
+                self.inferences += 1
+                active.stats.record((time.perf_counter() - t0) * 1000.0, ok)
+        if self._sampled(active):  # parsed again only when sampled
+            doc = json.loads(body)
+            self._collect(active, doc.get("inputs") if isinstance(doc, dict) else doc, json.loads(out))
+        return out
+
+    def _sampled(self, active: ActiveModule) -> bool:
+        return bool(active.collect_rate_ppm) and self._rng.random() * 1_000_000 < active.collect_rate_ppm
+
+    def _collect(self, active: ActiveModule, inputs: Any, outputs: Any) -> None:
+        self._data.append(DataRecord(ts=self.clock(), module=active.name, version=active.version, input=inputs,
+                                     output=outputs))
 
     async def _workload_loop(self, active: ActiveModule) -> None:
         assert self.workload is not None
         loop = asyncio.get_running_loop()
         period = 1.0 / self.workload.rate
-        rng = np.random.default_rng(None if self.workload.seed is None else self.workload.seed + hash(active.name) % 1000)
+        rng = self.workload.rng(active.name)
         next_t = loop.time() + random.uniform(0, period)  # spread many agents across the period
         while True:
             await asyncio.sleep(max(0.0, next_t - loop.time()))

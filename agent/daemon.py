@@ -11,7 +11,6 @@ from pathlib import Path
 
 from agent.core import ISOLATION_MODES, Agent
 from agent.identity import EnrollmentError, load_identity, read_ca_file
-from agent.workload import Workload
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -37,7 +36,11 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
     identity = load_identity(Path(data_dir))
     if broker_ca is not None:
         identity = dataclasses.replace(identity, broker_ca=read_ca_file(broker_ca))
-    workload = Workload(rate=workload_rate) if workload_rate > 0 else None
+    workload = None
+    if workload_rate > 0:  # a demo load generator: it (and NumPy) is loaded only when asked for
+        from agent.workload import Workload
+
+        workload = Workload(rate=workload_rate)
     agent = Agent(identity, Path(data_dir), mqtt_url=mqtt_url, workload=workload,
                   telemetry_interval=telemetry_interval, isolation=isolation, api_port=api_port,
                   module_limits={"memory_mb": module_memory_mb, "cpu_seconds": module_cpu_seconds},

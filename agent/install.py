@@ -23,16 +23,19 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modules.bundle import FILES_DIR, write_bundle_dir
 from modules.bundle import verify_bundle_dir as _verify_bundle_dir
-from modules.runners import InputError, ModelError, Runner, health_check, load_runner, load_sample
+from modules.errors import InputError, ModelError
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
 from protocol.manifest import FileEntry, Manifest
 from protocol.messages import DesiredModule
 from protocol.signing import Root
+
+if TYPE_CHECKING:
+    from modules.runners import Runner
 
 log = logging.getLogger("edgefleet.agent.install")
 
@@ -223,6 +226,8 @@ class Installer:
         return Installed(name, digest, manifest, self.version_dir(name, digest) / FILES_DIR)
 
     def runner_for(self, inst: Installed) -> Runner:
+        from modules.runners import load_runner  # in-process isolation: runners (and NumPy) live in this process
+
         runner = self.runner_cache.get(inst.bundle)
         if runner is None:
             runner = load_runner(inst.files, inst.manifest)
@@ -290,6 +295,8 @@ class Installer:
         return entry
 
     def _health_check(self, inst: Installed) -> None:
+        from modules.runners import health_check, load_runner, load_sample  # in-process isolation, as above
+
         runner = self.runner_cache.get(inst.bundle) or load_runner(inst.files, inst.manifest)
         health_check(runner, load_sample(inst.files, inst.manifest))
         self.runner_cache[inst.bundle] = runner  # cache only what passed

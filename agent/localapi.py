@@ -6,7 +6,8 @@
     GET  /metrics                    Prometheus text
 
 asyncio streams with keep-alive, no framework: the device pays for no web stack, and a request
-costs little more than the inference itself (see bench/agent_bench.py).
+costs little more than the inference itself (see bench/agent_bench.py). The body goes to the
+module's worker as it came (Agent.infer_json): the agent neither parses the inputs nor builds arrays.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from modules.runners import InputError, coerce_inputs
+from modules.errors import BodyError, InputError
 
 if TYPE_CHECKING:
     from agent.core import Agent
@@ -111,19 +112,16 @@ class LocalApi:
             return _json(404, {"detail": f"module {name!r} is not running here",
                                "modules": sorted(self.agent.active)})
         try:
-            doc = json.loads(body)
-        except ValueError as exc:
-            return _json(400, {"detail": f"body is not JSON: {exc}"})
-        try:
-            raw = doc.get("inputs") if isinstance(doc, dict) else None
-            batch = coerce_inputs(raw, active.runner.inputs) if active.runner.inputs else raw  # type: ignore[arg-type]
-            out = await self.agent.infer(active, batch)
+            out = await self.agent.infer_json(active, body)
+        except BodyError as exc:
+            return _json(400, {"detail": str(exc)})
         except InputError as exc:
             return _json(422, {"detail": str(exc)})
         except Exception as exc:  # the module's own failure: the caller gets the reason
             return _json(500, {"detail": str(exc) or repr(exc)})
-        return _json(200, {"module": active.name, "version": active.version,
-                           "outputs": {k: v.tolist() for k, v in out.items()}})
+        # the worker's JSON as it is, inside the envelope (not parsed and encoded again)
+        return 200, "application/json", b'{"module": %s, "version": %d, "outputs": %s}' % (
+            json.dumps(active.name).encode(), active.version, out)
 
     # --- metrics -----------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@
                         \\-> stopped
 
 A request that hangs past its deadline kills the worker (a hung health check or predict
-cannot wedge the agent); the next request starts a fresh one.
+cannot wedge the agent); the next request starts a fresh one. JSON requests go to the worker
+as they came (``predict_json``): the worker parses, checks and runs them, so the agent process
+never loads NumPy for them.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from agent.worker import _LEN, MAX_HEADER, arrays_from, body_size, pack, parse_header
-from modules.runners import Batch, InputError, ModelError
+from agent.worker import _LEN, MAX_HEADER, body_size, pack, parse_header, unpack_body
+from modules.errors import BodyError, InputError, ModelError
 from protocol.manifest import Manifest, TensorSpec
+from protocol.schema import validate
+
+if TYPE_CHECKING:
+    from modules.runners import Batch
 
 log = logging.getLogger("edgefleet.agent.supervisor")
 
@@ -63,29 +67,35 @@ class WorkerProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, _WORKER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=env, limit=2**26)
-        header, _ = await self.request({"op": "load", "files": str(self.files), "manifest": self.manifest.model_dump(),
+        header, _, _ = await self.request({"op": "load", "files": str(self.files), "manifest": self.manifest.to_dict(),
                                         "limits": self.limits}, timeout=timeout)
-        self.inputs = [TensorSpec.model_validate(s) for s in header["inputs"]]
-        self.outputs = [TensorSpec.model_validate(s) for s in header["outputs"]]
+        self.inputs = [validate(TensorSpec, s) for s in header["inputs"]]
+        self.outputs = [validate(TensorSpec, s) for s in header["outputs"]]
 
-    async def request(self, header: dict[str, Any], arrays: Batch | None = None,
-                      timeout: float | None = None) -> tuple[dict[str, Any], Batch]:
-        """Send one request; the answer's header and arrays. Kills the worker on timeout or a broken pipe."""
+    async def request(self, header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"",
+                      timeout: float | None = None) -> tuple[dict[str, Any], Batch, bytes]:
+        """Send one request; the answer's header, arrays and blob. Kills the worker on timeout or a broken pipe."""
         async with self._lock:
             if not self.alive:
                 raise WorkerCrashed(f"module {self.name} worker is not running")
             try:
-                return await asyncio.wait_for(self._exchange(header, arrays), timeout)
+                answer, out, out_blob = await asyncio.wait_for(self._exchange(header, arrays, blob), timeout)
             except TimeoutError:
                 await self.kill()
                 raise
             except (ConnectionError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
                 await self.kill()
                 raise WorkerCrashed(f"module {self.name} worker died ({self._exit_text()}): {exc!r}") from None
+        if not answer.get("ok"):  # the worker answered, and lives on: the request failed, not the worker
+            error = str(answer.get("error", "worker error"))
+            kind = answer.get("kind")
+            raise BodyError(error) if kind == "body" else InputError(error) if kind == "input" else ModelError(error)
+        return answer, out, out_blob
 
-    async def _exchange(self, header: dict[str, Any], arrays: Batch | None) -> tuple[dict[str, Any], Batch]:
+    async def _exchange(self, header: dict[str, Any], arrays: Batch | None,
+                        blob: bytes) -> tuple[dict[str, Any], Batch, bytes]:
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(pack(header, arrays))
+        self.proc.stdin.write(pack(header, arrays, blob))
         await self.proc.stdin.drain()
         (n,) = _LEN.unpack(await self.proc.stdout.readexactly(_LEN.size))
         if n > MAX_HEADER:
@@ -93,10 +103,7 @@ class WorkerProcess:
         answer = parse_header(await self.proc.stdout.readexactly(n))
         size = body_size(answer)
         body = await self.proc.stdout.readexactly(size) if size else b""
-        if not answer.get("ok"):
-            error = str(answer.get("error", "worker error"))
-            raise InputError(error) if answer.get("kind") == "input" else ModelError(error)
-        return answer, arrays_from(answer, body)
+        return (answer, *unpack_body(answer, body))
 
     def _exit_text(self) -> str:
         rc = self.proc.returncode if self.proc is not None else None
@@ -225,6 +232,16 @@ class ModuleWorker:
             _ = rc
 
     async def predict(self, batch: Batch) -> Batch:
+        _, out, _ = await self._request({"op": "predict"}, arrays=batch)
+        return out
+
+    async def predict_json(self, body: bytes) -> bytes:
+        """A JSON body ``{"inputs": {...}}`` in, the outputs object as JSON out; parsed and checked in the worker."""
+        _, _, out = await self._request({"op": "predict_json"}, blob=body)
+        return out
+
+    async def _request(self, header: dict[str, Any], arrays: Batch | None = None,
+                       blob: bytes = b"") -> tuple[dict[str, Any], Batch, bytes]:
         if self.state in ("crash_loop", "stopped"):
             raise ModelError(f"module {self.name} is not serving ({self.state}: {self.last_crash})")
         if not self._ready.is_set():
@@ -234,10 +251,9 @@ class ModuleWorker:
                 raise ModelError(f"module {self.name} worker is restarting ({self.last_crash})") from None
         assert self._worker is not None
         try:
-            _, out = await self._worker.request({"op": "predict"}, batch, timeout=self.request_timeout)
+            return await self._worker.request(header, arrays, blob, timeout=self.request_timeout)
         except TimeoutError:
             raise ModelError(f"module {self.name} did not answer within {self.request_timeout:g}s; worker killed") from None
-        return out
 
     async def stop(self) -> None:
         self.state = "stopped"
@@ -249,6 +265,3 @@ class ModuleWorker:
         if self._worker is not None:
             await self._worker.stop()
 
-
-def as_lists(batch: Batch) -> dict[str, Any]:
-    return {k: np.asarray(v).tolist() for k, v in batch.items()}

@@ -1,14 +1,18 @@
 """The module worker: one child process per running module, serving predict and health checks over a pipe.
 
 ``python agent/worker.py`` reads framed requests on stdin and answers on stdout. A frame is
-a 4-byte big-endian header length, a JSON header, then the raw bytes of each array the header
-lists (``{"name", "dtype", "shape", "nbytes"}``). Arrays travel as raw buffers, never pickled,
-so a misbehaving module cannot make the agent unpickle anything.
+a 4-byte big-endian header length, a JSON header, the raw bytes of each array the header
+lists (``{"name", "dtype", "shape", "nbytes"}``), then ``blob`` opaque bytes (JSON). Arrays
+travel as raw buffers, never pickled, so a misbehaving module cannot make the agent unpickle anything.
 
-Requests: ``load`` (first; ``files``, ``manifest``, ``limits``), ``predict`` (arrays in),
-``health`` (run the bundle's sample). Answers: ``{"ok": true, ...}`` or
-``{"ok": false, "kind": "input"|"model", "error": text}``. The worker exits on stdin EOF, and
-on Linux also when the agent dies (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan.
+Requests: ``load`` (first; ``files``, ``manifest``, ``limits``), ``predict_json`` (blob: a JSON
+body ``{"inputs": {...}}``; answer blob: the outputs object as JSON), ``predict`` (arrays in and
+out), ``health`` (run the bundle's sample). Answers: ``{"ok": true, ...}`` or ``{"ok": false,
+"kind": "body"|"input"|"model", "error": text}``. The worker exits on stdin EOF, and on Linux also
+when the agent dies (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan.
+
+The agent imports this file for the framing: nothing here loads NumPy at import time, and a frame
+with no arrays (the agent's ``predict_json``) is packed and unpacked without it.
 """
 
 from __future__ import annotations
@@ -21,26 +25,26 @@ import signal
 import struct
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import numpy as np
+if TYPE_CHECKING:
+    from modules.runners import Batch
 
 _LEN = struct.Struct(">I")
 MAX_HEADER = 16 * 2**20
 
 
-def pack(header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> bytes:
-    """One frame: header (with the arrays' descriptions added) and the arrays' bytes."""
+def pack(header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"") -> bytes:
+    """One frame: header (with the arrays' descriptions and the blob's size added), the arrays' bytes, the blob."""
     bufs = []
     descs = []
-    for name, arr in (arrays or {}).items():
-        a = np.ascontiguousarray(arr)
+    for name, a in (arrays or {}).items():
         if a.dtype.kind in "OUS":
             raise ValueError(f"array {name!r} has dtype {a.dtype}: only numeric and bool tensors cross the worker pipe")
         descs.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "nbytes": a.nbytes})
-        bufs.append(a.tobytes())
-    head = json.dumps({**header, "arrays": descs}).encode()
-    return b"".join([_LEN.pack(len(head)), head, *bufs])
+        bufs.append(a.tobytes())  # C order, whatever the array's layout
+    head = json.dumps({**header, "arrays": descs, "blob": len(blob)}).encode()
+    return b"".join([_LEN.pack(len(head)), head, *bufs, blob])
 
 
 def parse_header(raw: bytes) -> dict[str, Any]:
@@ -50,18 +54,27 @@ def parse_header(raw: bytes) -> dict[str, Any]:
     return header
 
 
-def arrays_from(header: dict[str, Any], body: bytes) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
+def body_size(header: dict[str, Any]) -> int:
+    return sum(int(d["nbytes"]) for d in header.get("arrays", [])) + int(header.get("blob", 0))
+
+
+def unpack_body(header: dict[str, Any], body: bytes) -> tuple[Batch, bytes]:
+    """A frame body's arrays and blob."""
+    descs = header.get("arrays", [])
+    offset = sum(int(d["nbytes"]) for d in descs)
+    return (_arrays(descs, body) if descs else {}), body[offset:]
+
+
+def _arrays(descs: list[dict[str, Any]], body: bytes) -> Batch:
+    import numpy as np  # only a frame that carries arrays needs it: the agent's JSON requests never do
+
+    out: Batch = {}
     offset = 0
-    for d in header.get("arrays", []):
+    for d in descs:
         n = int(d["nbytes"])
         out[d["name"]] = np.frombuffer(body[offset:offset + n], dtype=np.dtype(d["dtype"])).reshape(d["shape"])
         offset += n
     return out
-
-
-def body_size(header: dict[str, Any]) -> int:
-    return sum(int(d["nbytes"]) for d in header.get("arrays", []))
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes | None:
@@ -69,7 +82,7 @@ def _read_exact(f: BinaryIO, n: int) -> bytes | None:
     return data if data is not None and len(data) == n else None
 
 
-def _read_frame(f: BinaryIO) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+def _read_frame(f: BinaryIO) -> tuple[dict[str, Any], Batch, bytes] | None:
     raw = _read_exact(f, _LEN.size)
     if raw is None:
         return None
@@ -79,7 +92,7 @@ def _read_frame(f: BinaryIO) -> tuple[dict[str, Any], dict[str, np.ndarray]] | N
         return None
     header = parse_header(head)
     body = _read_exact(f, body_size(header)) if body_size(header) else b""
-    return (header, arrays_from(header, body)) if body is not None else None
+    return (header, *unpack_body(header, body)) if body is not None else None
 
 
 def apply_limits(limits: dict[str, Any]) -> None:
@@ -101,28 +114,31 @@ def _die_with_parent() -> None:
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """The worker loop; returns on EOF."""
-    from modules.runners import InputError, health_check, load_runner, load_sample
+    from modules.runners import BodyError, InputError, health_check, load_runner, load_sample, predict_json
     from protocol.manifest import Manifest
+    from protocol.schema import validate
 
     runner: Any = None
     files = Path(".")
     manifest: Manifest | None = None
 
-    def reply(header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
-        out.write(pack(header, arrays))
+    def reply(header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"") -> None:
+        out.write(pack(header, arrays, blob))
         out.flush()
 
     while (frame := _read_frame(inp)) is not None:
-        header, arrays = frame
+        header, arrays, blob = frame
         op = header.get("op")
         try:
             if op == "load":
-                files, manifest = Path(header["files"]), Manifest.model_validate(header["manifest"])
+                files, manifest = Path(header["files"]), validate(Manifest, header["manifest"])
                 apply_limits(header.get("limits") or {})
                 runner = load_runner(files, manifest)
                 reply({"ok": True, "pid": os.getpid(),
-                       "inputs": [s.model_dump() for s in runner.inputs],
-                       "outputs": [s.model_dump() for s in runner.outputs]})
+                       "inputs": [s.to_dict() for s in runner.inputs],
+                       "outputs": [s.to_dict() for s in runner.outputs]})
+            elif op == "predict_json":
+                reply({"ok": True}, blob=predict_json(runner, blob))
             elif op == "predict":
                 reply({"ok": True}, runner.predict(arrays))
             elif op == "health":
@@ -131,6 +147,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
                 reply({"ok": True})
             else:
                 reply({"ok": False, "kind": "model", "error": f"unknown worker op {op!r}"})
+        except BodyError as exc:
+            reply({"ok": False, "kind": "body", "error": str(exc)})
         except InputError as exc:
             reply({"ok": False, "kind": "input", "error": str(exc)})
         except MemoryError:

@@ -1,15 +1,18 @@
-"""Synthetic workload for demos and the simulator, and the per-module statistics every inference feeds."""
+"""Synthetic workload for demos and the simulator (``--rate``): NumPy inputs shaped by a module's signature.
+
+Only an agent given a workload imports this (and so NumPy); the statistics every inference feeds
+are in agent.stats.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from modules.examples import N_FEATURES, synthetic_inputs
 from modules.runners import Batch
 from protocol.manifest import TensorSpec
-from protocol.messages import LatencyMs
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,10 @@ class Workload:
     batch: int = 1
     shift: float = 0.0  # moves feature 0 of the example model's inputs: a drift scenario
     seed: int | None = None
+
+    def rng(self, salt: str) -> np.random.Generator:
+        """A generator per module (seeded from ``seed`` when given)."""
+        return np.random.default_rng(None if self.seed is None else self.seed + hash(salt) % 1000)
 
     def make_inputs(self, rng: np.random.Generator, specs: list[TensorSpec]) -> Batch:
         out: Batch = {}
@@ -32,33 +39,3 @@ class Workload:
             else:
                 out[spec.name] = rng.normal(size=shape).astype(spec.dtype)
         return out
-
-
-@dataclass
-class ModuleStats:
-    """Counts for the current telemetry interval, plus a lifetime total."""
-
-    inferences: int = 0
-    errors: int = 0
-    total: int = 0
-    errors_total: int = 0
-    latency_ms_sum: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
-
-    def record(self, latency_ms: float, ok: bool) -> None:
-        self.inferences += 1
-        self.total += 1
-        self.errors += 0 if ok else 1
-        self.errors_total += 0 if ok else 1
-        self.latency_ms_sum += latency_ms
-        if len(self.latencies_ms) < 100_000:  # bounded even at absurd rates
-            self.latencies_ms.append(latency_ms)
-
-    def take(self) -> tuple[int, int, LatencyMs]:
-        """Return and reset this interval's counts and latency percentiles."""
-        n, errors, lat = self.inferences, self.errors, self.latencies_ms
-        self.inferences, self.errors, self.latencies_ms = 0, 0, []
-        if not lat:
-            return n, errors, LatencyMs()
-        p50, p95, p99 = (round(float(v), 3) for v in np.percentile(np.asarray(lat), [50, 95, 99]))
-        return n, errors, LatencyMs(p50=p50, p95=p95, p99=p99)

@@ -193,7 +193,7 @@ class Bridge:
     def _on_reported(self, msg: ReportedState) -> None:
         with self.db.transaction() as tx:
             tx.execute("UPDATE devices SET reported = ?, last_seen = ? WHERE id = ?",
-                       (dumps(msg.model_dump(mode="json")), now(), msg.device))
+                       (dumps(msg.to_dict()), now(), msg.device))
             if msg.facts:
                 tx.execute("UPDATE devices SET facts = ? WHERE id = ?", (dumps(msg.facts), msg.device))
 
@@ -204,7 +204,7 @@ class Bridge:
         self.writer.data(data_rows(msg))
 
     def _on_command_reply(self, msg: CommandReply) -> None:
-        self.command_replies[msg.id] = msg.model_dump(mode="json")
+        self.command_replies[msg.id] = msg.to_dict()
         while len(self.command_replies) > 1000:  # keep memory bounded until commands are stored
             self.command_replies.pop(next(iter(self.command_replies)))
 

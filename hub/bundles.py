@@ -8,6 +8,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from msgspec.structs import replace
+
 from hub.db import Database, dumps, loads, now
 from hub.errors import Invalid, NotFound
 from hub.keys import KeyRing
@@ -16,6 +18,7 @@ from modules.bundle import build_manifest, sign_release
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import CHUNK_SIZE, Manifest, TensorSpec, parse_manifest
+from protocol.schema import validate
 from protocol.signing import sign
 
 log = logging.getLogger("edgefleet.hub.bundles")
@@ -85,21 +88,21 @@ class ModuleBuilder:
             "runtime": runtime or first["framework"], "files": files, "model": first["files"][0]["path"],
             "entry": entry_name if entry is not None else "",
             "sample": SAMPLE_PATH if sample is not None else "", "collect_rate_ppm": collect_rate_ppm,
-            "inputs": [TensorSpec.model_validate(s) for s in first["inputs"]],
-            "outputs": [TensorSpec.model_validate(s) for s in first["outputs"]],
+            "inputs": [validate(TensorSpec, s) for s in first["inputs"]],
+            "outputs": [validate(TensorSpec, s) for s in first["outputs"]],
         }
         try:  # hash the files once, outside the write lock; only the version differs below
             draft = build_manifest(name, 1, **kwargs)
-            parse_manifest(draft.model_dump(mode="json"))  # the checks a device will make
-        except (ValueError, ProtocolError) as exc:  # pydantic refuses a bad runtime, rate or name
+            parse_manifest(draft.to_dict())  # the checks a device will make
+        except (ValueError, ProtocolError) as exc:  # parse_manifest refuses a bad runtime, rate or name
             raise Invalid(f"cannot build module {name!r}: {exc}") from None
         with self.db.transaction() as tx:
             latest = tx.execute("SELECT version, digest FROM modules WHERE name = ? ORDER BY version DESC LIMIT 1",
                                 (name,)).fetchone()
-            if latest is not None and draft.model_copy(update={"version": latest[0]}).digest() == latest[1]:
+            if latest is not None and replace(draft, version=latest[0]).digest() == latest[1]:
                 self._record_sources(tx, name, latest[0], refs, resources)
                 return self.get(name, latest[0])
-            manifest = draft.model_copy(update={"version": (latest[0] if latest else 0) + 1})
+            manifest = replace(draft, version=(latest[0] if latest else 0) + 1)
             envelope = sign_release(manifest, [self.keys.release_key], int(time.time()) + self.release_ttl_s)
             tx.execute("INSERT INTO modules (name, version, digest, runtime, envelope, size, created_at)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -163,7 +166,7 @@ class ModuleBuilder:
         return release_envelope(self.db, digest)
 
     def file_path(self, digest: str, path: str) -> Path:
-        manifest = Manifest.model_validate(self.release(digest)["signed"]["manifest"])
+        manifest = validate(Manifest, self.release(digest)["signed"]["manifest"])
         for f in manifest.files:
             if f.path == path:
                 return self.store.path(f.sha256)
@@ -179,7 +182,7 @@ def release_envelope(db: Database, digest: str) -> dict[str, Any]:
 
 @lru_cache(maxsize=256)
 def _chunk_set(envelope_json: str) -> frozenset[str]:
-    return frozenset(Manifest.model_validate(loads(envelope_json)["signed"]["manifest"]).chunk_digests())
+    return frozenset(validate(Manifest, loads(envelope_json)["signed"]["manifest"]).chunk_digests())
 
 
 def bundle_chunks(db: Database, digest: str) -> frozenset[str]:

@@ -22,6 +22,7 @@ from hub.rollout_states import HOLDING
 from hub.targeting import parse_target
 from protocol.encoding import canonical_json
 from protocol.messages import DesiredModule, DesiredState
+from protocol.schema import validate
 from protocol.signing import sign
 from protocol.topics import Channel, device_topic
 
@@ -96,7 +97,7 @@ class Director:
             if cur is None or (d["priority"], layer.created_at) > (cur[0]["priority"], cur[1]):
                 best[d["module_name"]] = (d, layer.created_at)
         return [DesiredModule(name=d["module_name"], version=d["module_version"], bundle=d["digest"], size=d["size"],
-                              deployment=d["deployment"], collect_rate_ppm=d["collect_rate_ppm"]).model_dump(mode="json")
+                              deployment=d["deployment"], collect_rate_ppm=d["collect_rate_ppm"]).to_dict()
                 for _, (d, _) in sorted(best.items())]
 
     def sync(self, device_ids: list[str] | None = None, renew_before: float | None = None) -> int:
@@ -119,8 +120,8 @@ class Director:
                         continue
                     state = DesiredState(device=row["id"], revision=row["revision"] + 1,
                                          expires=int(time.time()) + self.ttl_s,
-                                         modules=[DesiredModule.model_validate(m) for m in modules])
-                    envelope = canonical_json(sign(state.model_dump(mode="json"), [self.keys.director_key]))
+                                         modules=[validate(DesiredModule, m) for m in modules])
+                    envelope = canonical_json(sign(state.to_dict(), [self.keys.director_key]))
                     tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?, desired_expires = ?"
                                " WHERE id = ?", (state.revision, dumps(modules), envelope.decode(), state.expires,
                                                  row["id"]))

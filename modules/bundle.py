@@ -18,6 +18,7 @@ from typing import Any
 
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import CHUNK_SIZE, FileEntry, Manifest, TensorSpec, check_relative_path, release_document
+from protocol.schema import validate
 from protocol.signing import Root, SignatureError, sign, update_root
 from protocol.verify import accept_manifest
 
@@ -85,7 +86,7 @@ def write_bundle_dir(dest: Path, envelope: dict[str, Any], open_file: Callable[[
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / FILES_DIR).mkdir(parents=True)
-    manifest = Manifest.model_validate(envelope["signed"]["manifest"])
+    manifest = validate(Manifest, envelope["signed"]["manifest"])
     for entry in manifest.files:
         target = tmp / FILES_DIR / entry.path
         target.parent.mkdir(parents=True, exist_ok=True)

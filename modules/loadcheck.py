@@ -25,8 +25,8 @@ def describe(path: Path, runtime: str) -> dict[str, Any]:
     from modules.runners import load_model_file
 
     runner = load_model_file(path, runtime)
-    return {"inputs": [s.model_dump(mode="json") for s in runner.inputs],
-            "outputs": [s.model_dump(mode="json") for s in runner.outputs]}
+    return {"inputs": [s.to_dict() for s in runner.inputs],
+            "outputs": [s.to_dict() for s in runner.outputs]}
 
 
 def _limit_memory(limit_bytes: int) -> None:

@@ -19,17 +19,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from modules.errors import BodyError, InputError, ModelError
 from protocol.manifest import Manifest, TensorSpec
 
 Batch = dict[str, np.ndarray]
-
-
-class InputError(ValueError):
-    """Inputs that do not match the module's signature; the text names what was expected."""
-
-
-class ModelError(RuntimeError):
-    """The model could not be loaded or run; the text is the runtime's own reason."""
 
 
 class Runner(Protocol):
@@ -62,6 +55,18 @@ def coerce_inputs(raw: dict[str, Any], specs: list[TensorSpec]) -> Batch:
             raise InputError(f"input {spec.name!r} has shape {list(arr.shape)}; expected {describe_signature(specs)}")
         out[spec.name] = arr
     return out
+
+
+def predict_json(runner: Runner, body: bytes) -> bytes:
+    """A JSON body ``{"inputs": {...}}`` in, the outputs object as JSON out: the device's local API path."""
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise BodyError(f"body is not JSON: {exc}") from None
+    raw = doc.get("inputs") if isinstance(doc, dict) else None
+    batch = coerce_inputs(raw, runner.inputs) if runner.inputs else raw
+    out = runner.predict(batch)  # type: ignore[arg-type]  # a python module without a signature takes what it is given
+    return json.dumps({k: v.tolist() for k, v in out.items()}).encode()
 
 
 def _dim(d: Any) -> int | None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from msgspec import Meta
 
 from protocol.encoding import ProtocolError, digest_of
+from protocol.schema import DIGEST_PATTERN, Schema, validate
 
 CHUNK_SIZE = 256 * 1024
 MAX_BUNDLE_FILES = 256
@@ -24,48 +25,43 @@ MAX_BUNDLE_BYTES = 2 * 1024**3
 Runtime = Literal["onnx", "tflite", "python"]
 
 
-class TensorSpec(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class TensorSpec(Schema, frozen=True, kw_only=True):
     name: str
     dtype: str  # numpy dtype name, e.g. "float32"
     shape: list[int | None]  # None (or a negative number) is a free dimension, usually the batch
 
 
-class FileEntry(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class FileEntry(Schema, frozen=True, kw_only=True):
     path: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0, le=MAX_BUNDLE_BYTES)
+    sha256: Annotated[str, Meta(pattern=DIGEST_PATTERN)]
+    size: Annotated[int, Meta(ge=0, le=MAX_BUNDLE_BYTES)]
     chunks: list[str]
 
-    @field_validator("path")
-    @classmethod
-    def _safe_path(cls, value: str) -> str:
-        return check_relative_path(value)
+    def __post_init__(self) -> None:
+        check_relative_path(self.path)  # on every construction, parsed or built
 
 
-class Manifest(BaseModel):
+class Manifest(Schema, frozen=True, kw_only=True):
     """What a bundle holds; named by its digest, so the same inputs give the same name.
 
     The release role signs ``release_document(manifest, expires)``, which wraps it.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
     type: Literal["bundle"] = "bundle"
     v: Literal[1] = 1
-    name: str = Field(min_length=1, max_length=64)
-    version: int = Field(ge=1)
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    version: Annotated[int, Meta(ge=1)]
     runtime: Runtime
     model: str  # path of the model file inside the bundle (or the entry script for "python")
     entry: str = ""  # optional pre/post-processing script with init()/run(batch)
     sample: str = ""  # JSON file: {"inputs": {name: nested list}} used by health checks
-    inputs: list[TensorSpec] = Field(default_factory=list)
-    outputs: list[TensorSpec] = Field(default_factory=list)
-    files: list[FileEntry] = Field(max_length=MAX_BUNDLE_FILES)
-    collect_rate_ppm: int = Field(default=0, ge=0, le=1_000_000)
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    files: Annotated[list[FileEntry], Meta(max_length=MAX_BUNDLE_FILES)]
+    collect_rate_ppm: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
 
     def digest(self) -> str:
-        return digest_of(self.model_dump(mode="json"))
+        return digest_of(self.to_dict())
 
     @property
     def size(self) -> int:
@@ -117,10 +113,7 @@ def describe_file(path: str, blocks: Iterable[bytes]) -> tuple[FileEntry, list[b
 
 
 def parse_manifest(signed: Any) -> Manifest:
-    from protocol.messages import validate  # local: messages imports nothing from here
-
-    manifest = validate(Manifest, signed)  # type: ignore[arg-type]
-    assert isinstance(manifest, Manifest)
+    manifest = validate(Manifest, signed)
     paths = [f.path for f in manifest.files]
     if len(set(paths)) != len(paths):
         raise ProtocolError("manifest lists a file path twice")
@@ -134,4 +127,4 @@ def parse_manifest(signed: Any) -> Manifest:
 
 def release_document(manifest: Manifest, expires: int) -> dict[str, Any]:
     """The ``signed`` part of a bundle's release envelope."""
-    return {"type": "release", "v": 1, "bundle": manifest.digest(), "expires": expires, "manifest": manifest.model_dump(mode="json")}
+    return {"type": "release", "v": 1, "bundle": manifest.digest(), "expires": expires, "manifest": manifest.to_dict()}

@@ -7,54 +7,57 @@ different ``v`` is refused.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import msgspec
+from msgspec import Meta, field
 
 from protocol.encoding import ProtocolError, canonical_json, parse_json
+from protocol.schema import DIGEST_PATTERN, SCHEMA_VERSION, Schema, validate
 from protocol.topics import Channel
 
-SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 512 * 1024  # JSON messages; bundle chunks are raw bytes and sized by CHUNK_SIZE
 
 InstallState = Literal[
     "pending", "downloading", "verifying", "staged", "activating", "health_check",
     "running", "rolling_back", "rolled_back", "failed", "removed",
 ]
+Name = Annotated[str, Meta(min_length=1, max_length=64)]
+Digest = Annotated[str, Meta(pattern=DIGEST_PATTERN)]
+NonNegative = Annotated[int, Meta(ge=0)]
+Ppm = Annotated[int, Meta(ge=0, le=1_000_000)]
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class Message(Schema, frozen=True, kw_only=True):
     v: Literal[1] = SCHEMA_VERSION
 
     def encode(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json"))
+        return canonical_json(self.to_dict())
 
 
 # --- desired state (hub -> device), carried inside a signed envelope -------------------------
 
 
-class DesiredModule(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    name: str = Field(min_length=1, max_length=64)
-    version: int = Field(ge=1)
-    bundle: str = Field(pattern=r"^[0-9a-f]{64}$")  # manifest digest
-    size: int = Field(ge=0)  # total bytes of the bundle's files
+class DesiredModule(Schema, frozen=True, kw_only=True):
+    name: Name
+    version: Annotated[int, Meta(ge=1)]
+    bundle: Digest  # manifest digest
+    size: NonNegative  # total bytes of the bundle's files
     deployment: str = ""
-    collect_rate_ppm: int = Field(default=0, ge=0, le=1_000_000)  # sampled share, parts per million
+    collect_rate_ppm: Ppm = 0  # sampled share, parts per million
 
 
-class DesiredState(Message):
+class DesiredState(Message, frozen=True, kw_only=True):
     """The ``signed`` part of a desired-state envelope (director role)."""
 
     type: Literal["desired"] = "desired"
     device: str
-    revision: int = Field(ge=1)  # strictly increasing per device
-    expires: int = Field(ge=0)  # unix seconds; an expired state is refused
-    modules: list[DesiredModule] = Field(default_factory=list, max_length=64)
+    revision: Annotated[int, Meta(ge=1)]  # strictly increasing per device
+    expires: NonNegative  # unix seconds; an expired state is refused
+    modules: Annotated[list[DesiredModule], Meta(max_length=64)] = []
 
 
-class HubStatus(Message):
+class HubStatus(Message, frozen=True, kw_only=True):
     """Retained on ``edgefleet/v1/hub/status``: whether the hub is subscribed and storing device messages."""
 
     online: bool
@@ -64,8 +67,7 @@ class HubStatus(Message):
 # --- device -> hub ---------------------------------------------------------------------------
 
 
-class ModuleReport(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class ModuleReport(Schema, frozen=True, kw_only=True):
     name: str
     version: int
     bundle: str
@@ -74,48 +76,45 @@ class ModuleReport(BaseModel):
     progress: float = 0.0  # share of bytes present, 0..1
 
 
-class ReportedState(Message):
+class ReportedState(Message, frozen=True, kw_only=True):
     device: str
-    revision: int = Field(ge=0)  # the desired revision the modules below answer
-    modules: list[ModuleReport] = Field(default_factory=list, max_length=64)
+    revision: NonNegative  # the desired revision the modules below answer
+    modules: Annotated[list[ModuleReport], Meta(max_length=64)] = []
     error: str = ""  # a refused desired state, and why
-    facts: dict[str, str] = Field(default_factory=dict)  # hardware / OS / agent version
+    facts: dict[str, str] = {}  # hardware / OS / agent version
     ts: float
 
 
-class Status(Message):
+class Status(Message, frozen=True, kw_only=True):
     device: str
     online: bool
     ts: float = 0.0
 
 
-class LatencyMs(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class LatencyMs(Schema, frozen=True, kw_only=True):
     p50: float = 0.0
     p95: float = 0.0
     p99: float = 0.0
 
 
-class TelemetryPoint(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class TelemetryPoint(Schema, frozen=True, kw_only=True):
     ts: float
     module: str
     version: int
-    inferences: int = Field(ge=0)
-    errors: int = Field(ge=0)
-    latency_ms: LatencyMs = LatencyMs()
+    inferences: NonNegative
+    errors: NonNegative
+    latency_ms: LatencyMs = field(default_factory=LatencyMs)
 
 
-class TelemetryBatch(Message):
+class TelemetryBatch(Message, frozen=True, kw_only=True):
     device: str
-    seq: int = Field(ge=0)  # per device; the hub stores each (device, seq) once
+    seq: NonNegative  # per device; the hub stores each (device, seq) once
     ts: float
-    points: list[TelemetryPoint] = Field(max_length=10_000)
-    agent: dict[str, float] = Field(default_factory=dict)  # rss_mb, cpu_percent, outbox_dropped, ...
+    points: Annotated[list[TelemetryPoint], Meta(max_length=10_000)]
+    agent: dict[str, float] = {}  # rss_mb, cpu_percent, outbox_dropped, ...
 
 
-class DataRecord(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class DataRecord(Schema, frozen=True, kw_only=True):
     ts: float
     module: str
     version: int
@@ -123,29 +122,29 @@ class DataRecord(BaseModel):
     output: Any
 
 
-class DataBatch(Message):
+class DataBatch(Message, frozen=True, kw_only=True):
     device: str
-    seq: int = Field(ge=0)
+    seq: NonNegative
     ts: float
-    records: list[DataRecord] = Field(max_length=10_000)
+    records: Annotated[list[DataRecord], Meta(max_length=10_000)]
 
 
-class BlobRequest(Message):
+class BlobRequest(Message, frozen=True, kw_only=True):
     """Asks the hub to publish a bundle's manifest and/or some of its chunks."""
 
     device: str
-    bundle: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bundle: Digest
     manifest: bool = False
-    chunks: list[str] = Field(default_factory=list, max_length=4096)
+    chunks: Annotated[list[str], Meta(max_length=4096)] = []
 
 
-class Command(Message):
-    id: str = Field(min_length=1, max_length=64)
-    name: str = Field(min_length=1, max_length=64)  # e.g. "ping", "infer", "report"
-    args: dict[str, Any] = Field(default_factory=dict)
+class Command(Message, frozen=True, kw_only=True):
+    id: Name
+    name: Name  # e.g. "ping", "infer", "report"
+    args: dict[str, Any] = {}
 
 
-class CommandReply(Message):
+class CommandReply(Message, frozen=True, kw_only=True):
     id: str
     ok: bool
     result: Any = None
@@ -161,19 +160,7 @@ SCHEMAS: dict[Channel, type[Message]] = {
     Channel.CMD: Command,
     Channel.CMD_RES: CommandReply,
 }
-
-
-def validate(model: type[Message], obj: Any) -> Message:
-    """Check a parsed document against ``model``; ProtocolError names the first problems."""
-    if isinstance(obj, dict) and "v" in obj and obj["v"] != SCHEMA_VERSION:
-        raise ProtocolError(f"unsupported schema version {obj['v']!r} (this side speaks {SCHEMA_VERSION})")
-    try:
-        return model.model_validate(obj)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5]
-        )
-        raise ProtocolError(f"invalid {model.__name__}: {problems}") from None
+_DECODERS = {channel: msgspec.json.Decoder(model) for channel, model in SCHEMAS.items()}
 
 
 def decode(channel: Channel, payload: bytes) -> Message:
@@ -182,8 +169,8 @@ def decode(channel: Channel, payload: bytes) -> Message:
     if model is None:
         raise ProtocolError(f"channel {channel.value!r} carries no plain JSON message")
     if len(payload) <= MAX_MESSAGE_BYTES:
-        try:  # fast path: pydantic parses and validates in one pass (about 2x json.loads + validate)
-            return model.model_validate_json(payload)
-        except ValidationError:
+        try:  # fast path: msgspec parses and validates in one pass
+            return _DECODERS[channel].decode(payload)  # type: ignore[no-any-return]
+        except msgspec.DecodeError:
             pass  # the slow path below names the problem precisely (not JSON, wrong version, which field)
     return validate(model, parse_json(payload, MAX_MESSAGE_BYTES))

@@ -16,7 +16,6 @@ def accept_desired(
     """Verify a desired-state envelope for this device: signature, device, revision, expiry."""
     signed = root.verify(envelope, "director", now)
     state = validate(DesiredState, signed)
-    assert isinstance(state, DesiredState)
     if state.device != device_id:
         raise ProtocolError(f"desired state is for device {state.device!r}, not {device_id!r} (replay across devices)")
     if state.revision <= last_revision:

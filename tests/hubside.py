@@ -144,7 +144,7 @@ class HubSide:
                          key: Ed25519PrivateKey | None = None, expires: int | None = None) -> dict[str, Any]:
         state = DesiredState(device=device, revision=revision, modules=modules,
                              expires=int(time.time()) + 3600 if expires is None else expires)
-        return sign(state.model_dump(mode="json"), [key or self.director_key])
+        return sign(state.to_dict(), [key or self.director_key])
 
     def publish_desired(self, device: str, revision: int, modules: list[DesiredModule], **kw: Any) -> None:
         self.publish_raw(device_topic(device, Channel.DESIRED),

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from msgspec.structs import replace
 
 from protocol.encoding import canonical_json
 from protocol.topics import Channel, device_topic
@@ -58,7 +59,7 @@ def test_refused_desired_states_report_the_reason_and_activate_nothing(hub, tmp_
 def test_manifest_that_contradicts_the_desired_state_fails_the_install(hub, tmp_data):
     device = new_device()
     v1 = hub.build("classifier", 1)
-    wrong = v1.desired().model_copy(update={"size": v1.manifest.size + 1})
+    wrong = replace(v1.desired(), size=v1.manifest.size + 1)
 
     async def main() -> None:
         async with running_agent(hub, device, tmp_data) as agent:

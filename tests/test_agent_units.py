@@ -10,7 +10,8 @@ import pytest
 from agent.install import TERMINAL, TRANSITIONS, IllegalTransition, Journal, check_transition
 from agent.mqtt import backoff_delay
 from agent.outbox import Outbox
-from agent.workload import ModuleStats, Workload
+from agent.stats import ModuleStats, percentiles
+from agent.workload import Workload
 from protocol.manifest import TensorSpec
 
 HAPPY = [None, "downloading", "verifying", "staged", "activating", "health_check", "committed"]
@@ -95,3 +96,9 @@ def test_workload_inputs_follow_the_signature_and_stats_give_percentiles():
     n, errors, lat = stats.take()
     assert (n, errors) == (100, 1) and 49 <= lat.p50 <= 52 and lat.p99 >= 99
     assert stats.take()[0] == 0 and stats.total == 100
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_percentiles_match_numpys_linear_method(n):
+    values = np.random.default_rng(n).exponential(5.0, size=n).tolist()
+    assert percentiles(values, [0, 50, 95, 99, 100]) == pytest.approx(np.percentile(values, [0, 50, 95, 99, 100]))

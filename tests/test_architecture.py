@@ -65,3 +65,21 @@ def test_import_protocol_pulls_in_no_io_library():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"import protocol pulled in I/O libraries: {out.stdout.strip()}"
+
+
+def test_agent_daemon_loads_neither_numpy_nor_pydantic():
+    """The daemon's idle memory (issue #4): NumPy lives in the module workers, pydantic on the hub only.
+
+    The same subprocess then imports the synthetic workload, which does load NumPy: the check can see it.
+    """
+    heavy = "{'numpy', 'pydantic', 'onnxruntime'}"
+    code = (
+        "import sys, agent, agent.daemon, agent.core\n"
+        f"print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in {heavy})))\n"
+        "import agent.workload\n"
+        "print('numpy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    loaded, seen = out.stdout.splitlines()
+    assert loaded == "", f"importing the agent daemon loaded {loaded}"
+    assert seen == "True"

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from protocol import Channel, ProtocolError, decode, device_topic, parse_topic
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import canonical_json, digest_of
-from protocol.manifest import Manifest, check_relative_path, describe_file, parse_manifest, release_document
+from protocol.manifest import Manifest, TensorSpec, check_relative_path, describe_file, parse_manifest, release_document
 from protocol.messages import DesiredModule, DesiredState, TelemetryBatch
 from protocol.signing import SignatureError, load_trusted_root, make_root, sign, update_root
 from protocol.topics import BlobTopic, DeviceTopic, blob_topic
@@ -33,7 +33,7 @@ def trust():
 
 def desired(device="dev-1", revision=2, expires=NOW + 100):
     mod = DesiredModule(name="m", version=1, bundle="a" * 64, size=10)
-    return DesiredState(device=device, revision=revision, expires=expires, modules=[mod]).model_dump(mode="json")
+    return DesiredState(device=device, revision=revision, expires=expires, modules=[mod]).to_dict()
 
 
 def test_topics_round_trip():
@@ -58,6 +58,9 @@ def test_bad_topics_are_refused(topic):
     (os.urandom(1024 * 1024), "payload too large"),
     (b"\xff\xfe", "not UTF-8"),
     (b"[1,2]", "invalid TelemetryBatch"),
+    (b'{"v":1,"device":"d","seq":1,"ts":1,"points":[{"ts":1,"module":"m","version":"x","inferences":1,"errors":0}]}',
+     "points.0.version: Expected `int`, got `str`"),
+    (b'{"v":1,"device":"d","seq":-1,"ts":1,"points":[]}', "seq: Expected `int` >= 0"),
 ])
 def test_decode_refuses_with_precise_reason(payload, reason):
     with pytest.raises(ProtocolError, match=reason):
@@ -67,7 +70,7 @@ def test_decode_refuses_with_precise_reason(payload, reason):
 def test_decode_ignores_unknown_fields_and_encodes_canonically():
     msg = decode(Channel.TELEMETRY, b'{"v":1,"device":"d","seq":3,"ts":1.5,"points":[],"future":true}')
     assert isinstance(msg, TelemetryBatch) and msg.seq == 3
-    assert msg.encode() == canonical_json(msg.model_dump(mode="json"))
+    assert msg.encode() == canonical_json(msg.to_dict())
 
 
 def test_canonical_json_is_order_independent():
@@ -148,11 +151,40 @@ def test_manifest_checks(trust):
         accept_manifest(env, root, m.digest(), "m", min_version=2, now=NOW)
 
 
+def test_canonical_form_and_digest_are_stable():
+    """Fixed vectors (taken before the schemas moved from pydantic to msgspec): signatures depend on these bytes."""
+    big, _ = describe_file("model.onnx", [b"abc" * 100000])
+    sample, _ = describe_file("sub/sample.json", [b'{"inputs":{}}'])
+    m = Manifest(name="m", version=3, runtime="onnx", model="model.onnx", sample="sub/sample.json", files=[big, sample],
+                 inputs=[TensorSpec(name="x", dtype="float32", shape=[None, 4])],
+                 outputs=[TensorSpec(name="y", dtype="int64", shape=[-1])], collect_rate_ppm=10)
+    assert m.digest() == "49052b816130051680d8b3cabe314ee0930b6ca5d2d42fdf3e6533320e22c5ab"
+    assert parse_manifest(m.to_dict()).digest() == m.digest()
+    state = DesiredState(device="dev-1", revision=2, expires=1900000100, modules=[
+        DesiredModule(name="m", version=1, bundle="a" * 64, size=10, deployment="dep", collect_rate_ppm=5)])
+    assert canonical_json(state.to_dict()) == (
+        b'{"device":"dev-1","expires":1900000100,"modules":[{"bundle":"' + b"a" * 64 + b'","collect_rate_ppm":5,'
+        b'"deployment":"dep","name":"m","size":10,"version":1}],"revision":2,"type":"desired","v":1}')
+
+
+def test_schema_constraints_are_checked_on_receipt():
+    doc = manifest().to_dict()
+    for field, bad, reason in [("name", "", "name: Expected `str` of length >= 1"),
+                               ("runtime", "java", "runtime: Invalid enum value 'java'"),
+                               ("collect_rate_ppm", 2_000_000, "collect_rate_ppm: Expected `int` <= 1000000")]:
+        with pytest.raises(ProtocolError, match=reason):
+            parse_manifest({**doc, field: bad})
+    with pytest.raises(ProtocolError, match="unsupported schema version 2"):
+        parse_manifest({**doc, "v": 2})
+    with pytest.raises(ProtocolError, match=r"files.0.sha256"):
+        parse_manifest({**doc, "files": [{**doc["files"][0], "sha256": "a" * 64 + "\n"}]})
+
+
 @pytest.mark.parametrize("path", ["../../etc/x", "/etc/passwd", "a/../b", "a\\b", "", "a//b", "./a"])
 def test_path_traversal_refused(path):
     with pytest.raises(ProtocolError, match="unsafe"):
         check_relative_path(path)
-    doc = manifest().model_dump(mode="json")
+    doc = manifest().to_dict()
     doc["files"][0]["path"] = path
     with pytest.raises(ProtocolError, match="unsafe"):  # the same check guards every parsed manifest
         parse_manifest(doc)

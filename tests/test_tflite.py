@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "data" / "hand_recrop.tflite"
 CACHE = Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet"))
 VENV = CACHE / "venv-tflite-runtime-2.14"
-VENV_PACKAGES = ["tflite-runtime==2.14.0", "numpy<2", "pydantic>=2.5"]
+VENV_PACKAGES = ["tflite-runtime==2.14.0", "numpy<2", "msgspec>=0.18"]
 
 
 def rng_input() -> np.ndarray:
@@ -82,7 +82,7 @@ runner = TfliteRunner(Path(sys.argv[1]))
 x = np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32)
 out = runner.predict({"input_1": x})["output_crop"]
 print(json.dumps({"numpy": np.__version__, "backend": type(runner.interpreter).__module__,
-                  "inputs": [s.model_dump() for s in runner.inputs], "out": out.ravel().tolist()}))
+                  "inputs": [s.to_dict() for s in runner.inputs], "out": out.ravel().tolist()}))
 """
 
 

@@ -33,6 +33,7 @@ from modules.runners import (
     load_sample,
 )
 from protocol.manifest import Manifest
+from protocol.schema import validate
 
 log = logging.getLogger("edgefleet.endpoint.worker")
 
@@ -42,7 +43,7 @@ Result = tuple[int, bytes, str]  # (HTTP status, body, content type)
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:
-    return Manifest.model_validate(loads((bundle_dir / RELEASE_FILE).read_bytes())["signed"]["manifest"])
+    return validate(Manifest, loads((bundle_dir / RELEASE_FILE).read_bytes())["signed"]["manifest"])
 
 
 def batchable(manifest: Manifest) -> bool:
@@ -174,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                  if args.collect_db and rate > 0 else None)
     scorer = Scorer(runner, manifest, args.label, collector)
     sock.sendall(wire.encode(("ready", {"pid": os.getpid(), "batchable": scorer.batchable,
-                                        "inputs": [s.model_dump() for s in scorer.specs],
-                                        "outputs": [s.model_dump() for s in (manifest.outputs or runner.outputs)]})))
+                                        "inputs": [s.to_dict() for s in scorer.specs],
+                                        "outputs": [s.to_dict() for s in (manifest.outputs or runner.outputs)]})))
     try:
         while (msg := wire.recv(sock)) is not None:
             if msg[0] == "run":
