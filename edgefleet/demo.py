@@ -134,8 +134,8 @@ def run_demo(options: DemoOptions, as_json: bool, stop_event: threading.Event | 
         with console.status("starting broker, hub and fleet…"):
             demo.start()
         assert demo.hub is not None
-        console.print(f"[bold]hub[/] {demo.hub.url}  (API docs {demo.hub.url}/docs)   "
-                      f"[bold]admin token[/] {demo.hub.admin_token}")
+        console.print(f"[bold]hub[/] {demo.hub.url}  (console {demo.hub.url}/console/, API docs {demo.hub.url}/docs)"
+                      f"   [bold]admin token[/] {demo.hub.admin_token}")
         deadline = time.monotonic() + options.duration if options.duration else None
 
         def table() -> Table:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from hub.config import HubConfig
+from hub.console import mount_console
 from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 from hub.errors import HubError
@@ -45,4 +46,5 @@ def create_app(config: HubConfig) -> FastAPI:
         app.include_router(router, prefix=API)
     app.include_router(endpoints.router, prefix=API)
     app.include_router(monitoring.ops)
+    mount_console(app)
     return app
