@@ -5,7 +5,8 @@
                         \\-> stopped
 
 A request that hangs past its deadline kills the worker (a hung health check or predict
-cannot wedge the agent); the next request starts a fresh one. JSON requests go to the worker
+cannot wedge the agent); the next request starts a fresh one. The agent and a worker talk over a
+socketpair (the worker's stdin and stdout) with ``agent.worker``'s frames. JSON requests go to the worker
 as they came (``predict_json``): the worker parses, checks and runs them, so the agent process
 never loads NumPy for them.
 """
@@ -16,13 +17,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.worker import _LEN, MAX_HEADER, body_size, pack, parse_header, unpack_body
+from agent.worker import pack, take_frame
 from modules.errors import BodyError, InputError, ModelError
 from protocol.manifest import Manifest, TensorSpec
 from protocol.schema import validate
@@ -43,8 +45,42 @@ class WorkerCrashed(ModelError):
     """The worker process died or was killed mid-request."""
 
 
+class _Channel(asyncio.Protocol):
+    """The agent's end of a worker's socket: each answer frame resolves the request waiting for it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[tuple[dict[str, Any], Batch, bytes]] | None = None
+        self.stale = 0  # answers still to come for requests abandoned midway: read and dropped
+        self._buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        try:
+            while (frame := take_frame(self._buf)) is not None:
+                if self.stale:
+                    self.stale -= 1
+                elif self.waiter is not None and not self.waiter.done():
+                    self.waiter.set_result(frame)
+        except (ValueError, KeyError) as exc:  # not our framing: the request fails, the worker is killed
+            self._fail(exc)
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._fail(ConnectionResetError("the worker closed its socket"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+
 class WorkerProcess:
-    """One child running ``agent.worker``; one request at a time."""
+    """One child running ``agent.worker`` on a socketpair; one request at a time."""
 
     def __init__(self, name: str, files: Path, manifest: Manifest, limits: dict[str, Any] | None = None) -> None:
         self.name, self.files, self.manifest = name, files, manifest
@@ -52,6 +88,7 @@ class WorkerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
+        self._channel = _Channel()
         self._lock = asyncio.Lock()
 
     @property
@@ -64,9 +101,17 @@ class WorkerProcess:
 
     async def start(self, timeout: float) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SRC, os.environ.get("PYTHONPATH")]))}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, _WORKER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env=env, limit=2**26)
+        # A socketpair, not two pipes: one transport with a Protocol, each answer resolves a future in the
+        # callback that reads it (no stream reader, no extra task per request). It is the worker's stdin and stdout.
+        parent, child = socket.socketpair()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(sys.executable, _WORKER, stdin=child, stdout=child, env=env)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: self._channel, parent)
         header, _, _ = await self.request({"op": "load", "files": str(self.files), "manifest": self.manifest.to_dict(),
                                         "limits": self.limits}, timeout=timeout)
         self.inputs = [validate(TensorSpec, s) for s in header["inputs"]]
@@ -74,54 +119,50 @@ class WorkerProcess:
 
     async def request(self, header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"",
                       timeout: float | None = None) -> tuple[dict[str, Any], Batch, bytes]:
-        """Send one request; the answer's header, arrays and blob. Kills the worker on timeout or a broken pipe."""
+        """Send one request; the answer's header, arrays and blob. Kills the worker on timeout or a broken socket."""
         async with self._lock:
-            if not self.alive:
+            channel = self._channel
+            if not self.alive or channel.transport is None:
                 raise WorkerCrashed(f"module {self.name} worker is not running")
+            waiter = channel.waiter = asyncio.get_running_loop().create_future()
+            channel.transport.write(pack(header, arrays, blob))
             try:
-                answer, out, out_blob = await asyncio.wait_for(self._exchange(header, arrays, blob), timeout)
+                async with asyncio.timeout(timeout):
+                    answer, out, out_blob = await waiter
             except TimeoutError:
                 await self.kill()
                 raise
-            except (ConnectionError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
+            except (ConnectionError, ValueError, KeyError) as exc:
                 await self.kill()
                 raise WorkerCrashed(f"module {self.name} worker died ({self._exit_text()}): {exc!r}") from None
+            except asyncio.CancelledError:
+                if not waiter.done():
+                    channel.stale += 1  # its answer is still coming: it must not answer the next request
+                raise
         if not answer.get("ok"):  # the worker answered, and lives on: the request failed, not the worker
             error = str(answer.get("error", "worker error"))
             kind = answer.get("kind")
             raise BodyError(error) if kind == "body" else InputError(error) if kind == "input" else ModelError(error)
         return answer, out, out_blob
 
-    async def _exchange(self, header: dict[str, Any], arrays: Batch | None,
-                        blob: bytes) -> tuple[dict[str, Any], Batch, bytes]:
-        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(pack(header, arrays, blob))
-        await self.proc.stdin.drain()
-        (n,) = _LEN.unpack(await self.proc.stdout.readexactly(_LEN.size))
-        if n > MAX_HEADER:
-            raise ValueError(f"worker header of {n} bytes")
-        answer = parse_header(await self.proc.stdout.readexactly(n))
-        size = body_size(answer)
-        body = await self.proc.stdout.readexactly(size) if size else b""
-        return (answer, *unpack_body(answer, body))
-
     def _exit_text(self) -> str:
         rc = self.proc.returncode if self.proc is not None else None
         return "still running" if rc is None else f"signal {-rc}" if rc < 0 else f"exit code {rc}"
 
     async def kill(self) -> None:
+        if self._channel.transport is not None:
+            self._channel.transport.abort()
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
 
     async def stop(self, grace: float = 2.0) -> None:
-        """Close stdin (the worker exits on EOF); kill it if it does not."""
+        """Close the socket (the worker exits on EOF); kill it if it does not."""
+        if self._channel.transport is not None:
+            self._channel.transport.close()
         if self.proc is None or self.proc.returncode is not None:
             return
-        if self.proc.stdin is not None:
-            with contextlib.suppress(Exception):
-                self.proc.stdin.close()
         try:
             await asyncio.wait_for(self.proc.wait(), grace)
         except TimeoutError:
