@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -60,8 +61,10 @@ class LocalApi:
 
     # --- routes ------------------------------------------------------------------------------
 
-    def route(self, method: str, path: str, body: bytes) -> Answer | Coroutine[Any, Any, Answer]:
-        """An answer at once, or (a prediction) a coroutine that makes one."""
+    def route(self, method: str, path: str, body: bytes,
+              later: Callable[[Answer], None]) -> Answer | Coroutine[Any, Any, Answer] | None:
+        """An answer at once; or None: a prediction is on its way to a worker and ``later`` gets the answer;
+        or a coroutine that makes the answer (a worker restarting, in-process isolation)."""
         self.requests += 1
         path = path.split("?", 1)[0]
         if path.startswith("/v1/modules/") and path.endswith("/predict"):
@@ -71,6 +74,8 @@ class LocalApi:
             active = self.agent.active.get(name)
             if active is None:
                 return _json(404, {"detail": f"module {name!r} is not running here", "modules": sorted(self.agent.active)})
+            if self.agent.infer_json_now(active, body, lambda out, exc: later(_predicted(active, out, exc))):
+                return None
             return self._predict(active, body)
         if path == "/healthz" and method == "GET":
             health = self.agent.health()
@@ -82,16 +87,9 @@ class LocalApi:
 
     async def _predict(self, active: ActiveModule, body: bytes) -> Answer:
         try:
-            out = await self.agent.infer_json(active, body)
-        except BodyError as exc:
-            return _json(400, {"detail": str(exc)})
-        except InputError as exc:
-            return _json(422, {"detail": str(exc)})
-        except Exception as exc:  # the module's own failure: the caller gets the reason
-            return _json(500, {"detail": str(exc) or repr(exc)})
-        # the worker's JSON as it is, inside the envelope (not parsed and encoded again)
-        return 200, "application/json", b'{"module": %s, "version": %d, "outputs": %s}' % (
-            json.dumps(active.name).encode(), active.version, out)
+            return _predicted(active, await self.agent.infer_json(active, body), None)
+        except Exception as exc:
+            return _predicted(active, None, exc)
 
     # --- metrics -----------------------------------------------------------------------------
 
@@ -125,6 +123,19 @@ class LocalApi:
         return "\n".join(lines) + "\n"
 
 
+def _predicted(active: ActiveModule, out: bytes | None, exc: Exception | None) -> Answer:
+    """A prediction's answer: 200 with the outputs, 400 not JSON, 422 not the signature, 500 the module's own failure."""
+    if isinstance(exc, BodyError):
+        return _json(400, {"detail": str(exc)})
+    if isinstance(exc, InputError):
+        return _json(422, {"detail": str(exc)})
+    if exc is not None or out is None:
+        return _json(500, {"detail": str(exc) or repr(exc)})
+    # the worker's JSON as it is, inside the envelope (not parsed and encoded again)
+    return 200, "application/json", b'{"module": %s, "version": %d, "outputs": %s}' % (
+        json.dumps(active.name).encode(), active.version, out)
+
+
 def _json(status: int, obj: Any) -> Answer:
     return status, "application/json", json.dumps(obj).encode()
 
@@ -149,7 +160,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._head: tuple[int, str, str, bool, int] | None = None  # a parsed head whose body is still arriving
-        self._task: asyncio.Task[None] | None = None  # the prediction being answered; later requests wait
+        self._busy = False  # a prediction is being answered: later requests wait in the buffer, answered in order
+        self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -167,11 +179,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
-        if self._task is None:
+        if not self._busy:
             self._serve()
 
     def _serve(self) -> None:
-        while self.transport is not None and self._task is None:
+        while self.transport is not None and not self._busy:
             try:
                 request = self._take()
             except BadRequest as exc:
@@ -181,20 +193,28 @@ class _Connection(asyncio.Protocol):
             if request is None:
                 return
             method, path, keep, body = request
-            answer = self.api.route(method, path, body)
+            self._busy = True
+            answer = self.api.route(method, path, body, functools.partial(self._later, keep))
+            if answer is None:
+                return  # _later answers (it may have already)
             if isinstance(answer, tuple):
+                self._busy = False
                 self._reply(answer, keep)
             else:
                 self._task = asyncio.get_running_loop().create_task(self._finish(answer, keep))
+
+    def _later(self, keep: bool, answer: Answer) -> None:
+        self._busy = False
+        self._reply(answer, keep)
+        if self._buf:  # pipelined requests that came meanwhile
+            self._serve()
 
     async def _finish(self, pending: Coroutine[Any, Any, Answer], keep: bool) -> None:
         try:
             answer = await pending
         finally:
             self._task = None
-        self._reply(answer, keep)
-        if self._buf:  # pipelined requests that came meanwhile
-            self._serve()
+        self._later(keep, answer)
 
     def _reply(self, answer: Answer, keep: bool) -> None:
         if self.transport is None:
