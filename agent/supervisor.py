@@ -99,7 +99,10 @@ class _Channel(asyncio.Protocol):
         self._inflight = None
         if timer is not None:
             timer.cancel()
-        done(frame, exc)
+        try:
+            done(frame, exc)
+        except Exception:  # the caller's bug must not look like a broken worker
+            log.exception("handling a worker's answer failed")
 
     def _timed_out(self) -> None:
         self._finish(None, TimeoutError())
