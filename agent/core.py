@@ -606,7 +606,6 @@ class Agent:
         JSON (BodyError) or does not fit the signature (InputError) never reached the model: not counted.
         """
         t0 = time.perf_counter()
-        ok, counted = False, True
         try:
             if isinstance(active.runner, ModuleWorker):
                 out = await active.runner.predict_json(body)
@@ -614,18 +613,40 @@ class Agent:
                 from modules.runners import predict_json  # in-process isolation: the runner's NumPy is here anyway
 
                 out = predict_json(active.runner, body)
-            ok = True
-        except InputError:
-            counted = False
+        except Exception as exc:
+            self._inferred(active, body, t0, None, exc)
             raise
-        finally:
-            if counted:
-                self.inferences += 1
-                active.stats.record((time.perf_counter() - t0) * 1000.0, ok)
-        if self._sampled(active):  # parsed again only when sampled
+        self._inferred(active, body, t0, out, None)
+        return out
+
+    def infer_json_now(self, active: ActiveModule, body: bytes,
+                       done: Callable[[bytes | None, Exception | None], None]) -> bool:
+        """:meth:`infer_json` with a callback and no task, when ``active``'s worker is serving; else False.
+
+        The local API's fast path: the answer is written from the callback that reads the worker's
+        frame, two event-loop turns per request instead of four.
+        """
+        if not isinstance(active.runner, ModuleWorker):
+            return False
+        t0 = time.perf_counter()
+
+        def answered(out: bytes | None, exc: Exception | None) -> None:
+            try:
+                self._inferred(active, body, t0, out, exc)
+            except Exception:  # a sampled body the agent cannot re-read: the caller still gets its answer
+                log.exception("%s: recording an inference of %s failed", self.device_id, active.name)
+            done(out, exc)
+
+        return active.runner.predict_json_now(body, answered)
+
+    def _inferred(self, active: ActiveModule, body: bytes, t0: float, out: bytes | None, exc: Exception | None) -> None:
+        """Count one JSON inference (not a request rejected before the model) and sample it for collection."""
+        if not isinstance(exc, InputError):
+            self.inferences += 1
+            active.stats.record((time.perf_counter() - t0) * 1000.0, exc is None)
+        if out is not None and self._sampled(active):  # parsed again only when sampled
             doc = json.loads(body)
             self._collect(active, doc.get("inputs") if isinstance(doc, dict) else doc, json.loads(out))
-        return out
 
     def _sampled(self, active: ActiveModule) -> bool:
         return bool(active.collect_rate_ppm) and self._rng.random() * 1_000_000 < active.collect_rate_ppm

@@ -5,7 +5,8 @@
                         \\-> stopped
 
 A request that hangs past its deadline kills the worker (a hung health check or predict
-cannot wedge the agent); the next request starts a fresh one. JSON requests go to the worker
+cannot wedge the agent); the next request starts a fresh one. The agent and a worker talk over a
+socketpair (the worker's stdin and stdout) with ``agent.worker``'s frames. JSON requests go to the worker
 as they came (``predict_json``): the worker parses, checks and runs them, so the agent process
 never loads NumPy for them.
 """
@@ -16,13 +17,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.worker import _LEN, MAX_HEADER, body_size, pack, parse_header, unpack_body
+from agent.worker import pack, take_frame
 from modules.errors import BodyError, InputError, ModelError
 from protocol.manifest import Manifest, TensorSpec
 from protocol.schema import validate
@@ -43,8 +46,89 @@ class WorkerCrashed(ModelError):
     """The worker process died or was killed mid-request."""
 
 
+Frame = tuple[dict[str, Any], "Batch", bytes]
+Done = Callable[[Frame | None, BaseException | None], None]
+
+
+def answer_error(answer: dict[str, Any]) -> Exception | None:
+    """The request's failure a worker reported (it lives on), as the agent raises it; None if it succeeded."""
+    if answer.get("ok"):
+        return None
+    error, kind = str(answer.get("error", "worker error")), answer.get("kind")
+    return BodyError(error) if kind == "body" else InputError(error) if kind == "input" else ModelError(error)
+
+
+class _Channel(asyncio.Protocol):
+    """The agent's end of a worker's socket: requests go one at a time, each answer calls its request's ``done``.
+
+    Plain callbacks, not a lock and a future per request: an answer is handed on inside the
+    callback that read it, so the local API can reply without a task switch (``WorkerProcess.call``).
+    """
+
+    def __init__(self, on_timeout: Callable[[], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.on_timeout = on_timeout
+        self._queue: deque[tuple[bytes, Done, float | None]] = deque()
+        self._inflight: tuple[Done, asyncio.TimerHandle | None] | None = None
+        self._buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def call(self, frame: bytes, done: Done, timeout: float | None) -> None:
+        if self.transport is None:
+            done(None, ConnectionResetError("the worker's socket is closed"))
+            return
+        self._queue.append((frame, done, timeout))
+        if self._inflight is None:
+            self._next()
+
+    def _next(self) -> None:
+        if self._inflight is not None or not self._queue or self.transport is None:
+            return
+        frame, done, timeout = self._queue.popleft()
+        # the deadline runs from the moment the worker has the request, not while it waits its turn
+        timer = asyncio.get_running_loop().call_later(timeout, self._timed_out) if timeout is not None else None
+        self._inflight = (done, timer)
+        self.transport.write(frame)
+
+    def _finish(self, frame: Frame | None, exc: BaseException | None) -> None:
+        if self._inflight is None:
+            return  # an answer nobody asked for: dropped
+        done, timer = self._inflight
+        self._inflight = None
+        if timer is not None:
+            timer.cancel()
+        try:
+            done(frame, exc)
+        except Exception:  # the caller's bug must not look like a broken worker
+            log.exception("handling a worker's answer failed")
+
+    def _timed_out(self) -> None:
+        self._finish(None, TimeoutError())
+        self.on_timeout()  # kills the worker: the queued requests fail with it
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        try:
+            while (frame := take_frame(self._buf)) is not None:
+                self._finish(frame, None)
+                self._next()
+        except (ValueError, KeyError) as exc:  # not our framing: the request fails, the worker is killed
+            self._finish(None, exc)
+            if self.transport is not None:
+                self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        lost = ConnectionResetError("the worker closed its socket")
+        self._finish(None, lost)
+        while self._queue:
+            self._queue.popleft()[1](None, lost)
+
+
 class WorkerProcess:
-    """One child running ``agent.worker``; one request at a time."""
+    """One child running ``agent.worker`` on a socketpair; one request at a time, in order."""
 
     def __init__(self, name: str, files: Path, manifest: Manifest, limits: dict[str, Any] | None = None) -> None:
         self.name, self.files, self.manifest = name, files, manifest
@@ -52,7 +136,7 @@ class WorkerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
-        self._lock = asyncio.Lock()
+        self._channel = _Channel(self._kill_now)
 
     @property
     def pid(self) -> int | None:
@@ -64,64 +148,83 @@ class WorkerProcess:
 
     async def start(self, timeout: float) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SRC, os.environ.get("PYTHONPATH")]))}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, _WORKER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env=env, limit=2**26)
+        # A socketpair, not two pipes: one transport with a Protocol whose callbacks hand each answer
+        # on (no stream reader, no task per request). It is the worker's stdin and stdout.
+        parent, child = socket.socketpair()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(sys.executable, _WORKER, stdin=child, stdout=child, env=env)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: self._channel, parent)
         header, _, _ = await self.request({"op": "load", "files": str(self.files), "manifest": self.manifest.to_dict(),
                                         "limits": self.limits}, timeout=timeout)
         self.inputs = [validate(TensorSpec, s) for s in header["inputs"]]
         self.outputs = [validate(TensorSpec, s) for s in header["outputs"]]
 
-    async def request(self, header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"",
-                      timeout: float | None = None) -> tuple[dict[str, Any], Batch, bytes]:
-        """Send one request; the answer's header, arrays and blob. Kills the worker on timeout or a broken pipe."""
-        async with self._lock:
-            if not self.alive:
-                raise WorkerCrashed(f"module {self.name} worker is not running")
-            try:
-                answer, out, out_blob = await asyncio.wait_for(self._exchange(header, arrays, blob), timeout)
-            except TimeoutError:
-                await self.kill()
-                raise
-            except (ConnectionError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
-                await self.kill()
-                raise WorkerCrashed(f"module {self.name} worker died ({self._exit_text()}): {exc!r}") from None
-        if not answer.get("ok"):  # the worker answered, and lives on: the request failed, not the worker
-            error = str(answer.get("error", "worker error"))
-            kind = answer.get("kind")
-            raise BodyError(error) if kind == "body" else InputError(error) if kind == "input" else ModelError(error)
-        return answer, out, out_blob
+    def call(self, header: dict[str, Any], done: Callable[[Frame | None, Exception | None], None],
+             arrays: Batch | None = None, blob: bytes = b"", timeout: float | None = None) -> None:
+        """Send one request; ``done(answer, None)`` or ``done(None, error)`` from the callback that reads the answer.
 
-    async def _exchange(self, header: dict[str, Any], arrays: Batch | None,
-                        blob: bytes) -> tuple[dict[str, Any], Batch, bytes]:
-        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(pack(header, arrays, blob))
-        await self.proc.stdin.drain()
-        (n,) = _LEN.unpack(await self.proc.stdout.readexactly(_LEN.size))
-        if n > MAX_HEADER:
-            raise ValueError(f"worker header of {n} bytes")
-        answer = parse_header(await self.proc.stdout.readexactly(n))
-        size = body_size(answer)
-        body = await self.proc.stdout.readexactly(size) if size else b""
-        return (answer, *unpack_body(answer, body))
+        The error is the request's (BodyError, InputError, ModelError as the worker reported it), a
+        TimeoutError (the worker is killed), or WorkerCrashed. Callers must not raise from ``done``.
+        """
+        if not self.alive:
+            done(None, WorkerCrashed(f"module {self.name} worker is not running"))
+            return
+
+        def answered(frame: Frame | None, exc: BaseException | None) -> None:
+            if frame is not None:
+                error = answer_error(frame[0])
+                done(None, error) if error is not None else done(frame, None)
+            elif isinstance(exc, TimeoutError):
+                done(None, exc)
+            else:
+                self._kill_now()
+                done(None, WorkerCrashed(f"module {self.name} worker died ({self._exit_text()}): {exc!r}"))
+
+        self._channel.call(pack(header, arrays, blob), answered, timeout)
+
+    async def request(self, header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"",
+                      timeout: float | None = None) -> Frame:
+        """:meth:`call` awaited: the answer's header, arrays and blob, or its error raised."""
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+
+        def done(frame: Frame | None, exc: Exception | None) -> None:
+            if not future.done():  # the awaiting task may have been cancelled
+                future.set_exception(exc) if exc is not None else future.set_result(frame)  # type: ignore[arg-type]
+
+        self.call(header, done, arrays, blob, timeout)
+        try:
+            return await future
+        except (TimeoutError, WorkerCrashed):
+            await self.kill()  # reaped before the caller goes on (e.g. to start a fresh worker)
+            raise
+
+    def _kill_now(self) -> None:
+        if self._channel.transport is not None:
+            self._channel.transport.abort()
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
 
     def _exit_text(self) -> str:
         rc = self.proc.returncode if self.proc is not None else None
         return "still running" if rc is None else f"signal {-rc}" if rc < 0 else f"exit code {rc}"
 
     async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+        self._kill_now()
+        if self.proc is not None:
             await self.proc.wait()
 
     async def stop(self, grace: float = 2.0) -> None:
-        """Close stdin (the worker exits on EOF); kill it if it does not."""
+        """Close the socket (the worker exits on EOF); kill it if it does not."""
+        if self._channel.transport is not None:
+            self._channel.transport.close()
         if self.proc is None or self.proc.returncode is not None:
             return
-        if self.proc.stdin is not None:
-            with contextlib.suppress(Exception):
-                self.proc.stdin.close()
         try:
             await asyncio.wait_for(self.proc.wait(), grace)
         except TimeoutError:
@@ -239,6 +342,22 @@ class ModuleWorker:
         """A JSON body ``{"inputs": {...}}`` in, the outputs object as JSON out; parsed and checked in the worker."""
         _, _, out = await self._request({"op": "predict_json"}, blob=body)
         return out
+
+    def predict_json_now(self, body: bytes, done: Callable[[bytes | None, Exception | None], None]) -> bool:
+        """:meth:`predict_json` with a callback, no task: sent if the worker is serving, else False (nothing sent).
+
+        ``done(outputs_json, None)`` or ``done(None, error)`` with the errors :meth:`predict_json` raises.
+        """
+        if self.state != "serving" or not self._ready.is_set() or self._worker is None:
+            return False
+
+        def answered(frame: Frame | None, exc: Exception | None) -> None:
+            if isinstance(exc, TimeoutError):
+                exc = ModelError(f"module {self.name} did not answer within {self.request_timeout:g}s; worker killed")
+            done(frame[2] if frame is not None else None, exc)
+
+        self._worker.call({"op": "predict_json"}, answered, blob=body, timeout=self.request_timeout)
+        return True
 
     async def _request(self, header: dict[str, Any], arrays: Batch | None = None,
                        blob: bytes = b"") -> tuple[dict[str, Any], Batch, bytes]:

@@ -1,6 +1,7 @@
-"""The module worker: one child process per running module, serving predict and health checks over a pipe.
+"""The module worker: one child process per running module, serving predict and health checks over a socket.
 
-``python agent/worker.py`` reads framed requests on stdin and answers on stdout. A frame is
+``python agent/worker.py`` reads framed requests on stdin and answers on stdout; the agent makes
+both one end of a socketpair (``agent.supervisor``), a bare script run works on pipes. A frame is
 a 4-byte big-endian header length, a JSON header, the raw bytes of each array the header
 lists (``{"name", "dtype", "shape", "nbytes"}``), then ``blob`` opaque bytes (JSON). Arrays
 travel as raw buffers, never pickled, so a misbehaving module cannot make the agent unpickle anything.
@@ -63,6 +64,25 @@ def unpack_body(header: dict[str, Any], body: bytes) -> tuple[Batch, bytes]:
     descs = header.get("arrays", [])
     offset = sum(int(d["nbytes"]) for d in descs)
     return (_arrays(descs, body) if descs else {}), body[offset:]
+
+
+def take_frame(buf: bytearray) -> tuple[dict[str, Any], Batch, bytes] | None:
+    """The first whole frame in ``buf``, removed from it; None while it is incomplete. ValueError: not a frame."""
+    if len(buf) < _LEN.size:
+        return None
+    (n,) = _LEN.unpack_from(buf)
+    if n > MAX_HEADER:
+        raise ValueError(f"worker header of {n} bytes")
+    start = _LEN.size + n
+    if len(buf) < start:
+        return None
+    header = parse_header(bytes(buf[_LEN.size:start]))
+    end = start + body_size(header)
+    if len(buf) < end:
+        return None  # parsed again when more comes: headers are small, bodies come in few reads
+    body = bytes(buf[start:end])
+    del buf[:end]
+    return (header, *unpack_body(header, body))
 
 
 def _arrays(descs: list[dict[str, Any]], body: bytes) -> Batch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -159,3 +160,40 @@ def test_the_daemon_serves_json_requests_without_loading_numpy(hub, tmp_path):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_local_api_answers_pipelined_requests_in_order_and_refuses_bad_http(hub, tmp_data):
+    """Raw HTTP/1.1 over one socket: pipelined requests answered in order; garbage and chunked bodies refused."""
+    bundle = hub.build("classifier", 1)
+    device, port = new_device(), free_port()
+    body = b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}'
+    predict = b"POST /v1/modules/classifier/predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    bad_shape = b'{"inputs": {"x": [[1, 2]]}}'
+
+    async def exchange(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        out = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+        writer.close()
+        return out
+
+    async def run() -> None:
+        async with running_agent(hub, device, tmp_data, isolation="process", api_port=port) as agent:
+            hub.publish_desired(device, 1, [bundle.desired()])
+            await until(lambda: hub.module_state(device, "classifier") == "running", 60, "module running")
+            out = await exchange(predict + b"GET /healthz HTTP/1.1\r\n\r\n"
+                                 + b"POST /v1/modules/classifier/predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(bad_shape), bad_shape) + predict.replace(b"HTTP/1.1\r\n",
+                                                                                 b"HTTP/1.1\r\nConnection: close\r\n"))
+            statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", out)
+            assert statuses == [b"200", b"200", b"422", b"200"]
+            assert out.count(b'"outputs"') == 2 and b"expected x: float32" in out
+
+            out = await exchange(b"POST /v1/modules/classifier/predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 411 ") and b"Content-Length" in out
+            out = await exchange(b"HELLO\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 400 ") and b"not an HTTP/1.x request line" in out
+            assert agent.rejected["local_api"] == 2
+            assert agent.active["classifier"].stats.total == 2  # the 422 never reached the model
+
+    asyncio.run(run())
