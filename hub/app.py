@@ -13,7 +13,7 @@ from hub.config import HubConfig
 from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 from hub.errors import HubError
-from hub.routes import admin, deployments, endpoints, fleet, models, modules, monitoring
+from hub.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring
 
 API = "/api/v1"
 
@@ -39,7 +39,7 @@ def create_app(config: HubConfig) -> FastAPI:
     async def hub_error(request: Request, exc: HubError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
-    for router in (admin.router, models.router, modules.router, fleet.router, deployments.router,
+    for router in (admin.router, models.router, modules.router, fleet.router, device.router, deployments.router,
                    deployments.rollouts,
                    monitoring.router):
         app.include_router(router, prefix=API)
