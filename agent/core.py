@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
-from agent.bake import BakeWatch
 from agent.identity import Identity, save_identity
 from agent.install import BEFORE_ACTIVATION, Entry, Installed, Installer, atomic_write_json
 from agent.localapi import LocalApi
@@ -67,6 +66,7 @@ from protocol.topics import (
 from protocol.verify import accept_desired
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
+    from agent.bake import BakeWatch
     from agent.http_transfer import HubHttp
     from agent.workload import Workload
     from modules.runners import Batch, Runner
@@ -558,6 +558,8 @@ class Agent:
 
     async def _bake(self, inst: Installed, policy: BakePolicy) -> str:
         """The installer's bake: the new version serves; its error rate (or a crash loop) decides. "" commits."""
+        from agent.bake import BakeWatch  # loaded when a deployment asks for a bake: the idle agent stays small
+
         active = self.active.get(inst.name)
         if active is None or active.bundle != inst.bundle:
             await self._activate(inst.name)
