@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
-from agent.identity import Identity, save_identity
+from agent.identity import Identity, check_hub_url, save_identity
 from agent.install import BEFORE_ACTIVATION, Entry, Installed, Installer, atomic_write_json
 from agent.localapi import LocalApi
 from agent.mqtt import AsyncMqttClient, MessageHandler, MqttOffline, Will
@@ -150,15 +150,13 @@ class Agent:
         if transfer not in TRANSFER_MODES:
             raise ValueError(f"transfer must be one of {TRANSFER_MODES}, not {transfer!r}")
         self.transfer = transfer
-        self.http: HubHttp | None = None
+        self.hub_url = hub_url or identity.hub_url
         if transfer == "http":
-            from agent.http_transfer import HubHttp  # only in http mode: the default agent never loads it
-
-            url = hub_url or identity.hub_url
-            if not url:
-                raise ValueError("--transfer http needs the hub's URL: this identity predates it (enrolled by an older"
-                                 " agent); pass --hub-url or enrol again")
-            self.http = HubHttp(url, identity.device_id, identity.mqtt_password, identity.broker_ca)
+            if not self.hub_url:
+                raise ValueError("--transfer http needs the hub's URL: this identity predates it (enrolled by an"
+                                 " older agent); pass --hub-url or enrol again")
+            check_hub_url(self.hub_url)
+        self.http: HubHttp | None = None  # made for the first HTTP download (agent/http_transfer.py is not loaded idle)
         self.isolation = isolation
         self.module_limits = module_limits or {}  # worker rlimits: memory_mb, cpu_seconds
         self.api_port = api_port
@@ -500,9 +498,12 @@ class Agent:
         self._report_dirty.set()
 
     async def _install(self, m: DesiredModule) -> None:
-        if self.http is not None:
-            from agent.http_transfer import HttpBundleFetch
+        if self.transfer == "http":
+            from agent.http_transfer import HttpBundleFetch, HubHttp
 
+            if self.http is None:
+                assert self.hub_url is not None
+                self.http = HubHttp(self.hub_url, self.device_id, self.identity.mqtt_password, self.identity.broker_ca)
             fetch: BundleFetch | HttpBundleFetch = HttpBundleFetch(
                 self.http, m, self.root, self.chunks, self.data_dir / MANIFESTS_DIR, self.data_dir / PARTIAL_DIR,
                 reject=self._reject, progress=lambda f: self._set_progress(m.bundle, f),

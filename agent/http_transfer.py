@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.identity import check_hub_url
 from agent.install import InstallError
 from agent.transfer import Progress, Reject, VerifiedFetch
 from modules.store import ContentStore
@@ -55,23 +56,23 @@ class HubHttp:
 
     def __init__(self, base_url: str, device_id: str, password: str | None, ca_pem: str | None = None,
                  timeout: float = 30.0) -> None:
-        url = urlsplit(base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"hub URL {base_url!r} is not http(s)://host[:port]")
+        url = urlsplit(check_hub_url(base_url))
         self.base_url = base_url.rstrip("/")
         self.host, self.port, self.prefix = url.hostname, url.port, url.path.rstrip("/")
         self.timeout = timeout
         self._auth = "Basic " + base64.b64encode(f"{device_id}:{password or ''}".encode()).decode()
-        self._ctx: ssl.SSLContext | None = None
-        if url.scheme == "https":
-            self._ctx = ssl.create_default_context()
-            if ca_pem:
-                self._ctx.load_verify_locations(cadata=ca_pem)
+        self.https, self.ca_pem = url.scheme == "https", ca_pem
+        self._ctx: ssl.SSLContext | None = None  # made at the first connection: the CA store costs ~1.5 MB
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
     def _new(self) -> http.client.HTTPConnection:
-        if self._ctx is not None:
+        if self.https:
+            with self._lock:
+                if self._ctx is None:
+                    self._ctx = ssl.create_default_context()
+                    if self.ca_pem:
+                        self._ctx.load_verify_locations(cadata=self.ca_pem)
             return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self._ctx)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 

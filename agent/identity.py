@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from protocol.broker_url import BrokerURL, parse_broker_url
 from protocol.encoding import ProtocolError
@@ -46,6 +47,14 @@ class Identity:
 
     def trusted_root(self) -> Root:
         return load_trusted_root(self.root)
+
+
+def check_hub_url(url: str) -> str:
+    """``url`` if it is ``http(s)://host[:port][/prefix]``, else ValueError saying so."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"hub URL {url!r} is not http(s)://host[:port]")
+    return url
 
 
 def check_ca_pem(pem: str) -> None:

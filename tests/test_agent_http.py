@@ -279,3 +279,23 @@ def test_a_restart_mid_download_fetches_only_what_is_missing(hub, tmp_path):
     asyncio.run(second_run())
     assert downloads.bytes_sent - sent == len(weights) - 1000
     assert (data / "modules" / "classifier" / "current").readlink().name == module["digest"]
+
+
+def test_an_identity_from_before_the_hub_url_loads_and_http_mode_says_what_is_missing(hub, tmp_path):
+    from agent.identity import load_identity
+
+    data = tmp_path / "old"
+    ident = hub.enroll(data)
+    raw = json.loads((data / "identity.json").read_text())
+    del raw["hub_url"]  # as an older agent wrote it
+    (data / "identity.json").write_text(json.dumps(raw))
+    old = load_identity(data)
+    assert old.hub_url is None and old.device_id == ident.device_id
+    Agent(old, data, transfer="mqtt")  # the default transfer needs no hub URL
+    with pytest.raises(ValueError, match="predates it"):
+        Agent(old, data, transfer="http")
+    with pytest.raises(ValueError, match="is not http"):
+        Agent(old, data, transfer="http", hub_url="ftp://hub")
+    proc = subprocess.run([sys.executable, "-m", "agent", "--data", str(data), "--api-port", "0"], cwd=ROOT,
+                          env={**os.environ, "EDGEFLEET_TRANSFER": "http"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "pass --hub-url or enrol again" in proc.stderr
