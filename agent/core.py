@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
-from agent.identity import Identity, save_identity
+from agent.identity import Identity, check_hub_url, save_identity
 from agent.install import BEFORE_ACTIVATION, Entry, Installed, Installer, atomic_write_json
 from agent.localapi import LocalApi
 from agent.mqtt import AsyncMqttClient, MessageHandler, MqttOffline, Will
@@ -37,6 +37,7 @@ from modules.store import ContentStore
 from protocol.broker_url import BrokerURL
 from protocol.encoding import ProtocolError, digest_of, parse_json
 from protocol.messages import (
+    BakePolicy,
     Command,
     CommandReply,
     DataBatch,
@@ -65,6 +66,8 @@ from protocol.topics import (
 from protocol.verify import accept_desired
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
+    from agent.bake import BakeWatch
+    from agent.http_transfer import HubHttp
     from agent.workload import Workload
     from modules.runners import Batch, Runner
 
@@ -95,6 +98,9 @@ ClientFactory = Callable[[str, BrokerURL, Will], MqttClient]
 # "process": each module in its own supervised worker process (the daemon's default);
 # "inprocess": runners on the event loop thread, shareable across agents (the simulator's thousands of agents).
 ISOLATION_MODES = ("process", "inprocess")
+# "mqtt": chunks on the blob topics (the default); "http": from the hub's device routes (agent/http_transfer.py)
+TRANSFER_MODES = ("mqtt", "http")
+PARTIAL_DIR = "downloads"  # chunks cut short during an HTTP download, resumed with a Range request
 
 
 def default_client_factory(client_id: str, broker: BrokerURL, will: Will) -> MqttClient:
@@ -112,6 +118,7 @@ class ActiveModule:
     collect_rate_ppm: int
     stats: ModuleStats = field(default_factory=ModuleStats)
     task: asyncio.Task[None] | None = None
+    bake: BakeWatch | None = None  # set while this version is on probation
 
 
 class Agent:
@@ -135,9 +142,21 @@ class Agent:
         isolation: str = "inprocess",
         module_limits: dict[str, int] | None = None,
         api_port: int = 0,
+        transfer: str = "mqtt",
+        hub_url: str | None = None,
     ) -> None:
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {ISOLATION_MODES}, not {isolation!r}")
+        if transfer not in TRANSFER_MODES:
+            raise ValueError(f"transfer must be one of {TRANSFER_MODES}, not {transfer!r}")
+        self.transfer = transfer
+        self.hub_url = hub_url or identity.hub_url
+        if transfer == "http":
+            if not self.hub_url:
+                raise ValueError("--transfer http needs the hub's URL: this identity predates it (enrolled by an"
+                                 " older agent); pass --hub-url or enrol again")
+            check_hub_url(self.hub_url)
+        self.http: HubHttp | None = None  # made for the first HTTP download (agent/http_transfer.py is not loaded idle)
         self.isolation = isolation
         self.module_limits = module_limits or {}  # worker rlimits: memory_mb, cpu_seconds
         self.api_port = api_port
@@ -157,7 +176,7 @@ class Agent:
         }
         self.chunks = ContentStore(self.data_dir / "chunks")
         self.installer = Installer(self.data_dir, self.root, self.chunks, runner_cache, health_timeout, self._on_install,
-                                   health=self._health_in_worker if isolation == "process" else None)
+                                   health=self._health_in_worker if isolation == "process" else None, bake=self._bake)
         self._warm: dict[str, WorkerProcess] = {}  # health-checked workers, handed over on activation
         self.outbox = Outbox(self.data_dir / "outbox.db", max_rows=outbox_rows)
         will: Will = (self._topic(Channel.STATUS), Status(device=self.device_id, online=False).encode(), 1, True)
@@ -171,6 +190,7 @@ class Agent:
         self._desired_digest = ""
         self._load_state()
         self._progress: dict[str, float] = {}
+        self._transfer_errors: dict[str, str] = {}  # bundle -> what keeps its download from progressing
         self._load_errors: dict[str, str] = {}
         self._fetches: dict[str, BundleFetch] = {}
         self._installing: tuple[str, str] | None = None  # (name, bundle) of the install under way
@@ -280,6 +300,8 @@ class Agent:
                     self._topic(Channel.STATUS), Status(device=self.device_id, online=False, ts=self.clock()).encode(),
                     qos=1, retain=True), 3.0)
         await self.client.stop()
+        if self.http is not None:
+            self.http.close()
         self.outbox.close()
 
     def _on_connected(self) -> None:
@@ -438,6 +460,7 @@ class Agent:
     # --- reconciling -------------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
+        await self._resume_bakes()  # first: a bake is an install under way, and installs run one at a time here
         while True:
             await self._desired_changed.wait()
             self._desired_changed.clear()
@@ -475,15 +498,27 @@ class Agent:
         self._report_dirty.set()
 
     async def _install(self, m: DesiredModule) -> None:
-        fetch = BundleFetch(
-            self.device_id, m, self.root, self.chunks, self.data_dir / MANIFESTS_DIR,
-            publish=lambda t, p: self.client.publish(t, p, qos=1), reject=self._reject,
-            progress=lambda f: self._set_progress(m.bundle, f), retry=self.blob_retry, clock=self.clock,
-        )
-        self._fetches[m.bundle] = fetch
+        if self.transfer == "http":
+            from agent.http_transfer import HttpBundleFetch, HubHttp
+
+            if self.http is None:
+                assert self.hub_url is not None
+                self.http = HubHttp(self.hub_url, self.device_id, self.identity.mqtt_password, self.identity.broker_ca)
+            fetch: BundleFetch | HttpBundleFetch = HttpBundleFetch(
+                self.http, m, self.root, self.chunks, self.data_dir / MANIFESTS_DIR, self.data_dir / PARTIAL_DIR,
+                reject=self._reject, progress=lambda f: self._set_progress(m.bundle, f),
+                note=lambda text: self._set_transfer_error(m.bundle, text), retry=self.blob_retry, clock=self.clock)
+        else:
+            fetch = BundleFetch(
+                self.device_id, m, self.root, self.chunks, self.data_dir / MANIFESTS_DIR,
+                publish=lambda t, p: self.client.publish(t, p, qos=1), reject=self._reject,
+                progress=lambda f: self._set_progress(m.bundle, f), retry=self.blob_retry, clock=self.clock,
+            )
+            self._fetches[m.bundle] = fetch
         self._installing = (m.name, m.bundle)
         try:
-            await self.client.subscribe(fetch.topic)
+            if isinstance(fetch, BundleFetch):
+                await self.client.subscribe(fetch.topic)
             self._install_task = asyncio.create_task(self.installer.install(m, fetch.run))
             await asyncio.wait({self._install_task})  # not cancelled with it: a superseded download is
             if self._install_task.cancelled():
@@ -497,13 +532,58 @@ class Agent:
             self._fetches.pop(m.bundle, None)
             self._installing, self._install_task = None, None
             self._progress.pop(m.bundle, None)
-            with contextlib.suppress(MqttOffline):
-                await self.client.unsubscribe(fetch.topic)
-        if entry.state == "committed":
-            await self._activate(m.name)
-        elif entry.state == "failed" and self.installer.current(m.name) is None:
-            self._deactivate(m.name)
+            self._transfer_errors.pop(m.bundle, None)
+            if isinstance(fetch, BundleFetch):
+                with contextlib.suppress(MqttOffline):
+                    await self.client.unsubscribe(fetch.topic)
+        await self._settle(m.name, entry)
+
+    async def _settle(self, name: str, entry: Entry) -> None:
+        """After an install ends: serve what ``current`` points at (a bake may have served the new version)."""
+        current = self.installer.current(name)
+        active = self.active.get(name)
+        if current is None:
+            if entry.state == "failed":
+                self._deactivate(name)
+        elif entry.state in ("committed", "rolled_back") and (active is None or active.bundle != current):
+            await self._activate(name)
         await self._drop_unused_warm()
+
+    async def _resume_bakes(self) -> None:
+        for name in self.installer.baking():
+            try:
+                await self._settle(name, await self.installer.resume_bake(name))
+            except Exception:  # the journal stays "baking": the next start tries again (and counts it)
+                log.exception("%s: resuming the bake of %s failed", self.device_id, name)
+        self._report_dirty.set()
+
+    async def _bake(self, inst: Installed, policy: BakePolicy) -> str:
+        """The installer's bake: the new version serves; its error rate (or a crash loop) decides. "" commits."""
+        from agent.bake import BakeWatch  # loaded when a deployment asks for a bake: the idle agent stays small
+
+        active = self.active.get(inst.name)
+        if active is None or active.bundle != inst.bundle:
+            await self._activate(inst.name)
+            active = self.active.get(inst.name)
+        if active is None or active.bundle != inst.bundle:
+            return f"the new version did not start: {self._load_errors.get(inst.name, 'unknown reason')}"
+        watch = active.bake = BakeWatch(policy)
+        log.info("%s: module %s baking for %ds (rollback above %g%% errors over >= %d inferences)", self.device_id,
+                 inst.name, policy.seconds, policy.max_error_ppm / 10_000, policy.min_inferences)
+        try:
+            reason = await watch.wait()
+        finally:
+            active.bake = None
+        log.info("%s: module %s bake %s: %s", self.device_id, inst.name, "failed" if reason else "passed",
+                 reason or watch.summary())
+        return reason
+
+    def _set_transfer_error(self, bundle: str, text: str) -> None:
+        if text:
+            self._transfer_errors[bundle] = text
+        else:
+            self._transfer_errors.pop(bundle, None)
+        self._report_dirty.set()
 
     def _set_progress(self, bundle: str, fraction: float) -> None:
         self._progress[bundle] = fraction
@@ -569,6 +649,9 @@ class Agent:
         active = self.active.get(name)
         if active is None or active.bundle != bundle:
             return
+        if active.bake is not None:  # on probation: the bake fails now and its install rolls back
+            active.bake.fail(reason)
+            return
         entry = await self.installer.roll_back_committed(name, reason)
         if entry is None:  # no install record to undo (e.g. a version older than the journal): report it
             self._load_errors[name] = reason
@@ -594,6 +677,8 @@ class Agent:
             ok = True
         finally:
             active.stats.record((time.perf_counter() - t0) * 1000.0, ok)
+            if active.bake is not None:
+                active.bake.record(ok)
         if self._sampled(active):
             self._collect(active, {k: v.tolist() for k, v in batch.items()}, {k: v.tolist() for k, v in out.items()})
         return out
@@ -644,6 +729,8 @@ class Agent:
         if not isinstance(exc, InputError):
             self.inferences += 1
             active.stats.record((time.perf_counter() - t0) * 1000.0, exc is None)
+            if active.bake is not None:
+                active.bake.record(exc is None)
         if out is not None and self._sampled(active):  # parsed again only when sampled
             doc = json.loads(body)
             self._collect(active, doc.get("inputs") if isinstance(doc, dict) else doc, json.loads(out))
@@ -679,6 +766,8 @@ class Agent:
             if entry is not None and entry.bundle == m.bundle and entry.state != "committed":
                 state, error = entry.state, entry.error
                 progress = 1.0 if entry.state not in ("downloading",) else self._progress.get(m.bundle, 0.0)
+                if entry.state == "downloading" and not error:
+                    error = self._transfer_errors.get(m.bundle, "")
             elif active is not None and active.bundle == m.bundle:
                 state, progress = "running", 1.0
             elif m.name in self._load_errors:

@@ -6,15 +6,17 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 from pathlib import Path
 
-from agent.core import ISOLATION_MODES, Agent
+from agent.core import ISOLATION_MODES, TRANSFER_MODES, Agent
 from agent.identity import EnrollmentError, load_identity, read_ca_file
 
 log = logging.getLogger("edgefleet.agent")
 
 DEFAULT_API_PORT = 8765
+TRANSFER_ENV = "EDGEFLEET_TRANSFER"
 
 
 async def _serve(agent: Agent) -> None:
@@ -28,10 +30,11 @@ async def _serve(agent: Agent) -> None:
 def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: float = 0.0,
               telemetry_interval: float = 5.0, *, api_port: int = DEFAULT_API_PORT, isolation: str = "process",
               module_memory_mb: int = 0, module_cpu_seconds: int = 0, health_timeout: float = 30.0,
-              broker_ca: Path | str | None = None) -> None:
+              broker_ca: Path | str | None = None, transfer: str = "mqtt", hub_url: str | None = None) -> None:
     """Run the agent enrolled in ``data_dir`` until SIGINT/SIGTERM.
 
     ``broker_ca``: a PEM file to trust for ``mqtts://`` instead of the CA pinned at enrolment.
+    ``transfer``: how bundles arrive, ``mqtt`` (blob topics) or ``http`` (from ``hub_url`` or the enrolled hub).
     """
     identity = load_identity(Path(data_dir))
     if broker_ca is not None:
@@ -44,8 +47,9 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
     agent = Agent(identity, Path(data_dir), mqtt_url=mqtt_url, workload=workload,
                   telemetry_interval=telemetry_interval, isolation=isolation, api_port=api_port,
                   module_limits={"memory_mb": module_memory_mb, "cpu_seconds": module_cpu_seconds},
-                  health_timeout=health_timeout)
-    log.info("agent %s starting (data %s, %s isolation)", identity.device_id, data_dir, isolation)
+                  health_timeout=health_timeout, transfer=transfer, hub_url=hub_url)
+    log.info("agent %s starting (data %s, %s isolation, bundles over %s)", identity.device_id, data_dir, isolation,
+             transfer)
     asyncio.run(_serve(agent))
     log.info("agent %s stopped", identity.device_id)
 
@@ -65,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module-memory-mb", type=int, default=0, help="address-space cap per module worker (0: none)")
     parser.add_argument("--module-cpu-seconds", type=int, default=0, help="CPU-time cap per module worker (0: none)")
     parser.add_argument("--health-timeout", type=float, default=30.0, help="seconds a health check may take")
+    parser.add_argument("--transfer", choices=TRANSFER_MODES, default=os.environ.get(TRANSFER_ENV, "mqtt"),
+                        help=f"bundle download: MQTT blob topics or HTTP(S) from the hub (env {TRANSFER_ENV})")
+    parser.add_argument("--hub-url", default=None, help="hub URL for --transfer http (default: the enrolled one)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -72,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         run_agent(args.data, args.mqtt, args.rate, args.telemetry_interval, api_port=args.api_port,
                   isolation=args.isolation, module_memory_mb=args.module_memory_mb,
                   module_cpu_seconds=args.module_cpu_seconds, health_timeout=args.health_timeout,
-                  broker_ca=args.broker_ca)
-    except EnrollmentError as exc:
+                  broker_ca=args.broker_ca, transfer=args.transfer, hub_url=args.hub_url)
+    except (EnrollmentError, ValueError) as exc:  # ValueError: e.g. --transfer http without a hub URL
         log.error("%s", exc)
         return 2
     return 0

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from protocol.broker_url import BrokerURL, parse_broker_url
 from protocol.encoding import ProtocolError
@@ -36,6 +37,7 @@ class Identity:
     mqtt_password: str | None
     root: dict[str, Any] = field(repr=False)  # the root envelope pinned at enrolment
     broker_ca: str | None = field(default=None, repr=False)  # PEM of the broker's CA, pinned at enrolment (mqtts)
+    hub_url: str | None = None  # the hub enrolled with, for --transfer http (None in identities from older agents)
 
     def broker(self, override_url: str | None = None) -> BrokerURL:
         """The broker to use: ``override_url`` (e.g. --mqtt) or the enrolled one, with this device's credentials."""
@@ -45,6 +47,14 @@ class Identity:
 
     def trusted_root(self) -> Root:
         return load_trusted_root(self.root)
+
+
+def check_hub_url(url: str) -> str:
+    """``url`` if it is ``http(s)://host[:port][/prefix]``, else ValueError saying so."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"hub URL {url!r} is not http(s)://host[:port]")
+    return url
 
 
 def check_ca_pem(pem: str) -> None:
@@ -88,6 +98,7 @@ def load_identity(data_dir: Path) -> Identity:
         identity = Identity(
             device_id=raw["device_id"], mqtt_url=raw["mqtt_url"], mqtt_username=raw.get("mqtt_username"),
             mqtt_password=raw.get("mqtt_password"), root=raw["root"], broker_ca=raw.get("broker_ca"),
+            hub_url=raw.get("hub_url"),
         )
     except FileNotFoundError:
         raise EnrollmentError(f"{path} does not exist: enrol first (edgefleet agent enroll --hub URL --token T)") from None
@@ -119,10 +130,10 @@ def enroll(
             resp = httpx.post(url, json=body, timeout=timeout)
     except httpx.HTTPError as exc:
         raise EnrollmentError(f"cannot reach the hub at {hub_url}: {exc}") from None
-    return _accept_enrolment(resp, data_dir)
+    return _accept_enrolment(resp, data_dir, hub_url)
 
 
-def _accept_enrolment(resp: httpx.Response, data_dir: Path) -> Identity:
+def _accept_enrolment(resp: httpx.Response, data_dir: Path, hub_url: str) -> Identity:
     if resp.status_code != 200:
         try:
             detail = resp.json().get("detail", resp.text)
@@ -135,6 +146,7 @@ def _accept_enrolment(resp: httpx.Response, data_dir: Path) -> Identity:
         identity = Identity(
             device_id=data["device_id"], mqtt_url=data["mqtt_url"], mqtt_username=data.get("mqtt_username"),
             mqtt_password=data.get("mqtt_password"), root=data["root"], broker_ca=data.get("broker_ca"),
+            hub_url=hub_url.rstrip("/"),
         )
         identity.trusted_root()  # refuse to pin a root that does not verify
         parse_broker_url(identity.mqtt_url)
@@ -165,4 +177,4 @@ async def enroll_async(
         resp = await client.post(hub_url.rstrip("/") + "/api/v1/enroll", json=body)
     except httpx.HTTPError as exc:
         raise EnrollmentError(f"cannot reach the hub at {hub_url}: {exc}") from None
-    return _accept_enrolment(resp, data_dir)
+    return _accept_enrolment(resp, data_dir, hub_url)

@@ -1,6 +1,6 @@
 """The install state machine: one module version at a time, journalled, recoverable.
 
-    downloading -> verifying -> staged -> activating -> health_check -> committed
+    downloading -> verifying -> staged -> activating -> health_check [-> baking] -> committed
                                            \\-> rolling_back -> rolled_back | failed
 
 Every transition is written to ``data_dir/journal.json`` (temp file, fsync,
@@ -31,7 +31,8 @@ from modules.errors import InputError, ModelError
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
 from protocol.manifest import FileEntry, Manifest
-from protocol.messages import DesiredModule
+from protocol.messages import BakePolicy, DesiredModule
+from protocol.schema import validate
 from protocol.signing import Root
 
 if TYPE_CHECKING:
@@ -45,6 +46,10 @@ CURRENT = "current"
 # tests can stop at a chosen point deterministically. Never set it on a real device.
 CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AT"
 
+# An install interrupted this many times while baking is rolled back on the next start instead of baked again:
+# the agent keeps dying with the new version (e.g. an in-process module that crashes it).
+MAX_BAKE_STARTS = 3
+
 # state -> states it may move to. None is "no install on record": where a first install begins.
 TRANSITIONS: dict[str | None, frozenset[str]] = {
     None: frozenset({"downloading"}),
@@ -52,7 +57,10 @@ TRANSITIONS: dict[str | None, frozenset[str]] = {
     "verifying": frozenset({"staged", "failed"}),
     "staged": frozenset({"activating", "failed"}),
     "activating": frozenset({"health_check", "rolling_back"}),
-    "health_check": frozenset({"committed", "rolling_back"}),
+    "health_check": frozenset({"committed", "rolling_back", "baking"}),
+    # Probation: the new version serves while its error rate is watched. baking -> baking is the bake
+    # started again after the agent restarted (counted in Entry.bakes).
+    "baking": frozenset({"baking", "committed", "rolling_back"}),
     "rolling_back": frozenset({"rolled_back", "failed"}),
     # Terminal for this version; the next version's install starts from here. A committed version
     # whose worker then crash-loops is rolled back to the version kept beside it.
@@ -102,6 +110,8 @@ class Entry:
     previous: str | None = None  # the digest active before this install, the rollback target
     error: str = ""
     ts: float = 0.0
+    bake: dict[str, int] | None = None  # the desired BakePolicy (None: commit after the health check)
+    bakes: int = 0  # times the bake was started: a restart during baking starts it again
 
 
 class Journal:
@@ -126,7 +136,8 @@ class Journal:
         old = self.entries.get(name)
         check_transition(old.state if old else None, new)
         if new == "downloading":
-            entry = Entry(state=new, bundle=fields["bundle"], version=fields["version"], previous=fields.get("previous"))
+            entry = Entry(state=new, bundle=fields["bundle"], version=fields["version"], previous=fields.get("previous"),
+                          bake=fields.get("bake"))
         else:
             assert old is not None
             entry = Entry(**{**vars(old), "state": new, **fields})
@@ -151,6 +162,8 @@ class Installed:
 ChangeHook = Callable[[str, Entry], None]
 # Runs the health check elsewhere (the agent's worker process) within its own deadline; raises on failure.
 HealthHook = Callable[[Installed], Awaitable[None]]
+# Serves the new version for the bake and watches it: the reason to roll back, or "" to commit.
+BakeHook = Callable[[Installed, BakePolicy], Awaitable[str]]
 
 
 class Installer:
@@ -165,6 +178,7 @@ class Installer:
         health_timeout: float = 30.0,
         on_change: ChangeHook | None = None,
         health: HealthHook | None = None,
+        bake: BakeHook | None = None,
     ) -> None:
         self.modules_dir = Path(data_dir) / "modules"
         self.modules_dir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +188,7 @@ class Installer:
         self.health_timeout = health_timeout
         self.on_change = on_change
         self.health = health
+        self.bake = bake  # None: a bake policy is not applied (no agent serves the module to watch it)
         self.journal = Journal(Path(data_dir) / JOURNAL_FILE)
         self._crash_at = os.environ.get(CRASH_ENV, "")
 
@@ -240,7 +255,8 @@ class Installer:
         """Install ``module``: ``fetch`` returns the verified release envelope once every chunk is stored."""
         name = module.name
         previous = self.current(name)
-        self._set(name, "downloading", bundle=module.bundle, version=module.version, previous=previous)
+        self._set(name, "downloading", bundle=module.bundle, version=module.version, previous=previous,
+                  bake=module.bake.to_dict() if module.bake is not None else None)
         try:
             envelope = await fetch()
         except InstallError as exc:
@@ -275,7 +291,8 @@ class Installer:
         if manifest.version != module.version:
             raise InstallError(f"bundle is version {manifest.version}, the desired state says {module.version}")
 
-    async def _check_and_finish(self, name: str) -> Entry:
+    async def _check_and_finish(self, name: str, bake_now: bool = True) -> Entry:
+        """Health-check the active version, then bake it (or leave it ``baking`` unless ``bake_now``) or commit."""
         entry = self.journal.get(name)
         assert entry is not None
         if entry.state != "health_check":
@@ -290,9 +307,47 @@ class Installer:
             return await self._roll_back(name, f"health check timed out after {self.health_timeout:g}s")
         except (InstallError, ProtocolError, ModelError, InputError, OSError, ValueError) as exc:
             return await self._roll_back(name, f"health check failed: {exc}")
+        if entry.bake is not None and self.bake is not None:
+            entry = self._set(name, "baking", bakes=entry.bakes + 1)
+            return await self._finish_bake(name, inst) if bake_now else entry
+        return self._commit(name)
+
+    def _commit(self, name: str) -> Entry:
         entry = self._set(name, "committed", error="")
         self._collect_garbage(name, entry.previous)
         return entry
+
+    async def _finish_bake(self, name: str, inst: Installed) -> Entry:
+        entry = self.journal.get(name)
+        assert entry is not None and entry.bake is not None and self.bake is not None
+        policy = validate(BakePolicy, entry.bake)
+        reason = await self.bake(inst, policy)
+        if reason:
+            return await self._roll_back(name, f"bake failed: {reason}")
+        return self._commit(name)
+
+    def baking(self) -> list[str]:
+        """Modules whose bake a restart interrupted (``recover`` leaves them to :meth:`resume_bake`)."""
+        return [name for name, e in self.journal.entries.items() if e.state == "baking"]
+
+    async def resume_bake(self, name: str) -> Entry:
+        """Bake an interrupted install again from the start, or roll it back after MAX_BAKE_STARTS tries.
+
+        Called once the agent serves again: a bake watches real traffic, so it cannot run inside ``recover``.
+        """
+        entry = self.journal.get(name)
+        assert entry is not None and entry.state == "baking"
+        if entry.bakes >= MAX_BAKE_STARTS:
+            return await self._roll_back(name, f"bake interrupted {entry.bakes} times by an agent restart: "
+                                               "the agent keeps dying with this version")
+        try:
+            inst = self.load_installed(name)
+        except (InstallError, ProtocolError, OSError) as exc:
+            return await self._roll_back(name, f"interrupted while baking and the new version is unusable: {exc}")
+        if self.bake is None or entry.bake is None:
+            return self._commit(name)
+        self._set(name, "baking", bakes=entry.bakes + 1)
+        return await self._finish_bake(name, inst)
 
     def _health_check(self, inst: Installed) -> None:
         from modules.runners import health_check, load_runner, load_sample  # in-process isolation, as above
@@ -361,8 +416,8 @@ class Installer:
                     await self._roll_back(name, f"interrupted during activation and the new version is unusable: {exc}")
                     continue
                 self._swap(name, entry.bundle)  # finish the activation, then judge it
-                await self._check_and_finish(name)
+                await self._check_and_finish(name, bake_now=False)
             elif entry.state == "health_check":
-                await self._check_and_finish(name)
+                await self._check_and_finish(name, bake_now=False)
             elif entry.state == "rolling_back":
                 await self._roll_back(name, entry.error)

@@ -47,8 +47,75 @@ def chunk_sizes(manifest: Manifest) -> dict[str, int]:
     return sizes
 
 
-class BundleFetch:
-    """Fetches one bundle; the agent routes that bundle's blob-topic messages to :meth:`on_part`."""
+class VerifiedFetch:
+    """What every transfer shares: the release envelope checked against the root and the desired state,
+    kept on disk for a restart, and the set of chunks the local store still lacks."""
+
+    def __init__(self, module: DesiredModule, root: Root, chunks: ContentStore, manifests_dir: Path, reject: Reject,
+                 progress: Progress | None = None, clock: Callable[[], float] | None = None) -> None:
+        self.module = module
+        self.root = root
+        self.chunks = chunks
+        self.manifests_dir = manifests_dir
+        self.reject = reject
+        self.progress = progress
+        self.clock = clock
+        self.fatal = ""  # set when the genuine manifest contradicts the desired state
+        self.envelope: dict[str, Any] | None = None
+        self.manifest: Manifest | None = None
+        self._sizes: dict[str, int] = {}
+        self._missing: set[str] = set()
+
+    def _verify(self, envelope: Any) -> Manifest:
+        manifest = self._verify_signed(envelope)
+        self._check_desired(manifest)
+        return manifest
+
+    def _verify_signed(self, envelope: Any) -> Manifest:
+        now = self.clock() if self.clock is not None else None
+        return accept_manifest(envelope, self.root, self.module.bundle, self.module.name, now=now)
+
+    def _check_desired(self, manifest: Manifest) -> None:
+        if manifest.version != self.module.version:
+            raise ProtocolError(f"bundle is version {manifest.version}, the desired state says {self.module.version}")
+        if manifest.size != self.module.size:
+            raise ProtocolError(f"bundle holds {manifest.size} bytes, the desired state says {self.module.size}")
+
+    def _use_manifest(self, envelope: dict[str, Any], manifest: Manifest) -> None:
+        self.envelope, self.manifest = envelope, manifest
+        self._sizes = chunk_sizes(manifest)
+        self._missing = {d for d in self._sizes if not self.chunks.has(d)}
+        self._report_progress()
+
+    def _keep_manifest(self, payload: bytes) -> None:
+        """Keep the verified envelope's bytes, so a restart resumes without asking again."""
+        path = self.manifests_dir / f"{self.module.bundle}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(payload)
+        tmp.replace(path)
+
+    def _load_cached_manifest(self) -> None:
+        path = self.manifests_dir / f"{self.module.bundle}.json"
+        if not path.exists():
+            return
+        try:
+            envelope = json.loads(path.read_bytes())
+            self._use_manifest(envelope, self._verify(envelope))
+        except (ValueError, TypeError, ProtocolError) as exc:
+            log.info("cached manifest %s unusable (%s): asking again", path.name, exc)
+            path.unlink(missing_ok=True)
+
+    def _report_progress(self) -> None:
+        if self.progress is None or not self._sizes:
+            return
+        total = sum(self._sizes.values()) or 1
+        missing = sum(self._sizes[d] for d in self._missing)
+        self.progress((total - missing) / total)
+
+
+class BundleFetch(VerifiedFetch):
+    """Fetches one bundle over MQTT; the agent routes that bundle's blob-topic messages to :meth:`on_part`."""
 
     def __init__(
         self,
@@ -64,21 +131,10 @@ class BundleFetch:
         retry_cap: float = 30.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        super().__init__(module, root, chunks, manifests_dir, reject, progress, clock)
         self.device_id = device_id
-        self.module = module
-        self.root = root
-        self.chunks = chunks
-        self.manifests_dir = manifests_dir
         self.publish = publish
-        self.reject = reject
-        self.progress = progress
         self.retry, self.retry_cap = retry, retry_cap
-        self.clock = clock
-        self.fatal = ""  # set when the genuine manifest contradicts the desired state
-        self.envelope: dict[str, Any] | None = None
-        self.manifest: Manifest | None = None
-        self._sizes: dict[str, int] = {}
-        self._missing: set[str] = set()
         self._changed = asyncio.Event()
         self.requests = 0  # BlobRequests sent, for tests and telemetry
 
@@ -132,51 +188,8 @@ class BundleFetch:
             self._changed.set()
             return
         self._use_manifest(envelope, manifest)
-        path = self.manifests_dir / f"{self.module.bundle}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(payload)
-        tmp.replace(path)  # kept so a restart resumes without asking again
+        self._keep_manifest(payload)
         self._changed.set()
-
-    def _verify(self, envelope: Any) -> Manifest:
-        manifest = self._verify_signed(envelope)
-        self._check_desired(manifest)
-        return manifest
-
-    def _verify_signed(self, envelope: Any) -> Manifest:
-        now = self.clock() if self.clock is not None else None
-        return accept_manifest(envelope, self.root, self.module.bundle, self.module.name, now=now)
-
-    def _check_desired(self, manifest: Manifest) -> None:
-        if manifest.version != self.module.version:
-            raise ProtocolError(f"bundle is version {manifest.version}, the desired state says {self.module.version}")
-        if manifest.size != self.module.size:
-            raise ProtocolError(f"bundle holds {manifest.size} bytes, the desired state says {self.module.size}")
-
-    def _use_manifest(self, envelope: dict[str, Any], manifest: Manifest) -> None:
-        self.envelope, self.manifest = envelope, manifest
-        self._sizes = chunk_sizes(manifest)
-        self._missing = {d for d in self._sizes if not self.chunks.has(d)}
-        self._report_progress()
-
-    def _load_cached_manifest(self) -> None:
-        path = self.manifests_dir / f"{self.module.bundle}.json"
-        if not path.exists():
-            return
-        try:
-            envelope = json.loads(path.read_bytes())
-            self._use_manifest(envelope, self._verify(envelope))
-        except (ValueError, TypeError, ProtocolError) as exc:
-            log.info("cached manifest %s unusable (%s): asking again", path.name, exc)
-            path.unlink(missing_ok=True)
-
-    def _report_progress(self) -> None:
-        if self.progress is None or not self._sizes:
-            return
-        total = sum(self._sizes.values()) or 1
-        missing = sum(self._sizes[d] for d in self._missing)
-        self.progress((total - missing) / total)
 
     # --- the transfer ------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from hub.console import mount_console
 from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 from hub.errors import HubError
-from hub.routes import admin, deployments, endpoints, fleet, models, modules, monitoring
+from hub.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring
 
 API = "/api/v1"
 
@@ -40,7 +40,7 @@ def create_app(config: HubConfig) -> FastAPI:
     async def hub_error(request: Request, exc: HubError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
-    for router in (admin.router, models.router, modules.router, fleet.router, deployments.router,
+    for router in (admin.router, models.router, modules.router, fleet.router, device.router, deployments.router,
                    deployments.rollouts,
                    monitoring.router):
         app.include_router(router, prefix=API)

@@ -14,6 +14,7 @@ from hub.bundles import ModuleBuilder
 from hub.config import HubConfig
 from hub.db import Database
 from hub.deployments import Deployments
+from hub.device_http import DeviceDownloads
 from hub.director import Director
 from hub.fleet import Fleet
 from hub.keys import load_or_create_keys
@@ -40,6 +41,7 @@ class Hub:
         self.registry = ModelRegistry(self.db, self.store, config.load_check_timeout_s, config.load_check_memory_mb)
         self.modules = ModuleBuilder(self.db, self.store, self.registry, self.keys, config.release_ttl_s)
         self.bridge = Bridge(config, self.db, self.store, self._is_enrolled)
+        self.downloads = DeviceDownloads(self.db, self.store)  # bundles over HTTP for devices (routes/device.py)
         self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish)
         self.bridge.on_ready = self.director.republish_all
         self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.broker_ca_pem())

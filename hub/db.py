@@ -127,6 +127,7 @@ class Database:
         ("devices", "mqtt_password_mosq", "TEXT"),  # mosquitto $7$ hash of the device's broker password
         ("deployments", "revision", "INTEGER NOT NULL DEFAULT 1"),
         ("deployments", "stable_revision", "INTEGER"),  # what devices outside a rollout get; NULL: nothing yet
+        ("deployment_revisions", "device_bake", "TEXT"),  # JSON BakePolicy for devices (protocol); NULL: none
     )
 
     def _add_columns(self, db: sqlite_utils.Database) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from hub.audit import record
 from hub.bundles import parse_ref
-from hub.db import Database, loads, now
+from hub.db import Database, dumps, loads, now
 from hub.director import Director
 from hub.errors import Conflict, Invalid, NotFound
 from hub.fleet import category, module_views
@@ -19,6 +19,9 @@ from hub.rollout_plan import ON_FAILURE, Gates, parse_strategy
 from hub.rollout_states import SUPERSEDED, display
 from hub.rollouts import Rollouts
 from hub.targeting import parse_target
+from protocol.encoding import ProtocolError
+from protocol.messages import BakePolicy
+from protocol.schema import validate
 
 log = logging.getLogger("edgefleet.hub.deployments")
 
@@ -35,7 +38,20 @@ def deployment_row(row: dict[str, Any]) -> dict[str, Any]:
 def revision_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"revision": row["revision"], "module": f"{row['module_name']}:{row['module_version']}",
             "bundle": row["digest"], "target": row["target"], "priority": row["priority"],
-            "collect_rate_ppm": row["collect_rate_ppm"], "created_at": row["created_at"], "created_by": row["created_by"]}
+            "collect_rate_ppm": row["collect_rate_ppm"], "device_bake": loads(row.get("device_bake")),
+            "created_at": row["created_at"], "created_by": row["created_by"]}
+
+
+def device_bake(seconds: int | None, max_error_rate: float = 0.05, min_inferences: int = 20) -> dict[str, int] | None:
+    """The per-device bake policy (protocol BakePolicy) of a deployment, or None for no bake (0 or None seconds)."""
+    if not seconds:
+        return None
+    policy = {"seconds": int(seconds), "max_error_ppm": round(max_error_rate * 1_000_000),
+              "min_inferences": int(min_inferences)}
+    try:
+        return validate(BakePolicy, policy).to_dict()
+    except ProtocolError as exc:
+        raise Invalid(f"device bake: {exc}") from None
 
 
 class Deployments:
@@ -57,8 +73,11 @@ class Deployments:
     def put(self, name: str, module: str, target: str, priority: int = 0, *, strategy: str = "all",
             bake_s: float = 0.0, gates: dict[str, Any] | None = None, on_failure: str = "rollback",
             collect_rate_ppm: int | None = None, wave_timeout_s: float = DEFAULT_WAVE_TIMEOUT_S,
-            actor: str = "", note: str = "") -> dict[str, Any]:
+            device_bake: dict[str, int] | None = None, actor: str = "", note: str = "") -> dict[str, Any]:
         """Create or change deployment ``name``: a new revision rolled out by ``strategy``.
+
+        ``device_bake`` (see :func:`device_bake`): each device keeps the new version on probation for that long,
+        watching its error rate, and rolls back by itself past the threshold.
 
         Asking for exactly what the latest revision already is changes nothing (``published`` 0).
         """
@@ -77,12 +96,16 @@ class Deployments:
         row = self.db.one("SELECT digest FROM modules WHERE name = ? AND version = ?", (module_name, version))
         if row is None:
             raise Invalid(f"module {module} does not exist: build it first (POST /api/v1/modules)")
+        try:
+            bake_json = dumps(validate(BakePolicy, device_bake).to_dict()) if device_bake else None
+        except ProtocolError as exc:
+            raise Invalid(f"device bake: {exc}") from None
         with self.db.transaction() as tx:
             cur = self.db.one("SELECT * FROM deployments WHERE name = ?", (name,))
             latest = cur and self.db.one("SELECT * FROM deployment_revisions WHERE deployment = ? AND revision = ?",
                                          (name, cur["revision"]))
-            same = latest and (latest["digest"], latest["target"], latest["priority"], latest["collect_rate_ppm"]) == (
-                row["digest"], target, priority, collect_rate_ppm)
+            same = latest and (latest["digest"], latest["target"], latest["priority"], latest["collect_rate_ppm"],
+                               latest["device_bake"]) == (row["digest"], target, priority, collect_rate_ppm, bake_json)
             # the same again is a no-op while that revision is stable or rolling out; after an abort it is a retry
             if cur and cur["active"] and same and (cur["stable_revision"] == cur["revision"] or any(
                     r["revision"] == cur["revision"] for r in self.rollouts._live(name))):
@@ -90,9 +113,10 @@ class Deployments:
             revision = (cur["revision"] + 1) if cur else 1
             t = now()
             tx.execute("INSERT INTO deployment_revisions (deployment, revision, module_name, module_version, digest,"
-                       " target, priority, collect_rate_ppm, created_at, created_by) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                       (name, revision, module_name, version, row["digest"], target, priority, collect_rate_ppm, t,
-                        actor))
+                       " target, priority, collect_rate_ppm, device_bake, created_at, created_by)"
+                       " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       (name, revision, module_name, version, row["digest"], target, priority, collect_rate_ppm,
+                        bake_json, t, actor))
             # the row mirrors the latest revision; created_at stays the first creation (ties between layers: newest)
             tx.execute(
                 "INSERT INTO deployments (name, module_name, module_version, digest, target, priority, created_at, active,"
@@ -102,7 +126,7 @@ class Deployments:
                 " revision = excluded.revision",
                 (name, module_name, version, row["digest"], target, priority, t, revision))
             record(self.db, actor, "deployment.revision", name, revision=revision, module=module, target=target,
-                   priority=priority, collect_rate_ppm=collect_rate_ppm, note=note)
+                   priority=priority, collect_rate_ppm=collect_rate_ppm, device_bake=device_bake, note=note)
         rid, published = self.rollouts.begin(name, revision, waves, gate_set, on_failure, bake_s, wave_timeout_s,
                                              actor)
         log.info("deployment %s revision %d -> %s on %r: rollout %d, %d device(s) updated", name, revision, module,
@@ -114,6 +138,7 @@ class Deployments:
         """A new revision that changes only what is given (``edgefleet deployment update``)."""
         cur = self._row(name)
         latest = self.revision(name, cur["revision"])
+        kwargs.setdefault("device_bake", latest["device_bake"])  # kept unless given
         return self.put(name, module or latest["module"], target if target is not None else cur["target"],
                         priority if priority is not None else cur["priority"], **kwargs)
 
@@ -129,7 +154,7 @@ class Deployments:
             raise Conflict(f"deployment {name!r} has no earlier revision to roll back to")
         old = self.revision(name, to)
         self.put(name, old["module"], old["target"], old["priority"], collect_rate_ppm=old["collect_rate_ppm"],
-                 actor=actor, note=f"rollback to revision {to}")
+                 device_bake=old["device_bake"], actor=actor, note=f"rollback to revision {to}")
         return self.rollouts.status(name)
 
     def delete(self, name: str, actor: str = "") -> dict[str, Any]:

@@ -21,7 +21,7 @@ from hub.keys import KeyRing
 from hub.rollout_states import HOLDING
 from hub.targeting import parse_target
 from protocol.encoding import canonical_json
-from protocol.messages import DesiredModule, DesiredState
+from protocol.messages import BakePolicy, DesiredModule, DesiredState
 from protocol.schema import validate
 from protocol.signing import sign
 from protocol.topics import Channel, device_topic
@@ -48,6 +48,14 @@ class Layer:
             return r
         s = self.stable
         return s if s is not None and s["target_parsed"].matches(device_id, labels) else None
+
+
+def desired_module(d: dict[str, Any]) -> dict[str, Any]:
+    """One deployment revision as the desired-state entry a device gets."""
+    bake = d.get("device_bake")
+    return DesiredModule(name=d["module_name"], version=d["module_version"], bundle=d["digest"], size=d["size"],
+                         deployment=d["deployment"], collect_rate_ppm=d["collect_rate_ppm"],
+                         bake=validate(BakePolicy, loads(bake)) if bake else None).to_dict()
 
 
 class Director:
@@ -96,9 +104,7 @@ class Director:
             cur = best.get(d["module_name"])
             if cur is None or (d["priority"], layer.created_at) > (cur[0]["priority"], cur[1]):
                 best[d["module_name"]] = (d, layer.created_at)
-        return [DesiredModule(name=d["module_name"], version=d["module_version"], bundle=d["digest"], size=d["size"],
-                              deployment=d["deployment"], collect_rate_ppm=d["collect_rate_ppm"]).to_dict()
-                for _, (d, _) in sorted(best.items())]
+        return [desired_module(d) for _, (d, _) in sorted(best.items())]
 
     def sync(self, device_ids: list[str] | None = None, renew_before: float | None = None) -> int:
         """Publish a new desired state to each device (all when None) whose module list changed; return how many.

@@ -21,13 +21,14 @@ from protocol.topics import Channel, check_device_id, device_topic
 
 log = logging.getLogger("edgefleet.hub.fleet")
 
-INSTALLING = {"downloading", "verifying", "staged", "activating", "health_check"}
+INSTALLING = {"downloading", "verifying", "staged", "activating", "health_check", "baking"}
 FAILED = {"failed", "rolled_back", "rolling_back"}
 
 
 # the progress buckets operators see (rollout status, deployment counts), from the agent's install states
 CATEGORY = {"pending": "pending", "downloading": "downloading", "verifying": "installing", "staged": "installing",
-            "activating": "installing", "health_check": "installing", "running": "running", "failed": "failed",
+            "activating": "installing", "health_check": "installing", "baking": "installing", "running": "running",
+            "failed": "failed",
             "rolling_back": "rolled_back", "rolled_back": "rolled_back"}
 
 

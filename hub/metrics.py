@@ -38,6 +38,15 @@ def _bridge(hub: Hub, out: Exposition) -> None:
                [({}, bridge.telemetry_rows)])
     out.family("edgefleet_hub_blob_bytes_sent_total", "counter", "Bundle bytes published over MQTT.",
                [({}, bridge.blob_bytes_sent)])
+    downloads = hub.downloads
+    out.family("edgefleet_hub_device_http_bytes_sent_total", "counter", "Bundle chunk bytes devices downloaded over HTTP.",
+               [({}, downloads.bytes_sent)])
+    out.family("edgefleet_hub_device_http_chunks_total", "counter", "Chunks (or their remainders) served over HTTP.",
+               [({}, downloads.chunks_served)])
+    out.family("edgefleet_hub_device_http_refused_total", "counter", "Device HTTP requests refused, by reason.",
+               [({"reason": r}, downloads.refused.get(r, 0)) for r in sorted(
+                   {"no_credentials", "unknown_device", "wrong_password", "decommissioned", "not_found"}
+                   | set(downloads.refused))])
     out.family("edgefleet_hub_mqtt_connected", "gauge", "1 while the hub is connected and subscribed.",
                [({}, 1 if bridge.connected else 0)])
     if hub.config.ingest_workers:  # the workers save their counters in the database every second

@@ -19,7 +19,7 @@ from protocol.topics import Channel
 MAX_MESSAGE_BYTES = 512 * 1024  # JSON messages; bundle chunks are raw bytes and sized by CHUNK_SIZE
 
 InstallState = Literal[
-    "pending", "downloading", "verifying", "staged", "activating", "health_check",
+    "pending", "downloading", "verifying", "staged", "activating", "health_check", "baking",
     "running", "rolling_back", "rolled_back", "failed", "removed",
 ]
 Name = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -38,6 +38,18 @@ class Message(Schema, frozen=True, kw_only=True):
 # --- desired state (hub -> device), carried inside a signed envelope -------------------------
 
 
+class BakePolicy(Schema, frozen=True, kw_only=True):
+    """Probation after the health check: the new version serves while its inference error rate is watched.
+
+    Rolled back as soon as at least ``min_inferences`` were answered and more than ``max_error_ppm``
+    of them failed; committed when ``seconds`` pass without that (also with fewer inferences).
+    """
+
+    seconds: Annotated[int, Meta(ge=1, le=7 * 86_400)]
+    max_error_ppm: Ppm = 50_000  # 5 %; integers only: signed documents hold no floats
+    min_inferences: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
+
+
 class DesiredModule(Schema, frozen=True, kw_only=True):
     name: Name
     version: Annotated[int, Meta(ge=1)]
@@ -45,6 +57,17 @@ class DesiredModule(Schema, frozen=True, kw_only=True):
     size: NonNegative  # total bytes of the bundle's files
     deployment: str = ""
     collect_rate_ppm: Ppm = 0  # sampled share, parts per million
+    bake: BakePolicy | None = None  # None: commit right after the health check (agents before it ignore the field)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _without_null_bake(super().to_dict())
+
+
+def _without_null_bake(module: dict[str, Any]) -> dict[str, Any]:
+    # Absent, not null: a module without a bake signs and hashes exactly as before the field existed.
+    if module.get("bake", 0) is None:
+        del module["bake"]
+    return module
 
 
 class DesiredState(Message, frozen=True, kw_only=True):
@@ -55,6 +78,11 @@ class DesiredState(Message, frozen=True, kw_only=True):
     revision: Annotated[int, Meta(ge=1)]  # strictly increasing per device
     expires: NonNegative  # unix seconds; an expired state is refused
     modules: Annotated[list[DesiredModule], Meta(max_length=64)] = []
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["modules"] = [_without_null_bake(m) for m in d["modules"]]
+        return d
 
 
 class HubStatus(Message, frozen=True, kw_only=True):

@@ -1,7 +1,8 @@
 """kill -9 of the agent process in every install state: afterwards a working module, and a truthful report.
 
 The installer's test hook ``EDGEFLEET_AGENT_CRASH_AT=<state>`` makes the agent SIGKILL itself right
-after persisting that state. Each trial pre-installs v1, publishes a desired state naming v2, lets
+after persisting that state. Each trial pre-installs v1, publishes a desired state naming v2 with a 1 s
+bake (so ``baking`` is a state to die in: the restarted agent bakes again, then commits), lets
 the agent die at the chosen state, checks the disk holds a complete, verifiable active version (old
 or new, never neither), restarts the agent, and checks that what it reports on MQTT is what answers
 inference and what ``current`` points at.
@@ -20,17 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from agent.install import CRASH_ENV, Installer
 from modules.store import ContentStore
-from protocol.messages import Command, CommandReply, decode
+from protocol.messages import BakePolicy, Command, CommandReply, decode
 from protocol.topics import Channel, device_topic
 from tests.hubside import Bundle, HubSide, new_device
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD_STATES = ["downloading", "verifying", "staged", "activating", "health_check", "committed"]
+GOOD_STATES = ["downloading", "verifying", "staged", "activating", "health_check", "baking", "committed"]
 BAD_STATES = ["activating", "health_check", "rolling_back", "rolled_back"]  # v2 fails its health check
-# Two rounds of every case: 2 * (6 + 4) = 20 kills.
+# Two rounds of every case: 2 * (7 + 4) = 22 kills.
 CASES = [(state, False) for state in GOOD_STATES] * 2 + [(state, True) for state in BAD_STATES] * 2
 
 
@@ -93,7 +95,7 @@ def trial(hub: HubSide, base: Path, v1: Bundle, v2: Bundle, crash_at: str, v2_fa
     data = base / device
     hub.identity(device, data)
     preinstall(hub, data, v1)
-    hub.publish_desired(device, 2, [v2.desired()])
+    hub.publish_desired(device, 2, [replace(v2.desired(), bake=BakePolicy(seconds=1))])
 
     proc = start_agent(data, crash_at)
     try:

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import numpy as np
 import pytest
 
+from agent.bake import BakeWatch
 from agent.install import TERMINAL, TRANSITIONS, IllegalTransition, Journal, check_transition
 from agent.mqtt import backoff_delay
 from agent.outbox import Outbox
 from agent.stats import ModuleStats, percentiles
 from agent.workload import Workload
 from protocol.manifest import TensorSpec
+from protocol.messages import BakePolicy
 
 HAPPY = [None, "downloading", "verifying", "staged", "activating", "health_check", "committed"]
 ROLLED_BACK = [None, "downloading", "verifying", "staged", "activating", "health_check", "rolling_back", "rolled_back"]
 NO_PREVIOUS = ["activating", "rolling_back", "failed"]
+BAKED = [None, "downloading", "verifying", "staged", "activating", "health_check", "baking", "committed"]
+BAKE_FAILED = ["health_check", "baking", "rolling_back", "rolled_back"]
+REBAKED = ["health_check", "baking", "baking", "baking", "committed"]  # restarts during the bake
 
 
-@pytest.mark.parametrize("path", [HAPPY, ROLLED_BACK, NO_PREVIOUS, ["downloading", "failed"], ["verifying", "failed"],
+@pytest.mark.parametrize("path", [HAPPY, ROLLED_BACK, NO_PREVIOUS, BAKED, BAKE_FAILED, REBAKED,
+                                  ["downloading", "failed"], ["verifying", "failed"],
                                   ["staged", "failed"], ["committed", "downloading"], ["rolled_back", "downloading"]])
 def test_transition_paths_are_allowed(path):
     for old, new in zip(path, path[1:]):
@@ -27,7 +34,9 @@ def test_transition_paths_are_allowed(path):
 
 
 @pytest.mark.parametrize("old, new", [(None, "activating"), ("downloading", "committed"), ("staged", "health_check"),
-                                      ("activating", "failed"), ("health_check", "rolled_back"), ("committed", "staged")])
+                                      ("activating", "failed"), ("health_check", "rolled_back"), ("committed", "staged"),
+                                      ("activating", "baking"), ("baking", "failed"), ("baking", "downloading"),
+                                      ("committed", "baking")])
 def test_illegal_transitions_raise(old, new):
     with pytest.raises(IllegalTransition):
         check_transition(old, new)
@@ -59,6 +68,44 @@ def test_journal_walks_the_table_and_persists_each_step(tmp_path):
     with pytest.raises(IllegalTransition):
         journal.transition("m", "health_check")
     assert Journal(tmp_path / "journal.json").get("m").previous == "a" * 64
+
+
+def test_journal_keeps_the_bake_policy_and_counts_bake_starts(tmp_path):
+    journal = Journal(tmp_path / "journal.json")
+    policy = {"seconds": 60, "max_error_ppm": 50_000, "min_inferences": 20}
+    journal.transition("m", "downloading", bundle="b" * 64, version=2, bake=policy)
+    for state in BAKED[2:6]:
+        journal.transition("m", state)
+    journal.transition("m", "baking", bakes=1)
+    journal.transition("m", "baking", bakes=2)  # the agent restarted mid-bake and bakes again
+    on_disk = Journal(tmp_path / "journal.json").get("m")
+    assert (on_disk.state, on_disk.bake, on_disk.bakes) == ("baking", policy, 2)
+
+
+def test_journal_from_before_the_bake_still_loads(tmp_path):
+    (tmp_path / "journal.json").write_text('{"v": 1, "modules": {"m": {"state": "committed", "bundle": "' + "b" * 64
+                                           + '", "version": 1, "previous": null, "error": "", "ts": 1.0}}}')
+    entry = Journal(tmp_path / "journal.json").get("m")
+    assert entry.state == "committed" and entry.bake is None and entry.bakes == 0
+
+
+def test_bake_watch_needs_enough_inferences_and_decides_on_the_rate():
+    policy = BakePolicy(seconds=60, max_error_ppm=100_000, min_inferences=10)
+    early = BakeWatch(policy)
+    for _ in range(9):
+        early.record(ok=False)
+    assert early.reason == ""  # 9 errors, but fewer than 10 inferences: undecided
+    early.record(ok=False)
+    assert early.reason == "error rate 100.0% (10 of 10 inferences) exceeds 10%"
+
+    watch = BakeWatch(policy)
+    for ok in [True] * 45 + [False] * 5:
+        watch.record(ok)
+    assert watch.reason == ""  # 5 in 50 = 10 %: not above 10 %
+    watch.record(ok=False)
+    assert watch.reason == "error rate 11.8% (6 of 51 inferences) exceeds 10%"
+    watch.fail("crash loop")  # the first reason stands
+    assert asyncio.run(watch.wait()) == watch.reason  # decided: returns at once
 
 
 def test_outbox_bound_drops_oldest_and_counts(tmp_path):

@@ -12,7 +12,8 @@ from protocol import Channel, ProtocolError, decode, device_topic, parse_topic
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import canonical_json, digest_of
 from protocol.manifest import Manifest, TensorSpec, check_relative_path, describe_file, parse_manifest, release_document
-from protocol.messages import DesiredModule, DesiredState, TelemetryBatch
+from protocol.messages import BakePolicy, DesiredModule, DesiredState, TelemetryBatch
+from protocol.schema import validate
 from protocol.signing import SignatureError, load_trusted_root, make_root, sign, update_root
 from protocol.topics import BlobTopic, DeviceTopic, blob_topic
 from protocol.verify import accept_desired, accept_manifest
@@ -215,3 +216,18 @@ def test_signatures_are_fast_enough_to_not_matter():
     root = load_trusted_root(env)
     for rev in range(2, 50):
         assert accept_desired(sign(desired(revision=rev, expires=int(time.time()) + 60), [k]), root, "dev-1", rev - 1)
+
+
+def test_bake_policy_is_optional_and_absent_when_unset():
+    plain = DesiredModule(name="m", version=1, bundle="a" * 64, size=10)
+    assert "bake" not in plain.to_dict()  # unchanged bytes for states without a bake (older agents, old signatures)
+    baked = DesiredModule(name="m", version=1, bundle="a" * 64, size=10, bake=BakePolicy(seconds=60))
+    state = DesiredState(device="d", revision=1, expires=1, modules=[plain, baked])
+    doc = state.to_dict()
+    assert "bake" not in doc["modules"][0]
+    assert doc["modules"][1]["bake"] == {"seconds": 60, "max_error_ppm": 50_000, "min_inferences": 20}
+    assert validate(DesiredState, doc) == state
+    with pytest.raises(ProtocolError, match="bake.seconds"):
+        validate(DesiredModule, {**baked.to_dict(), "bake": {"seconds": 0}})
+    with pytest.raises(ProtocolError, match="max_error_ppm"):
+        validate(DesiredModule, {**baked.to_dict(), "bake": {"seconds": 5, "max_error_ppm": 0.05}})

@@ -33,6 +33,10 @@ def _gates(pairs: list[str]) -> dict[str, float | None] | None:
     return out
 
 
+DEVICE_BAKE_HELP = ("Each device keeps the new version on probation this long (30s, 10m) after its health check,"
+                    " rolling back by itself if its error rate exceeds --device-max-error-rate.")
+
+
 def _rollout_options(strategy: str | None, bake: str | None, gate: list[str], on_failure: str | None,
                      collect_rate: int | None) -> dict[str, Any]:
     opts: dict[str, Any] = {"strategy": strategy or "all", "bake_s": parse_duration(bake) if bake else 0.0,
@@ -40,6 +44,13 @@ def _rollout_options(strategy: str | None, bake: str | None, gate: list[str], on
     if on_failure:
         opts["on_failure"] = on_failure
     return opts
+
+
+def _device_bake(bake: str | None, max_error_rate: float, min_inferences: int) -> dict[str, Any]:
+    if bake is None:
+        return {}
+    return {"device_bake_s": round(parse_duration(bake)), "device_max_error_rate": max_error_rate,
+            "device_min_inferences": min_inferences}
 
 
 def _summary(res: dict[str, Any], as_json: bool) -> None:
@@ -64,11 +75,16 @@ def deploy_edge(
     gate: list[str] = typer.Option([], "--gate", help=GATE_HELP),
     on_failure: str | None = typer.Option(None, "--on-failure", help="rollback (default) or halt"),
     collect_rate: int | None = typer.Option(None, "--collect-rate", help="Override data collection (ppm)."),
+    device_bake: str | None = typer.Option(None, "--device-bake", help=DEVICE_BAKE_HELP),
+    device_max_error_rate: float = typer.Option(0.05, "--device-max-error-rate", min=0, max=1),
+    device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1,
+                                              help="Inferences a device needs before the error rate decides."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Deploy a module to the devices a selector matches (a new revision of NAME, rolled out by --strategy)."""
     body = {"name": name, "module": module, "target": target, "priority": priority,
-            **_rollout_options(strategy, bake, gate, on_failure, collect_rate)}
+            **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
+            **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
     with client() as c:
         res = call(lambda: c.post("/api/v1/deployments", body))
     _summary(res, as_json)
@@ -85,11 +101,15 @@ def deployment_update(
     gate: list[str] = typer.Option([], "--gate", help=GATE_HELP),
     on_failure: str | None = typer.Option(None, "--on-failure"),
     collect_rate: int | None = typer.Option(None, "--collect-rate"),
+    device_bake: str | None = typer.Option(None, "--device-bake", help=DEVICE_BAKE_HELP + " 0 turns it off."),
+    device_max_error_rate: float = typer.Option(0.05, "--device-max-error-rate", min=0, max=1),
+    device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Start a rollout of a new revision; earlier revisions stay for rollback."""
     body = {"module": module, "target": target, "priority": priority,
-            **_rollout_options(strategy, bake, gate, on_failure, collect_rate)}
+            **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
+            **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
     with client() as c:
         res = call(lambda: c.request("PATCH", f"/api/v1/deployments/{name}", json=body))
     _summary(res, as_json)

@@ -121,6 +121,9 @@ def agent_run(
     module_cpu_seconds: int = typer.Option(0, "--module-cpu-seconds", help="CPU-time cap per module worker."),
     broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA",
                                           help="PEM CA to trust for mqtts:// (default: the one pinned at enrolment)."),
+    transfer: str = typer.Option("mqtt", "--transfer", envvar="EDGEFLEET_TRANSFER",
+                                 help="Bundle download: mqtt (blob topics) or http (HTTP(S) from the hub)."),
+    hub_url: str | None = typer.Option(None, "--hub-url", help="Hub URL for --transfer http (default: the enrolled one)."),
 ) -> None:
     """Run the device daemon until SIGINT/SIGTERM."""
     from agent.daemon import run_agent
@@ -129,8 +132,8 @@ def agent_run(
     try:
         run_agent(data, mqtt_url=mqtt, workload_rate=rate, telemetry_interval=telemetry_interval, api_port=api_port,
                   isolation=isolation, module_memory_mb=module_memory_mb, module_cpu_seconds=module_cpu_seconds,
-                  broker_ca=broker_ca)
-    except EnrollmentError as exc:
+                  broker_ca=broker_ca, transfer=transfer, hub_url=hub_url)
+    except (EnrollmentError, ValueError) as exc:
         err.print(f"[red]cannot start the agent:[/] {exc}")
         raise typer.Exit(2) from None
 

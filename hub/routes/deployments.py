@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from hub.auth import Principal, require
 from hub.context import Hub
+from hub.deployments import device_bake
 from hub.routes import get_hub
 
 router = APIRouter(prefix="/deployments", tags=["deployments"])
@@ -28,14 +29,29 @@ class RolloutOptions(BaseModel):
         return self.model_dump()
 
 
-class DeploymentRequest(RolloutOptions):
+class DeviceBake(BaseModel):
+    """On-device probation after the health check (protocol BakePolicy): each device rolls back by itself."""
+
+    device_bake_s: int | None = Field(default=None, ge=0, le=7 * 86_400,
+                                      description="seconds each device watches the new version; 0 or absent: none")
+    device_max_error_rate: float = Field(default=0.05, ge=0, le=1, description="roll back above this error rate")
+    device_min_inferences: int = Field(default=20, ge=1, description="inferences needed before the rate decides")
+
+    def device_bake(self) -> dict[str, int] | None:
+        return device_bake(self.device_bake_s, self.device_max_error_rate, self.device_min_inferences)
+
+
+BAKE_FIELDS = {"device_bake_s", "device_max_error_rate", "device_min_inferences"}
+
+
+class DeploymentRequest(RolloutOptions, DeviceBake):
     name: str = Field(min_length=1, max_length=64)
     module: str = Field(description='"module:version"')
     target: str = Field(default="*", description='"*", "id1,id2" or "key=value,key2!=value2"')
     priority: int = 0
 
 
-class DeploymentUpdate(RolloutOptions):
+class DeploymentUpdate(RolloutOptions, DeviceBake):
     module: str | None = None
     target: str | None = None
     priority: int | None = None
@@ -45,15 +61,18 @@ class DeploymentUpdate(RolloutOptions):
 def put_deployment(body: DeploymentRequest, hub: Hub = Depends(get_hub),
                    who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Create or change: a new revision, rolled out by ``strategy``; matching devices get new signed desired states."""
-    opts = body.model_dump(exclude={"name", "module", "target", "priority"})
-    return hub.deployments.put(body.name, body.module, body.target, body.priority, actor=who.name, **opts)
+    opts = body.model_dump(exclude={"name", "module", "target", "priority", *BAKE_FIELDS})
+    return hub.deployments.put(body.name, body.module, body.target, body.priority, actor=who.name,
+                               device_bake=body.device_bake(), **opts)
 
 
 @router.patch("/{name}")
 def update_deployment(name: str, body: DeploymentUpdate, hub: Hub = Depends(get_hub),
                       who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """A new revision changing only the fields given (e.g. the module version); starts a rollout."""
-    opts = body.model_dump(exclude={"module", "target", "priority"})
+    opts = body.model_dump(exclude={"module", "target", "priority", *BAKE_FIELDS})
+    if body.device_bake_s is not None:  # absent: the latest revision's bake stays
+        opts["device_bake"] = body.device_bake()
     return hub.deployments.update(name, body.module, body.target, body.priority, actor=who.name, **opts)
 
 
