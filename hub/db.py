@@ -127,6 +127,8 @@ class Database:
         ("devices", "mqtt_password_mosq", "TEXT"),  # mosquitto $7$ hash of the device's broker password
         ("deployments", "revision", "INTEGER NOT NULL DEFAULT 1"),
         ("deployments", "stable_revision", "INTEGER"),  # what devices outside a rollout get; NULL: nothing yet
+        ("enrollment_tokens", "uses", "INTEGER NOT NULL DEFAULT 1"),  # >1: a fleet-provisioning (group) token
+        ("enrollment_tokens", "used", "INTEGER NOT NULL DEFAULT 0"),
     )
 
     def _add_columns(self, db: sqlite_utils.Database) -> None:

@@ -30,13 +30,14 @@ def fake_hub_api(hub: HubSide, calls: list[str]) -> httpx.MockTransport:
             if request.headers.get("authorization") != "Bearer admin-token":
                 return httpx.Response(401, json={"detail": "bad token"})
             assert body["labels"] == {"sim": "true"}
-            return httpx.Response(200, json={"tokens": [f"tok-{i}" for i in range(body["count"])]})
-        if request.url.path == "/api/v1/enroll":
+            return httpx.Response(200, json={"tokens": [f"tok-{body['uses']}" for _ in range(body["count"])]})
+        if request.url.path == "/api/v1/enroll/batch":
             if not body["token"].startswith("tok-"):
                 return httpx.Response(403, json={"detail": "unknown enrolment token"})
-            return httpx.Response(200, json={"device_id": body["device_id"], "mqtt_url": hub.broker_url,
-                                             "mqtt_username": None, "mqtt_password": None, "root": hub.root,
-                                             "hub_time": time.time()})
+            return httpx.Response(200, json={
+                "devices": [{"device_id": d["device_id"], "mqtt_username": None, "mqtt_password": None}
+                            for d in body["devices"]],
+                "mqtt_url": hub.broker_url, "root": hub.root, "hub_time": time.time()})
         return httpx.Response(404, json={"detail": "not found"})
 
     return httpx.MockTransport(handle)
@@ -47,7 +48,7 @@ def test_fleet_in_background_thread_installs_everywhere_and_reuses_identities(hu
     calls: list[str] = []
     bundle = hub.build("classifier", 1)
     fleet = Fleet("http://hub.test", "admin-token", n, tmp_path / "sim", rate=20, telemetry_interval=0.5,
-                  prefix="simt", http_transport=fake_hub_api(hub, calls))
+                  prefix="simt", http_transport=fake_hub_api(hub, calls), enroll_batch=5)
     for dev in fleet.device_ids():
         hub.publish_desired(dev, 1, [bundle.desired(collect_rate_ppm=100_000)])
     fleet.start()
@@ -58,7 +59,8 @@ def test_fleet_in_background_thread_installs_everywhere_and_reuses_identities(hu
             assert time.monotonic() < deadline, fleet.snapshots()
             time.sleep(0.2)
         assert len(fleet.runner_cache) == 1  # one onnxruntime session shared by every device
-        assert calls.count("/api/v1/enrollment-tokens") == 1 and calls.count("/api/v1/enroll") == n
+        # fleet provisioning: one group token, and the devices enrolled in bulk (5 per request here)
+        assert calls == ["/api/v1/enrollment-tokens"] + ["/api/v1/enroll/batch"] * 3
         # every device gets its own telemetry stream
         deadline = time.monotonic() + 20
         while not all(hub.telemetry(d) for d in fleet.device_ids()):

@@ -142,6 +142,8 @@ def sim_run(
     slow: float = typer.Option(5.0, "--slow", help="Seconds a slow device's health check takes longer."),
     flaky_share: float = typer.Option(0.0, "--flaky-share", help="Share of devices whose link drops now and then."),
     flaky_period: float = typer.Option(30.0, "--flaky-period", help="About how often each flaky link drops (s)."),
+    connect_rate: float = typer.Option(1000.0, "--connect-rate",
+                                       help="Devices started per second, jittered (0: all at once)."),
 ) -> None:
     """Run N simulated devices (real agents, real MQTT connections) against --hub."""
     import asyncio
@@ -157,7 +159,7 @@ def sim_run(
                               telemetry_interval=telemetry_interval, duration=duration, prefix=prefix,
                               scenario=Scenario(fail_share=fail_share, fail_modules=tuple(fail_module) or ("*",),
                                                 slow_share=slow_share, slow_s=slow, flaky_share=flaky_share,
-                                                flaky_period_s=flaky_period)))
+                                                flaky_period_s=flaky_period), connect_rate=connect_rate))
     except KeyboardInterrupt:
         pass
 
