@@ -11,6 +11,7 @@ with no module installed) an observer on the broker saw within each interval onc
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--connect-rate", type=float, default=1000.0, help="devices started per second (0: all at once)")
     ap.add_argument("--intervals", type=int, default=3, help="telemetry intervals to watch once all are online")
     ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--keep-log", type=Path, help="copy the simulator's log here")
     args = ap.parse_args()
     n, every = args.devices, args.telemetry_interval
     print(f"open-file limit: {raise_fd_limit()} (the sim and the broker each need more than {n})")
@@ -97,6 +99,8 @@ def main() -> None:
                 sim.kill()
             probe.close()
             server.stop()
+            if args.keep_log:
+                shutil.copy(work / "sim.log", args.keep_log)
     print(f"devices {n}: enrolled after {t_enrolled:.0f}s, all online after {t_online:.0f}s"
           f" (connect ramp {args.connect_rate:g}/s)")
     print(f"heartbeat health: {', '.join(f'{h:.1%}' for h in health)} of devices heard per {every:g}s interval")

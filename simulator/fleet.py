@@ -24,6 +24,7 @@ from agent.identity import EnrollmentError, Identity, load_identity, save_identi
 from agent.workload import Workload
 from modules.runners import Runner
 from protocol.encoding import ProtocolError
+from simulator.outbox import FleetOutboxes
 from simulator.scenarios import Scenario
 
 log = logging.getLogger("edgefleet.simulator")
@@ -73,6 +74,7 @@ class Fleet:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._ramp_start = 0.0
 
     def device_ids(self) -> list[str]:
         return [f"{self.prefix}-{i:04d}" for i in range(self.n)]
@@ -155,41 +157,50 @@ class Fleet:
         self._stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
         flaky: asyncio.Task[None] | None = None
+        outboxes: FleetOutboxes | None = None
         try:
-            identities = await self.enroll()
-            self.agents = [
-                Agent(ident, self.data_root / ident.device_id, mqtt_url=self.mqtt_url, workload=self.workload,
-                      telemetry_interval=self.telemetry_interval, runner_cache=self.runner_cache, **self.agent_options)
-                for ident in identities
-            ]
-            for a in self.agents:
-                self.scenario.apply(a)
-            tasks = [asyncio.create_task(self._ramped(a, i), name=f"agent-{a.device_id}")
-                     for i, a in enumerate(self.agents)]
-            flaky = asyncio.create_task(self.scenario.flaky(self.agents), name="sim-flaky")
-        except BaseException as exc:
-            self.error = exc
-            self.ready.set()
-            raise
-        self.ready.set()
-        try:
+            try:
+                identities = await self.enroll()
+                outboxes = FleetOutboxes(self.data_root / "outbox.db")
+                self.agents = []
+                self._ramp_start = self._loop.time()
+                for i, ident in enumerate(identities):  # each starts as soon as it is built, at its place in the ramp
+                    a = Agent(ident, self.data_root / ident.device_id, mqtt_url=self.mqtt_url, workload=self.workload,
+                              telemetry_interval=self.telemetry_interval, runner_cache=self.runner_cache,
+                              **self.agent_options)
+                    a.outbox.close()  # three open files per device would cap a fleet near 5,000 (simulator/outbox.py)
+                    a.outbox = outboxes.for_device(a.device_id)  # type: ignore[assignment]
+                    self.scenario.apply(a)
+                    self.agents.append(a)
+                    tasks.append(asyncio.create_task(self._ramped(a, i), name=f"agent-{a.device_id}"))
+                    if i % 50 == 49:
+                        await asyncio.sleep(0)  # let the ones already started connect meanwhile
+                flaky = asyncio.create_task(self.scenario.flaky(self.agents), name="sim-flaky")
+            except BaseException as exc:
+                self.error = exc
+                raise
+            finally:
+                self.ready.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), duration)
-        finally:  # also when cancelled: every device says "offline" and closes its outbox
+        finally:  # also when cancelled or failed: every device says "offline" and closes its outbox
             self._stop.set()  # agents still waiting for their place in the connect ramp never start
             if flaky is not None:
                 flaky.cancel()
             await asyncio.gather(*(a.stop() for a in self.agents), return_exceptions=True)
             await asyncio.gather(*tasks, return_exceptions=True)
+            if outboxes is not None:
+                outboxes.close()
         return self.agents
 
     async def _ramped(self, agent: Agent, i: int) -> None:
         """Start agent ``i`` at its place in the connect ramp: a fleet powering up at once is a connect storm
         for the broker and the hub (every device says online, reports and subscribes), so spread it."""
-        assert self._stop is not None
+        assert self._stop is not None and self._loop is not None
         if self.connect_rate > 0:
+            delay = self._ramp_start + (i + random.random()) / self.connect_rate - self._loop.time()
             with contextlib.suppress(TimeoutError):  # woken early by stop()
-                await asyncio.wait_for(self._stop.wait(), (i + random.random()) / self.connect_rate)
+                await asyncio.wait_for(self._stop.wait(), max(delay, 0.0))
         if not self._stop.is_set():
             await agent.run()
 

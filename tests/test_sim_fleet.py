@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from simulator.fleet import Fleet, run_fleet
+from simulator.outbox import FleetOutboxes
 from tests.hubside import HubSide, until
 
 
@@ -124,3 +125,22 @@ def test_agents_share_one_loop_and_reconnect_after_broker_restart(tmp_path):
         if hub is not None:
             hub.close()
         b.stop()
+
+
+def test_the_fleet_outbox_keeps_each_devices_rows_apart_and_survives_a_restart(tmp_path):
+    fleet = FleetOutboxes(tmp_path / "outbox.db")
+    a, b = fleet.for_device("a", max_rows=5), fleet.for_device("b", max_rows=5)
+    for i in range(8):
+        a.put("telemetry", f"a{i}".encode())
+    b.put("telemetry", b"b0")
+    rows = a.peek(100)
+    assert [p for _, _, p in rows] == [f"a{i}".encode() for i in range(3, 8)]  # the bound drops a's oldest only
+    assert len(a) == 5 and a.dropped == 3 and len(b) == 1 and b.dropped == 0
+    b.delete(rows[0][0])  # another device's row id: not b's to delete
+    a.delete(rows[0][0])
+    assert [p for _, _, p in a.peek(2)] == [b"a4", b"a5"] and [p for _, _, p in b.peek(5)] == [b"b0"]
+    seqs = [a.next_seq("telemetry") for _ in range(3)]
+    assert b.next_seq("telemetry") == 1
+    fleet.close()
+    again = FleetOutboxes(tmp_path / "outbox.db").for_device("a", max_rows=5)  # persisted, like a device's own file
+    assert again.next_seq("telemetry") == seqs[-1] + 1 and again.dropped == 3 and len(again) == 4
