@@ -154,6 +154,8 @@ def sim_run(
     if not CTX.token:
         err.print("[red]error:[/] --token (or EDGEFLEET_TOKEN) is needed to create enrolment tokens")
         raise typer.Exit(2)
+    if logging.getLogger().level > logging.DEBUG:  # a line per device per step is noise at fleet scale (-v shows it)
+        logging.getLogger("edgefleet.agent").setLevel(logging.WARNING)
     try:
         asyncio.run(run_fleet(CTX.hub, CTX.token, devices, data, mqtt_url=mqtt, rate=rate,
                               telemetry_interval=telemetry_interval, duration=duration, prefix=prefix,
