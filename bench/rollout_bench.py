@@ -1,8 +1,8 @@
 """A rollout of a 1 MB bundle to many simulated devices in one wave: time until all run it, and the hub's egress.
 
-The hub coalesces chunk requests: a chunk published less than ``blob_resend_window_s`` ago is not
-published again, and every device installing the bundle is subscribed to its blob topic, so a wave
-costs the hub about one copy of the bundle. The baseline, measured in the same run, is window 0:
+The hub publishes bundle parts in passes (hub/blob_carousel.py): a pass waits until the wave's
+requests stop arriving, and every device installing the bundle is subscribed to its blob topic, so a
+wave costs the hub about one copy of the bundle. The baseline, measured in the same run, is gather 0:
 every request answered with its own copy, i.e. per-device transfer (run on fewer devices, because
 the broker then fans every copy out to every subscriber).
 
@@ -49,9 +49,9 @@ def write_onnx(path: Path, mb: float) -> Path:
     return path
 
 
-def run(devices: int, window: float, mb: float, broker: LocalBroker, work: Path) -> dict[str, float]:
-    server = HubServer(HubConfig(work / f"hub-{window}", broker.url, admin_token=TOKEN, blob_resend_window_s=window,
-                                 mqtt_client_id=f"bench-hub-{window}", rollout_tick_s=0.5)).start()
+def run(devices: int, gather: float, mb: float, broker: LocalBroker, work: Path) -> dict[str, float]:
+    server = HubServer(HubConfig(work / f"hub-{gather}", broker.url, admin_token=TOKEN, blob_gather_s=gather,
+                                 mqtt_client_id=f"bench-hub-{gather}", rollout_tick_s=0.5)).start()
     assert server.wait_mqtt(10)
     api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
     sim = None
@@ -60,10 +60,10 @@ def run(devices: int, window: float, mb: float, broker: LocalBroker, work: Path)
         api.post("/api/v1/models", data={"name": "wide"},
                  files=[("files", ("model.onnx", model.read_bytes()))]).raise_for_status()
         module = api.post("/api/v1/modules", json={"name": "wide", "models": ["wide:1"]}).json()
-        log = open(work / f"sim-{window}.log", "wb")
+        log = open(work / f"sim-{gather}.log", "wb")
         sim = subprocess.Popen([sys.executable, "-m", "edgefleet", "--hub", server.url, "--token", TOKEN, "sim", "run",
                                 "--devices", str(devices), "--rate", "0", "--telemetry-interval", "60",
-                                "--data", str(work / f"sim-{window}"), "--prefix", f"rb{int(window * 10)}"],
+                                "--data", str(work / f"sim-{gather}"), "--prefix", f"rb{int(gather * 10)}"],
                                stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         while sum(d["online"] for d in api.get("/api/v1/devices").json()) < devices:
@@ -80,7 +80,7 @@ def run(devices: int, window: float, mb: float, broker: LocalBroker, work: Path)
             time.sleep(0.5)
         seconds = time.monotonic() - t0
         egress = server.hub.bridge.blob_bytes_sent - sent0
-        return {"devices": devices, "window_s": window, "bundle_bytes": module["size"], "seconds": round(seconds, 1),
+        return {"devices": devices, "gather_s": gather, "bundle_bytes": module["size"], "seconds": round(seconds, 1),
                 "hub_egress_bytes": egress, "egress_per_bundle": round(egress / module["size"], 2),
                 "egress_per_device_bytes": round(egress / devices)}
     finally:
@@ -99,17 +99,17 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--baseline-devices", type=int, default=30)
     ap.add_argument("--mb", type=float, default=1.0)
-    ap.add_argument("--window", type=float, default=HubConfig.blob_resend_window_s, help="coalescing window (s)")
+    ap.add_argument("--gather", type=float, default=HubConfig.blob_gather_s, help="carousel gathering time (s)")
     args = ap.parse_args()
     raise_fd_limit()
     os.environ.pop("EDGEFLEET_ADMIN_TOKEN", None)
     with tempfile.TemporaryDirectory(prefix="edgefleet-rollout-bench-") as tmp, LocalBroker(kind="mosquitto") as broker:
         work = Path(tmp)
-        rows = [run(args.devices, args.window, args.mb, broker, work), run(args.baseline_devices, 0.0, args.mb, broker, work)]
-    print(f"{'devices':>8} {'window':>7} {'bundle MB':>9} {'seconds':>8} {'hub egress MB':>13} {'x bundle':>8}"
+        rows = [run(args.devices, args.gather, args.mb, broker, work), run(args.baseline_devices, 0.0, args.mb, broker, work)]
+    print(f"{'devices':>8} {'gather':>7} {'bundle MB':>9} {'seconds':>8} {'hub egress MB':>13} {'x bundle':>8}"
           f" {'per device KB':>13}")
     for r in rows:
-        print(f"{r['devices']:>8} {r['window_s']:>7} {r['bundle_bytes'] / 2**20:>9.2f} {r['seconds']:>8}"
+        print(f"{r['devices']:>8} {r['gather_s']:>7} {r['bundle_bytes'] / 2**20:>9.2f} {r['seconds']:>8}"
               f" {r['hub_egress_bytes'] / 2**20:>13.2f} {r['egress_per_bundle']:>8} {r['egress_per_device_bytes'] / 1024:>13.1f}")
     goal = rows[0]["egress_per_bundle"] <= 1.2
     print(f"goal (coalesced egress <= 1.2x the bundle): {'met' if goal else 'NOT met'}")

@@ -17,6 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from hub.blob_carousel import Carousel
 from hub.bundles import bundle_chunks, release_envelope
 from hub.config import HubConfig
 from hub.db import Database, dumps, now
@@ -56,8 +57,11 @@ class Bridge:
         self.blob_bytes_sent = 0
         self.command_replies: dict[str, dict[str, Any]] = {}
         self._counter_lock = threading.Lock()
-        self._sent_at: dict[tuple[str, str], float] = {}
-        self._sent_lock = threading.Lock()
+        self.carousel = (Carousel(config.blob_gather_s, max(config.blob_hold_max_s, config.blob_gather_s),
+                                  config.blob_covered_s) if config.blob_gather_s > 0 else None)
+        self._carousel_lock = threading.Lock()
+        self._carousel_wake = threading.Event()
+        self._carousel_thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._sub_mid: int | None = None
         self._stopping = False
@@ -94,6 +98,10 @@ class Bridge:
 
     def start(self) -> None:
         self.writer.start()
+        if self.carousel is not None:
+            self._carousel_thread = threading.Thread(target=self._carousel_loop, name="edgefleet-blob-carousel",
+                                                     daemon=True)
+            self._carousel_thread.start()
         # connect_async + loop_start: the network thread connects, and reconnects after any loss
         self.client.connect_async(self._url.host, self._url.port, keepalive=30)
         self.client.loop_start()
@@ -103,6 +111,9 @@ class Bridge:
         self._stopping = True
         self.client.disconnect(reasoncode=mqtt.ReasonCode(mqtt.PacketTypes.DISCONNECT, "Disconnect with will message"))
         self.client.loop_stop()
+        self._carousel_wake.set()
+        if self._carousel_thread is not None:
+            self._carousel_thread.join(10)
         self.writer.stop()
         self._ready.clear()
 
@@ -189,6 +200,9 @@ class Bridge:
     def _on_status(self, msg: Status) -> None:
         with self.db.transaction() as tx:
             tx.execute("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?", (int(msg.online), now(), msg.device))
+        if msg.online and self.carousel is not None:  # a new connection may have lost its session: ask anew
+            with self._carousel_lock:
+                self.carousel.reconnected(msg.device)
 
     def _on_reported(self, msg: ReportedState) -> None:
         with self.db.transaction() as tx:
@@ -215,31 +229,44 @@ class Bridge:
         unknown = [c for c in msg.chunks if c not in known]
         if unknown:
             raise Rejected(f"bundle {msg.bundle[:12]}… has no chunk(s) {[c[:12] for c in unknown[:3]]}")
-        if msg.manifest and self._due(msg.bundle, MANIFEST_PART):
-            self._send(msg.bundle, MANIFEST_PART, canonical_json(release_envelope(self.db, msg.bundle)))
-        for chunk in dict.fromkeys(msg.chunks):
-            if not self._due(msg.bundle, chunk):
-                continue
-            row = self.db.one("SELECT blob, offset, length FROM chunks WHERE digest = ?", (chunk,))
-            if row is None:
-                raise Rejected(f"chunk {chunk[:12]}… is not in the chunk index")
-            data = self.store.read_range(row["blob"], row["offset"], row["length"])
-            if sha256_hex(data) != chunk:  # never send a device bytes it will refuse; say the store is damaged
-                raise Rejected(f"stored bytes of chunk {chunk[:12]}… do not match its digest (blob store damaged)")
-            self._send(msg.bundle, chunk, data)
+        chunks = list(dict.fromkeys(msg.chunks))
+        if self.carousel is None:  # per-device transfer: every request gets its own copy, at once
+            for part in [MANIFEST_PART] * msg.manifest + chunks:
+                self._send(msg.bundle, part, self._part(msg.bundle, part))
+            return
+        with self._carousel_lock:
+            self.carousel.request(msg.bundle, msg.device, msg.manifest, chunks, time.monotonic())
+        self._carousel_wake.set()
 
-    def _due(self, bundle: str, part: str) -> bool:
-        """Coalesce: a part published within the resend window is not published again (N askers, ~one copy)."""
-        window = self.config.blob_resend_window_s
-        t = time.monotonic()
-        with self._sent_lock:
-            last = self._sent_at.get((bundle, part))
-            if last is not None and t - last < window:
-                return False
-            self._sent_at[(bundle, part)] = t
-            if len(self._sent_at) > 50_000:
-                self._sent_at = {k: v for k, v in self._sent_at.items() if t - v < window}
-            return True
+    def _carousel_loop(self) -> None:
+        """Publish each pass when it is due (the carousel decides when; this thread keeps time)."""
+        assert self.carousel is not None
+        while not self._stopping:
+            self._carousel_wake.clear()  # before looking: a request arriving meanwhile wakes the wait below
+            with self._carousel_lock:
+                t = time.monotonic()
+                passes = self.carousel.due(t)
+                wait = self.carousel.next_deadline() - t
+            for bundle, parts in passes:
+                for part in parts:
+                    try:
+                        self._send(bundle, part, self._part(bundle, part))
+                    except Exception as exc:  # a damaged store costs that part (devices ask again), not the thread
+                        self._reject(Channel.BLOB_REQ.value, blob_topic(bundle, part), f"cannot serve: {exc}")
+            if not passes:
+                self._carousel_wake.wait(min(max(wait, 0.0), 60.0))
+
+    def _part(self, bundle: str, part: str) -> bytes:
+        """A part's bytes: the signed release envelope, or a chunk read from the store and checked."""
+        if part == MANIFEST_PART:
+            return canonical_json(release_envelope(self.db, bundle))
+        row = self.db.one("SELECT blob, offset, length FROM chunks WHERE digest = ?", (part,))
+        if row is None:
+            raise Rejected(f"chunk {part[:12]}… is not in the chunk index")
+        data = self.store.read_range(row["blob"], row["offset"], row["length"])
+        if sha256_hex(data) != part:  # never send a device bytes it will refuse; say the store is damaged
+            raise Rejected(f"stored bytes of chunk {part[:12]}… do not match its digest (blob store damaged)")
+        return data
 
     def _send(self, bundle: str, part: str, payload: bytes) -> None:
         self.publish(blob_topic(bundle, part), payload, qos=1, retain=False)

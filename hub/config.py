@@ -24,9 +24,13 @@ class HubConfig:
     public_mqtt_url: str | None = None
     admin_token: str | None = None
     desired_ttl_s: int = 7 * 86400
-    # a part published less than this ago is not sent again: longer than the agent's 3 s re-request, so a
-    # device that subscribed just after the first copy waits one retry instead of costing a second copy
-    blob_resend_window_s: float = 4.0
+    # bundle parts go out in passes, one copy for every device waiting (hub/blob_carousel.py): a pass waits
+    # until no new device has asked for blob_gather_s (at most blob_hold_max_s); 0: per-device transfer,
+    # every request answered at once with its own copy. A device asking again for a copy sent after it
+    # asked is ignored for blob_covered_s (the copy is on its way), then served again.
+    blob_gather_s: float = 1.5
+    blob_hold_max_s: float = 30.0
+    blob_covered_s: float = 30.0
     mqtt_client_id: str = "edgefleet-hub"  # two hubs on one broker need distinct ids
     release_ttl_s: int = 365 * 86400
     writer_flush_s: float = 0.1

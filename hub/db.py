@@ -128,6 +128,8 @@ class Database:
         ("deployments", "revision", "INTEGER NOT NULL DEFAULT 1"),
         ("deployments", "stable_revision", "INTEGER"),  # what devices outside a rollout get; NULL: nothing yet
         ("deployment_revisions", "device_bake", "TEXT"),  # JSON BakePolicy for devices (protocol); NULL: none
+        ("enrollment_tokens", "uses", "INTEGER NOT NULL DEFAULT 1"),  # >1: a fleet-provisioning (group) token
+        ("enrollment_tokens", "used", "INTEGER NOT NULL DEFAULT 0"),
     )
 
     def _add_columns(self, db: sqlite_utils.Database) -> None:

@@ -21,6 +21,9 @@ from protocol.topics import Channel, check_device_id, device_topic
 
 log = logging.getLogger("edgefleet.hub.fleet")
 
+MAX_TOKEN_USES = 1_000_000
+MAX_BATCH = 1000  # devices per bulk enrolment request
+
 INSTALLING = {"downloading", "verifying", "staged", "activating", "health_check", "baking"}
 FAILED = {"failed", "rolled_back", "rolling_back"}
 
@@ -116,47 +119,82 @@ class Fleet:
         log.info("decommissioned device %s", device_id)
         return {"id": device_id, "decommissioned": True}
 
-    def create_enrollment_tokens(self, count: int, labels: dict[str, str], expires_in: int) -> dict[str, Any]:
-        if not 1 <= count <= 10_000 or expires_in <= 0:
-            raise Invalid("count must be 1..10000 and expires_in positive")
+    def create_enrollment_tokens(self, count: int, labels: dict[str, str], expires_in: int,
+                                 uses: int = 1) -> dict[str, Any]:
+        """``count`` tokens, each good for ``uses`` enrolments (>1: a group token for fleet provisioning)."""
+        if not 1 <= count <= 10_000 or expires_in <= 0 or not 1 <= uses <= MAX_TOKEN_USES:
+            raise Invalid(f"count must be 1..10000, uses 1..{MAX_TOKEN_USES} and expires_in positive")
         expires_at = now() + expires_in
         tokens = [secrets.token_urlsafe(24) for _ in range(count)]
         with self.db.transaction() as tx:
-            tx.conn.executemany("INSERT INTO enrollment_tokens (token_hash, labels, expires_at) VALUES (?, ?, ?)",
-                           [(hash_token(t), dumps(labels), expires_at) for t in tokens])
-        return {"tokens": tokens, "expires_at": expires_at}
+            tx.conn.executemany("INSERT INTO enrollment_tokens (token_hash, labels, expires_at, uses) VALUES (?, ?, ?, ?)",
+                                [(hash_token(t), dumps(labels), expires_at, uses) for t in tokens])
+        return {"tokens": tokens, "expires_at": expires_at, "uses": uses}
 
     def enroll(self, token: str, device_id: str | None, facts: dict[str, str]) -> dict[str, Any]:
-        """Spend a single-use token: create the device, hand it credentials and the root of trust."""
-        if device_id is not None:
+        """Spend one use of a token: create the device, hand it credentials and the root of trust."""
+        [device] = self.enroll_many(token, [(device_id, facts)])["devices"]
+        return {"device_id": device["device_id"], "mqtt_url": self.device_mqtt_url,
+                "mqtt_username": device["mqtt_username"], "mqtt_password": device["mqtt_password"],
+                "root": self.keys.root_envelope, "hub_time": time.time(),
+                **({"broker_ca": self.broker_ca_pem} if self.broker_ca_pem else {})}
+
+    def enroll_many(self, token: str, devices: list[tuple[str | None, dict[str, str]]]) -> dict[str, Any]:
+        """Enrol several devices with one token (one use each) in one transaction: all or none.
+
+        One broker reload and one desired-state pass for the lot, which is what makes provisioning a
+        large fleet (a factory line, the simulator) cheap. Returns the shared broker URL, root and
+        clock, and each device's id and broker credentials.
+        """
+        if not 1 <= len(devices) <= MAX_BATCH:
+            raise Invalid(f"enrol 1..{MAX_BATCH} devices per request, not {len(devices)}")
+        ids = [d for d, _ in devices if d is not None]
+        for d in ids:
             try:
-                check_device_id(device_id)
+                check_device_id(d)
             except ProtocolError as exc:
                 raise Invalid(str(exc)) from None
-        password = secrets.token_urlsafe(24)
+        if len(set(ids)) != len(ids):
+            raise Invalid("a device id appears twice in the request")
+        rows, out = [], []
         with self.db.transaction() as tx:
-            row = self.db.one("SELECT * FROM enrollment_tokens WHERE token_hash = ?", (hash_token(token),))
-            if row is None:
+            tok = self.db.one("SELECT * FROM enrollment_tokens WHERE token_hash = ?", (hash_token(token),))
+            if tok is None:
                 raise Forbidden("enrolment token is not valid: the hub never issued it")
-            if row["used_by"]:
-                raise Forbidden(f"enrolment token was already used (by device {row['used_by']}); tokens are single-use")
-            if row["expires_at"] <= now():
-                raise Forbidden(f"enrolment token expired at {_iso(row['expires_at'])}")
-            if device_id is None:
-                device_id = self._fresh_id()
-            elif self.db.one("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
-                raise Conflict(f"device id {device_id!r} is already enrolled")
-            tx.execute("UPDATE enrollment_tokens SET used_by = ? WHERE token_hash = ?", (device_id, row["token_hash"]))
-            tx.execute("INSERT INTO devices (id, labels, facts, created_at, mqtt_password_hash, mqtt_password_mosq)"
-                       " VALUES (?, ?, ?, ?, ?, ?)", (device_id, row["labels"], dumps(facts), now(),
-                                                     hash_token(password), mosquitto_hash(password)))
-            record(self.db, f"device:{device_id}", "device.enrolled", device_id, labels=loads(row["labels"], {}))
-        log.info("enrolled device %s", device_id)
+            left = tok["uses"] - tok["used"]
+            if left <= 0:
+                raise Forbidden(f"enrolment token was already used (by device {tok['used_by']}); tokens are single-use"
+                                if tok["uses"] == 1 else f"enrolment token is used up (all {tok['uses']} uses)")
+            if left < len(devices):
+                raise Forbidden(f"enrolment token has {left} use(s) left, not {len(devices)}")
+            if tok["expires_at"] <= now():
+                raise Forbidden(f"enrolment token expired at {_iso(tok['expires_at'])}")
+            taken = [r["id"] for i in range(0, len(ids), 500) for r in self.db.query(
+                f"SELECT id FROM devices WHERE id IN ({','.join('?' * len(ids[i:i + 500]))})", tuple(ids[i:i + 500]))]
+            if taken:
+                raise Conflict(f"device id {taken[0]!r} is already enrolled" + (f" (and {len(taken) - 1} more)"
+                                                                                if len(taken) > 1 else ""))
+            labels, ts = loads(tok["labels"], {}), now()
+            chosen = set(ids)
+            for device_id, facts in devices:
+                if device_id is None:
+                    while (device_id := self._fresh_id()) in chosen:
+                        pass
+                    chosen.add(device_id)
+                password = secrets.token_urlsafe(24)
+                rows.append((device_id, tok["labels"], dumps(facts), ts, hash_token(password), mosquitto_hash(password)))
+                out.append({"device_id": device_id, "mqtt_username": device_id, "mqtt_password": password})
+            tx.conn.executemany("INSERT INTO devices (id, labels, facts, created_at, mqtt_password_hash,"
+                                " mqtt_password_mosq) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            tx.execute("UPDATE enrollment_tokens SET used = used + ?, used_by = ? WHERE token_hash = ?",
+                       (len(rows), rows[-1][0], tok["token_hash"]))
+            for r in rows:
+                record(self.db, f"device:{r[0]}", "device.enrolled", r[0], labels=labels)
+        log.info("enrolled %s", rows[0][0] if len(rows) == 1 else f"{len(rows)} devices")
         self.on_credentials_changed()  # before answering: the device connects as soon as it has its password
-        self.director.sync([device_id])
-        return {"device_id": device_id, "mqtt_url": self.device_mqtt_url, "mqtt_username": device_id,
-                "mqtt_password": password, "root": self.keys.root_envelope, "hub_time": time.time(),
-                **({"broker_ca": self.broker_ca_pem} if self.broker_ca_pem else {})}
+        self.director.sync([r[0] for r in rows])
+        return {"devices": out, "mqtt_url": self.device_mqtt_url, "root": self.keys.root_envelope,
+                "hub_time": time.time(), **({"broker_ca": self.broker_ca_pem} if self.broker_ca_pem else {})}
 
     def _fresh_id(self) -> str:
         while True:

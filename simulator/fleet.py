@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import random
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ from typing import Any
 import httpx
 
 from agent.core import Agent
-from agent.identity import EnrollmentError, Identity, enroll_async, load_identity
+from agent.identity import EnrollmentError, Identity, load_identity, save_identity
 from agent.workload import Workload
 from modules.runners import Runner
+from protocol.encoding import ProtocolError
+from simulator.outbox import FleetOutboxes
 from simulator.scenarios import Scenario
 
 log = logging.getLogger("edgefleet.simulator")
@@ -42,7 +45,9 @@ class Fleet:
         prefix: str = "sim",
         workload: Workload | None = None,
         http_transport: httpx.AsyncBaseTransport | None = None,
-        enroll_concurrency: int = 32,
+        enroll_concurrency: int = 2,
+        enroll_batch: int = 500,
+        connect_rate: float = 1000.0,
         scenario: Scenario | None = None,
         labels: dict[str, str] | None = None,
         agent_options: dict[str, Any] | None = None,
@@ -56,7 +61,9 @@ class Fleet:
         self.telemetry_interval = telemetry_interval
         self.prefix = prefix
         self.http_transport = http_transport  # tests hand in an httpx.MockTransport
-        self.enroll_concurrency = enroll_concurrency
+        self.enroll_concurrency = enroll_concurrency  # bulk enrolment requests in flight
+        self.enroll_batch = enroll_batch
+        self.connect_rate = connect_rate  # agents started per second, jittered (0: all at once)
         self.scenario = scenario or Scenario()
         self.labels = {"sim": "true"} | (labels or {})
         self.agent_options = agent_options or {}  # e.g. a client factory with a short reconnect backoff
@@ -67,6 +74,7 @@ class Fleet:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._ramp_start = 0.0
 
     def device_ids(self) -> list[str]:
         return [f"{self.prefix}-{i:04d}" for i in range(self.n)]
@@ -74,7 +82,12 @@ class Fleet:
     # --- enrolment ---------------------------------------------------------------------------
 
     async def enroll(self) -> list[Identity]:
-        """Identities for every device: re-used from ``data_root`` where present, else enrolled now."""
+        """Identities for every device: re-used from ``data_root`` where present, else enrolled now.
+
+        Fleet provisioning: one group token good for every missing device, spent through the bulk
+        enrolment endpoint ``enroll_batch`` devices per request (one broker reload and one
+        desired-state pass per batch instead of per device).
+        """
         identities: dict[str, Identity] = {}
         missing: list[str] = []
         for dev in self.device_ids():
@@ -83,31 +96,59 @@ class Fleet:
             except EnrollmentError:
                 missing.append(dev)
         if missing:
-            async with httpx.AsyncClient(transport=self.http_transport, timeout=30.0) as http:
-                tokens = await self._tokens(http, len(missing))
+            async with httpx.AsyncClient(transport=self.http_transport, timeout=120.0) as http:
+                token = await self._group_token(http, len(missing))
                 gate = asyncio.Semaphore(self.enroll_concurrency)
 
-                async def one(dev: str, token: str) -> None:
+                async def batch(devs: list[str]) -> None:
                     async with gate:
-                        identities[dev] = await enroll_async(
-                            http, self.hub_url, token, self.data_root / dev, device_id=dev, facts={"simulated": "true"})
+                        for ident in await self._enroll_batch(http, token, devs):
+                            identities[ident.device_id] = ident
 
-                await asyncio.gather(*(one(d, t) for d, t in zip(missing, tokens, strict=True)))
+                await asyncio.gather(*(batch(missing[i:i + self.enroll_batch])
+                                       for i in range(0, len(missing), self.enroll_batch)))
             log.info("enrolled %d simulated devices (%d re-used)", len(missing), self.n - len(missing))
         return [identities[d] for d in self.device_ids()]
 
-    async def _tokens(self, http: httpx.AsyncClient, count: int) -> list[str]:
-        try:
-            resp = await http.post(f"{self.hub_url}/api/v1/enrollment-tokens", json={"count": count, "labels": self.labels},
-                                   headers={"Authorization": f"Bearer {self.api_token}"})
-        except httpx.HTTPError as exc:
-            raise EnrollmentError(f"cannot reach the hub at {self.hub_url}: {exc}") from None
+    async def _group_token(self, http: httpx.AsyncClient, uses: int) -> str:
+        body = {"count": 1, "uses": uses, "labels": self.labels}
+        resp = await self._post(http, "/api/v1/enrollment-tokens", body, {"Authorization": f"Bearer {self.api_token}"})
         if resp.status_code != 200:
-            raise EnrollmentError(f"hub refused to create enrolment tokens: HTTP {resp.status_code}: {resp.text[:200]}")
+            raise EnrollmentError(f"hub refused to create an enrolment token: HTTP {resp.status_code}: {resp.text[:200]}")
         tokens = resp.json().get("tokens", [])
-        if len(tokens) != count:
-            raise EnrollmentError(f"asked the hub for {count} enrolment tokens, got {len(tokens)}")
-        return [str(t) for t in tokens]
+        if len(tokens) != 1:
+            raise EnrollmentError(f"asked the hub for one enrolment token, got {len(tokens)}")
+        return str(tokens[0])
+
+    async def _enroll_batch(self, http: httpx.AsyncClient, token: str, devs: list[str]) -> list[Identity]:
+        body = {"token": token, "devices": [{"device_id": d, "facts": {"simulated": "true"}} for d in devs]}
+        resp = await self._post(http, "/api/v1/enroll/batch", body)
+        if resp.status_code != 200:
+            raise EnrollmentError(f"enrolment refused: HTTP {resp.status_code}: {resp.text[:300]}")
+        try:
+            data = resp.json()
+            got = {d["device_id"]: d for d in data["devices"]}
+            identities = [Identity(device_id=d, mqtt_url=data["mqtt_url"], mqtt_username=got[d]["mqtt_username"],
+                                   mqtt_password=got[d]["mqtt_password"], root=data["root"],
+                                   broker_ca=data.get("broker_ca"), hub_url=self.hub_url) for d in devs]
+            identities[0].trusted_root()  # one root for the batch: refuse to pin one that does not verify
+            identities[0].broker()
+        except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+            raise EnrollmentError(f"hub sent an invalid enrolment answer: {exc!r}") from None
+
+        def save() -> None:  # a file (and an fsync) per device: off the loop
+            for ident in identities:
+                save_identity(self.data_root / ident.device_id, ident)
+
+        await asyncio.to_thread(save)
+        return identities
+
+    async def _post(self, http: httpx.AsyncClient, path: str, body: dict[str, Any],
+                    headers: dict[str, str] | None = None) -> httpx.Response:
+        try:
+            return await http.post(f"{self.hub_url}{path}", json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise EnrollmentError(f"cannot reach the hub at {self.hub_url}: {exc!r}") from None
 
     # --- running -----------------------------------------------------------------------------
 
@@ -117,31 +158,52 @@ class Fleet:
         self._stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
         flaky: asyncio.Task[None] | None = None
+        outboxes: FleetOutboxes | None = None
         try:
-            identities = await self.enroll()
-            self.agents = [
-                Agent(ident, self.data_root / ident.device_id, mqtt_url=self.mqtt_url, workload=self.workload,
-                      telemetry_interval=self.telemetry_interval, runner_cache=self.runner_cache, **self.agent_options)
-                for ident in identities
-            ]
-            for a in self.agents:
-                self.scenario.apply(a)
-            tasks = [asyncio.create_task(a.run(), name=f"agent-{a.device_id}") for a in self.agents]
-            flaky = asyncio.create_task(self.scenario.flaky(self.agents), name="sim-flaky")
-        except BaseException as exc:
-            self.error = exc
-            self.ready.set()
-            raise
-        self.ready.set()
-        try:
+            try:
+                identities = await self.enroll()
+                outboxes = FleetOutboxes(self.data_root / "outbox.db")
+                self.agents = []
+                self._ramp_start = self._loop.time()
+                for i, ident in enumerate(identities):  # each starts as soon as it is built, at its place in the ramp
+                    a = Agent(ident, self.data_root / ident.device_id, mqtt_url=self.mqtt_url, workload=self.workload,
+                              telemetry_interval=self.telemetry_interval, runner_cache=self.runner_cache,
+                              **self.agent_options)
+                    a.outbox.close()  # three open files per device would cap a fleet near 5,000 (simulator/outbox.py)
+                    a.outbox = outboxes.for_device(a.device_id)  # type: ignore[assignment]
+                    self.scenario.apply(a)
+                    self.agents.append(a)
+                    tasks.append(asyncio.create_task(self._ramped(a, i), name=f"agent-{a.device_id}"))
+                    if i % 50 == 49:
+                        await asyncio.sleep(0)  # let the ones already started connect meanwhile
+                flaky = asyncio.create_task(self.scenario.flaky(self.agents), name="sim-flaky")
+            except BaseException as exc:
+                self.error = exc
+                raise
+            finally:
+                self.ready.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), duration)
-        finally:  # also when cancelled: every device says "offline" and closes its outbox
+        finally:  # also when cancelled or failed: every device says "offline" and closes its outbox
+            self._stop.set()  # agents still waiting for their place in the connect ramp never start
             if flaky is not None:
                 flaky.cancel()
             await asyncio.gather(*(a.stop() for a in self.agents), return_exceptions=True)
             await asyncio.gather(*tasks, return_exceptions=True)
+            if outboxes is not None:
+                outboxes.close()
         return self.agents
+
+    async def _ramped(self, agent: Agent, i: int) -> None:
+        """Start agent ``i`` at its place in the connect ramp: a fleet powering up at once is a connect storm
+        for the broker and the hub (every device says online, reports and subscribes), so spread it."""
+        assert self._stop is not None and self._loop is not None
+        if self.connect_rate > 0:
+            delay = self._ramp_start + (i + random.random()) / self.connect_rate - self._loop.time()
+            with contextlib.suppress(TimeoutError):  # woken early by stop()
+                await asyncio.wait_for(self._stop.wait(), max(delay, 0.0))
+        if not self._stop.is_set():
+            await agent.run()
 
     async def astop(self) -> None:
         if self._stop is not None:
@@ -203,11 +265,12 @@ async def run_fleet(
     duration: float | None = None,
     prefix: str = "sim",
     scenario: Scenario | None = None,
+    connect_rate: float = 1000.0,
 ) -> list[Agent]:
     """Enrol ``n`` devices ``{prefix}-{i:04d}`` (re-using identities in ``data_root``) and run them on this loop.
 
     Runs until ``duration`` seconds pass (forever if None, until cancelled); returns the agents.
     """
     fleet = Fleet(hub_url, api_token, n, data_root, mqtt_url=mqtt_url, rate=rate,
-                  telemetry_interval=telemetry_interval, prefix=prefix, scenario=scenario)
+                  telemetry_interval=telemetry_interval, prefix=prefix, scenario=scenario, connect_rate=connect_rate)
     return await fleet.run(duration)

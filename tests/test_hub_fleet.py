@@ -14,6 +14,7 @@ from protocol.messages import ModuleReport, ReportedState, Status
 from protocol.signing import load_trusted_root
 from protocol.topics import Channel, device_topic
 from protocol.verify import accept_desired
+from tests.clirun import as_json, cli
 
 
 @pytest.fixture
@@ -113,6 +114,50 @@ def test_deployment_publishes_signed_retained_desired_state(admin, server, probe
     # a state for one device is refused by another: the device id is inside the signature
     with pytest.raises(ValueError, match="not"):
         accept_desired(json.loads(msg.payload), root, bystander, last_revision=0)
+
+
+def test_a_group_token_provisions_a_fleet_in_bulk_and_runs_out(admin, server):
+    [token] = admin.post("/api/v1/enrollment-tokens", json={"uses": 5, "labels": {"line": "a"}}).json()["tokens"]
+    ids = [unique_id() for _ in range(3)]
+    r = httpx.post(server.url + "/api/v1/enroll/batch",
+                   json={"token": token, "devices": [{"device_id": i, "facts": {"n": str(k)}} for k, i in enumerate(ids)]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [d["device_id"] for d in body["devices"]] == ids and body["mqtt_url"] == server.config.device_mqtt_url
+    assert len({d["mqtt_password"] for d in body["devices"]}) == 3 and load_trusted_root(body["root"]).version == 1
+    for k, i in enumerate(ids):
+        dev = admin.get(f"/api/v1/devices/{i}").json()
+        assert dev["labels"] == {"line": "a"} and dev["facts"] == {"n": str(k)}
+    creds = dict(server.hub.fleet.broker_credentials())
+    assert all(creds[i].startswith("$7$") for i in ids)
+
+    # all or none: 2 uses left, 3 asked for; then a duplicate id in the batch; then one already enrolled
+    three = {"token": token, "devices": [{"device_id": unique_id()} for _ in range(3)]}
+    r = httpx.post(server.url + "/api/v1/enroll/batch", json=three)
+    assert r.status_code == 403 and "2 use(s) left" in r.json()["detail"]
+    assert all(admin.get(f"/api/v1/devices/{d['device_id']}").status_code == 404 for d in three["devices"])
+    twice = unique_id()
+    r = httpx.post(server.url + "/api/v1/enroll/batch", json={"token": token, "devices": [{"device_id": twice}] * 2})
+    assert r.status_code == 422 and "twice" in r.json()["detail"]
+    r = httpx.post(server.url + "/api/v1/enroll/batch", json={"token": token, "devices": [{"device_id": ids[0]}]})
+    assert r.status_code == 409
+
+    # the same token on the one-device path spends its last two uses (a generated id for the second)
+    one = httpx.post(server.url + "/api/v1/enroll", json={"token": token, "device_id": unique_id()})
+    assert one.status_code == 200
+    assert httpx.post(server.url + "/api/v1/enroll", json={"token": token}).json()["device_id"].startswith("dev-")
+    spent = httpx.post(server.url + "/api/v1/enroll", json={"token": token})
+    assert spent.status_code == 403 and "used up (all 5 uses)" in spent.json()["detail"]
+    r = admin.post("/api/v1/enrollment-tokens", json={"uses": 0})
+    assert r.status_code == 422
+
+    group = as_json(cli(server, "device", "token", "--uses", "2", "--json"))
+    assert group["uses"] == 2
+    for _ in range(2):
+        assert httpx.post(server.url + "/api/v1/enroll", json={"token": group["token"]}).status_code == 200
+    assert httpx.post(server.url + "/api/v1/enroll", json={"token": group["token"]}).status_code == 403
+    r = httpx.post(server.url + "/api/v1/enroll/batch", json={"token": token, "devices": []})
+    assert r.status_code == 422
 
 
 def test_bad_deployment_requests(admin, module):

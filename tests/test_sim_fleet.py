@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from simulator.fleet import Fleet, run_fleet
+from simulator.outbox import FleetOutboxes
 from tests.hubside import HubSide, until
 
 
@@ -30,13 +31,14 @@ def fake_hub_api(hub: HubSide, calls: list[str]) -> httpx.MockTransport:
             if request.headers.get("authorization") != "Bearer admin-token":
                 return httpx.Response(401, json={"detail": "bad token"})
             assert body["labels"] == {"sim": "true"}
-            return httpx.Response(200, json={"tokens": [f"tok-{i}" for i in range(body["count"])]})
-        if request.url.path == "/api/v1/enroll":
+            return httpx.Response(200, json={"tokens": [f"tok-{body['uses']}" for _ in range(body["count"])]})
+        if request.url.path == "/api/v1/enroll/batch":
             if not body["token"].startswith("tok-"):
                 return httpx.Response(403, json={"detail": "unknown enrolment token"})
-            return httpx.Response(200, json={"device_id": body["device_id"], "mqtt_url": hub.broker_url,
-                                             "mqtt_username": None, "mqtt_password": None, "root": hub.root,
-                                             "hub_time": time.time()})
+            return httpx.Response(200, json={
+                "devices": [{"device_id": d["device_id"], "mqtt_username": None, "mqtt_password": None}
+                            for d in body["devices"]],
+                "mqtt_url": hub.broker_url, "root": hub.root, "hub_time": time.time()})
         return httpx.Response(404, json={"detail": "not found"})
 
     return httpx.MockTransport(handle)
@@ -47,7 +49,7 @@ def test_fleet_in_background_thread_installs_everywhere_and_reuses_identities(hu
     calls: list[str] = []
     bundle = hub.build("classifier", 1)
     fleet = Fleet("http://hub.test", "admin-token", n, tmp_path / "sim", rate=20, telemetry_interval=0.5,
-                  prefix="simt", http_transport=fake_hub_api(hub, calls))
+                  prefix="simt", http_transport=fake_hub_api(hub, calls), enroll_batch=5)
     for dev in fleet.device_ids():
         hub.publish_desired(dev, 1, [bundle.desired(collect_rate_ppm=100_000)])
     fleet.start()
@@ -58,7 +60,8 @@ def test_fleet_in_background_thread_installs_everywhere_and_reuses_identities(hu
             assert time.monotonic() < deadline, fleet.snapshots()
             time.sleep(0.2)
         assert len(fleet.runner_cache) == 1  # one onnxruntime session shared by every device
-        assert calls.count("/api/v1/enrollment-tokens") == 1 and calls.count("/api/v1/enroll") == n
+        # fleet provisioning: one group token, and the devices enrolled in bulk (5 per request here)
+        assert calls == ["/api/v1/enrollment-tokens"] + ["/api/v1/enroll/batch"] * 3
         # every device gets its own telemetry stream
         deadline = time.monotonic() + 20
         while not all(hub.telemetry(d) for d in fleet.device_ids()):
@@ -122,3 +125,22 @@ def test_agents_share_one_loop_and_reconnect_after_broker_restart(tmp_path):
         if hub is not None:
             hub.close()
         b.stop()
+
+
+def test_the_fleet_outbox_keeps_each_devices_rows_apart_and_survives_a_restart(tmp_path):
+    fleet = FleetOutboxes(tmp_path / "outbox.db")
+    a, b = fleet.for_device("a", max_rows=5), fleet.for_device("b", max_rows=5)
+    for i in range(8):
+        a.put("telemetry", f"a{i}".encode())
+    b.put("telemetry", b"b0")
+    rows = a.peek(100)
+    assert [p for _, _, p in rows] == [f"a{i}".encode() for i in range(3, 8)]  # the bound drops a's oldest only
+    assert len(a) == 5 and a.dropped == 3 and len(b) == 1 and b.dropped == 0
+    b.delete(rows[0][0])  # another device's row id: not b's to delete
+    a.delete(rows[0][0])
+    assert [p for _, _, p in a.peek(2)] == [b"a4", b"a5"] and [p for _, _, p in b.peek(5)] == [b"b0"]
+    seqs = [a.next_seq("telemetry") for _ in range(3)]
+    assert b.next_seq("telemetry") == 1
+    fleet.close()
+    again = FleetOutboxes(tmp_path / "outbox.db").for_device("a", max_rows=5)  # persisted, like a device's own file
+    assert again.next_seq("telemetry") == seqs[-1] + 1 and again.dropped == 3 and len(again) == 4

@@ -234,14 +234,16 @@ def device_token(
     label: list[str] = typer.Option([], "--label", help="key=value given to the device, repeatable."),
     expires: str = typer.Option("1h", "--expires", help="Lifetime: 30s, 10m, 1h, 7d (or seconds)."),
     count: int = typer.Option(1, "--count", min=1),
+    uses: int = typer.Option(1, "--uses", min=1, help="Enrolments per token (>1: a group token for provisioning)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Create single-use enrolment tokens."""
+    """Create enrolment tokens (single-use unless --uses)."""
     expires_in = int(parse_duration(expires))
     with client() as c:
         res = call(lambda: c.post("/api/v1/enrollment-tokens", {"count": count, "labels": parse_kv(label),
-                                                                "expires_in": expires_in}))
-    out = {"token": res["tokens"][0], "tokens": res["tokens"], "expires_at": res.get("expires_at")}
+                                                                "expires_in": expires_in, "uses": uses}))
+    out = {"token": res["tokens"][0], "tokens": res["tokens"], "expires_at": res.get("expires_at"),
+           "uses": res.get("uses", 1)}
     if as_json:
         emit(out, True)
     else:

@@ -156,6 +156,8 @@ def sim_run(
     slow: float = typer.Option(5.0, "--slow", help="Seconds a slow device's health check takes longer."),
     flaky_share: float = typer.Option(0.0, "--flaky-share", help="Share of devices whose link drops now and then."),
     flaky_period: float = typer.Option(30.0, "--flaky-period", help="About how often each flaky link drops (s)."),
+    connect_rate: float = typer.Option(1000.0, "--connect-rate",
+                                       help="Devices started per second, jittered (0: all at once)."),
 ) -> None:
     """Run N simulated devices (real agents, real MQTT connections) against --hub."""
     import asyncio
@@ -166,12 +168,14 @@ def sim_run(
     if not CTX.token:
         err.print("[red]error:[/] --token (or EDGEFLEET_TOKEN) is needed to create enrolment tokens")
         raise typer.Exit(2)
+    if logging.getLogger().level > logging.DEBUG:  # a line per device per step is noise at fleet scale (-v shows it)
+        logging.getLogger("edgefleet.agent").setLevel(logging.WARNING)
     try:
         asyncio.run(run_fleet(CTX.hub, CTX.token, devices, data, mqtt_url=mqtt, rate=rate,
                               telemetry_interval=telemetry_interval, duration=duration, prefix=prefix,
                               scenario=Scenario(fail_share=fail_share, fail_modules=tuple(fail_module) or ("*",),
                                                 slow_share=slow_share, slow_s=slow, flaky_share=flaky_share,
-                                                flaky_period_s=flaky_period)))
+                                                flaky_period_s=flaky_period), connect_rate=connect_rate))
     except KeyboardInterrupt:
         pass
 

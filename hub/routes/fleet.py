@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from hub import audit
 from hub.auth import Principal, require
 from hub.context import Hub
+from hub.fleet import MAX_BATCH, MAX_TOKEN_USES
 from hub.routes import get_hub
 
 router = APIRouter(tags=["fleet"])
@@ -19,6 +20,7 @@ class EnrollmentTokenRequest(BaseModel):
     count: int = Field(default=1, ge=1, le=10_000)
     labels: dict[str, str] = Field(default_factory=dict)
     expires_in: int = Field(default=3600, gt=0, description="seconds")
+    uses: int = Field(default=1, ge=1, le=MAX_TOKEN_USES, description="enrolments per token (>1: a group token)")
 
 
 class EnrollRequest(BaseModel):
@@ -27,16 +29,32 @@ class EnrollRequest(BaseModel):
     facts: dict[str, str] = Field(default_factory=dict)
 
 
+class BatchDevice(BaseModel):
+    device_id: str | None = None
+    facts: dict[str, str] = Field(default_factory=dict)
+
+
+class EnrollBatchRequest(BaseModel):
+    token: str = Field(min_length=1, max_length=256)
+    devices: list[BatchDevice] = Field(min_length=1, max_length=MAX_BATCH)
+
+
 @router.post("/enrollment-tokens", dependencies=[Depends(require("operator"))])
 def enrollment_tokens(body: EnrollmentTokenRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    """Single-use tokens; devices enrolled with one get its labels."""
-    return hub.fleet.create_enrollment_tokens(body.count, body.labels, body.expires_in)
+    """Enrolment tokens (single-use unless ``uses`` says more); devices enrolled with one get its labels."""
+    return hub.fleet.create_enrollment_tokens(body.count, body.labels, body.expires_in, body.uses)
 
 
 @router.post("/enroll")
 def enroll(body: EnrollRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     """No bearer token: the enrolment token is the credential. Returns MQTT credentials and the root of trust."""
     return hub.fleet.enroll(body.token, body.device_id, body.facts)
+
+
+@router.post("/enroll/batch")
+def enroll_batch(body: EnrollBatchRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Several devices on one token, one use each, all or none: ``devices`` with each one's credentials."""
+    return hub.fleet.enroll_many(body.token, [(d.device_id, d.facts) for d in body.devices])
 
 
 @router.get("/devices", dependencies=[Depends(require("viewer"))])
