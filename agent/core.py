@@ -137,6 +137,7 @@ class Agent:
         runner_cache: MutableMapping[str, Runner] | None = None,
         health_timeout: float = 30.0,
         outbox_rows: int = 10_000,
+        outbox: Outbox | None = None,
         blob_retry: float = 3.0,
         facts: dict[str, str] | None = None,
         isolation: str = "inprocess",
@@ -178,7 +179,9 @@ class Agent:
         self.installer = Installer(self.data_dir, self.root, self.chunks, runner_cache, health_timeout, self._on_install,
                                    health=self._health_in_worker if isolation == "process" else None, bake=self._bake)
         self._warm: dict[str, WorkerProcess] = {}  # health-checked workers, handed over on activation
-        self.outbox = Outbox(self.data_dir / "outbox.db", max_rows=outbox_rows)
+        # the simulator hands every agent a view of one shared database (simulator/outbox.py): a file per
+        # device would cost three open files and a fsync'd creation each
+        self.outbox = outbox if outbox is not None else Outbox(self.data_dir / "outbox.db", max_rows=outbox_rows)
         will: Will = (self._topic(Channel.STATUS), Status(device=self.device_id, online=False).encode(), 1, True)
         self.client = mqtt_client_factory(self.device_id, identity.broker(mqtt_url), will)
 

@@ -168,9 +168,8 @@ class Fleet:
                 for i, ident in enumerate(identities):  # each starts as soon as it is built, at its place in the ramp
                     a = Agent(ident, self.data_root / ident.device_id, mqtt_url=self.mqtt_url, workload=self.workload,
                               telemetry_interval=self.telemetry_interval, runner_cache=self.runner_cache,
+                              outbox=outboxes.for_device(ident.device_id),  # type: ignore[arg-type]
                               **self.agent_options)
-                    a.outbox.close()  # three open files per device would cap a fleet near 5,000 (simulator/outbox.py)
-                    a.outbox = outboxes.for_device(a.device_id)  # type: ignore[assignment]
                     self.scenario.apply(a)
                     self.agents.append(a)
                     tasks.append(asyncio.create_task(self._ramped(a, i), name=f"agent-{a.device_id}"))
