@@ -190,6 +190,9 @@ class Installer:
         self.health = health
         self.bake = bake  # None: a bake policy is not applied (no agent serves the module to watch it)
         self.journal = Journal(Path(data_dir) / JOURNAL_FILE)
+        # Runs (in a thread) before every health check; raising fails it. The simulator's slow and failing
+        # devices use it (simulator/scenarios.py); a device integrator can add a check of its own.
+        self.health_gate: Callable[[Installed], None] | None = None
         self._crash_at = os.environ.get(CRASH_ENV, "")
 
     # --- layout ------------------------------------------------------------------------------
@@ -299,6 +302,8 @@ class Installer:
             self._set(name, "health_check")
         try:
             inst = self.load_installed(name)
+            if self.health_gate is not None:
+                await asyncio.wait_for(asyncio.to_thread(self.health_gate, inst), self.health_timeout)
             if self.health is not None:
                 await self.health(inst)
             else:

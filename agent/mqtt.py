@@ -290,6 +290,15 @@ class AsyncMqttClient:
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._drop_socket()
 
+    def drop_link(self) -> None:
+        """Cut the connection as a dead link would: no DISCONNECT, so the broker publishes the last will.
+
+        The session reconnects with backoff as after any loss. For fault injection (the simulator's flaky devices).
+        """
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
     def _drop_socket(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None and self._loop is not None:

@@ -8,11 +8,9 @@ agent itself is unchanged: a scenario wraps the agent's health check and drops i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import random
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,17 +54,13 @@ class Scenario:
         slow = self.slow_s if picked(dev, self.slow_share, "slow", self.seed) else 0.0
         if not fail and not slow:
             return
-        installer = agent.installer
-        original = installer._health_check  # the agent's hook point: it runs in a worker thread
-
-        def health_check(inst: Any) -> None:
+        def gate(inst: Any) -> None:  # runs in the health check's thread, before the module's own check
             if slow:
                 time.sleep(slow)
             if fail and module_matches(self.fail_modules, inst.name, inst.manifest.version):
                 raise ModelError(f"simulated failure: {inst.name}:{inst.manifest.version} is broken on this device")
-            original(inst)
 
-        installer._health_check = health_check  # type: ignore[method-assign]
+        agent.installer.health_gate = gate
 
     async def flaky(self, agents: list[Agent]) -> None:
         """Drop the sockets of the flaky devices, each at a random moment in every period, until cancelled."""
@@ -76,8 +70,4 @@ class Scenario:
         log.info("%d flaky device(s) lose their link about every %.0fs", len(victims), self.flaky_period_s)
         while True:
             await asyncio.sleep(self.flaky_period_s / len(victims))
-            a = random.choice(victims)
-            sock = getattr(a.client, "_sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)  # like a dead link: the broker sends the last will
+            random.choice(victims).client.drop_link()  # like a dead link: the broker sends the last will

@@ -11,7 +11,7 @@ import pytest
 
 from simulator.fleet import Fleet, run_fleet
 from simulator.outbox import FleetOutboxes
-from tests.hubside import HubSide, until
+from tests.hubside import HubSide, running_agent, until
 
 
 @pytest.fixture
@@ -144,3 +144,21 @@ def test_the_fleet_outbox_keeps_each_devices_rows_apart_and_survives_a_restart(t
     fleet.close()
     again = FleetOutboxes(tmp_path / "outbox.db").for_device("a", max_rows=5)  # persisted, like a device's own file
     assert again.next_seq("telemetry") == seqs[-1] + 1 and again.dropped == 3 and len(again) == 4
+
+
+def test_drop_link_is_a_dead_link_the_broker_announces_and_the_agent_recovers_from(hub, tmp_path):
+    """The simulator's flaky devices: drop_link() cuts the socket without DISCONNECT, so the last will goes out."""
+    from protocol.messages import decode
+    from protocol.topics import Channel
+
+    async def main() -> None:
+        async with running_agent(hub, "flaky-1", tmp_path / "flaky-1") as agent:
+            await until(lambda: agent.client.connected.is_set(), 10, "connected")
+            agent.client.drop_link()
+            await until(lambda: any(not decode(Channel.STATUS, p).online for p in hub.messages("flaky-1", Channel.STATUS)),
+                        15, "the broker publishing the last will (offline)")
+            await until(lambda: agent.client.connected.is_set() and agent.client.reconnects >= 1, 15, "reconnected")
+            statuses = [decode(Channel.STATUS, p).online for p in hub.messages("flaky-1", Channel.STATUS)]
+            assert statuses[-1] is True  # online again, retained
+
+    asyncio.run(main())
