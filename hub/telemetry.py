@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import mul
 
 import numpy as np
 
+from protocol.encoding import ProtocolError
 from protocol.messages import TelemetryBatch
 
 MINUTE = 60
 POINT = np.dtype([("ts", "<f8"), ("p50", "<f8"), ("p95", "<f8"), ("p99", "<f8"),
                   ("inferences", "<i8"), ("errors", "<i8"), ("key", "<u2")])
+_RECORD = struct.Struct("<ddddqqH")  # one POINT, for packing a few points without NumPy
 # what a rollup row sums, in column order
 SUMS = ("points", "inferences", "errors", "w50", "w95", "w99", "s95")
 
@@ -81,22 +85,58 @@ def minute_of(ts: np.ndarray) -> np.ndarray:
 
 
 def pack(msg: TelemetryBatch) -> Packed | None:
-    """The batch's row and rollups; None for a batch without points (nothing to store)."""
-    index: dict[Key, int] = {}
-    recs = []
-    for p in msg.points:
-        key = (p.module, p.version)
-        k = index.get(key)
-        if k is None:
-            k = index[key] = len(index)
-        lat = p.latency_ms
-        recs.append((p.ts, lat.p50, lat.p95, lat.p99, p.inferences, p.errors, k))
-    if not recs:
+    """The batch's row and rollups; None for a batch without points (nothing to store).
+
+    Plain Python for the common shapes (few points; one module version within one minute),
+    NumPy for long or mixed batches: this runs once per message on the ingest hot path.
+    """
+    pts = msg.points
+    n = len(pts)
+    if not n:
         return None
-    arr = np.array(recs, dtype=POINT)
-    keys = list(index)
-    return Packed(msg.device, msg.seq, float(arr["ts"].min()), float(arr["ts"].max()), len(recs),
-                  json.dumps(keys, separators=(",", ":")), arr.tobytes(), _rollups(arr, keys))
+    ts = [p.ts for p in pts]
+    lat = [p.latency_ms for p in pts]
+    p50, p95, p99 = [q.p50 for q in lat], [q.p95 for q in lat], [q.p99 for q in lat]
+    inf, err = [p.inferences for p in pts], [p.errors for p in pts]
+    keys = list(dict.fromkeys([(p.module, p.version) for p in pts]))
+    if len(keys) == 1:
+        kidx = [0] * n
+    else:
+        index = {k: i for i, k in enumerate(keys)}
+        kidx = [index[(p.module, p.version)] for p in pts]
+    try:
+        if n <= 16:
+            data = b"".join(map(_RECORD.pack, ts, p50, p95, p99, inf, err, kidx))
+        else:
+            arr = np.empty(n, POINT)
+            for name, col in (("ts", ts), ("p50", p50), ("p95", p95), ("p99", p99), ("inferences", inf),
+                              ("errors", err), ("key", kidx)):
+                arr[name] = col
+            data = arr.tobytes()
+    except (OverflowError, struct.error):
+        raise ProtocolError(f"telemetry batch {msg.seq} of {msg.device}: a count does not fit in 64 bits") from None
+    lo, hi = min(ts), max(ts)
+    if len(keys) == 1 and lo // MINUTE == hi // MINUTE:
+        module, version = keys[0]
+        minutes = {(module, version, int(lo // MINUTE) * MINUTE): [
+            n, sum(inf), sum(err), sum(map(mul, p50, inf)), sum(map(mul, p95, inf)), sum(map(mul, p99, inf)),
+            sum(p95)]}
+    else:
+        minutes = _rollups(np.frombuffer(data, POINT), keys)
+    return Packed(msg.device, msg.seq, lo, hi, n, _keys_json(tuple(keys)), data, minutes)
+
+
+_KEYS_JSON: dict[tuple[Key, ...], str] = {}
+
+
+def _keys_json(keys: tuple[Key, ...]) -> str:
+    """JSON of a batch's (module, version) list; cached, since a device sends the same few over and over."""
+    text = _KEYS_JSON.get(keys)
+    if text is None:
+        if len(_KEYS_JSON) >= 4096:
+            _KEYS_JSON.clear()
+        text = _KEYS_JSON[keys] = json.dumps(keys, separators=(",", ":"))
+    return text
 
 
 def _rollups(arr: np.ndarray, keys: list[Key]) -> dict[tuple[str, int, int], list[float]]:
@@ -104,9 +144,6 @@ def _rollups(arr: np.ndarray, keys: list[Key]) -> dict[tuple[str, int, int], lis
     inf = arr["inferences"].astype(np.float64)
     cols = (np.ones(len(arr)), inf, arr["errors"].astype(np.float64),
             arr["p50"] * inf, arr["p95"] * inf, arr["p99"] * inf, arr["p95"])
-    if len(keys) == 1 and minute[0] == minute[-1] and (minute == minute[0]).all():  # the usual batch: one group
-        module, version = keys[0]
-        return {(module, version, int(minute[0])): [float(c.sum()) for c in cols]}
     groups, inverse = np.unique(np.stack([minute, arr["key"].astype(np.int64)]), axis=1, return_inverse=True)
     inverse = inverse.reshape(-1)
     sums = [np.bincount(inverse, weights=c, minlength=groups.shape[1]) for c in cols]
