@@ -175,3 +175,28 @@ def test_an_empty_batch_stores_nothing_and_bad_numbers_are_refused(tmp_path):
         with pytest.raises(ProtocolError, match="does not fit in 64 bits"):
             telemetry.pack(TelemetryBatch(device="d", seq=1, ts=T0, points=[
                 TelemetryPoint(ts=T0 + i, module="m", version=1, inferences=2**70, errors=0) for i in range(n)]))
+
+
+def test_a_database_from_before_moves_its_points_and_rollups_over(tmp_path):
+    db = Database(tmp_path / "hub.db")
+    batches = fleet_batches(11, devices=2, batches=10)
+    ref = reference(batches)
+    conn = db.db().conn
+    conn.executescript("CREATE TABLE telemetry (device TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, "
+                       "module TEXT NOT NULL, version INTEGER NOT NULL, inferences INTEGER NOT NULL, errors INTEGER "
+                       "NOT NULL, p50 REAL, p95 REAL, p99 REAL, PRIMARY KEY (device, seq, module, ts));"
+                       "CREATE TABLE telemetry_rollup (bucket REAL NOT NULL, device TEXT NOT NULL, module TEXT NOT NULL,"
+                       " version INTEGER NOT NULL, inferences INTEGER NOT NULL, errors INTEGER NOT NULL, p50 REAL, "
+                       "p95 REAL, p99 REAL, PRIMARY KEY (bucket, device, module, version));")
+    conn.executemany("INSERT INTO telemetry VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", ref.execute("SELECT * FROM telemetry"))
+    old_minute = (T0 - 3600) // 60 * 60
+    conn.execute("INSERT INTO telemetry_rollup VALUES (?, 'd0', 'm', 1, 500, 5, 1.0, 4.0, 9.0)", (old_minute,))
+    ts = TimeSeries(db)
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "telemetry" not in have and "telemetry_rollup" not in have
+    same(ts.series(SeriesFilter(), 60.0, T0 - 90, T0 + 900), reference_series(ref, SeriesFilter(), 60.0, T0 - 90,
+                                                                                T0 + 900))
+    (hour,) = ts.series(SeriesFilter(device="d0"), 3600.0, old_minute, old_minute + 3600)
+    assert (hour["inferences"], hour["errors"], hour["p95"]) == (500, 5, 4.0)
+    assert len(recent_points(db, SeriesFilter(), 10_000)) == ref.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]
+    db.close()

@@ -15,16 +15,21 @@ far that estimate can be from the true percentile.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import numpy as np
 
 from hub.db import Database
-from hub.telemetry import MINUTE, SUMS, Points, unpack_many
+from hub.telemetry import MINUTE, SUMS, Packed, Points, pack, store, unpack_many
+from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
+
+log = logging.getLogger("edgefleet.hub.timeseries")
 
 FOREVER = 1e18  # an open end of a window, as a number SQLite compares
 Sums = np.ndarray  # float64[len(SUMS)]: points, inferences, errors, w50, w95, w99, s95
@@ -171,9 +176,51 @@ def recent_points(db: Database, f: SeriesFilter, limit: int) -> list[dict[str, A
     return out[:limit]
 
 
+def migrate_legacy(db: Database) -> int:
+    """A database from before batch storage: its per-point rows become batches and rollups; the old tables go.
+
+    Returns the points moved. Runs once, at hub start (before ingest workers exist).
+    """
+    have = {r[0] for r in db.db().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "telemetry" not in have:
+        return 0
+    moved = 0
+    with db.transaction() as tx:
+        rows = tx.execute("SELECT device, seq, ts, module, version, inferences, errors, p50, p95, p99 "
+                          "FROM telemetry ORDER BY device, seq")
+        packed: list[Packed] = []
+        for (device, seq), group in groupby(rows, key=lambda r: (r[0], r[1])):
+            points = [TelemetryPoint(ts=r[2], module=r[3], version=r[4], inferences=r[5], errors=r[6],
+                                     latency_ms=LatencyMs(p50=r[7] or 0.0, p95=r[8] or 0.0, p99=r[9] or 0.0))
+                      for r in group]
+            packed.append(pack(TelemetryBatch(device=device, seq=seq, ts=points[-1].ts, points=points)))
+            if len(packed) >= 1000:
+                moved += store(tx.conn, packed)
+                packed = []
+        moved += store(tx.conn, packed)
+        if "telemetry_rollup" in have:  # minutes folded by the former retention: one rollup row each
+            tx.execute(
+                "INSERT INTO telemetry_minutes (module, version, device, bucket, points, inferences, errors, w50, w95, "
+                "w99, s95) SELECT module, version, device, CAST(bucket / 60 AS INTEGER) * 60, 1, inferences, errors, "
+                "COALESCE(p50, 0) * inferences, COALESCE(p95, 0) * inferences, COALESCE(p99, 0) * inferences, "
+                "COALESCE(p95, 0) FROM telemetry_rollup WHERE true ON CONFLICT (module, version, device, bucket) "
+                "DO UPDATE SET points = points + 1, inferences = inferences + excluded.inferences, "
+                "errors = errors + excluded.errors, w50 = w50 + excluded.w50, w95 = w95 + excluded.w95, "
+                "w99 = w99 + excluded.w99, s95 = s95 + excluded.s95")
+            oldest = tx.execute("SELECT MAX(bucket) FROM telemetry_rollup").fetchone()[0]
+            if oldest is not None:  # minutes up to the last folded one exist only as rollups
+                tx.execute("INSERT INTO telemetry_meta (key, value) VALUES ('raw_from', ?) ON CONFLICT (key) "
+                           "DO UPDATE SET value = MAX(value, excluded.value)", ((oldest // MINUTE + 1) * MINUTE,))
+            tx.execute("DROP TABLE telemetry_rollup")
+        tx.execute("DROP TABLE telemetry")
+    log.info("moved %d telemetry points from the per-point table to batches and rollups", moved)
+    return moved
+
+
 class TimeSeries:
     def __init__(self, db: Database) -> None:
         self.db = db
+        migrate_legacy(db)
 
     def series(self, f: SeriesFilter, step_s: float, since: float, until: float) -> list[dict[str, Any]]:
         per_bucket: dict[int, list[Any]] = {}
