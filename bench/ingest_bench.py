@@ -142,6 +142,13 @@ def start_hub(broker_url: str, data: str, workers: int) -> tuple[subprocess.Pope
     return hub, url
 
 
+def enroll(url: str) -> None:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        tokens = c.post("/api/v1/enrollment-tokens", json={"count": DEVICES}).json()["tokens"]
+        for i, tok in enumerate(tokens):
+            c.post("/api/v1/enroll", json={"token": tok, "device_id": f"bench-{i:03d}"}).raise_for_status()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=20000)
@@ -151,27 +158,29 @@ def main() -> None:
     args = ap.parse_args()
     worker_counts = [int(w) for w in args.workers.split(",")]
     shapes = [int(p) for p in args.points.split(",")]
+
+    def size(points: int) -> int:
+        """Batches per round: ``--messages`` single points, or 25x as many points in larger batches."""
+        return args.messages if points == 1 else max(args.messages * 25 // points, 4 * DEVICES)
     results: dict[tuple[str, int], list[float]] = {}
     seq = 0
-    with LocalBroker(kind="mosquitto") as broker:
-        for workers in worker_counts:
-            with tempfile.TemporaryDirectory() as tmp:
-                hub, url = start_hub(broker.url, tmp, workers)
-                db = Path(tmp) / "hub.db"
+    # Rounds interleave the bare subscriber and each hub configuration, so drift in the machine's load hits all
+    # alike. No hub runs during a bare round: it would consume the same messages and lower the ceiling.
+    with LocalBroker(kind="mosquitto") as broker, tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for points in shapes:
+                results.setdefault(("bare", points), []).append(bare(broker.port, size(points), points, seq))
+                seq += size(points) // DEVICES + 1
+            for workers in worker_counts:
+                data = Path(tmp) / f"hub-{workers}"
+                hub, url = start_hub(broker.url, str(data), workers)
                 try:
-                    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-                        tokens = c.post("/api/v1/enrollment-tokens", json={"count": DEVICES}).json()["tokens"]
-                        for i, tok in enumerate(tokens):
-                            c.post("/api/v1/enroll", json={"token": tok, "device_id": f"bench-{i:03d}"}).raise_for_status()
-                    for points in shapes:  # about the same bytes per shape past 10 points a batch
-                        n = args.messages if points == 1 else max(args.messages * 10 // points, DEVICES)
-                        for _ in range(args.rounds):
-                            if workers == worker_counts[0]:  # the ceiling, once per shape
-                                results.setdefault(("bare", points), []).append(bare(broker.port, n, points, seq))
-                                seq += n // DEVICES + 1
-                            results.setdefault((f"hub+{workers}", points), []).append(
-                                hub_run(db, broker.port, n, points, seq))
-                            seq += n // DEVICES + 1
+                    if r == 0:
+                        enroll(url)
+                    for points in shapes:
+                        results.setdefault((f"hub+{workers}", points), []).append(
+                            hub_run(data / "hub.db", broker.port, size(points), points, seq))
+                        seq += size(points) // DEVICES + 1
                 finally:
                     hub.send_signal(signal.SIGINT)
                     hub.wait(30)

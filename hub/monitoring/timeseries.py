@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from hub.db import Database
-from hub.telemetry import MINUTE, SUMS, Packed, Points, pack, store, unpack_many
+from hub.telemetry import MINUTE, SUMS, UPSERT_MINUTE, Packed, Points, pack, store, unpack_many
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 
 log = logging.getLogger("edgefleet.hub.timeseries")
@@ -62,9 +63,15 @@ def selected(pts: Points, f: SeriesFilter) -> np.ndarray:
     return wanted[pts.key]
 
 
+def _raise_raw_from(conn: sqlite3.Connection, value: float) -> None:
+    conn.execute("INSERT INTO telemetry_meta (key, value) VALUES ('raw_from', ?) ON CONFLICT (key) "
+                 "DO UPDATE SET value = MAX(value, excluded.value)", (value,))
+
+
 def raw_points(db: Database, f: SeriesFilter, since: float, until: float) -> tuple[Points, np.ndarray]:
     """Every raw point in [since, until) that ``f`` selects: the columns and the mask of selected points."""
-    sql = "SELECT device, seq, keys, data FROM telemetry_batches WHERE ts_max >= ? AND ts_min < ?"
+    sql = ("SELECT device, seq, keys, data FROM telemetry_batches INDEXED BY telemetry_batches_ts "
+           "WHERE ts_max >= ? AND ts_min < ?")
     params: list[Any] = [since, until]
     if f.device is not None:
         sql += " AND device = ?"
@@ -149,10 +156,15 @@ def device_totals(db: Database, device: str | None = None) -> dict[str, tuple[in
 
 def recent_points(db: Database, f: SeriesFilter, limit: int) -> list[dict[str, Any]]:
     """The newest ``limit`` raw points (newest first), as the rows of the former one-row-per-point table."""
-    sql, params = "SELECT device, seq, keys, data, ts_max FROM telemetry_batches", []
+    sql, params = "SELECT device, seq, keys, data, ts_max FROM telemetry_batches INDEXED BY telemetry_batches_ts", []
     if f.device is not None:
-        sql += " WHERE device = ?"
-        params.append(f.device)
+        # the time index is walked newest first; start and stop it where this device's minutes do
+        lo, hi = db.db().execute("SELECT MIN(bucket), MAX(bucket) FROM telemetry_minutes WHERE device = ?",
+                                 (f.device,)).fetchone()
+        if hi is None:
+            return []
+        sql += " WHERE device = ? AND ts_max >= ? AND ts_max < ?"
+        params += [f.device, lo, hi + MINUTE]
     cursor = db.db().execute(sql + " ORDER BY ts_max DESC", params)
     out: list[dict[str, Any]] = []
     floor = -math.inf  # once ``limit`` points are in hand, a batch ending before the oldest of them adds nothing
@@ -199,18 +211,14 @@ def migrate_legacy(db: Database) -> int:
                 packed = []
         moved += store(tx.conn, packed)
         if "telemetry_rollup" in have:  # minutes folded by the former retention: one rollup row each
-            tx.execute(
-                "INSERT INTO telemetry_minutes (module, version, device, bucket, points, inferences, errors, w50, w95, "
-                "w99, s95) SELECT module, version, device, CAST(bucket / 60 AS INTEGER) * 60, 1, inferences, errors, "
-                "COALESCE(p50, 0) * inferences, COALESCE(p95, 0) * inferences, COALESCE(p99, 0) * inferences, "
-                "COALESCE(p95, 0) FROM telemetry_rollup WHERE true ON CONFLICT (module, version, device, bucket) "
-                "DO UPDATE SET points = points + 1, inferences = inferences + excluded.inferences, "
-                "errors = errors + excluded.errors, w50 = w50 + excluded.w50, w95 = w95 + excluded.w95, "
-                "w99 = w99 + excluded.w99, s95 = s95 + excluded.s95")
+            tx.conn.executemany(UPSERT_MINUTE, [
+                (module, version, device, int(bucket // MINUTE) * MINUTE, 1, n, e, (p50 or 0.0) * n, (p95 or 0.0) * n,
+                 (p99 or 0.0) * n, p95 or 0.0)
+                for bucket, device, module, version, n, e, p50, p95, p99 in tx.execute(
+                    "SELECT bucket, device, module, version, inferences, errors, p50, p95, p99 FROM telemetry_rollup")])
             oldest = tx.execute("SELECT MAX(bucket) FROM telemetry_rollup").fetchone()[0]
             if oldest is not None:  # minutes up to the last folded one exist only as rollups
-                tx.execute("INSERT INTO telemetry_meta (key, value) VALUES ('raw_from', ?) ON CONFLICT (key) "
-                           "DO UPDATE SET value = MAX(value, excluded.value)", ((oldest // MINUTE + 1) * MINUTE,))
+                _raise_raw_from(tx.conn, (oldest // MINUTE + 1) * MINUTE)
             tx.execute("DROP TABLE telemetry_rollup")
         tx.execute("DROP TABLE telemetry")
     log.info("moved %d telemetry points from the per-point table to batches and rollups", moved)
@@ -249,6 +257,5 @@ class TimeSeries:
             gone = tx.execute("SELECT COALESCE(SUM(points), 0) FROM telemetry_batches WHERE ts_max < ?",
                               (cutoff,)).fetchone()[0]
             tx.execute("DELETE FROM telemetry_batches WHERE ts_max < ?", (cutoff,))
-            tx.execute("INSERT INTO telemetry_meta (key, value) VALUES ('raw_from', ?) ON CONFLICT (key) "
-                       "DO UPDATE SET value = MAX(value, excluded.value)", (cutoff,))
+            _raise_raw_from(tx.conn, cutoff)
             return gone
