@@ -31,7 +31,7 @@ def render(hub: Hub) -> str:
     online = hub.db.scalar("SELECT count(*) FROM devices WHERE online = 1") or 0
     family("edgefleet_hub_devices", "gauge", "Enrolled devices by connection state.",
            [({"state": "online"}, online), ({"state": "offline"}, total - online)])
-    family("edgefleet_hub_telemetry_rows_total", "counter", "Telemetry rows stored (replays not counted).",
+    family("edgefleet_hub_telemetry_rows_total", "counter", "Telemetry points stored (replays not counted).",
            [({}, bridge.telemetry_rows)])
     family("edgefleet_hub_blob_bytes_sent_total", "counter", "Bundle bytes published over MQTT.",
            [({}, bridge.blob_bytes_sent)])

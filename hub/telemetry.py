@@ -16,6 +16,7 @@ Sums merge exactly, so a window read from rollups gives what the raw points give
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import struct
 from collections.abc import Iterable, Sequence
@@ -116,7 +117,9 @@ def pack(msg: TelemetryBatch) -> Packed | None:
                 arr[name] = col
             data = arr.tobytes()
     except (OverflowError, struct.error):
-        raise _too_big(msg) from None
+        raise _bad(msg, "a count does not fit in 64 bits") from None
+    if not math.isfinite(sum(ts) + sum(p50) + sum(p95) + sum(p99)):  # one NaN would poison every sum it joins
+        raise _bad(msg, "a time or latency is not a finite number")
     lo, hi = min(ts), max(ts)
     if len(keys) == 1 and lo // MINUTE == hi // MINUTE:
         module, version = keys[0]
@@ -128,8 +131,8 @@ def pack(msg: TelemetryBatch) -> Packed | None:
     return Packed(msg.device, msg.seq, lo, hi, n, _keys_json(tuple(keys)), data, minutes)
 
 
-def _too_big(msg: TelemetryBatch) -> ProtocolError:
-    return ProtocolError(f"telemetry batch {msg.seq} of {msg.device}: a count does not fit in 64 bits")
+def _bad(msg: TelemetryBatch, why: str) -> ProtocolError:
+    return ProtocolError(f"telemetry batch {msg.seq} of {msg.device}: {why}")
 
 
 def _pack_one(msg: TelemetryBatch) -> Packed:
@@ -138,7 +141,9 @@ def _pack_one(msg: TelemetryBatch) -> Packed:
     try:
         data = _RECORD.pack(ts, lat.p50, lat.p95, lat.p99, n, p.errors, 0)
     except struct.error:
-        raise _too_big(msg) from None
+        raise _bad(msg, "a count does not fit in 64 bits") from None
+    if not math.isfinite(ts + lat.p50 + lat.p95 + lat.p99):
+        raise _bad(msg, "a time or latency is not a finite number")
     minutes = {(p.module, p.version, int(ts // MINUTE) * MINUTE): [
         1, n, p.errors, lat.p50 * n, lat.p95 * n, lat.p99 * n, lat.p95]}
     return Packed(msg.device, msg.seq, ts, ts, 1, _keys_json(((p.module, p.version),)), data, minutes)

@@ -169,9 +169,13 @@ def test_gate_figures_equal_the_per_point_queries(stored):
     assert next(c for c in result.checks if c.name == "min_reporting").value == 1.0
 
 
-def test_an_empty_batch_stores_nothing_and_bad_numbers_are_refused(tmp_path):
+def test_an_empty_batch_stores_nothing_and_bad_numbers_are_refused_clearly(tmp_path):
     assert telemetry.pack(TelemetryBatch(device="d", seq=1, ts=T0, points=[])) is None
-    for n in (1, 40):  # the bridge counts it as a rejected message
+    for n in (1, 40):  # the bridge counts these as rejected messages
+        with pytest.raises(ProtocolError, match="not a finite number"):
+            telemetry.pack(TelemetryBatch(device="d", seq=1, ts=T0, points=[
+                TelemetryPoint(ts=T0 + i, module="m", version=1, inferences=1, errors=0,
+                               latency_ms=LatencyMs(p99=float("nan") if i == n - 1 else 1.0)) for i in range(n)]))
         with pytest.raises(ProtocolError, match="does not fit in 64 bits"):
             telemetry.pack(TelemetryBatch(device="d", seq=1, ts=T0, points=[
                 TelemetryPoint(ts=T0 + i, module="m", version=1, inferences=2**70, errors=0) for i in range(n)]))

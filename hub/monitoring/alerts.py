@@ -138,8 +138,9 @@ class Alerts:
                 target = self.reports.deployment_target(rule["deployment"])
             except NotFound:
                 return []
-            sums = totals(self.db, SeriesFilter(module=target.module, version=target.version), now - rule["window_s"])
-            n, e = (int(sum(s[1] for s in sums.values())), int(sum(s[2] for s in sums.values())))
+            sums = totals(self.db, SeriesFilter(module=target.module, version=target.version),
+                          now - rule["window_s"]).values()
+            n, e = int(sum(s[1] for s in sums)), int(sum(s[2] for s in sums))
             rate = e / n if n else 0.0
             if n and rate > rule["threshold"]:
                 return [Breach("error_rate", rate, f"error rate of deployment {rule['deployment']} is "
