@@ -158,15 +158,26 @@ def _keys_json(keys: tuple[Key, ...]) -> str:
 
 
 def _rollups(arr: np.ndarray, keys: list[Key]) -> dict[tuple[str, int, int], list[float]]:
-    minute = minute_of(arr["ts"])
-    inf = arr["inferences"].astype(np.float64)
-    cols = (np.ones(len(arr)), inf, arr["errors"].astype(np.float64),
-            arr["p50"] * inf, arr["p95"] * inf, arr["p99"] * inf, arr["p95"])
-    groups, inverse = np.unique(np.stack([minute, arr["key"].astype(np.int64)]), axis=1, return_inverse=True)
+    groups, sums = group_sums(np.stack([minute_of(arr["ts"]), arr["key"].astype(np.int64)]), arr)
+    return {(*keys[k], m): row for (m, k), row in zip(groups.T.tolist(), sums.tolist())}
+
+
+def point_sums(rec: np.ndarray) -> list[np.ndarray]:
+    """Each point's share of each of SUMS."""
+    inf = rec["inferences"].astype(np.float64)
+    return [np.ones(len(rec)), inf, rec["errors"].astype(np.float64),
+            rec["p50"] * inf, rec["p95"] * inf, rec["p99"] * inf, rec["p95"]]
+
+
+def group_sums(by: np.ndarray, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SUMS of the points ``rec`` per distinct column of ``by`` (integer rows, one column a point).
+
+    Returns the distinct columns (rows x groups) and the sums (groups x SUMS).
+    """
+    groups, inverse = np.unique(by, axis=1, return_inverse=True)
     inverse = inverse.reshape(-1)
-    sums = [np.bincount(inverse, weights=c, minlength=groups.shape[1]) for c in cols]
-    return {(*keys[int(groups[1, g])], int(groups[0, g])): [float(s[g]) for s in sums]
-            for g in range(groups.shape[1])}
+    return groups, np.stack([np.bincount(inverse, weights=c, minlength=groups.shape[1]) for c in point_sums(rec)],
+                            axis=1)
 
 
 def store(conn: sqlite3.Connection, batches: Iterable[Packed]) -> int:

@@ -58,9 +58,10 @@ def reference(batches: list[TelemetryBatch]) -> sqlite3.Connection:
 def reference_series(conn: sqlite3.Connection, f: SeriesFilter, step: float, since: float, until: float) -> list:
     where, params = f.sql()
     rows = conn.execute(
-        "SELECT CAST((ts - ?) / ? AS INTEGER) AS b, SUM(inferences), SUM(errors), SUM(p50 * inferences), "
+        "SELECT CAST((ts - :since) / :step AS INTEGER) AS b, SUM(inferences), SUM(errors), SUM(p50 * inferences), "
         "SUM(p95 * inferences), SUM(p99 * inferences), COUNT(DISTINCT device) FROM telemetry "
-        f"WHERE ts >= ? AND ts < ?{where} GROUP BY b ORDER BY b", [since, step, since, until, *params]).fetchall()
+        f"WHERE ts >= :since AND ts < :until{where} GROUP BY b ORDER BY b",
+        {**params, "since": since, "step": step, "until": until}).fetchall()
     return [{"t": since + b * step, "inferences": n, "errors": e, "error_rate": e / n if n else 0.0, "devices": d,
              **{k: round(w / n, 3) if n else None for k, w in (("p50", w50), ("p95", w95), ("p99", w99))}}
             for b, n, e, w50, w95, w99, d in rows]
@@ -118,7 +119,8 @@ def test_recent_points_are_the_newest_rows_of_the_old_table(stored):
                      (SeriesFilter(device="d0", module="m"), 10_000)):
         where, params = f.sql()
         want = [dict(zip(cols, r)) for r in ref.execute(
-            f"SELECT * FROM telemetry WHERE 1=1{where} ORDER BY ts DESC, seq DESC LIMIT ?", [*params, limit])]
+            f"SELECT * FROM telemetry WHERE 1=1{where} ORDER BY ts DESC, seq DESC LIMIT :limit",
+            {**params, "limit": limit})]
         assert recent_points(db, f, limit) == want
 
 

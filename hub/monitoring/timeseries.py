@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from hub.db import Database
-from hub.telemetry import MINUTE, SUMS, UPSERT_MINUTE, Packed, Points, pack, store, unpack_many
+from hub.telemetry import MINUTE, SUMS, UPSERT_MINUTE, Packed, Points, group_sums, pack, store, unpack_many
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 
 log = logging.getLogger("edgefleet.hub.timeseries")
@@ -43,11 +43,11 @@ class SeriesFilter:
     module: str | None = None
     version: int | None = None
 
-    def sql(self) -> tuple[str, list[Any]]:
-        """`` AND col = ?`` clauses for the columns set."""
-        pairs = [(c, v) for c, v in (("device", self.device), ("module", self.module), ("version", self.version))
-                 if v is not None]
-        return "".join(f" AND {c} = ?" for c, _ in pairs), [v for _, v in pairs]
+    def sql(self) -> tuple[str, dict[str, Any]]:
+        """`` AND col = :col`` clauses for the columns set, and their parameters."""
+        params = {c: v for c, v in (("device", self.device), ("module", self.module), ("version", self.version))
+                  if v is not None}
+        return "".join(f" AND {c} = :{c}" for c in params), params
 
 
 def raw_from(db: Database) -> float:
@@ -81,54 +81,46 @@ def raw_points(db: Database, f: SeriesFilter, since: float, until: float) -> tup
     return pts, (ts >= since) & (ts < until) & selected(pts, f)
 
 
-def point_sums(rec: np.ndarray) -> list[np.ndarray]:
-    """Per-point contributions to each of SUMS."""
-    inf = rec["inferences"].astype(np.float64)
-    return [np.ones(len(rec)), inf, rec["errors"].astype(np.float64),
-            rec["p50"] * inf, rec["p95"] * inf, rec["p99"] * inf, rec["p95"]]
-
-
 def totals(db: Database, f: SeriesFilter, since: float, until: float = FOREVER,
            step: float | None = None) -> dict[tuple[int, str], Sums]:
-    """SUMS per (bucket index, device) over [since, until); buckets are ``step`` seconds from ``since`` (one if None)."""
+    """SUMS per (bucket index, device) over [since, until); buckets are ``step`` seconds from ``since`` (one if None).
 
-    def bucket(t: float) -> int:
-        return 0 if step is None else int((t - since) // step)
-
-    def whole(m: int) -> bool:  # the minute [m, m + 60) lies inside the window and inside one bucket
-        return m >= since and m + MINUTE <= until and (
-            step is None or m + MINUTE <= since + (bucket(m) + 1) * step)
-
-    where, params = f.sql()
-    first = math.floor(since / MINUTE) * MINUTE
-    rows = db.db().execute(f"SELECT bucket, device, {_SUM_COLS} FROM telemetry_minutes WHERE bucket >= ? AND "
-                           f"bucket < ?{where} GROUP BY bucket, device", [first, until, *params]).fetchall()
+    SQLite sums the minutes that lie wholly inside one bucket; the minutes cut by an edge are
+    read from raw points, or, where retention took those, counted whole where they start.
+    """
+    where, args = f.sql()
+    args.update(since=since, until=until, step=step, first=math.floor(since / MINUTE) * MINUTE)
+    b_sql = "0" if step is None else "CAST((bucket - :since) / :step AS INTEGER)"  # as raw points: (ts - since) / step
+    whole = f"bucket >= :since AND bucket + {MINUTE} <= :until" + (
+        "" if step is None else f" AND bucket + {MINUTE} <= :since + ({b_sql} + 1) * :step")
+    conn = db.db().conn
     out: dict[tuple[int, str], Sums] = {}
 
     def add(key: tuple[int, str], sums: Any) -> None:
         have = out.get(key)
         out[key] = np.asarray(sums, dtype=np.float64) if have is None else have + sums
 
+    for b, device, *sums in conn.execute(f"SELECT {b_sql} AS b, device, {_SUM_COLS} FROM telemetry_minutes "
+                                         f"WHERE {whole}{where} GROUP BY b, device", args):
+        add((b, device), sums)
     complete_from = raw_from(db)
     cut: set[int] = set()  # minutes to read from raw points
-    for m, device, *sums in rows:
-        if whole(m):
-            add((bucket(m), device), sums)
-        elif m >= complete_from:
+    for m, device, *sums in conn.execute(f"SELECT bucket, device, {_SUM_COLS} FROM telemetry_minutes WHERE bucket >= "
+                                         f":first AND bucket < :until AND NOT ({whole}){where} GROUP BY bucket, device",
+                                         args):
+        if m >= complete_from:
             cut.add(m)
-        elif since <= m < until:  # rolled up only: counted whole where the minute starts
-            add((bucket(m), device), sums)
+        elif since <= m:  # rolled up only: counted whole where the minute starts
+            add((0 if step is None else int((m - since) / step), device), sums)
     for lo, hi in _runs(sorted(cut)):
         pts, mask = raw_points(db, f, max(lo, since), min(hi, until))
         if not mask.any():
             continue
-        rec, dev = pts.rec[mask], pts.device[mask]
-        b = np.zeros(len(rec), dtype=np.int64) if step is None else ((rec["ts"] - since) // step).astype(np.int64)
-        groups, inverse = np.unique(np.stack([b, dev]), axis=1, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        cols = [np.bincount(inverse, weights=c, minlength=groups.shape[1]) for c in point_sums(rec)]
-        for g in range(groups.shape[1]):
-            add((int(groups[0, g]), pts.devices[int(groups[1, g])]), np.array([c[g] for c in cols]))
+        rec = pts.rec[mask]
+        b = np.zeros(len(rec), dtype=np.int64) if step is None else ((rec["ts"] - since) / step).astype(np.int64)
+        groups, sums = group_sums(np.stack([b, pts.device[mask]]), rec)
+        for (g, d), row in zip(groups.T.tolist(), sums):
+            add((g, pts.devices[d]), row)
     return out
 
 
