@@ -20,6 +20,7 @@ from hub.server import HubServer
 from modules.examples import synthetic_inputs, write_logreg_onnx, write_sample
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 from simulator.fleet import Fleet
+from tests.clirun import as_json, cli
 
 
 class Webhook:
@@ -202,6 +203,10 @@ def test_error_rate_rule_and_time_series_and_retention(hub):
         rows = c.get("/api/v1/metrics/series", deployment="d", step=3600, since=now - 3600, until=now + 1)
         assert sum(r["inferences"] for r in rows) == 2000 and sum(r["errors"] for r in rows) == 200
         assert rows[-1]["p95"] == pytest.approx(2.0)
+    # the CLI shows the same series
+    shown = as_json(cli(hub, "metrics", "series", "--deployment", "d", "--step", "1h", "--since", str(now - 3600),
+                        "--until", str(now + 1), "--json"))
+    assert shown == rows
     # retention folds old raw rows into rollups; totals survive
     folded = hub.hub.monitor.series.downsample(retention_s=0, now=now + 120)
     assert folded == 20
