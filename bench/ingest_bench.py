@@ -3,8 +3,9 @@
 Same broker (mosquitto), same publishers, same messages, one run:
   (a) bare:  a paho subscriber on edgefleet/v1/devices/+/telemetry that only counts;
   (b) hub:   `edgefleet hub serve` (child process) decoding, validating, de-duplicating and writing to SQLite.
-Two shapes: 1 point per batch (message rate) and 100 points per batch (points persisted per second).
-Prints medians over rounds and the hub/bare ratio.  Usage: python bench/ingest_bench.py [--messages 20000]
+Shapes: 1 point per batch (message rate) and 100 (or more) points per batch (points persisted per second).
+Prints medians over rounds and the hub/bare ratio.
+Usage: python bench/ingest_bench.py [--messages 20000] [--rounds 3] [--workers 0,1,3] [--points 1,100,1000]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,7 +40,7 @@ TOKEN = "bench-admin-token-0123456789"
 _KEEP: list[object] = []
 
 
-def publish(port: int, devices: list[str], count: int, points: int, seq0: int, start: mp.Event) -> None:
+def publish(port: int, devices: list[str], count: int, points: int, seq0: int, ready: Any, start: Any) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{devices[0]}-{seq0}", protocol=mqtt.MQTTv5)
     client.max_inflight_messages_set(500)
     client.max_queued_messages_set(0)
@@ -52,6 +54,7 @@ def publish(port: int, devices: list[str], count: int, points: int, seq0: int, s
             TelemetryPoint(ts=now + k * 1e-3, module="m", version=1, inferences=10, errors=0,
                            latency_ms=LatencyMs(p50=1.0, p95=2.0, p99=3.0)) for k in range(points)])
         payloads.append((device_topic(dev, Channel.TELEMETRY), batch.encode()))
+    ready.wait()  # connected and encoded: only publishing is timed
     start.wait()
     infos = [client.publish(t, p, qos=1) for t, p in payloads]
     for info in infos:
@@ -63,16 +66,16 @@ def publish(port: int, devices: list[str], count: int, points: int, seq0: int, s
 def run_publishers(port: int, total: int, points: int, seq0: int) -> tuple[list[mp.Process], float]:
     """Start the publishers; return them and the moment they were released (the clock's start)."""
     ctx = mp.get_context("spawn")
-    start = ctx.Event()
+    ready, start = ctx.Barrier(PUBLISHERS + 1), ctx.Event()
     devs = [f"bench-{i:03d}" for i in range(DEVICES)]
-    procs = [ctx.Process(target=publish, args=(port, devs[i::PUBLISHERS], total // PUBLISHERS, points, seq0, start))
-             for i in range(PUBLISHERS)]
+    procs = [ctx.Process(target=publish, args=(port, devs[i::PUBLISHERS], total // PUBLISHERS, points, seq0, ready,
+                                               start)) for i in range(PUBLISHERS)]
     for p in procs:
         p.start()
-    time.sleep(1.0)  # let the publishers connect and pre-encode before the clock starts
+    ready.wait(300)  # the publishers have connected and pre-encoded (large batches take seconds to encode)
     t0 = time.perf_counter()
     start.set()
-    _KEEP.append(start)  # the children may unpickle it after we return: keep its semaphore alive
+    _KEEP.extend((ready, start))  # the children may still hold them after we return: keep their semaphores alive
     return procs, t0
 
 
@@ -106,20 +109,22 @@ def bare(port: int, total: int, points: int, seq0: int) -> float:
     return got / (last - t0) if got else 0.0
 
 
-def hub_rows(db: Path) -> int:
-    """Rows persisted so far, by any ingest process (rowid only grows on a new row: O(log n) to read)."""
+def hub_batches(db: Path) -> int:
+    """Batches persisted so far, by any ingest process (rowid only grows on a new row: O(log n) to read)."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM telemetry").fetchone()[0]
+        return conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM telemetry_batches").fetchone()[0]
 
 
 def hub_run(db: Path, port: int, total: int, points: int, seq0: int) -> float:
-    base = hub_rows(db)
+    base = hub_batches(db)
     procs, t0 = run_publishers(port, total, points, seq0)
-    target = base + total * points
+    target = base + total  # every batch has points, so each is one new row
     deadline = time.monotonic() + 300
-    while hub_rows(db) < target and time.monotonic() < deadline:
+    while hub_batches(db) < target and time.monotonic() < deadline:
         time.sleep(0.05)
     elapsed = time.perf_counter() - t0
+    if hub_batches(db) < target:
+        raise SystemExit(f"the hub persisted {hub_batches(db) - base} of {total} batches in 300 s")
     for p in procs:
         p.join()
     return total / elapsed
@@ -137,39 +142,50 @@ def start_hub(broker_url: str, data: str, workers: int) -> tuple[subprocess.Pope
     return hub, url
 
 
+def enroll(url: str) -> None:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        tokens = c.post("/api/v1/enrollment-tokens", json={"count": DEVICES}).json()["tokens"]
+        for i, tok in enumerate(tokens):
+            c.post("/api/v1/enroll", json={"token": tok, "device_id": f"bench-{i:03d}"}).raise_for_status()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", default="0", help="comma-separated ingest worker counts to measure, e.g. 0,1,3")
+    ap.add_argument("--points", default="1,100", help="comma-separated points per batch, e.g. 1,100,1000")
     args = ap.parse_args()
     worker_counts = [int(w) for w in args.workers.split(",")]
+    shapes = [int(p) for p in args.points.split(",")]
+
+    def size(points: int) -> int:
+        """Batches per round: ``--messages`` single points, or 25x as many points in larger batches."""
+        return args.messages if points == 1 else max(args.messages * 25 // points, 4 * DEVICES)
     results: dict[tuple[str, int], list[float]] = {}
     seq = 0
-    with LocalBroker(kind="mosquitto") as broker:
-        for workers in worker_counts:
-            with tempfile.TemporaryDirectory() as tmp:
-                hub, url = start_hub(broker.url, tmp, workers)
-                db = Path(tmp) / "hub.db"
+    # Rounds interleave the bare subscriber and each hub configuration, so drift in the machine's load hits all
+    # alike. No hub runs during a bare round: it would consume the same messages and lower the ceiling.
+    with LocalBroker(kind="mosquitto") as broker, tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for points in shapes:
+                results.setdefault(("bare", points), []).append(bare(broker.port, size(points), points, seq))
+                seq += size(points) // DEVICES + 1
+            for workers in worker_counts:
+                data = Path(tmp) / f"hub-{workers}"
+                hub, url = start_hub(broker.url, str(data), workers)
                 try:
-                    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-                        tokens = c.post("/api/v1/enrollment-tokens", json={"count": DEVICES}).json()["tokens"]
-                        for i, tok in enumerate(tokens):
-                            c.post("/api/v1/enroll", json={"token": tok, "device_id": f"bench-{i:03d}"}).raise_for_status()
-                    for points in (1, 100):
-                        n = args.messages if points == 1 else max(args.messages // 10, DEVICES)
-                        for _ in range(args.rounds):
-                            if workers == worker_counts[0]:  # the ceiling, once per shape
-                                results.setdefault(("bare", points), []).append(bare(broker.port, n, points, seq))
-                                seq += n // DEVICES + 1
-                            results.setdefault((f"hub+{workers}", points), []).append(
-                                hub_run(db, broker.port, n, points, seq))
-                            seq += n // DEVICES + 1
+                    if r == 0:
+                        enroll(url)
+                    for points in shapes:
+                        results.setdefault((f"hub+{workers}", points), []).append(
+                            hub_run(data / "hub.db", broker.port, size(points), points, seq))
+                        seq += size(points) // DEVICES + 1
                 finally:
                     hub.send_signal(signal.SIGINT)
                     hub.wait(30)
     print(f"{'ingest':<12} {'points/batch':>12} {'msgs/s':>9} {'vs bare':>8} {'points/s':>10}")
-    for points in (1, 100):
+    for points in shapes:
         b = statistics.median(results[("bare", points)])
         print(f"{'bare':<12} {points:>12} {b:>9.0f} {1:>7.2f}x {b * points:>10.0f}")
         for workers in worker_counts:

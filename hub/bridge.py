@@ -22,7 +22,7 @@ from hub.bundles import bundle_chunks, release_envelope
 from hub.config import HubConfig
 from hub.db import Database, dumps, now
 from hub.errors import NotFound
-from hub.ingest import INGEST_CHANNELS, BatchWriter, data_rows, shared_wildcard, telemetry_rows
+from hub.ingest import INGEST_CHANNELS, BatchWriter, data_rows, shared_wildcard
 from hub.roots_publish import announce, offline_will
 from modules.store import ContentStore
 from protocol.broker_url import parse_broker_url
@@ -212,7 +212,7 @@ class Bridge:
                 tx.execute("UPDATE devices SET facts = ? WHERE id = ?", (dumps(msg.facts), msg.device))
 
     def _on_telemetry(self, msg: TelemetryBatch) -> None:
-        self.writer.telemetry(telemetry_rows(msg))
+        self.writer.telemetry(msg)
 
     def _on_data(self, msg: DataBatch) -> None:
         self.writer.data(data_rows(msg))

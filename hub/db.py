@@ -19,6 +19,8 @@ from typing import Any
 
 import sqlite_utils
 
+from hub import telemetry
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_tokens (
     token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, created_at REAL NOT NULL
@@ -59,13 +61,6 @@ CREATE TABLE IF NOT EXISTS deployments (
     target TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
     active INTEGER NOT NULL DEFAULT 1
 );
--- ts is part of the key so two points of one module in one batch both survive; a replayed batch has the same ts
-CREATE TABLE IF NOT EXISTS telemetry (
-    device TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, module TEXT NOT NULL, version INTEGER NOT NULL,
-    inferences INTEGER NOT NULL, errors INTEGER NOT NULL, p50 REAL, p95 REAL, p99 REAL,
-    PRIMARY KEY (device, seq, module, ts)
-);
-CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts);
 -- every revision of a deployment stays, so a rollout can go back to any of them
 CREATE TABLE IF NOT EXISTS deployment_revisions (
     deployment TEXT NOT NULL, revision INTEGER NOT NULL, module_name TEXT NOT NULL, module_version INTEGER NOT NULL,
@@ -120,6 +115,7 @@ class Database:
         db = self.db()
         db.enable_wal()
         db.conn.executescript(SCHEMA)
+        db.conn.executescript(telemetry.SCHEMA)
         self._add_columns(db)
 
     # columns added after a table first shipped: (table, column, declaration); SQLite has no ADD COLUMN IF NOT EXISTS

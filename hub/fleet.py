@@ -16,6 +16,7 @@ from hub.db import Database, dumps, loads, now
 from hub.director import Director
 from hub.errors import Conflict, Forbidden, Invalid, NotFound
 from hub.keys import KeyRing
+from hub.monitoring.timeseries import device_totals
 from protocol.encoding import ProtocolError
 from protocol.topics import Channel, check_device_id, device_topic
 
@@ -206,21 +207,19 @@ class Fleet:
         return self.db.one("SELECT 1 FROM devices WHERE id = ?", (device_id,)) is not None
 
     def _views(self, where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        totals = {r["device"]: r for r in self.db.query(
-            "SELECT device, sum(inferences) AS inferences, sum(errors) AS errors FROM telemetry"
-            + (" WHERE device = ?" if params else "") + " GROUP BY device", params)}
+        totals = device_totals(self.db, params[0] if params else None)
         out = []
         for row in self.db.query("SELECT * FROM devices" + where + " ORDER BY id", params):
             desired = loads(row["desired"], [])
             reported = loads(row["reported"])
             views = module_views(desired, reported)
-            t = totals.get(row["id"], {})
+            inferences, errors = totals.get(row["id"], (0, 0))
             out.append({
                 "id": row["id"], "online": bool(row["online"]), "state": summarize(desired, views),
                 "labels": loads(row["labels"], {}), "facts": loads(row["facts"], {}), "last_seen": row["last_seen"],
                 "revision": row["revision"], "reported_revision": (reported or {}).get("revision"),
                 "error": (reported or {}).get("error", ""), "modules": views,
-                "inferences": t.get("inferences") or 0, "errors": t.get("errors") or 0,
+                "inferences": inferences, "errors": errors,
             })
         return out
 

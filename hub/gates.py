@@ -7,6 +7,7 @@ from typing import Any
 
 from hub.db import Database
 from hub.fleet import FAILED
+from hub.monitoring.timeseries import SeriesFilter, totals
 from hub.rollout_plan import Gates
 
 BASELINE_WINDOW_S = 3600.0  # the previous version's latency is taken from the hour before the rollout began
@@ -58,16 +59,22 @@ def install_check(gates: Gates, states: dict[str, tuple[str, str]]) -> Check | N
                  rate <= gates.max_install_failure_rate, note)
 
 
+def _mean_p95(db: Database, module: str, version: int, since: float) -> float | None:
+    """Mean of the reported p95s of a module version since ``since`` (one per telemetry point), None without any."""
+    sums = totals(db, SeriesFilter(module=module, version=version), since).values()
+    points = sum(s[0] for s in sums)
+    return sum(s[6] for s in sums) / points if points else None
+
+
 def evaluate(db: Database, gates: Gates, states: dict[str, tuple[str, str]], module: str, version: int,
              since: float, previous_version: int | None, rollout_started: float) -> GateResult:
     """Every configured gate over the moved devices (``states``), telemetry from ``since`` on."""
     result = GateResult()
     if (c := install_check(gates, states)) is not None:
         result.checks.append(c)
-    rows = [r for r in db.query(
-        "SELECT device, sum(inferences) AS n, sum(errors) AS errors, avg(p95) AS p95 FROM telemetry"
-        " WHERE module = ? AND version = ? AND ts >= ? GROUP BY device", (module, version, since))
-        if r["device"] in states]
+    rows = [{"device": device, "n": int(s[1]), "errors": int(s[2]), "p95": s[6] / s[0]}
+            for (_, device), s in totals(db, SeriesFilter(module=module, version=version), since).items()
+            if device in states and s[0] > 0]
     if gates.min_reporting is not None and states:
         share = len(rows) / len(states)
         result.checks.append(Check("min_reporting", share, gates.min_reporting, share >= gates.min_reporting,
@@ -80,8 +87,7 @@ def evaluate(db: Database, gates: Gates, states: dict[str, tuple[str, str]], mod
                                    f"{n} inferences" if n else "no inferences yet"))
     if gates.max_p95_increase is not None:
         new = [r["p95"] for r in rows if r["p95"] is not None]
-        base = db.scalar("SELECT avg(p95) FROM telemetry WHERE module = ? AND version = ? AND ts >= ? AND p95 IS NOT NULL",
-                         (module, previous_version, rollout_started - BASELINE_WINDOW_S)) if previous_version else None
+        base = _mean_p95(db, module, previous_version, rollout_started - BASELINE_WINDOW_S) if previous_version else None
         if new and base:
             increase = sum(new) / len(new) / base - 1.0
             result.checks.append(Check("max_p95_increase", increase, gates.max_p95_increase,

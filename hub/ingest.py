@@ -9,14 +9,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from hub import telemetry as store
 from hub.db import Database, dumps
 from protocol.messages import DataBatch, TelemetryBatch
 from protocol.topics import Channel, device_wildcard
 
 log = logging.getLogger("edgefleet.hub.ingest")
 
-TELEMETRY_SQL = ("INSERT OR IGNORE INTO telemetry (device, seq, ts, module, version, inferences, errors, p50, p95, p99)"
-                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/telemetry.py), not SQL parameters
 DATA_SQL = ("INSERT OR IGNORE INTO data_records (device, seq, idx, ts, module, version, input, output)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _STOP = object()
@@ -31,11 +31,6 @@ def shared_wildcard(channel: Channel) -> str:
     return f"$share/{SHARE_GROUP}/{device_wildcard(channel)}"
 
 
-def telemetry_rows(msg: TelemetryBatch) -> list[tuple[Any, ...]]:
-    return [(msg.device, msg.seq, p.ts, p.module, p.version, p.inferences, p.errors,
-             p.latency_ms.p50, p.latency_ms.p95, p.latency_ms.p99) for p in msg.points]
-
-
 def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
     return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output))
             for i, r in enumerate(msg.records)]
@@ -44,8 +39,9 @@ def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
 class BatchWriter:
     """Collects rows for up to ``flush_s`` or ``batch_rows`` rows, then commits them together.
 
-    ``INSERT OR IGNORE`` on the (device, seq, …) keys drops replays (QoS 1 redelivery,
-    an agent resending its outbox), so ``on_telemetry_rows`` hears only new rows.
+    A telemetry batch is one row (its points packed) plus its rollups. ``INSERT OR IGNORE``
+    on the (device, seq, …) keys drops replays (QoS 1 redelivery, an agent resending its
+    outbox), so ``on_telemetry_rows`` hears only new points.
     """
 
     def __init__(self, db: Database, flush_s: float, batch_rows: int,
@@ -66,8 +62,10 @@ class BatchWriter:
             self._queue.put(_STOP)
             self._thread.join(timeout)
 
-    def telemetry(self, rows: list[tuple[Any, ...]]) -> None:
-        self._put(TELEMETRY_SQL, rows)
+    def telemetry(self, msg: TelemetryBatch) -> None:
+        packed = store.pack(msg)  # here, on the caller's thread: the writer thread only talks to SQLite
+        if packed is not None:
+            self._put(TELEMETRY, [packed])
 
     def data(self, rows: list[tuple[Any, ...]]) -> None:
         self._put(DATA_SQL, rows)
@@ -115,12 +113,10 @@ class BatchWriter:
     def _write(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         try:
             with self.db.transaction() as tx:
-                new_telemetry = 0
                 for sql, rows in batch:
-                    before = tx.conn.total_changes
-                    tx.conn.executemany(sql, rows)
-                    if sql is TELEMETRY_SQL:
-                        new_telemetry += tx.conn.total_changes - before
+                    if sql is not TELEMETRY:
+                        tx.conn.executemany(sql, rows)
+                new_telemetry = store.store(tx.conn, (p for sql, rows in batch if sql is TELEMETRY for p in rows))
             self.on_telemetry_rows(new_telemetry)
         except Exception:  # a failed batch must not end the writer; the rows are lost and said so
             log.exception("could not write a batch of %d row set(s)", len(batch))

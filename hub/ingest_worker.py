@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
 from hub.db import Database
-from hub.ingest import INGEST_CHANNELS, BatchWriter, data_rows, shared_wildcard, telemetry_rows
+from hub.ingest import INGEST_CHANNELS, BatchWriter, data_rows, shared_wildcard
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import ProtocolError
 from protocol.messages import DataBatch, TelemetryBatch, decode
@@ -97,7 +97,7 @@ class IngestWorker:
                 raise ProtocolError(f"message names another device than the topic's {where.device_id!r}")
             if where.channel is Channel.TELEMETRY:
                 assert isinstance(message, TelemetryBatch)
-                self.writer.telemetry(telemetry_rows(message))
+                self.writer.telemetry(message)
             else:
                 assert isinstance(message, DataBatch)
                 self.writer.data(data_rows(message))

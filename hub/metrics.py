@@ -34,7 +34,7 @@ def _bridge(hub: Hub, out: Exposition) -> None:
     online = hub.db.scalar("SELECT count(*) FROM devices WHERE online = 1") or 0
     out.family("edgefleet_hub_devices", "gauge", "Enrolled devices by connection state.",
                [({"state": "online"}, online), ({"state": "offline"}, total - online)])
-    out.family("edgefleet_hub_telemetry_rows_total", "counter", "Telemetry rows stored (replays not counted).",
+    out.family("edgefleet_hub_telemetry_rows_total", "counter", "Telemetry points stored (replays not counted).",
                [({}, bridge.telemetry_rows)])
     out.family("edgefleet_hub_blob_bytes_sent_total", "counter", "Bundle bytes published over MQTT.",
                [({}, bridge.blob_bytes_sent)])

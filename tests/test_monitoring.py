@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 
 from edgefleet.client import HubClient
+from hub import telemetry
 from hub.config import HubConfig
 from hub.monitoring.drift import chi2_sf, compare, flatten_rows, ks_2samp, psi
 from hub.server import HubServer
 from modules.examples import synthetic_inputs, write_logreg_onnx, write_sample
+from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 from simulator.fleet import Fleet
+from tests.clirun import as_json, cli
 
 
 class Webhook:
@@ -188,9 +191,10 @@ def test_error_rate_rule_and_time_series_and_retention(hub):
     with db.transaction() as tx:
         tx.execute("INSERT INTO deployments (name, module_name, module_version, digest, target, priority, created_at) "
                    "VALUES ('d', 'm', 1, ?, '*', 0, ?)", ("0" * 64, now))
-        for i in range(20):  # 20 one-second intervals: 100 inferences, 10 errors each
-            tx.execute("INSERT INTO telemetry (device, seq, ts, module, version, inferences, errors, p50, p95, p99) "
-                       "VALUES ('dev', ?, ?, 'm', 1, 100, 10, 1.0, 2.0, 3.0)", (i, now - 20 + i))
+        # 20 one-second intervals: 100 inferences, 10 errors each
+        telemetry.store(tx.conn, [telemetry.pack(TelemetryBatch(device="dev", seq=i, ts=now - 20 + i, points=[
+            TelemetryPoint(ts=now - 20 + i, module="m", version=1, inferences=100, errors=10,
+                           latency_ms=LatencyMs(p50=1.0, p95=2.0, p99=3.0))])) for i in range(20)])
     with HubClient(hub.url, hub.admin_token) as c:
         c.post("/api/v1/alerts/rules", {"name": "errors", "kind": "error_rate", "deployment": "d",
                                         "threshold": 0.05, "window_s": 60})
@@ -199,10 +203,14 @@ def test_error_rate_rule_and_time_series_and_retention(hub):
         rows = c.get("/api/v1/metrics/series", deployment="d", step=3600, since=now - 3600, until=now + 1)
         assert sum(r["inferences"] for r in rows) == 2000 and sum(r["errors"] for r in rows) == 200
         assert rows[-1]["p95"] == pytest.approx(2.0)
+    # the CLI shows the same series
+    shown = as_json(cli(hub, "metrics", "series", "--deployment", "d", "--step", "1h", "--since", str(now - 3600),
+                        "--until", str(now + 1), "--json"))
+    assert shown == rows
     # retention folds old raw rows into rollups; totals survive
     folded = hub.hub.monitor.series.downsample(retention_s=0, now=now + 120)
     assert folded == 20
-    assert db.scalar("SELECT COUNT(*) FROM telemetry") == 0
+    assert db.scalar("SELECT COUNT(*) FROM telemetry_batches") == 0
     with HubClient(hub.url, hub.admin_token) as c:
         rows = c.get("/api/v1/metrics/series", device="dev", step=3600, since=now - 3600, until=now + 1)
         assert sum(r["inferences"] for r in rows) == 2000

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from hub.db import Database
 from hub.errors import Conflict, Invalid, NotFound
 from hub.monitoring.reports import DriftReports
+from hub.monitoring.timeseries import SeriesFilter, totals
 
 log = logging.getLogger("edgefleet.hub.alerts")
 
@@ -137,9 +138,9 @@ class Alerts:
                 target = self.reports.deployment_target(rule["deployment"])
             except NotFound:
                 return []
-            row = self.db.one("SELECT SUM(inferences) AS n, SUM(errors) AS e FROM telemetry WHERE module = ? AND "
-                              "version = ? AND ts >= ?", (target.module, target.version, now - rule["window_s"]))
-            n, e = (row or {}).get("n") or 0, (row or {}).get("e") or 0
+            sums = totals(self.db, SeriesFilter(module=target.module, version=target.version),
+                          now - rule["window_s"]).values()
+            n, e = int(sum(s[1] for s in sums)), int(sum(s[2] for s in sums))
             rate = e / n if n else 0.0
             if n and rate > rule["threshold"]:
                 return [Breach("error_rate", rate, f"error rate of deployment {rule['deployment']} is "

@@ -13,7 +13,7 @@ from hub.auth import Principal, require
 from hub.context import Hub
 from hub.monitoring import export
 from hub.monitoring.alerts import AlertRule
-from hub.monitoring.timeseries import SeriesFilter
+from hub.monitoring.timeseries import SeriesFilter, recent_points
 from hub.routes import get_hub
 
 router = APIRouter(tags=["monitoring"])
@@ -23,14 +23,7 @@ ops = APIRouter(tags=["ops"])  # served at the root, without authentication
 @router.get("/telemetry", dependencies=[Depends(require("viewer"))])
 def telemetry(device: str | None = None, module: str | None = None, limit: int = Query(default=100, ge=1, le=10_000),
               hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
-    sql, params = "SELECT * FROM telemetry WHERE 1=1", []
-    if device:
-        sql += " AND device = ?"
-        params.append(device)
-    if module:
-        sql += " AND module = ?"
-        params.append(module)
-    return hub.db.query(sql + " ORDER BY ts DESC, seq DESC LIMIT ?", [*params, limit])
+    return recent_points(hub.db, SeriesFilter(device=device or None, module=module or None), limit)
 
 
 @router.get("/fleet/summary", dependencies=[Depends(require("viewer"))])
