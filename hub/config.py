@@ -41,6 +41,7 @@ class HubConfig:
     endpoint_url_host: str | None = None  # the host name put in endpoint URLs (default: endpoint_host)
     endpoint_threads: int = 1  # onnxruntime intra-op threads per endpoint worker process
     endpoint_queue_timeout_s: float = 30.0  # how long a request may wait for a live worker before a 503
+    endpoint_telemetry_s: float = 5.0  # how often each endpoint writes its counts and latency to the telemetry store
     rollout_tick_s: float = 0.5  # how often the rollout controller re-reads rollouts and checks gates
     isolate: bool = False  # generate a per-device password file and ACL in DATA/broker (hub/broker_auth.py)
     broker_pid: int | None = None  # isolate: the mosquitto to SIGHUP after each change (None: an external broker)

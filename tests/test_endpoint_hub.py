@@ -43,7 +43,8 @@ def run(inputs):
 def server(broker, tmp_path_factory):
     data = tmp_path_factory.mktemp("hub")
     s = HubServer(HubConfig(data, broker.url, admin_token=secrets.token_urlsafe(16),
-                            mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=30)).start()
+                            mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=30,
+                            endpoint_telemetry_s=0.5)).start()
     yield s
     s.stop()
 
@@ -320,6 +321,16 @@ def test_model_exception_is_a_500_with_request_id_and_the_worker_keeps_serving(a
     series = f'endpoint="broken",version="{label}"'
     assert f'edgefleet_hub_endpoint_latency_ms_count{{{series}}} 1' in text
     assert f'edgefleet_hub_endpoint_latency_ms_bucket{{{series},le="+Inf"}} 1' in text
+
+    # and the time series: two inferences (the 500 is an error), as the endpoint's pseudo-device and per version
+    def totals(**params: Any) -> tuple[int, int]:
+        rows = admin.get("/api/v1/metrics/series", params={"step": 3600, "since": time.time() - 3600, **params}).json()
+        return sum(r["inferences"] for r in rows), sum(r["errors"] for r in rows)
+
+    wait_for(lambda: totals(endpoint="broken") == (2, 1), what="endpoint telemetry in the series")
+    name, version = label.split(":")
+    assert totals(module=name, version=int(version)) == (2, 1)
+    assert admin.get("/api/v1/metrics/series", params={"endpoint": "broken", "device": "x"}).status_code == 422
     admin.delete("/api/v1/endpoints/broken")
 
 

@@ -21,6 +21,7 @@ data_app = typer.Typer(help="Collected inputs and predictions.", no_args_is_help
 def metrics_series(
     device: str | None = typer.Option(None, "--device"),
     deployment: str | None = typer.Option(None, "--deployment"),
+    endpoint: str | None = typer.Option(None, "--endpoint", help="A web endpoint's traffic (cloud)."),
     module: str | None = typer.Option(None, "--module", help="MODULE or MODULE:VERSION"),
     step: str = typer.Option("1m", "--step", help="Bucket size, e.g. 10s, 1m, 1h."),
     since: str = typer.Option("1h", "--since", help="Unix time, ISO 8601, or an age like 1h."),
@@ -30,7 +31,7 @@ def metrics_series(
     """Inferences, errors, error rate and latency percentiles per time bucket."""
     name, _, version = (module or "").partition(":")
     with client() as c:
-        rows = call(lambda: c.get("/api/v1/metrics/series", device=device, deployment=deployment,
+        rows = call(lambda: c.get("/api/v1/metrics/series", device=device, deployment=deployment, endpoint=endpoint,
                                   module=name or None, version=int(version) if version else None,
                                   step=parse_duration(step), since=parse_time(since), until=parse_time(until)))
     emit(rows, as_json, ["t", "devices", "inferences", "errors", "error_rate", "p50", "p95", "p99"])

@@ -31,6 +31,7 @@ from typing import Any
 from hub.endpoints.codec import JSON, NPY, dumps, loads
 from hub.endpoints.httpserver import HttpProtocol, Request
 from hub.endpoints.pool import Pool, PoolError, Response, Settings
+from hub.endpoints.telemetry import EndpointTelemetry
 from hub.endpoints.worker import read_manifest
 from hub.prom import LatencyHistogram
 from modules.bundle import FILES_DIR, verify_pulled
@@ -89,6 +90,8 @@ class Gateway:
         self.settings = Settings()
         self.counts: dict[int, int] = {}
         self.latency: dict[str, LatencyHistogram] = {}  # per version label, for the hub's /metrics
+        self.telemetry: EndpointTelemetry | None = None  # under the hub: counts into its telemetry store
+        self._telemetry_task: asyncio.Task[None] | None = None
         self.mirrored = 0
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
@@ -110,6 +113,17 @@ class Gateway:
             self._server.close()
         await asyncio.gather(*(p.drain_and_stop(10) for p in self.pools.values()))
         self.pools.clear()
+        if self._telemetry_task is not None:
+            self._telemetry_task.cancel()
+        if self.telemetry is not None:  # the last interval too
+            await asyncio.to_thread(self.telemetry.flush)
+            self.telemetry.close()
+
+    async def _report(self, interval_s: float) -> None:
+        assert self.telemetry is not None
+        while True:
+            await asyncio.sleep(interval_s)
+            await asyncio.to_thread(self.telemetry.flush)
 
     async def apply(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Move to ``spec``: start and health-check new versions first, then switch traffic, then drain the rest."""
@@ -133,6 +147,9 @@ class Gateway:
             pools = {v.label: new.get(v.label) or self.pools[v.label] for v in versions}
             # the switch: one synchronous step on the event loop, so every request sees the old or the new set
             self.pools, self.versions, self.keys, self.settings = pools, versions, keys, settings
+            if settings.collect_db and self.telemetry is None:
+                self.telemetry = EndpointTelemetry(self.name, settings.collect_db)
+                self._telemetry_task = asyncio.create_task(self._report(float(spec.get("telemetry_interval_s", 5.0))))
             self._current = {v.label: 0.0 for v in versions}
             self._mirror_credit = {v.label: 0.0 for v in versions}
             for pool in pools.values():
@@ -211,20 +228,34 @@ class Gateway:
                 if self._mirror_credit[v.label] >= 1:
                     self._mirror_credit[v.label] -= 1
                     self.mirrored += 1
-                    self.pools[v.label].submit(item)
+                    self._observe(v.label, self.pools[v.label].submit(item))  # the candidate's own telemetry
         fut = self.pools[label].submit(item)
         out: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
+        self._observe(label, fut, started)
 
         def done(f: asyncio.Future[Response]) -> None:
             status, body, ct, extra = f.result()
             self.counts[status] = self.counts.get(status, 0) + 1
-            if status == 200:
-                self.latency.setdefault(label, LatencyHistogram()).observe((time.perf_counter() - started) * 1000.0)
             out.set_result((status, body, ct, (*extra, ("x-request-id", request_id), ("x-edgefleet-version", label))))
 
         fut.add_done_callback(done)
         return out
+
+    def _observe(self, label: str, fut: asyncio.Future[Response], started: float | None = None) -> None:
+        """Latency into the /metrics histogram (successes) and the telemetry window, when ``fut`` completes."""
+        t0 = time.perf_counter() if started is None else started
+
+        def done(f: asyncio.Future[Response]) -> None:
+            if f.cancelled():
+                return
+            status, ms = f.result()[0], (time.perf_counter() - t0) * 1000.0
+            if status == 200:
+                self.latency.setdefault(label, LatencyHistogram()).observe(ms)
+            if self.telemetry is not None:
+                self.telemetry.record(label, status, ms)
+
+        fut.add_done_callback(done)
 
     # --- description, status, control ------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from hub import metrics
 from hub.auth import Principal, require
 from hub.context import Hub
+from hub.errors import Invalid
 from hub.monitoring import export
 from hub.monitoring.alerts import AlertRule
 from hub.monitoring.timeseries import SeriesFilter, recent_points
@@ -46,11 +47,16 @@ def prometheus(request: Request, hub: Hub = Depends(get_hub)) -> PlainTextRespon
 
 
 @router.get("/metrics/series", dependencies=[Depends(require("viewer"))])
-def metrics_series(device: str | None = None, deployment: str | None = None, module: str | None = None,
-                   version: int | None = None, step: float = Query(default=60.0, gt=0),
+def metrics_series(device: str | None = None, deployment: str | None = None, endpoint: str | None = None,
+                   module: str | None = None, version: int | None = None, step: float = Query(default=60.0, gt=0),
                    since: float | None = None, until: float | None = None,
                    hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
-    """Counts, error rate and latency percentiles per ``step`` seconds, for a device, deployment or module version."""
+    """Counts, error rate and latency percentiles per ``step`` seconds, for a device, deployment, web endpoint
+    or module version (devices and endpoints together unless one is named)."""
+    if endpoint:
+        if device:
+            raise Invalid("give a device or an endpoint, not both")
+        device = f"endpoint:{endpoint}"  # endpoints report as this pseudo-device (hub/endpoints/telemetry.py)
     if deployment:
         target = hub.monitor.reports.deployment_target(deployment)
         module, version = target.module, target.version
