@@ -9,6 +9,8 @@ An asyncio Protocol with keep-alive and pipelining, no framework: the device pay
 and a request costs little more than the inference itself (see bench/agent_bench.py). A bad
 request gets 400/411/413/431 with the reason, counted in ``rejected["local_api"]``, and the connection closes. The body goes to the
 module's worker as it came (Agent.infer_json): the agent neither parses the inputs nor builds arrays.
+The parsing and the answers are ``modules.httpwire``'s, shared with each worker's direct socket
+(``DATA/run/<module>.sock``, ``agent/worker.py``), which serves the predict route without this loop.
 """
 
 from __future__ import annotations
