@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import platform
@@ -75,6 +76,7 @@ log = logging.getLogger("edgefleet.agent")
 
 AGENT_VERSION = "0.1.0"
 STATE_FILE = "state.json"
+RUN_DIR = "run"  # each module's direct socket, <module>.sock, served by its worker (process isolation)
 RETRY_AFTER_ERROR = 30.0
 MAX_PENDING_ROOTS = 64  # root versions held while waiting for the one before them
 _PROC = psutil.Process()
@@ -243,6 +245,8 @@ class Agent:
         """Recover interrupted installs, connect, and serve until :meth:`stop`."""
         self._running = True
         try:
+            if self.isolation == "process":
+                self._clear_run_dir()
             await self.installer.recover()
             for name in self.installer.installed_names():
                 await self._activate(name)
@@ -269,6 +273,13 @@ class Agent:
         self._stopping.set()
         if self._running:
             await self._stopped.wait()
+
+    def _clear_run_dir(self) -> None:
+        """Sockets a killed agent's workers left behind: nobody answers on them; the workers started now bind afresh."""
+        run = self.data_dir / RUN_DIR
+        run.mkdir(mode=0o750, exist_ok=True)
+        for stale in run.glob("*.sock"):
+            stale.unlink(missing_ok=True)
 
     def _spawn(self, *coros: Any) -> None:
         for coro in coros:
@@ -492,7 +503,7 @@ class Agent:
                 if m.name not in self.active or self.active[m.name].bundle != m.bundle:
                     await self._activate(m.name)
                 if m.name in self.active:
-                    self.active[m.name].collect_rate_ppm = m.collect_rate_ppm
+                    self._set_collect_rate(self.active[m.name], m.collect_rate_ppm)
                 continue
             entry = self.installer.journal.get(m.name)
             if entry is not None and entry.bundle == m.bundle and entry.state in ("rolled_back", "failed"):
@@ -599,11 +610,17 @@ class Agent:
         """Load the active version of ``name`` and start serving it (replacing an older one)."""
         try:
             inst: Installed = await asyncio.to_thread(self.installer.load_installed, name)
+            ppm = inst.manifest.collect_rate_ppm
+            if self.desired is not None:
+                ppm = next((m.collect_rate_ppm for m in self.desired.modules if m.name == name), ppm)
             runner: Runner | ModuleWorker
             if self.isolation == "process":
+                # Only a committed version gets here: its worker takes the direct socket over (rename) on start.
                 runner = ModuleWorker(name, inst.files, inst.manifest, limits=self.module_limits,
                                       start_timeout=self.health_timeout,
-                                      on_crash_loop=lambda reason: self._spawn(self._crash_loop(name, inst.bundle, reason)))
+                                      on_crash_loop=lambda reason: self._spawn(self._crash_loop(name, inst.bundle, reason)),
+                                      socket_path=self.data_dir / RUN_DIR / f"{name}.sock", collect_rate_ppm=ppm,
+                                      push_every=min(1.0, self.telemetry_interval))
                 await runner.start(warm=self._warm.pop(inst.bundle, None))
             else:
                 runner = await asyncio.to_thread(self.installer.runner_for, inst)
@@ -613,10 +630,9 @@ class Agent:
             return
         self._load_errors.pop(name, None)
         self._deactivate(name)
-        ppm = inst.manifest.collect_rate_ppm
-        if self.desired is not None:
-            ppm = next((m.collect_rate_ppm for m in self.desired.modules if m.name == name), ppm)
         active = ActiveModule(name, inst.bundle, inst.manifest.version, runner, ppm)
+        if isinstance(runner, ModuleWorker):
+            runner.on_stats = functools.partial(self._direct_stats, active)
         if self.workload is not None and self.workload.rate > 0 and runner.inputs:
             active.task = asyncio.create_task(self._workload_loop(active))
         self.active[name] = active
@@ -737,6 +753,26 @@ class Agent:
         if out is not None and self._sampled(active):  # parsed again only when sampled
             doc = json.loads(body)
             self._collect(active, doc.get("inputs") if isinstance(doc, dict) else doc, json.loads(out))
+
+    def _direct_stats(self, active: ActiveModule, header: dict[str, Any], blob: bytes) -> None:
+        """A worker's report of the inferences it answered on its direct socket: counted and sampled as ours are."""
+        count, errors = int(header.get("count", 0)), int(header.get("errors", 0))
+        self.inferences += count
+        active.stats.add(count, errors, float(header.get("latency_ms_sum", 0.0)),
+                         [float(v) for v in header.get("latencies_ms", [])])
+        if header.get("rejected"):
+            self.rejected["direct_api"] += int(header["rejected"])
+        if header.get("samples_dropped"):
+            log.warning("%s: module %s dropped %d samples (over its pending bound)", self.device_id, active.name,
+                        header["samples_dropped"])
+        for record in json.loads(blob) if blob else []:  # already sampled by the worker at the module's rate
+            self._collect(active, record.get("input"), record.get("output"))
+
+    @staticmethod
+    def _set_collect_rate(active: ActiveModule, ppm: int) -> None:
+        active.collect_rate_ppm = ppm
+        if isinstance(active.runner, ModuleWorker):
+            active.runner.set_collect_rate(ppm)
 
     def _sampled(self, active: ActiveModule) -> bool:
         return bool(active.collect_rate_ppm) and self._rng.random() * 1_000_000 < active.collect_rate_ppm

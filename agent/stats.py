@@ -40,6 +40,15 @@ class ModuleStats:
         if len(self.latencies_ms) < 100_000:  # bounded even at absurd rates
             self.latencies_ms.append(latency_ms)
 
+    def add(self, count: int, errors: int, latency_ms_sum: float, latencies_ms: list[float]) -> None:
+        """Inferences counted elsewhere (a worker's direct socket), as :meth:`record` would have counted them."""
+        self.inferences += count
+        self.total += count
+        self.errors += errors
+        self.errors_total += errors
+        self.latency_ms_sum += latency_ms_sum
+        self.latencies_ms.extend(latencies_ms[:max(0, 100_000 - len(self.latencies_ms))])
+
     def take(self) -> tuple[int, int, LatencyMs]:
         """Return and reset this interval's counts and latency percentiles."""
         n, errors, lat = self.inferences, self.errors, self.latencies_ms

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.worker import pack, take_frame
-from modules.errors import BodyError, InputError, ModelError
+from modules.errors import ModelError, from_kind
 from protocol.manifest import Manifest, TensorSpec
 from protocol.schema import validate
 
@@ -48,14 +48,14 @@ class WorkerCrashed(ModelError):
 
 Frame = tuple[dict[str, Any], "Batch", bytes]
 Done = Callable[[Frame | None, BaseException | None], None]
+OnPush = Callable[[dict[str, Any], bytes], None]  # a worker's unasked frame (``{"push": "stats"}``): header, blob
 
 
 def answer_error(answer: dict[str, Any]) -> Exception | None:
     """The request's failure a worker reported (it lives on), as the agent raises it; None if it succeeded."""
     if answer.get("ok"):
         return None
-    error, kind = str(answer.get("error", "worker error")), answer.get("kind")
-    return BodyError(error) if kind == "body" else InputError(error) if kind == "input" else ModelError(error)
+    return from_kind(str(answer.get("kind")), str(answer.get("error", "worker error")))
 
 
 class _Channel(asyncio.Protocol):
@@ -65,9 +65,9 @@ class _Channel(asyncio.Protocol):
     callback that read it, so the local API can reply without a task switch (``WorkerProcess.call``).
     """
 
-    def __init__(self, on_timeout: Callable[[], None]) -> None:
+    def __init__(self, on_timeout: Callable[[], None], on_push: OnPush | None = None) -> None:
         self.transport: asyncio.Transport | None = None
-        self.on_timeout = on_timeout
+        self.on_timeout, self.on_push = on_timeout, on_push
         self._queue: deque[tuple[bytes, Done, float | None]] = deque()
         self._inflight: tuple[Done, asyncio.TimerHandle | None] | None = None
         self._buf = bytearray()
@@ -112,12 +112,23 @@ class _Channel(asyncio.Protocol):
         self._buf += data
         try:
             while (frame := take_frame(self._buf)) is not None:
+                if frame[0].get("push"):
+                    self._pushed(frame)
+                    continue
                 self._finish(frame, None)
                 self._next()
         except (ValueError, KeyError) as exc:  # not our framing: the request fails, the worker is killed
             self._finish(None, exc)
             if self.transport is not None:
                 self.transport.abort()
+
+    def _pushed(self, frame: Frame) -> None:
+        if self.on_push is None:
+            return  # a worker nobody listens to yet (a health check's): it has nothing to report
+        try:
+            self.on_push(frame[0], frame[2])
+        except Exception:  # a report the agent cannot take must not look like a broken worker
+            log.exception("handling a worker's %s report failed", frame[0].get("push"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -137,6 +148,16 @@ class WorkerProcess:
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
         self._channel = _Channel(self._kill_now)
+        self.direct_path: Path | None = None  # the socket file this worker listens on, and its inode
+        self.direct_ino: int | None = None
+
+    @property
+    def on_push(self) -> OnPush | None:
+        return self._channel.on_push
+
+    @on_push.setter
+    def on_push(self, handler: OnPush | None) -> None:
+        self._channel.on_push = handler
 
     @property
     def pid(self) -> int | None:
@@ -219,16 +240,33 @@ class WorkerProcess:
         if self.proc is not None:
             await self.proc.wait()
 
+    async def listen(self, path: Path, name: str, version: int, ppm: int, push_every: float, timeout: float) -> None:
+        """Have the worker serve ``path`` (bound aside, then renamed over the old file: atomic for clients)."""
+        header, _, _ = await self.request({"op": "listen", "path": str(path), "name": name, "version": version,
+                                           "ppm": ppm, "push_every": push_every}, timeout=timeout)
+        self.direct_path, self.direct_ino = path, int(header["ino"])
+
     async def stop(self, grace: float = 2.0) -> None:
-        """Close the socket (the worker exits on EOF); kill it if it does not."""
+        """Drain the direct socket (its last stats come first), close ours (the worker exits on EOF); kill if it does not."""
+        if self.direct_ino is not None and self.alive:
+            with contextlib.suppress(Exception):  # a worker that cannot drain is killed below
+                await self.request({"op": "drain"}, timeout=grace)
         if self._channel.transport is not None:
             self._channel.transport.close()
-        if self.proc is None or self.proc.returncode is not None:
-            return
         try:
-            await asyncio.wait_for(self.proc.wait(), grace)
+            if self.proc is not None and self.proc.returncode is None:
+                await asyncio.wait_for(self.proc.wait(), grace)
         except TimeoutError:
             await self.kill()
+        finally:
+            self.unlink_direct()
+
+    def unlink_direct(self) -> None:
+        """Remove the socket file if it is still this worker's (one that died cannot do it itself)."""
+        if self.direct_path is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(self.direct_path).st_ino == self.direct_ino:
+                    os.unlink(self.direct_path)
 
 
 async def health_check_in_worker(name: str, files: Path, manifest: Manifest, timeout: float,
@@ -257,8 +295,12 @@ class ModuleWorker:
 
     def __init__(self, name: str, files: Path, manifest: Manifest, *, limits: dict[str, Any] | None = None,
                  start_timeout: float = 60.0, request_timeout: float = 30.0, on_crash_loop: CrashLoopHook | None = None,
-                 backoff_base: float = 0.5, backoff_cap: float = 30.0) -> None:
+                 backoff_base: float = 0.5, backoff_cap: float = 30.0, socket_path: Path | None = None,
+                 collect_rate_ppm: int = 0, push_every: float = 1.0) -> None:
         self.name, self.files, self.manifest, self.limits = name, files, manifest, limits
+        # The direct socket each worker of this version serves once started (None: only the agent's API).
+        self.socket_path, self.collect_rate_ppm, self.push_every = socket_path, collect_rate_ppm, push_every
+        self.on_stats: OnPush | None = None  # the direct socket's pushed stats, for the agent's telemetry
         self.start_timeout, self.request_timeout = start_timeout, request_timeout
         self.on_crash_loop = on_crash_loop
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
@@ -279,6 +321,7 @@ class ModuleWorker:
     async def start(self, warm: WorkerProcess | None = None) -> None:
         """Start serving (with an already health-checked worker if given); waits for the first start."""
         if warm is not None and warm.alive:
+            await self._listen(warm)
             self._use(warm)
         else:
             await self._spawn()
@@ -298,7 +341,31 @@ class ModuleWorker:
         except BaseException:
             await worker.kill()
             raise
+        await self._listen(worker)
         self._use(worker)
+
+    async def _listen(self, worker: WorkerProcess) -> None:
+        """Point the direct socket at ``worker``; if it cannot listen, the module still serves through the agent."""
+        worker.on_push = self._pushed
+        if self.socket_path is None:
+            return
+        try:
+            await worker.listen(self.socket_path, self.name, self.manifest.version, self.collect_rate_ppm,
+                                self.push_every, self.start_timeout)
+        except Exception as exc:
+            log.error("module %s: direct socket %s not served: %s", self.name, self.socket_path, exc)
+
+    def _pushed(self, header: dict[str, Any], blob: bytes) -> None:
+        if self.on_stats is not None:
+            self.on_stats(header, blob)
+
+    def set_collect_rate(self, ppm: int) -> None:
+        """The data-collection rate for the direct socket's inferences (the agent samples its own)."""
+        if ppm == self.collect_rate_ppm:
+            return
+        self.collect_rate_ppm = ppm
+        if self._worker is not None and self._worker.alive and self._worker.direct_ino is not None:
+            self._worker.call({"op": "collect", "ppm": ppm}, lambda frame, exc: None, timeout=self.request_timeout)
 
     async def _watch(self) -> None:
         """Wait for the worker to die; restart it with backoff, or declare a crash loop."""

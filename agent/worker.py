@@ -8,31 +8,47 @@ travel as raw buffers, never pickled, so a misbehaving module cannot make the ag
 
 Requests: ``load`` (first; ``files``, ``manifest``, ``limits``), ``predict_json`` (blob: a JSON
 body ``{"inputs": {...}}``; answer blob: the outputs object as JSON), ``predict`` (arrays in and
-out), ``health`` (run the bundle's sample). Answers: ``{"ok": true, ...}`` or ``{"ok": false,
-"kind": "body"|"input"|"model", "error": text}``. The worker exits on stdin EOF, and on Linux also
+out), ``health`` (run the bundle's sample), ``listen`` (the version is committed: serve the
+module's direct socket, :class:`DirectSocket`), ``collect`` (its sampling rate), ``drain`` (stop
+listening before the agent closes). Answers: ``{"ok": true, ...}`` or ``{"ok": false,
+"kind": "body"|"input"|"model", "error": text}``. Unasked, the worker sends ``{"push": "stats"}``
+frames: the direct socket's inferences, for the agent's telemetry. The worker exits on stdin EOF, and on Linux also
 when the agent dies (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan.
 
-The agent imports this file for the framing: nothing here loads NumPy at import time, and a frame
+One single-threaded selector loop serves both the agent's socket and the direct socket's clients,
+one request at a time. The agent imports this file for the framing: nothing here loads NumPy at import time, and a frame
 with no arrays (the agent's ``predict_json``) is packed and unpacked without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import random
 import resource
+import selectors
 import signal
+import socket
 import struct
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+
+from modules.errors import failure, from_kind
+from modules.httpwire import Answer, BadRequest, RequestReader, encode_answer, json_answer, predict_target, predicted
 
 if TYPE_CHECKING:
     from modules.runners import Batch
 
 _LEN = struct.Struct(">I")
 MAX_HEADER = 16 * 2**20
+PUSH_EVERY = 1.0  # seconds at most between a direct-socket inference and its stats reaching the agent
+MAX_PENDING_LATENCIES = 100_000
+MAX_PENDING_SAMPLES = 1000
 
 
 def pack(header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"") -> bytes:
@@ -97,24 +113,6 @@ def _arrays(descs: list[dict[str, Any]], body: bytes) -> Batch:
     return out
 
 
-def _read_exact(f: BinaryIO, n: int) -> bytes | None:
-    data = f.read(n)
-    return data if data is not None and len(data) == n else None
-
-
-def _read_frame(f: BinaryIO) -> tuple[dict[str, Any], Batch, bytes] | None:
-    raw = _read_exact(f, _LEN.size)
-    if raw is None:
-        return None
-    (n,) = _LEN.unpack(raw)
-    head = _read_exact(f, n) if n <= MAX_HEADER else None
-    if head is None:
-        return None
-    header = parse_header(head)
-    body = _read_exact(f, body_size(header)) if body_size(header) else b""
-    return (header, *unpack_body(header, body)) if body is not None else None
-
-
 def apply_limits(limits: dict[str, Any]) -> None:
     """Address-space and CPU-time caps for this process, where the OS supports them."""
     mem_mb, cpu_s = int(limits.get("memory_mb") or 0), int(limits.get("cpu_seconds") or 0)
@@ -132,50 +130,298 @@ def _die_with_parent() -> None:
             pass  # best effort: stdin EOF still ends the worker
 
 
-def serve(inp: BinaryIO, out: BinaryIO) -> None:
-    """The worker loop; returns on EOF."""
-    from modules.runners import BodyError, InputError, health_check, load_runner, load_sample, predict_json
-    from protocol.manifest import Manifest
-    from protocol.schema import validate
+class DirectSocket:
+    """The module's own predict route on a Unix socket (``DATA/run/<module>.sock``), answered in this process.
 
-    runner: Any = None
-    files = Path(".")
-    manifest: Manifest | None = None
+    HTTP/1.1 keep-alive with the agent's parsing and answers (``modules.httpwire``), so an application
+    gets the same outputs, status codes and messages as from the agent's TCP API, without the agent's
+    loop on the path. Inferences are counted, timed and sampled here and pushed to the agent as a
+    ``stats`` frame at most every ``push_every`` seconds (and on drain), so telemetry counts them once.
+    """
 
-    def reply(header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"") -> None:
-        out.write(pack(header, arrays, blob))
-        out.flush()
+    def __init__(self, sel: selectors.BaseSelector, predict: Callable[[bytes], bytes], header: dict[str, Any]) -> None:
+        self.sel, self.predict = sel, predict
+        self.path = Path(header["path"])
+        self.name, self.version = str(header["name"]), int(header["version"])
+        self.ppm, self.push_every = int(header.get("ppm", 0)), float(header.get("push_every", PUSH_EVERY))
+        self._rng = random.Random()
+        # Bound under a temporary name, then renamed over the old one: a client connecting by the name
+        # reaches the previous worker or this one, never a missing file.
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(tmp))
+            os.chmod(tmp, 0o660)
+            sock.listen(64)
+            sock.setblocking(False)
+            os.rename(tmp, self.path)
+            self.ino = os.stat(self.path).st_ino
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self.sock = sock
+        self.clients: dict[socket.socket, _Client] = {}
+        sel.register(sock, selectors.EVENT_READ, self._accept)
+        self._reset()
 
-    while (frame := _read_frame(inp)) is not None:
-        header, arrays, blob = frame
+    def _reset(self) -> None:
+        self.count = self.errors = self.rejected = self.dropped = 0
+        self.latency_sum = 0.0
+        self.latencies: list[float] = []
+        self.samples: list[dict[str, Any]] = []
+        self.due: float | None = None  # when the pending stats go to the agent
+
+    def close(self) -> None:
+        """Stop listening, drop the clients, and remove the socket file if it is still this worker's."""
+        self.sel.unregister(self.sock)
+        self.sock.close()
+        for client in list(self.clients.values()):
+            self._drop(client)
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.ino:  # not when a newer worker has renamed its own over it
+                os.unlink(self.path)
+
+    # --- stats -------------------------------------------------------------------------------
+
+    def push_in(self) -> float | None:
+        return None if self.due is None else max(0.0, self.due - time.monotonic())
+
+    def take_stats(self) -> tuple[dict[str, Any], bytes] | None:
+        """The pending stats as a push frame's header and blob (the sampled records as JSON); None if none."""
+        if not (self.count or self.rejected):
+            return None
+        header = {"push": "stats", "count": self.count, "errors": self.errors, "rejected": self.rejected,
+                  "latency_ms_sum": self.latency_sum, "latencies_ms": [round(v, 4) for v in self.latencies],
+                  "samples_dropped": self.dropped}
+        blob = json.dumps(self.samples).encode() if self.samples else b""
+        self._reset()
+        return header, blob
+
+    def _arm(self) -> None:
+        if self.due is None:
+            self.due = time.monotonic() + self.push_every
+
+    def _record(self, t0: float, ok: bool) -> None:
+        ms = (time.perf_counter() - t0) * 1000.0
+        self.count += 1
+        self.errors += 0 if ok else 1
+        self.latency_sum += ms
+        if len(self.latencies) < MAX_PENDING_LATENCIES:
+            self.latencies.append(ms)
+        self._arm()
+
+    def _sample(self, body: bytes, out: bytes) -> None:
+        if len(self.samples) >= MAX_PENDING_SAMPLES:
+            self.dropped += 1
+            return
+        doc = json.loads(body)  # parsed again only when sampled, as the agent does
+        self.samples.append({"input": doc.get("inputs") if isinstance(doc, dict) else doc, "output": json.loads(out)})
+
+    # --- HTTP --------------------------------------------------------------------------------
+
+    def answer(self, method: str, path: str, body: bytes) -> Answer:
+        """The agent's predict route for this one module (``agent.localapi.LocalApi.route``)."""
+        name = predict_target(path)
+        if name is None:
+            return json_answer(404, {"detail": f"no route {method} {path.split('?', 1)[0]}"})
+        if method != "POST":
+            return json_answer(405, {"detail": "use POST"})
+        if name != self.name:
+            return json_answer(404, {"detail": f"module {name!r} is not running here", "modules": [self.name]})
+        t0 = time.perf_counter()
+        try:
+            out = self.predict(body)
+        except Exception as exc:
+            kind, text = failure(exc)
+            if kind == "model":  # a body or inputs refused before the model are not inferences
+                self._record(t0, False)
+            return predicted(self.name, self.version, None, from_kind(kind, text))
+        self._record(t0, True)
+        if self.ppm and self._rng.random() * 1_000_000 < self.ppm:
+            self._sample(body, out)
+        return predicted(self.name, self.version, out, None)
+
+    def _accept(self, sock: Any, events: int) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return  # the client gave up before we took it
+        conn.setblocking(False)
+        self.clients[conn] = _Client(conn)
+        self.sel.register(conn, selectors.EVENT_READ, self._event)
+
+    def _event(self, conn: Any, events: int) -> None:
+        client = self.clients.get(conn)
+        if client is None:
+            return
+        if events & selectors.EVENT_WRITE:
+            self._write(client, b"")
+        else:
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(client)
+                return
+            client.reader.buf += data
+        self._serve(client)
+
+    def _serve(self, client: _Client) -> None:
+        """Answer the requests in the client's buffer in order, while its answers are being taken."""
+        while not client.out and not client.closing and client.sock.fileno() >= 0:
+            try:
+                request = client.reader.take()
+            except BadRequest as exc:
+                self.rejected += 1
+                self._arm()
+                client.closing = True
+                self._write(client, encode_answer(json_answer(exc.status, {"detail": str(exc)}), False))
+                break
+            if request is None:
+                break
+            method, path, keep, body = request
+            client.closing = not keep
+            self._write(client, encode_answer(self.answer(method, path, body), keep))
+        if client.closing and not client.out:
+            self._drop(client)
+
+    def _write(self, client: _Client, data: bytes) -> None:
+        """Send what the socket takes; the rest waits for it to be writable (and the client's next requests with it)."""
+        data = bytes(client.out) + data if client.out else data
+        try:
+            sent = client.sock.send(data) if data else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._drop(client)
+            return
+        was_waiting = bool(client.out)
+        client.out = data[sent:]
+        if client.out and not was_waiting:
+            self.sel.modify(client.sock, selectors.EVENT_WRITE, self._event)  # a client not reading: stop reading it
+        elif not client.out and was_waiting:
+            self.sel.modify(client.sock, selectors.EVENT_READ, self._event)
+
+    def _drop(self, client: _Client) -> None:
+        if self.clients.pop(client.sock, None) is not None:
+            self.sel.unregister(client.sock)
+            client.sock.close()
+
+
+class _Client:
+    __slots__ = ("sock", "reader", "out", "closing")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = RequestReader()
+        self.out = b""
+        self.closing = False  # answer what is due, then close
+
+
+class Worker:
+    """The worker's loop: the agent's frames on ``inp``, and the module's direct socket once the agent says ``listen``."""
+
+    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
+        from modules import runners  # NumPy: only the worker process pays for it
+
+        self.runners = runners
+        self.inp, self.out = inp.fileno(), out
+        self.sel = selectors.DefaultSelector()
+        self.runner: Any = None
+        self.files = Path(".")
+        self.manifest: Any = None
+        self.direct: DirectSocket | None = None
+        self._buf = bytearray()
+        self._open = True
+
+    def run(self) -> None:
+        self.sel.register(self.inp, selectors.EVENT_READ, self._from_agent)
+        try:
+            while self._open:
+                for key, events in self.sel.select(self.direct.push_in() if self.direct is not None else None):
+                    key.data(key.fileobj, events)
+                    if not self._open:
+                        break
+                if self.direct is not None and self.direct.due is not None and time.monotonic() >= self.direct.due:
+                    self.push()
+        finally:
+            if self.direct is not None:
+                self.direct.close()
+
+    def reply(self, header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"") -> None:
+        self.out.write(pack(header, arrays, blob))
+        self.out.flush()
+
+    def push(self) -> None:
+        stats = self.direct.take_stats() if self.direct is not None else None
+        if stats is not None:
+            self.reply(stats[0], blob=stats[1])
+
+    def _from_agent(self, fd: Any, events: int) -> None:
+        data = os.read(self.inp, 1 << 20)
+        if not data:
+            self._open = False  # the agent closed its end: exit
+            return
+        self._buf += data
+        while self._open and (frame := take_frame(self._buf)) is not None:
+            self.handle(*frame)
+
+    def handle(self, header: dict[str, Any], arrays: Batch, blob: bytes) -> None:
+        from protocol.manifest import Manifest
+        from protocol.schema import validate
+
         op = header.get("op")
         try:
             if op == "load":
-                files, manifest = Path(header["files"]), validate(Manifest, header["manifest"])
+                self.files, self.manifest = Path(header["files"]), validate(Manifest, header["manifest"])
                 apply_limits(header.get("limits") or {})
-                runner = load_runner(files, manifest)
-                reply({"ok": True, "pid": os.getpid(),
-                       "inputs": [s.to_dict() for s in runner.inputs],
-                       "outputs": [s.to_dict() for s in runner.outputs]})
+                self.runner = self.runners.load_runner(self.files, self.manifest)
+                self.reply({"ok": True, "pid": os.getpid(),
+                            "inputs": [s.to_dict() for s in self.runner.inputs],
+                            "outputs": [s.to_dict() for s in self.runner.outputs]})
             elif op == "predict_json":
-                reply({"ok": True}, blob=predict_json(runner, blob))
+                self.reply({"ok": True}, blob=self.runners.predict_json(self.runner, blob))
             elif op == "predict":
-                reply({"ok": True}, runner.predict(arrays))
+                self.reply({"ok": True}, self.runner.predict(arrays))
             elif op == "health":
-                assert manifest is not None
-                health_check(runner, load_sample(files, manifest))
-                reply({"ok": True})
+                assert self.manifest is not None
+                self.runners.health_check(self.runner, self.runners.load_sample(self.files, self.manifest))
+                self.reply({"ok": True})
+            elif op == "listen":  # the version is committed: serve the direct socket
+                self._close_direct()
+                runner, predict_json = self.runner, self.runners.predict_json
+                self.direct = DirectSocket(self.sel, lambda body: predict_json(runner, body), header)
+                self.reply({"ok": True, "ino": self.direct.ino})
+            elif op == "collect":
+                if self.direct is not None:
+                    self.direct.ppm = int(header["ppm"])
+                self.reply({"ok": True})
+            elif op == "drain":  # stopping: no more direct clients, the last stats, then the agent closes
+                self._close_direct()
+                self.reply({"ok": True})
             else:
-                reply({"ok": False, "kind": "model", "error": f"unknown worker op {op!r}"})
-        except BodyError as exc:
-            reply({"ok": False, "kind": "body", "error": str(exc)})
-        except InputError as exc:
-            reply({"ok": False, "kind": "input", "error": str(exc)})
-        except MemoryError:
-            reply({"ok": False, "kind": "model", "error": "out of memory (module memory limit)"})
+                self.reply({"ok": False, "kind": "model", "error": f"unknown worker op {op!r}"})
         except Exception as exc:  # the module's failure is the caller's answer; the worker keeps serving
-            reply({"ok": False, "kind": "model", "error": str(exc) or repr(exc)})
+            kind, text = failure(exc)
+            self.reply({"ok": False, "kind": kind, "error": text})
 
+    def _close_direct(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
+            self.push()
+            self.direct = None
+
+
+def serve(inp: BinaryIO, out: BinaryIO) -> None:
+    """The worker loop; returns on EOF."""
+    Worker(inp, out).run()
 
 def main() -> int:
     _die_with_parent()

@@ -13,3 +13,19 @@ class BodyError(InputError):
 
 class ModelError(RuntimeError):
     """The model could not be loaded or run; the text is the runtime's own reason."""
+
+
+def failure(exc: BaseException) -> tuple[str, str]:
+    """How a worker reports a request's failure: its kind (``body``, ``input``, ``model``) and text."""
+    if isinstance(exc, BodyError):
+        return "body", str(exc)
+    if isinstance(exc, InputError):
+        return "input", str(exc)
+    if isinstance(exc, MemoryError):
+        return "model", "out of memory (module memory limit)"
+    return "model", str(exc) or repr(exc)
+
+
+def from_kind(kind: str, text: str) -> Exception:
+    """The exception a reported failure stands for (the inverse of :func:`failure`)."""
+    return BodyError(text) if kind == "body" else InputError(text) if kind == "input" else ModelError(text)
