@@ -20,8 +20,12 @@ class BakeWatch:
 
     def record(self, ok: bool) -> None:
         """One answered inference (requests refused before reaching the model are not recorded)."""
-        self.inferences += 1
-        self.errors += 0 if ok else 1
+        self.add(1, 0 if ok else 1)
+
+    def add(self, inferences: int, errors: int) -> None:
+        """Inferences answered elsewhere (the worker's direct socket), ``errors`` of them failed."""
+        self.inferences += inferences
+        self.errors += errors
         p = self.policy
         # integers only, as in the policy: errors/inferences > max_error_ppm/1e6
         if self.inferences >= p.min_inferences and self.errors * 1_000_000 > p.max_error_ppm * self.inferences:

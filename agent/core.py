@@ -615,7 +615,8 @@ class Agent:
                 ppm = next((m.collect_rate_ppm for m in self.desired.modules if m.name == name), ppm)
             runner: Runner | ModuleWorker
             if self.isolation == "process":
-                # Only a committed version gets here: its worker takes the direct socket over (rename) on start.
+                # A committed version, or one starting its bake (it serves on probation): its worker takes the
+                # direct socket over (rename) on start, as the TCP API switches to it.
                 runner = ModuleWorker(name, inst.files, inst.manifest, limits=self.module_limits,
                                       start_timeout=self.health_timeout,
                                       on_crash_loop=lambda reason: self._spawn(self._crash_loop(name, inst.bundle, reason)),
@@ -760,6 +761,8 @@ class Agent:
         self.inferences += count
         active.stats.add(count, errors, float(header.get("latency_ms_sum", 0.0)),
                          [float(v) for v in header.get("latencies_ms", [])])
+        if active.bake is not None and count:  # direct callers' errors count against a version on probation too
+            active.bake.add(count, errors)
         if header.get("rejected"):
             self.rejected["direct_api"] += int(header["rejected"])
         if header.get("samples_dropped"):
