@@ -15,6 +15,7 @@ from hub.broker_auth import mosquitto_hash
 from hub.db import Database, dumps, loads, now
 from hub.director import Director
 from hub.errors import Conflict, Forbidden, Invalid, NotFound
+from hub.ingest import EnrolledCache
 from hub.keys import KeyRing
 from hub.monitoring.timeseries import device_totals
 from protocol.encoding import ProtocolError
@@ -85,6 +86,7 @@ class Fleet:
                  broker_ca_pem: str | None = None) -> None:
         self.db, self.keys, self.director, self.device_mqtt_url = db, keys, director, device_mqtt_url
         self.broker_ca_pem = broker_ca_pem  # handed to devices at enrolment so they pin the broker's CA
+        self.enrolled = EnrolledCache(db)  # the per-message check on the MQTT thread
         self.on_credentials_changed: Callable[[], None] = lambda: None  # isolation: rewrite the broker's files
 
     def broker_credentials(self) -> list[tuple[str, str]]:
@@ -109,6 +111,7 @@ class Fleet:
 
     def decommission(self, device_id: str, actor: str) -> dict[str, Any]:
         """Forget the device and revoke its broker login now; clear its retained topics."""
+        self.enrolled.forget(device_id)
         with self.db.transaction() as tx:
             if tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount == 0:
                 raise NotFound(f"device {device_id!r} is not enrolled")
@@ -204,7 +207,7 @@ class Fleet:
                 return candidate
 
     def is_enrolled(self, device_id: str) -> bool:
-        return self.db.one("SELECT 1 FROM devices WHERE id = ?", (device_id,)) is not None
+        return self.enrolled(device_id)
 
     def _views(self, where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         totals = device_totals(self.db, params[0] if params else None)

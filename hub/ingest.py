@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ log = logging.getLogger("edgefleet.hub.ingest")
 TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/telemetry.py), not SQL parameters
 DATA_SQL = ("INSERT OR IGNORE INTO data_records (device, seq, idx, ts, module, version, input, output)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-_STOP = object()
+ENROLLED_TTL_S = 5.0  # how long a "not enrolled" answer is trusted before asking the database again
 
 # Telemetry and collected data may be spread over several ingest processes through one MQTT 5
 # shared-subscription group: the broker hands each message to one member.
@@ -29,6 +28,34 @@ SHARE_GROUP = "edgefleet-ingest"
 
 def shared_wildcard(channel: Channel) -> str:
     return f"$share/{SHARE_GROUP}/{device_wildcard(channel)}"
+
+
+class EnrolledCache:
+    """Is a device enrolled? Asked once per ingested message, so answered from memory where it can be.
+
+    A "yes" is kept until :meth:`forget` (decommission; other processes rely on the broker cutting
+    the device's login), a "no" for ``ttl_s`` so a device enrolled a moment ago is let in soon.
+    """
+
+    def __init__(self, db: Database, ttl_s: float = ENROLLED_TTL_S) -> None:
+        self.db, self.ttl_s = db, ttl_s
+        self._known: set[str] = set()
+        self._unknown: dict[str, float] = {}
+
+    def __call__(self, device_id: str) -> bool:
+        if device_id in self._known:
+            return True
+        if time.monotonic() < self._unknown.get(device_id, 0.0):
+            return False
+        if self.db.one("SELECT 1 FROM devices WHERE id = ?", (device_id,)) is not None:
+            self._known.add(device_id)
+            self._unknown.pop(device_id, None)
+            return True
+        self._unknown[device_id] = time.monotonic() + self.ttl_s
+        return False
+
+    def forget(self, device_id: str) -> None:
+        self._known.discard(device_id)
 
 
 def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
@@ -48,9 +75,13 @@ class BatchWriter:
                  on_telemetry_rows: Callable[[int], None] = lambda n: None) -> None:
         self.db, self.flush_s, self.batch_rows = db, flush_s, batch_rows
         self.on_telemetry_rows = on_telemetry_rows
-        self._queue: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="hub-ingest-writer", daemon=True)
+        # Producers only append under the lock; the writer wakes every flush_s, or early for a full batch.
+        # (A queue.get per message woke the writer for every message: a thread switch each, on one GIL.)
+        self._items: list[tuple[str, list[tuple[Any, ...]]]] = []
+        self._rows = 0  # rows in _items
         self._pending = 0  # row sets queued but not yet committed
+        self._stopping = False
         self._cond = threading.Condition()
 
     def start(self) -> None:
@@ -59,7 +90,9 @@ class BatchWriter:
     def stop(self, timeout: float = 10.0) -> None:
         """Write what is queued, then end the thread."""
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
             self._thread.join(timeout)
 
     def telemetry(self, msg: TelemetryBatch) -> None:
@@ -72,8 +105,11 @@ class BatchWriter:
 
     def _put(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         with self._cond:
+            self._items.append((sql, rows))
             self._pending += 1
-        self._queue.put((sql, rows))
+            self._rows += len(rows)
+            if self._rows >= self.batch_rows:
+                self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """True once everything queued so far is committed."""
@@ -81,34 +117,18 @@ class BatchWriter:
             return self._cond.wait_for(lambda: self._pending == 0, timeout)
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            try:
-                first = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            batch: list[tuple[str, list[tuple[Any, ...]]]] = []
-            rows = 0
-            deadline = time.monotonic() + self.flush_s
-            item = first
-            while True:
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
-                rows += len(item[1])
-                remaining = deadline - time.monotonic()
-                if rows >= self.batch_rows or remaining <= 0:
-                    break
-                try:
-                    item = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._rows >= self.batch_rows, self.flush_s)
+                batch, self._items, self._rows = self._items, [], 0
+                stopping = self._stopping
             if batch:
                 self._write(batch)
                 with self._cond:
                     self._pending -= len(batch)
                     self._cond.notify_all()
+            if stopping:
+                return
 
     def _write(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         try:

@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
 from hub.db import Database
-from hub.ingest import INGEST_CHANNELS, BatchWriter, data_rows, shared_wildcard
+from hub.ingest import INGEST_CHANNELS, BatchWriter, EnrolledCache, data_rows, shared_wildcard
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import ProtocolError
 from protocol.messages import DataBatch, TelemetryBatch, decode
@@ -32,7 +32,6 @@ from protocol.topics import Channel, DeviceTopic, parse_topic
 
 log = logging.getLogger("edgefleet.hub.ingest_worker")
 
-ENROLLED_TTL_S = 5.0  # how long a "not enrolled" answer is trusted before asking the database again
 STATS_EVERY_S = 1.0
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ingest_workers (
@@ -51,8 +50,7 @@ class IngestWorker:
         self.writer = BatchWriter(self.db, config.writer_flush_s, config.writer_batch_rows)
         self.received: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
-        self._enrolled: set[str] = set()
-        self._unknown: dict[str, float] = {}
+        self._is_enrolled = EnrolledCache(self.db)
         url = parse_broker_url(config.mqtt_url)
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{config.mqtt_client_id}-ingest-{index}",
                                   protocol=mqtt.MQTTv5)
@@ -69,18 +67,6 @@ class IngestWorker:
             log.warning("broker refused ingest worker: %s", reason_code)
             return
         client.subscribe([(shared_wildcard(ch), 1) for ch in INGEST_CHANNELS])
-
-    def _is_enrolled(self, device_id: str) -> bool:
-        # enrolment only adds devices while the hub runs, so a positive answer can be kept; a negative one expires
-        if device_id in self._enrolled:
-            return True
-        if time.monotonic() < self._unknown.get(device_id, 0.0):
-            return False
-        if self.db.one("SELECT 1 FROM devices WHERE id = ?", (device_id,)) is not None:
-            self._enrolled.add(device_id)
-            return True
-        self._unknown[device_id] = time.monotonic() + ENROLLED_TTL_S
-        return False
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         channel = "unknown"
