@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import psutil
-
 from agent.identity import Identity, check_hub_url, save_identity
 from agent.install import BEFORE_ACTIVATION, Entry, Installed, Installer, atomic_write_json
 from agent.localapi import LocalApi
 from agent.mqtt import AsyncMqttClient, MessageHandler, MqttOffline, Will
 from agent.outbox import Outbox
+from agent.procstat import CpuMeter, ProcessGone, rss_bytes
 from agent.stats import ModuleStats
 from agent.supervisor import ModuleWorker, WorkerProcess, health_check_in_worker
 from agent.transfer import MANIFESTS_DIR, BundleFetch
@@ -79,7 +78,6 @@ STATE_FILE = "state.json"
 RUN_DIR = "run"  # each module's direct socket, <module>.sock, served by its worker (process isolation)
 RETRY_AFTER_ERROR = 30.0
 MAX_PENDING_ROOTS = 64  # root versions held while waiting for the one before them
-_PROC = psutil.Process()
 
 
 class MqttClient(Protocol):
@@ -213,7 +211,7 @@ class Agent:
         self.hub_online: bool | None = None
         self._hub_changed = asyncio.Event()
         self._pending_roots: dict[int, Any] = {}
-        self._procs: dict[int, psutil.Process] = {}
+        self._cpu: dict[int, CpuMeter] = {}  # per worker pid: CPU % since the previous telemetry
         self.api: LocalApi | None = LocalApi(self, port=api_port) if api_port else None
         self._running = False
 
@@ -851,7 +849,7 @@ class Agent:
             points.append(TelemetryPoint(ts=now, module=a.name, version=a.version, inferences=n, errors=errors,
                                          latency_ms=latency))
         agent = {
-            "rss_mb": round(_PROC.memory_info().rss / 2**20, 1),
+            "rss_mb": round(rss_bytes() / 2**20, 1),
             "outbox_dropped": float(self.outbox.dropped),
             "outbox_pending": float(len(self.outbox)),
             "rejected_messages": float(sum(self.rejected.values())),
@@ -911,7 +909,7 @@ class Agent:
     def worker_stats(self) -> dict[str, float]:
         """Per module worker: CPU % since the last call, RSS in MB and restarts (flat keys: the schema is str -> float)."""
         out: dict[str, float] = {}
-        procs: dict[int, psutil.Process] = {}
+        meters: dict[int, CpuMeter] = {}
         for name, a in self.active.items():
             if not isinstance(a.runner, ModuleWorker):
                 continue
@@ -920,15 +918,15 @@ class Agent:
             if pid is None:
                 continue
             try:
-                proc = procs[pid] = self._procs.get(pid) or psutil.Process(pid)
-                with proc.oneshot():
-                    if proc.status() == psutil.STATUS_ZOMBIE:
-                        continue  # dead, not yet reaped: the supervisor is about to restart it
-                    out[f"worker.{name}.cpu_pct"] = round(proc.cpu_percent(None), 1)
-                    out[f"worker.{name}.rss_mb"] = round(proc.memory_info().rss / 2**20, 1)
-            except psutil.Error:
-                continue  # it died between the two looks; the next interval sees the new one
-        self._procs = procs  # cpu_percent measures since the previous call on the same object
+                meter = meters[pid] = self._cpu.get(pid) or CpuMeter(pid)
+                out[f"worker.{name}.cpu_pct"] = round(meter.percent(), 1)
+                out[f"worker.{name}.rss_mb"] = round(rss_bytes(pid) / 2**20, 1)
+            except ProcessGone:
+                # dead (or a zombie not yet reaped): the supervisor is about to restart it; the next
+                # interval sees the new one
+                out.pop(f"worker.{name}.cpu_pct", None)
+                continue
+        self._cpu = meters
         return out
 
     def snapshot(self) -> dict[str, Any]:

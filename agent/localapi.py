@@ -22,8 +22,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
+from agent.procstat import rss_bytes
 from modules.httpwire import Answer, BadRequest, RequestReader, encode_answer, json_answer, predict_target, predicted
 
 if TYPE_CHECKING:
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgefleet.agent.api")
 
-_PROC = psutil.Process()
 
 
 class LocalApi:
@@ -104,7 +102,7 @@ class LocalApi:
             "# TYPE edgefleet_agent_outbox_dropped_total counter",
             f"edgefleet_agent_outbox_dropped_total {a.outbox.dropped}",
             "# TYPE edgefleet_agent_rss_bytes gauge",
-            f"edgefleet_agent_rss_bytes {_PROC.memory_info().rss}",
+            f"edgefleet_agent_rss_bytes {rss_bytes()}",
             "# TYPE edgefleet_agent_connected gauge",
             f"edgefleet_agent_connected {1 if a.client.connected.is_set() else 0}",
             "# TYPE edgefleet_agent_healthy gauge",

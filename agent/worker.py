@@ -23,7 +23,6 @@ with no arrays (the agent's ``predict_json``) is packed and unpacked without it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -123,6 +122,9 @@ def apply_limits(limits: dict[str, Any]) -> None:
 
 
 def _die_with_parent() -> None:
+    # ctypes here, not at the top: the agent imports this module for its framing and must stay small
+    import ctypes
+
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 
 import numpy as np
@@ -149,3 +150,29 @@ def test_workload_inputs_follow_the_signature_and_stats_give_percentiles():
 def test_percentiles_match_numpys_linear_method(n):
     values = np.random.default_rng(n).exponential(5.0, size=n).tolist()
     assert percentiles(values, [0, 50, 95, 99, 100]) == pytest.approx(np.percentile(values, [0, 50, 95, 99, 100]))
+
+
+def test_procstat_reads_rss_and_cpu_from_proc_and_says_when_a_worker_is_gone():
+    import subprocess
+    import sys
+
+    from agent.procstat import CpuMeter, ProcessGone, cpu_seconds, rss_bytes
+
+    vmrss_kb = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+    assert abs(rss_bytes() / 1024 - vmrss_kb) < 4096  # the same figure the kernel reports, within 4 MB of drift
+    child = subprocess.Popen([sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdout.readline() == b"ready\n"  # an interpreter, up and running
+    try:
+        meter = CpuMeter(child.pid)
+        assert meter.percent() == 0.0  # the first look has nothing to compare with
+        assert cpu_seconds(child.pid) >= 0 and rss_bytes(child.pid) > 1_000_000
+    finally:
+        child.stdin.close()  # type: ignore[union-attr]
+        # exited but not reaped (WNOWAIT): a zombie counts as gone (the supervisor is about to restart it)
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        with pytest.raises(ProcessGone):
+            cpu_seconds(child.pid)
+        child.wait()
+    with pytest.raises(ProcessGone):
+        rss_bytes(child.pid)

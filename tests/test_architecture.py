@@ -68,11 +68,12 @@ def test_import_protocol_pulls_in_no_io_library():
 
 
 def test_agent_daemon_loads_neither_numpy_nor_pydantic():
-    """The daemon's idle memory (issue #4): NumPy lives in the module workers, pydantic on the hub only.
+    """The daemon's idle memory (issue #4): NumPy lives in the module workers, pydantic on the hub only,
+    and /proc replaces psutil (with the ctypes it loads).
 
     The same subprocess then imports the synthetic workload, which does load NumPy: the check can see it.
     """
-    heavy = "{'numpy', 'pydantic', 'onnxruntime'}"
+    heavy = "{'numpy', 'pydantic', 'onnxruntime', 'psutil', 'ctypes'}"
     code = (
         "import sys, agent, agent.daemon, agent.core\n"
         f"print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in {heavy})))\n"
