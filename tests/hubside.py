@@ -239,10 +239,16 @@ def new_device() -> str:
 @contextlib.asynccontextmanager
 async def running_agent(hub: HubSide, device: str, data_dir: Path, **kw: Any) -> AsyncIterator[Agent]:
     """An agent for ``device`` running on this loop, connected before the body starts, stopped after."""
-    ident = hub.identity(device, data_dir)
+    async with agent_running(hub.identity(device, data_dir), data_dir, **kw) as agent:
+        yield agent
+
+
+@contextlib.asynccontextmanager
+async def agent_running(identity: Identity, data_dir: Path, **kw: Any) -> AsyncIterator[Agent]:
+    """An agent with ``identity`` running on this loop (fast test timings), connected first, stopped after."""
     kw.setdefault("telemetry_interval", 0.3)
     kw.setdefault("blob_retry", 0.5)
-    agent = Agent(ident, data_dir, **kw)
+    agent = Agent(identity, data_dir, **kw)
     task = asyncio.create_task(agent.run())
     try:
         await until(lambda: agent.client.connected.is_set() or task.done(), 10, "agent connected")

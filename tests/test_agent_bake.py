@@ -18,7 +18,7 @@ from agent.install import MAX_BAKE_STARTS, Installer
 from modules.store import ContentStore
 from protocol.messages import BakePolicy
 from tests.clirun import cli
-from tests.hubside import HubSide, RealHub, until
+from tests.hubside import HubSide, RealHub, agent_running, until
 from tests.test_agent_http import build, hub_view
 
 # Passes the health check (the sample's values are small); fails every request with a value above 100.
@@ -37,18 +37,8 @@ def hub(broker, tmp_path):
     h.close()
 
 
-@contextlib.asynccontextmanager
-async def running(hub: RealHub, data, **kw):
-    agent = Agent(hub.enroll(data), data, telemetry_interval=0.3, blob_retry=0.3, **kw)
-    task = asyncio.create_task(agent.run())
-    try:
-        await until(lambda: agent.client.connected.is_set() or task.done(), 10, "agent connected")
-        if task.done():
-            task.result()
-        yield agent
-    finally:
-        await agent.stop()
-        await asyncio.wait_for(task, 10)
+def running(hub: RealHub, data, **kw):
+    return agent_running(hub.enroll(data), data, blob_retry=0.3, **kw)
 
 
 async def requests(agent: Agent, body: bytes, n: int) -> None:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from protocol.manifest import CHUNK_SIZE
 from protocol.messages import DesiredModule, DesiredState, decode
 from protocol.signing import sign
 from protocol.topics import Channel, device_topic
-from tests.hubside import RealHub, until
+from tests.hubside import RealHub, agent_running, until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,20 +91,9 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@contextlib.asynccontextmanager
-async def running(identity: Identity, data: Path, **kw: Any) -> AsyncIterator[Agent]:
-    kw.setdefault("telemetry_interval", 0.3)
+def running(identity: Identity, data: Path, **kw: Any) -> contextlib.AbstractAsyncContextManager[Agent]:
     kw.setdefault("blob_retry", 0.3)
-    agent = Agent(identity, data, transfer="http", **kw)
-    task = asyncio.create_task(agent.run())
-    try:
-        await until(lambda: agent.client.connected.is_set() or task.done(), 10, "agent connected")
-        if task.done():
-            task.result()
-        yield agent
-    finally:
-        await agent.stop()
-        await asyncio.wait_for(task, 10)
+    return agent_running(identity, data, transfer="http", **kw)
 
 
 def basic(device: str, password: str) -> dict[str, str]:
