@@ -34,7 +34,8 @@ def create_app(config: HubConfig) -> FastAPI:
             await run_in_threadpool(app.state.endpoints.stop)
             await run_in_threadpool(hub.stop)
 
-    app = FastAPI(title="edgefleet hub", version="0.1.0", lifespan=lifespan, docs_url="/docs")
+    app = FastAPI(title="edgefleet hub", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # /docs is served from vendored files (hub/console): works offline
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, exc: HubError) -> JSONResponse:

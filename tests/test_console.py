@@ -128,6 +128,11 @@ def test_console_shows_the_fleet_and_drives_a_rollout_with_role_checks_and_no_ou
         page.wait_for_selector("#toast.bad:has-text('pause refused')")
         assert "operator" in page.inner_text("#toast")
         assert rollout(admin, NAME)["phase"] != "paused"
+
+        # the API docs render from the hub's own copy of Swagger UI (no CDN either)
+        page.goto(f"{server.url}/docs")
+        page.wait_for_selector(".opblock-tag")
+        assert "/api/v1/models" in page.inner_text("#swagger-ui")
     finally:
         context.close()
 
@@ -135,3 +140,4 @@ def test_console_shows_the_fleet_and_drives_a_rollout_with_role_checks_and_no_ou
     outside = [u for u in requests if urlsplit(u).netloc != origin]
     assert not outside, f"the console reached outside the hub (it must work offline): {outside}"
     assert any(u.endswith("/console/console.js") for u in requests)
+    assert any(u.endswith("/_swagger/swagger-ui-bundle.js") for u in requests)
