@@ -39,7 +39,13 @@ def tmp_data(tmp_path):
 
 
 @pytest.fixture
-def server(broker, tmp_data, monkeypatch):
+def hub_options() -> dict:
+    """Extra ``HubConfig`` settings for ``server``: a test module overrides this fixture to change them."""
+    return {}
+
+
+@pytest.fixture
+def server(broker, tmp_data, monkeypatch, hub_options):
     """A real hub (uvicorn + MQTT bridge) on a free port, its data in ``tmp_data``, connected to the broker."""
     import secrets
 
@@ -47,7 +53,8 @@ def server(broker, tmp_data, monkeypatch):
     from hub.server import HubServer
 
     monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
+    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}",
+                            **hub_options)).start()
     assert s.wait_mqtt(10)
     yield s
     s.stop()
@@ -58,7 +65,8 @@ def admin(server):
     """An HTTP client for ``server`` with its admin token."""
     import httpx
 
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}) as c:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"},
+                      timeout=60) as c:
         yield c
 
 

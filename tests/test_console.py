@@ -6,15 +6,12 @@ download: Playwright drives the system chromium through ``executable_path``).
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
-from hub import HubConfig, HubServer
 from simulator.fleet import Fleet
 from tests.rollout_support import all_running, build_versions, rollout, wait_rollout
 
@@ -45,12 +42,12 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def hub_and_fleet(broker, tmp_data, tmp_path, monkeypatch):
-    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    server = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}",
-                                 rollout_tick_s=0.2)).start()
-    assert server.wait_mqtt(10)
-    admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=30)
+def hub_options() -> dict:
+    return {"rollout_tick_s": 0.2}
+
+
+@pytest.fixture
+def hub_and_fleet(server, admin, tmp_path):
     fleet = Fleet(server.url, server.admin_token, N, tmp_path / "sim", rate=2, telemetry_interval=0.5, prefix="cs")
     try:
         build_versions(admin, tmp_path, n=2)
@@ -62,8 +59,6 @@ def hub_and_fleet(broker, tmp_data, tmp_path, monkeypatch):
         yield server, admin, fleet
     finally:
         fleet.stop()
-        admin.close()
-        server.stop()
 
 
 def sign_in(page, url: str, token: str) -> None:

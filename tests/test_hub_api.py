@@ -24,14 +24,6 @@ def client_id() -> str:
 
 
 @pytest.fixture
-def server(broker, tmp_data, monkeypatch):
-    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=client_id())).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
 def onnx_file(tmp_path) -> Path:
     return write_logreg_onnx(tmp_path / "model.onnx")
 

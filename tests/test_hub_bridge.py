@@ -10,7 +10,7 @@ import secrets
 import httpx
 import pytest
 
-from hub import HubConfig, HubServer
+from hub import HubServer
 from hub.testing import wait_until
 from modules.examples import write_logreg_onnx
 from protocol.encoding import sha256_hex
@@ -21,16 +21,6 @@ from protocol.topics import Channel, blob_wildcard, device_topic
 from protocol.verify import accept_manifest
 
 INBOUND = (Channel.REPORTED, Channel.STATUS, Channel.TELEMETRY, Channel.DATA, Channel.BLOB_REQ, Channel.CMD_RES)
-
-
-@pytest.fixture
-def server(broker, tmp_data, monkeypatch):
-    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    config = HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")
-    s = HubServer(config).start()
-    assert s.wait_mqtt(10)
-    yield s
-    s.stop()
 
 
 @pytest.fixture

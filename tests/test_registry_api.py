@@ -7,30 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 
 import httpx
 import pytest
 
-from hub import HubConfig, HubServer
 from modules.examples import write_logreg_onnx
 
 
 @pytest.fixture
-def server(broker, tmp_data, monkeypatch):
-    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}",
-                            load_check_timeout_s=20)).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def admin(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"},
-                      timeout=60) as c:
-        yield c
+def hub_options() -> dict:
+    return {"load_check_timeout_s": 20}
 
 
 @pytest.fixture

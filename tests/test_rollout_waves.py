@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import secrets
-
 import httpx
 import pytest
 
-from hub import HubConfig, HubServer
 from hub.rollouts import wave_order
 from simulator.fleet import Fleet
 from simulator.scenarios import Scenario
@@ -19,20 +16,8 @@ NAME = "scorer-fleet"
 
 
 @pytest.fixture
-def server(broker, tmp_data, monkeypatch):
-    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}",
-                            rollout_tick_s=0.2)).start()
-    assert s.wait_mqtt(10)
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def admin(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"},
-                      timeout=30) as c:
-        yield c
+def hub_options() -> dict:
+    return {"rollout_tick_s": 0.2}
 
 
 def test_three_wave_rollout_then_broken_version_halts_in_wave_one_and_rolls_back(server, admin, broker, tmp_path):
