@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hub import telemetry  # noqa: E402
-from hub.db import Database  # noqa: E402
+from hub.ingest import telemetry  # noqa: E402
+from hub.store import Database  # noqa: E402
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint, decode  # noqa: E402
 from protocol.topics import Channel  # noqa: E402
 
@@ -102,8 +102,8 @@ def store_new(tmp: Path, packed: list[telemetry.Packed], per_commit: int) -> flo
 
 def store_legacy(tmp: Path, rows: list[list[tuple]]) -> float:
     db = Database(tmp / "legacy.db")
-    db.apply_schema(LEGACY)
     conn = db.db().conn
+    conn.executescript(LEGACY)
     per_commit = max(1, 1000 // len(rows[0]))  # the former writer: 1000 rows (or 100 ms) a transaction
 
     def run() -> None:

@@ -1,6 +1,6 @@
 """A rollout of a 1 MB bundle to many simulated devices in one wave: time until all run it, and the hub's egress.
 
-The hub publishes bundle parts in passes (hub/blob_carousel.py): a pass waits until the wave's
+The hub publishes bundle parts in passes (hub/mqtt/blob_carousel.py): a pass waits until the wave's
 requests stop arriving, and every device installing the bundle is subscribed to its blob topic, so a
 wave costs the hub about one copy of the bundle. The baseline, measured in the same run, is gather 0:
 every request answered with its own copy, i.e. per-device transfer (run on fewer devices, because

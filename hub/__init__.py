@@ -1,6 +1,6 @@
 """The edgefleet hub: registry, signed bundles, fleet and desired state over MQTT, ingest and monitoring."""
 
-from hub.app import create_app
+from hub.api.app import create_app
 from hub.config import HubConfig
 from hub.server import HubServer, serve_forever
 

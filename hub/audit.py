@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hub.db import Database, dumps, loads, now
+from hub.store import Database, dumps, loads, now
 
 CONTROLLER = "controller"  # the actor for what the rollout controller decides on its own
 

@@ -24,7 +24,7 @@ class HubConfig:
     public_mqtt_url: str | None = None
     admin_token: str | None = None
     desired_ttl_s: int = 7 * 86400
-    # bundle parts go out in passes, one copy for every device waiting (hub/blob_carousel.py): a pass waits
+    # bundle parts go out in passes, one copy for every device waiting (hub/mqtt/blob_carousel.py): a pass waits
     # until no new device has asked for blob_gather_s (at most blob_hold_max_s); 0: per-device transfer,
     # every request answered at once with its own copy. A device asking again for a copy sent after it
     # asked is ignored for blob_covered_s (the copy is on its way), then served again.
@@ -43,7 +43,7 @@ class HubConfig:
     endpoint_queue_timeout_s: float = 30.0  # how long a request may wait for a live worker before a 503
     endpoint_telemetry_s: float = 5.0  # how often each endpoint writes its counts and latency to the telemetry store
     rollout_tick_s: float = 0.5  # how often the rollout controller re-reads rollouts and checks gates
-    isolate: bool = False  # generate a per-device password file and ACL in DATA/broker (hub/broker_auth.py)
+    isolate: bool = False  # generate a per-device password file and ACL in DATA/broker (hub/fleet/broker_auth.py)
     broker_pid: int | None = None  # isolate: the mosquitto to SIGHUP after each change (None: an external broker)
     ingest_workers: int = 0  # extra processes sharing telemetry/data ingest via an MQTT 5 shared subscription
     alert_eval_s: float = 15.0  # how often alert rules are evaluated

@@ -6,21 +6,21 @@ import logging
 import threading
 import time
 
-from hub import ingest_worker
-from hub.auth import ensure_admin_token
-from hub.bridge import Bridge
-from hub.broker_auth import BrokerAuth, signal_reload
-from hub.bundles import ModuleBuilder
 from hub.config import HubConfig
-from hub.db import Database
-from hub.deployments import Deployments
-from hub.device_http import DeviceDownloads
-from hub.director import Director
-from hub.fleet import Fleet
-from hub.keys import load_or_create_keys
+from hub.fleet.broker_auth import BrokerAuth, signal_reload
+from hub.fleet.device_http import DeviceDownloads
+from hub.fleet.devices import Fleet
+from hub.ingest import workers as ingest_worker
 from hub.monitoring.service import Monitor
-from hub.registry import ModelRegistry
-from hub.rollouts import Rollouts
+from hub.mqtt.bridge import Bridge
+from hub.registry.bundles import ModuleBuilder
+from hub.registry.models import ModelRegistry
+from hub.rollout.deployments import Deployments
+from hub.rollout.director import Director
+from hub.rollout.rollouts import Rollouts
+from hub.store import Database
+from hub.trust.keys import load_or_create_keys
+from hub.trust.tokens import ensure_admin_token
 from modules.store import ContentStore
 
 log = logging.getLogger("edgefleet.hub")

@@ -10,7 +10,7 @@ import time
 import httpx
 import uvicorn
 
-from hub.app import create_app
+from hub.api.app import create_app
 from hub.config import HubConfig
 from hub.context import Hub
 

@@ -1,4 +1,4 @@
-"""The bundle-part carousel (hub/blob_carousel.py): its decisions on an explicit clock, then with real agents."""
+"""The bundle-part carousel (hub/mqtt/blob_carousel.py): its decisions on an explicit clock, then with real agents."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from hub.blob_carousel import NEVER, Carousel
+from hub.mqtt.blob_carousel import NEVER, Carousel
 from modules.examples import write_logreg_onnx
 from protocol.encoding import canonical_json
 from protocol.manifest import CHUNK_SIZE

@@ -12,7 +12,7 @@ import pytest
 
 from edgefleet.broker import LocalBroker
 from hub import HubConfig, HubServer
-from hub.broker_auth import BrokerAuth, mosquitto_hash
+from hub.fleet.broker_auth import BrokerAuth, mosquitto_hash
 from hub.testing import wait_until
 from protocol.messages import ReportedState
 from protocol.topics import HUB_STATUS_TOPIC, Channel, device_topic, root_topic, root_wildcard

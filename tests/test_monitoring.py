@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from edgefleet.client import HubClient
-from hub import telemetry
 from hub.config import HubConfig
+from hub.ingest import telemetry
 from hub.monitoring.drift import chi2_sf, compare, flatten_rows, ks_2samp, psi
 from hub.server import HubServer
 from modules.examples import synthetic_inputs, write_logreg_onnx, write_sample
@@ -289,7 +289,7 @@ def test_export_one_million_rows_to_parquet_in_constant_memory(hub, tmp_path):
 
 
 def test_latency_histogram_exposition_is_cumulative_with_le_boundaries_inclusive():
-    from hub.prom import Exposition, LatencyHistogram
+    from hub.monitoring.prom import Exposition, LatencyHistogram
 
     h = LatencyHistogram(buckets=(1.0, 10.0))
     for v in (0.5, 1.0, 3.0, 50.0):

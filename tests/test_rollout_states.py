@@ -5,10 +5,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from hub import rollout_states as S
-from hub.db import dumps
 from hub.errors import Invalid
-from hub.rollout_plan import Wave, parse_strategy
+from hub.rollout import rollout_states as S
+from hub.rollout.rollout_plan import Wave, parse_strategy
+from hub.store import dumps
 from tests.rollout_support import build_versions, rollout
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from hub.rollouts import wave_order
+from hub.rollout.rollouts import wave_order
 from simulator.fleet import Fleet
 from simulator.scenarios import Scenario
 from tests.rollout_support import DesiredRecorder, all_running, build_versions, cli, wait_rollout

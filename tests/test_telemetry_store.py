@@ -11,10 +11,10 @@ import sqlite3
 import numpy as np
 import pytest
 
-from hub import telemetry
-from hub.db import Database
-from hub.gates import Gates, evaluate
+from hub.ingest import telemetry
 from hub.monitoring.timeseries import SeriesFilter, TimeSeries, device_totals, recent_points, totals
+from hub.rollout.gates import Gates, evaluate
+from hub.store import Database
 from protocol.encoding import ProtocolError
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 

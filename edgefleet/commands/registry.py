@@ -286,7 +286,7 @@ def keys_init(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Create the hub's root, release and director keys and root.json before its first start (idempotent)."""
-    from hub.keys import load_or_create_keys
+    from hub.trust.keys import load_or_create_keys
 
     ring = load_or_create_keys(data / "keys")
     emit(root_summary(ring.root_envelope) | {"keys_dir": str(data / "keys")}, as_json)

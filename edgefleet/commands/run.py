@@ -59,7 +59,7 @@ def hub_serve(
     broker = None
     broker_pid = None
     if isolate:
-        from hub.broker_auth import BrokerAuth
+        from hub.fleet.broker_auth import BrokerAuth
 
         auth = BrokerAuth(data / "broker")
         if mqtt is None:  # our own mosquitto, reading the files the hub keeps current (SIGHUP on change)

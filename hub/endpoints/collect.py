@@ -1,6 +1,6 @@
 """Sampled request inputs and outputs into the hub's ``data_records`` table, beside device-collected data.
 
-Endpoint rows use ``device = "endpoint:NAME"`` and are tagged by two additive columns:
+Endpoint rows use ``device = "endpoint:NAME"`` and are tagged by two columns (hub/store/schema.py):
 ``source`` ('device' for rows from devices, 'endpoint' here) and ``endpoint`` (its name);
 ``module``/``version`` name the module version that answered.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 from typing import Any
@@ -18,27 +17,13 @@ from typing import Any
 import numpy as np
 
 from hub.endpoints.codec import dumps
+from hub.store import Database
 
 log = logging.getLogger("edgefleet.endpoint.collect")
 
-COLUMNS = {
-    "source": "ALTER TABLE data_records ADD COLUMN source TEXT NOT NULL DEFAULT 'device'",
-    "endpoint": "ALTER TABLE data_records ADD COLUMN endpoint TEXT",
-}
-INSERT = ("INSERT OR IGNORE INTO data_records (device, seq, idx, ts, module, version, input, output, source, endpoint)"
-          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'endpoint', ?)")
+INSERT = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output, source, endpoint)"
+          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'endpoint', ?) ON CONFLICT DO NOTHING")
 
-
-def ensure_columns(conn: sqlite3.Connection) -> None:
-    """Add the endpoint columns to a hub database that lacks them (idempotent, safe beside other processes)."""
-    have = {r[1] for r in conn.execute("PRAGMA table_info(data_records)").fetchall()}
-    for column, sql in COLUMNS.items():
-        if column not in have:
-            try:
-                conn.execute(sql)
-            except sqlite3.OperationalError as exc:  # another process added it first
-                if "duplicate column" not in str(exc):
-                    raise
 
 
 class Collector:
@@ -71,9 +56,7 @@ class Collector:
         self._thread.join(5)
 
     def _run(self) -> None:
-        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout = 30000")
-        ensure_columns(conn)
+        db = Database(self.db_path)  # opening it brings an older hub database's schema up to date
         stopping = False
         while not stopping:
             rows = []
@@ -89,13 +72,8 @@ class Collector:
                 pass
             if rows:
                 try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        conn.executemany(INSERT, rows)
-                    except BaseException:
-                        conn.execute("ROLLBACK")
-                        raise
-                    conn.execute("COMMIT")
+                    with db.transaction() as tx:
+                        tx.executemany(INSERT, rows)
                 except Exception:  # losing samples must not stop scoring; say so
                     log.exception("could not write %d sampled record(s)", len(rows))
-        conn.close()
+        db.close()

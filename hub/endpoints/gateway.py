@@ -33,7 +33,7 @@ from hub.endpoints.httpserver import HttpProtocol, Request
 from hub.endpoints.pool import Pool, PoolError, Response, Settings
 from hub.endpoints.telemetry import EndpointTelemetry
 from hub.endpoints.worker import read_manifest
-from hub.prom import LatencyHistogram
+from hub.monitoring.prom import LatencyHistogram
 from modules.bundle import FILES_DIR, verify_pulled
 from modules.runners import load_sample
 from protocol.encoding import ProtocolError

@@ -23,25 +23,17 @@ from typing import Any
 
 import httpx
 
-from hub.bundles import parse_ref
 from hub.context import Hub
-from hub.db import dumps, loads, now
-from hub.endpoints.collect import ensure_columns
 from hub.endpoints.pool import REPO_ROOT
 from hub.errors import HubError, Invalid, NotFound
+from hub.registry.bundles import parse_ref
+from hub.store import dumps, loads, now
 from modules.bundle import pull_bundle, read_blocks, verify_bundle_dir
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import FileEntry
 
 log = logging.getLogger("edgefleet.hub.endpoints")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS endpoints (
-    name TEXT PRIMARY KEY, versions TEXT NOT NULL, replicas INTEGER NOT NULL, max_batch INTEGER NOT NULL,
-    max_wait_ms REAL NOT NULL, primary_key TEXT NOT NULL, secondary_key TEXT NOT NULL,
-    port INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL
-)
-"""
 BOOT_TIMEOUT_S = 30.0
 APPLY_TIMEOUT_S = 300.0
 MONITOR_S = 1.0
@@ -128,9 +120,6 @@ class EndpointManager:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="endpoint-monitor", daemon=True)
-        with self.db.transaction() as tx:
-            tx.execute(SCHEMA)
-            ensure_columns(tx.conn)
         hub.registry.usage_checks.append(self.models_in_use)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -276,11 +265,11 @@ class EndpointManager:
         else:
             gw.apply(self._spec(row))
         with self.db.transaction() as tx:
-            tx.execute("INSERT OR REPLACE INTO endpoints (name, versions, replicas, max_batch, max_wait_ms, primary_key,"
-                       " secondary_key, port, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (row["name"], dumps(row["versions"]), int(row["replicas"]), int(row["max_batch"]),
-                        float(row["max_wait_ms"]), row["primary_key"], row["secondary_key"], gw.port,
-                        row["created_at"], now()))
+            tx.upsert("endpoints", {
+                "name": row["name"], "versions": dumps(row["versions"]), "replicas": int(row["replicas"]),
+                "max_batch": int(row["max_batch"]), "max_wait_ms": float(row["max_wait_ms"]),
+                "primary_key": row["primary_key"], "secondary_key": row["secondary_key"], "port": gw.port,
+                "created_at": row["created_at"], "updated_at": now()}, key=["name"])
 
     def _launch(self, row: dict[str, Any]) -> GatewayProcess:
         spec = self._spec(row)  # pull before spawning: a bad bundle costs no process

@@ -2,7 +2,7 @@
 
 Every ``interval_s`` the gateway turns what it answered into one ``TelemetryBatch`` for the device id
 ``endpoint:NAME`` (as sampled data records already use) and writes it with the hub's own telemetry
-store (hub/telemetry.py), so ``/api/v1/metrics/series?endpoint=NAME``, ``edgefleet metrics series
+store (hub/ingest/telemetry.py), so ``/api/v1/metrics/series?endpoint=NAME``, ``edgefleet metrics series
 --endpoint NAME`` and the per-model-version series count cloud traffic the same way as devices'.
 
 Latency is measured at the gateway (queueing and batching included), per request; a 4xx (bad key,
@@ -12,12 +12,12 @@ bad input) never reached the model and is not an inference; a 5xx is an error.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 
 import numpy as np
 
-from hub.telemetry import pack, store
+from hub.ingest.telemetry import pack, store
+from hub.store import Database, StoreError
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 
 log = logging.getLogger("edgefleet.endpoint.telemetry")
@@ -31,7 +31,7 @@ class EndpointTelemetry:
         self.db_path = db_path
         self._window: dict[str, tuple[list[float], list[int]]] = {}  # label -> (latencies ms, [errors])
         self._seq = 0
-        self._conn: sqlite3.Connection | None = None
+        self._db: Database | None = None
 
     def record(self, label: str, status: int, latency_ms: float) -> None:
         if status < 500 and status != 200:
@@ -65,23 +65,17 @@ class EndpointTelemetry:
         packed = pack(batch)
         if packed is None:
             return 0
-        if self._conn is None:
-            self._conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA busy_timeout = 30000")
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                n = store(self._conn, [packed])
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:  # losing one interval's counts must not stop scoring; say so
+            if self._db is None:
+                self._db = Database(self.db_path)
+            with self._db.transaction() as tx:
+                n = store(tx, [packed])
+        except StoreError as exc:  # losing one interval's counts must not stop scoring; say so
             log.error("endpoint telemetry for %s not written: %s", self.device, exc)
             return 0
         return n
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None

@@ -1,1 +1,2 @@
-"""Monitoring: drift, alerts, data export, time-series queries, retention."""
+"""Monitoring: drift, alerts, data export, time-series queries, retention, and the hub's Prometheus ``/metrics``
+(``metrics.py`` over ``prom.py``)."""

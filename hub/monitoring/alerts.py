@@ -22,30 +22,13 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, Field
 
-from hub.db import Database
 from hub.errors import Conflict, Invalid, NotFound
 from hub.monitoring.reports import DriftReports
 from hub.monitoring.timeseries import SeriesFilter, totals
+from hub.store import Database
 
 log = logging.getLogger("edgefleet.hub.alerts")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS alert_rules (
-    name TEXT PRIMARY KEY, kind TEXT NOT NULL, deployment TEXT, threshold REAL NOT NULL,
-    for_s REAL NOT NULL DEFAULT 0, window_s REAL NOT NULL DEFAULT 300, webhook TEXT, created_at REAL NOT NULL,
-    created_by TEXT NOT NULL DEFAULT ''
-);
--- one row per (rule, key) currently breached: pending until for_s passes, then firing
-CREATE TABLE IF NOT EXISTS alert_state (
-    rule TEXT NOT NULL, key TEXT NOT NULL, since REAL NOT NULL, firing INTEGER NOT NULL DEFAULT 0, value REAL,
-    PRIMARY KEY (rule, key)
-);
-CREATE TABLE IF NOT EXISTS alert_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
-    state TEXT NOT NULL, value REAL, message TEXT NOT NULL, ts REAL NOT NULL, webhook TEXT,
-    delivered INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT ''
-);
-"""
 
 
 class AlertRule(BaseModel):
@@ -73,7 +56,6 @@ class Alerts:
         self.reports = reports
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
-        db.apply_schema(SCHEMA)
         self._outbox: queue.Queue[int | None] = queue.Queue()
         self._sender = threading.Thread(target=self._deliver_loop, name="hub-webhooks", daemon=True)
         self._http = httpx.Client(timeout=5.0)
@@ -190,10 +172,10 @@ class Alerts:
     def _event(self, tx: Any, rule: dict[str, Any], key: str, state: str, value: float | None,
                message: str) -> dict[str, Any]:
         ts = time.time()
-        cur = tx.execute("INSERT INTO alert_events (rule, kind, key, state, value, message, ts, webhook) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (rule["name"], rule["kind"], key, state, value, message, ts, rule["webhook"]))
-        return {"id": cur.lastrowid, "rule": rule["name"], "kind": rule["kind"], "key": key, "state": state,
+        rid = tx.scalar("INSERT INTO alert_events (rule, kind, key, state, value, message, ts, webhook) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                        (rule["name"], rule["kind"], key, state, value, message, ts, rule["webhook"]))
+        return {"id": rid, "rule": rule["name"], "kind": rule["kind"], "key": key, "state": state,
                 "value": value, "message": message, "ts": ts, "webhook": rule["webhook"],
                 "deployment": rule["deployment"]}
 

@@ -10,20 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from hub.db import Database
 from hub.errors import NotFound
+from hub.store import Database
 
 PAGE = 20_000
-INDEXES = """
-CREATE INDEX IF NOT EXISTS data_records_ts ON data_records (ts, device, seq, idx);
-CREATE INDEX IF NOT EXISTS data_records_module ON data_records (module, version, ts);
-"""
 COLUMNS = ["device", "seq", "idx", "ts", "module", "version", "input", "output"]
 
 
@@ -73,8 +68,7 @@ def pages(db: Database, f: ExportFilter, page: int = PAGE) -> Iterator[list[tupl
     where, params = _where(db, f)
     last: tuple[Any, ...] | None = None
     # A connection of its own: a streaming response resumes this generator on varying threads.
-    conn = sqlite3.connect(f"file:{db.path}?mode=ro", uri=True, check_same_thread=False)
-    try:
+    with db.reader() as conn:
         while True:
             sql = f"SELECT {', '.join(COLUMNS)} FROM data_records{where}"
             args = list(params)
@@ -86,8 +80,6 @@ def pages(db: Database, f: ExportFilter, page: int = PAGE) -> Iterator[list[tupl
                 return
             yield rows
             last = rows[-1]
-    finally:
-        conn.close()
 
 
 def jsonl_lines(batches: Iterable[list[tuple[Any, ...]]]) -> Iterator[bytes]:

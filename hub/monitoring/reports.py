@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hub.db import Database, loads
 from hub.errors import NotFound
 from hub.monitoring.drift import compare, flatten_rows
+from hub.store import Database, loads
 from modules.store import ContentStore
 
 MAX_ROWS = 50_000  # per window: enough for stable statistics, bounded memory

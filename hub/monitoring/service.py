@@ -7,11 +7,10 @@ import threading
 import time
 
 from hub.config import HubConfig
-from hub.db import Database
-from hub.monitoring import export
 from hub.monitoring.alerts import Alerts
 from hub.monitoring.reports import DriftReports
 from hub.monitoring.timeseries import TimeSeries
+from hub.store import Database
 from modules.store import ContentStore
 
 log = logging.getLogger("edgefleet.hub.monitoring")
@@ -26,7 +25,6 @@ class Monitor:
         self.reports = DriftReports(db, store)
         self.alerts = Alerts(db, self.reports)
         self.series = TimeSeries(db)
-        db.apply_schema(export.INDEXES)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hub-monitoring", daemon=True)
 

@@ -1,6 +1,6 @@
 """Time-series queries over telemetry, and retention of raw points so the database stays bounded.
 
-Storage is in hub/telemetry.py: a row per batch (raw points) and per-minute rollups
+Storage is in hub/ingest/telemetry.py: a row per batch (raw points) and per-minute rollups
 written with it. A query over [since, until) reads each minute that lies wholly inside
 one of its buckets from the rollups, and only the minutes cut by a bucket edge (or by
 ``since``/``until``) from the raw points, so windows of any length cost about one rollup
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from hub.db import Database
-from hub.telemetry import MINUTE, SUMS, UPSERT_MINUTE, Packed, Points, group_sums, pack, store, unpack_many
+from hub.ingest.telemetry import MINUTE, SUMS, UPSERT_MINUTE, Packed, Points, group_sums, pack, store, unpack_many
+from hub.store import Connection, Database
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 
 log = logging.getLogger("edgefleet.hub.timeseries")
@@ -63,9 +62,10 @@ def selected(pts: Points, f: SeriesFilter) -> np.ndarray:
     return wanted[pts.key]
 
 
-def _raise_raw_from(conn: sqlite3.Connection, value: float) -> None:
+def _raise_raw_from(conn: Connection, value: float) -> None:
     conn.execute("INSERT INTO telemetry_meta (key, value) VALUES ('raw_from', ?) ON CONFLICT (key) "
-                 "DO UPDATE SET value = MAX(value, excluded.value)", (value,))
+                 "DO UPDATE SET value = CASE WHEN excluded.value > telemetry_meta.value THEN excluded.value "
+                 "ELSE telemetry_meta.value END", (value,))
 
 
 def raw_points(db: Database, f: SeriesFilter, since: float, until: float) -> tuple[Points, np.ndarray]:
@@ -93,7 +93,7 @@ def totals(db: Database, f: SeriesFilter, since: float, until: float = FOREVER,
     b_sql = "0" if step is None else "CAST((bucket - :since) / :step AS INTEGER)"  # as raw points: (ts - since) / step
     whole = f"bucket >= :since AND bucket + {MINUTE} <= :until" + (
         "" if step is None else f" AND bucket + {MINUTE} <= :since + ({b_sql} + 1) * :step")
-    conn = db.db().conn
+    conn = db.db()
     out: dict[tuple[int, str], Sums] = {}
 
     def add(key: tuple[int, str], sums: Any) -> None:
@@ -185,7 +185,7 @@ def migrate_legacy(db: Database) -> int:
 
     Returns the points moved. Runs once, at hub start (before ingest workers exist).
     """
-    have = {r[0] for r in db.db().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    have = db.db().tables()
     if "telemetry" not in have:
         return 0
     moved = 0
@@ -199,18 +199,18 @@ def migrate_legacy(db: Database) -> int:
                       for r in group]
             packed.append(pack(TelemetryBatch(device=device, seq=seq, ts=points[-1].ts, points=points)))
             if len(packed) >= 1000:
-                moved += store(tx.conn, packed)
+                moved += store(tx, packed)
                 packed = []
-        moved += store(tx.conn, packed)
+        moved += store(tx, packed)
         if "telemetry_rollup" in have:  # minutes folded by the former retention: one rollup row each
-            tx.conn.executemany(UPSERT_MINUTE, [
+            tx.executemany(UPSERT_MINUTE, [
                 (module, version, device, int(bucket // MINUTE) * MINUTE, 1, n, e, (p50 or 0.0) * n, (p95 or 0.0) * n,
                  (p99 or 0.0) * n, p95 or 0.0)
                 for bucket, device, module, version, n, e, p50, p95, p99 in tx.execute(
                     "SELECT bucket, device, module, version, inferences, errors, p50, p95, p99 FROM telemetry_rollup")])
             oldest = tx.execute("SELECT MAX(bucket) FROM telemetry_rollup").fetchone()[0]
             if oldest is not None:  # minutes up to the last folded one exist only as rollups
-                _raise_raw_from(tx.conn, (oldest // MINUTE + 1) * MINUTE)
+                _raise_raw_from(tx, (oldest // MINUTE + 1) * MINUTE)
             tx.execute("DROP TABLE telemetry_rollup")
         tx.execute("DROP TABLE telemetry")
     log.info("moved %d telemetry points from the per-point table to batches and rollups", moved)
@@ -249,5 +249,5 @@ class TimeSeries:
             gone = tx.execute("SELECT COALESCE(SUM(points), 0) FROM telemetry_batches WHERE ts_max < ?",
                               (cutoff,)).fetchone()[0]
             tx.execute("DELETE FROM telemetry_batches WHERE ts_max < ?", (cutoff,))
-            _raise_raw_from(tx.conn, cutoff)
+            _raise_raw_from(tx, cutoff)
             return gone

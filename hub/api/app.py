@@ -1,0 +1,51 @@
+"""The FastAPI application: routers under /api/v1, docs at /docs, the hub's lifecycle in the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from hub.api.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring
+from hub.config import HubConfig
+from hub.console import mount_console
+from hub.context import Hub
+from hub.endpoints.manager import EndpointManager
+from hub.errors import HubError
+
+API = "/api/v1"
+
+
+def create_app(config: HubConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # opening the database and creating keys is blocking work: keep it off the event loop
+        hub = await run_in_threadpool(Hub, config)
+        app.state.hub = hub
+        app.state.endpoints = EndpointManager(hub)
+        hub.start()
+        app.state.endpoints.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(app.state.endpoints.stop)
+            await run_in_threadpool(hub.stop)
+
+    app = FastAPI(title="edgefleet hub", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # /docs is served from vendored files (hub/console): works offline
+
+    @app.exception_handler(HubError)
+    async def hub_error(request: Request, exc: HubError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    for router in (admin.router, models.router, modules.router, fleet.router, device.router, deployments.router,
+                   deployments.rollouts,
+                   monitoring.router):
+        app.include_router(router, prefix=API)
+    app.include_router(endpoints.router, prefix=API)
+    app.include_router(monitoring.ops)
+    mount_console(app)
+    return app

@@ -1,0 +1,1 @@
+"""HTTP routes, one small module per area; their dependencies (hub, roles, device) come from ``hub/api/deps.py``."""

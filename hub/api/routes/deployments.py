@@ -1,0 +1,121 @@
+"""Deployments (revisioned) and their rollouts."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from hub.api.deps import Principal, get_hub, require
+from hub.context import Hub
+from hub.rollout.deployments import device_bake
+
+router = APIRouter(prefix="/deployments", tags=["deployments"])
+rollouts = APIRouter(prefix="/rollouts", tags=["rollouts"])
+
+
+class RolloutOptions(BaseModel):
+    strategy: str = Field(default="all", description='"all", "canary:N", "canary:P%" or "waves:1,10,50,100"')
+    bake_s: float = Field(default=0.0, ge=0, description="seconds each wave runs before its gates are checked")
+    gates: dict[str, float | None] | None = Field(
+        default=None, description="max_install_failure_rate (default 0), max_error_rate, max_p95_increase, min_reporting")
+    on_failure: Literal["rollback", "halt"] = "rollback"
+    wave_timeout_s: float = Field(default=600.0, gt=0, description="longest a wave waits for its devices to install")
+    collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000, description="override the module's sampling")
+
+    def kwargs(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class DeviceBake(BaseModel):
+    """On-device probation after the health check (protocol BakePolicy): each device rolls back by itself."""
+
+    device_bake_s: int | None = Field(default=None, ge=0, le=7 * 86_400,
+                                      description="seconds each device watches the new version; 0 or absent: none")
+    device_max_error_rate: float = Field(default=0.05, ge=0, le=1, description="roll back above this error rate")
+    device_min_inferences: int = Field(default=20, ge=1, description="inferences needed before the rate decides")
+
+    def device_bake(self) -> dict[str, int] | None:
+        return device_bake(self.device_bake_s, self.device_max_error_rate, self.device_min_inferences)
+
+
+BAKE_FIELDS = {"device_bake_s", "device_max_error_rate", "device_min_inferences"}
+
+
+class DeploymentRequest(RolloutOptions, DeviceBake):
+    name: str = Field(min_length=1, max_length=64)
+    module: str = Field(description='"module:version"')
+    target: str = Field(default="*", description='"*", "id1,id2" or "key=value,key2!=value2"')
+    priority: int = 0
+
+
+class DeploymentUpdate(RolloutOptions, DeviceBake):
+    module: str | None = None
+    target: str | None = None
+    priority: int | None = None
+
+
+@router.post("")
+def put_deployment(body: DeploymentRequest, hub: Hub = Depends(get_hub),
+                   who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Create or change: a new revision, rolled out by ``strategy``; matching devices get new signed desired states."""
+    opts = body.model_dump(exclude={"name", "module", "target", "priority", *BAKE_FIELDS})
+    return hub.deployments.put(body.name, body.module, body.target, body.priority, actor=who.name,
+                               device_bake=body.device_bake(), **opts)
+
+
+@router.patch("/{name}")
+def update_deployment(name: str, body: DeploymentUpdate, hub: Hub = Depends(get_hub),
+                      who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """A new revision changing only the fields given (e.g. the module version); starts a rollout."""
+    opts = body.model_dump(exclude={"module", "target", "priority", *BAKE_FIELDS})
+    if body.device_bake_s is not None:  # absent: the latest revision's bake stays
+        opts["device_bake"] = body.device_bake()
+    return hub.deployments.update(name, body.module, body.target, body.priority, actor=who.name, **opts)
+
+
+@router.get("", dependencies=[Depends(require("viewer"))])
+def list_deployments(hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    return hub.deployments.list()
+
+
+@router.get("/{name}", dependencies=[Depends(require("viewer"))])
+def get_deployment(name: str, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    return hub.deployments.get(name)
+
+
+@router.get("/{name}/revisions", dependencies=[Depends(require("viewer"))])
+def deployment_revisions(name: str, hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    return hub.deployments.revisions(name)
+
+
+@router.delete("/{name}")
+def delete_deployment(name: str, hub: Hub = Depends(get_hub),
+                      who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Deactivate; devices drop the module unless another deployment provides it."""
+    return hub.deployments.delete(name, actor=who.name)
+
+
+@rollouts.get("", dependencies=[Depends(require("viewer"))])
+def list_rollouts(deployment: str | None = None, hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    return hub.rollouts.list(deployment)
+
+
+@rollouts.get("/{deployment}", dependencies=[Depends(require("viewer"))])
+def rollout_status(deployment: str, id: int | None = None, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """The latest rollout of a deployment (or rollout ``id``): state, counts by device state, devices, last gate."""
+    return hub.rollouts.status(deployment, id)
+
+
+class RollbackRequest(BaseModel):
+    to_revision: int | None = Field(default=None, ge=1, description="default: the live rollout, else the previous one")
+
+
+@rollouts.post("/{deployment}/{action}")
+def rollout_action(deployment: str, action: Literal["pause", "resume", "abort", "rollback"],
+                   body: RollbackRequest | None = None, hub: Hub = Depends(get_hub),
+                   who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    if action == "rollback":
+        return hub.deployments.rollback(deployment, body.to_revision if body else None, who.name)
+    return getattr(hub.rollouts, action)(deployment, who.name)

@@ -1,0 +1,77 @@
+"""Web endpoints: deploy a module as an HTTP scoring service, split traffic, rotate keys.
+
+Scoring itself is served by each endpoint's own gateway process (its ``url``), not by the hub.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from hub.api.deps import get_endpoints as manager
+from hub.api.deps import require
+from hub.endpoints.manager import EndpointManager
+
+router = APIRouter(prefix="/endpoints", tags=["endpoints"])
+
+
+class EndpointRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    module: str = Field(description='"module:version"')
+    replicas: int | None = Field(default=None, ge=1, le=64, description="worker processes per version")
+    max_batch: int | None = Field(default=None, ge=1, le=4096, description="requests per batched model call")
+    max_wait_ms: float | None = Field(default=None, ge=0, le=1000, description="how long a batch may wait to fill")
+    traffic: float | None = Field(default=None, ge=0, le=100,
+                                  description="add the module beside the current version(s) with this percentage; "
+                                              "leave out to replace them (explicit update)")
+
+
+class TrafficRequest(BaseModel):
+    weights: dict[str, float] = Field(default_factory=dict, description='{"module:version": weight}')
+    mirror: dict[str, float] = Field(default_factory=dict, description='{"module:version": share 0-1 mirrored}')
+
+
+class KeyRequest(BaseModel):
+    regenerate: str = Field(pattern="^(primary|secondary)$")
+
+
+# the manager's calls block (starting processes, health checks): keep them off the event loop
+
+@router.post("", dependencies=[Depends(require("operator"))])
+async def deploy(body: EndpointRequest, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+    """Create or update; returns once the new version passed its health check and takes traffic."""
+    return await run_in_threadpool(m.deploy, body.name, body.module, body.replicas, body.max_batch, body.max_wait_ms,
+                                   body.traffic)
+
+
+@router.get("", dependencies=[Depends(require("viewer"))])
+def list_endpoints(m: EndpointManager = Depends(manager)) -> list[dict[str, Any]]:
+    return m.list()
+
+
+@router.get("/{name}", dependencies=[Depends(require("viewer"))])
+def get_endpoint(name: str, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+    return m.get(name)
+
+
+@router.post("/{name}/traffic", dependencies=[Depends(require("operator"))])
+async def set_traffic(name: str, body: TrafficRequest, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+    return await run_in_threadpool(m.set_traffic, name, body.weights, body.mirror)
+
+
+@router.get("/{name}/keys", dependencies=[Depends(require("operator"))])
+def get_keys(name: str, m: EndpointManager = Depends(manager)) -> dict[str, str]:
+    return m.keys(name)
+
+
+@router.post("/{name}/keys", dependencies=[Depends(require("operator"))])
+async def regenerate_key(name: str, body: KeyRequest, m: EndpointManager = Depends(manager)) -> dict[str, str]:
+    return await run_in_threadpool(m.regenerate, name, body.regenerate)
+
+
+@router.delete("/{name}", dependencies=[Depends(require("operator"))])
+async def delete_endpoint(name: str, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+    return await run_in_threadpool(m.delete, name)

@@ -1,0 +1,121 @@
+"""The model registry over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+
+from hub.api.deps import Principal, get_hub, require
+from hub.context import Hub
+from hub.errors import Invalid
+from hub.registry.models import MAX_LIMIT, Upload, parse_tags
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+def _form_tags(values: list[str]) -> dict[str, str]:
+    """Each value is ``k=v`` or a JSON object of tags."""
+    tags: dict[str, str] = {}
+    for value in values:
+        if value.lstrip().startswith("{"):
+            try:
+                parsed = json.loads(value)
+            except ValueError as exc:
+                raise Invalid(f"tags is not a JSON object: {exc}") from None
+            if not isinstance(parsed, dict):
+                raise Invalid("tags must be a JSON object")
+            tags.update({str(k): str(v) for k, v in parsed.items()})
+        else:
+            tags.update(parse_tags([value]))
+    return tags
+
+
+def _json_object(field: str, value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise Invalid(f"{field} is not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise Invalid(f"{field} must be a JSON object")
+    return parsed
+
+
+@router.post("")
+def register_model(
+    name: str = Form(...),
+    files: list[UploadFile] = File(...),
+    tag: list[str] = Form(default=[]),
+    tags: list[str] = Form(default=[]),
+    description: str = Form(default=""),
+    properties: str = Form(default="", description="JSON object of free-form properties"),
+    parent: str = Form(default="", description="lineage: NAME:VERSION (or VERSION of this model)"),
+    dataset: str = Form(default="", description="lineage: dataset reference"),
+    training_run: str = Form(default="", description="lineage: training-run reference"),
+    baseline: str = Form(default="", description="JSON object: baseline statistics for drift monitoring"),
+    baseline_file: UploadFile | None = File(default=None, description="baseline statistics or reference data"),
+    hub: Hub = Depends(get_hub),
+    who: Principal = Depends(require("operator")),
+) -> dict[str, Any]:
+    """Register model files as version N+1 of ``name``; the main file is loaded in its runtime first."""
+    uploads = [Upload(f.filename or "", f.file) for f in files]
+    if baseline and baseline_file is not None:
+        raise Invalid("give baseline or baseline_file, not both")
+    baseline_stream = baseline_file.file if baseline_file is not None else None
+    if baseline:
+        _json_object("baseline", baseline)
+        baseline_stream = io.BytesIO(baseline.encode())
+    return hub.registry.register(
+        name, uploads, _form_tags(tag + tags), description, who.name,
+        properties=_json_object("properties", properties) if properties else None,
+        lineage={"parent": parent, "dataset": dataset, "training_run": training_run}, baseline=baseline_stream)
+
+
+@router.get("", dependencies=[Depends(require("viewer"))])
+def list_models(response: Response, name: str | None = None, tag: list[str] = Query(default=[]),
+                framework: str | None = None, limit: int = Query(default=100, ge=1, le=MAX_LIMIT),
+                offset: int = Query(default=0, ge=0), hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    """Newest first; ``tag=k=v`` repeats (all must match). The total is in the ``X-Total-Count`` header."""
+    page, total = hub.registry.search(name, parse_tags(tag), framework, limit, offset)
+    response.headers["X-Total-Count"] = str(total)
+    return page
+
+
+class ModelPatch(BaseModel):
+    tags: dict[str, str] = Field(default_factory=dict, description="tags to set")
+    remove_tags: list[str] = Field(default_factory=list, description="tag keys to remove")
+    description: str | None = None
+    properties: dict[str, Any] | None = Field(default=None, description="merged in; a null value removes the key")
+
+
+@router.patch("/{name}/versions/{version}", dependencies=[Depends(require("operator"))])
+def patch_model(name: str, version: int, body: ModelPatch, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Edit tags, description and properties (files, signature and lineage never change)."""
+    return hub.registry.update(name, version, body.tags, body.remove_tags, body.description, body.properties)
+
+
+@router.delete("/{name}/versions/{version}")
+def delete_model(name: str, version: int, hub: Hub = Depends(get_hub),
+                 who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Delete a version; 409 naming the deployments while one uses a module built from it."""
+    return hub.registry.delete(name, version, who.name)
+
+
+@router.get("/{name}/versions/{version}/baseline", dependencies=[Depends(require("viewer"))])
+def download_baseline(name: str, version: int, hub: Hub = Depends(get_hub)) -> FileResponse:
+    return FileResponse(hub.registry.baseline_path(name, version), media_type="application/octet-stream")
+
+
+@router.get("/{name}/versions/{version}", dependencies=[Depends(require("viewer"))])
+def get_model(name: str, version: int, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    return hub.registry.get(name, version)
+
+
+@router.get("/{name}/versions/{version}/files/{path:path}", dependencies=[Depends(require("viewer"))])
+def download_model_file(name: str, version: int, path: str, hub: Hub = Depends(get_hub)) -> FileResponse:
+    return FileResponse(hub.registry.file_path(name, version, path), filename=path.rsplit("/", 1)[-1],
+                        media_type="application/octet-stream")

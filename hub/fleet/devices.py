@@ -1,0 +1,245 @@
+"""Fleet: enrolment tokens, device enrolment, and the device views the API shows."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from hub.audit import record
+from hub.errors import Conflict, Forbidden, Invalid, NotFound
+from hub.fleet.broker_auth import mosquitto_hash
+from hub.ingest.writer import EnrolledCache
+from hub.monitoring.timeseries import device_totals
+from hub.rollout.director import Director
+from hub.store import Database, dumps, loads, now
+from hub.trust.keys import KeyRing
+from hub.trust.tokens import hash_token
+from protocol.encoding import ProtocolError
+from protocol.topics import Channel, check_device_id, device_topic
+
+log = logging.getLogger("edgefleet.hub.fleet")
+
+MAX_TOKEN_USES = 1_000_000
+MAX_BATCH = 1000  # devices per bulk enrolment request
+
+INSTALLING = {"downloading", "verifying", "staged", "activating", "health_check", "baking"}
+FAILED = {"failed", "rolled_back", "rolling_back"}
+
+
+# the progress buckets operators see (rollout status, deployment counts), from the agent's install states
+CATEGORY = {"pending": "pending", "downloading": "downloading", "verifying": "installing", "staged": "installing",
+            "activating": "installing", "health_check": "installing", "baking": "installing", "running": "running",
+            "failed": "failed",
+            "rolling_back": "rolled_back", "rolled_back": "rolled_back"}
+
+
+def category(state: str) -> str:
+    return CATEGORY.get(state, state)
+
+
+def bundle_state(reported: dict[str, Any] | None, bundle: str) -> tuple[str, str]:
+    """What a device reports for ``bundle``: (state, error); ("pending", "") if it does not mention it."""
+    for m in (reported or {}).get("modules", []):
+        if m.get("bundle") == bundle:
+            return m.get("state", "pending"), m.get("error", "")
+    return "pending", ""
+
+
+def module_views(desired: list[dict[str, Any]], reported: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each desired module with the state the device reports for that bundle ("pending" until it does)."""
+    reports = {m["name"]: m for m in (reported or {}).get("modules", [])}
+    views = []
+    for d in desired:
+        r = reports.pop(d["name"], None)
+        same = r is not None and r["bundle"] == d["bundle"]
+        views.append({"name": d["name"], "version": d["version"], "bundle": d["bundle"], "deployment": d["deployment"],
+                      "state": r["state"] if same else "pending", "error": r.get("error", "") if same else ""})
+    # modules the device still runs or reports but no longer should
+    views += [{"name": r["name"], "version": r["version"], "bundle": r["bundle"], "deployment": "",
+               "state": r["state"], "error": r.get("error", "")} for r in reports.values()]
+    return views
+
+
+def summarize(desired: list[dict[str, Any]], views: list[dict[str, Any]]) -> str:
+    if not desired:
+        return "idle"
+    states = [v["state"] for v in views if v["deployment"]]
+    if any(s in FAILED for s in states):
+        return "failed"
+    if all(s == "running" for s in states):
+        return "running"
+    if any(s in INSTALLING for s in states):
+        return "installing"
+    return "pending"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+class Fleet:
+    def __init__(self, db: Database, keys: KeyRing, director: Director, device_mqtt_url: str,
+                 broker_ca_pem: str | None = None) -> None:
+        self.db, self.keys, self.director, self.device_mqtt_url = db, keys, director, device_mqtt_url
+        self.broker_ca_pem = broker_ca_pem  # handed to devices at enrolment so they pin the broker's CA
+        self.enrolled = EnrolledCache(db)  # the per-message check on the MQTT thread
+        self.on_credentials_changed: Callable[[], None] = lambda: None  # isolation: rewrite the broker's files
+
+    def broker_credentials(self) -> list[tuple[str, str]]:
+        """(device id, mosquitto $7$ hash) of every enrolled device, for the broker's password file."""
+        return [(r["id"], r["mqtt_password_mosq"]) for r in self.db.query(
+            "SELECT id, mqtt_password_mosq FROM devices WHERE mqtt_password_mosq IS NOT NULL ORDER BY id")]
+
+    def set_labels(self, device_id: str, set_: dict[str, str], unset: list[str], actor: str) -> dict[str, Any]:
+        """Change labels; the device's desired state follows (deployments select by label)."""
+        for k in [*set_, *unset]:
+            if not k or "=" in k or "," in k or "!" in k:
+                raise Invalid(f"label key {k!r} is not usable in a selector")
+        with self.db.transaction() as tx:
+            row = self.db.one("SELECT labels FROM devices WHERE id = ?", (device_id,))
+            if row is None:
+                raise NotFound(f"device {device_id!r} is not enrolled")
+            labels = {k: v for k, v in loads(row["labels"], {}).items() if k not in unset} | set_
+            tx.execute("UPDATE devices SET labels = ? WHERE id = ?", (dumps(labels), device_id))
+            record(self.db, actor, "device.labels", device_id, set=set_, unset=unset)
+        self.director.sync([device_id])
+        return self.device(device_id)
+
+    def decommission(self, device_id: str, actor: str) -> dict[str, Any]:
+        """Forget the device and revoke its broker login now; clear its retained topics."""
+        self.enrolled.forget(device_id)
+        with self.db.transaction() as tx:
+            if tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount == 0:
+                raise NotFound(f"device {device_id!r} is not enrolled")
+            tx.execute("DELETE FROM rollout_devices WHERE device = ?", (device_id,))
+            record(self.db, actor, "device.decommissioned", device_id)
+        self.on_credentials_changed()
+        for channel in (Channel.DESIRED, Channel.REPORTED, Channel.STATUS):
+            self.director.publish(device_topic(device_id, channel), b"", 1, True)  # empty retained: deleted
+        log.info("decommissioned device %s", device_id)
+        return {"id": device_id, "decommissioned": True}
+
+    def create_enrollment_tokens(self, count: int, labels: dict[str, str], expires_in: int,
+                                 uses: int = 1) -> dict[str, Any]:
+        """``count`` tokens, each good for ``uses`` enrolments (>1: a group token for fleet provisioning)."""
+        if not 1 <= count <= 10_000 or expires_in <= 0 or not 1 <= uses <= MAX_TOKEN_USES:
+            raise Invalid(f"count must be 1..10000, uses 1..{MAX_TOKEN_USES} and expires_in positive")
+        expires_at = now() + expires_in
+        tokens = [secrets.token_urlsafe(24) for _ in range(count)]
+        with self.db.transaction() as tx:
+            tx.insert_many("enrollment_tokens", ("token_hash", "labels", "expires_at", "uses"),
+                           [(hash_token(t), dumps(labels), expires_at, uses) for t in tokens])
+        return {"tokens": tokens, "expires_at": expires_at, "uses": uses}
+
+    def enroll(self, token: str, device_id: str | None, facts: dict[str, str]) -> dict[str, Any]:
+        """Spend one use of a token: create the device, hand it credentials and the root of trust."""
+        [device] = self.enroll_many(token, [(device_id, facts)])["devices"]
+        return {"device_id": device["device_id"], "mqtt_url": self.device_mqtt_url,
+                "mqtt_username": device["mqtt_username"], "mqtt_password": device["mqtt_password"],
+                "root": self.keys.root_envelope, "hub_time": time.time(),
+                **({"broker_ca": self.broker_ca_pem} if self.broker_ca_pem else {})}
+
+    def enroll_many(self, token: str, devices: list[tuple[str | None, dict[str, str]]]) -> dict[str, Any]:
+        """Enrol several devices with one token (one use each) in one transaction: all or none.
+
+        One broker reload and one desired-state pass for the lot, which is what makes provisioning a
+        large fleet (a factory line, the simulator) cheap. Returns the shared broker URL, root and
+        clock, and each device's id and broker credentials.
+        """
+        if not 1 <= len(devices) <= MAX_BATCH:
+            raise Invalid(f"enrol 1..{MAX_BATCH} devices per request, not {len(devices)}")
+        ids = [d for d, _ in devices if d is not None]
+        for d in ids:
+            try:
+                check_device_id(d)
+            except ProtocolError as exc:
+                raise Invalid(str(exc)) from None
+        if len(set(ids)) != len(ids):
+            raise Invalid("a device id appears twice in the request")
+        rows, out = [], []
+        with self.db.transaction() as tx:
+            tok = self.db.one("SELECT * FROM enrollment_tokens WHERE token_hash = ?", (hash_token(token),))
+            if tok is None:
+                raise Forbidden("enrolment token is not valid: the hub never issued it")
+            left = tok["uses"] - tok["used"]
+            if left <= 0:
+                raise Forbidden(f"enrolment token was already used (by device {tok['used_by']}); tokens are single-use"
+                                if tok["uses"] == 1 else f"enrolment token is used up (all {tok['uses']} uses)")
+            if left < len(devices):
+                raise Forbidden(f"enrolment token has {left} use(s) left, not {len(devices)}")
+            if tok["expires_at"] <= now():
+                raise Forbidden(f"enrolment token expired at {_iso(tok['expires_at'])}")
+            taken = [r["id"] for i in range(0, len(ids), 500) for r in self.db.query(
+                f"SELECT id FROM devices WHERE id IN ({','.join('?' * len(ids[i:i + 500]))})", tuple(ids[i:i + 500]))]
+            if taken:
+                raise Conflict(f"device id {taken[0]!r} is already enrolled" + (f" (and {len(taken) - 1} more)"
+                                                                                if len(taken) > 1 else ""))
+            labels, ts = loads(tok["labels"], {}), now()
+            chosen = set(ids)
+            for device_id, facts in devices:
+                if device_id is None:
+                    while (device_id := self._fresh_id()) in chosen:
+                        pass
+                    chosen.add(device_id)
+                password = secrets.token_urlsafe(24)
+                rows.append((device_id, tok["labels"], dumps(facts), ts, hash_token(password), mosquitto_hash(password)))
+                out.append({"device_id": device_id, "mqtt_username": device_id, "mqtt_password": password})
+            tx.insert_many("devices", ("id", "labels", "facts", "created_at", "mqtt_password_hash",
+                                       "mqtt_password_mosq"), rows)
+            tx.execute("UPDATE enrollment_tokens SET used = used + ?, used_by = ? WHERE token_hash = ?",
+                       (len(rows), rows[-1][0], tok["token_hash"]))
+            for r in rows:
+                record(self.db, f"device:{r[0]}", "device.enrolled", r[0], labels=labels)
+        log.info("enrolled %s", rows[0][0] if len(rows) == 1 else f"{len(rows)} devices")
+        self.on_credentials_changed()  # before answering: the device connects as soon as it has its password
+        self.director.sync([r[0] for r in rows])
+        return {"devices": out, "mqtt_url": self.device_mqtt_url, "root": self.keys.root_envelope,
+                "hub_time": time.time(), **({"broker_ca": self.broker_ca_pem} if self.broker_ca_pem else {})}
+
+    def _fresh_id(self) -> str:
+        while True:
+            candidate = f"dev-{secrets.token_hex(4)}"
+            if self.db.one("SELECT 1 FROM devices WHERE id = ?", (candidate,)) is None:
+                return candidate
+
+    def is_enrolled(self, device_id: str) -> bool:
+        return self.enrolled(device_id)
+
+    def _views(self, where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        totals = device_totals(self.db, params[0] if params else None)
+        out = []
+        for row in self.db.query("SELECT * FROM devices" + where + " ORDER BY id", params):
+            desired = loads(row["desired"], [])
+            reported = loads(row["reported"])
+            views = module_views(desired, reported)
+            inferences, errors = totals.get(row["id"], (0, 0))
+            out.append({
+                "id": row["id"], "online": bool(row["online"]), "state": summarize(desired, views),
+                "labels": loads(row["labels"], {}), "facts": loads(row["facts"], {}), "last_seen": row["last_seen"],
+                "revision": row["revision"], "reported_revision": (reported or {}).get("revision"),
+                "error": (reported or {}).get("error", ""), "modules": views,
+                "inferences": inferences, "errors": errors,
+            })
+        return out
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self._views()
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        found = self._views(" WHERE id = ?", (device_id,))
+        if not found:
+            raise NotFound(f"device {device_id!r} is not enrolled")
+        return found[0]
+
+    def summary(self) -> dict[str, Any]:
+        devices = self.devices()
+        by_state: dict[str, int] = {}
+        for d in devices:
+            by_state[d["state"]] = by_state.get(d["state"], 0) + 1
+        return {"devices": len(devices), "online": sum(d["online"] for d in devices),
+                "inferences": sum(d["inferences"] for d in devices), "errors": sum(d["errors"] for d in devices),
+                "by_state": by_state}

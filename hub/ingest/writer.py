@@ -1,0 +1,142 @@
+"""Batched writes for the hot paths (telemetry, sampled data): one transaction per batch, off the MQTT thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hub.ingest import telemetry as store
+from hub.store import Database, dumps
+from protocol.messages import DataBatch, TelemetryBatch
+from protocol.topics import Channel, device_wildcard
+
+log = logging.getLogger("edgefleet.hub.ingest")
+
+TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/ingest/telemetry.py), not SQL parameters
+DATA_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+ENROLLED_TTL_S = 5.0  # how long a "not enrolled" answer is trusted before asking the database again
+
+# Telemetry and collected data may be spread over several ingest processes through one MQTT 5
+# shared-subscription group: the broker hands each message to one member.
+INGEST_CHANNELS = (Channel.TELEMETRY, Channel.DATA)
+SHARE_GROUP = "edgefleet-ingest"
+
+
+def shared_wildcard(channel: Channel) -> str:
+    return f"$share/{SHARE_GROUP}/{device_wildcard(channel)}"
+
+
+class EnrolledCache:
+    """Is a device enrolled? Asked once per ingested message, so answered from memory where it can be.
+
+    A "yes" is kept until :meth:`forget` (decommission; other processes rely on the broker cutting
+    the device's login), a "no" for ``ttl_s`` so a device enrolled a moment ago is let in soon.
+    """
+
+    def __init__(self, db: Database, ttl_s: float = ENROLLED_TTL_S) -> None:
+        self.db, self.ttl_s = db, ttl_s
+        self._known: set[str] = set()
+        self._unknown: dict[str, float] = {}
+
+    def __call__(self, device_id: str) -> bool:
+        if device_id in self._known:
+            return True
+        if time.monotonic() < self._unknown.get(device_id, 0.0):
+            return False
+        if self.db.one("SELECT 1 FROM devices WHERE id = ?", (device_id,)) is not None:
+            self._known.add(device_id)
+            self._unknown.pop(device_id, None)
+            return True
+        self._unknown[device_id] = time.monotonic() + self.ttl_s
+        return False
+
+    def forget(self, device_id: str) -> None:
+        self._known.discard(device_id)
+
+
+def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
+    return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output))
+            for i, r in enumerate(msg.records)]
+
+
+class BatchWriter:
+    """Collects rows for up to ``flush_s`` or ``batch_rows`` rows, then commits them together.
+
+    A telemetry batch is one row (its points packed) plus its rollups. ``ON CONFLICT DO NOTHING``
+    on the (device, seq, …) keys drops replays (QoS 1 redelivery, an agent resending its
+    outbox), so ``on_telemetry_rows`` hears only new points.
+    """
+
+    def __init__(self, db: Database, flush_s: float, batch_rows: int,
+                 on_telemetry_rows: Callable[[int], None] = lambda n: None) -> None:
+        self.db, self.flush_s, self.batch_rows = db, flush_s, batch_rows
+        self.on_telemetry_rows = on_telemetry_rows
+        self._thread = threading.Thread(target=self._run, name="hub-ingest-writer", daemon=True)
+        # Producers only append under the lock; the writer wakes every flush_s, or early for a full batch.
+        # (A queue.get per message woke the writer for every message: a thread switch each, on one GIL.)
+        self._items: list[tuple[str, list[tuple[Any, ...]]]] = []
+        self._rows = 0  # rows in _items
+        self._pending = 0  # row sets queued but not yet committed
+        self._stopping = False
+        self._cond = threading.Condition()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then end the thread."""
+        if self._thread.is_alive():
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._thread.join(timeout)
+
+    def telemetry(self, msg: TelemetryBatch) -> None:
+        packed = store.pack(msg)  # here, on the caller's thread: the writer thread only talks to SQLite
+        if packed is not None:
+            self._put(TELEMETRY, [packed])
+
+    def data(self, rows: list[tuple[Any, ...]]) -> None:
+        self._put(DATA_SQL, rows)
+
+    def _put(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        with self._cond:
+            self._items.append((sql, rows))
+            self._pending += 1
+            self._rows += len(rows)
+            if self._rows >= self.batch_rows:
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once everything queued so far is committed."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._rows >= self.batch_rows, self.flush_s)
+                batch, self._items, self._rows = self._items, [], 0
+                stopping = self._stopping
+            if batch:
+                self._write(batch)
+                with self._cond:
+                    self._pending -= len(batch)
+                    self._cond.notify_all()
+            if stopping:
+                return
+
+    def _write(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        try:
+            with self.db.transaction() as tx:
+                for sql, rows in batch:
+                    if sql is not TELEMETRY:
+                        tx.executemany(sql, rows)
+                new_telemetry = store.store(tx, (p for sql, rows in batch if sql is TELEMETRY for p in rows))
+            self.on_telemetry_rows(new_telemetry)
+        except Exception:  # a failed batch must not end the writer; the rows are lost and said so
+            log.exception("could not write a batch of %d row set(s)", len(batch))

@@ -1,0 +1,100 @@
+"""The hub's Prometheus ``/metrics``: fleet, MQTT bridge, ingest, rollout, alert and endpoint families."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hub.context import Hub
+from hub.monitoring.prom import Exposition
+
+if TYPE_CHECKING:
+    from hub.endpoints.manager import EndpointManager
+from protocol.topics import DEVICE_TO_HUB
+
+
+def render(hub: Hub, endpoints: EndpointManager | None = None) -> str:
+    out = Exposition()
+    _bridge(hub, out)
+    _rollouts(hub, out)
+    _alerts(hub, out)
+    if endpoints is not None:
+        _endpoints(endpoints, out)
+    return out.render()
+
+
+def _bridge(hub: Hub, out: Exposition) -> None:
+    bridge = hub.bridge
+    # every device channel appears, at zero too, so rate() works from the first scrape
+    channels = sorted({ch.value for ch in DEVICE_TO_HUB} | set(bridge.received) | set(bridge.rejected))
+    out.family("edgefleet_hub_messages_received_total", "counter", "MQTT messages received from devices.",
+               [({"channel": c}, bridge.received.get(c, 0)) for c in channels])
+    out.family("edgefleet_hub_messages_rejected_total", "counter", "MQTT messages refused (invalid, unknown device, ...).",
+               [({"channel": c}, bridge.rejected.get(c, 0)) for c in channels])
+    total = hub.db.scalar("SELECT count(*) FROM devices") or 0
+    online = hub.db.scalar("SELECT count(*) FROM devices WHERE online = 1") or 0
+    out.family("edgefleet_hub_devices", "gauge", "Enrolled devices by connection state.",
+               [({"state": "online"}, online), ({"state": "offline"}, total - online)])
+    out.family("edgefleet_hub_telemetry_rows_total", "counter", "Telemetry points stored (replays not counted).",
+               [({}, bridge.telemetry_rows)])
+    out.family("edgefleet_hub_blob_bytes_sent_total", "counter", "Bundle bytes published over MQTT.",
+               [({}, bridge.blob_bytes_sent)])
+    downloads = hub.downloads
+    out.family("edgefleet_hub_device_http_bytes_sent_total", "counter", "Bundle chunk bytes devices downloaded over HTTP.",
+               [({}, downloads.bytes_sent)])
+    out.family("edgefleet_hub_device_http_chunks_total", "counter", "Chunks (or their remainders) served over HTTP.",
+               [({}, downloads.chunks_served)])
+    out.family("edgefleet_hub_device_http_refused_total", "counter", "Device HTTP requests refused, by reason.",
+               [({"reason": r}, downloads.refused.get(r, 0)) for r in sorted(
+                   {"no_credentials", "unknown_device", "wrong_password", "decommissioned", "not_found"}
+                   | set(downloads.refused))])
+    out.family("edgefleet_hub_mqtt_connected", "gauge", "1 while the hub is connected and subscribed.",
+               [({}, 1 if bridge.connected else 0)])
+    if hub.config.ingest_workers:  # the workers save their counters in the database every second
+        workers = hub.db.query("SELECT idx, received, rejected FROM ingest_workers ORDER BY idx")
+        out.family("edgefleet_hub_ingest_worker_messages_total", "counter", "Messages handled by each ingest worker.",
+                   [({"worker": str(w["idx"]), "outcome": o}, w[o]) for w in workers for o in ("received", "rejected")])
+
+
+def _rollouts(hub: Hub, out: Exposition) -> None:
+    phases = hub.db.query("SELECT state, count(*) AS n FROM rollouts GROUP BY state ORDER BY state")
+    out.family("edgefleet_hub_rollouts", "gauge", "Rollouts by phase (all time; terminal phases included).",
+               [({"phase": r["state"]}, r["n"]) for r in phases])
+    samples: list[tuple[dict[str, str], float]] = []
+    for d in hub.db.query("SELECT DISTINCT deployment FROM rollouts ORDER BY deployment"):
+        status = hub.rollouts.status(d["deployment"])  # the latest rollout of the deployment
+        samples.extend(({"deployment": d["deployment"], "state": state}, n)
+                       for state, n in sorted(status["counts"].items()))
+    out.family("edgefleet_hub_rollout_devices", "gauge",
+               "Devices of each deployment's latest rollout by state (pending, running, failed, ...).", samples)
+
+
+def _alerts(hub: Hub, out: Exposition) -> None:
+    firing = hub.db.query("SELECT rule, count(*) AS n FROM alert_state WHERE firing = 1 GROUP BY rule ORDER BY rule")
+    out.family("edgefleet_hub_alerts_firing", "gauge", "Alert keys currently firing, per rule.",
+               [({"rule": r["rule"]}, r["n"]) for r in firing])
+    hooks = hub.db.one("SELECT coalesce(sum(delivered), 0) AS ok, coalesce(sum(attempts - delivered), 0) AS failed "
+                       "FROM alert_events WHERE webhook IS NOT NULL")
+    out.family("edgefleet_hub_webhook_attempts_total", "counter", "Webhook delivery attempts by outcome.",
+               [({"outcome": "delivered"}, hooks["ok"] if hooks else 0),
+                ({"outcome": "failed"}, hooks["failed"] if hooks else 0)])
+
+
+def _endpoints(endpoints: EndpointManager, out: Exposition) -> None:
+    """Cloud endpoints: each gateway process keeps its own counters; ask each one (127.0.0.1, a few ms)."""
+    responses: list[tuple[dict[str, str], float]] = []
+    queued: list[tuple[dict[str, str], float]] = []
+    up: list[tuple[dict[str, str], float]] = []
+    latency = []
+    for name, gw in sorted(endpoints.gateways.items()):
+        status = gw.status() if gw.alive else {"error": "gateway not running"}
+        up.append(({"endpoint": name}, 0 if "error" in status else 1))
+        if "error" in status:
+            continue
+        responses.extend(({"endpoint": name, "code": code}, n) for code, n in status["responses"].items())
+        queued.extend(({"endpoint": name, "version": v["label"]}, v["queued"]) for v in status["versions"])
+        latency.extend(({"endpoint": name, "version": label}, h) for label, h in status.get("latency_ms", {}).items())
+    out.family("edgefleet_hub_endpoint_up", "gauge", "1 while the endpoint's gateway answers.", up)
+    out.family("edgefleet_hub_endpoint_responses_total", "counter", "Scoring responses by HTTP status code.", responses)
+    out.family("edgefleet_hub_endpoint_queued_requests", "gauge", "Requests waiting for a worker, per version.", queued)
+    out.histogram("edgefleet_hub_endpoint_latency_ms", "Successful scoring latency at the gateway, per version.",
+                  latency)

@@ -1,0 +1,208 @@
+"""Deployments: a module version aimed at a target, kept as numbered revisions; each change is a rollout.
+
+Creating or changing a deployment stores revision N+1 (earlier ones stay, for rollback) and
+hands it to the rollout controller with a strategy: all at once, a canary, or waves.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hub.audit import record
+from hub.errors import Conflict, Invalid, NotFound
+from hub.fleet.devices import category, module_views
+from hub.fleet.targeting import parse_target
+from hub.registry.bundles import parse_ref
+from hub.rollout.director import Director
+from hub.rollout.rollout_plan import ON_FAILURE, Gates, parse_strategy
+from hub.rollout.rollout_states import SUPERSEDED, display
+from hub.rollout.rollouts import Rollouts
+from hub.store import Database, dumps, loads, now
+from protocol.encoding import ProtocolError
+from protocol.messages import BakePolicy
+from protocol.schema import validate
+
+log = logging.getLogger("edgefleet.hub.deployments")
+
+DEFAULT_WAVE_TIMEOUT_S = 600.0
+
+
+def deployment_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {"name": row["name"], "module": f"{row['module_name']}:{row['module_version']}",
+            "module_name": row["module_name"], "module_version": row["module_version"], "bundle": row["digest"],
+            "target": row["target"], "priority": row["priority"], "created_at": row["created_at"],
+            "active": bool(row["active"]), "revision": row["revision"], "stable_revision": row["stable_revision"]}
+
+
+def revision_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {"revision": row["revision"], "module": f"{row['module_name']}:{row['module_version']}",
+            "bundle": row["digest"], "target": row["target"], "priority": row["priority"],
+            "collect_rate_ppm": row["collect_rate_ppm"], "device_bake": loads(row.get("device_bake")),
+            "created_at": row["created_at"], "created_by": row["created_by"]}
+
+
+def device_bake(seconds: int | None, max_error_rate: float = 0.05, min_inferences: int = 20) -> dict[str, int] | None:
+    """The per-device bake policy (protocol BakePolicy) of a deployment, or None for no bake (0 or None seconds)."""
+    if not seconds:
+        return None
+    policy = {"seconds": int(seconds), "max_error_ppm": round(max_error_rate * 1_000_000),
+              "min_inferences": int(min_inferences)}
+    try:
+        return validate(BakePolicy, policy).to_dict()
+    except ProtocolError as exc:
+        raise Invalid(f"device bake: {exc}") from None
+
+
+class Deployments:
+    def __init__(self, db: Database, director: Director, rollouts: Rollouts) -> None:
+        self.db, self.director, self.rollouts = db, director, rollouts
+        self._adopt_unrevisioned()
+
+    def _adopt_unrevisioned(self) -> None:
+        """Deployments from before revisions existed become revision 1, stable."""
+        with self.db.transaction() as tx:
+            for d in self.db.query("SELECT * FROM deployments WHERE name NOT IN"
+                                   " (SELECT deployment FROM deployment_revisions)"):
+                tx.execute("INSERT INTO deployment_revisions (deployment, revision, module_name, module_version, digest,"
+                           " target, priority, created_at) VALUES (?, 1, ?, ?, ?, ?, ?, ?)",
+                           (d["name"], d["module_name"], d["module_version"], d["digest"], d["target"], d["priority"],
+                            d["created_at"]))
+                tx.execute("UPDATE deployments SET revision = 1, stable_revision = 1 WHERE name = ?", (d["name"],))
+
+    def put(self, name: str, module: str, target: str, priority: int = 0, *, strategy: str = "all",
+            bake_s: float = 0.0, gates: dict[str, Any] | None = None, on_failure: str = "rollback",
+            collect_rate_ppm: int | None = None, wave_timeout_s: float = DEFAULT_WAVE_TIMEOUT_S,
+            device_bake: dict[str, int] | None = None, actor: str = "", note: str = "") -> dict[str, Any]:
+        """Create or change deployment ``name``: a new revision rolled out by ``strategy``.
+
+        ``device_bake`` (see :func:`device_bake`): each device keeps the new version on probation for that long,
+        watching its error rate, and rolls back by itself past the threshold.
+
+        Asking for exactly what the latest revision already is changes nothing (``published`` 0).
+        """
+        if not name or len(name) > 64:
+            raise Invalid("deployment name must be 1-64 characters")
+        parse_target(target)
+        waves = parse_strategy(strategy)
+        gate_set = Gates.from_json(gates)
+        if on_failure not in ON_FAILURE:
+            raise Invalid(f"on_failure must be one of {ON_FAILURE}")
+        if bake_s < 0 or wave_timeout_s <= 0:
+            raise Invalid("bake must be >= 0 and wave_timeout positive")
+        if collect_rate_ppm is not None and not 0 <= collect_rate_ppm <= 1_000_000:
+            raise Invalid("collect_rate_ppm must be 0..1000000")
+        module_name, version = parse_ref(module)
+        row = self.db.one("SELECT digest FROM modules WHERE name = ? AND version = ?", (module_name, version))
+        if row is None:
+            raise Invalid(f"module {module} does not exist: build it first (POST /api/v1/modules)")
+        try:
+            bake_json = dumps(validate(BakePolicy, device_bake).to_dict()) if device_bake else None
+        except ProtocolError as exc:
+            raise Invalid(f"device bake: {exc}") from None
+        with self.db.transaction() as tx:
+            cur = self.db.one("SELECT * FROM deployments WHERE name = ?", (name,))
+            latest = cur and self.db.one("SELECT * FROM deployment_revisions WHERE deployment = ? AND revision = ?",
+                                         (name, cur["revision"]))
+            same = latest and (latest["digest"], latest["target"], latest["priority"], latest["collect_rate_ppm"],
+                               latest["device_bake"]) == (row["digest"], target, priority, collect_rate_ppm, bake_json)
+            # the same again is a no-op while that revision is stable or rolling out; after an abort it is a retry
+            if cur and cur["active"] and same and (cur["stable_revision"] == cur["revision"] or any(
+                    r["revision"] == cur["revision"] for r in self.rollouts._live(name))):
+                return self.get(name) | {"published": 0, "rollout": None}
+            revision = (cur["revision"] + 1) if cur else 1
+            t = now()
+            tx.execute("INSERT INTO deployment_revisions (deployment, revision, module_name, module_version, digest,"
+                       " target, priority, collect_rate_ppm, device_bake, created_at, created_by)"
+                       " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       (name, revision, module_name, version, row["digest"], target, priority, collect_rate_ppm,
+                        bake_json, t, actor))
+            # the row mirrors the latest revision; created_at stays the first creation (ties between layers: newest)
+            tx.execute(
+                "INSERT INTO deployments (name, module_name, module_version, digest, target, priority, created_at, active,"
+                " revision) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT (name) DO UPDATE SET"
+                " module_name = excluded.module_name, module_version = excluded.module_version,"
+                " digest = excluded.digest, target = excluded.target, priority = excluded.priority, active = 1,"
+                " revision = excluded.revision",
+                (name, module_name, version, row["digest"], target, priority, t, revision))
+            record(self.db, actor, "deployment.revision", name, revision=revision, module=module, target=target,
+                   priority=priority, collect_rate_ppm=collect_rate_ppm, device_bake=device_bake, note=note)
+        rid, published = self.rollouts.begin(name, revision, waves, gate_set, on_failure, bake_s, wave_timeout_s,
+                                             actor)
+        log.info("deployment %s revision %d -> %s on %r: rollout %d, %d device(s) updated", name, revision, module,
+                 target, rid, published)
+        return self.get(name) | {"published": published, "rollout": rid}
+
+    def update(self, name: str, module: str | None = None, target: str | None = None, priority: int | None = None,
+               **kwargs: Any) -> dict[str, Any]:
+        """A new revision that changes only what is given (``edgefleet deployment update``)."""
+        cur = self._row(name)
+        latest = self.revision(name, cur["revision"])
+        kwargs.setdefault("device_bake", latest["device_bake"])  # kept unless given
+        return self.put(name, module or latest["module"], target if target is not None else cur["target"],
+                        priority if priority is not None else cur["priority"], **kwargs)
+
+    def rollback(self, name: str, to: int | None, actor: str) -> dict[str, Any]:
+        """Roll back the live rollout; with none live, roll out an earlier revision again (as a new revision)."""
+        self._row(name)
+        if to is None and self.rollouts.roll_back_live(name, actor):
+            return self.rollouts.status(name)
+        cur = self._row(name)
+        if to is None:
+            to = (cur["stable_revision"] or cur["revision"]) - 1
+        if to < 1:
+            raise Conflict(f"deployment {name!r} has no earlier revision to roll back to")
+        old = self.revision(name, to)
+        self.put(name, old["module"], old["target"], old["priority"], collect_rate_ppm=old["collect_rate_ppm"],
+                 device_bake=old["device_bake"], actor=actor, note=f"rollback to revision {to}")
+        return self.rollouts.status(name)
+
+    def delete(self, name: str, actor: str = "") -> dict[str, Any]:
+        """Deactivate: devices drop the module unless another deployment provides it."""
+        with self.db.transaction() as tx:
+            if tx.execute("UPDATE deployments SET active = 0, stable_revision = NULL WHERE name = ?",
+                          (name,)).rowcount == 0:
+                raise NotFound(f"deployment {name!r} does not exist")
+            for live in self.rollouts._live(name):
+                self.rollouts._move(live, SUPERSEDED, actor, reason="deployment deleted")
+            record(self.db, actor, "deployment.deleted", name)
+        return self.get(name) | {"published": self.director.sync()}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [deployment_row(r) for r in self.db.query("SELECT * FROM deployments ORDER BY created_at DESC")]
+
+    def revisions(self, name: str) -> list[dict[str, Any]]:
+        self._row(name)
+        return [revision_row(r) for r in self.db.query(
+            "SELECT * FROM deployment_revisions WHERE deployment = ? ORDER BY revision DESC", (name,))]
+
+    def revision(self, name: str, revision: int) -> dict[str, Any]:
+        row = self.db.one("SELECT * FROM deployment_revisions WHERE deployment = ? AND revision = ?", (name, revision))
+        if row is None:
+            raise NotFound(f"deployment {name!r} has no revision {revision}")
+        return revision_row(row)
+
+    def _row(self, name: str) -> dict[str, Any]:
+        row = self.db.one("SELECT * FROM deployments WHERE name = ?", (name,))
+        if row is None:
+            raise NotFound(f"deployment {name!r} does not exist")
+        return row
+
+    def get(self, name: str) -> dict[str, Any]:
+        out = deployment_row(self._row(name))
+        counts: dict[str, int] = {}
+        states: dict[str, int] = {}
+        devices = []
+        for dev in self.db.query("SELECT id, desired, reported FROM devices"):
+            for view in module_views(loads(dev["desired"], []), loads(dev["reported"])):
+                if view["deployment"] == name:
+                    states[view["state"]] = states.get(view["state"], 0) + 1
+                    c = category(view["state"])
+                    counts[c] = counts.get(c, 0) + 1
+                    devices.append(dev["id"])
+        latest = self.db.one("SELECT id, state, wave, reason FROM rollouts WHERE deployment = ? ORDER BY id DESC LIMIT 1",
+                             (name,))
+        rollout = None
+        if latest:
+            rollout = {"id": latest["id"], "state": display(latest["state"], latest["wave"]), "reason": latest["reason"]}
+        return out | {"devices": len(devices), "counts": counts, "states": states, "rollout": rollout}

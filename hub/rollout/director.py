@@ -1,0 +1,150 @@
+"""The director: each device's signed desired state, derived from the active deployments.
+
+For each module name a device gets the highest-priority active deployment whose
+target matches it (ties: the newest). Of a deployment it gets the stable revision,
+or the revision a live rollout is moving it to (see hub/rollout/rollouts.py). A new state is signed with revision+1 and
+published retained, QoS 1, only when the module list changes, or when the last
+one nears expiry (a device refuses expired states, so they are renewed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hub.fleet.targeting import parse_target
+from hub.rollout.rollout_states import HOLDING
+from hub.store import Database, dumps, loads
+from hub.trust.keys import KeyRing
+from protocol.encoding import canonical_json
+from protocol.messages import BakePolicy, DesiredModule, DesiredState
+from protocol.schema import validate
+from protocol.signing import sign
+from protocol.topics import Channel, device_topic
+
+log = logging.getLogger("edgefleet.hub.director")
+
+Publish = Callable[[str, bytes, int, bool], None]  # topic, payload, qos, retain
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One deployment as the director sees it: revision rows carry ``target_parsed``, ``size`` and collection."""
+
+    name: str
+    created_at: float
+    stable: dict[str, Any] | None  # what devices outside the rollout get (None: nothing yet)
+    rolling: dict[str, Any] | None = None  # the revision a live rollout moves devices to
+    pinned: frozenset[str] = frozenset()  # devices the rollout has moved so far
+    everyone: bool = False  # the last wave is under way: every matching device gets ``rolling``
+
+    def revision_for(self, device_id: str, labels: dict[str, str]) -> dict[str, Any] | None:
+        r = self.rolling
+        if r is not None and (self.everyone or device_id in self.pinned) and r["target_parsed"].matches(device_id, labels):
+            return r
+        s = self.stable
+        return s if s is not None and s["target_parsed"].matches(device_id, labels) else None
+
+
+def desired_module(d: dict[str, Any]) -> dict[str, Any]:
+    """One deployment revision as the desired-state entry a device gets."""
+    bake = d.get("device_bake")
+    return DesiredModule(name=d["module_name"], version=d["module_version"], bundle=d["digest"], size=d["size"],
+                         deployment=d["deployment"], collect_rate_ppm=d["collect_rate_ppm"],
+                         bake=validate(BakePolicy, loads(bake)) if bake else None).to_dict()
+
+
+class Director:
+    def __init__(self, db: Database, keys: KeyRing, ttl_s: int, publish: Publish) -> None:
+        self.db, self.keys, self.ttl_s, self.publish = db, keys, ttl_s, publish
+        # compute, commit and publish under one lock, so revision N+1 never reaches the broker before N
+        self._lock = threading.Lock()
+
+    def _deployments(self) -> list[Layer]:
+        """Each active deployment as a layer: its stable revision, and the revision a live rollout moves devices to."""
+        revisions: dict[tuple[str, int], dict[str, Any]] = {}
+        for r in self.db.query(
+                "SELECT r.*, m.size, m.envelope FROM deployment_revisions r JOIN modules m ON m.digest = r.digest"
+                " JOIN deployments d ON d.name = r.deployment WHERE d.active = 1"):
+            r["target_parsed"] = parse_target(r["target"])
+            manifest_ppm = loads(r.pop("envelope"))["signed"]["manifest"].get("collect_rate_ppm", 0)
+            if r["collect_rate_ppm"] is None:  # no per-deployment override: the module's own setting
+                r["collect_rate_ppm"] = manifest_ppm
+            revisions[(r["deployment"], r["revision"])] = r
+        holding = ",".join(f"'{s}'" for s in sorted(HOLDING))
+        rollouts = {r["deployment"]: r for r in self.db.query(
+            f"SELECT id, deployment, revision, everyone FROM rollouts WHERE state IN ({holding})")}
+        pins: dict[int, set[str]] = {}
+        for p in self.db.query(f"SELECT rollout, device FROM rollout_devices WHERE rollout IN"
+                               f" (SELECT id FROM rollouts WHERE state IN ({holding}))"):
+            pins.setdefault(p["rollout"], set()).add(p["device"])
+        layers = []
+        for d in self.db.query("SELECT name, stable_revision, created_at FROM deployments WHERE active = 1"):
+            ro = rollouts.get(d["name"])
+            layers.append(Layer(
+                name=d["name"], created_at=d["created_at"],
+                stable=revisions.get((d["name"], d["stable_revision"])) if d["stable_revision"] else None,
+                rolling=revisions.get((d["name"], ro["revision"])) if ro else None,
+                pinned=frozenset(pins.get(ro["id"], ())) if ro else frozenset(),
+                everyone=bool(ro and ro["everyone"])))
+        return layers
+
+    @staticmethod
+    def modules_for(device_id: str, labels: dict[str, str], layers: list[Layer]) -> list[dict[str, Any]]:
+        """Per module name, the highest-priority deployment revision that applies (ties: the newest deployment)."""
+        best: dict[str, tuple[dict[str, Any], float]] = {}
+        for layer in layers:
+            d = layer.revision_for(device_id, labels)
+            if d is None:
+                continue
+            cur = best.get(d["module_name"])
+            if cur is None or (d["priority"], layer.created_at) > (cur[0]["priority"], cur[1]):
+                best[d["module_name"]] = (d, layer.created_at)
+        return [desired_module(d) for _, (d, _) in sorted(best.items())]
+
+    def sync(self, device_ids: list[str] | None = None, renew_before: float | None = None) -> int:
+        """Publish a new desired state to each device (all when None) whose module list changed; return how many.
+
+        With ``renew_before`` (unix time), also re-sign states that expire before it.
+        """
+        with self._lock:
+            deployments = self._deployments()
+            out: list[tuple[str, bytes]] = []
+            with self.db.transaction() as tx:
+                sql = "SELECT id, labels, revision, desired, desired_expires FROM devices"
+                rows = self.db.query(sql) if device_ids is None else [
+                    r for i in device_ids for r in self.db.query(sql + " WHERE id = ?", (i,))]
+                for row in rows:
+                    modules = self.modules_for(row["id"], loads(row["labels"], {}), deployments)
+                    unchanged = row["desired"] is not None and loads(row["desired"]) == modules
+                    expiring = renew_before is not None and (row["desired_expires"] or 0) < renew_before
+                    if unchanged and not expiring:
+                        continue
+                    state = DesiredState(device=row["id"], revision=row["revision"] + 1,
+                                         expires=int(time.time()) + self.ttl_s,
+                                         modules=[validate(DesiredModule, m) for m in modules])
+                    envelope = canonical_json(sign(state.to_dict(), [self.keys.director_key]))
+                    tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?, desired_expires = ?"
+                               " WHERE id = ?", (state.revision, dumps(modules), envelope.decode(), state.expires,
+                                                 row["id"]))
+                    out.append((row["id"], envelope))
+            for device_id, envelope in out:
+                self.publish(device_topic(device_id, Channel.DESIRED), envelope, 1, True)
+            if out:
+                log.info("published desired state to %d device(s)", len(out))
+            return len(out)
+
+    def renew_expiring(self) -> int:
+        """Re-sign states past half their lifetime, so a device never holds an expired one."""
+        return self.sync(renew_before=time.time() + self.ttl_s / 2)
+
+    def republish_all(self) -> None:
+        """Send every stored envelope again (after a reconnect: a broker without persistence lost its retained copy)."""
+        with self._lock:
+            rows = self.db.query("SELECT id, desired_envelope FROM devices WHERE desired_envelope IS NOT NULL")
+            for row in rows:
+                self.publish(device_topic(row["id"], Channel.DESIRED), row["desired_envelope"].encode(), 1, True)

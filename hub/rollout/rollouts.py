@@ -1,0 +1,322 @@
+"""The rollout controller: moves a deployment's devices to a new revision wave by wave, behind health gates.
+
+A rollout pins devices to its revision as each wave begins (``rollout_devices``); the director
+gives pinned devices the new revision and everyone else the deployment's stable revision. The
+controller is a loop in the hub that re-reads every rollout from SQLite on each tick, so a hub
+restarted mid-rollout carries on where it was: the state, the wave, when its phase began and
+which devices it moved are all in the database, and desired states are only re-signed when a
+device's module list really changes (no duplicated or stale revisions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from typing import Any
+
+from hub.audit import CONTROLLER, record
+from hub.errors import Conflict, NotFound
+from hub.fleet.devices import bundle_state, category
+from hub.fleet.targeting import parse_target
+from hub.rollout import rollout_states as S
+from hub.rollout.director import Director
+from hub.rollout.gates import GateResult, evaluate, install_check
+from hub.rollout.rollout_plan import Gates, Wave, strategy_from_json, strategy_to_json
+from hub.store import Database, dumps, loads, now
+
+log = logging.getLogger("edgefleet.hub.rollouts")
+
+SETTLED = frozenset({"running", "failed", "rolled_back"})
+
+
+def wave_order(deployment: str, device_id: str) -> str:
+    """Devices join waves in a stable pseudo-random order, so a canary is not always the same corner of the fleet."""
+    return hashlib.sha256(f"{deployment}/{device_id}".encode()).hexdigest()
+
+
+class Rollouts:
+    def __init__(self, db: Database, director: Director, tick_s: float = 0.5) -> None:
+        self.db, self.director, self.tick_s = db, director, tick_s
+        self._lock = threading.RLock()  # the loop and API commands never interleave on one rollout
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def start_loop(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hub-rollouts", daemon=True)
+        self._thread.start()
+
+    def stop_loop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(10)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:  # a crash between committing a wave's pins and publishing: publish what the database says now
+            self.director.sync()
+        except Exception:
+            log.exception("initial desired-state sync failed")
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("rollout tick failed")
+            self._wake.wait(self.tick_s)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        """Advance every rollout the controller drives on its own."""
+        active = ",".join(f"'{s}'" for s in sorted(S.ACTIVE))
+        for row in self.db.query(f"SELECT id FROM rollouts WHERE state IN ({active}) ORDER BY id"):
+            with self._lock:
+                self.step(row["id"])
+
+    # --- starting ------------------------------------------------------------------------------
+
+    def begin(self, deployment: str, revision: int, waves: list[Wave], gates: Gates, on_failure: str, bake_s: float,
+              wave_timeout_s: float, actor: str) -> tuple[int, int]:
+        """Create a rollout of ``revision`` (superseding a live one) and start its first wave: (rollout id, published)."""
+        with self._lock:
+            with self.db.transaction() as tx:
+                for live in self._live(deployment):
+                    self._move(live, S.SUPERSEDED, actor, reason=f"superseded by revision {revision}")
+                dep = self.db.one("SELECT stable_revision FROM deployments WHERE name = ?", (deployment,))
+                t = now()
+                rid = tx.scalar(
+                    "INSERT INTO rollouts (deployment, revision, from_revision, strategy, gates, on_failure, bake_s,"
+                    " wave_timeout_s, state, created_at, created_by, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                    (deployment, revision, dep["stable_revision"] if dep else None, dumps(strategy_to_json(waves)),
+                     dumps(gates.to_json()), on_failure, bake_s, wave_timeout_s, S.PENDING, t, actor, t))
+                record(self.db, actor, "rollout.created", deployment, rollout=rid, revision=revision,
+                       strategy=[w.label for w in waves], bake_s=bake_s, gates=gates.to_json(), on_failure=on_failure)
+            published = self.step(rid)
+        self.wake()
+        return rid, published
+
+    # --- one step of the state machine -----------------------------------------------------------
+
+    def step(self, rid: int) -> int:
+        """Advance rollout ``rid`` if its conditions are met; return how many desired states were published."""
+        with self._lock:
+            r = self._get(rid)
+            state = r["state"]
+            if state == S.PENDING:
+                return self._begin_wave(r, 0)
+            if state == S.ROLLING_BACK:
+                published = self.director.sync()  # pins no longer count: devices go back to the stable revision
+                with self.db.transaction():
+                    self._move(r, S.ROLLED_BACK, CONTROLLER)
+                return published
+            if state not in (S.INSTALLING, S.BAKING):
+                return 0
+            gates = Gates.from_json(loads(r["gates"]))
+            states = self._states(r)
+            early = install_check(gates, states)
+            if early is not None and not early.ok:  # a broken version halts without waiting for the bake
+                return self._fail(r, GateResult([early]))
+            t = now()
+            if state == S.INSTALLING:
+                settled = all(category(s) in SETTLED for s, _ in states.values())
+                if not settled and t - r["phase_started_at"] < r["wave_timeout_s"]:
+                    return 0
+                if r["bake_s"] > 0:
+                    with self.db.transaction():
+                        self._move(r, S.BAKING, CONTROLLER, phase_started_at=t)
+                    return 0
+            elif t - r["phase_started_at"] < r["bake_s"]:
+                return 0
+            return self._gate(r, gates, states)
+
+    def _begin_wave(self, r: dict[str, Any], i: int) -> int:
+        waves = strategy_from_json(loads(r["strategy"]))
+        rev = self._revision(r)
+        target = parse_target(rev["target"])
+        matching = sorted((d["id"] for d in self.db.query("SELECT id, labels FROM devices")
+                           if target.matches(d["id"], loads(d["labels"], {}))),
+                          key=lambda d: wave_order(r["deployment"], d))
+        last = i == len(waves) - 1
+        chosen = matching if last else matching[:waves[i].size(len(matching))]
+        t = now()
+        with self.db.transaction() as tx:
+            pinned = {p["device"] for p in self.db.query("SELECT device FROM rollout_devices WHERE rollout = ?",
+                                                         (r["id"],))}
+            new = [d for d in chosen if d not in pinned]
+            tx.executemany("INSERT INTO rollout_devices (rollout, device, wave, admitted_at) VALUES (?, ?, ?, ?)",
+                           [(r["id"], d, i, t) for d in new])
+            self._move(r, S.INSTALLING, CONTROLLER, wave=i, phase_started_at=t, everyone=int(last),
+                       detail={"admitted": len(new), "wave_size": len(chosen), "fleet": len(matching)})
+        published = self.director.sync()
+        log.info("rollout %s of %s: wave %d/%d moved %d device(s)", r["id"], r["deployment"], i + 1, len(waves),
+                 len(new))
+        return published
+
+    def _gate(self, r: dict[str, Any], gates: Gates, states: dict[str, tuple[str, str]]) -> int:
+        rev = self._revision(r)
+        prev = self._revision(r, r["from_revision"]) if r["from_revision"] else None
+        result = evaluate(self.db, gates, states, rev["module_name"], rev["module_version"], r["phase_started_at"],
+                          prev["module_version"] if prev and prev["module_name"] == rev["module_name"] else None,
+                          r["created_at"])
+        if not result.ok:
+            return self._fail(r, result)
+        waves = strategy_from_json(loads(r["strategy"]))
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE rollouts SET last_gate = ? WHERE id = ?", (dumps(result.to_json()), r["id"]))
+            if r["wave"] + 1 < len(waves):
+                record(self.db, CONTROLLER, "rollout.gate_passed", r["deployment"], rollout=r["id"], wave=r["wave"] + 1)
+            else:  # the last wave passed: the revision becomes what every matching device gets
+                tx.execute("UPDATE deployments SET stable_revision = ? WHERE name = ?", (r["revision"], r["deployment"]))
+                self._move(r, S.SUCCEEDED, CONTROLLER)
+        if r["wave"] + 1 < len(waves):
+            return self._begin_wave(self._get(r["id"]), r["wave"] + 1)
+        return self.director.sync()
+
+    def _fail(self, r: dict[str, Any], result: GateResult) -> int:
+        reason = f"wave {r['wave'] + 1} gate failed: {result.reason}"
+        log.warning("rollout %s of %s: %s", r["id"], r["deployment"], reason)
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE rollouts SET last_gate = ? WHERE id = ?", (dumps(result.to_json()), r["id"]))
+            self._move(r, S.ROLLING_BACK if r["on_failure"] == "rollback" else S.HALTED, CONTROLLER, reason=reason)
+        return self.step(r["id"]) if r["on_failure"] == "rollback" else 0
+
+    # --- operator commands -----------------------------------------------------------------------
+
+    def pause(self, deployment: str, actor: str) -> dict[str, Any]:
+        with self._lock, self.db.transaction():
+            r = self._one_live(deployment, (S.INSTALLING, S.BAKING))
+            self._move(r, S.PAUSED, actor, paused_from=r["state"], reason="paused by hand")
+        return self.status(deployment)
+
+    def resume(self, deployment: str, actor: str) -> dict[str, Any]:
+        """Paused: back to the phase it left (its timer restarts). Halted: the wave is installed and gated again."""
+        with self._lock:
+            with self.db.transaction():
+                r = self._one_live(deployment, (S.PAUSED, S.HALTED))
+                back = r["paused_from"] if r["state"] == S.PAUSED else S.INSTALLING
+                self._move(r, back, actor, phase_started_at=now(), paused_from=None, reason="")
+            self.step(r["id"])
+        return self.status(deployment)
+
+    def abort(self, deployment: str, actor: str) -> dict[str, Any]:
+        """Stop for good; the devices it moved go back to the stable revision."""
+        with self._lock:
+            with self.db.transaction():
+                r = self._one_live(deployment, (S.PENDING, S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED))
+                self._move(r, S.ABORTED, actor, reason=f"aborted by {actor}")
+            self.director.sync()
+        return self.status(deployment)
+
+    def roll_back_live(self, deployment: str, actor: str) -> bool:
+        """Roll back the live rollout of ``deployment``, if it has one; False if none is live."""
+        with self._lock:
+            with self.db.transaction():
+                live = [r for r in self._live(deployment) if r["state"] in S.TRANSITIONS and S.ROLLING_BACK
+                        in S.TRANSITIONS[r["state"]]]
+                if not live:
+                    return False
+                self._move(live[0], S.ROLLING_BACK, actor, reason=f"rolled back by {actor}")
+            self.step(live[0]["id"])
+        return True
+
+    # --- views -----------------------------------------------------------------------------------
+
+    def status(self, deployment: str, rollout_id: int | None = None) -> dict[str, Any]:
+        """The latest (or given) rollout of ``deployment``: state, counts by device state, per-device detail."""
+        r = (self.db.one("SELECT * FROM rollouts WHERE id = ? AND deployment = ?", (rollout_id, deployment))
+             if rollout_id else self.db.one("SELECT * FROM rollouts WHERE deployment = ? ORDER BY id DESC LIMIT 1",
+                                            (deployment,)))
+        if r is None:
+            raise NotFound(f"deployment {deployment!r} has no rollout")
+        rev = self._revision(r)
+        prev = self._revision(r, r["from_revision"]) if r["from_revision"] else None
+        waves = strategy_from_json(loads(r["strategy"]))
+        admitted = {p["device"]: p["wave"] for p in self.db.query(
+            "SELECT device, wave FROM rollout_devices WHERE rollout = ?", (r["id"],))}
+        target = parse_target(rev["target"])
+        reverted = r["state"] in (S.ROLLING_BACK, S.ROLLED_BACK, S.ABORTED, S.SUPERSEDED)
+        counts: dict[str, int] = {}
+        devices = []
+        for d in self.db.query("SELECT id, labels, online, reported FROM devices ORDER BY id"):
+            if d["id"] not in admitted and not target.matches(d["id"], loads(d["labels"], {})):
+                continue
+            state, error = bundle_state(loads(d["reported"]), rev["digest"])
+            if d["id"] not in admitted:
+                bucket = "waiting"
+            elif reverted:
+                bucket = "rolled_back"
+            else:
+                bucket = category(state)
+            counts[bucket] = counts.get(bucket, 0) + 1
+            devices.append({"id": d["id"], "online": bool(d["online"]), "wave": admitted.get(d["id"], -1) + 1 or None,
+                            "state": bucket, "install_state": state, "error": error})
+        return {
+            "id": r["id"], "deployment": deployment, "revision": r["revision"], "from_revision": r["from_revision"],
+            "module": f"{rev['module_name']}:{rev['module_version']}",
+            "from_module": f"{prev['module_name']}:{prev['module_version']}" if prev else None,
+            "state": S.display(r["state"], r["wave"]), "phase": r["state"], "wave": r["wave"] + 1, "waves": len(waves),
+            "strategy": [w.label for w in waves], "bake_s": r["bake_s"], "gates": loads(r["gates"]),
+            "on_failure": r["on_failure"], "reason": r["reason"], "last_gate": loads(r["last_gate"]),
+            "counts": counts, "devices": devices, "terminal": r["state"] in S.TERMINAL,
+            "created_at": r["created_at"], "created_by": r["created_by"], "updated_at": r["updated_at"],
+        }
+
+    def list(self, deployment: str | None = None) -> list[dict[str, Any]]:
+        rows = self.db.query("SELECT * FROM rollouts" + (" WHERE deployment = ?" if deployment else "")
+                             + " ORDER BY id DESC", (deployment,) if deployment else ())
+        return [{"id": r["id"], "deployment": r["deployment"], "revision": r["revision"],
+                 "from_revision": r["from_revision"], "state": S.display(r["state"], r["wave"]), "phase": r["state"],
+                 "reason": r["reason"], "created_at": r["created_at"], "created_by": r["created_by"],
+                 "updated_at": r["updated_at"]} for r in rows]
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _get(self, rid: int) -> dict[str, Any]:
+        r = self.db.one("SELECT * FROM rollouts WHERE id = ?", (rid,))
+        if r is None:
+            raise NotFound(f"rollout {rid} does not exist")
+        return r
+
+    def _live(self, deployment: str) -> list[dict[str, Any]]:
+        terminal = ",".join(f"'{s}'" for s in sorted(S.TERMINAL))
+        return self.db.query(f"SELECT * FROM rollouts WHERE deployment = ? AND state NOT IN ({terminal}) ORDER BY id",
+                             (deployment,))
+
+    def _one_live(self, deployment: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        live = self._live(deployment)
+        if not live:
+            if self.db.one("SELECT 1 FROM deployments WHERE name = ?", (deployment,)) is None:
+                raise NotFound(f"deployment {deployment!r} does not exist")
+            raise Conflict(f"deployment {deployment!r} has no rollout in progress")
+        if live[0]["state"] not in allowed:
+            raise Conflict(f"the rollout of {deployment!r} is {S.display(live[0]['state'], live[0]['wave'])}:"
+                           f" this needs one of {', '.join(allowed)}")
+        return live[0]
+
+    def _revision(self, r: dict[str, Any], revision: int | None = None) -> dict[str, Any]:
+        row = self.db.one("SELECT * FROM deployment_revisions WHERE deployment = ? AND revision = ?",
+                          (r["deployment"], revision or r["revision"]))
+        assert row is not None, "a rollout always names a stored revision"
+        return row
+
+    def _states(self, r: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        digest = self._revision(r)["digest"]
+        return {d["id"]: bundle_state(loads(d["reported"]), digest) for d in self.db.query(
+            "SELECT d.id, d.reported FROM rollout_devices p JOIN devices d ON d.id = p.device WHERE p.rollout = ?",
+            (r["id"],))}
+
+    def _move(self, r: dict[str, Any], new: str, actor: str, detail: dict[str, Any] | None = None,
+              **fields: Any) -> None:
+        """Persist one transition (checked against the table) and audit it; call inside a transaction."""
+        S.check(r["state"], new)
+        fields |= {"state": new, "updated_at": now()}
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.db.db().execute(f"UPDATE rollouts SET {sets} WHERE id = ?", (*fields.values(), r["id"]))
+        record(self.db, actor, f"rollout.{new}", r["deployment"], rollout=r["id"],
+               wave=fields.get("wave", r["wave"]) + 1, reason=fields.get("reason", ""), **(detail or {}))
+        r.update(fields)

@@ -1,0 +1,221 @@
+"""The hub's SQLite database (WAL): per-thread connections, serialised write transactions, migrations.
+
+The FastAPI thread pool, the MQTT thread and the ingest writer all touch the
+database. Each thread gets its own connection (WAL lets readers run beside a
+writer); writers take one process-wide lock and ``BEGIN IMMEDIATE`` so a
+read-modify-write (e.g. "next version = max + 1") is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hub.store.schema import MIGRATIONS, AddColumn, Step
+
+log = logging.getLogger("edgefleet.hub.store")
+
+StoreError = sqlite3.Error  # what a failed statement raises, for callers that survive a lost write
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+def loads(text: str | None, default: Any = None) -> Any:
+    return default if text is None else json.loads(text)
+
+
+def now() -> float:
+    return time.time()
+
+
+class Connection:
+    """One connection and the SQL the hub's code may use on it; what differs between databases stays here.
+
+    ``conn`` is the driver's own connection: for this package (and tests that build old schemas).
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        return self.conn.executemany(sql, rows)
+
+    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        cur = self.conn.execute(sql, params)
+        if cur.description is None:
+            return []
+        keys = [d[0] for d in cur.description]
+        return [dict(zip(keys, row)) for row in cur.fetchall()]
+
+    def one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def scalar(self, sql: str, params: Any = ()) -> Any:
+        rows = self.conn.execute(sql, params).fetchall()  # all: an INSERT … RETURNING must run to its end
+        return rows[0][0] if rows else None
+
+    def insert(self, table: str, row: Mapping[str, Any], *, ignore: bool = False) -> int:
+        """Insert one row; with ``ignore`` a row whose key exists is skipped. Returns the rows inserted."""
+        return self.insert_many(table, list(row), [tuple(row.values())], ignore=ignore)
+
+    def insert_many(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *,
+                    ignore: bool = False) -> int:
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        return self.conn.executemany(sql + (" ON CONFLICT DO NOTHING" if ignore else ""), rows).rowcount
+
+    def upsert(self, table: str, row: Mapping[str, Any], key: Sequence[str]) -> None:
+        """Insert ``row``, or overwrite its other columns where a row with the same ``key`` exists."""
+        cols = list(row)
+        sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in key)
+        self.conn.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+                          f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}", tuple(row.values()))
+
+    def tables(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def columns(self, table: str) -> set[str]:
+        return {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})").fetchall()}
+
+    def apply(self, step: Step) -> None:
+        """One migration step, inside the caller's transaction."""
+        if isinstance(step, AddColumn):
+            if step.column not in self.columns(step.table):
+                self.conn.execute(f"ALTER TABLE {step.table} ADD COLUMN {step.column} {step.decl}")
+            return
+        statement = ""
+        for line in step.splitlines(keepends=True):  # whole statements: a ';' in a comment does not end one
+            statement += line
+            if sqlite3.complete_statement(statement):
+                self.conn.execute(statement)
+                statement = ""
+        if statement.strip() and any(not ln.strip().startswith("--") for ln in statement.splitlines() if ln.strip()):
+            raise ValueError(f"incomplete SQL statement in a migration: {statement.strip()[:80]!r}")
+
+
+def _connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:  # autocommit: transactions are explicit (Database.transaction)
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across app crashes, fast commits
+    return conn
+
+
+class Database:
+    """``data_dir/hub.db``; use :meth:`query`/:meth:`one` to read and :meth:`transaction` to write.
+
+    Opening it brings the schema up to date (:mod:`hub.store.schema`), so every process that opens
+    the file (hub, ingest workers, endpoint gateways) sees the same tables.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        conn = self.db().conn
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        self.migrate()
+
+    @property
+    def schema_version(self) -> int:
+        c = self.db()
+        if "schema_version" not in c.tables():
+            return 0
+        return int(c.scalar("SELECT version FROM schema_version") or 0)
+
+    def migrate(self) -> int:
+        """Apply the migrations this database lacks, in one transaction; returns how many were applied."""
+        if self.schema_version >= len(MIGRATIONS):
+            return 0
+        with self.transaction() as tx:  # BEGIN IMMEDIATE: two processes starting at once migrate once
+            tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            have = int(tx.scalar("SELECT version FROM schema_version") or 0)
+            for step in (s for steps in MIGRATIONS[have:] for s in steps):
+                tx.apply(step)
+            tx.execute("DELETE FROM schema_version")
+            tx.execute("INSERT INTO schema_version (version) VALUES (?)", (len(MIGRATIONS),))
+        if have:
+            log.info("database %s migrated from schema version %d to %d", self.path, have, len(MIGRATIONS))
+        return len(MIGRATIONS) - have
+
+    def db(self) -> Connection:
+        """This thread's connection (autocommit; transactions are explicit)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = _connect(self.path)
+            db = Connection(conn)
+            self._local.db = db
+            self._local.depth = 0
+            with self._conns_lock:
+                self._conns.append(conn)
+        return db
+
+    @contextmanager
+    def reader(self) -> Iterator[Connection]:
+        """A read-only connection of its own, usable from any thread (e.g. a streamed response's pages)."""
+        conn = _connect(self.path, readonly=True)
+        try:
+            yield Connection(conn)
+        finally:
+            conn.close()
+
+    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        return self.db().query(sql, params)
+
+    def one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
+        return self.db().one(sql, params)
+
+    def scalar(self, sql: str, params: Any = ()) -> Any:
+        return self.db().scalar(sql, params)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One write transaction; nested calls join the outer one."""
+        with self._write_lock:
+            db = self.db()
+            if self._local.depth:
+                self._local.depth += 1
+                try:
+                    yield db
+                finally:
+                    self._local.depth -= 1
+                return
+            db.execute("BEGIN IMMEDIATE")
+            self._local.depth = 1
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
+            finally:
+                self._local.depth = 0
+
+    def close(self) -> None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()

@@ -1,0 +1,190 @@
+"""The hub's one schema, as an ordered list of migrations; ``schema_version`` records how many were applied.
+
+Add a change by appending a step to :data:`MIGRATIONS` (never edit an applied one). A step is SQL
+statements or an :class:`AddColumn`. Step 1 is the schema as it stood when versioning began; it is
+idempotent (``IF NOT EXISTS``, columns added only when missing), so a database made before versioning
+takes it too. Keep the SQL portable where it costs nothing: the PostgreSQL store (issue 17) will apply
+the same list, translating only what the store knows is dialect (e.g. ``AUTOINCREMENT``, ``BLOB``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AddColumn:
+    """``ALTER TABLE table ADD COLUMN column decl``, skipped when the column exists (SQLite has no IF NOT EXISTS)."""
+
+    table: str
+    column: str
+    decl: str
+
+
+Step = str | AddColumn
+
+CORE = """CREATE TABLE IF NOT EXISTS api_tokens (
+    token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_hash TEXT PRIMARY KEY, labels TEXT NOT NULL DEFAULT '{}', expires_at REAL NOT NULL, used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    labels TEXT NOT NULL DEFAULT '{}',
+    facts TEXT NOT NULL DEFAULT '{}',
+    online INTEGER NOT NULL DEFAULT 0,
+    last_seen REAL,
+    revision INTEGER NOT NULL DEFAULT 0,
+    reported TEXT,
+    created_at REAL NOT NULL,
+    mqtt_password_hash TEXT,
+    desired TEXT,           -- the module list last published, to publish only on change
+    desired_envelope TEXT,  -- the signed envelope last published, re-sent after a broker restart
+    desired_expires INTEGER
+);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL, version INTEGER NOT NULL, framework TEXT NOT NULL,
+    files TEXT NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL, tags TEXT NOT NULL DEFAULT '{}',
+    description TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS modules (
+    name TEXT NOT NULL, version INTEGER NOT NULL, digest TEXT NOT NULL UNIQUE, runtime TEXT NOT NULL,
+    envelope TEXT NOT NULL, size INTEGER NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    digest TEXT PRIMARY KEY, blob TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deployments (
+    name TEXT PRIMARY KEY, module_name TEXT NOT NULL, module_version INTEGER NOT NULL, digest TEXT NOT NULL,
+    target TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1
+);
+-- every revision of a deployment stays, so a rollout can go back to any of them
+CREATE TABLE IF NOT EXISTS deployment_revisions (
+    deployment TEXT NOT NULL, revision INTEGER NOT NULL, module_name TEXT NOT NULL, module_version INTEGER NOT NULL,
+    digest TEXT NOT NULL, target TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, collect_rate_ppm INTEGER,
+    created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (deployment, revision)
+);
+-- one row per rollout of a revision; state machine in hub/rollout/rollout_states.py
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, deployment TEXT NOT NULL, revision INTEGER NOT NULL,
+    from_revision INTEGER, strategy TEXT NOT NULL, gates TEXT NOT NULL, on_failure TEXT NOT NULL,
+    bake_s REAL NOT NULL, wave_timeout_s REAL NOT NULL, state TEXT NOT NULL, wave INTEGER NOT NULL DEFAULT 0,
+    paused_from TEXT, phase_started_at REAL, everyone INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',
+    last_gate TEXT, created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollouts_deployment ON rollouts (deployment, id);
+-- the devices a rollout has moved to its revision (the rest keep the deployment's stable revision)
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout INTEGER NOT NULL, device TEXT NOT NULL, wave INTEGER NOT NULL, admitted_at REAL NOT NULL,
+    PRIMARY KEY (rollout, device)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+    subject TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS data_records (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, ts REAL NOT NULL,
+    module TEXT NOT NULL, version INTEGER NOT NULL, input TEXT, output TEXT,
+    PRIMARY KEY (device, seq, idx)
+);
+"""
+
+# telemetry (hub/ingest/telemetry.py): a row per batch, per-minute rollups
+TELEMETRY = """CREATE TABLE IF NOT EXISTS telemetry_batches (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, ts_min REAL NOT NULL, ts_max REAL NOT NULL,
+    points INTEGER NOT NULL, keys TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (device, seq)
+);
+CREATE INDEX IF NOT EXISTS telemetry_batches_ts ON telemetry_batches (ts_max);
+-- no (device, ts) index: it cost about 40% of a one-point batch's insert; device reads walk the time index
+CREATE TABLE IF NOT EXISTS telemetry_minutes (
+    module TEXT NOT NULL, version INTEGER NOT NULL, device TEXT NOT NULL, bucket INTEGER NOT NULL,
+    points INTEGER NOT NULL, inferences INTEGER NOT NULL, errors INTEGER NOT NULL,
+    w50 REAL NOT NULL, w95 REAL NOT NULL, w99 REAL NOT NULL, s95 REAL NOT NULL,
+    PRIMARY KEY (module, version, bucket, device)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS telemetry_minutes_device ON telemetry_minutes (device, bucket);
+CREATE INDEX IF NOT EXISTS telemetry_minutes_bucket ON telemetry_minutes (bucket);
+-- raw_from: raw points are complete from this time on; older minutes exist only as rollups (retention)
+CREATE TABLE IF NOT EXISTS telemetry_meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
+"""
+
+# registry (hub/registry/): which model versions each module was built from, module metadata, deletions
+REGISTRY = """CREATE TABLE IF NOT EXISTS module_sources (
+    module_name TEXT NOT NULL, module_version INTEGER NOT NULL, model_name TEXT NOT NULL, model_version INTEGER NOT NULL,
+    PRIMARY KEY (module_name, module_version, model_name, model_version)
+);
+-- hub-side module metadata that is not part of the signed manifest (resource hints for schedulers and operators)
+CREATE TABLE IF NOT EXISTS module_meta (
+    module_name TEXT NOT NULL, module_version INTEGER NOT NULL, resources TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (module_name, module_version)
+);
+CREATE INDEX IF NOT EXISTS module_sources_model ON module_sources (model_name, model_version);
+-- deleted versions are never reused, so a reference to name:version always means the same files
+CREATE TABLE IF NOT EXISTS model_deletions (
+    name TEXT NOT NULL, version INTEGER NOT NULL, deleted_at REAL NOT NULL, deleted_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (name, version)
+);
+"""
+
+# monitoring (hub/monitoring/alerts.py)
+ALERTS = """CREATE TABLE IF NOT EXISTS alert_rules (
+    name TEXT PRIMARY KEY, kind TEXT NOT NULL, deployment TEXT, threshold REAL NOT NULL,
+    for_s REAL NOT NULL DEFAULT 0, window_s REAL NOT NULL DEFAULT 300, webhook TEXT, created_at REAL NOT NULL,
+    created_by TEXT NOT NULL DEFAULT ''
+);
+-- one row per (rule, key) currently breached: pending until for_s passes, then firing
+CREATE TABLE IF NOT EXISTS alert_state (
+    rule TEXT NOT NULL, key TEXT NOT NULL, since REAL NOT NULL, firing INTEGER NOT NULL DEFAULT 0, value REAL,
+    PRIMARY KEY (rule, key)
+);
+CREATE TABLE IF NOT EXISTS alert_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
+    state TEXT NOT NULL, value REAL, message TEXT NOT NULL, ts REAL NOT NULL, webhook TEXT,
+    delivered INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT ''
+);
+"""
+
+# extra ingest processes' counters, read by /metrics (hub/ingest/workers.py)
+INGEST_WORKERS = """CREATE TABLE IF NOT EXISTS ingest_workers (
+    idx INTEGER PRIMARY KEY, pid INTEGER NOT NULL, received INTEGER NOT NULL, rejected INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+# web endpoints (hub/endpoints/manager.py)
+ENDPOINTS = """CREATE TABLE IF NOT EXISTS endpoints (
+    name TEXT PRIMARY KEY, versions TEXT NOT NULL, replicas INTEGER NOT NULL, max_batch INTEGER NOT NULL,
+    max_wait_ms REAL NOT NULL, primary_key TEXT NOT NULL, secondary_key TEXT NOT NULL,
+    port INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+"""
+
+# data export (hub/monitoring/export.py) pages through data_records in these orders
+EXPORT_INDEXES = """CREATE INDEX IF NOT EXISTS data_records_ts ON data_records (ts, device, seq, idx);
+CREATE INDEX IF NOT EXISTS data_records_module ON data_records (module, version, ts);
+"""
+
+MIGRATIONS: list[tuple[Step, ...]] = [
+    (  # 1: the schema when versioning began (its columns were added by hubs of their time, so: only when missing)
+        CORE,
+        AddColumn("devices", "mqtt_password_mosq", "TEXT"),  # mosquitto $7$ hash of the device's broker password
+        AddColumn("deployments", "revision", "INTEGER NOT NULL DEFAULT 1"),
+        AddColumn("deployments", "stable_revision", "INTEGER"),  # what devices outside a rollout get; NULL: nothing
+        AddColumn("deployment_revisions", "device_bake", "TEXT"),  # JSON BakePolicy for devices (protocol); NULL: none
+        AddColumn("enrollment_tokens", "uses", "INTEGER NOT NULL DEFAULT 1"),  # >1: a fleet-provisioning (group) token
+        AddColumn("enrollment_tokens", "used", "INTEGER NOT NULL DEFAULT 0"),
+        AddColumn("models", "properties", "TEXT NOT NULL DEFAULT '{}'"),
+        AddColumn("models", "lineage", "TEXT NOT NULL DEFAULT '{}'"),
+        AddColumn("models", "baseline", "TEXT"),
+        # endpoint rows in data_records (hub/endpoints/collect.py): source 'device' or 'endpoint', and its name
+        AddColumn("data_records", "source", "TEXT NOT NULL DEFAULT 'device'"),
+        AddColumn("data_records", "endpoint", "TEXT"),
+        TELEMETRY, REGISTRY, ALERTS, INGEST_WORKERS, ENDPOINTS, EXPORT_INDEXES,
+    ),
+]
