@@ -84,3 +84,91 @@ def test_agent_daemon_loads_neither_numpy_nor_pydantic():
     loaded, seen = out.stdout.splitlines()
     assert loaded == "", f"importing the agent daemon loaded {loaded}"
     assert seen == "True"
+
+
+# --- inside the hub: capability packages over one store, the API on top (docs/architecture.md) ---------------
+
+HUB = ROOT / "hub"
+DB_DRIVERS = {"sqlite3", "sqlite_utils"}
+API_WIRING = {"hub/__init__.py", "hub/server.py"}  # they start the app; nothing else below the API imports it
+
+
+def module_imports(path: Path) -> set[str]:
+    """Absolute module names a file imports (``from hub import api`` counts as ``hub.api``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def hub_files(root: Path) -> dict[str, set[str]]:
+    return {str(p.relative_to(root.parent)): module_imports(p) for p in sorted(root.rglob("*.py"))}
+
+
+def store_violations(root: Path) -> list[str]:
+    return [f for f, mods in hub_files(root).items()
+            if not f.startswith("hub/store/") and any(m.split(".")[0] in DB_DRIVERS for m in mods)]
+
+
+def api_violations(root: Path) -> list[str]:
+    return [f for f, mods in hub_files(root).items()
+            if not f.startswith("hub/api/") and f not in API_WIRING
+            and any(m == "hub.api" or m.startswith("hub.api.") for m in mods)]
+
+
+def route_dependency_violations(root: Path) -> list[str]:
+    """Route modules whose ``Depends(x)`` names an ``x`` not imported from hub.api.deps, or that read app.state."""
+    bad = []
+    for path in sorted((root / "api" / "routes").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        from_deps = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     and node.module == "hub.api.deps" for a in node.names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Depends" and node.args:
+                target = node.args[0]
+                name = target.func if isinstance(target, ast.Call) else target  # Depends(require("admin"))
+                if getattr(name, "id", None) not in from_deps:
+                    bad.append(f"{path.name}:{node.lineno} Depends({ast.unparse(target)})")
+            if isinstance(node, ast.Attribute) and node.attr == "state" and ast.unparse(node.value).endswith(".app"):
+                bad.append(f"{path.name}:{node.lineno} reads {ast.unparse(node)} (use a dependency from deps.py)")
+    return bad
+
+
+def test_only_the_store_imports_a_database_driver():
+    assert store_violations(HUB) == []
+
+
+def test_nothing_below_the_api_imports_it():
+    assert api_violations(HUB) == []
+
+
+def test_routes_take_their_dependencies_from_deps():
+    assert route_dependency_violations(HUB) == []
+
+
+def test_every_hub_package_says_what_it_owns():
+    missing = [str(p.relative_to(ROOT)) for p in HUB.rglob("__init__.py")
+               if ast.get_docstring(ast.parse(p.read_text())) is None]
+    assert missing == []
+
+
+def test_the_hub_checks_see_violations(tmp_path):
+    """Each rule above finds a planted violation (guards against checks that find nothing)."""
+    hub = tmp_path / "hub"
+    (hub / "fleet").mkdir(parents=True)
+    (hub / "api" / "routes").mkdir(parents=True)
+    (hub / "store").mkdir()
+    (hub / "store" / "db.py").write_text("import sqlite3\n")
+    (hub / "fleet" / "x.py").write_text("import sqlite3\nfrom hub.api.deps import get_hub\n")
+    (hub / "fleet" / "y.py").write_text("from hub import api\n")
+    (hub / "api" / "routes" / "r.py").write_text(
+        "from fastapi import Depends\nfrom hub.api.deps import require\nfrom elsewhere import get_thing\n"
+        "def a(x=Depends(require('admin')), y=Depends(get_thing)):\n    return request.app.state.hub\n")
+    assert store_violations(hub) == ["hub/fleet/x.py"]
+    assert api_violations(hub) == ["hub/fleet/x.py", "hub/fleet/y.py"]
+    assert route_dependency_violations(hub) == ["r.py:4 Depends(get_thing)", "r.py:5 reads request.app.state (use a "
+                                                "dependency from deps.py)"]

@@ -15,7 +15,7 @@ from hub.endpoints.manager import EndpointManager
 from hub.store import Database
 from hub.trust.tokens import ROLE_RANK, Principal, principal_for
 
-__all__ = ["Principal", "authenticate", "current_device", "get_endpoints", "get_hub", "require"]
+__all__ = ["Principal", "authenticate", "current_device", "get_endpoints", "get_hub", "require", "running_endpoints"]
 
 
 def get_hub(request: Request) -> Hub:
@@ -26,6 +26,11 @@ def get_hub(request: Request) -> Hub:
 def get_endpoints(request: Request) -> EndpointManager:
     """The web endpoints' manager, started beside the hub by the app's lifespan."""
     return request.app.state.endpoints
+
+
+def running_endpoints(request: Request) -> EndpointManager | None:
+    """The endpoints' manager if the app runs one (``/metrics`` reports it when there)."""
+    return getattr(request.app.state, "endpoints", None)
 
 
 def authenticate(db: Database, header: str | None) -> Principal:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -96,12 +97,12 @@ class Connection:
                 self.conn.execute(f"ALTER TABLE {step.table} ADD COLUMN {step.column} {step.decl}")
             return
         statement = ""
-        for line in step.splitlines(keepends=True):  # whole statements: a ';' in a comment does not end one
-            statement += line
-            if sqlite3.complete_statement(statement):
+        for piece in re.split("(;)", step):  # whole statements: a ';' in a comment or a string does not end one
+            statement += piece
+            if piece == ";" and sqlite3.complete_statement(statement):
                 self.conn.execute(statement)
                 statement = ""
-        if statement.strip() and any(not ln.strip().startswith("--") for ln in statement.splitlines() if ln.strip()):
+        if any(ln.strip() and not ln.strip().startswith("--") for ln in statement.splitlines()):
             raise ValueError(f"incomplete SQL statement in a migration: {statement.strip()[:80]!r}")
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from hub.api.deps import Principal, get_hub, require
+from hub.api.deps import Principal, get_hub, require, running_endpoints
 from hub.context import Hub
+from hub.endpoints.manager import EndpointManager
 from hub.errors import Invalid
 from hub.monitoring import export, metrics
 from hub.monitoring.alerts import AlertRule
@@ -36,8 +37,9 @@ def healthz(hub: Hub = Depends(get_hub)) -> dict[str, Any]:
 
 
 @ops.get("/metrics", response_class=PlainTextResponse)
-def prometheus(request: Request, hub: Hub = Depends(get_hub)) -> PlainTextResponse:
-    return PlainTextResponse(metrics.render(hub, getattr(request.app.state, "endpoints", None)),
+def prometheus(hub: Hub = Depends(get_hub),
+               endpoints: EndpointManager | None = Depends(running_endpoints)) -> PlainTextResponse:
+    return PlainTextResponse(metrics.render(hub, endpoints),
                              media_type="text/plain; version=0.0.4")
 
 
