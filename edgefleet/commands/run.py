@@ -53,9 +53,15 @@ def hub_serve(
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C."""
     from edgefleet.broker import LocalBroker
     from hub.config import HubConfig
+    from hub.keys import KeySetupError, load_or_create_keys
     from hub.server import serve_forever
 
     log = logging.getLogger("edgefleet.hub")
+    try:  # before anything starts: a key directory the hub must not guess about stops it with one line
+        load_or_create_keys(data / "keys")
+    except KeySetupError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
     broker = None
     broker_pid = None
     if isolate:
