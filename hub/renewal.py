@@ -68,7 +68,7 @@ def maintain(hub: Hub, now: float | None = None) -> dict[str, int]:
     now = time.time() if now is None else now
     done = {"root": 0, "director": 0, "release": 0, "policy": 0}
     try:
-        if hub.keys.root.expires - now < ROOT_RENEW_BEFORE_S and renew_root(hub.keys, now) is not None:
+        if renew_root(hub.keys, now + ROOT_RENEW_BEFORE_S, now) is not None:
             done["root"] = 1
             hub.after_root_change()
     except Exception:

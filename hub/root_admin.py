@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +159,12 @@ def rotate_key(ring: KeyRing, role: str) -> dict[str, Any]:
             "root_version": result["root_version"]}
 
 
-def renew_root(ring: KeyRing, now: float | None = None) -> dict[str, Any] | None:
-    """With the root key online: root version N+1 with the same keys and a fresh expiry (None if not held)."""
-    if not ring.holds("root"):
-        return None
-    with ring.lock:
+def renew_root(ring: KeyRing, before: float, now: float | None = None) -> dict[str, Any] | None:
+    """With the root key online and the root expiring before ``before``: root version N+1 with the same keys and a
+    fresh expiry. None when not due or not held."""
+    with ring.lock:  # checked under the lock: two passes at once renew once
+        if not ring.holds("root") or ring.root.expires >= before:
+            return None
         envelope = add_signatures({"signed": next_root_body(ring), "signatures": []}, [ring.key("root")])
         return publish_root(ring, envelope, now)
 
@@ -174,6 +174,3 @@ def _dir(ring: KeyRing) -> Path:
         raise Invalid("this key ring has no directory to write to")
     return ring.keys_dir
 
-
-def seconds_left(expires: int, now: float | None = None) -> float:
-    return expires - (time.time() if now is None else now)

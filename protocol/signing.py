@@ -70,8 +70,10 @@ class Root:
         keyids, threshold = self.roles[role]
         verified_by = _verified_keyids(envelope, {k: self.keys[k] for k in keyids if k in self.keys})
         if len(verified_by) < threshold:
-            known = {s.get("keyid") for s in envelope["signatures"] if isinstance(s, dict)}
-            why = "signed by a key the root does not trust for this role" if not known & set(keyids) else "bad signature"
+            known = {s.get("keyid") for s in envelope["signatures"] if isinstance(s, dict)} & set(keyids)
+            bad = sorted(known - verified_by)
+            why = ("signed by a key the root does not trust for this role" if not known else
+                   f"bad signature by key {bad[0][:12]}…" if bad else "too few of the role's keys signed")
             raise SignatureError(f"{role} signature check failed: {len(verified_by)} of {threshold} required ({why})")
         return signed
 

@@ -60,7 +60,7 @@ def hub_serve(
     try:  # before anything starts: a key directory the hub must not guess about stops it with one line
         load_or_create_keys(data / "keys")
     except KeySetupError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, for logs and service managers
         raise typer.Exit(1) from None
     broker = None
     broker_pid = None
