@@ -168,3 +168,41 @@ def server_factory(broker, monkeypatch):
     for s, c in started:
         c.close()
         s.stop()
+
+
+def test_publish_root_refuses_what_a_device_or_the_hub_could_not_use(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from hub.errors import Conflict, Invalid
+    from hub.root_admin import next_root_body, prepare_rotation, publish_root
+    from protocol.signing import add_signatures, sign
+
+    keys, offline = tmp_path / "keys", tmp_path / "offline"
+    init_offline(keys, offline, root_keys=2, threshold=1)
+    root_1 = load_private((offline / "root-1.key").read_text())
+    ring = load_or_create_keys(keys)
+
+    def signed(body):
+        return sign(body, [root_1])
+
+    with pytest.raises(Invalid, match="publish version 2 first"):
+        publish_root(ring, signed({**next_root_body(ring), "version": 3}))
+    with pytest.raises(Invalid, match="expired at"):
+        publish_root(ring, signed(next_root_body(ring, expires=int(time.time()) - 1)))
+    with pytest.raises(Conflict, match="neither the hub's director key nor a prepared one"):
+        publish_root(ring, signed(next_root_body(ring, {"director": [Ed25519PrivateKey.generate()]})))
+    assert ring.root.version == 1 and not (keys / "roots" / "2.json").exists()
+
+    # a prepared director rotation, signed offline; the hub crashes after the commit point (root.json written)
+    unsigned = prepare_rotation(ring, "director")
+    pending = load_private((keys / "director.key.new").read_text())
+    envelope = add_signatures(unsigned, [root_1])
+    (keys / "root.json").write_text(json.dumps(envelope))
+    ring = load_or_create_keys(keys)  # the listed .new key is made the director key
+    assert key_id(ring.key("director")) == key_id(pending) and not (keys / "director.key.new").exists()
+
+    # the release role moves to CI: publishing a root without the hub's release key retires it on the hub
+    ci = Ed25519PrivateKey.generate()
+    res = publish_root(ring, signed(next_root_body(ring, {"release": [ci]})))
+    assert res["retired"] == ["release"] and (keys / "release.key.revoked").exists()
+    assert not ring.holds("release") and load_or_create_keys(keys).held.keys() == {"director"}
