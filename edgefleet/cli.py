@@ -12,7 +12,7 @@ import logging
 import typer
 
 from edgefleet.cli_common import CTX, err
-from edgefleet.commands import endpoint, fleet, monitoring, registry, run
+from edgefleet.commands import endpoint, fleet, keys, monitoring, registry, run
 
 app = typer.Typer(help="edgefleet: ML models on fleets of devices and in the cloud.", no_args_is_help=True,
                   add_completion=False)
@@ -20,7 +20,7 @@ app.command()(run.demo)
 app.command()(fleet.status)
 for sub, name in ((run.hub_app, "hub"), (run.agent_app, "agent"), (run.sim_app, "sim"),
                   (registry.model_app, "model"), (registry.module_app, "module"), (registry.bundle_app, "bundle"),
-                  (registry.keys_app, "keys"), (fleet.deploy_app, "deploy"), (fleet.device_app, "device"),
+                  (keys.keys_app, "keys"), (fleet.deploy_app, "deploy"), (fleet.device_app, "device"),
                   (fleet.deployment_app, "deployment"), (fleet.rollout_app, "rollout"), (fleet.audit_app, "audit"),
                   (monitoring.metrics_app, "metrics"), (monitoring.drift_app, "drift"), (monitoring.alert_app, "alert"),
                   (monitoring.data_app, "data")):

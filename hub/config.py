@@ -23,7 +23,7 @@ class HubConfig:
     mqtt_url: str
     public_mqtt_url: str | None = None
     admin_token: str | None = None
-    desired_ttl_s: int = 7 * 86400
+    desired_ttl_s: int = 86400  # short: a leaked director key's states die soon; renewed at half life (hub/trust/renewal.py)
     # bundle parts go out in passes, one copy for every device waiting (hub/mqtt/blob_carousel.py): a pass waits
     # until no new device has asked for blob_gather_s (at most blob_hold_max_s); 0: per-device transfer,
     # every request answered at once with its own copy. A device asking again for a copy sent after it

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 from hub.config import HubConfig
 from hub.fleet.broker_auth import BrokerAuth, signal_reload
@@ -20,6 +19,9 @@ from hub.rollout.director import Director
 from hub.rollout.rollouts import Rollouts
 from hub.store import Database
 from hub.trust.keys import load_or_create_keys
+from hub.trust.release_policy import ReleasePolicies
+from hub.trust.renewal import maintain
+from hub.trust.roots_publish import publish_roots
 from hub.trust.tokens import ensure_admin_token
 from modules.store import ContentStore
 
@@ -40,9 +42,11 @@ class Hub:
         self.store = ContentStore(config.data_dir / "blobs")
         self.registry = ModelRegistry(self.db, self.store, config.load_check_timeout_s, config.load_check_memory_mb)
         self.modules = ModuleBuilder(self.db, self.store, self.registry, self.keys, config.release_ttl_s)
+        self.policies = ReleasePolicies(self.db, self.keys, config.release_ttl_s)
         self.bridge = Bridge(config, self.db, self.store, self._is_enrolled)
         self.downloads = DeviceDownloads(self.db, self.store)  # bundles over HTTP for devices (routes/device.py)
-        self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish)
+        self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish, self.policies.envelope)
+        self.policies.on_change = self._policy_changed
         self.bridge.on_ready = self.director.republish_all
         self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.broker_ca_pem())
         self.broker_auth: BrokerAuth | None = None
@@ -52,7 +56,7 @@ class Hub:
             self.fleet.on_credentials_changed = self._write_broker_auth
             self._write_broker_auth()
         self.rollouts = Rollouts(self.db, self.director, config.rollout_tick_s)
-        self.deployments = Deployments(self.db, self.director, self.rollouts)
+        self.deployments = Deployments(self.db, self.director, self.rollouts, self.policies.refusal)
         self.monitor = Monitor(config, self.db, self.store)
         self._ingest_workers: list = []  # processes, started by start()
         self._stop = threading.Event()
@@ -61,6 +65,19 @@ class Hub:
     def _write_broker_auth(self) -> None:
         if self.broker_auth is not None:
             self.broker_auth.write(self.fleet.broker_credentials())
+
+    def after_root_change(self) -> dict[str, int]:
+        """A new root was published: devices learn it now, then every retained document it would refuse is re-signed
+        (releases, the release policy, desired states), so the fleet converges without a restart."""
+        publish_roots(self.bridge.publish, self.config.data_dir / "keys")
+        releases = self.modules.resign()
+        policy = self.policies.renew(before=0)  # re-signed only if the new root no longer trusts its signer
+        states = self.director.resign_refused() if self.keys.holds("director") else 0
+        return {"resigned_releases": releases, "resigned_policy": int(policy), "resigned_states": states}
+
+    def _policy_changed(self) -> None:
+        if self.keys.holds("director"):
+            self.director.resign_refused()
 
     def _is_enrolled(self, device_id: str) -> bool:
         return self.fleet.is_enrolled(device_id)
@@ -83,15 +100,11 @@ class Hub:
         self.db.close()
 
     def _maintain(self) -> None:
-        # first pass at start: after a long downtime some states may be close to expiry
+        # first pass at start: after a long downtime some documents may be close to expiry (or expired)
         while True:
             try:
-                self.director.renew_expiring()
+                maintain(self)
             except Exception:
-                log.exception("renewing desired states failed")
-            try:  # releases expire too (freeze protection): re-sign those past half their lifetime
-                self.modules.resign(before=time.time() + self.config.release_ttl_s / 2)
-            except Exception:
-                log.exception("renewing release signatures failed")
+                log.exception("maintenance pass failed")
             if self._stop.wait(RENEW_CHECK_S):
                 return

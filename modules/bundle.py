@@ -243,7 +243,8 @@ def root_chain(bundle_dir: Path) -> list[Any]:
 
 
 def walk_roots(pinned: Root, chain: list[Any], now: float | None = None) -> tuple[Root, list[Root]]:
-    """Move from the pinned root through each newer root in ``chain`` (each must be signed by the one before)."""
+    """Move from the pinned root through each newer root in ``chain`` (each must be signed by the one before);
+    the root reached must not have expired (the pinned and intermediate ones may have)."""
     current, seen = pinned, [pinned]
     for envelope in chain:
         version = envelope.get("signed", {}).get("version") if isinstance(envelope, dict) else None
@@ -254,6 +255,9 @@ def walk_roots(pinned: Root, chain: list[Any], now: float | None = None) -> tupl
         except ProtocolError as exc:
             raise ProtocolError(f"root version {version} does not follow from trusted version {current.version}: {exc}") from None
         seen.append(current)
+    if current.expired(now):  # judged once, on the root the chain reached (TUF §5.3.10)
+        raise SignatureError(f"root version {current.version} expired at {current.expires} "
+                             "(freeze attack or stale root: fetch a newer root)")
     return current, seen
 
 

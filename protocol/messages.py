@@ -78,10 +78,15 @@ class DesiredState(Message, frozen=True, kw_only=True):
     revision: Annotated[int, Meta(ge=1)]  # strictly increasing per device
     expires: NonNegative  # unix seconds; an expired state is refused
     modules: Annotated[list[DesiredModule], Meta(max_length=64)] = []
+    # the newest release-policy envelope (protocol/policy.py), signed by the release role; absent when none,
+    # so states without one sign and hash exactly as before the field existed
+    policy: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d["modules"] = [_without_null_bake(m) for m in d["modules"]]
+        if d.get("policy", 0) is None:
+            del d["policy"]
         return d
 
 

@@ -274,6 +274,7 @@ class RealHub:
         if not self.server.wait_mqtt(15):
             self.server.stop()
             raise RuntimeError("hub did not connect to the broker")
+        self.url = self.server.url
         self.api = HubClient(self.server.url, self.server.admin_token)
         self._models = 0
 
@@ -296,7 +297,7 @@ class RealHub:
         from agent.identity import enroll
 
         token = self.api.post("/api/v1/enrollment-tokens", {})["tokens"][0]
-        return enroll(self.server.url, token, data_dir, device_id=device_id or new_device())
+        return enroll(self.url, token, data_dir, device_id=device_id or new_device())
 
     def deploy(self, device_id: str, module: str = "classifier") -> dict[str, Any]:
         """Register a fresh logreg model, build ``module`` from it and deploy it to ``device_id``; the module record."""

@@ -58,7 +58,7 @@ def test_checker_sees_a_forbidden_import(tmp_path, monkeypatch):
 def test_import_protocol_pulls_in_no_io_library():
     code = (
         "import sys, protocol, protocol.messages, protocol.signing, protocol.manifest, protocol.verify, "
-        "protocol.topics, protocol.broker_url, protocol.encoding\n"
+        "protocol.topics, protocol.broker_url, protocol.encoding, protocol.trust, protocol.policy\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'paho','fastapi','starlette','uvicorn','httpx','requests','sqlite3','sqlite_utils','aiohttp','http','onnxruntime','numpy'})\n"
         "print(','.join(bad))"

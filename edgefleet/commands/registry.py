@@ -1,4 +1,4 @@
-"""Registry commands: models, modules, bundles, keys."""
+"""Registry commands: models, modules, bundles (keys and release signing: edgefleet/commands/keys.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from edgefleet.client import HubClient, HubError
 model_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 module_app = typer.Typer(help="Modules: signed bundles built from model versions.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Pull and verify signed bundles.", no_args_is_help=True)
-keys_app = typer.Typer(help="The hub's signing keys and root of trust.", no_args_is_help=True)
 
 # --- registry -----------------------------------------------------------------------------------
 
@@ -269,56 +268,3 @@ def bundle_verify(
         _fail(exc)
     emit({"valid": True, "name": manifest.name, "version": manifest.version, "digest": manifest.digest(),
           "files": len(manifest.files)}, as_json, ["valid", "name", "version", "digest"])
-
-
-# --- keys ---------------------------------------------------------------------------------------
-
-
-def root_summary(envelope: dict[str, Any]) -> dict[str, Any]:
-    signed = envelope["signed"]
-    return {"version": signed["version"], "expires": signed["expires"],
-            "roles": {r: {"keyids": v["keyids"], "threshold": v["threshold"]} for r, v in signed["roles"].items()}}
-
-
-@keys_app.command("init")
-def keys_init(
-    data: Path = typer.Option(..., "--data", envvar="EDGEFLEET_DATA", help="Hub data directory."),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Create the hub's root, release and director keys and root.json before its first start (idempotent)."""
-    from hub.trust.keys import load_or_create_keys
-
-    ring = load_or_create_keys(data / "keys")
-    emit(root_summary(ring.root_envelope) | {"keys_dir": str(data / "keys")}, as_json)
-
-
-@keys_app.command("show")
-def keys_show(
-    out: Path | None = typer.Option(None, "--out", help="Also write the root envelope here (to pin it)."),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """The hub's current root of trust: version, expiry, and per role the key ids and threshold."""
-    with client() as c:
-        envelope = call(lambda: c.get("/api/v1/root"))
-    if out:
-        out.write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
-    summary = root_summary(envelope)
-    if as_json:
-        emit(summary, True)
-        return
-    emit([{"role": r, "threshold": v["threshold"], "keyids": ", ".join(k[:16] for k in v["keyids"])}
-          for r, v in summary["roles"].items()], False, ["role", "threshold", "keyids"],
-         title=f"root version {summary['version']}, expires {summary['expires']}")
-
-
-@keys_app.command("rotate")
-def keys_rotate(
-    role: str = typer.Argument(..., help="root, release or director"),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """New key for ROLE: the hub publishes root version N+1 (signed by old and new root keys); the old key is revoked."""
-    with client() as c:
-        res = call(lambda: c.post("/api/v1/keys/rotate", {"role": role}))
-    emit(res, as_json, ["role", "root_version", "keyid", "revoked"])
-
-

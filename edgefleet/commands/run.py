@@ -54,8 +54,14 @@ def hub_serve(
     from edgefleet.broker import LocalBroker
     from hub.config import HubConfig
     from hub.server import serve_forever
+    from hub.trust.keys import KeySetupError, load_or_create_keys
 
     log = logging.getLogger("edgefleet.hub")
+    try:  # before anything starts: a key directory the hub must not guess about stops it with one line
+        load_or_create_keys(data / "keys")
+    except KeySetupError as exc:
+        err.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, for logs and service managers
+        raise typer.Exit(1) from None
     broker = None
     broker_pid = None
     if isolate:

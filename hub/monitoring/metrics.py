@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from hub.context import Hub
 from hub.monitoring.prom import Exposition
+from hub.trust.renewal import key_expiry
 
 if TYPE_CHECKING:
     from hub.endpoints.manager import EndpointManager
@@ -17,6 +18,7 @@ def render(hub: Hub, endpoints: EndpointManager | None = None) -> str:
     _bridge(hub, out)
     _rollouts(hub, out)
     _alerts(hub, out)
+    _trust(hub, out)
     if endpoints is not None:
         _endpoints(endpoints, out)
     return out.render()
@@ -77,6 +79,16 @@ def _alerts(hub: Hub, out: Exposition) -> None:
     out.family("edgefleet_hub_webhook_attempts_total", "counter", "Webhook delivery attempts by outcome.",
                [({"outcome": "delivered"}, hooks["ok"] if hooks else 0),
                 ({"outcome": "failed"}, hooks["failed"] if hooks else 0)])
+
+
+def _trust(hub: Hub, out: Exposition) -> None:
+    """Seconds until each role's earliest signature expires (negative: expired), and whether the hub can renew it."""
+    expiry = key_expiry(hub)
+    out.family("edgefleet_key_expiry_seconds", "gauge",
+               "Seconds until the earliest expiry of what each role signs (root: the root itself); negative: expired.",
+               [({"role": r}, round(v)) for r, v in sorted(expiry.items())])
+    out.family("edgefleet_key_held", "gauge", "1 when the hub holds the role's key and renews its signatures itself.",
+               [({"role": r}, 1 if hub.keys.holds(r) else 0) for r in ("root", "release", "director")])
 
 
 def _endpoints(endpoints: EndpointManager, out: Exposition) -> None:

@@ -17,9 +17,11 @@ from hub.trust.keys import KeyRing
 from modules.bundle import build_manifest, sign_release
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, canonical_json
-from protocol.manifest import CHUNK_SIZE, Manifest, TensorSpec, parse_manifest
+from protocol.manifest import CHUNK_SIZE, Manifest, TensorSpec, parse_manifest, release_document
 from protocol.schema import validate
 from protocol.signing import sign
+from protocol.trust import signed_by
+from protocol.verify import accept_manifest
 
 log = logging.getLogger("edgefleet.hub.bundles")
 
@@ -39,7 +41,7 @@ def parse_ref(ref: str) -> tuple[str, int]:
 def module_row(row: dict[str, Any], with_envelope: bool = False) -> dict[str, Any]:
     envelope = loads(row["envelope"])
     out = {"name": row["name"], "version": row["version"], "digest": row["digest"], "runtime": row["runtime"],
-           "size": row["size"], "created_at": row["created_at"],
+           "size": row["size"], "created_at": row["created_at"], "signed": bool(envelope["signatures"]),
            "collect_rate_ppm": envelope["signed"]["manifest"].get("collect_rate_ppm", 0)}
     if with_envelope:
         out["envelope"] = envelope
@@ -103,7 +105,11 @@ class ModuleBuilder:
                 self._record_sources(tx, name, latest[0], refs, resources)
                 return self.get(name, latest[0])
             manifest = replace(draft, version=(latest[0] if latest else 0) + 1)
-            envelope = sign_release(manifest, [self.keys.release_key], int(time.time()) + self.release_ttl_s)
+            expires = int(time.time()) + self.release_ttl_s
+            if self.keys.holds("release"):
+                envelope = sign_release(manifest, [self.keys.key("release")], expires)
+            else:  # the release role is held elsewhere (CI): stored unsigned until a signed release is attached
+                envelope = {"signed": release_document(manifest, expires), "signatures": []}
             tx.execute("INSERT INTO modules (name, version, digest, runtime, envelope, size, created_at)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (name, manifest.version, manifest.digest(), manifest.runtime, dumps(envelope), manifest.size,
@@ -126,21 +132,56 @@ class ModuleBuilder:
                       key=["module_name", "module_version"])
 
     def resign(self, before: float | None = None) -> int:
-        """Re-sign release envelopes with the current release key (after a rotation), or only those expiring
-        before ``before`` (renewal). The manifest, hence the bundle digest, is unchanged."""
+        """Re-sign, with the current release key, the releases the current root no longer accepts (after a
+        rotation) and, with ``before``, those expiring before it (renewal). Unsigned ones (awaiting an external
+        signature) are left alone. The manifest, hence the bundle digest, is unchanged."""
+        if not self.keys.holds("release"):
+            stale = [f"{r['name']}:{r['version']}" for r in self.db.query("SELECT name, version, envelope FROM modules")
+                     if self._needs_signing(loads(r["envelope"]), before)]
+            if stale:
+                log.warning("%d release(s) need signing (%s) but the release key is held elsewhere: sign them there "
+                            "(edgefleet module sign)", len(stale), ", ".join(stale[:5]))
+            return 0
         expires = int(time.time()) + self.release_ttl_s
         count = 0
         with self.db.transaction() as tx:
             for row in self.db.query("SELECT name, version, envelope FROM modules"):
                 envelope = loads(row["envelope"])
-                if before is not None and envelope["signed"]["expires"] >= before:
+                if not self._needs_signing(envelope, before):
                     continue
                 # the stored document with a new expiry: its manifest bytes, hence the digest, stay identical
-                fresh = sign({**envelope["signed"], "expires": expires}, [self.keys.release_key])
+                fresh = sign({**envelope["signed"], "expires": expires}, [self.keys.key("release")])
                 tx.execute("UPDATE modules SET envelope = ? WHERE name = ? AND version = ?",
                            (dumps(fresh), row["name"], row["version"]))
                 count += 1
         return count
+
+    def _needs_signing(self, envelope: dict[str, Any], before: float | None) -> bool:
+        if not envelope["signatures"]:
+            return False
+        return not signed_by(self.keys.root, envelope, "release") or (
+            before is not None and envelope["signed"]["expires"] < before)
+
+    def attach_release(self, name: str, version: int, envelope: Any) -> dict[str, Any]:
+        """Store a release signed outside the hub (the Uptane split: CI holds the release key), after the checks a
+        device makes: release-role signatures, not expired, the very manifest this module version was built as."""
+        row = self.db.one("SELECT digest, envelope FROM modules WHERE name = ? AND version = ?", (name, version))
+        if row is None:
+            raise NotFound(f"module {name}:{version} does not exist")
+        try:
+            accept_manifest(envelope, self.keys.root, row["digest"], name)
+        except ProtocolError as exc:
+            raise Invalid(f"release refused: {exc}") from None
+        if envelope["signed"]["manifest"] != loads(row["envelope"])["signed"]["manifest"]:
+            raise Invalid("release refused: its manifest differs from the one built for this version")
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE modules SET envelope = ? WHERE name = ? AND version = ?", (dumps(envelope), name, version))
+        log.info("attached an externally signed release to %s:%d", name, version)
+        return self.get(name, version, with_envelope=False)
+
+    def envelopes(self) -> list[dict[str, Any]]:
+        """Every stored release envelope (signed or awaiting a signature)."""
+        return [loads(r["envelope"]) for r in self.db.query("SELECT envelope FROM modules")]
 
     def resources(self, name: str, version: int) -> dict[str, Any]:
         row = self.db.one("SELECT resources FROM module_meta WHERE module_name = ? AND module_version = ?", (name, version))

@@ -7,6 +7,7 @@ hands it to the rollout controller with a strategy: all at once, a canary, or wa
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from hub.audit import record
@@ -55,8 +56,10 @@ def device_bake(seconds: int | None, max_error_rate: float = 0.05, min_inference
 
 
 class Deployments:
-    def __init__(self, db: Database, director: Director, rollouts: Rollouts) -> None:
+    def __init__(self, db: Database, director: Director, rollouts: Rollouts,
+                 refusal: Callable[[str, int], str | None] = lambda name, version: None) -> None:
         self.db, self.director, self.rollouts = db, director, rollouts
+        self.refusal = refusal  # why a module version may not be deployed (the release policy revokes it), or None
         self._adopt_unrevisioned()
 
     def _adopt_unrevisioned(self) -> None:
@@ -93,9 +96,15 @@ class Deployments:
         if collect_rate_ppm is not None and not 0 <= collect_rate_ppm <= 1_000_000:
             raise Invalid("collect_rate_ppm must be 0..1000000")
         module_name, version = parse_ref(module)
-        row = self.db.one("SELECT digest FROM modules WHERE name = ? AND version = ?", (module_name, version))
+        row = self.db.one("SELECT digest, envelope FROM modules WHERE name = ? AND version = ?", (module_name, version))
         if row is None:
             raise Invalid(f"module {module} does not exist: build it first (POST /api/v1/modules)")
+        if not loads(row["envelope"])["signatures"]:
+            raise Conflict(f"module {module} has no release signature yet: sign it where the release key is "
+                           "(edgefleet module sign) before deploying it")
+        why = self.refusal(module_name, version)
+        if why:
+            raise Conflict(f"cannot deploy {module}: {why}")
         try:
             bake_json = dumps(validate(BakePolicy, device_bake).to_dict()) if device_bake else None
         except ProtocolError as exc:

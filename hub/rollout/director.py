@@ -4,7 +4,9 @@ For each module name a device gets the highest-priority active deployment whose
 target matches it (ties: the newest). Of a deployment it gets the stable revision,
 or the revision a live rollout is moving it to (see hub/rollout/rollouts.py). A new state is signed with revision+1 and
 published retained, QoS 1, only when the module list changes, or when the last
-one nears expiry (a device refuses expired states, so they are renewed).
+one nears expiry (a device refuses expired states, so they are renewed), or when the root of trust
+or the release policy changed so that a device would refuse the stored one (rotation converges).
+Every state carries the current release policy (hub/trust/release_policy.py).
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hub.errors import Conflict
 from hub.fleet.targeting import parse_target
 from hub.rollout.rollout_states import HOLDING
 from hub.store import Database, dumps, loads
 from hub.trust.keys import KeyRing
-from protocol.encoding import canonical_json
+from protocol.encoding import canonical_json, digest_of
 from protocol.messages import BakePolicy, DesiredModule, DesiredState
 from protocol.schema import validate
 from protocol.signing import sign
 from protocol.topics import Channel, device_topic
+from protocol.trust import MAX_DESIRED_LIFETIME_S, signed_by
 
 log = logging.getLogger("edgefleet.hub.director")
 
@@ -59,8 +63,11 @@ def desired_module(d: dict[str, Any]) -> dict[str, Any]:
 
 
 class Director:
-    def __init__(self, db: Database, keys: KeyRing, ttl_s: int, publish: Publish) -> None:
-        self.db, self.keys, self.ttl_s, self.publish = db, keys, ttl_s, publish
+    def __init__(self, db: Database, keys: KeyRing, ttl_s: int, publish: Publish,
+                 policy: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+        if not 0 < ttl_s <= MAX_DESIRED_LIFETIME_S:
+            raise ValueError(f"desired_ttl_s must be 1..{MAX_DESIRED_LIFETIME_S} (devices refuse longer-lived states)")
+        self.db, self.keys, self.ttl_s, self.publish, self.policy = db, keys, ttl_s, publish, policy
         # compute, commit and publish under one lock, so revision N+1 never reaches the broker before N
         self._lock = threading.Lock()
 
@@ -106,28 +113,31 @@ class Director:
                 best[d["module_name"]] = (d, layer.created_at)
         return [desired_module(d) for _, (d, _) in sorted(best.items())]
 
-    def sync(self, device_ids: list[str] | None = None, renew_before: float | None = None) -> int:
+    def sync(self, device_ids: list[str] | None = None, renew_before: float | None = None,
+             resign: Callable[[dict[str, Any]], bool] | None = None) -> int:
         """Publish a new desired state to each device (all when None) whose module list changed; return how many.
 
-        With ``renew_before`` (unix time), also re-sign states that expire before it.
+        With ``renew_before`` (unix time), also re-sign states that expire before it; with ``resign``, also
+        those whose device row (with its ``desired_envelope``) it says yes to.
         """
         with self._lock:
             deployments = self._deployments()
             out: list[tuple[str, bytes]] = []
+            policy = self.policy()
             with self.db.transaction() as tx:
-                sql = "SELECT id, labels, revision, desired, desired_expires FROM devices"
+                sql = "SELECT id, labels, revision, desired, desired_expires, desired_envelope FROM devices"
                 rows = self.db.query(sql) if device_ids is None else [
                     r for i in device_ids for r in self.db.query(sql + " WHERE id = ?", (i,))]
                 for row in rows:
                     modules = self.modules_for(row["id"], loads(row["labels"], {}), deployments)
                     unchanged = row["desired"] is not None and loads(row["desired"]) == modules
                     expiring = renew_before is not None and (row["desired_expires"] or 0) < renew_before
-                    if unchanged and not expiring:
+                    if unchanged and not expiring and not (resign is not None and resign(row)):
                         continue
                     state = DesiredState(device=row["id"], revision=row["revision"] + 1,
                                          expires=int(time.time()) + self.ttl_s,
-                                         modules=[validate(DesiredModule, m) for m in modules])
-                    envelope = canonical_json(sign(state.to_dict(), [self.keys.director_key]))
+                                         modules=[validate(DesiredModule, m) for m in modules], policy=policy)
+                    envelope = canonical_json(sign(state.to_dict(), [self.keys.key("director")]))
                     tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?, desired_expires = ?"
                                " WHERE id = ?", (state.revision, dumps(modules), envelope.decode(), state.expires,
                                                  row["id"]))
@@ -137,6 +147,23 @@ class Director:
             if out:
                 log.info("published desired state to %d device(s)", len(out))
             return len(out)
+
+    def resign_refused(self) -> int:
+        """Re-sign every stored state a device would now refuse or read with a stale release policy: signed by a
+        key the current root no longer trusts for the director role (after a rotation), or carrying another
+        policy than the current one. Returns how many were re-published."""
+        if not self.keys.holds("director"):
+            raise Conflict("the hub does not hold the director key: stored desired states cannot be re-signed")
+        root, policy = self.keys.root, self.policy()
+        want = digest_of(policy) if policy else None
+
+        def stale(row: dict[str, Any]) -> bool:
+            if row["desired_envelope"] is None:
+                return False
+            envelope = loads(row["desired_envelope"])
+            held = envelope["signed"].get("policy")
+            return not signed_by(root, envelope, "director") or (digest_of(held) if held else None) != want
+        return self.sync(resign=stale)
 
     def renew_expiring(self) -> int:
         """Re-sign states past half their lifetime, so a device never holds an expired one."""

@@ -187,4 +187,9 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         AddColumn("data_records", "endpoint", "TEXT"),
         TELEMETRY, REGISTRY, ALERTS, INGEST_WORKERS, ENDPOINTS, EXPORT_INDEXES,
     ),
+    (  # 2: signed release policies (revocations, per-module minimum versions): hub/trust/release_policy.py
+        """CREATE TABLE IF NOT EXISTS release_policies (
+    version INTEGER PRIMARY KEY, envelope TEXT NOT NULL, created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT ''
+);""",
+    ),
 ]

@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field
 from hub.api.deps import get_hub, require
 from hub.context import Hub
 from hub.errors import NotFound
-from hub.trust.keys import rotate_key
-from hub.trust.roots_publish import publish_roots
+from hub.trust.renewal import trust_status
+from hub.trust.root_admin import prepare_rotation, publish_root, rotate_key
 from hub.trust.tokens import create_token
 
 router = APIRouter(tags=["admin"])
@@ -45,16 +45,34 @@ def root_version(version: int, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
 
 class RotateRequest(BaseModel):
     role: Literal["root", "release", "director"]
+    prepare: bool = Field(default=False, description="return root version N+1 unsigned, to sign elsewhere")
+
+
+@router.get("/keys", dependencies=[Depends(require("viewer"))])
+def keys_status(hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Which roles the hub holds, seconds until each role's signatures expire, and problems to act on."""
+    return trust_status(hub)
 
 
 @router.post("/keys/rotate", dependencies=[Depends(require("admin"))])
 def rotate(body: RotateRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     """New key for ``role``; root version N+1 signed by the old and new root keys; the old key is revoked.
 
-    After a release-key rotation every stored release is re-signed with the new key
-    (bundle digests do not change); new desired states are signed with the new director key.
+    Every retained document the new root would refuse is then re-signed (releases, release policy,
+    desired states). With ``prepare`` (the root key is offline) nothing changes yet: the answer holds
+    root version N+1 unsigned (a new release/director key waits on the hub), for ``keys sign-root``
+    and then ``POST /api/v1/roots``.
     """
+    if body.prepare:
+        envelope = prepare_rotation(hub.keys, body.role)
+        return {"role": body.role, "root_version": envelope["signed"]["version"], "root": envelope}
     result = rotate_key(hub.keys, body.role)
-    result["resigned_releases"] = hub.modules.resign() if body.role == "release" else 0
-    publish_roots(hub.bridge.publish, hub.config.data_dir / "keys")  # devices learn the new root now
-    return result
+    return result | hub.after_root_change()
+
+
+@router.post("/roots", dependencies=[Depends(require("admin"))])
+def publish(envelope: dict[str, Any], hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Publish root version N+1 signed elsewhere (m-of-n offline root keys), after the checks a device makes:
+    a threshold of the current root's root keys and of its own, version N+1, not expired."""
+    result = publish_root(hub.keys, envelope)
+    return result | hub.after_root_change()

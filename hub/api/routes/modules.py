@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from hub.api.deps import get_hub, require
 from hub.context import Hub
+from hub.trust.tokens import Principal
 
 router = APIRouter(tags=["modules"])
 
@@ -27,10 +28,11 @@ class ModuleRequest(BaseModel):
 
 @router.post("/modules", dependencies=[Depends(require("operator"))])
 def build_module(body: ModuleRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    """Build and sign version N+1 (or return the latest version if nothing changed)."""
+    """Build and sign version N+1 (or return the latest version if nothing changed). When the release key is held
+    elsewhere the version is stored unsigned (``signed: false``) until a signed release is attached."""
     built = hub.modules.build(body.name, body.models, body.runtime, body.sample, body.collect_rate_ppm,
                               entry=body.entry, entry_name=body.entry_name, resources=body.resources)
-    return {k: built[k] for k in ("name", "version", "digest", "size", "runtime")}
+    return {k: built[k] for k in ("name", "version", "digest", "size", "runtime", "signed")}
 
 
 @router.get("/modules", dependencies=[Depends(require("viewer"))])
@@ -53,3 +55,40 @@ def bundle_release(digest: str, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
 @router.get("/bundles/{digest}/files/{path:path}", dependencies=[Depends(require("viewer"))])
 def bundle_file(digest: str, path: str, hub: Hub = Depends(get_hub)) -> FileResponse:
     return FileResponse(hub.modules.file_path(digest, path), media_type="application/octet-stream")
+
+
+@router.post("/modules/{name}/versions/{version}/release", dependencies=[Depends(require("operator"))])
+def attach_release(name: str, version: int, envelope: dict[str, Any], hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Attach a release envelope signed outside the hub (CI holding the release key): checked as a device would."""
+    return hub.modules.attach_release(name, version, envelope)
+
+
+class RevokeRequest(BaseModel):
+    and_older: bool = Field(default=False, description="also every older version (sets the module's minimum)")
+
+
+@router.post("/modules/{name}/versions/{version}/revoke")
+def revoke_module(name: str, version: int, body: RevokeRequest,
+                  who: Principal = Depends(require("admin")), hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Revoke a module version: a new release-policy version signed with the hub's release key, carried to every
+    device in its next desired state; devices refuse to install it, and the hub to deploy it."""
+    return hub.policies.revoke(name, version, body.and_older, actor=who.name)
+
+
+@router.get("/release-policy", dependencies=[Depends(require("viewer"))])
+def release_policy(hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """The current signed release policy (``{"signed": null}`` before the first revocation)."""
+    return hub.policies.envelope() or {"signed": None, "signatures": []}
+
+
+@router.get("/modules/{name}/versions/{version}/revoke-draft", dependencies=[Depends(require("viewer"))])
+def revoke_draft(name: str, version: int, and_older: bool = False, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """The next release-policy version revoking ``name:version``, unsigned: to sign where the release key is."""
+    return {"signed": hub.policies.draft_revoke(name, version, and_older), "signatures": []}
+
+
+@router.post("/release-policy")
+def publish_release_policy(envelope: dict[str, Any], who: Principal = Depends(require("admin")),
+                           hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Publish a release-policy version signed outside the hub (the release key held by CI)."""
+    return hub.policies.publish(envelope, actor=who.name)
