@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from hub.audit import record
+from hub.bounds import check_api_name
 from hub.bundles import parse_ref
 from hub.db import Database, dumps, loads, now
 from hub.director import Director
@@ -18,7 +19,7 @@ from hub.fleet import category, module_views
 from hub.rollout_plan import ON_FAILURE, Gates, parse_strategy
 from hub.rollout_states import SUPERSEDED, display
 from hub.rollouts import Rollouts
-from hub.targeting import parse_target
+from hub.targeting import check_target
 from protocol.encoding import ProtocolError
 from protocol.messages import BakePolicy
 from protocol.schema import validate
@@ -81,9 +82,8 @@ class Deployments:
 
         Asking for exactly what the latest revision already is changes nothing (``published`` 0).
         """
-        if not name or len(name) > 64:
-            raise Invalid("deployment name must be 1-64 characters")
-        parse_target(target)
+        check_api_name(name, "deployment name")  # the API checked it too: this is for every other caller
+        check_target(target)
         waves = parse_strategy(strategy)
         gate_set = Gates.from_json(gates)
         if on_failure not in ON_FAILURE:

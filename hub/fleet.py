@@ -11,6 +11,7 @@ from typing import Any
 
 from hub.audit import record
 from hub.auth import hash_token
+from hub.bounds import check_labels
 from hub.broker_auth import mosquitto_hash
 from hub.db import Database, dumps, loads, now
 from hub.director import Director
@@ -103,7 +104,7 @@ class Fleet:
             row = self.db.one("SELECT labels FROM devices WHERE id = ?", (device_id,))
             if row is None:
                 raise NotFound(f"device {device_id!r} is not enrolled")
-            labels = {k: v for k, v in loads(row["labels"], {}).items() if k not in unset} | set_
+            labels = check_labels({k: v for k, v in loads(row["labels"], {}).items() if k not in unset} | set_)
             tx.execute("UPDATE devices SET labels = ? WHERE id = ?", (dumps(labels), device_id))
             record(self.db, actor, "device.labels", device_id, set=set_, unset=unset)
         self.director.sync([device_id])

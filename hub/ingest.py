@@ -83,6 +83,7 @@ class BatchWriter:
         self._pending = 0  # row sets queued but not yet committed
         self._stopping = False
         self._cond = threading.Condition()
+        self.failed = 0  # records the database refused (each alone: its neighbours were stored)
 
     def start(self) -> None:
         self._thread.start()
@@ -132,11 +133,23 @@ class BatchWriter:
 
     def _write(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         try:
-            with self.db.transaction() as tx:
-                for sql, rows in batch:
-                    if sql is not TELEMETRY:
-                        tx.conn.executemany(sql, rows)
-                new_telemetry = store.store(tx.conn, (p for sql, rows in batch if sql is TELEMETRY for p in rows))
-            self.on_telemetry_rows(new_telemetry)
-        except Exception:  # a failed batch must not end the writer; the rows are lost and said so
-            log.exception("could not write a batch of %d row set(s)", len(batch))
+            self._commit(batch)
+        except Exception as exc:  # never end the writer; and one bad record must not take the others with it
+            log.warning("a batch of %d row set(s) failed (%r): writing its records one by one", len(batch), exc)
+            for sql, rows in batch:
+                for row in rows:  # a telemetry batch (one device's message) or one data record
+                    try:
+                        self._commit([(sql, [row])])
+                    except Exception as one:
+                        self.failed += 1
+                        kind, device = ("telemetry", row.device) if sql is TELEMETRY else ("data", row[0])
+                        log.error("could not store a %s record of device %r: %r", kind, device, one)
+
+    def _commit(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        """One transaction; replays are ignored (INSERT OR IGNORE), so writing a record again is harmless."""
+        with self.db.transaction() as tx:
+            for sql, rows in batch:
+                if sql is not TELEMETRY:
+                    tx.conn.executemany(sql, rows)
+            new_telemetry = store.store(tx.conn, (p for sql, rows in batch if sql is TELEMETRY for p in rows))
+        self.on_telemetry_rows(new_telemetry)

@@ -65,22 +65,20 @@ def test_agent_refuses_a_module_name_that_is_not_a_name_and_keeps_serving(hubsid
 
 def test_installer_checks_the_name_again_before_touching_the_filesystem(tmp_path):
     """Defence in depth: a module that reached the installer without the protocol check still cannot escape."""
-    from agent.install import Installer, InstallError
-    from modules.store import ContentStore
-    from protocol.signing import load_trusted_root
-
-    h = HubSide.__new__(HubSide)  # only its keys: no broker needed to sign
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from protocol.signing import make_root
+    from agent.install import Installer, InstallError
+    from modules.store import ContentStore
+    from protocol.signing import load_trusted_root, make_root
+
     key = Ed25519PrivateKey.generate()
-    h.root = make_root({"root": [key], "release": [key], "director": [key]}, [key])
+    root = load_trusted_root(make_root({"root": [key], "release": [key], "director": [key]}, [key]))
     data = tmp_path / "agent"
     data.mkdir()
     victim = tmp_path / "victimdir"
     victim.mkdir()
     (victim / "precious").write_text("keep me")
-    inst = Installer(data, ContentStore(data / "chunks"), load_trusted_root(h.root))
+    inst = Installer(data, root, ContentStore(data / "chunks"))
 
     async def never() -> dict:
         raise AssertionError("the installer fetched a bundle for a module it should have refused")
@@ -122,7 +120,7 @@ def test_device_id_with_a_trailing_newline_is_refused_at_enrolment(server, admin
                                          ("priority", str(2**63))])
 def test_non_finite_or_oversized_numbers_give_422_not_500(admin, tmp_path, field, value):
     build_versions(admin, tmp_path, n=1)
-    body = '{"name": "d", "module": "scorer:1", "%s": %s}' % (field, value)
+    body = '{"name": "d", "module": "scorer:1", "' + field + '": ' + value + "}"  # NaN is not JSON: written by hand
     r = admin.post("/api/v1/deployments", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
     assert field in r.text
