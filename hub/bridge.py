@@ -22,7 +22,7 @@ from hub.bundles import bundle_chunks, release_envelope
 from hub.config import HubConfig
 from hub.db import Database, dumps, now
 from hub.errors import NotFound
-from hub.ingest import INGEST_CHANNELS, BatchWriter, data_rows, shared_wildcard
+from hub.ingest import INGEST_CHANNELS, BatchWriter, data_rows, share_group, shared_wildcard
 from hub.roots_publish import announce, offline_will
 from modules.store import ContentStore
 from protocol.broker_url import parse_broker_url
@@ -126,9 +126,9 @@ class Bridge:
             log.warning("broker refused the hub's connection: %s", reason_code)
             return
         # with ingest workers, telemetry and data are shared with them (hub/ingest_worker.py)
-        shared = self.config.ingest_workers > 0
-        result, mid = client.subscribe([(shared_wildcard(ch) if shared and ch in INGEST_CHANNELS else device_wildcard(ch), 1)
-                                        for ch in DEVICE_TO_HUB])
+        group = share_group(self.config.mqtt_url) if self.config.ingest_workers > 0 else None
+        result, mid = client.subscribe([(shared_wildcard(ch, group) if group and ch in INGEST_CHANNELS
+                                         else device_wildcard(ch), 1) for ch in DEVICE_TO_HUB])
         self._sub_mid = mid
         log.info("MQTT bridge connected to %s", self._url.public())
 

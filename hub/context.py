@@ -48,7 +48,7 @@ class Hub:
         self.broker_auth: BrokerAuth | None = None
         if config.isolate:
             reload = signal_reload(config.broker_pid) if config.broker_pid else None
-            self.broker_auth = BrokerAuth(config.data_dir / "broker", reload)
+            self.broker_auth = BrokerAuth(config.data_dir / "broker", reload, workers=config.ingest_workers)
             self.fleet.on_credentials_changed = self._write_broker_auth
             self._write_broker_auth()
         self.rollouts = Rollouts(self.db, self.director, config.rollout_tick_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -10,6 +11,7 @@ from typing import Any
 
 from hub import telemetry as store
 from hub.db import Database, dumps
+from protocol.broker_url import parse_broker_url
 from protocol.messages import DataBatch, TelemetryBatch
 from protocol.topics import Channel, device_wildcard
 
@@ -26,8 +28,24 @@ INGEST_CHANNELS = (Channel.TELEMETRY, Channel.DATA)
 SHARE_GROUP = "edgefleet-ingest"
 
 
-def shared_wildcard(channel: Channel) -> str:
-    return f"$share/{SHARE_GROUP}/{device_wildcard(channel)}"
+def share_group(mqtt_url: str) -> str:
+    """The hub's shared-subscription group: a secret derived from its broker password, when it has one.
+
+    Any client may join any group: mosquitto 2.0's ACL file does not check subscriptions (a
+    device's ``$share/...`` is granted) and filters only at delivery, after the group picked its
+    member, so a device in the hub's group would silently take its share of every device's telemetry.
+    A group name only hub logins can compute keeps it out. Without a password (an open broker) there
+    is nothing to keep anyone out of, and the plain name is used.
+    """
+    password = parse_broker_url(mqtt_url).password
+    if not password:
+        return SHARE_GROUP
+    secret = hashlib.sha256(b"edgefleet share group\0" + password.encode()).hexdigest()[:24]
+    return f"{SHARE_GROUP}-{secret}"
+
+
+def shared_wildcard(channel: Channel, group: str = SHARE_GROUP) -> str:
+    return f"$share/{group}/{device_wildcard(channel)}"
 
 
 class EnrolledCache:

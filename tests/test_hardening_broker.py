@@ -60,8 +60,8 @@ def hub_config():
 def isolated(tmp_data, monkeypatch, hub_config):
     """mosquitto on the hub's password file and ACL (as ``hub serve --isolate`` runs it) and the hub on it."""
     monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    auth = BrokerAuth(tmp_data / "broker")
-    auth.write([])
+    auth = BrokerAuth(tmp_data / "broker", workers=hub_config.get("ingest_workers", 0))
+    auth.write([])  # the hub's logins exist before the broker starts (as `hub serve --isolate` does it)
     broker = LocalBroker(kind="mosquitto", password_file=auth.password_file, acl_file=auth.acl_file).start()
     server = HubServer(HubConfig(tmp_data, auth.hub_url(broker.url), public_mqtt_url=broker.url, isolate=True,
                                  broker_pid=broker.proc.pid, **hub_config)).start()
@@ -155,6 +155,9 @@ def test_a_device_cannot_join_the_hubs_shared_subscription_group(isolated, hub_c
         wait_until(lambda: server.hub.db.one("SELECT count(*) AS n FROM telemetry_batches WHERE device = 'sender'")
                    ["n"] == n, 20, what=f"all {n} batches stored by the hub and its worker")
         assert thief.messages == []
+        # the worker, under a login of its own, took part in the hub's (secret) group
+        wait_until(lambda: server.hub.db.one("SELECT received FROM ingest_workers WHERE idx = 0")["received"] > 0, 10,
+                   what="the ingest worker's share of the batches")
         # the worker has a login of its own: it and the hub, bound to their logins, do not evict each other
         assert [r.getMessage() for r in caplog.records if "lost the broker" in r.getMessage()] == []
     finally:
