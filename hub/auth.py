@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 
 from hub.db import Database, now
-from hub.keys import write_secret
+from hub.keys import private_file, write_secret
 
 log = logging.getLogger("edgefleet.hub.auth")
 
@@ -50,6 +50,7 @@ def ensure_admin_token(db: Database, data_dir: Path, configured: str | None) -> 
     """
     configured = configured or os.environ.get(ADMIN_TOKEN_ENV) or None
     token_file = data_dir / ADMIN_TOKEN_FILE
+    private_file(token_file)
     if configured:
         if db.one("SELECT 1 FROM api_tokens WHERE token_hash = ?", (hash_token(configured),)) is None:
             create_token(db, "admin", "admin", configured)

@@ -17,7 +17,7 @@ from hub.deployments import Deployments
 from hub.device_http import DeviceDownloads
 from hub.director import Director
 from hub.fleet import Fleet
-from hub.keys import load_or_create_keys
+from hub.keys import load_or_create_keys, private_dir
 from hub.monitoring.service import Monitor
 from hub.registry import ModelRegistry
 from hub.rollouts import Rollouts
@@ -33,7 +33,7 @@ class Hub:
 
     def __init__(self, config: HubConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.data_dir)  # keys, tokens, the database and the broker's password file live here
         self.db = Database(config.data_dir / "hub.db")
         self.keys = load_or_create_keys(config.data_dir / "keys")
         self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)

@@ -58,7 +58,7 @@ class KeyRing:
 def _write_json(path: Path, doc: Any) -> None:
     """Write beside, then rename: readers never see half a root."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_secret(tmp, json.dumps(doc, indent=2, sort_keys=True) + "\n")  # public, yet one rule for DATA: 0600
     os.replace(tmp, path)
 
 
@@ -81,7 +81,7 @@ def rotate_key(ring: KeyRing, role: str) -> dict[str, Any]:
         envelope = make_root(role_keys, signers, version=ring.root.version + 1, thresholds=thresholds)
         new_root = update_root(ring.root, envelope)  # exactly the check a device makes
         keys_dir = ring.keys_dir
-        (keys_dir / ROOTS_DIR).mkdir(exist_ok=True)
+        (keys_dir / ROOTS_DIR).mkdir(exist_ok=True, mode=0o700)
         if not (keys_dir / ROOTS_DIR / f"{ring.root.version}.json").exists():
             _write_json(keys_dir / ROOTS_DIR / f"{ring.root.version}.json", ring.root_envelope)
         write_secret(keys_dir / f"{role}.key.new", private_hex(new) + "\n")
@@ -102,10 +102,22 @@ def write_secret(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it the owner's alone (0700), also when it existed."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Make an existing file the owner's alone (0600): files an older hub left readable by everyone."""
+    if path.exists():
+        os.chmod(path, 0o600)
+
+
 def load_or_create_keys(keys_dir: Path) -> KeyRing:
     """Load ``keys_dir/{root,release,director}.key`` and ``root.json``; create them at first start."""
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(keys_dir, 0o700)
+    private_dir(keys_dir)
     keys: dict[str, Ed25519PrivateKey] = {}
     _finish_rotation(keys_dir)
     for role in ROLES:
@@ -121,7 +133,7 @@ def load_or_create_keys(keys_dir: Path) -> KeyRing:
         envelope = json.loads(root_path.read_text())
     else:
         envelope = make_root({r: [keys[r]] for r in ROLES}, [keys["root"]])
-        root_path.write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
+        _write_json(root_path, envelope)
     root = load_trusted_root(envelope)  # refuse to start on a corrupt or expired root
     for role in ROLES:
         if key_id(keys[role]) not in root.roles[role][0]:
