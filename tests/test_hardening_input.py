@@ -229,3 +229,30 @@ def test_the_batch_writer_falls_back_to_one_record_at_a_time(tmp_path):
     assert sum(stored_points) == 5
     assert writer.failed == 2  # the telemetry batch and the data row set that could not be stored
     db.close()
+
+
+# --- the rule itself --------------------------------------------------------------------------
+
+
+def test_the_name_rule_says_which_part_it_breaks():
+    from protocol.encoding import ProtocolError
+    from protocol.messages import decode
+    from protocol.names import check_file_path, check_name
+
+    for ok in ("a", "A-1.b_c", "_private", "x" * 64, "model.onnx", "a..b"):
+        assert check_name(ok) == ok
+    for bad, reason in [("", "empty"), (".", "relative directory"), ("..", "relative directory"),
+                        (".hidden", "starts with '.'"), ("-rf", "starts with '-'"), ("a/b", "'/'"), ("a\\b", "'\\'"),
+                        ("a\x00", "NUL"), ("dev1\n", "whitespace"), (" a", "whitespace"), ("a\x7f", "control"),
+                        ("a:1", "':'"), ("caf\u00e9", "'\u00e9'"), ("x" * 65, "65 characters")]:
+        with pytest.raises(ProtocolError, match=reason.replace("\\", "\\\\").replace(".", "\\.")):
+            check_name(bad, "module name")
+    assert check_file_path("sub/model.onnx") == "sub/model.onnx"
+    for bad in ("/etc/passwd", "a//b", "a/../b", "a/./b", "a/" * 8 + "b", "x" * 129):
+        with pytest.raises(ProtocolError, match="unsafe file path"):
+            check_file_path(bad)
+    # NaN is not JSON: refused by name, whichever decoder path reads it
+    with pytest.raises(ProtocolError, match="NaN is not a JSON number"):
+        decode(Channel.TELEMETRY, b'{"v": 1, "device": "d", "seq": 1, "ts": NaN, "points": []}')
+    with pytest.raises(ProtocolError, match="seq: Expected `int` <= 9223372036854775807"):
+        decode(Channel.TELEMETRY, b'{"v": 1, "device": "d", "seq": 9223372036854775808, "ts": 1, "points": []}')
