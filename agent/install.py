@@ -32,8 +32,10 @@ from modules.store import ContentStore
 from protocol.encoding import ProtocolError
 from protocol.manifest import FileEntry, Manifest
 from protocol.messages import BakePolicy, DesiredModule
+from protocol.names import name_problem
 from protocol.schema import validate
 from protocol.signing import Root
+from protocol.topics import DIGEST_RE
 
 if TYPE_CHECKING:
     from modules.runners import Runner
@@ -197,22 +199,36 @@ class Installer:
 
     # --- layout ------------------------------------------------------------------------------
 
+    def module_dir(self, name: str) -> Path:
+        """``modules/<name>``; a name that is not one (protocol.names) is refused before any file is touched.
+
+        The protocol boundary refuses such names already; this is the second check, right at the filesystem.
+        """
+        problem = name_problem(name)
+        if problem is not None:
+            raise InstallError(f"refusing module name {name!r}: {problem}")
+        return self.modules_dir / name
+
     def version_dir(self, name: str, digest: str) -> Path:
-        return self.modules_dir / name / digest
+        if not DIGEST_RE.match(digest):
+            raise InstallError(f"refusing bundle digest {digest!r}: not 64 lowercase hex digits")
+        return self.module_dir(name) / digest
 
     def current(self, name: str) -> str | None:
         """The digest ``current`` points at, or None."""
+        link = self.module_dir(name) / CURRENT
         try:
-            return os.readlink(self.modules_dir / name / CURRENT)
+            return os.readlink(link)
         except OSError:
             return None
 
     def installed_names(self) -> list[str]:
-        return sorted(p.name for p in self.modules_dir.iterdir() if p.is_dir() and self.current(p.name))
+        return sorted(p.name for p in self.modules_dir.iterdir()
+                      if p.is_dir() and name_problem(p.name) is None and self.current(p.name))
 
     def _swap(self, name: str, digest: str | None) -> None:
         """Point ``current`` at ``digest`` (None removes it) with one atomic rename."""
-        link = self.modules_dir / name / CURRENT
+        link = self.module_dir(name) / CURRENT
         if digest is None:
             link.unlink(missing_ok=True)
             return
@@ -381,7 +397,7 @@ class Installer:
         The previous version stays as the target should the new one crash-loop after its commit.
         """
         keep = {self.current(name), previous, CURRENT}
-        for p in (self.modules_dir / name).iterdir():
+        for p in self.module_dir(name).iterdir():
             if p.name not in keep and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -395,7 +411,7 @@ class Installer:
     def remove(self, name: str) -> None:
         """Uninstall ``name`` (no longer desired)."""
         self._swap(name, None)
-        shutil.rmtree(self.modules_dir / name, ignore_errors=True)
+        shutil.rmtree(self.module_dir(name), ignore_errors=True)
         self.journal.drop(name)
         log.info("module %s removed", name)
 
@@ -404,7 +420,11 @@ class Installer:
     async def recover(self) -> None:
         """Finish or undo installs a crash interrupted; idempotent."""
         for name, entry in list(self.journal.entries.items()):
-            base = self.modules_dir / name
+            if name_problem(name) is not None:  # a journal edited on disk: never follow it outside modules/
+                log.error("install journal names module %r, which is not a name: dropped", name)
+                self.journal.drop(name)
+                continue
+            base = self.module_dir(name)
             if base.is_dir():
                 for partial in base.glob("*.partial"):
                     shutil.rmtree(partial, ignore_errors=True)

@@ -33,6 +33,7 @@ log_type error
 log_type warning
 max_connections -1
 {user_line}
+{listener_lines}
 """
 
 RUMQTTD_CONF = """\
@@ -106,6 +107,8 @@ class LocalBroker:
                 port=self.port, host=self.host, anonymous="false" if self.password_file else "true",
                 tls_lines=f"certfile {self.tls[0]}\nkeyfile {self.tls[1]}" if self.tls else "",
                 password_line="\n".join(lines),
+                # with logins, a client id is its login: nobody can evict the hub or another device by using theirs
+                listener_lines="use_username_as_clientid true" if self.password_file else "",
                 # started as root, mosquitto drops to user "mosquitto", which cannot read a private password file
                 user_line="user root" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""))
             cmd = [binary, "-c", str(conf)]

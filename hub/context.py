@@ -18,7 +18,7 @@ from hub.rollout.deployments import Deployments
 from hub.rollout.director import Director
 from hub.rollout.rollouts import Rollouts
 from hub.store import Database
-from hub.trust.keys import load_or_create_keys
+from hub.trust.keys import load_or_create_keys, private_dir
 from hub.trust.release_policy import ReleasePolicies
 from hub.trust.renewal import maintain
 from hub.trust.roots_publish import publish_roots
@@ -35,7 +35,7 @@ class Hub:
 
     def __init__(self, config: HubConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.data_dir)  # keys, tokens, the database and the broker's password file live here
         self.db = Database(config.data_dir / "hub.db")
         self.keys = load_or_create_keys(config.data_dir / "keys")
         self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
@@ -52,7 +52,7 @@ class Hub:
         self.broker_auth: BrokerAuth | None = None
         if config.isolate:
             reload = signal_reload(config.broker_pid) if config.broker_pid else None
-            self.broker_auth = BrokerAuth(config.data_dir / "broker", reload)
+            self.broker_auth = BrokerAuth(config.data_dir / "broker", reload, workers=config.ingest_workers)
             self.fleet.on_credentials_changed = self._write_broker_auth
             self._write_broker_auth()
         self.rollouts = Rollouts(self.db, self.director, config.rollout_tick_s)

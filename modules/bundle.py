@@ -88,7 +88,7 @@ def write_bundle_dir(dest: Path, envelope: dict[str, Any], open_file: Callable[[
     (tmp / FILES_DIR).mkdir(parents=True)
     manifest = validate(Manifest, envelope["signed"]["manifest"])
     for entry in manifest.files:
-        target = tmp / FILES_DIR / entry.path
+        target = tmp / FILES_DIR / check_relative_path(entry.path)  # checked on parse too; again at the filesystem
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("wb") as out:
             for block in open_file(entry):

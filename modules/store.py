@@ -17,7 +17,7 @@ BLOCK = 1024 * 1024
 class ContentStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # blobs are private: files 0600 (mkstemp), dirs 0700
 
     def path(self, digest: str) -> Path:
         if not DIGEST_RE.match(digest):
@@ -54,7 +54,8 @@ class ContentStore:
             if expected is not None and digest != expected:
                 raise ValueError(f"content hash {digest[:12]}… does not match expected {expected[:12]}…")
             final = self.path(digest)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            final.parent.parent.mkdir(exist_ok=True, mode=0o700)
+            final.parent.mkdir(exist_ok=True, mode=0o700)
             os.replace(tmp, final)
             return digest, size
         except BaseException:

@@ -9,33 +9,37 @@ chunks it does not already hold.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
 from protocol.encoding import ProtocolError, digest_of
-from protocol.schema import DIGEST_PATTERN, Schema, validate
+from protocol.names import Name, check_file_path
+from protocol.schema import DIGEST_PATTERN, INT63_MAX, Positive, Schema, validate
 
 CHUNK_SIZE = 256 * 1024
 MAX_BUNDLE_FILES = 256
 MAX_BUNDLE_BYTES = 2 * 1024**3
 
+MAX_TENSORS = 256  # inputs or outputs of a model
+
 Runtime = Literal["onnx", "tflite", "python"]
+Digest = Annotated[str, Meta(pattern=DIGEST_PATTERN)]
+Dim = Annotated[int, Meta(ge=-INT63_MAX, le=INT63_MAX)]
 
 
 class TensorSpec(Schema, frozen=True, kw_only=True):
-    name: str
-    dtype: str  # numpy dtype name, e.g. "float32"
-    shape: list[int | None]  # None (or a negative number) is a free dimension, usually the batch
+    name: Annotated[str, Meta(max_length=256)]  # the model's own tensor name (e.g. "input:0"): not a path
+    dtype: Annotated[str, Meta(max_length=32)]  # numpy dtype name, e.g. "float32"
+    shape: Annotated[list[Dim | None], Meta(max_length=32)]  # None (or a negative number): a free dimension
 
 
 class FileEntry(Schema, frozen=True, kw_only=True):
     path: str
-    sha256: Annotated[str, Meta(pattern=DIGEST_PATTERN)]
+    sha256: Digest
     size: Annotated[int, Meta(ge=0, le=MAX_BUNDLE_BYTES)]
-    chunks: list[str]
+    chunks: Annotated[list[Digest], Meta(max_length=MAX_BUNDLE_BYTES // CHUNK_SIZE + 1)]
 
     def __post_init__(self) -> None:
         check_relative_path(self.path)  # on every construction, parsed or built
@@ -49,14 +53,14 @@ class Manifest(Schema, frozen=True, kw_only=True):
 
     type: Literal["bundle"] = "bundle"
     v: Literal[1] = 1
-    name: Annotated[str, Meta(min_length=1, max_length=64)]
-    version: Annotated[int, Meta(ge=1)]
+    name: Name
+    version: Positive
     runtime: Runtime
     model: str  # path of the model file inside the bundle (or the entry script for "python")
     entry: str = ""  # optional pre/post-processing script with init()/run(batch)
     sample: str = ""  # JSON file: {"inputs": {name: nested list}} used by health checks
-    inputs: list[TensorSpec] = []
-    outputs: list[TensorSpec] = []
+    inputs: Annotated[list[TensorSpec], Meta(max_length=MAX_TENSORS)] = []
+    outputs: Annotated[list[TensorSpec], Meta(max_length=MAX_TENSORS)] = []
     files: Annotated[list[FileEntry], Meta(max_length=MAX_BUNDLE_FILES)]
     collect_rate_ppm: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
 
@@ -77,12 +81,8 @@ class Manifest(Schema, frozen=True, kw_only=True):
 
 
 def check_relative_path(path: str) -> str:
-    """Refuse absolute paths, ``..``, backslashes and empty parts (path traversal)."""
-    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
-        raise ProtocolError(f"unsafe file path in manifest: {path!r}")
-    if any(part in ("", ".", "..") for part in path.split("/")) or posixpath.normpath(path) != path:
-        raise ProtocolError(f"unsafe file path in manifest: {path!r}")
-    return path
+    """A bundle file path: names (protocol.names) joined by ``/``; so never absolute, ``..``, ``\\`` or a control character."""
+    return check_file_path(path)
 
 
 def split_chunks(blocks: Iterable[bytes], chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:

@@ -170,7 +170,7 @@ def test_canonical_form_and_digest_are_stable():
 
 def test_schema_constraints_are_checked_on_receipt():
     doc = manifest().to_dict()
-    for field, bad, reason in [("name", "", "name: Expected `str` of length >= 1"),
+    for field, bad, reason in [("name", "", "name: invalid name '': is empty"),
                                ("runtime", "java", "runtime: Invalid enum value 'java'"),
                                ("collect_rate_ppm", 2_000_000, "collect_rate_ppm: Expected `int` <= 1000000")]:
         with pytest.raises(ProtocolError, match=reason):

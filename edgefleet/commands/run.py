@@ -67,7 +67,7 @@ def hub_serve(
     if isolate:
         from hub.fleet.broker_auth import BrokerAuth
 
-        auth = BrokerAuth(data / "broker")
+        auth = BrokerAuth(data / "broker", workers=ingest_workers)
         if mqtt is None:  # our own mosquitto, reading the files the hub keeps current (SIGHUP on change)
             if not auth.password_file.exists():
                 auth.write([])

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from hub.bounds import check_api_name
 from hub.context import Hub
 from hub.endpoints.pool import REPO_ROOT
 from hub.errors import HubError, Invalid, NotFound
@@ -48,8 +49,7 @@ def new_key() -> str:
 
 
 def check_name(name: str) -> None:
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
-        raise Invalid(f"invalid endpoint name {name!r}: 1-64 letters, digits, '-', '_' or '.'")
+    check_api_name(name, "endpoint name")  # protocol.names: it names directories and processes
 
 
 class GatewayProcess:

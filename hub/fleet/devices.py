@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from hub.audit import record
+from hub.bounds import check_labels
 from hub.errors import Conflict, Forbidden, Invalid, NotFound
 from hub.fleet.broker_auth import mosquitto_hash
 from hub.ingest.writer import EnrolledCache
@@ -103,7 +104,7 @@ class Fleet:
             row = self.db.one("SELECT labels FROM devices WHERE id = ?", (device_id,))
             if row is None:
                 raise NotFound(f"device {device_id!r} is not enrolled")
-            labels = {k: v for k, v in loads(row["labels"], {}).items() if k not in unset} | set_
+            labels = check_labels({k: v for k, v in loads(row["labels"], {}).items() if k not in unset} | set_)
             tx.execute("UPDATE devices SET labels = ? WHERE id = ?", (dumps(labels), device_id))
             record(self.db, actor, "device.labels", device_id, set=set_, unset=unset)
         self.director.sync([device_id])

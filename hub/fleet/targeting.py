@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hub.errors import Invalid
+from protocol.encoding import ProtocolError
+from protocol.topics import check_device_id
+
+MAX_TERMS = 1000  # device ids or label conditions in one target; label a larger set of devices instead
 
 
 @dataclass(frozen=True)
@@ -42,3 +46,17 @@ def parse_target(text: str) -> Target:
             raise Invalid(f"label condition {p!r} has no key")
         (not_equals if negated else equals).append((key.strip(), value.strip()))
     return Target(equals=tuple(equals), not_equals=tuple(not_equals))
+
+
+def check_target(text: str) -> Target:
+    """:func:`parse_target` with the limits a new deployment revision must meet (stored ones are read as they are)."""
+    target = parse_target(text)
+    terms = len(target.ids) + len(target.equals) + len(target.not_equals)
+    if terms > MAX_TERMS:
+        raise Invalid(f"target lists {terms} terms, at most {MAX_TERMS}: give those devices a label and select it")
+    try:
+        for device_id in target.ids:
+            check_device_id(device_id)
+    except ProtocolError as exc:
+        raise Invalid(f"target: {exc}") from None
+    return target

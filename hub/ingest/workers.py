@@ -23,7 +23,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
-from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, EnrolledCache, data_rows, shared_wildcard
+from hub.fleet.broker_auth import worker_login
+from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, EnrolledCache, data_rows, share_group, shared_wildcard
 from hub.store import Database
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import ProtocolError
@@ -47,8 +48,9 @@ class IngestWorker:
         url = parse_broker_url(config.mqtt_url)
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{config.mqtt_client_id}-ingest-{index}",
                                   protocol=mqtt.MQTTv5)
-        if url.username:
-            self.client.username_pw_set(url.username, url.password)
+        if url.username:  # isolated: a login of its own (the broker binds the client id to it, see broker_auth)
+            self.client.username_pw_set(worker_login(url.username, index) if config.isolate else url.username,
+                                        url.password)
         if url.tls:
             self.client.tls_set(ca_certs=config.tls_ca_certs())
         self.client.on_connect = self._on_connect
@@ -59,7 +61,8 @@ class IngestWorker:
         if reason_code.is_failure:
             log.warning("broker refused ingest worker: %s", reason_code)
             return
-        client.subscribe([(shared_wildcard(ch), 1) for ch in INGEST_CHANNELS])
+        group = share_group(self.config.mqtt_url)
+        client.subscribe([(shared_wildcard(ch, group), 1) for ch in INGEST_CHANNELS])
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         channel = "unknown"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -10,6 +11,7 @@ from typing import Any
 
 from hub.ingest import telemetry as store
 from hub.store import Database, dumps
+from protocol.broker_url import parse_broker_url
 from protocol.messages import DataBatch, TelemetryBatch
 from protocol.topics import Channel, device_wildcard
 
@@ -26,8 +28,24 @@ INGEST_CHANNELS = (Channel.TELEMETRY, Channel.DATA)
 SHARE_GROUP = "edgefleet-ingest"
 
 
-def shared_wildcard(channel: Channel) -> str:
-    return f"$share/{SHARE_GROUP}/{device_wildcard(channel)}"
+def share_group(mqtt_url: str) -> str:
+    """The hub's shared-subscription group: a secret derived from its broker password, when it has one.
+
+    Any client may join any group: mosquitto 2.0's ACL file does not check subscriptions (a
+    device's ``$share/...`` is granted) and filters only at delivery, after the group picked its
+    member, so a device in the hub's group would silently take its share of every device's telemetry.
+    A group name only hub logins can compute keeps it out. Without a password (an open broker) there
+    is nothing to keep anyone out of, and the plain name is used.
+    """
+    password = parse_broker_url(mqtt_url).password
+    if not password:
+        return SHARE_GROUP
+    secret = hashlib.sha256(b"edgefleet share group\0" + password.encode()).hexdigest()[:24]
+    return f"{SHARE_GROUP}-{secret}"
+
+
+def shared_wildcard(channel: Channel, group: str = SHARE_GROUP) -> str:
+    return f"$share/{group}/{device_wildcard(channel)}"
 
 
 class EnrolledCache:
@@ -83,6 +101,7 @@ class BatchWriter:
         self._pending = 0  # row sets queued but not yet committed
         self._stopping = False
         self._cond = threading.Condition()
+        self.failed = 0  # records the database refused (each alone: its neighbours were stored)
 
     def start(self) -> None:
         self._thread.start()
@@ -132,11 +151,23 @@ class BatchWriter:
 
     def _write(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         try:
-            with self.db.transaction() as tx:
-                for sql, rows in batch:
-                    if sql is not TELEMETRY:
-                        tx.executemany(sql, rows)
-                new_telemetry = store.store(tx, (p for sql, rows in batch if sql is TELEMETRY for p in rows))
-            self.on_telemetry_rows(new_telemetry)
-        except Exception:  # a failed batch must not end the writer; the rows are lost and said so
-            log.exception("could not write a batch of %d row set(s)", len(batch))
+            self._commit(batch)
+        except Exception as exc:  # never end the writer; and one bad record must not take the others with it
+            log.warning("a batch of %d row set(s) failed (%r): writing its records one by one", len(batch), exc)
+            for sql, rows in batch:
+                for row in rows:  # a telemetry batch (one device's message) or one data record
+                    try:
+                        self._commit([(sql, [row])])
+                    except Exception as one:
+                        self.failed += 1
+                        kind, device = ("telemetry", row.device) if sql is TELEMETRY else ("data", row[0])
+                        log.error("could not store a %s record of device %r: %r", kind, device, one)
+
+    def _commit(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        """One transaction; replays are ignored (ON CONFLICT DO NOTHING), so writing a record again is harmless."""
+        with self.db.transaction() as tx:
+            for sql, rows in batch:
+                if sql is not TELEMETRY:
+                    tx.executemany(sql, rows)
+            new_telemetry = store.store(tx, (p for sql, rows in batch if sql is TELEMETRY for p in rows))
+        self.on_telemetry_rows(new_telemetry)

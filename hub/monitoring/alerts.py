@@ -34,11 +34,11 @@ log = logging.getLogger("edgefleet.hub.alerts")
 class AlertRule(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     kind: Literal["drift", "error_rate", "offline"]
-    deployment: str | None = None  # drift and error_rate: which deployment
-    threshold: float = 0.2
-    for_s: float = Field(default=0.0, ge=0)
-    window_s: float = Field(default=300.0, gt=0)
-    webhook: str | None = None
+    deployment: str | None = Field(default=None, max_length=64)  # drift and error_rate: which deployment
+    threshold: float = Field(default=0.2, allow_inf_nan=False)
+    for_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    window_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+    webhook: str | None = Field(default=None, max_length=2048)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ def _bridge(hub: Hub, out: Exposition) -> None:
                [({"state": "online"}, online), ({"state": "offline"}, total - online)])
     out.family("edgefleet_hub_telemetry_rows_total", "counter", "Telemetry points stored (replays not counted).",
                [({}, bridge.telemetry_rows)])
+    out.family("edgefleet_hub_ingest_records_failed_total", "counter",
+               "Valid telemetry/data records the database refused (each alone; the rest of its batch was stored).",
+               [({}, bridge.writer.failed)])
     out.family("edgefleet_hub_blob_bytes_sent_total", "counter", "Bundle bytes published over MQTT.",
                [({}, bridge.blob_bytes_sent)])
     downloads = hub.downloads

@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
 from hub.errors import NotFound
-from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, data_rows, shared_wildcard
+from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, data_rows, share_group, shared_wildcard
 from hub.mqtt.blob_carousel import Carousel
 from hub.registry.bundles import bundle_chunks, release_envelope
 from hub.store import Database, dumps, now
@@ -126,9 +126,9 @@ class Bridge:
             log.warning("broker refused the hub's connection: %s", reason_code)
             return
         # with ingest workers, telemetry and data are shared with them (hub/ingest/workers.py)
-        shared = self.config.ingest_workers > 0
-        result, mid = client.subscribe([(shared_wildcard(ch) if shared and ch in INGEST_CHANNELS else device_wildcard(ch), 1)
-                                        for ch in DEVICE_TO_HUB])
+        group = share_group(self.config.mqtt_url) if self.config.ingest_workers > 0 else None
+        result, mid = client.subscribe([(shared_wildcard(ch, group) if group and ch in INGEST_CHANNELS
+                                         else device_wildcard(ch), 1) for ch in DEVICE_TO_HUB])
         self._sub_mid = mid
         log.info("MQTT bridge connected to %s", self._url.public())
 

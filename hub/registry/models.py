@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from hub.bounds import check_api_name, check_labels
 from hub.errors import Conflict, Invalid, NotFound
 from hub.store import Database, dumps, loads, now
 from modules.loadcheck import inspect_model
 from modules.runners import ModelError, detect_runtime
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
-from protocol.manifest import check_relative_path
+from protocol.manifest import MAX_BUNDLE_FILES, check_relative_path
 
 log = logging.getLogger("edgefleet.hub.registry")
 
@@ -90,10 +91,10 @@ class ModelRegistry:
                  description: str = "", created_by: str = "", *, properties: dict[str, Any] | None = None,
                  lineage: dict[str, Any] | None = None, baseline: BinaryIO | None = None) -> dict[str, Any]:
         """Store the files, load the main one to check it, then record version max+1."""
-        if not name or len(name) > 64 or "/" in name or ":" in name:
-            raise Invalid(f"invalid model name {name!r}: 1-64 characters, no '/' or ':'")
-        if not uploads:
-            raise Invalid("a model needs at least one file")
+        check_api_name(name, "model name")
+        check_labels(tags or {}, "tags")
+        if not 1 <= len(uploads) <= MAX_BUNDLE_FILES:
+            raise Invalid(f"a model needs 1..{MAX_BUNDLE_FILES} files, not {len(uploads)}")
         lineage = self._check_lineage(name, lineage or {})
         paths = []
         for up in uploads:
@@ -247,6 +248,7 @@ class ModelRegistry:
             model = self.get(name, version)
             tags = {k: v for k, v in model["tags"].items() if k not in set(remove_tags or [])}
             tags.update(set_tags or {})
+            check_labels(tags, "tags")
             props = dict(model["properties"])
             for key, value in (properties or {}).items():
                 if value is None:

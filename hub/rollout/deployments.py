@@ -11,9 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from hub.audit import record
+from hub.bounds import check_api_name
 from hub.errors import Conflict, Invalid, NotFound
 from hub.fleet.devices import category, module_views
-from hub.fleet.targeting import parse_target
+from hub.fleet.targeting import check_target
 from hub.registry.bundles import parse_ref
 from hub.rollout.director import Director
 from hub.rollout.rollout_plan import ON_FAILURE, Gates, parse_strategy
@@ -84,9 +85,8 @@ class Deployments:
 
         Asking for exactly what the latest revision already is changes nothing (``published`` 0).
         """
-        if not name or len(name) > 64:
-            raise Invalid("deployment name must be 1-64 characters")
-        parse_target(target)
+        check_api_name(name, "deployment name")  # the API checked it too: this is for every other caller
+        check_target(target)
         waves = parse_strategy(strategy)
         gate_set = Gates.from_json(gates)
         if on_failure not in ON_FAILURE:

@@ -90,7 +90,7 @@ class KeyRing:
 def write_json(path: Path, doc: Any) -> None:
     """Write beside, then rename: readers never see half a root."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_secret(tmp, json.dumps(doc, indent=2, sort_keys=True) + "\n")  # public, yet one rule for DATA: 0600
     os.replace(tmp, path)
 
 
@@ -100,6 +100,19 @@ def write_secret(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(path, 0o600)
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it the owner's alone (0700), also when it existed."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Make an existing file the owner's alone (0600): files an older hub left readable by everyone."""
+    if path.exists():
+        os.chmod(path, 0o600)
 
 
 def write_key(path: Path, key: Ed25519PrivateKey) -> None:
@@ -119,8 +132,7 @@ def load_or_create_keys(keys_dir: Path) -> KeyRing:
     Raises ``KeySetupError`` (one line) for a directory it must not guess about: keys without a
     root.json, an invalid root.json, a key file the root does not list.
     """
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(keys_dir, 0o700)
+    private_dir(keys_dir)
     root_path = keys_dir / ROOT_FILE
     if not root_path.exists():
         present = sorted(p.name for p in keys_dir.glob("*.key*"))

@@ -21,6 +21,7 @@ from hub.trust.keys import (
     ROOTS_DIR,
     KeyRing,
     KeySetupError,
+    private_dir,
     retire_key,
     write_json,
     write_key,
@@ -43,8 +44,7 @@ def init_offline(keys_dir: Path, offline_dir: Path, root_keys: int = 1, threshol
         raise KeySetupError(f"root threshold {threshold} must be between 1 and the {root_keys} root key(s)")
     if offline_dir.resolve() == keys_dir.resolve() or keys_dir.resolve() in offline_dir.resolve().parents:
         raise KeySetupError(f"{offline_dir} is inside the hub's key directory: keep root keys off the hub")
-    offline_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(offline_dir, 0o700)
+    private_dir(offline_dir)
     if any(offline_dir.glob("root-*.key")):
         raise KeySetupError(f"{offline_dir} already holds root keys: refusing to overwrite them")
     roots = [Ed25519PrivateKey.generate() for _ in range(root_keys)]
@@ -56,8 +56,7 @@ def init_offline(keys_dir: Path, offline_dir: Path, root_keys: int = 1, threshol
         write_key(offline_dir / f"root-{i}.key", key)
         files.append(str(offline_dir / f"root-{i}.key"))
     write_json(offline_dir / ROOT_FILE, envelope)
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(keys_dir, 0o700)
+    private_dir(keys_dir)
     for role, key in online.items():
         write_key(keys_dir / f"{role}.key", key)
     write_json(keys_dir / ROOT_FILE, envelope)
@@ -118,7 +117,7 @@ def publish_root(ring: KeyRing, envelope: Any, now: float | None = None) -> dict
         if "director" in ring.held and "director" not in held:
             raise Conflict(f"root version {new.version} lists neither the hub's director key nor a prepared one: the "
                            "hub could no longer sign desired states (prepare with: keys rotate director --prepare)")
-        (keys_dir / ROOTS_DIR).mkdir(exist_ok=True)
+        (keys_dir / ROOTS_DIR).mkdir(exist_ok=True, mode=0o700)
         if not (keys_dir / ROOTS_DIR / f"{ring.root.version}.json").exists():
             write_json(keys_dir / ROOTS_DIR / f"{ring.root.version}.json", ring.root_envelope)
         write_json(keys_dir / ROOTS_DIR / f"{new.version}.json", envelope)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hub.store import Database, now
-from hub.trust.keys import write_secret
+from hub.trust.keys import private_file, write_secret
 
 log = logging.getLogger("edgefleet.hub.auth")
 
@@ -49,6 +49,7 @@ def ensure_admin_token(db: Database, data_dir: Path, configured: str | None) -> 
     """
     configured = configured or os.environ.get(ADMIN_TOKEN_ENV) or None
     token_file = data_dir / ADMIN_TOKEN_FILE
+    private_file(token_file)
     if configured:
         if db.one("SELECT 1 FROM api_tokens WHERE token_hash = ?", (hash_token(configured),)) is None:
             create_token(db, "admin", "admin", configured)

@@ -13,25 +13,28 @@ from starlette.concurrency import run_in_threadpool
 
 from hub.api.deps import get_endpoints as manager
 from hub.api.deps import require
+from hub.bounds import MAX_LIST, Finite, Name, NamePath
 from hub.endpoints.manager import EndpointManager
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])
 
 
 class EndpointRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=64)
-    module: str = Field(description='"module:version"')
+    name: Name
+    module: str = Field(max_length=200, description='"module:version"')
     replicas: int | None = Field(default=None, ge=1, le=64, description="worker processes per version")
     max_batch: int | None = Field(default=None, ge=1, le=4096, description="requests per batched model call")
-    max_wait_ms: float | None = Field(default=None, ge=0, le=1000, description="how long a batch may wait to fill")
-    traffic: float | None = Field(default=None, ge=0, le=100,
+    max_wait_ms: Finite | None = Field(default=None, ge=0, le=1000, description="how long a batch may wait to fill")
+    traffic: Finite | None = Field(default=None, ge=0, le=100,
                                   description="add the module beside the current version(s) with this percentage; "
                                               "leave out to replace them (explicit update)")
 
 
 class TrafficRequest(BaseModel):
-    weights: dict[str, float] = Field(default_factory=dict, description='{"module:version": weight}')
-    mirror: dict[str, float] = Field(default_factory=dict, description='{"module:version": share 0-1 mirrored}')
+    weights: dict[str, Finite] = Field(default_factory=dict, max_length=MAX_LIST,
+                                       description='{"module:version": weight}')
+    mirror: dict[str, Finite] = Field(default_factory=dict, max_length=MAX_LIST,
+                                      description='{"module:version": share 0-1 mirrored}')
 
 
 class KeyRequest(BaseModel):
@@ -53,25 +56,25 @@ def list_endpoints(m: EndpointManager = Depends(manager)) -> list[dict[str, Any]
 
 
 @router.get("/{name}", dependencies=[Depends(require("viewer"))])
-def get_endpoint(name: str, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+def get_endpoint(name: NamePath, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
     return m.get(name)
 
 
 @router.post("/{name}/traffic", dependencies=[Depends(require("operator"))])
-async def set_traffic(name: str, body: TrafficRequest, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+async def set_traffic(name: NamePath, body: TrafficRequest, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
     return await run_in_threadpool(m.set_traffic, name, body.weights, body.mirror)
 
 
 @router.get("/{name}/keys", dependencies=[Depends(require("operator"))])
-def get_keys(name: str, m: EndpointManager = Depends(manager)) -> dict[str, str]:
+def get_keys(name: NamePath, m: EndpointManager = Depends(manager)) -> dict[str, str]:
     return m.keys(name)
 
 
 @router.post("/{name}/keys", dependencies=[Depends(require("operator"))])
-async def regenerate_key(name: str, body: KeyRequest, m: EndpointManager = Depends(manager)) -> dict[str, str]:
+async def regenerate_key(name: NamePath, body: KeyRequest, m: EndpointManager = Depends(manager)) -> dict[str, str]:
     return await run_in_threadpool(m.regenerate, name, body.regenerate)
 
 
 @router.delete("/{name}", dependencies=[Depends(require("operator"))])
-async def delete_endpoint(name: str, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+async def delete_endpoint(name: NamePath, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
     return await run_in_threadpool(m.delete, name)

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from hub.api.deps import get_hub, require
+from hub.api.deps import Principal, get_hub, require
+from hub.bounds import MAX_LIST, FileName, Key, Name, NamePath, Version
 from hub.context import Hub
-from hub.trust.tokens import Principal
 
 router = APIRouter(tags=["modules"])
 
 
 class ModuleRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=64)
-    models: list[str] = Field(min_length=1, description='"model:version" references; the first is the main model')
+    name: Name
+    models: list[Annotated[str, Field(max_length=200)]] = Field(
+        min_length=1, max_length=MAX_LIST, description='"model:version" references; the first is the main model')
     runtime: str | None = None
     sample: dict[str, Any] | None = Field(default=None, description='{"inputs": {name: values}}, for health checks')
     collect_rate_ppm: int = Field(default=0, ge=0, le=1_000_000)
     entry: str | None = Field(default=None, description="text of a pre/post-processing (or python runtime) script")
-    entry_name: str = Field(default="entry.py", description="file name of the entry script inside the bundle")
-    resources: dict[str, Any] | None = Field(default=None, description='hints, e.g. {"memory_mb": 256, "threads": 2}')
+    entry_name: FileName = Field(default="entry.py", description="file name of the entry script inside the bundle")
+    resources: dict[Key, Any] | None = Field(default=None, max_length=MAX_LIST,
+                                             description='hints, e.g. {"memory_mb": 256, "threads": 2}')
 
 
 @router.post("/modules", dependencies=[Depends(require("operator"))])
@@ -41,7 +43,7 @@ def list_modules(name: str | None = None, hub: Hub = Depends(get_hub)) -> list[d
 
 
 @router.get("/modules/{name}/versions/{version}", dependencies=[Depends(require("viewer"))])
-def get_module(name: str, version: int, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+def get_module(name: NamePath, version: Version, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     return hub.modules.get(name, version, with_envelope=True) | {"models": hub.modules.sources(name, version),
                                                                     "resources": hub.modules.resources(name, version)}
 
