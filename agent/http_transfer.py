@@ -167,6 +167,8 @@ class HttpBundleFetch(VerifiedFetch):
         await self._fetch_chunks()
         self._set_trouble("")
         assert self.envelope is not None
+        log.info("bundle %s: %d chunk bytes fetched in %d chunks", self.module.bundle[:12], self.fetched_bytes,
+                 self.fetched)
         return self.envelope
 
     async def _retrying(self, step: Callable[[], Any]) -> Any:
@@ -233,6 +235,7 @@ class HttpBundleFetch(VerifiedFetch):
             if refusals >= MISMATCH_ATTEMPTS:
                 raise InstallError(f"chunk {digest[:12]}… from the hub refused {refusals} times: {problem}")
         self.fetched += 1
+        self.fetched_bytes += self._sizes[digest]
         self._missing.discard(digest)
         self._set_trouble("")
         self._report_progress()

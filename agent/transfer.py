@@ -1,5 +1,8 @@
 """Bundle transfer over MQTT: ask for the manifest, then for the chunks the local store lacks.
 
+Each file is fetched by whichever of its chunk lists (content-defined spans, when the release lists
+them, or fixed-size chunks) has fewer bytes missing from the store (``protocol.manifest.choose_chunks``).
+
 The hub publishes each requested part once per coalescing window on the
 bundle's blob topic, so many devices share one copy. Everything received is
 checked before it is stored: the manifest against the root of trust and the
@@ -21,7 +24,7 @@ from typing import Any
 from agent.install import InstallError
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, sha256_hex
-from protocol.manifest import CHUNK_SIZE, Manifest
+from protocol.manifest import MAX_SPAN_BYTES, Chunk, Manifest, choose_chunks, parse_spans
 from protocol.messages import BlobRequest, DesiredModule
 from protocol.signing import Root, parse_envelope
 from protocol.topics import MANIFEST_PART, Channel, blob_topic, blob_wildcard, device_topic
@@ -38,13 +41,23 @@ Reject = Callable[[str, str, str], None]  # (counter key, topic, reason)
 Progress = Callable[[float], None]
 
 
-def chunk_sizes(manifest: Manifest) -> dict[str, int]:
-    """Bytes per distinct chunk digest (every chunk but a file's last is CHUNK_SIZE)."""
-    sizes: dict[str, int] = {}
-    for f in manifest.files:
-        for i, digest in enumerate(f.chunks):
-            sizes.setdefault(digest, min(CHUNK_SIZE, f.size - i * CHUNK_SIZE))
-    return sizes
+def release_spans(envelope: dict[str, Any], manifest: Manifest, reject: Reject | None = None,
+                  where: str = "") -> dict[str, list[Chunk]]:
+    """The verified release's spans; spans that contradict the manifest are refused (counted, with the reason)
+    and the fixed-size chunks, which the bundle digest covers, serve instead."""
+    try:
+        return parse_spans(envelope.get("signed"), manifest)
+    except ProtocolError as exc:
+        if reject is not None:
+            reject("manifest", where, f"spans refused, using fixed-size chunks: {exc}")
+        return {}
+
+
+def chunk_plan(envelope: dict[str, Any], manifest: Manifest, has: Callable[[str], bool],
+               reject: Reject | None = None, where: str = "") -> dict[str, int]:
+    """Bytes per distinct chunk digest of the chunk lists chosen to fetch (see ``choose_chunks``)."""
+    chosen = choose_chunks(manifest, release_spans(envelope, manifest, reject, where), has)
+    return {digest: size for chunks in chosen.values() for digest, size in chunks}
 
 
 class VerifiedFetch:
@@ -65,6 +78,7 @@ class VerifiedFetch:
         self.manifest: Manifest | None = None
         self._sizes: dict[str, int] = {}
         self._missing: set[str] = set()
+        self.fetched_bytes = 0  # chunk bytes this fetch received and stored, for tests and logs
 
     def _verify(self, envelope: Any) -> Manifest:
         manifest = self._verify_signed(envelope)
@@ -83,7 +97,7 @@ class VerifiedFetch:
 
     def _use_manifest(self, envelope: dict[str, Any], manifest: Manifest) -> None:
         self.envelope, self.manifest = envelope, manifest
-        self._sizes = chunk_sizes(manifest)
+        self._sizes = chunk_plan(envelope, manifest, self.chunks.has, self.reject, f"release {self.module.bundle}")
         self._missing = {d for d in self._sizes if not self.chunks.has(d)}
         self._report_progress()
 
@@ -152,7 +166,7 @@ class BundleFetch(VerifiedFetch):
             return
         if self.manifest is None:
             # Not judgeable against the manifest yet, but it must at least be what its topic names.
-            if len(payload) > CHUNK_SIZE or sha256_hex(payload) != part:
+            if len(payload) > MAX_SPAN_BYTES or sha256_hex(payload) != part:
                 self.reject("blob", topic, f"{len(payload)} bytes that are not the chunk its topic names")
             return
         if part not in self._sizes:
@@ -167,6 +181,7 @@ class BundleFetch(VerifiedFetch):
             self.reject("blob", topic, "chunk bytes do not hash to the digest in its topic (tampered or corrupt)")
             return
         self.chunks.put(payload, expected=part)
+        self.fetched_bytes += len(payload)
         self._missing.discard(part)
         self._report_progress()
         self._changed.set()
@@ -214,6 +229,7 @@ class BundleFetch(VerifiedFetch):
             # Back off only while nothing arrives: a slow but moving transfer keeps the short timeout.
             delay = self.retry if len(self._missing) < before else min(delay * 2, self.retry_cap)
         assert self.envelope is not None
+        log.info("bundle %s: %d chunk bytes fetched", self.module.bundle[:12], self.fetched_bytes)
         return self.envelope
 
     async def _request(self, manifest: bool = False, chunks: list[str] | None = None) -> None:

@@ -18,6 +18,8 @@ class ContentStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.stored = 0  # objects put since this store was opened (e.g. the chunks a device downloaded)
+        self.stored_bytes = 0  # and their bytes
 
     def path(self, digest: str) -> Path:
         if not DIGEST_RE.match(digest):
@@ -56,6 +58,8 @@ class ContentStore:
             final = self.path(digest)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
+            self.stored += 1
+            self.stored_bytes += size
             return digest, size
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
