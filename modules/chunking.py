@@ -45,12 +45,14 @@ def file_spans(path: Path) -> list[Span]:
     return [Span(sha256=hashlib.sha256(c.data).hexdigest(), size=c.length) for c in _chunker().cut_file(str(path))]
 
 
-def bundle_spans(manifest: Manifest, files: dict[str, Path]) -> Spans | None:
-    """Spans for each file of ``manifest`` (bundle path -> file on disk) where they differ from its fixed chunks
-    (a file under MIN_SIZE is one chunk either way); None when no file has any."""
-    out: dict[str, list[Span]] = {}
-    for entry in manifest.files:
-        spans = file_spans(files[entry.path])
-        if [(s.sha256, s.size) for s in spans] != fixed_chunks(entry):
-            out[entry.path] = spans
+def cut_files(files: dict[str, Path]) -> dict[str, list[Span]]:
+    """The spans of each file (bundle path -> file on disk)."""
+    return {path: file_spans(p) for path, p in files.items()}
+
+
+def bundle_spans(manifest: Manifest, spans: dict[str, list[Span]]) -> Spans | None:
+    """The release's spans: each file's from ``spans`` (see :func:`cut_files`) where they differ from its fixed
+    chunks (a file under MIN_SIZE is one chunk either way); None when no file has any."""
+    out = {e.path: spans[e.path] for e in manifest.files
+           if [(s.sha256, s.size) for s in spans[e.path]] != fixed_chunks(e)}
     return Spans(chunker=CHUNKER, files=out) if out else None

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.core import Agent
 from agent.identity import Identity, save_identity
 from modules.bundle import build_manifest, read_blocks, sign_release
-from modules.chunking import bundle_spans
+from modules.chunking import bundle_spans, cut_files
 from modules.examples import write_logreg_onnx, write_sample
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import canonical_json
@@ -135,7 +135,7 @@ class HubSide:
             files[path] = d / path
         manifest = build_manifest(name, version, runtime, files, model=model, sample="sample.json", inputs=X_SPEC,
                                   outputs=P_SPEC, collect_rate_ppm=collect_rate_ppm)
-        cut = bundle_spans(manifest, files) if spans else None
+        cut = bundle_spans(manifest, cut_files(files)) if spans else None
         envelope = sign_release(manifest, [self.release_key], int(time.time()) + 3600, cut)
         chunks: dict[str, bytes] = {}
         for entry in manifest.files:

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from modules.bundle import build_manifest, sign_release
-from modules.chunking import MAX_SIZE, MIN_SIZE, bundle_spans, cut
+from modules.chunking import MAX_SIZE, MIN_SIZE, bundle_spans, cut, cut_files
 from modules.examples import write_logreg_onnx, write_sample
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
@@ -88,7 +88,7 @@ def two_file_bundle(tmp_path: Path) -> tuple[Manifest, dict[str, Path]]:
 
 def test_spans_list_only_files_they_cut_differently_and_leave_the_digest_alone(tmp_path):
     manifest, files = two_file_bundle(tmp_path)
-    spans = bundle_spans(manifest, files)
+    spans = bundle_spans(manifest, cut_files(files))
     assert spans is not None and list(spans.files) == ["weights.bin"]  # model.onnx is one chunk either way
     key = Ed25519PrivateKey.generate()
     root = load_trusted_root(make_root({"root": [key], "release": [key], "director": [key]}, [key]))
@@ -105,7 +105,7 @@ def test_spans_list_only_files_they_cut_differently_and_leave_the_digest_alone(t
 
 def test_spans_that_contradict_the_manifest_are_refused(tmp_path):
     manifest, files = two_file_bundle(tmp_path)
-    doc = {"spans": bundle_spans(manifest, files).to_dict()}  # type: ignore[union-attr]
+    doc = {"spans": bundle_spans(manifest, cut_files(files)).to_dict()}  # type: ignore[union-attr]
     weights = doc["spans"]["files"]["weights.bin"]
     for bad, reason in [
         ({"files": {"other.bin": weights}}, "does not list"),
@@ -122,7 +122,7 @@ def test_spans_that_contradict_the_manifest_are_refused(tmp_path):
 
 def test_each_file_is_fetched_by_the_list_with_fewer_bytes_missing(tmp_path):
     manifest, files = two_file_bundle(tmp_path)
-    spans = parse_spans({"spans": bundle_spans(manifest, files).to_dict()}, manifest)  # type: ignore[union-attr]
+    spans = parse_spans({"spans": bundle_spans(manifest, cut_files(files)).to_dict()}, manifest)  # type: ignore[union-attr]
     weights = next(f for f in manifest.files if f.path == "weights.bin")
     store = ContentStore(tmp_path / "store")
     assert choose_chunks(manifest, spans, store.has)["weights.bin"] == spans["weights.bin"]  # empty store: spans
