@@ -9,6 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import signal
+import subprocess
+import sys
+import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +22,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from hub.testing import wait_until
 from modules.bundle import build_manifest, sign_release
 from modules.chunking import MAX_SIZE, MIN_SIZE, bundle_spans, cut, cut_files
 from modules.examples import write_logreg_onnx, write_sample
@@ -29,6 +34,8 @@ from protocol.verify import accept_manifest
 from tests.hubside import HubSide, RealHub, agent_running, new_device, running_agent, until
 
 MB = 1024 * 1024
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE_SPANS = "1423ec01ff68b50e9c4ec19c199ca66ee1d73ef7"  # the last commit whose agent knew nothing of spans
 
 
 def noise(n: int, seed: int) -> bytes:
@@ -227,3 +234,40 @@ def test_inserting_1kb_at_the_start_of_a_model_moves_a_few_percent_of_it(hub, tm
             assert files["weights.bin"] == noise(1024, 12) + weights  # assembled from old and new spans
 
     asyncio.run(main())
+
+
+def test_an_agent_from_before_spans_installs_releases_with_spans(hub, tmp_path):
+    """The agent as it was before spans (from git history), run as a daemon against today's hub."""
+    old = tmp_path / "old-code"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_SPANS, "agent", "modules", "protocol"],
+                             capture_output=True)
+    assert archive.returncode == 0, f"needs the repository's history with {BEFORE_SPANS}: {archive.stderr.decode()}"
+    (tmp_path / "old.tar").write_bytes(archive.stdout)
+    with tarfile.open(tmp_path / "old.tar") as tar:
+        tar.extractall(old, filter="data")
+    weights = noise(3 * MB, 21)
+    data = tmp_path / "dev"
+    ident = hub.enroll(data)
+    v1 = build(hub, 1, weights)
+    v2 = build(hub, 2, noise(1024, 22) + weights)
+    assert "weights.bin" in hub.api.get(f"/api/v1/bundles/{v2['digest']}/release")["signed"]["spans"]["files"]
+
+    def state(module: dict[str, Any]) -> str | None:
+        mods = hub.api.get(f"/api/v1/devices/{ident.device_id}")["modules"]
+        return mods[0]["state"] if mods and mods[0]["bundle"] == module["digest"] else None
+
+    assert "spans" not in (old / "agent" / "transfer.py").read_text()
+    # ``-m`` puts the working directory first on sys.path: the old agent, modules and protocol packages load
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "--data", str(data), "--api-port", "0",
+                             "--log-level", "WARNING"], cwd=old)
+    try:
+        hub.api.post("/api/v1/deployments", {"name": "detector", "target": ident.device_id, "module": "detector:1"})
+        wait_until(lambda: state(v1) in ("running", "failed") or proc.poll() is not None, 60, what="v1 installed")
+        assert state(v1) == "running"
+        hub.api.request("PATCH", "/api/v1/deployments/detector", json={"module": "detector:2"})
+        wait_until(lambda: state(v2) in ("running", "failed") or proc.poll() is not None, 60, what="v2 installed")
+        assert state(v2) == "running"  # fetched by its fixed-size chunks, as before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
