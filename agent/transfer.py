@@ -53,13 +53,6 @@ def release_spans(envelope: dict[str, Any], manifest: Manifest, reject: Reject |
         return {}
 
 
-def chunk_plan(envelope: dict[str, Any], manifest: Manifest, has: Callable[[str], bool],
-               reject: Reject | None = None, where: str = "") -> dict[str, int]:
-    """Bytes per distinct chunk digest of the chunk lists chosen to fetch (see ``choose_chunks``)."""
-    chosen = choose_chunks(manifest, release_spans(envelope, manifest, reject, where), has)
-    return {digest: size for chunks in chosen.values() for digest, size in chunks}
-
-
 class VerifiedFetch:
     """What every transfer shares: the release envelope checked against the root and the desired state,
     kept on disk for a restart, and the set of chunks the local store still lacks."""
@@ -76,7 +69,8 @@ class VerifiedFetch:
         self.fatal = ""  # set when the genuine manifest contradicts the desired state
         self.envelope: dict[str, Any] | None = None
         self.manifest: Manifest | None = None
-        self._sizes: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}  # the chunks of the lists chosen to fetch -> their sizes
+        self._listed: set[str] = set()  # every chunk the release lists (devices on the same topic may choose others)
         self._missing: set[str] = set()
         self.fetched_bytes = 0  # chunk bytes this fetch received and stored, for tests and logs
 
@@ -97,7 +91,10 @@ class VerifiedFetch:
 
     def _use_manifest(self, envelope: dict[str, Any], manifest: Manifest) -> None:
         self.envelope, self.manifest = envelope, manifest
-        self._sizes = chunk_plan(envelope, manifest, self.chunks.has, self.reject, f"release {self.module.bundle}")
+        spans = release_spans(envelope, manifest, self.reject, f"release {self.module.bundle}")
+        chosen = choose_chunks(manifest, spans, self.chunks.has)
+        self._sizes = {digest: size for chunks in chosen.values() for digest, size in chunks}
+        self._listed = set(manifest.chunk_digests()) | {d for chunks in spans.values() for d, _ in chunks}
         self._missing = {d for d in self._sizes if not self.chunks.has(d)}
         self._report_progress()
 
@@ -169,11 +166,11 @@ class BundleFetch(VerifiedFetch):
             if len(payload) > MAX_SPAN_BYTES or sha256_hex(payload) != part:
                 self.reject("blob", topic, f"{len(payload)} bytes that are not the chunk its topic names")
             return
-        if part not in self._sizes:
-            self.reject("blob", topic, "chunk is not listed in the bundle's manifest")
+        if part not in self._listed:
+            self.reject("blob", topic, "chunk is not listed in the bundle's release")
             return
         if part not in self._missing:
-            return  # a duplicate: the hub serves many devices on this topic
+            return  # a duplicate, or a chunk of a list this device did not choose: the topic serves many devices
         if len(payload) != self._sizes[part]:
             self.reject("blob", topic, f"chunk is {len(payload)} bytes, manifest implies {self._sizes[part]}")
             return

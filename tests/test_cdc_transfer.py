@@ -22,13 +22,15 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.transfer import BundleFetch
 from hub.testing import wait_until
 from modules.bundle import build_manifest, sign_release
 from modules.chunking import MAX_SIZE, MIN_SIZE, bundle_spans, cut, cut_files
 from modules.examples import write_logreg_onnx, write_sample
 from modules.store import ContentStore
-from protocol.encoding import ProtocolError
+from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import CHUNK_SIZE, Manifest, choose_chunks, fixed_chunks, parse_spans
+from protocol.messages import DesiredModule
 from protocol.signing import load_trusted_root, make_root
 from protocol.verify import accept_manifest
 from tests.hubside import HubSide, RealHub, agent_running, new_device, running_agent, until
@@ -138,6 +140,30 @@ def test_each_file_is_fetched_by_the_list_with_fewer_bytes_missing(tmp_path):
         store.put(data[i * CHUNK_SIZE:(i + 1) * CHUNK_SIZE])
     assert choose_chunks(manifest, spans, store.has)["weights.bin"] == fixed_chunks(weights)
     assert choose_chunks(manifest, spans, store.has)["model.onnx"] == fixed_chunks(manifest.files[0])
+
+
+def test_chunks_of_the_list_a_device_did_not_choose_are_ignored_not_refused(tmp_path):
+    """On a shared blob topic, devices from before spans ask for fixed chunks while others fetch spans."""
+    manifest, files = two_file_bundle(tmp_path)
+    key = Ed25519PrivateKey.generate()
+    root = load_trusted_root(make_root({"root": [key], "release": [key], "director": [key]}, [key]))
+    envelope = sign_release(manifest, [key], int(time.time()) + 60, bundle_spans(manifest, cut_files(files)))
+    refused: list[str] = []
+    module = DesiredModule(name="m", version=1, bundle=manifest.digest(), size=manifest.size)
+    fetch = BundleFetch("dev", module, root, ContentStore(tmp_path / "chunks"), tmp_path / "manifests",
+                        publish=None, reject=lambda kind, topic, reason: refused.append(reason))  # type: ignore[arg-type]
+    fetch.on_part("manifest", canonical_json(envelope))
+    assert fetch.manifest is not None
+    data = files["weights.bin"].read_bytes()
+    fixed = data[:CHUNK_SIZE]
+    fetch.on_part(hashlib.sha256(fixed).hexdigest(), fixed)  # another device's fixed chunk: not for us
+    assert refused == [] and fetch.chunks.stored == 0
+    (_, first), *_ = cut(data)
+    fetch.on_part(hashlib.sha256(data[:first]).hexdigest(), data[:first])  # our first span: stored
+    assert fetch.chunks.stored_bytes == first and refused == []
+    stray = data[1:first + 1]
+    fetch.on_part(hashlib.sha256(stray).hexdigest(), stray)  # genuine bytes, but no list names them
+    assert refused == ["chunk is not listed in the bundle's release"]
 
 
 # --- real agents ------------------------------------------------------------------------------------
