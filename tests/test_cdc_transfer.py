@@ -220,6 +220,21 @@ def build(hub: RealHub, version: int, weights: bytes) -> dict[str, Any]:
     return built
 
 
+def test_the_hub_leaves_spans_out_of_a_release_they_would_make_too_large(hub, monkeypatch):
+    from hub import bundles
+
+    first = hub.api.get(f"/api/v1/bundles/{build(hub, 1, noise(2 * MB, 31))['digest']}/release")
+    spans = first["signed"].pop("spans")
+    assert len(spans["files"]["weights.bin"]) > 5
+    # A limit between the size of such a release without spans and with them (same file sizes, same layout)
+    monkeypatch.setattr(bundles, "MAX_ENVELOPE_BYTES", len(canonical_json(first)) + 100)
+    big = build(hub, 2, noise(2 * MB, 32))
+    assert "spans" not in hub.api.get(f"/api/v1/bundles/{big['digest']}/release")["signed"]
+    served = hub.server.hub.downloads
+    for f in hub.api.get(f"/api/v1/bundles/{big['digest']}/release")["signed"]["manifest"]["files"]:
+        assert all(served.chunk(c).length > 0 for c in f["chunks"])  # the fixed chunks are indexed
+
+
 @pytest.mark.parametrize("transfer", ["mqtt", "http"])
 def test_inserting_1kb_at_the_start_of_a_model_moves_a_few_percent_of_it(hub, tmp_path, transfer):
     size = 6 * MB
