@@ -39,10 +39,10 @@ def cut(data: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
 
 
 def file_spans(path: Path) -> list[Span]:
-    """The spans of a file on disk, hashed as they are cut (read through mmap; an empty file has none)."""
-    if path.stat().st_size == 0:
-        return []
-    return [Span(sha256=hashlib.sha256(c.data).hexdigest(), size=c.length) for c in _chunker().cut_file(str(path))]
+    """The spans of a file on disk, each hashed as it is cut. Streamed through a 1 MiB buffer (not mmap, whose
+    pages would count in the hub's memory for a model of gigabytes); an empty file has none."""
+    with path.open("rb", buffering=0) as f:
+        return [Span(sha256=hashlib.sha256(c.data).hexdigest(), size=c.length) for c in _chunker().cut_stream(f)]
 
 
 def cut_files(files: dict[str, Path]) -> dict[str, list[Span]]:

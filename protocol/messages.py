@@ -16,7 +16,7 @@ from protocol.encoding import ProtocolError, canonical_json, parse_json
 from protocol.schema import DIGEST_PATTERN, SCHEMA_VERSION, Schema, validate
 from protocol.topics import Channel
 
-MAX_MESSAGE_BYTES = 512 * 1024  # JSON messages; bundle chunks are raw bytes and sized by CHUNK_SIZE
+MAX_MESSAGE_BYTES = 512 * 1024  # JSON messages; bundle chunks are raw bytes (CHUNK_SIZE, spans up to MAX_SPAN_BYTES)
 
 InstallState = Literal[
     "pending", "downloading", "verifying", "staged", "activating", "health_check", "baking",
