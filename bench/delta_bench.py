@@ -84,21 +84,23 @@ def bench_agents(size: int, work: Path) -> None:
                 b2 = hub.build(name, 2, model_seed=1, extra={"weights.bin": v2}, spans=with_spans)
                 device = new_device()
 
-                async def run(b1=b1, b2=b2, device=device, name=name) -> tuple[int, int]:
+                async def run(b1=b1, b2=b2, device=device, name=name) -> tuple[int, int, float, float]:
                     async with running_agent(hub, device, work / name, blob_retry=2.0) as agent:
+                        t = time.perf_counter()
                         hub.publish_desired(device, 1, [b1.desired()])
                         await until(lambda: hub.module_state(device, name) == "running", 300, "v1 running")
-                        first = agent.chunks.stored_bytes
+                        first, t1 = agent.chunks.stored_bytes, time.perf_counter() - t
                         hub.publish_desired(device, 2, [b2.desired()])
                         await until(lambda: hub.reported(device).revision == 2
                                     and hub.module_state(device, name) == "running", 300, "v2 running")
-                        return first, agent.chunks.stored_bytes - first
+                        return first, agent.chunks.stored_bytes - first, t1, time.perf_counter() - t - t1
 
-                first, second = asyncio.run(run())
+                first, second, t1, t2 = asyncio.run(run())
                 envelope = len(canonical_json(b2.envelope))
                 results[label] = second
-                print(f"    {label:25s} v1 fetched {first:>11,} B; v2 fetched {second:>11,} B = "
-                      f"{100 * second / len(v2):6.2f}% of the file (release envelope {envelope:,} B)")
+                print(f"    {label:25s} v1 fetched {first:>11,} B ({t1:.1f} s); v2 fetched {second:>11,} B = "
+                      f"{100 * second / len(v2):6.2f}% of the file ({t2:.1f} s; release envelope {envelope:,} B)",
+                      flush=True)
             base, cdc = results["without spans (baseline)"], results["with spans"]
             print(f"    ratio with/without spans: {cdc / base:.4f} (goal: < 1% of the file moved)")
         finally:
@@ -168,7 +170,7 @@ def main() -> int:
     bench_edits(size)
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_agents:
-            print(f"(b) real agents over mosquitto, 1 KB inserted at the start of a {args.size_mb} MB file")
+            print(f"(b) real agents over mosquitto, 1 KB inserted at the start of a {args.size_mb} MB file", flush=True)
             bench_agents(size, Path(tmp))
         bench_throughput(size, Path(tmp), args.rounds)
     return 0
