@@ -265,17 +265,17 @@ class HttpBundleFetch(VerifiedFetch):
                 while block := resp.read(BLOCK):
                     written += len(block)
                     if written > size:
-                        break  # more than the manifest implies: refused below, connection dropped
+                        break  # more than the release lists: refused below, connection dropped
                     f.write(block)
         if written > size:
             part.unlink(missing_ok=True)
-            return f"chunk is more than the {size} bytes the manifest implies"
+            return f"chunk is more than the {size} bytes the release lists"
         # A dropped answer raised above and keeps its partial file for a Range request; one that ended
         # normally but short is what the hub holds: refused like bad bytes.
         data = part.read_bytes()
         if len(data) != size:
             part.unlink(missing_ok=True)
-            return f"chunk is {len(data)} bytes, the manifest implies {size}"
+            return f"chunk is {len(data)} bytes, the release lists {size}"
         if sha256_hex(data) != digest:
             part.unlink(missing_ok=True)
             return "chunk bytes do not hash to the digest they were asked by (tampered or corrupt)"

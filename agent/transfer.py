@@ -172,7 +172,7 @@ class BundleFetch(VerifiedFetch):
         if part not in self._missing:
             return  # a duplicate, or a chunk of a list this device did not choose: the topic serves many devices
         if len(payload) != self._sizes[part]:
-            self.reject("blob", topic, f"chunk is {len(payload)} bytes, manifest implies {self._sizes[part]}")
+            self.reject("blob", topic, f"chunk is {len(payload)} bytes, the release lists {self._sizes[part]}")
             return
         if sha256_hex(payload) != part:
             self.reject("blob", topic, "chunk bytes do not hash to the digest in its topic (tampered or corrupt)")

@@ -22,7 +22,6 @@ MIN_SIZE, AVG_SIZE, MAX_SIZE, NORMALIZATION = 32 * 1024, 128 * 1024, 512 * 1024,
 CHUNKER = "fastcdc2020/min32k-avg128k-max512k/nc2/seed0"
 
 
-
 def _chunker() -> FastCDC:
     """A fresh chunker (an instance must not be shared between threads)."""
     return FastCDC(AVG_SIZE, min_size=MIN_SIZE, max_size=MAX_SIZE, normalized_chunking=NORMALIZATION)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -20,6 +21,7 @@ class ContentStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.stored = 0  # objects put since this store was opened (e.g. the chunks a device downloaded)
         self.stored_bytes = 0  # and their bytes
+        self._count_lock = threading.Lock()  # puts come from several threads (HTTP chunk downloads)
 
     def path(self, digest: str) -> Path:
         if not DIGEST_RE.match(digest):
@@ -58,8 +60,9 @@ class ContentStore:
             final = self.path(digest)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
-            self.stored += 1
-            self.stored_bytes += size
+            with self._count_lock:
+                self.stored += 1
+                self.stored_bytes += size
             return digest, size
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
