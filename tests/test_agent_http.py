@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from agent.core import Agent
@@ -242,9 +243,12 @@ def test_wrong_password_and_decommissioned_device_are_refused_with_the_reason_re
 def test_a_restart_mid_download_fetches_only_what_is_missing(hub, tmp_path):
     data = tmp_path / "dev"
     ident = hub.enroll(data)
-    weights = os.urandom(3 * CHUNK_SIZE)
+    # Three spans (seed 0): fewer than the agent's 4 download workers, so while each retries an unservable
+    # weights chunk one stays free to fetch the other files (a worker keeps retrying the chunk it holds).
+    weights = np.random.default_rng(0).bytes(CHUNK_SIZE + 100_000)
     module = build(hub, "classifier", extra={"weights.bin": weights})
     weights_chunks = [c for c, _ in fresh_chunks(hub, module, "weights.bin")]
+    assert len(weights_chunks) == 3
     others = [c for c, _ in fresh_chunks(hub, module) if c not in weights_chunks]
     weights_blob = blob(hub, module, "weights.bin")
     away = weights_blob.with_name(weights_blob.name + ".away")
