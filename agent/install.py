@@ -30,7 +30,7 @@ from modules.bundle import verify_bundle_dir as _verify_bundle_dir
 from modules.errors import InputError, ModelError
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
-from protocol.manifest import FileEntry, Manifest
+from protocol.manifest import FileEntry, Manifest, choose_chunks, parse_spans
 from protocol.messages import BakePolicy, DesiredModule
 from protocol.names import name_problem
 from protocol.schema import validate
@@ -294,9 +294,16 @@ class Installer:
     def _unpack(self, module: DesiredModule, envelope: dict[str, Any]) -> None:
         dest = self.version_dir(module.name, module.bundle)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        manifest = validate(Manifest, envelope["signed"]["manifest"])
+        try:
+            spans = parse_spans(envelope["signed"], manifest)
+        except ProtocolError:  # refused and counted by the transfer, which fetched fixed chunks instead
+            spans = {}
+        # The lists the transfer completed: for each file, its spans or its fixed chunks, whichever is in the store.
+        chosen = choose_chunks(manifest, spans, self.chunks.has)
 
         def open_file(entry: FileEntry) -> Iterator[bytes]:
-            for digest in entry.chunks:
+            for digest, _ in chosen[entry.path]:
                 if not self.chunks.has(digest):
                     raise InstallError(f"chunk {digest[:12]}… of {entry.path} is not in the chunk store")
                 yield self.chunks.get(digest)

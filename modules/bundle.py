@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from protocol.encoding import ProtocolError, canonical_json
-from protocol.manifest import CHUNK_SIZE, FileEntry, Manifest, TensorSpec, check_relative_path, release_document
+from protocol.manifest import (
+    CHUNK_SIZE,
+    FileEntry,
+    Manifest,
+    Spans,
+    TensorSpec,
+    check_relative_path,
+    release_document,
+)
 from protocol.schema import validate
 from protocol.signing import Root, SignatureError, sign, update_root
 from protocol.verify import accept_manifest
@@ -77,8 +85,8 @@ def build_manifest(
     )
 
 
-def sign_release(manifest: Manifest, keys: list[Any], expires: int) -> dict[str, Any]:
-    return sign(release_document(manifest, expires), keys)
+def sign_release(manifest: Manifest, keys: list[Any], expires: int, spans: Spans | None = None) -> dict[str, Any]:
+    return sign(release_document(manifest, expires, spans), keys)
 
 
 def write_bundle_dir(dest: Path, envelope: dict[str, Any], open_file: Callable[[FileEntry], Iterator[bytes]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -18,6 +19,9 @@ class ContentStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # blobs are private: files 0600 (mkstemp), dirs 0700
+        self.stored = 0  # objects put since this store was opened (e.g. the chunks a device downloaded)
+        self.stored_bytes = 0  # and their bytes
+        self._count_lock = threading.Lock()  # puts come from several threads (HTTP chunk downloads)
 
     def path(self, digest: str) -> Path:
         if not DIGEST_RE.match(digest):
@@ -57,6 +61,9 @@ class ContentStore:
             final.parent.parent.mkdir(exist_ok=True, mode=0o700)
             final.parent.mkdir(exist_ok=True, mode=0o700)
             os.replace(tmp, final)
+            with self._count_lock:
+                self.stored += 1
+                self.stored_bytes += size
             return digest, size
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -4,12 +4,19 @@ A bundle is a set of files described by a canonical manifest; its identity is
 the sha256 of the manifest's canonical JSON. Every file is cut into chunks of
 ``CHUNK_SIZE`` bytes, each named by its sha256, so a device fetches only the
 chunks it does not already hold.
+
+A release may also list, outside the manifest, each file's content-defined
+chunks ("spans", variable length): an insertion then changes only the spans
+around it. Devices never cut files themselves; they fetch whichever listed
+chunks they lack. Spans sit beside the manifest, not in it, so the bundle's
+digest and every older device (which ignores unknown release fields) are
+unaffected.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, Literal
 
 from msgspec import Meta
@@ -21,6 +28,7 @@ from protocol.schema import DIGEST_PATTERN, INT63_MAX, Positive, Schema, validat
 CHUNK_SIZE = 256 * 1024
 MAX_BUNDLE_FILES = 256
 MAX_BUNDLE_BYTES = 2 * 1024**3
+MAX_SPAN_BYTES = 1024 * 1024  # the largest span a device accepts (the hub cuts at most 512 KiB)
 
 MAX_TENSORS = 256  # inputs or outputs of a model
 
@@ -125,6 +133,71 @@ def parse_manifest(signed: Any) -> Manifest:
     return manifest
 
 
-def release_document(manifest: Manifest, expires: int) -> dict[str, Any]:
-    """The ``signed`` part of a bundle's release envelope."""
-    return {"type": "release", "v": 1, "bundle": manifest.digest(), "expires": expires, "manifest": manifest.to_dict()}
+class Span(Schema, frozen=True, kw_only=True):
+    """One content-defined chunk of a file: its sha256 and length (offsets are the running sum)."""
+
+    sha256: Annotated[str, Meta(pattern=DIGEST_PATTERN)]
+    size: Annotated[int, Meta(ge=1, le=MAX_SPAN_BYTES)]
+
+
+class Spans(Schema, frozen=True, kw_only=True):
+    """The release's ``spans``: the chunker that cut them (informational) and, per file path, its spans in order.
+
+    A file not listed is transferred by its fixed-size ``chunks``.
+    """
+
+    chunker: Annotated[str, Meta(max_length=128)]
+    files: dict[str, list[Span]]
+
+
+Chunk = tuple[str, int]  # (sha256, size)
+
+
+def fixed_chunks(entry: FileEntry) -> list[Chunk]:
+    """A file's fixed-size chunks with their sizes (every one but the last is CHUNK_SIZE)."""
+    return [(d, min(CHUNK_SIZE, entry.size - i * CHUNK_SIZE)) for i, d in enumerate(entry.chunks)]
+
+
+def parse_spans(release: Any, manifest: Manifest) -> dict[str, list[Chunk]]:
+    """The spans of a verified release document, checked against its manifest ({} when it lists none).
+
+    Refused: an unknown path, spans that do not add up to the file's size, or a digest given two sizes.
+    """
+    raw = release.get("spans") if isinstance(release, dict) else None
+    if raw is None:
+        return {}
+    spans = validate(Spans, raw)
+    entries = {f.path: f for f in manifest.files}
+    sizes = {d: n for f in manifest.files for d, n in fixed_chunks(f)}
+    out: dict[str, list[Chunk]] = {}
+    for path, listed in spans.files.items():
+        entry = entries.get(path)
+        if entry is None:
+            raise ProtocolError(f"release spans name {path!r}, which the manifest does not list")
+        total = sum(s.size for s in listed)
+        if total != entry.size:
+            raise ProtocolError(f"spans of {path!r} add up to {total} bytes, the file has {entry.size}")
+        for s in listed:
+            if sizes.setdefault(s.sha256, s.size) != s.size:
+                raise ProtocolError(f"chunk {s.sha256[:12]}… is listed with two sizes")
+        out[path] = [(s.sha256, s.size) for s in listed]
+    return out
+
+
+def choose_chunks(manifest: Manifest, spans: dict[str, list[Chunk]], has: Callable[[str], bool]) -> dict[str, list[Chunk]]:
+    """Per file, the chunk list to fetch and assemble from: of its spans (if listed) and its fixed chunks, the one
+    with fewer bytes missing from the store (the spans on a tie). Once a list is complete it stays chosen, so the
+    installer, asking again after the transfer, assembles from what was fetched."""
+    chosen: dict[str, list[Chunk]] = {}
+    for entry in manifest.files:
+        options = ([spans[entry.path]] if entry.path in spans else []) + [fixed_chunks(entry)]
+        chosen[entry.path] = min(options, key=lambda chunks: sum(n for d, n in dict(chunks).items() if not has(d)))
+    return chosen
+
+
+def release_document(manifest: Manifest, expires: int, spans: Spans | None = None) -> dict[str, Any]:
+    """The ``signed`` part of a bundle's release envelope (``spans`` only when given: older releases had none)."""
+    doc = {"type": "release", "v": 1, "bundle": manifest.digest(), "expires": expires, "manifest": manifest.to_dict()}
+    if spans is not None:
+        doc["spans"] = spans.to_dict()
+    return doc

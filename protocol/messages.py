@@ -17,7 +17,7 @@ from protocol.names import Name, OptionalName
 from protocol.schema import DIGEST_PATTERN, SCHEMA_VERSION, Finite, NonNegative, Positive, Schema, validate
 from protocol.topics import Channel
 
-MAX_MESSAGE_BYTES = 512 * 1024  # JSON messages; bundle chunks are raw bytes and sized by CHUNK_SIZE
+MAX_MESSAGE_BYTES = 512 * 1024  # JSON messages; bundle chunks are raw bytes (CHUNK_SIZE, spans up to MAX_SPAN_BYTES)
 MAX_FACTS = 256  # entries in a device's facts, its agent stats, a command's arguments
 
 InstallState = Literal[
