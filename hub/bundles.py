@@ -15,6 +15,8 @@ from hub.errors import Invalid, NotFound
 from hub.keys import KeyRing
 from hub.registry import ModelRegistry
 from modules.bundle import build_manifest, sign_release
+from modules.errors import ModelError
+from modules.pymodel import check_entry_source
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import CHUNK_SIZE, Manifest, TensorSpec, parse_manifest
@@ -84,6 +86,7 @@ class ModuleBuilder:
             digest, _ = self.store.put_blocks([data])
             files[entry_name] = self.store.path(digest)
         first = models[0]
+        check_entry(runtime or first["framework"], first, entry, entry_name)
         kwargs: dict[str, Any] = {
             "runtime": runtime or first["framework"], "files": files, "model": first["files"][0]["path"],
             "entry": entry_name if entry is not None else "",
@@ -171,6 +174,18 @@ class ModuleBuilder:
             if f.path == path:
                 return self.store.path(f.sha256)
         raise NotFound(f"bundle {digest[:12]}… has no file {path!r}")
+
+
+def check_entry(runtime: str, model: dict[str, Any], entry: str | None, entry_name: str) -> None:
+    """A python module needs a script with init()/run() (the entry, else the model's own .py); parsed, never run."""
+    try:
+        if entry is not None:
+            check_entry_source(entry, entry_name, runtime)
+        elif runtime == "python" and not model["files"][0]["path"].endswith(".py"):
+            raise ModelError(f"model {model['name']}:{model['version']} ({model['files'][0]['path']}) needs an entry "
+                             "script to run in the python runtime: give --entry SCRIPT with init() and run(inputs)")
+    except ModelError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def release_envelope(db: Database, digest: str) -> dict[str, Any]:
