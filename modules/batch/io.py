@@ -98,18 +98,40 @@ class _Range(io.RawIOBase):
         super().close()
 
 
-_CSV_COLUMN = re.compile(r"In CSV column #(\d+): Row #(\d+): (.*)", re.S)
+_CSV_COLUMN = re.compile(r"In CSV column #(\d+): (?:Row #\d+: )?(.*)", re.S)
 
 
-def _csv_error(exc: Exception, source: Source, part: Part, names: list[str]) -> BatchError:
-    text = str(exc)
+def _first_unreadable(source: Source, part: Part, names: list[str], column: str, typ: pa.DataType) -> int | None:
+    """The part's first row whose ``column`` does not read as ``typ`` (only on the error path: reads the part again)."""
+    raw = _Range(source.path, source.offsets[part.first], source.offsets[part.first + part.count])
+    try:
+        table = pacsv.read_csv(io.BufferedReader(raw, CSV_BLOCK),
+                               read_options=pacsv.ReadOptions(column_names=names, block_size=CSV_BLOCK),
+                               convert_options=pacsv.ConvertOptions(column_types={column: pa.string()},
+                                                                    include_columns=[column]))
+    except pa.ArrowInvalid:
+        return None
+    finally:
+        raw.close()
+    for i, text in enumerate(table.column(0).to_pylist()):
+        try:
+            pa.array([text]).cast(typ)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return i
+    return None
+
+
+def _csv_error(exc: Exception, source: Source, part: Part, schema: pa.Schema) -> BatchError:
+    text, names, where = str(exc), schema.names, Path(source.path).name
     m = _CSV_COLUMN.search(text)
     if m:
-        col, row, why = int(m.group(1)), int(m.group(2)), m.group(3).strip()
+        col, why = int(m.group(1)), m.group(2).strip()
         name = names[col] if col < len(names) else f"#{col}"
-        return BatchError(f"column {name!r}: {why} ({Path(source.path).name}, near line "
-                          f"{part.row_start + row + 1} of the data)")
-    return BatchError(f"{Path(source.path).name} rows {part.row_start}…{part.row_start + part.rows - 1}: {text}")
+        bad = _first_unreadable(source, part, names, name, schema.field(name).type) if col < len(names) else None
+        at = (f"row {part.row_start + bad}, line {part.row_start + bad + 2} of {where}" if bad is not None
+              else f"{where} rows {part.row_start}…{part.row_start + part.rows - 1}")
+        return BatchError(f"column {name!r}: {why} ({at})")
+    return BatchError(f"{where} rows {part.row_start}…{part.row_start + part.rows - 1}: {text}")
 
 
 def read_part(source: Source, part: Part, columns: list[str], batch_rows: int,
@@ -137,7 +159,7 @@ def read_part(source: Source, part: Part, columns: list[str], batch_rows: int,
                 for start in range(0, batch.num_rows, batch_rows):
                     yield batch.slice(start, batch_rows)
     except pa.ArrowInvalid as exc:
-        raise _csv_error(exc, source, part, names) from None
+        raise _csv_error(exc, source, part, schema) from None
     finally:
         raw.close()
 

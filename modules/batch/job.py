@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from modules.batch.columns import BatchError, kept_columns, plan_feeds
+from modules.batch.columns import BatchError, Feed, kept_columns, plan_feeds
 from modules.batch.engine import Job
 from modules.batch.io import describe_input, file_format, input_files, merge_parts, read_schema
 from modules.batch.plan import PART_PREFIX, Part, job_record, part_name, pending, plan_parts, resume_refusal
@@ -66,17 +67,23 @@ def claim(layout: Layout, overwrite: bool) -> None:
     layout.work.mkdir(parents=True, exist_ok=True)
 
 
-def _widen(schema: pa.Schema, needed: set[str]) -> pa.Schema:
-    """CSV types are guessed from the first block: read model columns guessed as integers as float64
-    (a later 1.5 must not fail), and columns empty in that block as text."""
-    fields = []
-    for f in schema:
-        if f.name in needed and pa.types.is_integer(f.type):
-            f = f.with_type(pa.float64())
-        elif pa.types.is_null(f.type):
-            f = f.with_type(pa.string())
-        fields.append(f)
-    return pa.schema(fields)
+def _csv_typed(schema: pa.Schema, feeds: list[Feed]) -> pa.Schema:
+    """CSV types are guessed from the first block; a model's columns are read as its dtype instead, so a
+    later 1.5 in a column of integers reads, and a typo fails on its own line, naming the column."""
+    want: dict[str, pa.DataType] = {}
+    for feed in feeds:
+        if feed.dtype is not None:
+            kind = np.dtype(feed.dtype).kind
+            typ = pa.float64() if kind == "f" else pa.int64() if kind in "iu" else pa.bool_() if kind == "b" else None
+            want |= {c: typ for c in feed.columns if typ is not None}
+    return pa.schema([f.with_type(want[f.name]) if f.name in want
+                      else f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in schema])
+
+
+def _loose(schema: pa.Schema) -> pa.Schema:
+    """For planning a CSV's feeds: a text column may still hold numbers past the first block."""
+    return pa.schema([f.with_type(pa.float64()) if pa.types.is_string(f.type) or pa.types.is_null(f.type) else f
+                      for f in schema])
 
 
 def prepare(input_path: Path, layout: Layout, manifest: Manifest, bundle_dir: Path, root: dict[str, Any] | None, *,
@@ -92,9 +99,11 @@ def prepare(input_path: Path, layout: Layout, manifest: Manifest, bundle_dir: Pa
                 got = other.field(f.name).type if f.name in other.names else "missing"
                 raise BatchError(f"column {f.name!r} is {f.type} in {Path(sources[0].path).name} but {got} in "
                                  f"{Path(source.path).name}: the files of a job must share their schema")
-    feeds = plan_feeds(manifest.inputs, schema, columns)
     if sources[0].format == "csv":
-        schema = _widen(schema, {c for f in feeds for c in f.columns if f.dtype is None or f.dtype.startswith("float")})
+        feeds = plan_feeds(manifest.inputs, _loose(schema), columns)
+        schema = _csv_typed(schema, feeds)
+    else:
+        feeds = plan_feeds(manifest.inputs, schema, columns)
     kept = kept_columns(keep, schema)
     parts = plan_parts(sources, part_rows)
     record = job_record(sources, parts, manifest.digest(),
