@@ -106,6 +106,12 @@ def score(
 
     started = time.monotonic()
     layout = layout_for(output)
+    local = None
+    n_workers = workers or os.cpu_count() or 1
+    if not scheduler:  # workers start up while the bundle is verified and the input planned
+        from modules.batch.engine import LocalEngine
+
+        local = LocalEngine(n_workers)
     try:
         claim(layout, overwrite)
         manifest, bundle_dir, pinned = _bundle(ref, bundle, root, layout.bundle)
@@ -114,22 +120,22 @@ def score(
         total = sum(p.rows for p in parts)
         progress = Progress(total, total - sum(p.rows for p in todo), quiet)
         try:
-            if scheduler:
+            if local is not None:
+                engine = "local"
+                local.run(job, todo, progress.add)
+            else:
                 from modules.batch.distributed import run_dask
 
-                engine, n_workers = "dask", run_dask(job, todo, scheduler, progress.add)
-            else:
-                n_workers = workers or os.cpu_count() or 1
-                from modules.batch.engine import run_local
-
-                engine = "local"
-                run_local(job, todo, n_workers, progress.add)
+                engine, n_workers = "dask", run_dask(job, todo, scheduler or "", progress.add)
         finally:
             progress.close()
         rows = finish(layout, parts)
     except (BatchError, ModelError, ProtocolError, HubError, OSError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    finally:
+        if local is not None:
+            local.close()
     seconds = time.monotonic() - started
     scored = sum(p.rows for p in todo)
     summary = {"module": f"{manifest.name}:{manifest.version}", "digest": manifest.digest(), "input": str(input_path),

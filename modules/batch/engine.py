@@ -7,11 +7,11 @@ row counts cross between processes, never rows.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -109,57 +109,89 @@ def score_part(job: Job, part: Part, report: Report | None = None) -> int:
 
 # --- the embedded engine: a process pool ------------------------------------------------------------
 
-_job: Job | None = None
 _queue: Any = None
+WARM_MODULES = ["modules.batch.engine", "modules.runners", "onnxruntime"]  # what the fork server imports once
 
 
-def _die_with_parent() -> None:
-    """A kill -9 of the job must not leave its workers writing (Linux: PR_SET_PDEATHSIG)."""
+def _exit_with(owner: int) -> None:
+    """Exit when the job's process is gone, even by kill -9: a worker must not write parts for a dead job.
+
+    Neither the pipes (a worker holds both ends of its queues) nor the parent-death signal (its parent
+    is the fork server) tell it, so a thread waits on the owner's pidfd.
+    """
+    import select
+
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-
-
-def _init_worker(job: Job, queue: Any, parent: int) -> None:
-    global _job, _queue
-    _die_with_parent()
-    if os.getppid() != parent:  # the parent died before the line above took effect
+        fd = os.pidfd_open(owner)
+    except ProcessLookupError:
         os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _job, _queue = job, queue
-
-
-def _pool_task(part: Part) -> int:
-    assert _job is not None
-    return score_part(_job, part, _queue.put)
-
-
-def run_local(job: Job, parts: list[Part], workers: int, on_rows: Report) -> None:
-    """Score ``parts`` with ``workers`` processes, each loading the runner once; raise the first failure."""
-    if not parts:
-        return
-    ctx = mp.get_context("spawn")  # no fork of a process that has threads (progress display, pyarrow)
-    queue = ctx.SimpleQueue()
-
-    def drain() -> None:
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): look every half second
         while True:
-            n = queue.get()
-            if n is None:
-                return
+            time.sleep(0.5)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(1)
+    select.select([fd], [], [])  # readable once the owner has exited
+    os._exit(1)
+
+
+def _init_worker(queue: Any, owner: int) -> None:
+    global _queue
+    threading.Thread(target=_exit_with, args=(owner,), name="owner-watch", daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
+    _queue = queue
+
+
+def _pool_task(job: Job, part: Part) -> int:
+    return score_part(job, part, _queue.put)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+class LocalEngine:
+    """The embedded engine: ``workers`` processes on this machine, each loading the runner once.
+
+    Started before the job is planned, so the workers come up while the bundle is verified and the
+    input scanned. They fork from a fresh server process that imported the scoring code once: as safe
+    as spawning (no fork of this process and its threads) without every worker importing NumPy,
+    pyarrow and onnxruntime again, or the command line's own ``__main__``.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(WARM_MODULES)  # a module that does not import is skipped
+        self.queue = ctx.SimpleQueue()
+        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
+                                        initargs=(self.queue, os.getpid()))
+        # the first submit waits for the fork server's imports: let that happen beside the caller's work
+        self._warm = threading.Thread(target=lambda: [self.pool.submit(_ready) for _ in range(self.workers)],
+                                      name="score-warm", daemon=True)
+        self._warm.start()
+
+    def run(self, job: Job, parts: list[Part], on_rows: Report) -> None:
+        """Score ``parts``; raise the first failure (the parts already written stay done)."""
+        reader = threading.Thread(target=self._drain, args=(on_rows,), name="score-progress", daemon=True)
+        reader.start()
+        self._warm.join()
+        try:
+            futures = [self.pool.submit(_pool_task, job, p) for p in parts]
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in futures:
+                if fut in finished and fut.exception() is not None:
+                    raise fut.exception()  # type: ignore[misc]
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.queue.put(None)
+            reader.join()
+
+    def _drain(self, on_rows: Report) -> None:
+        while (n := self.queue.get()) is not None:
             on_rows(n)
 
-    reader = threading.Thread(target=drain, name="score-progress", daemon=True)
-    reader.start()
-    pool = ProcessPoolExecutor(max_workers=max(1, min(workers, len(parts))), mp_context=ctx,
-                               initializer=_init_worker, initargs=(job, queue, os.getpid()))
-    try:
-        futures = [pool.submit(_pool_task, p) for p in parts]
-        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for fut in futures:
-            if fut in finished and fut.exception() is not None:
-                raise fut.exception()  # type: ignore[misc]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        queue.put(None)
-        reader.join()
+    def close(self) -> None:
+        self._warm.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
