@@ -13,7 +13,9 @@ of 131072 rows) and a signed bundle of that model, then, alternating each round:
 
 Prints the median rows/s of each and the ratios, and the peak memory (RSS summed over the scoring
 process and its workers, sampled every 20 ms) for half the rows and all of them: it must not grow
-with the file.
+with the file. Both are also run on a file of 1,000 rows: its time is the fixed cost of each (start-up,
+imports, workers), and ``(rows - 1000) / (t_rows - t_1000)`` the marginal rate once running, the
+figure that matters for files much larger than this one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from endpoint_bench import make_bundle  # noqa: E402  (the same signed example bundle)
 
+TINY = 1000
 BARE = '''
 import sys
 import numpy as np
@@ -148,6 +151,7 @@ def main() -> None:
         model = bundle / "files" / "model.onnx"
         full = write_rows(work / "full.parquet", args.rows)
         half = write_rows(work / "half.parquet", args.rows // 2)
+        tiny = write_rows(work / "tiny.parquet", TINY)
         bare = work / "bare.py"
         bare.write_text(BARE)
         edgefleet = [sys.executable, "-m", "edgefleet", "score", "--bundle", str(bundle), "--root", str(root),
@@ -156,11 +160,14 @@ def main() -> None:
         def score(table: Path, *extra: str) -> tuple[float, int]:
             return measured([*edgefleet, "-i", str(table), "-o", str(work / "scored"), *extra])
 
-        runs: dict[str, list[tuple[float, int]]] = {"bare": [], "score": [], "score_half": []}
+        runs: dict[str, list[tuple[float, int]]] = {"bare": [], "score": [], "score_half": [], "bare_tiny": [],
+                                                    "score_tiny": []}
         for _ in range(args.rounds):
-            runs["bare"].append(measured([sys.executable, str(bare), str(model), str(full), str(work / "bare.parquet")]))
+            for key, table in (("bare", full), ("bare_tiny", tiny)):
+                runs[key].append(measured([sys.executable, str(bare), str(model), str(table), str(work / "b.parquet")]))
             runs["score"].append(score(full))
             runs["score_half"].append(score(half))
+            runs["score_tiny"].append(score(tiny))
         for n in (1, 2):
             cluster = Cluster(n, work / "dask.log")
             try:
@@ -173,6 +180,12 @@ def main() -> None:
     def rate(key: str, rows: int = args.rows) -> float:
         return rows / statistics.median(t for t, _ in runs[key])
 
+    def seconds(key: str) -> float:
+        return statistics.median(t for t, _ in runs[key])
+
+    def marginal(key: str) -> float:
+        return (args.rows - TINY) / max(seconds(key) - seconds(f"{key}_tiny"), 1e-9)
+
     def peak(key: str) -> float:
         return statistics.median(m for _, m in runs[key]) / 2**20
 
@@ -180,6 +193,9 @@ def main() -> None:
         "rows": args.rows, "rounds": args.rounds, "cores": os.cpu_count(),
         "bare_rows_per_s": round(rate("bare")), "score_rows_per_s": round(rate("score")),
         "ratio_score_vs_bare": round(rate("score") / rate("bare"), 3),
+        "fixed_seconds": {"bare": round(seconds("bare_tiny"), 3), "score": round(seconds("score_tiny"), 3)},
+        "marginal_rows_per_s": {"bare": round(marginal("bare")), "score": round(marginal("score"))},
+        "marginal_ratio_score_vs_bare": round(marginal("score") / marginal("bare"), 3),
         "peak_rss_mb": {"bare": round(peak("bare"), 1), f"score_{args.rows // 2}_rows": round(peak("score_half"), 1),
                         f"score_{args.rows}_rows": round(peak("score"), 1)},
         "dask_1_worker_rows_per_s": round(rate("dask1")), "dask_2_workers_rows_per_s": round(rate("dask2")),
@@ -193,6 +209,10 @@ def main() -> None:
     print(f"  bare onnxruntime, one process   {result['bare_rows_per_s']:>12,} rows/s")
     print(f"  edgefleet score (local engine)  {result['score_rows_per_s']:>12,} rows/s   "
           f"{result['ratio_score_vs_bare']:.2f}x bare (goal >= 0.8x)")
+    print(f"  fixed cost (a {TINY}-row file): bare {result['fixed_seconds']['bare']} s, "
+          f"score {result['fixed_seconds']['score']} s")
+    print(f"  marginal rate: bare {result['marginal_rows_per_s']['bare']:,} rows/s, score "
+          f"{result['marginal_rows_per_s']['score']:,} rows/s   {result['marginal_ratio_score_vs_bare']:.2f}x")
     print(f"  edgefleet score, Dask 1 worker  {result['dask_1_worker_rows_per_s']:>12,} rows/s")
     print(f"  edgefleet score, Dask 2 workers {result['dask_2_workers_rows_per_s']:>12,} rows/s   "
           f"{result['dask_scaling_2_vs_1']:.2f}x one worker")

@@ -99,8 +99,13 @@ def score(
     A job stopped for any reason (even kill -9) continues where it stopped when the same command runs again.
     """
     from edgefleet.client import HubError
-    from modules.batch.columns import BatchError, parse_columns
-    from modules.batch.job import claim, finish, layout_for, prepare
+
+    try:
+        from modules.batch.columns import BatchError, parse_columns
+        from modules.batch.job import claim, finish, layout_for, prepare
+    except ImportError as exc:
+        err.print(f"[red]error:[/] edgefleet score needs pyarrow ({exc}): pip install 'edgefleet[batch]'")
+        raise typer.Exit(1) from None
     from modules.errors import ModelError
     from protocol.encoding import ProtocolError
 

@@ -147,36 +147,35 @@ def _pool_task(job: Job, part: Part) -> int:
     return score_part(job, part, _queue.put)
 
 
-def _ready() -> int:
-    return os.getpid()
-
-
 class LocalEngine:
-    """The embedded engine: ``workers`` processes on this machine, each loading the runner once.
+    """The embedded engine: up to ``workers`` processes on this machine, each loading the runner once.
 
-    Started before the job is planned, so the workers come up while the bundle is verified and the
-    input scanned. They fork from a fresh server process that imported the scoring code once: as safe
-    as spawning (no fork of this process and its threads) without every worker importing NumPy,
-    pyarrow and onnxruntime again, or the command line's own ``__main__``.
+    Workers fork from a fresh server process that imported the scoring code once: as safe as spawning
+    (no fork of this process and its threads) without every worker importing NumPy, pyarrow and
+    onnxruntime again, or the command line's own ``__main__``. The server starts (and imports) while
+    the caller verifies the bundle and plans the job; no more workers start than there are parts.
     """
 
     def __init__(self, workers: int) -> None:
+        from multiprocessing import forkserver
+
         self.workers = max(1, workers)
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(WARM_MODULES)  # a module that does not import is skipped
-        self.queue = ctx.SimpleQueue()
-        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.queue, os.getpid()))
-        # the first submit waits for the fork server's imports: let that happen beside the caller's work
-        self._warm = threading.Thread(target=lambda: [self.pool.submit(_ready) for _ in range(self.workers)],
-                                      name="score-warm", daemon=True)
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(WARM_MODULES)  # a module that does not import is skipped
+        self.queue = self.ctx.SimpleQueue()
+        self.pool: ProcessPoolExecutor | None = None
+        self._warm = threading.Thread(target=forkserver.ensure_running, name="score-warm", daemon=True)
         self._warm.start()
 
     def run(self, job: Job, parts: list[Part], on_rows: Report) -> None:
         """Score ``parts``; raise the first failure (the parts already written stay done)."""
+        if not parts:
+            return
+        self._warm.join()
+        self.pool = ProcessPoolExecutor(max_workers=min(self.workers, len(parts)), mp_context=self.ctx,
+                                        initializer=_init_worker, initargs=(self.queue, os.getpid()))
         reader = threading.Thread(target=self._drain, args=(on_rows,), name="score-progress", daemon=True)
         reader.start()
-        self._warm.join()
         try:
             futures = [self.pool.submit(_pool_task, job, p) for p in parts]
             finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -194,4 +193,5 @@ class LocalEngine:
 
     def close(self) -> None:
         self._warm.join()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
