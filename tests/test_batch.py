@@ -148,6 +148,17 @@ def test_parquet_and_csv_round_trips_equal_bare_onnxruntime(logreg, tmp_path):
     assert pq.read_table(tmp_path / "one.parquet").column_names == ["probability"]
     assert np.array_equal(pq.read_table(tmp_path / "one.parquet")["probability"].to_numpy(), want)
 
+    # --overwrite starts a job afresh, but never empties a directory that is not a job's output
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        refused = score_cli("--bundle", str(bundle), "-i", str(features), "-o", str(tmp_path / "mine"), *extra)
+        assert refused.returncode == 1 and "edgefleet job" in said(refused)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    again = ok(score_cli("--bundle", str(bundle), "-i", str(features), "-o", str(tmp_path / "scored"), "--overwrite",
+                         "--part-rows", "1000", "--json"))
+    assert (again["parts"], again["parts_resumed"]) == (3, 0)
+
 
 GATED = '''\
 import os

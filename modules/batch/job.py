@@ -50,13 +50,26 @@ def layout_for(output: Path) -> Layout:
     return Layout(output, False, output)
 
 
+def _discard(layout: Layout) -> None:
+    """``--overwrite``: remove an earlier job's files (only those: a directory is never removed wholesale)."""
+    if layout.single:
+        layout.output.unlink(missing_ok=True)
+    if not layout.work.is_dir():
+        return
+    if not layout.record.exists() and any(layout.work.iterdir()):
+        raise BatchError(f"{layout.work} holds files of no edgefleet job: remove them yourself or choose another output")
+    for path in [*layout.work.glob(f"{PART_PREFIX}*.parquet"), *layout.work.glob(f".{PART_PREFIX}*.tmp"),
+                 layout.record]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(layout.bundle, ignore_errors=True)
+    if layout.single and not any(layout.work.iterdir()):
+        layout.work.rmdir()
+
+
 def claim(layout: Layout, overwrite: bool) -> None:
     """Refuse to write over something that is not this job's, unless told to; start afresh with ``overwrite``."""
     if overwrite:
-        if layout.single:
-            layout.output.unlink(missing_ok=True)
-        if layout.work.exists():
-            shutil.rmtree(layout.work)
+        _discard(layout)
     if layout.record.exists():
         return  # a job was here: prepare() decides whether this one may continue it
     if layout.single and layout.output.exists():
