@@ -52,8 +52,8 @@ class Manifest(Schema, frozen=True, kw_only=True):
     name: Annotated[str, Meta(min_length=1, max_length=64)]
     version: Annotated[int, Meta(ge=1)]
     runtime: Runtime
-    model: str  # path of the model file inside the bundle (or the entry script for "python")
-    entry: str = ""  # optional pre/post-processing script with init()/run(batch)
+    model: str  # the model file (for "python" without an entry: the script itself)
+    entry: str = ""  # onnx/tflite: optional preprocess/postprocess script; python: the init()/run() script
     sample: str = ""  # JSON file: {"inputs": {name: nested list}} used by health checks
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
