@@ -190,7 +190,7 @@ def main() -> None:
         return statistics.median(m for _, m in runs[key]) / 2**20
 
     result = {
-        "rows": args.rows, "rounds": args.rounds, "cores": os.cpu_count(),
+        "rows": args.rows, "rounds": args.rounds, "cores": os.cpu_count(), "load_average_after": os.getloadavg()[0],
         "bare_rows_per_s": round(rate("bare")), "score_rows_per_s": round(rate("score")),
         "ratio_score_vs_bare": round(rate("score") / rate("bare"), 3),
         "fixed_seconds": {"bare": round(seconds("bare_tiny"), 3), "score": round(seconds("score_tiny"), 3)},
@@ -205,7 +205,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.rows} rows, {os.cpu_count()} cores, median of {args.rounds} rounds")
+    print(f"{args.rows} rows, {os.cpu_count()} cores, median of {args.rounds} rounds "
+          f"(load average {result['load_average_after']:.1f} at the end: other work on the machine slows both sides)")
     print(f"  bare onnxruntime, one process   {result['bare_rows_per_s']:>12,} rows/s")
     print(f"  edgefleet score (local engine)  {result['score_rows_per_s']:>12,} rows/s   "
           f"{result['ratio_score_vs_bare']:.2f}x bare (goal >= 0.8x)")

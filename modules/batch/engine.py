@@ -30,7 +30,7 @@ Report = Callable[[int], None]
 
 @dataclass
 class Job:
-    """All a worker needs to score any part of the job (pickled to every worker once)."""
+    """All a worker needs to score any part of the job: no rows, so it is small enough to send with each task."""
 
     bundle_dir: str
     root: dict[str, Any] | None  # the pinned root envelope; None: the root the bundle ships (trust on first use)
