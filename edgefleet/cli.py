@@ -12,12 +12,13 @@ import logging
 import typer
 
 from edgefleet.cli_common import CTX, err
-from edgefleet.commands import endpoint, fleet, keys, monitoring, registry, run
+from edgefleet.commands import endpoint, fleet, keys, monitoring, registry, run, score
 
 app = typer.Typer(help="edgefleet: ML models on fleets of devices and in the cloud.", no_args_is_help=True,
                   add_completion=False)
 app.command()(run.demo)
 app.command()(fleet.status)
+app.command()(score.score)
 for sub, name in ((run.hub_app, "hub"), (run.agent_app, "agent"), (run.sim_app, "sim"),
                   (registry.model_app, "model"), (registry.module_app, "module"), (registry.bundle_app, "bundle"),
                   (keys.keys_app, "keys"), (fleet.deploy_app, "deploy"), (fleet.device_app, "device"),

@@ -56,11 +56,16 @@ class HubClient:
     def register_model(self, name: str, paths: list[Path], tags: dict[str, str] | None = None,
                        description: str = "", *, properties: dict[str, Any] | None = None,
                        lineage: dict[str, str] | None = None, baseline: Path | None = None,
-                       progress: Callable[[int], None] | None = None) -> Any:
-        """Upload files as the next version of ``name``; ``progress(n)`` hears of every n bytes sent."""
+                       progress: Callable[[int], None] | None = None, names: list[str] | None = None) -> Any:
+        """Upload files as the next version of ``name``; ``progress(n)`` hears of every n bytes sent.
+
+        ``names`` are the files' paths in the model (``dir/sub/file`` keeps a model directory's layout);
+        by default each file's own name.
+        """
         handles: list[BinaryIO] = [ProgressReader(p.open("rb"), progress) for p in paths]  # type: ignore[list-item]
         try:
-            files = [("files", (p.name, h, "application/octet-stream")) for p, h in zip(paths, handles)]
+            files = [("files", (n, h, "application/octet-stream"))
+                     for n, h in zip(names or [p.name for p in paths], handles)]
             if baseline is not None:
                 handles.append(baseline.open("rb"))
                 files.append(("baseline_file", (baseline.name, handles[-1], "application/octet-stream")))

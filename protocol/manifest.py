@@ -64,8 +64,8 @@ class Manifest(Schema, frozen=True, kw_only=True):
     name: Name
     version: Positive
     runtime: Runtime
-    model: str  # path of the model file inside the bundle (or the entry script for "python")
-    entry: str = ""  # optional pre/post-processing script with init()/run(batch)
+    model: str  # the model file (for "python" without an entry: the script itself)
+    entry: str = ""  # onnx/tflite: optional preprocess/postprocess script; python: the init()/run() script
     sample: str = ""  # JSON file: {"inputs": {name: nested list}} used by health checks
     inputs: Annotated[list[TensorSpec], Meta(max_length=MAX_TENSORS)] = []
     outputs: Annotated[list[TensorSpec], Meta(max_length=MAX_TENSORS)] = []

@@ -10,6 +10,7 @@ import typer
 
 from edgefleet.cli_common import call, client, emit, err, parse_kv
 from edgefleet.client import HubClient, HubError
+from protocol.manifest import check_relative_path
 
 model_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 module_app = typer.Typer(help="Modules: signed bundles built from model versions.", no_args_is_help=True)
@@ -39,10 +40,32 @@ def upload_progress(paths: list[Path], quiet: bool) -> tuple[Any, Any]:
     return bar, lambda n: bar.advance(task, n)
 
 
+def model_files(paths: list[Path], entry: Path | None) -> tuple[list[Path], list[str]]:
+    """The files to upload and their paths in the model: a directory keeps its layout under its own name;
+    the entry script comes first (the hub takes the first .onnx/.tflite/.py file as the main one)."""
+    files: list[Path] = [entry] if entry else []
+    names: list[str] = [entry.name] if entry else []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file())
+            if not inside:
+                raise typer.BadParameter(f"directory {path} holds no files")
+            files += inside
+            names += [f"{path.resolve().name}/{p.relative_to(path).as_posix()}" for p in inside]
+        else:
+            files.append(path)
+            names.append(path.name)
+    return files, names
+
+
 @model_app.command("register")
 def model_register(
     name: str,
-    paths: list[Path] = typer.Argument(..., exists=True, dir_okay=False),
+    paths: list[Path] = typer.Argument(..., exists=True, help="Model files or directories (pickle, joblib, ONNX, "
+                                                              "TFLite, an MLflow model directory, ...)."),
+    entry: Path | None = typer.Option(None, "--entry", exists=True, dir_okay=False,
+                                      help="Entry script with init() and run(inputs): the model runs in the python "
+                                           "runtime and finds its files in $EDGEFLEET_MODEL_DIR."),
     tag: list[str] = typer.Option([], "--tag", help="key=value, repeatable."),
     description: str = typer.Option("", "--description"),
     prop: list[str] = typer.Option([], "--property", help="key=value, repeatable."),
@@ -53,12 +76,17 @@ def model_register(
                                          help="Baseline statistics / reference data for drift monitoring."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Register a model version: NAME and one or more files (the model is load-checked by the hub)."""
-    bar, progress = upload_progress(paths, as_json)
+    """Register a model version: NAME and one or more files or directories.
+
+    ONNX and TFLite models are load-checked by the hub; a Python model (any file, with an --entry script)
+    is only recorded, its script parsed: it is loaded where it runs (device, endpoint, batch).
+    """
+    files, names = model_files(paths, entry)
+    bar, progress = upload_progress(files, as_json)
     with client() as c, bar:
-        res = call(lambda: c.register_model(name, paths, parse_kv(tag), description, properties=parse_kv(prop),
+        res = call(lambda: c.register_model(name, files, parse_kv(tag), description, properties=parse_kv(prop),
                                             lineage={"parent": parent, "dataset": dataset, "training_run": training_run},
-                                            baseline=baseline, progress=progress))
+                                            baseline=baseline, progress=progress, names=names))
     emit(res, as_json, ["name", "version", "framework", "tags"])
 
 
@@ -139,7 +167,8 @@ def model_download(
         name, version = _resolve(c, ref)
         model = call(lambda: c.get(f"/api/v1/models/{name}/versions/{version}"))
         for f in model["files"]:
-            target = out / Path(f["path"]).name
+            target = out / check_relative_path(f["path"])  # a model directory keeps its layout
+            target.parent.mkdir(parents=True, exist_ok=True)
             call(lambda f=f, target=target: c.download(f"/api/v1/models/{name}/versions/{version}/files/{f['path']}",
                                                        target))
             got = sha256_file(target)
@@ -186,7 +215,8 @@ def module_build(
     model: list[str] = typer.Option([], "--model", help="MODEL:VERSION, repeatable (the first is the main model)."),
     sample: Path | None = typer.Option(None, "--sample", exists=True, help="JSON {\"inputs\": {...}} for health checks."),
     entry: Path | None = typer.Option(None, "--entry", exists=True, dir_okay=False,
-                                      help="Pre/post-processing script (preprocess/postprocess, or init/run)."),
+                                      help="Pre/post-processing script (preprocess/postprocess), or with --runtime "
+                                           "python the init()/run() script that loads the model files."),
     runtime: str | None = typer.Option(None, "--runtime", help="onnx, tflite or python (default: the model's)."),
     collect_rate: int | None = typer.Option(None, "--collect-rate-ppm", help="Share of inferences to sample (ppm)."),
     spec: Path | None = typer.Option(None, "--spec", exists=True, dir_okay=False,

@@ -17,6 +17,8 @@ from hub.store import Database, dumps, loads, now
 from hub.trust.keys import KeyRing
 from modules.bundle import build_manifest, sign_release
 from modules.chunking import bundle_spans, cut_files
+from modules.errors import ModelError
+from modules.pymodel import check_entry_source
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import Manifest, Spans, TensorSpec, fixed_chunks, parse_manifest, parse_spans, release_document
@@ -88,6 +90,7 @@ class ModuleBuilder:
             digest, _ = self.store.put_blocks([data])
             files[entry_name] = self.store.path(digest)
         first = models[0]
+        check_entry(runtime or first["framework"], first, entry, entry_name)
         kwargs: dict[str, Any] = {
             "runtime": runtime or first["framework"], "files": files, "model": first["files"][0]["path"],
             "entry": entry_name if entry is not None else "",
@@ -227,6 +230,18 @@ class ModuleBuilder:
             if f.path == path:
                 return self.store.path(f.sha256)
         raise NotFound(f"bundle {digest[:12]}… has no file {path!r}")
+
+
+def check_entry(runtime: str, model: dict[str, Any], entry: str | None, entry_name: str) -> None:
+    """A python module needs a script with init()/run() (the entry, else the model's own .py); parsed, never run."""
+    try:
+        if entry is not None:
+            check_entry_source(entry, entry_name, runtime)
+        elif runtime == "python" and not model["files"][0]["path"].endswith(".py"):
+            raise ModelError(f"model {model['name']}:{model['version']} ({model['files'][0]['path']}) needs an entry "
+                             "script to run in the python runtime: give --entry SCRIPT with init() and run(inputs)")
+    except ModelError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def release_envelope(db: Database, digest: str) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 Uploads stream into the content store (hashed as they pass); the main file is
 then loaded in a short-lived child process (modules.loadcheck), so a huge or
 hostile model can neither bloat nor crash the hub.
+A Python model (pickle, joblib, a model directory, an entry script) is never
+loaded here: its entry script is parsed, not run (modules.pymodel).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from hub.bounds import check_api_name, check_labels
 from hub.errors import Conflict, Invalid, NotFound
 from hub.store import Database, dumps, loads, now
 from modules.loadcheck import inspect_model
-from modules.runners import ModelError, detect_runtime
+from modules.pymodel import check_entry_source, main_file
+from modules.runners import ModelError
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
 from protocol.manifest import MAX_BUNDLE_FILES, check_relative_path
@@ -98,13 +101,14 @@ class ModelRegistry:
         lineage = self._check_lineage(name, lineage or {})
         paths = []
         for up in uploads:
-            try:
-                paths.append(check_relative_path(Path(up.filename or "").name))
+            try:  # a relative path keeps its folders (a model directory); an absolute one keeps only its name
+                name_ = up.filename or ""
+                paths.append(check_relative_path(Path(name_).name if name_.startswith("/") else name_))
             except ProtocolError as exc:
                 raise Invalid(str(exc)) from None
         if len(set(paths)) != len(paths):
             raise Invalid(f"file names repeat: {paths}")
-        main = self._main_index(paths)
+        main, framework = main_file(paths)
         stored: list[dict[str, Any]] = []
         held: list[str] = []  # every blob this upload put, protected from GC until the row exists
         baseline_ref: dict[str, Any] | None = None
@@ -119,8 +123,7 @@ class ModelRegistry:
                 baseline_ref = {"sha256": digest, "size": size}
             # the main file first: modules take a model's first file as its entry point
             stored.insert(0, stored.pop(main))
-            framework = detect_runtime(Path(stored[0]["path"]))
-            inputs, outputs = self._describe(stored, framework)
+            inputs, outputs = self._check_python(stored) if framework == "python" else self._describe(stored, framework)
             with self.db.transaction() as tx:
                 missing = [d for d in held if not self.store.has(d)]
                 if missing:  # a delete's GC ran between our put and this insert
@@ -172,20 +175,25 @@ class ModelRegistry:
         if discard:
             self.collect_garbage(held)
 
-    @staticmethod
-    def _main_index(paths: list[str]) -> int:
-        for i, path in enumerate(paths):
-            try:
-                detect_runtime(Path(path))
-                return i
-            except ModelError:
-                continue
-        return 0  # detect_runtime on it later gives the precise refusal
+    def _check_python(self, files: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
+        """A Python model is never loaded by the hub: its entry script, if it has one, is parsed, not run.
+
+        Pickles, joblib files and model directories are recorded as they are; only a device,
+        an endpoint worker or a batch worker loads them (modules.pymodel).
+        """
+        main = files[0]["path"]
+        if main.endswith(".py"):
+            if files[0]["size"] > 1024 * 1024:
+                raise ModelError(f"entry script {main} is larger than 1 MiB")
+            source = self.store.path(files[0]["sha256"]).read_bytes().decode("utf-8", errors="replace")
+            check_entry_source(source, main, "python")
+        return [], []
 
     def _describe(self, files: list[dict[str, Any]], framework: str) -> tuple[list[Any], list[Any]]:
         """Load the main file under its real name beside its siblings (external weights, imports), in a child."""
         with tempfile.TemporaryDirectory(prefix="edgefleet-model-") as tmp:
             for f in files:
+                (Path(tmp) / f["path"]).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / f["path"]).symlink_to(self.store.path(f["sha256"]))
             described = inspect_model(Path(tmp) / files[0]["path"], framework, self.load_timeout_s,
                                       self.load_memory_mb)
