@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from agent.executor import Executor
 from agent.identity import Identity, check_hub_url, save_identity
 from agent.inference import ActiveModule, Answered, InferenceFront
-from agent.install import Installer, atomic_write_json
+from agent.install import Installer
+from agent.journal import atomic_write_json
 from agent.localapi import LocalApi
 from agent.outbox import Outbox
 from agent.reconcile import Accepted, RootTrusted, Trust, TrustEvent

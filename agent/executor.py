@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from agent.identity import Identity
 from agent.inference import ActiveModule, InferenceFront
-from agent.install import BEFORE_ACTIVATION, Entry, Installed, Installer
+from agent.install import Installed, Installer
+from agent.journal import BEFORE_ACTIVATION, Entry
 from agent.mqtt import MqttOffline
 from agent.reconcile import (
     Action,
@@ -37,8 +38,9 @@ from agent.reconcile import (
     supersede,
 )
 from agent.session import MqttClient
-from agent.supervisor import ModuleWorker, WorkerProcess, health_check_in_worker
+from agent.supervisor import ModuleWorker
 from agent.transfer import MANIFESTS_DIR, BundleFetch
+from agent.workerproc import WorkerProcess, health_check_in_worker
 from modules.store import ContentStore
 from protocol.messages import BakePolicy, DesiredModule, DesiredState
 

@@ -78,8 +78,11 @@ class Reporter:
             if not self.client.connected.is_set():
                 continue  # re-sent on the next connect
             try:
-                await asyncio.wait_for(self.client.publish(
-                    self.session.topic(Channel.REPORTED), self.reported().encode(), qos=1, retain=True), 10.0)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that comes as the
+                # PUBACK does, and this loop would then outlive the agent's stop (which waits for it forever)
+                async with asyncio.timeout(10.0):
+                    await self.client.publish(self.session.topic(Channel.REPORTED), self.reported().encode(), qos=1,
+                                              retain=True)
             except (MqttOffline, TimeoutError):
                 self.dirty.set()
                 await asyncio.sleep(1.0)
@@ -148,7 +151,8 @@ class Reporter:
 
     async def _send(self, topic: str, payload: bytes, timeout: float = 30.0) -> None:
         # The publish coroutine is made inside this task, so a cancelled gather leaves none un-awaited.
-        await asyncio.wait_for(self.client.publish(topic, payload, qos=1), timeout)
+        async with asyncio.timeout(timeout):
+            await self.client.publish(topic, payload, qos=1)
 
     # --- health --------------------------------------------------------------------------------
 
