@@ -12,7 +12,7 @@ from agent.core import Agent
 from protocol.encoding import canonical_json
 from protocol.signing import make_root
 from protocol.topics import root_topic
-from tests.hubside import RealHub, until
+from tests.hubside import HubSide, RealHub, new_device, running_agent, until
 
 
 def test_rotated_director_key_is_learnt_and_a_state_signed_by_it_accepted(broker, tmp_path):
@@ -51,6 +51,32 @@ def test_rotated_director_key_is_learnt_and_a_state_signed_by_it_accepted(broker
             finally:
                 await agent.stop()
                 await asyncio.wait_for(task, 15)
+
+        asyncio.run(main())
+    finally:
+        hub.close()
+
+
+def test_a_state_that_arrives_before_its_root_is_applied_when_the_root_comes(broker, tmp_path):
+    """The retained state signed by a rotated director key may reach a device before the new root (issue 12):
+    refused and held, then applied on the root update, without a restart or a new message."""
+    hub = HubSide(broker.url, tmp_path / "hub")
+    try:
+        device = new_device()
+        v1 = hub.build("classifier", 1)
+
+        async def main() -> None:
+            async with running_agent(hub, device, tmp_path / "agent") as agent:
+                new_director = Ed25519PrivateKey.generate()
+                root_v2 = make_root({"root": [hub.root_key], "release": [hub.release_key], "director": [new_director]},
+                                    [hub.root_key], version=2)
+                hub.publish_desired(device, 1, [v1.desired()], key=new_director)
+                await until(lambda: agent.rejected["desired"] == 1, 20, "the state refused under root 1")
+                assert agent.revision == 0 and "signature" in agent.desired_error
+                hub.publish_raw(root_topic(2), canonical_json(root_v2))  # not retained: the session broker is shared
+                await until(lambda: "classifier" in agent.active, 30, "the held state applied after the root")
+                assert agent.root.version == 2 and agent.revision == 1 and not agent.desired_error
+                assert agent.rejected["desired"] == 1  # the re-check is not a second refusal
 
         asyncio.run(main())
     finally:
