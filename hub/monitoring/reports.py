@@ -44,7 +44,7 @@ class Target:
 def deployment_devices(db: Database, deployment: str) -> frozenset[str]:
     """The devices whose numbers are the deployment's: those it supplies a module to now (their desired state names
     it) and those its rollouts moved (a device that left its target since still ran its version meanwhile)."""
-    needle = f'%"deployment":"{deployment}"%'  # a cheap pre-filter on the stored JSON; checked exactly below
+    needle = f'%"deployment":{json.dumps(deployment)}%'  # a cheap pre-filter on the stored JSON (as dumps writes it)
     out = {r["id"] for r in db.query("SELECT id, desired FROM devices WHERE desired LIKE ?", (needle,))
            if any(m.get("deployment") == deployment for m in loads(r["desired"], []))}
     out.update(r["device"] for r in db.query(
