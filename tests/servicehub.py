@@ -33,7 +33,11 @@ class ServedHub:
 
     def start(self, timeout: float = 90) -> ServedHub:
         self.launch()
-        wait_until(self._ready, timeout, 0.1, "hub serve answering /healthz, connected to its broker")
+        try:
+            wait_until(self._ready, timeout, 0.1, "hub serve answering /healthz, connected to its broker")
+        except BaseException:
+            self.close()  # never leave a hub (and its broker) behind a failed test
+            raise
         return self
 
     def launch(self) -> subprocess.Popen[bytes]:
