@@ -45,6 +45,7 @@ class HubConfig:
     rollout_tick_s: float = 0.5  # how often the rollout controller re-reads rollouts and checks gates
     isolate: bool = False  # generate a per-device password file and ACL in DATA/broker (hub/fleet/broker_auth.py)
     broker_pid: int | None = None  # isolate: the mosquitto to SIGHUP after each change (None: an external broker)
+    broker_pid_file: Path | None = None  # isolate: the same, its pid read at each change (a supervised broker's)
     ingest_workers: int = 0  # extra processes sharing telemetry/data ingest via an MQTT 5 shared subscription
     alert_eval_s: float = 15.0  # how often alert rules are evaluated
     telemetry_retention_s: float = 7 * 86400  # raw telemetry older than this is folded into 1-minute rollups

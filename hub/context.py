@@ -51,7 +51,8 @@ class Hub:
         self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.broker_ca_pem())
         self.broker_auth: BrokerAuth | None = None
         if config.isolate:
-            reload = signal_reload(config.broker_pid) if config.broker_pid else None
+            pid = config.broker_pid_file or config.broker_pid
+            reload = signal_reload(pid) if pid else None
             self.broker_auth = BrokerAuth(config.data_dir / "broker", reload, workers=config.ingest_workers)
             self.fleet.on_credentials_changed = self._write_broker_auth
             self._write_broker_auth()

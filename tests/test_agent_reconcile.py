@@ -67,7 +67,7 @@ class Repo:
 
     def trust(self) -> Trust:
         """A device as enrolled: root version 1 pinned, nothing accepted yet."""
-        return Trust(DEVICE, load_trusted_root(self.roots[1], now=NOW))
+        return Trust(DEVICE, load_trusted_root(self.roots[1]))
 
 
 def module(name: str = "classifier", bundle: str = X, version: int = 1, ppm: int = 0) -> DesiredModule:

@@ -191,6 +191,9 @@ def test_error_rate_rule_and_time_series_and_retention(hub):
     with db.transaction() as tx:
         tx.execute("INSERT INTO deployments (name, module_name, module_version, digest, target, priority, created_at) "
                    "VALUES ('d', 'm', 1, ?, '*', 0, ?)", ("0" * 64, now))
+        # "dev" runs m:1 for deployment d (a deployment's numbers are its devices' only)
+        tx.execute("INSERT INTO devices (id, labels, facts, created_at, desired) VALUES ('dev', '{}', '{}', ?, ?)",
+                   (now, json.dumps([{"name": "m", "version": 1, "deployment": "d"}], separators=(",", ":"))))
         # 20 one-second intervals: 100 inferences, 10 errors each
         telemetry.store(tx.conn, [telemetry.pack(TelemetryBatch(device="dev", seq=i, ts=now - 20 + i, points=[
             TelemetryPoint(ts=now - 20 + i, module="m", version=1, inferences=100, errors=10,

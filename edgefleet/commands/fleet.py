@@ -62,6 +62,17 @@ def _summary(res: dict[str, Any], as_json: bool) -> None:
     err.print(f"deployment [bold]{res['name']}[/] revision {res.get('revision')}: {res['module']} on {res['target']!r}"
               f" (priority {res['priority']}); {res.get('published', 0)} device(s) updated"
               + (f"; rollout {state}" if state else ""))
+    if res.get("plan"):
+        err.print(_plan_line(res["plan"]), markup=False, highlight=False, soft_wrap=True)
+
+
+def _plan_line(plan: dict[str, Any]) -> str:
+    """The effective rollout plan in one line, saying what was inherited from the last rollout."""
+    gates = ", ".join(f"{k}={v:g}" for k, v in (plan.get("gates") or {}).items() if v is not None) or "none"
+    inherited = plan.get("inherited") or []
+    return (f"rollout plan: {plan['strategy']} (waves {', '.join(plan['waves'])}); bake {plan['bake_s']:g}s;"
+            f" gates {gates}; on failure {plan['on_failure']}; wave timeout {plan['wave_timeout_s']:g}s"
+            + (f" (from the last rollout: {', '.join(inherited)})" if inherited else ""))
 
 
 @deploy_app.command("edge")
@@ -96,19 +107,24 @@ def deployment_update(
     module: str | None = typer.Option(None, "--module", help="MODULE:VERSION"),
     target: str | None = typer.Option(None, "--target"),
     priority: int | None = typer.Option(None, "--priority"),
-    strategy: str = typer.Option("all", "--strategy", help=STRATEGY_HELP),
-    bake: str | None = typer.Option(None, "--bake"),
-    gate: list[str] = typer.Option([], "--gate", help=GATE_HELP),
-    on_failure: str | None = typer.Option(None, "--on-failure"),
+    strategy: str | None = typer.Option(None, "--strategy", help=STRATEGY_HELP + " (default: the last rollout's)"),
+    bake: str | None = typer.Option(None, "--bake", help="Default: the last rollout's."),
+    gate: list[str] = typer.Option([], "--gate", help=GATE_HELP + " Merged into the last rollout's gates."),
+    on_failure: str | None = typer.Option(None, "--on-failure", help="Default: the last rollout's."),
     collect_rate: int | None = typer.Option(None, "--collect-rate"),
     device_bake: str | None = typer.Option(None, "--device-bake", help=DEVICE_BAKE_HELP + " 0 turns it off."),
     device_max_error_rate: float = typer.Option(0.05, "--device-max-error-rate", min=0, max=1),
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Start a rollout of a new revision; earlier revisions stay for rollback."""
+    """Start a rollout of a new revision; earlier revisions stay for rollback.
+
+    Only what is given changes: the strategy, bake, gates and failure policy are the last rollout's unless given.
+    """
+    given = {"strategy": strategy, "bake_s": parse_duration(bake) if bake else None, "gates": _gates(gate),
+             "on_failure": on_failure, "collect_rate_ppm": collect_rate}
     body = {"module": module, "target": target, "priority": priority,
-            **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
+            **{k: v for k, v in given.items() if v is not None},
             **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
     with client() as c:
         res = call(lambda: c.request("PATCH", f"/api/v1/deployments/{name}", json=body))
@@ -138,7 +154,7 @@ def deployment_revisions(name: str, as_json: bool = typer.Option(False, "--json"
 
 # --- rollouts ---------------------------------------------------------------------------------
 
-BUCKETS = ("waiting", "pending", "downloading", "installing", "running", "failed", "rolled_back")
+BUCKETS = ("waiting", "pending", "downloading", "installing", "running", "failed", "rolled_back", "new", "not_moved")
 
 
 def _render(st: dict[str, Any]) -> Any:
@@ -156,6 +172,12 @@ def _render(st: dict[str, Any]) -> Any:
     parts = [head, bars]
     if st["reason"]:
         parts.append(Text(f"reason: {st['reason']}", style="red" if "fail" in st["reason"] else ""))
+    if st.get("holding"):  # who the wave waits for, and until when
+        names = ", ".join(d["id"] + ("" if d["online"] else " (offline)") for d in st["holding"][:10])
+        more = st["holding_count"] - min(10, len(st["holding"]))
+        parts.append(Text(f"wave {st['wave']} waits for {st['holding_count']} device(s): {names}"
+                          + (f" and {more} more" if more > 0 else "")
+                          + f"; wave timeout in {st['wave_timeout_in_s']:.0f}s", style="yellow"))
     return Group(*parts)
 
 

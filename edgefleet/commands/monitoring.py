@@ -51,7 +51,10 @@ def drift_report(
     if as_json:
         emit(report, True)
         return
-    err.print(f"{report['module']}: {report['rows']} rows; drifted: {', '.join(report['drifted']) or 'none'}")
+    err.print(f"{report['module']}: {report['rows']} rows; drifted: {', '.join(report['drifted']) or 'none'}",
+              markup=False)
+    if report.get("note"):  # the baseline is an earlier version's
+        err.print(report["note"], markup=False)
     emit(report["features"] + report["predictions"], False,
          ["feature", "kind", "psi", "statistic", "p_value", "n_baseline", "n_current"])
 
@@ -83,7 +86,7 @@ def alert_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         emit({"rules": rules, "firing": firing}, True)
         return
-    emit(rules, False, ["name", "kind", "deployment", "threshold", "for_s", "window_s", "webhook"], "rules")
+    emit(rules, False, ["name", "kind", "deployment", "threshold", "for_s", "window_s", "webhook", "status"], "rules")
     emit(firing, False, ["rule", "key", "since", "value"], "firing")
 
 

@@ -49,48 +49,24 @@ def hub_serve(
                                        help="Extra processes sharing telemetry ingest (MQTT 5 shared subscription)."),
     broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA", exists=True, dir_okay=False,
                                           help="PEM CA of an mqtts:// broker: the hub trusts it and pins it on devices."),
+    broker_port: int | None = typer.Option(None, "--broker-port", envvar="EDGEFLEET_BROKER_PORT", min=1, max=65535,
+                                           help="Port of the local broker (default: the one recorded in DATA, "
+                                                "else a free one, recorded)."),
 ) -> None:
-    """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C."""
-    from edgefleet.broker import LocalBroker
-    from hub.config import HubConfig
-    from hub.server import serve_forever
+    """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C or SIGTERM.
+
+    The local broker keeps its port across restarts (DATA/broker/address.json) and is restarted if it dies.
+    """
+    from edgefleet.hubservice import HubOptions, ServiceError, serve
     from hub.trust.keys import KeySetupError, load_or_create_keys
 
-    log = logging.getLogger("edgefleet.hub")
     try:  # before anything starts: a key directory the hub must not guess about stops it with one line
         load_or_create_keys(data / "keys")
-    except KeySetupError as exc:
+        serve(HubOptions(data=data, host=host, port=port, mqtt=mqtt, public_mqtt=public_mqtt, isolate=isolate,
+                         ingest_workers=ingest_workers, broker_ca=broker_ca, broker_port=broker_port))
+    except (KeySetupError, ServiceError) as exc:
         err.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, for logs and service managers
         raise typer.Exit(1) from None
-    broker = None
-    broker_pid = None
-    if isolate:
-        from hub.fleet.broker_auth import BrokerAuth
-
-        auth = BrokerAuth(data / "broker", workers=ingest_workers)
-        if mqtt is None:  # our own mosquitto, reading the files the hub keeps current (SIGHUP on change)
-            if not auth.password_file.exists():
-                auth.write([])
-            broker = LocalBroker(host="127.0.0.1", kind="mosquitto", password_file=auth.password_file,
-                                 acl_file=auth.acl_file).start()
-            broker_pid = broker.proc.pid if broker.proc else None
-            public_mqtt = public_mqtt or broker.url
-            mqtt = auth.hub_url(broker.url)
-        else:
-            log.warning("--isolate with an external broker: point it at %s and %s and reload it after each change",
-                        auth.password_file, auth.acl_file)
-    elif mqtt is None:
-        broker = LocalBroker(host="127.0.0.1").start()
-        mqtt = broker.url
-    log.info("hub API at http://%s:%s (docs /docs, metrics /metrics); MQTT broker %s", host, port,
-             public_mqtt or mqtt.split("@")[-1])
-    try:
-        serve_forever(HubConfig(data_dir=data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=isolate,
-                                broker_pid=broker_pid, ingest_workers=ingest_workers, broker_ca=broker_ca),
-                     host=host, port=port)
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 # --- agent --------------------------------------------------------------------------------------

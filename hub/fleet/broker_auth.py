@@ -142,13 +142,19 @@ def _sound_entry(device_id: str, hashed: str) -> bool:
     return True
 
 
-def signal_reload(pid: int) -> Callable[[], None]:
-    """Reload by SIGHUP to ``pid`` (a mosquitto the hub or CLI started)."""
+def signal_reload(pid: int | Path) -> Callable[[], None]:
+    """Reload by SIGHUP to a mosquitto the hub or CLI started: ``pid``, or the pid read from that file at each
+    reload (a supervised broker that was restarted has a new pid; ``hub serve`` keeps ``DATA/broker/broker.pid``)."""
 
     def reload() -> None:
         try:
-            os.kill(pid, signal.SIGHUP)
+            target = pid if isinstance(pid, int) else int(Path(pid).read_text().strip())
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the broker's pid from %s: %s", pid, exc)
+            return
+        try:
+            os.kill(target, signal.SIGHUP)
         except ProcessLookupError:
-            log.error("broker pid %d is gone: cannot reload its password file and ACL", pid)
+            log.error("broker pid %d is gone: cannot reload its password file and ACL", target)
 
     return reload

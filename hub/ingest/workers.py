@@ -115,6 +115,14 @@ def _main(config: HubConfig, index: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parent = mp.parent_process()
+    if parent is not None:  # the hub killed outright (SIGKILL) must not leave its workers behind
+
+        def watch_parent() -> None:
+            parent.join()
+            stop.set()
+
+        threading.Thread(target=watch_parent, name="ingest-parent-watch", daemon=True).start()
     IngestWorker(config, index).run(stop)
 
 

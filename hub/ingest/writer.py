@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hub.ingest import telemetry as store
-from hub.store import Database, dumps
+from hub.store import Connection, Database, dumps, now
 from protocol.broker_url import parse_broker_url
 from protocol.messages import DataBatch, TelemetryBatch
 from protocol.topics import Channel, device_wildcard
@@ -20,6 +20,7 @@ log = logging.getLogger("edgefleet.hub.ingest")
 TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/ingest/telemetry.py), not SQL parameters
 DATA_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+LAST_SEEN_CHUNK = 500  # ids per UPDATE (under SQLite's bound-parameter limit)
 ENROLLED_TTL_S = 5.0  # how long a "not enrolled" answer is trusted before asking the database again
 
 # Telemetry and collected data may be spread over several ingest processes through one MQTT 5
@@ -79,6 +80,14 @@ class EnrolledCache:
 def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
     return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output))
             for i, r in enumerate(msg.records)]
+
+
+def touch_last_seen(tx: Connection, devices: set[str], t: float | None = None) -> None:
+    """A device heard from through telemetry or data is seen now: one UPDATE per batch (per 500 devices)."""
+    ids, t = sorted(devices), t if t is not None else now()
+    for i in range(0, len(ids), LAST_SEEN_CHUNK):
+        chunk = ids[i:i + LAST_SEEN_CHUNK]
+        tx.execute(f"UPDATE devices SET last_seen = ? WHERE id IN ({','.join('?' * len(chunk))})", (t, *chunk))
 
 
 class BatchWriter:
@@ -170,4 +179,5 @@ class BatchWriter:
                 if sql is not TELEMETRY:
                     tx.executemany(sql, rows)
             new_telemetry = store.store(tx, (p for sql, rows in batch if sql is TELEMETRY for p in rows))
+            touch_last_seen(tx, {p.device if sql is TELEMETRY else p[0] for sql, rows in batch for p in rows})
         self.on_telemetry_rows(new_telemetry)

@@ -84,7 +84,23 @@ class Alerts:
         return row
 
     def rules(self) -> list[dict[str, Any]]:
-        return self.db.query("SELECT * FROM alert_rules ORDER BY name")
+        return [r | {"status": self.status(r)} for r in self.db.query("SELECT * FROM alert_rules ORDER BY name")]
+
+    def status(self, rule: dict[str, Any]) -> str:
+        """Whether the rule can be checked at all: a drift rule on a module without a baseline cannot."""
+        if rule["kind"] not in ("drift", "error_rate"):
+            return "ok"
+        try:
+            target = self.reports.deployment_target(rule["deployment"])
+        except NotFound:
+            return f"deployment {rule['deployment']!r} does not exist: not checked"
+        if rule["kind"] == "drift":
+            info = self.reports.baseline_info(target)
+            if info is None:
+                return self.reports.no_baseline(target)
+            if info["inherited"]:
+                return f"ok: module {target.label} has no baseline of its own, compared against {info['module']}'s"
+        return "ok"
 
     def delete_rule(self, name: str) -> None:
         self.rule(name)
@@ -120,7 +136,7 @@ class Alerts:
                 target = self.reports.deployment_target(rule["deployment"])
             except NotFound:
                 return []
-            sums = totals(self.db, SeriesFilter(module=target.module, version=target.version),
+            sums = totals(self.db, SeriesFilter(module=target.module, version=target.version, devices=target.devices),
                           now - rule["window_s"]).values()
             n, e = int(sum(s[1] for s in sums)), int(sum(s[2] for s in sums))
             rate = e / n if n else 0.0

@@ -125,6 +125,14 @@ class Bridge:
         if reason_code.is_failure:
             log.warning("broker refused the hub's connection: %s", reason_code)
             return
+        # "online" is what the broker says now: every device's retained status arrives with the subscription below
+        # (this same thread handles it after this), and a broker that lost them (restarted) has each device that
+        # is really connected publish "online" again. A device stranded meanwhile must not stay "online".
+        try:
+            with self.db.transaction() as tx:
+                tx.execute("UPDATE devices SET online = 0 WHERE online = 1")
+        except Exception:
+            log.exception("could not reset the devices' online flags")
         # with ingest workers, telemetry and data are shared with them (hub/ingest/workers.py)
         group = share_group(self.config.mqtt_url) if self.config.ingest_workers > 0 else None
         result, mid = client.subscribe([(shared_wildcard(ch, group) if group and ch in INGEST_CHANNELS

@@ -28,6 +28,7 @@ from protocol.schema import validate
 log = logging.getLogger("edgefleet.hub.deployments")
 
 DEFAULT_WAVE_TIMEOUT_S = 600.0
+PLAN_FIELDS = ("strategy", "bake_s", "on_failure", "wave_timeout_s")  # with the gates: what an update inherits
 
 
 def deployment_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -140,16 +141,37 @@ class Deployments:
                                              actor)
         log.info("deployment %s revision %d -> %s on %r: rollout %d, %d device(s) updated", name, revision, module,
                  target, rid, published)
-        return self.get(name) | {"published": published, "rollout": rid}
+        plan = self.rollouts.last_plan(name) or {}
+        return self.get(name) | {"published": published, "rollout": rid, "plan": plan | {"inherited": []}}
 
     def update(self, name: str, module: str | None = None, target: str | None = None, priority: int | None = None,
                **kwargs: Any) -> dict[str, Any]:
-        """A new revision that changes only what is given (``edgefleet deployment update``)."""
+        """A new revision that changes only what is given (``edgefleet deployment update``).
+
+        The rollout plan is the last rollout's (strategy, bake, gates, on failure, wave timeout) with what is
+        given on top; gates merge per gate. The answer's ``plan`` is the effective one, and ``plan.inherited``
+        names what came from the last rollout.
+        """
         cur = self._row(name)
         latest = self.revision(name, cur["revision"])
         kwargs.setdefault("device_bake", latest["device_bake"])  # kept unless given
-        return self.put(name, module or latest["module"], target if target is not None else cur["target"],
-                        priority if priority is not None else cur["priority"], **kwargs)
+        kwargs.setdefault("collect_rate_ppm", latest["collect_rate_ppm"])
+        last = self.rollouts.last_plan(name)
+        inherited = []
+        if last is not None:
+            for key in PLAN_FIELDS:
+                if kwargs.get(key) is None:
+                    kwargs[key] = last[key]
+                    inherited.append(key)
+            given = {k: v for k, v in (kwargs.get("gates") or {}).items()}
+            if not given:
+                inherited.append("gates")
+            kwargs["gates"] = {**(last["gates"] or {}), **given}
+        out = self.put(name, module or latest["module"], target if target is not None else cur["target"],
+                       priority if priority is not None else cur["priority"], **kwargs)
+        if out["rollout"] is not None:
+            out["plan"]["inherited"] = inherited
+        return out
 
     def rollback(self, name: str, to: int | None, actor: str) -> dict[str, Any]:
         """Roll back the live rollout; with none live, roll out an earlier revision again (as a new revision)."""

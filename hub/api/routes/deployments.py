@@ -58,10 +58,20 @@ class DeploymentRequest(RolloutOptions, DeviceBake):
     priority: Int63 = 0
 
 
-class DeploymentUpdate(RolloutOptions, DeviceBake):
+class DeploymentUpdate(DeviceBake):
+    """Only what is given changes; the rollout plan not given is the deployment's last rollout's."""
+
     module: ModuleRef | None = None
     target: Target | None = None
     priority: Int63 | None = None
+    strategy: str | None = Field(default=None, max_length=256, description="default: the last rollout's")
+    bake_s: Finite | None = Field(default=None, ge=0, description="default: the last rollout's")
+    gates: dict[Annotated[str, Field(max_length=64)], Finite | None] | None = Field(
+        default=None, max_length=16, description="merged into the last rollout's gates (null turns one off)")
+    on_failure: Literal["rollback", "halt"] | None = Field(default=None, description="default: the last rollout's")
+    wave_timeout_s: Finite | None = Field(default=None, gt=0, description="default: the last rollout's")
+    collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000,
+                                         description="default: the latest revision's; null (given) clears it")
 
 
 @router.post("")
@@ -76,8 +86,9 @@ def put_deployment(body: DeploymentRequest, hub: Hub = Depends(get_hub),
 @router.patch("/{name}")
 def update_deployment(name: NamePath, body: DeploymentUpdate, hub: Hub = Depends(get_hub),
                       who: Principal = Depends(require("operator"))) -> dict[str, Any]:
-    """A new revision changing only the fields given (e.g. the module version); starts a rollout."""
-    opts = body.model_dump(exclude={"module", "target", "priority", *BAKE_FIELDS})
+    """A new revision changing only the fields given (e.g. the module version); starts a rollout with the last
+    rollout's strategy, bake, gates and failure policy unless given. ``plan`` in the answer is the effective one."""
+    opts = body.model_dump(exclude_unset=True, exclude={"module", "target", "priority", *BAKE_FIELDS})
     if body.device_bake_s is not None:  # absent: the latest revision's bake stays
         opts["device_bake"] = body.device_bake()
     return hub.deployments.update(name, body.module, body.target, body.priority, actor=who.name, **opts)
