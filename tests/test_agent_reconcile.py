@@ -67,7 +67,7 @@ class Repo:
 
     def trust(self) -> Trust:
         """A device as enrolled: root version 1 pinned, nothing accepted yet."""
-        return Trust(DEVICE, load_trusted_root(self.roots[1], now=NOW))
+        return Trust(DEVICE, self.roots[1])
 
 
 def module(name: str = "classifier", bundle: str = X, version: int = 1, ppm: int = 0) -> DesiredModule:
@@ -101,7 +101,7 @@ def test_a_restarted_device_ignores_the_retained_copy_of_its_persisted_state():
     payload = repo.desired(5, [module()])
     first = repo.trust()
     [accepted] = first.on_desired(payload, NOW)
-    restarted = Trust(DEVICE, first.root, first.revision, first.desired, digest_of(accepted.envelope))
+    restarted = Trust(DEVICE, repo.roots[1], accepted.envelope)
     assert restarted.on_desired(payload, NOW) == []
     assert restarted.revision == 5
 
