@@ -40,8 +40,8 @@ from agent.reconcile import Accepted, RootTrusted, Trust, TrustEvent
 from agent.reporter import Reporter
 from agent.session import ClientFactory, Handlers, Session, default_client_factory, last_will
 from modules.store import ContentStore
-from protocol.encoding import ProtocolError, digest_of
-from protocol.messages import Command, DesiredState, ReportedState, decode, validate
+from protocol.encoding import ProtocolError
+from protocol.messages import Command, DesiredState, ReportedState, decode
 from protocol.signing import Root
 from protocol.topics import Channel
 

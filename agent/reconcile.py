@@ -129,8 +129,6 @@ class Trust:
         events += [Refused("root", f"root version {v} refused: {why}") for v, why in refused.items()]
         if updates and self.state.refused is not None:
             events.append(self._judge(self.state.refused, digest_of(self.state.refused), now, recheck=True))
-        elif updates and self.state.root.expired(now) and not self.desired_error:
-            self.desired_error = self._root_expired(now)
         return events
 
     def warnings(self, now: float) -> list[str]:
