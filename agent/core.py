@@ -40,8 +40,8 @@ from agent.reconcile import Accepted, RootTrusted, Trust, TrustEvent
 from agent.reporter import Reporter
 from agent.session import ClientFactory, Handlers, Session, default_client_factory, last_will
 from modules.store import ContentStore
-from protocol.encoding import ProtocolError, digest_of
-from protocol.messages import Command, DesiredState, ReportedState, decode, validate
+from protocol.encoding import ProtocolError
+from protocol.messages import Command, DesiredState, ReportedState, decode
 from protocol.signing import Root
 from protocol.topics import Channel
 
@@ -113,7 +113,7 @@ class Agent:
             "machine": platform.machine(), "runtimes": "onnx,python", **(facts or {}),
         }
         self.rejected: Counter[str] = Counter()
-        self.trust = Trust(self.device_id, identity.trusted_root(), *self._load_state())
+        self.trust = self._load_trust(identity)
         self.front = InferenceFront(self.device_id, clock, self.rejected, workload)
         # the simulator hands every agent a view of one shared database (simulator/outbox.py): a file per
         # device would cost three open files and a fsync'd creation each
@@ -186,26 +186,22 @@ class Agent:
 
     # --- persistence -----------------------------------------------------------------------------
 
-    def _load_state(self) -> tuple[int, DesiredState | None, str]:
-        """The last accepted desired state (revision, state, digest of its envelope) from ``state.json``."""
+    def _load_trust(self, identity: Identity) -> Trust:
+        """The pinned root plus the applied desired state and release policy from ``state.json``: the revision
+        floor and the policy survive a restart (a floor is reset only by a root that drops the state's signer)."""
         path = self.data_dir / STATE_FILE
-        if not path.exists():
-            return 0, None, ""
-        revision = 0
-        try:
-            raw = json.loads(path.read_text())
-            revision = int(raw.get("revision", 0))
-            if raw.get("desired"):
+        if path.exists():
+            try:
+                raw = json.loads(path.read_text())
                 # Verified when it was accepted; re-checking expiry here would strand a device that rebooted.
-                state = validate(DesiredState, raw["desired"]["signed"])
-                assert isinstance(state, DesiredState)
-                return revision, state, digest_of(raw["desired"])
-        except (ValueError, KeyError, TypeError, ProtocolError) as exc:
-            log.error("%s: %s unreadable (%s); waiting for a fresh desired state", self.device_id, path, exc)
-        return revision, None, ""
+                return Trust(self.device_id, identity.root, raw.get("desired") or None, raw.get("policy") or None)
+            except (ValueError, KeyError, TypeError, AttributeError, ProtocolError) as exc:
+                log.error("%s: %s unreadable (%s); waiting for a fresh desired state", self.device_id, path, exc)
+        return Trust(self.device_id, identity.root)
 
     def _save_state(self, envelope: Any) -> None:
-        atomic_write_json(self.data_dir / STATE_FILE, {"revision": self.trust.revision, "desired": envelope})
+        atomic_write_json(self.data_dir / STATE_FILE, {"revision": self.trust.revision, "desired": envelope,
+                                                       "policy": self.trust.state.policy_envelope})
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -272,7 +268,9 @@ class Agent:
                 self.identity = dataclasses.replace(self.identity, root=event.envelope)
                 save_identity(self.data_dir, self.identity)
                 self.executor.installer.root = event.root
-                log.warning("%s: now trusting root version %d", self.device_id, event.root.version)
+                log.warning("%s: now trusting root version %d%s", self.device_id, event.root.version,
+                            " (the applied state's signer is gone: revision floor reset)" if event.floor_reset else "")
+                self._report_dirty.set()
             elif isinstance(event, Accepted):
                 self._save_state(event.envelope)
                 log.info("%s: accepted desired revision %d (%d modules)%s", self.device_id, event.state.revision,

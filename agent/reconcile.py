@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.encoding import ProtocolError, digest_of
-from protocol.messages import DesiredModule, DesiredState
-from protocol.signing import Root, parse_envelope, update_root
-from protocol.verify import accept_desired
+from protocol.messages import DesiredModule, DesiredState, validate
+from protocol.signing import Root, parse_envelope
+from protocol.trust import TrustState
+from protocol.verify import MAX_DESIRED_LIFETIME_S
 
 MAX_PENDING_ROOTS = 64  # root versions held while waiting for the one before them
 # A version the device judged unusable (its health check, bake or verification failed): not installed
@@ -43,6 +44,7 @@ class RootTrusted:
 
     root: Root
     envelope: Any
+    floor_reset: bool = False  # the root no longer trusts the applied state's signer: any newer revision goes
 
 
 @dataclass(frozen=True)
@@ -67,15 +69,37 @@ TrustEvent = RootTrusted | Accepted | Refused
 
 
 class Trust:
-    """One device's root of trust and accepted desired state, advanced only by verified messages."""
+    """One device's trust (:class:`protocol.trust.TrustState`) and what the agent needs of it: the
+    accepted desired state, why the last one was refused, roots held until the one before them comes.
 
-    def __init__(self, device_id: str, root: Root, revision: int = 0, desired: DesiredState | None = None,
-                 desired_digest: str = "") -> None:
-        self.device_id, self.root = device_id, root
-        self.revision, self.desired, self.desired_digest = revision, desired, desired_digest
+    ``applied`` and ``policy`` are the envelopes persisted by the caller (``state.json``): the revision
+    floor and the release policy are derived from them, so a restart keeps both, and a root that
+    stops trusting the applied state's signer resets the floor (fast-forward recovery, §7a).
+    """
+
+    def __init__(self, device_id: str, root_envelope: Any, applied: Any = None, policy: Any = None) -> None:
+        self.device_id = device_id
+        self.state = TrustState(root_envelope, applied, policy)
+        self.desired: DesiredState | None = None
+        self.desired_digest = ""
+        if applied is not None:  # verified when it was accepted: expiry is not judged again on a restart
+            self.desired = validate(DesiredState, applied["signed"])
+            self.desired_digest = digest_of(applied)
         self.desired_error = ""  # why the last desired state was refused; "" once one is accepted
         self.pending_roots: dict[int, Any] = {}  # version -> envelope, waiting for the versions before it
-        self.held: Any = None  # the last desired envelope refused, judged again after each root update
+
+    @property
+    def root(self) -> Root:
+        return self.state.root
+
+    @property
+    def revision(self) -> int:
+        return self.desired.revision if self.desired is not None else 0
+
+    @property
+    def held(self) -> Any:
+        """The last desired envelope refused, judged again after each root update."""
+        return self.state.refused
 
     def on_desired(self, payload: bytes, now: float) -> list[TrustEvent]:
         """A desired-state message: [] for the state already applied (its retained copy), else its verdict."""
@@ -100,40 +124,46 @@ class Trust:
             self.pending_roots[version] = parse_envelope(payload)
         except ProtocolError as exc:
             return [Refused("root", str(exc))]
-        events: list[TrustEvent] = []
-        while (nxt := self.root.version + 1) in self.pending_roots:
-            envelope = self.pending_roots.pop(nxt)
-            try:
-                new = update_root(self.root, envelope, now=now)
-                if new.version != nxt:
-                    raise ProtocolError(f"root on the topic for version {nxt} is version {new.version}")
-            except ProtocolError as exc:
-                events.append(Refused("root", f"root version {nxt} refused: {exc}"))
-                continue
-            self.root = new
-            self.pending_roots = {v: e for v, e in self.pending_roots.items() if v > new.version}
-            events.append(RootTrusted(new, new.document))
-        if self.held is not None and any(isinstance(e, RootTrusted) for e in events):
-            events.append(self._judge(self.held, digest_of(self.held), now, recheck=True))
+        updates, refused = self.state.update_roots(self.pending_roots)
+        events: list[TrustEvent] = [RootTrusted(u.root, u.root.document, u.floor_reset) for u in updates]
+        events += [Refused("root", f"root version {v} refused: {why}") for v, why in refused.items()]
+        if updates and self.state.refused is not None:
+            events.append(self._judge(self.state.refused, digest_of(self.state.refused), now, recheck=True))
         return events
 
+    def warnings(self, now: float) -> list[str]:
+        """What the report flags without refusing anything: the device keeps running what it has (§7b)."""
+        out = []
+        if self.state.root.expired(now) and not self.desired_error:
+            out.append(self._root_expired(now))
+        if self.desired is not None and self.desired.expires <= now:
+            out.append(f"applied state expired at {self.desired.expires} (now {int(now)}): still running it")
+        # A state lives at most MAX_DESIRED_LIFETIME_S: one expiring further ahead was issued after "now".
+        if self.desired is not None and self.desired.expires - now > MAX_DESIRED_LIFETIME_S:
+            out.append(f"device clock looks wrong: now ({int(now)}) is before the applied state was issued "
+                       f"(it expires at {self.desired.expires}, more than {MAX_DESIRED_LIFETIME_S} s ahead)")
+        return out
+
+    def _root_expired(self, now: float) -> str:
+        return (f"root expired: trusted root version {self.root.version} expired at {self.root.expires} "
+                f"(now {int(now)}); new states are refused until a newer root arrives")
+
     def _judge(self, envelope: Any, digest: str, now: float, recheck: bool = False) -> Accepted | Refused:
+        if self.state.root.expired(now):  # §7a: judged after every newer root available was applied
+            self.state.refused = envelope
+            return self._refuse(self._root_expired(now), recheck, prefix=False)
         try:
-            state = accept_desired(envelope, self.root, self.device_id, self.revision, now=now)
+            state = self.state.accept_desired(envelope, self.device_id, now)
         except ProtocolError as exc:
-            return self._hold(envelope, str(exc), recheck)
+            return self._refuse(str(exc), recheck)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:  # shapes the schema checks never reached
-            return self._hold(envelope, f"malformed desired state: {exc!r}", recheck)
-        self.revision, self.desired, self.desired_digest = state.revision, state, digest
-        self.desired_error, self.held = "", None
+            self.state.refused = envelope
+            return self._refuse(f"malformed desired state: {exc!r}", recheck)
+        self.desired, self.desired_digest, self.desired_error = state, digest, ""
         return Accepted(state, envelope, recheck)
 
-    def _hold(self, envelope: Any, reason: str, recheck: bool) -> Refused:
-        self.held = envelope
-        return self._refuse(reason, recheck)
-
-    def _refuse(self, reason: str, recheck: bool = False) -> Refused:
-        self.desired_error = f"desired state refused: {reason}"
+    def _refuse(self, reason: str, recheck: bool = False, prefix: bool = True) -> Refused:
+        self.desired_error = f"desired state refused: {reason}" if prefix else reason
         return Refused("desired", reason, recheck)
 
 

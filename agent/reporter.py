@@ -68,7 +68,11 @@ class Reporter:
             modules.append(ModuleReport(name=m.name, version=m.version, bundle=m.bundle, state=state,  # type: ignore[arg-type]
                                         error=error, progress=round(progress, 4)))
         return ReportedState(device=self.device_id, revision=self.trust.revision, modules=modules,
-                             error=self.trust.desired_error, facts=self.facts, ts=self.clock())
+                             error=self._error(), facts=self.facts, ts=self.clock())
+
+    def _error(self) -> str:
+        """The refusal standing, then what is flagged but kept running (root or applied state expired, clock)."""
+        return "; ".join(e for e in [self.trust.desired_error, *self.trust.warnings(self.clock())] if e)
 
     async def report_loop(self) -> None:
         while True:
@@ -194,7 +198,7 @@ class Reporter:
             "device_id": self.device_id,
             "connected": self.client.connected.is_set(),
             "revision": self.trust.revision,
-            "error": self.trust.desired_error,
+            "error": report.error,
             "modules": [{"name": m.name, "version": m.version, "bundle": m.bundle, "state": m.state, "error": m.error,
                          "progress": m.progress} for m in report.modules],
             "inferences": self.front.inferences,

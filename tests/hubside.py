@@ -110,7 +110,7 @@ class HubSide:
 
     def build(self, name: str, version: int, *, failing: bool = False, pad_bytes: int = 0, pad_seed: int | None = None,
               collect_rate_ppm: int = 0, script: str | None = None, extra: dict[str, bytes] | None = None,
-              model_seed: int | None = None, spans: bool = False) -> Bundle:
+              model_seed: int | None = None, spans: bool = False, release_expires: int | None = None) -> Bundle:
         """A logreg ONNX bundle; ``failing`` or ``script`` make it a Python module running that script instead.
 
         ``spans`` lists content-defined spans in the release, as the real hub does; without, the release is
@@ -136,7 +136,8 @@ class HubSide:
         manifest = build_manifest(name, version, runtime, files, model=model, sample="sample.json", inputs=X_SPEC,
                                   outputs=P_SPEC, collect_rate_ppm=collect_rate_ppm)
         cut = bundle_spans(manifest, cut_files(files)) if spans else None
-        envelope = sign_release(manifest, [self.release_key], int(time.time()) + 3600, cut)
+        expires = int(time.time()) + 3600 if release_expires is None else release_expires
+        envelope = sign_release(manifest, [self.release_key], expires, cut)
         chunks: dict[str, bytes] = {}
         for entry in manifest.files:
             for digest, data in zip(entry.chunks, split_chunks(read_blocks(files[entry.path])), strict=True):

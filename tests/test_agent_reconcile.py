@@ -32,7 +32,7 @@ from agent.reconcile import (
 )
 from protocol.encoding import canonical_json, digest_of
 from protocol.messages import DesiredModule, DesiredState
-from protocol.signing import load_trusted_root, make_root, sign
+from protocol.signing import make_root, sign
 
 NOW = 1_700_000_000.0
 DEVICE = "cam-1"
@@ -46,9 +46,21 @@ class Repo:
         self.root_key, self.release, self.director = (Ed25519PrivateKey.generate() for _ in range(3))
         self.roots = {1: self._root(1)}
 
-    def _root(self, version: int, signers: list[Ed25519PrivateKey] | None = None) -> dict:
+    def _root(self, version: int, signers: list[Ed25519PrivateKey] | None = None, expires: float = NOW + 86_400
+              ) -> dict:
         return make_root({"root": [self.root_key], "release": [self.release], "director": [self.director]},
-                         signers or [self.root_key], version=version, expires=int(NOW) + 86_400)
+                         signers or [self.root_key], version=version, expires=int(expires))
+
+    def renew_root(self, expires: float) -> int:
+        """The same keys in a new root version with another expiry; returns the version."""
+        version = max(self.roots) + 1
+        self.roots[version] = self._root(version, expires=expires)
+        return version
+
+    def policy(self, version: int, modules: dict) -> dict:
+        """A release-policy envelope signed by the release key."""
+        signed = {"type": "release-policy", "v": 1, "version": version, "expires": int(NOW) + 3600, "modules": modules}
+        return sign(signed, [self.release])
 
     def rotate_director(self) -> int:
         """A new director key, in a new root version signed by the root key; returns the version."""
@@ -61,13 +73,15 @@ class Repo:
         return canonical_json(self.roots[version])
 
     def desired(self, revision: int, modules: list[DesiredModule] | None = None, *, device: str = DEVICE,
-                key: Ed25519PrivateKey | None = None, expires: float = NOW + 3600) -> bytes:
-        state = DesiredState(device=device, revision=revision, modules=modules or [], expires=int(expires))
+                key: Ed25519PrivateKey | None = None, expires: float = NOW + 3600, policy: dict | None = None
+                ) -> bytes:
+        state = DesiredState(device=device, revision=revision, modules=modules or [], expires=int(expires),
+                             policy=policy)
         return canonical_json(sign(state.to_dict(), [key or self.director]))
 
     def trust(self) -> Trust:
         """A device as enrolled: root version 1 pinned, nothing accepted yet."""
-        return Trust(DEVICE, load_trusted_root(self.roots[1]))
+        return Trust(DEVICE, self.roots[1])
 
 
 def module(name: str = "classifier", bundle: str = X, version: int = 1, ppm: int = 0) -> DesiredModule:
@@ -101,7 +115,7 @@ def test_a_restarted_device_ignores_the_retained_copy_of_its_persisted_state():
     payload = repo.desired(5, [module()])
     first = repo.trust()
     [accepted] = first.on_desired(payload, NOW)
-    restarted = Trust(DEVICE, first.root, first.revision, first.desired, digest_of(accepted.envelope))
+    restarted = Trust(DEVICE, repo.roots[1], accepted.envelope)
     assert restarted.on_desired(payload, NOW) == []
     assert restarted.revision == 5
 
