@@ -50,6 +50,8 @@ class HubConfig:
     telemetry_retention_s: float = 7 * 86400  # raw telemetry older than this is folded into 1-minute rollups
     data_retention_s: float = 30 * 86400  # collected inputs/predictions older than this are deleted
     broker_ca: Path | None = None  # mqtts: the broker's CA (PEM); the hub trusts it and pins it on devices at enrolment
+    max_body_bytes: int = 4 << 20  # HTTP request bodies, except the model upload (hub/api/guard.py)
+    max_upload_bytes: int = 8 << 30  # POST /api/v1/models: the model files of one version
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

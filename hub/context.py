@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from hub import audit
 from hub.config import HubConfig
 from hub.fleet.broker_auth import BrokerAuth, signal_reload
 from hub.fleet.device_http import DeviceDownloads
@@ -37,6 +38,7 @@ class Hub:
         self.config = config
         private_dir(config.data_dir)  # keys, tokens, the database and the broker's password file live here
         self.db = Database(config.data_dir / "hub.db")
+        audit.seal(self.db)  # an older hub's audit rows join the hash chain before anything is added
         self.keys = load_or_create_keys(config.data_dir / "keys")
         self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
         self.store = ContentStore(config.data_dir / "blobs")

@@ -14,7 +14,7 @@ from hub.testing import wait_until
 from simulator.fleet import Fleet
 from tests.rollout_support import DesiredRecorder, all_running, build_versions, rollout, wait_rollout
 
-TOKEN = "restart-admin-token-0123456789"
+TOKEN = "restart-admin-token-0123456789abcdefgh"
 NAME = "durable"
 
 

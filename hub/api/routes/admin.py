@@ -1,4 +1,4 @@
-"""API tokens and the root of trust."""
+"""The root of trust and the hub's keys."""
 
 from __future__ import annotations
 
@@ -7,25 +7,14 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from hub.api.deps import get_hub, require
+from hub import audit
+from hub.api.deps import Principal, get_hub, require
 from hub.context import Hub
 from hub.errors import NotFound
 from hub.trust.renewal import trust_status
 from hub.trust.root_admin import prepare_rotation, publish_root, rotate_key
-from hub.trust.tokens import create_token
 
 router = APIRouter(tags=["admin"])
-
-
-class TokenRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=64)
-    role: Literal["admin", "operator", "viewer"]
-
-
-@router.post("/tokens", dependencies=[Depends(require("admin"))])
-def new_token(body: TokenRequest, hub: Hub = Depends(get_hub)) -> dict[str, str]:
-    """Create an API token; the plain token is shown only in this answer."""
-    return {"token": create_token(hub.db, body.name, body.role), "role": body.role, "name": body.name}
 
 
 @router.get("/root", dependencies=[Depends(require("viewer"))])
@@ -54,8 +43,8 @@ def keys_status(hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     return trust_status(hub)
 
 
-@router.post("/keys/rotate", dependencies=[Depends(require("admin"))])
-def rotate(body: RotateRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/keys/rotate")
+def rotate(body: RotateRequest, hub: Hub = Depends(get_hub), who: Principal = Depends(require("admin"))) -> dict[str, Any]:
     """New key for ``role``; root version N+1 signed by the old and new root keys; the old key is revoked.
 
     Every retained document the new root would refuse is then re-signed (releases, release policy,
@@ -65,14 +54,20 @@ def rotate(body: RotateRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     """
     if body.prepare:
         envelope = prepare_rotation(hub.keys, body.role)
+        audit.record(hub.db, who.name, "keys.rotation_prepared", body.role, root_version=envelope["signed"]["version"])
         return {"role": body.role, "root_version": envelope["signed"]["version"], "root": envelope}
     result = rotate_key(hub.keys, body.role)
+    audit.record(hub.db, who.name, "keys.rotated", body.role, keyid=result["keyid"], revoked=result["revoked"],
+                 root_version=result["root_version"])
     return result | hub.after_root_change()
 
 
-@router.post("/roots", dependencies=[Depends(require("admin"))])
-def publish(envelope: dict[str, Any], hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/roots")
+def publish(envelope: dict[str, Any], hub: Hub = Depends(get_hub),
+            who: Principal = Depends(require("admin"))) -> dict[str, Any]:
     """Publish root version N+1 signed elsewhere (m-of-n offline root keys), after the checks a device makes:
     a threshold of the current root's root keys and of its own, version N+1, not expired."""
     result = publish_root(hub.keys, envelope)
+    audit.record(hub.db, who.name, "root.published", str(result["root_version"]), committed=result["committed"],
+                 retired=result["retired"])
     return result | hub.after_root_change()
