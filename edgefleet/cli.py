@@ -12,7 +12,7 @@ import logging
 import typer
 
 from edgefleet.cli_common import CTX, err
-from edgefleet.commands import endpoint, fleet, keys, monitoring, registry, run
+from edgefleet.commands import endpoint, fleet, keys, monitoring, registry, run, tokens
 
 app = typer.Typer(help="edgefleet: ML models on fleets of devices and in the cloud.", no_args_is_help=True,
                   add_completion=False)
@@ -26,6 +26,7 @@ for sub, name in ((run.hub_app, "hub"), (run.agent_app, "agent"), (run.sim_app, 
                   (monitoring.data_app, "data")):
     app.add_typer(sub, name=name)
 endpoint.register(app)  # endpoint …, serve, and deploy web
+tokens.register(app)  # token …, device token list|revoke, audit verify
 
 
 @app.callback()

@@ -55,11 +55,13 @@ def hub_serve(
     from hub.config import HubConfig
     from hub.server import serve_forever
     from hub.trust.keys import KeySetupError, load_or_create_keys
+    from hub.trust.tokens import TokenError
 
     log = logging.getLogger("edgefleet.hub")
-    try:  # before anything starts: a key directory the hub must not guess about stops it with one line
+    try:  # before anything starts: a key directory or admin token the hub must not use stops it with one line
         load_or_create_keys(data / "keys")
-    except KeySetupError as exc:
+        preflight_admin_token(data)
+    except (KeySetupError, TokenError) as exc:
         err.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, for logs and service managers
         raise typer.Exit(1) from None
     broker = None
@@ -91,6 +93,20 @@ def hub_serve(
     finally:
         if broker is not None:
             broker.stop()
+
+
+def preflight_admin_token(data: Path) -> None:
+    """The admin token the hub will use (EDGEFLEET_ADMIN_TOKEN: long enough, never revoked), checked before start."""
+    from hub.store import Database
+    from hub.trust.keys import private_dir
+    from hub.trust.tokens import ensure_admin_token
+
+    private_dir(data)
+    db = Database(data / "hub.db")
+    try:
+        ensure_admin_token(db, data, None)
+    finally:
+        db.close()
 
 
 # --- agent --------------------------------------------------------------------------------------

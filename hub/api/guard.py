@@ -97,6 +97,11 @@ class Guard:
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # before the answer is complete: a client that reads it next finds the record
+                principal = state.get("principal")
+                if method in MUTATING and status[0] < 400 and not recorded[0] and isinstance(principal, Principal):
+                    await to_thread.run_sync(self._record, scope, principal, status[0])
             await send(message)
 
         with request_scope() as recorded:
@@ -106,11 +111,6 @@ class Guard:
                 if status:
                     raise
                 await _answer(send, 413, f"request body over this route's cap of {cap} bytes")
-                return
-            if method in MUTATING and status and status[0] < 400 and not recorded[0]:
-                principal = state.get("principal")
-                if isinstance(principal, Principal):
-                    await to_thread.run_sync(self._record, scope, principal, status[0])
 
     async def _authenticate(self, scope: Scope, header: str | None, role: str,
                             state: dict[str, Any]) -> tuple[int, str, dict[str, str]] | None:
