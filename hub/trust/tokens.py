@@ -178,9 +178,11 @@ def ensure_admin_token(db: Database, data_dir: Path, configured: str | None) -> 
     if db.scalar(f"SELECT count(*) FROM api_tokens WHERE role = 'admin' AND {ACTIVE}", (t,)):
         known = token_file.read_text().strip() if token_file.exists() else None
         return known if known and authenticates(db, known) else None
+    first = not db.scalar("SELECT count(*) FROM api_tokens")
     token = create_token(db, "admin", "admin", actor="hub", source=BOOTSTRAP)
     write_secret(token_file, token + "\n")
-    log.warning("no admin token was active: a new one is in %s (read it there; it is never logged)", token_file)
+    log.warning("%s: the admin token is in %s (read it there; it is never logged)",
+                "first start" if first else "no admin token was active", token_file)
     return token
 
 
