@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+
 from hub import HubConfig, HubServer
 from hub.audit import record, seal, verify
 from hub.store import Database

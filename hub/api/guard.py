@@ -81,20 +81,26 @@ class Guard:
         length = headers.get("content-length")
         has_body = (length is not None and length != "0") or "chunked" in headers.get("transfer-encoding", "")
         state = scope.setdefault("state", {})
+        over: list[bool] = []  # set when the body passed the cap while the route read it
+        too_large = f"request body over this route's cap of {cap} bytes"
         if has_body:
-            if length is not None and (not length.isdigit() or int(length) > cap):
-                await _answer(send, 413, f"request body over this route's cap of {cap} bytes" if length.isdigit()
-                              else "invalid Content-Length")
-                return
             if role is not None:
                 refusal = await self._authenticate(scope, headers.get("authorization"), role, state)
                 if refusal is not None:
                     await _answer(send, *refusal)
                     return
-            receive = _capped(receive, cap)
+            if length is not None and (not length.isdigit() or int(length) > cap):
+                await _answer(send, 413, too_large if length.isdigit() else "invalid Content-Length")
+                return
+            receive = _capped(receive, cap, over)
         status: list[int] = []
 
         async def watch(message: Message) -> None:
+            if over:  # the route's own answer to the cut-off body (FastAPI makes it a 400): say what happened
+                if message["type"] == "http.response.start":
+                    status.append(413)
+                    await _answer(send, 413, too_large)
+                return
             if message["type"] == "http.response.start":
                 status.append(message["status"])
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -110,7 +116,7 @@ class Guard:
             except BodyTooLarge:
                 if status:
                     raise
-                await _answer(send, 413, f"request body over this route's cap of {cap} bytes")
+                await _answer(send, 413, too_large)
 
     async def _authenticate(self, scope: Scope, header: str | None, role: str,
                             state: dict[str, Any]) -> tuple[int, str, dict[str, str]] | None:
@@ -142,7 +148,7 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
-def _capped(receive: Receive, cap: int) -> Receive:
+def _capped(receive: Receive, cap: int, over: list[bool]) -> Receive:
     seen = 0
 
     async def wrapped() -> Message:
@@ -151,6 +157,7 @@ def _capped(receive: Receive, cap: int) -> Receive:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > cap:
+                over.append(True)
                 raise BodyTooLarge
         return message
 
