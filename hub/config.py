@@ -31,6 +31,10 @@ class HubConfig:
     blob_gather_s: float = 1.5
     blob_hold_max_s: float = 30.0
     blob_covered_s: float = 30.0
+    # bundle bytes one device may make the hub publish: a burst (a whole bundle at once), then a rate
+    # (hub/mqtt/ratelimit.py); burst 0: no limit
+    blob_device_burst_bytes: int = 64 << 20
+    blob_device_rate_bps: float = 64 << 10
     mqtt_client_id: str = "edgefleet-hub"  # two hubs on one broker need distinct ids
     release_ttl_s: int = 365 * 86400
     writer_flush_s: float = 0.1
