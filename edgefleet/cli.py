@@ -33,6 +33,8 @@ tokens.register(app)  # token …, device token list|revoke, audit verify
 def main(
     hub: str = typer.Option("http://127.0.0.1:8080", "--hub", envvar="EDGEFLEET_HUB", help="Hub URL."),
     token: str | None = typer.Option(None, "--token", envvar="EDGEFLEET_TOKEN", help="API bearer token."),
+    hub_ca: str | None = typer.Option(None, "--hub-ca", envvar="EDGEFLEET_HUB_CA",
+                                      help="PEM CA to trust for an https:// hub (the hub's own: DATA/tls/ca.pem)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     from rich.logging import RichHandler
@@ -42,7 +44,7 @@ def main(
                         handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)])
     for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    CTX.hub, CTX.token = hub, token
+    CTX.hub, CTX.token, CTX.hub_ca = hub, token, hub_ca
 
 
 

@@ -50,7 +50,7 @@ class Hub:
         self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish, self.policies.envelope)
         self.policies.on_change = self._policy_changed
         self.bridge.on_ready = self.director.republish_all
-        self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.broker_ca_pem())
+        self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.device_ca_pem())
         self.broker_auth: BrokerAuth | None = None
         if config.isolate:
             reload = signal_reload(config.broker_pid) if config.broker_pid else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from hub import audit
@@ -13,6 +14,8 @@ from hub.context import Hub
 from hub.errors import NotFound
 from hub.trust.renewal import trust_status
 from hub.trust.root_admin import prepare_rotation, publish_root, rotate_key
+from hub.trust.tls import fingerprint, split_pem
+from protocol.encoding import canonical_json, sha256_hex
 
 router = APIRouter(tags=["admin"])
 
@@ -39,8 +42,21 @@ class RotateRequest(BaseModel):
 
 @router.get("/keys", dependencies=[Depends(require("viewer"))])
 def keys_status(hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    """Which roles the hub holds, seconds until each role's signatures expire, and problems to act on."""
-    return trust_status(hub)
+    """Which roles the hub holds, seconds until each role's signatures expire, and problems to act on; the
+    fingerprints device operators check at enrolment (``agent enroll --root-sha256 / --ca-sha256``)."""
+    ca = hub.config.device_ca_pem()
+    return trust_status(hub) | {"root_sha256": sha256_hex(canonical_json(hub.keys.root_envelope)),
+                                "ca_sha256": [fingerprint(c) for c in split_pem(ca)] if ca else []}
+
+
+@router.get("/ca", response_class=PlainTextResponse)
+def tls_ca(hub: Hub = Depends(get_hub)) -> PlainTextResponse:
+    """The CAs devices pin for TLS to the hub and its broker (PEM), without a token: public, and fetched before a
+    device can check the hub's certificate (it compares the fingerprint it was given; docs/security.md)."""
+    pem = hub.config.device_ca_pem()
+    if pem is None:
+        raise NotFound("the hub pins no CA: its certificates chain to the system's trusted CAs")
+    return PlainTextResponse(pem, media_type="application/x-pem-file")
 
 
 @router.post("/keys/rotate")
