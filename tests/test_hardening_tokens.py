@@ -146,6 +146,7 @@ def test_every_mutation_is_audited_in_a_chain_that_names_the_edited_or_deleted_r
                    "deployment.revision", "alert_rule.added", "api.delete_alert_rule", "token.revoked"):
         assert (action, "admin") in seen, (action, sorted(seen))
     assert all(e["ts"] and e["hash"] for e in events)
+    assert sorted(a for a, _ in seen if a.startswith("api.")) == ["api.delete_alert_rule"]  # no double records
 
     ok = admin.get("/api/v1/audit/verify").json()
     assert ok["ok"] and ok["rows"] == len(events) and ok["head"]["id"] == events[0]["id"]
