@@ -33,6 +33,8 @@ log = logging.getLogger("edgefleet.broker")
 MOSQUITTO_CONF = """\
 listener {port} {host}
 {tls_lines}
+max_connections -1
+{listener_lines}
 allow_anonymous {anonymous}
 {password_line}
 persistence false
@@ -43,9 +45,8 @@ max_keepalive 600
 log_dest stderr
 log_type error
 log_type warning
-max_connections -1
 {user_line}
-{listener_lines}
+{device_listener}
 """
 
 RUMQTTD_CONF = """\
@@ -158,14 +159,18 @@ class LocalBroker:
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, kind: str | None = None,
                  password_file: Path | None = None, acl_file: Path | None = None,
-                 tls: tuple[Path, Path] | None = None, pid_file: Path | None = None) -> None:
+                 tls: tuple[Path, Path] | None = None, pid_file: Path | None = None,
+                 device_listener: tuple[str, int, tuple[Path, Path] | None] | None = None) -> None:
         """``tls``: (certificate chain, private key) PEM files; the listener then speaks mqtts (mosquitto only).
 
         ``pid_file``: where the live broker's pid is written at every (re)start (the hub reads it to
         send reload signals to the process that is running now).
+        ``device_listener``: (bind address, port, tls files or None) of a second listener for devices beyond
+        loopback (``hub serve --host 0.0.0.0``); the first stays for the hub itself.
         """
         self.host = host
         self.tls = tls
+        self.device_listener = device_listener
         self.port = port or free_port(host)
         self.kind = kind or os.environ.get("EDGEFLEET_BROKER") or ("mosquitto" if find_mosquitto() else "iotcore")
         self.password_file, self.acl_file = password_file, acl_file
@@ -197,18 +202,22 @@ class LocalBroker:
             if self.acl_file:
                 lines.append(f"acl_file {self.acl_file}")
             conf = self._dir / "mosquitto.conf"
+            # with logins, a client id is its login: nobody can evict the hub or another device by using theirs
+            listener_lines = "use_username_as_clientid true" if self.password_file else ""
+            device = ""
+            if self.device_listener is not None:
+                bind, port, tls = self.device_listener
+                device = "\n".join([f"listener {port} {bind}", _tls_lines(tls), "max_connections -1", listener_lines])
             conf.write_text(MOSQUITTO_CONF.format(
                 port=self.port, host=self.host, anonymous="false" if self.password_file else "true",
-                tls_lines=f"certfile {self.tls[0]}\nkeyfile {self.tls[1]}" if self.tls else "",
-                password_line="\n".join(lines),
-                # with logins, a client id is its login: nobody can evict the hub or another device by using theirs
-                listener_lines="use_username_as_clientid true" if self.password_file else "",
+                tls_lines=_tls_lines(self.tls), password_line="\n".join(lines), listener_lines=listener_lines,
                 # started as root, mosquitto drops to user "mosquitto", which cannot read a private password file
-                user_line="user root" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""))
+                user_line="user root" if hasattr(os, "geteuid") and os.geteuid() == 0 else "",
+                device_listener=device))
             return [binary, "-c", str(conf)]
         if self.kind == "iotcore":
-            if self.tls:
-                raise RuntimeError("a TLS listener needs mosquitto (apt-get install -y mosquitto)")
+            if self.tls or self.device_listener:
+                raise RuntimeError("a TLS or a second (device) listener needs mosquitto (apt-get install -y mosquitto)")
             conf = self._dir / "rumqttd.toml"
             conf.write_text(RUMQTTD_CONF.format(host=self.host, port=self.port))
             return [sys.executable, "-m", "iotcore", "--config", str(conf), "--log-level", "WARNING"]
@@ -234,6 +243,9 @@ class LocalBroker:
                 os.replace(tmp, self.pid_file)
         try:
             wait_for_port(self.host, self.port, timeout, proc)
+            if self.device_listener is not None:
+                bind, port, _ = self.device_listener
+                wait_for_port("127.0.0.1" if bind in ("0.0.0.0", "::") else bind, port, timeout, proc)
         except RuntimeError:
             self._terminate(proc)
             raise RuntimeError(f"{self.kind} failed to start: {self.log_tail()}") from None
@@ -303,6 +315,10 @@ class LocalBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _tls_lines(tls: tuple[Path, Path] | None) -> str:
+    return f"certfile {tls[0]}\nkeyfile {tls[1]}" if tls else ""
 
 
 def raise_fd_limit() -> int:

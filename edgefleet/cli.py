@@ -12,7 +12,7 @@ import logging
 import typer
 
 from edgefleet.cli_common import CTX, err
-from edgefleet.commands import endpoint, fleet, keys, monitoring, registry, run, score
+from edgefleet.commands import endpoint, fleet, keys, monitoring, registry, run, score, tokens
 
 app = typer.Typer(help="edgefleet: ML models on fleets of devices and in the cloud.", no_args_is_help=True,
                   add_completion=False)
@@ -27,12 +27,15 @@ for sub, name in ((run.hub_app, "hub"), (run.agent_app, "agent"), (run.sim_app, 
                   (monitoring.data_app, "data")):
     app.add_typer(sub, name=name)
 endpoint.register(app)  # endpoint …, serve, and deploy web
+tokens.register(app)  # token …, device token list|revoke, audit verify
 
 
 @app.callback()
 def main(
     hub: str = typer.Option("http://127.0.0.1:8080", "--hub", envvar="EDGEFLEET_HUB", help="Hub URL."),
     token: str | None = typer.Option(None, "--token", envvar="EDGEFLEET_TOKEN", help="API bearer token."),
+    hub_ca: str | None = typer.Option(None, "--hub-ca", envvar="EDGEFLEET_HUB_CA",
+                                      help="PEM CA to trust for an https:// hub (the hub's own: DATA/tls/ca.pem)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     from rich.logging import RichHandler
@@ -42,7 +45,7 @@ def main(
                         handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)])
     for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    CTX.hub, CTX.token = hub, token
+    CTX.hub, CTX.token, CTX.hub_ca = hub, token, hub_ca
 
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,10 +21,12 @@ class HubError(RuntimeError):
 
 
 class HubClient:
-    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0, ca: str | None = None) -> None:
+        """``ca``: a PEM file of the CA to trust for an https:// hub (the hub's own is DATA/tls/ca.pem)."""
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else True
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self.http.close()

@@ -91,6 +91,10 @@ class HubOptions:
     ingest_workers: int = 0
     broker_ca: Path | None = None
     broker_port: int | None = None
+    device_listener: tuple[str, int, tuple[Path, Path] | None] | None = None  # beyond loopback (hub/exposure.py)
+    device_mqtt_url: str | None = None  # the URL devices are given for that listener
+    api_tls: tuple[Path, Path] | None = None  # the API's certificate and key: HTTPS
+    tls_ca: Path | None = None  # the CA devices pin at enrolment
 
 
 def start_broker(opts: HubOptions) -> tuple[LocalBroker, str, str | None]:
@@ -104,7 +108,7 @@ def start_broker(opts: HubOptions) -> tuple[LocalBroker, str, str | None]:
         if not auth.password_file.exists():
             auth.write([])
         broker = LocalBroker(host="127.0.0.1", port=port, kind="mosquitto", password_file=auth.password_file,
-                             acl_file=auth.acl_file, pid_file=pid_file)
+                             acl_file=auth.acl_file, pid_file=pid_file, device_listener=opts.device_listener)
     else:
         broker = LocalBroker(host="127.0.0.1", port=port, pid_file=pid_file)
     try:
@@ -116,7 +120,7 @@ def start_broker(opts: HubOptions) -> tuple[LocalBroker, str, str | None]:
             "--broker-port N (devices must then be re-enrolled or given --mqtt)") from None
     broker.supervise()
     if opts.isolate:
-        return broker, auth.hub_url(broker.url), opts.public_mqtt or broker.url
+        return broker, auth.hub_url(broker.url), opts.public_mqtt or opts.device_mqtt_url or broker.url
     return broker, broker.url, opts.public_mqtt
 
 
@@ -137,12 +141,14 @@ def serve(opts: HubOptions) -> None:
                 auth = BrokerAuth(opts.data / BROKER_DIR, workers=opts.ingest_workers)
                 log.warning("--isolate with an external broker: point it at %s and %s and reload it after each "
                             "change", auth.password_file, auth.acl_file)
-            log.info("hub API at http://%s:%s (docs /docs, metrics /metrics); MQTT broker %s", opts.host, opts.port,
+            log.info("hub API at %s://%s:%s (docs /docs, metrics /metrics); MQTT broker for devices %s",
+                     "https" if opts.api_tls else "http", opts.host, opts.port,
                      public_mqtt or mqtt.split("@")[-1])
             serve_forever(HubConfig(
                 data_dir=opts.data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=opts.isolate,
                 broker_pid_file=broker.pid_file if broker is not None and opts.isolate else None,
-                ingest_workers=opts.ingest_workers, broker_ca=opts.broker_ca), host=opts.host, port=opts.port)
+                ingest_workers=opts.ingest_workers, broker_ca=opts.broker_ca, tls_ca=opts.tls_ca),
+                host=opts.host, port=opts.port, tls=opts.api_tls)
         finally:
             if broker is not None:
                 broker.stop()

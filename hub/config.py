@@ -31,6 +31,10 @@ class HubConfig:
     blob_gather_s: float = 1.5
     blob_hold_max_s: float = 30.0
     blob_covered_s: float = 30.0
+    # bundle bytes one device may make the hub publish: a burst (a whole bundle at once), then a rate
+    # (hub/mqtt/ratelimit.py); burst 0: no limit
+    blob_device_burst_bytes: int = 64 << 20
+    blob_device_rate_bps: float = 64 << 10
     mqtt_client_id: str = "edgefleet-hub"  # two hubs on one broker need distinct ids
     release_ttl_s: int = 365 * 86400
     writer_flush_s: float = 0.1
@@ -51,6 +55,9 @@ class HubConfig:
     telemetry_retention_s: float = 7 * 86400  # raw telemetry older than this is folded into 1-minute rollups
     data_retention_s: float = 30 * 86400  # collected inputs/predictions older than this are deleted
     broker_ca: Path | None = None  # mqtts: the broker's CA (PEM); the hub trusts it and pins it on devices at enrolment
+    tls_ca: Path | None = None  # the CA of the hub's own TLS (DATA/tls/ca.pem, or the operator's): pinned on devices too
+    max_body_bytes: int = 4 << 20  # HTTP request bodies, except the model upload (hub/api/guard.py)
+    max_upload_bytes: int = 8 << 30  # POST /api/v1/models: the model files of one version
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -58,9 +65,18 @@ class HubConfig:
         if self.broker_ca is not None:
             self.broker_ca = Path(self.broker_ca)
             ssl.create_default_context(cafile=str(self.broker_ca))  # a bad CA file fails here, with OpenSSL's reason
+        if self.tls_ca is not None:
+            self.tls_ca = Path(self.tls_ca)
+            ssl.create_default_context(cafile=str(self.tls_ca))
 
     def broker_ca_pem(self) -> str | None:
         return self.broker_ca.read_text() if self.broker_ca is not None else None
+
+    def device_ca_pem(self) -> str | None:
+        """The CAs devices pin at enrolment, for the broker and for HTTPS to the hub: one PEM bundle, or None when
+        they use the system's store."""
+        pems = [p.read_text().strip() + "\n" for p in (self.broker_ca, self.tls_ca) if p is not None]
+        return "".join(dict.fromkeys(pems)) or None
 
     def tls_ca_certs(self) -> str | None:
         """For paho's ``tls_set(ca_certs=...)``: the configured CA, or None for the system store."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from hub import audit
 from hub.config import HubConfig
 from hub.fleet.broker_auth import BrokerAuth, signal_reload
 from hub.fleet.device_http import DeviceDownloads
@@ -37,6 +38,7 @@ class Hub:
         self.config = config
         private_dir(config.data_dir)  # keys, tokens, the database and the broker's password file live here
         self.db = Database(config.data_dir / "hub.db")
+        audit.seal(self.db)  # an older hub's audit rows join the hash chain before anything is added
         self.keys = load_or_create_keys(config.data_dir / "keys")
         self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
         self.store = ContentStore(config.data_dir / "blobs")
@@ -48,7 +50,7 @@ class Hub:
         self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish, self.policies.envelope)
         self.policies.on_change = self._policy_changed
         self.bridge.on_ready = self.director.republish_all
-        self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.broker_ca_pem())
+        self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.device_ca_pem())
         self.broker_auth: BrokerAuth | None = None
         if config.isolate:
             pid = config.broker_pid_file or config.broker_pid

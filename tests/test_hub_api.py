@@ -71,10 +71,10 @@ def test_generated_admin_token_is_written_0600(server, tmp_data):
 
 
 def test_admin_token_from_env_is_honoured(broker, tmp_data, monkeypatch):
-    monkeypatch.setenv("EDGEFLEET_ADMIN_TOKEN", "env-admin-token-123")
+    monkeypatch.setenv("EDGEFLEET_ADMIN_TOKEN", "env-admin-token-0123456789abcdefghij")
     with HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=client_id())) as s:
-        assert s.admin_token == "env-admin-token-123"
-        r = httpx.post(s.url + "/api/v1/tokens", headers={"Authorization": "Bearer env-admin-token-123"},
+        assert s.admin_token == "env-admin-token-0123456789abcdefghij"
+        r = httpx.post(s.url + "/api/v1/tokens", headers={"Authorization": "Bearer env-admin-token-0123456789abcdefghij"},
                        json={"name": "ci", "role": "viewer"})
         assert r.status_code == 200 and r.json()["role"] == "viewer"
 
@@ -176,8 +176,8 @@ def test_module_digest_is_stable_and_release_verifies(admin, server, broker, tmp
 
     # another hub, other keys, same inputs: the same bundle digest (the name is the content)
     other_dir = tmp_path / "other"
-    with HubServer(HubConfig(other_dir, broker.url, mqtt_client_id=client_id(), admin_token="t2")) as other:
-        h = {"Authorization": "Bearer t2"}
+    with HubServer(HubConfig(other_dir, broker.url, mqtt_client_id=client_id(), admin_token="t2-" + "x" * 40)) as other:
+        h = {"Authorization": "Bearer t2-" + "x" * 40}
         httpx.post(other.url + "/api/v1/models", headers=h, data={"name": "logreg"},
                    files=[("files", ("model.onnx", b"".join(read_blocks(onnx_file))))]).raise_for_status()
         with httpx.Client(base_url=other.url, headers=h) as c:

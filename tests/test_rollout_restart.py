@@ -17,7 +17,7 @@ from tests.rollout_support import DesiredRecorder, all_running, build_versions, 
 from tests.servicehub import TOKEN as SERVED_TOKEN
 from tests.servicehub import ServedHub, alive
 
-TOKEN = "restart-admin-token-0123456789"
+TOKEN = "restart-admin-token-0123456789abcdefgh"
 NAME = "durable"
 
 

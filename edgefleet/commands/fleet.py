@@ -251,7 +251,7 @@ def rollout_list(deployment: str | None = typer.Option(None, "--deployment"),
 # --- devices ----------------------------------------------------------------------------------
 
 
-@device_app.command("token")
+# `device token` itself is a group (list, revoke) whose bare form calls this: edgefleet/commands/tokens.py
 def device_token(
     label: list[str] = typer.Option([], "--label", help="key=value given to the device, repeatable."),
     expires: str = typer.Option("1h", "--expires", help="Lifetime: 30s, 10m, 1h, 7d (or seconds)."),

@@ -105,6 +105,10 @@ def keys_show(
          title=f"root version {summary['version']}, expires {summary['expires']}")
     for problem in status["problems"]:
         err.print(f"[yellow]warning:[/] {problem}")
+    # what a device operator checks at enrolment: agent enroll --root-sha256 … [--ca-sha256 …]
+    print(f"root sha256: {status.get('root_sha256', '')}")
+    for fp in status.get("ca_sha256", []):
+        print(f"TLS CA sha256: {fp}")
 
 
 @keys_app.command("rotate")

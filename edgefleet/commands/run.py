@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -40,7 +41,8 @@ def demo(
 @hub_app.command("serve")
 def hub_serve(
     data: Path = typer.Option(Path("edgefleet-data"), "--data", envvar="EDGEFLEET_DATA", help="Hub data directory."),
-    host: str = typer.Option("127.0.0.1", "--host", envvar="EDGEFLEET_HOST"),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="EDGEFLEET_HOST",
+                             help="API address; beyond loopback it is served over HTTPS (docs/security.md)."),
     port: int = typer.Option(8080, "--port", envvar="EDGEFLEET_PORT"),
     mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Broker URL; default: start a local one."),
     public_mqtt: str | None = typer.Option(None, "--public-mqtt", envvar="EDGEFLEET_PUBLIC_MQTT", help="Broker URL handed to devices."),
@@ -52,21 +54,92 @@ def hub_serve(
     broker_port: int | None = typer.Option(None, "--broker-port", envvar="EDGEFLEET_BROKER_PORT", min=1, max=65535,
                                            help="Port of the local broker (default: the one recorded in DATA, "
                                                 "else a free one, recorded)."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", exists=True, dir_okay=False,
+                                         help="PEM certificate (chain) for HTTPS; default beyond loopback: the hub's own."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", exists=True, dir_okay=False, help="Its private key."),
+    broker_cert: Path | None = typer.Option(None, "--broker-cert", exists=True, dir_okay=False,
+                                            help="PEM certificate for the local broker's device listener (MQTTS)."),
+    broker_key: Path | None = typer.Option(None, "--broker-key", exists=True, dir_okay=False, help="Its private key."),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", exists=True, dir_okay=False,
+                                       help="CA of --tls-cert/--broker-cert to pin on devices (default: the system's)."),
+    tls_name: list[str] = typer.Option([], "--tls-name", help="Another name or address the hub's own certificate covers."),
+    mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="Local broker's port for devices beyond loopback "
+                                         "(default 8883; 1883 with --insecure-broker)."),
+    insecure_http: bool = typer.Option(False, "--insecure-http", help="Plain HTTP beyond loopback (not advised)."),
+    insecure_broker: bool = typer.Option(False, "--insecure-broker", help="Plain MQTT beyond loopback (not advised)."),
 ) -> None:
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C or SIGTERM.
 
     The local broker keeps its port across restarts (DATA/broker/address.json) and is restarted if it dies.
     """
-    from edgefleet.hubservice import HubOptions, ServiceError, serve
-    from hub.trust.keys import KeySetupError, load_or_create_keys
+    import socket
 
-    try:  # before anything starts: a key directory the hub must not guess about stops it with one line
+    from edgefleet.hubservice import HubOptions, ServiceError, serve
+    from hub.exposure import Refused, ServeOptions, plan
+    from hub.trust.keys import KeySetupError, load_or_create_keys
+    from hub.trust.tokens import TokenError
+
+    log = logging.getLogger("edgefleet.hub")
+    try:  # before anything starts: keys, an admin token or exposure the hub must not use stop it with one line
+        if (tls_cert is None) != (tls_key is None) or (broker_cert is None) != (broker_key is None):
+            raise Refused("give --tls-cert with --tls-key, and --broker-cert with --broker-key")
+        exposure = plan(ServeOptions(host, mqtt, public_mqtt, isolate, insecure_http, insecure_broker,
+                                     tls_cert is not None, mqtt_port), socket.getfqdn())
         load_or_create_keys(data / "keys")
-        serve(HubOptions(data=data, host=host, port=port, mqtt=mqtt, public_mqtt=public_mqtt, isolate=isolate,
-                         ingest_workers=ingest_workers, broker_ca=broker_ca, broker_port=broker_port))
-    except (KeySetupError, ServiceError) as exc:
+        preflight_admin_token(data)
+        for note in exposure.notes:
+            log.warning("%s", note)
+        api_tls, listener, pinned = _tls_material(data, host, exposure, tls_name, (tls_cert, tls_key),
+                                                  (broker_cert, broker_key), tls_ca)
+        serve(HubOptions(data=data, host=host, port=port, mqtt=mqtt, public_mqtt=public_mqtt,
+                         isolate=exposure.isolate, ingest_workers=ingest_workers, broker_ca=broker_ca,
+                         broker_port=broker_port, device_listener=listener,
+                         device_mqtt_url=exposure.device_mqtt_url, api_tls=api_tls, tls_ca=pinned))
+    except (KeySetupError, TokenError, Refused, ServiceError) as exc:
         err.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, for logs and service managers
         raise typer.Exit(1) from None
+
+
+Pair = tuple[Path | None, Path | None]
+
+
+def _tls_material(data: Path, host: str, exposure: Any, names: list[str], api: Pair, broker: Pair,
+                  ca: Path | None) -> tuple[tuple[Path, Path] | None, tuple[str, int, tuple[Path, Path] | None] | None,
+                                        Path | None]:
+    """(the API's certificate and key, the local broker's device listener, the CA devices pin): the operator's
+    files where given, else the hub's own (DATA/tls, made on first need)."""
+    from urllib.parse import urlsplit
+
+    from hub.trust.tls import ensure_tls, host_names
+
+    own: list[Any] = []
+
+    def hub_pair() -> tuple[Path, Path]:
+        if not own:
+            extra = [urlsplit(exposure.device_mqtt_url).hostname or ""] if exposure.device_mqtt_url else []
+            own.append(ensure_tls(data, host_names(host, [*names, *extra])))
+        return own[0].cert, own[0].key
+
+    api_tls = (api[0], api[1]) if api[0] and api[1] else hub_pair() if exposure.https else None
+    listener = None
+    if exposure.device_listener is not None:
+        bind, port, tls = exposure.device_listener
+        listener = (bind, port, ((broker[0], broker[1]) if broker[0] and broker[1] else hub_pair()) if tls else None)
+    return api_tls, listener, ca or (own[0].ca if own else None)
+
+
+def preflight_admin_token(data: Path) -> None:
+    """The admin token the hub will use (EDGEFLEET_ADMIN_TOKEN: long enough, never revoked), checked before start."""
+    from hub.store import Database
+    from hub.trust.keys import private_dir
+    from hub.trust.tokens import ensure_admin_token
+
+    private_dir(data)
+    db = Database(data / "hub.db")
+    try:
+        ensure_admin_token(db, data, None)
+    finally:
+        db.close()
 
 
 # --- agent --------------------------------------------------------------------------------------
@@ -78,13 +151,26 @@ def agent_enroll(
     data: Path = typer.Option(..., "--data", help="Agent data directory."),
     hub: str | None = typer.Option(None, "--hub", help="Hub URL (default: the global --hub)."),
     device_id: str | None = typer.Option(None, "--device-id"),
+    root_sha256: str | None = typer.Option(None, "--root-sha256", help="Refuse a hub whose root of trust has another "
+                                           "sha256 (from `edgefleet keys show` on the hub's side)."),
+    root: Path | None = typer.Option(None, "--root", exists=True, dir_okay=False,
+                                     help="Refuse a hub whose root of trust is not this root.json."),
+    ca_sha256: str | None = typer.Option(None, "--ca-sha256", help="Trust the hub's TLS CA only if its sha256 is this "
+                                         "(from `edgefleet keys show`)."),
+    ca: Path | None = typer.Option(None, "--ca", exists=True, dir_okay=False, help="Trust this PEM CA for the hub."),
+    insecure_http: bool = typer.Option(False, "--insecure-http",
+                                       help="Accept plain http:// to another machine (credentials in clear)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Enrol this device: get its id, MQTT credentials and the pinned root of trust."""
-    from agent.identity import enroll
+    import json
+
+    from agent.identity import Pins, enroll
 
     try:
-        ident = enroll(hub or CTX.hub, token, data, device_id=device_id)
+        pins = Pins(root_sha256=root_sha256, root=json.loads(root.read_text()) if root else None, ca_sha256=ca_sha256,
+                    ca_pem=ca.read_text() if ca else None, insecure_http=insecure_http)
+        ident = enroll(hub or CTX.hub, token, data, device_id=device_id, pins=pins)
     except Exception as exc:  # enrol errors are reported, not traced
         err.print(f"[red]enrolment failed:[/] {exc}")
         raise typer.Exit(1) from None

@@ -10,7 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from hub.api.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring
+from hub.api.guard import Guard, Limits
+from hub.api.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring, tokens
 from hub.bounds import json_safe_errors
 from hub.config import HubConfig
 from hub.console import mount_console
@@ -48,11 +49,13 @@ def create_app(config: HubConfig) -> FastAPI:
         # FastAPI's own handler echoes the input: a NaN there made the 422 a 500, a 10,000-entry map a huge answer
         return JSONResponse({"detail": json_safe_errors(exc.errors())}, status_code=422)
 
-    for router in (admin.router, models.router, modules.router, fleet.router, device.router, deployments.router,
+    for router in (admin.router, tokens.router, models.router, modules.router, fleet.router, device.router, deployments.router,
                    deployments.rollouts,
                    monitoring.router):
         app.include_router(router, prefix=API)
     app.include_router(endpoints.router, prefix=API)
     app.include_router(monitoring.ops)
     mount_console(app)
+    # outermost but for Starlette's error handler: it sees a request before any route reads its body
+    app.add_middleware(Guard, limits=Limits(default=config.max_body_bytes, upload=config.max_upload_bytes))
     return app

@@ -43,6 +43,12 @@ def _bridge(hub: Hub, out: Exposition) -> None:
                [({}, bridge.writer.failed)])
     out.family("edgefleet_hub_blob_bytes_sent_total", "counter", "Bundle bytes published over MQTT.",
                [({}, bridge.blob_bytes_sent)])
+    out.family("edgefleet_hub_blob_requests_limited_total", "counter",
+               "Bundle-part requests cut short by the device's byte budget (hub/mqtt/ratelimit.py).",
+               [({}, bridge.budgets.limited)])
+    out.family("edgefleet_hub_blob_bytes_refused_total", "counter",
+               "Bundle bytes devices asked for beyond their budget (not published then).",
+               [({}, bridge.budgets.refused_bytes)])
     downloads = hub.downloads
     out.family("edgefleet_hub_device_http_bytes_sent_total", "counter", "Bundle chunk bytes devices downloaded over HTTP.",
                [({}, downloads.bytes_sent)])

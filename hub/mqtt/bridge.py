@@ -21,6 +21,7 @@ from hub.config import HubConfig
 from hub.errors import NotFound
 from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, data_rows, share_group, shared_wildcard
 from hub.mqtt.blob_carousel import Carousel
+from hub.mqtt.ratelimit import DeviceBudgets
 from hub.registry.bundles import bundle_chunks, release_envelope
 from hub.store import Database, dumps, now
 from hub.trust.roots_publish import announce, offline_will
@@ -60,6 +61,7 @@ class Bridge:
         self.carousel = (Carousel(config.blob_gather_s, max(config.blob_hold_max_s, config.blob_gather_s),
                                   config.blob_covered_s) if config.blob_gather_s > 0 else None)
         self._carousel_lock = threading.Lock()
+        self.budgets = DeviceBudgets(config.blob_device_burst_bytes, config.blob_device_rate_bps)
         self._carousel_wake = threading.Event()
         self._carousel_thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -239,12 +241,25 @@ class Bridge:
             raise Rejected(f"bundle {msg.bundle[:12]}… has no chunk(s) {[c[:12] for c in unknown[:3]]}")
         chunks = list(dict.fromkeys(msg.chunks))
         if self.carousel is None:  # per-device transfer: every request gets its own copy, at once
-            for part in [MANIFEST_PART] * msg.manifest + chunks:
+            with self._carousel_lock:
+                parts = self._admit(msg.device, [MANIFEST_PART] * msg.manifest + chunks)
+            for part in parts:
                 self._send(msg.bundle, part, self._part(msg.bundle, part))
             return
         with self._carousel_lock:
-            self.carousel.request(msg.bundle, msg.device, msg.manifest, chunks, time.monotonic())
+            self.carousel.request(msg.bundle, msg.device, msg.manifest, chunks, time.monotonic(),
+                                  admit=lambda parts: self._admit(msg.device, parts))
         self._carousel_wake.set()
+
+    def _admit(self, device: str, parts: list[str]) -> list[str]:
+        """The parts ``device`` may make the hub publish now (its byte budget); under ``_carousel_lock``."""
+        t = time.monotonic()
+        admitted = self.budgets.admit(device, parts, t)
+        if len(admitted) < len(parts) and self.budgets.should_warn(device, t):
+            log.warning("device %s asks for more bundle bytes than its budget (%d bytes, %d/s): %d part(s) not"
+                        " published now (edgefleet_hub_blob_requests_limited_total)", device, self.budgets.burst,
+                        self.budgets.rate, len(parts) - len(admitted))
+        return admitted
 
     def _carousel_loop(self) -> None:
         """Publish each pass when it is due (the carousel decides when; this thread keeps time)."""

@@ -192,4 +192,19 @@ MIGRATIONS: list[tuple[Step, ...]] = [
     version INTEGER PRIMARY KEY, envelope TEXT NOT NULL, created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT ''
 );""",
     ),
+    (  # 3: API and enrolment tokens that expire and are revoked; the audit log's hash chain (issue 13)
+        AddColumn("api_tokens", "expires_at", "REAL"),  # NULL: never
+        AddColumn("api_tokens", "revoked_at", "REAL"),
+        AddColumn("api_tokens", "created_by", "TEXT NOT NULL DEFAULT ''"),
+        # 'bootstrap': the admin token generated at first start or given by EDGEFLEET_ADMIN_TOKEN (one at a time);
+        # 'api': made with POST /api/v1/tokens. Older hubs named their bootstrap tokens 'admin'.
+        AddColumn("api_tokens", "source", "TEXT NOT NULL DEFAULT 'api'"),
+        "UPDATE api_tokens SET source = 'bootstrap' WHERE name = 'admin' AND role = 'admin';",
+        AddColumn("enrollment_tokens", "created_at", "REAL"),
+        AddColumn("enrollment_tokens", "created_by", "TEXT NOT NULL DEFAULT ''"),
+        AddColumn("enrollment_tokens", "revoked_at", "REAL"),
+        # hash = sha256(prev_hash + canonical row): hub/audit.py; rows of older hubs are chained at start
+        AddColumn("audit", "prev_hash", "TEXT"),
+        AddColumn("audit", "hash", "TEXT"),
+    ),
 ]

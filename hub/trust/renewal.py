@@ -13,6 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from hub.audit import record
 from hub.trust.root_admin import renew_root
 
 if TYPE_CHECKING:
@@ -68,8 +69,10 @@ def maintain(hub: Hub, now: float | None = None) -> dict[str, int]:
     now = time.time() if now is None else now
     done = {"root": 0, "director": 0, "release": 0, "policy": 0}
     try:
-        if renew_root(hub.keys, now + ROOT_RENEW_BEFORE_S, now) is not None:
+        renewed = renew_root(hub.keys, now + ROOT_RENEW_BEFORE_S, now)
+        if renewed is not None:
             done["root"] = 1
+            record(hub.db, "hub", "root.renewed", str(renewed["root_version"]), expires=renewed["expires"])
             hub.after_root_change()
     except Exception:
         log.exception("renewing the root failed")

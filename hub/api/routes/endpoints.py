@@ -11,8 +11,9 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from hub import audit
+from hub.api.deps import Principal, require
 from hub.api.deps import get_endpoints as manager
-from hub.api.deps import require
 from hub.bounds import MAX_LIST, Finite, Name, NamePath
 from hub.endpoints.manager import EndpointManager
 
@@ -43,11 +44,15 @@ class KeyRequest(BaseModel):
 
 # the manager's calls block (starting processes, health checks): keep them off the event loop
 
-@router.post("", dependencies=[Depends(require("operator"))])
-async def deploy(body: EndpointRequest, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+@router.post("")
+async def deploy(body: EndpointRequest, m: EndpointManager = Depends(manager),
+                 who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Create or update; returns once the new version passed its health check and takes traffic."""
-    return await run_in_threadpool(m.deploy, body.name, body.module, body.replicas, body.max_batch, body.max_wait_ms,
-                                   body.traffic)
+    result = await run_in_threadpool(m.deploy, body.name, body.module, body.replicas, body.max_batch, body.max_wait_ms,
+                                     body.traffic)
+    await run_in_threadpool(audit.record, m.db, who.name, "endpoint.deployed", body.name, module=body.module,
+                            replicas=body.replicas, traffic=body.traffic)
+    return result
 
 
 @router.get("", dependencies=[Depends(require("viewer"))])

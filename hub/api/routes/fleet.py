@@ -43,10 +43,11 @@ class EnrollBatchRequest(BaseModel):
     devices: list[BatchDevice] = Field(min_length=1, max_length=MAX_BATCH)
 
 
-@router.post("/enrollment-tokens", dependencies=[Depends(require("operator"))])
-def enrollment_tokens(body: EnrollmentTokenRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/enrollment-tokens")
+def enrollment_tokens(body: EnrollmentTokenRequest, hub: Hub = Depends(get_hub),
+                      who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Enrolment tokens (single-use unless ``uses`` says more); devices enrolled with one get its labels."""
-    return hub.fleet.create_enrollment_tokens(body.count, body.labels, body.expires_in, body.uses)
+    return hub.fleet.create_enrollment_tokens(body.count, body.labels, body.expires_in, body.uses, actor=who.name)
 
 
 @router.post("/enroll")

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
+from hub import audit
 from hub.api.deps import Principal, get_hub, require
 from hub.bounds import MAX_LABELS, MAX_TEXT, Key, Keys, NamePath, Value, Version, check_labels
 from hub.context import Hub
@@ -70,10 +71,13 @@ def register_model(
     if baseline:
         _json_object("baseline", baseline)
         baseline_stream = io.BytesIO(baseline.encode())
-    return hub.registry.register(
+    model = hub.registry.register(
         name, uploads, _form_tags(tag + tags), description, who.name,
         properties=_json_object("properties", properties) if properties else None,
         lineage={"parent": parent, "dataset": dataset, "training_run": training_run}, baseline=baseline_stream)
+    audit.record(hub.db, who.name, "model.registered", f"{model['name']}:{model['version']}",
+                 framework=model.get("framework"), files=[f.filename for f in files][:64])
+    return model
 
 
 @router.get("", dependencies=[Depends(require("viewer"))])

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
+from hub import audit
 from hub.api.deps import Principal, get_hub, require
 from hub.bounds import MAX_LIST, FileName, Key, Name, NamePath, Version
 from hub.context import Hub
@@ -28,12 +29,15 @@ class ModuleRequest(BaseModel):
                                              description='hints, e.g. {"memory_mb": 256, "threads": 2}')
 
 
-@router.post("/modules", dependencies=[Depends(require("operator"))])
-def build_module(body: ModuleRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/modules")
+def build_module(body: ModuleRequest, hub: Hub = Depends(get_hub),
+                 who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Build and sign version N+1 (or return the latest version if nothing changed). When the release key is held
     elsewhere the version is stored unsigned (``signed: false``) until a signed release is attached."""
     built = hub.modules.build(body.name, body.models, body.runtime, body.sample, body.collect_rate_ppm,
                               entry=body.entry, entry_name=body.entry_name, resources=body.resources)
+    audit.record(hub.db, who.name, "module.built", f"{built['name']}:{built['version']}", digest=built["digest"],
+                 models=body.models, signed=built["signed"])
     return {k: built[k] for k in ("name", "version", "digest", "size", "runtime", "signed")}
 
 
@@ -59,10 +63,14 @@ def bundle_file(digest: str, path: str, hub: Hub = Depends(get_hub)) -> FileResp
     return FileResponse(hub.modules.file_path(digest, path), media_type="application/octet-stream")
 
 
-@router.post("/modules/{name}/versions/{version}/release", dependencies=[Depends(require("operator"))])
-def attach_release(name: str, version: int, envelope: dict[str, Any], hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/modules/{name}/versions/{version}/release")
+def attach_release(name: str, version: int, envelope: dict[str, Any], hub: Hub = Depends(get_hub),
+                   who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Attach a release envelope signed outside the hub (CI holding the release key): checked as a device would."""
-    return hub.modules.attach_release(name, version, envelope)
+    attached = hub.modules.attach_release(name, version, envelope)
+    audit.record(hub.db, who.name, "module.release_attached", f"{name}:{version}",
+                 keyids=sorted({str(s.get("keyid", "")) for s in envelope.get("signatures", []) if isinstance(s, dict)}))
+    return attached
 
 
 class RevokeRequest(BaseModel):

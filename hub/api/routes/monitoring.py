@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
+from hub import audit
 from hub.api.deps import Principal, get_hub, require, running_endpoints
 from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
@@ -86,7 +87,9 @@ def drift_series(deployment: str, window: float = Query(default=300.0, gt=0), po
 @router.post("/alerts/rules", status_code=201)
 def add_alert_rule(rule: AlertRule, principal: Principal = Depends(require("operator")),
                    hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    return hub.monitor.alerts.add_rule(rule, principal.name)
+    added = hub.monitor.alerts.add_rule(rule, principal.name)
+    audit.record(hub.db, principal.name, "alert_rule.added", rule.name, kind=rule.kind, threshold=rule.threshold)
+    return added
 
 
 @router.get("/alerts/rules", dependencies=[Depends(require("viewer"))])
