@@ -49,17 +49,27 @@ def hub_serve(
                                        help="Extra processes sharing telemetry ingest (MQTT 5 shared subscription)."),
     broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA", exists=True, dir_okay=False,
                                           help="PEM CA of an mqtts:// broker: the hub trusts it and pins it on devices."),
+    no_sandbox: bool = typer.Option(False, "--no-sandbox",
+                                    help="Run operator code (model load checks, endpoint workers) as the hub's user "
+                                         "beside its keys: only where nothing else works (docs/security.md)."),
+    sandbox_user: str = typer.Option("nobody", "--sandbox-user", envvar="EDGEFLEET_SANDBOX_USER",
+                                     help="The account a root hub runs operator code as."),
+    sandbox_network: bool = typer.Option(False, "--sandbox-network",
+                                         help="Give sandboxed operator code the host's network (default: none)."),
 ) -> None:
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C."""
     from edgefleet.broker import LocalBroker
     from hub.config import HubConfig
     from hub.server import serve_forever
     from hub.trust.keys import KeySetupError, load_or_create_keys
+    from modules.sandbox import SandboxUnavailable, detect
 
     log = logging.getLogger("edgefleet.hub")
     try:  # before anything starts: a key directory the hub must not guess about stops it with one line
         load_or_create_keys(data / "keys")
-    except KeySetupError as exc:
+        # and so does a host that cannot keep operator code away from those keys (the result is cached)
+        detect("off" if no_sandbox else "on", sandbox_user, network=sandbox_network)
+    except (KeySetupError, SandboxUnavailable) as exc:
         err.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, for logs and service managers
         raise typer.Exit(1) from None
     broker = None
@@ -86,7 +96,9 @@ def hub_serve(
              public_mqtt or mqtt.split("@")[-1])
     try:
         serve_forever(HubConfig(data_dir=data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=isolate,
-                                broker_pid=broker_pid, ingest_workers=ingest_workers, broker_ca=broker_ca),
+                                broker_pid=broker_pid, ingest_workers=ingest_workers, broker_ca=broker_ca,
+                                sandbox="off" if no_sandbox else "on", sandbox_user=sandbox_user,
+                                sandbox_network=sandbox_network),
                      host=host, port=port)
     finally:
         if broker is not None:
