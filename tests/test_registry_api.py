@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -136,10 +137,13 @@ def test_load_check_runs_in_a_child_process_crash_and_hang_are_refused(admin, se
     r = register(admin, "hang", hang)
     assert r.status_code == 422 and "took longer than 3s" in r.json()["detail"]
 
-    pid_file = tmp_path / "pid"
-    probe = tmp_path / "probe.py"
-    probe.write_text(f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n\ndef run(inputs):\n    return inputs\n")
-    register(admin, "probe", probe).raise_for_status()
-    assert int(pid_file.read_text()) != os.getpid()  # the hub runs in this test process; the script did not
+    probe = tmp_path / "probe.py"  # it can write nowhere the test could read (the sandbox), so it says who it is
+    probe.write_text("import os\nraise RuntimeError(f'pid={os.getpid()} uid={os.getuid()}')\n")
+    detail = register(admin, "probe", probe).json()["detail"]
+    pid, uid = (int(x) for x in re.search(r"pid=(\d+) uid=(\d+)", detail).groups())
+    assert pid != os.getpid() and uid != os.getuid()  # the hub runs in this test process; the script did not
+    ok = tmp_path / "ok.py"
+    ok.write_text("def run(inputs):\n    return inputs\n")
+    register(admin, "probe", ok).raise_for_status()
     assert admin.get("/api/v1/models", params={"name": "crash"}).json() == []
     assert blobs(server.config.data_dir) == {admin.get("/api/v1/models/probe/versions/1").json()["files"][0]["sha256"]}
