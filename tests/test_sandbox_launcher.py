@@ -156,3 +156,12 @@ def test_detect_refuses_when_nothing_can_isolate_and_auto_falls_back():
     assert detect("auto", user="no-such-sandbox-user").mode == "off"
     assert detect("off").mode == "off"
 
+
+
+def test_hub_serve_refuses_to_start_without_isolation_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edgefleet", "hub", "serve", "--data", str(tmp_path / "d"),
+                           "--port", "0", "--sandbox-user", "no-such-sandbox-user"],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    assert "cannot isolate operator code" in proc.stderr and "--no-sandbox" in proc.stderr
+    assert "Traceback" not in proc.stderr
