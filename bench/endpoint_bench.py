@@ -12,7 +12,8 @@ Prints the median of the rounds for requests/s, p50 and p99, and the ratios.
 With ``--sandbox`` the baseline is ``edgefleet serve --no-sandbox`` and the candidate the same
 server with its workers in the sandbox (modules/sandbox.py); it also times worker starts (a pool
 of one worker started and stopped ``--starts`` times per mode, alternating: spawn, import, load,
-health check, plus staging the bundle in the sandbox) and prints their medians.
+health check, plus staging the bundle in the sandbox) and the p50 of sequential requests with the
+two servers interleaved every 100 requests, and prints their medians.
 """
 
 from __future__ import annotations
@@ -159,6 +160,21 @@ def time_worker_starts(bundle: Path, starts: int) -> dict[str, float]:
     return {m: statistics.median(t) for m, t in times.items()}
 
 
+def interleaved_p50(urls: dict[str, str], blocks: int, per_block: int) -> dict[str, float]:
+    """Sequential requests from one keep-alive client, switching server every ``per_block``: on a shared machine
+    the load drifts, and switching often makes both servers see the same drift. Median ms per server."""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    lat: dict[str, list[float]] = {name: [] for name in urls}
+    with httpx.Client(headers=headers) as client:
+        for b in range(blocks):
+            for name in (list(urls) if b % 2 == 0 else list(reversed(urls))):
+                for _ in range(per_block):
+                    t0 = time.perf_counter()
+                    client.post(urls[name], content=BODY).raise_for_status()
+                    lat[name].append((time.perf_counter() - t0) * 1000)
+    return {name: statistics.median(v) for name, v in lat.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
@@ -198,6 +214,7 @@ def main() -> None:
         urls = {base: base_url, cand: f"http://127.0.0.1:{ep_port}/endpoints/logreg/score"}
         for url in urls.values():
             wait_up(url)
+        interleaved = interleaved_p50(urls, 40, 100) if args.sandbox else {}
         conns = [int(c) for c in args.concurrency.split(",")]
         runs: dict[tuple[str, int], list[dict[str, float]]] = {(s, c): [] for s in urls for c in conns}
         for r in range(args.rounds):
@@ -218,13 +235,17 @@ def main() -> None:
                             "failed": bad})
         if args.json:
             print(json.dumps({"rounds": args.rounds, "duration_s": args.duration, "workers": args.workers,
-                              "worker_start_s": starts, "results": summary}, indent=2))
+                              "worker_start_s": starts, "interleaved_p50_ms": interleaved, "results": summary},
+                             indent=2))
             return
         print(f"median of {args.rounds} round(s), {args.duration:g} s each; endpoint: {args.workers} worker(s), "
               f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms")
         if starts:
             print(f"worker start (median of {args.starts}): " + ", ".join(f"{m} {t * 1000:.0f} ms" for m, t in
                   starts.items()) + f"; ratio {starts['sandbox'] / starts['no-sandbox']:.2f}")
+            print("sequential p50, servers interleaved every 100 requests (4,000 each): " + ", ".join(
+                f"{m} {t:.3f} ms" for m, t in interleaved.items()) +
+                f"; ratio {interleaved['sandbox'] / interleaved['no-sandbox']:.2f}")
         print(f"{'conns':>5} | {base + ' req/s':>16} {'p50 ms':>7} {'p99 ms':>7} | {cand + ' req/s':>16} {'p50 ms':>7} "
               f"{'p99 ms':>7} | {'x req/s':>7} {'p50 ratio':>9} {'p99 ratio':>9}")
         for s in summary:

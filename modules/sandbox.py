@@ -250,6 +250,7 @@ def _ancestors(binds: list[str]) -> list[str]:
     return sorted((p for p in found if p != "/tmp" and p not in binds), key=lambda p: (p.count("/"), p))
 
 
+@functools.cache
 def _bwrap_version() -> tuple[int, ...]:
     try:
         out = subprocess.run(["bwrap", "--version"], capture_output=True, text=True, timeout=10).stdout
