@@ -12,8 +12,8 @@ Prints the median of the rounds for requests/s, p50 and p99, and the ratios.
 With ``--sandbox`` the baseline is ``edgefleet serve --no-sandbox`` and the candidate the same
 server with its workers in the sandbox (modules/sandbox.py); it also times worker starts (a pool
 of one worker started and stopped ``--starts`` times per mode, alternating: spawn, import, load,
-health check, plus staging the bundle in the sandbox) and the p50 of sequential requests with the
-two servers interleaved every 100 requests, and prints their medians.
+health check, plus staging the bundle in the sandbox) and the p50 of one request's hop from a pool
+to its worker and back (sequential, modes interleaved every 100 requests), and prints their medians.
 """
 
 from __future__ import annotations
@@ -135,8 +135,10 @@ def run_wrk(url: str, lua: Path, conns: int, duration: float) -> dict[str, float
             "non2xx": float(non2xx.group(1)) if non2xx else 0.0, "socket_errors": 1.0 if errors else 0.0}
 
 
-def time_worker_starts(bundle: Path, starts: int) -> dict[str, float]:
-    """Median seconds from spawning a one-worker pool to its ready worker, per mode (alternating)."""
+def pool_costs(bundle: Path, starts: int, blocks: int = 40, per_block: int = 100) -> dict[str, dict[str, float]]:
+    """Per mode, in this process (no HTTP, no wrk): the median seconds from spawning a one-worker pool to its
+    ready worker (alternating modes), and the median ms of one request through the pool to its worker and
+    back, sequentially, switching mode every ``per_block`` requests so both see the same machine load."""
     import asyncio
 
     from hub.endpoints.pool import Pool, Settings
@@ -144,35 +146,35 @@ def time_worker_starts(bundle: Path, starts: int) -> dict[str, float]:
 
     modes = {"no-sandbox": Sandbox(), "sandbox": detect("on")}
     print(f"sandbox: {modes['sandbox'].describe()}", file=sys.stderr)
+    body = BODY.encode()
 
-    async def once(box: Sandbox) -> float:
+    async def start(box: Sandbox) -> tuple[Pool, float]:
         t0 = time.perf_counter()
         pool = Pool("bench", "logreg:1", bundle, Settings(replicas=1), box)
         await pool.start()
-        took = time.perf_counter() - t0
-        await pool.drain_and_stop(5)
-        return took
+        return pool, time.perf_counter() - t0
 
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    for i in range(starts):
-        for mode in (list(modes) if i % 2 == 0 else list(reversed(modes))):
-            times[mode].append(asyncio.run(once(modes[mode])))
-    return {m: statistics.median(t) for m, t in times.items()}
-
-
-def interleaved_p50(urls: dict[str, str], blocks: int, per_block: int) -> dict[str, float]:
-    """Sequential requests from one keep-alive client, switching server every ``per_block``: on a shared machine
-    the load drifts, and switching often makes both servers see the same drift. Median ms per server."""
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    lat: dict[str, list[float]] = {name: [] for name in urls}
-    with httpx.Client(headers=headers) as client:
+    async def run() -> dict[str, dict[str, float]]:
+        took: dict[str, list[float]] = {m: [] for m in modes}
+        for i in range(starts):
+            for mode in (list(modes) if i % 2 == 0 else list(reversed(modes))):
+                pool, t = await start(modes[mode])
+                took[mode].append(t)
+                await pool.drain_and_stop(5)
+        pools = {m: (await start(box))[0] for m, box in modes.items()}
+        lat: dict[str, list[float]] = {m: [] for m in modes}
         for b in range(blocks):
-            for name in (list(urls) if b % 2 == 0 else list(reversed(urls))):
-                for _ in range(per_block):
+            for mode in (list(modes) if b % 2 == 0 else list(reversed(modes))):
+                for i in range(per_block):
                     t0 = time.perf_counter()
-                    client.post(urls[name], content=BODY).raise_for_status()
-                    lat[name].append((time.perf_counter() - t0) * 1000)
-    return {name: statistics.median(v) for name, v in lat.items()}
+                    status = (await pools[mode].submit((f"r{i}", "application/json", body, "", False)))[0]
+                    lat[mode].append((time.perf_counter() - t0) * 1000)
+                    assert status == 200
+        for pool in pools.values():
+            await pool.drain_and_stop(5)
+        return {m: {"start_s": statistics.median(took[m]), "hop_p50_ms": statistics.median(lat[m])} for m in modes}
+
+    return asyncio.run(run())
 
 
 def main() -> None:
@@ -200,7 +202,7 @@ def main() -> None:
                  "--workers", str(args.workers), "--max-batch", str(args.max_batch), "--max-wait-ms",
                  str(args.max_wait_ms), "--key", KEY]
         base, cand = ("no-sandbox", "sandbox") if args.sandbox else ("naive", "endpoint")
-        starts = time_worker_starts(bundle, args.starts) if args.sandbox else {}
+        costs = pool_costs(bundle, args.starts) if args.sandbox else {}
         if args.sandbox:
             procs.append(subprocess.Popen([*serve, "--port", str(base_port), "--no-sandbox"], cwd=ROOT,
                                           stderr=subprocess.DEVNULL))
@@ -214,7 +216,6 @@ def main() -> None:
         urls = {base: base_url, cand: f"http://127.0.0.1:{ep_port}/endpoints/logreg/score"}
         for url in urls.values():
             wait_up(url)
-        interleaved = interleaved_p50(urls, 40, 100) if args.sandbox else {}
         conns = [int(c) for c in args.concurrency.split(",")]
         runs: dict[tuple[str, int], list[dict[str, float]]] = {(s, c): [] for s in urls for c in conns}
         for r in range(args.rounds):
@@ -235,17 +236,15 @@ def main() -> None:
                             "failed": bad})
         if args.json:
             print(json.dumps({"rounds": args.rounds, "duration_s": args.duration, "workers": args.workers,
-                              "worker_start_s": starts, "interleaved_p50_ms": interleaved, "results": summary},
-                             indent=2))
+                              "pool": costs, "results": summary}, indent=2))
             return
         print(f"median of {args.rounds} round(s), {args.duration:g} s each; endpoint: {args.workers} worker(s), "
               f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms")
-        if starts:
-            print(f"worker start (median of {args.starts}): " + ", ".join(f"{m} {t * 1000:.0f} ms" for m, t in
-                  starts.items()) + f"; ratio {starts['sandbox'] / starts['no-sandbox']:.2f}")
-            print("sequential p50, servers interleaved every 100 requests (4,000 each): " + ", ".join(
-                f"{m} {t:.3f} ms" for m, t in interleaved.items()) +
-                f"; ratio {interleaved['sandbox'] / interleaved['no-sandbox']:.2f}")
+        for key, what, scale in (("start_s", f"worker start ms (median of {args.starts})", 1000),
+                                 ("hop_p50_ms", "pool->worker->pool ms, p50, modes interleaved (4,000 each)", 1)):
+            if costs:
+                print(f"{what}: " + ", ".join(f"{m} {c[key] * scale:.3f}" for m, c in costs.items()) +
+                      f"; ratio {costs['sandbox'][key] / costs['no-sandbox'][key]:.2f}")
         print(f"{'conns':>5} | {base + ' req/s':>16} {'p50 ms':>7} {'p99 ms':>7} | {cand + ' req/s':>16} {'p50 ms':>7} "
               f"{'p99 ms':>7} | {'x req/s':>7} {'p50 ratio':>9} {'p99 ratio':>9}")
         for s in summary:

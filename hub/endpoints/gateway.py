@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hub.endpoints.codec import JSON, NPY, dumps, loads
+from hub.endpoints.codec import JSON, NPY, dumps, loads, read_manifest
 from hub.endpoints.httpserver import HttpProtocol, Request
 from hub.endpoints.pool import Pool, PoolError, Response, Settings
 from hub.endpoints.telemetry import EndpointTelemetry
-from hub.endpoints.worker import read_manifest
 from hub.monitoring.prom import LatencyHistogram
 from modules.bundle import FILES_DIR, verify_pulled
 from modules.runners import load_sample

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from hub.endpoints import wire
-from hub.endpoints.codec import JSON, dumps
+from hub.endpoints.codec import JSON, dumps, read_manifest
 from hub.endpoints.collect import Collector
-from hub.endpoints.worker import read_manifest
 from modules.sandbox import Limits, Sandbox
 
 log = logging.getLogger("edgefleet.endpoint.pool")

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hub.endpoints.codec import read_manifest
 from hub.endpoints.gateway import Gateway, bind, new_loop
-from hub.endpoints.worker import read_manifest
 from modules.sandbox import detect
 
 log = logging.getLogger("edgefleet.endpoint.serve")

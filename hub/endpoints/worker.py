@@ -23,9 +23,9 @@ import msgspec
 import numpy as np
 
 from hub.endpoints import wire
-from hub.endpoints.codec import JSON, NPY, dumps, json_safe, loads, npy_bytes, read_npy
+from hub.endpoints.codec import JSON, NPY, dumps, json_safe, loads, npy_bytes, read_manifest, read_npy
 from hub.endpoints.collect import Sampler
-from modules.bundle import FILES_DIR, RELEASE_FILE
+from modules.bundle import FILES_DIR
 from modules.runners import (
     InputError,
     Runner,
@@ -36,16 +36,11 @@ from modules.runners import (
     load_sample,
 )
 from protocol.manifest import Manifest
-from protocol.schema import validate
 
 log = logging.getLogger("edgefleet.endpoint.worker")
 
 Item = wire.Item
 Result = tuple[int, bytes, str]  # (HTTP status, body, content type)
-
-
-def read_manifest(bundle_dir: Path) -> Manifest:
-    return validate(Manifest, loads((bundle_dir / RELEASE_FILE).read_bytes())["signed"]["manifest"])
 
 
 def batchable(manifest: Manifest) -> bool:
