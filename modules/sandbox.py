@@ -111,7 +111,7 @@ class Sandbox:
     gid: int = -1
     network: bool = False  # bwrap: keep the host's network namespace (endpoint workers need none: a socketpair)
     hide: tuple[str, ...] = ()  # directories never visible (the hub's data directory), even inside a bound path
-    tmp_size: bool = True  # bwrap >= 0.8 can size its tmpfs
+    new_bwrap: bool = True  # bwrap >= 0.8: can size its tmpfs and forbid nested user namespaces
     binds: tuple[str, ...] = field(default=())  # extra read-only system paths (tests; unusual installs)
 
     def __post_init__(self) -> None:
@@ -170,7 +170,7 @@ class Sandbox:
         if not self.network:
             args.append("--unshare-net")
         if os.geteuid() != 0:  # unprivileged: a user namespace, and none nested inside it
-            args += ["--unshare-user", "--disable-userns"]
+            args += ["--unshare-user", *(["--disable-userns"] if self.new_bwrap else [])]
         for name in SYSTEM_LINKS:
             p = Path("/") / name
             if p.is_symlink():
@@ -182,7 +182,7 @@ class Sandbox:
             if os.path.exists(f"/etc/{name}"):
                 args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
         args += ["--proc", "/proc", "--dev", "/dev"]
-        if self.tmp_size:
+        if self.new_bwrap:
             args += ["--size", str(limits.tmp_mb << 20)]
         args += ["--tmpfs", "/tmp"]
         binds = _outermost([*python_paths(), *map(str, self.binds), *(str(p) for p in read_only)])
@@ -304,7 +304,7 @@ def detect(setting: str = "on", user: str = "nobody", *, network: bool = False,
     if tools["bwrap"] and tools["prlimit"] and (os.geteuid() != 0 or (uid > 0 and tools["setpriv"])):
         version = _bwrap_version()
         candidates.append(Sandbox("bwrap", user if uid > 0 else "", uid, gid, network, hidden,
-                                  tmp_size=version >= (0, 8)))
+                                  new_bwrap=version >= (0, 8)))
     elif not tools["bwrap"]:
         reasons.append("bubblewrap (bwrap) is not installed")
     if os.geteuid() == 0 and uid > 0 and tools["setpriv"] and tools["prlimit"]:
