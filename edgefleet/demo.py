@@ -73,7 +73,7 @@ class Demo:
             self.broker = LocalBroker(host="127.0.0.1").start()
             self.stack.callback(self.broker.stop)
             mqtt_url = self.broker.url
-        self.hub = HubServer(HubConfig(data_dir=data / "hub", mqtt_url=mqtt_url),
+        self.hub = HubServer(HubConfig(data_dir=data / "hub", mqtt_url=mqtt_url, sandbox="auto"),
                              host=opts.host, port=opts.port or free_port(opts.host)).start()
         self.stack.callback(self.hub.stop)
         self.client = HubClient(self.hub.url, self.hub.admin_token)

@@ -95,6 +95,9 @@ class HubOptions:
     device_mqtt_url: str | None = None  # the URL devices are given for that listener
     api_tls: tuple[Path, Path] | None = None  # the API's certificate and key: HTTPS
     tls_ca: Path | None = None  # the CA devices pin at enrolment
+    sandbox: str = "on"  # operator code away from the hub's keys (modules/sandbox.py): on, auto or off
+    sandbox_user: str = "nobody"
+    sandbox_network: bool = False
 
 
 def start_broker(opts: HubOptions) -> tuple[LocalBroker, str, str | None]:
@@ -147,7 +150,8 @@ def serve(opts: HubOptions) -> None:
             serve_forever(HubConfig(
                 data_dir=opts.data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=opts.isolate,
                 broker_pid_file=broker.pid_file if broker is not None and opts.isolate else None,
-                ingest_workers=opts.ingest_workers, broker_ca=opts.broker_ca, tls_ca=opts.tls_ca),
+                ingest_workers=opts.ingest_workers, broker_ca=opts.broker_ca, tls_ca=opts.tls_ca,
+                sandbox=opts.sandbox, sandbox_user=opts.sandbox_user, sandbox_network=opts.sandbox_network),
                 host=opts.host, port=opts.port, tls=opts.api_tls)
         finally:
             if broker is not None:

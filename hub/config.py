@@ -40,12 +40,18 @@ class HubConfig:
     writer_flush_s: float = 0.1
     writer_batch_rows: int = 1000
     load_check_timeout_s: float = 120.0  # registering: how long the child process may take to load a model
-    load_check_memory_mb: int = 0  # registering: address-space cap for that child (0: none)
+    load_check_memory_mb: int = 4096  # registering: address-space cap for that child (0: none)
     endpoint_host: str = "127.0.0.1"  # web endpoints: where their gateways listen (each on its own port)
     endpoint_url_host: str | None = None  # the host name put in endpoint URLs (default: endpoint_host)
     endpoint_threads: int = 1  # onnxruntime intra-op threads per endpoint worker process
     endpoint_queue_timeout_s: float = 30.0  # how long a request may wait for a live worker before a 503
     endpoint_telemetry_s: float = 5.0  # how often each endpoint writes its counts and latency to the telemetry store
+    endpoint_memory_mb: int = 4096  # address-space cap per endpoint worker process (0: none)
+    # operator code (load checks, endpoint workers) runs outside the hub's trust domain (modules/sandbox.py):
+    # "on" refuses to start where nothing isolates, "auto" falls back to none with a warning, "off" is --no-sandbox
+    sandbox: str = "on"
+    sandbox_user: str = "nobody"  # the account a root hub runs operator code as
+    sandbox_network: bool = False  # endpoint workers and load checks get no network unless this is set
     rollout_tick_s: float = 0.5  # how often the rollout controller re-reads rollouts and checks gates
     isolate: bool = False  # generate a per-device password file and ACL in DATA/broker (hub/fleet/broker_auth.py)
     broker_pid: int | None = None  # isolate: the mosquitto to SIGHUP after each change (None: an external broker)

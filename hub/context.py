@@ -24,6 +24,7 @@ from hub.trust.release_policy import ReleasePolicies
 from hub.trust.renewal import maintain
 from hub.trust.roots_publish import publish_roots
 from hub.trust.tokens import ensure_admin_token
+from modules.sandbox import detect
 from modules.store import ContentStore
 
 log = logging.getLogger("edgefleet.hub")
@@ -42,7 +43,12 @@ class Hub:
         self.keys = load_or_create_keys(config.data_dir / "keys")
         self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
         self.store = ContentStore(config.data_dir / "blobs")
-        self.registry = ModelRegistry(self.db, self.store, config.load_check_timeout_s, config.load_check_memory_mb)
+        # before anything runs operator code: refuse to start (sandbox "on") where nothing can isolate it
+        self.sandbox = detect(config.sandbox, config.sandbox_user, network=config.sandbox_network,
+                              hide=[config.data_dir])
+        log.info("operator code sandbox: %s", self.sandbox.describe())
+        self.registry = ModelRegistry(self.db, self.store, config.load_check_timeout_s, config.load_check_memory_mb,
+                                      self.sandbox)
         self.modules = ModuleBuilder(self.db, self.store, self.registry, self.keys, config.release_ttl_s)
         self.policies = ReleasePolicies(self.db, self.keys, config.release_ttl_s)
         self.bridge = Bridge(config, self.db, self.store, self._is_enrolled)

@@ -125,6 +125,10 @@ def serve(
     collect_db: str = typer.Option("", "--collect-db", help="SQLite file for sampled requests (a hub.db)."),
     name: str | None = typer.Option(None, "--name", help="Endpoint name (default: the module's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the URL and keys as one JSON line once serving."),
+    no_sandbox: bool = typer.Option(False, "--no-sandbox",
+                                    help="Run the module's code without the sandbox (default: bubblewrap or a "
+                                         "separate user where available; see docs/security.md)."),
+    memory_mb: int = typer.Option(0, "--memory-mb", min=0, help="Address-space cap per worker in MiB (0: none)."),
 ) -> None:
     """Serve one bundle as an endpoint without the hub (containers, Kubernetes); same code as hub endpoints."""
     from hub.endpoints.standalone import serve as run_serve
@@ -143,4 +147,5 @@ def serve(
             err.print(f"serving {endpoint} at {url}")
 
     run_serve(bundle_dir=bundle_dir, root_file=root, keys=keys, host=host, port=port, workers=workers,
-              max_batch=max_batch, max_wait_ms=max_wait_ms, collect_db=collect_db, name=name, on_ready=ready)
+              max_batch=max_batch, max_wait_ms=max_wait_ms, collect_db=collect_db, name=name, on_ready=ready,
+              sandbox="off" if no_sandbox else "auto", memory_mb=memory_mb)

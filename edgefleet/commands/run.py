@@ -67,6 +67,13 @@ def hub_serve(
                                          "(default 8883; 1883 with --insecure-broker)."),
     insecure_http: bool = typer.Option(False, "--insecure-http", help="Plain HTTP beyond loopback (not advised)."),
     insecure_broker: bool = typer.Option(False, "--insecure-broker", help="Plain MQTT beyond loopback (not advised)."),
+    no_sandbox: bool = typer.Option(False, "--no-sandbox",
+                                    help="Run operator code (model load checks, endpoint workers) as the hub's user "
+                                         "beside its keys: only where nothing else works (docs/security.md)."),
+    sandbox_user: str = typer.Option("nobody", "--sandbox-user", envvar="EDGEFLEET_SANDBOX_USER",
+                                     help="The account a root hub runs operator code as."),
+    sandbox_network: bool = typer.Option(False, "--sandbox-network",
+                                         help="Give sandboxed operator code the host's network (default: none)."),
 ) -> None:
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C or SIGTERM.
 
@@ -78,6 +85,7 @@ def hub_serve(
     from hub.exposure import Refused, ServeOptions, plan
     from hub.trust.keys import KeySetupError, load_or_create_keys
     from hub.trust.tokens import TokenError
+    from modules.sandbox import SandboxUnavailable, detect
 
     log = logging.getLogger("edgefleet.hub")
     try:  # before anything starts: keys, an admin token or exposure the hub must not use stop it with one line
@@ -87,6 +95,8 @@ def hub_serve(
                                      tls_cert is not None, mqtt_port), socket.getfqdn())
         load_or_create_keys(data / "keys")
         preflight_admin_token(data)
+        # and so does a host that cannot keep operator code away from those keys (the result is cached)
+        detect("off" if no_sandbox else "on", sandbox_user, network=sandbox_network)
         for note in exposure.notes:
             log.warning("%s", note)
         api_tls, listener, pinned = _tls_material(data, host, exposure, tls_name, (tls_cert, tls_key),
@@ -94,8 +104,10 @@ def hub_serve(
         serve(HubOptions(data=data, host=host, port=port, mqtt=mqtt, public_mqtt=public_mqtt,
                          isolate=exposure.isolate, ingest_workers=ingest_workers, broker_ca=broker_ca,
                          broker_port=broker_port, device_listener=listener,
-                         device_mqtt_url=exposure.device_mqtt_url, api_tls=api_tls, tls_ca=pinned))
-    except (KeySetupError, TokenError, Refused, ServiceError) as exc:
+                         device_mqtt_url=exposure.device_mqtt_url, api_tls=api_tls, tls_ca=pinned,
+                         sandbox="off" if no_sandbox else "on", sandbox_user=sandbox_user,
+                         sandbox_network=sandbox_network))
+    except (KeySetupError, TokenError, Refused, ServiceError, SandboxUnavailable) as exc:
         err.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, for logs and service managers
         raise typer.Exit(1) from None
 

@@ -24,6 +24,7 @@ from hub.store import Database, dumps, loads, now
 from modules.loadcheck import inspect_model
 from modules.pymodel import check_entry_source, main_file
 from modules.runners import ModelError
+from modules.sandbox import Sandbox
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
 from protocol.manifest import MAX_BUNDLE_FILES, check_relative_path
@@ -80,9 +81,10 @@ class ModelRegistry:
     """
 
     def __init__(self, db: Database, store: ContentStore, load_timeout_s: float = 120.0,
-                 load_memory_mb: int = 0) -> None:
+                 load_memory_mb: int = 0, sandbox: Sandbox | None = None) -> None:
         self.db, self.store = db, store
         self.load_timeout_s, self.load_memory_mb = load_timeout_s, load_memory_mb
+        self.sandbox = sandbox  # where load checks run: never in the hub's trust domain (modules/sandbox.py)
         self.usage_checks: list[UsageCheck] = [lambda n, v: deployments_using(self.db, n, v)]
         # blobs stored by uploads still in flight: garbage collection must not take them
         self._pending: Counter[str] = Counter()
@@ -196,7 +198,7 @@ class ModelRegistry:
                 (Path(tmp) / f["path"]).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / f["path"]).symlink_to(self.store.path(f["sha256"]))
             described = inspect_model(Path(tmp) / files[0]["path"], framework, self.load_timeout_s,
-                                      self.load_memory_mb)
+                                      self.load_memory_mb, self.sandbox)
             return described["inputs"], described["outputs"]
 
     # --- read ----------------------------------------------------------------------------------
