@@ -1,9 +1,14 @@
-"""The audit log: who did what to which subject, when. Written in the same transaction as the change."""
+"""The audit log: who did what to which subject, when. Written in the same transaction as the change.
+
+A record whose action is a public event (``hub/events/catalog.py``) also queues that event for the
+webhooks subscribed to it, in the same transaction.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from hub.events.outbox import publish_audit
 from hub.store import Database, dumps, loads, now
 
 CONTROLLER = "controller"  # the actor for what the rollout controller decides on its own
@@ -14,6 +19,7 @@ def record(db: Database, actor: str, action: str, subject: str, **detail: Any) -
     with db.transaction() as tx:
         tx.execute("INSERT INTO audit (ts, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
                    (now(), actor, action, subject, dumps(detail)))
+        publish_audit(tx, actor, action, subject, detail)
 
 
 def events(db: Database, subject: str | None = None, action: str | None = None, limit: int = 200,

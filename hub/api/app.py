@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from hub.api.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring
+from hub.api.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring, webhooks
 from hub.config import HubConfig
 from hub.console import mount_console
 from hub.context import Hub
@@ -43,7 +43,7 @@ def create_app(config: HubConfig) -> FastAPI:
 
     for router in (admin.router, models.router, modules.router, fleet.router, device.router, deployments.router,
                    deployments.rollouts,
-                   monitoring.router):
+                   monitoring.router, webhooks.router):
         app.include_router(router, prefix=API)
     app.include_router(endpoints.router, prefix=API)
     app.include_router(monitoring.ops)

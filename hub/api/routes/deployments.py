@@ -45,7 +45,7 @@ BAKE_FIELDS = {"device_bake_s", "device_max_error_rate", "device_min_inferences"
 
 class DeploymentRequest(RolloutOptions, DeviceBake):
     name: str = Field(min_length=1, max_length=64)
-    module: str = Field(description='"module:version"')
+    module: str = Field(description='"module:version", or "module@alias" (resolved now through the model alias)')
     target: str = Field(default="*", description='"*", "id1,id2" or "key=value,key2!=value2"')
     priority: int = 0
 
@@ -61,8 +61,10 @@ def put_deployment(body: DeploymentRequest, hub: Hub = Depends(get_hub),
                    who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Create or change: a new revision, rolled out by ``strategy``; matching devices get new signed desired states."""
     opts = body.model_dump(exclude={"name", "module", "target", "priority", *BAKE_FIELDS})
-    return hub.deployments.put(body.name, body.module, body.target, body.priority, actor=who.name,
-                               device_bake=body.device_bake(), **opts)
+    module, note = hub.aliases.module_ref(body.module)  # MODULE@ALIAS: resolved now, the revision records the version
+    out = hub.deployments.put(body.name, module, body.target, body.priority, actor=who.name,
+                              device_bake=body.device_bake(), note=note or "", **opts)
+    return out | ({"requested": body.module, "resolved": note} if note else {})
 
 
 @router.patch("/{name}")
@@ -72,7 +74,9 @@ def update_deployment(name: str, body: DeploymentUpdate, hub: Hub = Depends(get_
     opts = body.model_dump(exclude={"module", "target", "priority", *BAKE_FIELDS})
     if body.device_bake_s is not None:  # absent: the latest revision's bake stays
         opts["device_bake"] = body.device_bake()
-    return hub.deployments.update(name, body.module, body.target, body.priority, actor=who.name, **opts)
+    module, note = hub.aliases.module_ref(body.module) if body.module else (None, None)
+    out = hub.deployments.update(name, module, body.target, body.priority, actor=who.name, note=note or "", **opts)
+    return out | ({"requested": body.module, "resolved": note} if note else {})
 
 
 @router.get("", dependencies=[Depends(require("viewer"))])

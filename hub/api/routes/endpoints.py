@@ -12,7 +12,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from hub.api.deps import get_endpoints as manager
-from hub.api.deps import require
+from hub.api.deps import get_hub, require
+from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])
@@ -20,7 +21,7 @@ router = APIRouter(prefix="/endpoints", tags=["endpoints"])
 
 class EndpointRequest(BaseModel):
     name: str = Field(min_length=1, max_length=64)
-    module: str = Field(description='"module:version"')
+    module: str = Field(description='"module:version" or "module@alias"')
     replicas: int | None = Field(default=None, ge=1, le=64, description="worker processes per version")
     max_batch: int | None = Field(default=None, ge=1, le=4096, description="requests per batched model call")
     max_wait_ms: float | None = Field(default=None, ge=0, le=1000, description="how long a batch may wait to fill")
@@ -41,10 +42,13 @@ class KeyRequest(BaseModel):
 # the manager's calls block (starting processes, health checks): keep them off the event loop
 
 @router.post("", dependencies=[Depends(require("operator"))])
-async def deploy(body: EndpointRequest, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+async def deploy(body: EndpointRequest, m: EndpointManager = Depends(manager),
+                 hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     """Create or update; returns once the new version passed its health check and takes traffic."""
-    return await run_in_threadpool(m.deploy, body.name, body.module, body.replicas, body.max_batch, body.max_wait_ms,
-                                   body.traffic)
+    module, note = await run_in_threadpool(hub.aliases.module_ref, body.module)  # MODULE@ALIAS resolved now
+    out = await run_in_threadpool(m.deploy, body.name, module, body.replicas, body.max_batch, body.max_wait_ms,
+                                  body.traffic)
+    return out | ({"requested": body.module, "resolved": note} if note else {})
 
 
 @router.get("", dependencies=[Depends(require("viewer"))])
