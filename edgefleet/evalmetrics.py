@@ -197,7 +197,7 @@ class Row:
     candidate: float
     champion: float | None
     threshold: Threshold | None
-    verdict: str  # "ok", "worse", "fails threshold", "better", "equal"
+    verdict: str  # "ok", "better", "equal", "within tolerance", "worse", "fails threshold"
 
     @property
     def failed(self) -> bool:
@@ -217,6 +217,11 @@ def judge(candidate: dict[str, float], champion: dict[str, float] | None, thresh
             verdict = "fails threshold"
         elif theirs is not None:
             delta = got - theirs if metric in HIGHER_IS_BETTER else theirs - got  # > 0: the candidate is better
-            verdict = "worse" if delta < -tolerance - 1e-12 else ("better" if delta > 1e-12 else "equal")
+            if delta < -tolerance - 1e-12:
+                verdict = "worse"
+            elif delta < -1e-12:
+                verdict = "within tolerance"
+            else:
+                verdict = "better" if delta > 1e-12 else "equal"
         rows.append(Row(metric, got, theirs, limit, verdict))
     return rows
