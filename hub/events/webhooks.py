@@ -44,7 +44,7 @@ def hook_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class Webhooks:
-    def __init__(self, db: Database, backoff_s: float = 0.5, max_attempts: int = 8, timeout_s: float = 5.0,
+    def __init__(self, db: Database, backoff_s: float = 1.0, max_attempts: int = 10, timeout_s: float = 5.0,
                  poll_s: float = 0.25) -> None:
         self.db = db
         self.backoff_s, self.max_attempts, self.poll_s = backoff_s, max_attempts, poll_s
