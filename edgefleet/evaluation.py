@@ -68,9 +68,12 @@ def read_table(path: Path) -> Table:
 
 def model_inputs(runner: Runner, table: Table, features: list[str]) -> dict[str, np.ndarray]:
     """The model's inputs from the table: one column per input when the inputs are named like columns,
-    else every feature column stacked into the one input's rows."""
+    else every feature column stacked into the one input's rows; a model declaring no inputs gets the
+    feature columns by name."""
     specs = runner.inputs
-    if specs and all(s.name in table.columns for s in specs):
+    if not specs:  # a Python entry script that declares no signature: run(inputs) gets the feature columns by name
+        return {f: table.columns[f] for f in features}
+    if all(s.name in table.columns for s in specs):
         return {s.name: _column(table.columns[s.name], s.dtype, len(s.shape)) for s in specs}
     if len(specs) != 1:
         raise EvaluationError(f"the model has inputs {[s.name for s in specs]}: name the table's columns after them")

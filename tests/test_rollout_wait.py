@@ -69,6 +69,15 @@ def test_wait_exits_by_outcome_with_plain_lines_and_ndjson(server, admin, tmp_pa
     assert cli(server, "rollout", "status", "d", "--wait", "--id", str(rid), ok=False).returncode == 4
     assert cli(server, "rollout", "status", "d", "--wait").returncode == 0
 
+    # the hub goes away while a job waits: it says so and keeps waiting until its timeout
+    deploy("m:1", bake=60)
+    proc = follow(server, "d", "--wait", "--timeout", "5", "--interval", "0.2")
+    assert "wave[1].baking" in proc.stdout.readline()
+    server.stop()
+    out, errors = proc.communicate(timeout=60)
+    assert proc.returncode == 5 and "timed out after" in out
+    assert "cannot reach the hub" in errors and "still waiting" in errors
+
 
 def test_deploy_edge_and_web_from_a_model_file_in_one_command(server, admin, tmp_path):
     model = write_logreg_onnx(tmp_path / "churn.onnx")

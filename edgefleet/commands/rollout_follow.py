@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from edgefleet.client import HubClient
+from edgefleet.client import HubClient, HubError
 
 EXIT_SUCCEEDED = 0
 EXIT_ROLLED_BACK = 3
@@ -98,10 +98,22 @@ def follow(c: HubClient, name: str, rollout_id: int | None, *, interval: float, 
                     print(ending(st, code, waited), file=sys.stderr if mode == "live" else sys.stdout, flush=True)
                 return code
             time.sleep(min(interval, max(0.05, (timeout - waited) if timeout is not None else interval)))
-            st = c.get(f"/api/v1/rollouts/{name}", id=rollout_id)
+            st = _poll(c, name, rollout_id, st, mode)
     finally:
         if view is not None:
             view.stop()
+
+
+def _poll(c: HubClient, name: str, rollout_id: int, last: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The rollout's status now; while the hub cannot be reached (a restart) say so and keep the last one:
+    the rollout goes on in the hub, and the timeout still bounds the wait."""
+    try:
+        return c.get(f"/api/v1/rollouts/{name}", id=rollout_id)
+    except HubError as exc:
+        if not str(exc).startswith("cannot reach"):
+            raise
+        print(f"{datetime.now().strftime('%H:%M:%S')} {exc}; still waiting", file=sys.stderr, flush=True)
+        return last
 
 
 def _word(code: int) -> str:
