@@ -103,6 +103,10 @@ def test_deploy_edge_and_web_from_a_model_file_in_one_command(server, admin, tmp
     assert got.status_code == 200
     want = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
     assert np.allclose(np.asarray(got.json()["outputs"]["probability"]), want, atol=1e-6)
+    # the web by alias too: resolved when deployed
+    cli(server, "model", "alias", "set", "churn", "champion", "1")
+    again = as_json(cli(server, "deploy", "web", "churn-web", "--module", "churn@champion", "--json"))
+    assert again["requested"] == "churn@champion" and "resolved to churn:1" in again["resolved"]
     cli(server, "endpoint", "delete", "churn-web")
 
     both = cli(server, "deploy", "edge", "x", "--model", str(model), "--module", "churn:1", ok=False)

@@ -117,7 +117,8 @@ def test_ping_cancel_on_delete_and_redeliver(server, admin):
 
         done = wait_until(delivered_ping, 10, 0.1, "ping delivered")
         again = as_json(cli(server, "webhook", "redeliver", str(done["id"]), "--json"))
-        assert again["state"] == "pending" and r.take(1)[0].raw == ping.raw
+        assert again["state"] == "pending" and again["id"] != done["id"] and again["event_id"] == done["event_id"]
+        assert r.take(1)[0].raw == ping.raw  # the same event, body and signature
     finally:
         r.close()
     # a receiver that is gone: deliveries wait with backoff; deleting the webhook cancels them

@@ -114,7 +114,7 @@ def deploy_edge(
 @deployment_app.command("update")
 def deployment_update(
     name: str,
-    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION"),
+    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)"),
     target: str | None = typer.Option(None, "--target"),
     priority: int | None = typer.Option(None, "--priority"),
     strategy: str = typer.Option("all", "--strategy", help=STRATEGY_HELP),

@@ -76,7 +76,7 @@ def model_list(
     with client() as c:
         res = call(lambda: c.request("GET", "/api/v1/models", params={k: v for k, v in params.items() if v is not None}))
     items = res.get("items", res) if isinstance(res, dict) else res
-    emit(items, as_json, ["name", "version", "framework", "tags", "created_at"])
+    emit(items, as_json, ["name", "version", "aliases", "framework", "tags", "created_at"])
 
 
 def _resolve(c: HubClient, ref: str) -> tuple[str, int]:

@@ -114,13 +114,17 @@ class Webhooks:
                              + " AND ".join(where) + " ORDER BY id DESC LIMIT ?", [*params, limit])
 
     def redeliver(self, delivery: int) -> dict[str, Any]:
-        """Send a delivery again (failed, or to repeat a delivered one), with a fresh set of attempts."""
+        """Send a delivery again (failed, or to repeat a delivered one): a new row with the same event and body, so
+        the first one's record (and the attempt counts) stay as they were."""
         with self.db.transaction() as tx:
-            if tx.execute("UPDATE webhook_deliveries SET state = 'pending', attempts = 0, next_at = ? WHERE id = ? "
-                          "AND (webhook IS NULL OR webhook IN (SELECT id FROM webhooks))",
-                          (now(), delivery)).rowcount == 0:
-                raise NotFound(f"no delivery {delivery} to a webhook that still exists")
-        return self.delivery(delivery)
+            old = self.delivery(delivery)
+            if old["webhook"] is not None and tx.one("SELECT 1 FROM webhooks WHERE id = ?", (old["webhook"],)) is None:
+                raise NotFound(f"delivery {delivery} was to webhook {old['webhook']}, which no longer exists")
+            t = now()
+            new = tx.scalar("INSERT INTO webhook_deliveries (event_id, event, webhook, url, body, next_at, created_at)"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                            (old["event_id"], old["event"], old["webhook"], old["url"], old["body"], t, t))
+        return self.delivery(new)
 
     def delivery(self, delivery: int) -> dict[str, Any]:
         row = self.db.one("SELECT * FROM webhook_deliveries WHERE id = ?", (delivery,))

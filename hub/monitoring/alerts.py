@@ -87,7 +87,8 @@ class Alerts:
     def events(self, rule: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Newest first, each with the delivery state of the rule's own webhook (``delivered``, ``attempts``)."""
         sql = ("SELECT e.id, e.rule, e.kind, e.key, e.state, e.value, e.message, e.ts, e.webhook, e.event_id,"
-               " coalesce(d.state = 'delivered', e.delivered) AS delivered, coalesce(d.attempts, e.attempts) AS attempts,"
+               " CASE WHEN d.id IS NULL THEN e.delivered WHEN d.state = 'delivered' THEN 1 ELSE 0 END AS delivered,"
+               " coalesce(d.attempts, e.attempts) AS attempts,"
                " coalesce(d.last_error, e.last_error) AS last_error FROM alert_events e LEFT JOIN webhook_deliveries d"
                " ON d.event_id = e.event_id AND d.webhook IS NULL")
         params: list[Any] = []
