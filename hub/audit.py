@@ -8,6 +8,9 @@ re-computing every hash: keep :func:`verify`'s head hash somewhere else now and 
 
 The API also records every successful mutating request a route did not record itself
 (``hub/api/limits.py``); :func:`request_scope` lets it see whether a route did.
+
+A record whose action is a public event (``hub/events/catalog.py``) also queues that event for the
+webhooks subscribed to it, in the same transaction.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from hub.events.outbox import publish_audit
 from hub.store import Connection, Database, dumps, loads, now
 
 CONTROLLER = "controller"  # the actor for what the rollout controller decides on its own
@@ -62,6 +66,7 @@ def record(db: Database, actor: str, action: str, subject: str, **detail: Any) -
         prev = _head(tx)
         row = {"ts": round(now(), 6), "actor": actor, "action": action, "subject": subject, "detail": dumps(detail)}
         tx.insert("audit", row | {"prev_hash": prev, "hash": row_hash(prev, row)})
+        publish_audit(tx, actor, action, subject, detail)
     counter = _request.get()
     if counter is not None:
         counter[0] += 1

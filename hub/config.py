@@ -58,6 +58,10 @@ class HubConfig:
     broker_pid_file: Path | None = None  # isolate: the same, its pid read at each change (a supervised broker's)
     ingest_workers: int = 0  # extra processes sharing telemetry/data ingest via an MQTT 5 shared subscription
     alert_eval_s: float = 15.0  # how often alert rules are evaluated
+    # event webhooks (hub/events): a failed delivery is retried after backoff × 2^n seconds, max_attempts in all
+    webhook_backoff_s: float = 1.0  # 1, 2, 4 … 256 s: about 8.5 minutes of retries (a receiver redeploying)
+    webhook_max_attempts: int = 10
+    webhook_timeout_s: float = 5.0
     telemetry_retention_s: float = 7 * 86400  # raw telemetry older than this is folded into 1-minute rollups
     data_retention_s: float = 30 * 86400  # collected inputs/predictions older than this are deleted
     broker_ca: Path | None = None  # mqtts: the broker's CA (PEM); the hub trusts it and pins it on devices at enrolment

@@ -7,13 +7,16 @@ import threading
 
 from hub import audit
 from hub.config import HubConfig
+from hub.events.webhooks import Webhooks
 from hub.fleet.broker_auth import BrokerAuth, signal_reload
 from hub.fleet.device_http import DeviceDownloads
 from hub.fleet.devices import Fleet
 from hub.ingest import workers as ingest_worker
 from hub.monitoring.service import Monitor
 from hub.mqtt.bridge import Bridge
+from hub.registry.aliases import ModelAliases
 from hub.registry.bundles import ModuleBuilder
+from hub.registry.evaluations import Evaluations
 from hub.registry.models import ModelRegistry
 from hub.rollout.deployments import Deployments
 from hub.rollout.director import Director
@@ -50,6 +53,10 @@ class Hub:
         self.registry = ModelRegistry(self.db, self.store, config.load_check_timeout_s, config.load_check_memory_mb,
                                       self.sandbox)
         self.modules = ModuleBuilder(self.db, self.store, self.registry, self.keys, config.release_ttl_s)
+        self.aliases = ModelAliases(self.db, self.registry)
+        self.evaluations = Evaluations(self.db, self.registry)
+        self.webhooks = Webhooks(self.db, config.webhook_backoff_s, config.webhook_max_attempts,
+                                 config.webhook_timeout_s)
         self.policies = ReleasePolicies(self.db, self.keys, config.release_ttl_s)
         self.bridge = Bridge(config, self.db, self.store, self._is_enrolled)
         self.downloads = DeviceDownloads(self.db, self.store)  # bundles over HTTP for devices (routes/device.py)
@@ -95,6 +102,7 @@ class Hub:
         self._ingest_workers = ingest_worker.spawn(self.config, self.db)
         self.bridge.start()
         self.monitor.start()
+        self.webhooks.start()
         self._maintenance.start()
         self.rollouts.start_loop()
 
@@ -102,6 +110,7 @@ class Hub:
         self._stop.set()
         self.rollouts.stop_loop()
         self.monitor.stop()
+        self.webhooks.stop()
         self.bridge.stop()
         ingest_worker.stop_all(self._ingest_workers)
         if self._maintenance.is_alive():

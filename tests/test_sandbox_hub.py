@@ -118,7 +118,7 @@ def loot(server, admin, secrets_env) -> dict[str, bytes]:
     """What the attacker wants: the hub's key files, its admin token, a row of its database, its environment."""
     data = server.config.data_dir
     admin.post("/api/v1/models", data={"name": "innocent", "description": MARKER},
-               files=[("files", ("m.py", b"def run(inputs):\n    return inputs\n"))]).raise_for_status()
+               files=[("files", ("m.py", b"def init():\n    pass\n\n\ndef run(inputs):\n    return inputs\n"))]).raise_for_status()
     db = b"".join(p.read_bytes() for p in data.glob("hub.db*"))
     assert MARKER.encode() in db
     found = {p.name: p.read_bytes().strip() for p in (data / "keys").glob("*.key")}
@@ -142,6 +142,8 @@ def assert_clean(text: bytes, loot: dict[str, bytes]) -> None:
 
 
 def register(admin: httpx.Client, name: str, source: str, **data: str) -> httpx.Response:
+    if "def init(" not in source:  # an entry script defines init() and run() (modules/pymodel.py)
+        source += "\n\ndef init():\n    pass\n"
     return admin.post("/api/v1/models", data={"name": name, **data}, files=[("files", (f"{name}.py", source.encode()))])
 
 

@@ -6,10 +6,12 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from edgefleet.cli_common import call, client, emit, err
+from edgefleet.commands import oneshot
 from edgefleet.commands.fleet import deploy_app
 
 endpoint_app = typer.Typer(help="Web endpoints: models served over HTTP by the hub.", no_args_is_help=True)
@@ -37,7 +39,15 @@ def parse_weights(pairs: list[str]) -> dict[str, float]:
 @deploy_app.command("web")
 def deploy_web(
     name: str,
-    module: str = typer.Option(..., "--module", help="MODULE:VERSION"),
+    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)"),
+    model: list[str] = oneshot.MODEL_OPT,
+    model_name: str | None = oneshot.MODEL_NAME_OPT,
+    sample: Path | None = oneshot.SAMPLE_OPT,
+    entry: Path | None = oneshot.ENTRY_OPT,
+    runtime: str | None = oneshot.RUNTIME_OPT,
+    baseline: Path | None = oneshot.BASELINE_OPT,
+    tag: list[str] = oneshot.TAG_OPT,
+    key: Path | None = oneshot.KEY_OPT,
     replicas: int | None = typer.Option(None, "--replicas", min=1, help="Worker processes per version (default 1)."),
     max_batch: int | None = typer.Option(None, "--max-batch", min=1, help="Requests per batched model call (64)."),
     max_wait_ms: float | None = typer.Option(None, "--max-wait-ms", min=0, help="How long a batch may wait to fill (2)."),
@@ -46,11 +56,20 @@ def deploy_web(
                                               "without it the module replaces the current version."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Serve a module as an HTTP endpoint; returns once it is healthy and taking traffic."""
-    body = {"name": name, "module": module, "replicas": replicas, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-            "traffic": traffic}
+    """Serve a module as an HTTP endpoint; returns once it is healthy and taking traffic.
+    With --model FILE: register, build, sign and serve in one step."""
+    oneshot.check_choice(module, model)
+    steps: list[dict[str, Any]] = []
     with client() as c:
+        if model:
+            src = oneshot.ModelSource(model, model_name, None, sample, entry, runtime, baseline, tag, key)
+            module, steps = oneshot.prepare(c, name, src, 4)
+        body = {"name": name, "module": module, "replicas": replicas, "max_batch": max_batch,
+                "max_wait_ms": max_wait_ms, "traffic": traffic}
         res = call(lambda: c.post("/api/v1/endpoints", {k: v for k, v in body.items() if v is not None}))
+    if model:
+        oneshot.deployed(steps, 4, f"endpoint {name} serves {module} at {res['url']}", endpoint=name, url=res["url"])
+        res = res | {"steps": steps}
     if as_json:
         emit(res, True)
     else:

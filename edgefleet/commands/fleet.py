@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 
 from edgefleet.cli_common import call, client, emit, err, parse_duration, parse_kv
+from edgefleet.commands import oneshot
 
 deploy_app = typer.Typer(help="Deploy modules to devices and to the cloud.", no_args_is_help=True)
 deployment_app = typer.Typer(help="Edge deployments: update, list, revisions.", no_args_is_help=True)
@@ -78,7 +80,15 @@ def _plan_line(plan: dict[str, Any]) -> str:
 @deploy_app.command("edge")
 def deploy_edge(
     name: str,
-    module: str = typer.Option(..., "--module", help="MODULE:VERSION"),
+    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)"),
+    model: list[str] = oneshot.MODEL_OPT,
+    model_name: str | None = oneshot.MODEL_NAME_OPT,
+    sample: Path | None = oneshot.SAMPLE_OPT,
+    entry: Path | None = oneshot.ENTRY_OPT,
+    runtime: str | None = oneshot.RUNTIME_OPT,
+    baseline: Path | None = oneshot.BASELINE_OPT,
+    tag: list[str] = oneshot.TAG_OPT,
+    key: Path | None = oneshot.KEY_OPT,
     target: str = typer.Option("*", "--target", help="'*', device ids, or labels like site=berlin,tier!=dev"),
     priority: int = typer.Option(0, "--priority", help="Per module, the highest-priority deployment wins."),
     strategy: str = typer.Option("all", "--strategy", help=STRATEGY_HELP),
@@ -92,19 +102,30 @@ def deploy_edge(
                                               help="Inferences a device needs before the error rate decides."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Deploy a module to the devices a selector matches (a new revision of NAME, rolled out by --strategy)."""
-    body = {"name": name, "module": module, "target": target, "priority": priority,
-            **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
-            **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
+    """Deploy a module to the devices a selector matches (a new revision of NAME, rolled out by --strategy).
+    With --model FILE: register, build, sign and deploy in one step."""
+    oneshot.check_choice(module, model)
+    steps: list[dict[str, Any]] = []
     with client() as c:
+        if model:
+            src = oneshot.ModelSource(model, model_name, None, sample, entry, runtime, baseline, tag, key)
+            module, steps = oneshot.prepare(c, name, src, 4)
+        body = {"name": name, "module": module, "target": target, "priority": priority,
+                **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
+                **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
         res = call(lambda: c.post("/api/v1/deployments", body))
+    if model:
+        ro = res.get("rollout")
+        oneshot.deployed(steps, 4, f"deployment {name} revision {res.get('revision')} on {target!r}: rollout {ro} "
+                                   f"started ({strategy})", deployment=name, revision=res.get("revision"), rollout=ro)
+        res = res | {"steps": steps}
     _summary(res, as_json)
 
 
 @deployment_app.command("update")
 def deployment_update(
     name: str,
-    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION"),
+    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)"),
     target: str | None = typer.Option(None, "--target"),
     priority: int | None = typer.Option(None, "--priority"),
     strategy: str | None = typer.Option(None, "--strategy", help=STRATEGY_HELP + " (default: the last rollout's)"),
@@ -184,22 +205,24 @@ def _render(st: dict[str, Any]) -> Any:
 @rollout_app.command("status")
 def rollout_status(
     name: str,
-    watch: bool = typer.Option(False, "--watch", help="Live progress until the rollout ends."),
-    interval: float = typer.Option(1.0, "--interval"),
-    as_json: bool = typer.Option(False, "--json"),
+    wait: bool = typer.Option(False, "--wait", help="Follow the rollout to its end; the exit code says how it ended "
+                                                    "(0 succeeded, 3 rolled back, 4 halted/aborted, 5 timeout)."),
+    watch: bool = typer.Option(False, "--watch", help="The same as --wait (a live view on a terminal)."),
+    timeout: float | None = typer.Option(None, "--timeout", min=0, help="Seconds to wait at most (exit 5 after)."),
+    rollout_id: int | None = typer.Option(None, "--id", help="This rollout (default: the deployment's latest)."),
+    interval: float = typer.Option(1.0, "--interval", min=0.05),
+    as_json: bool = typer.Option(False, "--json", help="JSON; with --wait one object per line (NDJSON)."),
 ) -> None:
     """The latest rollout of deployment NAME: state (e.g. wave[2].baking), counts by device state, reason."""
-    with client() as c:
-        st = call(lambda: c.get(f"/api/v1/rollouts/{name}"))
-        if watch and not as_json:
-            from rich.live import Live
+    from edgefleet.commands.rollout_follow import follow
 
-            with Live(_render(st), console=Console(), refresh_per_second=4) as live:
-                while not st["terminal"]:
-                    time.sleep(interval)
-                    st = call(lambda: c.get(f"/api/v1/rollouts/{name}"))
-                    live.update(_render(st))
-            return
+    with client() as c:
+        if wait or watch:
+            mode = "json" if as_json else ("live" if sys.stdout.isatty() else "plain")
+            code = call(lambda: follow(c, name, rollout_id, interval=interval, timeout=timeout, mode=mode,
+                                       live=_render))
+            raise typer.Exit(code)
+        st = call(lambda: c.get(f"/api/v1/rollouts/{name}", id=rollout_id))
     if as_json:
         emit(st, True)
     else:

@@ -232,19 +232,24 @@ def module_sign(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Sign a module version's release with a release key held outside the hub, and attach it."""
+    name, version = parse_model_ref(ref)
+    with client() as c:
+        res = sign_and_attach(c, name, version or 0, key)
+    emit(res, as_json, ["name", "version", "digest", "signed"])
+
+
+def sign_and_attach(c: Any, name: str, version: int, key: Path) -> Any:
+    """Sign ``name:version``'s manifest (checked against its digest first) with ``key`` and attach the release."""
     from modules.bundle import sign_release
     from protocol.manifest import Manifest
     from protocol.schema import validate
 
-    name, version = parse_model_ref(ref)
-    with client() as c:
-        info = call(lambda: c.get(f"/api/v1/modules/{name}/versions/{version}"))
-        manifest = validate(Manifest, info["envelope"]["signed"]["manifest"])
-        if manifest.digest() != info["digest"]:
-            raise typer.BadParameter(f"the hub's manifest for {ref} does not hash to its digest: refusing to sign")
-        envelope = sign_release(manifest, [read_private(key)], info["envelope"]["signed"]["expires"])
-        res = call(lambda: c.post(f"/api/v1/modules/{name}/versions/{version}/release", envelope))
-    emit(res, as_json, ["name", "version", "digest", "signed"])
+    info = call(lambda: c.get(f"/api/v1/modules/{name}/versions/{version}"))
+    manifest = validate(Manifest, info["envelope"]["signed"]["manifest"])
+    if manifest.digest() != info["digest"]:
+        raise typer.BadParameter(f"the hub's manifest for {name}:{version} does not hash to its digest: refusing to sign")
+    envelope = sign_release(manifest, [read_private(key)], info["envelope"]["signed"]["expires"])
+    return call(lambda: c.post(f"/api/v1/modules/{name}/versions/{version}/release", envelope))
 
 
 @module_app.command("revoke")

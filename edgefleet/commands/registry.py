@@ -104,7 +104,7 @@ def model_list(
     with client() as c:
         res = call(lambda: c.request("GET", "/api/v1/models", params={k: v for k, v in params.items() if v is not None}))
     items = res.get("items", res) if isinstance(res, dict) else res
-    emit(items, as_json, ["name", "version", "framework", "tags", "created_at"])
+    emit(items, as_json, ["name", "version", "aliases", "framework", "tags", "created_at"])
 
 
 def _resolve(c: HubClient, ref: str) -> tuple[str, int]:
@@ -209,10 +209,29 @@ def load_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
+def module_body(name: str, models: list[str], sample: Path | None = None, entry: Path | None = None,
+                runtime: str | None = None, collect_rate: int | None = None,
+                resources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``POST /api/v1/modules`` body (models as ``M:V`` or ``M@ALIAS``; the hub resolves aliases)."""
+    body: dict[str, Any] = {"name": name, "models": models}
+    if sample:
+        body["sample"] = json.loads(sample.read_text())
+    if entry:
+        body["entry"], body["entry_name"] = entry.read_text(), entry.name
+    if runtime:
+        body["runtime"] = runtime
+    if collect_rate is not None:
+        body["collect_rate_ppm"] = collect_rate
+    if resources:
+        body["resources"] = resources
+    return body
+
+
 @module_app.command("build")
 def module_build(
     name: str,
-    model: list[str] = typer.Option([], "--model", help="MODEL:VERSION, repeatable (the first is the main model)."),
+    model: list[str] = typer.Option([], "--model", help="MODEL:VERSION or MODEL@ALIAS, repeatable (the first is the "
+                                                         "main model)."),
     sample: Path | None = typer.Option(None, "--sample", exists=True, help="JSON {\"inputs\": {...}} for health checks."),
     entry: Path | None = typer.Option(None, "--entry", exists=True, dir_okay=False,
                                       help="Pre/post-processing script (preprocess/postprocess), or with --runtime "
@@ -229,20 +248,11 @@ def module_build(
     models = model or list(declared.get("models", []))
     if not models:
         raise typer.BadParameter("give at least one --model MODEL:VERSION (or models in --spec)")
-    body: dict[str, Any] = {"name": name, "models": models}
     sample_path = sample or (base / declared["sample"] if declared.get("sample") else None)
     entry_path = entry or (base / declared["entry"] if declared.get("entry") else None)
-    if sample_path:
-        body["sample"] = json.loads(sample_path.read_text())
-    if entry_path:
-        body["entry"], body["entry_name"] = entry_path.read_text(), entry_path.name
-    if runtime or declared.get("runtime"):
-        body["runtime"] = runtime or declared["runtime"]
     rate = collect_rate if collect_rate is not None else declared.get("collect_rate_ppm")
-    if rate is not None:
-        body["collect_rate_ppm"] = rate
-    if declared.get("resources"):
-        body["resources"] = declared["resources"]
+    body = module_body(name, models, sample_path, entry_path, runtime or declared.get("runtime"), rate,
+                       declared.get("resources"))
     with client() as c:
         res = call(lambda: c.post("/api/v1/modules", body))
     emit(res, as_json, ["name", "version", "digest", "size"])

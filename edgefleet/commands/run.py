@@ -238,6 +238,8 @@ def sim_run(
     flaky_period: float = typer.Option(30.0, "--flaky-period", help="About how often each flaky link drops (s)."),
     connect_rate: float = typer.Option(1000.0, "--connect-rate",
                                        help="Devices started per second, jittered (0: all at once)."),
+    shift: float = typer.Option(0.0, "--shift", help="Move feature 0 of the generated inputs by this many standard "
+                                                     "deviations (a drift scenario)."),
 ) -> None:
     """Run N simulated devices (real agents, real MQTT connections) against --hub."""
     import asyncio
@@ -255,7 +257,8 @@ def sim_run(
                               telemetry_interval=telemetry_interval, duration=duration, prefix=prefix,
                               scenario=Scenario(fail_share=fail_share, fail_modules=tuple(fail_module) or ("*",),
                                                 slow_share=slow_share, slow_s=slow, flaky_share=flaky_share,
-                                                flaky_period_s=flaky_period), connect_rate=connect_rate))
+                                                flaky_period_s=flaky_period), connect_rate=connect_rate,
+                              shift=shift))
     except KeyboardInterrupt:
         pass
 

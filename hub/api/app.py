@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from hub.api.guard import Guard, Limits
-from hub.api.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring, tokens
+from hub.api.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring, tokens, webhooks
 from hub.bounds import json_safe_errors
 from hub.config import HubConfig
 from hub.console import mount_console
@@ -51,7 +51,7 @@ def create_app(config: HubConfig) -> FastAPI:
 
     for router in (admin.router, tokens.router, models.router, modules.router, fleet.router, device.router, deployments.router,
                    deployments.rollouts,
-                   monitoring.router):
+                   monitoring.router, webhooks.router):
         app.include_router(router, prefix=API)
     app.include_router(endpoints.router, prefix=API)
     app.include_router(monitoring.ops)

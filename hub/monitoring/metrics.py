@@ -83,11 +83,12 @@ def _alerts(hub: Hub, out: Exposition) -> None:
     firing = hub.db.query("SELECT rule, count(*) AS n FROM alert_state WHERE firing = 1 GROUP BY rule ORDER BY rule")
     out.family("edgefleet_hub_alerts_firing", "gauge", "Alert keys currently firing, per rule.",
                [({"rule": r["rule"]}, r["n"]) for r in firing])
-    hooks = hub.db.one("SELECT coalesce(sum(delivered), 0) AS ok, coalesce(sum(attempts - delivered), 0) AS failed "
-                       "FROM alert_events WHERE webhook IS NOT NULL")
-    out.family("edgefleet_hub_webhook_attempts_total", "counter", "Webhook delivery attempts by outcome.",
-               [({"outcome": "delivered"}, hooks["ok"] if hooks else 0),
-                ({"outcome": "failed"}, hooks["failed"] if hooks else 0)])
+    # each delivery row is delivered by its last attempt at most (a redelivery is a new row): the counts only grow
+    hooks = hub.db.one("SELECT coalesce(sum(CASE WHEN state = 'delivered' THEN 1 ELSE 0 END), 0) AS ok, "
+                       "coalesce(sum(attempts), 0) AS tried FROM webhook_deliveries") or {"ok": 0, "tried": 0}
+    out.family("edgefleet_hub_webhook_attempts_total", "counter",
+               "Webhook delivery attempts (events and alert rules) by outcome.",
+               [({"outcome": "delivered"}, hooks["ok"]), ({"outcome": "failed"}, hooks["tried"] - hooks["ok"])])
 
 
 def _trust(hub: Hub, out: Exposition) -> None:

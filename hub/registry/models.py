@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from hub.audit import record
 from hub.bounds import check_api_name, check_labels
 from hub.errors import Conflict, Invalid, NotFound
 from hub.store import Database, dumps, loads, now
@@ -140,6 +141,8 @@ class ModelRegistry:
                      description, now(), created_by, dumps(properties or {}), dumps(lineage),
                      dumps(baseline_ref) if baseline_ref else None),
                 )
+                record(self.db, created_by, "model.registered", f"{name}:{version}", model=name, version=version,
+                       framework=framework, files=[f["path"] for f in stored], tags=tags or {})
         except BaseException as exc:
             self._release(held, discard=True)
             if isinstance(exc, ModelError):
@@ -204,10 +207,24 @@ class ModelRegistry:
     # --- read ----------------------------------------------------------------------------------
 
     def get(self, name: str, version: int) -> dict[str, Any]:
+        """One version, with the aliases naming it and its latest recorded metrics (newest value of each)."""
         row = self.db.one("SELECT * FROM models WHERE name = ? AND version = ?", (name, version))
         if row is None:
             raise NotFound(f"model {name}:{version} does not exist")
-        return model_row(row)
+        metrics: dict[str, float] = {}
+        for e in self.db.query("SELECT metrics FROM model_evaluations WHERE name = ? AND version = ? ORDER BY id",
+                               (name, version)):
+            metrics |= loads(e["metrics"], {})
+        return model_row(row) | {"aliases": self._aliases([row])[(name, version)], "metrics": metrics}
+
+    def _aliases(self, rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[str]]:
+        out: dict[tuple[str, int], list[str]] = {(r["name"], r["version"]): [] for r in rows}
+        names = sorted({r["name"] for r in rows})
+        if names:
+            for a in self.db.query(f"SELECT name, alias, version FROM model_aliases WHERE name IN "
+                                   f"({','.join('?' * len(names))}) ORDER BY alias", names):
+                out.get((a["name"], a["version"]), []).append(a["alias"])
+        return out
 
     def search(self, name: str | None = None, tags: dict[str, str] | None = None, framework: str | None = None,
                limit: int | None = None, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
@@ -226,7 +243,8 @@ class ModelRegistry:
         total = self.db.scalar("SELECT count(*) FROM models" + clause, params) or 0
         sql = "SELECT * FROM models" + clause + " ORDER BY created_at DESC, version DESC LIMIT ? OFFSET ?"
         rows = self.db.query(sql, [*params, -1 if limit is None else limit, offset])
-        return [model_row(r) for r in rows], total
+        aliases = self._aliases(rows)
+        return [model_row(r) | {"aliases": aliases[(r["name"], r["version"])]} for r in rows], total
 
     def list(self, name: str | None = None, tags: dict[str, str] | None = None,
              framework: str | None = None) -> list[dict[str, Any]]:

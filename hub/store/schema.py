@@ -170,6 +170,36 @@ EXPORT_INDEXES = """CREATE INDEX IF NOT EXISTS data_records_ts ON data_records (
 CREATE INDEX IF NOT EXISTS data_records_module ON data_records (module, version, ts);
 """
 
+# registry aliases, evaluations and event webhooks (migration 3)
+MLOPS = """CREATE TABLE IF NOT EXISTS model_aliases (
+    name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, updated_at REAL NOT NULL,
+    updated_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (name, alias)
+);
+-- metrics measured by running a model version on a data set (edgefleet model evaluate); never edited
+CREATE TABLE IF NOT EXISTS model_evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, version INTEGER NOT NULL, metrics TEXT NOT NULL,
+    dataset TEXT NOT NULL DEFAULT '{}', dataset_sha256 TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL,
+    created_by TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS model_evaluations_version ON model_evaluations (name, version, id);
+-- event subscriptions; the secret signs each delivery (HMAC-SHA256), so it is kept, and never shown
+CREATE TABLE IF NOT EXISTS webhooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, url TEXT NOT NULL, events TEXT NOT NULL, secret TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT ''
+);
+-- one row per (event, receiver): written in the transaction of the change it announces, sent by one thread.
+-- webhook NULL: an alert rule's own URL (unsigned)
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, event TEXT NOT NULL, webhook INTEGER,
+    url TEXT NOT NULL, body TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, last_status INTEGER,
+    last_error TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (state, next_at);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_event ON webhook_deliveries (event_id);
+"""
+
 MIGRATIONS: list[tuple[Step, ...]] = [
     (  # 1: the schema when versioning began (its columns were added by hubs of their time, so: only when missing)
         CORE,
@@ -206,5 +236,10 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         # hash = sha256(prev_hash + canonical row): hub/audit.py; rows of older hubs are chained at start
         AddColumn("audit", "prev_hash", "TEXT"),
         AddColumn("audit", "hash", "TEXT"),
+    ),
+    (  # 4: the MLOps loop: registry aliases and recorded evaluations (hub/registry/aliases.py, evaluations.py),
+        # event webhooks and one delivery table for them and for alert rules' own URLs (hub/events/)
+        MLOPS,
+        AddColumn("alert_events", "event_id", "TEXT"),  # the webhook event that carried it (webhook_deliveries)
     ),
 ]

@@ -48,7 +48,7 @@ BAKE_FIELDS = {"device_bake_s", "device_max_error_rate", "device_min_inferences"
 
 
 Target = Annotated[str, Field(max_length=MAX_TEXT, description='"*", "id1,id2" or "key=value,key2!=value2"')]
-ModuleRef = Annotated[str, Field(max_length=200, description='"module:version"')]
+ModuleRef = Annotated[str, Field(max_length=200, description='"module:version", or "module@alias" (resolved now)')]
 
 
 class DeploymentRequest(RolloutOptions, DeviceBake):
@@ -79,8 +79,10 @@ def put_deployment(body: DeploymentRequest, hub: Hub = Depends(get_hub),
                    who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Create or change: a new revision, rolled out by ``strategy``; matching devices get new signed desired states."""
     opts = body.model_dump(exclude={"name", "module", "target", "priority", *BAKE_FIELDS})
-    return hub.deployments.put(body.name, body.module, body.target, body.priority, actor=who.name,
-                               device_bake=body.device_bake(), **opts)
+    module, note = hub.aliases.module_ref(body.module)  # MODULE@ALIAS: resolved now, the revision records the version
+    out = hub.deployments.put(body.name, module, body.target, body.priority, actor=who.name,
+                              device_bake=body.device_bake(), note=note or "", **opts)
+    return out | ({"requested": body.module, "resolved": note} if note else {})
 
 
 @router.patch("/{name}")
@@ -91,7 +93,9 @@ def update_deployment(name: NamePath, body: DeploymentUpdate, hub: Hub = Depends
     opts = body.model_dump(exclude_unset=True, exclude={"module", "target", "priority", *BAKE_FIELDS})
     if body.device_bake_s is not None:  # absent: the latest revision's bake stays
         opts["device_bake"] = body.device_bake()
-    return hub.deployments.update(name, body.module, body.target, body.priority, actor=who.name, **opts)
+    module, note = hub.aliases.module_ref(body.module) if body.module else (None, None)
+    out = hub.deployments.update(name, module, body.target, body.priority, actor=who.name, note=note or "", **opts)
+    return out | ({"requested": body.module, "resolved": note} if note else {})
 
 
 @router.get("", dependencies=[Depends(require("viewer"))])

@@ -12,9 +12,10 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from hub import audit
-from hub.api.deps import Principal, require
+from hub.api.deps import Principal, get_hub, require
 from hub.api.deps import get_endpoints as manager
 from hub.bounds import MAX_LIST, Finite, Name, NamePath
+from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])
@@ -22,7 +23,7 @@ router = APIRouter(prefix="/endpoints", tags=["endpoints"])
 
 class EndpointRequest(BaseModel):
     name: Name
-    module: str = Field(max_length=200, description='"module:version"')
+    module: str = Field(max_length=200, description='"module:version" or "module@alias"')
     replicas: int | None = Field(default=None, ge=1, le=64, description="worker processes per version")
     max_batch: int | None = Field(default=None, ge=1, le=4096, description="requests per batched model call")
     max_wait_ms: Finite | None = Field(default=None, ge=0, le=1000, description="how long a batch may wait to fill")
@@ -45,14 +46,15 @@ class KeyRequest(BaseModel):
 # the manager's calls block (starting processes, health checks): keep them off the event loop
 
 @router.post("")
-async def deploy(body: EndpointRequest, m: EndpointManager = Depends(manager),
+async def deploy(body: EndpointRequest, m: EndpointManager = Depends(manager), hub: Hub = Depends(get_hub),
                  who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Create or update; returns once the new version passed its health check and takes traffic."""
-    result = await run_in_threadpool(m.deploy, body.name, body.module, body.replicas, body.max_batch, body.max_wait_ms,
-                                     body.traffic)
-    await run_in_threadpool(audit.record, m.db, who.name, "endpoint.deployed", body.name, module=body.module,
+    module, note = await run_in_threadpool(hub.aliases.module_ref, body.module)  # MODULE@ALIAS resolved now
+    out = await run_in_threadpool(m.deploy, body.name, module, body.replicas, body.max_batch, body.max_wait_ms,
+                                  body.traffic)
+    await run_in_threadpool(audit.record, m.db, who.name, "endpoint.deployed", body.name, module=module,
                             replicas=body.replicas, traffic=body.traffic)
-    return result
+    return out | ({"requested": body.module, "resolved": note} if note else {})
 
 
 @router.get("", dependencies=[Depends(require("viewer"))])

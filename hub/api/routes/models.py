@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from hub import audit
 from hub.api.deps import Principal, get_hub, require
 from hub.bounds import MAX_LABELS, MAX_TEXT, Key, Keys, NamePath, Value, Version, check_labels
 from hub.context import Hub
@@ -75,9 +74,7 @@ def register_model(
         name, uploads, _form_tags(tag + tags), description, who.name,
         properties=_json_object("properties", properties) if properties else None,
         lineage={"parent": parent, "dataset": dataset, "training_run": training_run}, baseline=baseline_stream)
-    audit.record(hub.db, who.name, "model.registered", f"{model['name']}:{model['version']}",
-                 framework=model.get("framework"), files=[f.filename for f in files][:64])
-    return model
+    return model  # audited as model.registered by the registry, in the registration's transaction
 
 
 @router.get("", dependencies=[Depends(require("viewer"))])
@@ -125,3 +122,59 @@ def get_model(name: NamePath, version: Version, hub: Hub = Depends(get_hub)) -> 
 def download_model_file(name: NamePath, version: Version, path: str, hub: Hub = Depends(get_hub)) -> FileResponse:
     return FileResponse(hub.registry.file_path(name, version, path), filename=path.rsplit("/", 1)[-1],
                         media_type="application/octet-stream")
+
+
+# --- aliases (hub/registry/aliases.py) ------------------------------------------------------------
+
+
+@router.get("/{name}/aliases", dependencies=[Depends(require("viewer"))])
+def list_aliases(name: str, hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    return hub.aliases.list(name)
+
+
+@router.get("/{name}/aliases/{alias}", dependencies=[Depends(require("viewer"))])
+def get_alias(name: str, alias: str, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """The model version ``name@alias`` names (``@latest``: the newest version)."""
+    return hub.registry.get(name, hub.aliases.get(name, alias))
+
+
+class AliasRequest(BaseModel):
+    version: int = Field(ge=1)
+    expect: int | None = Field(default=None, ge=0, description="move only if the alias now names this version "
+                                                                 "(0: only if it is not set yet); 409 otherwise")
+
+
+@router.put("/{name}/aliases/{alias}")
+def set_alias(name: str, alias: str, body: AliasRequest, hub: Hub = Depends(get_hub),
+              who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Point the alias at a version (an ``alias.moved`` event when it moves)."""
+    return hub.aliases.set(name, alias, body.version, who.name, body.expect)
+
+
+@router.delete("/{name}/aliases/{alias}")
+def delete_alias(name: str, alias: str, expect: int | None = Query(default=None, ge=1), hub: Hub = Depends(get_hub),
+                 who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    return hub.aliases.delete(name, alias, who.name, expect)
+
+
+# --- recorded evaluations (hub/registry/evaluations.py) -------------------------------------------
+
+
+class MetricsRequest(BaseModel):
+    metrics: dict[str, float] = Field(description='{"accuracy": 0.93, "f1": 0.91}')
+    dataset: dict[str, Any] = Field(default_factory=dict,
+                                    description='what was measured on: {"name", "sha256", "rows", "label"}')
+
+
+@router.post("/{name}/versions/{version}/metrics", status_code=201)
+def record_metrics(name: str, version: int, body: MetricsRequest, hub: Hub = Depends(get_hub),
+                   who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Record an evaluation of a model version (its metrics on a data set)."""
+    return hub.evaluations.record(name, version, body.metrics, body.dataset, who.name)
+
+
+@router.get("/{name}/versions/{version}/metrics", dependencies=[Depends(require("viewer"))])
+def list_metrics(name: str, version: int, dataset_sha256: str | None = None,
+                 hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    """Recorded evaluations, newest first (only those on one data set with ``dataset_sha256``)."""
+    return hub.evaluations.list(name, version, dataset_sha256)

@@ -19,7 +19,8 @@ router = APIRouter(tags=["modules"])
 class ModuleRequest(BaseModel):
     name: Name
     models: list[Annotated[str, Field(max_length=200)]] = Field(
-        min_length=1, max_length=MAX_LIST, description='"model:version" references; the first is the main model')
+        min_length=1, max_length=MAX_LIST,
+        description='"model:version" or "model@alias" references; the first is the main model')
     runtime: str | None = None
     sample: dict[str, Any] | None = Field(default=None, description='{"inputs": {name: values}}, for health checks')
     collect_rate_ppm: int = Field(default=0, ge=0, le=1_000_000)
@@ -34,11 +35,13 @@ def build_module(body: ModuleRequest, hub: Hub = Depends(get_hub),
                  who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Build and sign version N+1 (or return the latest version if nothing changed). When the release key is held
     elsewhere the version is stored unsigned (``signed: false``) until a signed release is attached."""
-    built = hub.modules.build(body.name, body.models, body.runtime, body.sample, body.collect_rate_ppm,
+    built = hub.modules.build(body.name, hub.aliases.model_refs(body.models), body.runtime, body.sample,
+                              body.collect_rate_ppm,
                               entry=body.entry, entry_name=body.entry_name, resources=body.resources)
     audit.record(hub.db, who.name, "module.built", f"{built['name']}:{built['version']}", digest=built["digest"],
                  models=body.models, signed=built["signed"])
-    return {k: built[k] for k in ("name", "version", "digest", "size", "runtime", "signed")}
+    return {k: built[k] for k in ("name", "version", "digest", "size", "runtime", "signed")} | {
+        "models": hub.modules.sources(built["name"], built["version"])}
 
 
 @router.get("/modules", dependencies=[Depends(require("viewer"))])
