@@ -116,7 +116,10 @@ def test_agents_share_one_loop_and_reconnect_after_broker_restart(tmp_path):
             await until(lambda: all(len(a.outbox) <= 1 for a in agents), 20, "outbox drained")
             for a in agents:
                 seqs = [t.seq for t in hub.telemetry(a.device_id)]
-                assert seqs == sorted(set(seqs)) and len(seqs) >= 3  # stored-and-forwarded, in order
+                # stored-and-forwarded, in order, nothing lost; QoS 1 is at least once (a batch in flight when the
+                # broker died may arrive twice: the hub de-duplicates by seq, docs/protocol.md)
+                first = list(dict.fromkeys(seqs))
+                assert first == list(range(first[0], first[0] + len(first))) and len(first) >= 3, seqs
             await asyncio.gather(*(a.stop() for a in agents))
             await asyncio.gather(*tasks)
 
