@@ -6,14 +6,15 @@ import json as jsonlib
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import httpx
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modules.bundle import ROOT_FILE, ROOTS_DIR, explain_revoked, pull_bundle, walk_roots
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import FileEntry, Manifest
 from protocol.signing import MAX_ENVELOPE_BYTES, Root, load_trusted_root
+
+if TYPE_CHECKING:  # httpx is imported where a call is made: every CLI command starts without it
+    import httpx
 
 
 class HubError(RuntimeError):
@@ -24,6 +25,8 @@ class HubClient:
     def __init__(self, base_url: str, token: str | None, timeout: float = 30.0, ca: str | None = None) -> None:
         """``ca``: a PEM file of the CA to trust for an https:// hub (the hub's own is DATA/tls/ca.pem)."""
         self.base_url = base_url.rstrip("/")
+        import httpx
+
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else True
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, verify=verify)
@@ -38,6 +41,8 @@ class HubClient:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
         try:
             resp = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -96,6 +101,8 @@ class HubClient:
 
     def get_json_limited(self, path: str, limit: int = MAX_ENVELOPE_BYTES) -> Any:
         """A JSON document of at most ``limit`` bytes (signed metadata: refuse endless data before parsing)."""
+        import httpx
+
         try:
             return jsonlib.loads(b"".join(self.stream(path, limit)))
         except httpx.HTTPError as exc:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import typer
 
 from edgefleet.cli_common import CTX, call, client, emit, err, parse_duration, parse_time
+
+if TYPE_CHECKING:
+    import httpx
 
 metrics_app = typer.Typer(help="Telemetry time series from the hub.", no_args_is_help=True)
 drift_app = typer.Typer(help="Input and prediction drift against a model's baseline.", no_args_is_help=True)
@@ -126,6 +128,8 @@ def data_export(
                                 "endpoint": endpoint, "module": name or None,
                                 "version": int(version) if version else None, "since": parse_time(since),
                                 "until": parse_time(until)}.items() if v is not None}
+    import httpx
+
     headers = {"Authorization": f"Bearer {CTX.token}"} if CTX.token else {}
     tmp = out.with_name(out.name + ".partial")
     rows = 0
