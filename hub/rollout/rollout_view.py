@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from hub.fleet.devices import bundle_state, category
+from hub.fleet.device_state import bundle_state, category
 from hub.fleet.targeting import parse_target
 from hub.rollout import rollout_states as S
 from hub.rollout.rollout_plan import strategy_from_json, strategy_text

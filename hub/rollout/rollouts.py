@@ -17,7 +17,7 @@ from typing import Any
 
 from hub.audit import CONTROLLER, record
 from hub.errors import Conflict, NotFound
-from hub.fleet.devices import bundle_state, category
+from hub.fleet.device_state import bundle_state, category
 from hub.fleet.targeting import parse_target
 from hub.rollout import rollout_states as S
 from hub.rollout import rollout_view as view
