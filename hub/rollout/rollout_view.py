@@ -46,9 +46,32 @@ def not_updated_reason(devices: list[dict[str, Any]]) -> str:
             f"{names}")
 
 
+def by_wave(devices: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
+    """Per wave: its label, how many devices it moved and their buckets."""
+    out = [{"wave": i + 1, "label": label, "devices": 0, "counts": {}} for i, label in enumerate(labels)]
+    for d in devices:
+        if d["wave"] is not None and d["wave"] <= len(out):
+            w = out[d["wave"] - 1]
+            w["devices"] += 1
+            w["counts"][d["state"]] = w["counts"].get(d["state"], 0) + 1
+    return out
+
+
+def select(devices: list[dict[str, Any]], state: str = "", q: str = "", limit: int | None = None,
+           cursor: str = "") -> dict[str, Any]:
+    """The rollout's devices in bucket ``state`` whose id holds ``q``, one page of ``limit`` after id ``cursor``."""
+    q = q.lower()
+    match = [d for d in devices if (not state or d["state"] == state) and q in d["id"].lower()]
+    after = [d for d in match if d["id"] > cursor] if cursor else match
+    shown = after if limit is None else after[:limit]
+    more = limit is not None and len(after) > limit
+    return {"devices": shown, "devices_total": len(match), "next_cursor": shown[-1]["id"] if more else None}
+
+
 def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str, Any] | None,
-           t: float | None = None) -> dict[str, Any]:
-    """The view of rollout ``r`` (a ``rollouts`` row) of revision ``rev`` (from ``prev``, if any) at time ``t``."""
+           t: float | None = None, page: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The view of rollout ``r`` (a ``rollouts`` row) of revision ``rev`` (from ``prev``, if any) at time ``t``;
+    ``page`` (:func:`select`'s arguments) lists one filtered page of its devices instead of all."""
     t = time.time() if t is None else t
     waves = strategy_from_json(loads(r["strategy"]))
     admitted = {p["device"]: p["wave"] for p in db.query(
@@ -81,7 +104,8 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
         "state": S.display(r["state"], r["wave"]), "phase": r["state"], "wave": r["wave"] + 1, "waves": len(waves),
         "strategy": [w.label for w in waves], "bake_s": r["bake_s"], "gates": loads(r["gates"]),
         "on_failure": r["on_failure"], "wave_timeout_s": r["wave_timeout_s"], "plan": plan(r),
-        "reason": r["reason"], "last_gate": loads(r["last_gate"]), "counts": counts, "devices": devices,
+        "reason": r["reason"], "last_gate": loads(r["last_gate"]), "counts": counts,
+        "by_wave": by_wave(devices, [w.label for w in waves]), **select(devices, **(page or {})),
         "terminal": terminal, "created_at": r["created_at"], "created_by": r["created_by"],
         "updated_at": r["updated_at"],
     }
