@@ -38,7 +38,8 @@ export async function devices(root) {
         h("td", {}, pill(d.online ? "online" : "offline")),
         h("td", {}, pill(d.state, d.state), d.error ? h("div", { class: "error" }, d.error) : ""),
         h("td", {}, labelText(d.labels)),
-        h("td", {}, d.modules.map((m) => pill(`${m.name}:${m.version} ${m.state}`, m.state))),
+        h("td", {}, d.modules.map((m) => [pill(`${m.name}:${m.version} ${m.state}`, m.state),
+          m.error ? h("div", { class: "error" }, m.error) : ""])),
         h("td", {}, d.inferences.toLocaleString()),
         h("td", { title: when(d.last_seen) }, ago(d.last_seen)))), "no devices match"));
   };

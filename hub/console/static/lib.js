@@ -10,7 +10,7 @@ export function h(tag, attrs = {}, ...children) {
     if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else if (v !== false && v !== null && v !== undefined) el.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) el.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  for (const c of children.flat(Infinity)) el.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
   return el;
 }
 
