@@ -15,8 +15,8 @@ N = 120  # 30 per site
 def seeded(server, admin, probe, tmp_path):
     ids = enrol(admin, N, prefix="dl")
     [module] = build_versions(admin, tmp_path, n=1)
-    admin.post("/api/v1/deployments", json={"name": "edge-b", "module": "scorer:1", "target": "site=berlin"}
-               ).raise_for_status()
+    admin.post("/api/v1/deployments", json={"name": "edge-b", "module": "scorer:1", "target": "site=berlin",
+                                            "gates": {"max_install_failure_rate": 1}}).raise_for_status()
     berlin = ids[0::4]
     digest = module["digest"]
     play(probe, berlin[:10], module=("scorer", 1, digest), state="running")
@@ -99,3 +99,31 @@ def test_device_detail_has_desired_reported_and_totals_and_summary_counts_by_sta
     s = admin.get("/api/v1/fleet/summary").json()
     assert s["devices"] == N and s["online"] == 23
     assert s["by_state"] == {"idle": N - len(berlin), "pending": len(berlin) - 13, "running": 10, "failed": 3}
+
+
+def test_rollout_status_pages_its_devices_and_counts_per_wave(seeded, admin):
+    ids, berlin = seeded
+    whole = admin.get("/api/v1/rollouts/edge-b").json()
+    assert whole["phase"] == "installing" and len(whole["devices"]) == whole["devices_total"] == len(berlin)
+    assert whole["by_wave"] == [{"wave": 1, "label": "100%", "devices": len(berlin),
+                                 "counts": {"running": 10, "failed": 3, "pending": len(berlin) - 13}}]
+    seen, cursor = [], ""
+    while True:
+        p = admin.get("/api/v1/rollouts/edge-b", params={"state": "pending", "limit": 7, "cursor": cursor}).json()
+        assert p["devices_total"] == len(berlin) - 13 and p["counts"] == whole["counts"]
+        seen += [d["id"] for d in p["devices"]]
+        if not (cursor := p["next_cursor"]):
+            break
+    assert seen == sorted(set(berlin) - set(berlin[:13]))
+    one = admin.get("/api/v1/rollouts/edge-b", params={"q": berlin[5].upper(), "limit": 5}).json()
+    assert [d["id"] for d in one["devices"]] == [berlin[5]] and one["devices"][0]["state"] == "running"
+
+
+def test_states_of_rows_written_before_the_column_are_filled_at_start(seeded, server, admin):
+    ids, berlin = seeded
+    before = admin.get("/api/v1/fleet/summary").json()["by_state"]
+    with server.hub.db.transaction() as tx:
+        tx.execute("UPDATE devices SET state = NULL")  # as migration 5 leaves an older hub's rows
+    assert server.hub.fleet.fill_states() == N
+    assert admin.get("/api/v1/fleet/summary").json()["by_state"] == before
+    assert server.hub.fleet.fill_states() == 0
