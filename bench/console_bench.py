@@ -83,9 +83,12 @@ def main() -> None:
                                  ("status=failed", {"limit": 50, "status": "failed"}),
                                  ("label site=berlin", {"limit": 50, "label": "site=berlin"}),
                                  ("search q=bench-0999", {"limit": 50, "q": "bench-0999"}),
-                                 ("fleet summary", None)]:
-                path = "/api/v1/fleet/summary" if params is None else "/api/v1/devices"
-                med, size, _ = timed(api, path, params or {}, args.runs)
+                                 ("fleet summary", "/api/v1/fleet/summary"),
+                                 ("rollout status, all", "/api/v1/rollouts/edge"),
+                                 ("rollout status, page", ("/api/v1/rollouts/edge", {"limit": 50}))]:
+                path, params = ((params, {}) if isinstance(params, str) else params if isinstance(params, tuple)
+                                else ("/api/v1/devices", params))
+                med, size, _ = timed(api, path, params, args.runs)
                 rows.append((name, med, size))
             rows.append(("healthz (HTTP floor)", *timed(api, "/healthz", {}, args.runs)[:2]))
             f = DeviceFilter()
@@ -93,6 +96,12 @@ def main() -> None:
             for _ in range(args.runs):
                 server.hub.fleet.page(f, 50)
             rows.append(("page in-process", (time.perf_counter() - t0) / args.runs, 0))
+            t0 = time.perf_counter()
+            for _ in range(args.runs):
+                server.hub.rollouts.status("edge", None, {"limit": 50})
+            rows.append(("rollout page in-process", (time.perf_counter() - t0) / args.runs, 0))
+            server.hub.rollouts.stop_loop()  # without the controller's ticks (it re-reads the 10,000 states each)
+            rows.append(("rollout page, no ticks", *timed(api, "/api/v1/rollouts/edge", {"limit": 50}, args.runs)[:2]))
         finally:
             probe.close()
             api.close()

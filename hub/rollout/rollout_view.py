@@ -61,7 +61,7 @@ def select(devices: list[dict[str, Any]], state: str = "", q: str = "", limit: i
            cursor: str = "") -> dict[str, Any]:
     """The rollout's devices in bucket ``state`` whose id holds ``q``, one page of ``limit`` after id ``cursor``."""
     q = q.lower()
-    match = [d for d in devices if (not state or d["state"] == state) and q in d["id"].lower()]
+    match = [d for d in devices if (not state or d["state"] == state) and q in d["id"].lower()] if state or q else devices
     after = [d for d in match if d["id"] > cursor] if cursor else match
     shown = after if limit is None else after[:limit]
     more = limit is not None and len(after) > limit
@@ -81,11 +81,14 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
     terminal = r["state"] in S.TERMINAL
     counts: dict[str, int] = {}
     devices = []
-    for d in db.query("SELECT id, labels, online, reported, last_seen FROM devices ORDER BY id"):
-        if d["id"] not in admitted and not target.matches(d["id"], loads(d["labels"], {})):
+    digest = rev["digest"]
+    # tuples, and a report decoded only if it names the bundle: this runs over the whole fleet on every poll
+    rows = db.db().execute("SELECT id, labels, online, reported, last_seen FROM devices ORDER BY id")
+    for device_id, labels, online, reported, last_seen in rows:
+        if device_id not in admitted and not target.matches(device_id, loads(labels, {})):
             continue
-        state, error = bundle_state(loads(d["reported"]), rev["digest"])
-        if d["id"] not in admitted:  # matched only after the last wave began: not targeted at rollout time
+        state, error = bundle_state(loads(reported), digest) if reported and digest in reported else ("pending", "")
+        if device_id not in admitted:  # matched only after the last wave began: not targeted at rollout time
             bucket = "new" if r["state"] == S.SUCCEEDED or (r["everyone"] and not terminal) else (
                 "not_moved" if terminal else "waiting")
         elif reverted:
@@ -93,8 +96,8 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
         else:
             bucket = category(state)
         counts[bucket] = counts.get(bucket, 0) + 1
-        devices.append({"id": d["id"], "online": bool(d["online"]), "last_seen": d["last_seen"],
-                        "wave": admitted.get(d["id"], -1) + 1 or None, "state": bucket, "install_state": state,
+        devices.append({"id": device_id, "online": bool(online), "last_seen": last_seen,
+                        "wave": admitted.get(device_id, -1) + 1 or None, "state": bucket, "install_state": state,
                         "error": error})
     moved = [d for d in devices if d["wave"] is not None]
     out: dict[str, Any] = {

@@ -89,14 +89,23 @@ const views = {
 
 // --- routing, refresh, sign-in -------------------------------------------------------------------
 
-async function tick() {
-  if (!refresh) return;
+// A poll waits for the previous one and backs off to 5x its duration, so a slow hub is never asked faster
+// than it answers (a deployment page over 10,000 devices costs the hub more than a page of 50 devices).
+let busy = false, nextAt = 0;
+
+async function tick(force = false) {
+  if (!refresh || (!force && (busy || Date.now() < nextAt))) return;
+  const started = Date.now();
+  busy = true;
   try {
     await refresh();
     $("#live").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (e) {
     if (e.status === 401) return signOut("The hub refused the token (expired or revoked): sign in again.");
     $("#live").textContent = `hub not answering: ${e.message}`;
+  } finally {
+    busy = false;
+    nextAt = started + Math.max(REFRESH_MS, 5 * (Date.now() - started));
   }
 }
 
@@ -109,7 +118,7 @@ async function route() {
   root.replaceChildren();
   refresh = null;
   refresh = await views[name](root, arg);
-  await tick();
+  await tick(true);
 }
 
 function signOut(message = "") {
@@ -139,6 +148,6 @@ window.addEventListener("DOMContentLoaded", () => {
   $("#login").addEventListener("submit", (ev) => { ev.preventDefault(); signIn($("#token").value.trim()); });
   $("#logout").addEventListener("click", () => signOut());
   window.addEventListener("hashchange", route);
-  timer = setInterval(() => { if (!document.hidden) tick(); }, REFRESH_MS);
+  timer = setInterval(() => { if (!document.hidden) tick(); }, 250);  // tick() decides when the next poll is due
   if (session.token) signIn(session.token); else signOut();
 });
