@@ -15,7 +15,7 @@ const fmt = (v) => (Math.abs(v) >= 1000 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.t
 const clock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 
 export function lineChart({ id, title, series, unit = "", width = 560, height = 180, min = 0 }) {
-  const pad = { l: 48, r: 12, t: 22, b: 36 };
+  const pad = { l: 48, r: 12, t: 30, b: 36 };
   const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, class: "chart", role: "img", "data-chart": id });
   svg.append(s("title", {}, title));
   svg.append(s("text", { x: pad.l, y: 14, class: "chart-title" }, title));
@@ -25,7 +25,9 @@ export function lineChart({ id, title, series, unit = "", width = 560, height = 
     return svg;
   }
   const t0 = Math.min(...pts.map((p) => p[0])), t1 = Math.max(...pts.map((p) => p[0]));
-  const v0 = Math.min(min, ...pts.map((p) => p[1])), v1 = Math.max(...pts.map((p) => p[1]), v0 + 1e-9);
+  const v0 = Math.min(min, ...pts.map((p) => p[1]));
+  const top = Math.max(...pts.map((p) => p[1]));
+  const v1 = top > v0 ? top : v0 + 1;  // a flat line (all zero errors) gets a unit scale, not 1e-9
   const x = (t) => pad.l + ((t - t0) / (t1 - t0 || 1)) * (width - pad.l - pad.r);
   const y = (v) => height - pad.b - ((v - v0) / (v1 - v0)) * (height - pad.t - pad.b);
   for (const v of [v0, (v0 + v1) / 2, v1]) {  // grid and axis labels

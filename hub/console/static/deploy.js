@@ -92,9 +92,11 @@ export async function deployment(root, name) {
     more.disabled = !next;
     const holding = st.holding_count ? h("div", { class: "holding", "data-holding": "" },
       h("p", {}, `wave ${st.wave} waits for ${st.holding_count} device(s); it times out in `, countdown(st.wave_timeout_at, st.wave_timeout_in_s)),
-      table(["Holding the wave", "Connection", "State", "Last seen"], st.holding.map((d) => h("tr", { "data-holding-device": d.id },
-        h("td", {}, h("a", { class: "row-link", href: `#/devices/${encodeURIComponent(d.id)}` }, d.id)),
-        h("td", {}, pill(d.online ? "online" : "offline")), h("td", {}, pill(d.state)), h("td", {}, when(d.last_seen)))))) : "";
+      h("div", { class: "holding-list" }, st.holding.map((d) => h("a", {
+        class: `pill state-${d.online ? d.state : "offline"}`, "data-holding-device": d.id, href: `#/devices/${encodeURIComponent(d.id)}`,
+        title: `${d.online ? "online" : "offline"}, ${d.install_state}, last seen ${when(d.last_seen)}`,
+      }, `${d.id}${d.online ? "" : " (offline)"}`))),
+      st.holding_count > st.holding.length ? h("p", { class: "muted" }, `the first ${st.holding.length} named, offline ones first`) : "") : "";
     head.replaceChildren(
       h("p", {}, pill(st.state, st.phase), ` revision ${st.revision} (${st.module})`, st.from_module ? ` from ${st.from_module}` : "",
         ` · wave ${st.wave} of ${st.waves} (${st.strategy.join(" → ")}) · bake ${st.bake_s}s · on failure ${st.on_failure}`),
