@@ -97,6 +97,15 @@ def main() -> None:
                 server.hub.fleet.page(f, 50)
             rows.append(("page in-process", (time.perf_counter() - t0) / args.runs, 0))
             t0 = time.perf_counter()
+            for _ in range(3):  # the summary as it was computed before: from every device's decoded view
+                views = server.hub.fleet.devices()
+                sum(d["online"] for d in views), sum(d["inferences"] for d in views)
+            rows.append(("summary before, in-proc", (time.perf_counter() - t0) / 3, 0))
+            t0 = time.perf_counter()
+            for _ in range(args.runs):
+                server.hub.fleet.summary()
+            rows.append(("summary now, in-process", (time.perf_counter() - t0) / args.runs, 0))
+            t0 = time.perf_counter()
             for _ in range(args.runs):
                 server.hub.rollouts.status("edge", None, {"limit": 50})
             rows.append(("rollout page in-process", (time.perf_counter() - t0) / args.runs, 0))
