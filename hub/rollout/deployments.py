@@ -13,7 +13,7 @@ from typing import Any
 from hub.audit import record
 from hub.bounds import check_api_name
 from hub.errors import Conflict, Invalid, NotFound
-from hub.fleet.devices import category, module_views
+from hub.fleet.device_state import category, module_views
 from hub.fleet.targeting import check_target
 from hub.registry.bundles import parse_ref
 from hub.rollout.director import Director

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hub.errors import Conflict
+from hub.fleet.device_state import device_state
 from hub.fleet.targeting import parse_target
 from hub.rollout.rollout_states import HOLDING
 from hub.store import Database, dumps, loads
@@ -125,7 +126,7 @@ class Director:
             out: list[tuple[str, bytes]] = []
             policy = self.policy()
             with self.db.transaction() as tx:
-                sql = "SELECT id, labels, revision, desired, desired_expires, desired_envelope FROM devices"
+                sql = "SELECT id, labels, revision, desired, desired_expires, desired_envelope, reported FROM devices"
                 rows = self.db.query(sql) if device_ids is None else [
                     r for i in device_ids for r in self.db.query(sql + " WHERE id = ?", (i,))]
                 for row in rows:
@@ -138,9 +139,10 @@ class Director:
                                          expires=int(time.time()) + self.ttl_s,
                                          modules=[validate(DesiredModule, m) for m in modules], policy=policy)
                     envelope = canonical_json(sign(state.to_dict(), [self.keys.key("director")]))
-                    tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?, desired_expires = ?"
-                               " WHERE id = ?", (state.revision, dumps(modules), envelope.decode(), state.expires,
-                                                 row["id"]))
+                    desired = dumps(modules)
+                    tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?, desired_expires = ?,"
+                               " state = ? WHERE id = ?", (state.revision, desired, envelope.decode(), state.expires,
+                                                           device_state(desired, row["reported"]), row["id"]))
                     out.append((row["id"], envelope))
             for device_id, envelope in out:
                 self.publish(device_topic(device_id, Channel.DESIRED), envelope, 1, True)

@@ -17,7 +17,7 @@ from typing import Any
 
 from hub.audit import CONTROLLER, record
 from hub.errors import Conflict, NotFound
-from hub.fleet.devices import bundle_state, category
+from hub.fleet.device_state import bundle_state, category
 from hub.fleet.targeting import parse_target
 from hub.rollout import rollout_states as S
 from hub.rollout import rollout_view as view
@@ -232,7 +232,7 @@ class Rollouts:
 
     # --- views -----------------------------------------------------------------------------------
 
-    def status(self, deployment: str, rollout_id: int | None = None) -> dict[str, Any]:
+    def status(self, deployment: str, rollout_id: int | None = None, page: dict[str, Any] | None = None) -> dict[str, Any]:
         """The latest (or given) rollout of ``deployment``: state, counts by device state, per-device detail, the
         devices holding the current wave and the time left, and how it ended (hub/rollout/rollout_view.py)."""
         r = (self.db.one("SELECT * FROM rollouts WHERE id = ? AND deployment = ?", (rollout_id, deployment))
@@ -241,7 +241,7 @@ class Rollouts:
         if r is None:
             raise NotFound(f"deployment {deployment!r} has no rollout")
         prev = self._revision(r, r["from_revision"]) if r["from_revision"] else None
-        return view.status(self.db, r, self._revision(r), prev)
+        return view.status(self.db, r, self._revision(r), prev, page=page)
 
     def last_plan(self, deployment: str) -> dict[str, Any] | None:
         """The plan (strategy, bake, gates, on failure, wave timeout) of the deployment's latest rollout, if any."""

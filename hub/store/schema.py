@@ -242,4 +242,11 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         MLOPS,
         AddColumn("alert_events", "event_id", "TEXT"),  # the webhook event that carried it (webhook_deliveries)
     ),
+    (  # 5: the operations console (issue 14): a stored device state (hub/fleet/device_state.py) and indexes so the
+        # device list filters, counts and pages in SQL at 10,000+ devices (hub/fleet/device_query.py)
+        AddColumn("devices", "state", "TEXT"),  # NULL until the hub computes it (at start, for older rows)
+        # covers the counts by (state, online) without reading rows (signed envelopes make a row ~2 KB)
+        "CREATE INDEX IF NOT EXISTS devices_state ON devices (state, online, id);",
+        "CREATE INDEX IF NOT EXISTS devices_online ON devices (online, id);",
+    ),
 ]

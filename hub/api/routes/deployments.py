@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from hub.api.deps import Principal, get_hub, require
@@ -126,9 +126,17 @@ def list_rollouts(deployment: str | None = None, hub: Hub = Depends(get_hub)) ->
 
 
 @rollouts.get("/{deployment}", dependencies=[Depends(require("viewer"))])
-def rollout_status(deployment: NamePath, id: int | None = None, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    """The latest rollout of a deployment (or rollout ``id``): state, counts by device state, devices, last gate."""
-    return hub.rollouts.status(deployment, id)
+def rollout_status(deployment: NamePath, id: int | None = None,
+                   state: str = Query(default="", max_length=32, description="only devices in this bucket"),
+                   q: str = Query(default="", max_length=200, description="only devices whose id holds this"),
+                   limit: int | None = Query(default=None, ge=1, le=1000, description="list one page of devices"),
+                   cursor: str = Query(default="", max_length=256, description="next_cursor of the previous page"),
+                   hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """The latest rollout of a deployment (or rollout ``id``): state, counts by device state and per wave
+    (``by_wave``), the devices (all, or one page of those matching ``state``/``q``: ``devices_total``,
+    ``next_cursor``), who holds the wave and until when, last gate."""
+    page = {"state": state, "q": q, "limit": limit, "cursor": cursor}
+    return hub.rollouts.status(deployment, id, page)
 
 
 class RollbackRequest(BaseModel):
