@@ -204,15 +204,23 @@ def agent_run(
     transfer: str = typer.Option("mqtt", "--transfer", envvar="EDGEFLEET_TRANSFER",
                                  help="Bundle download: mqtt (blob topics) or http (HTTP(S) from the hub)."),
     hub_url: str | None = typer.Option(None, "--hub-url", help="Hub URL for --transfer http (default: the enrolled one)."),
+    min_download_rate: float = typer.Option(1024.0, "--min-download-rate",
+                                            help="Abort a download slower than this (bytes/s) over the window (0: never)."),
+    download_window: float = typer.Option(60.0, "--download-window", help="Seconds the download rate is judged over."),
+    disk_reserve_mb: float = typer.Option(4.0, "--disk-reserve-mb", help="MB kept free beyond what an install needs."),
+    retry_after: float = typer.Option(30.0, "--retry-after",
+                                      help="Seconds before an install a full disk or slow download stopped is retried."),
 ) -> None:
     """Run the device daemon until SIGINT/SIGTERM."""
     from agent.daemon import run_agent
     from agent.identity import EnrollmentError
+    from agent.limits import DownloadLimits
 
     try:
         run_agent(data, mqtt_url=mqtt, workload_rate=rate, telemetry_interval=telemetry_interval, api_port=api_port,
                   isolation=isolation, module_memory_mb=module_memory_mb, module_cpu_seconds=module_cpu_seconds,
-                  broker_ca=broker_ca, transfer=transfer, hub_url=hub_url)
+                  broker_ca=broker_ca, transfer=transfer, hub_url=hub_url,
+                  limits=DownloadLimits(min_download_rate, download_window, int(disk_reserve_mb * 2**20), retry_after))
     except (EnrollmentError, ValueError) as exc:
         err.print(f"[red]cannot start the agent:[/] {exc}")
         raise typer.Exit(2) from None
