@@ -40,6 +40,7 @@ from agent.outbox import Outbox
 from agent.reconcile import Accepted, RootTrusted, Trust, TrustEvent
 from agent.reporter import Reporter
 from agent.session import ClientFactory, Handlers, Session, default_client_factory, last_will
+from agent.workerproc import WorkerSandbox
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
 from protocol.messages import Command, DesiredState, ReportedState, decode
@@ -90,6 +91,7 @@ class Agent:
         api_tokens: dict[str, str] | None = None,
         api_socket: Path | None = None,
         api_group: str | None = None,
+        module_sandbox: WorkerSandbox | None = None,
     ) -> None:
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {ISOLATION_MODES}, not {isolation!r}")
@@ -132,7 +134,7 @@ class Agent:
             changed=self._report_dirty.set, spawn=self._spawn, clock=clock, isolation=isolation,
             module_limits=self.module_limits, health_timeout=health_timeout, telemetry_interval=telemetry_interval,
             transfer=transfer, hub_url=self.hub_url, blob_retry=blob_retry, runner_cache=runner_cache,
-            limits=limits)
+            limits=limits, sandbox=module_sandbox)
         self.reporter = Reporter(self.session, self.outbox, self.trust, self.front, self.executor, self.facts,
                                  self.rejected, clock, telemetry_interval, self._report_dirty)
         self._stopping = asyncio.Event()

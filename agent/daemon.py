@@ -14,6 +14,8 @@ from agent.core import ISOLATION_MODES, TRANSFER_MODES, Agent
 from agent.identity import EnrollmentError, load_identity, read_ca_file
 from agent.limits import DownloadLimits
 from agent.localapi import TOKENS_FILE, load_tokens
+from agent.workerproc import worker_sandbox
+from modules.sandbox import SandboxUnavailable
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -34,7 +36,7 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
               module_memory_mb: int = 0, module_cpu_seconds: int = 0, health_timeout: float = 30.0,
               broker_ca: Path | str | None = None, transfer: str = "mqtt", hub_url: str | None = None,
               limits: DownloadLimits | None = None, api_socket: Path | str | None = "",
-              api_group: str | None = None) -> None:
+              api_group: str | None = None, module_sandbox: str = "off") -> None:
     """Run the agent enrolled in ``data_dir`` until SIGINT/SIGTERM.
 
     ``broker_ca``: a PEM file to trust for ``mqtts://`` instead of the CA pinned at enrolment.
@@ -53,6 +55,7 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
     tokens = load_tokens(Path(data_dir) / TOKENS_FILE) if api_port else None
     agent = Agent(identity, Path(data_dir), mqtt_url=mqtt_url, workload=workload, api_tokens=tokens,
                   api_socket=socket_path, api_group=api_group,
+                  module_sandbox=worker_sandbox(module_sandbox, Path(data_dir)) if isolation == "process" else None,
                   telemetry_interval=telemetry_interval, isolation=isolation, api_port=api_port,
                   module_limits={"memory_mb": module_memory_mb, "cpu_seconds": module_cpu_seconds},
                   health_timeout=health_timeout, transfer=transfer, hub_url=hub_url, limits=limits)
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="local inference API port on 127.0.0.1, with per-app tokens from DATA/api-tokens (0: off)")
     parser.add_argument("--api-socket", default="",
                         help="local inference API Unix socket (default DATA/run/api.sock, mode 0660; 'off': none)")
+    parser.add_argument("--module-sandbox", choices=("auto", "on", "off"), default="auto",
+                        help="run module workers in bubblewrap, away from the device's credentials (auto: where it works)")
     parser.add_argument("--api-group", default=None, help="group owning the API socket (apps in it may call it)")
     parser.add_argument("--isolation", choices=ISOLATION_MODES, default="process",
                         help="run each module in a supervised worker process, or in the agent process")
@@ -101,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                   module_cpu_seconds=args.module_cpu_seconds, health_timeout=args.health_timeout,
                   broker_ca=args.broker_ca, transfer=args.transfer, hub_url=args.hub_url,
                   api_socket=None if args.api_socket == "off" else args.api_socket, api_group=args.api_group,
+                  module_sandbox=args.module_sandbox,
                   limits=DownloadLimits(args.min_download_rate, args.download_window,
                                         int(args.disk_reserve_mb * 2**20), args.retry_after))
-    except (EnrollmentError, ValueError) as exc:  # ValueError: e.g. --transfer http without a hub URL
+    except (EnrollmentError, ValueError, SandboxUnavailable) as exc:  # ValueError: e.g. --transfer http, no hub URL
         log.error("%s", exc)
         return 2
     return 0

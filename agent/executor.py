@@ -44,7 +44,7 @@ from agent.reconcile import (
 from agent.session import MqttClient
 from agent.supervisor import ModuleWorker
 from agent.transfer import MANIFESTS_DIR, BundleFetch
-from agent.workerproc import WorkerProcess, health_check_in_worker
+from agent.workerproc import WorkerProcess, WorkerSandbox, health_check_in_worker
 from modules.store import ContentStore
 from protocol.messages import BakePolicy, DesiredModule, DesiredState
 
@@ -66,13 +66,14 @@ class Executor:
                  spawn: Callable[[Coroutine[Any, Any, Any]], None], clock: Callable[[], float],
                  isolation: str, module_limits: dict[str, int], health_timeout: float, telemetry_interval: float,
                  transfer: str, hub_url: str | None, blob_retry: float,
-                 runner_cache: MutableMapping[str, Runner] | None, limits: DownloadLimits | None = None) -> None:
+                 runner_cache: MutableMapping[str, Runner] | None, limits: DownloadLimits | None = None,
+                 sandbox: WorkerSandbox | None = None) -> None:
         self.identity, self.data_dir, self.trust, self.front, self.client = identity, data_dir, trust, front, client
         self.reject, self.changed, self.spawn, self.clock = reject, changed, spawn, clock
         self.isolation, self.module_limits, self.health_timeout = isolation, module_limits, health_timeout
         self.telemetry_interval, self.transfer, self.hub_url, self.blob_retry = (telemetry_interval, transfer, hub_url,
                                                                                  blob_retry)
-        self.limits = limits or DownloadLimits()
+        self.limits, self.sandbox = limits or DownloadLimits(), sandbox
         self.chunks = ContentStore(data_dir / "chunks")
         self.installer = Installer(data_dir, trust.root, self.chunks, runner_cache, health_timeout, self._on_install,
                                    health=self._health_in_worker if isolation == "process" else None, bake=self._bake,
@@ -326,7 +327,7 @@ class Executor:
                                       start_timeout=self.health_timeout,
                                       on_crash_loop=lambda reason: self.spawn(self._crash_loop(name, inst.bundle, reason)),
                                       socket_path=self.data_dir / RUN_DIR / f"{name}.sock", collect_rate_ppm=ppm,
-                                      push_every=min(1.0, self.telemetry_interval))
+                                      push_every=min(1.0, self.telemetry_interval), sandbox=self.sandbox)
                 await runner.start(warm=self._warm.pop(inst.bundle, None))
             else:
                 runner = await asyncio.to_thread(self.installer.runner_for, inst)
@@ -355,7 +356,7 @@ class Executor:
     async def _health_in_worker(self, inst: Installed) -> None:
         """The installer's health check in process mode: a fresh worker, killed if it overruns the deadline."""
         worker = await health_check_in_worker(inst.name, inst.files, inst.manifest, self.health_timeout,
-                                              self.module_limits)
+                                              self.module_limits, self.sandbox)
         old = self._warm.pop(inst.bundle, None)
         if old is not None:
             await old.stop()

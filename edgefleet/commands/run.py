@@ -195,7 +195,13 @@ def agent_run(
     mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Override the broker URL."),
     rate: float = typer.Option(0.0, "--rate", help="Synthetic inferences/s (0: serve only local requests)."),
     telemetry_interval: float = typer.Option(5.0, "--telemetry-interval"),
-    api_port: int = typer.Option(8765, "--api-port", help="Local inference API on 127.0.0.1 (0: off)."),
+    api_port: int = typer.Option(0, "--api-port", help="Local inference API on 127.0.0.1 with per-app tokens from "
+                                 "DATA/api-tokens (0: off; apps use the Unix socket)."),
+    api_socket: str = typer.Option("", "--api-socket", help="Local API Unix socket (default DATA/run/api.sock, mode "
+                                   "0660; 'off': none)."),
+    api_group: str | None = typer.Option(None, "--api-group", help="Group owning the API socket (apps in it call it)."),
+    module_sandbox: str = typer.Option("auto", "--module-sandbox",
+                                       help="auto|on|off: module workers in bubblewrap, away from the credentials."),
     isolation: str = typer.Option("process", "--isolation", help="process (a worker per module) or inprocess."),
     module_memory_mb: int = typer.Option(0, "--module-memory-mb", help="Address-space cap per module worker."),
     module_cpu_seconds: int = typer.Option(0, "--module-cpu-seconds", help="CPU-time cap per module worker."),
@@ -215,13 +221,15 @@ def agent_run(
     from agent.daemon import run_agent
     from agent.identity import EnrollmentError
     from agent.limits import DownloadLimits
+    from modules.sandbox import SandboxUnavailable
 
     try:
         run_agent(data, mqtt_url=mqtt, workload_rate=rate, telemetry_interval=telemetry_interval, api_port=api_port,
                   isolation=isolation, module_memory_mb=module_memory_mb, module_cpu_seconds=module_cpu_seconds,
-                  broker_ca=broker_ca, transfer=transfer, hub_url=hub_url,
+                  broker_ca=broker_ca, transfer=transfer, hub_url=hub_url, module_sandbox=module_sandbox,
+                  api_socket=None if api_socket == "off" else api_socket, api_group=api_group,
                   limits=DownloadLimits(min_download_rate, download_window, int(disk_reserve_mb * 2**20), retry_after))
-    except (EnrollmentError, ValueError) as exc:
+    except (EnrollmentError, ValueError, SandboxUnavailable) as exc:
         err.print(f"[red]cannot start the agent:[/] {exc}")
         raise typer.Exit(2) from None
 
