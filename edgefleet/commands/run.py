@@ -46,7 +46,8 @@ def hub_serve(
     port: int = typer.Option(8080, "--port", envvar="EDGEFLEET_PORT"),
     mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Broker URL; default: start a local one."),
     public_mqtt: str | None = typer.Option(None, "--public-mqtt", envvar="EDGEFLEET_PUBLIC_MQTT", help="Broker URL handed to devices."),
-    isolate: bool = typer.Option(False, "--isolate", help="Per-device broker logins and ACL (DATA/broker); see docs/fleet.md."),
+    isolate: bool = typer.Option(False, "--isolate", help="Per-device broker logins and ACL (DATA/broker): always on "
+                                 "with the hub's own broker; with --mqtt, the files for yours (docs/fleet.md)."),
     ingest_workers: int = typer.Option(0, "--ingest-workers", envvar="EDGEFLEET_INGEST_WORKERS", min=0,
                                        help="Extra processes sharing telemetry ingest (MQTT 5 shared subscription)."),
     broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA", exists=True, dir_okay=False,
@@ -66,7 +67,8 @@ def hub_serve(
     mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="Local broker's port for devices beyond loopback "
                                          "(default 8883; 1883 with --insecure-broker)."),
     insecure_http: bool = typer.Option(False, "--insecure-http", help="Plain HTTP beyond loopback (not advised)."),
-    insecure_broker: bool = typer.Option(False, "--insecure-broker", help="Plain MQTT beyond loopback (not advised)."),
+    insecure_broker: bool = typer.Option(False, "--insecure-broker", help="Plain MQTT beyond loopback; on loopback, "
+                                         "an open broker without per-device logins (not advised)."),
     no_sandbox: bool = typer.Option(False, "--no-sandbox",
                                     help="Run operator code (model load checks, endpoint workers) as the hub's user "
                                          "beside its keys: only where nothing else works (docs/security.md)."),
