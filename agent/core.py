@@ -110,7 +110,7 @@ class Agent:
         self.health_timeout = health_timeout
         self.identity = identity
         self.device_id = identity.device_id
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).absolute()  # workers in a sandbox start elsewhere: no relative paths
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self.telemetry_interval = telemetry_interval

@@ -131,7 +131,7 @@ class Executor:
             except Exception as exc:  # e.g. a full disk: settle the journal, keep serving, try again later
                 if is_disk_full(exc):
                     if self._installing_failed:
-                        name, bundle = self._installing_failed
+                        (name, bundle), self._installing_failed = self._installing_failed, None
                         self.blocked[name] = (bundle, f"disk full: the install cannot even be recorded ({exc}); "
                                                       f"trying again in {self.limits.retry_s:g}s")
                     self.storage_error = f"disk full: {exc}"

@@ -150,13 +150,13 @@ def worker_sandbox(setting: str, data_dir: Path) -> WorkerSandbox | None:
     ``off``: none. The worker keeps the agent's uid (as root: without capabilities); the environment is scrubbed."""
     if setting == "off":
         return None
-    data = os.path.realpath(data_dir)
+    hide = tuple(sorted({os.path.realpath(data_dir), os.path.abspath(data_dir)}))
     why = "bubblewrap (bwrap) is not installed"
     if shutil.which("bwrap") and shutil.which("prlimit"):
-        box = Sandbox("bwrap", hide=(data,), new_bwrap=bwrap_version() >= (0, 8))
+        box = Sandbox("bwrap", hide=hide, new_bwrap=bwrap_version() >= (0, 8))
         why = probe(box)
         if not why:
-            return WorkerSandbox(box, Path(data) / "run")
+            return WorkerSandbox(box, Path(os.path.abspath(data_dir)) / "run")
     if setting == "on":
         raise SandboxUnavailable(f"module workers cannot be sandboxed: {why}")
     log.warning("module workers run without a sandbox (%s): a module can read the device's credentials", why)

@@ -2,8 +2,8 @@
 
 Real parts: a real ``python -m agent`` daemon with its defaults (module workers in bubblewrap, the API on its
 Unix socket only), the session's mosquitto, the test hub side, real HTTP clients (httpx over TCP and over the
-Unix socket, and a raw socket as another local user via ``setpriv``), a Python module that goes looking for
-the credentials. Needs root for ``setpriv`` and bubblewrap's privileged mode (the CI runs as root).
+Unix socket, and a raw socket from a process that became another local user), a Python module that goes looking for
+the credentials. Needs root to become another user and for bubblewrap's privileged mode (the CI runs as root).
 """
 
 from __future__ import annotations
@@ -102,22 +102,30 @@ def test_without_the_sandbox_the_same_module_finds_them(hub, tmp_path):
     assert int(asyncio.run(main())) & 0b11 == 0b11  # identity.json and state.json at least
 
 
-def _connect_as(user: str, groups: str | None, path: Path) -> str:
-    """Connect to ``path`` as another local user (setpriv); "ok" or the error's name."""
-    code = (f"import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({str(path)!r})\n    print('ok')\n"
-            "except OSError as e:\n    print(type(e).__name__)")
+def _connect_as(user: str, group: str | None, path: Path) -> str:
+    """Connect to ``path`` as another local user (a forked child that drops to it); "ok" or the error's name."""
     pw = pwd.getpwnam(user)
-    who = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
-           "--clear-groups" if groups is None else f"--groups={grp.getgrnam(groups).gr_gid}", "--"]
-    # the system's Python: this venv's may live where that user cannot read (/root)
-    out = subprocess.run([*who, "/usr/bin/python3", "-c", code], capture_output=True, text=True, timeout=30,
-                         env={"PATH": "/usr/bin:/bin"}, cwd="/")
-    return out.stdout.strip() or out.stderr.strip()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        code = 1
+        try:
+            os.setgroups([grp.getgrnam(group).gr_gid] if group else [])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+            code = 0
+        except PermissionError:
+            code = 13
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return {0: "ok", 13: "PermissionError"}.get(os.waitstatus_to_exitcode(status), "error")
 
 
 def test_tcp_needs_a_per_app_token_and_the_socket_only_its_group(hub, tmp_path):
     if os.geteuid() != 0:
-        pytest.fail("this test needs root (setpriv to other users); the CI runs as root")
+        pytest.fail("this test needs root (to become other users); the CI runs as root")
     group = grp.getgrgid(0).gr_name  # a group "nobody" is not in
     device, data = new_device(), tmp_path / "device"
     v1 = hub.build("classifier", 1)
