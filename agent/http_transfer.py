@@ -295,7 +295,7 @@ class HttpBundleFetch(VerifiedFetch):
         with self.http.get(f"/api/v1/device/chunks/{digest}", {"Range": f"bytes={have}-"} if have else None) as resp:
             announced = _content_length(resp)
             if resp.status == 416:  # our partial copy is not a prefix the hub can continue: start over
-                resp.read()
+                resp.read(MAX_ERROR_BODY)  # never to its end: a longer answer is dropped with the connection
                 part.unlink(missing_ok=True)
                 raise Transient(f"chunk {digest[:12]}…: range not satisfiable, starting it over")
             if resp.status not in (200, 206):
