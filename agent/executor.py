@@ -17,10 +17,12 @@ from collections.abc import Callable, Coroutine, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.gc import collect_chunks
 from agent.identity import Identity
 from agent.inference import ActiveModule, InferenceFront
 from agent.install import Installed, Installer
 from agent.journal import BEFORE_ACTIVATION, Entry
+from agent.limits import DownloadLimits, is_disk_full, wake_at
 from agent.mqtt import MqttOffline
 from agent.reconcile import (
     Action,
@@ -34,13 +36,15 @@ from agent.reconcile import (
     ResumeBake,
     SetCollectRate,
     Trust,
+    next_retry,
     step,
+    still_wanted,
     supersede,
 )
 from agent.session import MqttClient
 from agent.supervisor import ModuleWorker
 from agent.transfer import MANIFESTS_DIR, BundleFetch
-from agent.workerproc import WorkerProcess, health_check_in_worker
+from agent.workerproc import WorkerProcess, WorkerSandbox, health_check_in_worker
 from modules.store import ContentStore
 from protocol.messages import BakePolicy, DesiredModule, DesiredState
 
@@ -52,7 +56,6 @@ log = logging.getLogger("edgefleet.agent")
 
 RUN_DIR = "run"  # each module's direct socket, <module>.sock, served by its worker (process isolation)
 PARTIAL_DIR = "downloads"  # chunks cut short during an HTTP download, resumed with a Range request
-RETRY_AFTER_ERROR = 30.0
 
 
 class Executor:
@@ -63,15 +66,23 @@ class Executor:
                  spawn: Callable[[Coroutine[Any, Any, Any]], None], clock: Callable[[], float],
                  isolation: str, module_limits: dict[str, int], health_timeout: float, telemetry_interval: float,
                  transfer: str, hub_url: str | None, blob_retry: float,
-                 runner_cache: MutableMapping[str, Runner] | None) -> None:
+                 runner_cache: MutableMapping[str, Runner] | None, limits: DownloadLimits | None = None,
+                 sandbox: WorkerSandbox | None = None) -> None:
         self.identity, self.data_dir, self.trust, self.front, self.client = identity, data_dir, trust, front, client
         self.reject, self.changed, self.spawn, self.clock = reject, changed, spawn, clock
         self.isolation, self.module_limits, self.health_timeout = isolation, module_limits, health_timeout
         self.telemetry_interval, self.transfer, self.hub_url, self.blob_retry = (telemetry_interval, transfer, hub_url,
                                                                                  blob_retry)
+        self.limits, self.sandbox = limits or DownloadLimits(), sandbox
         self.chunks = ContentStore(data_dir / "chunks")
         self.installer = Installer(data_dir, trust.root, self.chunks, runner_cache, health_timeout, self._on_install,
-                                   health=self._health_in_worker if isolation == "process" else None, bake=self._bake)
+                                   health=self._health_in_worker if isolation == "process" else None, bake=self._bake,
+                                   limits=self.limits, clock=clock)
+        self.storage_error = ""  # the last write the disk refused (a full disk), until a pass succeeds again
+        self.blocked: dict[str, tuple[str, str]] = {}  # name -> (bundle, why): an install a full disk kept off the journal
+        self._installing_failed: tuple[str, str] | None = None  # (name, bundle) of the install that raised
+        self._retry: asyncio.TimerHandle | None = None
+        self._collect = True  # an install or removal happened: collect the chunks nothing lists any more
         self.http: HubHttp | None = None  # made for the first HTTP download (agent/http_transfer.py is not loaded idle)
         self.wake = asyncio.Event()  # the desired state changed (or a retry is due): run a pass
         self.load_errors: dict[str, str] = {}
@@ -91,7 +102,8 @@ class Executor:
             entry, active = self.installer.journal.get(name), self.front.active.get(name)
             facts[name] = ModuleFacts(current=self.installer.current(name), active=active.bundle if active else None,
                                       journal=entry.state if entry else None,
-                                      journal_bundle=entry.bundle if entry else None)
+                                      journal_bundle=entry.bundle if entry else None,
+                                      retry_at=entry.retry_at if entry else 0.0)
         return facts
 
     async def start(self) -> None:
@@ -113,12 +125,44 @@ class Executor:
                 continue
             try:
                 await self.carry_out(step(self.clock(), state, self.module_facts()), state)
-            except Exception:  # e.g. a full disk: settle the journal, keep serving, try again later
-                log.exception("%s: reconcile failed; retrying in %.0fs", self.identity.device_id, RETRY_AFTER_ERROR)
+                if self._collect:
+                    await self.collect_chunks()
+                self.storage_error = ""
+            except Exception as exc:  # e.g. a full disk: settle the journal, keep serving, try again later
+                if is_disk_full(exc):
+                    if self._installing_failed:
+                        (name, bundle), self._installing_failed = self._installing_failed, None
+                        self.blocked[name] = (bundle, f"disk full: the install cannot even be recorded ({exc}); "
+                                                      f"trying again in {self.limits.retry_s:g}s")
+                    self.storage_error = f"disk full: {exc}"
+                    log.error("%s: reconcile stopped by a full disk (%s); retrying in %gs", self.identity.device_id,
+                              exc, self.limits.retry_s)
+                else:
+                    log.exception("%s: reconcile failed; retrying in %gs", self.identity.device_id,
+                                  self.limits.retry_s)
                 with contextlib.suppress(Exception):
                     await self.installer.recover()
-                asyncio.get_running_loop().call_later(RETRY_AFTER_ERROR, self.wake.set)
+                self._wake_at(self.clock() + self.limits.retry_s)
                 self.changed()
+            self._schedule_retries()
+
+    async def collect_chunks(self) -> None:
+        """Delete the chunks, cached releases and partial downloads of versions no longer kept (``agent/gc.py``)."""
+        self._collect = False
+        try:
+            await asyncio.to_thread(collect_chunks, self.installer.modules_dir, self.data_dir / MANIFESTS_DIR,
+                                    self.data_dir / PARTIAL_DIR, self.chunks,
+                                    still_wanted(self.trust.desired, self.module_facts()))
+        except OSError as exc:
+            log.warning("%s: chunk collection failed: %s", self.identity.device_id, exc)
+
+    def _schedule_retries(self) -> None:
+        """Wake for the earliest install the environment stopped (retried from its ``retry_at``)."""
+        if (when := next_retry(self.trust.desired, self.module_facts())) is not None:
+            self._wake_at(when)
+
+    def _wake_at(self, when: float) -> None:
+        self._retry = wake_at(self._retry, when - self.clock(), self.wake)
 
     async def carry_out(self, actions: list[Action], state: DesiredState | None = None) -> None:
         """Do ``actions`` in order; stop when a newer desired state than ``state`` arrives (the next pass has it)."""
@@ -128,6 +172,7 @@ class Executor:
             if isinstance(action, Remove):
                 self.deactivate(action.name)
                 self.installer.remove(action.name)
+                self._collect = True
                 self.changed()
             elif isinstance(action, Activate):
                 await self.activate(action.name)
@@ -168,17 +213,21 @@ class Executor:
 
             if self.http is None:
                 assert self.hub_url is not None
+                # a body read waits at most the slow-retrieval window for its next bytes
+                timeout = min(30.0, self.limits.window_s) if self.limits.window_s > 0 else 30.0
                 self.http = HubHttp(self.hub_url, self.identity.device_id, self.identity.mqtt_password,
-                                    self.identity.broker_ca)
+                                    self.identity.broker_ca, timeout=timeout)
             fetch: BundleFetch | HttpBundleFetch = HttpBundleFetch(
                 self.http, m, self.trust.root, self.chunks, self.data_dir / MANIFESTS_DIR,
                 self.data_dir / PARTIAL_DIR, reject=self.reject, progress=lambda f: self._set_progress(m.bundle, f),
-                note=lambda text: self._set_transfer_error(m.bundle, text), retry=self.blob_retry, clock=self.clock)
+                note=lambda text: self._set_transfer_error(m.bundle, text), retry=self.blob_retry, clock=self.clock,
+                limits=self.limits)
         else:
             fetch = BundleFetch(
                 self.identity.device_id, m, self.trust.root, self.chunks, self.data_dir / MANIFESTS_DIR,
                 publish=lambda t, p: self.client.publish(t, p, qos=1), reject=self.reject,
                 progress=lambda f: self._set_progress(m.bundle, f), retry=self.blob_retry, clock=self.clock,
+                limits=self.limits,
             )
             self._fetches[m.bundle] = fetch
         self._installing = (m.name, m.bundle)
@@ -193,8 +242,11 @@ class Executor:
                     self.installer.journal.drop(m.name)
                 log.info("%s: download of %s %s superseded", self.identity.device_id, m.name, m.bundle[:12])
                 return
-            entry = self.install_task.result()
+            self._installing_failed = (m.name, m.bundle)
+            entry = self.install_task.result()  # a full disk may raise here: the journal could not be written
+            self._installing_failed = None
         finally:
+            self._collect = True
             self._fetches.pop(m.bundle, None)
             self._installing, self.install_task = None, None
             self.progress.pop(m.bundle, None)
@@ -255,6 +307,7 @@ class Executor:
         self.changed()
 
     def _on_install(self, name: str, entry: Entry) -> None:
+        self.blocked.pop(name, None)  # the journal is written again: it tells the state
         self.changed()
 
     # --- serving -------------------------------------------------------------------------------
@@ -274,7 +327,7 @@ class Executor:
                                       start_timeout=self.health_timeout,
                                       on_crash_loop=lambda reason: self.spawn(self._crash_loop(name, inst.bundle, reason)),
                                       socket_path=self.data_dir / RUN_DIR / f"{name}.sock", collect_rate_ppm=ppm,
-                                      push_every=min(1.0, self.telemetry_interval))
+                                      push_every=min(1.0, self.telemetry_interval), sandbox=self.sandbox)
                 await runner.start(warm=self._warm.pop(inst.bundle, None))
             else:
                 runner = await asyncio.to_thread(self.installer.runner_for, inst)
@@ -303,7 +356,7 @@ class Executor:
     async def _health_in_worker(self, inst: Installed) -> None:
         """The installer's health check in process mode: a fresh worker, killed if it overruns the deadline."""
         worker = await health_check_in_worker(inst.name, inst.files, inst.manifest, self.health_timeout,
-                                              self.module_limits)
+                                              self.module_limits, self.sandbox)
         old = self._warm.pop(inst.bundle, None)
         if old is not None:
             await old.stop()

@@ -18,12 +18,15 @@ import logging
 import os
 import shutil
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.errors import InstallError, RetryLater
 from agent.journal import BEFORE_ACTIVATION, JOURNAL_FILE, Entry, Journal
+from agent.limits import DownloadLimits, check_free, disk_full, is_disk_full
 from modules.bundle import FILES_DIR, write_bundle_dir
 from modules.bundle import verify_bundle_dir as _verify_bundle_dir
 from modules.errors import InputError, ModelError
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgefleet.agent.install")
 
+__all__ = ["InstallError", "Installed", "Installer", "RetryLater"]
+
 CURRENT = "current"
 # Test hook: kill -9 this process right after the named install state is persisted, so crash-recovery
 # tests can stop at a chosen point deterministically. Never set it on a real device.
@@ -49,10 +54,6 @@ CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AT"
 # An install interrupted this many times while baking is rolled back on the next start instead of baked again:
 # the agent keeps dying with the new version (e.g. an in-process module that crashes it).
 MAX_BAKE_STARTS = 3
-
-
-class InstallError(RuntimeError):
-    """An install step refused the bundle; the text is the reason reported to the hub."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,11 @@ class Installer:
         on_change: ChangeHook | None = None,
         health: HealthHook | None = None,
         bake: BakeHook | None = None,
+        limits: DownloadLimits | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.limits = limits or DownloadLimits()
+        self.clock = clock
         self.modules_dir = Path(data_dir) / "modules"
         self.modules_dir.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -181,22 +186,39 @@ class Installer:
         try:
             envelope = await fetch()
         except InstallError as exc:
-            return self._set(name, "failed", error=str(exc))
+            return self._fail(name, exc)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            return self._fail(name, disk_full(exc, "downloading"))
         self._set(name, "verifying")
         try:
             await asyncio.to_thread(self._unpack, module, envelope)
         except (InstallError, ProtocolError, OSError, ValueError) as exc:
             shutil.rmtree(self.version_dir(name, module.bundle), ignore_errors=True)
+            shutil.rmtree(self.version_dir(name, module.bundle).with_name(module.bundle + ".partial"),
+                          ignore_errors=True)
+            if is_disk_full(exc):
+                exc = disk_full(exc, "unpacking")  # type: ignore[arg-type]
+            if isinstance(exc, RetryLater):
+                return self._fail(name, exc)
             return self._set(name, "failed", error=f"verification failed: {exc}")
         self._set(name, "staged")
         self._set(name, "activating")
         self._swap(name, module.bundle)
         return await self._check_and_finish(name)
 
+    def _fail(self, name: str, exc: InstallError) -> Entry:
+        """Fail the install with the reason; one the environment caused is tried again after ``limits.retry_s``."""
+        retry_at = self.clock() + self.limits.retry_s if isinstance(exc, RetryLater) else 0.0
+        return self._set(name, "failed", error=str(exc) + (f" (trying again in {self.limits.retry_s:g}s)"
+                                                           if retry_at else ""), retry_at=retry_at)
+
     def _unpack(self, module: DesiredModule, envelope: dict[str, Any]) -> None:
         dest = self.version_dir(module.name, module.bundle)
         dest.parent.mkdir(parents=True, exist_ok=True)
         manifest = validate(Manifest, envelope["signed"]["manifest"])
+        check_free(self.modules_dir, manifest.size, self.limits.reserve_bytes, f"unpack {module.name}")
         try:
             spans = parse_spans(envelope["signed"], manifest)
         except ProtocolError:  # refused and counted by the transfer, which fetched fixed chunks instead

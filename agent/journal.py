@@ -78,6 +78,7 @@ class Entry:
     ts: float = 0.0
     bake: dict[str, int] | None = None  # the desired BakePolicy (None: commit after the health check)
     bakes: int = 0  # times the bake was started: a restart during baking starts it again
+    retry_at: float = 0.0  # failed because of the environment (disk full, slow download): try again then (0: never)
 
 
 class Journal:
@@ -109,9 +110,21 @@ class Journal:
             entry = Entry(**{**vars(old), "state": new, **fields})
         entry.ts = time.time()
         self.entries[name] = entry
-        self.save()  # persisted before the step it names is carried out
+        try:
+            self.save()  # persisted before the step it names is carried out
+        except OSError:  # e.g. a full disk: the step does not happen, and the record stays what the file says
+            if old is None:
+                self.entries.pop(name, None)
+            else:
+                self.entries[name] = old
+            raise
         return entry
 
     def drop(self, name: str) -> None:
-        if self.entries.pop(name, None) is not None:
-            self.save()
+        old = self.entries.pop(name, None)
+        if old is not None:
+            try:
+                self.save()
+            except OSError:
+                self.entries[name] = old
+                raise

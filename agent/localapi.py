@@ -1,4 +1,4 @@
-"""The local inference API for applications on the device: a lean HTTP/1.1 server on 127.0.0.1.
+"""The local inference API for applications on the device: a lean HTTP/1.1 server on a Unix socket or 127.0.0.1.
 
     POST /v1/modules/{name}/predict  {"inputs": {...}} -> {"module", "version", "outputs": {...}}
                                      404 unknown module, 422 inputs not matching the signature (named)
@@ -11,6 +11,11 @@ request gets 400/411/413/431 with the reason, counted in ``rejected["local_api"]
 module's worker as it came (``InferenceFront.infer_json``): the agent neither parses the inputs nor builds arrays.
 The parsing and the answers are ``modules.httpwire``'s, shared with each worker's direct socket
 (``DATA/run/<module>.sock``, ``agent/worker.py``), which serves the predict route without this loop.
+
+Who may call it: on the Unix socket (``DATA/run/api.sock``, the daemon's default) whoever the file's mode
+(0660) and group let connect; on TCP (off unless ``--api-port``) any local user could connect, so every
+request there needs ``Authorization: Bearer <token>`` with one of the per-app tokens in ``DATA/api-tokens``
+(``name token`` per line, 0600); a missing or unknown token is a 401, counted in ``rejected["local_api_auth"]``.
 """
 
 from __future__ import annotations
@@ -18,13 +23,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import logging
+import os
+import secrets
+import shutil
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.procstat import rss_bytes
-from modules.httpwire import Answer, BadRequest, RequestReader, encode_answer, json_answer, predict_target, predicted
+from modules.httpwire import (
+    Answer,
+    BadRequest,
+    RequestReader,
+    bearer,
+    encode_answer,
+    json_answer,
+    predict_target,
+    predicted,
+)
 
 if TYPE_CHECKING:
     from agent.inference import ActiveModule, Answered
@@ -46,23 +65,78 @@ class Host(Protocol):
     def worker_stats(self) -> dict[str, float]: ...
 
 
+TOKENS_FILE = "api-tokens"
+SOCKET_MODE = 0o660
+
+
+def load_tokens(path: Path) -> dict[str, str]:
+    """The per-app tokens (token -> app name) of ``path``, made with one ``default`` token (0600) if missing."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"# local API tokens, one 'app-name token' per line\ndefault {secrets.token_urlsafe(32)}\n")
+        log.warning("local API tokens made in %s: give each app a line of its own", path)
+    tokens = {}
+    for line in path.read_text().splitlines():
+        name, _, token = line.strip().partition(" ")
+        if name and not name.startswith("#") and len(token.strip()) >= 16:
+            tokens[token.strip()] = name
+    return tokens
+
+
 class LocalApi:
-    def __init__(self, agent: Host, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """One listener: TCP on ``host:port`` (with ``tokens``, each request must carry one), or the Unix socket ``path``."""
+
+    def __init__(self, agent: Host, host: str = "127.0.0.1", port: int = 8765, *,
+                 tokens: dict[str, str] | None = None, path: Path | None = None, group: str | None = None) -> None:
         self.agent, self.host, self.port = agent, host, port
+        self.tokens, self.path, self.group = tokens, path, group
         self._server: asyncio.Server | None = None
         self.requests = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.path is not None:
+            self._server = await self._start_unix(self.path)
+            log.info("local inference API on unix:%s (mode %o%s)", self.path, SOCKET_MODE,
+                     f", group {self.group}" if self.group else "")
+            return
         self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]  # the real one when 0 was asked
-        log.info("local inference API on http://%s:%d", self.host, self.port)
+        log.info("local inference API on http://%s:%d (%s)", self.host, self.port,
+                 "per-app tokens required" if self.tokens is not None else "no token: open to every local user")
+
+    async def _start_unix(self, path: Path) -> asyncio.Server:
+        """Bound aside, given its mode (and group) and only then renamed into place: never reachable more widely."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        server = await asyncio.get_running_loop().create_unix_server(lambda: _Connection(self), str(tmp))
+        try:
+            os.chmod(tmp, SOCKET_MODE)
+            if self.group:
+                shutil.chown(tmp, group=self.group)
+            os.replace(tmp, path)
+        except BaseException:
+            server.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        return server
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def authorized(self, head: bytes) -> bool:
+        """A TCP request with tokens configured must carry one (compared in constant time)."""
+        if self.tokens is None:
+            return True
+        token = bearer(head)
+        return bool(token) and any(hmac.compare_digest(token, known) for known in self.tokens)
 
     # --- routes ------------------------------------------------------------------------------
 
@@ -177,6 +251,11 @@ class _Connection(asyncio.Protocol):
             if request is None:
                 return
             method, path, keep, body = request
+            if not self.api.authorized(self._reader.head):
+                self.api.agent.rejected["local_api_auth"] += 1
+                self._reply(json_answer(401, {"detail": "the local API on TCP needs 'Authorization: Bearer <token>' "
+                                                        "with a token from DATA/api-tokens"}), keep=False)
+                return
             self._busy = True
             answer = self.api.route(method, path, body, functools.partial(self._later, keep))
             if answer is None:

@@ -31,7 +31,7 @@ from protocol.verify import MAX_DESIRED_LIFETIME_S
 
 MAX_PENDING_ROOTS = 64  # root versions held while waiting for the one before them
 # A version the device judged unusable (its health check, bake or verification failed): not installed
-# again until the desired state names a different bundle.
+# again until the desired state names a different bundle (unless the failure has a retry time).
 GAVE_UP = frozenset({"rolled_back", "failed"})
 
 
@@ -178,6 +178,7 @@ class ModuleFacts:
     active: str | None = None  # the bundle serving now
     journal: str | None = None  # the install state on record
     journal_bundle: str | None = None  # the bundle that install is for
+    retry_at: float = 0.0  # a failure the environment caused (disk full, slow download): tried again from then
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,8 @@ def step(now: float, desired: DesiredState | None, installed: Mapping[str, Modul
          facts: Facts = Facts()) -> list[Action]:
     """The actions that take the device from ``installed`` to ``desired``, in the order to carry them out.
 
-    ``now`` is unused so far: maintenance windows and retry times will be judged here.
+    ``now`` judges retry times: an install that failed because of the environment is tried again from its
+    ``retry_at``; one the device judged unusable is not, until the desired state names another bundle.
     """
     if facts.starting:  # a bake is an install under way, and installs run one at a time
         return [*(ResumeBake(n) for n, f in sorted(installed.items()) if f.journal == "baking"), Report()]
@@ -258,10 +260,23 @@ def step(now: float, desired: DesiredState | None, installed: Mapping[str, Modul
             if f.active != m.bundle:
                 actions.append(Activate(m.name))
             actions.append(SetCollectRate(m.name, m.collect_rate_ppm))
-        elif not (f.journal_bundle == m.bundle and f.journal in GAVE_UP):
+        elif not (f.journal_bundle == m.bundle and f.journal in GAVE_UP and not (f.retry_at and now >= f.retry_at)):
             actions.append(Install(m))
     actions.append(Report())
     return actions
+
+
+def next_retry(desired: DesiredState | None, installed: Mapping[str, ModuleFacts]) -> float | None:
+    """When the earliest desired install that the environment stopped is due again (None: none waits)."""
+    due = [f.retry_at for m in (desired.modules if desired else []) if (f := installed.get(m.name))
+           and f.journal_bundle == m.bundle and f.journal == "failed" and f.retry_at]
+    return min(due, default=None)
+
+
+def still_wanted(desired: DesiredState | None, installed: Mapping[str, ModuleFacts]) -> list[str]:
+    """The desired bundles the device has not given up on: their cached releases and chunks are kept."""
+    return [m.bundle for m in (desired.modules if desired else []) if not (
+        (f := installed.get(m.name)) and f.journal_bundle == m.bundle and f.journal in GAVE_UP and not f.retry_at)]
 
 
 def supersede(desired: DesiredState, installing: tuple[str, str] | None, state: str | None) -> list[CancelInstall]:

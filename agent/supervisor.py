@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.workerproc import Frame, OnPush, WorkerProcess
+from agent.workerproc import Frame, OnPush, WorkerProcess, WorkerSandbox
 from modules.errors import ModelError
 from protocol.manifest import Manifest, TensorSpec
 
@@ -41,8 +41,9 @@ class ModuleWorker:
     def __init__(self, name: str, files: Path, manifest: Manifest, *, limits: dict[str, Any] | None = None,
                  start_timeout: float = 60.0, request_timeout: float = 30.0, on_crash_loop: CrashLoopHook | None = None,
                  backoff_base: float = 0.5, backoff_cap: float = 30.0, socket_path: Path | None = None,
-                 collect_rate_ppm: int = 0, push_every: float = 1.0) -> None:
+                 collect_rate_ppm: int = 0, push_every: float = 1.0, sandbox: WorkerSandbox | None = None) -> None:
         self.name, self.files, self.manifest, self.limits = name, files, manifest, limits
+        self.sandbox = sandbox
         # The direct socket each worker of this version serves once started (None: only the agent's API).
         self.socket_path, self.collect_rate_ppm, self.push_every = socket_path, collect_rate_ppm, push_every
         self.on_stats: OnPush | None = None  # the direct socket's pushed stats, for the agent's telemetry
@@ -80,7 +81,7 @@ class ModuleWorker:
         self._ready.set()
 
     async def _spawn(self) -> None:
-        worker = WorkerProcess(self.name, self.files, self.manifest, self.limits)
+        worker = WorkerProcess(self.name, self.files, self.manifest, self.limits, self.sandbox)
         try:
             await worker.start(self.start_timeout)
         except BaseException:

@@ -69,6 +69,7 @@ class RequestReader:
     def __init__(self) -> None:
         self.buf = bytearray()
         self._head: tuple[int, str, str, bool, int] | None = None  # a parsed head whose body is still arriving
+        self.head = b""  # the head of the request last parsed (the one ``take`` returns next): its other headers
 
     def take(self) -> tuple[str, str, bool, bytes] | None:
         """The next whole request (method, path, keep-alive, body); None until it has arrived. BadRequest: refuse it."""
@@ -78,7 +79,8 @@ class RequestReader:
                 if len(self.buf) > MAX_HEAD:
                     raise BadRequest(f"request head over {MAX_HEAD} bytes", 431)
                 return None
-            self._head = (end + 4, *parse_head(bytes(self.buf[:end])))
+            self.head = bytes(self.buf[:end])
+            self._head = (end + 4, *parse_head(self.head))
         start, method, path, keep, length = self._head
         if len(self.buf) < start + length:
             return None
@@ -86,6 +88,16 @@ class RequestReader:
         del self.buf[:start + length]
         self._head = None
         return method, path, keep, body
+
+
+def bearer(head: bytes) -> str:
+    """The token of a head's ``Authorization: Bearer`` header, or ""."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            return token.strip().decode("latin-1") if scheme.lower() == b"bearer" else ""
+    return ""
 
 
 def parse_head(head: bytes) -> tuple[str, str, bool, int]:
