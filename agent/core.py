@@ -127,6 +127,7 @@ class Agent:
             changed=self._report_dirty.set, spawn=self._spawn, clock=clock, isolation=isolation,
             module_limits=self.module_limits, health_timeout=health_timeout, telemetry_interval=telemetry_interval,
             transfer=transfer, hub_url=self.hub_url, blob_retry=blob_retry, runner_cache=runner_cache)
+        self.executor.installer.facts = self.facts  # runners pick their accelerator from them (modules/accel.py)
         self.reporter = Reporter(self.session, self.outbox, self.trust, self.front, self.executor, self.facts,
                                  self.rejected, clock, telemetry_interval, self._report_dirty)
         self._stopping = asyncio.Event()

@@ -20,6 +20,7 @@ from hub.store import Database, dumps, loads, now
 from hub.trust.keys import KeyRing
 from hub.trust.tokens import hash_token
 from protocol.encoding import ProtocolError
+from protocol.messages import config_digest
 from protocol.topics import Channel, check_device_id, device_topic
 
 log = logging.getLogger("edgefleet.hub.fleet")
@@ -57,12 +58,24 @@ def module_views(desired: list[dict[str, Any]], reported: dict[str, Any] | None)
     for d in desired:
         r = reports.pop(d["name"], None)
         same = r is not None and r["bundle"] == d["bundle"]
+        config = d.get("config", {})
         views.append({"name": d["name"], "version": d["version"], "bundle": d["bundle"], "deployment": d["deployment"],
-                      "state": r["state"] if same else "pending", "error": r.get("error", "") if same else ""})
+                      "state": r["state"] if same else "pending", "error": r.get("error", "") if same else "",
+                      **_applied(r if same else None, config)})
     # modules the device still runs or reports but no longer should
     views += [{"name": r["name"], "version": r["version"], "bundle": r["bundle"], "deployment": "",
-               "state": r["state"], "error": r.get("error", "")} for r in reports.values()]
+               "state": r["state"], "error": r.get("error", ""), **_applied(r, None)} for r in reports.values()]
     return views
+
+
+def _applied(report: dict[str, Any] | None, desired_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The configuration desired (values and digest), the digest the device reports applied, and the accelerator
+    it reports: ``config_applied`` equal to ``config_digest`` once the device runs the desired configuration."""
+    out: dict[str, Any] = {"config_applied": (report or {}).get("config", ""),
+                           "accelerator": (report or {}).get("accelerator", "")}
+    if desired_config is not None:
+        out |= {"config": desired_config, "config_digest": config_digest(desired_config)}
+    return out
 
 
 def summarize(desired: list[dict[str, Any]], views: list[dict[str, Any]]) -> str:

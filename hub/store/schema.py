@@ -242,4 +242,7 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         MLOPS,
         AddColumn("alert_events", "event_id", "TEXT"),  # the webhook event that carried it (webhook_deliveries)
     ),
+    (  # 5: per-module configuration in the desired state (issue 15): JSON object, NULL none
+        AddColumn("deployment_revisions", "config", "TEXT"),
+    ),
 ]
