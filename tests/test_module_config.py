@@ -123,3 +123,41 @@ def test_a_given_up_bundle_is_installed_again_with_another_config():
     gave_up = ModuleFacts(journal="failed", journal_bundle=X)  # failed with no configuration
     assert step(0, state(m), {"m": gave_up}) == [Install(m), Report()]
     assert step(0, state(M), {"m": gave_up}) == [Report()]
+
+
+def test_deployment_config_is_set_merged_validated_and_shown_per_device(server, admin, tmp_path):
+    from hub.fleet.devices import module_views
+    from tests.rollout_support import cli
+    from tests.test_deployment_numbers import enrol, register
+
+    register(admin, tmp_path, "cam", None)
+    enrol(server, admin, ["cfg-1"], {})
+    r = admin.post("/api/v1/deployments", json={"name": "cam", "module": "cam:1", "config": {"threshold": "0.5",
+                                                                                            "camera": 2}})
+    assert r.status_code == 200, r.text
+    first = {"threshold": "0.5", "camera": 2}
+    view = admin.get("/api/v1/devices/cfg-1").json()["modules"][0]
+    assert view["config"] == first and view["config_digest"] == config_digest(first) and view["config_applied"] == ""
+
+    out = cli(server.url, server.admin_token, "deployment", "update", "cam", "--config", "threshold=0.7",
+              "--config-unset", "camera", "--json")
+    assert out["revision"] == 2
+    (tmp_path / "c.json").write_text('{"labels": "cat,dog", "debug": true}')
+    cli(server.url, server.admin_token, "deployment", "update", "cam", "--config-file", str(tmp_path / "c.json"),
+        "--config", "threshold=0.9", "--json")
+    revs = admin.get("/api/v1/deployments/cam/revisions").json()
+    configs = [r["config"] for r in sorted(revs, key=lambda r: r["revision"])]
+    assert configs == [first, {"threshold": "0.7"}, {"labels": "cat,dog", "debug": True, "threshold": "0.9"}]
+    assert admin.get("/api/v1/devices/cfg-1").json()["modules"][0]["config"] == configs[-1]  # in its desired state
+
+    for bad, why in [({"Bad Key": 1}, "config"), ({"x": 0.5}, "config"), ({"x": "y" * 4000, "z": "y" * 4000, "w": "y" * 400},
+                                                                          "at most 8192")]:
+        r = admin.patch("/api/v1/deployments/cam", json={"config": bad})
+        assert r.status_code == 422 and why in r.text, r.text
+    assert len(admin.get("/api/v1/deployments/cam/revisions").json()) == 3  # nothing stored for a refused one
+
+    reported = {"modules": [{"name": "cam", "version": 1, "bundle": view["bundle"], "state": "running",
+                             "config": config_digest(first), "accelerator": "CPUExecutionProvider"}]}
+    desired = [{"name": "cam", "version": 1, "bundle": view["bundle"], "deployment": "cam", "config": first}]
+    (shown,) = module_views(desired, reported)
+    assert shown["config_applied"] == shown["config_digest"] and shown["accelerator"] == "CPUExecutionProvider"
