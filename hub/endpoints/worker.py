@@ -145,11 +145,8 @@ def load(bundle_dir: Path, threads: int) -> tuple[Runner, Manifest, list[TensorS
     postprocess), so the endpoint describes what it really returns."""
     manifest = read_manifest(bundle_dir)
     files = bundle_dir / FILES_DIR
-    runner = load_runner(files, manifest)
-    if hasattr(runner, "session") and threads != 1:  # reload with the thread count asked for
-        from modules.runners import OnnxRunner
-
-        runner = OnnxRunner(files / manifest.model, intra_op_threads=threads)
+    # the thread count asked for (ONNX Runtime, LiteRT: modules/accel.py), the entry script kept around the model
+    runner = load_runner(files, manifest, {"threads": threads} if threads != 1 and manifest.runtime != "python" else None)
     seen = health_check(runner, load_sample(files, manifest))
     return runner, manifest, list(manifest.outputs or runner.outputs) or observed_specs(seen)
 
