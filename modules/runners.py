@@ -14,6 +14,7 @@ which become the module's advertised signature (undeclared: free, checked only a
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import inspect
 import json
@@ -158,8 +159,14 @@ def _tflite_interpreter(model_path: Path, delegates: Sequence[str] = (), threads
         for name in delegates:
             if name == TFLITE_CPU:
                 break
+            library = TFLITE_DELEGATES[name][0]
             try:
-                delegate = mod.load_delegate(TFLITE_DELEGATES[name][0])
+                ctypes.CDLL(library)  # found at all? (load_delegate's failure leaves a half-made object behind)
+            except OSError as exc:
+                skipped[name] = f"failed to start: {str(exc)[:200]}"
+                continue
+            try:
+                delegate = mod.load_delegate(library)
                 return mod.Interpreter(model_path=str(model_path), experimental_delegates=[delegate],
                                        num_threads=threads), name
             except Exception as exc:  # no such library, or the delegate refuses this model: the next one
