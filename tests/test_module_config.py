@@ -86,6 +86,11 @@ def test_config_applies_with_the_health_gate_and_a_failing_one_rolls_back(hub, t
             hub.publish_desired(device, 4, [with_config(py.desired(), **good), onnx.desired()])
             await until(lambda: hub.module_state(device, "tuned") == "running", 60, "back to the good config")
             assert report("tuned").config == config_digest(good)
+            reconfigured_at = agent.installer.journal.get("tuned").ts
+        async with running_agent(hub, device, tmp_data, isolation=isolation) as agent:  # a restart keeps it
+            await until(lambda: "tuned" in agent.active, 60, "serving after the restart")
+            assert agent.active["tuned"].config == config_digest(good)
+            assert agent.installer.journal.get("tuned").ts == reconfigured_at  # applied from disk, not installed again
 
     asyncio.run(main())
 
