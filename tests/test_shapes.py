@@ -6,6 +6,7 @@ no hub process: the endpoint's Scorer is driven directly."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,28 @@ def test_an_undeclared_postprocess_is_described_by_what_it_returned(tmp_path):
     assert runner.outputs == [] and runner.inputs[0].name == "x"
     seen = health_check(runner, None)
     assert [s.to_dict() for s in observed_specs(seen)] == [{"name": "label", "dtype": "int64", "shape": [1, 1]}]
+
+
+def test_an_endpoint_without_a_sample_advertises_one_its_model_accepts(tmp_path):
+    from hub.endpoints.gateway import Gateway
+    from hub.endpoints.pool import Pool, Settings
+    from modules.bundle import RELEASE_FILE
+    from protocol.encoding import canonical_json
+    from protocol.manifest import release_document
+
+    runner = TfliteRunner(TFLITE)
+    manifest = build_manifest("recrop", 1, "tflite", {TFLITE.name: TFLITE}, TFLITE.name,
+                              inputs=runner.inputs, outputs=runner.outputs)  # no sample
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / RELEASE_FILE).write_bytes(canonical_json({"signed": release_document(manifest, 2**40),
+                                                        "signatures": []}))
+    gateway = Gateway("recrop-web", None)
+    pool = Pool("recrop-web", "1", bundle, Settings())
+    pool.info = {"inputs": [s.to_dict() for s in runner.inputs], "outputs": [s.to_dict() for s in runner.outputs]}
+    gateway.pools = {"1": pool}
+    advertised = gateway.describe()["sample_request"]
+    assert np.asarray(advertised["inputs"]["input_1"]).shape == (1, 256, 256, 3)  # not [1, 128]
+    scorer = Scorer(runner, manifest, "1")
+    ((status, body, _),) = scorer.run([json_item("s", json.dumps(advertised).encode())])
+    assert status == 200, body
