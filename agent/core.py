@@ -135,6 +135,7 @@ class Agent:
             module_limits=self.module_limits, health_timeout=health_timeout, telemetry_interval=telemetry_interval,
             transfer=transfer, hub_url=self.hub_url, blob_retry=blob_retry, runner_cache=runner_cache,
             limits=limits, sandbox=module_sandbox)
+        self.executor.installer.facts = self.facts  # runners pick their accelerator from them (modules/accel.py)
         self.reporter = Reporter(self.session, self.outbox, self.trust, self.front, self.executor, self.facts,
                                  self.rejected, clock, telemetry_interval, self._report_dirty)
         self._stopping = asyncio.Event()

@@ -31,6 +31,7 @@ from agent.reconcile import (
     Facts,
     Install,
     ModuleFacts,
+    Reconfigure,
     Remove,
     Report,
     ResumeBake,
@@ -44,7 +45,7 @@ from agent.reconcile import (
 from agent.session import MqttClient
 from agent.supervisor import ModuleWorker
 from agent.transfer import MANIFESTS_DIR, BundleFetch
-from agent.workerproc import WorkerProcess, WorkerSandbox, health_check_in_worker
+from agent.workerproc import WorkerProcess, WorkerSandbox, clear_run_dir, health_check_in_worker
 from modules.store import ContentStore
 from protocol.messages import BakePolicy, DesiredModule, DesiredState
 
@@ -103,13 +104,16 @@ class Executor:
             facts[name] = ModuleFacts(current=self.installer.current(name), active=active.bundle if active else None,
                                       journal=entry.state if entry else None,
                                       journal_bundle=entry.bundle if entry else None,
-                                      retry_at=entry.retry_at if entry else 0.0)
+                                      retry_at=entry.retry_at if entry else 0.0,
+                                      config=self.installer.current_config(name),
+                                      active_config=active.config if active else "",
+                                      journal_config=entry.config if entry else "")
         return facts
 
     async def start(self) -> None:
         """Recover interrupted installs and serve every installed module (before the session connects)."""
         if self.isolation == "process":
-            self._clear_run_dir()
+            clear_run_dir(self.data_dir / RUN_DIR)
         await self.installer.recover()
         for name in self.installer.installed_names():
             await self.activate(name)
@@ -181,6 +185,8 @@ class Executor:
                     self.front.set_collect_rate(self.front.active[action.name], action.ppm)
             elif isinstance(action, Install):
                 await self._install(action.module)
+            elif isinstance(action, Reconfigure):
+                await self._reconfigure(action.module)
             elif isinstance(action, ResumeBake):
                 await self._resume_bake(action.name)
             elif isinstance(action, CancelInstall):
@@ -256,6 +262,15 @@ class Executor:
                     await self.client.unsubscribe(fetch.topic)
         await self._settle(m.name, entry)
 
+    async def _reconfigure(self, m: DesiredModule) -> None:
+        """A new configuration for the version installed: the installer's health gate, bake and rollback."""
+        self._installing = (m.name, m.bundle)
+        try:
+            entry = await self.installer.reconfigure(m)
+        finally:
+            self._installing = None
+        await self._settle(m.name, entry)
+
     async def _settle(self, name: str, entry: Entry) -> None:
         """After an install ends: serve what ``current`` points at (a bake may have served the new version)."""
         current = self.installer.current(name)
@@ -263,7 +278,8 @@ class Executor:
         if current is None:
             if entry.state == "failed":
                 self.deactivate(name)
-        elif entry.state in ("committed", "rolled_back") and (active is None or active.bundle != current):
+        elif entry.state in ("committed", "rolled_back") and (
+                active is None or (active.bundle, active.config) != (current, self.installer.current_config(name))):
             await self.activate(name)
         await self._drop_unused_warm()
 
@@ -275,25 +291,9 @@ class Executor:
 
     async def _bake(self, inst: Installed, policy: BakePolicy) -> str:
         """The installer's bake: the new version serves; its error rate (or a crash loop) decides. "" commits."""
-        from agent.bake import BakeWatch  # loaded when a deployment asks for a bake: the idle agent stays small
+        from agent.bake import bake  # loaded when a deployment asks for a bake: the idle agent stays small
 
-        active = self.front.active.get(inst.name)
-        if active is None or active.bundle != inst.bundle:
-            await self.activate(inst.name)
-            active = self.front.active.get(inst.name)
-        if active is None or active.bundle != inst.bundle:
-            return f"the new version did not start: {self.load_errors.get(inst.name, 'unknown reason')}"
-        watch = active.bake = BakeWatch(policy)
-        log.info("%s: module %s baking for %ds (rollback above %g%% errors over >= %d inferences)",
-                 self.identity.device_id, inst.name, policy.seconds, policy.max_error_ppm / 10_000,
-                 policy.min_inferences)
-        try:
-            reason = await watch.wait()
-        finally:
-            active.bake = None
-        log.info("%s: module %s bake %s: %s", self.identity.device_id, inst.name, "failed" if reason else "passed",
-                 reason or watch.summary())
-        return reason
+        return await bake(self.front.active, self.activate, self.load_errors, self.identity.device_id, inst, policy)
 
     def _set_transfer_error(self, bundle: str, text: str) -> None:
         if text:
@@ -324,11 +324,12 @@ class Executor:
                 # A committed version, or one starting its bake (it serves on probation): its worker takes the
                 # direct socket over (rename) on start, as the TCP API switches to it.
                 runner = ModuleWorker(name, inst.files, inst.manifest, limits=self.module_limits,
+                                      options=self._options(inst),
                                       start_timeout=self.health_timeout,
                                       on_crash_loop=lambda reason: self.spawn(self._crash_loop(name, inst.bundle, reason)),
                                       socket_path=self.data_dir / RUN_DIR / f"{name}.sock", collect_rate_ppm=ppm,
                                       push_every=min(1.0, self.telemetry_interval), sandbox=self.sandbox)
-                await runner.start(warm=self._warm.pop(inst.bundle, None))
+                await runner.start(warm=self._warm.pop(inst.key, None))
             else:
                 runner = await asyncio.to_thread(self.installer.runner_for, inst)
         except Exception as exc:  # a broken install must not stop the agent; report it
@@ -337,7 +338,7 @@ class Executor:
             return
         self.load_errors.pop(name, None)
         self.deactivate(name)
-        active = ActiveModule(name, inst.bundle, inst.manifest.version, runner, ppm)
+        active = ActiveModule(name, inst.bundle, inst.manifest.version, runner, ppm, config=inst.config_digest)
         if isinstance(runner, ModuleWorker):
             runner.on_stats = functools.partial(self.front.direct_stats, active)
         workload = self.front.workload
@@ -356,15 +357,20 @@ class Executor:
     async def _health_in_worker(self, inst: Installed) -> None:
         """The installer's health check in process mode: a fresh worker, killed if it overruns the deadline."""
         worker = await health_check_in_worker(inst.name, inst.files, inst.manifest, self.health_timeout,
-                                              self.module_limits, self.sandbox)
-        old = self._warm.pop(inst.bundle, None)
+                                              self.module_limits, self.sandbox, self._options(inst))
+        old = self._warm.pop(inst.key, None)
         if old is not None:
             await old.stop()
-        self._warm[inst.bundle] = worker
+        self._warm[inst.key] = worker
+
+    def _options(self, inst: Installed) -> dict[str, Any]:
+        """What a worker loads the module with besides its files: its configuration and the device's facts."""
+        return {"config": inst.config, "facts": self.installer.facts}
 
     async def _drop_unused_warm(self) -> None:
-        for bundle in [b for b in self._warm if not any(m.bundle == b for m in self.front.active.values())]:
-            await self._warm.pop(bundle).stop()
+        serving = {f"{m.bundle}+{m.config}" if m.config else m.bundle for m in self.front.active.values()}
+        for key in [k for k in self._warm if k not in serving]:
+            await self._warm.pop(key).stop()
 
     async def _crash_loop(self, name: str, bundle: str, reason: str) -> None:
         """A committed version's worker keeps dying: roll back to the version before it, with the reason."""
@@ -383,13 +389,6 @@ class Executor:
         else:
             self.deactivate(name)
         self.changed()
-
-    def _clear_run_dir(self) -> None:
-        """Sockets a killed agent's workers left behind: nobody answers on them; the workers started now bind afresh."""
-        run = self.data_dir / RUN_DIR
-        run.mkdir(mode=0o750, exist_ok=True)
-        for stale in run.glob("*.sock"):
-            stale.unlink(missing_ok=True)
 
     # --- shutdown ------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ class ActiveModule:
     stats: ModuleStats = field(default_factory=ModuleStats)
     task: asyncio.Task[None] | None = None
     bake: BakeWatch | None = None  # set while this version is on probation
+    config: str = ""  # the digest of the configuration it was loaded with ("" none)
 
 
 class InferenceFront:

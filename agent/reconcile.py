@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.encoding import ProtocolError, digest_of
-from protocol.messages import DesiredModule, DesiredState, validate
+from protocol.messages import DesiredModule, DesiredState, config_digest, validate
 from protocol.signing import Root, parse_envelope
 from protocol.trust import TrustState
 from protocol.verify import MAX_DESIRED_LIFETIME_S
@@ -179,6 +179,9 @@ class ModuleFacts:
     journal: str | None = None  # the install state on record
     journal_bundle: str | None = None  # the bundle that install is for
     retry_at: float = 0.0  # a failure the environment caused (disk full, slow download): tried again from then
+    config: str = ""  # config_digest of the configuration applied to ``current`` ("" none)
+    active_config: str = ""  # ... of the one serving
+    journal_config: str = ""  # ... of the one the install on record is for
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,14 @@ class SetCollectRate:
 
 
 @dataclass(frozen=True)
+class Reconfigure:
+    """Apply ``module``'s configuration to the version installed (same bundle): activated, health-checked and baked
+    like an install, and rolled back to the previous configuration if that fails."""
+
+    module: DesiredModule
+
+
+@dataclass(frozen=True)
 class Install:
     """Download, verify, activate and health-check (and bake) ``module``; one at a time."""
 
@@ -237,7 +248,7 @@ class Report:
     """Publish the reported state (once the pass is through)."""
 
 
-Action = Remove | Activate | SetCollectRate | Install | ResumeBake | CancelInstall | Report
+Action = Remove | Activate | SetCollectRate | Reconfigure | Install | ResumeBake | CancelInstall | Report
 
 
 def step(now: float, desired: DesiredState | None, installed: Mapping[str, ModuleFacts],
@@ -256,11 +267,16 @@ def step(now: float, desired: DesiredState | None, installed: Mapping[str, Modul
                              if n not in wanted and (f.current is not None or f.active is not None)]
     for m in desired.modules:
         f = installed.get(m.name, ModuleFacts())
+        want = config_digest(m.config)
+        # a (bundle, configuration) the device judged unusable is not tried again until the desired state changes
+        gave_up = f.journal_bundle == m.bundle and f.journal_config == want and f.journal in GAVE_UP
         if f.current == m.bundle:
-            if f.active != m.bundle:
+            if f.config != want and not gave_up:
+                actions.append(Reconfigure(m))
+            elif f.active != m.bundle or f.active_config != f.config:
                 actions.append(Activate(m.name))
             actions.append(SetCollectRate(m.name, m.collect_rate_ppm))
-        elif not (f.journal_bundle == m.bundle and f.journal in GAVE_UP and not (f.retry_at and now >= f.retry_at)):
+        elif not gave_up or (f.retry_at and now >= f.retry_at):
             actions.append(Install(m))
     actions.append(Report())
     return actions

@@ -24,7 +24,7 @@ from agent.procstat import CpuMeter, ProcessGone, rss_bytes
 from agent.reconcile import Trust
 from agent.session import Session
 from agent.supervisor import ModuleWorker
-from protocol.messages import DataBatch, ModuleReport, ReportedState, TelemetryBatch, TelemetryPoint
+from protocol.messages import DataBatch, ModuleReport, ReportedState, TelemetryBatch, TelemetryPoint, config_digest
 from protocol.topics import Channel
 
 log = logging.getLogger("edgefleet.agent")
@@ -61,7 +61,9 @@ class Reporter:
             entry = installer.journal.get(m.name)
             active = self.front.active.get(m.name)
             state, error, progress = "pending", "", 0.0
-            if entry is not None and entry.bundle == m.bundle and entry.state != "committed":
+            # the install on record for this very (bundle, configuration): a config-only change is one too
+            if (entry is not None and entry.bundle == m.bundle and entry.config == config_digest(m.config)
+                    and entry.state != "committed"):
                 state, error = entry.state, entry.error
                 progress = 1.0 if entry.state not in ("downloading",) else ex.progress.get(m.bundle, 0.0)
                 if entry.state == "downloading" and not error:
@@ -74,8 +76,12 @@ class Reporter:
                 state, error = "failed", ex.blocked[m.name][1]
             elif installer.current(m.name) == m.bundle:
                 state, progress = "activating", 1.0
+            serving = active is not None and active.bundle == m.bundle
             modules.append(ModuleReport(name=m.name, version=m.version, bundle=m.bundle, state=state,  # type: ignore[arg-type]
-                                        error=error, progress=round(progress, 4)))
+                                        error=error, progress=round(progress, 4),
+                                        config=active.config if serving and active else "",
+                                        accelerator=getattr(active.runner, "accelerator", "") if serving and active
+                                        else ""))
         return ReportedState(device=self.device_id, revision=self.trust.revision, modules=modules,
                              error=self._error(), facts=self.facts, ts=self.clock())
 

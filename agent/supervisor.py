@@ -41,9 +41,12 @@ class ModuleWorker:
     def __init__(self, name: str, files: Path, manifest: Manifest, *, limits: dict[str, Any] | None = None,
                  start_timeout: float = 60.0, request_timeout: float = 30.0, on_crash_loop: CrashLoopHook | None = None,
                  backoff_base: float = 0.5, backoff_cap: float = 30.0, socket_path: Path | None = None,
-                 collect_rate_ppm: int = 0, push_every: float = 1.0, sandbox: WorkerSandbox | None = None) -> None:
+                 collect_rate_ppm: int = 0, push_every: float = 1.0, sandbox: WorkerSandbox | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self.name, self.files, self.manifest, self.limits = name, files, manifest, limits
         self.sandbox = sandbox
+        self.options = options  # the module's config and the device's facts, for every worker started
+        self.accelerator = ""
         # The direct socket each worker of this version serves once started (None: only the agent's API).
         self.socket_path, self.collect_rate_ppm, self.push_every = socket_path, collect_rate_ppm, push_every
         self.on_stats: OnPush | None = None  # the direct socket's pushed stats, for the agent's telemetry
@@ -75,13 +78,14 @@ class ModuleWorker:
 
     def _use(self, worker: WorkerProcess) -> None:
         self._worker = worker
+        self.accelerator = worker.accelerator
         if worker.inputs:
             self.inputs, self.outputs = worker.inputs, worker.outputs
         self.state = "serving"
         self._ready.set()
 
     async def _spawn(self) -> None:
-        worker = WorkerProcess(self.name, self.files, self.manifest, self.limits, self.sandbox)
+        worker = WorkerProcess(self.name, self.files, self.manifest, self.limits, self.sandbox, self.options)
         try:
             await worker.start(self.start_timeout)
         except BaseException:

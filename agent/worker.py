@@ -317,8 +317,9 @@ class Worker:
             if op == "load":
                 self.files, self.manifest = Path(header["files"]), validate(Manifest, header["manifest"])
                 apply_limits(header.get("limits") or {})
-                self.runner = self.runners.load_runner(self.files, self.manifest)
-                self.reply({"ok": True, "pid": os.getpid(),
+                self.runner = self.runners.load_runner(self.files, self.manifest, header.get("config"),
+                                                       header.get("facts"))
+                self.reply({"ok": True, "pid": os.getpid(), "accelerator": getattr(self.runner, "accelerator", ""),
                             "inputs": [s.to_dict() for s in self.runner.inputs],
                             "outputs": [s.to_dict() for s in self.runner.outputs]})
             elif op == "predict_json":

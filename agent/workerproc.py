@@ -180,11 +180,13 @@ class WorkerProcess:
     """One child running ``agent.worker`` on a socketpair; one request at a time, in order."""
 
     def __init__(self, name: str, files: Path, manifest: Manifest, limits: dict[str, Any] | None = None,
-                 sandbox: WorkerSandbox | None = None) -> None:
+                 sandbox: WorkerSandbox | None = None, options: dict[str, Any] | None = None) -> None:
         self.name, self.files, self.manifest = name, files, manifest
         self.limits = limits or {}
         self.sandbox = sandbox
         self._leaf: int | None = None
+        self.options = options or {}  # config (the module's), facts (the device's): what load_runner is given
+        self.accelerator = ""  # what the loaded model runs on (modules/accel.py), as the worker reported it
         self.proc: asyncio.subprocess.Process | None = None
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
@@ -234,7 +236,8 @@ class WorkerProcess:
             child.close()
         await asyncio.get_running_loop().connect_accepted_socket(lambda: self._channel, parent)
         header, _, _ = await self.request({"op": "load", "files": str(self.files), "manifest": self.manifest.to_dict(),
-                                        "limits": self.limits}, timeout=timeout)
+                                        "limits": self.limits, **self.options}, timeout=timeout)
+        self.accelerator = str(header.get("accelerator", ""))
         self.inputs = [validate(TensorSpec, s) for s in header["inputs"]]
         self.outputs = [validate(TensorSpec, s) for s in header["outputs"]]
 
@@ -324,12 +327,13 @@ class WorkerProcess:
 
 async def health_check_in_worker(name: str, files: Path, manifest: Manifest, timeout: float,
                                  limits: dict[str, Any] | None = None,
-                                 sandbox: WorkerSandbox | None = None) -> WorkerProcess:
+                                 sandbox: WorkerSandbox | None = None,
+                                 options: dict[str, Any] | None = None) -> WorkerProcess:
     """Load and health-check in a fresh worker; on success the warm worker is returned for serving.
 
     The whole check (load + sample inference) must finish within ``timeout``; a hung one is killed.
     """
-    worker = WorkerProcess(name, files, manifest, limits, sandbox)
+    worker = WorkerProcess(name, files, manifest, limits, sandbox, options)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
@@ -339,3 +343,10 @@ async def health_check_in_worker(name: str, files: Path, manifest: Manifest, tim
         await worker.kill()
         raise
     return worker
+
+
+def clear_run_dir(run: Path) -> None:
+    """Sockets a killed agent's workers left behind: nobody answers on them; the workers started now bind afresh."""
+    run.mkdir(mode=0o750, exist_ok=True)
+    for stale in run.glob("*.sock"):
+        stale.unlink(missing_ok=True)

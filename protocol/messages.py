@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, field
 
-from protocol.encoding import ProtocolError, canonical_json, parse_json
+from protocol.encoding import ProtocolError, canonical_json, digest_of, parse_json
 from protocol.names import Name, OptionalName
 from protocol.schema import DIGEST_PATTERN, SCHEMA_VERSION, Finite, NonNegative, Positive, Schema, validate
 from protocol.topics import Channel
@@ -54,6 +54,26 @@ class BakePolicy(Schema, frozen=True, kw_only=True):
     min_inferences: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
 
 
+MAX_CONFIG_KEYS = 64
+MAX_CONFIG_BYTES = 8 * 1024  # a module's configuration, as canonical JSON
+ConfigKey = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+# strings, integers and booleans: signed documents hold no floats (a threshold travels as "0.5")
+ConfigValue = str | Annotated[int, Meta(ge=-(2**63 - 1), le=2**63 - 1)] | bool
+ModuleConfig = Annotated[dict[ConfigKey, ConfigValue], Meta(max_length=MAX_CONFIG_KEYS)]
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """A configuration's identity (sha256 of its canonical JSON); "" for none (``{}``)."""
+    return digest_of(config) if config else ""
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Refuse a configuration larger than MAX_CONFIG_BYTES (keys and value types are checked by the schema)."""
+    size = len(canonical_json(config))
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"module config is {size} bytes of JSON; at most {MAX_CONFIG_BYTES}")
+
+
 class DesiredModule(Schema, frozen=True, kw_only=True):
     name: Name
     version: Positive
@@ -62,15 +82,22 @@ class DesiredModule(Schema, frozen=True, kw_only=True):
     deployment: OptionalName = ""
     collect_rate_ppm: Ppm = 0  # sampled share, parts per million
     bake: BakePolicy | None = None  # None: commit right after the health check (agents before it ignore the field)
+    # the module's configuration, applied without a new bundle (through the same health check, bake and rollback)
+    config: ModuleConfig = {}
+
+    def __post_init__(self) -> None:
+        check_config(self.config)
 
     def to_dict(self) -> dict[str, Any]:
         return _without_null_bake(super().to_dict())
 
 
 def _without_null_bake(module: dict[str, Any]) -> dict[str, Any]:
-    # Absent, not null: a module without a bake signs and hashes exactly as before the field existed.
+    # Absent, not null or empty: a module without a bake or a config signs and hashes exactly as before the fields.
     if module.get("bake", 0) is None:
         del module["bake"]
+    if module.get("config", 0) == {}:
+        del module["config"]
     return module
 
 
@@ -111,6 +138,8 @@ class ModuleReport(Schema, frozen=True, kw_only=True):
     state: InstallState
     error: str = ""
     progress: Annotated[float, Meta(ge=0, le=1)] = 0.0  # share of bytes present, 0..1 (NaN fails the bounds)
+    config: Annotated[str, Meta(pattern=r"^([0-9a-f]{64})?$")] = ""  # config_digest of the config applied ("" none)
+    accelerator: Annotated[str, Meta(max_length=1024)] = ""  # what the module runs on (modules/accel.py), if known
 
 
 class ReportedState(Message, frozen=True, kw_only=True):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,30 @@ def deploy_edge(
     _summary(res, as_json)
 
 
+def _config(pairs: list[str], unset: list[str], path: Path | None) -> dict[str, Any]:
+    """The PATCH fields for ``--config``/``--config-unset``/``--config-file``."""
+    out: dict[str, Any] = {}
+    if path is not None:
+        text = path.read_text()
+        try:
+            doc = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{path}: {exc}", param_hint="--config-file") from None
+        if not isinstance(doc, dict):
+            raise typer.BadParameter(f"{path} must hold an object of key -> value", param_hint="--config-file")
+        out["config"] = doc
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--config")
+        changes[key] = value
+    changes.update({key: None for key in unset})
+    if changes:
+        out["config_set"] = changes
+    return out
+
+
 @deployment_app.command("update")
 def deployment_update(
     name: str,
@@ -136,17 +162,26 @@ def deployment_update(
     device_bake: str | None = typer.Option(None, "--device-bake", help=DEVICE_BAKE_HELP + " 0 turns it off."),
     device_max_error_rate: float = typer.Option(0.05, "--device-max-error-rate", min=0, max=1),
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1),
+    config: list[str] = typer.Option([], "--config", help="KEY=VALUE (a string) set in the module's configuration; "
+                                     "repeatable, merged into the latest revision's."),
+    config_unset: list[str] = typer.Option([], "--config-unset", help="KEY removed from the module's configuration."),
+    config_file: Path | None = typer.Option(None, "--config-file", exists=True, dir_okay=False,
+                                            help="JSON or TOML (.toml) object: the whole configuration (str/int/bool "
+                                                 "values), replacing the latest revision's; --config applies on top."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Start a rollout of a new revision; earlier revisions stay for rollback.
 
     Only what is given changes: the strategy, bake, gates and failure policy are the last rollout's unless given.
+    A configuration change alone rolls out like a version change: devices health-check the module with it and
+    roll back to the previous configuration if it fails.
     """
     given = {"strategy": strategy, "bake_s": parse_duration(bake) if bake else None, "gates": _gates(gate),
              "on_failure": on_failure, "collect_rate_ppm": collect_rate}
     body = {"module": module, "target": target, "priority": priority,
             **{k: v for k, v in given.items() if v is not None},
-            **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
+            **_device_bake(device_bake, device_max_error_rate, device_min_inferences), **_config(config, config_unset,
+                                                                                               config_file)}
     with client() as c:
         res = call(lambda: c.request("PATCH", f"/api/v1/deployments/{name}", json=body))
     _summary(res, as_json)

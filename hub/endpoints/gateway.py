@@ -34,9 +34,11 @@ from hub.endpoints.pool import Pool, PoolError, Response, Settings
 from hub.endpoints.telemetry import EndpointTelemetry
 from hub.monitoring.prom import LatencyHistogram
 from modules.bundle import FILES_DIR, verify_pulled
-from modules.runners import load_sample
+from modules.runners import load_sample, sample_request
 from modules.sandbox import Sandbox
 from protocol.encoding import ProtocolError
+from protocol.manifest import TensorSpec
+from protocol.schema import validate
 from protocol.signing import load_trusted_root
 
 log = logging.getLogger("edgefleet.endpoint.gateway")
@@ -271,8 +273,8 @@ class Gateway:
                 sample = load_sample(pool.bundle_dir / FILES_DIR, read_manifest(pool.bundle_dir))
             except (OSError, ValueError):
                 sample = None
-        if sample is None and inputs:
-            sample = {"inputs": {s["name"]: [[0] * (d or 1) for d in s["shape"][1:2]] or 0 for s in inputs}}
+        if sample is None and inputs:  # built from the real signature: posting it gets 200
+            sample = sample_request([validate(TensorSpec, s) for s in inputs])
         ready = bool(self.pools) and all(p.ready for p in self.pools.values())
         return {
             "name": self.name, "status": "ready" if ready else "degraded" if self.pools else "starting",

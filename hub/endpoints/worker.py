@@ -34,8 +34,9 @@ from modules.runners import (
     health_check,
     load_runner,
     load_sample,
+    observed_specs,
 )
-from protocol.manifest import Manifest
+from protocol.manifest import Manifest, TensorSpec
 
 log = logging.getLogger("edgefleet.endpoint.worker")
 
@@ -139,16 +140,15 @@ class Scorer:
         return {i: {k: parts[k][n] for k in parts} for n, i in enumerate(order)}
 
 
-def load(bundle_dir: Path, threads: int) -> tuple[Runner, Manifest]:
+def load(bundle_dir: Path, threads: int) -> tuple[Runner, Manifest, list[TensorSpec]]:
+    """The runner, its manifest, and its outputs: declared, else as its health check saw them (an undeclared
+    postprocess), so the endpoint describes what it really returns."""
     manifest = read_manifest(bundle_dir)
     files = bundle_dir / FILES_DIR
-    runner = load_runner(files, manifest)
-    if hasattr(runner, "session") and threads != 1:  # reload with the thread count asked for
-        from modules.runners import OnnxRunner
-
-        runner = OnnxRunner(files / manifest.model, intra_op_threads=threads)
-    health_check(runner, load_sample(files, manifest))
-    return runner, manifest
+    # the thread count asked for (ONNX Runtime, LiteRT: modules/accel.py), the entry script kept around the model
+    runner = load_runner(files, manifest, {"threads": threads} if threads != 1 and manifest.runtime != "python" else None)
+    seen = health_check(runner, load_sample(files, manifest))
+    return runner, manifest, list(manifest.outputs or runner.outputs) or observed_specs(seen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,14 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"worker {args.label} %(levelname)s: %(message)s")
     sock = socket.socket(fileno=args.fd)
     try:
-        runner, manifest = load(args.bundle, args.threads)
+        runner, manifest, outputs = load(args.bundle, args.threads)
     except Exception as exc:  # a model that does not load or fails its health check: say why, then stop
         sock.sendall(wire.encode(wire.Fail(f"{type(exc).__name__}: {exc}"[:wire.MAX_TEXT])))
         return 1
     rate = manifest.collect_rate_ppm if args.collect_rate_ppm < 0 else args.collect_rate_ppm
     scorer = Scorer(runner, manifest, args.label, Sampler(rate) if args.collect and rate > 0 else None)
-    sock.sendall(wire.encode(wire.Ready(os.getpid(), scorer.batchable, list(scorer.specs),
-                                        list(manifest.outputs or runner.outputs))))
+    sock.sendall(wire.encode(wire.Ready(os.getpid(), scorer.batchable, list(scorer.specs), outputs)))
     decoder = msgspec.msgpack.Decoder(wire.Run)
     try:
         while (msg := wire.recv(sock, decoder)) is not None:

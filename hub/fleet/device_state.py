@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from protocol.messages import config_digest
+
 INSTALLING = {"downloading", "verifying", "staged", "activating", "health_check", "baking"}
 FAILED = {"failed", "rolled_back", "rolling_back"}
 STATES = ("idle", "pending", "installing", "running", "failed")  # what summarize() answers
@@ -41,11 +43,22 @@ def module_views(desired: list[dict[str, Any]], reported: dict[str, Any] | None)
         r = reports.pop(d["name"], None)
         same = r is not None and r["bundle"] == d["bundle"]
         views.append({"name": d["name"], "version": d["version"], "bundle": d["bundle"], "deployment": d["deployment"],
-                      "state": r["state"] if same else "pending", "error": r.get("error", "") if same else ""})
+                      "state": r["state"] if same else "pending", "error": r.get("error", "") if same else "",
+                      **_applied(r if same else None, d.get("config", {}))})
     # modules the device still runs or reports but no longer should
     views += [{"name": r["name"], "version": r["version"], "bundle": r["bundle"], "deployment": "",
-               "state": r["state"], "error": r.get("error", "")} for r in reports.values()]
+               "state": r["state"], "error": r.get("error", ""), **_applied(r, None)} for r in reports.values()]
     return views
+
+
+def _applied(report: dict[str, Any] | None, desired_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The configuration desired (values and digest), the digest the device reports applied, and the accelerator
+    it reports: ``config_applied`` equal to ``config_digest`` once the device runs the desired configuration."""
+    out: dict[str, Any] = {"config_applied": (report or {}).get("config", ""),
+                           "accelerator": (report or {}).get("accelerator", "")}
+    if desired_config is not None:
+        out |= {"config": desired_config, "config_digest": config_digest(desired_config)}
+    return out
 
 
 def summarize(desired: list[dict[str, Any]], views: list[dict[str, Any]]) -> str:

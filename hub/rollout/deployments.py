@@ -21,8 +21,8 @@ from hub.rollout.rollout_plan import ON_FAILURE, Gates, parse_strategy
 from hub.rollout.rollout_states import SUPERSEDED, display
 from hub.rollout.rollouts import Rollouts
 from hub.store import Database, dumps, loads, now
-from protocol.encoding import ProtocolError
-from protocol.messages import BakePolicy
+from protocol.encoding import ProtocolError, canonical_json
+from protocol.messages import BakePolicy, DesiredModule
 from protocol.schema import validate
 
 log = logging.getLogger("edgefleet.hub.deployments")
@@ -42,7 +42,31 @@ def revision_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"revision": row["revision"], "module": f"{row['module_name']}:{row['module_version']}",
             "bundle": row["digest"], "target": row["target"], "priority": row["priority"],
             "collect_rate_ppm": row["collect_rate_ppm"], "device_bake": loads(row.get("device_bake")),
+            "config": loads(row.get("config")) or {},
             "created_at": row["created_at"], "created_by": row["created_by"]}
+
+
+def module_config(config: dict[str, Any] | None) -> str | None:
+    """The per-module configuration a deployment revision carries, checked as a device will (protocol
+    DesiredModule.config: keys, str/int/bool values, size), as stored (canonical JSON; None for none)."""
+    if not config:
+        return None
+    try:
+        validate(DesiredModule, {"name": "m", "version": 1, "bundle": "0" * 64, "size": 0, "config": config})
+    except ProtocolError as exc:
+        raise Invalid(f"config: {exc}") from None
+    return canonical_json(config).decode()
+
+
+def merge_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied: a value sets a key, None removes it."""
+    out = dict(base)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def device_bake(seconds: int | None, max_error_rate: float = 0.05, min_inferences: int = 20) -> dict[str, int] | None:
@@ -78,7 +102,8 @@ class Deployments:
     def put(self, name: str, module: str, target: str, priority: int = 0, *, strategy: str = "all",
             bake_s: float = 0.0, gates: dict[str, Any] | None = None, on_failure: str = "rollback",
             collect_rate_ppm: int | None = None, wave_timeout_s: float = DEFAULT_WAVE_TIMEOUT_S,
-            device_bake: dict[str, int] | None = None, actor: str = "", note: str = "") -> dict[str, Any]:
+            device_bake: dict[str, int] | None = None, config: dict[str, Any] | None = None, actor: str = "",
+            note: str = "") -> dict[str, Any]:
         """Create or change deployment ``name``: a new revision rolled out by ``strategy``.
 
         ``device_bake`` (see :func:`device_bake`): each device keeps the new version on probation for that long,
@@ -110,12 +135,14 @@ class Deployments:
             bake_json = dumps(validate(BakePolicy, device_bake).to_dict()) if device_bake else None
         except ProtocolError as exc:
             raise Invalid(f"device bake: {exc}") from None
+        config_json = module_config(config)
         with self.db.transaction() as tx:
             cur = self.db.one("SELECT * FROM deployments WHERE name = ?", (name,))
             latest = cur and self.db.one("SELECT * FROM deployment_revisions WHERE deployment = ? AND revision = ?",
                                          (name, cur["revision"]))
             same = latest and (latest["digest"], latest["target"], latest["priority"], latest["collect_rate_ppm"],
-                               latest["device_bake"]) == (row["digest"], target, priority, collect_rate_ppm, bake_json)
+                               latest["device_bake"], latest["config"]) == (row["digest"], target, priority,
+                                                                            collect_rate_ppm, bake_json, config_json)
             # the same again is a no-op while that revision is stable or rolling out; after an abort it is a retry
             if cur and cur["active"] and same and (cur["stable_revision"] == cur["revision"] or any(
                     r["revision"] == cur["revision"] for r in self.rollouts._live(name))):
@@ -123,10 +150,10 @@ class Deployments:
             revision = (cur["revision"] + 1) if cur else 1
             t = now()
             tx.execute("INSERT INTO deployment_revisions (deployment, revision, module_name, module_version, digest,"
-                       " target, priority, collect_rate_ppm, device_bake, created_at, created_by)"
-                       " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       " target, priority, collect_rate_ppm, device_bake, config, created_at, created_by)"
+                       " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        (name, revision, module_name, version, row["digest"], target, priority, collect_rate_ppm,
-                        bake_json, t, actor))
+                        bake_json, config_json, t, actor))
             # the row mirrors the latest revision; created_at stays the first creation (ties between layers: newest)
             tx.execute(
                 "INSERT INTO deployments (name, module_name, module_version, digest, target, priority, created_at, active,"
@@ -136,7 +163,8 @@ class Deployments:
                 " revision = excluded.revision",
                 (name, module_name, version, row["digest"], target, priority, t, revision))
             record(self.db, actor, "deployment.revision", name, revision=revision, module=module, target=target,
-                   priority=priority, collect_rate_ppm=collect_rate_ppm, device_bake=device_bake, note=note)
+                   priority=priority, collect_rate_ppm=collect_rate_ppm, device_bake=device_bake,
+                   config=config or {}, note=note)
         rid, published = self.rollouts.begin(name, revision, waves, gate_set, on_failure, bake_s, wave_timeout_s,
                                              actor)
         log.info("deployment %s revision %d -> %s on %r: rollout %d, %d device(s) updated", name, revision, module,
@@ -156,6 +184,8 @@ class Deployments:
         latest = self.revision(name, cur["revision"])
         kwargs.setdefault("device_bake", latest["device_bake"])  # kept unless given
         kwargs.setdefault("collect_rate_ppm", latest["collect_rate_ppm"])
+        base = kwargs.get("config") if kwargs.get("config") is not None else latest["config"]
+        kwargs["config"] = merge_config(base, kwargs.pop("config_set", None) or {})  # the rest is kept
         last = self.rollouts.last_plan(name)
         inherited = []
         if last is not None:
@@ -185,7 +215,7 @@ class Deployments:
             raise Conflict(f"deployment {name!r} has no earlier revision to roll back to")
         old = self.revision(name, to)
         self.put(name, old["module"], old["target"], old["priority"], collect_rate_ppm=old["collect_rate_ppm"],
-                 device_bake=old["device_bake"], actor=actor, note=f"rollback to revision {to}")
+                 device_bake=old["device_bake"], config=old["config"], actor=actor, note=f"rollback to revision {to}")
         return self.rollouts.status(name)
 
     def delete(self, name: str, actor: str = "") -> dict[str, Any]:

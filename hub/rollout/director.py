@@ -60,7 +60,8 @@ def desired_module(d: dict[str, Any]) -> dict[str, Any]:
     bake = d.get("device_bake")
     return DesiredModule(name=d["module_name"], version=d["module_version"], bundle=d["digest"], size=d["size"],
                          deployment=d["deployment"], collect_rate_ppm=d["collect_rate_ppm"],
-                         bake=validate(BakePolicy, loads(bake)) if bake else None).to_dict()
+                         bake=validate(BakePolicy, loads(bake)) if bake else None,
+                         config=loads(d.get("config")) or {}).to_dict()
 
 
 class Director:

@@ -249,4 +249,7 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         "CREATE INDEX IF NOT EXISTS devices_state ON devices (state, online, id);",
         "CREATE INDEX IF NOT EXISTS devices_online ON devices (online, id);",
     ),
+    (  # 6: per-module configuration in the desired state (issue 15): JSON object, NULL none
+        AddColumn("deployment_revisions", "config", "TEXT"),
+    ),
 ]

@@ -51,11 +51,18 @@ Target = Annotated[str, Field(max_length=MAX_TEXT, description='"*", "id1,id2" o
 ModuleRef = Annotated[str, Field(max_length=200, description='"module:version", or "module@alias" (resolved now)')]
 
 
+ConfigValue = Annotated[str, Field(max_length=4096)] | Int63 | bool
+CONFIG_HELP = ("the module's configuration (protocol DesiredModule.config: keys [a-z][a-z0-9_.-]*, str/int/bool values, "
+               "at most 64 keys and 8 KiB), delivered to the module without a new bundle")
+
+
 class DeploymentRequest(RolloutOptions, DeviceBake):
     name: Name
     module: ModuleRef
     target: Target = "*"
     priority: Int63 = 0
+    config: dict[Annotated[str, Field(max_length=64)], ConfigValue] | None = Field(default=None, max_length=64,
+                                                                                  description=CONFIG_HELP)
 
 
 class DeploymentUpdate(DeviceBake):
@@ -72,6 +79,10 @@ class DeploymentUpdate(DeviceBake):
     wave_timeout_s: Finite | None = Field(default=None, gt=0, description="default: the last rollout's")
     collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000,
                                          description="default: the latest revision's; null (given) clears it")
+    config: dict[Annotated[str, Field(max_length=64)], ConfigValue] | None = Field(
+        default=None, max_length=64, description=CONFIG_HELP + "; replaces the latest revision's ({} clears it)")
+    config_set: dict[Annotated[str, Field(max_length=64)], ConfigValue | None] | None = Field(
+        default=None, max_length=64, description="merged into the configuration (null removes a key)")
 
 
 @router.post("")
