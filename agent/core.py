@@ -268,6 +268,7 @@ class Agent:
                 self.identity = dataclasses.replace(self.identity, root=event.envelope)
                 save_identity(self.data_dir, self.identity)
                 self.executor.installer.root = event.root
+                self.executor.shadows.set_root(event.root)
                 log.warning("%s: now trusting root version %d%s", self.device_id, event.root.version,
                             " (the applied state's signer is gone: revision floor reset)" if event.floor_reset else "")
                 self._report_dirty.set()

@@ -28,16 +28,20 @@ from agent.reconcile import (
     CancelInstall,
     Facts,
     Install,
+    InstallShadow,
     ModuleFacts,
     Remove,
+    RemoveShadow,
     Report,
     ResumeBake,
     SetCollectRate,
+    StartShadow,
     Trust,
     step,
     supersede,
 )
 from agent.session import MqttClient
+from agent.shadow_slots import ShadowSlots
 from agent.supervisor import ModuleWorker
 from agent.transfer import MANIFESTS_DIR, BundleFetch
 from agent.workerproc import WorkerProcess, health_check_in_worker
@@ -72,6 +76,9 @@ class Executor:
         self.chunks = ContentStore(data_dir / "chunks")
         self.installer = Installer(data_dir, trust.root, self.chunks, runner_cache, health_timeout, self._on_install,
                                    health=self._health_in_worker if isolation == "process" else None, bake=self._bake)
+        self.shadows = ShadowSlots(data_dir, trust.root, self.chunks, front, runner_cache=runner_cache,
+                                   health_timeout=health_timeout, isolation=isolation, module_limits=module_limits,
+                                   on_change=self._on_install)
         self.http: HubHttp | None = None  # made for the first HTTP download (agent/http_transfer.py is not loaded idle)
         self.wake = asyncio.Event()  # the desired state changed (or a retry is due): run a pass
         self.load_errors: dict[str, str] = {}
@@ -80,6 +87,7 @@ class Executor:
         self._warm: dict[str, WorkerProcess] = {}  # health-checked workers, handed over on activation
         self._fetches: dict[str, BundleFetch] = {}
         self._installing: tuple[str, str] | None = None  # (name, bundle) of the install under way
+        self._installing_shadow = False  # ... into a shadow slot
         self.install_task: asyncio.Task[Entry] | None = None
 
     # --- facts and passes ----------------------------------------------------------------------
@@ -101,6 +109,11 @@ class Executor:
         await self.installer.recover()
         for name in self.installer.installed_names():
             await self.activate(name)
+        if self.shadows.dir.exists():
+            await self.shadows.installer.recover()
+            for m in self.trust.desired.modules if self.trust.desired else []:  # candidates a restart stopped
+                if m.shadow is not None and self.shadows.installer.current(m.name) == m.shadow.bundle:
+                    await self.shadows.start(m.name, m.shadow)
 
     async def loop(self) -> None:
         """Resume interrupted bakes, then a pass for each change of the desired state, until cancelled."""
@@ -112,7 +125,8 @@ class Executor:
             if state is None:
                 continue
             try:
-                await self.carry_out(step(self.clock(), state, self.module_facts()), state)
+                await self.carry_out(step(self.clock(), state, self.module_facts(), shadows=self.shadows.facts()),
+                                     state)
             except Exception:  # e.g. a full disk: settle the journal, keep serving, try again later
                 log.exception("%s: reconcile failed; retrying in %.0fs", self.identity.device_id, RETRY_AFTER_ERROR)
                 with contextlib.suppress(Exception):
@@ -140,12 +154,22 @@ class Executor:
                 await self._resume_bake(action.name)
             elif isinstance(action, CancelInstall):
                 self._cancel(action)
+            elif isinstance(action, InstallShadow):
+                await self._install(action.module, shadow=True)
+                self.wake.set()  # the next pass starts it (or, failed, leaves it)
+            elif isinstance(action, StartShadow):
+                await self.shadows.start(action.name, action.spec)
+                self.changed()
+            elif isinstance(action, RemoveShadow):
+                await self.shadows.remove(action.name)
+                self.changed()
             elif isinstance(action, Report):
                 self.changed()
 
     def on_desired(self, state: DesiredState) -> None:
         """A newer desired state was accepted: cancel a download it no longer wants, and run a pass."""
-        entry = self.installer.journal.get(self._installing[0]) if self._installing else None
+        installer = self.shadows.installer if self._installing_shadow else self.installer
+        entry = installer.journal.get(self._installing[0]) if self._installing else None
         for action in supersede(state, self._installing, entry.state if entry else None):
             self._cancel(action)
         self.wake.set()
@@ -162,7 +186,9 @@ class Executor:
 
     # --- installing ----------------------------------------------------------------------------
 
-    async def _install(self, m: DesiredModule) -> None:
+    async def _install(self, m: DesiredModule, shadow: bool = False) -> None:
+        """Install ``m``: the live version of its module, or (``shadow``) a candidate in its shadow slot."""
+        installer = self.shadows.installer if shadow else self.installer
         if self.transfer == "http":
             from agent.http_transfer import HttpBundleFetch, HubHttp
 
@@ -181,16 +207,16 @@ class Executor:
                 progress=lambda f: self._set_progress(m.bundle, f), retry=self.blob_retry, clock=self.clock,
             )
             self._fetches[m.bundle] = fetch
-        self._installing = (m.name, m.bundle)
+        self._installing, self._installing_shadow = (m.name, m.bundle), shadow
         try:
             if isinstance(fetch, BundleFetch):
                 await self.client.subscribe(fetch.topic)
-            self.install_task = asyncio.create_task(self.installer.install(m, fetch.run))
+            self.install_task = asyncio.create_task(installer.install(m, fetch.run))
             await asyncio.wait({self.install_task})  # not cancelled with it: a superseded download is
             if self.install_task.cancelled():
-                entry = self.installer.journal.get(m.name)
+                entry = installer.journal.get(m.name)
                 if entry is not None and entry.state in BEFORE_ACTIVATION:
-                    self.installer.journal.drop(m.name)
+                    installer.journal.drop(m.name)
                 log.info("%s: download of %s %s superseded", self.identity.device_id, m.name, m.bundle[:12])
                 return
             entry = self.install_task.result()
@@ -202,7 +228,8 @@ class Executor:
             if isinstance(fetch, BundleFetch):
                 with contextlib.suppress(MqttOffline):
                     await self.client.unsubscribe(fetch.topic)
-        await self._settle(m.name, entry)
+        if not shadow:
+            await self._settle(m.name, entry)
 
     async def _settle(self, name: str, entry: Entry) -> None:
         """After an install ends: serve what ``current`` points at (a bake may have served the new version)."""
@@ -350,7 +377,7 @@ class Executor:
     async def stop_workers(self) -> None:
         """Stop every serving runner's worker and every warm one."""
         await asyncio.gather(*(_stop_runner(m.runner) for m in self.front.active.values()),
-                             *(w.stop() for w in self._warm.values()), return_exceptions=True)
+                             *(w.stop() for w in self._warm.values()), self.shadows.stop_all(), return_exceptions=True)
         self.front.active.clear()
         self._warm.clear()
 

@@ -26,6 +26,7 @@ from protocol.messages import Command, CommandReply, DataRecord
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
     from agent.bake import BakeWatch
+    from agent.shadow import Shadow
     from agent.workload import Workload
     from modules.runners import Batch, Runner
 
@@ -58,6 +59,7 @@ class InferenceFront:
         self.active: dict[str, ActiveModule] = {}
         self.inferences = 0  # lifetime, across module versions
         self.data: list[DataRecord] = []  # sampled records, taken by the reporter's telemetry flush
+        self.shadows: dict[str, Shadow] = {}  # module name -> its candidate under shadow evaluation (agent/shadow.py)
         self._rng = random.Random(workload.seed if workload else None)  # which inferences are sampled
 
     async def infer(self, active: ActiveModule, batch: Batch) -> Batch:
@@ -72,9 +74,12 @@ class InferenceFront:
                 out = active.runner.predict(batch)
             ok = True
         finally:
-            active.stats.record((time.perf_counter() - t0) * 1000.0, ok)
+            ms = (time.perf_counter() - t0) * 1000.0
+            active.stats.record(ms, ok)
             if active.bake is not None:
                 active.bake.record(ok)
+        if self.shadows and (shadow := self.shadows.get(active.name)) is not None:
+            shadow.offer("batch", batch, out, ms, active.version)  # queued or dropped: never waits
         if self._sampled(active):
             self._collect(active, {k: v.tolist() for k, v in batch.items()}, {k: v.tolist() for k, v in out.items()})
         return out
@@ -123,9 +128,12 @@ class InferenceFront:
         """Count one JSON inference (not a request rejected before the model) and sample it for collection."""
         if not isinstance(exc, InputError):
             self.inferences += 1
-            active.stats.record((time.perf_counter() - t0) * 1000.0, exc is None)
+            ms = (time.perf_counter() - t0) * 1000.0
+            active.stats.record(ms, exc is None)
             if active.bake is not None:
                 active.bake.record(exc is None)
+            if out is not None and self.shadows and (shadow := self.shadows.get(active.name)) is not None:
+                shadow.offer("json", body, out, ms, active.version)
         if out is not None and self._sampled(active):  # parsed again only when sampled
             doc = json.loads(body)
             self._collect(active, doc.get("inputs") if isinstance(doc, dict) else doc, json.loads(out))
@@ -143,8 +151,12 @@ class InferenceFront:
         if header.get("samples_dropped"):
             log.warning("%s: module %s dropped %d samples (over its pending bound)", self.device_id, active.name,
                         header["samples_dropped"])
+        shadow = self.shadows.get(active.name) if self.shadows else None
         for record in json.loads(blob) if blob else []:  # already sampled by the worker at the module's rate
             self._collect(active, record.get("input"), record.get("output"))
+            if shadow is not None:  # the direct socket's inferences reach a shadow through these samples only
+                shadow.offer("json", json.dumps({"inputs": record.get("input")}).encode(),
+                             json.dumps(record.get("output")).encode(), -1.0, active.version)
 
     @staticmethod
     def set_collect_rate(active: ActiveModule, ppm: int) -> None:

@@ -58,7 +58,8 @@ def module_views(desired: list[dict[str, Any]], reported: dict[str, Any] | None)
         r = reports.pop(d["name"], None)
         same = r is not None and r["bundle"] == d["bundle"]
         views.append({"name": d["name"], "version": d["version"], "bundle": d["bundle"], "deployment": d["deployment"],
-                      "state": r["state"] if same else "pending", "error": r.get("error", "") if same else ""})
+                      "state": r["state"] if same else "pending", "error": r.get("error", "") if same else "",
+                      "shadow": (r.get("shadow") if same and r else None)})
     # modules the device still runs or reports but no longer should
     views += [{"name": r["name"], "version": r["version"], "bundle": r["bundle"], "deployment": "",
                "state": r["state"], "error": r.get("error", "")} for r in reports.values()]

@@ -77,6 +77,18 @@ class EnrolledCache:
         self._known.discard(device_id)
 
 
+SHADOW_SQL = ("INSERT INTO shadow_points (device, seq, idx, ts, module, version, live_version, mirrored, dropped,"
+              " compared, disagreements, errors, p95, live_p95, live_classes, shadow_classes)"
+              " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING")
+
+
+def shadow_rows(msg: TelemetryBatch) -> list[tuple[Any, ...]]:
+    """A telemetry batch's shadow comparisons (protocol ShadowPoint), one row each."""
+    return [(msg.device, msg.seq, i, p.ts, p.module, p.version, p.live_version, p.mirrored, p.dropped, p.compared,
+             p.disagreements, p.errors, p.latency_ms.p95, p.live_latency_ms.p95, dumps(p.live_classes),
+             dumps(p.shadow_classes)) for i, p in enumerate(msg.shadow)]
+
+
 def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
     return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output))
             for i, r in enumerate(msg.records)]
@@ -127,6 +139,8 @@ class BatchWriter:
         packed = store.pack(msg)  # here, on the caller's thread: the writer thread only talks to SQLite
         if packed is not None:
             self._put(TELEMETRY, [packed])
+        if msg.shadow:
+            self._put(SHADOW_SQL, shadow_rows(msg))
 
     def data(self, rows: list[tuple[Any, ...]]) -> None:
         self._put(DATA_SQL, rows)

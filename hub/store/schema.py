@@ -200,6 +200,18 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (state, 
 CREATE INDEX IF NOT EXISTS webhook_deliveries_event ON webhook_deliveries (event_id);
 """
 
+# one row per shadow point of a telemetry batch (protocol ShadowPoint): hub/rollout/shadow_gates.py reads them
+SHADOW = """CREATE TABLE IF NOT EXISTS shadow_points (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, ts REAL NOT NULL,
+    module TEXT NOT NULL, version INTEGER NOT NULL, live_version INTEGER NOT NULL,
+    mirrored INTEGER NOT NULL, dropped INTEGER NOT NULL, compared INTEGER NOT NULL, disagreements INTEGER NOT NULL,
+    errors INTEGER NOT NULL, p95 REAL NOT NULL, live_p95 REAL NOT NULL, live_classes TEXT NOT NULL,
+    shadow_classes TEXT NOT NULL,
+    PRIMARY KEY (device, seq, idx)
+);
+CREATE INDEX IF NOT EXISTS shadow_points_module ON shadow_points (module, version, ts);
+"""
+
 MIGRATIONS: list[tuple[Step, ...]] = [
     (  # 1: the schema when versioning began (its columns were added by hubs of their time, so: only when missing)
         CORE,
@@ -241,5 +253,10 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         # event webhooks and one delivery table for them and for alert rules' own URLs (hub/events/)
         MLOPS,
         AddColumn("alert_events", "event_id", "TEXT"),  # the webhook event that carried it (webhook_deliveries)
+    ),
+    (  # 5: shadow evaluation on devices (issue 18): a rollout's shadow phase and the devices' comparisons
+        AddColumn("rollouts", "shadow_s", "REAL NOT NULL DEFAULT 0"),  # 0: no shadow phase
+        AddColumn("rollouts", "shadow_started_at", "REAL"),  # every shadow device settled: the period runs
+        SHADOW,
     ),
 ]
