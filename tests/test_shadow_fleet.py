@@ -22,7 +22,7 @@ NAME = "shadow-fleet"
 
 @pytest.fixture
 def hub_options() -> dict:
-    return {"rollout_tick_s": 0.2}
+    return {"rollout_tick_s": 0.2, "blob_gather_s": 0.2}
 
 
 def _module(admin, tmp_path, k: int, seed: int, invert: bool = False) -> None:
@@ -54,8 +54,8 @@ def test_inverted_candidate_never_serves_and_a_retrained_one_promotes(server, ad
         all_running(admin, ids, "scorer", 1)
 
         out = cli(server.url, server.admin_token, "deployment", "update", NAME, "--module", "scorer:2",
-                  "--shadow", "3s", "--gate", "max_disagreement=0.1", "--json")
-        assert out["plan"]["shadow_s"] == 3 and out["rollout"]
+                  "--shadow", "2s", "--gate", "max_disagreement=0.1", "--json")
+        assert out["plan"]["shadow_s"] == 2 and out["rollout"]
         seen = wait_rollout(admin, NAME, "shadowing", timeout=60)
         assert set(seen["counts"]) <= {"shadow_pending", "shadow_downloading", "shadow_installing", "shadow_running"}
         st = wait_rollout(admin, NAME, "rolled_back", timeout=60)
@@ -65,8 +65,6 @@ def test_inverted_candidate_never_serves_and_a_retrained_one_promotes(server, ad
         assert figures["disagreement"] > 0.9  # every prediction flipped (a score of exactly 0.5 would agree)
         assert figures["errors"] == 0  # it ran fine: no health gate would have caught it
 
-        shown = cli(server.url, server.admin_token, "rollout", "status", NAME, "--json")
-        assert shown["reason"] == st["reason"]
         text = cli(server.url, server.admin_token, "rollout", "status", NAME)
         assert "shadow gate failed: max_disagreement" in text and "disagreement" in text
         assert admin.get(f"/api/v1/deployments/{NAME}").json()["rollout"]["reason"] == st["reason"]
@@ -78,8 +76,10 @@ def test_inverted_candidate_never_serves_and_a_retrained_one_promotes(server, ad
         assert sum(p.get("inferences") or 0 for p in served) == 0
 
         # a retrained candidate with the same flags passes the shadow and reaches every device
-        out = cli(server.url, server.admin_token, "deployment", "update", NAME, "--module", "scorer:3",
-                  "--shadow", "3s", "--gate", "max_disagreement=0.1", "--json")
+        # (the API this time: the CLI's body is the same, as the first update showed)
+        r = admin.patch(f"/api/v1/deployments/{NAME}", json={"module": "scorer:3", "shadow_s": 2,
+                                                             "gates": {"max_disagreement": 0.1}})
+        assert r.status_code == 200, r.text
         done = wait_rollout(admin, NAME, "succeeded", timeout=120)
         assert done["counts"] == {"running": N}
         all_running(admin, ids, "scorer", 3)
