@@ -308,6 +308,10 @@ class Agent:
     def infer_json_now(self, active: ActiveModule, body: bytes, done: Answered) -> bool:
         return self.front.infer_json_now(active, body, done)
 
+    def add_labels(self, body: bytes) -> int:
+        """Ground truth from an application (``POST /v1/labels``), sent with the next data batch."""
+        return self.front.add_labels(body)
+
     def reported(self) -> ReportedState:
         return self.reporter.reported()
 

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 from agent.stats import ModuleStats
 from agent.supervisor import ModuleWorker
 from modules.errors import InputError
-from protocol.messages import Command, CommandReply, DataRecord
+from protocol.encoding import ProtocolError
+from protocol.messages import Command, CommandReply, DataRecord, Label
+from protocol.schema import validate
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
     from agent.bake import BakeWatch
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation
 log = logging.getLogger("edgefleet.agent")
 
 Answered = Callable[[bytes | None, Exception | None], None]
+MAX_PENDING_LABELS = 10_000
 
 
 @dataclass
@@ -59,6 +62,7 @@ class InferenceFront:
         self.active: dict[str, ActiveModule] = {}
         self.inferences = 0  # lifetime, across module versions
         self.data: list[DataRecord] = []  # sampled records, taken by the reporter's telemetry flush
+        self.labels: list[Label] = []  # ground truth from applications, sent with the next data batch
         self.shadows: dict[str, Shadow] = {}  # module name -> its candidate under shadow evaluation (agent/shadow.py)
         self._rng = random.Random(workload.seed if workload else None)  # which inferences are sampled
 
@@ -136,7 +140,9 @@ class InferenceFront:
                 shadow.offer("json", body, out, ms, active.version)
         if out is not None and self._sampled(active):  # parsed again only when sampled
             doc = json.loads(body)
-            self._collect(active, doc.get("inputs") if isinstance(doc, dict) else doc, json.loads(out))
+            rid = doc.get("id") if isinstance(doc, dict) else None  # the caller's request id: its label joins on it
+            self._collect(active, doc.get("inputs") if isinstance(doc, dict) else doc, json.loads(out),
+                          rid if isinstance(rid, str) and 0 < len(rid) <= 64 else "")
 
     def direct_stats(self, active: ActiveModule, header: dict[str, Any], blob: bytes) -> None:
         """A worker's report of the inferences it answered on its direct socket: counted and sampled as ours are."""
@@ -167,9 +173,21 @@ class InferenceFront:
     def _sampled(self, active: ActiveModule) -> bool:
         return bool(active.collect_rate_ppm) and self._rng.random() * 1_000_000 < active.collect_rate_ppm
 
-    def _collect(self, active: ActiveModule, inputs: Any, outputs: Any) -> None:
+    def _collect(self, active: ActiveModule, inputs: Any, outputs: Any, rid: str = "") -> None:
         self.data.append(DataRecord(ts=self.clock(), module=active.name, version=active.version, input=inputs,
-                                    output=outputs))
+                                    output=outputs, id=rid))
+
+    def add_labels(self, body: bytes) -> int:
+        """``{"labels": [{"id": ..., "label": ...}]}`` from an application: checked, queued for the next data batch."""
+        try:
+            doc = json.loads(body)
+            items = [validate(Label, {"ts": self.clock()} | i) for i in doc["labels"]]
+        except (ValueError, TypeError, KeyError, ProtocolError) as exc:
+            raise ValueError(f"want {{\"labels\": [{{\"id\": str, \"label\": value}}]}}: {exc}") from None
+        if len(self.labels) + len(items) > MAX_PENDING_LABELS:
+            raise ValueError(f"more than {MAX_PENDING_LABELS} labels waiting to be sent")
+        self.labels += items
+        return len(items)
 
     def take_data(self, limit: int) -> list[DataRecord]:
         """Up to ``limit`` sampled records, oldest first, removed from the front."""

@@ -147,9 +147,10 @@ class Reporter:
         batch = TelemetryBatch(device=self.device_id, seq=self.outbox.next_seq("telemetry"), ts=now, points=points,
                                agent=agent, shadow=[s.take(now) for s in self.front.shadows.values()])
         self.outbox.put("telemetry", batch.encode())
-        while self.front.data:
+        while self.front.data or self.front.labels:
+            labels, self.front.labels = self.front.labels[:1000], self.front.labels[1000:]
             data = DataBatch(device=self.device_id, seq=self.outbox.next_seq("data"), ts=now,
-                             records=self.front.take_data(1000))
+                             records=self.front.take_data(1000), labels=labels)
             self.outbox.put("data", data.encode())
         self.outbox_ready.set()
 

@@ -211,12 +211,24 @@ class TelemetryBatch(Message, frozen=True, kw_only=True):
     shadow: Annotated[list[ShadowPoint], Meta(max_length=64)] = []  # shadow candidates' comparisons
 
 
+SampleId = Annotated[str, Meta(max_length=64)]
+
+
 class DataRecord(Schema, frozen=True, kw_only=True):
     ts: Finite
     module: Name
     version: NonNegative
     input: Any
     output: Any
+    id: SampleId = ""  # the caller's request id, to send its label later (ground truth); "" when none was given
+
+
+class Label(Schema, frozen=True, kw_only=True):
+    """Ground truth for an earlier prediction of this device: the ``id`` its request carried."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=64)]
+    label: Any  # a class (int or str), a number (regression), or a list of them, one per row of the batch
+    ts: Finite = 0.0
 
 
 class DataBatch(Message, frozen=True, kw_only=True):
@@ -224,6 +236,7 @@ class DataBatch(Message, frozen=True, kw_only=True):
     seq: NonNegative
     ts: Finite
     records: Annotated[list[DataRecord], Meta(max_length=10_000)]
+    labels: Annotated[list[Label], Meta(max_length=10_000)] = []  # ground truth for earlier records (by ``id``)
 
 
 class BlobRequest(Message, frozen=True, kw_only=True):

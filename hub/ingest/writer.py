@@ -18,8 +18,12 @@ from protocol.topics import Channel, device_wildcard
 log = logging.getLogger("edgefleet.hub.ingest")
 
 TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/ingest/telemetry.py), not SQL parameters
-DATA_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+DATA_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output, sample_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+# the latest label for a sample wins (a correction replaces it)
+LABEL_SQL = ("INSERT INTO labels (sample_id, label, ts, source, created_by) VALUES (?, ?, ?, ?, ?)"
+             " ON CONFLICT (sample_id) DO UPDATE SET label = excluded.label, ts = excluded.ts, source = excluded.source,"
+             " created_by = excluded.created_by")
 LAST_SEEN_CHUNK = 500  # ids per UPDATE (under SQLite's bound-parameter limit)
 ENROLLED_TTL_S = 5.0  # how long a "not enrolled" answer is trusted before asking the database again
 
@@ -89,9 +93,19 @@ def shadow_rows(msg: TelemetryBatch) -> list[tuple[Any, ...]]:
              dumps(p.shadow_classes)) for i, p in enumerate(msg.shadow)]
 
 
+def sample_id(device: str, seq: int, idx: int, request_id: str = "") -> str:
+    """A device record's id for labels: ``device/request-id`` when its request carried one, else ``device/seq/idx``."""
+    return f"{device}/{request_id}" if request_id else f"{device}/{seq}/{idx}"
+
+
 def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
-    return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output))
-            for i, r in enumerate(msg.records)]
+    return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output),
+             sample_id(msg.device, msg.seq, i, r.id)) for i, r in enumerate(msg.records)]
+
+
+def label_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
+    """Labels a device sent (its device channel for ground truth), keyed like its records."""
+    return [(f"{msg.device}/{lb.id}", dumps(lb.label), lb.ts or msg.ts, "device", msg.device) for lb in msg.labels]
 
 
 def touch_last_seen(tx: Connection, devices: set[str], t: float | None = None) -> None:
@@ -144,6 +158,13 @@ class BatchWriter:
 
     def data(self, rows: list[tuple[Any, ...]]) -> None:
         self._put(DATA_SQL, rows)
+
+    def data_batch(self, msg: DataBatch) -> None:
+        """A device's data message: its sampled records and any labels it carries."""
+        if msg.records:
+            self._put(DATA_SQL, data_rows(msg))
+        if msg.labels:
+            self._put(LABEL_SQL, label_rows(msg))
 
     def _put(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         with self._cond:

@@ -24,7 +24,7 @@ from hub.rollout import rollout_view as view
 from hub.rollout.director import Director
 from hub.rollout.gates import Check, GateResult, evaluate, install_check
 from hub.rollout.rollout_plan import Gates, Wave, strategy_from_json, strategy_to_json
-from hub.rollout.shadow_gates import evaluate_shadow, shadow_state
+from hub.rollout.shadow_gates import QualitySource, evaluate_shadow, quality_checks, shadow_state
 from hub.store import Database, dumps, loads, now
 
 log = logging.getLogger("edgefleet.hub.rollouts")
@@ -44,6 +44,7 @@ class Rollouts:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self.quality: QualitySource | None = None  # set by the hub: input drift and accuracy for the quality gates
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -162,8 +163,9 @@ class Rollouts:
             return 0
         if t - r["shadow_started_at"] < r["shadow_s"]:
             return 0
+        live = self._revision(r, r["from_revision"])["module_version"]
         result, figures = evaluate_shadow(self.db, gates, states, rev["module_name"], rev["module_version"],
-                                          r["shadow_started_at"])
+                                          r["shadow_started_at"], live, self.quality)
         if not result.ok:
             return self._fail(r, result, {"shadow": figures})
         with self.db.transaction() as tx:
@@ -203,6 +205,8 @@ class Rollouts:
         result = evaluate(self.db, gates, states, rev["module_name"], rev["module_version"], r["phase_started_at"],
                           prev["module_version"] if prev and prev["module_name"] == rev["module_name"] else None,
                           r["created_at"])
+        result.checks += quality_checks(self.quality, gates, rev["module_name"], rev["module_version"],
+                                        r["phase_started_at"], set(states))
         if not result.ok:
             return self._fail(r, result)
         waves = strategy_from_json(loads(r["strategy"]))

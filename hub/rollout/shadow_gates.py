@@ -10,7 +10,7 @@ devices the rollout moved, sent since the shadow period began.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -65,7 +65,8 @@ def shadow_figures(db: Database, module: str, version: int, since: float, device
 
 
 def evaluate_shadow(db: Database, gates: Gates, states: dict[str, tuple[str, str]], module: str, version: int,
-                    since: float) -> tuple[GateResult, dict[str, Any]]:
+                    since: float, live_version: int, quality: QualitySource | None = None
+                    ) -> tuple[GateResult, dict[str, Any]]:
     """Every configured gate over the shadow devices (``states``: device -> the candidate's state), and the figures.
 
     A quality gate without evidence fails: a shadow that compared nothing has not shown the candidate agrees.
@@ -105,4 +106,45 @@ def evaluate_shadow(db: Database, gates: Gates, states: dict[str, tuple[str, str
                                    v is not None and v <= gates.max_prediction_drift,
                                    "PSI of predicted classes, candidate vs live on the same inputs" if v is not None
                                    else "no classes predicted"))
+    result.checks += quality_checks(quality, gates, module, version, since, set(states), shadow_of=live_version)
     return result, f
+
+
+class QualitySource(Protocol):
+    """hub/monitoring/labels.py's ``Quality``: input drift against the baseline, and accuracy from labels."""
+
+    labels: Any
+
+    def input_drift(self, module: str, data_version: int, baseline_version: int, since: float,
+                    devices: set[str]) -> tuple[float | None, str]: ...
+
+
+def quality_checks(quality: QualitySource | None, gates: Gates, module: str, version: int, since: float,
+                   devices: set[str], *, shadow_of: int | None = None) -> list[Check]:
+    """``max_input_drift`` and ``min_accuracy`` (and, on waves, a note for the shadow-only gates).
+
+    On a shadow (``shadow_of``: the live version serving the inputs) input drift is the live inputs against the
+    candidate's baseline; accuracy is not measured there (labels join served predictions): the waves check it.
+    """
+    out: list[Check] = []
+    if gates.max_input_drift is not None:
+        v, note = (None, "no monitoring") if quality is None else quality.input_drift(
+            module, shadow_of or version, version, since, devices)
+        out.append(Check("max_input_drift", v, gates.max_input_drift, v is not None and v <= gates.max_input_drift,
+                         note))
+    if gates.min_accuracy is not None:
+        if shadow_of is not None:
+            out.append(Check("min_accuracy", None, gates.min_accuracy, True,
+                             "not measured in a shadow (labels join served predictions): checked on the waves"))
+        else:
+            acc = quality.labels.accuracy(module, version, since, devices) if quality is not None else {}
+            v = acc.get("accuracy")
+            out.append(Check("min_accuracy", v, gates.min_accuracy, v is not None and v >= gates.min_accuracy,
+                             f"{acc.get('correct', 0)} of {acc.get('labelled', 0)} labelled predictions right"
+                             if v is not None else "no labelled predictions yet"))
+    if shadow_of is None:
+        for name in ("max_disagreement", "max_prediction_drift"):
+            limit = getattr(gates, name)
+            if limit is not None:
+                out.append(Check(name, None, limit, True, "measured in a shadow phase (--shadow) only"))
+    return out

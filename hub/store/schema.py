@@ -258,5 +258,13 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         AddColumn("rollouts", "shadow_s", "REAL NOT NULL DEFAULT 0"),  # 0: no shadow phase
         AddColumn("rollouts", "shadow_started_at", "REAL"),  # every shadow device settled: the period runs
         SHADOW,
+        # ground truth (hub/monitoring/labels.py): a device's record by the id its request carried, or by
+        # device/seq/idx; labels are kept apart and joined, so a label may arrive before its record
+        AddColumn("data_records", "sample_id", "TEXT"),
+        """CREATE INDEX IF NOT EXISTS data_records_sample ON data_records (sample_id);
+CREATE TABLE IF NOT EXISTS labels (
+    sample_id TEXT PRIMARY KEY, label TEXT NOT NULL, ts REAL NOT NULL, source TEXT NOT NULL,
+    created_by TEXT NOT NULL DEFAULT ''
+);""",
     ),
 ]

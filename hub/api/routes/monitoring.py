@@ -7,9 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
 
 from hub import audit
 from hub.api.deps import Principal, get_hub, require, running_endpoints
+from hub.bounds import Finite
 from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 from hub.errors import Invalid
@@ -65,6 +67,32 @@ def metrics_series(device: str | None = None, deployment: str | None = None, end
     end = until if until is not None else time.time()
     start = since if since is not None else end - 3600
     return hub.monitor.series.series(SeriesFilter(device, module, version, devices), step, start, end)
+
+
+class LabelItem(BaseModel):
+    sample: str = Field(max_length=200, description="'device/request-id' (the id the device's request carried) or"
+                                                    " 'device/seq/idx' (as data export shows it)")
+    label: Any = Field(description="the true class or value; a list gives one per row of the record's batch")
+    ts: Finite | None = None
+
+
+class LabelsRequest(BaseModel):
+    labels: list[LabelItem] = Field(max_length=10_000)
+
+
+@router.post("/labels")
+def add_labels(body: LabelsRequest, who: Principal = Depends(require("operator")),
+               hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Ground truth for sampled predictions; accuracy per version follows (``GET /accuracy``, ``/metrics``)."""
+    return hub.monitor.labels.add([i.model_dump() for i in body.labels], who.name)
+
+
+@router.get("/accuracy", dependencies=[Depends(require("viewer"))])
+def accuracy(module: str | None = None, step: float = Query(default=3600.0, gt=0), since: float | None = None,
+             until: float | None = None, hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    """Per module version and per ``step`` seconds: labelled predictions, accuracy (classes), MAE (regression)."""
+    end = until if until is not None else time.time()
+    return hub.monitor.labels.series(module, step, since if since is not None else end - 86_400, end)
 
 
 @router.get("/drift/{deployment}", dependencies=[Depends(require("viewer"))])
