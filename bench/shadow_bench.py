@@ -70,7 +70,7 @@ async def run(hub: HubSide, work: Path, rounds: int, requests: int, sample_ppm: 
                 hub.publish_desired(device, revision, [module])
                 await until(lambda: hub.module_state(device, "classifier") == "running", 60, "live running")
                 want = phase == "on"
-                await until(lambda: ("classifier" in agent.front.shadows) == want, 60, f"shadow {phase}")
+                await until(lambda w=want: ("classifier" in agent.front.shadows) == w, 60, f"shadow {phase}")
                 await asyncio.to_thread(latencies, port, 200)  # warm the path after the change
                 times = await asyncio.to_thread(latencies, port, requests)
                 out[f"{phase}_p50"].append(statistics.median(times))
