@@ -77,6 +77,8 @@ def test_accuracy_per_version_matches_an_offline_computation(server, admin, brok
     assert per_version[1]["labelled"] == n and per_version[1]["correct"] == right
     assert per_version[1]["accuracy"] == pytest.approx(right / n)
     assert per_version[2]["accuracy"] == pytest.approx(0.75)
+    ab = admin.get("/api/v1/ab", params={"a": "lb", "b": "lb", "metric": "accuracy"}).json()
+    assert ab["arms"][0]["trials"] == n and ab["arms"][0]["successes"] == right and not ab["decided"]
     text = httpx.get(server.url + "/metrics").text
     assert f'edgefleet_hub_model_accuracy{{module="scorer",version="1"}} {right / n:g}' in text
     assert 'edgefleet_hub_model_accuracy{module="scorer",version="2"} 0.75' in text

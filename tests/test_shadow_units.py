@@ -120,3 +120,58 @@ def test_desired_module_without_a_shadow_signs_as_before_and_telemetry_carries_s
     assert "shadow" not in _state(_mod()).to_dict()["modules"][0]
     batch = TelemetryBatch(device="d1", seq=1, ts=NOW, points=[])
     assert decode(Channel.TELEMETRY, batch.encode()).shadow == []  # type: ignore[attr-defined]
+
+
+class _Quality:
+    """A stand-in for hub/monitoring/labels.Quality with fixed answers (the real one is exercised in test_labels)."""
+
+    def __init__(self, drift: float | None, accuracy: float | None) -> None:
+        self.drift, self.labels = drift, self
+        self.acc = accuracy
+
+    def input_drift(self, module, data_version, baseline_version, since, devices):
+        return self.drift, "fixed"
+
+    def accuracy(self, module, version, since, devices):
+        return {"accuracy": self.acc, "correct": 0, "labelled": 0 if self.acc is None else 10}
+
+
+def test_shadow_gates_judge_stored_comparisons_and_fail_without_evidence(tmp_data):
+    from hub.ingest.writer import SHADOW_SQL, shadow_rows
+    from hub.rollout.rollout_plan import Gates
+    from hub.rollout.shadow_gates import evaluate_shadow, quality_checks
+    from hub.store import Database
+    from protocol.messages import LatencyMs, ShadowPoint
+
+    db = Database(tmp_data / "hub.db")
+    states = {"d1": ("running", ""), "d2": ("running", "")}
+    gates = Gates(max_disagreement=0.1, max_prediction_drift=0.2, min_reporting=1.0)
+    result, figures = evaluate_shadow(db, gates, states, "m", 2, NOW - 10, 1)
+    assert not result.ok and "no mirrored input was compared" in result.reason and figures["compared"] == 0
+
+    def point(dev: str, seq: int, differ: int) -> TelemetryBatch:
+        p = ShadowPoint(ts=NOW, module="m", version=2, live_version=1, mirrored=100, dropped=3, compared=100,
+                        disagreements=differ, errors=0, latency_ms=LatencyMs(p95=2.0), live_latency_ms=LatencyMs(p95=1.0),
+                        live_classes={"0": 50, "1": 50}, shadow_classes={"0": 50 + differ, "1": 50 - differ})
+        return TelemetryBatch(device=dev, seq=seq, ts=NOW, points=[], shadow=[p])
+
+    with db.transaction() as tx:
+        for batch in (point("d1", 1, 2), point("d2", 1, 4), point("d3", 1, 100)):  # d3 is not a shadow device
+            tx.executemany(SHADOW_SQL, shadow_rows(batch))
+    result, figures = evaluate_shadow(db, gates, states, "m", 2, NOW - 10, 1)
+    assert result.ok, result.reason
+    assert (figures["compared"], figures["disagreements"], figures["dropped"]) == (200, 6, 6)
+    assert figures["disagreement"] == pytest.approx(0.03) and figures["p95_ms"] == 2.0
+    strict = Gates(max_disagreement=0.01, max_p95_increase=0.5)
+    result, _ = evaluate_shadow(db, strict, states, "m", 2, NOW - 10, 1)
+    assert [c.name for c in result.checks if not c.ok] == ["max_disagreement", "max_p95_increase"]
+    assert "6 of 200 mirrored predictions differ on 2 device(s)" in result.reason
+
+    # input drift and accuracy: judged on waves, accuracy noted (not judged) on a shadow, no evidence fails
+    q = Gates(max_input_drift=0.2, min_accuracy=0.9)
+    checks = {c.name: c for c in quality_checks(_Quality(0.5, 0.95), q, "m", 2, NOW, {"d1"})}
+    assert not checks["max_input_drift"].ok and checks["min_accuracy"].ok
+    checks = {c.name: c for c in quality_checks(_Quality(None, None), q, "m", 2, NOW, {"d1"})}
+    assert not checks["max_input_drift"].ok and not checks["min_accuracy"].ok
+    checks = {c.name: c for c in quality_checks(_Quality(0.1, None), q, "m", 2, NOW, {"d1"}, shadow_of=1)}
+    assert checks["max_input_drift"].ok and checks["min_accuracy"].ok and "waves" in checks["min_accuracy"].note

@@ -75,7 +75,8 @@ def _plan_line(plan: dict[str, Any]) -> str:
     """The effective rollout plan in one line, saying what was inherited from the last rollout."""
     gates = ", ".join(f"{k}={v:g}" for k, v in (plan.get("gates") or {}).items() if v is not None) or "none"
     inherited = plan.get("inherited") or []
-    return (f"rollout plan: {plan['strategy']} (waves {', '.join(plan['waves'])}); bake {plan['bake_s']:g}s;"
+    shadow = f"shadow {plan['shadow_s']:g}s first; " if plan.get("shadow_s") else ""
+    return (f"rollout plan: {shadow}{plan['strategy']} (waves {', '.join(plan['waves'])}); bake {plan['bake_s']:g}s;"
             f" gates {gates}; on failure {plan['on_failure']}; wave timeout {plan['wave_timeout_s']:g}s"
             + (f" (from the last rollout: {', '.join(inherited)})" if inherited else ""))
 

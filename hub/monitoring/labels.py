@@ -19,8 +19,10 @@ from typing import Any
 from hub.audit import record
 from hub.bounds import check_api_name
 from hub.errors import Invalid
+from hub.monitoring.abtest import Arm
 from hub.monitoring.drift import compare
 from hub.monitoring.reports import DriftReports, Target
+from hub.monitoring.timeseries import SeriesFilter, totals
 from hub.store import Database, dumps, loads, now
 
 MAX_LABELS = 10_000  # per request
@@ -116,7 +118,7 @@ class Labels:
             a, b, c, d = score(loads(r["output"]), loads(r["label"]))
             n, right, err, reg = n + a, right + b, err + c, reg + d
         return {"module": module, "version": version, "labelled": n + reg, "accuracy": right / n if n else None,
-                "correct": right, "mae": err / reg if reg else None}
+                "correct": right, "classified": n, "mae": err / reg if reg else None}
 
     def series(self, module: str | None, step: float, since: float, until: float) -> list[dict[str, Any]]:
         """Per version and per ``step`` seconds: labelled rows, accuracy, MAE."""
@@ -160,3 +162,16 @@ class Quality:
             return None, "fewer than 30 collected input rows (raise the deployment's collect rate)"
         worst = max(drifts, key=lambda d: d.psi)
         return worst.psi, f"largest PSI: {worst.feature}, over {len(next(iter(inputs.values()), []))} rows"
+
+    def arm(self, deployment: str, metric: str, since: float) -> Arm:
+        """One A/B arm: a deployment's current version on its own devices. ``accuracy``: labelled predictions
+        right; ``success``: inferences answered without error (telemetry)."""
+        t = self.reports.deployment_target(deployment)
+        if metric == "accuracy":
+            acc = self.labels.accuracy(t.module, t.version, since, set(t.devices or ()))
+            return Arm(deployment, acc["correct"], acc["classified"])
+        if metric != "success":
+            raise Invalid("metric must be accuracy or success")
+        sums = totals(self.reports.db, SeriesFilter(module=t.module, version=t.version, devices=t.devices), since)
+        n = int(sum(s[1] for s in sums.values()))
+        return Arm(deployment, n - int(sum(s[2] for s in sums.values())), n)

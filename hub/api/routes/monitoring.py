@@ -15,7 +15,7 @@ from hub.bounds import Finite
 from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 from hub.errors import Invalid
-from hub.monitoring import export, metrics
+from hub.monitoring import abtest, export, metrics
 from hub.monitoring.alerts import AlertRule
 from hub.monitoring.timeseries import SeriesFilter, recent_points
 
@@ -93,6 +93,17 @@ def accuracy(module: str | None = None, step: float = Query(default=3600.0, gt=0
     """Per module version and per ``step`` seconds: labelled predictions, accuracy (classes), MAE (regression)."""
     end = until if until is not None else time.time()
     return hub.monitor.labels.series(module, step, since if since is not None else end - 86_400, end)
+
+
+@router.get("/ab", dependencies=[Depends(require("viewer"))])
+def ab_compare(a: str, b: str, metric: str = Query(default="accuracy", pattern="^(accuracy|success)$"),
+               since: float | None = None, alpha: float = Query(default=0.05, gt=0, lt=1),
+               hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Fleet A/B: deployments ``a`` and ``b`` (disjoint device groups) compared with always-valid intervals: look as
+    often as you like; ``decided`` and ``winner`` once the difference's interval excludes 0."""
+    start = since if since is not None else time.time() - 86_400
+    q = hub.monitor.quality
+    return abtest.compare(q.arm(a, metric, start), q.arm(b, metric, start), alpha) | {"metric": metric}
 
 
 @router.get("/drift/{deployment}", dependencies=[Depends(require("viewer"))])
