@@ -16,7 +16,7 @@ from hub.testing import MqttProbe, wait_until
 from protocol.messages import DataBatch, DataRecord, Label
 from protocol.topics import Channel, device_topic
 from simulator.fleet import Fleet
-from tests.rollout_support import build_versions, wait_rollout
+from tests.rollout_support import build_versions, cli, wait_rollout
 
 TRUE_W = np.array([1.5, -2.0, 0.5, 1.0])  # modules/examples.py's data: the label is the side of this plane
 
@@ -77,6 +77,8 @@ def test_accuracy_per_version_matches_an_offline_computation(server, admin, brok
     assert per_version[1]["labelled"] == n and per_version[1]["correct"] == right
     assert per_version[1]["accuracy"] == pytest.approx(right / n)
     assert per_version[2]["accuracy"] == pytest.approx(0.75)
+    shown = cli(server.url, server.admin_token, "quality", "accuracy", "--module", "scorer", "--since", "1h", "--json")
+    assert {(p["version"], p["labelled"], p["correct"]) for p in shown} == {(1, n, right), (2, 4, 3)}
     ab = admin.get("/api/v1/ab", params={"a": "lb", "b": "lb", "metric": "accuracy"}).json()
     assert ab["arms"][0]["trials"] == n and ab["arms"][0]["successes"] == right and not ab["decided"]
     text = httpx.get(server.url + "/metrics").text
