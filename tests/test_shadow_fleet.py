@@ -9,6 +9,8 @@ reaches every device.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hub.testing import wait_until
@@ -54,9 +56,10 @@ def test_inverted_candidate_never_serves_and_a_retrained_one_promotes(server, ad
         all_running(admin, ids, "scorer", 1)
 
         out = cli(server.url, server.admin_token, "deployment", "update", NAME, "--module", "scorer:2",
-                  "--shadow", "2s", "--gate", "max_disagreement=0.1", "--json")
+                  "--shadow", "2s", "--shadow-sample", "0.5", "--gate", "max_disagreement=0.1", "--json")
         assert out["plan"]["shadow_s"] == 2 and out["rollout"]
         seen = wait_rollout(admin, NAME, "shadowing", timeout=60)
+        assert seen["shadow_sample_ppm"] == 500_000  # half the live inputs mirrored: the candidate's CPU bounded
         assert set(seen["counts"]) <= {"shadow_pending", "shadow_downloading", "shadow_installing", "shadow_running"}
         st = wait_rollout(admin, NAME, "rolled_back", timeout=60)
         assert st["reason"].startswith("shadow gate failed: max_disagreement"), st["reason"]
@@ -93,3 +96,6 @@ def test_inverted_candidate_never_serves_and_a_retrained_one_promotes(server, ad
     # no device was ever told to serve the inverted candidate: it only ever came as a shadow
     for dev, states in recorder.per_device().items():
         assert not any(("scorer", 2) in mods for _, mods in states), dev
+    shadows = [m["shadow"] for msg in recorder.probe.messages if msg.payload
+               for m in json.loads(msg.payload)["signed"]["modules"] if "shadow" in m]
+    assert {(s["version"], s["sample_ppm"]) for s in shadows} == {(2, 500_000), (3, 1_000_000)}

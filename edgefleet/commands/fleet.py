@@ -24,6 +24,7 @@ GATE_HELP = ("Gate k=v, repeatable: max_install_failure_rate (default 0), max_er
              " min_accuracy; v 'none' turns one off.")
 SHADOW_HELP = ("First run the new version beside the live one on the first wave's devices for this long (30s, 10m),"
                " on the same inputs, never serving it; the gates judge it before the waves begin.")
+SHADOW_SAMPLE_HELP = "Share of live inputs mirrored to the shadow candidate (0..1, default 1: all)."
 
 
 def _gates(pairs: list[str]) -> dict[str, float | None] | None:
@@ -105,6 +106,7 @@ def deploy_edge(
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1,
                                               help="Inferences a device needs before the error rate decides."),
     shadow: str | None = typer.Option(None, "--shadow", help=SHADOW_HELP + " Needs a live version already."),
+    shadow_sample: float | None = typer.Option(None, "--shadow-sample", min=0, max=1, help=SHADOW_SAMPLE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Deploy a module to the devices a selector matches (a new revision of NAME, rolled out by --strategy).
@@ -118,7 +120,8 @@ def deploy_edge(
         body = {"name": name, "module": module, "target": target, "priority": priority,
                 **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
                 **_device_bake(device_bake, device_max_error_rate, device_min_inferences),
-                **({"shadow_s": parse_duration(shadow)} if shadow else {})}
+                **({"shadow_s": parse_duration(shadow)} if shadow else {}),
+                **({"shadow_sample": shadow_sample} if shadow_sample is not None else {})}
         res = call(lambda: c.post("/api/v1/deployments", body))
     if model:
         ro = res.get("rollout")
@@ -143,6 +146,7 @@ def deployment_update(
     device_max_error_rate: float = typer.Option(0.05, "--device-max-error-rate", min=0, max=1),
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1),
     shadow: str | None = typer.Option(None, "--shadow", help=SHADOW_HELP),
+    shadow_sample: float | None = typer.Option(None, "--shadow-sample", min=0, max=1, help=SHADOW_SAMPLE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Start a rollout of a new revision; earlier revisions stay for rollback.
@@ -151,7 +155,7 @@ def deployment_update(
     """
     given = {"strategy": strategy, "bake_s": parse_duration(bake) if bake else None, "gates": _gates(gate),
              "on_failure": on_failure, "collect_rate_ppm": collect_rate,
-             "shadow_s": parse_duration(shadow) if shadow else None}
+             "shadow_s": parse_duration(shadow) if shadow else None, "shadow_sample": shadow_sample}
     body = {"module": module, "target": target, "priority": priority,
             **{k: v for k, v in given.items() if v is not None},
             **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}

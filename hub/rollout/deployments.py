@@ -78,7 +78,7 @@ class Deployments:
     def put(self, name: str, module: str, target: str, priority: int = 0, *, strategy: str = "all",
             bake_s: float = 0.0, gates: dict[str, Any] | None = None, on_failure: str = "rollback",
             collect_rate_ppm: int | None = None, wave_timeout_s: float = DEFAULT_WAVE_TIMEOUT_S,
-            device_bake: dict[str, int] | None = None, shadow_s: float = 0.0, actor: str = "",
+            device_bake: dict[str, int] | None = None, shadow_s: float = 0.0, shadow_sample: float = 1.0, actor: str = "",
             note: str = "") -> dict[str, Any]:
         """Create or change deployment ``name``: a new revision rolled out by ``strategy``.
 
@@ -92,6 +92,8 @@ class Deployments:
         """
         check_api_name(name, "deployment name")  # the API checked it too: this is for every other caller
         check_target(target)
+        if not 0 < shadow_sample <= 1:
+            raise Invalid("shadow_sample is the share of live inputs mirrored to the candidate: above 0, at most 1")
         waves = parse_strategy(strategy)
         gate_set = Gates.from_json(gates)
         if on_failure not in ON_FAILURE:
@@ -144,7 +146,8 @@ class Deployments:
             record(self.db, actor, "deployment.revision", name, revision=revision, module=module, target=target,
                    priority=priority, collect_rate_ppm=collect_rate_ppm, device_bake=device_bake, note=note)
         rid, published = self.rollouts.begin(name, revision, waves, gate_set, on_failure, bake_s, wave_timeout_s,
-                                             actor, shadow_s=shadow_s)
+                                             actor, shadow_s=shadow_s,
+                                             shadow_sample_ppm=round(shadow_sample * 1_000_000))
         log.info("deployment %s revision %d -> %s on %r: rollout %d, %d device(s) updated", name, revision, module,
                  target, rid, published)
         plan = self.rollouts.last_plan(name) or {}

@@ -46,6 +46,7 @@ class Layer:
     pinned: frozenset[str] = frozenset()  # devices the rollout has moved so far
     everyone: bool = False  # the last wave is under way: every matching device gets ``rolling``
     shadowing: bool = False  # the rollout's shadow phase: moved devices keep ``stable`` and run ``rolling`` beside it
+    shadow_sample_ppm: int = 1_000_000  # share of live inputs mirrored to the candidate
 
     def revision_for(self, device_id: str, labels: dict[str, str]) -> dict[str, Any] | None:
         r, s = self.rolling, self.stable
@@ -54,7 +55,7 @@ class Layer:
             if not self.shadowing:
                 return r
             if stable is not None and stable["module_name"] == r["module_name"]:
-                return stable | {"shadow_of": r}
+                return stable | {"shadow_of": r, "shadow_sample_ppm": self.shadow_sample_ppm}
         return stable
 
 
@@ -62,7 +63,8 @@ def desired_module(d: dict[str, Any]) -> dict[str, Any]:
     """One deployment revision as the desired-state entry a device gets."""
     bake = d.get("device_bake")
     cand = d.get("shadow_of")  # the candidate of a shadow phase, run beside this revision (never served)
-    shadow = ShadowSpec(version=cand["module_version"], bundle=cand["digest"], size=cand["size"]) if cand else None
+    shadow = ShadowSpec(version=cand["module_version"], bundle=cand["digest"], size=cand["size"],
+                        sample_ppm=d.get("shadow_sample_ppm", 1_000_000)) if cand else None
     return DesiredModule(name=d["module_name"], version=d["module_version"], bundle=d["digest"], size=d["size"],
                          deployment=d["deployment"], collect_rate_ppm=d["collect_rate_ppm"],
                          bake=validate(BakePolicy, loads(bake)) if bake else None, shadow=shadow).to_dict()
@@ -90,7 +92,8 @@ class Director:
             revisions[(r["deployment"], r["revision"])] = r
         holding = ",".join(f"'{s}'" for s in sorted(HOLDING))
         rollouts = {r["deployment"]: r for r in self.db.query(
-            f"SELECT id, deployment, revision, everyone, state FROM rollouts WHERE state IN ({holding})")}
+            f"SELECT id, deployment, revision, everyone, state, shadow_sample_ppm FROM rollouts"
+            f" WHERE state IN ({holding})")}
         pins: dict[int, set[str]] = {}
         for p in self.db.query(f"SELECT rollout, device FROM rollout_devices WHERE rollout IN"
                                f" (SELECT id FROM rollouts WHERE state IN ({holding}))"):
@@ -103,7 +106,8 @@ class Director:
                 stable=revisions.get((d["name"], d["stable_revision"])) if d["stable_revision"] else None,
                 rolling=revisions.get((d["name"], ro["revision"])) if ro else None,
                 pinned=frozenset(pins.get(ro["id"], ())) if ro else frozenset(),
-                everyone=bool(ro and ro["everyone"]), shadowing=bool(ro and ro["state"] == SHADOWING)))
+                everyone=bool(ro and ro["everyone"]), shadowing=bool(ro and ro["state"] == SHADOWING),
+                shadow_sample_ppm=ro["shadow_sample_ppm"] if ro else 1_000_000))
         return layers
 
     @staticmethod

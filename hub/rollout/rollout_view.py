@@ -89,6 +89,7 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
         "reason": r["reason"], "last_gate": loads(r["last_gate"]), "counts": counts, "devices": devices,
         "terminal": terminal, "created_at": r["created_at"], "created_by": r["created_by"],
         "updated_at": r["updated_at"], "shadow_s": r["shadow_s"], "shadow_started_at": r["shadow_started_at"],
+        "shadow_sample_ppm": r["shadow_sample_ppm"],
     }
     if shadowing:  # what the devices measured so far (the gates judge the same figures when the period ends)
         since = r["shadow_started_at"] or r["phase_started_at"] or t

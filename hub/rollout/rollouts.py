@@ -84,7 +84,8 @@ class Rollouts:
     # --- starting ------------------------------------------------------------------------------
 
     def begin(self, deployment: str, revision: int, waves: list[Wave], gates: Gates, on_failure: str, bake_s: float,
-              wave_timeout_s: float, actor: str, shadow_s: float = 0.0) -> tuple[int, int]:
+              wave_timeout_s: float, actor: str, shadow_s: float = 0.0,
+              shadow_sample_ppm: int = 1_000_000) -> tuple[int, int]:
         """Create a rollout of ``revision`` (superseding a live one) and start its first wave, or its shadow phase
         when ``shadow_s`` > 0: (rollout id, published)."""
         with self._lock:
@@ -95,10 +96,11 @@ class Rollouts:
                 t = now()
                 rid = tx.scalar(
                     "INSERT INTO rollouts (deployment, revision, from_revision, strategy, gates, on_failure, bake_s,"
-                    " wave_timeout_s, state, created_at, created_by, updated_at, shadow_s)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                    " wave_timeout_s, state, created_at, created_by, updated_at, shadow_s, shadow_sample_ppm)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                     (deployment, revision, dep["stable_revision"] if dep else None, dumps(strategy_to_json(waves)),
-                     dumps(gates.to_json()), on_failure, bake_s, wave_timeout_s, S.PENDING, t, actor, t, shadow_s))
+                     dumps(gates.to_json()), on_failure, bake_s, wave_timeout_s, S.PENDING, t, actor, t, shadow_s,
+                     shadow_sample_ppm))
                 record(self.db, actor, "rollout.created", deployment, rollout=rid, revision=revision,
                        strategy=[w.label for w in waves], bake_s=bake_s, gates=gates.to_json(), on_failure=on_failure,
                        shadow_s=shadow_s)

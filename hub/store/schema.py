@@ -257,6 +257,7 @@ MIGRATIONS: list[tuple[Step, ...]] = [
     (  # 5: shadow evaluation on devices (issue 18): a rollout's shadow phase and the devices' comparisons
         AddColumn("rollouts", "shadow_s", "REAL NOT NULL DEFAULT 0"),  # 0: no shadow phase
         AddColumn("rollouts", "shadow_started_at", "REAL"),  # every shadow device settled: the period runs
+        AddColumn("rollouts", "shadow_sample_ppm", "INTEGER NOT NULL DEFAULT 1000000"),  # share of inputs mirrored
         SHADOW,
         # ground truth (hub/monitoring/labels.py): a device's record by the id its request carried, or by
         # device/seq/idx; labels are kept apart and joined, so a label may arrive before its record

@@ -30,6 +30,7 @@ class RolloutOptions(BaseModel):
     shadow_s: Finite = Field(default=0.0, ge=0, le=7 * 86_400,
                              description="run the new version beside the live one on the first wave's devices this long"
                                          " (never served) and gate on it before the waves; 0: no shadow")
+    shadow_sample: Finite = Field(default=1.0, gt=0, le=1, description="share of live inputs mirrored to the candidate")
 
     def kwargs(self) -> dict[str, Any]:
         return self.model_dump()
@@ -78,6 +79,7 @@ class DeploymentUpdate(DeviceBake):
                                          description="default: the latest revision's; null (given) clears it")
     shadow_s: Finite = Field(default=0.0, ge=0, le=7 * 86_400,
                              description="a shadow phase of this many seconds before the waves (not inherited)")
+    shadow_sample: Finite = Field(default=1.0, gt=0, le=1, description="share of live inputs mirrored to the candidate")
 
 
 @router.post("")
