@@ -130,7 +130,8 @@ class Shadow:
                 self.errors += 1
                 log.debug("shadow %s:%d failed on a mirrored input: %r", self.name, self.version, exc)
                 continue
-            self.stats.record((time.perf_counter() - t0) * 1000.0, True)
+            spent = time.perf_counter() - t0
+            self.stats.record(spent * 1000.0, True)
             if live_ms >= 0:  # unknown for the direct socket's samples
                 self.live_stats.record(live_ms, True)
             self.live_version = live_version
@@ -141,6 +142,8 @@ class Shadow:
                 for k, v in theirs.items():
                     if k in mine or len(mine) < MAX_CLASSES:
                         mine[k] += v
+            if self.spec.max_duty_ppm < 1_000_000:  # rest so that busy time / wall time <= max_duty
+                await asyncio.sleep(spent * (1_000_000 / self.spec.max_duty_ppm - 1.0))
 
     async def _predict(self, kind: str, inputs: Any, live_out: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         if kind == "batch":

@@ -1,6 +1,6 @@
 """The live path's latency on a device with and without a shadow candidate running, in the same run.
 
-    python bench/shadow_bench.py [--rounds 3] [--requests 2000] [--sample-ppm 1000000]
+    python bench/shadow_bench.py [--rounds 3] [--requests 2000] [--sample-ppm 1000000] [--max-duty-ppm 500000]
 
 One real agent (process isolation: the live version and the candidate each in their own worker
 process) serves a logreg classifier on its local HTTP API; an application on the device sends
@@ -52,12 +52,13 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def run(hub: HubSide, work: Path, rounds: int, requests: int, sample_ppm: int) -> dict[str, list[float]]:
+async def run(hub: HubSide, work: Path, rounds: int, requests: int, sample_ppm: int,
+              max_duty_ppm: int) -> dict[str, list[float]]:
     live, cand = hub.build("classifier", 1), hub.build("classifier", 2)
     plain = live.desired()
     shadowed = DesiredModule(name=plain.name, version=plain.version, bundle=plain.bundle, size=plain.size,
                              deployment="test", shadow=ShadowSpec(version=2, bundle=cand.digest, size=cand.manifest.size,
-                                                                  sample_ppm=sample_ppm))
+                                                                  sample_ppm=sample_ppm, max_duty_ppm=max_duty_ppm))
     device, port = new_device(), free_port()
     out: dict[str, list[float]] = {"off_p50": [], "off_p99": [], "on_p50": [], "on_p99": []}
     stats = {"compared": 0, "dropped": 0}
@@ -92,11 +93,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--sample-ppm", type=int, default=1_000_000)
+    parser.add_argument("--max-duty-ppm", type=int, default=500_000, help="the candidate's busy share (protocol)")
     args = parser.parse_args()
     with LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         hub = HubSide(broker.url, Path(tmp) / "hub")
         try:
-            res = asyncio.run(run(hub, Path(tmp), args.rounds, args.requests, args.sample_ppm))
+            res = asyncio.run(run(hub, Path(tmp), args.rounds, args.requests, args.sample_ppm, args.max_duty_ppm))
         finally:
             hub.close()
     off50, on50 = statistics.median(res["off_p50"]), statistics.median(res["on_p50"])
@@ -105,7 +107,8 @@ def main() -> int:
           f" (goal <= 1.10)")
     print(f"live path p99: without shadow {off99:.3f} ms, with shadow {on99:.3f} ms, ratio {on99 / off99:.3f}")
     print(f"shadow: {res['compared'][0]} predictions compared, {res['dropped'][0]} mirrored inputs dropped"
-          f" (queue full); {args.rounds} rounds x {args.requests} requests, medians over rounds")
+          f" (queue full); {args.rounds} rounds x {args.requests} requests, medians over rounds;"
+          f" sample {args.sample_ppm / 1e6:g}, max duty {args.max_duty_ppm / 1e6:g}")
     return 0
 
 

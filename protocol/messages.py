@@ -70,6 +70,9 @@ class ShadowSpec(Schema, frozen=True, kw_only=True):
     size: NonNegative
     sample_ppm: Ppm = 1_000_000  # share of live inferences mirrored to the candidate
     max_queue: Annotated[int, Meta(ge=1, le=10_000)] = 64  # mirrored inputs waiting; more are dropped and counted
+    # the candidate runs at most this share of the time (it rests in proportion after each inference): its CPU
+    # stays bounded whatever the live load, and what arrives meanwhile waits in the queue or is dropped
+    max_duty_ppm: Annotated[int, Meta(ge=1, le=1_000_000)] = 500_000
     compare: ShadowCompare = "auto"
     tolerance_ppm: Ppm = 10_000  # 0.01: integers only, signed documents hold no floats
 
