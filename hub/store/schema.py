@@ -263,6 +263,11 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         # device/seq/idx; labels are kept apart and joined, so a label may arrive before its record
         AddColumn("data_records", "sample_id", "TEXT"),
         """CREATE INDEX IF NOT EXISTS data_records_sample ON data_records (sample_id);
+CREATE TABLE IF NOT EXISTS endpoint_canaries (
+    endpoint TEXT PRIMARY KEY, module TEXT NOT NULL, steps TEXT NOT NULL, step INTEGER NOT NULL,
+    interval_s REAL NOT NULL, gates TEXT NOT NULL, min_inferences INTEGER NOT NULL, step_started_at REAL NOT NULL,
+    state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', last_gate TEXT, updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS labels (
     sample_id TEXT PRIMARY KEY, label TEXT NOT NULL, ts REAL NOT NULL, source TEXT NOT NULL,
     created_by TEXT NOT NULL DEFAULT ''
