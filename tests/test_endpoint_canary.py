@@ -1,7 +1,7 @@
 """Endpoint canaries that move their own weight (issue 18): a real hub, gateway and worker processes.
 
 A candidate that fails on the traffic it gets is taken to weight 0 by its gate with the reason; a good one
-climbs its steps to all of the traffic."""
+climbs its steps to all of the traffic; a label sent for a web answer's request id counts for its version."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def _modules(admin: httpx.Client, tmp_path: Any) -> None:
         f = write_logreg_onnx(tmp_path / f"m{seed}.onnx", seed=seed)
         admin.post("/api/v1/models", data={"name": "clr"}, files=[("files", ("model.onnx", f.read_bytes()))]
                    ).raise_for_status()
-        admin.post("/api/v1/modules", json={"name": "clrmod", "models": [f"clr:{seed}"], "sample": sample}
-                   ).raise_for_status()
+        admin.post("/api/v1/modules", json={"name": "clrmod", "models": [f"clr:{seed}"], "sample": sample,
+                                            "collect_rate_ppm": 1_000_000 * (seed == 2)}).raise_for_status()
     (tmp_path / "broken.py").write_text(BROKEN)
     admin.post("/api/v1/models", data={"name": "cbroken"},
                files=[("files", ("broken.py", BROKEN.encode()))]).raise_for_status()
@@ -128,4 +128,12 @@ def test_a_failing_canary_goes_to_zero_and_a_good_one_takes_all_traffic(server, 
     assert st["state"] == "succeeded", st
     assert [(v["module"], v["weight"]) for v in admin.get("/api/v1/endpoints/cx").json()["versions"]] == [
         ("clrmod:2", 100.0)]
+
+    # ground truth for a web answer, by the request id it carried
+    r = httpx.post(url, json=BODY, headers={"api-key": key})
+    rid, pred = r.headers["x-request-id"], int(r.json()["outputs"]["probability"][0][0] >= 0.5)
+    label = {"labels": [{"sample": f"endpoint:cx/{rid}", "label": pred}]}
+    _wait(lambda: admin.post("/api/v1/labels", json=label).json()["matched"] == 1, 30, "the sample stored")
+    acc = admin.get("/api/v1/accuracy", params={"module": "clrmod", "step": 86_400, "since": time.time() - 3600})
+    assert [(p["version"], p["labelled"], p["correct"]) for p in acc.json()] == [(2, 1, 1)]
     admin.delete("/api/v1/endpoints/cx")

@@ -81,7 +81,8 @@ class Labels:
             sample = it.get("sample")
             if not isinstance(sample, str) or not 3 <= len(sample) <= 200 or "/" not in sample:
                 raise Invalid(f"labels[{i}].sample must be 'device/request-id' or 'device/seq/idx'")
-            check_api_name(sample.split("/", 1)[0], f"labels[{i}] device")
+            source = sample.split("/", 1)[0]  # a device id, or endpoint:NAME for a web endpoint's request
+            check_api_name(source.removeprefix("endpoint:"), f"labels[{i}] device or endpoint")
             if "label" not in it:
                 raise Invalid(f"labels[{i}] has no label")
             rows.append((sample, dumps(it["label"]), float(it.get("ts") or now()), "api", actor))

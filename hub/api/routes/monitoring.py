@@ -70,8 +70,9 @@ def metrics_series(device: str | None = None, deployment: str | None = None, end
 
 
 class LabelItem(BaseModel):
-    sample: str = Field(max_length=200, description="'device/request-id' (the id the device's request carried) or"
-                                                    " 'device/seq/idx' (as data export shows it)")
+    sample: str = Field(max_length=200, description="'device/request-id' (the id the device's request carried),"
+                                                    " 'device/seq/idx' (as data export shows it), or"
+                                                    " 'endpoint:NAME/REQUEST-ID' (a web answer's x-request-id)")
     label: Any = Field(description="the true class or value; a list gives one per row of the record's batch")
     ts: Finite | None = None
 
