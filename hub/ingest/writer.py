@@ -18,8 +18,11 @@ from protocol.topics import Channel, device_wildcard
 log = logging.getLogger("edgefleet.hub.ingest")
 
 TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/ingest/telemetry.py), not SQL parameters
-DATA_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output, sample_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+DATA_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+# a device's records with their sample id (``data_rows``), for labels
+DATA_ID_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output, sample_id)"
+               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
 # the latest label for a sample wins (a correction replaces it)
 LABEL_SQL = ("INSERT INTO labels (sample_id, label, ts, source, created_by) VALUES (?, ?, ?, ?, ?)"
              " ON CONFLICT (sample_id) DO UPDATE SET label = excluded.label, ts = excluded.ts, source = excluded.source,"
@@ -162,7 +165,7 @@ class BatchWriter:
     def data_batch(self, msg: DataBatch) -> None:
         """A device's data message: its sampled records and any labels it carries."""
         if msg.records:
-            self._put(DATA_SQL, data_rows(msg))
+            self._put(DATA_ID_SQL, data_rows(msg))
         if msg.labels:
             self._put(LABEL_SQL, label_rows(msg))
 
