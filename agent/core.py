@@ -299,6 +299,7 @@ class Agent:
                 self.identity = dataclasses.replace(self.identity, root=event.envelope)
                 save_identity(self.data_dir, self.identity)
                 self.executor.installer.root = event.root
+                self.executor.shadows.set_root(event.root)
                 log.warning("%s: now trusting root version %d%s", self.device_id, event.root.version,
                             " (the applied state's signer is gone: revision floor reset)" if event.floor_reset else "")
                 self._report_dirty.set()
@@ -337,6 +338,10 @@ class Agent:
 
     def infer_json_now(self, active: ActiveModule, body: bytes, done: Answered) -> bool:
         return self.front.infer_json_now(active, body, done)
+
+    def add_labels(self, body: bytes) -> int:
+        """Ground truth from an application (``POST /v1/labels``), sent with the next data batch."""
+        return self.front.add_labels(body)
 
     def reported(self) -> ReportedState:
         return self.reporter.reported()

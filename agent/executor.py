@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Coroutine, MutableMapping
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.gc import collect_chunks
 from agent.identity import Identity
-from agent.inference import ActiveModule, InferenceFront
+from agent.inference import InferenceFront
 from agent.install import Installed, Installer
 from agent.journal import BEFORE_ACTIVATION, Entry
 from agent.limits import DownloadLimits, is_disk_full, wake_at
@@ -30,22 +29,26 @@ from agent.reconcile import (
     CancelInstall,
     Facts,
     Install,
+    InstallShadow,
     ModuleFacts,
     Reconfigure,
     Remove,
+    RemoveShadow,
     Report,
     ResumeBake,
     SetCollectRate,
+    StartShadow,
     Trust,
     next_retry,
     step,
     still_wanted,
     supersede,
 )
+from agent.serving import RUN_DIR, Serving, stop_runner
 from agent.session import MqttClient
-from agent.supervisor import ModuleWorker
+from agent.shadow_slots import ShadowSlots
 from agent.transfer import MANIFESTS_DIR, BundleFetch
-from agent.workerproc import WorkerProcess, WorkerSandbox, clear_run_dir, health_check_in_worker
+from agent.workerproc import WorkerProcess, WorkerSandbox, clear_run_dir
 from modules.store import ContentStore
 from protocol.messages import BakePolicy, DesiredModule, DesiredState
 
@@ -55,11 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgefleet.agent")
 
-RUN_DIR = "run"  # each module's direct socket, <module>.sock, served by its worker (process isolation)
 PARTIAL_DIR = "downloads"  # chunks cut short during an HTTP download, resumed with a Range request
 
 
-class Executor:
+class Executor(Serving):
     """Installs, activates, bakes and removes module versions as the reconciler decides."""
 
     def __init__(self, identity: Identity, data_dir: Path, trust: Trust, front: InferenceFront, client: MqttClient, *,
@@ -79,6 +81,9 @@ class Executor:
         self.installer = Installer(data_dir, trust.root, self.chunks, runner_cache, health_timeout, self._on_install,
                                    health=self._health_in_worker if isolation == "process" else None, bake=self._bake,
                                    limits=self.limits, clock=clock)
+        self.shadows = ShadowSlots(data_dir, trust.root, self.chunks, front, runner_cache=runner_cache,
+                                   health_timeout=health_timeout, isolation=isolation, module_limits=module_limits,
+                                   on_change=self._on_install)
         self.storage_error = ""  # the last write the disk refused (a full disk), until a pass succeeds again
         self.blocked: dict[str, tuple[str, str]] = {}  # name -> (bundle, why): an install a full disk kept off the journal
         self._installing_failed: tuple[str, str] | None = None  # (name, bundle) of the install that raised
@@ -92,6 +97,7 @@ class Executor:
         self._warm: dict[str, WorkerProcess] = {}  # health-checked workers, handed over on activation
         self._fetches: dict[str, BundleFetch] = {}
         self._installing: tuple[str, str] | None = None  # (name, bundle) of the install under way
+        self._installing_shadow = False  # ... into a shadow slot
         self.install_task: asyncio.Task[Entry] | None = None
 
     # --- facts and passes ----------------------------------------------------------------------
@@ -117,6 +123,11 @@ class Executor:
         await self.installer.recover()
         for name in self.installer.installed_names():
             await self.activate(name)
+        if self.shadows.dir.exists():
+            await self.shadows.installer.recover()
+            for m in self.trust.desired.modules if self.trust.desired else []:  # candidates a restart stopped
+                if m.shadow is not None and self.shadows.installer.current(m.name) == m.shadow.bundle:
+                    await self.shadows.start(m.name, m.shadow)
 
     async def loop(self) -> None:
         """Resume interrupted bakes, then a pass for each change of the desired state, until cancelled."""
@@ -128,7 +139,8 @@ class Executor:
             if state is None:
                 continue
             try:
-                await self.carry_out(step(self.clock(), state, self.module_facts()), state)
+                await self.carry_out(step(self.clock(), state, self.module_facts(), shadows=self.shadows.facts()),
+                                     state)
                 if self._collect:
                     await self.collect_chunks()
                 self.storage_error = ""
@@ -191,12 +203,22 @@ class Executor:
                 await self._resume_bake(action.name)
             elif isinstance(action, CancelInstall):
                 self._cancel(action)
+            elif isinstance(action, InstallShadow):
+                await self._install(action.module, shadow=True)
+                self.wake.set()  # the next pass starts it (or, failed, leaves it)
+            elif isinstance(action, StartShadow):
+                await self.shadows.start(action.name, action.spec)
+                self.changed()
+            elif isinstance(action, RemoveShadow):
+                await self.shadows.remove(action.name)
+                self.changed()
             elif isinstance(action, Report):
                 self.changed()
 
     def on_desired(self, state: DesiredState) -> None:
         """A newer desired state was accepted: cancel a download it no longer wants, and run a pass."""
-        entry = self.installer.journal.get(self._installing[0]) if self._installing else None
+        installer = self.shadows.installer if self._installing_shadow else self.installer
+        entry = installer.journal.get(self._installing[0]) if self._installing else None
         for action in supersede(state, self._installing, entry.state if entry else None):
             self._cancel(action)
         self.wake.set()
@@ -213,7 +235,9 @@ class Executor:
 
     # --- installing ----------------------------------------------------------------------------
 
-    async def _install(self, m: DesiredModule) -> None:
+    async def _install(self, m: DesiredModule, shadow: bool = False) -> None:
+        """Install ``m``: the live version of its module, or (``shadow``) a candidate in its shadow slot."""
+        installer = self.shadows.installer if shadow else self.installer
         if self.transfer == "http":
             from agent.http_transfer import HttpBundleFetch, HubHttp
 
@@ -236,16 +260,16 @@ class Executor:
                 limits=self.limits,
             )
             self._fetches[m.bundle] = fetch
-        self._installing = (m.name, m.bundle)
+        self._installing, self._installing_shadow = (m.name, m.bundle), shadow
         try:
             if isinstance(fetch, BundleFetch):
                 await self.client.subscribe(fetch.topic)
-            self.install_task = asyncio.create_task(self.installer.install(m, fetch.run))
+            self.install_task = asyncio.create_task(installer.install(m, fetch.run))
             await asyncio.wait({self.install_task})  # not cancelled with it: a superseded download is
             if self.install_task.cancelled():
-                entry = self.installer.journal.get(m.name)
+                entry = installer.journal.get(m.name)
                 if entry is not None and entry.state in BEFORE_ACTIVATION:
-                    self.installer.journal.drop(m.name)
+                    installer.journal.drop(m.name)
                 log.info("%s: download of %s %s superseded", self.identity.device_id, m.name, m.bundle[:12])
                 return
             self._installing_failed = (m.name, m.bundle)
@@ -260,7 +284,8 @@ class Executor:
             if isinstance(fetch, BundleFetch):
                 with contextlib.suppress(MqttOffline):
                     await self.client.unsubscribe(fetch.topic)
-        await self._settle(m.name, entry)
+        if not shadow:
+            await self._settle(m.name, entry)
 
     async def _reconfigure(self, m: DesiredModule) -> None:
         """A new configuration for the version installed: the installer's health gate, bake and rollback."""
@@ -310,86 +335,6 @@ class Executor:
         self.blocked.pop(name, None)  # the journal is written again: it tells the state
         self.changed()
 
-    # --- serving -------------------------------------------------------------------------------
-
-    async def activate(self, name: str) -> None:
-        """Load the active version of ``name`` and start serving it (replacing an older one)."""
-        try:
-            inst: Installed = await asyncio.to_thread(self.installer.load_installed, name)
-            ppm = inst.manifest.collect_rate_ppm
-            if self.trust.desired is not None:
-                ppm = next((m.collect_rate_ppm for m in self.trust.desired.modules if m.name == name), ppm)
-            runner: Runner | ModuleWorker
-            if self.isolation == "process":
-                # A committed version, or one starting its bake (it serves on probation): its worker takes the
-                # direct socket over (rename) on start, as the TCP API switches to it.
-                runner = ModuleWorker(name, inst.files, inst.manifest, limits=self.module_limits,
-                                      options=self._options(inst),
-                                      start_timeout=self.health_timeout,
-                                      on_crash_loop=lambda reason: self.spawn(self._crash_loop(name, inst.bundle, reason)),
-                                      socket_path=self.data_dir / RUN_DIR / f"{name}.sock", collect_rate_ppm=ppm,
-                                      push_every=min(1.0, self.telemetry_interval), sandbox=self.sandbox)
-                await runner.start(warm=self._warm.pop(inst.key, None))
-            else:
-                runner = await asyncio.to_thread(self.installer.runner_for, inst)
-        except Exception as exc:  # a broken install must not stop the agent; report it
-            self.load_errors[name] = f"cannot load the active version: {exc}"
-            log.error("%s: module %s: %s", self.identity.device_id, name, self.load_errors[name])
-            return
-        self.load_errors.pop(name, None)
-        self.deactivate(name)
-        active = ActiveModule(name, inst.bundle, inst.manifest.version, runner, ppm, config=inst.config_digest)
-        if isinstance(runner, ModuleWorker):
-            runner.on_stats = functools.partial(self.front.direct_stats, active)
-        workload = self.front.workload
-        if workload is not None and workload.rate > 0 and runner.inputs:
-            active.task = asyncio.create_task(self.front.workload_loop(active))
-        self.front.active[name] = active
-        self.changed()
-
-    def deactivate(self, name: str) -> None:
-        active = self.front.active.pop(name, None)
-        if active is not None and active.task is not None:
-            active.task.cancel()
-        if active is not None:
-            self.spawn(_stop_runner(active.runner))
-
-    async def _health_in_worker(self, inst: Installed) -> None:
-        """The installer's health check in process mode: a fresh worker, killed if it overruns the deadline."""
-        worker = await health_check_in_worker(inst.name, inst.files, inst.manifest, self.health_timeout,
-                                              self.module_limits, self.sandbox, self._options(inst))
-        old = self._warm.pop(inst.key, None)
-        if old is not None:
-            await old.stop()
-        self._warm[inst.key] = worker
-
-    def _options(self, inst: Installed) -> dict[str, Any]:
-        """What a worker loads the module with besides its files: its configuration and the device's facts."""
-        return {"config": inst.config, "facts": self.installer.facts}
-
-    async def _drop_unused_warm(self) -> None:
-        serving = {f"{m.bundle}+{m.config}" if m.config else m.bundle for m in self.front.active.values()}
-        for key in [k for k in self._warm if k not in serving]:
-            await self._warm.pop(key).stop()
-
-    async def _crash_loop(self, name: str, bundle: str, reason: str) -> None:
-        """A committed version's worker keeps dying: roll back to the version before it, with the reason."""
-        active = self.front.active.get(name)
-        if active is None or active.bundle != bundle:
-            return
-        if active.bake is not None:  # on probation: the bake fails now and its install rolls back
-            active.bake.fail(reason)
-            return
-        entry = await self.installer.roll_back_committed(name, reason)
-        if entry is None:  # no install record to undo (e.g. a version older than the journal): report it
-            self.load_errors[name] = reason
-            self.deactivate(name)
-        elif self.installer.current(name) is not None:
-            await self.activate(name)
-        else:
-            self.deactivate(name)
-        self.changed()
-
     # --- shutdown ------------------------------------------------------------------------------
 
     def tasks(self) -> list[asyncio.Task[Any]]:
@@ -401,16 +346,11 @@ class Executor:
 
     async def stop_workers(self) -> None:
         """Stop every serving runner's worker and every warm one."""
-        await asyncio.gather(*(_stop_runner(m.runner) for m in self.front.active.values()),
-                             *(w.stop() for w in self._warm.values()), return_exceptions=True)
+        await asyncio.gather(*(stop_runner(m.runner) for m in self.front.active.values()),
+                             *(w.stop() for w in self._warm.values()), self.shadows.stop_all(), return_exceptions=True)
         self.front.active.clear()
         self._warm.clear()
 
     def close(self) -> None:
         if self.http is not None:
             self.http.close()
-
-
-async def _stop_runner(runner: Runner | ModuleWorker) -> None:
-    if isinstance(runner, ModuleWorker):
-        await runner.stop()

@@ -22,16 +22,20 @@ from typing import TYPE_CHECKING, Any
 from agent.stats import ModuleStats
 from agent.supervisor import ModuleWorker
 from modules.errors import InputError
-from protocol.messages import Command, CommandReply, DataRecord
+from protocol.encoding import ProtocolError
+from protocol.messages import Command, CommandReply, DataRecord, Label
+from protocol.schema import validate
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
     from agent.bake import BakeWatch
+    from agent.shadow import Shadow
     from agent.workload import Workload
     from modules.runners import Batch, Runner
 
 log = logging.getLogger("edgefleet.agent")
 
 Answered = Callable[[bytes | None, Exception | None], None]
+MAX_PENDING_LABELS = 10_000
 
 
 @dataclass
@@ -59,6 +63,8 @@ class InferenceFront:
         self.active: dict[str, ActiveModule] = {}
         self.inferences = 0  # lifetime, across module versions
         self.data: list[DataRecord] = []  # sampled records, taken by the reporter's telemetry flush
+        self.labels: list[Label] = []  # ground truth from applications, sent with the next data batch
+        self.shadows: dict[str, Shadow] = {}  # module name -> its candidate under shadow evaluation (agent/shadow.py)
         self._rng = random.Random(workload.seed if workload else None)  # which inferences are sampled
 
     async def infer(self, active: ActiveModule, batch: Batch) -> Batch:
@@ -73,9 +79,12 @@ class InferenceFront:
                 out = active.runner.predict(batch)
             ok = True
         finally:
-            active.stats.record((time.perf_counter() - t0) * 1000.0, ok)
+            ms = (time.perf_counter() - t0) * 1000.0
+            active.stats.record(ms, ok)
             if active.bake is not None:
                 active.bake.record(ok)
+        if self.shadows and (shadow := self.shadows.get(active.name)) is not None:
+            shadow.offer("batch", batch, out, ms, active.version)  # queued or dropped: never waits
         if self._sampled(active):
             self._collect(active, {k: v.tolist() for k, v in batch.items()}, {k: v.tolist() for k, v in out.items()})
         return out
@@ -124,12 +133,17 @@ class InferenceFront:
         """Count one JSON inference (not a request rejected before the model) and sample it for collection."""
         if not isinstance(exc, InputError):
             self.inferences += 1
-            active.stats.record((time.perf_counter() - t0) * 1000.0, exc is None)
+            ms = (time.perf_counter() - t0) * 1000.0
+            active.stats.record(ms, exc is None)
             if active.bake is not None:
                 active.bake.record(exc is None)
+            if out is not None and self.shadows and (shadow := self.shadows.get(active.name)) is not None:
+                shadow.offer("json", body, out, ms, active.version)
         if out is not None and self._sampled(active):  # parsed again only when sampled
             doc = json.loads(body)
-            self._collect(active, doc.get("inputs") if isinstance(doc, dict) else doc, json.loads(out))
+            rid = doc.get("id") if isinstance(doc, dict) else None  # the caller's request id: its label joins on it
+            self._collect(active, doc.get("inputs") if isinstance(doc, dict) else doc, json.loads(out),
+                          rid if isinstance(rid, str) and 0 < len(rid) <= 64 else "")
 
     def direct_stats(self, active: ActiveModule, header: dict[str, Any], blob: bytes) -> None:
         """A worker's report of the inferences it answered on its direct socket: counted and sampled as ours are."""
@@ -144,8 +158,12 @@ class InferenceFront:
         if header.get("samples_dropped"):
             log.warning("%s: module %s dropped %d samples (over its pending bound)", self.device_id, active.name,
                         header["samples_dropped"])
+        shadow = self.shadows.get(active.name) if self.shadows else None
         for record in json.loads(blob) if blob else []:  # already sampled by the worker at the module's rate
             self._collect(active, record.get("input"), record.get("output"))
+            if shadow is not None:  # the direct socket's inferences reach a shadow through these samples only
+                shadow.offer("json", json.dumps({"inputs": record.get("input")}).encode(),
+                             json.dumps(record.get("output")).encode(), -1.0, active.version)
 
     @staticmethod
     def set_collect_rate(active: ActiveModule, ppm: int) -> None:
@@ -156,9 +174,21 @@ class InferenceFront:
     def _sampled(self, active: ActiveModule) -> bool:
         return bool(active.collect_rate_ppm) and self._rng.random() * 1_000_000 < active.collect_rate_ppm
 
-    def _collect(self, active: ActiveModule, inputs: Any, outputs: Any) -> None:
+    def _collect(self, active: ActiveModule, inputs: Any, outputs: Any, rid: str = "") -> None:
         self.data.append(DataRecord(ts=self.clock(), module=active.name, version=active.version, input=inputs,
-                                    output=outputs))
+                                    output=outputs, id=rid))
+
+    def add_labels(self, body: bytes) -> int:
+        """``{"labels": [{"id": ..., "label": ...}]}`` from an application: checked, queued for the next data batch."""
+        try:
+            doc = json.loads(body)
+            items = [validate(Label, {"ts": self.clock()} | i) for i in doc["labels"]]
+        except (ValueError, TypeError, KeyError, ProtocolError) as exc:
+            raise ValueError(f"want {{\"labels\": [{{\"id\": str, \"label\": value}}]}}: {exc}") from None
+        if len(self.labels) + len(items) > MAX_PENDING_LABELS:
+            raise ValueError(f"more than {MAX_PENDING_LABELS} labels waiting to be sent")
+        self.labels += items
+        return len(items)
 
     def take_data(self, limit: int) -> list[DataRecord]:
         """Up to ``limit`` sampled records, oldest first, removed from the front."""

@@ -2,6 +2,8 @@
 
     POST /v1/modules/{name}/predict  {"inputs": {...}} -> {"module", "version", "outputs": {...}}
                                      404 unknown module, 422 inputs not matching the signature (named)
+    POST /v1/labels                  {"labels": [{"id": "req-1", "label": 1}]} -> 202: ground truth for earlier
+                                     predictions whose request body carried that "id" (sent with the data)
     GET  /healthz                    200 healthy / 503 not, with the reasons
     GET  /metrics                    Prometheus text
 
@@ -63,6 +65,7 @@ class Host(Protocol):
     def health(self) -> dict[str, float]: ...
     def snapshot(self) -> dict[str, Any]: ...
     def worker_stats(self) -> dict[str, float]: ...
+    def add_labels(self, body: bytes) -> int: ...
 
 
 TOKENS_FILE = "api-tokens"
@@ -156,6 +159,12 @@ class LocalApi:
             if self.agent.infer_json_now(active, body, lambda out, exc: later(_predicted(active, out, exc))):
                 return None
             return self._predict(active, body)
+        if path == "/v1/labels" and method == "POST":
+            try:
+                return json_answer(202, {"queued": self.agent.add_labels(body)})
+            except ValueError as exc:
+                self.agent.rejected["local_api"] += 1
+                return json_answer(400, {"detail": str(exc)})
         if path == "/healthz" and method == "GET":
             health = self.agent.health()
             ok = health["healthy"] == 1.0

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.encoding import ProtocolError, digest_of
-from protocol.messages import DesiredModule, DesiredState, config_digest, validate
+from protocol.messages import DesiredModule, DesiredState, ShadowSpec, config_digest, validate
 from protocol.signing import Root, parse_envelope
 from protocol.trust import TrustState
 from protocol.verify import MAX_DESIRED_LIFETIME_S
@@ -244,27 +244,61 @@ class CancelInstall:
 
 
 @dataclass(frozen=True)
+class InstallShadow:
+    """Install ``module`` (a shadow's candidate) beside the live version: health-checked, never served."""
+
+    module: DesiredModule
+
+
+@dataclass(frozen=True)
+class StartShadow:
+    """Run the installed candidate of ``name`` on the live version's inputs (``spec`` says how)."""
+
+    name: str
+    spec: ShadowSpec
+
+
+@dataclass(frozen=True)
+class RemoveShadow:
+    """Stop and uninstall the candidate of ``name``: no longer desired, or another one is."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class Report:
     """Publish the reported state (once the pass is through)."""
 
 
-Action = Remove | Activate | SetCollectRate | Reconfigure | Install | ResumeBake | CancelInstall | Report
+Action = (Remove | Activate | SetCollectRate | Reconfigure | Install | ResumeBake | CancelInstall | InstallShadow
+          | StartShadow | RemoveShadow | Report)
 
 
 def step(now: float, desired: DesiredState | None, installed: Mapping[str, ModuleFacts],
-         facts: Facts = Facts()) -> list[Action]:
+         facts: Facts = Facts(), shadows: Mapping[str, ModuleFacts] | None = None) -> list[Action]:
     """The actions that take the device from ``installed`` to ``desired``, in the order to carry them out.
 
     ``now`` judges retry times: an install that failed because of the environment is tried again from its
     ``retry_at``; one the device judged unusable is not, until the desired state names another bundle.
+    ``shadows``: what the device holds of shadow candidates, per module name (their own install slots).
+    Candidates no longer wanted go first (they only cost CPU), then the live modules, then candidates.
     """
     if facts.starting:  # a bake is an install under way, and installs run one at a time
         return [*(ResumeBake(n) for n, f in sorted(installed.items()) if f.journal == "baking"), Report()]
     if desired is None:
         return []
     wanted = {m.name for m in desired.modules}
-    actions: list[Action] = [Remove(n) for n, f in sorted(installed.items())
-                             if n not in wanted and (f.current is not None or f.active is not None)]
+    candidates = {m.name: m.shadow for m in desired.modules if m.shadow is not None}
+    shadows = dict(shadows or {})
+    actions: list[Action] = []
+    for n, f in sorted(shadows.items()):
+        spec = candidates.get(n)
+        held = [b for b in (f.current, f.active) if b is not None]
+        if (held or f.journal is not None) and (spec is None or any(b != spec.bundle for b in held)):
+            actions.append(RemoveShadow(n))
+            shadows[n] = ModuleFacts()
+    actions += [Remove(n) for n, f in sorted(installed.items())
+                if n not in wanted and (f.current is not None or f.active is not None)]
     for m in desired.modules:
         f = installed.get(m.name, ModuleFacts())
         want = config_digest(m.config)
@@ -278,6 +312,16 @@ def step(now: float, desired: DesiredState | None, installed: Mapping[str, Modul
             actions.append(SetCollectRate(m.name, m.collect_rate_ppm))
         elif not gave_up or (f.retry_at and now >= f.retry_at):
             actions.append(Install(m))
+    for m in desired.modules:
+        cand = m.candidate()
+        if m.shadow is None or cand is None:
+            continue
+        f = shadows.get(m.name, ModuleFacts())
+        if f.current == cand.bundle:
+            if f.active != cand.bundle:
+                actions.append(StartShadow(m.name, m.shadow))
+        elif not (f.journal_bundle == cand.bundle and f.journal in GAVE_UP):
+            actions.append(InstallShadow(cand))
     actions.append(Report())
     return actions
 
@@ -304,6 +348,6 @@ def supersede(desired: DesiredState, installing: tuple[str, str] | None, state: 
     if installing is None or state != "downloading":
         return []
     name, bundle = installing
-    if any(m.bundle == bundle for m in desired.modules):
+    if any(m.bundle == bundle or (m.shadow is not None and m.shadow.bundle == bundle) for m in desired.modules):
         return []
     return [CancelInstall(name, bundle)]

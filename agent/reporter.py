@@ -24,7 +24,16 @@ from agent.procstat import CpuMeter, ProcessGone, rss_bytes
 from agent.reconcile import Trust
 from agent.session import Session
 from agent.supervisor import ModuleWorker
-from protocol.messages import DataBatch, ModuleReport, ReportedState, TelemetryBatch, TelemetryPoint, config_digest
+from protocol.messages import (
+    DataBatch,
+    DesiredModule,
+    ModuleReport,
+    ReportedState,
+    ShadowReport,
+    TelemetryBatch,
+    TelemetryPoint,
+    config_digest,
+)
 from protocol.topics import Channel
 
 log = logging.getLogger("edgefleet.agent")
@@ -81,9 +90,28 @@ class Reporter:
                                         error=error, progress=round(progress, 4),
                                         config=active.config if serving and active else "",
                                         accelerator=getattr(active.runner, "accelerator", "") if serving and active
-                                        else ""))
+                                        else "", shadow=self._shadow(m)))
         return ReportedState(device=self.device_id, revision=self.trust.revision, modules=modules,
                              error=self._error(), facts=self.facts, ts=self.clock())
+
+    def _shadow(self, m: DesiredModule) -> ShadowReport | None:
+        """The state of ``m``'s shadow candidate: its install, then ``running`` once it is offered inputs."""
+        s = m.shadow
+        if s is None:
+            return None
+        slots = self.executor.shadows
+        entry = slots.installer.journal.get(m.name) if slots.dir.exists() else None
+        running = self.front.shadows.get(m.name)
+        state, error = "pending", ""
+        if entry is not None and entry.bundle == s.bundle and entry.state != "committed":
+            state, error = entry.state, entry.error
+        elif running is not None and running.bundle == s.bundle:
+            state = "running"
+        elif m.name in slots.load_errors:
+            state, error = "failed", slots.load_errors[m.name]
+        elif entry is not None and entry.bundle == s.bundle:
+            state = "activating"
+        return ShadowReport(version=s.version, bundle=s.bundle, state=state, error=error)  # type: ignore[arg-type]
 
     def _error(self) -> str:
         """The refusal standing, then what is flagged but kept running (root or applied state expired, clock),
@@ -165,11 +193,12 @@ class Reporter:
             **self.worker_stats(),
         }
         batch = TelemetryBatch(device=self.device_id, seq=self.outbox.next_seq("telemetry"), ts=now, points=points,
-                               agent=agent)
+                               agent=agent, shadow=[s.take(now) for s in self.front.shadows.values()])
         self.outbox.put("telemetry", batch.encode())
-        while self.front.data:
+        while self.front.data or self.front.labels:
+            labels, self.front.labels = self.front.labels[:1000], self.front.labels[1000:]
             data = DataBatch(device=self.device_id, seq=self.outbox.next_seq("data"), ts=now,
-                             records=self.front.take_data(1000))
+                             records=self.front.take_data(1000), labels=labels)
             self.outbox.put("data", data.encode())
         self.outbox_ready.set()
 

@@ -74,6 +74,7 @@ class Hub:
         self.rollouts = Rollouts(self.db, self.director, config.rollout_tick_s)
         self.deployments = Deployments(self.db, self.director, self.rollouts, self.policies.refusal)
         self.monitor = Monitor(config, self.db, self.store)
+        self.rollouts.quality = self.monitor.quality  # input drift and accuracy for the quality gates
         self._ingest_workers: list = []  # processes, started by start()
         self._stop = threading.Event()
         self._maintenance = threading.Thread(target=self._maintain, name="hub-maintenance", daemon=True)

@@ -35,12 +35,15 @@ def train_logreg(seed: int = 0, n: int = 2000, steps: int = 300) -> tuple[np.nda
     return w, b
 
 
-def write_logreg_onnx(path: Path, seed: int = 0) -> Path:
-    """Train and save the model; the same seed writes the same bytes."""
+def write_logreg_onnx(path: Path, seed: int = 0, invert: bool = False) -> Path:
+    """Train and save the model; the same seed writes the same bytes. ``invert``: a model that runs fine and
+    answers 1 - p, every prediction flipped (what health gates cannot see; shadow evaluation's test case)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w, b = train_logreg(seed)
+    if invert:
+        w, b = -w, -b
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "W"], ["z0"]),

@@ -155,8 +155,8 @@ class Worker(asyncio.Protocol):
                     if not pending.future.done():
                         pending.future.set_result((*result, ()))
                 if self.pool.collector is not None:
-                    for inputs, outputs in msg.samples:
-                        self.pool.collector.add(inputs, outputs)
+                    for inputs, outputs, request_id in msg.samples:
+                        self.pool.collector.add(inputs, outputs, request_id)
                 self.served += len(batch)
                 self.pool.kick()
             elif isinstance(msg, wire.Ready) and self._ready and not self._ready.done():

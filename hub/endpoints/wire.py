@@ -48,7 +48,7 @@ class Fail(msgspec.Struct, array_like=True, tag="fail"):
 class Results(msgspec.Struct, array_like=True, tag="res"):
     batch: int
     results: list[Result]
-    samples: list[tuple[str, str]] = []  # (inputs, outputs) as JSON, sampled for data collection
+    samples: list[tuple[str, str, str]] = []  # (inputs, outputs as JSON, request id), sampled for data collection
 
 
 FromWorker = Ready | Fail | Results

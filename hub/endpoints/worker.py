@@ -118,7 +118,7 @@ class Scorer:
         for i, out in outputs.items():
             results[i] = self.encode(items[i], out)
             if self.sampler is not None and self.sampler.take():
-                self.samples.append((dumps(parsed[i]).decode(), dumps(out).decode()))
+                self.samples.append((dumps(parsed[i]).decode(), dumps(out).decode(), items[i][0]))
         return results  # type: ignore[return-value]
 
     def _batched(self, parsed: dict[int, dict[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:

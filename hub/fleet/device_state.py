@@ -44,6 +44,7 @@ def module_views(desired: list[dict[str, Any]], reported: dict[str, Any] | None)
         same = r is not None and r["bundle"] == d["bundle"]
         views.append({"name": d["name"], "version": d["version"], "bundle": d["bundle"], "deployment": d["deployment"],
                       "state": r["state"] if same else "pending", "error": r.get("error", "") if same else "",
+                      "shadow": (r.get("shadow") if same and r else None),
                       **_applied(r if same else None, d.get("config", {}))})
     # modules the device still runs or reports but no longer should
     views += [{"name": r["name"], "version": r["version"], "bundle": r["bundle"], "deployment": "",

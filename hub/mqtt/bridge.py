@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from hub.config import HubConfig
 from hub.errors import NotFound
 from hub.fleet.device_state import device_state
-from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, data_rows, share_group, shared_wildcard
+from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, share_group, shared_wildcard
 from hub.mqtt.blob_carousel import Carousel
 from hub.mqtt.ratelimit import DeviceBudgets
 from hub.registry.bundles import bundle_chunks, release_envelope
@@ -229,7 +229,7 @@ class Bridge:
         self.writer.telemetry(msg)
 
     def _on_data(self, msg: DataBatch) -> None:
-        self.writer.data(data_rows(msg))
+        self.writer.data_batch(msg)
 
     def _on_command_reply(self, msg: CommandReply) -> None:
         self.command_replies[msg.id] = msg.to_dict()

@@ -102,9 +102,13 @@ class Deployments:
     def put(self, name: str, module: str, target: str, priority: int = 0, *, strategy: str = "all",
             bake_s: float = 0.0, gates: dict[str, Any] | None = None, on_failure: str = "rollback",
             collect_rate_ppm: int | None = None, wave_timeout_s: float = DEFAULT_WAVE_TIMEOUT_S,
-            device_bake: dict[str, int] | None = None, config: dict[str, Any] | None = None, actor: str = "",
+            device_bake: dict[str, int] | None = None, config: dict[str, Any] | None = None, shadow_s: float = 0.0,
+            shadow_sample: float = 1.0, actor: str = "",
             note: str = "") -> dict[str, Any]:
         """Create or change deployment ``name``: a new revision rolled out by ``strategy``.
+
+        ``shadow_s`` > 0: before the waves, the first wave's devices run the new version beside the live one on the
+        same inputs for that long, never serving it; its gates (quality gates too) decide whether the waves begin.
 
         ``device_bake`` (see :func:`device_bake`): each device keeps the new version on probation for that long,
         watching its error rate, and rolls back by itself past the threshold.
@@ -113,6 +117,8 @@ class Deployments:
         """
         check_api_name(name, "deployment name")  # the API checked it too: this is for every other caller
         check_target(target)
+        if not 0 < shadow_sample <= 1:
+            raise Invalid("shadow_sample is the share of live inputs mirrored to the candidate: above 0, at most 1")
         waves = parse_strategy(strategy)
         gate_set = Gates.from_json(gates)
         if on_failure not in ON_FAILURE:
@@ -147,6 +153,8 @@ class Deployments:
             if cur and cur["active"] and same and (cur["stable_revision"] == cur["revision"] or any(
                     r["revision"] == cur["revision"] for r in self.rollouts._live(name))):
                 return self.get(name) | {"published": 0, "rollout": None}
+            if shadow_s:
+                self._check_shadow(name, cur, module_name, row["digest"], shadow_s)
             revision = (cur["revision"] + 1) if cur else 1
             t = now()
             tx.execute("INSERT INTO deployment_revisions (deployment, revision, module_name, module_version, digest,"
@@ -166,11 +174,27 @@ class Deployments:
                    priority=priority, collect_rate_ppm=collect_rate_ppm, device_bake=device_bake,
                    config=config or {}, note=note)
         rid, published = self.rollouts.begin(name, revision, waves, gate_set, on_failure, bake_s, wave_timeout_s,
-                                             actor)
+                                             actor, shadow_s=shadow_s,
+                                             shadow_sample_ppm=round(shadow_sample * 1_000_000))
         log.info("deployment %s revision %d -> %s on %r: rollout %d, %d device(s) updated", name, revision, module,
                  target, rid, published)
         plan = self.rollouts.last_plan(name) or {}
         return self.get(name) | {"published": published, "rollout": rid, "plan": plan | {"inherited": []}}
+
+    def _check_shadow(self, name: str, cur: dict[str, Any] | None, module_name: str, digest: str,
+                      shadow_s: float) -> None:
+        """A shadow runs a candidate beside a live version of the same module: refuse one that cannot."""
+        if shadow_s < 0 or shadow_s > 7 * 86_400:
+            raise Invalid("shadow must be 0..604800 seconds")
+        live = cur and cur["stable_revision"] and self.db.one(
+            "SELECT module_name, module_version, digest FROM deployment_revisions WHERE deployment = ? AND revision = ?",
+            (name, cur["stable_revision"]))
+        if not live or not cur["active"]:
+            raise Invalid(f"a shadow needs a live version to run beside: deployment {name!r} has none yet")
+        if live["module_name"] != module_name:
+            raise Invalid(f"a shadow runs a candidate of the live module {live['module_name']!r}, not {module_name!r}")
+        if live["digest"] == digest:
+            raise Invalid(f"{module_name}:{live['module_version']} is already the live version: nothing to shadow")
 
     def update(self, name: str, module: str | None = None, target: str | None = None, priority: int | None = None,
                **kwargs: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from hub.fleet.device_state import bundle_state, category
 from hub.fleet.targeting import parse_target
 from hub.rollout import rollout_states as S
 from hub.rollout.rollout_plan import strategy_from_json, strategy_text
+from hub.rollout.shadow_gates import shadow_figures, shadow_state
 from hub.store import Database, loads
 
 SETTLED = frozenset({"running", "failed", "rolled_back"})
@@ -27,7 +28,8 @@ def plan(r: dict[str, Any]) -> dict[str, Any]:
     """A rollout's plan as operators give it (strategy string, bake, gates, on failure, wave timeout)."""
     waves = strategy_from_json(loads(r["strategy"]))
     return {"strategy": strategy_text(waves), "waves": [w.label for w in waves], "bake_s": r["bake_s"],
-            "gates": loads(r["gates"]), "on_failure": r["on_failure"], "wave_timeout_s": r["wave_timeout_s"]}
+            "gates": loads(r["gates"]), "on_failure": r["on_failure"], "wave_timeout_s": r["wave_timeout_s"],
+            "shadow_s": r.get("shadow_s") or 0.0}
 
 
 def not_updated_reason(devices: list[dict[str, Any]]) -> str:
@@ -78,6 +80,7 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
         "SELECT device, wave FROM rollout_devices WHERE rollout = ?", (r["id"],))}
     target = parse_target(rev["target"])
     reverted = r["state"] in (S.ROLLING_BACK, S.ROLLED_BACK, S.ABORTED, S.SUPERSEDED)
+    shadowing = r["state"] == S.SHADOWING
     terminal = r["state"] in S.TERMINAL
     counts: dict[str, int] = {}
     devices = []
@@ -87,12 +90,15 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
     for device_id, labels, online, reported, last_seen in rows:
         if device_id not in admitted and not target.matches(device_id, loads(labels, {})):
             continue
-        state, error = bundle_state(loads(reported), digest) if reported and digest in reported else ("pending", "")
+        judge = shadow_state if shadowing else bundle_state
+        state, error = judge(loads(reported), digest) if reported and digest in reported else ("pending", "")
         if device_id not in admitted:  # matched only after the last wave began: not targeted at rollout time
             bucket = "new" if r["state"] == S.SUCCEEDED or (r["everyone"] and not terminal) else (
                 "not_moved" if terminal else "waiting")
         elif reverted:
             bucket = "rolled_back"
+        elif shadowing:  # the candidate beside the live version: shadow_pending, shadow_installing, shadow_running, …
+            bucket = "shadow_" + category(state)
         else:
             bucket = category(state)
         counts[bucket] = counts.get(bucket, 0) + 1
@@ -110,9 +116,17 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
         "reason": r["reason"], "last_gate": loads(r["last_gate"]), "counts": counts,
         "by_wave": by_wave(devices, [w.label for w in waves]), **select(devices, **(page or {})),
         "terminal": terminal, "created_at": r["created_at"], "created_by": r["created_by"],
-        "updated_at": r["updated_at"],
+        "updated_at": r["updated_at"], "shadow_s": r["shadow_s"], "shadow_started_at": r["shadow_started_at"],
+        "shadow_sample_ppm": r["shadow_sample_ppm"],
     }
-    if r["state"] == S.INSTALLING:  # the wave waits for these, at most until the timeout
+    if shadowing:  # what the devices measured so far (the gates judge the same figures when the period ends)
+        since = r["shadow_started_at"] or r["phase_started_at"] or t
+        out["shadow"] = shadow_figures(db, rev["module_name"], rev["module_version"], since,
+                                       {d["id"] for d in moved})
+        if r["shadow_started_at"] is not None:
+            ends = r["shadow_started_at"] + r["shadow_s"]
+            out |= {"shadow_ends_at": ends, "shadow_ends_in_s": round(max(0.0, ends - t), 1)}
+    if r["state"] == S.INSTALLING or (shadowing and r["shadow_started_at"] is None):  # waits, at most until the timeout
         holding = sorted((d for d in moved if d["state"] not in SETTLED), key=lambda d: (d["online"], d["id"]))
         deadline = (r["phase_started_at"] or t) + r["wave_timeout_s"]
         out |= {"holding": [_brief(d) for d in holding[:MAX_LISTED]], "holding_count": len(holding),

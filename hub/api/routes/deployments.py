@@ -22,10 +22,15 @@ class RolloutOptions(BaseModel):
     bake_s: Finite = Field(default=0.0, ge=0, description="seconds each wave runs before its gates are checked")
     gates: dict[Annotated[str, Field(max_length=64)], Finite | None] | None = Field(
         default=None, max_length=16,
-        description="max_install_failure_rate (default 0), max_error_rate, max_p95_increase, min_reporting")
+        description="max_install_failure_rate (default 0), max_error_rate, max_p95_increase, min_reporting,"
+                    " max_disagreement, max_prediction_drift, max_input_drift, min_accuracy")
     on_failure: Literal["rollback", "halt"] = "rollback"
     wave_timeout_s: Finite = Field(default=600.0, gt=0, description="longest a wave waits for its devices to install")
     collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000, description="override the module's sampling")
+    shadow_s: Finite = Field(default=0.0, ge=0, le=7 * 86_400,
+                             description="run the new version beside the live one on the first wave's devices this long"
+                                         " (never served) and gate on it before the waves; 0: no shadow")
+    shadow_sample: Finite = Field(default=1.0, gt=0, le=1, description="share of live inputs mirrored to the candidate")
 
     def kwargs(self) -> dict[str, Any]:
         return self.model_dump()
@@ -83,6 +88,9 @@ class DeploymentUpdate(DeviceBake):
         default=None, max_length=64, description=CONFIG_HELP + "; replaces the latest revision's ({} clears it)")
     config_set: dict[Annotated[str, Field(max_length=64)], ConfigValue | None] | None = Field(
         default=None, max_length=64, description="merged into the configuration (null removes a key)")
+    shadow_s: Finite = Field(default=0.0, ge=0, le=7 * 86_400,
+                             description="a shadow phase of this many seconds before the waves (not inherited)")
+    shadow_sample: Finite = Field(default=1.0, gt=0, le=1, description="share of live inputs mirrored to the candidate")
 
 
 @router.post("")
