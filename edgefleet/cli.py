@@ -12,7 +12,7 @@ import logging
 import typer
 
 from edgefleet.cli_common import CTX, err
-from edgefleet.commands import endpoint, fleet, keys, mlops, monitoring, registry, run, score, tokens, webhooks
+from edgefleet.commands import batch, endpoint, fleet, keys, mlops, monitoring, registry, run, score, tokens, webhooks
 
 app = typer.Typer(help="edgefleet: ML models on fleets of devices and in the cloud.", no_args_is_help=True,
                   add_completion=False)
@@ -24,7 +24,7 @@ for sub, name in ((run.hub_app, "hub"), (run.agent_app, "agent"), (run.sim_app, 
                   (keys.keys_app, "keys"), (fleet.deploy_app, "deploy"), (fleet.device_app, "device"),
                   (fleet.deployment_app, "deployment"), (fleet.rollout_app, "rollout"), (fleet.audit_app, "audit"),
                   (monitoring.metrics_app, "metrics"), (monitoring.drift_app, "drift"), (monitoring.alert_app, "alert"),
-                  (monitoring.data_app, "data"), (webhooks.webhook_app, "webhook")):
+                  (monitoring.data_app, "data"), (webhooks.webhook_app, "webhook"), (batch.batch_app, "batch")):
     app.add_typer(sub, name=name)
 endpoint.register(app)  # endpoint …, serve, and deploy web
 tokens.register(app)  # token …, device token list|revoke, audit verify

@@ -142,8 +142,10 @@ class Sandbox:
     # --- launching ------------------------------------------------------------------------------
 
     def launch(self, argv: Sequence[str], *, read_only: Iterable[Path | str] = (), cwd: Path | str | None = None,
-               limits: Limits = Limits(), env: Mapping[str, str] | None = None) -> Launch:
-        """Wrap ``argv``; ``read_only`` directories are the only ones of the caller's the child sees (bwrap)."""
+               limits: Limits = Limits(), env: Mapping[str, str] | None = None,
+               writable: Iterable[Path | str] = ()) -> Launch:
+        """Wrap ``argv``; ``read_only`` directories are the only ones of the caller's the child sees (bwrap), and
+        ``writable`` the only ones it may write (a batch job's output; the sandbox user must own them)."""
         argv = [str(a) for a in argv]
         if self.mode == "off":  # no isolation, but limits still hold where prlimit exists
             wrap = limits.prlimit() if shutil.which("prlimit") else []
@@ -156,7 +158,8 @@ class Sandbox:
                 os.chown(scratch, self.uid, self.gid)
             child_env |= {"HOME": scratch, "TMPDIR": scratch}
             return Launch(tail, child_env, str(cwd or scratch), scratch)
-        return Launch(self._bwrap([Path(p) for p in read_only], cwd, limits) + tail, child_env, None)
+        return Launch(self._bwrap([Path(p) for p in read_only], cwd, limits, [str(p) for p in writable]) + tail,
+                      child_env, None)
 
     def _become(self) -> list[str]:
         if self.uid < 0:
@@ -164,7 +167,8 @@ class Sandbox:
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--inh-caps=-all",
                 "--bounding-set=-all", "--no-new-privs", "--"]
 
-    def _bwrap(self, read_only: list[Path], cwd: Path | str | None, limits: Limits) -> list[str]:
+    def _bwrap(self, read_only: list[Path], cwd: Path | str | None, limits: Limits,
+               writable: Sequence[str] = ()) -> list[str]:
         args = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--unshare-cgroup-try"]
         if not self.network:
@@ -184,12 +188,19 @@ class Sandbox:
         args += ["--proc", "/proc", "--dev", "/dev"]
         if self.new_bwrap:
             args += ["--size", str(limits.tmp_mb << 20)]
+        if writable and self.new_bwrap:  # a batch job: its process pool writes /tmp (fork server) as the sandbox user
+            args += ["--perms", "1777"]
         args += ["--tmpfs", "/tmp"]
+        if writable:  # ... and needs POSIX semaphores: a private /dev/shm, sized like /tmp
+            args += [*(["--size", str(limits.tmp_mb << 20), "--perms", "1777"] if self.new_bwrap else []),
+                     "--tmpfs", "/dev/shm"]
         binds = _outermost([*python_paths(), *map(str, self.binds), *(str(p) for p in read_only)])
         for parent in _ancestors(binds):  # created 0755: bwrap would copy the host's modes (e.g. /root's 0700)
             args += ["--perms", "0755", "--dir", parent]
         for path in binds:
             args += ["--ro-bind", path, path]
+        for path in writable:  # after the read-only binds: a writable directory inside one stays writable
+            args += ["--bind", path, path]
         for hidden in self.hide:
             if any(_inside(hidden, b) for b in binds):
                 args += ["--tmpfs", hidden]

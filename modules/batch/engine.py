@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from modules.batch.columns import BatchError, Feed, feed_arrays, output_columns
 from modules.batch.io import PartWriter, read_part
+from modules.batch.monitor import Sampler
 from modules.batch.plan import Part, Source
 from modules.errors import InputError
 
@@ -42,6 +43,7 @@ class Job:
     batch_rows: int = 65536
     digest: str = ""
     read_columns: list[str] = field(default_factory=list)
+    sample_every: int = 0  # > 0: every k-th row's inputs and outputs go to the part's monitoring sample (monitor.py)
 
     def __post_init__(self) -> None:
         cols = list(self.keep) + [c for f in self.feeds for c in f.columns]
@@ -80,6 +82,7 @@ def score_part(job: Job, part: Part, report: Report | None = None) -> int:
     runner = runner_for(job)
     source = job.sources[part.source]
     writer = PartWriter(Path(job.parts_dir) / part.name)
+    sample = Sampler(Path(job.parts_dir), part, job.sample_every)
     row = part.row_start
     try:
         for batch in read_part(source, part, job.read_columns, job.batch_rows, job.schema):
@@ -98,12 +101,15 @@ def score_part(job: Job, part: Part, report: Report | None = None) -> int:
                                  "leave them out with --keep")
             arrays = [batch.column(c) for c in job.keep] + list(cols.values())
             writer.write(pa.RecordBatch.from_arrays(arrays, names=[*job.keep, *cols]))
+            sample.add(row, inputs, out)
             row += n
             if report is not None:
                 report(n)
+        sample.commit()  # before the part: a part present always has its sample
         return writer.commit()
     except BaseException:
         writer.abort()
+        sample.abort()
         raise
 
 
