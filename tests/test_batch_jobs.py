@@ -104,3 +104,12 @@ def test_batch_jobs_refuse_bad_requests_and_cancel_a_running_job(server, admin, 
     assert not (tmp_path / "o.parquet").exists()
     again = admin.post(f"/api/v1/batch-jobs/{job['id']}/cancel")
     assert again.status_code == 409 and "has ended (cancelled)" in again.json()["detail"]
+
+
+def test_only_score_takes_the_short_path_through_the_cli():
+    from edgefleet.entry import first_command
+
+    assert first_command(["--hub", "http://h", "--token", "t", "-v", "score", "m:1"]) == "score"
+    assert first_command(["--hub=http://h", "score"]) == "score"
+    assert first_command(["--hub", "score", "batch", "list"]) == "batch"  # "score" there is --hub's value
+    assert first_command(["--version"]) is None and first_command([]) is None

@@ -148,6 +148,8 @@ def score(
     try:
         claim(layout, overwrite)
         manifest, bundle_dir, pinned = _bundle(ref, bundle, root, layout.bundle)
+        if local is not None:
+            local.preload(str(bundle_dir), pinned, manifest.digest())
         job, parts, todo = prepare(input_path, layout, manifest, bundle_dir, pinned, columns=parse_columns(columns),
                                    keep=keep, part_rows=part_rows, batch_rows=batch_rows)
         total = sum(p.rows for p in parts)
