@@ -4,9 +4,9 @@ and the hub's alert rules (``stale``, ``key_expiry``) raise what an operator mus
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -98,15 +98,18 @@ def test_a_root_rotation_signed_elsewhere_reaches_a_simulated_fleet_with_no_rest
         all_running(admin, ids, "scorer", v1["version"], 60)
         agents = list(fleet.agents)
         # the director key is rotated with the root keys on another machine: prepare, carry, sign 2 of 3, publish
-        unsigned = tmp_path / "root-2.json"
-        cli(server, "keys", "rotate", "director", "--prepare", "--out", str(unsigned))
+        # (the hub-side steps through the API, as `keys rotate --prepare` / `keys publish-root` call it: the CLI's
+        # own start-up is covered in tests/test_hub_offline_root.py)
+        unsigned = admin.post("/api/v1/keys/rotate", json={"role": "director", "prepare": True}).json()["root"]
         elsewhere.mkdir()
-        carried = shutil.copy(unsigned, elsewhere / "root-2.json")
+        carried = elsewhere / "root-2.json"
+        carried.write_text(json.dumps(unsigned))
         for key in ("root-1.key", "root-3.key"):
             edgefleet("keys", "sign-root", str(carried), "--key", str(offline / key),
                       "--current", str(offline / "root.json"))
-        published = as_json(cli(server, "keys", "publish-root", str(carried), "--json"))
-        assert published["root_version"] == 2 and published["committed"] == ["director"]
+        published = admin.post("/api/v1/roots", json=json.loads(carried.read_text()))
+        assert published.status_code == 200, published.text
+        assert published.json()["root_version"] == 2 and published.json()["committed"] == ["director"]
         wait_until(lambda: all(s["root_version"] == 2 for s in fleet.snapshots()), 30, 0.2,
                    "every device trusts root version 2")
         # a state signed by the new director key only: every device applies it, none restarted
@@ -127,7 +130,10 @@ def test_a_clock_frozen_past_every_expiry_keeps_serving_and_the_hub_raises_the_s
     ident = enroll(server.url, token, device_dir, device_id=f"frz-{secrets.token_hex(3)}")
     dev = ident.device_id
     admin.post("/api/v1/deployments", json={"name": "frozen", "module": "frozen:1", "target": dev}).raise_for_status()
-    admin.post("/api/v1/alerts/rules", json={"name": "stuck", "kind": "stale"}).raise_for_status()
+    rule = admin.post("/api/v1/alerts/rules", json={"name": "stuck", "kind": "stale"}).json()
+    assert (rule["threshold"], rule["for_s"]) == (0, 600)  # the kind's defaults: any lag, for 10 minutes
+    admin.delete("/api/v1/alerts/rules/stuck").raise_for_status()
+    admin.post("/api/v1/alerts/rules", json={"name": "stuck", "kind": "stale", "for_s": 0}).raise_for_status()
     port = free_port()
     command = [sys.executable, "-m", "edgefleet", "agent", "run", "--data", str(device_dir), "--api-port", str(port),
                "--isolation", "inprocess", "--telemetry-interval", "1"]

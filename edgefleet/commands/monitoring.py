@@ -69,14 +69,17 @@ def alert_add(
     threshold: float | None = typer.Option(
         None, "--threshold", help="PSI or error-rate fraction (default 0.2), revisions behind (stale: 0), "
                                   "days ahead (key_expiry: 30)."),
-    for_: str = typer.Option("0s", "--for", help="How long the condition must hold (offline: the threshold)."),
+    for_: str | None = typer.Option(None, "--for", help="How long the condition must hold (offline: the threshold; "
+                                                        "default 0s, stale: 10m)."),
     window: str = typer.Option("5m", "--window"),
     webhook: str | None = typer.Option(None, "--webhook", help="URL that receives each event as JSON."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Add an alert rule."""
-    body = {"name": name, "kind": kind, "deployment": deployment, "for_s": parse_duration(for_),
-            "window_s": parse_duration(window), "webhook": webhook}
+    body = {"name": name, "kind": kind, "deployment": deployment, "window_s": parse_duration(window),
+            "webhook": webhook}
+    if for_ is not None:
+        body["for_s"] = parse_duration(for_)
     if threshold is not None:
         body["threshold"] = threshold
     with client() as c:

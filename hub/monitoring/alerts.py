@@ -7,7 +7,8 @@ Rule kinds:
 * ``offline``    a device offline for more than ``for_s`` (one alert per device);
 * ``stale``      an online device that stops accepting new revisions: its reported revision lags the director's
                  latest by more than ``threshold`` (default 0), or its report carries a refusal or trust flag
-                 (root expired, state refused, applied state expired, wrong clock); one alert per device;
+                 (root expired, state refused, applied state expired, wrong clock), for ``for_s`` (default
+                 600 s: every new revision lags until the device has it); one alert per device;
 * ``key_expiry`` what a role signs (root, release, director) expires within ``threshold`` days (default 30),
                  from the same figures as the ``edgefleet_key_expiry_seconds`` gauge; one alert per role.
 
@@ -49,6 +50,8 @@ class AlertRule(BaseModel):
 
 # a rule's threshold when none is given: PSI, error fraction, -, revisions behind, days ahead
 DEFAULT_THRESHOLD = {"drift": 0.2, "error_rate": 0.2, "offline": 0.0, "stale": 0.0, "key_expiry": 30.0}
+# and its for_s: a device lags every new revision for as long as it takes to receive and accept it
+DEFAULT_FOR_S = {"stale": 600.0}
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class Alerts:
             raise Invalid(f"a {rule.kind} rule needs a deployment")
         if "threshold" not in rule.model_fields_set:
             rule = rule.model_copy(update={"threshold": DEFAULT_THRESHOLD[rule.kind]})
+        if "for_s" not in rule.model_fields_set and rule.kind in DEFAULT_FOR_S:
+            rule = rule.model_copy(update={"for_s": DEFAULT_FOR_S[rule.kind]})
         with self.db.transaction() as tx:
             if tx.execute("SELECT 1 FROM alert_rules WHERE name = ?", (rule.name,)).fetchone():
                 raise Conflict(f"alert rule {rule.name!r} exists")
