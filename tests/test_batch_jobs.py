@@ -71,10 +71,32 @@ def test_a_hub_batch_job_scores_in_a_subprocess_reports_progress_and_feeds_drift
     assert admin.get("/api/v1/batch-data/nope/drift").status_code == 404
 
 
+# A python module that answers its first batch and then hangs: a job that runs until it is cancelled.
+HANGING = """\
+import threading
+
+import numpy as np
+
+calls = 0
+
+
+def init():
+    pass
+
+
+def run(inputs):
+    global calls
+    calls += 1
+    if calls > 1:
+        threading.Event().wait()
+    return {"y": np.zeros(len(inputs["x"]))}
+"""
+
+
 def test_batch_jobs_refuse_bad_requests_and_cancel_a_running_job(server, admin, tmp_path):
     register(admin, tmp_path, "bc")
-    x = synthetic_inputs(np.random.default_rng(2), 200_000)
-    src = table(tmp_path / "big.parquet", x, 50_000)
+    x = synthetic_inputs(np.random.default_rng(2), 2000)
+    src = table(tmp_path / "rows.parquet", x, 1000)
     body = {"module": "bc:1", "input": str(src), "output": str(tmp_path / "o.parquet"),
             "columns": ["x=" + ",".join(COLS)]}
 
@@ -95,11 +117,16 @@ def test_batch_jobs_refuse_bad_requests_and_cancel_a_running_job(server, admin, 
                         and j, 60, 0.2, "the job with a wrong column ending")
     assert failed["state"] == "failed" and "column 'nope'" in failed["error"], failed
 
-    job = admin.post("/api/v1/batch-jobs", json=body | {"batch_rows": 64}).json()  # slow: many small model calls
-    wait_until(lambda: admin.get(f"/api/v1/batch-jobs/{job['id']}").json()["rows_done"] > 0, 60, 0.2, "progress")
+    admin.post("/api/v1/models", data={"name": "hang-model"},
+               files=[("files", ("weights.bin", b"\0" * 16))]).raise_for_status()
+    admin.post("/api/v1/modules", json={"name": "hang", "models": ["hang-model:1"], "runtime": "python",
+                                        "entry": HANGING, "entry_name": "score.py"}).raise_for_status()
+    job = admin.post("/api/v1/batch-jobs", json=body | {"module": "hang:1", "batch_rows": 100}).json()
+    wait_until(lambda: admin.get(f"/api/v1/batch-jobs/{job['id']}").json()["rows_done"] == 100, 60, 0.2,
+               "the first batch scored")
     pid = server.hub.db.scalar("SELECT pid FROM batch_jobs WHERE id = ?", (job["id"],))
     cancelled = as_json(cli(server, "batch", "cancel", str(job["id"]), "--json"))
-    assert cancelled["state"] == "cancelled" and 0 < cancelled["rows_done"] < 200_000
+    assert (cancelled["state"], cancelled["rows_done"], cancelled["rows_total"]) == ("cancelled", 100, 2000)
     assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     assert not (tmp_path / "o.parquet").exists()
     again = admin.post(f"/api/v1/batch-jobs/{job['id']}/cancel")
