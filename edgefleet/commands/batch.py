@@ -55,6 +55,7 @@ def _wait(c: Any, job: dict[str, Any]) -> dict[str, Any]:
 
 @batch_app.command("list")
 def list_jobs(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Batch jobs, newest first, with their progress."""
     with client() as c:
         emit(call(lambda: c.get("/api/v1/batch-jobs")), as_json, COLUMNS)
 
@@ -74,6 +75,7 @@ def show(job: int, wait: bool = typer.Option(False, "--wait", help="Wait for the
 
 @batch_app.command("cancel")
 def cancel(job: int, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stop a running job (its worker processes too); nothing is written to its output."""
     with client() as c:
         emit(call(lambda: c.post(f"/api/v1/batch-jobs/{job}/cancel")), as_json, COLUMNS)
 
