@@ -173,21 +173,35 @@ def test_a_clock_frozen_past_every_expiry_keeps_serving_and_the_hub_raises_the_s
 
 
 class agent_process:
-    """An ``edgefleet agent run`` process, stopped with SIGTERM (then killed) on exit; yields its log path."""
+    """An ``edgefleet agent run`` process group, stopped with SIGTERM (then killed) on exit; yields its log path."""
 
     def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.command, self.log, self.env = command, log, env
 
     def __enter__(self) -> Path:
         self.out = self.log.open("wb")
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, env=self.env)
+        # its own process group: faketime runs the agent as its child (it does not exec), and both must stop
+        self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
         return self.log
 
     def __exit__(self, *exc: object) -> None:
-        self.proc.send_signal(signal.SIGTERM)
+        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
-        self.out.close()
+        finally:
+            self.out.close()
+        # the group's other members (the agent under faketime) are gone too: none may outlive the test
+        gone = wait_until(lambda: not _group_alive(self.proc.pid), 20, 0.1, "the agent's process group ending")
+        assert gone
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
