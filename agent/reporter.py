@@ -278,6 +278,7 @@ class Reporter:
             "device_id": self.device_id,
             "connected": self.client.connected.is_set(),
             "revision": self.trust.revision,
+            "root_version": self.trust.root.version,
             "error": report.error,
             "modules": [{"name": m.name, "version": m.version, "bundle": m.bundle, "state": m.state, "error": m.error,
                          "progress": m.progress} for m in report.modules],

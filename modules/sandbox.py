@@ -144,8 +144,8 @@ class Sandbox:
     def launch(self, argv: Sequence[str], *, read_only: Iterable[Path | str] = (), cwd: Path | str | None = None,
                limits: Limits = Limits(), env: Mapping[str, str] | None = None,
                writable: Iterable[Path | str] = ()) -> Launch:
-        """Wrap ``argv``; ``read_only`` (and ``writable``) directories are the only ones of the caller's the child
-        sees (bwrap), even inside a hidden directory."""
+        """Wrap ``argv``; ``read_only`` directories are the only ones of the caller's the child sees (bwrap), even
+        inside a hidden directory, and ``writable`` the only ones it may write (the sandbox user must own them)."""
         argv = [str(a) for a in argv]
         if self.mode == "off":  # no isolation, but limits still hold where prlimit exists
             wrap = limits.prlimit() if shutil.which("prlimit") else []
@@ -190,7 +190,12 @@ class Sandbox:
         args += ["--proc", "/proc", "--dev", "/dev"]
         if self.new_bwrap:
             args += ["--size", str(limits.tmp_mb << 20)]
+        if writable and self.new_bwrap:  # a batch job: its process pool writes /tmp (fork server) as the sandbox user
+            args += ["--perms", "1777"]
         args += ["--tmpfs", "/tmp"]
+        if writable:  # ... and needs POSIX semaphores: a private /dev/shm, sized like /tmp
+            args += [*(["--size", str(limits.tmp_mb << 20), "--perms", "1777"] if self.new_bwrap else []),
+                     "--tmpfs", "/dev/shm"]
         binds = _outermost([*python_paths(), *map(str, self.binds), *(str(p) for p in read_only)])
         for parent in _ancestors(binds):  # created 0755: bwrap would copy the host's modes (e.g. /root's 0700)
             args += ["--perms", "0755", "--dir", parent]

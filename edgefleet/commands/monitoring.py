@@ -64,17 +64,24 @@ def drift_report(
 @alert_app.command("add")
 def alert_add(
     name: str,
-    kind: str = typer.Option(..., "--kind", help="drift | error_rate | offline"),
+    kind: str = typer.Option(..., "--kind", help="drift | error_rate | offline | stale | key_expiry"),
     deployment: str | None = typer.Option(None, "--deployment"),
-    threshold: float = typer.Option(0.2, "--threshold", help="PSI, or error-rate fraction."),
-    for_: str = typer.Option("0s", "--for", help="How long the condition must hold (offline: the threshold)."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help="PSI or error-rate fraction (default 0.2), revisions behind (stale: 0), "
+                                  "days ahead (key_expiry: 30)."),
+    for_: str | None = typer.Option(None, "--for", help="How long the condition must hold (offline: the threshold; "
+                                                        "default 0s, stale: 10m)."),
     window: str = typer.Option("5m", "--window"),
     webhook: str | None = typer.Option(None, "--webhook", help="URL that receives each event as JSON."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Add an alert rule."""
-    body = {"name": name, "kind": kind, "deployment": deployment, "threshold": threshold,
-            "for_s": parse_duration(for_), "window_s": parse_duration(window), "webhook": webhook}
+    body = {"name": name, "kind": kind, "deployment": deployment, "window_s": parse_duration(window),
+            "webhook": webhook}
+    if for_ is not None:
+        body["for_s"] = parse_duration(for_)
+    if threshold is not None:
+        body["threshold"] = threshold
     with client() as c:
         emit(call(lambda: c.post("/api/v1/alerts/rules", body)), as_json)
 

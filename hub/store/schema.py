@@ -283,4 +283,13 @@ CREATE TABLE IF NOT EXISTS labels (
     created_by TEXT NOT NULL DEFAULT ''
 );""",
     ),
+    (  # 8: batch scoring jobs started on the hub (hub/batch/jobs.py)
+        """CREATE TABLE IF NOT EXISTS batch_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, module_name TEXT NOT NULL, module_version INTEGER NOT NULL,
+    digest TEXT NOT NULL, requested TEXT NOT NULL, input TEXT NOT NULL, output TEXT NOT NULL,
+    options TEXT NOT NULL DEFAULT '{}', state TEXT NOT NULL, rows_done INTEGER NOT NULL DEFAULT 0, rows_total INTEGER,
+    rows_per_s REAL, error TEXT NOT NULL DEFAULT '', summary TEXT, pid INTEGER, created_at REAL NOT NULL,
+    created_by TEXT NOT NULL DEFAULT '', started_at REAL, finished_at REAL
+);""",
+    ),
 ]
