@@ -144,8 +144,10 @@ def test_a_clock_frozen_past_every_expiry_keeps_serving_and_the_hub_raises_the_s
     # device's does, so its event loop keeps time)
     frozen = ["faketime", "-f", FROZEN_AT, *command]
     env = os.environ | {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    app_token = (device_dir / "api-tokens").read_text().split("default ", 1)[1].split()[0]  # the TCP API's token
     with agent_process(frozen, tmp_path / "agent-2.log", env) as log, \
-            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as api:
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                         headers={"Authorization": f"Bearer {app_token}"}) as api:
         def answer() -> dict[str, Any] | None:
             try:
                 r = api.post("/v1/modules/frozen/predict", json={"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}})
