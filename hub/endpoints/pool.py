@@ -151,9 +151,10 @@ class Worker(asyncio.Protocol):
                                f"expected batch {self._batch_id} with {len(batch)}")
                     return
                 self.inflight = None
-                for pending, result in zip(batch, msg.results):
+                for pending, (status, body, ctype, hlen) in zip(batch, msg.results):
                     if not pending.future.done():
-                        pending.future.set_result((*result, ()))
+                        extra = (("inference-header-content-length", str(hlen)),) if hlen >= 0 else ()
+                        pending.future.set_result((status, body, ctype, extra))
                 if self.pool.collector is not None:
                     for inputs, outputs in msg.samples:
                         self.pool.collector.add(inputs, outputs)
