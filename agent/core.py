@@ -47,6 +47,7 @@ from protocol.topics import Channel
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
     from agent.http_transfer import HubHttp
+    from agent.supervisor import Reply
     from agent.workload import Workload
     from modules.runners import Batch, Runner
 
@@ -306,6 +307,13 @@ class Agent:
 
     def infer_json_now(self, active: ActiveModule, body: bytes, done: Answered) -> bool:
         return self.front.infer_json_now(active, body, done)
+
+    async def infer_form(self, active: ActiveModule, form: dict[str, Any], body: bytes) -> Reply:
+        return await self.front.infer_form(active, form, body)
+
+    def infer_form_now(self, active: ActiveModule, form: dict[str, Any], body: bytes,
+                       done: Callable[[Reply | None, Exception | None], None]) -> bool:
+        return self.front.infer_form_now(active, form, body, done)
 
     def reported(self) -> ReportedState:
         return self.reporter.reported()

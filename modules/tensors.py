@@ -121,12 +121,12 @@ def check_inputs(raw: Any, specs: list[TensorSpec]) -> Batch:
         raise InputError(f"unknown input(s) {unknown}; expected {describe_signature(specs)}")
     out: Batch = {}
     for spec in specs:
-        arr = _as_array(spec.name, raw[spec.name], np.dtype(spec.dtype) if spec.dtype != "str" else None)
+        arr = _finite(spec.name, _as_array(spec.name, raw[spec.name], np.dtype(spec.dtype) if spec.dtype != "str" else None))
         if arr.ndim != len(spec.shape) or any(
             want is not None and want >= 0 and got != want for got, want in zip(arr.shape, spec.shape, strict=False)
         ):
             raise InputError(f"input {spec.name!r} has shape {list(arr.shape)}; expected {describe_signature(specs)}")
-        out[spec.name] = _finite(spec.name, arr)
+        out[spec.name] = arr
     return out
 
 
