@@ -38,9 +38,11 @@ from modules.httpwire import (
     Served,
     binary_answer,
     encode_answer,
+    enlarge,
     failed,
     form_of,
     json_answer,
+    keep_large_buffers,
     oip_answer,
     plain_json,
     predict_target,
@@ -80,6 +82,7 @@ class LocalApi:
         self.requests = 0
 
     async def start(self) -> None:
+        keep_large_buffers()  # camera-sized bodies pass through this process
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]  # the real one when 0 was asked
@@ -212,6 +215,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        enlarge(transport.get_extra_info("socket"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from modules import oip
 from modules.errors import failure, from_kind
 from modules.httpwire import (
+    BIG_BUFFER,
     Answer,
     BadRequest,
     Headers,
@@ -43,9 +44,11 @@ from modules.httpwire import (
     Served,
     binary_answer,
     encode_answer,
+    enlarge,
     failed,
     form_of,
     json_answer,
+    keep_large_buffers,
     oip_answer,
     plain_json,
     predict_target,
@@ -232,6 +235,7 @@ class DirectSocket:
         except OSError:
             return  # the client gave up before we took it
         conn.setblocking(False)
+        enlarge(conn)
         self.clients[conn] = _Client(conn)
         self.sel.register(conn, selectors.EVENT_READ, self._event)
 
@@ -243,7 +247,7 @@ class DirectSocket:
             self._write(client, b"")
         else:
             try:
-                data = conn.recv(65536)
+                data = conn.recv(min(client.reader.wanted(), BIG_BUFFER))
             except BlockingIOError:
                 return
             except OSError:
@@ -350,7 +354,7 @@ class Worker:
             self.reply(stats[0], blob=stats[1])
 
     def _from_agent(self, fd: Any, events: int) -> None:
-        data = os.read(self.inp, 1 << 20)
+        data = os.read(self.inp, BIG_BUFFER)
         if not data:
             self._open = False  # the agent closed its end: exit
             return
@@ -417,6 +421,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 def main() -> int:
     _die_with_parent()
+    keep_large_buffers()
     # Run as a script, sys.path[0] is agent/: drop it so a module's imports cannot pick up agent internals.
     here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]

@@ -111,9 +111,9 @@ class HubSide:
     def build(self, name: str, version: int, *, failing: bool = False, pad_bytes: int = 0, pad_seed: int | None = None,
               collect_rate_ppm: int = 0, script: str | None = None, extra: dict[str, bytes] | None = None,
               model_seed: int | None = None, spans: bool = False, release_expires: int | None = None,
-              onnx: tuple[Path, list[TensorSpec], list[TensorSpec]] | None = None) -> Bundle:
+              model_file: tuple[Path, list[TensorSpec], list[TensorSpec]] | None = None) -> Bundle:
         """A logreg ONNX bundle; ``failing`` or ``script`` make it a Python module running that script instead,
-        ``onnx`` (model file, inputs, outputs) that model without a sample.
+        ``model_file`` (an .onnx or .tflite file, its inputs, its outputs) that model without a sample.
 
         ``spans`` lists content-defined spans in the release, as the real hub does; without, the release is
         in the format from before spans (fixed-size chunks only)."""
@@ -123,9 +123,9 @@ class HubSide:
         d.mkdir(parents=True, exist_ok=True)
         files = {"sample.json": write_sample(d / "sample.json")}
         specs, sample = (X_SPEC, P_SPEC), "sample.json"
-        if onnx is not None:
-            files, specs, sample = {"model.onnx": onnx[0]}, (onnx[1], onnx[2]), ""
-            runtime, model = "onnx", "model.onnx"
+        if model_file is not None:
+            runtime, model = model_file[0].suffix[1:], f"model{model_file[0].suffix}"
+            files, specs, sample = {model: model_file[0]}, (model_file[1], model_file[2]), ""
         elif script is not None:
             (d / "main.py").write_text(script)
             files["main.py"] = d / "main.py"

@@ -148,7 +148,7 @@ def refusals(client: httpx.Client, path: str, image: np.ndarray) -> list[tuple[i
 def test_a_device_serves_binary_and_oip_v2_as_the_web_does(broker, tmp_path, web, image, bare, model):
     hub = HubSide(broker.url, tmp_path / "hub")
     device, port = new_device(), free_port()
-    bundle = hub.build("cnn", 3, onnx=(model, IMAGE, OUTPUTS))
+    bundle = hub.build("cnn", 3, model_file=(model, IMAGE, OUTPUTS))
     data = tmp_path / "device"
     sock = data / "run" / "cnn.sock"
 

@@ -35,6 +35,7 @@ from hub.endpoints.telemetry import EndpointTelemetry
 from hub.monitoring.prom import LatencyHistogram
 from modules import oip
 from modules.bundle import FILES_DIR, verify_pulled
+from modules.httpwire import keep_large_buffers
 from modules.runners import load_sample
 from modules.sandbox import Sandbox
 from protocol.encoding import ProtocolError
@@ -111,6 +112,7 @@ class Gateway:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def serve(self, sock: socket.socket) -> None:
+        keep_large_buffers()  # camera-sized bodies pass through this process
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: HttpProtocol(self.handle), sock=sock, backlog=2048)
 

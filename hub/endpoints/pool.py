@@ -30,6 +30,7 @@ from typing import Any
 from hub.endpoints import wire
 from hub.endpoints.codec import JSON, dumps, read_manifest
 from hub.endpoints.collect import Collector
+from modules.httpwire import enlarge
 from modules.sandbox import Limits, Sandbox
 
 log = logging.getLogger("edgefleet.endpoint.pool")
@@ -91,6 +92,8 @@ class Worker(asyncio.Protocol):
     async def start(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair()
+        enlarge(parent)
+        enlarge(child)
         s, pool = self.pool.settings, self.pool
         bundle = pool.staged or pool.bundle_dir
         args = [sys.executable, "-m", "hub.endpoints.worker", "--fd", str(child.fileno()),

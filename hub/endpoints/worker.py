@@ -25,7 +25,7 @@ from hub.endpoints import wire
 from hub.endpoints.codec import JSON, NPY, dumps, read_manifest
 from hub.endpoints.collect import Sampler
 from modules.bundle import FILES_DIR
-from modules.httpwire import error_status
+from modules.httpwire import error_status, keep_large_buffers
 from modules.runners import InputError, Runner, health_check, load_runner, load_sample
 from modules.tensors import Decoded, Form, decode, encode, outputs_json
 from protocol.manifest import Manifest
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collect-rate-ppm", type=int, default=-1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"worker {args.label} %(levelname)s: %(message)s")
+    keep_large_buffers()
     sock = socket.socket(fileno=args.fd)
     try:
         runner, manifest = load(args.bundle, args.threads)
