@@ -5,7 +5,7 @@
 For each image model: the bare runtime's p50 (onnxruntime ``session.run`` / LiteRT ``invoke``, set up as
 the runners set them up), then one client with a keep-alive socket sending pre-built OIP v2 binary
 requests (JSON header + the image's raw bytes, outputs as raw bytes) to
-(d) the device's local API (a real agent, module in its worker process),
+(d) the device's local API (a real agent, ``python -m agent``, module in its worker process),
 (d') the module's direct socket (``DATA/run/<module>.sock``, the agent's loop off the path),
 (w) a web endpoint (``edgefleet serve``, one worker, no sandbox),
 and the same image as JSON to the device for scale. Goals (issue 15): device <= 1.1x bare (<= +0.5 ms
@@ -20,7 +20,6 @@ hand_recrop (256x256x3, shipped in tests/data) stands in.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import socket
@@ -43,7 +42,7 @@ from edgefleet.broker import LocalBroker, free_port  # noqa: E402
 from modules.examples import write_cnn_onnx  # noqa: E402
 from modules.runners import load_model_file  # noqa: E402
 from protocol.manifest import TensorSpec  # noqa: E402
-from tests.hubside import HubSide, new_device, running_agent, until  # noqa: E402
+from tests.hubside import HubSide, new_device  # noqa: E402
 
 CACHE = Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet"))
 WHEEL = "mediapipe==0.10.14"
@@ -223,15 +222,22 @@ def bench_device(hub: HubSide, work: Path, ms: list[Model], requests: int, round
                     r.setdefault(key, []).append(got)
                     r.setdefault(f"bare_{key}", []).append(base)
 
-    async def serve() -> None:
-        async with running_agent(hub, device, work / "device", isolation="process", api_port=port):
-            hub.publish_desired(device, 1, [b.desired() for b in bundles])
-            await until(lambda: all(hub.module_state(device, b.manifest.name) == "running" for b in bundles)
-                        and all((work / "device" / "run" / f"{b.manifest.name}.sock").exists() for b in bundles),
-                        120, "modules running")
-            await asyncio.to_thread(measure)
-
-    asyncio.run(serve())
+    # the agent in a process of its own (as on a device): the client threads here must not share its GIL
+    hub.identity(device, work / "device")
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "--data", str(work / "device"), "--api-port", str(port),
+                             "--log-level", "WARNING"], cwd=ROOT)
+    try:
+        hub.publish_desired(device, 1, [b.desired() for b in bundles])
+        deadline = time.monotonic() + 180
+        while not (all(hub.module_state(device, b.manifest.name) == "running" for b in bundles)
+                   and all((work / "device" / "run" / f"{b.manifest.name}.sock").exists() for b in bundles)):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the modules did not start on the device")
+            time.sleep(0.1)
+        measure()
+    finally:
+        proc.terminate()
+        proc.wait(30)
     return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in runs.items()}
 
 
