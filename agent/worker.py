@@ -5,11 +5,11 @@ stdout; the agent makes both one end of a socketpair (``agent.workerproc``), a b
 on pipes.
 
 Requests: ``load`` (first; ``files``, ``manifest``, ``limits``), ``predict_json`` (blob: a JSON
-body ``{"inputs": {...}}``; answer blob: the outputs object as JSON), ``predict`` (arrays in and
-out), ``health`` (run the bundle's sample), ``listen`` (the version is committed: serve the
-module's direct socket, :class:`DirectSocket`), ``collect`` (its sampling rate), ``drain`` (stop
-listening before the agent closes). Answers: ``{"ok": true, ...}`` or ``{"ok": false,
-"kind": "body"|"input"|"model", "error": text}``. Unasked, the worker sends ``{"push": "stats"}``
+body ``{"inputs": {...}}``; answer blob: the outputs object as JSON), ``infer`` (``form``: how to read
+the blob, ``.npy`` or OIP v2, ``modules.tensors``; answer ``ctype``, ``hlen``, ``body``: the answer's
+length in the blob, a sampled record's JSON after it), ``predict`` (arrays), ``health``, ``listen``
+(serve the direct socket, :class:`DirectSocket`), ``collect`` (its sampling rate), ``drain`` (stop
+listening). Answers: ``{"ok": true, ...}`` or ``{"ok": false, "kind": "body"|"accept"|"input"|"model", "error": text}``. Unasked, the worker sends ``{"push": "stats"}``
 frames: the direct socket's inferences, for the agent's telemetry. The worker exits on stdin EOF, and on Linux also
 when the agent dies (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan.
 
@@ -33,27 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from modules import oip
+from modules import httpwire, oip
 from modules.errors import failure, from_kind
-from modules.httpwire import (
-    BIG_BUFFER,
-    Answer,
-    BadRequest,
-    Headers,
-    RequestReader,
-    Served,
-    binary_answer,
-    encode_answer,
-    enlarge,
-    failed,
-    form_of,
-    json_answer,
-    keep_large_buffers,
-    oip_answer,
-    plain_json,
-    predict_target,
-    predicted,
-)
+from modules.httpwire import Answer, BadRequest, RequestReader, encode_answer, json_answer, predict_target, predicted
 from modules.workerwire import pack, take_frame
 
 if TYPE_CHECKING:
@@ -97,7 +79,7 @@ class DirectSocket:
     """
 
     def __init__(self, sel: selectors.BaseSelector, predict: Callable[[bytes], bytes], header: dict[str, Any],
-                 infer: Infer, served: Served) -> None:
+                 infer: Infer, served: httpwire.Served) -> None:
         self.sel, self.predict, self.infer, self.served = sel, predict, infer, served
         self.path = Path(header["path"])
         self.name, self.version = str(header["name"]), int(header["version"])
@@ -181,12 +163,12 @@ class DirectSocket:
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    def answer(self, method: str, path: str, body: bytes, headers: Headers) -> Answer:
+    def answer(self, method: str, path: str, body: bytes, headers: httpwire.Headers) -> Answer:
         """The agent's inference routes for this one module (``agent.localapi.LocalApi.route``)."""
         route = oip.parse_path(path)
         if route is not None:
-            answer = oip_answer(method, route, {self.name: self.served}, True, "")
-            return answer if answer is not None else self._infer(form_of("v2", headers), body)
+            answer = httpwire.oip_answer(method, route, {self.name: self.served}, True, "")
+            return answer if answer is not None else self._infer(httpwire.form_of("v2", headers), body)
         name = predict_target(path)
         if name is None:
             return json_answer(404, {"detail": f"no route {method} {path.split('?', 1)[0]}"})
@@ -194,8 +176,8 @@ class DirectSocket:
             return json_answer(405, {"detail": "use POST"})
         if name != self.name:
             return json_answer(404, {"detail": f"module {name!r} is not running here", "modules": [self.name]})
-        form = form_of("v1", headers)
-        if not plain_json(form):
+        form = httpwire.form_of("v1", headers)
+        if not httpwire.plain_json(form):
             return self._infer(form, body)
         t0 = time.perf_counter()
         try:
@@ -221,13 +203,13 @@ class DirectSocket:
                 self.dropped += 1
             else:
                 self.samples.append(json.loads(record))
-        return binary_answer(ctype, hlen, out)
+        return httpwire.binary_answer(ctype, hlen, out)
 
     def _failed(self, t0: float, exc: Exception, v2: bool) -> Answer:
         kind, text = failure(exc)
         if kind == "model":  # a body or inputs refused before the model are not inferences
             self._record(t0, False)
-        return failed(from_kind(kind, text), v2)
+        return httpwire.failed(from_kind(kind, text), v2)
 
     def _accept(self, sock: Any, events: int) -> None:
         try:
@@ -235,7 +217,7 @@ class DirectSocket:
         except OSError:
             return  # the client gave up before we took it
         conn.setblocking(False)
-        enlarge(conn)
+        httpwire.enlarge(conn)
         self.clients[conn] = _Client(conn)
         self.sel.register(conn, selectors.EVENT_READ, self._event)
 
@@ -247,7 +229,7 @@ class DirectSocket:
             self._write(client, b"")
         else:
             try:
-                data = conn.recv(min(client.reader.wanted(), BIG_BUFFER))
+                data = conn.recv(min(client.reader.wanted(), httpwire.BIG_BUFFER))
             except BlockingIOError:
                 return
             except OSError:
@@ -354,7 +336,7 @@ class Worker:
             self.reply(stats[0], blob=stats[1])
 
     def _from_agent(self, fd: Any, events: int) -> None:
-        data = os.read(self.inp, BIG_BUFFER)
+        data = os.read(self.inp, httpwire.BIG_BUFFER)
         if not data:
             self._open = False  # the agent closed its end: exit
             return
@@ -389,7 +371,7 @@ class Worker:
             elif op == "listen":  # the version is committed: serve the direct socket
                 self._close_direct()
                 runner, predict_json = self.runner, self.runners.predict_json
-                served = Served(self.manifest.version, self.manifest.runtime, self.runner.inputs, self.runner.outputs)
+                served = httpwire.Served(self.manifest.version, self.manifest.runtime, self.runner.inputs, self.runner.outputs)
                 self.direct = DirectSocket(self.sel, lambda body: predict_json(runner, body), header, self.infer, served)
                 self.reply({"ok": True, "ino": self.direct.ino})
             elif op == "collect":
@@ -421,7 +403,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 def main() -> int:
     _die_with_parent()
-    keep_large_buffers()
+    httpwire.keep_large_buffers()
     # Run as a script, sys.path[0] is agent/: drop it so a module's imports cannot pick up agent internals.
     here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]
