@@ -315,6 +315,15 @@ def _encode_v2(dec: Decoded, outputs: Batch, module: str, version: int, request_
     return "application/octet-stream", len(head), b"".join([head, *blobs])
 
 
+def for_runner(runner: Any, inputs: Batch) -> Batch:
+    """Inputs as ``runner`` may use them: binary inputs are read-only views of the request body (no copy),
+    which onnxruntime and LiteRT only read; Python code (an entry script's ``run`` or ``preprocess``)
+    may write to its arrays, so it gets copies."""
+    if type(runner).__name__ in ("OnnxRunner", "TfliteRunner"):
+        return inputs
+    return {k: v if v.flags.writeable else v.copy() for k, v in inputs.items()}
+
+
 def serve(runner: Any, form: dict[str, Any], body: bytes, module: str, version: int,
           sample: bool = False) -> tuple[str, int, bytes, bytes]:
     """One request in ``form`` (:meth:`Form.to_dict`) through ``runner``: decoded, checked, run and encoded.
@@ -323,7 +332,7 @@ def serve(runner: Any, form: dict[str, Any], body: bytes, module: str, version: 
     a JSON data record, else b""): the device's worker and in-process paths.
     """
     dec = decode(Form.from_dict(form), body, runner.inputs, runner.outputs)
-    out = runner.predict(dec.inputs)
+    out = runner.predict(for_runner(runner, dec.inputs))
     ctype, hlen, answer = encode(dec, out, module, version)
     record = dumps({"input": outputs_json(dec.inputs), "output": outputs_json(out)}) if sample else b""
     return ctype, hlen, answer, record

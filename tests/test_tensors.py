@@ -138,3 +138,14 @@ def test_oip_paths():
     assert oip.parse_path("/v2/models/m") == oip.Route("model", "m")
     for bad in ("/v2/models", "/v2/models/m/versions", "/v2/models/m/predict", "/v1/modules/m/predict", "/v2x"):
         assert oip.parse_path(bad) is None, bad
+
+
+def test_python_code_gets_writable_inputs_from_a_binary_body(tmp_path):
+    from modules.runners import PythonRunner
+
+    script = tmp_path / "main.py"
+    script.write_text("def run(inputs):\n    x = inputs['x']\n    x *= 2\n    return {'y': x}\n")
+    runner = PythonRunner(script, X, [TensorSpec(name="y", dtype="float32", shape=[None, 4])])
+    form, body = v2_binary({"x": np.ones((1, 4), dtype=np.float32)})
+    ctype, hlen, out, _ = serve(runner, form.to_dict(), body, "py", 1)
+    assert json.loads(out)["outputs"][0]["data"] == [2.0, 2.0, 2.0, 2.0]

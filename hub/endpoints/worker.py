@@ -27,7 +27,7 @@ from hub.endpoints.collect import Sampler
 from modules.bundle import FILES_DIR
 from modules.httpwire import error_status, keep_large_buffers
 from modules.runners import InputError, Runner, health_check, load_runner, load_sample
-from modules.tensors import Decoded, Form, decode, encode, outputs_json
+from modules.tensors import Decoded, Form, decode, encode, for_runner, outputs_json
 from protocol.manifest import Manifest
 
 log = logging.getLogger("edgefleet.endpoint.worker")
@@ -77,7 +77,7 @@ class Scorer:
                 decoded[i] = self.parse(item)
             except InputError as exc:
                 results[i] = error(error_status(exc), str(exc), item[0], item[5] == "v2")
-        parsed = {i: d.inputs for i, d in decoded.items()}
+        parsed = {i: for_runner(self.runner, d.inputs) for i, d in decoded.items()}
         outputs: dict[int, dict[str, np.ndarray]] = {}
         if self.batchable and len(parsed) > 1:
             outputs = self._batched(parsed)
