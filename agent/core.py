@@ -49,6 +49,7 @@ from protocol.topics import Channel
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
     from agent.http_transfer import HubHttp
+    from agent.supervisor import Reply
     from agent.workload import Workload
     from modules.runners import Batch, Runner
 
@@ -342,6 +343,12 @@ class Agent:
     def add_labels(self, body: bytes) -> int:
         """Ground truth from an application (``POST /v1/labels``), sent with the next data batch."""
         return self.front.add_labels(body)
+    async def infer_form(self, active: ActiveModule, form: dict[str, Any], body: bytes) -> Reply:
+        return await self.front.infer_form(active, form, body)
+
+    def infer_form_now(self, active: ActiveModule, form: dict[str, Any], body: bytes,
+                       done: Callable[[Reply | None, Exception | None], None]) -> bool:
+        return self.front.infer_form_now(active, form, body, done)
 
     def reported(self) -> ReportedState:
         return self.reporter.reported()

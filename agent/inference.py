@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.stats import ModuleStats
-from agent.supervisor import ModuleWorker
+from agent.supervisor import ModuleWorker, Reply
 from modules.errors import InputError
 from protocol.encoding import ProtocolError
 from protocol.messages import Command, CommandReply, DataRecord, Label
@@ -129,16 +129,64 @@ class InferenceFront:
 
         return active.runner.predict_json_now(body, answered)
 
-    def _inferred(self, active: ActiveModule, body: bytes, t0: float, out: bytes | None, exc: Exception | None) -> None:
-        """Count one JSON inference (not a request rejected before the model) and sample it for collection."""
+    async def infer_form(self, active: ActiveModule, form: dict[str, Any], body: bytes) -> Reply:
+        """A request in any other form (``.npy``, OIP v2; ``modules.tensors``): the answer's content type,
+        OIP header length and body. Decoded, checked and run in the worker, as JSON requests are."""
+        t0, sample = time.perf_counter(), self._sampled(active)
+        try:
+            if isinstance(active.runner, ModuleWorker):
+                reply = await active.runner.infer(form, body, sample)
+            else:
+                from modules.tensors import serve  # in-process isolation: the runner's NumPy is here anyway
+
+                reply = serve(active.runner, form, body, active.name, active.version, sample)
+        except Exception as exc:
+            self._counted(active, t0, exc)
+            raise
+        self._formed(active, t0, reply)
+        return reply
+
+    def infer_form_now(self, active: ActiveModule, form: dict[str, Any], body: bytes,
+                       done: Callable[[Reply | None, Exception | None], None]) -> bool:
+        """:meth:`infer_form` with a callback and no task, when ``active``'s worker is serving; else False."""
+        if not isinstance(active.runner, ModuleWorker):
+            return False
+        t0 = time.perf_counter()
+
+        def answered(reply: Reply | None, exc: Exception | None) -> None:
+            try:
+                if reply is not None:
+                    self._formed(active, t0, reply)
+                else:
+                    self._counted(active, t0, exc)
+            except Exception:
+                log.exception("%s: recording an inference of %s failed", self.device_id, active.name)
+            done(reply, exc)
+
+        return active.runner.infer_now(form, body, self._sampled(active), answered)
+
+    def _formed(self, active: ActiveModule, t0: float, reply: Reply) -> None:
+        self._counted(active, t0, None)
+        if reply[3]:  # sampled: the worker wrote the inputs and outputs as a data record
+            record = json.loads(reply[3])
+            self._collect(active, record.get("input"), record.get("output"))
+
+    def _counted(self, active: ActiveModule, t0: float, exc: Exception | None) -> float:
+        """One inference counted (not a request refused before the model); its latency in ms."""
+        ms = (time.perf_counter() - t0) * 1000.0
         if not isinstance(exc, InputError):
             self.inferences += 1
-            ms = (time.perf_counter() - t0) * 1000.0
             active.stats.record(ms, exc is None)
             if active.bake is not None:
                 active.bake.record(exc is None)
-            if out is not None and self.shadows and (shadow := self.shadows.get(active.name)) is not None:
-                shadow.offer("json", body, out, ms, active.version)
+        return ms
+
+    def _inferred(self, active: ActiveModule, body: bytes, t0: float, out: bytes | None, exc: Exception | None) -> None:
+        """Count one JSON inference (not a request rejected before the model), offer it to the module's shadow
+        candidate, and sample it for collection."""
+        ms = self._counted(active, t0, exc)
+        if out is not None and self.shadows and (shadow := self.shadows.get(active.name)) is not None:
+            shadow.offer("json", body, out, ms, active.version)
         if out is not None and self._sampled(active):  # parsed again only when sampled
             doc = json.loads(body)
             rid = doc.get("id") if isinstance(doc, dict) else None  # the caller's request id: its label joins on it

@@ -1,16 +1,21 @@
 """The local inference API for applications on the device: a lean HTTP/1.1 server on a Unix socket or 127.0.0.1.
 
     POST /v1/modules/{name}/predict  {"inputs": {...}} -> {"module", "version", "outputs": {...}}
+                                     or a .npy body (Content-Type: application/x-npy, X-Input: NAME) and
+                                     Accept: application/x-npy for a .npy answer
                                      404 unknown module, 422 inputs not matching the signature (named)
     POST /v1/labels                  {"labels": [{"id": "req-1", "label": 1}]} -> 202: ground truth for earlier
                                      predictions whose request body carried that "id" (sent with the data)
+    /v2/...                          the Open Inference Protocol v2 (modules.oip): health, metadata,
+                                     POST /v2/models/{name}/infer in JSON or the binary-data extension
     GET  /healthz                    200 healthy / 503 not, with the reasons
     GET  /metrics                    Prometheus text
 
 An asyncio Protocol with keep-alive and pipelining, no framework: the device pays for no web stack,
 and a request costs little more than the inference itself (see bench/agent_bench.py). A bad
 request gets 400/411/413/431 with the reason, counted in ``rejected["local_api"]``, and the connection closes. The body goes to the
-module's worker as it came (``InferenceFront.infer_json``): the agent neither parses the inputs nor builds arrays.
+module's worker as it came (``InferenceFront.infer_json``, or ``infer_form`` with the headers that say how to
+read it, ``modules.tensors``): the agent neither parses the inputs nor builds arrays.
 The parsing and the answers are ``modules.httpwire``'s, shared with each worker's direct socket
 (``DATA/run/<module>.sock``, ``agent/worker.py``), which serves the predict route without this loop.
 
@@ -36,19 +41,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.procstat import rss_bytes
+from modules import oip
 from modules.httpwire import (
     Answer,
     BadRequest,
+    Headers,
     RequestReader,
+    Served,
     bearer,
+    binary_answer,
     encode_answer,
+    enlarge,
+    failed,
+    form_of,
     json_answer,
+    keep_large_buffers,
+    oip_answer,
+    plain_json,
     predict_target,
     predicted,
 )
 
 if TYPE_CHECKING:
     from agent.inference import ActiveModule, Answered
+    from agent.supervisor import Reply
+
+_VERSION = "0.1.0"  # the agent's, in OIP v2 server metadata
 
 log = logging.getLogger("edgefleet.agent.api")
 
@@ -62,6 +80,9 @@ class Host(Protocol):
     def rejected(self) -> Counter[str]: ...
     async def infer_json(self, active: ActiveModule, body: bytes) -> bytes: ...
     def infer_json_now(self, active: ActiveModule, body: bytes, done: Answered) -> bool: ...
+    async def infer_form(self, active: ActiveModule, form: dict[str, Any], body: bytes) -> Reply: ...
+    def infer_form_now(self, active: ActiveModule, form: dict[str, Any], body: bytes,
+                       done: Callable[[Reply | None, Exception | None], None]) -> bool: ...
     def health(self) -> dict[str, float]: ...
     def snapshot(self) -> dict[str, Any]: ...
     def worker_stats(self) -> dict[str, float]: ...
@@ -98,6 +119,7 @@ class LocalApi:
         self.requests = 0
 
     async def start(self) -> None:
+        keep_large_buffers()  # camera-sized bodies pass through this process
         loop = asyncio.get_running_loop()
         if self.path is not None:
             self._server = await self._start_unix(self.path)
@@ -143,11 +165,18 @@ class LocalApi:
 
     # --- routes ------------------------------------------------------------------------------
 
-    def route(self, method: str, path: str, body: bytes,
-              later: Callable[[Answer], None]) -> Answer | Coroutine[Any, Any, Answer] | None:
+    def route(self, method: str, path: str, body: bytes, later: Callable[[Answer], None],
+              headers: Headers | None = None) -> Answer | Coroutine[Any, Any, Answer] | None:
         """An answer at once; or None: a prediction is on its way to a worker and ``later`` gets the answer;
         or a coroutine that makes the answer (a worker restarting, in-process isolation)."""
         self.requests += 1
+        headers = headers or {}
+        route = oip.parse_path(path)
+        if route is not None:
+            answer = oip_answer(method, route, self.served(), self.agent.health()["healthy"] == 1.0, _VERSION)
+            if answer is not None:
+                return answer
+            return self._infer(self.agent.active[route.model], form_of("v2", headers), body, later)
         name = predict_target(path)
         path = path.split("?", 1)[0]
         if name is not None:
@@ -156,6 +185,9 @@ class LocalApi:
             active = self.agent.active.get(name)
             if active is None:
                 return json_answer(404, {"detail": f"module {name!r} is not running here", "modules": sorted(self.agent.active)})
+            form = form_of("v1", headers)
+            if not plain_json(form):
+                return self._infer(active, form, body, later)
             if self.agent.infer_json_now(active, body, lambda out, exc: later(_predicted(active, out, exc))):
                 return None
             return self._predict(active, body)
@@ -172,6 +204,32 @@ class LocalApi:
         if path == "/metrics" and method == "GET":
             return 200, "text/plain; version=0.0.4", self.metrics().encode()
         return json_answer(404, {"detail": f"no route {method} {path}"})
+
+    def served(self) -> dict[str, Served]:
+        """The running modules as the OIP v2 metadata routes tell them (ready: the worker is serving)."""
+        out = {}
+        for name, m in self.agent.active.items():
+            runtime = getattr(getattr(m.runner, "manifest", None), "runtime", "")
+            ready = getattr(m.runner, "state", "serving") == "serving"
+            out[name] = Served(m.version, runtime, m.runner.inputs, m.runner.outputs, ready)
+        return out
+
+    def _infer(self, active: ActiveModule, form: dict[str, Any], body: bytes,
+               later: Callable[[Answer], None]) -> Answer | Coroutine[Any, Any, Answer] | None:
+        v2 = form["kind"] == "v2"
+
+        def answered(reply: Reply | None, exc: Exception | None) -> None:
+            later(binary_answer(*reply[:3]) if reply is not None else failed(exc or RuntimeError("no answer"), v2))
+
+        if self.agent.infer_form_now(active, form, body, answered):
+            return None
+        return self._infer_awaited(active, form, body)
+
+    async def _infer_awaited(self, active: ActiveModule, form: dict[str, Any], body: bytes) -> Answer:
+        try:
+            return binary_answer(*(await self.agent.infer_form(active, form, body))[:3])
+        except Exception as exc:
+            return failed(exc, form["kind"] == "v2")
 
     async def _predict(self, active: ActiveModule, body: bytes) -> Answer:
         try:
@@ -232,6 +290,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        enlarge(transport.get_extra_info("socket"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -259,14 +318,17 @@ class _Connection(asyncio.Protocol):
                 return
             if request is None:
                 return
-            method, path, keep, body = request
+            method, path, keep, body, headers = request
             if not self.api.authorized(self._reader.head):
                 self.api.agent.rejected["local_api_auth"] += 1
                 self._reply(json_answer(401, {"detail": "the local API on TCP needs 'Authorization: Bearer <token>' "
                                                         "with a token from DATA/api-tokens"}), keep=False)
                 return
             self._busy = True
-            answer = self.api.route(method, path, body, functools.partial(self._later, keep))
+            try:
+                answer = self.api.route(method, path, body, functools.partial(self._later, keep), headers)
+            except BadRequest as exc:  # a malformed header the route needed (Inference-Header-Content-Length)
+                answer = json_answer(exc.status, {"detail": str(exc)})
             if answer is None:
                 return  # _later answers (it may have already)
             if isinstance(answer, tuple):

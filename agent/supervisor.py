@@ -33,6 +33,13 @@ CRASH_LOOP = 3
 CRASH_WINDOW = 60.0
 
 CrashLoopHook = Callable[[str], None]
+Reply = tuple[str, int, bytes, bytes]  # an ``infer`` answer: content type, OIP header length or -1, body, sample JSON
+
+
+def _reply(frame: Frame) -> Reply:
+    header, _, blob = frame
+    n = int(header["body"])
+    return str(header["ctype"]), int(header["hlen"]), blob[:n], blob[n:]
 
 
 class ModuleWorker:
@@ -165,15 +172,28 @@ class ModuleWorker:
 
         ``done(outputs_json, None)`` or ``done(None, error)`` with the errors :meth:`predict_json` raises.
         """
+        return self._call_now({"op": "predict_json"}, body, lambda f, exc: done(f[2] if f is not None else None, exc))
+
+    async def infer(self, form: dict[str, Any], body: bytes, sample: bool) -> Reply:
+        """A request in any form (``.npy``, OIP v2; ``modules.tensors``): decoded, run and encoded in the worker."""
+        return _reply(await self._request({"op": "infer", "form": form, "sample": sample}, blob=body))
+
+    def infer_now(self, form: dict[str, Any], body: bytes, sample: bool,
+                  done: Callable[[Reply | None, Exception | None], None]) -> bool:
+        """:meth:`infer` with a callback, no task, as :meth:`predict_json_now`."""
+        return self._call_now({"op": "infer", "form": form, "sample": sample}, body,
+                              lambda f, exc: done(_reply(f) if f is not None else None, exc))
+
+    def _call_now(self, header: dict[str, Any], body: bytes, done: Callable[[Frame | None, Exception | None], None]) -> bool:
         if self.state != "serving" or not self._ready.is_set() or self._worker is None:
             return False
 
         def answered(frame: Frame | None, exc: Exception | None) -> None:
             if isinstance(exc, TimeoutError):
                 exc = ModelError(f"module {self.name} did not answer within {self.request_timeout:g}s; worker killed")
-            done(frame[2] if frame is not None else None, exc)
+            done(frame, exc)
 
-        self._worker.call({"op": "predict_json"}, answered, blob=body, timeout=self.request_timeout)
+        self._worker.call(header, answered, blob=body, timeout=self.request_timeout)
         return True
 
     async def _request(self, header: dict[str, Any], arrays: Batch | None = None,

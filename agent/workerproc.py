@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modules.errors import ModelError, from_kind
+from modules.httpwire import enlarge
 from modules.sandbox import Launch, Sandbox, SandboxUnavailable, bwrap_version, probe, scrubbed_env
 from modules.workerwire import pack, take_frame
 from protocol.manifest import Manifest, TensorSpec
@@ -227,6 +228,8 @@ class WorkerProcess:
         # A socketpair, not two pipes: one transport with a Protocol whose callbacks hand each answer
         # on (no stream reader, no task per request). It is the worker's stdin and stdout.
         parent, child = socket.socketpair()
+        enlarge(parent)
+        enlarge(child)
         try:
             self.proc = await asyncio.create_subprocess_exec(*argv, stdin=child, stdout=child, env=env)
         except BaseException:

@@ -28,11 +28,12 @@ import numpy as np
 
 from modules import accel
 from modules.accel import CPU, TFLITE_CPU, TFLITE_DELEGATES, Choice
-from modules.errors import BodyError, InputError, ModelError
+from modules.errors import InputError, ModelError
 from modules.pymodel import MODEL_DIR_ENV
 from modules.samples import observed_specs as observed_specs  # re-exported beside health_check
 from modules.samples import sample_inputs
 from modules.samples import sample_request as sample_request
+from modules.tensors import check_inputs, describe_signature, dumps, loads, outputs_json  # noqa: F401 (re-exported)
 from protocol.manifest import Manifest, TensorSpec
 from protocol.schema import validate
 
@@ -48,59 +49,27 @@ class Runner(Protocol):
     def predict(self, inputs: Batch) -> Batch: ...
 
 
-def describe_signature(specs: list[TensorSpec]) -> str:
-    return ", ".join(f"{s.name}: {s.dtype}{[d if d is not None else 'N' for d in s.shape]}" for s in specs)
-
-
 def fits(shape: tuple[int, ...], spec: TensorSpec) -> bool:
     """``shape`` has the rank of ``spec`` and its size in every fixed dimension."""
     return len(shape) == len(spec.shape) and all(
         want is None or want < 0 or got == want for got, want in zip(shape, spec.shape, strict=True))
 
 
-def coerce_inputs(raw: dict[str, Any], specs: list[TensorSpec]) -> Batch:
-    """Turn JSON-ish inputs into arrays of the declared dtype and shape, or raise InputError."""
-    if not isinstance(raw, dict):
-        raise InputError(f"inputs must be an object keyed by input name; expected {describe_signature(specs)}")
-    missing = [s.name for s in specs if s.name not in raw]
-    if missing:
-        raise InputError(f"missing input(s) {missing}; expected {describe_signature(specs)}")
-    out: Batch = {}
-    for spec in specs:
-        try:
-            arr = np.asarray(raw[spec.name], dtype=spec.dtype)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"input {spec.name!r} is not {spec.dtype}: {exc}") from None
-        if not fits(arr.shape, spec):
-            raise InputError(f"input {spec.name!r} has shape {list(arr.shape)}; expected {describe_signature(specs)}")
-        out[spec.name] = arr
-    return out
+def coerce_inputs(raw: Any, specs: list[TensorSpec]) -> Batch:
+    """Inputs checked against the signature (``modules.tensors.check_inputs``: the one validation), or InputError."""
+    return check_inputs(raw, specs)
 
 
 def as_batch(raw: Any, specs: list[TensorSpec]) -> Batch:
-    """Inputs for a runner: coerced to its signature, or (a python module without one) each value as an array."""
-    if specs:
-        return coerce_inputs(raw, specs)
-    if not isinstance(raw, dict):
-        raise InputError("inputs must be an object keyed by input name")
-    out: Batch = {}
-    for name, value in raw.items():
-        try:
-            out[name] = np.asarray(value)
-        except ValueError as exc:  # ragged nested lists
-            raise InputError(f"input {name!r} is not an array: {exc}") from None
-    return out
+    """Inputs for a runner: checked against its signature, or (a python module without one) each value as an array."""
+    return check_inputs(raw, specs)
 
 
 def predict_json(runner: Runner, body: bytes) -> bytes:
     """A JSON body ``{"inputs": {...}}`` in, the outputs object as JSON out: the device's local API path."""
-    try:
-        doc = json.loads(body)
-    except ValueError as exc:
-        raise BodyError(f"body is not JSON: {exc}") from None
+    doc = loads(body)
     raw = doc.get("inputs") if isinstance(doc, dict) else None
-    out = runner.predict(as_batch(raw, runner.inputs))
-    return json.dumps({k: v.tolist() for k, v in out.items()}).encode()
+    return dumps(outputs_json(runner.predict(as_batch(raw, runner.inputs))))
 
 
 def _dim(d: Any) -> int | None:

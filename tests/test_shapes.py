@@ -37,13 +37,14 @@ TFLITE = ROOT / "tests" / "data" / "hand_recrop.tflite"  # batch fixed at 1 in i
 
 
 def npy_item(rid: str, arr: np.ndarray) -> tuple:
-    from hub.endpoints.codec import NPY, npy_bytes
+    from hub.endpoints.codec import NPY
+    from modules.tensors import npy_bytes
 
-    return (rid, NPY, npy_bytes(arr), "input_1", False)
+    return (rid, NPY, npy_bytes(arr), "input_1", False, "v1", -1)  # hub.endpoints.wire's request item
 
 
 def json_item(rid: str, doc: bytes) -> tuple:
-    return (rid, "application/json", doc, "", False)
+    return (rid, "application/json", doc, "", False, "v1", -1)
 
 
 def test_tflite_fixed_batch_is_recorded_and_a_batch_of_two_gets_422(tmp_path):
@@ -172,5 +173,5 @@ def test_an_endpoint_without_a_sample_advertises_one_its_model_accepts(tmp_path)
     advertised = gateway.describe()["sample_request"]
     assert np.asarray(advertised["inputs"]["input_1"]).shape == (1, 256, 256, 3)  # not [1, 128]
     scorer = Scorer(runner, manifest, "1")
-    ((status, body, _),) = scorer.run([json_item("s", json.dumps(advertised).encode())])
+    ((status, body, _, _),) = scorer.run([json_item("s", json.dumps(advertised).encode())])
     assert status == 200, body
