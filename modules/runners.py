@@ -277,7 +277,7 @@ class WithEntry:
             if not isinstance(inputs, dict):
                 raise ModelError(f"preprocess() returned {type(inputs).__name__}; it must return a dict of arrays")
             try:
-                inputs = coerce_inputs(inputs, self.inner.inputs)
+                inputs = coerce_inputs(_to_model_dtypes(inputs, self.inner.inputs), self.inner.inputs)
             except InputError as exc:
                 raise InputError(f"after preprocess: {exc}") from None
         out = self.inner.predict(inputs)
@@ -287,6 +287,21 @@ class WithEntry:
                 raise ModelError(f"postprocess() returned {type(out).__name__}; it must return a dict of arrays")
             out = {k: np.asarray(v) for k, v in out.items()}
         return out
+
+
+def _to_model_dtypes(inputs: Batch, specs: list[TensorSpec]) -> Batch:
+    """The entry script's own arrays in the model's dtypes where the cast keeps their kind (float64 -> float32).
+
+    Only a client's tensors are never cast (modules/tensors.py); what ``preprocess`` makes is module code, which
+    commonly computes in NumPy's default float64 for a float32 model.
+    """
+    out = dict(inputs)
+    for spec in specs:
+        v = out.get(spec.name)
+        if isinstance(v, np.ndarray) and spec.dtype != "str" and v.dtype != np.dtype(spec.dtype) \
+                and np.can_cast(v.dtype, spec.dtype, casting="same_kind"):
+            out[spec.name] = v.astype(spec.dtype)
+    return out
 
 
 def load_model_file(path: Path, runtime: str, config: Mapping[str, Any] | None = None,
