@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from edgefleet.cli_common import client, emit, err
+from edgefleet.cli_common import client, emit, err, escape
 
 
 class Progress:
@@ -136,7 +136,7 @@ def score(
             progress.close()
         rows = finish(layout, parts)
     except (BatchError, ModelError, ProtocolError, HubError, OSError, ValueError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         if local is not None:

@@ -13,6 +13,7 @@ from hub.audit import record
 from hub.bounds import check_labels
 from hub.errors import Conflict, Forbidden, Invalid, NotFound
 from hub.fleet.broker_auth import mosquitto_hash
+from hub.fleet.device_filter import DeviceFilter
 from hub.ingest.writer import EnrolledCache
 from hub.monitoring.timeseries import device_totals
 from hub.rollout.director import Director
@@ -233,8 +234,29 @@ class Fleet:
             })
         return out
 
-    def devices(self) -> list[dict[str, Any]]:
-        return self._views()
+    def devices(self, where: DeviceFilter | None = None) -> list[dict[str, Any]]:
+        views = self._views()
+        return views if where is None else [v for v in views if where.matches(v)]
+
+    def label_many(self, where: DeviceFilter, set_: dict[str, str], unset: list[str], actor: str) -> dict[str, Any]:
+        """Set or remove labels on every device ``where`` matches (at least a selector); one audit record each."""
+        if where.target is None:
+            raise Invalid("a bulk label change needs a selector (use '*' for every device)")
+        for k in [*set_, *unset]:
+            if not k or "=" in k or "," in k or "!" in k:
+                raise Invalid(f"label key {k!r} is not usable in a selector")
+        ids = [v["id"] for v in self.devices(where)]
+        with self.db.transaction() as tx:
+            for device_id in ids:
+                row = self.db.one("SELECT labels FROM devices WHERE id = ?", (device_id,))
+                if row is None:  # decommissioned meanwhile
+                    continue
+                labels = check_labels({k: v for k, v in loads(row["labels"], {}).items() if k not in unset} | set_)
+                tx.execute("UPDATE devices SET labels = ? WHERE id = ?", (dumps(labels), device_id))
+                record(self.db, actor, "device.labels", device_id, set=set_, unset=unset)
+        if ids:
+            self.director.sync(ids)
+        return {"matched": len(ids), "devices": ids, "set": set_, "unset": unset}
 
     def device(self, device_id: str) -> dict[str, Any]:
         found = self._views(" WHERE id = ?", (device_id,))

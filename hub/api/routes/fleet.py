@@ -11,6 +11,7 @@ from hub import audit
 from hub.api.deps import Principal, get_hub, require
 from hub.bounds import MAX_LABELS, Facts, Key, Labels, NamePath, Value
 from hub.context import Hub
+from hub.fleet.device_filter import STATUSES, device_filter
 from hub.fleet.devices import MAX_BATCH, MAX_TOKEN_USES
 
 router = APIRouter(tags=["fleet"])
@@ -63,8 +64,29 @@ def enroll_batch(body: EnrollBatchRequest, hub: Hub = Depends(get_hub)) -> dict[
 
 
 @router.get("/devices", dependencies=[Depends(require("viewer"))])
-def devices(hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
-    return hub.fleet.devices()
+def devices(status: Annotated[list[str], Query(max_length=len(STATUSES))] = [],  # noqa: B006 (FastAPI reads it)
+            label: Annotated[list[str], Query(max_length=MAX_LABELS)] = [],  # noqa: B006
+            selector: Annotated[str | None, Query(max_length=10_000)] = None,
+            hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    """Devices, optionally only those with any of ``status`` (online, offline, failed, pending, installing,
+    running, idle) whose labels match every ``label`` k=v and the ``selector`` (a deployment target)."""
+    return hub.fleet.devices(device_filter(status, label, selector))
+
+
+class BulkLabels(BaseModel):
+    selector: str = Field(min_length=1, max_length=10_000, description="'*', device ids or k=v,k2!=v2")
+    status: list[str] = Field(default_factory=list, max_length=len(STATUSES))
+    labels: dict[Key, Value | None] = Field(default_factory=dict, max_length=MAX_LABELS,
+                                           description="value sets the label, null removes it")
+
+
+@router.post("/devices/labels")
+def label_devices(body: BulkLabels, hub: Hub = Depends(get_hub),
+                  who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Set or remove labels on every device the selector (and status) matches; deployments follow at once."""
+    set_ = {k: v for k, v in body.labels.items() if v is not None}
+    unset = [k for k, v in body.labels.items() if v is None]
+    return hub.fleet.label_many(device_filter(body.status, None, body.selector), set_, unset, who.name)
 
 
 @router.get("/devices/{device_id}", dependencies=[Depends(require("viewer"))])

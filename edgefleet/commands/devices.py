@@ -1,0 +1,100 @@
+"""Device commands: enrolment tokens, the fleet list with filters, one device, labels (one or many), decommission."""
+
+from __future__ import annotations
+
+import typer
+
+from edgefleet.cli_common import call, client, emit, err, parse_duration, parse_kv
+
+device_app = typer.Typer(rich_markup_mode=None, help="Devices and enrolment tokens.", no_args_is_help=True)
+
+
+# `device token` itself is a group (list, revoke) whose bare form calls this: edgefleet/commands/tokens.py
+def device_token(
+    label: list[str] = typer.Option([], "--label", help="key=value given to the device, repeatable."),
+    expires: str = typer.Option("1h", "--expires", help="Lifetime: 30s, 10m, 1h, 7d (or seconds)."),
+    count: int = typer.Option(1, "--count", min=1),
+    uses: int = typer.Option(1, "--uses", min=1, help="Enrolments per token (>1: a group token for provisioning)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Create enrolment tokens (single-use unless --uses)."""
+    expires_in = int(parse_duration(expires))
+    with client() as c:
+        res = call(lambda: c.post("/api/v1/enrollment-tokens", {"count": count, "labels": parse_kv(label),
+                                                                "expires_in": expires_in, "uses": uses}))
+    out = {"token": res["tokens"][0], "tokens": res["tokens"], "expires_at": res.get("expires_at"),
+           "uses": res.get("uses", 1)}
+    if as_json:
+        emit(out, True)
+    else:
+        for t in res["tokens"]:
+            print(t)
+
+
+STATUS_HELP = "online, offline, failed, pending (not yet running what it should), installing, running, idle; repeatable"
+
+
+@device_app.command("list")
+def device_list(
+    status: list[str] = typer.Option([], "--status", help=STATUS_HELP),
+    label: list[str] = typer.Option([], "--label", help="k=v the device's labels must hold, repeatable."),
+    selector: str | None = typer.Option(None, "--selector", help="A deployment target: '*', ids or k=v,k2!=v2."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Devices with their state, modules (and which deployment supplies each) and inference counts."""
+    with client() as c:
+        res = call(lambda: c.get("/api/v1/devices", status=status or None, label=label or None, selector=selector))
+    if as_json:
+        emit(res, True)
+        return
+    rows = [d | {"modules": "\n".join(f"{m['name']}:{m['version']} ({m['state']}, {m['deployment'] or '-'})"
+                                      for m in d["modules"])} for d in res]
+    emit(rows, False, ["id", "online", "state", "labels", "modules", "inferences", "last_seen"])
+
+
+@device_app.command("show")
+def device_show(device_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One device: state, labels, facts, modules, last seen."""
+    with client() as c:
+        res = call(lambda: c.get(f"/api/v1/devices/{device_id}"))
+    emit(res, as_json)
+
+
+@device_app.command("label")
+def device_label(
+    device_id: str | None = typer.Argument(None, help="The device (or --selector for many)."),
+    changes: list[str] = typer.Argument(None, help="k=v sets, k- removes"),
+    selector: str | None = typer.Option(None, "--selector", help="Every device this target matches: '*', ids or "
+                                                                  "k=v,k2!=v2."),
+    status: list[str] = typer.Option([], "--status", help="With --selector: only devices with this status."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Set or remove labels of one device, or of every device --selector matches (deployments follow)."""
+    if selector is not None and device_id is not None:  # with --selector the first argument is a change too
+        changes, device_id = [device_id, *(changes or [])], None
+    if not changes or (device_id is None) == (selector is None):
+        raise typer.BadParameter("give DEVICE_ID k=v… or --selector S k=v…")
+    labels: dict[str, str | None] = {}
+    for ch in changes:
+        if ch.endswith("-") and "=" not in ch:
+            labels[ch[:-1]] = None
+        else:
+            labels |= parse_kv([ch])
+    with client() as c:
+        if selector is not None:
+            res = call(lambda: c.post("/api/v1/devices/labels", {"selector": selector, "status": status,
+                                                                  "labels": labels}))
+            if not as_json:
+                err.print(f"{res['matched']} device(s) relabelled", markup=False)
+            emit(res if as_json else [{"id": d} for d in res["devices"]], as_json, None if as_json else ["id"])
+            return
+        res = call(lambda: c.request("PATCH", f"/api/v1/devices/{device_id}", json={"labels": labels}))
+    emit(res if as_json else {"id": res["id"], "labels": res["labels"]}, as_json)
+
+
+@device_app.command("decommission")
+def device_decommission(device_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Forget a device and revoke its broker credentials."""
+    with client() as c:
+        res = call(lambda: c.request("DELETE", f"/api/v1/devices/{device_id}"))
+    emit(res, as_json)
