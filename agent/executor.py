@@ -91,7 +91,8 @@ class Executor:
             entry, active = self.installer.journal.get(name), self.front.active.get(name)
             facts[name] = ModuleFacts(current=self.installer.current(name), active=active.bundle if active else None,
                                       journal=entry.state if entry else None,
-                                      journal_bundle=entry.bundle if entry else None)
+                                      journal_bundle=entry.bundle if entry else None,
+                                      journal_retry=entry.retry if entry else 0)
         return facts
 
     async def start(self) -> None:

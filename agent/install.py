@@ -177,7 +177,7 @@ class Installer:
         name = module.name
         previous = self.current(name)
         self._set(name, "downloading", bundle=module.bundle, version=module.version, previous=previous,
-                  bake=module.bake.to_dict() if module.bake is not None else None)
+                  bake=module.bake.to_dict() if module.bake is not None else None, retry=module.retry)
         try:
             envelope = await fetch()
         except InstallError as exc:

@@ -78,6 +78,7 @@ class Entry:
     ts: float = 0.0
     bake: dict[str, int] | None = None  # the desired BakePolicy (None: commit after the health check)
     bakes: int = 0  # times the bake was started: a restart during baking starts it again
+    retry: int = 0  # the desired module's ``retry`` this install was for (a higher one installs a failed bundle again)
 
 
 class Journal:
@@ -103,7 +104,7 @@ class Journal:
         check_transition(old.state if old else None, new)
         if new == "downloading":
             entry = Entry(state=new, bundle=fields["bundle"], version=fields["version"], previous=fields.get("previous"),
-                          bake=fields.get("bake"))
+                          bake=fields.get("bake"), retry=fields.get("retry", 0))
         else:
             assert old is not None
             entry = Entry(**{**vars(old), "state": new, **fields})

@@ -31,7 +31,7 @@ from protocol.verify import MAX_DESIRED_LIFETIME_S
 
 MAX_PENDING_ROOTS = 64  # root versions held while waiting for the one before them
 # A version the device judged unusable (its health check, bake or verification failed): not installed
-# again until the desired state names a different bundle.
+# again until the desired state names a different bundle, or the same one with a higher ``retry``.
 GAVE_UP = frozenset({"rolled_back", "failed"})
 
 
@@ -178,6 +178,7 @@ class ModuleFacts:
     active: str | None = None  # the bundle serving now
     journal: str | None = None  # the install state on record
     journal_bundle: str | None = None  # the bundle that install is for
+    journal_retry: int = 0  # the hub's retry number that install was for
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,7 @@ def step(now: float, desired: DesiredState | None, installed: Mapping[str, Modul
             if f.active != m.bundle:
                 actions.append(Activate(m.name))
             actions.append(SetCollectRate(m.name, m.collect_rate_ppm))
-        elif not (f.journal_bundle == m.bundle and f.journal in GAVE_UP):
+        elif not (f.journal_bundle == m.bundle and f.journal in GAVE_UP and m.retry <= f.journal_retry):
             actions.append(Install(m))
     actions.append(Report())
     return actions

@@ -62,15 +62,20 @@ class DesiredModule(Schema, frozen=True, kw_only=True):
     deployment: OptionalName = ""
     collect_rate_ppm: Ppm = 0  # sampled share, parts per million
     bake: BakePolicy | None = None  # None: commit right after the health check (agents before it ignore the field)
+    # Raised by the hub to ask again for a bundle this device gave up on (failed or rolled back): the agent
+    # installs it once more when ``retry`` exceeds the one its failed install was for (docs/protocol.md §6).
+    retry: NonNegative = 0
 
     def to_dict(self) -> dict[str, Any]:
         return _without_null_bake(super().to_dict())
 
 
 def _without_null_bake(module: dict[str, Any]) -> dict[str, Any]:
-    # Absent, not null: a module without a bake signs and hashes exactly as before the field existed.
+    # Absent, not null (nor 0): a module without a bake or retry signs and hashes exactly as before the fields existed.
     if module.get("bake", 0) is None:
         del module["bake"]
+    if module.get("retry", 1) == 0:
+        del module["retry"]
     return module
 
 

@@ -17,7 +17,7 @@ from hub.fleet.devices import category, module_views
 from hub.fleet.targeting import check_target
 from hub.registry.bundles import parse_ref
 from hub.rollout.director import Director
-from hub.rollout.rollout_plan import ON_FAILURE, Gates, parse_strategy
+from hub.rollout.rollout_plan import ON_FAILURE, Gates, parse_strategy, with_approval
 from hub.rollout.rollout_states import SUPERSEDED, display
 from hub.rollout.rollouts import Rollouts
 from hub.store import Database, dumps, loads, now
@@ -28,7 +28,7 @@ from protocol.schema import validate
 log = logging.getLogger("edgefleet.hub.deployments")
 
 DEFAULT_WAVE_TIMEOUT_S = 600.0
-PLAN_FIELDS = ("strategy", "bake_s", "on_failure", "wave_timeout_s")  # with the gates: what an update inherits
+PLAN_FIELDS = ("strategy", "bake_s", "on_failure", "wave_timeout_s", "approve")  # with the gates: what an update inherits
 
 
 def deployment_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -78,8 +78,10 @@ class Deployments:
     def put(self, name: str, module: str, target: str, priority: int = 0, *, strategy: str = "all",
             bake_s: float = 0.0, gates: dict[str, Any] | None = None, on_failure: str = "rollback",
             collect_rate_ppm: int | None = None, wave_timeout_s: float = DEFAULT_WAVE_TIMEOUT_S,
-            device_bake: dict[str, int] | None = None, actor: str = "", note: str = "") -> dict[str, Any]:
-        """Create or change deployment ``name``: a new revision rolled out by ``strategy``.
+            device_bake: dict[str, int] | None = None, actor: str = "", note: str = "",
+            approve: bool = False) -> dict[str, Any]:
+        """Create or change deployment ``name``: a new revision rolled out by ``strategy``; with ``approve`` each
+        wave after the first waits for ``rollout approve``.
 
         ``device_bake`` (see :func:`device_bake`): each device keeps the new version on probation for that long,
         watching its error rate, and rolls back by itself past the threshold.
@@ -88,7 +90,7 @@ class Deployments:
         """
         check_api_name(name, "deployment name")  # the API checked it too: this is for every other caller
         check_target(target)
-        waves = parse_strategy(strategy)
+        waves = with_approval(parse_strategy(strategy), approve)
         gate_set = Gates.from_json(gates)
         if on_failure not in ON_FAILURE:
             raise Invalid(f"on_failure must be one of {ON_FAILURE}")

@@ -2,6 +2,7 @@
 
     pending -> installing(wave i) -> baking(wave i) -> gate passed -> installing(wave i+1) ... -> succeeded
                                                     \\-> gate failed -> halted | rolling_back -> rolled_back
+    gate passed, wave i+1 asks for approval -> awaiting_approval(wave i) -> (rollout approve) installing(wave i+1)
 
 ``wave`` is stored beside ``state``; :func:`display` renders ``wave[2].baking``. Every transition is
 persisted (``rollouts`` table) and audited before the controller acts on it, so a hub that restarts
@@ -20,12 +21,15 @@ ROLLED_BACK = "rolled_back"
 SUCCEEDED = "succeeded"
 ABORTED = "aborted"
 SUPERSEDED = "superseded"  # a newer revision's rollout replaced this one
+AWAITING_APPROVAL = "awaiting_approval"  # wave i passed its gate; wave i+1 begins when a person approves it
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     PENDING: frozenset({INSTALLING, ABORTED, SUPERSEDED}),
     # with no bake time the gate runs as soon as a wave is installed: on to the next wave, or done
-    INSTALLING: frozenset({BAKING, INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED}),
-    BAKING: frozenset({INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED}),
+    INSTALLING: frozenset({BAKING, INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED,
+                           AWAITING_APPROVAL}),
+    BAKING: frozenset({INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED, AWAITING_APPROVAL}),
+    AWAITING_APPROVAL: frozenset({INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED}),
     PAUSED: frozenset({INSTALLING, BAKING, ROLLING_BACK, ABORTED, SUPERSEDED}),
     # resume after a halt re-runs the wave's gate from installing
     HALTED: frozenset({INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED}),
@@ -37,7 +41,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 # states in which the rollout's devices hold its revision (the director honours its pins)
-HOLDING = frozenset({INSTALLING, BAKING, PAUSED, HALTED})
+HOLDING = frozenset({INSTALLING, BAKING, PAUSED, HALTED, AWAITING_APPROVAL})
 # states the controller advances on its own
 ACTIVE = frozenset({PENDING, INSTALLING, BAKING, ROLLING_BACK})
 
@@ -52,5 +56,6 @@ def check(old: str, new: str) -> None:
 
 
 def display(state: str, wave: int) -> str:
-    """``wave[2].baking`` while waves run (1-based, as operators count), else the bare state."""
-    return f"wave[{wave + 1}].{state}" if state in (INSTALLING, BAKING) else state
+    """``wave[2].baking`` while waves run (1-based, as operators count; awaiting_approval names the wave that
+    passed), else the bare state."""
+    return f"wave[{wave + 1}].{state}" if state in (INSTALLING, BAKING, AWAITING_APPROVAL) else state

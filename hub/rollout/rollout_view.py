@@ -14,6 +14,7 @@ from typing import Any
 
 from hub.fleet.devices import bundle_state, category
 from hub.fleet.targeting import parse_target
+from hub.rollout import retries
 from hub.rollout import rollout_states as S
 from hub.rollout.rollout_plan import strategy_from_json, strategy_text
 from hub.store import Database, loads
@@ -27,7 +28,8 @@ def plan(r: dict[str, Any]) -> dict[str, Any]:
     """A rollout's plan as operators give it (strategy string, bake, gates, on failure, wave timeout)."""
     waves = strategy_from_json(loads(r["strategy"]))
     return {"strategy": strategy_text(waves), "waves": [w.label for w in waves], "bake_s": r["bake_s"],
-            "gates": loads(r["gates"]), "on_failure": r["on_failure"], "wave_timeout_s": r["wave_timeout_s"]}
+            "gates": loads(r["gates"]), "on_failure": r["on_failure"], "wave_timeout_s": r["wave_timeout_s"],
+            "approve": any(w.approve for w in waves)}
 
 
 def not_updated_reason(devices: list[dict[str, Any]]) -> str:
@@ -58,10 +60,13 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
     terminal = r["state"] in S.TERMINAL
     counts: dict[str, int] = {}
     devices = []
+    retried = retries.pending_since(db, rev["digest"])
     for d in db.query("SELECT id, labels, online, reported, last_seen FROM devices ORDER BY id"):
         if d["id"] not in admitted and not target.matches(d["id"], loads(d["labels"], {})):
             continue
-        state, error = bundle_state(loads(d["reported"]), rev["digest"])
+        reported = loads(d["reported"])
+        state, error = ("pending", "") if retries.stale(reported, retried.get(d["id"])) else bundle_state(
+            reported, rev["digest"])
         if d["id"] not in admitted:  # matched only after the last wave began: not targeted at rollout time
             bucket = "new" if r["state"] == S.SUCCEEDED or (r["everyone"] and not terminal) else (
                 "not_moved" if terminal else "waiting")

@@ -19,6 +19,7 @@ from hub.audit import CONTROLLER, record
 from hub.errors import Conflict, NotFound
 from hub.fleet.devices import bundle_state, category
 from hub.fleet.targeting import parse_target
+from hub.rollout import retries
 from hub.rollout import rollout_states as S
 from hub.rollout import rollout_view as view
 from hub.rollout.director import Director
@@ -29,6 +30,8 @@ from hub.store import Database, dumps, loads, now
 log = logging.getLogger("edgefleet.hub.rollouts")
 
 SETTLED = frozenset({"running", "failed", "rolled_back"})
+# a rollout whose failed devices may be asked again: their desired state still names its revision
+RETRYABLE = frozenset({S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED, S.AWAITING_APPROVAL, S.SUCCEEDED})
 
 
 def wave_order(deployment: str, device_id: str) -> str:
@@ -180,6 +183,11 @@ class Rollouts:
                                                    for d, (s, _) in sorted(states.items())])
                 self._move(r, S.SUCCEEDED, CONTROLLER, reason="" if outcome == "succeeded" else outcome)
         if r["wave"] + 1 < len(waves):
+            if waves[r["wave"] + 1].approve:  # a person says when the next wave begins: rollout approve
+                with self.db.transaction():
+                    self._move(self._get(r["id"]), S.AWAITING_APPROVAL, CONTROLLER,
+                               reason=f"wave {r['wave'] + 2} waits for approval (rollout approve)")
+                return 0
             return self._begin_wave(self._get(r["id"]), r["wave"] + 1)
         return self.director.sync()
 
@@ -209,11 +217,46 @@ class Rollouts:
             self.step(r["id"])
         return self.status(deployment)
 
+    def approve(self, deployment: str, actor: str) -> dict[str, Any]:
+        """Begin the next wave of a rollout awaiting approval."""
+        with self._lock:
+            r = self._one_live(deployment, (S.AWAITING_APPROVAL,))
+            record(self.db, actor, "rollout.approved", deployment, rollout=r["id"], wave=r["wave"] + 2)
+            self._begin_wave(r, r["wave"] + 1)
+        self.wake()
+        return self.status(deployment)
+
+    def retry(self, deployment: str, actor: str) -> dict[str, Any]:
+        """Ask the devices of the latest rollout that failed or rolled back its version to install it again; a
+        halted rollout goes back to installing that wave (its gate is judged on the new attempts)."""
+        with self._lock:
+            r = self.db.one("SELECT * FROM rollouts WHERE deployment = ? ORDER BY id DESC LIMIT 1", (deployment,))
+            if r is None:
+                raise NotFound(f"deployment {deployment!r} has no rollout")
+            if r["state"] not in RETRYABLE:
+                raise Conflict(f"the rollout of {deployment!r} is {r['state']}: its devices no longer want revision "
+                               f"{r['revision']}; roll it out again (deployment update) instead")
+            digest = self._revision(r)["digest"]
+            failed = sorted(d for d, (s, _) in self._states(r).items() if category(s) in ("failed", "rolled_back"))
+            if not failed:
+                raise Conflict(f"no device of the rollout of {deployment!r} failed or rolled back: nothing to retry")
+            with self.db.transaction():
+                retries.bump(self.db, failed, digest)
+                record(self.db, actor, "rollout.retry", deployment, rollout=r["id"], devices=failed[:100],
+                       count=len(failed))
+                if r["state"] == S.HALTED:
+                    self._move(r, S.INSTALLING, actor, phase_started_at=now(), reason="")
+            self.director.sync(failed)
+            retries.issued(self.db, failed, digest)
+        self.wake()
+        return self.status(deployment, r["id"]) | {"retried": failed}
+
     def abort(self, deployment: str, actor: str) -> dict[str, Any]:
         """Stop for good; the devices it moved go back to the stable revision."""
         with self._lock:
             with self.db.transaction():
-                r = self._one_live(deployment, (S.PENDING, S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED))
+                r = self._one_live(deployment, (S.PENDING, S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED,
+                                                S.AWAITING_APPROVAL))
                 self._move(r, S.ABORTED, actor, reason=f"aborted by {actor}")
             self.director.sync()
         return self.status(deployment)
@@ -285,9 +328,14 @@ class Rollouts:
 
     def _states(self, r: dict[str, Any]) -> dict[str, tuple[str, str]]:
         digest = self._revision(r)["digest"]
-        return {d["id"]: bundle_state(loads(d["reported"]), digest) for d in self.db.query(
-            "SELECT d.id, d.reported FROM rollout_devices p JOIN devices d ON d.id = p.device WHERE p.rollout = ?",
-            (r["id"],))}
+        retried = retries.pending_since(self.db, digest)
+        out = {}
+        for d in self.db.query("SELECT d.id, d.reported FROM rollout_devices p JOIN devices d ON d.id = p.device"
+                               " WHERE p.rollout = ?", (r["id"],)):
+            reported = loads(d["reported"])
+            out[d["id"]] = ("pending", "") if retries.stale(reported, retried.get(d["id"])) else bundle_state(
+                reported, digest)
+        return out
 
     def _move(self, r: dict[str, Any], new: str, actor: str, detail: dict[str, Any] | None = None,
               **fields: Any) -> None:

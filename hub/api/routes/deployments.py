@@ -26,6 +26,7 @@ class RolloutOptions(BaseModel):
     on_failure: Literal["rollback", "halt"] = "rollback"
     wave_timeout_s: Finite = Field(default=600.0, gt=0, description="longest a wave waits for its devices to install")
     collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000, description="override the module's sampling")
+    approve: bool = Field(default=False, description="each wave after the first waits for POST .../approve")
 
     def kwargs(self) -> dict[str, Any]:
         return self.model_dump()
@@ -70,6 +71,7 @@ class DeploymentUpdate(DeviceBake):
         default=None, max_length=16, description="merged into the last rollout's gates (null turns one off)")
     on_failure: Literal["rollback", "halt"] | None = Field(default=None, description="default: the last rollout's")
     wave_timeout_s: Finite | None = Field(default=None, gt=0, description="default: the last rollout's")
+    approve: bool | None = Field(default=None, description="default: the last rollout's")
     collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000,
                                          description="default: the latest revision's; null (given) clears it")
 
@@ -136,7 +138,7 @@ class RollbackRequest(BaseModel):
 
 
 @rollouts.post("/{deployment}/{action}")
-def rollout_action(deployment: NamePath, action: Literal["pause", "resume", "abort", "rollback"],
+def rollout_action(deployment: NamePath, action: Literal["pause", "resume", "abort", "rollback", "retry", "approve"],
                    body: RollbackRequest | None = None, hub: Hub = Depends(get_hub),
                    who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     if action == "rollback":
