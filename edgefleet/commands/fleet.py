@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from edgefleet.cli_common import call, client, emit, err, parse_duration, parse_kv
+from edgefleet.cli_common import call, client, emit, err, human_time, parse_duration, parse_kv, parse_time
 from edgefleet.commands import oneshot
 
 deploy_app = typer.Typer(rich_markup_mode=None, help="Deploy modules to devices and to the cloud.", no_args_is_help=True)
@@ -20,6 +20,9 @@ audit_app = typer.Typer(rich_markup_mode=None, help="Who did what, when.", no_ar
 
 STRATEGY_HELP = "all | canary:N | canary:P% | waves:1,10,50,100"
 APPROVE_HELP = "Each wave after the first waits (awaiting_approval) until 'edgefleet rollout approve NAME'."
+WINDOW_HELP = ("Maintenance windows (UTC) waves begin in: 'Sat 02:00-04:00', 'Mon-Fri 22:00-02:00', 'daily 01:00-05:00';"
+               " several separated by ';'.")
+START_HELP = "No wave begins before this time: ISO 8601 (2026-12-05T02:00+00:00; local time without an offset) or unix seconds."
 GATE_HELP = ("Health gate k=v, repeatable: max_install_failure_rate (default 0), max_error_rate, max_p95_increase,"
              " min_reporting; v 'none' turns one off.")
 
@@ -41,9 +44,11 @@ DEVICE_BAKE_HELP = ("Each device keeps the new version on probation this long (3
 
 
 def _rollout_options(strategy: str | None, bake: str | None, gate: list[str], on_failure: str | None,
-                     collect_rate: int | None, approve: bool = False) -> dict[str, Any]:
+                     collect_rate: int | None, approve: bool = False, window: str | None = None,
+                     start_at: str | None = None) -> dict[str, Any]:
     opts: dict[str, Any] = {"strategy": strategy or "all", "bake_s": parse_duration(bake) if bake else 0.0,
-                            "gates": _gates(gate), "collect_rate_ppm": collect_rate, "approve": approve}
+                            "gates": _gates(gate), "collect_rate_ppm": collect_rate, "approve": approve,
+                            "window": window, "start_at": parse_time(start_at)}
     if on_failure:
         opts["on_failure"] = on_failure
     return opts
@@ -76,6 +81,8 @@ def _plan_line(plan: dict[str, Any]) -> str:
     return (f"rollout plan: {plan['strategy']} (waves {', '.join(plan['waves'])}); bake {plan['bake_s']:g}s;"
             f" gates {gates}; on failure {plan['on_failure']}; wave timeout {plan['wave_timeout_s']:g}s"
             + ("; each wave after the first waits for rollout approve" if plan.get("approve") else "")
+            + (f"; waves begin in {plan['window']} (UTC)" if plan.get("window") else "")
+            + (f"; not before {human_time(plan['start_at'])}" if plan.get("start_at") else "")
             + (f" (from the last rollout: {', '.join(inherited)})" if inherited else ""))
 
 
@@ -103,6 +110,8 @@ def deploy_edge(
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1,
                                               help="Inferences a device needs before the error rate decides."),
     approve: bool = typer.Option(False, "--approve", help=APPROVE_HELP),
+    window: str | None = typer.Option(None, "--window", help=WINDOW_HELP),
+    start_at: str | None = typer.Option(None, "--start-at", help=START_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Deploy a module to the devices a selector matches (a new revision of NAME, rolled out by --strategy).
@@ -114,7 +123,7 @@ def deploy_edge(
             src = oneshot.ModelSource(model, model_name, None, sample, entry, runtime, baseline, tag, key)
             module, steps = oneshot.prepare(c, name, src, 4)
         body = {"name": name, "module": module, "target": target, "priority": priority,
-                **_rollout_options(strategy, bake, gate, on_failure, collect_rate, approve),
+                **_rollout_options(strategy, bake, gate, on_failure, collect_rate, approve, window, start_at),
                 **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
         res = call(lambda: c.post("/api/v1/deployments", body))
     if model:
@@ -141,6 +150,8 @@ def deployment_update(
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1),
     approve: bool | None = typer.Option(None, "--approve/--no-approve", help=APPROVE_HELP + " Default: the last "
                                                                                            "rollout's."),
+    window: str | None = typer.Option(None, "--window", help=WINDOW_HELP + " Default: the last rollout's; '' clears."),
+    start_at: str | None = typer.Option(None, "--start-at", help=START_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Start a rollout of a new revision; earlier revisions stay for rollback.
@@ -148,7 +159,8 @@ def deployment_update(
     Only what is given changes: the strategy, bake, gates and failure policy are the last rollout's unless given.
     """
     given = {"strategy": strategy, "bake_s": parse_duration(bake) if bake else None, "gates": _gates(gate),
-             "on_failure": on_failure, "collect_rate_ppm": collect_rate, "approve": approve}
+             "on_failure": on_failure, "collect_rate_ppm": collect_rate, "approve": approve, "window": window,
+             "start_at": parse_time(start_at)}
     body = {"module": module, "target": target, "priority": priority,
             **{k: v for k, v in given.items() if v is not None},
             **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}

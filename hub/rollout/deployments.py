@@ -20,6 +20,7 @@ from hub.rollout.director import Director
 from hub.rollout.rollout_plan import ON_FAILURE, Gates, parse_strategy, with_approval
 from hub.rollout.rollout_states import SUPERSEDED, display
 from hub.rollout.rollouts import Rollouts
+from hub.rollout.schedule import parse_windows, window_text
 from hub.store import Database, dumps, loads, now
 from protocol.encoding import ProtocolError
 from protocol.messages import BakePolicy
@@ -28,7 +29,7 @@ from protocol.schema import validate
 log = logging.getLogger("edgefleet.hub.deployments")
 
 DEFAULT_WAVE_TIMEOUT_S = 600.0
-PLAN_FIELDS = ("strategy", "bake_s", "on_failure", "wave_timeout_s", "approve")  # with the gates: what an update inherits
+PLAN_FIELDS = ("strategy", "bake_s", "on_failure", "wave_timeout_s", "approve", "window")  # with the gates: what an update inherits
 
 
 def deployment_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -79,9 +80,10 @@ class Deployments:
             bake_s: float = 0.0, gates: dict[str, Any] | None = None, on_failure: str = "rollback",
             collect_rate_ppm: int | None = None, wave_timeout_s: float = DEFAULT_WAVE_TIMEOUT_S,
             device_bake: dict[str, int] | None = None, actor: str = "", note: str = "",
-            approve: bool = False) -> dict[str, Any]:
+            approve: bool = False, window: str | None = None, start_at: float | None = None) -> dict[str, Any]:
         """Create or change deployment ``name``: a new revision rolled out by ``strategy``; with ``approve`` each
-        wave after the first waits for ``rollout approve``.
+        wave after the first waits for ``rollout approve``; waves begin only at or after ``start_at`` (unix
+        time) and inside the maintenance ``window`` (hub/rollout/schedule.py), if given.
 
         ``device_bake`` (see :func:`device_bake`): each device keeps the new version on probation for that long,
         watching its error rate, and rolls back by itself past the threshold.
@@ -91,6 +93,7 @@ class Deployments:
         check_api_name(name, "deployment name")  # the API checked it too: this is for every other caller
         check_target(target)
         waves = with_approval(parse_strategy(strategy), approve)
+        windows = window_text(parse_windows(window))
         gate_set = Gates.from_json(gates)
         if on_failure not in ON_FAILURE:
             raise Invalid(f"on_failure must be one of {ON_FAILURE}")
@@ -140,7 +143,7 @@ class Deployments:
             record(self.db, actor, "deployment.revision", name, revision=revision, module=module, target=target,
                    priority=priority, collect_rate_ppm=collect_rate_ppm, device_bake=device_bake, note=note)
         rid, published = self.rollouts.begin(name, revision, waves, gate_set, on_failure, bake_s, wave_timeout_s,
-                                             actor)
+                                             actor, start_at, windows)
         log.info("deployment %s revision %d -> %s on %r: rollout %d, %d device(s) updated", name, revision, module,
                  target, rid, published)
         plan = self.rollouts.last_plan(name) or {}

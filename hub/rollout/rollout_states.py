@@ -3,6 +3,7 @@
     pending -> installing(wave i) -> baking(wave i) -> gate passed -> installing(wave i+1) ... -> succeeded
                                                     \\-> gate failed -> halted | rolling_back -> rolled_back
     gate passed, wave i+1 asks for approval -> awaiting_approval(wave i) -> (rollout approve) installing(wave i+1)
+    a wave to begin before its start time or outside its maintenance window -> scheduled(wave i) -> installing(wave i)
 
 ``wave`` is stored beside ``state``; :func:`display` renders ``wave[2].baking``. Every transition is
 persisted (``rollouts`` table) and audited before the controller acts on it, so a hub that restarts
@@ -22,14 +23,17 @@ SUCCEEDED = "succeeded"
 ABORTED = "aborted"
 SUPERSEDED = "superseded"  # a newer revision's rollout replaced this one
 AWAITING_APPROVAL = "awaiting_approval"  # wave i passed its gate; wave i+1 begins when a person approves it
+SCHEDULED = "scheduled"  # wave i waits for its start time or maintenance window (hub/rollout/schedule.py)
 
 TRANSITIONS: dict[str, frozenset[str]] = {
-    PENDING: frozenset({INSTALLING, ABORTED, SUPERSEDED}),
+    PENDING: frozenset({INSTALLING, ABORTED, SUPERSEDED, SCHEDULED}),
+    SCHEDULED: frozenset({INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED}),
     # with no bake time the gate runs as soon as a wave is installed: on to the next wave, or done
     INSTALLING: frozenset({BAKING, INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED,
-                           AWAITING_APPROVAL}),
-    BAKING: frozenset({INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED, AWAITING_APPROVAL}),
-    AWAITING_APPROVAL: frozenset({INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED}),
+                           AWAITING_APPROVAL, SCHEDULED}),
+    BAKING: frozenset({INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED, AWAITING_APPROVAL,
+                       SCHEDULED}),
+    AWAITING_APPROVAL: frozenset({INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED, SCHEDULED}),
     PAUSED: frozenset({INSTALLING, BAKING, ROLLING_BACK, ABORTED, SUPERSEDED}),
     # resume after a halt re-runs the wave's gate from installing
     HALTED: frozenset({INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED}),
@@ -41,9 +45,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 # states in which the rollout's devices hold its revision (the director honours its pins)
-HOLDING = frozenset({INSTALLING, BAKING, PAUSED, HALTED, AWAITING_APPROVAL})
+HOLDING = frozenset({INSTALLING, BAKING, PAUSED, HALTED, AWAITING_APPROVAL, SCHEDULED})
 # states the controller advances on its own
-ACTIVE = frozenset({PENDING, INSTALLING, BAKING, ROLLING_BACK})
+ACTIVE = frozenset({PENDING, INSTALLING, BAKING, ROLLING_BACK, SCHEDULED})
 
 
 class IllegalTransition(Exception):
@@ -58,4 +62,4 @@ def check(old: str, new: str) -> None:
 def display(state: str, wave: int) -> str:
     """``wave[2].baking`` while waves run (1-based, as operators count; awaiting_approval names the wave that
     passed), else the bare state."""
-    return f"wave[{wave + 1}].{state}" if state in (INSTALLING, BAKING, AWAITING_APPROVAL) else state
+    return f"wave[{wave + 1}].{state}" if state in (INSTALLING, BAKING, AWAITING_APPROVAL, SCHEDULED) else state

@@ -17,6 +17,7 @@ from hub.fleet.targeting import parse_target
 from hub.rollout import retries
 from hub.rollout import rollout_states as S
 from hub.rollout.rollout_plan import strategy_from_json, strategy_text
+from hub.rollout.schedule import may_begin_wave, parse_windows
 from hub.store import Database, loads
 
 SETTLED = frozenset({"running", "failed", "rolled_back"})
@@ -29,7 +30,7 @@ def plan(r: dict[str, Any]) -> dict[str, Any]:
     waves = strategy_from_json(loads(r["strategy"]))
     return {"strategy": strategy_text(waves), "waves": [w.label for w in waves], "bake_s": r["bake_s"],
             "gates": loads(r["gates"]), "on_failure": r["on_failure"], "wave_timeout_s": r["wave_timeout_s"],
-            "approve": any(w.approve for w in waves)}
+            "approve": any(w.approve for w in waves), "window": r.get("windows") or "", "start_at": r.get("start_at")}
 
 
 def not_updated_reason(devices: list[dict[str, Any]]) -> str:
@@ -95,6 +96,8 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
         deadline = (r["phase_started_at"] or t) + r["wave_timeout_s"]
         out |= {"holding": [_brief(d) for d in holding[:MAX_LISTED]], "holding_count": len(holding),
                 "wave_timeout_at": deadline, "wave_timeout_in_s": round(max(0.0, deadline - t), 1)}
+    elif r["state"] == S.SCHEDULED:  # when the wave begins (None: no window ever opens)
+        out["begins_at"] = may_begin_wave(t, r.get("start_at"), parse_windows(r.get("windows"))).at
     elif r["state"] == S.BAKING:
         ends = (r["phase_started_at"] or t) + r["bake_s"]
         out |= {"bake_ends_at": ends, "bake_ends_in_s": round(max(0.0, ends - t), 1)}

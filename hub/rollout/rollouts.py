@@ -25,13 +25,14 @@ from hub.rollout import rollout_view as view
 from hub.rollout.director import Director
 from hub.rollout.gates import GateResult, evaluate, install_check
 from hub.rollout.rollout_plan import Gates, Wave, strategy_from_json, strategy_to_json
+from hub.rollout.schedule import may_begin_wave, parse_windows
 from hub.store import Database, dumps, loads, now
 
 log = logging.getLogger("edgefleet.hub.rollouts")
 
 SETTLED = frozenset({"running", "failed", "rolled_back"})
 # a rollout whose failed devices may be asked again: their desired state still names its revision
-RETRYABLE = frozenset({S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED, S.AWAITING_APPROVAL, S.SUCCEEDED})
+RETRYABLE = frozenset({S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED, S.AWAITING_APPROVAL, S.SCHEDULED, S.SUCCEEDED})
 
 
 def wave_order(deployment: str, device_id: str) -> str:
@@ -85,7 +86,7 @@ class Rollouts:
     # --- starting ------------------------------------------------------------------------------
 
     def begin(self, deployment: str, revision: int, waves: list[Wave], gates: Gates, on_failure: str, bake_s: float,
-              wave_timeout_s: float, actor: str) -> tuple[int, int]:
+              wave_timeout_s: float, actor: str, start_at: float | None = None, windows: str = "") -> tuple[int, int]:
         """Create a rollout of ``revision`` (superseding a live one) and start its first wave: (rollout id, published)."""
         with self._lock:
             with self.db.transaction() as tx:
@@ -95,9 +96,11 @@ class Rollouts:
                 t = now()
                 rid = tx.scalar(
                     "INSERT INTO rollouts (deployment, revision, from_revision, strategy, gates, on_failure, bake_s,"
-                    " wave_timeout_s, state, created_at, created_by, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                    " wave_timeout_s, state, created_at, created_by, updated_at, start_at, windows)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                     (deployment, revision, dep["stable_revision"] if dep else None, dumps(strategy_to_json(waves)),
-                     dumps(gates.to_json()), on_failure, bake_s, wave_timeout_s, S.PENDING, t, actor, t))
+                     dumps(gates.to_json()), on_failure, bake_s, wave_timeout_s, S.PENDING, t, actor, t, start_at,
+                     windows))
                 record(self.db, actor, "rollout.created", deployment, rollout=rid, revision=revision,
                        strategy=[w.label for w in waves], bake_s=bake_s, gates=gates.to_json(), on_failure=on_failure)
             published = self.step(rid)
@@ -112,7 +115,9 @@ class Rollouts:
             r = self._get(rid)
             state = r["state"]
             if state == S.PENDING:
-                return self._begin_wave(r, 0)
+                return self._next_wave(r, 0)
+            if state == S.SCHEDULED:
+                return self._next_wave(r, r["wave"])
             if state == S.ROLLING_BACK:
                 published = self.director.sync()  # pins no longer count: devices go back to the stable revision
                 with self.db.transaction():
@@ -137,6 +142,17 @@ class Rollouts:
             elif t - r["phase_started_at"] < r["bake_s"]:
                 return 0
             return self._gate(r, gates, states)
+
+    def _next_wave(self, r: dict[str, Any], i: int) -> int:
+        """Begin wave ``i`` if its start time and maintenance window allow it now, else wait (scheduled)."""
+        decision = may_begin_wave(now(), r.get("start_at"), parse_windows(r.get("windows")))
+        if decision.ok:
+            return self._begin_wave(r, i)
+        if r["state"] != S.SCHEDULED or r["wave"] != i:
+            with self.db.transaction():
+                self._move(r, S.SCHEDULED, CONTROLLER, wave=i, reason=decision.reason,
+                           detail={"begins_at": decision.at})
+        return 0
 
     def _begin_wave(self, r: dict[str, Any], i: int) -> int:
         waves = strategy_from_json(loads(r["strategy"]))
@@ -188,7 +204,7 @@ class Rollouts:
                     self._move(self._get(r["id"]), S.AWAITING_APPROVAL, CONTROLLER,
                                reason=f"wave {r['wave'] + 2} waits for approval (rollout approve)")
                 return 0
-            return self._begin_wave(self._get(r["id"]), r["wave"] + 1)
+            return self._next_wave(self._get(r["id"]), r["wave"] + 1)
         return self.director.sync()
 
     def _fail(self, r: dict[str, Any], result: GateResult) -> int:
@@ -222,7 +238,7 @@ class Rollouts:
         with self._lock:
             r = self._one_live(deployment, (S.AWAITING_APPROVAL,))
             record(self.db, actor, "rollout.approved", deployment, rollout=r["id"], wave=r["wave"] + 2)
-            self._begin_wave(r, r["wave"] + 1)
+            self._next_wave(r, r["wave"] + 1)
         self.wake()
         return self.status(deployment)
 
@@ -256,7 +272,7 @@ class Rollouts:
         with self._lock:
             with self.db.transaction():
                 r = self._one_live(deployment, (S.PENDING, S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED,
-                                                S.AWAITING_APPROVAL))
+                                                S.AWAITING_APPROVAL, S.SCHEDULED))
                 self._move(r, S.ABORTED, actor, reason=f"aborted by {actor}")
             self.director.sync()
         return self.status(deployment)

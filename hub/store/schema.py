@@ -242,11 +242,14 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         MLOPS,
         AddColumn("alert_events", "event_id", "TEXT"),  # the webhook event that carried it (webhook_deliveries)
     ),
-    (  # 5: rollout retry (issue 14): per device and bundle, the retry number the director puts in the desired
+    (  # 5: rollout retry and schedules (issue 14): per device and bundle, the retry number the director puts in the desired
         # state and the desired revision that carried it (hub/rollout/retries.py)
         """CREATE TABLE IF NOT EXISTS install_retries (
     device TEXT NOT NULL, digest TEXT NOT NULL, retry INTEGER NOT NULL DEFAULT 0, revision INTEGER,
     PRIMARY KEY (device, digest)
 );""",
+        # scheduled rollouts: waves begin at or after start_at, inside the windows (hub/rollout/schedule.py)
+        AddColumn("rollouts", "start_at", "REAL"),
+        AddColumn("rollouts", "windows", "TEXT NOT NULL DEFAULT ''"),
     ),
 ]

@@ -27,6 +27,9 @@ class RolloutOptions(BaseModel):
     wave_timeout_s: Finite = Field(default=600.0, gt=0, description="longest a wave waits for its devices to install")
     collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000, description="override the module's sampling")
     approve: bool = Field(default=False, description="each wave after the first waits for POST .../approve")
+    window: str | None = Field(default=None, max_length=1000,
+                               description='UTC maintenance windows waves begin in: "Sat 02:00-04:00; Sun 02:00-04:00"')
+    start_at: Finite | None = Field(default=None, ge=0, description="unix time before which no wave begins")
 
     def kwargs(self) -> dict[str, Any]:
         return self.model_dump()
@@ -72,6 +75,8 @@ class DeploymentUpdate(DeviceBake):
     on_failure: Literal["rollback", "halt"] | None = Field(default=None, description="default: the last rollout's")
     wave_timeout_s: Finite | None = Field(default=None, gt=0, description="default: the last rollout's")
     approve: bool | None = Field(default=None, description="default: the last rollout's")
+    window: str | None = Field(default=None, max_length=1000, description="default: the last rollout's; '' clears")
+    start_at: Finite | None = Field(default=None, ge=0, description="unix time before which no wave begins")
     collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000,
                                          description="default: the latest revision's; null (given) clears it")
 
