@@ -29,6 +29,7 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent import deferral
 from agent.executor import Executor
 from agent.identity import Identity, check_hub_url, save_identity
 from agent.inference import ActiveModule, Answered, InferenceFront
@@ -85,6 +86,7 @@ class Agent:
         api_port: int = 0,
         transfer: str = "mqtt",
         hub_url: str | None = None,
+        max_defer_s: float = 3600.0,
     ) -> None:
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {ISOLATION_MODES}, not {isolation!r}")
@@ -100,6 +102,7 @@ class Agent:
         self.isolation = isolation
         self.module_limits = module_limits or {}  # worker rlimits: memory_mb, cpu_seconds
         self.api_port = api_port
+        self.max_defer_s = max_defer_s  # the longest an application may hold installs (agent/deferral.py)
         self.health_timeout = health_timeout
         self.identity = identity
         self.device_id = identity.device_id
@@ -322,3 +325,22 @@ class Agent:
 
     def snapshot(self) -> dict[str, Any]:
         return self.reporter.snapshot()
+
+    def defer(self, seconds: float | None, reason: str = "") -> tuple[dict[str, Any], str | None]:
+        """An application's hold on installs (None: release it): (the hold now, why refused or None)."""
+        now = self.clock()
+        if seconds is None:
+            held, why = deferral.release(self.executor.hold, now), None
+        else:
+            held, why = deferral.request(self.executor.hold, now, seconds, self.max_defer_s, reason)
+        if why is None:
+            self.executor.set_hold(held)
+            log.info("%s: installs %s", self.device_id, f"held until {held.until:.0f} ({held.reason or 'no reason'})"
+                     if held.active(now) else "no longer held")
+        return self.hold_view(), why
+
+    def hold_view(self) -> dict[str, Any]:
+        held, now = self.executor.hold, self.clock()
+        return {"held": held.active(now), "until": held.until if held.active(now) else None, "reason": held.reason,
+                "max_until": held.since + self.max_defer_s if held.active(now) else None,
+                "max_defer_s": self.max_defer_s}

@@ -30,7 +30,8 @@ async def _serve(agent: Agent) -> None:
 def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: float = 0.0,
               telemetry_interval: float = 5.0, *, api_port: int = DEFAULT_API_PORT, isolation: str = "process",
               module_memory_mb: int = 0, module_cpu_seconds: int = 0, health_timeout: float = 30.0,
-              broker_ca: Path | str | None = None, transfer: str = "mqtt", hub_url: str | None = None) -> None:
+              broker_ca: Path | str | None = None, transfer: str = "mqtt", hub_url: str | None = None,
+              max_defer_s: float = 3600.0) -> None:
     """Run the agent enrolled in ``data_dir`` until SIGINT/SIGTERM.
 
     ``broker_ca``: a PEM file to trust for ``mqtts://`` instead of the CA pinned at enrolment.
@@ -47,7 +48,7 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
     agent = Agent(identity, Path(data_dir), mqtt_url=mqtt_url, workload=workload,
                   telemetry_interval=telemetry_interval, isolation=isolation, api_port=api_port,
                   module_limits={"memory_mb": module_memory_mb, "cpu_seconds": module_cpu_seconds},
-                  health_timeout=health_timeout, transfer=transfer, hub_url=hub_url)
+                  health_timeout=health_timeout, transfer=transfer, hub_url=hub_url, max_defer_s=max_defer_s)
     log.info("agent %s starting (data %s, %s isolation, bundles over %s)", identity.device_id, data_dir, isolation,
              transfer)
     asyncio.run(_serve(agent))

@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.deferral import Hold
 from agent.identity import Identity
 from agent.inference import ActiveModule, InferenceFront
 from agent.install import Installed, Installer
@@ -81,6 +82,17 @@ class Executor:
         self._fetches: dict[str, BundleFetch] = {}
         self._installing: tuple[str, str] | None = None  # (name, bundle) of the install under way
         self.install_task: asyncio.Task[Entry] | None = None
+        self.hold = Hold()  # an application's hold on installs (agent/deferral.py)
+
+    def set_hold(self, hold: Hold) -> None:
+        """Apply an application's hold (or its release): the pass after it ends installs what waited."""
+        self.hold = hold
+        delay = hold.until - self.clock()
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay + 0.01, self.wake.set)
+        else:
+            self.wake.set()
+        self.changed()
 
     # --- facts and passes ----------------------------------------------------------------------
 
@@ -113,7 +125,8 @@ class Executor:
             if state is None:
                 continue
             try:
-                await self.carry_out(step(self.clock(), state, self.module_facts()), state)
+                await self.carry_out(step(self.clock(), state, self.module_facts(), Facts(hold_until=self.hold.until)),
+                                     state)
             except Exception:  # e.g. a full disk: settle the journal, keep serving, try again later
                 log.exception("%s: reconcile failed; retrying in %.0fs", self.identity.device_id, RETRY_AFTER_ERROR)
                 with contextlib.suppress(Exception):

@@ -186,6 +186,7 @@ class Facts:
     """Device-wide facts for a pass."""
 
     starting: bool = False  # the agent has just started: installs a restart interrupted come first
+    hold_until: float = 0.0  # an application holds installs until then (agent/deferral.py)
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ def step(now: float, desired: DesiredState | None, installed: Mapping[str, Modul
          facts: Facts = Facts()) -> list[Action]:
     """The actions that take the device from ``installed`` to ``desired``, in the order to carry them out.
 
-    ``now`` is unused so far: maintenance windows and retry times will be judged here.
+    Installs wait while an application holds them (``facts.hold_until`` after ``now``); the rest goes ahead.
     """
     if facts.starting:  # a bake is an install under way, and installs run one at a time
         return [*(ResumeBake(n) for n, f in sorted(installed.items()) if f.journal == "baking"), Report()]
@@ -260,7 +261,8 @@ def step(now: float, desired: DesiredState | None, installed: Mapping[str, Modul
                 actions.append(Activate(m.name))
             actions.append(SetCollectRate(m.name, m.collect_rate_ppm))
         elif not (f.journal_bundle == m.bundle and f.journal in GAVE_UP and m.retry <= f.journal_retry):
-            actions.append(Install(m))
+            if now >= facts.hold_until:
+                actions.append(Install(m))
     actions.append(Report())
     return actions
 

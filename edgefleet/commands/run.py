@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from edgefleet.cli_common import CTX, emit, err, escape
+from edgefleet.cli_common import CTX, emit, err, escape, parse_duration
 
 hub_app = typer.Typer(rich_markup_mode=None, help="Run the hub.", no_args_is_help=True)
 agent_app = typer.Typer(rich_markup_mode=None, help="Enrol and run the device agent.", no_args_is_help=True)
@@ -209,6 +209,8 @@ def agent_run(
     transfer: str = typer.Option("mqtt", "--transfer", envvar="EDGEFLEET_TRANSFER",
                                  help="Bundle download: mqtt (blob topics) or http (HTTP(S) from the hub)."),
     hub_url: str | None = typer.Option(None, "--hub-url", help="Hub URL for --transfer http (default: the enrolled one)."),
+    max_defer: str = typer.Option("1h", "--max-defer", help="Longest an application may hold updates (POST /v1/defer "
+                                                            "on the local API); 0 refuses holds."),
 ) -> None:
     """Run the device daemon until SIGINT/SIGTERM."""
     from agent.daemon import run_agent
@@ -217,7 +219,7 @@ def agent_run(
     try:
         run_agent(data, mqtt_url=mqtt, workload_rate=rate, telemetry_interval=telemetry_interval, api_port=api_port,
                   isolation=isolation, module_memory_mb=module_memory_mb, module_cpu_seconds=module_cpu_seconds,
-                  broker_ca=broker_ca, transfer=transfer, hub_url=hub_url)
+                  broker_ca=broker_ca, transfer=transfer, hub_url=hub_url, max_defer_s=parse_duration(max_defer))
     except (EnrollmentError, ValueError) as exc:
         err.print(f"[red]cannot start the agent:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
