@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import deferral
+from agent.diagnostics import DEVICE, Diagnostics
 from agent.executor import Executor
 from agent.identity import Identity, check_hub_url, save_identity
 from agent.inference import ActiveModule, Answered, InferenceFront
@@ -43,7 +44,7 @@ from agent.session import ClientFactory, Handlers, Session, default_client_facto
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
 from protocol.messages import Command, DesiredState, ReportedState, decode
-from protocol.signing import Root
+from protocol.signing import Root, parse_envelope
 from protocol.topics import Channel
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
@@ -135,6 +136,7 @@ class Agent:
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self.api: LocalApi | None = LocalApi(self, port=api_port) if api_port else None
+        self.diagnostics = Diagnostics(self)
         self._running = False
 
     # --- the parts' state, as the agent's -------------------------------------------------------
@@ -206,11 +208,24 @@ class Agent:
         atomic_write_json(self.data_dir / STATE_FILE, {"revision": self.trust.revision, "desired": envelope,
                                                        "policy": self.trust.state.policy_envelope})
 
+    def _on_signed_command(self, topic: str, envelope: dict[str, Any]) -> None:
+        """A diagnostic command signed by the director (agent/diagnostics.py): answered once, refusals counted."""
+        async def send() -> None:
+            try:
+                reply = await self.diagnostics.answer(envelope, self.clock())
+            except ProtocolError as exc:
+                self.session.reject("cmd", topic, str(exc))
+                return
+            if reply is not None:
+                await self.session.reply(Channel.CMD_RES, reply.encode())
+        self._spawn(send())
+
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Recover interrupted installs, connect, and serve until :meth:`stop`."""
         self._running = True
+        DEVICE.set(self.device_id)  # this task's (and its children's) log records are this device's
         try:
             await self.executor.start()
             await self.session.start(Handlers(desired=self._on_desired, root=self._on_root, command=self._on_command,
@@ -240,6 +255,7 @@ class Agent:
             task.add_done_callback(self._tasks.discard)  # short-lived ones (replies, announcements) go away
 
     async def _shutdown(self) -> None:
+        self.diagnostics.close()
         try:
             if self.api is not None:
                 await self.api.stop()
@@ -287,6 +303,13 @@ class Agent:
                     self._report_dirty.set()
 
     def _on_command(self, topic: str, payload: bytes) -> None:
+        try:  # an envelope ({"signed", "signatures"}) is a signed diagnostic command; anything else a Command
+            doc = parse_envelope(payload)
+        except ProtocolError:
+            doc = None
+        if isinstance(doc, dict) and "signed" in doc:
+            self._on_signed_command(topic, doc)
+            return
         try:
             cmd = decode(Channel.CMD, payload)
         except ProtocolError as exc:

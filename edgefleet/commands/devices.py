@@ -1,10 +1,15 @@
-"""Device commands: enrolment tokens, the fleet list with filters, one device, labels (one or many), decommission."""
+"""Device commands: enrolment tokens, the fleet list with filters, one device, labels (one or many), decommission,
+and signed diagnostics (logs, support bundle, module restart)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from edgefleet.cli_common import call, client, emit, err, parse_duration, parse_kv
+from edgefleet.cli_common import call, client, emit, err, fail, parse_duration, parse_kv
 
 device_app = typer.Typer(rich_markup_mode=None, help="Devices and enrolment tokens.", no_args_is_help=True)
 
@@ -98,3 +103,70 @@ def device_decommission(device_id: str, as_json: bool = typer.Option(False, "--j
     with client() as c:
         res = call(lambda: c.request("DELETE", f"/api/v1/devices/{device_id}"))
     emit(res, as_json)
+
+
+# --- signed diagnostic commands (docs/protocol.md §5a) -------------------------------------------
+
+WAIT_HELP = "Seconds to wait for the device's answer (it stays at the hub: device commands ID)."
+
+
+def _command(device_id: str, name: str, args: dict[str, Any], wait: float) -> dict[str, Any]:
+    """Send, then wait for the answer; exit 5 if none came in time (the result is kept at the hub)."""
+    import time
+
+    with client() as c:
+        sent = call(lambda: c.post(f"/api/v1/devices/{device_id}/commands", {"name": name, "args": args}))
+        deadline = time.monotonic() + wait
+        res = sent
+        while res["state"] == "sent" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            res = call(lambda: c.get(f"/api/v1/commands/{sent['id']}"))
+    if res["state"] == "sent":
+        fail(f"no answer from {device_id} within {wait:g}s (offline?); command {res['id']} stays at the hub: "
+             f"edgefleet device commands {device_id}", "waiting:", 5)
+    if res["state"] != "done":
+        fail(f"{name} on {device_id}: {res['state']}: {res['error']}")
+    return res
+
+
+@device_app.command("logs")
+def device_logs(device_id: str, module: str | None = typer.Option(None, "--module", help="Only lines naming it."),
+                lines: int = typer.Option(200, "--lines", min=1, max=500),
+                wait: float = typer.Option(30.0, "--wait", min=0, help=WAIT_HELP),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """The device's recent agent log lines (a signed command the device answers)."""
+    res = _command(device_id, "logs", {"module": module, "lines": lines}, wait)
+    if as_json:
+        emit(res, True)
+    else:
+        print("\n".join(res["result"]["lines"]))
+
+
+@device_app.command("support-bundle")
+def device_support_bundle(device_id: str, out: Path | None = typer.Option(None, "--out", help="Write it here (JSON)."),
+                          wait: float = typer.Option(30.0, "--wait", min=0, help=WAIT_HELP)) -> None:
+    """Facts, state, install journal, counters and recent logs of a device, as one JSON document."""
+    res = _command(device_id, "support_bundle", {}, wait)
+    text = json.dumps(res["result"], indent=2, default=str)
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text)
+        err.print(f"support bundle of {device_id} written to {out} ({len(text)} bytes)", markup=False)
+
+
+@device_app.command("restart-module")
+def device_restart_module(device_id: str, module: str, wait: float = typer.Option(30.0, "--wait", min=0,
+                                                                                  help=WAIT_HELP),
+                          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Restart one module on a device (its worker process starts afresh)."""
+    res = _command(device_id, "restart_module", {"module": module}, wait)
+    emit(res if as_json else res["result"], as_json)
+
+
+@device_app.command("commands")
+def device_commands(device_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The diagnostic commands sent to a device, newest first, with their state."""
+    with client() as c:
+        res = call(lambda: c.get(f"/api/v1/devices/{device_id}/commands"))
+    emit(res, as_json, ["id", "name", "state", "error", "created_at", "created_by", "replied_at"])

@@ -119,6 +119,7 @@ class Fleet:
                 raise NotFound(f"device {device_id!r} is not enrolled")
             tx.execute("DELETE FROM rollout_devices WHERE device = ?", (device_id,))
             tx.execute("DELETE FROM install_retries WHERE device = ?", (device_id,))
+            tx.execute("DELETE FROM device_commands WHERE device = ?", (device_id,))
             record(self.db, actor, "device.decommissioned", device_id)
         self.on_credentials_changed()
         for channel in (Channel.DESIRED, Channel.REPORTED, Channel.STATUS):

@@ -251,5 +251,12 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         # scheduled rollouts: waves begin at or after start_at, inside the windows (hub/rollout/schedule.py)
         AddColumn("rollouts", "start_at", "REAL"),
         AddColumn("rollouts", "windows", "TEXT NOT NULL DEFAULT ''"),
+        # signed diagnostic commands and their results (hub/fleet/commands.py)
+        """CREATE TABLE IF NOT EXISTS device_commands (
+    id TEXT PRIMARY KEY, device TEXT NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL, state TEXT NOT NULL,
+    result TEXT, error TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT '',
+    expires INTEGER NOT NULL, replied_at REAL
+);
+CREATE INDEX IF NOT EXISTS device_commands_device ON device_commands (device, created_at);""",
     ),
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
@@ -120,6 +120,30 @@ def delete_device(device_id: NamePath, hub: Hub = Depends(get_hub),
 def decommission_device(device_id: NamePath, hub: Hub = Depends(get_hub),
                         who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     return hub.fleet.decommission(device_id, who.name)
+
+
+class CommandRequest(BaseModel):
+    name: Literal["logs", "support_bundle", "restart_module"]
+    args: dict[Key, Value | int | None] = Field(default_factory=dict, max_length=16)
+    ttl_s: int = Field(default=600, ge=1, le=3600, description="the device refuses it after this")
+
+
+@router.post("/devices/{device_id}/commands")
+def device_command(device_id: NamePath, body: CommandRequest, hub: Hub = Depends(get_hub),
+                   who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Send a signed diagnostic command (logs, support_bundle, restart_module); poll its id for the result."""
+    return hub.commands.send(device_id, body.name, body.args, who.name, body.ttl_s)
+
+
+@router.get("/devices/{device_id}/commands", dependencies=[Depends(require("operator"))])
+def device_commands(device_id: NamePath, hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    return hub.commands.list(device_id)
+
+
+@router.get("/commands/{command_id}", dependencies=[Depends(require("operator"))])
+def command(command_id: Annotated[str, Field(max_length=64)], hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """A command's state (sent, done, failed, expired) and the device's result."""
+    return hub.commands.get(command_id)
 
 
 @router.get("/audit", dependencies=[Depends(require("viewer"))])
