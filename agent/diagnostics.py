@@ -13,15 +13,34 @@ import contextvars
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
 
 from protocol.commands import verify_command
 from protocol.encoding import ProtocolError
 from protocol.messages import CommandReply
+from protocol.signing import Root
 
-if TYPE_CHECKING:
-    from agent.core import Agent
+
+class Host(Protocol):
+    """What the diagnostics need of the agent (``agent.core.Agent``)."""
+
+    device_id: str
+    data_dir: Path
+    facts: dict[str, str]
+    executor: Any  # agent.executor.Executor: deactivate(name), activate(name)
+
+    @property
+    def root(self) -> Root: ...
+    @property
+    def active(self) -> Mapping[str, Any]: ...
+    @property
+    def rejected(self) -> Counter[str]: ...
+    def snapshot(self) -> dict[str, Any]: ...
+    def reported(self) -> Any: ...
+    def hold_view(self) -> dict[str, Any]: ...
 
 LOG_LINES = 2000  # kept in memory
 MAX_LINES = 500  # per answer
@@ -55,7 +74,7 @@ class LogRing(logging.Handler):
 
 
 class Diagnostics:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Host) -> None:
         self.agent = agent
         self.ring = LogRing(agent.device_id)
         self.seen: collections.OrderedDict[str, None] = collections.OrderedDict()
