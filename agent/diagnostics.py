@@ -42,6 +42,7 @@ class Host(Protocol):
     def reported(self) -> Any: ...
     def hold_view(self) -> dict[str, Any]: ...
 
+
 LOG_LINES = 2000  # kept in memory
 MAX_LINES = 500  # per answer
 MAX_BUNDLE_BYTES = 200_000  # a support bundle's JSON, at most (an MQTT message, not a file transfer)
@@ -52,36 +53,51 @@ SEEN_IDS = 1000  # command ids answered, remembered against replays (a command l
 DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("edgefleet_device", default=None)
 
 
-class LogRing(logging.Handler):
-    """The last :data:`LOG_LINES` records that concern one device: logged by its agent's tasks, or naming it."""
+class LogRings(logging.Handler):
+    """One handler for every agent in the process (the simulator runs thousands): a record goes, in O(1), to the
+    ring of the device whose agent logged it (:data:`DEVICE`), keeping its last :data:`LOG_LINES` lines."""
 
-    def __init__(self, device_id: str) -> None:
+    def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.device_id = device_id
-        self.lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
+        self.rings: dict[str, collections.deque[str]] = {}
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
+        device = DEVICE.get()
+        ring = self.rings.get(device) if device is not None else None
+        if ring is None:
+            return
         try:
-            if DEVICE.get() == self.device_id or self.device_id in record.getMessage():
-                self.lines.append(self.format(record))
+            ring.append(self.format(record))
         except Exception:  # a log line must never break the agent
             self.handleError(record)
 
-    def tail(self, module: str | None, n: int) -> list[str]:
-        lines = [line for line in self.lines if module is None or module in line]
+    def add(self, device: str) -> None:
+        if not self.rings:
+            logging.getLogger("edgefleet").addHandler(self)
+        self.rings[device] = collections.deque(maxlen=LOG_LINES)
+
+    def remove(self, device: str) -> None:
+        self.rings.pop(device, None)
+        if not self.rings:
+            logging.getLogger("edgefleet").removeHandler(self)
+
+    def tail(self, device: str, module: str | None, n: int) -> list[str]:
+        lines = [line for line in self.rings.get(device, ()) if module is None or module in line]
         return lines[-max(1, min(n, MAX_LINES)):]
+
+
+RINGS = LogRings()
 
 
 class Diagnostics:
     def __init__(self, agent: Host) -> None:
         self.agent = agent
-        self.ring = LogRing(agent.device_id)
         self.seen: collections.OrderedDict[str, None] = collections.OrderedDict()
-        logging.getLogger("edgefleet").addHandler(self.ring)
+        RINGS.add(agent.device_id)
 
     def close(self) -> None:
-        logging.getLogger("edgefleet").removeHandler(self.ring)
+        RINGS.remove(self.agent.device_id)
 
     async def answer(self, envelope: Any, now: float | None = None) -> CommandReply | None:
         """The reply to a signed command, or None if refused (the caller counts it) — raises ProtocolError."""
@@ -99,7 +115,7 @@ class Diagnostics:
 
     async def _logs(self, args: dict[str, Any]) -> dict[str, Any]:
         module = args.get("module") or None
-        return {"module": module, "lines": self.ring.tail(module, int(args.get("lines", 200)))}
+        return {"module": module, "lines": RINGS.tail(self.agent.device_id, module, int(args.get("lines", 200)))}
 
     async def _support_bundle(self, args: dict[str, Any]) -> dict[str, Any]:
         a = self.agent
@@ -107,7 +123,7 @@ class Diagnostics:
         out: dict[str, Any] = {
             "device": a.device_id, "facts": a.facts, "snapshot": a.snapshot(), "reported": a.reported().to_dict(),
             "journal": json.loads(journal.read_text()) if journal.exists() else None,
-            "hold": a.hold_view(), "rejected": dict(a.rejected), "logs": self.ring.tail(None, 200)}
+            "hold": a.hold_view(), "rejected": dict(a.rejected), "logs": RINGS.tail(a.device_id, None, 200)}
         while len(json.dumps(out, default=str)) > MAX_BUNDLE_BYTES and out["logs"]:
             out["logs"] = out["logs"][len(out["logs"]) // 2 + 1:]  # the newest half: stay one MQTT message
         return out
