@@ -46,12 +46,15 @@ def test_retry_installs_the_failed_devices_again_and_approve_starts_each_next_wa
         admin.post("/api/v1/deployments", json={"name": "rt", "module": "scorer:1", "target": "sim=true",
                                                 "on_failure": "halt"}).raise_for_status()
         halted = wait_rollout(admin, "rt", "halted")
-        assert halted["counts"] == {"running": 2, "rolled_back": 1} or halted["counts"] == {"running": 2, "failed": 1}
+        # it halts at the first failure, maybe before the others finished installing
+        assert halted["counts"].get("rolled_back", 0) + halted["counts"].get("failed", 0) == 1
+        assert sum(halted["counts"].values()) == 3
         assert "transient fault" in halted["reason"]
 
         retried = as_json(cli(server, "rollout", "retry", "rt", "--json"))
         assert retried["retried"] == [ids[0]] and retried["phase"] == "installing"
-        assert retried["counts"] == {"running": 2, "pending": 1}  # its old failure no longer counts
+        # its old failure no longer counts: pending until it reports on the new state (or already reinstalling)
+        assert sum(retried["counts"].values()) == 3 and not {"failed", "rolled_back"} & set(retried["counts"])
         done = wait_rollout(admin, "rt", "succeeded")
         assert done["outcome"] == "succeeded" and flaky.runs == 2  # installed once more, and it took
         all_running(admin, ids, "scorer", 1)
