@@ -5,7 +5,7 @@ mid-payment) asks the agent to hold installs for a while, the way balena's updat
 Greengrass's component update policies let it. The agent, not the app, bounds it: one hold lasts at
 most ``max_s`` from when it began, however often it is renewed, and a hold that ran to that maximum
 blocks the next one for as long again, so the held updates get their turn. Removals and everything
-but installs go ahead; a release (``DELETE /v1/defer``) ends the hold at once.
+but installs and reconfigurations go ahead; a release (``DELETE /v1/defer``) ends the hold at once.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from hub.rollout.rollouts import Rollouts
 from hub.store import Database
 from hub.trust.keys import load_or_create_keys, private_dir
 from hub.trust.release_policy import ReleasePolicies
-from hub.trust.renewal import maintain
+from hub.trust.renewal import key_expiry, maintain
 from hub.trust.roots_publish import publish_roots
 from hub.trust.tokens import ensure_admin_token
 from modules.sandbox import detect
@@ -77,6 +77,8 @@ class Hub:
         self.rollouts = Rollouts(self.db, self.director, config.rollout_tick_s)
         self.deployments = Deployments(self.db, self.director, self.rollouts, self.policies.refusal)
         self.monitor = Monitor(config, self.db, self.store)
+        self.rollouts.quality = self.monitor.quality  # input drift and accuracy for the quality gates
+        self.monitor.alerts.expiry = lambda now: key_expiry(self, now)  # key_expiry alert rules
         self._ingest_workers: list = []  # processes, started by start()
         self._stop = threading.Event()
         self._maintenance = threading.Thread(target=self._maintain, name="hub-maintenance", daemon=True)

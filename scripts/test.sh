@@ -8,6 +8,7 @@ missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the web console's browser tests (Playwright drives it)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)  # the sandbox for operator code (modules/sandbox.py)
+command -v faketime >/dev/null 2>&1 || missing+=(faketime)  # a frozen device clock (tests/test_fleet_trust.py)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "installing ${missing[*]} with apt-get" >&2

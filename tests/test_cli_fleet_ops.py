@@ -48,7 +48,7 @@ def test_device_filters_and_bulk_labels(server, admin, tmp_path):
     typo = cli(server, "device", "list", "--selector", "site==berlin", ok=False)
     assert typo.returncode == 1 and "site==berlin" in typo.stderr
     assert admin.get("/api/v1/devices", params={"status": "broken"}).json()["detail"].startswith(
-        "unknown device status 'broken'")
+        "status 'broken' is not one of")
 
 
 def test_deploy_web_on_a_given_port_shows_the_whole_url_at_80_columns(server, admin, tmp_path):

@@ -36,19 +36,24 @@ def device_token(
             print(t)
 
 
-STATUS_HELP = "online, offline, failed, pending (not yet running what it should), installing, running, idle; repeatable"
+STATUS_HELP = "online, offline, idle, pending (told, not yet reported), installing, running, failed; repeatable (any)"
 
 
 @device_app.command("list")
 def device_list(
     status: list[str] = typer.Option([], "--status", help=STATUS_HELP),
-    label: list[str] = typer.Option([], "--label", help="k=v the device's labels must hold, repeatable."),
+    label: list[str] = typer.Option([], "--label", help="k=v (or k!=v) the device's labels must hold, repeatable."),
     selector: str | None = typer.Option(None, "--selector", help="A deployment target: '*', ids or k=v,k2!=v2."),
+    search: str | None = typer.Option(None, "--search", "-q", help="Part of the id, a label, or a module name's start."),
+    deployment: str | None = typer.Option(None, "--deployment", help="Only devices given a module by it."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Devices with their state, modules (and which deployment supplies each) and inference counts."""
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/devices", status=status or None, label=label or None, selector=selector))
+    params = {"label": ",".join(label) or None, "selector": selector, "q": search, "deployment": deployment}
+    with client() as c:  # the hub filters one status at a time: a device with any of them, once, by id
+        found = {d["id"]: d for s in (status or [None]) for d in call(lambda s=s: c.get("/api/v1/devices", status=s,
+                                                                                        **params))}
+    res = [found[k] for k in sorted(found)]
     if as_json:
         emit(res, True)
         return

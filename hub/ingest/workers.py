@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
 from hub.fleet.broker_auth import worker_login
-from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, EnrolledCache, data_rows, share_group, shared_wildcard
+from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, EnrolledCache, share_group, shared_wildcard
 from hub.store import Database
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import ProtocolError
@@ -82,7 +82,7 @@ class IngestWorker:
                 self.writer.telemetry(message)
             else:
                 assert isinstance(message, DataBatch)
-                self.writer.data(data_rows(message))
+                self.writer.data_batch(message)
         except ProtocolError as exc:
             self.rejected[channel] += 1
             log.warning("rejected message on %s: %s", msg.topic, str(exc)[:500])

@@ -20,6 +20,13 @@ log = logging.getLogger("edgefleet.hub.ingest")
 TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/ingest/telemetry.py), not SQL parameters
 DATA_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+# a device's records with their sample id (``data_rows``), for labels
+DATA_ID_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output, sample_id)"
+               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+# the latest label for a sample wins (a correction replaces it)
+LABEL_SQL = ("INSERT INTO labels (sample_id, label, ts, source, created_by) VALUES (?, ?, ?, ?, ?)"
+             " ON CONFLICT (sample_id) DO UPDATE SET label = excluded.label, ts = excluded.ts, source = excluded.source,"
+             " created_by = excluded.created_by")
 LAST_SEEN_CHUNK = 500  # ids per UPDATE (under SQLite's bound-parameter limit)
 ENROLLED_TTL_S = 5.0  # how long a "not enrolled" answer is trusted before asking the database again
 
@@ -77,9 +84,31 @@ class EnrolledCache:
         self._known.discard(device_id)
 
 
+SHADOW_SQL = ("INSERT INTO shadow_points (device, seq, idx, ts, module, version, live_version, mirrored, dropped,"
+              " compared, disagreements, errors, p95, live_p95, live_classes, shadow_classes)"
+              " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING")
+
+
+def shadow_rows(msg: TelemetryBatch) -> list[tuple[Any, ...]]:
+    """A telemetry batch's shadow comparisons (protocol ShadowPoint), one row each."""
+    return [(msg.device, msg.seq, i, p.ts, p.module, p.version, p.live_version, p.mirrored, p.dropped, p.compared,
+             p.disagreements, p.errors, p.latency_ms.p95, p.live_latency_ms.p95, dumps(p.live_classes),
+             dumps(p.shadow_classes)) for i, p in enumerate(msg.shadow)]
+
+
+def sample_id(device: str, seq: int, idx: int, request_id: str = "") -> str:
+    """A device record's id for labels: ``device/request-id`` when its request carried one, else ``device/seq/idx``."""
+    return f"{device}/{request_id}" if request_id else f"{device}/{seq}/{idx}"
+
+
 def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
-    return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output))
-            for i, r in enumerate(msg.records)]
+    return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output),
+             sample_id(msg.device, msg.seq, i, r.id)) for i, r in enumerate(msg.records)]
+
+
+def label_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
+    """Labels a device sent (its device channel for ground truth), keyed like its records."""
+    return [(f"{msg.device}/{lb.id}", dumps(lb.label), lb.ts or msg.ts, "device", msg.device) for lb in msg.labels]
 
 
 def touch_last_seen(tx: Connection, devices: set[str], t: float | None = None) -> None:
@@ -127,9 +156,18 @@ class BatchWriter:
         packed = store.pack(msg)  # here, on the caller's thread: the writer thread only talks to SQLite
         if packed is not None:
             self._put(TELEMETRY, [packed])
+        if msg.shadow:
+            self._put(SHADOW_SQL, shadow_rows(msg))
 
     def data(self, rows: list[tuple[Any, ...]]) -> None:
         self._put(DATA_SQL, rows)
+
+    def data_batch(self, msg: DataBatch) -> None:
+        """A device's data message: its sampled records and any labels it carries."""
+        if msg.records:
+            self._put(DATA_ID_SQL, data_rows(msg))
+        if msg.labels:
+            self._put(LABEL_SQL, label_rows(msg))
 
     def _put(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         with self._cond:

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from hub.errors import Conflict
+from hub.fleet.device_state import device_state
 from hub.fleet.targeting import parse_target
 from hub.rollout.retries import numbers as retry_numbers
-from hub.rollout.rollout_states import HOLDING
+from hub.rollout.rollout_states import HOLDING, SHADOWING
 from hub.store import Database, dumps, loads
 from hub.trust.keys import KeyRing
 from protocol.encoding import canonical_json, digest_of
-from protocol.messages import BakePolicy, DesiredModule, DesiredState
+from protocol.messages import BakePolicy, DesiredModule, DesiredState, ShadowSpec
 from protocol.schema import validate
 from protocol.signing import sign
 from protocol.topics import Channel, device_topic
@@ -46,21 +47,30 @@ class Layer:
     rolling: dict[str, Any] | None = None  # the revision a live rollout moves devices to
     pinned: frozenset[str] = frozenset()  # devices the rollout has moved so far
     everyone: bool = False  # the last wave is under way: every matching device gets ``rolling``
+    shadowing: bool = False  # the rollout's shadow phase: moved devices keep ``stable`` and run ``rolling`` beside it
+    shadow_sample_ppm: int = 1_000_000  # share of live inputs mirrored to the candidate
 
     def revision_for(self, device_id: str, labels: dict[str, str]) -> dict[str, Any] | None:
-        r = self.rolling
+        r, s = self.rolling, self.stable
+        stable = s if s is not None and s["target_parsed"].matches(device_id, labels) else None
         if r is not None and (self.everyone or device_id in self.pinned) and r["target_parsed"].matches(device_id, labels):
-            return r
-        s = self.stable
-        return s if s is not None and s["target_parsed"].matches(device_id, labels) else None
+            if not self.shadowing:
+                return r
+            if stable is not None and stable["module_name"] == r["module_name"]:
+                return stable | {"shadow_of": r, "shadow_sample_ppm": self.shadow_sample_ppm}
+        return stable
 
 
 def desired_module(d: dict[str, Any], retry: int = 0) -> dict[str, Any]:
     """One deployment revision as the desired-state entry a device gets (``retry``: hub/rollout/retries.py)."""
     bake = d.get("device_bake")
+    cand = d.get("shadow_of")  # the candidate of a shadow phase, run beside this revision (never served)
+    shadow = ShadowSpec(version=cand["module_version"], bundle=cand["digest"], size=cand["size"],
+                        sample_ppm=d.get("shadow_sample_ppm", 1_000_000)) if cand else None
     return DesiredModule(name=d["module_name"], version=d["module_version"], bundle=d["digest"], size=d["size"],
                          deployment=d["deployment"], collect_rate_ppm=d["collect_rate_ppm"],
-                         bake=validate(BakePolicy, loads(bake)) if bake else None, retry=retry).to_dict()
+                         bake=validate(BakePolicy, loads(bake)) if bake else None,
+                         config=loads(d.get("config")) or {}, shadow=shadow, retry=retry).to_dict()
 
 
 class Director:
@@ -85,7 +95,8 @@ class Director:
             revisions[(r["deployment"], r["revision"])] = r
         holding = ",".join(f"'{s}'" for s in sorted(HOLDING))
         rollouts = {r["deployment"]: r for r in self.db.query(
-            f"SELECT id, deployment, revision, everyone FROM rollouts WHERE state IN ({holding})")}
+            f"SELECT id, deployment, revision, everyone, state, shadow_sample_ppm FROM rollouts"
+            f" WHERE state IN ({holding})")}
         pins: dict[int, set[str]] = {}
         for p in self.db.query(f"SELECT rollout, device FROM rollout_devices WHERE rollout IN"
                                f" (SELECT id FROM rollouts WHERE state IN ({holding}))"):
@@ -98,7 +109,8 @@ class Director:
                 stable=revisions.get((d["name"], d["stable_revision"])) if d["stable_revision"] else None,
                 rolling=revisions.get((d["name"], ro["revision"])) if ro else None,
                 pinned=frozenset(pins.get(ro["id"], ())) if ro else frozenset(),
-                everyone=bool(ro and ro["everyone"])))
+                everyone=bool(ro and ro["everyone"]), shadowing=bool(ro and ro["state"] == SHADOWING),
+                shadow_sample_ppm=ro["shadow_sample_ppm"] if ro else 1_000_000))
         return layers
 
     @staticmethod
@@ -128,7 +140,7 @@ class Director:
             out: list[tuple[str, bytes]] = []
             policy = self.policy()
             with self.db.transaction() as tx:
-                sql = "SELECT id, labels, revision, desired, desired_expires, desired_envelope FROM devices"
+                sql = "SELECT id, labels, revision, desired, desired_expires, desired_envelope, reported FROM devices"
                 rows = self.db.query(sql) if device_ids is None else [
                     r for i in device_ids for r in self.db.query(sql + " WHERE id = ?", (i,))]
                 for row in rows:
@@ -141,9 +153,10 @@ class Director:
                                          expires=int(time.time()) + self.ttl_s,
                                          modules=[validate(DesiredModule, m) for m in modules], policy=policy)
                     envelope = canonical_json(sign(state.to_dict(), [self.keys.key("director")]))
-                    tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?, desired_expires = ?"
-                               " WHERE id = ?", (state.revision, dumps(modules), envelope.decode(), state.expires,
-                                                 row["id"]))
+                    desired = dumps(modules)
+                    tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?, desired_expires = ?,"
+                               " state = ? WHERE id = ?", (state.revision, desired, envelope.decode(), state.expires,
+                                                           device_state(desired, row["reported"]), row["id"]))
                     out.append((row["id"], envelope))
             for device_id, envelope in out:
                 self.publish(device_topic(device_id, Channel.DESIRED), envelope, 1, True)

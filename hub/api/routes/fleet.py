@@ -11,10 +11,11 @@ from hub import audit
 from hub.api.deps import Principal, get_hub, require
 from hub.bounds import MAX_LABELS, Facts, Key, Labels, NamePath, Value
 from hub.context import Hub
-from hub.fleet.device_filter import STATUSES, device_filter
+from hub.fleet.device_query import STATUSES, DeviceFilter
 from hub.fleet.devices import MAX_BATCH, MAX_TOKEN_USES
 
 router = APIRouter(tags=["fleet"])
+DEFAULT_PAGE, MAX_PAGE = 50, 1000  # devices per page of GET /devices
 
 
 # device ids are checked (and explained) by the fleet service: the name rule plus the reserved prefix
@@ -64,18 +65,25 @@ def enroll_batch(body: EnrollBatchRequest, hub: Hub = Depends(get_hub)) -> dict[
 
 
 @router.get("/devices", dependencies=[Depends(require("viewer"))])
-def devices(status: Annotated[list[str], Query(max_length=len(STATUSES))] = [],  # noqa: B006 (FastAPI reads it)
-            label: Annotated[list[str], Query(max_length=MAX_LABELS)] = [],  # noqa: B006
-            selector: Annotated[str | None, Query(max_length=10_000)] = None,
-            hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
-    """Devices, optionally only those with any of ``status`` (online, offline, failed, pending, installing,
-    running, idle) whose labels match every ``label`` k=v and the ``selector`` (a deployment target)."""
-    return hub.fleet.devices(device_filter(status, label, selector))
+def devices(q: str = Query(default="", max_length=200, description="part of the id, a label, or a module name's start"),
+            status: str = Query(default="", description=f"one of {', '.join(STATUSES)}"),
+            label: str = Query(default="", max_length=1000, description="label conditions 'k=v,k2!=v2'"),
+            deployment: str = Query(default="", max_length=200, description="devices given a module by it"),
+            selector: str = Query(default="", max_length=10_000, description="a deployment target: '*', ids or k=v"),
+            limit: int | None = Query(default=None, ge=1, le=MAX_PAGE, description="page size: answer one page"),
+            cursor: str | None = Query(default=None, max_length=256, description="next_cursor of the previous page"),
+            hub: Hub = Depends(get_hub)) -> list[dict[str, Any]] | dict[str, Any]:
+    """Devices ordered by id, filtered. Without ``limit`` or ``cursor``: a list of every match. With them: one page
+    ``{items, total, limit, next_cursor, counts}`` (``counts``: matches per status, ignoring ``status``)."""
+    f = DeviceFilter(q.strip(), status, label.strip(), deployment.strip(), selector.strip())
+    if limit is None and cursor is None:
+        return hub.fleet.devices(f)
+    return hub.fleet.page(f, limit or DEFAULT_PAGE, cursor or None)
 
 
 class BulkLabels(BaseModel):
     selector: str = Field(min_length=1, max_length=10_000, description="'*', device ids or k=v,k2!=v2")
-    status: list[str] = Field(default_factory=list, max_length=len(STATUSES))
+    status: list[str] = Field(default_factory=list, max_length=len(STATUSES), description="any of these")
     labels: dict[Key, Value | None] = Field(default_factory=dict, max_length=MAX_LABELS,
                                            description="value sets the label, null removes it")
 
@@ -86,7 +94,8 @@ def label_devices(body: BulkLabels, hub: Hub = Depends(get_hub),
     """Set or remove labels on every device the selector (and status) matches; deployments follow at once."""
     set_ = {k: v for k, v in body.labels.items() if v is not None}
     unset = [k for k, v in body.labels.items() if v is None]
-    return hub.fleet.label_many(device_filter(body.status, None, body.selector), set_, unset, who.name)
+    return hub.fleet.label_many([DeviceFilter(status=s, selector=body.selector) for s in body.status or [""]],
+                                 set_, unset, who.name)
 
 
 @router.get("/devices/{device_id}", dependencies=[Depends(require("viewer"))])
