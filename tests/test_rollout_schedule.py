@@ -120,3 +120,18 @@ def test_a_rollout_waits_for_its_window_and_start_time(server, admin, tmp_path):
     admin.patch("/api/v1/deployments/sched", json={"module": "scorer:3", "window": ""}).raise_for_status()
     wait_until(lambda: rollout(admin, "sched")["phase"] in ("installing", "succeeded"), 30, 0.1, "the wave to begin")
     assert [m["version"] for m in admin.get("/api/v1/devices/sched-0").json()["modules"]] == [3]
+
+
+def test_a_scheduled_rollout_with_a_shadow_phase_begins_with_the_shadow(server, admin, tmp_path):
+    build_versions(admin, tmp_path, n=2)
+    admin.post("/api/v1/deployments", json={"name": "sched-shadow", "module": "scorer:1",
+                                            "target": "ring=nobody"}).raise_for_status()
+    wait_until(lambda: rollout(admin, "sched-shadow")["phase"] == "succeeded", 30, 0.1, "v1 to go live")
+    start = time.time() + 1.5
+    admin.patch("/api/v1/deployments/sched-shadow", json={"module": "scorer:2", "shadow_s": 1,
+                                                          "start_at": start}).raise_for_status()
+    st = rollout(admin, "sched-shadow")
+    assert st["phase"] == "scheduled" and st["plan"]["shadow_s"] == 1 and st["begins_at"] >= start
+    wait_until(lambda: rollout(admin, "sched-shadow")["phase"] != "scheduled", 30, 0.1, "the start time")
+    moves = [e["action"] for e in admin.get("/api/v1/audit", params={"subject": "sched-shadow"}).json()]
+    assert moves[:2] == ["rollout.shadowing", "rollout.scheduled"]  # newest first: the shadow phase, not a wave
