@@ -29,6 +29,8 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent import deferral
+from agent.diagnostics import DEVICE, Diagnostics
 from agent.executor import Executor
 from agent.identity import Identity, check_hub_url, save_identity
 from agent.inference import ActiveModule, Answered, InferenceFront
@@ -44,7 +46,7 @@ from agent.workerproc import WorkerSandbox
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
 from protocol.messages import Command, DesiredState, ReportedState, decode
-from protocol.signing import Root
+from protocol.signing import Root, parse_envelope
 from protocol.topics import Channel
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
@@ -88,6 +90,7 @@ class Agent:
         api_port: int = 0,
         transfer: str = "mqtt",
         hub_url: str | None = None,
+        max_defer_s: float = 3600.0,
         limits: DownloadLimits | None = None,
         api_tokens: dict[str, str] | None = None,
         api_socket: Path | None = None,
@@ -108,6 +111,7 @@ class Agent:
         self.isolation = isolation
         self.module_limits = module_limits or {}  # worker rlimits: memory_mb, cpu_seconds
         self.api_port = api_port
+        self.max_defer_s = max_defer_s  # the longest an application may hold installs (agent/deferral.py)
         self.health_timeout = health_timeout
         self.identity = identity
         self.device_id = identity.device_id
@@ -144,6 +148,7 @@ class Agent:
         # the local API: TCP on 127.0.0.1 (per-app tokens when given), and/or a Unix socket (its mode is the guard)
         self.apis: list[LocalApi] = [*([LocalApi(self, port=api_port, tokens=api_tokens)] if api_port else []),
                                      *([LocalApi(self, path=api_socket, group=api_group)] if api_socket else [])]
+        self.diagnostics = Diagnostics(self)
         self._running = False
 
     # --- the parts' state, as the agent's -------------------------------------------------------
@@ -220,6 +225,18 @@ class Agent:
         atomic_write_json(self.data_dir / STATE_FILE, {"revision": self.trust.revision, "desired": envelope,
                                                        "policy": self.trust.state.policy_envelope})
 
+    def _on_signed_command(self, topic: str, envelope: dict[str, Any]) -> None:
+        """A diagnostic command signed by the director (agent/diagnostics.py): answered once, refusals counted."""
+        async def send() -> None:
+            try:
+                reply = await self.diagnostics.answer(envelope, self.clock())
+            except ProtocolError as exc:
+                self.session.reject("cmd", topic, str(exc))
+                return
+            if reply is not None:
+                await self.session.reply(Channel.CMD_RES, reply.encode())
+        self._spawn(send())
+
     def _persist_state(self, envelope: Any) -> None:
         """Save the accepted state; on a full disk it is applied from memory and saved once there is room (a restart
         meanwhile falls back to the state saved before it, and the hub's retained copy brings it again)."""
@@ -240,6 +257,7 @@ class Agent:
     async def run(self) -> None:
         """Recover interrupted installs, connect, and serve until :meth:`stop`."""
         self._running = True
+        DEVICE.set(self.device_id)  # this task's (and its children's) log records are this device's
         try:
             await self.executor.start()
             await self.session.start(Handlers(desired=self._on_desired, root=self._on_root, command=self._on_command,
@@ -269,6 +287,7 @@ class Agent:
             task.add_done_callback(self._tasks.discard)  # short-lived ones (replies, announcements) go away
 
     async def _shutdown(self) -> None:
+        self.diagnostics.close()
         try:
             for api in self.apis:
                 await api.stop()
@@ -317,6 +336,13 @@ class Agent:
                     self._report_dirty.set()
 
     def _on_command(self, topic: str, payload: bytes) -> None:
+        try:  # an envelope ({"signed", "signatures"}) is a signed diagnostic command; anything else a Command
+            doc = parse_envelope(payload)
+        except ProtocolError:
+            doc = None
+        if isinstance(doc, dict) and "signed" in doc:
+            self._on_signed_command(topic, doc)
+            return
         try:
             cmd = decode(Channel.CMD, payload)
         except ProtocolError as exc:
@@ -365,3 +391,22 @@ class Agent:
 
     def snapshot(self) -> dict[str, Any]:
         return self.reporter.snapshot()
+
+    def defer(self, seconds: float | None, reason: str = "") -> tuple[dict[str, Any], str | None]:
+        """An application's hold on installs (None: release it): (the hold now, why refused or None)."""
+        now = self.clock()
+        if seconds is None:
+            held, why = deferral.release(self.executor.hold, now), None
+        else:
+            held, why = deferral.request(self.executor.hold, now, seconds, self.max_defer_s, reason)
+        if why is None:
+            self.executor.set_hold(held)
+            log.info("%s: installs %s", self.device_id, f"held until {held.until:.0f} ({held.reason or 'no reason'})"
+                     if held.active(now) else "no longer held")
+        return self.hold_view(), why
+
+    def hold_view(self) -> dict[str, Any]:
+        held, now = self.executor.hold, self.clock()
+        return {"held": held.active(now), "until": held.until if held.active(now) else None, "reason": held.reason,
+                "max_until": held.since + self.max_defer_s if held.active(now) else None,
+                "max_defer_s": self.max_defer_s}

@@ -36,7 +36,8 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
               module_memory_mb: int = 0, module_cpu_seconds: int = 0, health_timeout: float = 30.0,
               broker_ca: Path | str | None = None, transfer: str = "mqtt", hub_url: str | None = None,
               limits: DownloadLimits | None = None, api_socket: Path | str | None = "",
-              api_group: str | None = None, module_sandbox: str = "off") -> None:
+              api_group: str | None = None, module_sandbox: str = "off",
+              max_defer_s: float = 3600.0) -> None:
     """Run the agent enrolled in ``data_dir`` until SIGINT/SIGTERM.
 
     ``broker_ca``: a PEM file to trust for ``mqtts://`` instead of the CA pinned at enrolment.
@@ -58,7 +59,8 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
                   module_sandbox=worker_sandbox(module_sandbox, Path(data_dir)) if isolation == "process" else None,
                   telemetry_interval=telemetry_interval, isolation=isolation, api_port=api_port,
                   module_limits={"memory_mb": module_memory_mb, "cpu_seconds": module_cpu_seconds},
-                  health_timeout=health_timeout, transfer=transfer, hub_url=hub_url, limits=limits)
+                  health_timeout=health_timeout, transfer=transfer, hub_url=hub_url, limits=limits,
+                  max_defer_s=max_defer_s)
     log.info("agent %s starting (data %s, %s isolation, bundles over %s)", identity.device_id, data_dir, isolation,
              transfer)
     asyncio.run(_serve(agent))

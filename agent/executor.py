@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.deferral import Hold
 from agent.gc import collect_chunks
 from agent.identity import Identity
 from agent.inference import InferenceFront
@@ -99,6 +100,13 @@ class Executor(Serving):
         self._installing: tuple[str, str] | None = None  # (name, bundle) of the install under way
         self._installing_shadow = False  # ... into a shadow slot
         self.install_task: asyncio.Task[Entry] | None = None
+        self.hold = Hold()  # an application's hold on installs (agent/deferral.py)
+
+    def set_hold(self, hold: Hold) -> None:
+        """Apply an application's hold (or its release): the pass after it ends installs what waited."""
+        self.hold = hold
+        self.wake.set()  # the pass after it schedules the wake for the hold's end (_schedule_retries)
+        self.changed()
 
     # --- facts and passes ----------------------------------------------------------------------
 
@@ -110,6 +118,7 @@ class Executor(Serving):
             facts[name] = ModuleFacts(current=self.installer.current(name), active=active.bundle if active else None,
                                       journal=entry.state if entry else None,
                                       journal_bundle=entry.bundle if entry else None,
+                                      journal_retry=entry.retry if entry else 0,
                                       retry_at=entry.retry_at if entry else 0.0,
                                       config=self.installer.current_config(name),
                                       active_config=active.config if active else "",
@@ -139,7 +148,8 @@ class Executor(Serving):
             if state is None:
                 continue
             try:
-                await self.carry_out(step(self.clock(), state, self.module_facts(), shadows=self.shadows.facts()),
+                await self.carry_out(step(self.clock(), state, self.module_facts(), Facts(hold_until=self.hold.until),
+                                          shadows=self.shadows.facts()),
                                      state)
                 if self._collect:
                     await self.collect_chunks()
@@ -173,9 +183,12 @@ class Executor(Serving):
             log.warning("%s: chunk collection failed: %s", self.identity.device_id, exc)
 
     def _schedule_retries(self) -> None:
-        """Wake for the earliest install the environment stopped (retried from its ``retry_at``)."""
+        """Wake for the earliest install the environment stopped (retried from its ``retry_at``), or for the end
+        of an application's hold on installs."""
         if (when := next_retry(self.trust.desired, self.module_facts())) is not None:
             self._wake_at(when)
+        if self.hold.until > self.clock():
+            self._wake_at(self.hold.until + 0.01)
 
     def _wake_at(self, when: float) -> None:
         self._retry = wake_at(self._retry, when - self.clock(), self.wake)

@@ -198,7 +198,7 @@ class Installer:
         config = await asyncio.to_thread(self._write_config, name, dict(module.config))
         self._set(name, "downloading", bundle=module.bundle, version=module.version, previous=previous,
                   bake=module.bake.to_dict() if module.bake is not None else None, config=config,
-                  previous_config=self.current_config(name))
+                  previous_config=self.current_config(name), retry=module.retry)
         try:
             envelope = await fetch()
         except InstallError as exc:
@@ -234,7 +234,7 @@ class Installer:
         config = await asyncio.to_thread(self._write_config, name, dict(module.config))
         self._set(name, "staged", bundle=module.bundle, version=module.version, previous=module.bundle,
                   bake=module.bake.to_dict() if module.bake is not None else None, config=config,
-                  previous_config=self.current_config(name))
+                  previous_config=self.current_config(name), retry=module.retry)
         self._set(name, "activating")
         self._swap_config(name, config)
         return await self._check_and_finish(name)

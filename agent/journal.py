@@ -79,6 +79,7 @@ class Entry:
     ts: float = 0.0
     bake: dict[str, int] | None = None  # the desired BakePolicy (None: commit after the health check)
     bakes: int = 0  # times the bake was started: a restart during baking starts it again
+    retry: int = 0  # the desired module's ``retry`` this install was for (a higher one installs a failed bundle again)
     retry_at: float = 0.0  # failed because of the environment (disk full, slow download): try again then (0: never)
     config: str = ""  # config digest this install applies ("" none); its file is modules/<name>/config/<digest>.json
     previous_config: str = ""  # the one applied before, restored by a rollback
@@ -108,7 +109,7 @@ class Journal:
         if new == "downloading" or (new == "staged" and (old is None or old.state in TERMINAL)):  # a new install
             entry = Entry(state=new, bundle=fields["bundle"], version=fields["version"], previous=fields.get("previous"),
                           bake=fields.get("bake"), config=fields.get("config", ""),
-                          previous_config=fields.get("previous_config", ""))
+                          previous_config=fields.get("previous_config", ""), retry=fields.get("retry", 0))
         else:
             assert old is not None
             entry = Entry(**{**vars(old), "state": new, **fields})

@@ -10,6 +10,8 @@
                                      POST /v2/models/{name}/infer in JSON or the binary-data extension
     GET  /healthz                    200 healthy / 503 not, with the reasons
     GET  /metrics                    Prometheus text
+    POST /v1/defer  {"seconds": N, "reason": "..."}  hold installs (the agent bounds it: agent/deferral.py)
+    DELETE /v1/defer                 release the hold;  GET /v1/defer: the hold now
 
 An asyncio Protocol with keep-alive and pipelining, no framework: the device pays for no web stack,
 and a request costs little more than the inference itself (see bench/agent_bench.py). A bad
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -86,6 +89,8 @@ class Host(Protocol):
     def health(self) -> dict[str, float]: ...
     def snapshot(self) -> dict[str, Any]: ...
     def worker_stats(self) -> dict[str, float]: ...
+    def defer(self, seconds: float | None, reason: str = "") -> tuple[dict[str, Any], str | None]: ...
+    def hold_view(self) -> dict[str, Any]: ...
     def add_labels(self, body: bytes) -> int: ...
 
 
@@ -201,10 +206,29 @@ class LocalApi:
             health = self.agent.health()
             ok = health["healthy"] == 1.0
             return json_answer(200 if ok else 503, {"ok": ok, **self.agent.snapshot()})
+        if path == "/v1/defer":
+            return self._defer(method, body)
         if path == "/metrics" and method == "GET":
             return 200, "text/plain; version=0.0.4", self.metrics().encode()
         return json_answer(404, {"detail": f"no route {method} {path}"})
 
+    def _defer(self, method: str, body: bytes) -> Answer:
+        if method == "GET":
+            return json_answer(200, self.agent.hold_view())
+        if method == "DELETE":
+            return json_answer(200, self.agent.defer(None)[0])
+        if method != "POST":
+            return json_answer(405, {"detail": "use GET, POST or DELETE"})
+        try:
+            req = json.loads(body or b"{}")
+            seconds, reason = req["seconds"], req.get("reason", "")
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not isinstance(reason, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.agent.rejected["local_api"] += 1
+            return json_answer(400, {"detail": 'want {"seconds": N, "reason": "..."}'})
+        view, why = self.agent.defer(float(seconds), reason)
+        return json_answer(409 if why else 200, {"detail": why, **view} if why else view)
     def served(self) -> dict[str, Served]:
         """The running modules as the OIP v2 metadata routes tell them (ready: the worker is serving)."""
         out = {}

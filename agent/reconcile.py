@@ -31,7 +31,8 @@ from protocol.verify import MAX_DESIRED_LIFETIME_S
 
 MAX_PENDING_ROOTS = 64  # root versions held while waiting for the one before them
 # A version the device judged unusable (its health check, bake or verification failed): not installed
-# again until the desired state names a different bundle (unless the failure has a retry time).
+# again until the desired state names a different bundle or configuration, or the same with a higher
+# ``retry`` (unless the failure has a retry time).
 GAVE_UP = frozenset({"rolled_back", "failed"})
 
 
@@ -178,6 +179,7 @@ class ModuleFacts:
     active: str | None = None  # the bundle serving now
     journal: str | None = None  # the install state on record
     journal_bundle: str | None = None  # the bundle that install is for
+    journal_retry: int = 0  # the hub's retry number that install was for
     retry_at: float = 0.0  # a failure the environment caused (disk full, slow download): tried again from then
     config: str = ""  # config_digest of the configuration applied to ``current`` ("" none)
     active_config: str = ""  # ... of the one serving
@@ -189,6 +191,7 @@ class Facts:
     """Device-wide facts for a pass."""
 
     starting: bool = False  # the agent has just started: installs a restart interrupted come first
+    hold_until: float = 0.0  # an application holds installs until then (agent/deferral.py)
 
 
 @dataclass(frozen=True)
@@ -278,8 +281,10 @@ def step(now: float, desired: DesiredState | None, installed: Mapping[str, Modul
          facts: Facts = Facts(), shadows: Mapping[str, ModuleFacts] | None = None) -> list[Action]:
     """The actions that take the device from ``installed`` to ``desired``, in the order to carry them out.
 
-    ``now`` judges retry times: an install that failed because of the environment is tried again from its
-    ``retry_at``; one the device judged unusable is not, until the desired state names another bundle.
+    Installs and reconfigurations wait while an application holds them (``facts.hold_until`` after ``now``).
+    ``now`` also judges retry times: an install that failed because of the environment is tried again from its
+    ``retry_at``; one the device judged unusable is not, until the desired state names another bundle or
+    configuration, or raises ``retry`` above the one that install was for.
     ``shadows``: what the device holds of shadow candidates, per module name (their own install slots).
     Candidates no longer wanted go first (they only cost CPU), then the live modules, then candidates.
     """
@@ -303,15 +308,18 @@ def step(now: float, desired: DesiredState | None, installed: Mapping[str, Modul
         f = installed.get(m.name, ModuleFacts())
         want = config_digest(m.config)
         # a (bundle, configuration) the device judged unusable is not tried again until the desired state changes
-        gave_up = f.journal_bundle == m.bundle and f.journal_config == want and f.journal in GAVE_UP
+        gave_up = (f.journal_bundle == m.bundle and f.journal_config == want and f.journal in GAVE_UP
+                   and m.retry <= f.journal_retry)
         if f.current == m.bundle:
             if f.config != want and not gave_up:
-                actions.append(Reconfigure(m))
+                if now >= facts.hold_until:
+                    actions.append(Reconfigure(m))
             elif f.active != m.bundle or f.active_config != f.config:
                 actions.append(Activate(m.name))
             actions.append(SetCollectRate(m.name, m.collect_rate_ppm))
         elif not gave_up or (f.retry_at and now >= f.retry_at):
-            actions.append(Install(m))
+            if now >= facts.hold_until:
+                actions.append(Install(m))
     for m in desired.modules:
         cand = m.candidate()
         if m.shadow is None or cand is None:
@@ -336,7 +344,8 @@ def next_retry(desired: DesiredState | None, installed: Mapping[str, ModuleFacts
 def still_wanted(desired: DesiredState | None, installed: Mapping[str, ModuleFacts]) -> list[str]:
     """The desired bundles the device has not given up on: their cached releases and chunks are kept."""
     return [m.bundle for m in (desired.modules if desired else []) if not (
-        (f := installed.get(m.name)) and f.journal_bundle == m.bundle and f.journal in GAVE_UP and not f.retry_at)]
+        (f := installed.get(m.name)) and f.journal_bundle == m.bundle and f.journal in GAVE_UP and not f.retry_at
+        and m.retry <= f.journal_retry)]
 
 
 def supersede(desired: DesiredState, installing: tuple[str, str] | None, state: str | None) -> list[CancelInstall]:

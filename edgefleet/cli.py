@@ -10,16 +10,29 @@ from __future__ import annotations
 import typer
 
 from edgefleet.cli_root import main
-from edgefleet.commands import batch, endpoint, fleet, keys, mlops, monitoring, registry, run, score, tokens, webhooks
+from edgefleet.commands import (
+    batch,
+    devices,
+    endpoint,
+    fleet,
+    keys,
+    mlops,
+    monitoring,
+    registry,
+    run,
+    score,
+    tokens,
+    webhooks,
+)
 
-app = typer.Typer(help="edgefleet: ML models on fleets of devices and in the cloud.", no_args_is_help=True,
+app = typer.Typer(rich_markup_mode=None, help="edgefleet: ML models on fleets of devices and in the cloud.", no_args_is_help=True,
                   add_completion=False)
 app.command()(run.demo)
 app.command()(fleet.status)
 app.command()(score.score)
 for sub, name in ((run.hub_app, "hub"), (run.agent_app, "agent"), (run.sim_app, "sim"),
                   (registry.model_app, "model"), (registry.module_app, "module"), (registry.bundle_app, "bundle"),
-                  (keys.keys_app, "keys"), (fleet.deploy_app, "deploy"), (fleet.device_app, "device"),
+                  (keys.keys_app, "keys"), (fleet.deploy_app, "deploy"), (devices.device_app, "device"),
                   (fleet.deployment_app, "deployment"), (fleet.rollout_app, "rollout"), (fleet.audit_app, "audit"),
                   (monitoring.metrics_app, "metrics"), (monitoring.drift_app, "drift"), (monitoring.alert_app, "alert"),
                   (monitoring.data_app, "data"), (monitoring.quality_app, "quality"), (webhooks.webhook_app, "webhook"),

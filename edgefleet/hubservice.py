@@ -98,6 +98,8 @@ class HubOptions:
     sandbox: str = "on"  # operator code away from the hub's keys (modules/sandbox.py): on, auto or off
     sandbox_user: str = "nobody"
     sandbox_network: bool = False
+    endpoint_host: str = "127.0.0.1"  # where web endpoints listen
+    endpoint_url_host: str | None = None  # the host name in their URLs
 
 
 def start_broker(opts: HubOptions) -> tuple[LocalBroker, str, str | None]:
@@ -155,7 +157,8 @@ def serve(opts: HubOptions) -> None:
                 data_dir=opts.data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=opts.isolate,
                 broker_pid_file=broker.pid_file if broker is not None and opts.isolate else None,
                 ingest_workers=opts.ingest_workers, broker_ca=opts.broker_ca, tls_ca=opts.tls_ca,
-                sandbox=opts.sandbox, sandbox_user=opts.sandbox_user, sandbox_network=opts.sandbox_network),
+                sandbox=opts.sandbox, sandbox_user=opts.sandbox_user, sandbox_network=opts.sandbox_network,
+                endpoint_host=opts.endpoint_host, endpoint_url_host=opts.endpoint_url_host),
                 host=opts.host, port=opts.port, tls=opts.api_tls)
         finally:
             if broker is not None:

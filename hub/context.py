@@ -9,6 +9,7 @@ from hub import audit
 from hub.config import HubConfig
 from hub.events.webhooks import Webhooks
 from hub.fleet.broker_auth import BrokerAuth, signal_reload
+from hub.fleet.commands import DeviceCommands
 from hub.fleet.device_http import DeviceDownloads
 from hub.fleet.devices import Fleet
 from hub.ingest import workers as ingest_worker
@@ -64,6 +65,8 @@ class Hub:
         self.policies.on_change = self._policy_changed
         self.bridge.on_ready = self.director.republish_all
         self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.device_ca_pem())
+        self.commands = DeviceCommands(self.db, self.keys, self.bridge.publish)
+        self.bridge.on_command_reply = self.commands.replied
         self.broker_auth: BrokerAuth | None = None
         if config.isolate:
             pid = config.broker_pid_file or config.broker_pid

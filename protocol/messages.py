@@ -103,6 +103,9 @@ class DesiredModule(Schema, frozen=True, kw_only=True):
     deployment: OptionalName = ""
     collect_rate_ppm: Ppm = 0  # sampled share, parts per million
     bake: BakePolicy | None = None  # None: commit right after the health check (agents before it ignore the field)
+    # Raised by the hub to ask again for a bundle this device gave up on (failed or rolled back): the agent
+    # installs it once more when ``retry`` exceeds the one its failed install was for (docs/protocol.md §6).
+    retry: NonNegative = 0
     # the module's configuration, applied without a new bundle (through the same health check, bake and rollback)
     config: ModuleConfig = {}
     shadow: ShadowSpec | None = None  # a candidate evaluated beside this version (agents before it ignore it)
@@ -121,13 +124,15 @@ class DesiredModule(Schema, frozen=True, kw_only=True):
 
 
 def _without_null_bake(module: dict[str, Any]) -> dict[str, Any]:
-    # Absent, not null or empty: a module without a bake, shadow or config signs and hashes exactly as before
+    # Absent, not null, empty or 0: a module without a bake, shadow, config or retry signs and hashes exactly as before
     # the fields existed.
     for key in ("bake", "shadow"):
         if module.get(key, 0) is None:
             del module[key]
     if module.get("config", 0) == {}:
         del module["config"]
+    if module.get("retry", 1) == 0:
+        del module["retry"]
     return module
 
 

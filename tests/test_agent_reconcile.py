@@ -20,6 +20,7 @@ from agent.reconcile import (
     Facts,
     Install,
     ModuleFacts,
+    Reconfigure,
     Refused,
     Remove,
     Report,
@@ -28,10 +29,11 @@ from agent.reconcile import (
     SetCollectRate,
     Trust,
     step,
+    still_wanted,
     supersede,
 )
 from protocol.encoding import canonical_json, digest_of
-from protocol.messages import DesiredModule, DesiredState
+from protocol.messages import DesiredModule, DesiredState, config_digest
 from protocol.signing import make_root, sign
 
 NOW = 1_700_000_000.0
@@ -329,6 +331,27 @@ def test_a_version_judged_unusable_here_is_not_tried_again(journal):
     facts = {"classifier": ModuleFacts(current=X, active=X, journal=journal, journal_bundle=Y)}
     assert step(NOW, state(bad), facts) == [Report()]
     assert step(NOW, state(other), facts) == [Install(other), Report()]  # a different bundle is tried
+
+
+def test_a_given_up_bundle_is_installed_again_only_for_a_higher_desired_retry():
+    facts = {"classifier": ModuleFacts(current=X, active=X, journal="failed", journal_bundle=Y, journal_retry=1)}
+    same, higher = (DesiredModule(name="classifier", version=2, bundle=Y, size=1, retry=r) for r in (1, 2))
+    assert step(NOW, state(same), facts) == [Report()]
+    assert still_wanted(state(same), facts) == []  # its chunks may go
+    assert step(NOW, state(higher), facts) == [Install(higher), Report()]
+    assert still_wanted(state(higher), facts) == [Y]
+
+
+def test_a_given_up_configuration_is_applied_again_only_for_a_higher_retry_and_not_while_held():
+    cfg = {"threshold": "0.7"}
+    facts = {"classifier": ModuleFacts(current=X, active=X, journal="rolled_back", journal_bundle=X,
+                                       journal_config=config_digest(cfg))}
+    again = DesiredModule(name="classifier", version=1, bundle=X, size=1, config=cfg, retry=1)
+    assert step(NOW, state(DesiredModule(name="classifier", version=1, bundle=X, size=1, config=cfg)), facts) == [
+        SetCollectRate("classifier", 0), Report()]
+    assert step(NOW, state(again), facts) == [Reconfigure(again), SetCollectRate("classifier", 0), Report()]
+    held = step(NOW, state(again), facts, Facts(hold_until=NOW + 1))
+    assert not any(isinstance(a, Reconfigure) for a in held)
 
 
 def test_an_install_cut_short_is_started_again():

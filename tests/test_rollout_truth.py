@@ -50,7 +50,7 @@ def test_an_update_keeps_the_strategy_bake_and_gates_and_shows_the_effective_pla
     assert plan["strategy"] == "waves:50,100" and plan["waves"] == ["50%", "100%"]
     assert plan["bake_s"] == 60 and plan["on_failure"] == "halt" and plan["wave_timeout_s"] == 120
     assert plan["gates"]["max_error_rate"] == 0.05 and plan["gates"]["max_install_failure_rate"] == 0
-    assert set(plan["inherited"]) == {"strategy", "bake_s", "gates", "on_failure", "wave_timeout_s"}
+    assert set(plan["inherited"]) == {"strategy", "bake_s", "gates", "on_failure", "wave_timeout_s", "approve", "window"}
     st = rollout(admin, "up")
     assert st["waves"] == 2 and st["counts"] == {"pending": 2, "waiting": 2}  # not everyone at once
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import typer
 
-from edgefleet.cli_common import call, client, emit, err
+from edgefleet.cli_common import call, client, emit, err, fail
 from edgefleet.commands import oneshot
 from edgefleet.commands.fleet import deploy_app
 
-endpoint_app = typer.Typer(help="Web endpoints: models served over HTTP by the hub.", no_args_is_help=True)
+endpoint_app = typer.Typer(rich_markup_mode=None, help="Web endpoints: models served over HTTP by the hub.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -51,6 +51,9 @@ def deploy_web(
     replicas: int | None = typer.Option(None, "--replicas", min=1, help="Worker processes per version (default 1)."),
     max_batch: int | None = typer.Option(None, "--max-batch", min=1, help="Requests per batched model call (64)."),
     max_wait_ms: float | None = typer.Option(None, "--max-wait-ms", min=0, help="How long a batch may wait to fill (2)."),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535,
+                                    help="Port the endpoint listens on (default: the one it has, else a free one; "
+                                         "the address is the hub's --endpoint-host)."),
     traffic: float | None = typer.Option(None, "--traffic", min=0, max=100,
                                          help="Add beside the current version with this % of traffic (blue/green); "
                                               "without it the module replaces the current version."),
@@ -65,7 +68,7 @@ def deploy_web(
             src = oneshot.ModelSource(model, model_name, None, sample, entry, runtime, baseline, tag, key)
             module, steps = oneshot.prepare(c, name, src, 4)
         body = {"name": name, "module": module, "replicas": replicas, "max_batch": max_batch,
-                "max_wait_ms": max_wait_ms, "traffic": traffic}
+                "max_wait_ms": max_wait_ms, "traffic": traffic, "port": port}
         res = call(lambda: c.post("/api/v1/endpoints", {k: v for k, v in body.items() if v is not None}))
     if model:
         oneshot.deployed(steps, 4, f"endpoint {name} serves {module} at {res['url']}", endpoint=name, url=res["url"])
@@ -73,8 +76,9 @@ def deploy_web(
     if as_json:
         emit(res, True)
     else:
-        emit(res, False, ["name", "url", "versions", "replicas"])
-        print(f"primary key: {res['keys']['primary']}\nsecondary key: {res['keys']['secondary']}")
+        emit(res, False, ["name", "versions", "replicas"])
+        # plain lines, never wrapped or cut: they are copied into clients
+        print(f"url: {res['url']}\nprimary key: {res['keys']['primary']}\nsecondary key: {res['keys']['secondary']}")
 
 
 @endpoint_app.command("list")
@@ -174,8 +178,16 @@ def serve(
     memory_mb: int = typer.Option(0, "--memory-mb", min=0, help="Address-space cap per worker in MiB (0: none)."),
 ) -> None:
     """Serve one bundle as an endpoint without the hub (containers, Kubernetes); same code as hub endpoints."""
+    from hub.endpoints.codec import read_manifest
+    from hub.endpoints.pool import PoolError
     from hub.endpoints.standalone import serve as run_serve
+    from protocol.encoding import ProtocolError
 
+    try:  # not a bundle: say so in one line (exit 2, like any bad argument) before generating keys or workers
+        read_manifest(bundle_dir)
+    except (OSError, ValueError, KeyError, TypeError, ProtocolError) as exc:
+        fail(f"{bundle_dir} is not a bundle directory (edgefleet bundle pull M:V DIR writes one): "
+             f"{type(exc).__name__}: {exc}", code=2)
     keys = [k.strip() for item in key for k in item.split(",") if k.strip()]
     if not keys:
         keys = [secrets.token_urlsafe(32), secrets.token_urlsafe(32)]
@@ -189,6 +201,9 @@ def serve(
         else:
             err.print(f"serving {endpoint} at {url}")
 
-    run_serve(bundle_dir=bundle_dir, root_file=root, keys=keys, host=host, port=port, workers=workers,
-              max_batch=max_batch, max_wait_ms=max_wait_ms, collect_db=collect_db, name=name, on_ready=ready,
-              sandbox="off" if no_sandbox else "auto", memory_mb=memory_mb)
+    try:
+        run_serve(bundle_dir=bundle_dir, root_file=root, keys=keys, host=host, port=port, workers=workers,
+                  max_batch=max_batch, max_wait_ms=max_wait_ms, collect_db=collect_db, name=name, on_ready=ready,
+                  sandbox="off" if no_sandbox else "auto", memory_mb=memory_mb)
+    except (PoolError, ProtocolError, OSError, ValueError) as exc:  # a bundle that does not verify or load
+        fail(f"cannot serve {bundle_dir}: {exc}")

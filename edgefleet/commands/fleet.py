@@ -1,4 +1,4 @@
-"""Fleet commands: deployments and their rollouts, devices, the audit log, status."""
+"""Fleet commands: deployments and their rollouts, the audit log, status (devices: devices.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,20 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from edgefleet.cli_common import call, client, emit, err, parse_duration, parse_kv
+from edgefleet.cli_common import call, client, emit, err, human_time, parse_duration, parse_kv, parse_time
 from edgefleet.commands import oneshot
 
-deploy_app = typer.Typer(help="Deploy modules to devices and to the cloud.", no_args_is_help=True)
-deployment_app = typer.Typer(help="Edge deployments: update, list, revisions.", no_args_is_help=True)
-rollout_app = typer.Typer(help="Rollouts: status, pause, resume, abort, rollback.", no_args_is_help=True)
-device_app = typer.Typer(help="Devices and enrolment tokens.", no_args_is_help=True)
-audit_app = typer.Typer(help="Who did what, when.", no_args_is_help=True)
+deploy_app = typer.Typer(rich_markup_mode=None, help="Deploy modules to devices and to the cloud.", no_args_is_help=True)
+deployment_app = typer.Typer(rich_markup_mode=None, help="Edge deployments: update, list, revisions.", no_args_is_help=True)
+rollout_app = typer.Typer(rich_markup_mode=None, help="Rollouts: status, pause, resume, abort, rollback, retry, approve.",
+                          no_args_is_help=True)
+audit_app = typer.Typer(rich_markup_mode=None, help="Who did what, when.", no_args_is_help=True)
 
 STRATEGY_HELP = "all | canary:N | canary:P% | waves:1,10,50,100"
+APPROVE_HELP = "Each wave after the first waits (awaiting_approval) until 'edgefleet rollout approve NAME'."
+WINDOW_HELP = ("Maintenance windows (UTC) waves begin in: 'Sat 02:00-04:00', 'Mon-Fri 22:00-02:00', 'daily 01:00-05:00';"
+               " several separated by ';'.")
+START_HELP = "No wave begins before this time: ISO 8601 (2026-12-05T02:00+00:00; local time without an offset) or unix seconds."
 GATE_HELP = ("Gate k=v, repeatable: max_install_failure_rate (default 0), max_error_rate, max_p95_increase,"
              " min_reporting, and the quality gates max_disagreement, max_prediction_drift, max_input_drift,"
              " min_accuracy; v 'none' turns one off.")
@@ -46,9 +50,11 @@ DEVICE_BAKE_HELP = ("Each device keeps the new version on probation this long (3
 
 
 def _rollout_options(strategy: str | None, bake: str | None, gate: list[str], on_failure: str | None,
-                     collect_rate: int | None) -> dict[str, Any]:
+                     collect_rate: int | None, approve: bool = False, window: str | None = None,
+                     start_at: str | None = None) -> dict[str, Any]:
     opts: dict[str, Any] = {"strategy": strategy or "all", "bake_s": parse_duration(bake) if bake else 0.0,
-                            "gates": _gates(gate), "collect_rate_ppm": collect_rate}
+                            "gates": _gates(gate), "collect_rate_ppm": collect_rate, "approve": approve,
+                            "window": window, "start_at": parse_time(start_at)}
     if on_failure:
         opts["on_failure"] = on_failure
     return opts
@@ -67,9 +73,9 @@ def _summary(res: dict[str, Any], as_json: bool) -> None:
         return
     ro = res.get("rollout")
     state = ro.get("state") if isinstance(ro, dict) else None
-    err.print(f"deployment [bold]{res['name']}[/] revision {res.get('revision')}: {res['module']} on {res['target']!r}"
+    err.print(f"deployment {res['name']} revision {res.get('revision')}: {res['module']} on {res['target']!r}"
               f" (priority {res['priority']}); {res.get('published', 0)} device(s) updated"
-              + (f"; rollout {state}" if state else ""))
+              + (f"; rollout {state}" if state else ""), markup=False, highlight=False, soft_wrap=True)
     if res.get("plan"):
         err.print(_plan_line(res["plan"]), markup=False, highlight=False, soft_wrap=True)
 
@@ -81,6 +87,9 @@ def _plan_line(plan: dict[str, Any]) -> str:
     shadow = f"shadow {plan['shadow_s']:g}s first; " if plan.get("shadow_s") else ""
     return (f"rollout plan: {shadow}{plan['strategy']} (waves {', '.join(plan['waves'])}); bake {plan['bake_s']:g}s;"
             f" gates {gates}; on failure {plan['on_failure']}; wave timeout {plan['wave_timeout_s']:g}s"
+            + ("; each wave after the first waits for rollout approve" if plan.get("approve") else "")
+            + (f"; waves begin in {plan['window']} (UTC)" if plan.get("window") else "")
+            + (f"; not before {human_time(plan['start_at'])}" if plan.get("start_at") else "")
             + (f" (from the last rollout: {', '.join(inherited)})" if inherited else ""))
 
 
@@ -107,6 +116,9 @@ def deploy_edge(
     device_max_error_rate: float = typer.Option(0.05, "--device-max-error-rate", min=0, max=1),
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1,
                                               help="Inferences a device needs before the error rate decides."),
+    approve: bool = typer.Option(False, "--approve", help=APPROVE_HELP),
+    window: str | None = typer.Option(None, "--window", help=WINDOW_HELP),
+    start_at: str | None = typer.Option(None, "--start-at", help=START_HELP),
     shadow: str | None = typer.Option(None, "--shadow", help=SHADOW_HELP + " Needs a live version already."),
     shadow_sample: float | None = typer.Option(None, "--shadow-sample", min=0, max=1, help=SHADOW_SAMPLE_HELP),
     as_json: bool = typer.Option(False, "--json"),
@@ -120,7 +132,7 @@ def deploy_edge(
             src = oneshot.ModelSource(model, model_name, None, sample, entry, runtime, baseline, tag, key)
             module, steps = oneshot.prepare(c, name, src, 4)
         body = {"name": name, "module": module, "target": target, "priority": priority,
-                **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
+                **_rollout_options(strategy, bake, gate, on_failure, collect_rate, approve, window, start_at),
                 **_device_bake(device_bake, device_max_error_rate, device_min_inferences),
                 **({"shadow_s": parse_duration(shadow)} if shadow else {}),
                 **({"shadow_sample": shadow_sample} if shadow_sample is not None else {})}
@@ -171,6 +183,10 @@ def deployment_update(
     device_bake: str | None = typer.Option(None, "--device-bake", help=DEVICE_BAKE_HELP + " 0 turns it off."),
     device_max_error_rate: float = typer.Option(0.05, "--device-max-error-rate", min=0, max=1),
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1),
+    approve: bool | None = typer.Option(None, "--approve/--no-approve", help=APPROVE_HELP + " Default: the last "
+                                                                                           "rollout's."),
+    window: str | None = typer.Option(None, "--window", help=WINDOW_HELP + " Default: the last rollout's; '' clears."),
+    start_at: str | None = typer.Option(None, "--start-at", help=START_HELP),
     config: list[str] = typer.Option([], "--config", help="KEY=VALUE (a string) set in the module's configuration; "
                                      "repeatable, merged into the latest revision's."),
     config_unset: list[str] = typer.Option([], "--config-unset", help="KEY removed from the module's configuration."),
@@ -188,8 +204,9 @@ def deployment_update(
     roll back to the previous configuration if it fails.
     """
     given = {"strategy": strategy, "bake_s": parse_duration(bake) if bake else None, "gates": _gates(gate),
-             "on_failure": on_failure, "collect_rate_ppm": collect_rate,
-             "shadow_s": parse_duration(shadow) if shadow else None, "shadow_sample": shadow_sample}
+             "on_failure": on_failure, "collect_rate_ppm": collect_rate, "approve": approve, "window": window,
+             "start_at": parse_time(start_at), "shadow_s": parse_duration(shadow) if shadow else None,
+             "shadow_sample": shadow_sample}
     body = {"module": module, "target": target, "priority": priority,
             **{k: v for k, v in given.items() if v is not None},
             **_device_bake(device_bake, device_max_error_rate, device_min_inferences), **_config(config, config_unset,
@@ -210,6 +227,14 @@ def deployment_list(as_json: bool = typer.Option(False, "--json")) -> None:
 def deployment_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     with client() as c:
         res = call(lambda: c.get(f"/api/v1/deployments/{name}"))
+    emit(res, as_json)
+
+
+@deployment_app.command("delete")
+def deployment_delete(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Deactivate a deployment: its devices drop the module unless another deployment provides it."""
+    with client() as c:
+        res = call(lambda: c.request("DELETE", f"/api/v1/deployments/{name}"))
     emit(res, as_json)
 
 
@@ -235,9 +260,9 @@ def _render(st: dict[str, Any]) -> Any:
     bars = Progress(TextColumn("{task.description:>12}"), BarColumn(), TextColumn("{task.completed:>5}"))
     for b in SHADOW_BUCKETS if st["phase"] == "shadowing" else BUCKETS:
         bars.add_task(b, total=total, completed=st["counts"].get(b, 0))
-    head = Text.from_markup(f"[bold]{st['deployment']}[/] revision {st['revision']} ({st['module']}"
-                            f"{' from ' + st['from_module'] if st['from_module'] else ''}): [bold]{st['state']}[/]"
-                            f"  waves {', '.join(st['strategy'])}")
+    head = Text.assemble((st["deployment"], "bold"), f" revision {st['revision']} ({st['module']}"
+                         f"{' from ' + st['from_module'] if st['from_module'] else ''}): ", (st["state"], "bold"),
+                         f"  waves {', '.join(st['strategy'])}")
     parts = [head, bars]
     if st["reason"]:
         parts.append(Text(f"reason: {st['reason']}", style="red" if "fail" in st["reason"] else ""))
@@ -251,6 +276,12 @@ def _render(st: dict[str, Any]) -> Any:
         parts.append(Text(f"wave {st['wave']} waits for {st['holding_count']} device(s): {names}"
                           + (f" and {more} more" if more > 0 else "")
                           + f"; wave timeout in {st['wave_timeout_in_s']:.0f}s", style="yellow"))
+    if st.get("phase") == "awaiting_approval":
+        parts.append(Text(f"wave {st['wave'] + 1} waits for approval: edgefleet rollout approve {st['deployment']}",
+                          style="yellow"))
+    if st.get("retried"):
+        parts.append(Text(f"asked {len(st['retried'])} device(s) to install again: {', '.join(st['retried'][:10])}"
+                          + (" …" if len(st["retried"]) > 10 else "")))
     return Group(*parts)
 
 
@@ -315,80 +346,25 @@ def rollout_rollback(name: str, to: int | None = typer.Option(None, "--to", help
     _action("rollback", name, as_json, {"to_revision": to})
 
 
+@rollout_app.command("retry")
+def rollout_retry(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Ask the devices that failed or rolled back the latest rollout's version to install it again
+    (a halted rollout installs and gates that wave again)."""
+    _action("retry", name, as_json)
+
+
+@rollout_app.command("approve")
+def rollout_approve(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Begin the next wave of a rollout awaiting approval (deployed with --approve)."""
+    _action("approve", name, as_json)
+
+
 @rollout_app.command("list")
 def rollout_list(deployment: str | None = typer.Option(None, "--deployment"),
                  as_json: bool = typer.Option(False, "--json")) -> None:
     with client() as c:
         res = call(lambda: c.get("/api/v1/rollouts", **({"deployment": deployment} if deployment else {})))
     emit(res, as_json, ["id", "deployment", "revision", "from_revision", "state", "reason", "created_by"])
-
-
-# --- devices ----------------------------------------------------------------------------------
-
-
-# `device token` itself is a group (list, revoke) whose bare form calls this: edgefleet/commands/tokens.py
-def device_token(
-    label: list[str] = typer.Option([], "--label", help="key=value given to the device, repeatable."),
-    expires: str = typer.Option("1h", "--expires", help="Lifetime: 30s, 10m, 1h, 7d (or seconds)."),
-    count: int = typer.Option(1, "--count", min=1),
-    uses: int = typer.Option(1, "--uses", min=1, help="Enrolments per token (>1: a group token for provisioning)."),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Create enrolment tokens (single-use unless --uses)."""
-    expires_in = int(parse_duration(expires))
-    with client() as c:
-        res = call(lambda: c.post("/api/v1/enrollment-tokens", {"count": count, "labels": parse_kv(label),
-                                                                "expires_in": expires_in, "uses": uses}))
-    out = {"token": res["tokens"][0], "tokens": res["tokens"], "expires_at": res.get("expires_at"),
-           "uses": res.get("uses", 1)}
-    if as_json:
-        emit(out, True)
-    else:
-        for t in res["tokens"]:
-            print(t)
-
-
-@device_app.command("list")
-def device_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Devices with their state, modules (and which deployment supplies each) and inference counts."""
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/devices"))
-    if as_json:
-        emit(res, True)
-        return
-    rows = [d | {"modules": ", ".join(f"{m['name']}:{m['version']} ({m['state']}, {m['deployment'] or '-'})"
-                                      for m in d["modules"])} for d in res]
-    emit(rows, False, ["id", "online", "state", "labels", "modules", "inferences", "last_seen"])
-
-
-@device_app.command("show")
-def device_show(device_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    with client() as c:
-        res = call(lambda: c.get(f"/api/v1/devices/{device_id}"))
-    emit(res, as_json)
-
-
-@device_app.command("label")
-def device_label(device_id: str, changes: list[str] = typer.Argument(..., help="k=v sets, k- removes"),
-                 as_json: bool = typer.Option(False, "--json")) -> None:
-    """Set or remove labels (deployments that select by label follow)."""
-    labels: dict[str, str | None] = {}
-    for ch in changes:
-        if ch.endswith("-") and "=" not in ch:
-            labels[ch[:-1]] = None
-        else:
-            labels |= parse_kv([ch])
-    with client() as c:
-        res = call(lambda: c.request("PATCH", f"/api/v1/devices/{device_id}", json={"labels": labels}))
-    emit(res if as_json else {"id": res["id"], "labels": res["labels"]}, as_json)
-
-
-@device_app.command("decommission")
-def device_decommission(device_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Forget a device and revoke its broker credentials."""
-    with client() as c:
-        res = call(lambda: c.request("DELETE", f"/api/v1/devices/{device_id}"))
-    emit(res, as_json)
 
 
 @audit_app.command("list")

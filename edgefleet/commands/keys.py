@@ -15,10 +15,10 @@ from typing import Any
 
 import typer
 
-from edgefleet.cli_common import call, client, emit, err, parse_kv
+from edgefleet.cli_common import call, client, emit, err, escape, parse_kv
 from edgefleet.commands.registry import module_app, parse_model_ref
 
-keys_app = typer.Typer(help="The root of trust, the hub's keys, offline root signing.", no_args_is_help=True)
+keys_app = typer.Typer(rich_markup_mode=None, help="The root of trust, the hub's keys, offline root signing.", no_args_is_help=True)
 
 
 def root_summary(envelope: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def keys_init(
             return
         res = init_offline(data / "keys", offline_root, root_keys, root_threshold)
     except KeySetupError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
     emit(res, as_json)
 

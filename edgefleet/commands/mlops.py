@@ -14,13 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from edgefleet.cli_common import call, client, emit, err
+from edgefleet.cli_common import call, client, emit, err, escape
 from edgefleet.client import HubClient, HubError
 from edgefleet.commands.registry import model_app, parse_model_ref
 
 EXIT_GATE = 3
 
-alias_app = typer.Typer(help="Aliases (champion, challenger, …) naming one version of a model.", no_args_is_help=True)
+alias_app = typer.Typer(rich_markup_mode=None, help="Aliases (champion, challenger, …) naming one version of a model.", no_args_is_help=True)
 model_app.add_typer(alias_app, name="alias")
 
 
@@ -136,7 +136,7 @@ def model_evaluate(
         names = check_metrics(metric + [t.metric for t in limits]) or ["accuracy"]
         table = read_table(data)
     except (EvaluationError, OSError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
     dataset = {"name": table.name, "sha256": table.sha256, "rows": table.rows, "label": label}
     run = {"label": label, "features": feature or None, "metrics": names, "output": output, "decision": decision,
@@ -147,7 +147,7 @@ def model_evaluate(
             mine = evaluate_version(c, name, version, table, **run)
             champion = _champion(c, name, version, against, table, dataset, run, record)
         except (EvaluationError, ModelError) as exc:
-            err.print(f"[red]cannot evaluate {name}:{version}:[/] {exc}")
+            err.print(f"[red]cannot evaluate {name}:{version}:[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
         if record:
             call(lambda: c.post(f"/api/v1/models/{name}/versions/{version}/metrics",

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from edgefleet.cli_common import CTX, call, client, emit, err, parse_duration, parse_time
+from edgefleet.cli_common import CTX, call, client, emit, err, escape, parse_duration, parse_time
 
 if TYPE_CHECKING:
     import httpx
 
-metrics_app = typer.Typer(help="Telemetry time series from the hub.", no_args_is_help=True)
-drift_app = typer.Typer(help="Input and prediction drift against a model's baseline.", no_args_is_help=True)
-alert_app = typer.Typer(help="Alert rules and the events they raise.", no_args_is_help=True)
-data_app = typer.Typer(help="Collected inputs and predictions.", no_args_is_help=True)
+metrics_app = typer.Typer(rich_markup_mode=None, help="Telemetry time series from the hub.", no_args_is_help=True)
+drift_app = typer.Typer(rich_markup_mode=None, help="Input and prediction drift against a model's baseline.", no_args_is_help=True)
+alert_app = typer.Typer(rich_markup_mode=None, help="Alert rules and the events they raise.", no_args_is_help=True)
+data_app = typer.Typer(rich_markup_mode=None, help="Collected inputs and predictions.", no_args_is_help=True)
 
 
 @metrics_app.command("series")
@@ -145,7 +145,7 @@ def data_export(
                           timeout=httpx.Timeout(30.0, read=300.0)) as resp:
             if resp.status_code >= 400:
                 resp.read()
-                err.print(f"[red]error:[/] export -> {resp.status_code}: {resp.text}")
+                err.print(f"[red]error:[/] export -> {resp.status_code}: {escape(resp.text)}")
                 raise typer.Exit(1)
             total = int(resp.headers.get("x-total-count", "0"))
             with Progress("exporting", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err,
@@ -154,7 +154,7 @@ def data_export(
                 rows = _write(resp, fmt, tmp, lambda n: bar.advance(task, n))
         tmp.replace(out)  # a failed export never leaves a half-written file under the requested name
     except httpx.HTTPError as exc:
-        err.print(f"[red]error:[/] cannot reach the hub at {CTX.hub}: {exc}")
+        err.print(f"[red]error:[/] cannot reach the hub at {CTX.hub}: {escape(str(exc))}")
         raise typer.Exit(1) from None
     finally:
         tmp.unlink(missing_ok=True)

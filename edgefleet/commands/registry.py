@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
-from edgefleet.cli_common import call, client, emit, err, parse_kv
+from edgefleet.cli_common import call, client, emit, err, fail, parse_kv
 from edgefleet.client import HubClient, HubError
 from protocol.manifest import check_relative_path
 
-model_app = typer.Typer(help="The model registry.", no_args_is_help=True)
-module_app = typer.Typer(help="Modules: signed bundles built from model versions.", no_args_is_help=True)
-bundle_app = typer.Typer(help="Pull and verify signed bundles.", no_args_is_help=True)
+model_app = typer.Typer(rich_markup_mode=None, help="The model registry.", no_args_is_help=True)
+module_app = typer.Typer(rich_markup_mode=None, help="Modules: signed bundles built from model versions.", no_args_is_help=True)
+bundle_app = typer.Typer(rich_markup_mode=None, help="Pull and verify signed bundles.", no_args_is_help=True)
 
 # --- registry -----------------------------------------------------------------------------------
 
@@ -112,8 +112,7 @@ def _resolve(c: HubClient, ref: str) -> tuple[str, int]:
     if version is None:  # the newest version
         latest = call(lambda: c.get("/api/v1/models", name=name, limit=1))
         if not latest:
-            err.print(f"[red]error:[/] model {name!r} has no versions")
-            raise typer.Exit(1)
+            fail(f"model {name!r} has no versions")
         version = latest[0]["version"]
     return name, version
 
@@ -174,8 +173,7 @@ def model_download(
             got = sha256_file(target)
             if got != f["sha256"]:
                 target.unlink()
-                err.print(f"[red]error:[/] {f['path']} arrived with sha256 {got[:12]}…, expected {f['sha256'][:12]}…")
-                raise typer.Exit(1)
+                fail(f"{f['path']} arrived with sha256 {got[:12]}…, expected {f['sha256'][:12]}…")
             written.append({"path": str(target), "sha256": f["sha256"], "size": f["size"]})
     emit(written, as_json, ["path", "size", "sha256"])
 
@@ -258,12 +256,38 @@ def module_build(
     emit(res, as_json, ["name", "version", "digest", "size"])
 
 
+@module_app.command("list")
+def module_list(name: str | None = typer.Option(None, "--name"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Built modules (signed bundles), newest first."""
+    with client() as c:
+        res = call(lambda: c.get("/api/v1/modules", name=name))
+    emit(res, as_json, ["name", "version", "runtime", "signed", "size", "created_at"])
+
+
+@module_app.command("show")
+def module_show(ref: str = typer.Argument(..., help="MODULE:VERSION"), as_json: bool = typer.Option(False, "--json")
+                ) -> None:
+    """One module: its bundle digest, models, runtime, files, signatures and release expiry."""
+    name, version = parse_model_ref(ref)
+    with client() as c:
+        res = call(lambda: c.get(f"/api/v1/modules/{name}/versions/{version}"))
+    if as_json:
+        emit(res, True)
+        return
+    envelope = res.pop("envelope", None) or {}
+    signed = envelope.get("signed", {})
+    manifest = signed.get("manifest", {})
+    res |= {"entry": manifest.get("entry"), "expires_at": signed.get("expires"),
+            "signatures": [s.get("keyid", "")[:16] for s in envelope.get("signatures", [])],
+            "files": [{"path": f["path"], "size": f["size"]} for f in manifest.get("files", [])]}
+    emit(res, False, title=f"{name}:{version}")
+
+
 # --- bundles ------------------------------------------------------------------------------------
 
 
-def _fail(exc: Exception) -> None:
-    err.print(f"[red]refused:[/] {exc}")
-    raise typer.Exit(1)
+def _fail(exc: Exception) -> NoReturn:
+    fail(str(exc), "refused:")
 
 
 @bundle_app.command("pull")

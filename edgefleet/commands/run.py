@@ -8,11 +8,11 @@ from typing import Any
 
 import typer
 
-from edgefleet.cli_common import CTX, emit, err
+from edgefleet.cli_common import CTX, emit, err, escape, parse_duration
 
-hub_app = typer.Typer(help="Run the hub.", no_args_is_help=True)
-agent_app = typer.Typer(help="Enrol and run the device agent.", no_args_is_help=True)
-sim_app = typer.Typer(help="Simulated fleets: many real agents in one process.", no_args_is_help=True)
+hub_app = typer.Typer(rich_markup_mode=None, help="Run the hub.", no_args_is_help=True)
+agent_app = typer.Typer(rich_markup_mode=None, help="Enrol and run the device agent.", no_args_is_help=True)
+sim_app = typer.Typer(rich_markup_mode=None, help="Simulated fleets: many real agents in one process.", no_args_is_help=True)
 
 # --- demo ---------------------------------------------------------------------------------------
 
@@ -76,6 +76,10 @@ def hub_serve(
                                      help="The account a root hub runs operator code as."),
     sandbox_network: bool = typer.Option(False, "--sandbox-network",
                                          help="Give sandboxed operator code the host's network (default: none)."),
+    endpoint_host: str = typer.Option("127.0.0.1", "--endpoint-host", envvar="EDGEFLEET_ENDPOINT_HOST",
+                                      help="Address web endpoints listen on (each on its own port: deploy web --port)."),
+    endpoint_url_host: str | None = typer.Option(None, "--endpoint-url-host", envvar="EDGEFLEET_ENDPOINT_URL_HOST",
+                                                 help="Host name put in endpoint URLs (default: --endpoint-host)."),
 ) -> None:
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C or SIGTERM.
 
@@ -108,9 +112,10 @@ def hub_serve(
                          broker_port=broker_port, device_listener=listener,
                          device_mqtt_url=exposure.device_mqtt_url, api_tls=api_tls, tls_ca=pinned,
                          sandbox="off" if no_sandbox else "on", sandbox_user=sandbox_user,
-                         sandbox_network=sandbox_network))
+                         sandbox_network=sandbox_network, endpoint_host=endpoint_host,
+                         endpoint_url_host=endpoint_url_host))
     except (KeySetupError, TokenError, Refused, ServiceError, SandboxUnavailable) as exc:
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, for logs and service managers
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # one line, for logs and service managers
         raise typer.Exit(1) from None
 
 
@@ -186,7 +191,7 @@ def agent_enroll(
                     ca_pem=ca.read_text() if ca else None, insecure_http=insecure_http)
         ident = enroll(hub or CTX.hub, token, data, device_id=device_id, pins=pins)
     except Exception as exc:  # enrol errors are reported, not traced
-        err.print(f"[red]enrolment failed:[/] {exc}")
+        err.print(f"[red]enrolment failed:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
     emit({"device_id": ident.device_id, "data": str(data)}, as_json)
 
@@ -212,6 +217,8 @@ def agent_run(
     transfer: str = typer.Option("mqtt", "--transfer", envvar="EDGEFLEET_TRANSFER",
                                  help="Bundle download: mqtt (blob topics) or http (HTTP(S) from the hub)."),
     hub_url: str | None = typer.Option(None, "--hub-url", help="Hub URL for --transfer http (default: the enrolled one)."),
+    max_defer: str = typer.Option("1h", "--max-defer", help="Longest an application may hold updates (POST /v1/defer "
+                                                            "on the local API); 0 refuses holds."),
     min_download_rate: float = typer.Option(1024.0, "--min-download-rate",
                                             help="Abort a download slower than this (bytes/s) over the window (0: never)."),
     download_window: float = typer.Option(60.0, "--download-window", help="Seconds the download rate is judged over."),
@@ -230,9 +237,10 @@ def agent_run(
                   isolation=isolation, module_memory_mb=module_memory_mb, module_cpu_seconds=module_cpu_seconds,
                   broker_ca=broker_ca, transfer=transfer, hub_url=hub_url, module_sandbox=module_sandbox,
                   api_socket=None if api_socket == "off" else api_socket, api_group=api_group,
-                  limits=DownloadLimits(min_download_rate, download_window, int(disk_reserve_mb * 2**20), retry_after))
+                  limits=DownloadLimits(min_download_rate, download_window, int(disk_reserve_mb * 2**20), retry_after),
+                  max_defer_s=parse_duration(max_defer))
     except (EnrollmentError, ValueError, SandboxUnavailable) as exc:
-        err.print(f"[red]cannot start the agent:[/] {exc}")
+        err.print(f"[red]cannot start the agent:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from edgefleet.cli_common import client, emit, err
+from edgefleet.cli_common import client, emit, err, escape
 
 
 class Progress:
@@ -177,7 +177,7 @@ def score(
         rows = finish(layout, parts)
         sent = _monitoring(records, manifest, monitor, monitor_name or layout.output.name, monitor_file)
     except (BatchError, ModelError, ProtocolError, HubError, OSError, ValueError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         if local is not None:

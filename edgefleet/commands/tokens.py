@@ -5,10 +5,10 @@ from __future__ import annotations
 import typer
 
 from edgefleet.cli_common import call, client, emit, err, parse_duration
-from edgefleet.commands import fleet
+from edgefleet.commands import devices, fleet
 
-token_app = typer.Typer(help="API tokens: create, list, revoke (admin).", no_args_is_help=True)
-enrolment_app = typer.Typer(help="Enrolment tokens: create (no subcommand), list, revoke.")
+token_app = typer.Typer(rich_markup_mode=None, help="API tokens: create, list, revoke (admin).", no_args_is_help=True)
+enrolment_app = typer.Typer(rich_markup_mode=None, help="Enrolment tokens: create (no subcommand), list, revoke.")
 
 TOKEN_COLUMNS = ["id", "name", "role", "state", "source", "expires_at", "created_by"]
 
@@ -60,7 +60,7 @@ def enrolment_tokens(
 ) -> None:
     """Create enrolment tokens (single-use unless --uses); `device token list|revoke` for issued ones."""
     if ctx.invoked_subcommand is None:
-        fleet.device_token(label, expires, count, uses, as_json)
+        devices.device_token(label, expires, count, uses, as_json)
 
 
 @enrolment_app.command("list")
@@ -97,5 +97,5 @@ def audit_verify(as_json: bool = typer.Option(False, "--json")) -> None:
 
 def register(app: typer.Typer) -> None:
     app.add_typer(token_app, name="token")
-    fleet.device_app.add_typer(enrolment_app, name="token")
+    devices.device_app.add_typer(enrolment_app, name="token")
     fleet.audit_app.command("verify")(audit_verify)

@@ -6,7 +6,7 @@ import typer
 
 from edgefleet.cli_common import call, client, emit, err
 
-webhook_app = typer.Typer(help="Event webhooks: signed POSTs when models, aliases, rollouts and alerts change.",
+webhook_app = typer.Typer(rich_markup_mode=None, help="Event webhooks: signed POSTs when models, aliases, rollouts and alerts change.",
                           no_args_is_help=True)
 
 

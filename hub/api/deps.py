@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hub.batch.jobs import BatchJobs
 from hub.context import Hub
@@ -49,14 +50,19 @@ def authenticate(db: Database, header: str | None) -> Principal:
         raise HTTPException(401, exc.detail, headers={"WWW-Authenticate": "Bearer"}) from None
 
 
-def require(role: str) -> Callable[[Request], Principal]:
+# Declares the bearer scheme in the OpenAPI schema on every operation that needs a token, so /docs can send
+# one ("Authorize"); it checks nothing itself (auto_error off): authenticate() below does, with its reasons.
+BEARER = HTTPBearer(scheme_name="bearer", description="an API token (edgefleet token create)", auto_error=False)
+
+
+def require(role: str) -> Callable[..., Principal]:
     """A valid token whose role is at least ``role`` (401 if absent/invalid, 403 if too weak).
 
     The principal is kept on the request: the guard (hub/api/guard.py) audits a mutation in its name.
     """
     needed = ROLE_RANK[role]
 
-    def dependency(request: Request) -> Principal:
+    def dependency(request: Request, _: HTTPAuthorizationCredentials | None = Depends(BEARER)) -> Principal:
         principal = getattr(request.state, "principal", None)  # authenticated by the guard before the body
         if not isinstance(principal, Principal):
             principal = authenticate(get_hub(request).db, request.headers.get("authorization"))

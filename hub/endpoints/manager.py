@@ -167,9 +167,11 @@ class EndpointManager:
     # --- operations ----------------------------------------------------------------------------
 
     def deploy(self, name: str, module: str, replicas: int | None = None, max_batch: int | None = None,
-               max_wait_ms: float | None = None, traffic: float | None = None) -> dict[str, Any]:
+               max_wait_ms: float | None = None, traffic: float | None = None, port: int | None = None
+               ) -> dict[str, Any]:
         """Create the endpoint, or update it: with ``traffic`` the module joins as a candidate taking that
-        percentage; without, it replaces every version (fresh workers, switch when healthy, old ones drain)."""
+        percentage; without, it replaces every version (fresh workers, switch when healthy, old ones drain).
+        ``port`` moves the endpoint's gateway to that port (default: the one it has, else a free one)."""
         check_name(name)
         module_name, version = parse_ref(module)
         label = f"{module_name}:{version}"
@@ -183,8 +185,8 @@ class EndpointManager:
                        "primary_key": new_key(), "secondary_key": new_key(), "port": 0, "created_at": now()}
             else:
                 row["versions"] = loads(row["versions"])
-            row |= {k: v for k, v in (("replicas", replicas), ("max_batch", max_batch), ("max_wait_ms", max_wait_ms))
-                    if v is not None}
+            row |= {k: v for k, v in (("replicas", replicas), ("max_batch", max_batch), ("max_wait_ms", max_wait_ms),
+                                      ("port", port)) if v is not None}
             if int(row["replicas"]) < 1 or int(row["max_batch"]) < 1 or float(row["max_wait_ms"]) < 0:
                 raise Invalid("replicas and max_batch must be >= 1 and max_wait_ms >= 0")
             others = [v for v in row["versions"] if v["module"] != label]
@@ -267,7 +269,7 @@ class EndpointManager:
     def _commit(self, row: dict[str, Any]) -> None:
         """Apply ``row`` to the running gateway (starting it if needed), and store it only if that worked."""
         gw = self.gateways.get(row["name"])
-        if gw is None or not gw.alive:
+        if gw is None or not gw.alive or int(row.get("port") or 0) not in (0, gw.port):  # new, dead or moved
             gw = self._launch(row)  # on failure it leaves nothing running
         else:
             gw.apply(self._spec(row))

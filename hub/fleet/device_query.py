@@ -32,12 +32,14 @@ def _like(s: str) -> str:
 class DeviceFilter:
     """``q``: a piece of the device id, of a label key or value, or the start of a module name (case-insensitive);
     ``status``: online, offline or a device state (idle, pending, installing, running, failed);
-    ``label``: label conditions ``k=v,k2!=v2`` (as in targets); ``deployment``: devices given a module by it."""
+    ``label``: label conditions ``k=v,k2!=v2`` (as in targets); ``deployment``: devices given a module by it;
+    ``selector``: a deployment target (``*``, device ids or label conditions), as bulk label changes take."""
 
     q: str = ""
     status: str = ""
     label: str = ""
     deployment: str = ""
+    selector: str = ""
 
     def __post_init__(self) -> None:
         if self.status and self.status not in STATUSES:
@@ -46,10 +48,12 @@ class DeviceFilter:
             target = check_target(self.label)
             if target.everyone or target.ids:
                 raise Invalid(f"label filter {self.label!r} is not label conditions: use 'key=value,key2!=value2'")
+        if self.selector:
+            check_target(self.selector)
 
     @property
     def empty(self) -> bool:
-        return not (self.q or self.status or self.label or self.deployment)
+        return not (self.q or self.status or self.label or self.deployment or self.selector)
 
     def where(self, *, status: bool = True) -> tuple[str, list[object]]:
         """`` WHERE …`` (or "") and its parameters; ``status=False`` leaves the status out (for counts by status)."""
@@ -66,8 +70,13 @@ class DeviceFilter:
         elif status and self.status:
             terms.append("state = ?")
             params.append(self.status)
-        if self.label:
-            target = check_target(self.label)
+        for text in (self.label, self.selector):
+            target = check_target(text) if text else None
+            if target is None or target.everyone:
+                continue
+            if target.ids:
+                terms.append(f"id IN ({','.join('?' * len(target.ids))})")
+                params += sorted(target.ids)
             for (k, v), negated in [*((p, False) for p in target.equals), *((p, True) for p in target.not_equals)]:
                 terms.append(f"instr(labels, ?) {'=' if negated else '>'} 0")
                 params.append(json.dumps({k: v}, separators=(",", ":"))[1:-1])

@@ -70,6 +70,8 @@ class Fleet:
             if tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount == 0:
                 raise NotFound(f"device {device_id!r} is not enrolled")
             tx.execute("DELETE FROM rollout_devices WHERE device = ?", (device_id,))
+            tx.execute("DELETE FROM install_retries WHERE device = ?", (device_id,))
+            tx.execute("DELETE FROM device_commands WHERE device = ?", (device_id,))
             record(self.db, actor, "device.decommissioned", device_id)
         self.on_credentials_changed()
         for channel in (Channel.DESIRED, Channel.REPORTED, Channel.STATUS):
@@ -224,6 +226,29 @@ class Fleet:
         total = counts.get(f.status, 0) if f.status else counts["online"] + counts["offline"]
         return {"items": [self._view(r, totals) for r in rows], "total": total, "limit": limit,
                 "next_cursor": rows[-1]["id"] if more else None, "counts": counts}
+
+    def label_many(self, where: list[DeviceFilter], set_: dict[str, str], unset: list[str],
+                   actor: str) -> dict[str, Any]:
+        """Set or remove labels on every device any of ``where`` matches (each with a selector); one audit record
+        each."""
+        if not where or any(not f.selector for f in where):
+            raise Invalid("a bulk label change needs a selector (use '*' for every device)")
+        for k in [*set_, *unset]:
+            if not k or "=" in k or "," in k or "!" in k:
+                raise Invalid(f"label key {k!r} is not usable in a selector")
+        ids = sorted({r["id"] for f in where for r in self.db.query(
+            "SELECT id FROM devices" + f.where()[0], f.where()[1])})
+        with self.db.transaction() as tx:
+            for device_id in ids:
+                row = self.db.one("SELECT labels FROM devices WHERE id = ?", (device_id,))
+                if row is None:  # decommissioned meanwhile
+                    continue
+                labels = check_labels({k: v for k, v in loads(row["labels"], {}).items() if k not in unset} | set_)
+                tx.execute("UPDATE devices SET labels = ? WHERE id = ?", (dumps(labels), device_id))
+                record(self.db, actor, "device.labels", device_id, set=set_, unset=unset)
+        if ids:
+            self.director.sync(ids)
+        return {"matched": len(ids), "devices": ids, "set": set_, "unset": unset}
 
     def device(self, device_id: str) -> dict[str, Any]:
         """One device's view, with its desired modules as signed (``desired``) and what it last reported."""

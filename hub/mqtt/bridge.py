@@ -58,6 +58,7 @@ class Bridge:
         self.telemetry_rows = 0
         self.blob_bytes_sent = 0
         self.command_replies: dict[str, dict[str, Any]] = {}
+        self.on_command_reply: Callable[[str, CommandReply], None] = lambda device, msg: None
         self._counter_lock = threading.Lock()
         self.carousel = (Carousel(config.blob_gather_s, max(config.blob_hold_max_s, config.blob_gather_s),
                                   config.blob_covered_s) if config.blob_gather_s > 0 else None)
@@ -187,6 +188,8 @@ class Bridge:
             claimed = getattr(message, "device", where.device_id)
             if claimed != where.device_id:
                 raise Rejected(f"message names device {claimed!r} but came on the topic of {where.device_id!r}")
+            if where.channel == Channel.CMD_RES:  # a reply counts only for a command sent to that device
+                self.on_command_reply(where.device_id, message)
             handler(message)
         except (Rejected, ProtocolError, NotFound) as exc:
             self._reject(channel, msg.topic, str(exc))

@@ -17,9 +17,10 @@ from hub.fleet.device_state import category, module_views
 from hub.fleet.targeting import check_target
 from hub.registry.bundles import parse_ref
 from hub.rollout.director import Director
-from hub.rollout.rollout_plan import ON_FAILURE, Gates, parse_strategy
+from hub.rollout.rollout_plan import ON_FAILURE, Gates, parse_strategy, with_approval
 from hub.rollout.rollout_states import SUPERSEDED, display
 from hub.rollout.rollouts import Rollouts
+from hub.rollout.schedule import parse_windows, window_text
 from hub.store import Database, dumps, loads, now
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.messages import BakePolicy, DesiredModule
@@ -28,7 +29,7 @@ from protocol.schema import validate
 log = logging.getLogger("edgefleet.hub.deployments")
 
 DEFAULT_WAVE_TIMEOUT_S = 600.0
-PLAN_FIELDS = ("strategy", "bake_s", "on_failure", "wave_timeout_s")  # with the gates: what an update inherits
+PLAN_FIELDS = ("strategy", "bake_s", "on_failure", "wave_timeout_s", "approve", "window")  # with the gates: what an update inherits
 
 
 def deployment_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -103,9 +104,11 @@ class Deployments:
             bake_s: float = 0.0, gates: dict[str, Any] | None = None, on_failure: str = "rollback",
             collect_rate_ppm: int | None = None, wave_timeout_s: float = DEFAULT_WAVE_TIMEOUT_S,
             device_bake: dict[str, int] | None = None, config: dict[str, Any] | None = None, shadow_s: float = 0.0,
-            shadow_sample: float = 1.0, actor: str = "",
-            note: str = "") -> dict[str, Any]:
-        """Create or change deployment ``name``: a new revision rolled out by ``strategy``.
+            shadow_sample: float = 1.0, actor: str = "", note: str = "",
+            approve: bool = False, window: str | None = None, start_at: float | None = None) -> dict[str, Any]:
+        """Create or change deployment ``name``: a new revision rolled out by ``strategy``; with ``approve`` each
+        wave after the first waits for ``rollout approve``; waves begin only at or after ``start_at`` (unix
+        time) and inside the maintenance ``window`` (hub/rollout/schedule.py), if given.
 
         ``shadow_s`` > 0: before the waves, the first wave's devices run the new version beside the live one on the
         same inputs for that long, never serving it; its gates (quality gates too) decide whether the waves begin.
@@ -119,7 +122,8 @@ class Deployments:
         check_target(target)
         if not 0 < shadow_sample <= 1:
             raise Invalid("shadow_sample is the share of live inputs mirrored to the candidate: above 0, at most 1")
-        waves = parse_strategy(strategy)
+        waves = with_approval(parse_strategy(strategy), approve)
+        windows = window_text(parse_windows(window))
         gate_set = Gates.from_json(gates)
         if on_failure not in ON_FAILURE:
             raise Invalid(f"on_failure must be one of {ON_FAILURE}")
@@ -175,7 +179,8 @@ class Deployments:
                    config=config or {}, note=note)
         rid, published = self.rollouts.begin(name, revision, waves, gate_set, on_failure, bake_s, wave_timeout_s,
                                              actor, shadow_s=shadow_s,
-                                             shadow_sample_ppm=round(shadow_sample * 1_000_000))
+                                             shadow_sample_ppm=round(shadow_sample * 1_000_000), start_at=start_at,
+                                             windows=windows)
         log.info("deployment %s revision %d -> %s on %r: rollout %d, %d device(s) updated", name, revision, module,
                  target, rid, published)
         plan = self.rollouts.last_plan(name) or {}

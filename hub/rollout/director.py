@@ -21,6 +21,7 @@ from typing import Any
 from hub.errors import Conflict
 from hub.fleet.device_state import device_state
 from hub.fleet.targeting import parse_target
+from hub.rollout.retries import numbers as retry_numbers
 from hub.rollout.rollout_states import HOLDING, SHADOWING
 from hub.store import Database, dumps, loads
 from hub.trust.keys import KeyRing
@@ -60,8 +61,8 @@ class Layer:
         return stable
 
 
-def desired_module(d: dict[str, Any]) -> dict[str, Any]:
-    """One deployment revision as the desired-state entry a device gets."""
+def desired_module(d: dict[str, Any], retry: int = 0) -> dict[str, Any]:
+    """One deployment revision as the desired-state entry a device gets (``retry``: hub/rollout/retries.py)."""
     bake = d.get("device_bake")
     cand = d.get("shadow_of")  # the candidate of a shadow phase, run beside this revision (never served)
     shadow = ShadowSpec(version=cand["module_version"], bundle=cand["digest"], size=cand["size"],
@@ -69,7 +70,7 @@ def desired_module(d: dict[str, Any]) -> dict[str, Any]:
     return DesiredModule(name=d["module_name"], version=d["module_version"], bundle=d["digest"], size=d["size"],
                          deployment=d["deployment"], collect_rate_ppm=d["collect_rate_ppm"],
                          bake=validate(BakePolicy, loads(bake)) if bake else None,
-                         config=loads(d.get("config")) or {}, shadow=shadow).to_dict()
+                         config=loads(d.get("config")) or {}, shadow=shadow, retry=retry).to_dict()
 
 
 class Director:
@@ -113,7 +114,8 @@ class Director:
         return layers
 
     @staticmethod
-    def modules_for(device_id: str, labels: dict[str, str], layers: list[Layer]) -> list[dict[str, Any]]:
+    def modules_for(device_id: str, labels: dict[str, str], layers: list[Layer],
+                    retries: dict[tuple[str, str], int] | None = None) -> list[dict[str, Any]]:
         """Per module name, the highest-priority deployment revision that applies (ties: the newest deployment)."""
         best: dict[str, tuple[dict[str, Any], float]] = {}
         for layer in layers:
@@ -123,7 +125,7 @@ class Director:
             cur = best.get(d["module_name"])
             if cur is None or (d["priority"], layer.created_at) > (cur[0]["priority"], cur[1]):
                 best[d["module_name"]] = (d, layer.created_at)
-        return [desired_module(d) for _, (d, _) in sorted(best.items())]
+        return [desired_module(d, (retries or {}).get((device_id, d["digest"]), 0)) for _, (d, _) in sorted(best.items())]
 
     def sync(self, device_ids: list[str] | None = None, renew_before: float | None = None,
              resign: Callable[[dict[str, Any]], bool] | None = None) -> int:
@@ -134,6 +136,7 @@ class Director:
         """
         with self._lock:
             deployments = self._deployments()
+            retries = retry_numbers(self.db)
             out: list[tuple[str, bytes]] = []
             policy = self.policy()
             with self.db.transaction() as tx:
@@ -141,7 +144,7 @@ class Director:
                 rows = self.db.query(sql) if device_ids is None else [
                     r for i in device_ids for r in self.db.query(sql + " WHERE id = ?", (i,))]
                 for row in rows:
-                    modules = self.modules_for(row["id"], loads(row["labels"], {}), deployments)
+                    modules = self.modules_for(row["id"], loads(row["labels"], {}), deployments, retries)
                     unchanged = row["desired"] is not None and loads(row["desired"]) == modules
                     expiring = renew_before is not None and (row["desired_expires"] or 0) < renew_before
                     if unchanged and not expiring and not (resign is not None and resign(row)):

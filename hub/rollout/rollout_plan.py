@@ -17,6 +17,7 @@ class Wave:
 
     percent: float = 100.0
     devices: int | None = None
+    approve: bool = False  # a person approves (rollout approve) before this wave begins
 
     def size(self, fleet: int) -> int:
         if self.devices is not None:
@@ -64,8 +65,14 @@ def strategy_text(waves: list[Wave]) -> str:
     return "waves:" + ",".join(f"{w.percent:g}" for w in waves)
 
 
+def with_approval(waves: list[Wave], approve: bool) -> list[Wave]:
+    """``waves`` where every wave after the first waits for approval (or none does)."""
+    return [Wave(w.percent, w.devices, approve and i > 0) for i, w in enumerate(waves)]
+
+
 def strategy_to_json(waves: list[Wave]) -> list[dict[str, Any]]:
-    return [asdict(w) for w in waves]
+    # approve is left out when False: rows stored before it existed and after read the same
+    return [{k: v for k, v in asdict(w).items() if k != "approve" or v} for w in waves]
 
 
 def strategy_from_json(raw: list[dict[str, Any]]) -> list[Wave]:

@@ -2,6 +2,8 @@
 
     pending [-> shadowing] -> installing(wave i) -> baking(wave i) -> gate passed -> installing(wave i+1) ... -> succeeded
                 \\-> shadow gate failed -> rolling_back        \\-> gate failed -> halted | rolling_back -> rolled_back
+    gate passed, wave i+1 asks for approval -> awaiting_approval(wave i) -> (rollout approve) installing(wave i+1)
+    a wave to begin before its start time or outside its maintenance window -> scheduled(wave i) -> installing(wave i)
 
 ``shadowing``: the first wave's devices run the candidate beside the live version on the same inputs,
 never serving it; its gates decide whether the waves begin (a failed shadow always rolls back: the
@@ -25,13 +27,19 @@ ROLLED_BACK = "rolled_back"
 SUCCEEDED = "succeeded"
 ABORTED = "aborted"
 SUPERSEDED = "superseded"  # a newer revision's rollout replaced this one
+AWAITING_APPROVAL = "awaiting_approval"  # wave i passed its gate; wave i+1 begins when a person approves it
+SCHEDULED = "scheduled"  # wave i waits for its start time or maintenance window (hub/rollout/schedule.py)
 
 TRANSITIONS: dict[str, frozenset[str]] = {
-    PENDING: frozenset({SHADOWING, INSTALLING, ABORTED, SUPERSEDED}),
+    PENDING: frozenset({SHADOWING, INSTALLING, ABORTED, SUPERSEDED, SCHEDULED}),
+    SCHEDULED: frozenset({SHADOWING, INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED}),
     SHADOWING: frozenset({INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED}),
     # with no bake time the gate runs as soon as a wave is installed: on to the next wave, or done
-    INSTALLING: frozenset({BAKING, INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED}),
-    BAKING: frozenset({INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED}),
+    INSTALLING: frozenset({BAKING, INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED,
+                           AWAITING_APPROVAL, SCHEDULED}),
+    BAKING: frozenset({INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED, AWAITING_APPROVAL,
+                       SCHEDULED}),
+    AWAITING_APPROVAL: frozenset({INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED, SCHEDULED}),
     PAUSED: frozenset({INSTALLING, BAKING, ROLLING_BACK, ABORTED, SUPERSEDED}),
     # resume after a halt re-runs the wave's gate from installing
     HALTED: frozenset({INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED}),
@@ -43,9 +51,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 # states in which the rollout's devices hold its revision (the director honours its pins)
-HOLDING = frozenset({SHADOWING, INSTALLING, BAKING, PAUSED, HALTED})
+HOLDING = frozenset({SHADOWING, INSTALLING, BAKING, PAUSED, HALTED, AWAITING_APPROVAL, SCHEDULED})
 # states the controller advances on its own
-ACTIVE = frozenset({PENDING, SHADOWING, INSTALLING, BAKING, ROLLING_BACK})
+ACTIVE = frozenset({PENDING, SHADOWING, INSTALLING, BAKING, ROLLING_BACK, SCHEDULED})
 
 
 class IllegalTransition(Exception):
@@ -58,5 +66,6 @@ def check(old: str, new: str) -> None:
 
 
 def display(state: str, wave: int) -> str:
-    """``wave[2].baking`` while waves run (1-based, as operators count), else the bare state."""
-    return f"wave[{wave + 1}].{state}" if state in (INSTALLING, BAKING) else state
+    """``wave[2].baking`` while waves run (1-based, as operators count; awaiting_approval names the wave that
+    passed), else the bare state."""
+    return f"wave[{wave + 1}].{state}" if state in (INSTALLING, BAKING, AWAITING_APPROVAL, SCHEDULED) else state

@@ -14,8 +14,10 @@ from typing import Any
 
 from hub.fleet.device_state import bundle_state, category
 from hub.fleet.targeting import parse_target
+from hub.rollout import retries
 from hub.rollout import rollout_states as S
 from hub.rollout.rollout_plan import strategy_from_json, strategy_text
+from hub.rollout.schedule import may_begin_wave, parse_windows
 from hub.rollout.shadow_gates import shadow_figures, shadow_state
 from hub.store import Database, loads
 
@@ -29,6 +31,7 @@ def plan(r: dict[str, Any]) -> dict[str, Any]:
     waves = strategy_from_json(loads(r["strategy"]))
     return {"strategy": strategy_text(waves), "waves": [w.label for w in waves], "bake_s": r["bake_s"],
             "gates": loads(r["gates"]), "on_failure": r["on_failure"], "wave_timeout_s": r["wave_timeout_s"],
+            "approve": any(w.approve for w in waves), "window": r.get("windows") or "", "start_at": r.get("start_at"),
             "shadow_s": r.get("shadow_s") or 0.0}
 
 
@@ -86,12 +89,15 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
     devices = []
     digest = rev["digest"]
     # tuples, and a report decoded only if it names the bundle: this runs over the whole fleet on every poll
+    retried = retries.pending_since(db, digest)  # a report before the retry went out no longer counts
     rows = db.db().execute("SELECT id, labels, online, reported, last_seen FROM devices ORDER BY id")
     for device_id, labels, online, reported, last_seen in rows:
         if device_id not in admitted and not target.matches(device_id, loads(labels, {})):
             continue
         judge = shadow_state if shadowing else bundle_state
-        state, error = judge(loads(reported), digest) if reported and digest in reported else ("pending", "")
+        rep = loads(reported) if reported and digest in reported else None
+        state, error = ("pending", "") if rep is None or retries.stale(rep, retried.get(device_id)) else judge(
+            rep, digest)
         if device_id not in admitted:  # matched only after the last wave began: not targeted at rollout time
             bucket = "new" if r["state"] == S.SUCCEEDED or (r["everyone"] and not terminal) else (
                 "not_moved" if terminal else "waiting")
@@ -131,6 +137,8 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
         deadline = (r["phase_started_at"] or t) + r["wave_timeout_s"]
         out |= {"holding": [_brief(d) for d in holding[:MAX_LISTED]], "holding_count": len(holding),
                 "wave_timeout_at": deadline, "wave_timeout_in_s": round(max(0.0, deadline - t), 1)}
+    elif r["state"] == S.SCHEDULED:  # when the wave begins (None: no window ever opens)
+        out["begins_at"] = may_begin_wave(t, r.get("start_at"), parse_windows(r.get("windows"))).at
     elif r["state"] == S.BAKING:
         ends = (r["phase_started_at"] or t) + r["bake_s"]
         out |= {"bake_ends_at": ends, "bake_ends_in_s": round(max(0.0, ends - t), 1)}

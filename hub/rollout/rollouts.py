@@ -19,17 +19,21 @@ from hub.audit import CONTROLLER, record
 from hub.errors import Conflict, NotFound
 from hub.fleet.device_state import bundle_state, category
 from hub.fleet.targeting import parse_target
+from hub.rollout import retries
 from hub.rollout import rollout_states as S
 from hub.rollout import rollout_view as view
 from hub.rollout.director import Director
 from hub.rollout.gates import Check, GateResult, evaluate, install_check
 from hub.rollout.rollout_plan import Gates, Wave, strategy_from_json, strategy_to_json
+from hub.rollout.schedule import may_begin_wave, parse_windows
 from hub.rollout.shadow_gates import QualitySource, evaluate_shadow, quality_checks, shadow_state
 from hub.store import Database, dumps, loads, now
 
 log = logging.getLogger("edgefleet.hub.rollouts")
 
 SETTLED = frozenset({"running", "failed", "rolled_back"})
+# a rollout whose failed devices may be asked again: their desired state still names its revision
+RETRYABLE = frozenset({S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED, S.AWAITING_APPROVAL, S.SCHEDULED, S.SUCCEEDED})
 
 
 def wave_order(deployment: str, device_id: str) -> str:
@@ -84,10 +88,10 @@ class Rollouts:
     # --- starting ------------------------------------------------------------------------------
 
     def begin(self, deployment: str, revision: int, waves: list[Wave], gates: Gates, on_failure: str, bake_s: float,
-              wave_timeout_s: float, actor: str, shadow_s: float = 0.0,
-              shadow_sample_ppm: int = 1_000_000) -> tuple[int, int]:
+              wave_timeout_s: float, actor: str, shadow_s: float = 0.0, shadow_sample_ppm: int = 1_000_000,
+              start_at: float | None = None, windows: str = "") -> tuple[int, int]:
         """Create a rollout of ``revision`` (superseding a live one) and start its first wave, or its shadow phase
-        when ``shadow_s`` > 0: (rollout id, published)."""
+        when ``shadow_s`` > 0, once its start time and maintenance window allow: (rollout id, published)."""
         with self._lock:
             with self.db.transaction() as tx:
                 for live in self._live(deployment):
@@ -96,11 +100,11 @@ class Rollouts:
                 t = now()
                 rid = tx.scalar(
                     "INSERT INTO rollouts (deployment, revision, from_revision, strategy, gates, on_failure, bake_s,"
-                    " wave_timeout_s, state, created_at, created_by, updated_at, shadow_s, shadow_sample_ppm)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                    " wave_timeout_s, state, created_at, created_by, updated_at, shadow_s, shadow_sample_ppm, start_at,"
+                    " windows) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                     (deployment, revision, dep["stable_revision"] if dep else None, dumps(strategy_to_json(waves)),
                      dumps(gates.to_json()), on_failure, bake_s, wave_timeout_s, S.PENDING, t, actor, t, shadow_s,
-                     shadow_sample_ppm))
+                     shadow_sample_ppm, start_at, windows))
                 record(self.db, actor, "rollout.created", deployment, rollout=rid, revision=revision,
                        strategy=[w.label for w in waves], bake_s=bake_s, gates=gates.to_json(), on_failure=on_failure,
                        shadow_s=shadow_s)
@@ -116,7 +120,9 @@ class Rollouts:
             r = self._get(rid)
             state = r["state"]
             if state == S.PENDING:
-                return self._begin_wave(r, 0, shadow=bool(r["shadow_s"]))
+                return self._next_wave(r, 0)
+            if state == S.SCHEDULED:
+                return self._next_wave(r, r["wave"])
             if state == S.ROLLING_BACK:
                 published = self.director.sync()  # pins no longer count: devices go back to the stable revision
                 with self.db.transaction():
@@ -143,6 +149,18 @@ class Rollouts:
             elif t - r["phase_started_at"] < r["bake_s"]:
                 return 0
             return self._gate(r, gates, states)
+
+    def _next_wave(self, r: dict[str, Any], i: int) -> int:
+        """Begin wave ``i`` if its start time and maintenance window allow it now, else wait (scheduled)."""
+        decision = may_begin_wave(now(), r.get("start_at"), parse_windows(r.get("windows")))
+        if decision.ok:
+            # the shadow phase comes before the first wave (once: it passed if it started)
+            return self._begin_wave(r, i, shadow=i == 0 and bool(r["shadow_s"]) and r["shadow_started_at"] is None)
+        if r["state"] != S.SCHEDULED or r["wave"] != i:
+            with self.db.transaction():
+                self._move(r, S.SCHEDULED, CONTROLLER, wave=i, reason=decision.reason,
+                           detail={"begins_at": decision.at})
+        return 0
 
     def _shadow_step(self, r: dict[str, Any]) -> int:
         """The shadow phase: wait until the candidate runs beside the live version on every shadow device (or the
@@ -225,7 +243,12 @@ class Rollouts:
                                                    for d, (s, _) in sorted(states.items())])
                 self._move(r, S.SUCCEEDED, CONTROLLER, reason="" if outcome == "succeeded" else outcome)
         if r["wave"] + 1 < len(waves):
-            return self._begin_wave(self._get(r["id"]), r["wave"] + 1)
+            if waves[r["wave"] + 1].approve:  # a person says when the next wave begins: rollout approve
+                with self.db.transaction():
+                    self._move(self._get(r["id"]), S.AWAITING_APPROVAL, CONTROLLER,
+                               reason=f"wave {r['wave'] + 2} waits for approval (rollout approve)")
+                return 0
+            return self._next_wave(self._get(r["id"]), r["wave"] + 1)
         return self.director.sync()
 
     def _fail(self, r: dict[str, Any], result: GateResult, extra: dict[str, Any] | None = None) -> int:
@@ -257,11 +280,46 @@ class Rollouts:
             self.step(r["id"])
         return self.status(deployment)
 
+    def approve(self, deployment: str, actor: str) -> dict[str, Any]:
+        """Begin the next wave of a rollout awaiting approval."""
+        with self._lock:
+            r = self._one_live(deployment, (S.AWAITING_APPROVAL,))
+            record(self.db, actor, "rollout.approved", deployment, rollout=r["id"], wave=r["wave"] + 2)
+            self._next_wave(r, r["wave"] + 1)
+        self.wake()
+        return self.status(deployment)
+
+    def retry(self, deployment: str, actor: str) -> dict[str, Any]:
+        """Ask the devices of the latest rollout that failed or rolled back its version to install it again; a
+        halted rollout goes back to installing that wave (its gate is judged on the new attempts)."""
+        with self._lock:
+            r = self.db.one("SELECT * FROM rollouts WHERE deployment = ? ORDER BY id DESC LIMIT 1", (deployment,))
+            if r is None:
+                raise NotFound(f"deployment {deployment!r} has no rollout")
+            if r["state"] not in RETRYABLE:
+                raise Conflict(f"the rollout of {deployment!r} is {r['state']}: its devices no longer want revision "
+                               f"{r['revision']}; roll it out again (deployment update) instead")
+            digest = self._revision(r)["digest"]
+            failed = sorted(d for d, (s, _) in self._states(r).items() if category(s) in ("failed", "rolled_back"))
+            if not failed:
+                raise Conflict(f"no device of the rollout of {deployment!r} failed or rolled back: nothing to retry")
+            with self.db.transaction():
+                retries.bump(self.db, failed, digest)
+                record(self.db, actor, "rollout.retry", deployment, rollout=r["id"], devices=failed[:100],
+                       count=len(failed))
+                if r["state"] == S.HALTED:
+                    self._move(r, S.INSTALLING, actor, phase_started_at=now(), reason="")
+            self.director.sync(failed)
+            retries.issued(self.db, failed, digest)
+        self.wake()
+        return self.status(deployment, r["id"]) | {"retried": failed}
+
     def abort(self, deployment: str, actor: str) -> dict[str, Any]:
         """Stop for good; the devices it moved go back to the stable revision."""
         with self._lock:
             with self.db.transaction():
-                r = self._one_live(deployment, (S.PENDING, S.SHADOWING, S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED))
+                r = self._one_live(deployment, (S.PENDING, S.SHADOWING, S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED,
+                                                S.AWAITING_APPROVAL, S.SCHEDULED))
                 self._move(r, S.ABORTED, actor, reason=f"aborted by {actor}")
             self.director.sync()
         return self.status(deployment)
@@ -333,9 +391,14 @@ class Rollouts:
 
     def _states(self, r: dict[str, Any]) -> dict[str, tuple[str, str]]:
         digest = self._revision(r)["digest"]
-        return {d["id"]: bundle_state(loads(d["reported"]), digest) for d in self.db.query(
-            "SELECT d.id, d.reported FROM rollout_devices p JOIN devices d ON d.id = p.device WHERE p.rollout = ?",
-            (r["id"],))}
+        retried = retries.pending_since(self.db, digest)
+        out = {}
+        for d in self.db.query("SELECT d.id, d.reported FROM rollout_devices p JOIN devices d ON d.id = p.device"
+                               " WHERE p.rollout = ?", (r["id"],)):
+            reported = loads(d["reported"])
+            out[d["id"]] = ("pending", "") if retries.stale(reported, retried.get(d["id"])) else bundle_state(
+                reported, digest)
+        return out
 
     def _move(self, r: dict[str, Any], new: str, actor: str, detail: dict[str, Any] | None = None,
               **fields: Any) -> None:

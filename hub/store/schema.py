@@ -292,4 +292,21 @@ CREATE TABLE IF NOT EXISTS labels (
     created_by TEXT NOT NULL DEFAULT '', started_at REAL, finished_at REAL
 );""",
     ),
+    (  # 9: rollout retry and schedules (issue 14): per device and bundle, the retry number the director puts in the desired
+        # state and the desired revision that carried it (hub/rollout/retries.py)
+        """CREATE TABLE IF NOT EXISTS install_retries (
+    device TEXT NOT NULL, digest TEXT NOT NULL, retry INTEGER NOT NULL DEFAULT 0, revision INTEGER,
+    PRIMARY KEY (device, digest)
+);""",
+        # scheduled rollouts: waves begin at or after start_at, inside the windows (hub/rollout/schedule.py)
+        AddColumn("rollouts", "start_at", "REAL"),
+        AddColumn("rollouts", "windows", "TEXT NOT NULL DEFAULT ''"),
+        # signed diagnostic commands and their results (hub/fleet/commands.py)
+        """CREATE TABLE IF NOT EXISTS device_commands (
+    id TEXT PRIMARY KEY, device TEXT NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL, state TEXT NOT NULL,
+    result TEXT, error TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT '',
+    expires INTEGER NOT NULL, replied_at REAL
+);
+CREATE INDEX IF NOT EXISTS device_commands_device ON device_commands (device, created_at);""",
+    ),
 ]

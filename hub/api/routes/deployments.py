@@ -27,6 +27,10 @@ class RolloutOptions(BaseModel):
     on_failure: Literal["rollback", "halt"] = "rollback"
     wave_timeout_s: Finite = Field(default=600.0, gt=0, description="longest a wave waits for its devices to install")
     collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000, description="override the module's sampling")
+    approve: bool = Field(default=False, description="each wave after the first waits for POST .../approve")
+    window: str | None = Field(default=None, max_length=1000,
+                               description='UTC maintenance windows waves begin in: "Sat 02:00-04:00; Sun 02:00-04:00"')
+    start_at: Finite | None = Field(default=None, ge=0, description="unix time before which no wave begins")
     shadow_s: Finite = Field(default=0.0, ge=0, le=7 * 86_400,
                              description="run the new version beside the live one on the first wave's devices this long"
                                          " (never served) and gate on it before the waves; 0: no shadow")
@@ -82,6 +86,9 @@ class DeploymentUpdate(DeviceBake):
         default=None, max_length=16, description="merged into the last rollout's gates (null turns one off)")
     on_failure: Literal["rollback", "halt"] | None = Field(default=None, description="default: the last rollout's")
     wave_timeout_s: Finite | None = Field(default=None, gt=0, description="default: the last rollout's")
+    approve: bool | None = Field(default=None, description="default: the last rollout's")
+    window: str | None = Field(default=None, max_length=1000, description="default: the last rollout's; '' clears")
+    start_at: Finite | None = Field(default=None, ge=0, description="unix time before which no wave begins")
     collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000,
                                          description="default: the latest revision's; null (given) clears it")
     config: dict[Annotated[str, Field(max_length=64)], ConfigValue] | None = Field(
@@ -163,7 +170,7 @@ class RollbackRequest(BaseModel):
 
 
 @rollouts.post("/{deployment}/{action}")
-def rollout_action(deployment: NamePath, action: Literal["pause", "resume", "abort", "rollback"],
+def rollout_action(deployment: NamePath, action: Literal["pause", "resume", "abort", "rollback", "retry", "approve"],
                    body: RollbackRequest | None = None, hub: Hub = Depends(get_hub),
                    who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     if action == "rollback":

@@ -27,6 +27,7 @@ class EndpointRequest(BaseModel):
     replicas: int | None = Field(default=None, ge=1, le=64, description="worker processes per version")
     max_batch: int | None = Field(default=None, ge=1, le=4096, description="requests per batched model call")
     max_wait_ms: Finite | None = Field(default=None, ge=0, le=1000, description="how long a batch may wait to fill")
+    port: int | None = Field(default=None, ge=1, le=65535, description="the gateway's port (default: kept, else free)")
     traffic: Finite | None = Field(default=None, ge=0, le=100,
                                   description="add the module beside the current version(s) with this percentage; "
                                               "leave out to replace them (explicit update)")
@@ -51,7 +52,7 @@ async def deploy(body: EndpointRequest, m: EndpointManager = Depends(manager), h
     """Create or update; returns once the new version passed its health check and takes traffic."""
     module, note = await run_in_threadpool(hub.aliases.module_ref, body.module)  # MODULE@ALIAS resolved now
     out = await run_in_threadpool(m.deploy, body.name, module, body.replicas, body.max_batch, body.max_wait_ms,
-                                  body.traffic)
+                                  body.traffic, body.port)
     await run_in_threadpool(audit.record, m.db, who.name, "endpoint.deployed", body.name, module=module,
                             replicas=body.replicas, traffic=body.traffic)
     return out | ({"requested": body.module, "resolved": note} if note else {})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
@@ -69,15 +69,33 @@ def devices(q: str = Query(default="", max_length=200, description="part of the 
             status: str = Query(default="", description=f"one of {', '.join(STATUSES)}"),
             label: str = Query(default="", max_length=1000, description="label conditions 'k=v,k2!=v2'"),
             deployment: str = Query(default="", max_length=200, description="devices given a module by it"),
+            selector: str = Query(default="", max_length=10_000, description="a deployment target: '*', ids or k=v"),
             limit: int | None = Query(default=None, ge=1, le=MAX_PAGE, description="page size: answer one page"),
             cursor: str | None = Query(default=None, max_length=256, description="next_cursor of the previous page"),
             hub: Hub = Depends(get_hub)) -> list[dict[str, Any]] | dict[str, Any]:
     """Devices ordered by id, filtered. Without ``limit`` or ``cursor``: a list of every match. With them: one page
     ``{items, total, limit, next_cursor, counts}`` (``counts``: matches per status, ignoring ``status``)."""
-    f = DeviceFilter(q.strip(), status, label.strip(), deployment.strip())
+    f = DeviceFilter(q.strip(), status, label.strip(), deployment.strip(), selector.strip())
     if limit is None and cursor is None:
         return hub.fleet.devices(f)
     return hub.fleet.page(f, limit or DEFAULT_PAGE, cursor or None)
+
+
+class BulkLabels(BaseModel):
+    selector: str = Field(min_length=1, max_length=10_000, description="'*', device ids or k=v,k2!=v2")
+    status: list[str] = Field(default_factory=list, max_length=len(STATUSES), description="any of these")
+    labels: dict[Key, Value | None] = Field(default_factory=dict, max_length=MAX_LABELS,
+                                           description="value sets the label, null removes it")
+
+
+@router.post("/devices/labels")
+def label_devices(body: BulkLabels, hub: Hub = Depends(get_hub),
+                  who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Set or remove labels on every device the selector (and status) matches; deployments follow at once."""
+    set_ = {k: v for k, v in body.labels.items() if v is not None}
+    unset = [k for k, v in body.labels.items() if v is None]
+    return hub.fleet.label_many([DeviceFilter(status=s, selector=body.selector) for s in body.status or [""]],
+                                 set_, unset, who.name)
 
 
 @router.get("/devices/{device_id}", dependencies=[Depends(require("viewer"))])
@@ -111,6 +129,30 @@ def delete_device(device_id: NamePath, hub: Hub = Depends(get_hub),
 def decommission_device(device_id: NamePath, hub: Hub = Depends(get_hub),
                         who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     return hub.fleet.decommission(device_id, who.name)
+
+
+class CommandRequest(BaseModel):
+    name: Literal["logs", "support_bundle", "restart_module"]
+    args: dict[Key, Value | int | None] = Field(default_factory=dict, max_length=16)
+    ttl_s: int = Field(default=600, ge=1, le=3600, description="the device refuses it after this")
+
+
+@router.post("/devices/{device_id}/commands")
+def device_command(device_id: NamePath, body: CommandRequest, hub: Hub = Depends(get_hub),
+                   who: Principal = Depends(require("operator"))) -> dict[str, Any]:
+    """Send a signed diagnostic command (logs, support_bundle, restart_module); poll its id for the result."""
+    return hub.commands.send(device_id, body.name, body.args, who.name, body.ttl_s)
+
+
+@router.get("/devices/{device_id}/commands", dependencies=[Depends(require("operator"))])
+def device_commands(device_id: NamePath, hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    return hub.commands.list(device_id)
+
+
+@router.get("/commands/{command_id}", dependencies=[Depends(require("operator"))])
+def command(command_id: Annotated[str, Field(max_length=64)], hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """A command's state (sent, done, failed, expired) and the device's result."""
+    return hub.commands.get(command_id)
 
 
 @router.get("/audit", dependencies=[Depends(require("viewer"))])
