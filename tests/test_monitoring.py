@@ -192,7 +192,7 @@ def test_error_rate_rule_and_time_series_and_retention(hub):
         tx.execute("INSERT INTO deployments (name, module_name, module_version, digest, target, priority, created_at) "
                    "VALUES ('d', 'm', 1, ?, '*', 0, ?)", ("0" * 64, now))
         # 20 one-second intervals: 100 inferences, 10 errors each
-        telemetry.store(tx.conn, [telemetry.pack(TelemetryBatch(device="dev", seq=i, ts=now - 20 + i, points=[
+        telemetry.store(tx, [telemetry.pack(TelemetryBatch(device="dev", seq=i, ts=now - 20 + i, points=[
             TelemetryPoint(ts=now - 20 + i, module="m", version=1, inferences=100, errors=10,
                            latency_ms=LatencyMs(p50=1.0, p95=2.0, p99=3.0))])) for i in range(20)])
     with HubClient(hub.url, hub.admin_token) as c:
@@ -259,13 +259,11 @@ def test_export_one_million_rows_to_parquet_in_constant_memory(hub, tmp_path):
     n = 1_000_000
     db = hub.hub.db
     payload_in, payload_out = json.dumps({"x": [[0.1, -1.2, 0.3, 2.5]]}), json.dumps({"probability": [[0.42]]})
-    conn = db.db().conn
     t0 = int(time.time()) - 3600  # recent: older rows would be pruned by the hub's data retention
-    with db.transaction():
-        conn.executemany(
-            "INSERT INTO data_records (device, seq, idx, ts, module, version, input, output) "
-            "VALUES (?, ?, ?, ?, 'm', 1, ?, ?)",
-            ((f"dev-{i % 100}", i // 100, 0, t0 + i * 0.001, payload_in, payload_out) for i in range(n)))
+    with db.transaction() as tx:
+        tx.insert_many("data_records", ("device", "seq", "idx", "ts", "module", "version", "input", "output"),
+                       ((f"dev-{i % 100}", i // 100, 0, t0 + i * 0.001, "m", 1, payload_in, payload_out)
+                        for i in range(n)))
     hub_rss_before = psutil.Process().memory_info().rss
     small, small_peak = _export(hub, tmp_path / "small.parquet", "parquet", ["--until", str(t0 + 1)])
     assert small["rows"] == 1000

@@ -9,15 +9,16 @@ from collections.abc import Callable
 from typing import Any
 
 from hub.ingest import telemetry as store
-from hub.store import Database, dumps
+from hub.store import Database, StoreError, dumps
 from protocol.messages import DataBatch, TelemetryBatch
 from protocol.topics import Channel, device_wildcard
 
 log = logging.getLogger("edgefleet.hub.ingest")
 
 TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/ingest/telemetry.py), not SQL parameters
-DATA_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+DATA = "data"  # queue tag: the rows are data_records rows in DATA_COLUMNS order
+DATA_COLUMNS = ("device", "seq", "idx", "ts", "module", "version", "input", "output")
+WRITE_ATTEMPTS = 3  # a batch that fails this often is dropped (and logged); the rows are idempotent to retry
 ENROLLED_TTL_S = 5.0  # how long a "not enrolled" answer is trusted before asking the database again
 
 # Telemetry and collected data may be spread over several ingest processes through one MQTT 5
@@ -101,11 +102,11 @@ class BatchWriter:
             self._put(TELEMETRY, [packed])
 
     def data(self, rows: list[tuple[Any, ...]]) -> None:
-        self._put(DATA_SQL, rows)
+        self._put(DATA, rows)
 
-    def _put(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    def _put(self, tag: str, rows: list[tuple[Any, ...]]) -> None:
         with self._cond:
-            self._items.append((sql, rows))
+            self._items.append((tag, rows))
             self._pending += 1
             self._rows += len(rows)
             if self._rows >= self.batch_rows:
@@ -131,12 +132,22 @@ class BatchWriter:
                 return
 
     def _write(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
-        try:
-            with self.db.transaction() as tx:
-                for sql, rows in batch:
-                    if sql is not TELEMETRY:
-                        tx.executemany(sql, rows)
-                new_telemetry = store.store(tx, (p for sql, rows in batch if sql is TELEMETRY for p in rows))
-            self.on_telemetry_rows(new_telemetry)
-        except Exception:  # a failed batch must not end the writer; the rows are lost and said so
-            log.exception("could not write a batch of %d row set(s)", len(batch))
+        data = sorted({r[:3]: r for tag, rows in batch if tag is DATA for r in rows}.values(), key=lambda r: r[:3])
+        packed = [p for tag, rows in batch if tag is TELEMETRY for p in rows]
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:  # a batch transaction: beside other writers (other hubs, ingest workers), rows in key order
+                with self.db.batch() as tx:
+                    if data:
+                        tx.insert_many("data_records", DATA_COLUMNS, data, ignore=True)
+                    new_telemetry = store.store(tx, packed)
+                self.on_telemetry_rows(new_telemetry)
+                return
+            except StoreError:  # a deadlock victim, a lost connection: the same rows again are stored once
+                if attempt == WRITE_ATTEMPTS:
+                    log.exception("could not write a batch of %d row set(s) after %d attempts", len(batch), attempt)
+                else:
+                    log.warning("writing a batch of %d row set(s) failed; trying again", len(batch), exc_info=True)
+                    time.sleep(0.2 * attempt)
+            except Exception:  # a failed batch must not end the writer; the rows are lost and said so
+                log.exception("could not write a batch of %d row set(s)", len(batch))
+                return

@@ -3,8 +3,9 @@
 Add a change by appending a step to :data:`MIGRATIONS` (never edit an applied one). A step is SQL
 statements or an :class:`AddColumn`. Step 1 is the schema as it stood when versioning began; it is
 idempotent (``IF NOT EXISTS``, columns added only when missing), so a database made before versioning
-takes it too. Keep the SQL portable where it costs nothing: the PostgreSQL store (issue 17) will apply
-the same list, translating only what the store knows is dialect (e.g. ``AUTOINCREMENT``, ``BLOB``).
+takes it too. Keep the SQL portable: the PostgreSQL store applies the same list, translating only what
+``hub/store/dialect.py`` knows is dialect (types, ``AUTOINCREMENT``, ``WITHOUT ROWID``), and partitions the
+tables in :data:`PARTITIONED` by time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,28 @@ class AddColumn:
 
 
 Step = str | AddColumn
+
+DAY = 86400
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """PostgreSQL keeps this table as range partitions of ``column`` (unix seconds), one per ``period_s``.
+
+    Partitions are created ahead of time (``Database.maintain``) and retention drops whole ones
+    (``Connection.delete_before``); SQLite keeps one table and deletes rows.
+    """
+
+    column: str
+    period_s: int = DAY
+
+
+# the tables that grow with the fleet's traffic
+PARTITIONED: dict[str, Partitioning] = {
+    "telemetry_batches": Partitioning("ts_max"),
+    "telemetry_minutes": Partitioning("bucket"),
+    "data_records": Partitioning("ts"),
+}
 
 CORE = """CREATE TABLE IF NOT EXISTS api_tokens (
     token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, created_at REAL NOT NULL
@@ -170,6 +193,16 @@ EXPORT_INDEXES = """CREATE INDEX IF NOT EXISTS data_records_ts ON data_records (
 CREATE INDEX IF NOT EXISTS data_records_module ON data_records (module, version, ts);
 """
 
+# hub replicas on one database (hub/leader.py): the lease of the one leader, with a fencing epoch that grows with
+# each new holder, and the desired-state syncs other replicas ask the leader for (the leader alone signs)
+CLUSTER = """CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch INTEGER NOT NULL, expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS director_requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, devices TEXT, created_at REAL NOT NULL
+);
+"""
+
 MIGRATIONS: list[tuple[Step, ...]] = [
     (  # 1: the schema when versioning began (its columns were added by hubs of their time, so: only when missing)
         CORE,
@@ -187,4 +220,5 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         AddColumn("data_records", "endpoint", "TEXT"),
         TELEMETRY, REGISTRY, ALERTS, INGEST_WORKERS, ENDPOINTS, EXPORT_INDEXES,
     ),
+    (CLUSTER,),  # 2: leader lease and director requests (issue 17)
 ]
