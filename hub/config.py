@@ -50,13 +50,25 @@ class HubConfig:
     telemetry_retention_s: float = 7 * 86400  # raw telemetry older than this is folded into 1-minute rollups
     data_retention_s: float = 30 * 86400  # collected inputs/predictions older than this are deleted
     broker_ca: Path | None = None  # mqtts: the broker's CA (PEM); the hub trusts it and pins it on devices at enrolment
+    # the database: None is SQLite in data_dir/hub.db (one hub per data directory); a postgresql:// URL lets
+    # several hub replicas share one database (docs/scaling.md). Keep its password out of the URL: PGPASSWORD.
+    db_url: str | None = None
+    blobs_dir: Path | None = None  # the content store all replicas share (default data_dir/blobs)
+    leader_lease_s: float = 5.0  # replicas: how long the leader's lease lasts unless renewed (failover time)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.blobs_dir is not None:
+            self.blobs_dir = Path(self.blobs_dir)
         parse_broker_url(self.mqtt_url)  # fail at start, not at first connect
         if self.broker_ca is not None:
             self.broker_ca = Path(self.broker_ca)
             ssl.create_default_context(cafile=str(self.broker_ca))  # a bad CA file fails here, with OpenSSL's reason
+
+    @property
+    def database(self) -> str:
+        """Where the hub's database is: the PostgreSQL URL, or the SQLite file's path."""
+        return self.db_url or str(self.data_dir / "hub.db")
 
     def broker_ca_pem(self) -> str | None:
         return self.broker_ca.read_text() if self.broker_ca is not None else None

@@ -1,4 +1,9 @@
-"""The running hub: its database, keys, services and MQTT bridge, wired together once."""
+"""The running hub: its database, keys, services and MQTT bridge, wired together once.
+
+On SQLite the hub owns its data directory (a second hub on it refuses to start). On PostgreSQL
+several replicas share the database, the keys and the blob store (a shared directory: ``data_dir``
+and ``blobs_dir`` on a volume every replica mounts); one of them is the leader (hub/leader.py).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from hub.fleet.broker_auth import BrokerAuth, signal_reload
 from hub.fleet.device_http import DeviceDownloads
 from hub.fleet.devices import Fleet
 from hub.ingest import workers as ingest_worker
+from hub.leader import DataDirLock, Leadership
 from hub.monitoring.service import Monitor
 from hub.mqtt.bridge import Bridge
 from hub.registry.bundles import ModuleBuilder
@@ -18,7 +24,7 @@ from hub.registry.models import ModelRegistry
 from hub.rollout.deployments import Deployments
 from hub.rollout.director import Director
 from hub.rollout.rollouts import Rollouts
-from hub.store import Database
+from hub.store import is_postgres_url, open_database
 from hub.trust.keys import load_or_create_keys
 from hub.trust.tokens import ensure_admin_token
 from modules.store import ContentStore
@@ -26,6 +32,7 @@ from modules.store import ContentStore
 log = logging.getLogger("edgefleet.hub")
 
 RENEW_CHECK_S = 3600.0
+KEYS_CHECK_S = 2.0  # how often every replica looks for a key rotated by another one
 
 
 class Hub:
@@ -34,16 +41,31 @@ class Hub:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(config.data_dir / "hub.db")
-        self.keys = load_or_create_keys(config.data_dir / "keys")
-        self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
-        self.store = ContentStore(config.data_dir / "blobs")
+        self.clustered = is_postgres_url(config.database)
+        self._dir_lock = None if self.clustered else DataDirLock(config.data_dir).acquire()
+        try:
+            self._build(config)
+        except BaseException:
+            if self._dir_lock is not None:
+                self._dir_lock.release()
+            raise
+
+    def _build(self, config: HubConfig) -> None:
+        self._stop = threading.Event()
+        self._maintenance_wake = threading.Event()
+        self.db = open_database(config.database)
+        with self.db.transaction():  # replicas starting together on an empty shared directory: one creates the keys
+            self.keys = load_or_create_keys(config.data_dir / "keys")
+            self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
+        self._root_mtime = self._root_stamp()
+        self.leadership = Leadership(self.db, config.leader_lease_s, sole=not self.clustered)
+        self.store = ContentStore(  # a hub.store.blobs.BlobStore; shared by every replica
+            config.blobs_dir or config.data_dir / "blobs")
         self.registry = ModelRegistry(self.db, self.store, config.load_check_timeout_s, config.load_check_memory_mb)
         self.modules = ModuleBuilder(self.db, self.store, self.registry, self.keys, config.release_ttl_s)
-        self.bridge = Bridge(config, self.db, self.store, self._is_enrolled)
+        self.bridge = Bridge(config, self.db, self.store, self._is_enrolled, self.leadership.is_leader)
         self.downloads = DeviceDownloads(self.db, self.store)  # bundles over HTTP for devices (routes/device.py)
-        self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish)
-        self.bridge.on_ready = self.director.republish_all
+        self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish, self.leadership)
         self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.broker_ca_pem())
         self.broker_auth: BrokerAuth | None = None
         if config.isolate:
@@ -51,11 +73,13 @@ class Hub:
             self.broker_auth = BrokerAuth(config.data_dir / "broker", reload)
             self.fleet.on_credentials_changed = self._write_broker_auth
             self._write_broker_auth()
-        self.rollouts = Rollouts(self.db, self.director, config.rollout_tick_s)
+        self.rollouts = Rollouts(self.db, self.director, config.rollout_tick_s, self.leadership)
+        self.bridge.on_ready = self.rollouts.republish  # the leader's loop re-sends retained desired states
+        self.leadership.on_elected.append(self.rollouts.elected)
+        self.leadership.on_elected.append(self._maintenance_wake.set)
         self.deployments = Deployments(self.db, self.director, self.rollouts)
-        self.monitor = Monitor(config, self.db, self.store)
+        self.monitor = Monitor(config, self.db, self.store, self.leadership)
         self._ingest_workers: list = []  # processes, started by start()
-        self._stop = threading.Event()
         self._maintenance = threading.Thread(target=self._maintain, name="hub-maintenance", daemon=True)
 
     def _write_broker_auth(self) -> None:
@@ -71,27 +95,67 @@ class Hub:
         self.monitor.start()
         self._maintenance.start()
         self.rollouts.start_loop()
+        self.leadership.start()  # a lone hub is leader from here on; a replica may wait for the lease
 
     def stop(self) -> None:
         self._stop.set()
+        self._maintenance_wake.set()
         self.rollouts.stop_loop()
+        self.leadership.stop()  # hands the lease over at once
         self.monitor.stop()
         self.bridge.stop()
         ingest_worker.stop_all(self._ingest_workers)
         if self._maintenance.is_alive():
             self._maintenance.join(5)
         self.db.close()
+        if self._dir_lock is not None:
+            self._dir_lock.release()
 
     def _maintain(self) -> None:
-        # first pass at start: after a long downtime some states may be close to expiry
-        while True:
-            try:
-                self.director.renew_expiring()
-            except Exception:
-                log.exception("renewing desired states failed")
-            try:  # releases expire too (freeze protection): re-sign those past half their lifetime
-                self.modules.resign(before=time.time() + self.config.release_ttl_s / 2)
-            except Exception:
-                log.exception("renewing release signatures failed")
-            if self._stop.wait(RENEW_CHECK_S):
-                return
+        """The leader's slow chores (re-signing, partitions); every replica's key reload."""
+        next_chores = 0.0
+        while not self._stop.is_set():
+            self._reload_keys()
+            if self.leadership.is_leader() and time.monotonic() >= next_chores:
+                next_chores = time.monotonic() + RENEW_CHECK_S
+                self._chores()
+            self._maintenance_wake.wait(KEYS_CHECK_S)
+            self._maintenance_wake.clear()
+
+    def _chores(self) -> None:
+        # first pass on election: after a long downtime some states may be close to expiry
+        try:
+            self.director.renew_expiring()
+        except Exception:
+            log.exception("renewing desired states failed")
+        try:  # releases expire too (freeze protection): re-sign those past half their lifetime
+            self.modules.resign(before=time.time() + self.config.release_ttl_s / 2)
+        except Exception:
+            log.exception("renewing release signatures failed")
+        try:
+            self.db.maintain()  # PostgreSQL: the coming week's time partitions
+        except Exception:
+            log.exception("creating time partitions failed")
+
+    def _root_stamp(self) -> float:
+        try:
+            return (self.config.data_dir / "keys" / "root.json").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _reload_keys(self) -> None:
+        """Another replica rotated a key (root.json changed in the shared directory): sign with the new one."""
+        stamp = self._root_stamp()
+        if stamp == self._root_mtime:
+            return
+        self._root_mtime = stamp
+        try:
+            fresh = load_or_create_keys(self.config.data_dir / "keys")
+        except Exception:
+            log.exception("reloading the keys after a rotation failed")
+            return
+        with self.keys.lock:
+            if fresh.root.version > self.keys.root.version:
+                self.keys.root_key, self.keys.release_key = fresh.root_key, fresh.release_key
+                self.keys.director_key, self.keys.root = fresh.director_key, fresh.root
+                log.warning("keys reloaded: root version %d", fresh.root.version)

@@ -23,6 +23,7 @@ import pytest
 
 from hub import HubConfig, HubServer
 from modules.examples import write_logreg_onnx
+from tests.pg import hub_db
 
 SAMPLE = {"inputs": {"x": [[0.5, -1.0, 0.25, 2.0]]}}
 BROKEN_SCRIPT = """
@@ -44,7 +45,7 @@ def server(broker, tmp_path_factory):
     data = tmp_path_factory.mktemp("hub")
     s = HubServer(HubConfig(data, broker.url, admin_token=secrets.token_urlsafe(16),
                             mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=30,
-                            endpoint_telemetry_s=0.5)).start()
+                            endpoint_telemetry_s=0.5, **hub_db(data))).start()
     yield s
     s.stop()
 

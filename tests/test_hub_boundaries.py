@@ -15,6 +15,7 @@ from hub.testing import MqttProbe, wait_until
 from protocol.signing import load_trusted_root
 from protocol.topics import Channel, device_topic
 from protocol.verify import accept_desired
+from tests.pg import hub_db
 
 HUB = Path(__file__).resolve().parents[1] / "hub"
 FORBIDDEN = {"agent", "simulator", "edgefleet"}
@@ -34,7 +35,8 @@ def test_hub_reconnects_and_republishes_desired_state_after_broker_restart(tmp_d
     monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
     broker = LocalBroker(kind="mosquitto").start()  # its own broker: this test stops it
     try:
-        with HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")) as server:
+        with HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}",
+                                 **hub_db(tmp_data))) as server:
             assert server.wait_mqtt(10)
             headers = {"Authorization": f"Bearer {server.admin_token}"}
             token = httpx.post(server.url + "/api/v1/enrollment-tokens", headers=headers, json={}).json()["tokens"][0]

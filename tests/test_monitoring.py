@@ -21,6 +21,7 @@ from modules.examples import synthetic_inputs, write_logreg_onnx, write_sample
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 from simulator.fleet import Fleet
 from tests.clirun import as_json, cli
+from tests.pg import hub_db
 
 
 class Webhook:
@@ -57,7 +58,8 @@ class Webhook:
 
 @pytest.fixture
 def hub(broker, tmp_path):
-    server = HubServer(HubConfig(data_dir=tmp_path / "hub", mqtt_url=broker.url, alert_eval_s=1.0),
+    server = HubServer(HubConfig(data_dir=tmp_path / "hub", mqtt_url=broker.url, alert_eval_s=1.0,
+                                 **hub_db(tmp_path / "hub")),
                        host="127.0.0.1", port=0).start()
     yield server
     server.stop()

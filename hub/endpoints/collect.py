@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from hub.endpoints.codec import dumps
-from hub.store import Database
+from hub.store import open_database
 
 log = logging.getLogger("edgefleet.endpoint.collect")
 
@@ -56,7 +56,7 @@ class Collector:
         self._thread.join(5)
 
     def _run(self) -> None:
-        db = Database(self.db_path)  # opening it brings an older hub database's schema up to date
+        db = open_database(self.db_path)  # opening it brings an older hub database's schema up to date
         stopping = False
         while not stopping:
             rows = []

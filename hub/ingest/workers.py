@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
 from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, EnrolledCache, data_rows, shared_wildcard
-from hub.store import Database
+from hub.store import Database, open_database
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import ProtocolError
 from protocol.messages import DataBatch, TelemetryBatch, decode
@@ -39,7 +39,7 @@ class IngestWorker:
     def __init__(self, config: HubConfig, index: int) -> None:
         self.config = config
         self.index = index
-        self.db = Database(config.data_dir / "hub.db")
+        self.db = open_database(config.database)
         self.writer = BatchWriter(self.db, config.writer_flush_s, config.writer_batch_rows)
         self.received: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()

@@ -3,6 +3,12 @@
 It must never die on input: every rejection (bad topic, bad payload, unknown
 device, device mismatch, a failing handler) is logged at WARNING with the topic
 and reason, counted per channel, and the next message is served.
+
+With hub replicas on PostgreSQL (``clustered``) every replica's bridge joins the ingest group's shared
+subscription for telemetry and data (each message to one member), hears the other channels itself,
+and answers bundle-part requests only while it is the leader (one copy per wave, from one place).
+Each replica's last will says "hub offline"; a replica that hears it while connected says
+"online" again, so devices hold their telemetry only when no replica is left.
 """
 
 from __future__ import annotations
@@ -22,21 +28,32 @@ from hub.errors import NotFound
 from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, data_rows, shared_wildcard
 from hub.mqtt.blob_carousel import Carousel
 from hub.registry.bundles import bundle_chunks, release_envelope
-from hub.store import Database, dumps, now
+from hub.store import Database, dumps, is_postgres_url, now
 from hub.trust.roots_publish import announce, offline_will
 from modules.store import ContentStore
 from protocol.broker_url import parse_broker_url
-from protocol.encoding import ProtocolError, canonical_json, sha256_hex
+from protocol.encoding import ProtocolError, canonical_json, parse_json, sha256_hex
 from protocol.messages import (
     BlobRequest,
     CommandReply,
     DataBatch,
+    HubStatus,
     ReportedState,
     Status,
     TelemetryBatch,
     decode,
 )
-from protocol.topics import DEVICE_TO_HUB, MANIFEST_PART, Channel, DeviceTopic, blob_topic, device_wildcard, parse_topic
+from protocol.schema import validate
+from protocol.topics import (
+    DEVICE_TO_HUB,
+    HUB_STATUS_TOPIC,
+    MANIFEST_PART,
+    Channel,
+    DeviceTopic,
+    blob_topic,
+    device_wildcard,
+    parse_topic,
+)
 
 log = logging.getLogger("edgefleet.hub.bridge")
 
@@ -47,8 +64,9 @@ class Rejected(Exception):
 
 class Bridge:
     def __init__(self, config: HubConfig, db: Database, store: ContentStore,
-                 is_enrolled: Callable[[str], bool]) -> None:
-        self.config, self.db, self.store, self.is_enrolled = config, db, store, is_enrolled
+                 is_enrolled: Callable[[str], bool], is_leader: Callable[[], bool] = lambda: True) -> None:
+        self.config, self.db, self.store, self.is_enrolled, self.is_leader = config, db, store, is_enrolled, is_leader
+        self.clustered = is_postgres_url(config.database)  # other replicas may share the work
         self.on_ready: Callable[[], None] = lambda: None  # set by the hub: re-send retained desired states
         self.received: dict[str, int] = defaultdict(int)
         self.rejected: dict[str, int] = defaultdict(int)
@@ -117,18 +135,21 @@ class Bridge:
         self.writer.stop()
         self._ready.clear()
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
         # while disconnected paho keeps QoS>0 messages and sends them after reconnecting
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             log.warning("broker refused the hub's connection: %s", reason_code)
             return
-        # with ingest workers, telemetry and data are shared with them (hub/ingest/workers.py)
-        shared = self.config.ingest_workers > 0
-        result, mid = client.subscribe([(shared_wildcard(ch) if shared and ch in INGEST_CHANNELS else device_wildcard(ch), 1)
-                                        for ch in DEVICE_TO_HUB])
+        # with ingest workers or other replicas, telemetry and data are shared with them (hub/ingest/workers.py)
+        shared = self.config.ingest_workers > 0 or self.clustered
+        topics = [(shared_wildcard(ch) if shared and ch in INGEST_CHANNELS else device_wildcard(ch), 1)
+                  for ch in DEVICE_TO_HUB]
+        if self.clustered:
+            topics.append((HUB_STATUS_TOPIC, 1))
+        result, mid = client.subscribe(topics)
         self._sub_mid = mid
         log.info("MQTT bridge connected to %s", self._url.public())
 
@@ -160,6 +181,9 @@ class Bridge:
     # --- inbound ---------------------------------------------------------------------------
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == HUB_STATUS_TOPIC:
+            self._on_hub_status(msg.payload)
+            return
         channel = "unknown"
         try:
             where = parse_topic(msg.topic)
@@ -184,6 +208,15 @@ class Bridge:
             self._reject(channel, msg.topic, f"handler error: {exc!r}")
         finally:
             self._count(self.processed, channel)
+
+    def _on_hub_status(self, payload: bytes) -> None:
+        """Another replica's will said "offline" (or it stopped): this one is still here, so say "online"."""
+        try:
+            online = validate(HubStatus, parse_json(payload, 4096)).online if payload else False
+        except ProtocolError:
+            return
+        if not online and not self._stopping and self._ready.is_set():
+            self.publish(HUB_STATUS_TOPIC, HubStatus(online=True, ts=time.time()).encode(), 1, True)
 
     def _reject(self, channel: str, topic: str, reason: str) -> None:
         self._count(self.rejected, channel)
@@ -225,6 +258,8 @@ class Bridge:
     # --- bundle transfer -------------------------------------------------------------------
 
     def _on_blob_request(self, msg: BlobRequest) -> None:
+        if not self.is_leader():  # one replica serves parts, so a wave gets one copy; devices ask again after failover
+            return
         known = bundle_chunks(self.db, msg.bundle)  # NotFound -> rejected
         unknown = [c for c in msg.chunks if c not in known]
         if unknown:

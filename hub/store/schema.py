@@ -220,5 +220,8 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         AddColumn("data_records", "endpoint", "TEXT"),
         TELEMETRY, REGISTRY, ALERTS, INGEST_WORKERS, ENDPOINTS, EXPORT_INDEXES,
     ),
-    (CLUSTER,),  # 2: leader lease and director requests (issue 17)
+    (  # 2: replicas (issue 17): the leader's lease, director requests, states stored but not yet acknowledged
+        CLUSTER,
+        AddColumn("devices", "desired_published", "INTEGER NOT NULL DEFAULT 1"),
+    ),
 ]
