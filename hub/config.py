@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from hub.store.db import is_postgres_url
 from protocol.broker_url import parse_broker_url
+
+DEFAULT_CLIENT_ID = "edgefleet-hub"
 
 
 @dataclass
@@ -31,7 +36,7 @@ class HubConfig:
     blob_gather_s: float = 1.5
     blob_hold_max_s: float = 30.0
     blob_covered_s: float = 30.0
-    mqtt_client_id: str = "edgefleet-hub"  # two hubs on one broker need distinct ids
+    mqtt_client_id: str = DEFAULT_CLIENT_ID  # two hubs on one broker need distinct ids (replicas get their own)
     release_ttl_s: int = 365 * 86400
     writer_flush_s: float = 0.1
     writer_batch_rows: int = 1000
@@ -58,6 +63,9 @@ class HubConfig:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.mqtt_client_id == DEFAULT_CLIENT_ID and is_postgres_url(self.database):
+            # replicas on one database: the broker would drop one of two clients with the same id
+            self.mqtt_client_id = f"{DEFAULT_CLIENT_ID}-{socket.gethostname()}-{os.getpid()}"
         if self.blobs_dir is not None:
             self.blobs_dir = Path(self.blobs_dir)
         parse_broker_url(self.mqtt_url)  # fail at start, not at first connect

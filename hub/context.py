@@ -15,6 +15,7 @@ from hub.config import HubConfig
 from hub.fleet.broker_auth import BrokerAuth, signal_reload
 from hub.fleet.device_http import DeviceDownloads
 from hub.fleet.devices import Fleet
+from hub.ingest import sessions
 from hub.ingest import workers as ingest_worker
 from hub.leader import DataDirLock, Leadership
 from hub.monitoring.service import Monitor
@@ -119,6 +120,8 @@ class Hub:
             if self.leadership.is_leader() and time.monotonic() >= next_chores:
                 next_chores = time.monotonic() + RENEW_CHECK_S
                 self._chores()
+            if self.clustered and self.leadership.is_leader():
+                self._adopt_sessions()
             self._maintenance_wake.wait(KEYS_CHECK_S)
             self._maintenance_wake.clear()
 
@@ -136,6 +139,15 @@ class Hub:
             self.db.maintain()  # PostgreSQL: the coming week's time partitions
         except Exception:
             log.exception("creating time partitions failed")
+
+    def _adopt_sessions(self) -> None:
+        """Leader: store what the MQTT sessions of ingest processes that died hold (hub/ingest/sessions.py)."""
+        try:
+            for client_id in sessions.stale(self.db):
+                if client_id != self.config.mqtt_client_id and not self._stop.is_set():
+                    sessions.adopt(self.config, self.db, client_id)
+        except Exception:
+            log.exception("adopting the MQTT session of a dead ingest process failed")
 
     def _root_stamp(self) -> float:
         try:

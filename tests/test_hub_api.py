@@ -94,7 +94,8 @@ def test_restart_keeps_keys_and_token_and_frees_port(broker, tmp_data, monkeypat
         assert "/api/v1/models" in httpx.get(second.url + "/openapi.json").json()["paths"]
         assert httpx.get(second.url + "/docs").status_code == 200
         assert second.wait_mqtt(10)
-        assert httpx.get(second.url + "/healthz").json() == {"status": "ok", "mqtt_connected": True}
+        health = httpx.get(second.url + "/healthz").json()
+        assert (health["status"], health["mqtt_connected"], health["leader"]) == ("ok", True, True)
 
 
 # --- registry -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -49,13 +50,34 @@ def hub_serve(
                                        help="Extra processes sharing telemetry ingest (MQTT 5 shared subscription)."),
     broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA", exists=True, dir_okay=False,
                                           help="PEM CA of an mqtts:// broker: the hub trusts it and pins it on devices."),
+    db: str | None = typer.Option(None, "--db", envvar="EDGEFLEET_DB",
+                                  help="postgresql://user@host:port/db for hub replicas on one database"
+                                       " (password: PGPASSWORD); default: SQLite in DATA/hub.db."),
+    blobs: Path | None = typer.Option(None, "--blobs", envvar="EDGEFLEET_BLOBS",
+                                      help="Blob store directory every replica shares (default: DATA/blobs)."),
+    leader_lease: float = typer.Option(5.0, "--leader-lease", envvar="EDGEFLEET_LEADER_LEASE_S", min=0.5,
+                                       help="Replicas: seconds the leader's lease lasts unless renewed."),
+    client_id: str | None = typer.Option(None, "--mqtt-client-id", envvar="EDGEFLEET_MQTT_CLIENT_ID",
+                                         help="MQTT client id (replicas: each its own; default: derived)."),
 ) -> None:
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C."""
     from edgefleet.broker import LocalBroker
     from hub.config import HubConfig
+    from hub.leader import DataDirBusy, DataDirLock
     from hub.server import serve_forever
+    from hub.store import is_postgres_url
 
     log = logging.getLogger("edgefleet.hub")
+    if db is not None and not is_postgres_url(db):
+        err.print(f"[red]--db {db!r}:[/] a postgresql:// URL (SQLite is the default: DATA/hub.db)")
+        raise typer.Exit(2)
+    if db is None:  # SQLite: one hub per data directory; say so in one line, before starting anything
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+            DataDirLock(data).acquire().release()
+        except DataDirBusy as exc:
+            err.print(f"[red]cannot serve:[/] {exc.detail}")
+            raise typer.Exit(1) from None
     broker = None
     broker_pid = None
     if isolate:
@@ -79,12 +101,41 @@ def hub_serve(
     log.info("hub API at http://%s:%s (docs /docs, metrics /metrics); MQTT broker %s", host, port,
              public_mqtt or mqtt.split("@")[-1])
     try:
+        extra = {"mqtt_client_id": client_id} if client_id else {}
         serve_forever(HubConfig(data_dir=data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=isolate,
-                                broker_pid=broker_pid, ingest_workers=ingest_workers, broker_ca=broker_ca),
+                                broker_pid=broker_pid, ingest_workers=ingest_workers, broker_ca=broker_ca,
+                                db_url=db, blobs_dir=blobs, leader_lease_s=leader_lease, **extra),
                      host=host, port=port)
     finally:
         if broker is not None:
             broker.stop()
+
+
+@hub_app.command("ingest")
+def hub_ingest(
+    db: str = typer.Option(..., "--db", envvar="EDGEFLEET_DB",
+                           help="The hubs' database: postgresql://… (password: PGPASSWORD), or an SQLite hub.db here."),
+    mqtt: str = typer.Option(..., "--mqtt", envvar="EDGEFLEET_MQTT", help="Broker URL (the hubs' own login)."),
+    processes: int = typer.Option(1, "--processes", envvar="EDGEFLEET_INGEST_PROCESSES", min=1,
+                                  help="Worker processes on this machine."),
+    broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA", exists=True, dir_okay=False,
+                                          help="PEM CA of an mqtts:// broker."),
+) -> None:
+    """Ingest workers on their own (any machine): join the hubs' shared subscription, write telemetry and data."""
+    import socket
+
+    from hub.config import HubConfig
+    from hub.ingest.workers import run_standalone
+    from hub.store import is_postgres_url
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data = Path.cwd() if is_postgres_url(db) else Path(db).resolve().parent
+    if not is_postgres_url(db) and not Path(db).is_file():
+        err.print(f"[red]--db {db!r}:[/] neither a postgresql:// URL nor an existing hub.db")
+        raise typer.Exit(2)
+    config = HubConfig(data_dir=data, mqtt_url=mqtt, db_url=db, broker_ca=broker_ca,
+                       mqtt_client_id=f"edgefleet-{socket.gethostname()}-{os.getpid()}", ingest_workers=processes)
+    run_standalone(config)
 
 
 # --- agent --------------------------------------------------------------------------------------

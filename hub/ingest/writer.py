@@ -19,6 +19,8 @@ TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/ingest/te
 DATA = "data"  # queue tag: the rows are data_records rows in DATA_COLUMNS order
 DATA_COLUMNS = ("device", "seq", "idx", "ts", "module", "version", "input", "output")
 WRITE_ATTEMPTS = 3  # a batch that fails this often is dropped (and logged); the rows are idempotent to retry
+ACK_WINDOW = 16  # commit early once this many messages wait for their acknowledgement (brokers allow ~20-100)
+Ack = Callable[[], None]
 ENROLLED_TTL_S = 5.0  # how long a "not enrolled" answer is trusted before asking the database again
 
 # Telemetry and collected data may be spread over several ingest processes through one MQTT 5
@@ -70,6 +72,12 @@ class BatchWriter:
     A telemetry batch is one row (its points packed) plus its rollups. ``ON CONFLICT DO NOTHING``
     on the (device, seq, …) keys drops replays (QoS 1 redelivery, an agent resending its
     outbox), so ``on_telemetry_rows`` hears only new points.
+
+    An item may carry an ``ack``: called once its rows are committed (or given up on), so an MQTT
+    message is acknowledged to the broker only when it is stored (hub replicas: a process killed
+    before its commit leaves the message to be delivered again). With acks waiting, the writer
+    commits as soon as :data:`ACK_WINDOW` of them are queued: the broker sends a client only so
+    many unacknowledged messages at a time.
     """
 
     def __init__(self, db: Database, flush_s: float, batch_rows: int,
@@ -79,8 +87,9 @@ class BatchWriter:
         self._thread = threading.Thread(target=self._run, name="hub-ingest-writer", daemon=True)
         # Producers only append under the lock; the writer wakes every flush_s, or early for a full batch.
         # (A queue.get per message woke the writer for every message: a thread switch each, on one GIL.)
-        self._items: list[tuple[str, list[tuple[Any, ...]]]] = []
+        self._items: list[tuple[str, list[tuple[Any, ...]], Ack | None]] = []
         self._rows = 0  # rows in _items
+        self._acks = 0  # items in _items with an ack
         self._pending = 0  # row sets queued but not yet committed
         self._stopping = False
         self._cond = threading.Condition()
@@ -96,20 +105,23 @@ class BatchWriter:
                 self._cond.notify_all()
             self._thread.join(timeout)
 
-    def telemetry(self, msg: TelemetryBatch) -> None:
-        packed = store.pack(msg)  # here, on the caller's thread: the writer thread only talks to SQLite
+    def telemetry(self, msg: TelemetryBatch, ack: Ack | None = None) -> None:
+        packed = store.pack(msg)  # here, on the caller's thread: the writer thread only talks to the database
         if packed is not None:
-            self._put(TELEMETRY, [packed])
+            self._put(TELEMETRY, [packed], ack)
+        elif ack is not None:
+            ack()  # nothing to store
 
-    def data(self, rows: list[tuple[Any, ...]]) -> None:
-        self._put(DATA, rows)
+    def data(self, rows: list[tuple[Any, ...]], ack: Ack | None = None) -> None:
+        self._put(DATA, rows, ack)
 
-    def _put(self, tag: str, rows: list[tuple[Any, ...]]) -> None:
+    def _put(self, tag: str, rows: list[tuple[Any, ...]], ack: Ack | None = None) -> None:
         with self._cond:
-            self._items.append((tag, rows))
+            self._items.append((tag, rows, ack))
             self._pending += 1
             self._rows += len(rows)
-            if self._rows >= self.batch_rows:
+            self._acks += ack is not None
+            if self._rows >= self.batch_rows or self._acks >= ACK_WINDOW:
                 self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
@@ -120,20 +132,27 @@ class BatchWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._rows >= self.batch_rows, self.flush_s)
-                batch, self._items, self._rows = self._items, [], 0
+                self._cond.wait_for(lambda: self._stopping or self._rows >= self.batch_rows
+                                    or self._acks >= ACK_WINDOW, self.flush_s)
+                batch, self._items, self._rows, self._acks = self._items, [], 0, 0
                 stopping = self._stopping
             if batch:
                 self._write(batch)
+                for _, _, ack in batch:  # stored (or given up on and logged): the broker may forget them
+                    if ack is not None:
+                        try:
+                            ack()
+                        except Exception:
+                            log.exception("acknowledging a stored message failed")
                 with self._cond:
                     self._pending -= len(batch)
                     self._cond.notify_all()
             if stopping:
                 return
 
-    def _write(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
-        data = sorted({r[:3]: r for tag, rows in batch if tag is DATA for r in rows}.values(), key=lambda r: r[:3])
-        packed = [p for tag, rows in batch if tag is TELEMETRY for p in rows]
+    def _write(self, batch: list[tuple[str, list[tuple[Any, ...]], Ack | None]]) -> None:
+        data = sorted({r[:3]: r for tag, rows, _ in batch if tag is DATA for r in rows}.values(), key=lambda r: r[:3])
+        packed = [p for tag, rows, _ in batch if tag is TELEMETRY for p in rows]
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:  # a batch transaction: beside other writers (other hubs, ingest workers), rows in key order
                 with self.db.batch() as tx:

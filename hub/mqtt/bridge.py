@@ -25,7 +25,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
 from hub.errors import NotFound
-from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, data_rows, shared_wildcard
+from hub.ingest import sessions
+from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, data_rows, shared_wildcard
 from hub.mqtt.blob_carousel import Carousel
 from hub.registry.bundles import bundle_chunks, release_envelope
 from hub.store import Database, dumps, is_postgres_url, now
@@ -84,15 +85,18 @@ class Bridge:
         self._sub_mid: int | None = None
         self._stopping = False
         self.writer = BatchWriter(db, config.writer_flush_s, config.writer_batch_rows, self._count_rows)
-        self._handlers: dict[Channel, Callable[[Any], None]] = {
+        self._handlers: dict[Channel, Callable[..., None]] = {
             Channel.STATUS: self._on_status, Channel.REPORTED: self._on_reported,
             Channel.TELEMETRY: self._on_telemetry, Channel.DATA: self._on_data,
             Channel.BLOB_REQ: self._on_blob_request, Channel.CMD_RES: self._on_command_reply,
         }
         url = parse_broker_url(config.mqtt_url)
         self._url = url
+        # replicas: a durable session whose telemetry and data are acknowledged once stored (hub/ingest/sessions.py)
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=config.mqtt_client_id,
-                                  protocol=mqtt.MQTTv5)
+                                  protocol=mqtt.MQTTv5, manual_ack=self.clustered)
+        self.acker = sessions.Acker(self.client)
+        self._heartbeat: sessions.Heartbeat | None = None
         if url.username:
             self.client.username_pw_set(url.username, url.password)
         if url.tls:
@@ -121,18 +125,28 @@ class Bridge:
                                                      daemon=True)
             self._carousel_thread.start()
         # connect_async + loop_start: the network thread connects, and reconnects after any loss
-        self.client.connect_async(self._url.host, self._url.port, keepalive=30)
+        extra: dict[str, Any] = {}
+        if self.clustered:
+            self._heartbeat = sessions.Heartbeat(self.db, self.config.mqtt_client_id).start()
+            extra = {"clean_start": False, "properties": sessions.connect_properties(sessions.SESSION_EXPIRY_S)}
+        self.client.connect_async(self._url.host, self._url.port, keepalive=30, **extra)
         self.client.loop_start()
         log.info("MQTT bridge connecting to %s", self._url.public())
 
     def stop(self) -> None:
         self._stopping = True
-        self.client.disconnect(reasoncode=mqtt.ReasonCode(mqtt.PacketTypes.DISCONNECT, "Disconnect with will message"))
+        if self.clustered and self._ready.is_set():  # nothing new for this session; store and ack the rest; end it
+            sessions.unsubscribe(self.client, sessions.ingest_topics())
+            self.writer.stop()
+        self.client.disconnect(reasoncode=mqtt.ReasonCode(mqtt.PacketTypes.DISCONNECT, "Disconnect with will message"),
+                               properties=sessions.end_session_properties() if self.clustered else None)
         self.client.loop_stop()
         self._carousel_wake.set()
         if self._carousel_thread is not None:
             self._carousel_thread.join(10)
         self.writer.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.stop(ended=True)
         self._ready.clear()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
@@ -143,6 +157,7 @@ class Bridge:
         if reason_code.is_failure:
             log.warning("broker refused the hub's connection: %s", reason_code)
             return
+        self.acker.reconnected()  # acks owed on the old connection are void: those messages come again
         # with ingest workers or other replicas, telemetry and data are shared with them (hub/ingest/workers.py)
         shared = self.config.ingest_workers > 0 or self.clustered
         topics = [(shared_wildcard(ch) if shared and ch in INGEST_CHANNELS else device_wildcard(ch), 1)
@@ -183,8 +198,10 @@ class Bridge:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == HUB_STATUS_TOPIC:
             self._on_hub_status(msg.payload)
+            self._ack(msg)
             return
         channel = "unknown"
+        handed = False  # the writer acknowledges a telemetry or data message once it is stored
         try:
             where = parse_topic(msg.topic)
             if not isinstance(where, DeviceTopic):
@@ -200,7 +217,11 @@ class Bridge:
             claimed = getattr(message, "device", where.device_id)
             if claimed != where.device_id:
                 raise Rejected(f"message names device {claimed!r} but came on the topic of {where.device_id!r}")
-            handler(message)
+            if where.channel in INGEST_CHANNELS:
+                handler(message, self.acker.later(msg) if self.clustered else None)
+                handed = True
+            else:
+                handler(message)
         except (Rejected, ProtocolError, NotFound) as exc:
             self._reject(channel, msg.topic, str(exc))
         except Exception as exc:  # a bug or a failing disk must cost one message, not the bridge
@@ -208,6 +229,12 @@ class Bridge:
             self._reject(channel, msg.topic, f"handler error: {exc!r}")
         finally:
             self._count(self.processed, channel)
+            if not handed:
+                self._ack(msg)
+
+    def _ack(self, msg: mqtt.MQTTMessage) -> None:
+        if self.clustered:
+            self.acker.now(msg)
 
     def _on_hub_status(self, payload: bytes) -> None:
         """Another replica's will said "offline" (or it stopped): this one is still here, so say "online"."""
@@ -244,11 +271,11 @@ class Bridge:
             if msg.facts:
                 tx.execute("UPDATE devices SET facts = ? WHERE id = ?", (dumps(msg.facts), msg.device))
 
-    def _on_telemetry(self, msg: TelemetryBatch) -> None:
-        self.writer.telemetry(msg)
+    def _on_telemetry(self, msg: TelemetryBatch, ack: Ack | None = None) -> None:
+        self.writer.telemetry(msg, ack)
 
-    def _on_data(self, msg: DataBatch) -> None:
-        self.writer.data(data_rows(msg))
+    def _on_data(self, msg: DataBatch, ack: Ack | None = None) -> None:
+        self.writer.data(data_rows(msg), ack)
 
     def _on_command_reply(self, msg: CommandReply) -> None:
         self.command_replies[msg.id] = msg.to_dict()

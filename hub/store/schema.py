@@ -201,6 +201,8 @@ CLUSTER = """CREATE TABLE IF NOT EXISTS leases (
 CREATE TABLE IF NOT EXISTS director_requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT, devices TEXT, created_at REAL NOT NULL
 );
+-- the durable MQTT sessions that ingest (hub/ingest/sessions.py): a process that stops beating is adopted
+CREATE TABLE IF NOT EXISTS mqtt_sessions (client_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
 """
 
 MIGRATIONS: list[tuple[Step, ...]] = [
