@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -60,12 +59,14 @@ class HubConfig:
     db_url: str | None = None
     blobs_dir: Path | None = None  # the content store all replicas share (default data_dir/blobs)
     leader_lease_s: float = 5.0  # replicas: how long the leader's lease lasts unless renewed (failover time)
+    ingest_adopt_s: float = 15.0  # replicas: an ingest process silent this long has its MQTT session adopted
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         if self.mqtt_client_id == DEFAULT_CLIENT_ID and is_postgres_url(self.database):
             # replicas on one database: the broker would drop one of two clients with the same id
-            self.mqtt_client_id = f"{DEFAULT_CLIENT_ID}-{socket.gethostname()}-{os.getpid()}"
+            # the same after a restart (a container keeps its host name): its durable session is found again
+            self.mqtt_client_id = f"{DEFAULT_CLIENT_ID}-{socket.gethostname()}"
         if self.blobs_dir is not None:
             self.blobs_dir = Path(self.blobs_dir)
         parse_broker_url(self.mqtt_url)  # fail at start, not at first connect

@@ -143,7 +143,7 @@ class Hub:
     def _adopt_sessions(self) -> None:
         """Leader: store what the MQTT sessions of ingest processes that died hold (hub/ingest/sessions.py)."""
         try:
-            for client_id in sessions.stale(self.db):
+            for client_id in sessions.stale(self.db, self.config.ingest_adopt_s):
                 if client_id != self.config.mqtt_client_id and not self._stop.is_set():
                     sessions.adopt(self.config, self.db, client_id)
         except Exception:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import typer
@@ -58,7 +57,11 @@ def hub_serve(
     leader_lease: float = typer.Option(5.0, "--leader-lease", envvar="EDGEFLEET_LEADER_LEASE_S", min=0.5,
                                        help="Replicas: seconds the leader's lease lasts unless renewed."),
     client_id: str | None = typer.Option(None, "--mqtt-client-id", envvar="EDGEFLEET_MQTT_CLIENT_ID",
-                                         help="MQTT client id (replicas: each its own; default: derived)."),
+                                         help="MQTT client id (replicas: each its own and the same after a restart;"
+                                              " default: from the host name)."),
+    adopt_after: float = typer.Option(15.0, "--ingest-adopt-after", envvar="EDGEFLEET_INGEST_ADOPT_S", min=1.0,
+                                      help="Replicas: seconds before the leader adopts a dead ingest process's"
+                                           " MQTT session."),
 ) -> None:
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C."""
     from edgefleet.broker import LocalBroker
@@ -104,7 +107,8 @@ def hub_serve(
         extra = {"mqtt_client_id": client_id} if client_id else {}
         serve_forever(HubConfig(data_dir=data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=isolate,
                                 broker_pid=broker_pid, ingest_workers=ingest_workers, broker_ca=broker_ca,
-                                db_url=db, blobs_dir=blobs, leader_lease_s=leader_lease, **extra),
+                                db_url=db, blobs_dir=blobs, leader_lease_s=leader_lease, ingest_adopt_s=adopt_after,
+                                **extra),
                      host=host, port=port)
     finally:
         if broker is not None:
@@ -120,6 +124,9 @@ def hub_ingest(
                                   help="Worker processes on this machine."),
     broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA", exists=True, dir_okay=False,
                                           help="PEM CA of an mqtts:// broker."),
+    client_id: str | None = typer.Option(None, "--mqtt-client-id", envvar="EDGEFLEET_MQTT_CLIENT_ID",
+                                         help="Client id prefix, the same after a restart (default: from the host"
+                                              " name); two of these commands on one host need their own."),
 ) -> None:
     """Ingest workers on their own (any machine): join the hubs' shared subscription, write telemetry and data."""
     import socket
@@ -134,7 +141,7 @@ def hub_ingest(
         err.print(f"[red]--db {db!r}:[/] neither a postgresql:// URL nor an existing hub.db")
         raise typer.Exit(2)
     config = HubConfig(data_dir=data, mqtt_url=mqtt, db_url=db, broker_ca=broker_ca,
-                       mqtt_client_id=f"edgefleet-{socket.gethostname()}-{os.getpid()}", ingest_workers=processes)
+                       mqtt_client_id=client_id or f"edgefleet-{socket.gethostname()}", ingest_workers=processes)
     run_standalone(config)
 
 

@@ -7,7 +7,7 @@ receiving and committing, the process leaves the message unacknowledged in its b
 It comes back with the same id (a restarted container): the broker sends it again. It does not
 come back: brokers such as mosquitto keep routing that member's share of the group to its session,
 so the leader *adopts* it (:func:`adopt`): a process whose heartbeat (``mqtt_sessions``) is older
-than :data:`STALE_S` has its session taken over by a client with its id, which unsubscribes,
+than ``HubConfig.ingest_adopt_s`` has its session taken over by a client with its id, which unsubscribes,
 stores what the session held, acknowledges it, and ends the session (expiry 0). Nothing the broker
 accepted is lost; a replay is stored once (``ON CONFLICT DO NOTHING``).
 """
@@ -37,7 +37,7 @@ log = logging.getLogger("edgefleet.hub.ingest.sessions")
 
 SESSION_EXPIRY_S = 86400  # a killed process's session (and what it holds) waits this long for it, or its adopter
 HEARTBEAT_S = 1.0
-STALE_S = 15.0  # a session whose owner has not beaten for this long is adopted by the leader
+STALE_S = 15.0  # a session whose owner has not beaten for this long is adopted (HubConfig.ingest_adopt_s)
 IDLE_S = 1.0  # adoption ends once the session has been quiet this long
 
 

@@ -18,7 +18,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
 import threading
 import time
 import zlib
@@ -150,13 +149,14 @@ def stop_all(procs: list[mp.process.BaseProcess], timeout: float = 10.0) -> None
 def run_standalone(config: HubConfig) -> None:
     """``edgefleet hub ingest``: ``config.ingest_workers`` workers on this machine until SIGTERM or Ctrl-C.
 
-    Their counters go to ``ingest_workers`` under indexes drawn from this host and process, so workers
-    on many machines do not overwrite each other's rows.
+    Their client ids are ``{mqtt_client_id}-ingest-{index}``, and the indexes (also their rows in
+    ``ingest_workers``) are drawn from ``mqtt_client_id``: the same after a restart (the broker keeps
+    their durable sessions for them), distinct between machines.
     """
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    first = 1000 + zlib.crc32(f"{socket.gethostname()}/{os.getpid()}".encode()) % 1_000_000 * 100
+    first = 1000 + zlib.crc32(config.mqtt_client_id.encode()) % 1_000_000 * 100
     procs = spawn(config, first_index=first)
     log.info("ingest workers %d..%d on %s, database %s", first, first + len(procs) - 1, config.mqtt_url.split("@")[-1],
              config.database.split("@")[-1])
