@@ -21,8 +21,6 @@ from simulator.fleet import Fleet
 from tests.cluster import HubProcess, clear_retained, leader_of, stop_all
 from tests.rollout_support import DesiredRecorder, all_running, build_versions, rollout, wait_rollout
 
-pytestmark = pytest.mark.hubstore
-
 NAME = "scorer-cluster"
 
 

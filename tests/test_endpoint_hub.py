@@ -141,6 +141,7 @@ def expected(model_dir: str, seed: int, x: list[list[float]]) -> np.ndarray:
     return sess.run(None, {"x": np.asarray(x, dtype=np.float32)})[0]
 
 
+@pytest.mark.hubstore
 def test_score_keys_shapes_binary_and_delete_refusal(admin, modules):
     ep = deploy(admin, "score", modules["v1"])
     url, keys = ep["url"], ep["keys"]
@@ -335,6 +336,7 @@ def test_model_exception_is_a_500_with_request_id_and_the_worker_keeps_serving(a
     admin.delete("/api/v1/endpoints/broken")
 
 
+@pytest.mark.hubstore
 def test_sampled_requests_land_in_data_records_tagged_with_endpoint_and_version(admin, modules, server):
     ep = deploy(admin, "collect", modules["v2"])  # v2 collects every request (collect_rate_ppm = 1e6)
     for i in range(5):

@@ -19,6 +19,8 @@ from protocol.topics import HUB_STATUS_TOPIC, Channel, device_topic, root_topic,
 from tests.pg import hub_db
 from tests.rollout_support import build_versions
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 
 class Client:
     """A paho client that records its CONNACK, messages and disconnects."""

@@ -19,6 +19,8 @@ from protocol.signing import load_trusted_root
 from protocol.verify import accept_manifest
 from tests.pg import hub_db
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 
 def client_id() -> str:
     return f"hub-{secrets.token_hex(4)}"

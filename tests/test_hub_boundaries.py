@@ -8,6 +8,7 @@ import secrets
 from pathlib import Path
 
 import httpx
+import pytest
 
 from edgefleet.broker import LocalBroker
 from hub import HubConfig, HubServer
@@ -29,6 +30,8 @@ def test_hub_imports_no_agent_simulator_or_cli():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             offenders += [f"{path.relative_to(HUB)}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
     assert offenders == []
+
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
 
 def test_hub_reconnects_and_republishes_desired_state_after_broker_restart(tmp_data, monkeypatch):

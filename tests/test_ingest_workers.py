@@ -7,6 +7,7 @@ import time
 
 import httpx
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
@@ -14,6 +15,8 @@ from hub.server import HubServer
 from protocol.messages import TelemetryBatch, TelemetryPoint
 from protocol.topics import Channel, device_topic
 from tests.pg import hub_db
+
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
 
 def wait_until(predicate, timeout, what):

@@ -23,6 +23,8 @@ from simulator.fleet import Fleet
 from tests.clirun import as_json, cli
 from tests.pg import hub_db
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 
 class Webhook:
     """A real HTTP receiver; ``fail_first`` answers 500 that many times before accepting."""

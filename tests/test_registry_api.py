@@ -14,6 +14,8 @@ import pytest
 
 from modules.examples import write_logreg_onnx
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 
 @pytest.fixture
 def hub_options() -> dict:

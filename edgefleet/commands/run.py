@@ -79,7 +79,7 @@ def hub_serve(
             data.mkdir(parents=True, exist_ok=True)
             DataDirLock(data).acquire().release()
         except DataDirBusy as exc:
-            err.print(f"[red]cannot serve:[/] {exc.detail}")
+            err.print(f"[red]cannot serve:[/] {exc.detail}", soft_wrap=True)  # one line, however long
             raise typer.Exit(1) from None
     broker = None
     broker_pid = None

@@ -347,8 +347,9 @@ class PgDatabase:
 
     @contextmanager
     def reader(self) -> Iterator[PgConnection]:
-        """A connection of its own, usable from any thread (a streamed response's pages)."""
+        """A read-only connection of its own, usable from any thread (a streamed response's pages)."""
         conn = self.connect()
+        conn.execute("SET default_transaction_read_only = on")
         try:
             yield PgConnection(self, conn)
         finally:
