@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class HubProcess:
-    """One replica: its own process, port and MQTT client id; the database, keys and blobs shared (``data``)."""
+    """One replica: its own process, port and MQTT client id; the database, keys and blobs shared (``data``).
+
+    An empty ``db_url`` runs the hub on SQLite in ``data`` (a baseline for the benchmarks).
+    """
 
     def __init__(self, name: str, data: Path, db_url: str, mqtt_url: str, token: str, lease_s: float = 2.0,
                  adopt_s: float = 4.0, log_dir: Path | None = None, extra: tuple[str, ...] = ()) -> None:
@@ -36,7 +39,8 @@ class HubProcess:
 
     def start(self) -> HubProcess:
         env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": self.token, "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "edgefleet", "hub", "serve", "--data", str(self.data), "--db", self.db_url,
+        cmd = [sys.executable, "-m", "edgefleet", "hub", "serve", "--data", str(self.data),
+               *(["--db", self.db_url] if self.db_url else []),
                "--mqtt", self.mqtt_url, "--port", str(self.port), "--leader-lease", str(self.lease_s),
                "--ingest-adopt-after", str(self.adopt_s), "--mqtt-client-id", f"hub-{self.name}", *self.extra]
         with self.log_path.open("ab") as log:

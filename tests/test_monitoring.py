@@ -23,8 +23,6 @@ from simulator.fleet import Fleet
 from tests.clirun import as_json, cli
 from tests.pg import hub_db
 
-pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
-
 
 class Webhook:
     """A real HTTP receiver; ``fail_first`` answers 500 that many times before accepting."""
@@ -108,6 +106,7 @@ def test_categorical_features_use_chi_square():
 # --- the acceptance scenario -------------------------------------------------------------------------
 
 
+@pytest.mark.hubstore
 def test_drift_in_one_feature_raises_one_alert_to_the_webhook(hub, tmp_path):
     webhook = Webhook()
     fleet = None
@@ -162,6 +161,7 @@ def test_drift_in_one_feature_raises_one_alert_to_the_webhook(hub, tmp_path):
         webhook.close()
 
 
+@pytest.mark.hubstore
 def test_webhook_retries_with_backoff_until_delivered(hub):
     webhook = Webhook(fail_first=2)
     try:
@@ -189,6 +189,7 @@ def test_webhook_retries_with_backoff_until_delivered(hub):
         webhook.close()
 
 
+@pytest.mark.hubstore
 def test_error_rate_rule_and_time_series_and_retention(hub):
     db = hub.hub.db
     now = time.time()

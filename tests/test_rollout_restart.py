@@ -8,14 +8,11 @@ import subprocess
 import sys
 
 import httpx
-import pytest
 
 from edgefleet.broker import free_port
 from hub.testing import wait_until
 from simulator.fleet import Fleet
 from tests.rollout_support import DesiredRecorder, all_running, build_versions, rollout, wait_rollout
-
-pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
 TOKEN = "restart-admin-token-0123456789"
 NAME = "durable"

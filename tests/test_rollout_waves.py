@@ -10,8 +10,6 @@ from simulator.fleet import Fleet
 from simulator.scenarios import Scenario
 from tests.rollout_support import DesiredRecorder, all_running, build_versions, cli, wait_rollout
 
-pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
-
 N = 50
 PREFIX = "wv"  # with this prefix, 11 of 50 devices fail scorer:3, 2 of them in the first 20% wave
 NAME = "scorer-fleet"

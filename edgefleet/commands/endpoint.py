@@ -122,7 +122,8 @@ def serve(
     max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0),
     key: list[str] = typer.Option([], "--key", envvar="EDGEFLEET_ENDPOINT_KEYS",
                                   help="Accepted key (repeatable; env: comma-separated). Default: two generated."),
-    collect_db: str = typer.Option("", "--collect-db", help="SQLite file for sampled requests (a hub.db)."),
+    collect_db: str = typer.Option("", "--collect-db", envvar="EDGEFLEET_COLLECT_DB",
+                                   help="Where sampled requests go: a hub.db, or the hubs' postgresql:// URL."),
     name: str | None = typer.Option(None, "--name", help="Endpoint name (default: the module's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the URL and keys as one JSON line once serving."),
 ) -> None:
