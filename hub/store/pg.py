@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import chain, islice
 from typing import Any
 
@@ -89,6 +89,25 @@ class Rows:
         self._rows = []
 
 
+class Deferred(Rows):
+    """An executemany queued in a pipeline: its row count is fetched (a round trip) only if someone asks."""
+
+    def __init__(self, conn: psycopg.Connection, cur: psycopg.Cursor) -> None:
+        self._conn, self._cur = conn, cur
+        self._count: int | None = None
+        self.description = None
+        self._rows: list[tuple[Any, ...]] = []
+        self._i = 0
+
+    @property  # type: ignore[override]
+    def rowcount(self) -> int:
+        if self._count is None:
+            with self._conn.pipeline():  # leaving it syncs
+                pass
+            self._count = self._cur.rowcount
+        return self._count
+
+
 def _params(params: Any) -> tuple[bool, Any]:
     """(named, params): a mapping is ``:name`` style."""
     if isinstance(params, Mapping):
@@ -101,9 +120,17 @@ class PgConnection:
 
     kind = "postgres"
 
-    def __init__(self, db: PgDatabase, conn: psycopg.Connection | None = None) -> None:
+    def __init__(self, db: PgDatabase, conn: psycopg.Connection | None = None, pipelined: bool = False) -> None:
         self.database = db
         self.conn = conn  # the transaction's (or a reader's) connection; None: borrow per statement
+        self.pipelined = pipelined  # a batch transaction in pipeline mode: read a result only when asked for
+
+    def _result(self, c: psycopg.Connection, run: Any) -> Rows:
+        if not self.pipelined:
+            return Rows(run())
+        with c.pipeline():  # leaving a nested pipeline syncs: what was queued (BEGIN too) goes in one round trip
+            cur = run()
+        return Rows(cur)
 
     def _run(self, fn: Any) -> Any:
         if self.conn is not None:
@@ -115,9 +142,9 @@ class PgConnection:
         named, args = _params(params)
         if not args and not named:
             text = dialect.plain(sql)
-            return self._run(lambda c: Rows(c.execute(text)))  # type: ignore[arg-type]
+            return self._run(lambda c: self._result(c, lambda: c.execute(text)))  # type: ignore[arg-type]
         text = dialect.dml(sql, named)
-        return self._run(lambda c: Rows(c.execute(text, args)))  # type: ignore[arg-type]
+        return self._run(lambda c: self._result(c, lambda: c.execute(text, args)))  # type: ignore[arg-type]
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Rows:
         text = dialect.dml(sql)
@@ -127,7 +154,7 @@ class PgConnection:
             cur = c.cursor()
             if rows:
                 cur.executemany(text, rows)  # type: ignore[arg-type]  # pipelined: one round trip for all
-            return Rows(cur)
+            return Rows(cur) if not self.pipelined else Deferred(c, cur)
         return self._run(run)
 
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
@@ -159,8 +186,21 @@ class PgConnection:
 
     def insert_new(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
                    key: Sequence[str]) -> set[tuple[Any, ...]]:
-        """Insert rows whose key is not stored yet (one statement); returns the keys of those inserted."""
-        return set(self._copy_insert(table, columns, rows, ignore=True, returning=key))
+        """Insert rows whose key is not stored yet; returns the keys of those inserted.
+
+        One statement: the rows travel as one array per column (``unnest``), so a batch of any size is
+        one round trip with no temporary table (ingest commits many small batches).
+        """
+        rows = list(rows)
+        if not rows:
+            return set()
+        types = self.database.column_types(table)
+        arrays = psql.SQL(", ").join(psql.SQL("%s::{}[]").format(psql.SQL(types[c])) for c in columns)
+        cols = psql.SQL(", ").join(psql.Identifier(c) for c in columns)
+        q = psql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({}) ON CONFLICT DO NOTHING RETURNING {}").format(
+            psql.Identifier(table), cols, arrays, psql.SQL(", ").join(psql.Identifier(k) for k in key))
+        params = [list(col) for col in zip(*rows)]
+        return set(self._run(lambda c: self._result(c, lambda: c.execute(q, params)).fetchall()))
 
     def _copy_insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, ignore: bool,
                      returning: Sequence[str]) -> list[tuple[Any, ...]]:
@@ -281,6 +321,7 @@ class PgDatabase:
         self._cond = threading.Condition()
         self._local = threading.local()
         self._closed = False
+        self._types: dict[str, dict[str, str]] = {}
         self.migrate()
         self.maintain()
 
@@ -341,6 +382,15 @@ class PgDatabase:
                 self._idle.append(conn)
             self._cond.notify()
 
+    def column_types(self, table: str) -> dict[str, str]:
+        """Each column's SQL type (for ``unnest`` arrays), read once per table."""
+        types = self._types.get(table)
+        if types is None:
+            types = self._types[table] = {r[0]: r[1] for r in self.db().execute(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+                " WHERE a.attrelid = ?::regclass AND a.attnum > 0 AND NOT a.attisdropped", (table,)).fetchall()}
+        return types
+
     def db(self) -> PgConnection:
         """This thread's connection: its transaction's, or one borrowed per statement."""
         return getattr(self._local, "tx", None) or PgConnection(self)
@@ -395,8 +445,10 @@ class PgDatabase:
         conn = self._acquire()
         ok = False
         try:
-            with conn.transaction():
-                tx = PgConnection(self, conn)
+            # a batch in pipeline mode: BEGIN goes with its first statement and COMMIT with its last, so an
+            # ingest commit costs two round trips (its inserts' RETURNING, then the rollups and COMMIT)
+            with conn.pipeline() if lock is None else nullcontext(), conn.transaction():
+                tx = PgConnection(self, conn, pipelined=lock is None)
                 if lock is not None:
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
                 self._local.tx, self._local.locked = tx, lock is not None
