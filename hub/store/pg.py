@@ -36,7 +36,7 @@ PARTITIONS_AHEAD = 7  # periods created ahead of the clock
 POOL_SIZE = 16
 POOL_WAIT_S = 60.0
 # a transaction idle this long is a hub process paused or gone: the server ends it and frees its locks
-IDLE_IN_TX_MS = 10_000
+IDLE_IN_TX_MS = 30_000
 COPY_MIN_ROWS = 64  # below this an executemany (pipelined) is as quick as COPY through a temporary table
 
 
