@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import secrets
 import signal
+import subprocess
+import sys
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -171,3 +173,45 @@ def test_killing_a_replica_during_ingest_loses_nothing(replicas, broker, victim)
         db.close()
         pub.loop_stop()
         pub.disconnect()
+
+
+def test_ingest_workers_on_their_own_join_the_hubs_group(postgres, broker, tmp_path):
+    db_url = postgres.new_database()
+    token = f"cluster-{secrets.token_hex(8)}"
+    (tmp_path / "shared").mkdir()
+    hub = HubProcess("solo", tmp_path / "shared", db_url, broker.url, token, log_dir=tmp_path).start()
+    log = (tmp_path / "ingest.log").open("wb")
+    worker = subprocess.Popen([sys.executable, "-m", "edgefleet", "hub", "ingest", "--db", db_url, "--mqtt", broker.url,
+                               "--processes", "2", "--mqtt-client-id", "elsewhere"], stdout=log,
+                              stderr=subprocess.STDOUT, cwd=tmp_path)
+    db = open_database(db_url)
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{secrets.token_hex(4)}", protocol=mqtt.MQTTv5)
+    try:
+        hub.wait_ready()
+        with hub.client() as api:
+            [tok] = api.post("/api/v1/enrollment-tokens", json={}).json()["tokens"]
+            api.post("/api/v1/enroll", json={"token": tok, "device_id": "far-1"}).raise_for_status()
+        wait_until(lambda: db.scalar("SELECT count(*) FROM mqtt_sessions WHERE client_id LIKE 'elsewhere-ingest-%'")
+                   == 2, 60, 0.1, "both workers connected")
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        for seq in range(400):
+            batch = TelemetryBatch(device="far-1", seq=seq, ts=1_700_000_000.0 + seq, points=[
+                TelemetryPoint(ts=1_700_000_000.0 + seq, module="m", version=1, inferences=1, errors=0)])
+            pub.publish(device_topic("far-1", Channel.TELEMETRY), batch.encode(), qos=1).wait_for_publish(10)
+        wait_until(lambda: db.scalar("SELECT count(*) FROM telemetry_batches") == 400, 60, 0.1, "400 stored")
+        # the workers on "another machine" took their share of the group's messages, next to the hub
+        wait_until(lambda: sum(r["received"] for r in db.query("SELECT received FROM ingest_workers")) > 0, 10, 0.1,
+                   "the workers received some")
+        assert db.scalar("SELECT sum(received) FROM ingest_workers") < 400  # and the hub the rest
+        worker.send_signal(signal.SIGTERM)  # a clean stop ends their sessions: nothing left to adopt
+        assert worker.wait(30) == 0
+        assert db.scalar("SELECT count(*) FROM mqtt_sessions WHERE client_id LIKE 'elsewhere-%'") == 0
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        if worker.poll() is None:
+            worker.kill()
+        db.close()
+        hub.stop()
+        clear_retained(broker.url)
