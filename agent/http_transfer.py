@@ -167,6 +167,8 @@ class HttpBundleFetch(VerifiedFetch):
         await self._fetch_chunks()
         self._set_trouble("")
         assert self.envelope is not None
+        log.info("bundle %s: %d chunk bytes fetched in %d chunks", self.module.bundle[:12], self.fetched_bytes,
+                 self.fetched)
         return self.envelope
 
     async def _retrying(self, step: Callable[[], Any]) -> Any:
@@ -233,6 +235,7 @@ class HttpBundleFetch(VerifiedFetch):
             if refusals >= MISMATCH_ATTEMPTS:
                 raise InstallError(f"chunk {digest[:12]}… from the hub refused {refusals} times: {problem}")
         self.fetched += 1
+        self.fetched_bytes += self._sizes[digest]
         self._missing.discard(digest)
         self._set_trouble("")
         self._report_progress()
@@ -262,17 +265,17 @@ class HttpBundleFetch(VerifiedFetch):
                 while block := resp.read(BLOCK):
                     written += len(block)
                     if written > size:
-                        break  # more than the manifest implies: refused below, connection dropped
+                        break  # more than the release lists: refused below, connection dropped
                     f.write(block)
         if written > size:
             part.unlink(missing_ok=True)
-            return f"chunk is more than the {size} bytes the manifest implies"
+            return f"chunk is more than the {size} bytes the release lists"
         # A dropped answer raised above and keeps its partial file for a Range request; one that ended
         # normally but short is what the hub holds: refused like bad bytes.
         data = part.read_bytes()
         if len(data) != size:
             part.unlink(missing_ok=True)
-            return f"chunk is {len(data)} bytes, the manifest implies {size}"
+            return f"chunk is {len(data)} bytes, the release lists {size}"
         if sha256_hex(data) != digest:
             part.unlink(missing_ok=True)
             return "chunk bytes do not hash to the digest they were asked by (tampered or corrupt)"

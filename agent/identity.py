@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -12,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from protocol.broker_url import BrokerURL, parse_broker_url
-from protocol.encoding import ProtocolError
+from protocol.broker_url import BrokerURL, is_loopback_host, parse_broker_url
+from protocol.encoding import ProtocolError, canonical_json, sha256_hex
 from protocol.signing import Root, load_trusted_root
 
 if TYPE_CHECKING:  # httpx (and the rich/pygments its CLI pulls in) costs ~15 MB: loaded only to enrol
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # httpx (and the rich/pygments its CLI pulls in) costs ~15 MB
 log = logging.getLogger("edgefleet.agent.identity")
 
 IDENTITY_FILE = "identity.json"
+INSECURE_HTTP_ENV = "EDGEFLEET_INSECURE_HTTP"
 MAX_CLOCK_SKEW = 60.0
 
 
@@ -49,12 +51,83 @@ class Identity:
         return load_trusted_root(self.root)
 
 
-def check_hub_url(url: str) -> str:
-    """``url`` if it is ``http(s)://host[:port][/prefix]``, else ValueError saying so."""
+def check_hub_url(url: str, insecure: bool | None = None) -> str:
+    """``url`` if it is ``http(s)://host[:port][/prefix]``, else ValueError saying so.
+
+    Plain ``http://`` to another machine is refused unless ``insecure`` (default: env ``EDGEFLEET_INSECURE_HTTP=1``):
+    the device's password and enrolment token would cross the network in clear.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"hub URL {url!r} is not http(s)://host[:port]")
+    if insecure is None:
+        insecure = os.environ.get(INSECURE_HTTP_ENV, "") not in ("", "0")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname) and not insecure:
+        raise ValueError(f"hub URL {url} is plain http:// to another machine: the device's credentials would cross the"
+                         f" network in clear; use https:// (or accept that with --insecure-http, {INSECURE_HTTP_ENV}=1)")
     return url
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What a device operator knows about the hub before enrolling (``edgefleet keys show`` prints it), so the
+    device does not trust whoever answers: the root of trust (its sha256, or the document) and the TLS CA (its
+    sha256, or the PEM). ``insecure_http`` accepts plain http:// to another machine."""
+
+    root_sha256: str | None = None
+    root: dict[str, Any] | None = None
+    ca_sha256: str | None = None
+    ca_pem: str | None = None
+    insecure_http: bool = False
+
+
+def cert_sha256(pem: str) -> str:
+    """sha256 of a PEM certificate's DER, hex: what ``edgefleet keys show`` prints as the CA's fingerprint."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+
+
+def pem_certs(text: str) -> list[str]:
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    return [begin + part.split(end)[0] + end + "\n" for part in text.split(begin)[1:] if end in part]
+
+
+def _hex(value: str) -> str:
+    return value.replace(":", "").strip().lower()
+
+
+def _tls_context(hub_url: str, pins: Pins, timeout: float) -> ssl.SSLContext | bool:
+    """How to check the hub's certificate: the pinned CA, or the CA the hub serves once its fingerprint matches the
+    one given (nothing secret is sent before that), or the system's store."""
+    import httpx
+
+    if urlsplit(hub_url).scheme != "https":
+        return True
+    pem = pins.ca_pem
+    if pem is None and pins.ca_sha256:
+        try:  # unverified on purpose: what comes back is checked against the fingerprint before any use
+            served = httpx.get(hub_url.rstrip("/") + "/api/v1/ca", verify=False, timeout=timeout).text
+        except httpx.HTTPError as exc:
+            raise EnrollmentError(f"cannot fetch the hub's CA from {hub_url}: {exc}") from None
+        pem = next((c for c in pem_certs(served) if cert_sha256(c) == _hex(pins.ca_sha256)), None)
+        if pem is None:
+            raise EnrollmentError(f"the hub at {hub_url} serves no CA with sha256 {_hex(pins.ca_sha256)}: not enrolling"
+                                  " (a different hub, or someone in between; compare with `edgefleet keys show`)")
+    if pem is None:
+        return True
+    try:
+        return ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise EnrollmentError(f"the CA to pin is not a usable certificate: {exc}") from None
+
+
+def _check_root(root: Any, pins: Pins) -> None:
+    digest = sha256_hex(canonical_json(root))
+    if pins.root_sha256 and digest != _hex(pins.root_sha256):
+        raise EnrollmentError(f"the hub's root of trust has sha256 {digest}, not the {_hex(pins.root_sha256)} given:"
+                              " not enrolling (a different hub, or someone in between; compare with `edgefleet keys"
+                              " show`)")
+    if pins.root is not None and canonical_json(pins.root) != canonical_json(root):
+        raise EnrollmentError(f"the hub's root of trust (sha256 {digest}) is not the root file given: not enrolling")
 
 
 def check_ca_pem(pem: str) -> None:
@@ -115,10 +188,19 @@ def enroll(
     facts: dict[str, str] | None = None,
     timeout: float = 30.0,
     client: httpx.Client | None = None,
+    pins: Pins | None = None,
 ) -> Identity:
-    """Trade an enrolment token for credentials and the root of trust; writes ``data_dir/identity.json``."""
+    """Trade an enrolment token for credentials and the root of trust; writes ``data_dir/identity.json``.
+
+    With ``pins`` the device refuses a hub whose root of trust or TLS CA is not the one given."""
     import httpx
 
+    pins = pins or Pins()
+    try:
+        check_hub_url(hub_url, pins.insecure_http or None)
+    except ValueError as exc:
+        raise EnrollmentError(str(exc)) from None
+    verify = _tls_context(hub_url, pins, timeout)
     body: dict[str, Any] = {"token": token, "facts": facts or {}}
     if device_id:
         body["device_id"] = device_id
@@ -127,13 +209,18 @@ def enroll(
         if client is not None:
             resp = client.post(url, json=body, timeout=timeout)
         else:
-            resp = httpx.post(url, json=body, timeout=timeout)
+            resp = httpx.post(url, json=body, timeout=timeout, verify=verify)
     except httpx.HTTPError as exc:
-        raise EnrollmentError(f"cannot reach the hub at {hub_url}: {exc}") from None
-    return _accept_enrolment(resp, data_dir, hub_url)
+        hint = (" (the hub's certificate is not trusted: pass --ca-sha256 from `edgefleet keys show`, or --ca FILE)"
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc) else "")
+        raise EnrollmentError(f"cannot reach the hub at {hub_url}: {exc}{hint}") from None
+    pinned_ca = verify.get_ca_certs(binary_form=True) if isinstance(verify, ssl.SSLContext) else []
+    return _accept_enrolment(resp, data_dir, hub_url, pins,
+                             "".join(ssl.DER_cert_to_PEM_cert(der) for der in pinned_ca) or None)
 
 
-def _accept_enrolment(resp: httpx.Response, data_dir: Path, hub_url: str) -> Identity:
+def _accept_enrolment(resp: httpx.Response, data_dir: Path, hub_url: str, pins: Pins | None = None,
+                      pinned_ca: str | None = None) -> Identity:
     if resp.status_code != 200:
         try:
             detail = resp.json().get("detail", resp.text)
@@ -143,10 +230,11 @@ def _accept_enrolment(resp: httpx.Response, data_dir: Path, hub_url: str) -> Ide
         raise EnrollmentError(f"enrolment refused: HTTP {resp.status_code}: {detail}{hint}")
     try:
         data = resp.json()
+        _check_root(data["root"], pins or Pins())
         identity = Identity(
             device_id=data["device_id"], mqtt_url=data["mqtt_url"], mqtt_username=data.get("mqtt_username"),
-            mqtt_password=data.get("mqtt_password"), root=data["root"], broker_ca=data.get("broker_ca"),
-            hub_url=hub_url.rstrip("/"),
+            mqtt_password=data.get("mqtt_password"), root=data["root"],
+            broker_ca=_join_pems(data.get("broker_ca"), pinned_ca), hub_url=hub_url.rstrip("/"),
         )
         identity.trusted_root()  # refuse to pin a root that does not verify
         parse_broker_url(identity.mqtt_url)
@@ -163,6 +251,12 @@ def _accept_enrolment(resp: httpx.Response, data_dir: Path, hub_url: str) -> Ide
     return identity
 
 
+def _join_pems(*bundles: str | None) -> str | None:
+    """One PEM bundle of every distinct certificate (the hub's answer and the CA pinned to reach it)."""
+    certs = [c for b in bundles if b for c in pem_certs(b)]
+    return "".join(dict.fromkeys(certs)) or None
+
+
 async def enroll_async(
     client: httpx.AsyncClient, hub_url: str, token: str, data_dir: Path, device_id: str | None = None,
     facts: dict[str, str] | None = None,
@@ -170,6 +264,10 @@ async def enroll_async(
     """``enroll`` for callers on an event loop (the simulator enrols many devices at once)."""
     import httpx
 
+    try:
+        check_hub_url(hub_url)
+    except ValueError as exc:
+        raise EnrollmentError(str(exc)) from None
     body: dict[str, Any] = {"token": token, "facts": facts or {}}
     if device_id:
         body["device_id"] = device_id

@@ -3,8 +3,8 @@
     downloading -> verifying -> staged -> activating -> health_check [-> baking] -> committed
                                            \\-> rolling_back -> rolled_back | failed
 
-Every transition is written to ``data_dir/journal.json`` (temp file, fsync,
-rename) *before* it takes effect, so after a crash :meth:`Installer.recover`
+Every transition is written to the journal (``agent.journal``, which also holds the
+``TRANSITIONS`` table) *before* it takes effect, so after a crash :meth:`Installer.recover`
 knows what was under way and finishes or undoes it. Versions unpack to
 ``modules/{name}/{digest}/``; ``modules/{name}/current`` is a symlink swapped
 atomically, and the previous version stays on disk until the new one commits,
@@ -14,33 +14,33 @@ so a device always ends with the old or the new version active, never neither.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
 import signal
-import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.journal import BEFORE_ACTIVATION, JOURNAL_FILE, Entry, Journal
 from modules.bundle import FILES_DIR, write_bundle_dir
 from modules.bundle import verify_bundle_dir as _verify_bundle_dir
 from modules.errors import InputError, ModelError
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
-from protocol.manifest import FileEntry, Manifest
+from protocol.manifest import FileEntry, Manifest, choose_chunks, parse_spans
 from protocol.messages import BakePolicy, DesiredModule
+from protocol.names import name_problem
 from protocol.schema import validate
 from protocol.signing import Root
+from protocol.topics import DIGEST_RE
 
 if TYPE_CHECKING:
     from modules.runners import Runner
 
 log = logging.getLogger("edgefleet.agent.install")
 
-JOURNAL_FILE = "journal.json"
 CURRENT = "current"
 # Test hook: kill -9 this process right after the named install state is persisted, so crash-recovery
 # tests can stop at a chosen point deterministically. Never set it on a real device.
@@ -50,105 +50,9 @@ CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AT"
 # the agent keeps dying with the new version (e.g. an in-process module that crashes it).
 MAX_BAKE_STARTS = 3
 
-# state -> states it may move to. None is "no install on record": where a first install begins.
-TRANSITIONS: dict[str | None, frozenset[str]] = {
-    None: frozenset({"downloading"}),
-    "downloading": frozenset({"verifying", "failed"}),
-    "verifying": frozenset({"staged", "failed"}),
-    "staged": frozenset({"activating", "failed"}),
-    "activating": frozenset({"health_check", "rolling_back"}),
-    "health_check": frozenset({"committed", "rolling_back", "baking"}),
-    # Probation: the new version serves while its error rate is watched. baking -> baking is the bake
-    # started again after the agent restarted (counted in Entry.bakes).
-    "baking": frozenset({"baking", "committed", "rolling_back"}),
-    "rolling_back": frozenset({"rolled_back", "failed"}),
-    # Terminal for this version; the next version's install starts from here. A committed version
-    # whose worker then crash-loops is rolled back to the version kept beside it.
-    "committed": frozenset({"downloading", "rolling_back"}),
-    "rolled_back": frozenset({"downloading"}),
-    "failed": frozenset({"downloading"}),
-}
-TERMINAL = frozenset({"committed", "rolled_back", "failed"})
-BEFORE_ACTIVATION = frozenset({"downloading", "verifying", "staged"})
-
-
-class IllegalTransition(RuntimeError):
-    pass
-
 
 class InstallError(RuntimeError):
     """An install step refused the bundle; the text is the reason reported to the hub."""
-
-
-def check_transition(old: str | None, new: str) -> None:
-    if new not in TRANSITIONS.get(old, frozenset()):
-        raise IllegalTransition(f"install state {old!r} cannot move to {new!r}")
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write, fsync, rename, fsync the directory: the file is the old or the new version after any crash."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@dataclass
-class Entry:
-    """One module's install on record."""
-
-    state: str
-    bundle: str
-    version: int
-    previous: str | None = None  # the digest active before this install, the rollback target
-    error: str = ""
-    ts: float = 0.0
-    bake: dict[str, int] | None = None  # the desired BakePolicy (None: commit after the health check)
-    bakes: int = 0  # times the bake was started: a restart during baking starts it again
-
-
-class Journal:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries: dict[str, Entry] = {}
-        if path.exists():
-            try:
-                raw = json.loads(path.read_text())
-                self.entries = {name: Entry(**e) for name, e in raw.get("modules", {}).items()}
-            except (ValueError, TypeError, AttributeError) as exc:
-                # Only a torn write of an old format could cause this; start clean but say so.
-                log.error("install journal %s unreadable (%s): starting with an empty journal", path, exc)
-
-    def save(self) -> None:
-        atomic_write_json(self.path, {"v": 1, "modules": {n: vars(e) for n, e in self.entries.items()}})
-
-    def get(self, name: str) -> Entry | None:
-        return self.entries.get(name)
-
-    def transition(self, name: str, new: str, **fields: Any) -> Entry:
-        old = self.entries.get(name)
-        check_transition(old.state if old else None, new)
-        if new == "downloading":
-            entry = Entry(state=new, bundle=fields["bundle"], version=fields["version"], previous=fields.get("previous"),
-                          bake=fields.get("bake"))
-        else:
-            assert old is not None
-            entry = Entry(**{**vars(old), "state": new, **fields})
-        entry.ts = time.time()
-        self.entries[name] = entry
-        self.save()  # persisted before the step it names is carried out
-        return entry
-
-    def drop(self, name: str) -> None:
-        if self.entries.pop(name, None) is not None:
-            self.save()
 
 
 @dataclass(frozen=True)
@@ -197,22 +101,36 @@ class Installer:
 
     # --- layout ------------------------------------------------------------------------------
 
+    def module_dir(self, name: str) -> Path:
+        """``modules/<name>``; a name that is not one (protocol.names) is refused before any file is touched.
+
+        The protocol boundary refuses such names already; this is the second check, right at the filesystem.
+        """
+        problem = name_problem(name)
+        if problem is not None:
+            raise InstallError(f"refusing module name {name!r}: {problem}")
+        return self.modules_dir / name
+
     def version_dir(self, name: str, digest: str) -> Path:
-        return self.modules_dir / name / digest
+        if not DIGEST_RE.match(digest):
+            raise InstallError(f"refusing bundle digest {digest!r}: not 64 lowercase hex digits")
+        return self.module_dir(name) / digest
 
     def current(self, name: str) -> str | None:
         """The digest ``current`` points at, or None."""
+        link = self.module_dir(name) / CURRENT
         try:
-            return os.readlink(self.modules_dir / name / CURRENT)
+            return os.readlink(link)
         except OSError:
             return None
 
     def installed_names(self) -> list[str]:
-        return sorted(p.name for p in self.modules_dir.iterdir() if p.is_dir() and self.current(p.name))
+        return sorted(p.name for p in self.modules_dir.iterdir()
+                      if p.is_dir() and name_problem(p.name) is None and self.current(p.name))
 
     def _swap(self, name: str, digest: str | None) -> None:
         """Point ``current`` at ``digest`` (None removes it) with one atomic rename."""
-        link = self.modules_dir / name / CURRENT
+        link = self.module_dir(name) / CURRENT
         if digest is None:
             link.unlink(missing_ok=True)
             return
@@ -278,9 +196,16 @@ class Installer:
     def _unpack(self, module: DesiredModule, envelope: dict[str, Any]) -> None:
         dest = self.version_dir(module.name, module.bundle)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        manifest = validate(Manifest, envelope["signed"]["manifest"])
+        try:
+            spans = parse_spans(envelope["signed"], manifest)
+        except ProtocolError:  # refused and counted by the transfer, which fetched fixed chunks instead
+            spans = {}
+        # The lists the transfer completed: for each file, its spans or its fixed chunks, whichever is in the store.
+        chosen = choose_chunks(manifest, spans, self.chunks.has)
 
         def open_file(entry: FileEntry) -> Iterator[bytes]:
-            for digest in entry.chunks:
+            for digest, _ in chosen[entry.path]:
                 if not self.chunks.has(digest):
                     raise InstallError(f"chunk {digest[:12]}… of {entry.path} is not in the chunk store")
                 yield self.chunks.get(digest)
@@ -381,7 +306,7 @@ class Installer:
         The previous version stays as the target should the new one crash-loop after its commit.
         """
         keep = {self.current(name), previous, CURRENT}
-        for p in (self.modules_dir / name).iterdir():
+        for p in self.module_dir(name).iterdir():
             if p.name not in keep and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -395,7 +320,7 @@ class Installer:
     def remove(self, name: str) -> None:
         """Uninstall ``name`` (no longer desired)."""
         self._swap(name, None)
-        shutil.rmtree(self.modules_dir / name, ignore_errors=True)
+        shutil.rmtree(self.module_dir(name), ignore_errors=True)
         self.journal.drop(name)
         log.info("module %s removed", name)
 
@@ -404,7 +329,11 @@ class Installer:
     async def recover(self) -> None:
         """Finish or undo installs a crash interrupted; idempotent."""
         for name, entry in list(self.journal.entries.items()):
-            base = self.modules_dir / name
+            if name_problem(name) is not None:  # a journal edited on disk: never follow it outside modules/
+                log.error("install journal names module %r, which is not a name: dropped", name)
+                self.journal.drop(name)
+                continue
+            base = self.module_dir(name)
             if base.is_dir():
                 for partial in base.glob("*.partial"):
                     shutil.rmtree(partial, ignore_errors=True)

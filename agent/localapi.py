@@ -8,7 +8,7 @@
 An asyncio Protocol with keep-alive and pipelining, no framework: the device pays for no web stack,
 and a request costs little more than the inference itself (see bench/agent_bench.py). A bad
 request gets 400/411/413/431 with the reason, counted in ``rejected["local_api"]``, and the connection closes. The body goes to the
-module's worker as it came (Agent.infer_json): the agent neither parses the inputs nor builds arrays.
+module's worker as it came (``InferenceFront.infer_json``): the agent neither parses the inputs nor builds arrays.
 The parsing and the answers are ``modules.httpwire``'s, shared with each worker's direct socket
 (``DATA/run/<module>.sock``, ``agent/worker.py``), which serves the predict route without this loop.
 """
@@ -19,21 +19,35 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.procstat import rss_bytes
 from modules.httpwire import Answer, BadRequest, RequestReader, encode_answer, json_answer, predict_target, predicted
 
 if TYPE_CHECKING:
-    from agent.core import ActiveModule, Agent
+    from agent.inference import ActiveModule, Answered
 
 log = logging.getLogger("edgefleet.agent.api")
 
 
+class Host(Protocol):
+    """What the local API needs of the agent (``agent.core.Agent``): its inference front and its health."""
+
+    @property
+    def active(self) -> Mapping[str, ActiveModule]: ...
+    @property
+    def rejected(self) -> Counter[str]: ...
+    async def infer_json(self, active: ActiveModule, body: bytes) -> bytes: ...
+    def infer_json_now(self, active: ActiveModule, body: bytes, done: Answered) -> bool: ...
+    def health(self) -> dict[str, float]: ...
+    def snapshot(self) -> dict[str, Any]: ...
+    def worker_stats(self) -> dict[str, float]: ...
+
 
 class LocalApi:
-    def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 8765) -> None:
+    def __init__(self, agent: Host, host: str = "127.0.0.1", port: int = 8765) -> None:
         self.agent, self.host, self.port = agent, host, port
         self._server: asyncio.Server | None = None
         self.requests = 0
@@ -78,7 +92,7 @@ class LocalApi:
 
     async def _predict(self, active: ActiveModule, body: bytes) -> Answer:
         try:
-            return _predicted(active, await self.agent.inferjson_answer(active, body), None)
+            return _predicted(active, await self.agent.infer_json(active, body), None)
         except Exception as exc:
             return _predicted(active, None, exc)
 
@@ -86,6 +100,7 @@ class LocalApi:
 
     def metrics(self) -> str:
         a = self.agent
+        snap = a.snapshot()
         lines = [
             "# TYPE edgefleet_agent_inferences_total counter",
             *(f'edgefleet_agent_inferences_total{{module="{n}"}} {m.stats.total}' for n, m in a.active.items()),
@@ -98,13 +113,13 @@ class LocalApi:
             "# TYPE edgefleet_agent_rejected_messages_total counter",
             *(f'edgefleet_agent_rejected_messages_total{{kind="{k}"}} {v}' for k, v in sorted(a.rejected.items())),
             "# TYPE edgefleet_agent_outbox_rows gauge",
-            f"edgefleet_agent_outbox_rows {len(a.outbox)}",
+            f"edgefleet_agent_outbox_rows {snap['outbox']}",
             "# TYPE edgefleet_agent_outbox_dropped_total counter",
-            f"edgefleet_agent_outbox_dropped_total {a.outbox.dropped}",
+            f"edgefleet_agent_outbox_dropped_total {snap['outbox_dropped']}",
             "# TYPE edgefleet_agent_rss_bytes gauge",
             f"edgefleet_agent_rss_bytes {rss_bytes()}",
             "# TYPE edgefleet_agent_connected gauge",
-            f"edgefleet_agent_connected {1 if a.client.connected.is_set() else 0}",
+            f"edgefleet_agent_connected {1 if snap['connected'] else 0}",
             "# TYPE edgefleet_agent_healthy gauge",
             f"edgefleet_agent_healthy {a.health()['healthy']:g}",
             "# TYPE edgefleet_agent_worker gauge",

@@ -1,5 +1,8 @@
 """Bundle transfer over MQTT: ask for the manifest, then for the chunks the local store lacks.
 
+Each file is fetched by whichever of its chunk lists (content-defined spans, when the release lists
+them, or fixed-size chunks) has fewer bytes missing from the store (``protocol.manifest.choose_chunks``).
+
 The hub publishes each requested part once per coalescing window on the
 bundle's blob topic, so many devices share one copy. Everything received is
 checked before it is stored: the manifest against the root of trust and the
@@ -21,7 +24,7 @@ from typing import Any
 from agent.install import InstallError
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, sha256_hex
-from protocol.manifest import CHUNK_SIZE, Manifest
+from protocol.manifest import MAX_SPAN_BYTES, Chunk, Manifest, choose_chunks, parse_spans
 from protocol.messages import BlobRequest, DesiredModule
 from protocol.signing import Root, parse_envelope
 from protocol.topics import MANIFEST_PART, Channel, blob_topic, blob_wildcard, device_topic
@@ -38,13 +41,16 @@ Reject = Callable[[str, str, str], None]  # (counter key, topic, reason)
 Progress = Callable[[float], None]
 
 
-def chunk_sizes(manifest: Manifest) -> dict[str, int]:
-    """Bytes per distinct chunk digest (every chunk but a file's last is CHUNK_SIZE)."""
-    sizes: dict[str, int] = {}
-    for f in manifest.files:
-        for i, digest in enumerate(f.chunks):
-            sizes.setdefault(digest, min(CHUNK_SIZE, f.size - i * CHUNK_SIZE))
-    return sizes
+def release_spans(envelope: dict[str, Any], manifest: Manifest, reject: Reject | None = None,
+                  where: str = "") -> dict[str, list[Chunk]]:
+    """The verified release's spans; spans that contradict the manifest are refused (counted, with the reason)
+    and the fixed-size chunks, which the bundle digest covers, serve instead."""
+    try:
+        return parse_spans(envelope.get("signed"), manifest)
+    except ProtocolError as exc:
+        if reject is not None:
+            reject("manifest", where, f"spans refused, using fixed-size chunks: {exc}")
+        return {}
 
 
 class VerifiedFetch:
@@ -63,8 +69,10 @@ class VerifiedFetch:
         self.fatal = ""  # set when the genuine manifest contradicts the desired state
         self.envelope: dict[str, Any] | None = None
         self.manifest: Manifest | None = None
-        self._sizes: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}  # the chunks of the lists chosen to fetch -> their sizes
+        self._listed: set[str] = set()  # every chunk the release lists (devices on the same topic may choose others)
         self._missing: set[str] = set()
+        self.fetched_bytes = 0  # chunk bytes this fetch received and stored, for tests and logs
 
     def _verify(self, envelope: Any) -> Manifest:
         manifest = self._verify_signed(envelope)
@@ -83,7 +91,10 @@ class VerifiedFetch:
 
     def _use_manifest(self, envelope: dict[str, Any], manifest: Manifest) -> None:
         self.envelope, self.manifest = envelope, manifest
-        self._sizes = chunk_sizes(manifest)
+        spans = release_spans(envelope, manifest, self.reject, f"release {self.module.bundle}")
+        chosen = choose_chunks(manifest, spans, self.chunks.has)
+        self._sizes = {digest: size for chunks in chosen.values() for digest, size in chunks}
+        self._listed = set(manifest.chunk_digests()) | {d for chunks in spans.values() for d, _ in chunks}
         self._missing = {d for d in self._sizes if not self.chunks.has(d)}
         self._report_progress()
 
@@ -152,21 +163,22 @@ class BundleFetch(VerifiedFetch):
             return
         if self.manifest is None:
             # Not judgeable against the manifest yet, but it must at least be what its topic names.
-            if len(payload) > CHUNK_SIZE or sha256_hex(payload) != part:
+            if len(payload) > MAX_SPAN_BYTES or sha256_hex(payload) != part:
                 self.reject("blob", topic, f"{len(payload)} bytes that are not the chunk its topic names")
             return
-        if part not in self._sizes:
-            self.reject("blob", topic, "chunk is not listed in the bundle's manifest")
+        if part not in self._listed:
+            self.reject("blob", topic, "chunk is not listed in the bundle's release")
             return
         if part not in self._missing:
-            return  # a duplicate: the hub serves many devices on this topic
+            return  # a duplicate, or a chunk of a list this device did not choose: the topic serves many devices
         if len(payload) != self._sizes[part]:
-            self.reject("blob", topic, f"chunk is {len(payload)} bytes, manifest implies {self._sizes[part]}")
+            self.reject("blob", topic, f"chunk is {len(payload)} bytes, the release lists {self._sizes[part]}")
             return
         if sha256_hex(payload) != part:
             self.reject("blob", topic, "chunk bytes do not hash to the digest in its topic (tampered or corrupt)")
             return
         self.chunks.put(payload, expected=part)
+        self.fetched_bytes += len(payload)
         self._missing.discard(part)
         self._report_progress()
         self._changed.set()
@@ -214,6 +226,7 @@ class BundleFetch(VerifiedFetch):
             # Back off only while nothing arrives: a slow but moving transfer keeps the short timeout.
             delay = self.retry if len(self._missing) < before else min(delay * 2, self.retry_cap)
         assert self.envelope is not None
+        log.info("bundle %s: %d chunk bytes fetched", self.module.bundle[:12], self.fetched_bytes)
         return self.envelope
 
     async def _request(self, manifest: bool = False, chunks: list[str] | None = None) -> None:

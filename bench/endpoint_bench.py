@@ -1,12 +1,19 @@
 """Endpoint throughput and latency against a naive single-process FastAPI + onnxruntime endpoint, same model, same run.
 
     python bench/endpoint_bench.py [--rounds 3] [--duration 8] [--workers 1] [--json]
+    python bench/endpoint_bench.py --sandbox [--starts 7] ...   # the sandbox's cost instead
 
 Builds a signed bundle of the logistic-regression example (modules.examples), starts
 ``edgefleet serve`` on it (the code path hub endpoints use) and the naive server written
 below, then drives both with ``wrk --latency`` (a Lua script sets the POST body and key)
 at 1, 16 and 64 concurrent connections, alternating the two servers each round.
 Prints the median of the rounds for requests/s, p50 and p99, and the ratios.
+
+With ``--sandbox`` the baseline is ``edgefleet serve --no-sandbox`` and the candidate the same
+server with its workers in the sandbox (modules/sandbox.py); it also times worker starts (a pool
+of one worker started and stopped ``--starts`` times per mode, alternating: spawn, import, load,
+health check, plus staging the bundle in the sandbox) and the p50 of one request's hop from a pool
+to its worker and back (sequential, modes interleaved every 100 requests), and prints their medians.
 """
 
 from __future__ import annotations
@@ -128,6 +135,48 @@ def run_wrk(url: str, lua: Path, conns: int, duration: float) -> dict[str, float
             "non2xx": float(non2xx.group(1)) if non2xx else 0.0, "socket_errors": 1.0 if errors else 0.0}
 
 
+def pool_costs(bundle: Path, starts: int, blocks: int = 40, per_block: int = 100) -> dict[str, dict[str, float]]:
+    """Per mode, in this process (no HTTP, no wrk): the median seconds from spawning a one-worker pool to its
+    ready worker (alternating modes), and the median ms of one request through the pool to its worker and
+    back, sequentially, switching mode every ``per_block`` requests so both see the same machine load."""
+    import asyncio
+
+    from hub.endpoints.pool import Pool, Settings
+    from modules.sandbox import Sandbox, detect
+
+    modes = {"no-sandbox": Sandbox(), "sandbox": detect("on")}
+    print(f"sandbox: {modes['sandbox'].describe()}", file=sys.stderr)
+    body = BODY.encode()
+
+    async def start(box: Sandbox) -> tuple[Pool, float]:
+        t0 = time.perf_counter()
+        pool = Pool("bench", "logreg:1", bundle, Settings(replicas=1), box)
+        await pool.start()
+        return pool, time.perf_counter() - t0
+
+    async def run() -> dict[str, dict[str, float]]:
+        took: dict[str, list[float]] = {m: [] for m in modes}
+        for i in range(starts):
+            for mode in (list(modes) if i % 2 == 0 else list(reversed(modes))):
+                pool, t = await start(modes[mode])
+                took[mode].append(t)
+                await pool.drain_and_stop(5)
+        pools = {m: (await start(box))[0] for m, box in modes.items()}
+        lat: dict[str, list[float]] = {m: [] for m in modes}
+        for b in range(blocks):
+            for mode in (list(modes) if b % 2 == 0 else list(reversed(modes))):
+                for i in range(per_block):
+                    t0 = time.perf_counter()
+                    status = (await pools[mode].submit((f"r{i}", "application/json", body, "", False)))[0]
+                    lat[mode].append((time.perf_counter() - t0) * 1000)
+                    assert status == 200
+        for pool in pools.values():
+            await pool.drain_and_stop(5)
+        return {m: {"start_s": statistics.median(took[m]), "hop_p50_ms": statistics.median(lat[m])} for m in modes}
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
@@ -137,6 +186,8 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--sandbox", action="store_true", help="compare the endpoint with and without the sandbox")
+    p.add_argument("--starts", type=int, default=7, help="--sandbox: worker starts timed per mode")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
@@ -146,16 +197,23 @@ def main() -> None:
         bundle, root = make_bundle(work)
         lua = work / "post.lua"
         lua.write_text(LUA)
-        naive_port, ep_port = free_port(), free_port()
-        (work / "naive.py").write_text(NAIVE)
-        procs.append(subprocess.Popen([sys.executable, str(work / "naive.py"), str(bundle / "files" / "model.onnx"),
-                                       str(naive_port)], cwd=ROOT))
-        procs.append(subprocess.Popen([sys.executable, "-m", "edgefleet", "serve", str(bundle), "--root", str(root),
-                                       "--host", "127.0.0.1", "--port", str(ep_port), "--workers", str(args.workers),
-                                       "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                                       "--key", KEY], cwd=ROOT, stderr=subprocess.DEVNULL))
-        urls = {"naive": f"http://127.0.0.1:{naive_port}/score",
-                "endpoint": f"http://127.0.0.1:{ep_port}/endpoints/logreg/score"}
+        base_port, ep_port = free_port(), free_port()
+        serve = [sys.executable, "-m", "edgefleet", "serve", str(bundle), "--root", str(root), "--host", "127.0.0.1",
+                 "--workers", str(args.workers), "--max-batch", str(args.max_batch), "--max-wait-ms",
+                 str(args.max_wait_ms), "--key", KEY]
+        base, cand = ("no-sandbox", "sandbox") if args.sandbox else ("naive", "endpoint")
+        costs = pool_costs(bundle, args.starts) if args.sandbox else {}
+        if args.sandbox:
+            procs.append(subprocess.Popen([*serve, "--port", str(base_port), "--no-sandbox"], cwd=ROOT,
+                                          stderr=subprocess.DEVNULL))
+            base_url = f"http://127.0.0.1:{base_port}/endpoints/logreg/score"
+        else:
+            (work / "naive.py").write_text(NAIVE)
+            procs.append(subprocess.Popen([sys.executable, str(work / "naive.py"), str(bundle / "files" / "model.onnx"),
+                                           str(base_port)], cwd=ROOT))
+            base_url = f"http://127.0.0.1:{base_port}/score"
+        procs.append(subprocess.Popen([*serve, "--port", str(ep_port)], cwd=ROOT, stderr=subprocess.DEVNULL))
+        urls = {base: base_url, cand: f"http://127.0.0.1:{ep_port}/endpoints/logreg/score"}
         for url in urls.values():
             wait_up(url)
         conns = [int(c) for c in args.concurrency.split(",")]
@@ -172,21 +230,28 @@ def main() -> None:
                    for s in urls}
             bad = {s: sum(x["non2xx"] + x["socket_errors"] for x in runs[(s, c)]) for s in urls}
             summary.append({"connections": c, **{f"{s}_{k}": round(v, 2) for s in urls for k, v in med[s].items()},
-                            "throughput_ratio": round(med["endpoint"]["rps"] / med["naive"]["rps"], 2),
-                            "p99_ratio": round(med["endpoint"]["p99_ms"] / med["naive"]["p99_ms"], 2),
+                            "throughput_ratio": round(med[cand]["rps"] / med[base]["rps"], 2),
+                            "p50_ratio": round(med[cand]["p50_ms"] / med[base]["p50_ms"], 2),
+                            "p99_ratio": round(med[cand]["p99_ms"] / med[base]["p99_ms"], 2),
                             "failed": bad})
         if args.json:
             print(json.dumps({"rounds": args.rounds, "duration_s": args.duration, "workers": args.workers,
-                              "results": summary}, indent=2))
+                              "pool": costs, "results": summary}, indent=2))
             return
         print(f"median of {args.rounds} round(s), {args.duration:g} s each; endpoint: {args.workers} worker(s), "
               f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms")
-        print(f"{'conns':>5} | {'naive req/s':>11} {'p50 ms':>7} {'p99 ms':>7} | {'endpoint req/s':>14} {'p50 ms':>7} "
-              f"{'p99 ms':>7} | {'x req/s':>7} {'p99 ratio':>9}")
+        for key, what, scale in (("start_s", f"worker start ms (median of {args.starts})", 1000),
+                                 ("hop_p50_ms", "pool->worker->pool ms, p50, modes interleaved (4,000 each)", 1)):
+            if costs:
+                print(f"{what}: " + ", ".join(f"{m} {c[key] * scale:.3f}" for m, c in costs.items()) +
+                      f"; ratio {costs['sandbox'][key] / costs['no-sandbox'][key]:.2f}")
+        print(f"{'conns':>5} | {base + ' req/s':>16} {'p50 ms':>7} {'p99 ms':>7} | {cand + ' req/s':>16} {'p50 ms':>7} "
+              f"{'p99 ms':>7} | {'x req/s':>7} {'p50 ratio':>9} {'p99 ratio':>9}")
         for s in summary:
-            print(f"{s['connections']:>5} | {s['naive_rps']:>11.0f} {s['naive_p50_ms']:>7.2f} {s['naive_p99_ms']:>7.2f} | "
-                  f"{s['endpoint_rps']:>14.0f} {s['endpoint_p50_ms']:>7.2f} {s['endpoint_p99_ms']:>7.2f} | "
-                  f"{s['throughput_ratio']:>7.2f} {s['p99_ratio']:>9.2f}")
+            print(f"{s['connections']:>5} | {s[base + '_rps']:>16.0f} {s[base + '_p50_ms']:>7.2f} "
+                  f"{s[base + '_p99_ms']:>7.2f} | {s[cand + '_rps']:>16.0f} {s[cand + '_p50_ms']:>7.2f} "
+                  f"{s[cand + '_p99_ms']:>7.2f} | {s['throughput_ratio']:>7.2f} {s['p50_ratio']:>9.2f} "
+                  f"{s['p99_ratio']:>9.2f}")
     finally:
         for proc in procs:
             proc.terminate()

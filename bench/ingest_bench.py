@@ -36,7 +36,7 @@ from protocol.topics import Channel, device_topic  # noqa: E402
 
 PUBLISHERS = 2
 DEVICES = 50
-TOKEN = "bench-admin-token-0123456789"
+TOKEN = "bench-admin-token-0123456789abcdefgh"
 _KEEP: list[object] = []
 
 

@@ -34,7 +34,7 @@ from edgefleet.broker import LocalBroker, free_port  # noqa: E402
 from edgefleet.client import HubClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "bench-admin-token"
+TOKEN = "bench-admin-token-0123456789abcdefgh"
 
 
 def write_big_onnx(path: Path, mb: int) -> Path:

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from edgefleet.broker import LocalBroker, raise_fd_limit  # noqa: E402
 from hub import HubConfig, HubServer  # noqa: E402
 
-TOKEN = "bench-rollout-token"
+TOKEN = "bench-rollout-token-0123456789abcdef"
 
 
 def write_onnx(path: Path, mb: float) -> Path:

@@ -27,7 +27,7 @@ from edgefleet.broker import LocalBroker, raise_fd_limit  # noqa: E402
 from hub import HubConfig, HubServer  # noqa: E402
 from hub.testing import MqttProbe  # noqa: E402
 
-TOKEN = "bench-sim-token"
+TOKEN = "bench-sim-token-0123456789abcdefghijk"
 
 
 def peak_rss(pid: int) -> int:

@@ -17,13 +17,14 @@ err = Console(stderr=True)
 class Ctx:
     hub: str = "http://127.0.0.1:8080"
     token: str | None = None
+    hub_ca: str | None = None
 
 
 CTX = Ctx()
 
 
 def client() -> HubClient:
-    return HubClient(CTX.hub, CTX.token)
+    return HubClient(CTX.hub, CTX.token, ca=CTX.hub_ca)
 
 
 def call(fn: Any) -> Any:

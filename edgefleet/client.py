@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json as jsonlib
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import httpx
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modules.bundle import ROOT_FILE, ROOTS_DIR, explain_revoked, pull_bundle, walk_roots
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import FileEntry, Manifest
 from protocol.signing import MAX_ENVELOPE_BYTES, Root, load_trusted_root
+
+if TYPE_CHECKING:  # httpx is imported where a call is made: every CLI command starts without it
+    import httpx
 
 
 class HubError(RuntimeError):
@@ -20,10 +22,14 @@ class HubError(RuntimeError):
 
 
 class HubClient:
-    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0, ca: str | None = None) -> None:
+        """``ca``: a PEM file of the CA to trust for an https:// hub (the hub's own is DATA/tls/ca.pem)."""
         self.base_url = base_url.rstrip("/")
+        import httpx
+
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else True
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self.http.close()
@@ -35,6 +41,8 @@ class HubClient:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
         try:
             resp = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -56,11 +64,16 @@ class HubClient:
     def register_model(self, name: str, paths: list[Path], tags: dict[str, str] | None = None,
                        description: str = "", *, properties: dict[str, Any] | None = None,
                        lineage: dict[str, str] | None = None, baseline: Path | None = None,
-                       progress: Callable[[int], None] | None = None) -> Any:
-        """Upload files as the next version of ``name``; ``progress(n)`` hears of every n bytes sent."""
+                       progress: Callable[[int], None] | None = None, names: list[str] | None = None) -> Any:
+        """Upload files as the next version of ``name``; ``progress(n)`` hears of every n bytes sent.
+
+        ``names`` are the files' paths in the model (``dir/sub/file`` keeps a model directory's layout);
+        by default each file's own name.
+        """
         handles: list[BinaryIO] = [ProgressReader(p.open("rb"), progress) for p in paths]  # type: ignore[list-item]
         try:
-            files = [("files", (p.name, h, "application/octet-stream")) for p, h in zip(paths, handles)]
+            files = [("files", (n, h, "application/octet-stream"))
+                     for n, h in zip(names or [p.name for p in paths], handles)]
             if baseline is not None:
                 handles.append(baseline.open("rb"))
                 files.append(("baseline_file", (baseline.name, handles[-1], "application/octet-stream")))
@@ -88,6 +101,8 @@ class HubClient:
 
     def get_json_limited(self, path: str, limit: int = MAX_ENVELOPE_BYTES) -> Any:
         """A JSON document of at most ``limit`` bytes (signed metadata: refuse endless data before parsing)."""
+        import httpx
+
         try:
             return jsonlib.loads(b"".join(self.stream(path, limit)))
         except httpx.HTTPError as exc:

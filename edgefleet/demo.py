@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from rich.console import Console
@@ -70,7 +73,7 @@ class Demo:
             self.broker = LocalBroker(host="127.0.0.1").start()
             self.stack.callback(self.broker.stop)
             mqtt_url = self.broker.url
-        self.hub = HubServer(HubConfig(data_dir=data / "hub", mqtt_url=mqtt_url),
+        self.hub = HubServer(HubConfig(data_dir=data / "hub", mqtt_url=mqtt_url, sandbox="auto"),
                              host=opts.host, port=opts.port or free_port(opts.host)).start()
         self.stack.callback(self.hub.stop)
         self.client = HubClient(self.hub.url, self.hub.admin_token)
@@ -126,9 +129,38 @@ class Demo:
 
 def run_demo(options: DemoOptions, as_json: bool, stop_event: threading.Event | None = None,
              console: Console | None = None) -> dict[str, Any]:
-    """Run until ``duration`` passes or Ctrl-C; return (and print) the final summary."""
+    """Run until ``duration`` passes, Ctrl-C or SIGTERM; return (and print) the final summary."""
     console = console or Console(stderr=True)
     stop_event = stop_event or threading.Event()
+    with stop_on_signals(stop_event):
+        return _run(options, as_json, stop_event, console)
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM set ``stop`` (a second one interrupts at once), so the summary is still printed.
+
+    Explicit handlers, not Python's default: a process started in the background by a shell inherits SIGINT
+    ignored, and SIGTERM's default action would end it before anything is printed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _run(options: DemoOptions, as_json: bool, stop_event: threading.Event, console: Console) -> dict[str, Any]:
     demo = Demo(options)
     try:
         with console.status("starting broker, hub and fleet…"):

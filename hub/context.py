@@ -11,7 +11,9 @@ import logging
 import threading
 import time
 
+from hub import audit
 from hub.config import HubConfig
+from hub.events.webhooks import Webhooks
 from hub.fleet.broker_auth import BrokerAuth, signal_reload
 from hub.fleet.device_http import DeviceDownloads
 from hub.fleet.devices import Fleet
@@ -20,14 +22,20 @@ from hub.ingest import workers as ingest_worker
 from hub.leader import DataDirLock, Leadership
 from hub.monitoring.service import Monitor
 from hub.mqtt.bridge import Bridge
+from hub.registry.aliases import ModelAliases
 from hub.registry.bundles import ModuleBuilder
+from hub.registry.evaluations import Evaluations
 from hub.registry.models import ModelRegistry
 from hub.rollout.deployments import Deployments
 from hub.rollout.director import Director
 from hub.rollout.rollouts import Rollouts
 from hub.store import is_postgres_url, open_database
-from hub.trust.keys import load_or_create_keys
+from hub.trust.keys import load_or_create_keys, private_dir
+from hub.trust.release_policy import ReleasePolicies
+from hub.trust.renewal import maintain
+from hub.trust.roots_publish import publish_roots
 from hub.trust.tokens import ensure_admin_token
+from modules.sandbox import detect
 from modules.store import ContentStore
 
 log = logging.getLogger("edgefleet.hub")
@@ -41,7 +49,7 @@ class Hub:
 
     def __init__(self, config: HubConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.data_dir)  # keys, tokens, the database and the broker's password file live here
         self.clustered = is_postgres_url(config.database)
         self._dir_lock = None if self.clustered else DataDirLock(config.data_dir).acquire()
         try:
@@ -55,6 +63,7 @@ class Hub:
         self._stop = threading.Event()
         self._maintenance_wake = threading.Event()
         self.db = open_database(config.database)
+        audit.seal(self.db)  # an older hub's audit rows join the hash chain before anything is added
         with self.db.transaction():  # replicas starting together on an empty shared directory: one creates the keys
             self.keys = load_or_create_keys(config.data_dir / "keys")
             self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
@@ -62,23 +71,36 @@ class Hub:
         self.leadership = Leadership(self.db, config.leader_lease_s, sole=not self.clustered)
         self.store = ContentStore(  # a hub.store.blobs.BlobStore; shared by every replica
             config.blobs_dir or config.data_dir / "blobs")
-        self.registry = ModelRegistry(self.db, self.store, config.load_check_timeout_s, config.load_check_memory_mb)
+        # before anything runs operator code: refuse to start (sandbox "on") where nothing can isolate it
+        self.sandbox = detect(config.sandbox, config.sandbox_user, network=config.sandbox_network,
+                              hide=[config.data_dir])
+        log.info("operator code sandbox: %s", self.sandbox.describe())
+        self.registry = ModelRegistry(self.db, self.store, config.load_check_timeout_s, config.load_check_memory_mb,
+                                      self.sandbox)
         self.modules = ModuleBuilder(self.db, self.store, self.registry, self.keys, config.release_ttl_s)
+        self.aliases = ModelAliases(self.db, self.registry)
+        self.evaluations = Evaluations(self.db, self.registry)
+        self.webhooks = Webhooks(self.db, config.webhook_backoff_s, config.webhook_max_attempts,
+                                 config.webhook_timeout_s, leader=self.leadership)
+        self.policies = ReleasePolicies(self.db, self.keys, config.release_ttl_s)
         self.bridge = Bridge(config, self.db, self.store, self._is_enrolled, self.leadership.is_leader)
         self.downloads = DeviceDownloads(self.db, self.store)  # bundles over HTTP for devices (routes/device.py)
-        self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish, self.leadership)
-        self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.broker_ca_pem())
+        self.director = Director(self.db, self.keys, config.desired_ttl_s, self.bridge.publish,
+                                 policy=self.policies.envelope, leader=self.leadership)
+        self.policies.on_change = self._policy_changed
+        self.fleet = Fleet(self.db, self.keys, self.director, config.device_mqtt_url, config.device_ca_pem())
         self.broker_auth: BrokerAuth | None = None
         if config.isolate:
-            reload = signal_reload(config.broker_pid) if config.broker_pid else None
-            self.broker_auth = BrokerAuth(config.data_dir / "broker", reload)
+            pid = config.broker_pid_file or config.broker_pid
+            reload = signal_reload(pid) if pid else None
+            self.broker_auth = BrokerAuth(config.data_dir / "broker", reload, workers=config.ingest_workers)
             self.fleet.on_credentials_changed = self._write_broker_auth
             self._write_broker_auth()
         self.rollouts = Rollouts(self.db, self.director, config.rollout_tick_s, self.leadership)
         self.bridge.on_ready = self.rollouts.republish  # the leader's loop re-sends retained desired states
         self.leadership.on_elected.append(self.rollouts.elected)
         self.leadership.on_elected.append(self._maintenance_wake.set)
-        self.deployments = Deployments(self.db, self.director, self.rollouts)
+        self.deployments = Deployments(self.db, self.director, self.rollouts, self.policies.refusal)
         self.monitor = Monitor(config, self.db, self.store, self.leadership)
         self._ingest_workers: list = []  # processes, started by start()
         self._maintenance = threading.Thread(target=self._maintain, name="hub-maintenance", daemon=True)
@@ -87,6 +109,19 @@ class Hub:
         if self.broker_auth is not None:
             self.broker_auth.write(self.fleet.broker_credentials())
 
+    def after_root_change(self) -> dict[str, int]:
+        """A new root was published: devices learn it now, then every retained document it would refuse is re-signed
+        (releases, the release policy, desired states), so the fleet converges without a restart."""
+        publish_roots(self.bridge.publish, self.config.data_dir / "keys")
+        releases = self.modules.resign()
+        policy = self.policies.renew(before=0)  # re-signed only if the new root no longer trusts its signer
+        states = self.director.resign_refused() if self.keys.holds("director") else 0
+        return {"resigned_releases": releases, "resigned_policy": int(policy), "resigned_states": states}
+
+    def _policy_changed(self) -> None:
+        if self.keys.holds("director"):
+            self.director.resign_refused()
+
     def _is_enrolled(self, device_id: str) -> bool:
         return self.fleet.is_enrolled(device_id)
 
@@ -94,6 +129,7 @@ class Hub:
         self._ingest_workers = ingest_worker.spawn(self.config, self.db)
         self.bridge.start()
         self.monitor.start()
+        self.webhooks.start()
         self._maintenance.start()
         self.rollouts.start_loop()
         self.leadership.start()  # a lone hub is leader from here on; a replica may wait for the lease
@@ -104,6 +140,7 @@ class Hub:
         self.rollouts.stop_loop()
         self.leadership.stop()  # hands the lease over at once
         self.monitor.stop()
+        self.webhooks.stop()
         self.bridge.stop()
         ingest_worker.stop_all(self._ingest_workers)
         if self._maintenance.is_alive():
@@ -113,7 +150,7 @@ class Hub:
             self._dir_lock.release()
 
     def _maintain(self) -> None:
-        """The leader's slow chores (re-signing, partitions); every replica's key reload."""
+        """The leader's slow chores (renewals, partitions) and adoptions; every replica's key reload."""
         next_chores = 0.0
         while not self._stop.is_set():
             self._reload_keys()
@@ -126,15 +163,11 @@ class Hub:
             self._maintenance_wake.clear()
 
     def _chores(self) -> None:
-        # first pass on election: after a long downtime some states may be close to expiry
+        # first pass on election: after a long downtime some documents may be close to expiry (or expired)
         try:
-            self.director.renew_expiring()
+            maintain(self)  # hub/trust/renewal.py: the root, desired states, releases, the release policy
         except Exception:
-            log.exception("renewing desired states failed")
-        try:  # releases expire too (freeze protection): re-sign those past half their lifetime
-            self.modules.resign(before=time.time() + self.config.release_ttl_s / 2)
-        except Exception:
-            log.exception("renewing release signatures failed")
+            log.exception("maintenance pass failed")
         try:
             self.db.maintain()  # PostgreSQL: the coming week's time partitions
         except Exception:
@@ -167,7 +200,12 @@ class Hub:
             log.exception("reloading the keys after a rotation failed")
             return
         with self.keys.lock:
-            if fresh.root.version > self.keys.root.version:
-                self.keys.root_key, self.keys.release_key = fresh.root_key, fresh.release_key
-                self.keys.director_key, self.keys.root = fresh.director_key, fresh.root
-                log.warning("keys reloaded: root version %d", fresh.root.version)
+            if fresh.root.version <= self.keys.root.version:
+                return
+            self.keys.held, self.keys.root, self.keys.pending = fresh.held, fresh.root, fresh.pending
+        log.warning("keys reloaded: root version %d", fresh.root.version)
+        if self.leadership.is_leader() and self.keys.holds("director"):
+            try:  # what the replica that rotated asked for was served with the old keys: re-sign now
+                self.director.resign_refused()
+            except Exception:
+                log.exception("re-signing desired states after a key rotation failed")

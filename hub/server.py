@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -25,21 +26,24 @@ class HubServer:
     >>> server.stop()
     """
 
-    def __init__(self, config: HubConfig, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(self, config: HubConfig, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) PEM files: serve HTTPS."""
         self.config = config
         self.app = create_app(config)
         self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # bind here, so port 0 gives a known free port with no race between choosing and listening
         self._socket.bind((host, port))
-        self.host, self.port = host, self._socket.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level=log_level))
+        self.host, self.port, self.tls = host, self._socket.getsockname()[1], tls
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level=log_level,
+                                                     **ssl_options(tls)))
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     @property
     def hub(self) -> Hub:
@@ -58,8 +62,8 @@ class HubServer:
         while time.monotonic() < deadline:
             if not self._thread.is_alive():
                 raise RuntimeError("hub server exited during start-up (see the log)")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+            try:  # is it up? (its certificate is checked by the clients that use it, not here)
+                if httpx.get(self.url + "/healthz", timeout=1.0, verify=False).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -84,10 +88,16 @@ class HubServer:
         self.stop()
 
 
-def serve_forever(config: HubConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve in the foreground until Ctrl-C/SIGTERM; uvicorn's lifespan stops the bridge cleanly."""
+def ssl_options(tls: tuple[Path, Path] | None) -> dict[str, str]:
+    return {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+
+
+def serve_forever(config: HubConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                  tls: tuple[Path, Path] | None = None) -> None:
+    """Serve in the foreground until Ctrl-C/SIGTERM; uvicorn's lifespan stops the bridge cleanly. ``tls``: HTTPS."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host=host, port=port, log_level=log_level))
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host=host, port=port, log_level=log_level,
+                                           **ssl_options(tls)))
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; the hub is already stopped

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from protocol.encoding import ProtocolError, canonical_json
-from protocol.manifest import CHUNK_SIZE, FileEntry, Manifest, TensorSpec, check_relative_path, release_document
+from protocol.manifest import (
+    CHUNK_SIZE,
+    FileEntry,
+    Manifest,
+    Spans,
+    TensorSpec,
+    check_relative_path,
+    release_document,
+)
 from protocol.schema import validate
 from protocol.signing import Root, SignatureError, sign, update_root
 from protocol.verify import accept_manifest
@@ -77,8 +85,8 @@ def build_manifest(
     )
 
 
-def sign_release(manifest: Manifest, keys: list[Any], expires: int) -> dict[str, Any]:
-    return sign(release_document(manifest, expires), keys)
+def sign_release(manifest: Manifest, keys: list[Any], expires: int, spans: Spans | None = None) -> dict[str, Any]:
+    return sign(release_document(manifest, expires, spans), keys)
 
 
 def write_bundle_dir(dest: Path, envelope: dict[str, Any], open_file: Callable[[FileEntry], Iterator[bytes]]) -> None:
@@ -88,7 +96,7 @@ def write_bundle_dir(dest: Path, envelope: dict[str, Any], open_file: Callable[[
     (tmp / FILES_DIR).mkdir(parents=True)
     manifest = validate(Manifest, envelope["signed"]["manifest"])
     for entry in manifest.files:
-        target = tmp / FILES_DIR / entry.path
+        target = tmp / FILES_DIR / check_relative_path(entry.path)  # checked on parse too; again at the filesystem
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("wb") as out:
             for block in open_file(entry):
@@ -243,7 +251,8 @@ def root_chain(bundle_dir: Path) -> list[Any]:
 
 
 def walk_roots(pinned: Root, chain: list[Any], now: float | None = None) -> tuple[Root, list[Root]]:
-    """Move from the pinned root through each newer root in ``chain`` (each must be signed by the one before)."""
+    """Move from the pinned root through each newer root in ``chain`` (each must be signed by the one before);
+    the root reached must not have expired (the pinned and intermediate ones may have)."""
     current, seen = pinned, [pinned]
     for envelope in chain:
         version = envelope.get("signed", {}).get("version") if isinstance(envelope, dict) else None
@@ -254,6 +263,9 @@ def walk_roots(pinned: Root, chain: list[Any], now: float | None = None) -> tupl
         except ProtocolError as exc:
             raise ProtocolError(f"root version {version} does not follow from trusted version {current.version}: {exc}") from None
         seen.append(current)
+    if current.expired(now):  # judged once, on the root the chain reached (TUF §5.3.10)
+        raise SignatureError(f"root version {current.version} expired at {current.expires} "
+                             "(freeze attack or stale root: fetch a newer root)")
     return current, seen
 
 

@@ -1,21 +1,25 @@
 """Load a model in its runtime in a short-lived child process and report its signature.
 
 The hub checks every upload by loading it, but a huge or hostile model must not
-bloat or crash the hub: ``inspect_model`` runs ``python -m modules.loadcheck`` with
-a timeout (and optionally an address-space limit), and reads one JSON line back.
+bloat or crash the hub, nor read its keys: ``inspect_model`` runs ``python -m modules.loadcheck``
+in the hub's sandbox (modules/sandbox.py) with a timeout and resource limits, and reads one
+JSON line back.
 The child prints ``{"inputs": [...], "outputs": [...]}`` or ``{"error": "..."}``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from modules.runners import ModelError
+from modules.sandbox import Limits, Sandbox, exit_reason
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,27 +33,32 @@ def describe(path: Path, runtime: str) -> dict[str, Any]:
             "outputs": [s.to_dict() for s in runner.outputs]}
 
 
-def _limit_memory(limit_bytes: int) -> None:
-    import resource
+def inspect_model(path: Path, runtime: str, timeout_s: float = 120.0, memory_limit_mb: int = 0,
+                  sandbox: Sandbox | None = None) -> dict[str, Any]:
+    """Load ``path`` in a child process; return its signature or raise ModelError with the runtime's reason.
 
-    resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-
-
-def inspect_model(path: Path, runtime: str, timeout_s: float = 120.0, memory_limit_mb: int = 0) -> dict[str, Any]:
-    """Load ``path`` in a child process; return its signature or raise ModelError with the runtime's reason."""
-    env = dict(os.environ)
-    # the child must import this very code tree, installed or not
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    limit = memory_limit_mb * 1024 * 1024
+    With an active ``sandbox`` the child sees a copy of the model's directory (the file and its siblings,
+    symlinks followed) and nothing of the hub's (modules/sandbox.py); a CPU-time cap backs the timeout.
+    """
+    sandbox = sandbox or Sandbox()
+    path = Path(os.path.abspath(path))
+    where = sandbox.stage(path.parent, follow_symlinks=True) if sandbox.active else path.parent
+    env = None
+    if not sandbox.active:  # the hub's environment, as before the sandbox; the child must import this code tree
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    launch = sandbox.launch([sys.executable, "-m", "modules.loadcheck", runtime, str(where / path.name)],
+                            read_only=[where], cwd=where, env={**(env or {}), "OMP_NUM_THREADS": "1"},
+                            limits=Limits(memory_mb=memory_limit_mb, cpu_s=math.ceil(timeout_s) + 1))
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "modules.loadcheck", runtime, os.path.abspath(path)], env=env, capture_output=True,
-            timeout=timeout_s, stdin=subprocess.DEVNULL, cwd=os.path.dirname(os.path.abspath(path)),
-            preexec_fn=(lambda: _limit_memory(limit)) if limit else None,
-        )
+        proc = subprocess.run(launch.argv, capture_output=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
+                              **launch.kwargs())
     except subprocess.TimeoutExpired:
         raise ModelError(f"loading {path.name} took longer than {timeout_s:g}s; refused") from None
+    finally:
+        launch.cleanup()
+        if where != path.parent:
+            shutil.rmtree(where, ignore_errors=True)
     lines = [line for line in proc.stdout.decode(errors="replace").splitlines() if line.startswith("{")]
     if lines:
         try:
@@ -61,7 +70,7 @@ def inspect_model(path: Path, runtime: str, timeout_s: float = 120.0, memory_lim
         if isinstance(result, dict) and proc.returncode == 0:
             return result
     tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-    why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+    why = exit_reason(sandbox, proc.returncode)
     raise ModelError(f"loading {path.name} crashed the checking process ({why}): {' | '.join(tail) or 'no output'}")
 
 

@@ -2,7 +2,8 @@
 
 * ``onnx``   onnxruntime InferenceSession
 * ``tflite`` ai-edge-litert (NumPy 2) or tflite-runtime 2.14 (NumPy 1), whichever imports
-* ``python`` an entry script with ``init()`` and ``run(inputs) -> outputs`` (as in Azure ML)
+* ``python`` an entry script with ``init()`` and ``run(inputs) -> outputs`` (as in Azure ML); it finds
+  the model's files (a pickle, a directory, ...) through ``EDGEFLEET_MODEL_DIR`` (modules.pymodel)
 
 An optional entry script beside an ONNX/TFLite model may define ``preprocess``
 and/or ``postprocess``.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from modules.errors import BodyError, InputError, ModelError
+from modules.pymodel import MODEL_DIR_ENV
 from protocol.manifest import Manifest, TensorSpec
 
 Batch = dict[str, np.ndarray]
@@ -57,6 +60,21 @@ def coerce_inputs(raw: dict[str, Any], specs: list[TensorSpec]) -> Batch:
     return out
 
 
+def as_batch(raw: Any, specs: list[TensorSpec]) -> Batch:
+    """Inputs for a runner: coerced to its signature, or (a python module without one) each value as an array."""
+    if specs:
+        return coerce_inputs(raw, specs)
+    if not isinstance(raw, dict):
+        raise InputError("inputs must be an object keyed by input name")
+    out: Batch = {}
+    for name, value in raw.items():
+        try:
+            out[name] = np.asarray(value)
+        except ValueError as exc:  # ragged nested lists
+            raise InputError(f"input {name!r} is not an array: {exc}") from None
+    return out
+
+
 def predict_json(runner: Runner, body: bytes) -> bytes:
     """A JSON body ``{"inputs": {...}}`` in, the outputs object as JSON out: the device's local API path."""
     try:
@@ -64,8 +82,7 @@ def predict_json(runner: Runner, body: bytes) -> bytes:
     except ValueError as exc:
         raise BodyError(f"body is not JSON: {exc}") from None
     raw = doc.get("inputs") if isinstance(doc, dict) else None
-    batch = coerce_inputs(raw, runner.inputs) if runner.inputs else raw
-    out = runner.predict(batch)  # type: ignore[arg-type]  # a python module without a signature takes what it is given
+    out = runner.predict(as_batch(raw, runner.inputs))
     return json.dumps({k: v.tolist() for k, v in out.items()}).encode()
 
 
@@ -154,9 +171,16 @@ def _load_script(path: Path) -> ModuleType:
 
 
 class PythonRunner:
-    """``init()`` once, then ``run(inputs: dict[str, ndarray]) -> dict[str, ndarray]``."""
+    """``init()`` once, then ``run(inputs: dict[str, ndarray]) -> dict[str, ndarray]``.
 
-    def __init__(self, script: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    ``EDGEFLEET_MODEL_DIR`` names ``model_dir`` (the bundle's files) while the script is imported and
+    its ``init()`` runs: that is where it finds its model. Each runner has a process of its own on a
+    device, an endpoint and in batch, so the variable is that process's.
+    """
+
+    def __init__(self, script: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                 model_dir: Path | None = None) -> None:
+        os.environ[MODEL_DIR_ENV] = str((model_dir or script.parent).resolve())
         self.module = _load_script(script)
         if not callable(getattr(self.module, "run", None)):
             raise ModelError(f"entry script {script.name} defines no run(inputs)")
@@ -169,7 +193,10 @@ class PythonRunner:
         self.inputs, self.outputs = inputs, outputs
 
     def predict(self, inputs: Batch) -> Batch:
-        return {k: np.asarray(v) for k, v in self.module.run(inputs).items()}
+        out = self.module.run(inputs)
+        if not isinstance(out, dict):
+            raise ModelError(f"run() returned {type(out).__name__}; it must return a dict of output name -> array")
+        return {k: np.asarray(v) for k, v in out.items()}
 
 
 class WithEntry:
@@ -212,7 +239,12 @@ def detect_runtime(path: Path) -> str:
 def load_runner(bundle_dir: Path, manifest: Manifest) -> Runner:
     """Load an unpacked, verified bundle."""
     if manifest.runtime == "python":
-        return PythonRunner(bundle_dir / manifest.model, manifest.inputs, manifest.outputs)
+        # the entry script, when the bundle has one apart from its model files; else the model is the script
+        script = manifest.entry or manifest.model
+        if not script.endswith(".py"):
+            raise ModelError(f"python module {manifest.name}:{manifest.version} has no entry script "
+                             f"({script!r} is not a .py file): build it with --entry SCRIPT")
+        return PythonRunner(bundle_dir / script, manifest.inputs, manifest.outputs, model_dir=bundle_dir)
     runner = load_model_file(bundle_dir / manifest.model, manifest.runtime)
     if manifest.entry:
         return WithEntry(runner, bundle_dir / manifest.entry)
@@ -229,7 +261,7 @@ def health_check(runner: Runner, sample: dict[str, Any] | None) -> Batch:
     """Run the bundle's sample input; raise ModelError/InputError if it fails or gives non-finite output."""
     if sample is None:
         return {}
-    batch = coerce_inputs(sample.get("inputs", {}), runner.inputs) if runner.inputs else sample.get("inputs", {})
+    batch = as_batch(sample.get("inputs", {}), runner.inputs)
     try:
         out = runner.predict(batch)
     except (InputError, ModelError):

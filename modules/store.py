@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -17,7 +18,10 @@ BLOCK = 1024 * 1024
 class ContentStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # blobs are private: files 0600 (mkstemp), dirs 0700
+        self.stored = 0  # objects put since this store was opened (e.g. the chunks a device downloaded)
+        self.stored_bytes = 0  # and their bytes
+        self._count_lock = threading.Lock()  # puts come from several threads (HTTP chunk downloads)
 
     def path(self, digest: str) -> Path:
         if not DIGEST_RE.match(digest):
@@ -54,8 +58,12 @@ class ContentStore:
             if expected is not None and digest != expected:
                 raise ValueError(f"content hash {digest[:12]}… does not match expected {expected[:12]}…")
             final = self.path(digest)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            final.parent.parent.mkdir(exist_ok=True, mode=0o700)
+            final.parent.mkdir(exist_ok=True, mode=0o700)
             os.replace(tmp, final)
+            with self._count_lock:
+                self.stored += 1
+                self.stored_bytes += size
             return digest, size
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote, urlsplit
 
@@ -42,3 +43,15 @@ def parse_broker_url(url: str) -> BrokerURL:
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     return BrokerURL(parts.hostname, port, tls, user, password)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine only: ``localhost`` or a loopback address (names are not resolved:
+    any other name may reach beyond the machine)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

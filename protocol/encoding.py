@@ -38,6 +38,11 @@ def parse_json(payload: bytes, max_bytes: int) -> Any:
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json takes NaN and Infinity, which JSON does not have; a NaN poisons every sum it joins
+    raise ProtocolError(f"payload is not JSON: {name} is not a JSON number")

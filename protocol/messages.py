@@ -13,19 +13,23 @@ import msgspec
 from msgspec import Meta, field
 
 from protocol.encoding import ProtocolError, canonical_json, parse_json
-from protocol.schema import DIGEST_PATTERN, SCHEMA_VERSION, Schema, validate
+from protocol.names import Name, OptionalName
+from protocol.schema import DIGEST_PATTERN, SCHEMA_VERSION, Finite, NonNegative, Positive, Schema, validate
 from protocol.topics import Channel
 
-MAX_MESSAGE_BYTES = 512 * 1024  # JSON messages; bundle chunks are raw bytes and sized by CHUNK_SIZE
+MAX_MESSAGE_BYTES = 512 * 1024  # JSON messages; bundle chunks are raw bytes (CHUNK_SIZE, spans up to MAX_SPAN_BYTES)
+MAX_FACTS = 256  # entries in a device's facts, its agent stats, a command's arguments
 
 InstallState = Literal[
     "pending", "downloading", "verifying", "staged", "activating", "health_check", "baking",
     "running", "rolling_back", "rolled_back", "failed", "removed",
 ]
-Name = Annotated[str, Meta(min_length=1, max_length=64)]
+# Every name is a protocol.names name (it becomes a directory and a topic level), every integer fits in
+# 63 bits (SQLite, and any signed 64-bit reader), every float is finite, every list and map is capped.
 Digest = Annotated[str, Meta(pattern=DIGEST_PATTERN)]
-NonNegative = Annotated[int, Meta(ge=0)]
 Ppm = Annotated[int, Meta(ge=0, le=1_000_000)]
+Facts = Annotated[dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=1024)]],
+                  Meta(max_length=MAX_FACTS)]
 
 
 class Message(Schema, frozen=True, kw_only=True):
@@ -52,10 +56,10 @@ class BakePolicy(Schema, frozen=True, kw_only=True):
 
 class DesiredModule(Schema, frozen=True, kw_only=True):
     name: Name
-    version: Annotated[int, Meta(ge=1)]
+    version: Positive
     bundle: Digest  # manifest digest
     size: NonNegative  # total bytes of the bundle's files
-    deployment: str = ""
+    deployment: OptionalName = ""
     collect_rate_ppm: Ppm = 0  # sampled share, parts per million
     bake: BakePolicy | None = None  # None: commit right after the health check (agents before it ignore the field)
 
@@ -74,14 +78,19 @@ class DesiredState(Message, frozen=True, kw_only=True):
     """The ``signed`` part of a desired-state envelope (director role)."""
 
     type: Literal["desired"] = "desired"
-    device: str
-    revision: Annotated[int, Meta(ge=1)]  # strictly increasing per device
+    device: Name
+    revision: Positive  # strictly increasing per device
     expires: NonNegative  # unix seconds; an expired state is refused
     modules: Annotated[list[DesiredModule], Meta(max_length=64)] = []
+    # the newest release-policy envelope (protocol/policy.py), signed by the release role; absent when none,
+    # so states without one sign and hash exactly as before the field existed
+    policy: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d["modules"] = [_without_null_bake(m) for m in d["modules"]]
+        if d.get("policy", 0) is None:
+            del d["policy"]
         return d
 
 
@@ -89,91 +98,91 @@ class HubStatus(Message, frozen=True, kw_only=True):
     """Retained on ``edgefleet/v1/hub/status``: whether the hub is subscribed and storing device messages."""
 
     online: bool
-    ts: float = 0.0
+    ts: Finite = 0.0
 
 
 # --- device -> hub ---------------------------------------------------------------------------
 
 
 class ModuleReport(Schema, frozen=True, kw_only=True):
-    name: str
-    version: int
-    bundle: str
+    name: Name
+    version: NonNegative
+    bundle: Digest
     state: InstallState
     error: str = ""
-    progress: float = 0.0  # share of bytes present, 0..1
+    progress: Annotated[float, Meta(ge=0, le=1)] = 0.0  # share of bytes present, 0..1 (NaN fails the bounds)
 
 
 class ReportedState(Message, frozen=True, kw_only=True):
-    device: str
+    device: Name
     revision: NonNegative  # the desired revision the modules below answer
     modules: Annotated[list[ModuleReport], Meta(max_length=64)] = []
     error: str = ""  # a refused desired state, and why
-    facts: dict[str, str] = {}  # hardware / OS / agent version
-    ts: float
+    facts: Facts = {}  # hardware / OS / agent version
+    ts: Finite
 
 
 class Status(Message, frozen=True, kw_only=True):
-    device: str
+    device: Name
     online: bool
-    ts: float = 0.0
+    ts: Finite = 0.0
 
 
 class LatencyMs(Schema, frozen=True, kw_only=True):
-    p50: float = 0.0
-    p95: float = 0.0
-    p99: float = 0.0
+    p50: Finite = 0.0
+    p95: Finite = 0.0
+    p99: Finite = 0.0
 
 
 class TelemetryPoint(Schema, frozen=True, kw_only=True):
-    ts: float
-    module: str
-    version: int
+    ts: Finite
+    module: Name
+    version: NonNegative
     inferences: NonNegative
     errors: NonNegative
     latency_ms: LatencyMs = field(default_factory=LatencyMs)
 
 
 class TelemetryBatch(Message, frozen=True, kw_only=True):
-    device: str
+    device: Name
     seq: NonNegative  # per device; the hub stores each (device, seq) once
-    ts: float
+    ts: Finite
     points: Annotated[list[TelemetryPoint], Meta(max_length=10_000)]
-    agent: dict[str, float] = {}  # rss_mb, cpu_percent, outbox_dropped, ...
+    agent: Annotated[dict[Annotated[str, Meta(max_length=64)], Finite], Meta(max_length=MAX_FACTS)] = {}  # rss_mb, ...
 
 
 class DataRecord(Schema, frozen=True, kw_only=True):
-    ts: float
-    module: str
-    version: int
+    ts: Finite
+    module: Name
+    version: NonNegative
     input: Any
     output: Any
 
 
 class DataBatch(Message, frozen=True, kw_only=True):
-    device: str
+    device: Name
     seq: NonNegative
-    ts: float
+    ts: Finite
     records: Annotated[list[DataRecord], Meta(max_length=10_000)]
 
 
 class BlobRequest(Message, frozen=True, kw_only=True):
     """Asks the hub to publish a bundle's manifest and/or some of its chunks."""
 
-    device: str
+    device: Name
     bundle: Digest
     manifest: bool = False
-    chunks: Annotated[list[str], Meta(max_length=4096)] = []
+    chunks: Annotated[list[Digest], Meta(max_length=4096)] = []
 
 
 class Command(Message, frozen=True, kw_only=True):
     id: Name
     name: Name  # e.g. "ping", "infer", "report"
-    args: dict[str, Any] = {}
+    args: Annotated[dict[str, Any], Meta(max_length=MAX_FACTS)] = {}
 
 
 class CommandReply(Message, frozen=True, kw_only=True):
-    id: str
+    id: Name  # the command's
     ok: bool
     result: Any = None
     error: str = ""

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from protocol.encoding import ProtocolError
+from protocol.names import RESERVED_PREFIX, check_name, is_reserved_login
 
 ROOT = "edgefleet/v1"
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class Channel(StrEnum):
@@ -36,8 +36,11 @@ MANIFEST_PART = "manifest"
 
 
 def check_device_id(device_id: str) -> str:
-    if not DEVICE_ID_RE.match(device_id):
-        raise ProtocolError(f"invalid device id {device_id!r}: want 1-64 of [A-Za-z0-9_.-], not starting with punctuation")
+    """A device id is a name (protocol.names) outside the hub's reserved login prefix: it is the device's broker login."""
+    check_name(device_id, "device id")
+    if is_reserved_login(device_id):
+        raise ProtocolError(f"invalid device id {device_id!r}: the prefix {RESERVED_PREFIX!r} is reserved for the "
+                            "hub's own broker logins")
     return device_id
 
 

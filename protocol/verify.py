@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from protocol.encoding import ProtocolError, canonical_json, sha256_hex
@@ -9,13 +10,20 @@ from protocol.manifest import Manifest, parse_manifest
 from protocol.messages import DesiredState, validate
 from protocol.signing import Root
 
+# A desired state may be valid for at most this long: a leaked director key's states die within it.
+MAX_DESIRED_LIFETIME_S = 31 * 86400
+
 
 def accept_desired(
     envelope: Any, root: Root, device_id: str, last_revision: int, now: float | None = None
 ) -> DesiredState:
-    """Verify a desired-state envelope for this device: signature, device, revision, expiry."""
+    """Verify a desired-state envelope for this device: signature, expiry (and its bound), device, revision."""
+    now = time.time() if now is None else now
     signed = root.verify(envelope, "director", now)
     state = validate(DesiredState, signed)
+    if state.expires > now + MAX_DESIRED_LIFETIME_S:
+        raise ProtocolError(f"desired state expires at {state.expires}, more than {MAX_DESIRED_LIFETIME_S} s after "
+                            f"now ({int(now)}): beyond the maximum lifetime (a leaked key, or a wrong clock)")
     if state.device != device_id:
         raise ProtocolError(f"desired state is for device {state.device!r}, not {device_id!r} (replay across devices)")
     if state.revision <= last_revision:

@@ -265,11 +265,13 @@ async def run_fleet(
     prefix: str = "sim",
     scenario: Scenario | None = None,
     connect_rate: float = 1000.0,
+    shift: float = 0.0,
 ) -> list[Agent]:
     """Enrol ``n`` devices ``{prefix}-{i:04d}`` (re-using identities in ``data_root``) and run them on this loop.
 
     Runs until ``duration`` seconds pass (forever if None, until cancelled); returns the agents.
     """
-    fleet = Fleet(hub_url, api_token, n, data_root, mqtt_url=mqtt_url, rate=rate,
+    workload = Workload(rate=rate, shift=shift) if rate > 0 else None  # shift: feature 0 drifts (examples/ci)
+    fleet = Fleet(hub_url, api_token, n, data_root, mqtt_url=mqtt_url, rate=rate, workload=workload,
                   telemetry_interval=telemetry_interval, prefix=prefix, scenario=scenario, connect_rate=connect_rate)
     return await fleet.run(duration)

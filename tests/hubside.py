@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.core import Agent
 from agent.identity import Identity, save_identity
 from modules.bundle import build_manifest, read_blocks, sign_release
+from modules.chunking import bundle_spans, cut_files
 from modules.examples import write_logreg_onnx, write_sample
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import canonical_json
@@ -109,8 +110,11 @@ class HubSide:
 
     def build(self, name: str, version: int, *, failing: bool = False, pad_bytes: int = 0, pad_seed: int | None = None,
               collect_rate_ppm: int = 0, script: str | None = None, extra: dict[str, bytes] | None = None,
-              model_seed: int | None = None) -> Bundle:
-        """A logreg ONNX bundle; ``failing`` or ``script`` make it a Python module running that script instead."""
+              model_seed: int | None = None, spans: bool = False, release_expires: int | None = None) -> Bundle:
+        """A logreg ONNX bundle; ``failing`` or ``script`` make it a Python module running that script instead.
+
+        ``spans`` lists content-defined spans in the release, as the real hub does; without, the release is
+        in the format from before spans (fixed-size chunks only)."""
         if failing:
             script = FAILING_SCRIPT
         d = self.workdir / f"{name}-v{version}-{'ok' if script is None else abs(hash(script))}"
@@ -131,11 +135,17 @@ class HubSide:
             files[path] = d / path
         manifest = build_manifest(name, version, runtime, files, model=model, sample="sample.json", inputs=X_SPEC,
                                   outputs=P_SPEC, collect_rate_ppm=collect_rate_ppm)
-        envelope = sign_release(manifest, [self.release_key], int(time.time()) + 3600)
+        cut = bundle_spans(manifest, cut_files(files)) if spans else None
+        expires = int(time.time()) + 3600 if release_expires is None else release_expires
+        envelope = sign_release(manifest, [self.release_key], expires, cut)
         chunks: dict[str, bytes] = {}
         for entry in manifest.files:
             for digest, data in zip(entry.chunks, split_chunks(read_blocks(files[entry.path])), strict=True):
                 chunks[digest] = data
+            offset, data = 0, files[entry.path].read_bytes()
+            for span in cut.files.get(entry.path, []) if cut else []:
+                chunks[span.sha256] = data[offset:offset + span.size]
+                offset += span.size
         bundle = Bundle(manifest, envelope, chunks)
         self.bundles[bundle.digest] = bundle
         return bundle
@@ -276,6 +286,7 @@ class RealHub:
         if not self.server.wait_mqtt(15):
             self.server.stop()
             raise RuntimeError("hub did not connect to the broker")
+        self.url = self.server.url
         self.api = HubClient(self.server.url, self.server.admin_token)
         self._models = 0
 
@@ -298,7 +309,7 @@ class RealHub:
         from agent.identity import enroll
 
         token = self.api.post("/api/v1/enrollment-tokens", {})["tokens"][0]
-        return enroll(self.server.url, token, data_dir, device_id=device_id or new_device())
+        return enroll(self.url, token, data_dir, device_id=device_id or new_device())
 
     def deploy(self, device_id: str, module: str = "classifier") -> dict[str, Any]:
         """Register a fresh logreg model, build ``module`` from it and deploy it to ``device_id``; the module record."""

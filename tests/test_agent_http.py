@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from agent.core import Agent
@@ -28,8 +29,9 @@ from agent.identity import Identity, save_identity
 from hub.testing import MqttProbe, wait_until
 from modules.examples import write_logreg_onnx, write_sample
 from protocol.encoding import canonical_json
-from protocol.manifest import CHUNK_SIZE
+from protocol.manifest import CHUNK_SIZE, Manifest, choose_chunks, parse_spans
 from protocol.messages import DesiredModule, DesiredState, decode
+from protocol.schema import validate
 from protocol.signing import sign
 from protocol.topics import Channel, device_topic
 from tests.hubside import RealHub, agent_running, until
@@ -78,6 +80,14 @@ def manifest(hub: RealHub, module: dict[str, Any]) -> dict[str, Any]:
 
 def file_entry(hub: RealHub, module: dict[str, Any], path: str) -> dict[str, Any]:
     return next(f for f in manifest(hub, module)["files"] if f["path"] == path)
+
+
+def fresh_chunks(hub: RealHub, module: dict[str, Any], path: str | None = None) -> list[tuple[str, int]]:
+    """(digest, size) of what a device with an empty store fetches: each file's spans, or its fixed chunks."""
+    signed = hub.api.get(f"/api/v1/bundles/{module['digest']}/release")["signed"]
+    m = validate(Manifest, signed["manifest"])
+    chosen = choose_chunks(m, parse_spans(signed, m), lambda digest: False)
+    return [c for p, chunks in chosen.items() if path in (None, p) for c in chunks]
 
 
 def blob(hub: RealHub, module: dict[str, Any], path: str) -> Path:
@@ -161,8 +171,7 @@ def test_http_daemon_installs_and_runs_with_no_bundle_bytes_over_mqtt(hub, tmp_p
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
-    files = manifest(hub, module)["files"]
-    chunk_bytes = {c: min(CHUNK_SIZE, f["size"] - i * CHUNK_SIZE) for f in files for i, c in enumerate(f["chunks"])}
+    chunk_bytes = dict(fresh_chunks(hub, module))
     assert hub.server.hub.bridge.blob_bytes_sent == 0  # nothing came over the MQTT blob topics
     assert hub.server.hub.downloads.bytes_sent == sum(chunk_bytes.values())  # each chunk once, over HTTP
     assert hub.server.hub.downloads.chunks_served == len(chunk_bytes)
@@ -174,7 +183,7 @@ def test_a_chunk_corrupted_in_the_hub_store_is_refused_and_nothing_activates(hub
     ident = hub.enroll(data)
     module = build(hub, "classifier")
     corrupt(blob(hub, module, "logreg.onnx"))
-    bad_chunk = file_entry(hub, module, "logreg.onnx")["chunks"][0]
+    bad_chunk = fresh_chunks(hub, module, "logreg.onnx")[0][0]
 
     async def main() -> None:
         async with running(ident, data) as agent:
@@ -234,10 +243,13 @@ def test_wrong_password_and_decommissioned_device_are_refused_with_the_reason_re
 def test_a_restart_mid_download_fetches_only_what_is_missing(hub, tmp_path):
     data = tmp_path / "dev"
     ident = hub.enroll(data)
-    weights = os.urandom(3 * CHUNK_SIZE)
+    # Three spans (seed 0): fewer than the agent's 4 download workers, so while each retries an unservable
+    # weights chunk one stays free to fetch the other files (a worker keeps retrying the chunk it holds).
+    weights = np.random.default_rng(0).bytes(CHUNK_SIZE + 100_000)
     module = build(hub, "classifier", extra={"weights.bin": weights})
-    weights_chunks = file_entry(hub, module, "weights.bin")["chunks"]
-    others = [c for f in manifest(hub, module)["files"] if f["path"] != "weights.bin" for c in f["chunks"]]
+    weights_chunks = [c for c, _ in fresh_chunks(hub, module, "weights.bin")]
+    assert len(weights_chunks) == 3
+    others = [c for c, _ in fresh_chunks(hub, module) if c not in weights_chunks]
     weights_blob = blob(hub, module, "weights.bin")
     away = weights_blob.with_name(weights_blob.name + ".away")
     weights_blob.rename(away)  # the hub cannot serve weights.bin for now: the first run stops part-way

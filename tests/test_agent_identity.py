@@ -31,7 +31,7 @@ def test_enroll_writes_a_private_identity_file(tmp_path):
                                          "hub_time": time.time()})
 
     with httpx.Client(transport=httpx.MockTransport(handle)) as client:
-        ident = enroll("http://hub.test/", "tok", tmp_path, device_id="cam-7", facts={"site": "a"}, client=client)
+        ident = enroll("https://hub.test/", "tok", tmp_path, device_id="cam-7", facts={"site": "a"}, client=client)
     assert seen == {"token": "tok", "device_id": "cam-7", "facts": {"site": "a"}}
     path = tmp_path / "identity.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -47,7 +47,7 @@ def test_enroll_refused_and_unreachable_say_why(tmp_path):
 
     with httpx.Client(transport=httpx.MockTransport(refuse)) as client, pytest.raises(
             EnrollmentError, match="HTTP 403: enrolment token already used"):
-        enroll("http://hub.test", "tok", tmp_path, client=client)
+        enroll("https://hub.test", "tok", tmp_path, client=client)
     with pytest.raises(EnrollmentError, match="cannot reach the hub"):
         enroll("http://127.0.0.1:9", "tok", tmp_path, timeout=2)
     with pytest.raises(EnrollmentError, match="enrol first"):

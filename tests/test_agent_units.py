@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agent.bake import BakeWatch
-from agent.install import TERMINAL, TRANSITIONS, IllegalTransition, Journal, check_transition
+from agent.journal import TERMINAL, TRANSITIONS, IllegalTransition, Journal, check_transition
 from agent.mqtt import backoff_delay
 from agent.outbox import Outbox
 from agent.stats import ModuleStats, percentiles

@@ -58,7 +58,7 @@ def test_checker_sees_a_forbidden_import(tmp_path, monkeypatch):
 def test_import_protocol_pulls_in_no_io_library():
     code = (
         "import sys, protocol, protocol.messages, protocol.signing, protocol.manifest, protocol.verify, "
-        "protocol.topics, protocol.broker_url, protocol.encoding\n"
+        "protocol.topics, protocol.broker_url, protocol.encoding, protocol.trust, protocol.policy\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'paho','fastapi','starlette','uvicorn','httpx','requests','sqlite3','sqlite_utils','psycopg','aiohttp','http','onnxruntime','numpy'})\n"
         "print(','.join(bad))"
@@ -172,3 +172,94 @@ def test_the_hub_checks_see_violations(tmp_path):
     assert api_violations(hub) == ["hub/fleet/x.py", "hub/fleet/y.py"]
     assert route_dependency_violations(hub) == ["r.py:4 Depends(get_thing)", "r.py:5 reads request.app.state (use a "
                                                 "dependency from deps.py)"]
+
+
+# --- inside the agent ------------------------------------------------------------------------------
+
+AGENT_MAX_LINES = 420
+# The reconciler decides; it does no I/O. These would let it (or wait on it): asyncio, the MQTT client, the
+# filesystem, databases, sockets, processes, threads, the clock.
+IO_MODULES = {"asyncio", "paho", "os", "pathlib", "shutil", "sqlite3", "sqlite_utils", "socket", "subprocess",
+              "threading", "time", "select", "selectors", "http", "urllib"}
+
+
+def agent_module_imports(path: Path, package_root: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in the file (also under TYPE_CHECKING and inside functions)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            # ``from pkg import sub``: sub may be a module of its own
+            names.update(f"{node.module}.{a.name}" for a in node.names
+                         if (package_root / node.module.replace(".", "/") / f"{a.name}.py").exists())
+    return names
+
+
+def import_graph(package: str, root: Path) -> dict[str, set[str]]:
+    """``package``'s modules -> the modules of ``package`` each imports."""
+    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (root / package).rglob("*.py")}
+    return {name: {m for m in agent_module_imports(path, root) if m in modules and m != name}
+            for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (``[a, b, ..., a]``), or None. The package's own ``__init__`` is left out: importing
+    any submodule runs it first, so its imports are not edges back."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)) is not None:
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)) is not None:
+            return found
+    return None
+
+
+def test_agent_modules_import_each_other_one_way():
+    graph = import_graph("agent", ROOT)
+    graph.pop("agent", None)
+    assert "agent.core" in graph and "agent.reconcile" in graph["agent.executor"]  # the checker sees imports
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle in agent/: {' -> '.join(cycle)}"
+
+
+def test_cycle_checker_sees_a_cycle(tmp_path):
+    pkg = tmp_path / "agent"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from agent.b import x\n")
+    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from agent import a\n")
+    (pkg / "c.py").write_text("import agent.a\n")
+    graph = import_graph("agent", tmp_path)
+    assert graph["agent.c"] == {"agent.a"}
+    assert find_cycle(graph) == ["agent.a", "agent.b", "agent.a"]
+
+
+def test_the_reconciler_does_no_io():
+    """``agent/reconcile.py`` imports only pure modules: no I/O library, and of ours only ``protocol``
+    (which ``test_import_protocol_pulls_in_no_io_library`` keeps pure in turn)."""
+    imported = agent_module_imports(ROOT / "agent" / "reconcile.py", ROOT)
+    tops = {name.split(".")[0] for name in imported}
+    assert not tops & IO_MODULES, f"agent/reconcile.py imports {sorted(tops & IO_MODULES)}"
+    assert tops <= {"__future__", "collections", "dataclasses", "typing", "protocol"}, sorted(tops)
+    assert "time.time" not in (ROOT / "agent" / "reconcile.py").read_text()  # time comes in as ``now``
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "agent").glob("*.py")), ids=lambda p: p.name)
+def test_agent_files_stay_small(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= AGENT_MAX_LINES, f"agent/{path.name} has {lines} lines (> {AGENT_MAX_LINES}): split it by responsibility"

@@ -76,7 +76,7 @@ def tls_setup(tmp_path):
     ca_path, ca, ca_key = make_ca(tmp_path, "edgefleet-test-ca")
     rogue_path, _, _ = make_ca(tmp_path, "someone-else-ca")
     broker = LocalBroker(kind="mosquitto", tls=make_server_cert(tmp_path, ca, ca_key)).start()
-    server = HubServer(HubConfig(tmp_path / "hub", broker.url, admin_token=secrets.token_urlsafe(16),
+    server = HubServer(HubConfig(tmp_path / "hub", broker.url, admin_token=secrets.token_urlsafe(32),
                                  mqtt_client_id=f"hub-{secrets.token_hex(4)}", broker_ca=ca_path,
                                  **hub_db(tmp_path / "hub"))).start()
     try:

@@ -148,7 +148,7 @@ def test_bad_signature(hub, root, keys, tmp_path):
     sig = env["signatures"][0]["sig"]
     env["signatures"][0]["sig"] = ("0" if sig[0] != "0" else "1") + sig[1:]
     publish(hub, rel, envelope=env)
-    refused(hub, root, "scorer", 1, tmp_path / "dest", r"release signature check failed: 0 of 1 required \(bad signature\)")
+    refused(hub, root, "scorer", 1, tmp_path / "dest", r"release signature check failed: 0 of 1 required \(bad signature by key ")
 
 
 def test_unknown_key(hub, root, keys, tmp_path):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +78,34 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
     assert not listening(hub_port)
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_json_without_duration_prints_its_summary_when_stopped(tmp_path, sig):
+    """``demo --json`` until Ctrl-C or SIGTERM; started as a shell's background job, so SIGINT comes in ignored."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "demo", "--devices", "2", "--json"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # what `cmd &` in a script does
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 90
+        for line in proc.stderr:
+            if re.search(r"hub http://127\.0\.0\.1:\d+", line):
+                break
+            assert time.monotonic() < deadline, "demo did not start in time"
+        children = descendants(proc.pid)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        summary = json.loads(out)
+        assert len(summary["devices"]) == 2 and summary["module"].startswith("demo-logreg:")
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            for child in descendants(proc.pid):
+                child.kill()
+            proc.kill()
+            proc.wait(10)

@@ -1,58 +1,66 @@
-"""The state diagrams in the docs are drawn from the transition tables (scripts/diagrams.py) and kept current."""
+"""The state diagrams in the docs are drawn from the transition tables in the code (scripts/diagrams.py)."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from scripts import diagrams
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import diagrams  # noqa: E402
 
 
-def edges(block: str) -> set[tuple[str, str]]:
-    return set(re.findall(r"^\s+(\S+) --> (\S+)$", block, re.M))
-
-
-@pytest.mark.parametrize("entry", diagrams.ENTRIES, ids=lambda e: e.marker)
-def test_each_diagram_draws_exactly_its_table(entry):
-    table = diagrams.table_of(entry)
-    text = (ROOT / entry.doc).read_text()
-    section = text.split(f"<!-- {entry.marker}:start -->")[1].split(f"<!-- {entry.marker}:end -->")[0]
-    want = {(s, t) for s, targets in table.items() for t in targets}
-    want |= {(s, "[*]") for s, targets in table.items() if not targets}
-    if entry.initial:
-        want.add(("[*]", entry.initial))
-    assert edges(section) == want
-
-
-def test_diagrams_are_current():
+def test_every_diagram_in_the_docs_matches_its_table():
     out = subprocess.run([sys.executable, "scripts/diagrams.py", "--check"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.returncode == 0, f"stale diagram (run python scripts/diagrams.py):\n{out.stdout}{out.stderr}"
 
 
-def test_a_changed_table_makes_the_doc_stale_and_update_fixes_it(tmp_path, monkeypatch):
-    doc = tmp_path / "docs" / "x.md"
-    doc.parent.mkdir()
-    doc.write_text("before\n<!-- x-diagram:start -->\n<!-- x-diagram:end -->\nafter\n")
-    entry = diagrams.Entry("x-diagram", "docs/x.md", "unused", initial="a")
-    table = {"a": frozenset({"b"}), "b": frozenset()}
-    monkeypatch.setattr(diagrams, "table_of", lambda e: table)
-    assert diagrams.update([entry], tmp_path, write=False) == ["docs/x.md (x-diagram)"]
-    assert diagrams.update([entry], tmp_path) == ["docs/x.md (x-diagram)"]
-    assert diagrams.update([entry], tmp_path, write=False) == []
+def test_every_state_and_transition_of_the_install_table_is_drawn():
+    from agent.journal import TRANSITIONS
+
+    doc = (ROOT / "docs/agent.md").read_text()
+    begin, end = diagrams.markers("install-diagram")
+    block = doc[doc.index(begin) + len(begin):doc.index(end)]
+    edges = {(a.strip(), b.strip()) for a, _, b in
+             (line.partition("-->") for line in block.splitlines()) if _}
+    assert edges == {("[*]" if s is None else s, t) for s, ts in TRANSITIONS.items() for t in ts}
+
+
+def _doc_with(tmp_path: Path, table: dict, marker: str = "m") -> tuple[diagrams.Diagram, Path]:
+    """A throwaway repo: a module holding ``table`` and a doc with ``marker``'s comments around stale text."""
+    pkg = tmp_path / "fake_states_pkg"
+    pkg.mkdir(exist_ok=True)
+    (pkg / "__init__.py").write_text(f"TRANSITIONS = {table!r}\n")
+    doc = tmp_path / "doc.md"
+    begin, end = diagrams.markers(marker)
+    doc.write_text(f"# Doc\n\nbefore\n\n{begin}\nold drawing\n{end}\n\nafter\n")
+    sys.modules.pop("fake_states_pkg", None)
+    return diagrams.Diagram("fake_states_pkg", "TRANSITIONS", "doc.md", marker, start="a"), doc
+
+
+def test_a_stale_diagram_fails_the_check_and_is_redrawn(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d, doc = _doc_with(tmp_path, {"a": {"b", "c"}, "b": {"a"}, "c": set()})
+    assert diagrams.main(["--check"], [d], tmp_path) == 1
+    assert "old drawing" in doc.read_text() and "m differs" in capsys.readouterr().out
+    assert diagrams.main([], [d], tmp_path) == 0
     text = doc.read_text()
-    assert text.startswith("before\n") and text.endswith("after\n")
-    assert edges(text) == {("[*]", "a"), ("a", "b"), ("b", "[*]")}
-    table["b"] = frozenset({"a"})  # a new transition: the drawing no longer matches
-    assert diagrams.update([entry], tmp_path, write=False) == ["docs/x.md (x-diagram)"]
+    assert text.startswith("# Doc\n\nbefore\n") and text.endswith("after\n")
+    assert "    [*] --> a\n    a --> b\n    a --> c\n    b --> a\n    c --> [*]\n" in text  # a start, an end
+    assert diagrams.main(["--check"], [d], tmp_path) == 0
+
+    d, doc = _doc_with(tmp_path, {"a": {"b"}, "b": {"a"}, "c": set()})  # a transition dropped from the table
+    doc.write_text(text)
+    assert diagrams.main(["--check"], [d], tmp_path) == 1
 
 
-def test_missing_markers_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="markers"):
-        diagrams.splice("no markers here", "x-diagram", "block")
+def test_a_doc_without_its_markers_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d, doc = _doc_with(tmp_path, {None: {"a"}})
+    doc.write_text("# no markers here\n")
+    assert diagrams.main(["--check"], [d], tmp_path) == 2
+    with pytest.raises(ValueError, match="no <!-- m:start -->"):
+        diagrams.replace_block(doc.read_text(), "m", "x")

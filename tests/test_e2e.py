@@ -22,7 +22,7 @@ from edgefleet.client import HubClient
 from modules.examples import write_logreg_onnx, write_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "e2e-admin-token-0123456789"
+TOKEN = "e2e-admin-token-0123456789abcdefghijkl"
 
 
 def cli(*args: str, **kw) -> subprocess.Popen:

@@ -43,7 +43,7 @@ def run(inputs):
 @pytest.fixture(scope="module")
 def server(broker, tmp_path_factory):
     data = tmp_path_factory.mktemp("hub")
-    s = HubServer(HubConfig(data, broker.url, admin_token=secrets.token_urlsafe(16),
+    s = HubServer(HubConfig(data, broker.url, admin_token=secrets.token_urlsafe(32),
                             mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=30,
                             endpoint_telemetry_s=0.5, **hub_db(data))).start()
     yield s

@@ -142,7 +142,9 @@ def test_drift_in_one_feature_raises_one_alert_to_the_webhook(hub, tmp_path):
             # halfway: feature 0 of every device's inputs shifts
             for agent in fleet.agents:
                 agent.workload = replace(agent.workload, shift=2.0)
-            event = webhook.received.get(timeout=90)
+            body = webhook.received.get(timeout=90)
+            assert body["event"] == "alert.fired"
+            event = body["data"]
             assert event["rule"] == "psi" and event["state"] == "firing"
             assert event["key"] == "x[0]", event
             assert event["value"] > 0.2
@@ -165,8 +167,7 @@ def test_drift_in_one_feature_raises_one_alert_to_the_webhook(hub, tmp_path):
 def test_webhook_retries_with_backoff_until_delivered(hub):
     webhook = Webhook(fail_first=2)
     try:
-        alerts = hub.hub.monitor.alerts
-        alerts.backoff_s = 0.05
+        hub.hub.webhooks.backoff_s = 0.05
         db = hub.hub.db
         with db.transaction() as tx:
             tx.execute("INSERT INTO devices (id, labels, facts, online, last_seen, revision, created_at) "
@@ -177,7 +178,8 @@ def test_webhook_retries_with_backoff_until_delivered(hub):
             raised = c.post("/api/v1/alerts/evaluate")
             assert [(e["key"], e["state"]) for e in raised] == [("gone-1", "firing")]
             body = webhook.received.get(timeout=30)
-            assert body["key"] == "gone-1" and body["state"] == "firing"
+            assert body["event"] == "alert.fired"
+            assert body["data"]["key"] == "gone-1" and body["data"]["state"] == "firing"
             event = wait_for(lambda: [e for e in c.get("/api/v1/alerts/events") if e["delivered"]], 10, "delivery")[0]
             assert event["attempts"] == 3  # two refusals, then delivered
             # the device comes back: the alert resolves, once
@@ -196,6 +198,9 @@ def test_error_rate_rule_and_time_series_and_retention(hub):
     with db.transaction() as tx:
         tx.execute("INSERT INTO deployments (name, module_name, module_version, digest, target, priority, created_at) "
                    "VALUES ('d', 'm', 1, ?, '*', 0, ?)", ("0" * 64, now))
+        # "dev" runs m:1 for deployment d (a deployment's numbers are its devices' only)
+        tx.execute("INSERT INTO devices (id, labels, facts, created_at, desired) VALUES ('dev', '{}', '{}', ?, ?)",
+                   (now, json.dumps([{"name": "m", "version": 1, "deployment": "d"}], separators=(",", ":"))))
         # 20 one-second intervals: 100 inferences, 10 errors each
         telemetry.store(tx, [telemetry.pack(TelemetryBatch(device="dev", seq=i, ts=now - 20 + i, points=[
             TelemetryPoint(ts=now - 20 + i, module="m", version=1, inferences=100, errors=10,

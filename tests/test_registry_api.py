@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from modules.errors import ModelError
 from modules.examples import write_logreg_onnx
+from modules.loadcheck import inspect_model
 
 pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
@@ -126,22 +128,32 @@ def test_delete_refused_while_deployed_names_the_deployment_then_collects_blobs(
 
 
 def test_load_check_runs_in_a_child_process_crash_and_hang_are_refused(admin, server, tmp_path):
+    """ONNX and TFLite models are loaded in a short-lived child; the child's crash or hang is a refusal.
+
+    Python models are not loaded by the hub at all (modules.pymodel): the same scripts register without
+    running, so the child is driven directly here with the python runtime.
+    """
     crash = tmp_path / "crash.py"
     crash.write_text("import os\n\ndef init():\n    os._exit(7)\n\ndef run(inputs):\n    return inputs\n")
-    r = register(admin, "crash", crash)
-    assert r.status_code == 422
-    assert "crashed the checking process (exit status 7)" in r.json()["detail"]
-
+    with pytest.raises(ModelError, match=r"crashed the checking process \(exit status 7\)"):
+        inspect_model(crash, "python", timeout_s=20)
     hang = tmp_path / "hang.py"
     hang.write_text("def init():\n    while True:\n        pass\n\ndef run(inputs):\n    return inputs\n")
-    server.hub.registry.load_timeout_s = 3  # the route reads it per call
-    r = register(admin, "hang", hang)
-    assert r.status_code == 422 and "took longer than 3s" in r.json()["detail"]
+    with pytest.raises(ModelError, match="took longer than 3s"):
+        inspect_model(hang, "python", timeout_s=3)
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x08\x07" + os.urandom(200))
+    r = register(admin, "broken", broken)
+    assert r.status_code == 422 and "onnxruntime could not load broken.onnx" in r.json()["detail"]
 
     pid_file = tmp_path / "pid"
     probe = tmp_path / "probe.py"
-    probe.write_text(f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n\ndef run(inputs):\n    return inputs\n")
+    probe.write_text(f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n\ndef init():\n    pass\n\n"
+                     "def run(inputs):\n    return inputs\n")
     register(admin, "probe", probe).raise_for_status()
-    assert int(pid_file.read_text()) != os.getpid()  # the hub runs in this test process; the script did not
-    assert admin.get("/api/v1/models", params={"name": "crash"}).json() == []
-    assert blobs(server.config.data_dir) == {admin.get("/api/v1/models/probe/versions/1").json()["files"][0]["sha256"]}
+    register(admin, "crash", crash).raise_for_status()  # recorded, never run
+    assert not pid_file.exists()  # neither the hub nor a child of it ran the script
+    assert admin.get("/api/v1/models", params={"name": "broken"}).json() == []
+    assert blobs(server.config.data_dir) == {admin.get(f"/api/v1/models/{m}/versions/1").json()["files"][0]["sha256"]
+                                             for m in ("probe", "crash")}

@@ -8,13 +8,16 @@ import subprocess
 import sys
 
 import httpx
+import psutil
 
 from edgefleet.broker import free_port
 from hub.testing import wait_until
 from simulator.fleet import Fleet
 from tests.rollout_support import DesiredRecorder, all_running, build_versions, rollout, wait_rollout
+from tests.servicehub import TOKEN as SERVED_TOKEN
+from tests.servicehub import ServedHub, alive
 
-TOKEN = "restart-admin-token-0123456789"
+TOKEN = "restart-admin-token-0123456789abcdefgh"
 NAME = "durable"
 
 
@@ -75,3 +78,54 @@ def test_hub_killed_mid_rollout_resumes_without_stale_or_duplicated_revisions(br
         versions = [dict(mods).get("scorer", 0) for _, mods in states]
         assert versions == sorted(versions) and versions[-1] == 2, (dev, states)  # never back to a stale version
         assert all(a[1] != b[1] for a, b in zip(states, states[1:])), (dev, states)  # each revision a real change
+
+
+def test_hub_served_with_its_own_broker_killed_mid_rollout_on_200_devices_strands_nobody(tmp_path):
+    """The documented way: ``hub serve --isolate`` (its own broker), SIGKILL mid-rollout, the same command again.
+
+    The broker goes down with the hub and comes back on the address the devices were given, so the fleet
+    reconnects and the rollout finishes. Five devices are lost while the hub is down: they are shown offline,
+    hold their wave no longer than its timeout, and the result names them.
+    """
+    hub = ServedHub(tmp_path / "hub", "--isolate").start()
+    fleet = Fleet(hub.url, SERVED_TOKEN, 195, tmp_path / "sim", rate=1, telemetry_interval=2, prefix="acc")
+    lost = Fleet(hub.url, SERVED_TOKEN, 5, tmp_path / "lost", rate=1, telemetry_interval=2, prefix="lost")
+    admin = hub.admin()
+    try:
+        build_versions(admin, tmp_path, n=2)
+        fleet.start()
+        lost.start()
+        ids = fleet.device_ids() + lost.device_ids()
+        admin.post("/api/v1/deployments", json={"name": NAME, "module": "scorer:1"}).raise_for_status()
+        wait_rollout(admin, NAME, "succeeded", timeout=300)
+        all_running(admin, ids, "scorer", 1, timeout=300)
+
+        admin.patch(f"/api/v1/deployments/{NAME}", json={"module": "scorer:2", "strategy": "waves:10,50,100",
+                                                         "wave_timeout_s": 60}).raise_for_status()
+        wait_until(lambda: rollout(admin, NAME)["wave"] >= 2, 300, 0.2, "the rollout in its second wave")
+        before, port, broker = rollout(admin, NAME), hub.broker_port, psutil.Process(hub.broker_pid)
+        hub.signal(signal.SIGKILL)
+        assert alive([broker], 10) == []  # the hub's broker went with it
+        lost.stop()  # these devices are gone for good while the hub is down
+        hub.start()  # the documented restart: the same command
+        assert hub.broker_port == port
+
+        def devices() -> dict[str, dict]:
+            return {d["id"]: d for d in admin.get("/api/v1/devices").json()}
+        shown = devices()
+        assert not any(shown[d]["online"] for d in lost.device_ids())  # stranded: not shown online
+        done = wait_rollout(admin, NAME, "succeeded", timeout=600)
+        assert done["id"] == before["id"]
+        all_running(admin, fleet.device_ids(), "scorer", 2, timeout=300)  # nobody who could reconnect is stranded
+        shown = devices()
+        assert all(shown[d]["online"] for d in fleet.device_ids())
+        assert not any(shown[d]["online"] for d in lost.device_ids())
+        left = {d["id"] for d in done["not_updated"]}
+        assert left <= set(lost.device_ids())  # only the lost devices can be left out, and the result says so
+        if left:
+            assert done["outcome"].startswith(f"succeeded with {len(left)} not updated ({len(left)} offline)")
+    finally:
+        fleet.stop()
+        lost.stop()
+        admin.close()
+        hub.close()

@@ -99,8 +99,9 @@ def test_controller_walks_the_table(server, admin, tmp_path):
     assert admin.post("/api/v1/rollouts/walk/abort").json()["state"] == "aborted"
     assert hub.db.one("SELECT desired FROM devices WHERE id = ?", (moved[0],))["desired"].count(mods[1]["digest"])
 
-    # the default policy rolls back; then a rollback by hand re-deploys an earlier revision as a new one
-    admin.patch("/api/v1/deployments/walk", json={"module": "scorer:3", "strategy": "canary:1"})
+    # rolling back on failure (an update keeps the last rollout's "halt" unless told otherwise); then a rollback
+    # by hand re-deploys an earlier revision as a new one
+    admin.patch("/api/v1/deployments/walk", json={"module": "scorer:3", "strategy": "canary:1", "on_failure": "rollback"})
     moved = [d["id"] for d in rollout(admin, "walk")["devices"] if d["wave"] == 1]
     report(moved, 3, "failed")
     assert step() == "rolled_back"

@@ -58,10 +58,10 @@ def test_three_wave_rollout_then_broken_version_halts_in_wave_one_and_rolls_back
         st = wait_rollout(admin, NAME, "rolled_back")
         assert st["state"] == "rolled_back" and st["wave"] == 1
         assert "max_install_failure_rate" in st["reason"] and "simulated failure" in st["reason"]
-        assert st["counts"] == {"rolled_back": 10, "waiting": N - 10}
+        assert st["counts"] == {"rolled_back": 10, "not_moved": N - 10}  # ended before their wave: not "waiting"
         text = httpx.get(server.url + "/metrics").text  # the same counts, for Prometheus
         assert f'edgefleet_hub_rollout_devices{{deployment="{NAME}",state="rolled_back"}} 10' in text
-        assert f'edgefleet_hub_rollout_devices{{deployment="{NAME}",state="waiting"}} {N - 10}' in text
+        assert f'edgefleet_hub_rollout_devices{{deployment="{NAME}",state="not_moved"}} {N - 10}' in text
         assert 'edgefleet_hub_rollouts{phase="rolled_back"} 1' in text
         assert {d["id"] for d in st["devices"] if d["wave"] == 1} == first_wave
         all_running(admin, ids, "scorer", 2)  # the wave is back on the previous version

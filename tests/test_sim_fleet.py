@@ -116,7 +116,10 @@ def test_agents_share_one_loop_and_reconnect_after_broker_restart(tmp_path):
             await until(lambda: all(len(a.outbox) <= 1 for a in agents), 20, "outbox drained")
             for a in agents:
                 seqs = [t.seq for t in hub.telemetry(a.device_id)]
-                assert seqs == sorted(set(seqs)) and len(seqs) >= 3  # stored-and-forwarded, in order
+                # stored-and-forwarded, in order, nothing lost; QoS 1 is at least once (a batch in flight when the
+                # broker died may arrive twice: the hub de-duplicates by seq, docs/protocol.md)
+                first = list(dict.fromkeys(seqs))
+                assert first == list(range(first[0], first[0] + len(first))) and len(first) >= 3, seqs
             await asyncio.gather(*(a.stop() for a in agents))
             await asyncio.gather(*tasks)
 
@@ -158,7 +161,11 @@ def test_drop_link_is_a_dead_link_the_broker_announces_and_the_agent_recovers_fr
             await until(lambda: any(not decode(Channel.STATUS, p).online for p in hub.messages("flaky-1", Channel.STATUS)),
                         15, "the broker publishing the last will (offline)")
             await until(lambda: agent.client.connected.is_set() and agent.client.reconnects >= 1, 15, "reconnected")
+            # The hub's watcher sees the new "online" some time after the agent's CONNACK: await it, then
+            # check it is the last word (the last will must not land after the reconnect's announcement).
+            await until(lambda: decode(Channel.STATUS, hub.messages("flaky-1", Channel.STATUS)[-1]).online, 15,
+                        "the hub seeing the agent online again")
             statuses = [decode(Channel.STATUS, p).online for p in hub.messages("flaky-1", Channel.STATUS)]
-            assert statuses[-1] is True  # online again, retained
+            assert statuses[-1] is True and False in statuses  # offline was announced, then online again
 
     asyncio.run(main())

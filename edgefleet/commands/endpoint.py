@@ -6,10 +6,12 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from edgefleet.cli_common import call, client, emit, err
+from edgefleet.commands import oneshot
 from edgefleet.commands.fleet import deploy_app
 
 endpoint_app = typer.Typer(help="Web endpoints: models served over HTTP by the hub.", no_args_is_help=True)
@@ -37,7 +39,15 @@ def parse_weights(pairs: list[str]) -> dict[str, float]:
 @deploy_app.command("web")
 def deploy_web(
     name: str,
-    module: str = typer.Option(..., "--module", help="MODULE:VERSION"),
+    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)"),
+    model: list[str] = oneshot.MODEL_OPT,
+    model_name: str | None = oneshot.MODEL_NAME_OPT,
+    sample: Path | None = oneshot.SAMPLE_OPT,
+    entry: Path | None = oneshot.ENTRY_OPT,
+    runtime: str | None = oneshot.RUNTIME_OPT,
+    baseline: Path | None = oneshot.BASELINE_OPT,
+    tag: list[str] = oneshot.TAG_OPT,
+    key: Path | None = oneshot.KEY_OPT,
     replicas: int | None = typer.Option(None, "--replicas", min=1, help="Worker processes per version (default 1)."),
     max_batch: int | None = typer.Option(None, "--max-batch", min=1, help="Requests per batched model call (64)."),
     max_wait_ms: float | None = typer.Option(None, "--max-wait-ms", min=0, help="How long a batch may wait to fill (2)."),
@@ -46,11 +56,20 @@ def deploy_web(
                                               "without it the module replaces the current version."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Serve a module as an HTTP endpoint; returns once it is healthy and taking traffic."""
-    body = {"name": name, "module": module, "replicas": replicas, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-            "traffic": traffic}
+    """Serve a module as an HTTP endpoint; returns once it is healthy and taking traffic.
+    With --model FILE: register, build, sign and serve in one step."""
+    oneshot.check_choice(module, model)
+    steps: list[dict[str, Any]] = []
     with client() as c:
+        if model:
+            src = oneshot.ModelSource(model, model_name, None, sample, entry, runtime, baseline, tag, key)
+            module, steps = oneshot.prepare(c, name, src, 4)
+        body = {"name": name, "module": module, "replicas": replicas, "max_batch": max_batch,
+                "max_wait_ms": max_wait_ms, "traffic": traffic}
         res = call(lambda: c.post("/api/v1/endpoints", {k: v for k, v in body.items() if v is not None}))
+    if model:
+        oneshot.deployed(steps, 4, f"endpoint {name} serves {module} at {res['url']}", endpoint=name, url=res["url"])
+        res = res | {"steps": steps}
     if as_json:
         emit(res, True)
     else:
@@ -126,6 +145,10 @@ def serve(
                                    help="Where sampled requests go: a hub.db, or the hubs' postgresql:// URL."),
     name: str | None = typer.Option(None, "--name", help="Endpoint name (default: the module's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the URL and keys as one JSON line once serving."),
+    no_sandbox: bool = typer.Option(False, "--no-sandbox",
+                                    help="Run the module's code without the sandbox (default: bubblewrap or a "
+                                         "separate user where available; see docs/security.md)."),
+    memory_mb: int = typer.Option(0, "--memory-mb", min=0, help="Address-space cap per worker in MiB (0: none)."),
 ) -> None:
     """Serve one bundle as an endpoint without the hub (containers, Kubernetes); same code as hub endpoints."""
     from hub.endpoints.standalone import serve as run_serve
@@ -144,4 +167,5 @@ def serve(
             err.print(f"serving {endpoint} at {url}")
 
     run_serve(bundle_dir=bundle_dir, root_file=root, keys=keys, host=host, port=port, workers=workers,
-              max_batch=max_batch, max_wait_ms=max_wait_ms, collect_db=collect_db, name=name, on_ready=ready)
+              max_batch=max_batch, max_wait_ms=max_wait_ms, collect_db=collect_db, name=name, on_ready=ready,
+              sandbox="off" if no_sandbox else "auto", memory_mb=memory_mb)

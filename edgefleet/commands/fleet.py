@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 
 from edgefleet.cli_common import call, client, emit, err, parse_duration, parse_kv
+from edgefleet.commands import oneshot
 
 deploy_app = typer.Typer(help="Deploy modules to devices and to the cloud.", no_args_is_help=True)
 deployment_app = typer.Typer(help="Edge deployments: update, list, revisions.", no_args_is_help=True)
@@ -62,12 +64,31 @@ def _summary(res: dict[str, Any], as_json: bool) -> None:
     err.print(f"deployment [bold]{res['name']}[/] revision {res.get('revision')}: {res['module']} on {res['target']!r}"
               f" (priority {res['priority']}); {res.get('published', 0)} device(s) updated"
               + (f"; rollout {state}" if state else ""))
+    if res.get("plan"):
+        err.print(_plan_line(res["plan"]), markup=False, highlight=False, soft_wrap=True)
+
+
+def _plan_line(plan: dict[str, Any]) -> str:
+    """The effective rollout plan in one line, saying what was inherited from the last rollout."""
+    gates = ", ".join(f"{k}={v:g}" for k, v in (plan.get("gates") or {}).items() if v is not None) or "none"
+    inherited = plan.get("inherited") or []
+    return (f"rollout plan: {plan['strategy']} (waves {', '.join(plan['waves'])}); bake {plan['bake_s']:g}s;"
+            f" gates {gates}; on failure {plan['on_failure']}; wave timeout {plan['wave_timeout_s']:g}s"
+            + (f" (from the last rollout: {', '.join(inherited)})" if inherited else ""))
 
 
 @deploy_app.command("edge")
 def deploy_edge(
     name: str,
-    module: str = typer.Option(..., "--module", help="MODULE:VERSION"),
+    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)"),
+    model: list[str] = oneshot.MODEL_OPT,
+    model_name: str | None = oneshot.MODEL_NAME_OPT,
+    sample: Path | None = oneshot.SAMPLE_OPT,
+    entry: Path | None = oneshot.ENTRY_OPT,
+    runtime: str | None = oneshot.RUNTIME_OPT,
+    baseline: Path | None = oneshot.BASELINE_OPT,
+    tag: list[str] = oneshot.TAG_OPT,
+    key: Path | None = oneshot.KEY_OPT,
     target: str = typer.Option("*", "--target", help="'*', device ids, or labels like site=berlin,tier!=dev"),
     priority: int = typer.Option(0, "--priority", help="Per module, the highest-priority deployment wins."),
     strategy: str = typer.Option("all", "--strategy", help=STRATEGY_HELP),
@@ -81,34 +102,50 @@ def deploy_edge(
                                               help="Inferences a device needs before the error rate decides."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Deploy a module to the devices a selector matches (a new revision of NAME, rolled out by --strategy)."""
-    body = {"name": name, "module": module, "target": target, "priority": priority,
-            **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
-            **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
+    """Deploy a module to the devices a selector matches (a new revision of NAME, rolled out by --strategy).
+    With --model FILE: register, build, sign and deploy in one step."""
+    oneshot.check_choice(module, model)
+    steps: list[dict[str, Any]] = []
     with client() as c:
+        if model:
+            src = oneshot.ModelSource(model, model_name, None, sample, entry, runtime, baseline, tag, key)
+            module, steps = oneshot.prepare(c, name, src, 4)
+        body = {"name": name, "module": module, "target": target, "priority": priority,
+                **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
+                **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
         res = call(lambda: c.post("/api/v1/deployments", body))
+    if model:
+        ro = res.get("rollout")
+        oneshot.deployed(steps, 4, f"deployment {name} revision {res.get('revision')} on {target!r}: rollout {ro} "
+                                   f"started ({strategy})", deployment=name, revision=res.get("revision"), rollout=ro)
+        res = res | {"steps": steps}
     _summary(res, as_json)
 
 
 @deployment_app.command("update")
 def deployment_update(
     name: str,
-    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION"),
+    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)"),
     target: str | None = typer.Option(None, "--target"),
     priority: int | None = typer.Option(None, "--priority"),
-    strategy: str = typer.Option("all", "--strategy", help=STRATEGY_HELP),
-    bake: str | None = typer.Option(None, "--bake"),
-    gate: list[str] = typer.Option([], "--gate", help=GATE_HELP),
-    on_failure: str | None = typer.Option(None, "--on-failure"),
+    strategy: str | None = typer.Option(None, "--strategy", help=STRATEGY_HELP + " (default: the last rollout's)"),
+    bake: str | None = typer.Option(None, "--bake", help="Default: the last rollout's."),
+    gate: list[str] = typer.Option([], "--gate", help=GATE_HELP + " Merged into the last rollout's gates."),
+    on_failure: str | None = typer.Option(None, "--on-failure", help="Default: the last rollout's."),
     collect_rate: int | None = typer.Option(None, "--collect-rate"),
     device_bake: str | None = typer.Option(None, "--device-bake", help=DEVICE_BAKE_HELP + " 0 turns it off."),
     device_max_error_rate: float = typer.Option(0.05, "--device-max-error-rate", min=0, max=1),
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Start a rollout of a new revision; earlier revisions stay for rollback."""
+    """Start a rollout of a new revision; earlier revisions stay for rollback.
+
+    Only what is given changes: the strategy, bake, gates and failure policy are the last rollout's unless given.
+    """
+    given = {"strategy": strategy, "bake_s": parse_duration(bake) if bake else None, "gates": _gates(gate),
+             "on_failure": on_failure, "collect_rate_ppm": collect_rate}
     body = {"module": module, "target": target, "priority": priority,
-            **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
+            **{k: v for k, v in given.items() if v is not None},
             **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
     with client() as c:
         res = call(lambda: c.request("PATCH", f"/api/v1/deployments/{name}", json=body))
@@ -138,7 +175,7 @@ def deployment_revisions(name: str, as_json: bool = typer.Option(False, "--json"
 
 # --- rollouts ---------------------------------------------------------------------------------
 
-BUCKETS = ("waiting", "pending", "downloading", "installing", "running", "failed", "rolled_back")
+BUCKETS = ("waiting", "pending", "downloading", "installing", "running", "failed", "rolled_back", "new", "not_moved")
 
 
 def _render(st: dict[str, Any]) -> Any:
@@ -156,28 +193,36 @@ def _render(st: dict[str, Any]) -> Any:
     parts = [head, bars]
     if st["reason"]:
         parts.append(Text(f"reason: {st['reason']}", style="red" if "fail" in st["reason"] else ""))
+    if st.get("holding"):  # who the wave waits for, and until when
+        names = ", ".join(d["id"] + ("" if d["online"] else " (offline)") for d in st["holding"][:10])
+        more = st["holding_count"] - min(10, len(st["holding"]))
+        parts.append(Text(f"wave {st['wave']} waits for {st['holding_count']} device(s): {names}"
+                          + (f" and {more} more" if more > 0 else "")
+                          + f"; wave timeout in {st['wave_timeout_in_s']:.0f}s", style="yellow"))
     return Group(*parts)
 
 
 @rollout_app.command("status")
 def rollout_status(
     name: str,
-    watch: bool = typer.Option(False, "--watch", help="Live progress until the rollout ends."),
-    interval: float = typer.Option(1.0, "--interval"),
-    as_json: bool = typer.Option(False, "--json"),
+    wait: bool = typer.Option(False, "--wait", help="Follow the rollout to its end; the exit code says how it ended "
+                                                    "(0 succeeded, 3 rolled back, 4 halted/aborted, 5 timeout)."),
+    watch: bool = typer.Option(False, "--watch", help="The same as --wait (a live view on a terminal)."),
+    timeout: float | None = typer.Option(None, "--timeout", min=0, help="Seconds to wait at most (exit 5 after)."),
+    rollout_id: int | None = typer.Option(None, "--id", help="This rollout (default: the deployment's latest)."),
+    interval: float = typer.Option(1.0, "--interval", min=0.05),
+    as_json: bool = typer.Option(False, "--json", help="JSON; with --wait one object per line (NDJSON)."),
 ) -> None:
     """The latest rollout of deployment NAME: state (e.g. wave[2].baking), counts by device state, reason."""
-    with client() as c:
-        st = call(lambda: c.get(f"/api/v1/rollouts/{name}"))
-        if watch and not as_json:
-            from rich.live import Live
+    from edgefleet.commands.rollout_follow import follow
 
-            with Live(_render(st), console=Console(), refresh_per_second=4) as live:
-                while not st["terminal"]:
-                    time.sleep(interval)
-                    st = call(lambda: c.get(f"/api/v1/rollouts/{name}"))
-                    live.update(_render(st))
-            return
+    with client() as c:
+        if wait or watch:
+            mode = "json" if as_json else ("live" if sys.stdout.isatty() else "plain")
+            code = call(lambda: follow(c, name, rollout_id, interval=interval, timeout=timeout, mode=mode,
+                                       live=_render))
+            raise typer.Exit(code)
+        st = call(lambda: c.get(f"/api/v1/rollouts/{name}", id=rollout_id))
     if as_json:
         emit(st, True)
     else:
@@ -229,7 +274,7 @@ def rollout_list(deployment: str | None = typer.Option(None, "--deployment"),
 # --- devices ----------------------------------------------------------------------------------
 
 
-@device_app.command("token")
+# `device token` itself is a group (list, revoke) whose bare form calls this: edgefleet/commands/tokens.py
 def device_token(
     label: list[str] = typer.Option([], "--label", help="key=value given to the device, repeatable."),
     expires: str = typer.Option("1h", "--expires", help="Lifetime: 30s, 10m, 1h, 7d (or seconds)."),

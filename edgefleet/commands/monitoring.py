@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import typer
 
 from edgefleet.cli_common import CTX, call, client, emit, err, parse_duration, parse_time
+
+if TYPE_CHECKING:
+    import httpx
 
 metrics_app = typer.Typer(help="Telemetry time series from the hub.", no_args_is_help=True)
 drift_app = typer.Typer(help="Input and prediction drift against a model's baseline.", no_args_is_help=True)
@@ -51,7 +53,10 @@ def drift_report(
     if as_json:
         emit(report, True)
         return
-    err.print(f"{report['module']}: {report['rows']} rows; drifted: {', '.join(report['drifted']) or 'none'}")
+    err.print(f"{report['module']}: {report['rows']} rows; drifted: {', '.join(report['drifted']) or 'none'}",
+              markup=False)
+    if report.get("note"):  # the baseline is an earlier version's
+        err.print(report["note"], markup=False)
     emit(report["features"] + report["predictions"], False,
          ["feature", "kind", "psi", "statistic", "p_value", "n_baseline", "n_current"])
 
@@ -83,7 +88,7 @@ def alert_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         emit({"rules": rules, "firing": firing}, True)
         return
-    emit(rules, False, ["name", "kind", "deployment", "threshold", "for_s", "window_s", "webhook"], "rules")
+    emit(rules, False, ["name", "kind", "deployment", "threshold", "for_s", "window_s", "webhook", "status"], "rules")
     emit(firing, False, ["rule", "key", "since", "value"], "firing")
 
 
@@ -123,6 +128,8 @@ def data_export(
                                 "endpoint": endpoint, "module": name or None,
                                 "version": int(version) if version else None, "since": parse_time(since),
                                 "until": parse_time(until)}.items() if v is not None}
+    import httpx
+
     headers = {"Authorization": f"Bearer {CTX.token}"} if CTX.token else {}
     tmp = out.with_name(out.name + ".partial")
     rows = 0

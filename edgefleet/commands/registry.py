@@ -1,4 +1,4 @@
-"""Registry commands: models, modules, bundles, keys."""
+"""Registry commands: models, modules, bundles (keys and release signing: edgefleet/commands/keys.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import typer
 
 from edgefleet.cli_common import call, client, emit, err, parse_kv
 from edgefleet.client import HubClient, HubError
+from protocol.manifest import check_relative_path
 
 model_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 module_app = typer.Typer(help="Modules: signed bundles built from model versions.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Pull and verify signed bundles.", no_args_is_help=True)
-keys_app = typer.Typer(help="The hub's signing keys and root of trust.", no_args_is_help=True)
 
 # --- registry -----------------------------------------------------------------------------------
 
@@ -40,10 +40,32 @@ def upload_progress(paths: list[Path], quiet: bool) -> tuple[Any, Any]:
     return bar, lambda n: bar.advance(task, n)
 
 
+def model_files(paths: list[Path], entry: Path | None) -> tuple[list[Path], list[str]]:
+    """The files to upload and their paths in the model: a directory keeps its layout under its own name;
+    the entry script comes first (the hub takes the first .onnx/.tflite/.py file as the main one)."""
+    files: list[Path] = [entry] if entry else []
+    names: list[str] = [entry.name] if entry else []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file())
+            if not inside:
+                raise typer.BadParameter(f"directory {path} holds no files")
+            files += inside
+            names += [f"{path.resolve().name}/{p.relative_to(path).as_posix()}" for p in inside]
+        else:
+            files.append(path)
+            names.append(path.name)
+    return files, names
+
+
 @model_app.command("register")
 def model_register(
     name: str,
-    paths: list[Path] = typer.Argument(..., exists=True, dir_okay=False),
+    paths: list[Path] = typer.Argument(..., exists=True, help="Model files or directories (pickle, joblib, ONNX, "
+                                                              "TFLite, an MLflow model directory, ...)."),
+    entry: Path | None = typer.Option(None, "--entry", exists=True, dir_okay=False,
+                                      help="Entry script with init() and run(inputs): the model runs in the python "
+                                           "runtime and finds its files in $EDGEFLEET_MODEL_DIR."),
     tag: list[str] = typer.Option([], "--tag", help="key=value, repeatable."),
     description: str = typer.Option("", "--description"),
     prop: list[str] = typer.Option([], "--property", help="key=value, repeatable."),
@@ -54,12 +76,17 @@ def model_register(
                                          help="Baseline statistics / reference data for drift monitoring."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Register a model version: NAME and one or more files (the model is load-checked by the hub)."""
-    bar, progress = upload_progress(paths, as_json)
+    """Register a model version: NAME and one or more files or directories.
+
+    ONNX and TFLite models are load-checked by the hub; a Python model (any file, with an --entry script)
+    is only recorded, its script parsed: it is loaded where it runs (device, endpoint, batch).
+    """
+    files, names = model_files(paths, entry)
+    bar, progress = upload_progress(files, as_json)
     with client() as c, bar:
-        res = call(lambda: c.register_model(name, paths, parse_kv(tag), description, properties=parse_kv(prop),
+        res = call(lambda: c.register_model(name, files, parse_kv(tag), description, properties=parse_kv(prop),
                                             lineage={"parent": parent, "dataset": dataset, "training_run": training_run},
-                                            baseline=baseline, progress=progress))
+                                            baseline=baseline, progress=progress, names=names))
     emit(res, as_json, ["name", "version", "framework", "tags"])
 
 
@@ -77,7 +104,7 @@ def model_list(
     with client() as c:
         res = call(lambda: c.request("GET", "/api/v1/models", params={k: v for k, v in params.items() if v is not None}))
     items = res.get("items", res) if isinstance(res, dict) else res
-    emit(items, as_json, ["name", "version", "framework", "tags", "created_at"])
+    emit(items, as_json, ["name", "version", "aliases", "framework", "tags", "created_at"])
 
 
 def _resolve(c: HubClient, ref: str) -> tuple[str, int]:
@@ -140,7 +167,8 @@ def model_download(
         name, version = _resolve(c, ref)
         model = call(lambda: c.get(f"/api/v1/models/{name}/versions/{version}"))
         for f in model["files"]:
-            target = out / Path(f["path"]).name
+            target = out / check_relative_path(f["path"])  # a model directory keeps its layout
+            target.parent.mkdir(parents=True, exist_ok=True)
             call(lambda f=f, target=target: c.download(f"/api/v1/models/{name}/versions/{version}/files/{f['path']}",
                                                        target))
             got = sha256_file(target)
@@ -181,13 +209,33 @@ def load_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
+def module_body(name: str, models: list[str], sample: Path | None = None, entry: Path | None = None,
+                runtime: str | None = None, collect_rate: int | None = None,
+                resources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``POST /api/v1/modules`` body (models as ``M:V`` or ``M@ALIAS``; the hub resolves aliases)."""
+    body: dict[str, Any] = {"name": name, "models": models}
+    if sample:
+        body["sample"] = json.loads(sample.read_text())
+    if entry:
+        body["entry"], body["entry_name"] = entry.read_text(), entry.name
+    if runtime:
+        body["runtime"] = runtime
+    if collect_rate is not None:
+        body["collect_rate_ppm"] = collect_rate
+    if resources:
+        body["resources"] = resources
+    return body
+
+
 @module_app.command("build")
 def module_build(
     name: str,
-    model: list[str] = typer.Option([], "--model", help="MODEL:VERSION, repeatable (the first is the main model)."),
+    model: list[str] = typer.Option([], "--model", help="MODEL:VERSION or MODEL@ALIAS, repeatable (the first is the "
+                                                         "main model)."),
     sample: Path | None = typer.Option(None, "--sample", exists=True, help="JSON {\"inputs\": {...}} for health checks."),
     entry: Path | None = typer.Option(None, "--entry", exists=True, dir_okay=False,
-                                      help="Pre/post-processing script (preprocess/postprocess, or init/run)."),
+                                      help="Pre/post-processing script (preprocess/postprocess), or with --runtime "
+                                           "python the init()/run() script that loads the model files."),
     runtime: str | None = typer.Option(None, "--runtime", help="onnx, tflite or python (default: the model's)."),
     collect_rate: int | None = typer.Option(None, "--collect-rate-ppm", help="Share of inferences to sample (ppm)."),
     spec: Path | None = typer.Option(None, "--spec", exists=True, dir_okay=False,
@@ -200,20 +248,11 @@ def module_build(
     models = model or list(declared.get("models", []))
     if not models:
         raise typer.BadParameter("give at least one --model MODEL:VERSION (or models in --spec)")
-    body: dict[str, Any] = {"name": name, "models": models}
     sample_path = sample or (base / declared["sample"] if declared.get("sample") else None)
     entry_path = entry or (base / declared["entry"] if declared.get("entry") else None)
-    if sample_path:
-        body["sample"] = json.loads(sample_path.read_text())
-    if entry_path:
-        body["entry"], body["entry_name"] = entry_path.read_text(), entry_path.name
-    if runtime or declared.get("runtime"):
-        body["runtime"] = runtime or declared["runtime"]
     rate = collect_rate if collect_rate is not None else declared.get("collect_rate_ppm")
-    if rate is not None:
-        body["collect_rate_ppm"] = rate
-    if declared.get("resources"):
-        body["resources"] = declared["resources"]
+    body = module_body(name, models, sample_path, entry_path, runtime or declared.get("runtime"), rate,
+                       declared.get("resources"))
     with client() as c:
         res = call(lambda: c.post("/api/v1/modules", body))
     emit(res, as_json, ["name", "version", "digest", "size"])
@@ -269,56 +308,3 @@ def bundle_verify(
         _fail(exc)
     emit({"valid": True, "name": manifest.name, "version": manifest.version, "digest": manifest.digest(),
           "files": len(manifest.files)}, as_json, ["valid", "name", "version", "digest"])
-
-
-# --- keys ---------------------------------------------------------------------------------------
-
-
-def root_summary(envelope: dict[str, Any]) -> dict[str, Any]:
-    signed = envelope["signed"]
-    return {"version": signed["version"], "expires": signed["expires"],
-            "roles": {r: {"keyids": v["keyids"], "threshold": v["threshold"]} for r, v in signed["roles"].items()}}
-
-
-@keys_app.command("init")
-def keys_init(
-    data: Path = typer.Option(..., "--data", envvar="EDGEFLEET_DATA", help="Hub data directory."),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Create the hub's root, release and director keys and root.json before its first start (idempotent)."""
-    from hub.trust.keys import load_or_create_keys
-
-    ring = load_or_create_keys(data / "keys")
-    emit(root_summary(ring.root_envelope) | {"keys_dir": str(data / "keys")}, as_json)
-
-
-@keys_app.command("show")
-def keys_show(
-    out: Path | None = typer.Option(None, "--out", help="Also write the root envelope here (to pin it)."),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """The hub's current root of trust: version, expiry, and per role the key ids and threshold."""
-    with client() as c:
-        envelope = call(lambda: c.get("/api/v1/root"))
-    if out:
-        out.write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
-    summary = root_summary(envelope)
-    if as_json:
-        emit(summary, True)
-        return
-    emit([{"role": r, "threshold": v["threshold"], "keyids": ", ".join(k[:16] for k in v["keyids"])}
-          for r, v in summary["roles"].items()], False, ["role", "threshold", "keyids"],
-         title=f"root version {summary['version']}, expires {summary['expires']}")
-
-
-@keys_app.command("rotate")
-def keys_rotate(
-    role: str = typer.Argument(..., help="root, release or director"),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """New key for ROLE: the hub publishes root version N+1 (signed by old and new root keys); the old key is revoked."""
-    with client() as c:
-        res = call(lambda: c.post("/api/v1/keys/rotate", {"role": role}))
-    emit(res, as_json, ["role", "root_version", "keyid", "revoked"])
-
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -40,7 +41,8 @@ def demo(
 @hub_app.command("serve")
 def hub_serve(
     data: Path = typer.Option(Path("edgefleet-data"), "--data", envvar="EDGEFLEET_DATA", help="Hub data directory."),
-    host: str = typer.Option("127.0.0.1", "--host", envvar="EDGEFLEET_HOST"),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="EDGEFLEET_HOST",
+                             help="API address; beyond loopback it is served over HTTPS (docs/security.md)."),
     port: int = typer.Option(8080, "--port", envvar="EDGEFLEET_PORT"),
     mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Broker URL; default: start a local one."),
     public_mqtt: str | None = typer.Option(None, "--public-mqtt", envvar="EDGEFLEET_PUBLIC_MQTT", help="Broker URL handed to devices."),
@@ -49,6 +51,29 @@ def hub_serve(
                                        help="Extra processes sharing telemetry ingest (MQTT 5 shared subscription)."),
     broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA", exists=True, dir_okay=False,
                                           help="PEM CA of an mqtts:// broker: the hub trusts it and pins it on devices."),
+    broker_port: int | None = typer.Option(None, "--broker-port", envvar="EDGEFLEET_BROKER_PORT", min=1, max=65535,
+                                           help="Port of the local broker (default: the one recorded in DATA, "
+                                                "else a free one, recorded)."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", exists=True, dir_okay=False,
+                                         help="PEM certificate (chain) for HTTPS; default beyond loopback: the hub's own."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", exists=True, dir_okay=False, help="Its private key."),
+    broker_cert: Path | None = typer.Option(None, "--broker-cert", exists=True, dir_okay=False,
+                                            help="PEM certificate for the local broker's device listener (MQTTS)."),
+    broker_key: Path | None = typer.Option(None, "--broker-key", exists=True, dir_okay=False, help="Its private key."),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", exists=True, dir_okay=False,
+                                       help="CA of --tls-cert/--broker-cert to pin on devices (default: the system's)."),
+    tls_name: list[str] = typer.Option([], "--tls-name", help="Another name or address the hub's own certificate covers."),
+    mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="Local broker's port for devices beyond loopback "
+                                         "(default 8883; 1883 with --insecure-broker)."),
+    insecure_http: bool = typer.Option(False, "--insecure-http", help="Plain HTTP beyond loopback (not advised)."),
+    insecure_broker: bool = typer.Option(False, "--insecure-broker", help="Plain MQTT beyond loopback (not advised)."),
+    no_sandbox: bool = typer.Option(False, "--no-sandbox",
+                                    help="Run operator code (model load checks, endpoint workers) as the hub's user "
+                                         "beside its keys: only where nothing else works (docs/security.md)."),
+    sandbox_user: str = typer.Option("nobody", "--sandbox-user", envvar="EDGEFLEET_SANDBOX_USER",
+                                     help="The account a root hub runs operator code as."),
+    sandbox_network: bool = typer.Option(False, "--sandbox-network",
+                                         help="Give sandboxed operator code the host's network (default: none)."),
     db: str | None = typer.Option(None, "--db", envvar="EDGEFLEET_DB",
                                   help="postgresql://user@host:port/db for hub replicas on one database"
                                        " (password: PGPASSWORD); default: SQLite in DATA/hub.db."),
@@ -63,56 +88,99 @@ def hub_serve(
                                       help="Replicas: seconds before the leader adopts a dead ingest process's"
                                            " MQTT session."),
 ) -> None:
-    """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C."""
-    from edgefleet.broker import LocalBroker
-    from hub.config import HubConfig
+    """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C or SIGTERM.
+
+    The local broker keeps its port across restarts (DATA/broker/address.json) and is restarted if it dies.
+    With SQLite (the default) one hub serves a data directory; with --db postgresql://… several replicas share
+    the database, DATA (keys) and the blob store (docs/scaling.md).
+    """
+    import socket
+
+    from edgefleet.hubservice import HubOptions, ServiceError, serve
+    from hub.exposure import Refused, ServeOptions, plan
     from hub.leader import DataDirBusy, DataDirLock
-    from hub.server import serve_forever
-    from hub.store import is_postgres_url
+    from hub.store import StoreError, is_postgres_url
+    from hub.trust.keys import KeySetupError
+    from hub.trust.tokens import TokenError
+    from modules.sandbox import SandboxUnavailable, detect
 
     log = logging.getLogger("edgefleet.hub")
     if db is not None and not is_postgres_url(db):
         err.print(f"[red]--db {db!r}:[/] a postgresql:// URL (SQLite is the default: DATA/hub.db)")
         raise typer.Exit(2)
-    if db is None:  # SQLite: one hub per data directory; say so in one line, before starting anything
-        try:
+    try:  # before anything starts: keys, an admin token or exposure the hub must not use stop it with one line
+        if (tls_cert is None) != (tls_key is None) or (broker_cert is None) != (broker_key is None):
+            raise Refused("give --tls-cert with --tls-key, and --broker-cert with --broker-key")
+        exposure = plan(ServeOptions(host, mqtt, public_mqtt, isolate, insecure_http, insecure_broker,
+                                     tls_cert is not None, mqtt_port), socket.getfqdn())
+        if db is None:  # SQLite: one hub per data directory (the hub holds DATA/hub.lock); say so before the broker
             data.mkdir(parents=True, exist_ok=True)
             DataDirLock(data).acquire().release()
-        except DataDirBusy as exc:
-            err.print(f"[red]cannot serve:[/] {exc.detail}", soft_wrap=True)  # one line, however long
-            raise typer.Exit(1) from None
-    broker = None
-    broker_pid = None
-    if isolate:
-        from hub.fleet.broker_auth import BrokerAuth
+        preflight_keys_and_token(data, db)
+        # and so does a host that cannot keep operator code away from those keys (the result is cached)
+        detect("off" if no_sandbox else "on", sandbox_user, network=sandbox_network)
+        for note in exposure.notes:
+            log.warning("%s", note)
+        api_tls, listener, pinned = _tls_material(data, host, exposure, tls_name, (tls_cert, tls_key),
+                                                  (broker_cert, broker_key), tls_ca)
+        serve(HubOptions(data=data, host=host, port=port, mqtt=mqtt, public_mqtt=public_mqtt,
+                         isolate=exposure.isolate, ingest_workers=ingest_workers, broker_ca=broker_ca,
+                         broker_port=broker_port, device_listener=listener,
+                         device_mqtt_url=exposure.device_mqtt_url, api_tls=api_tls, tls_ca=pinned,
+                         sandbox="off" if no_sandbox else "on", sandbox_user=sandbox_user,
+                         sandbox_network=sandbox_network, db_url=db, blobs_dir=blobs, leader_lease_s=leader_lease,
+                         mqtt_client_id=client_id, ingest_adopt_s=adopt_after))
+    except DataDirBusy as exc:
+        err.print(f"[red]cannot serve:[/] {exc.detail}", soft_wrap=True)  # one line, however long
+        raise typer.Exit(1) from None
+    except (KeySetupError, TokenError, Refused, ServiceError, SandboxUnavailable, StoreError) as exc:
+        err.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, for logs and service managers
+        raise typer.Exit(1) from None
 
-        auth = BrokerAuth(data / "broker")
-        if mqtt is None:  # our own mosquitto, reading the files the hub keeps current (SIGHUP on change)
-            if not auth.password_file.exists():
-                auth.write([])
-            broker = LocalBroker(host="127.0.0.1", kind="mosquitto", password_file=auth.password_file,
-                                 acl_file=auth.acl_file).start()
-            broker_pid = broker.proc.pid if broker.proc else None
-            public_mqtt = public_mqtt or broker.url
-            mqtt = auth.hub_url(broker.url)
-        else:
-            log.warning("--isolate with an external broker: point it at %s and %s and reload it after each change",
-                        auth.password_file, auth.acl_file)
-    elif mqtt is None:
-        broker = LocalBroker(host="127.0.0.1").start()
-        mqtt = broker.url
-    log.info("hub API at http://%s:%s (docs /docs, metrics /metrics); MQTT broker %s", host, port,
-             public_mqtt or mqtt.split("@")[-1])
+
+Pair = tuple[Path | None, Path | None]
+
+
+def _tls_material(data: Path, host: str, exposure: Any, names: list[str], api: Pair, broker: Pair,
+                  ca: Path | None) -> tuple[tuple[Path, Path] | None, tuple[str, int, tuple[Path, Path] | None] | None,
+                                        Path | None]:
+    """(the API's certificate and key, the local broker's device listener, the CA devices pin): the operator's
+    files where given, else the hub's own (DATA/tls, made on first need)."""
+    from urllib.parse import urlsplit
+
+    from hub.trust.tls import ensure_tls, host_names
+
+    own: list[Any] = []
+
+    def hub_pair() -> tuple[Path, Path]:
+        if not own:
+            extra = [urlsplit(exposure.device_mqtt_url).hostname or ""] if exposure.device_mqtt_url else []
+            own.append(ensure_tls(data, host_names(host, [*names, *extra])))
+        return own[0].cert, own[0].key
+
+    api_tls = (api[0], api[1]) if api[0] and api[1] else hub_pair() if exposure.https else None
+    listener = None
+    if exposure.device_listener is not None:
+        bind, port, tls = exposure.device_listener
+        listener = (bind, port, ((broker[0], broker[1]) if broker[0] and broker[1] else hub_pair()) if tls else None)
+    return api_tls, listener, ca or (own[0].ca if own else None)
+
+
+def preflight_keys_and_token(data: Path, db_url: str | None = None) -> None:
+    """The keys and the admin token the hub will use (EDGEFLEET_ADMIN_TOKEN: long enough, never revoked), checked
+    before start; on the hub's database (SQLite in DATA, or ``db_url``)."""
+    from hub.store import open_database
+    from hub.trust.keys import load_or_create_keys, private_dir
+    from hub.trust.tokens import ensure_admin_token
+
+    private_dir(data)
+    database = open_database(db_url or str(data / "hub.db"))
     try:
-        extra = {"mqtt_client_id": client_id} if client_id else {}
-        serve_forever(HubConfig(data_dir=data, mqtt_url=mqtt, public_mqtt_url=public_mqtt, isolate=isolate,
-                                broker_pid=broker_pid, ingest_workers=ingest_workers, broker_ca=broker_ca,
-                                db_url=db, blobs_dir=blobs, leader_lease_s=leader_lease, ingest_adopt_s=adopt_after,
-                                **extra),
-                     host=host, port=port)
+        with database.transaction():  # replicas starting together on an empty shared DATA: one creates the keys
+            load_or_create_keys(data / "keys")
+            ensure_admin_token(database, data, None)
     finally:
-        if broker is not None:
-            broker.stop()
+        database.close()
 
 
 @hub_app.command("ingest")
@@ -154,13 +222,26 @@ def agent_enroll(
     data: Path = typer.Option(..., "--data", help="Agent data directory."),
     hub: str | None = typer.Option(None, "--hub", help="Hub URL (default: the global --hub)."),
     device_id: str | None = typer.Option(None, "--device-id"),
+    root_sha256: str | None = typer.Option(None, "--root-sha256", help="Refuse a hub whose root of trust has another "
+                                           "sha256 (from `edgefleet keys show` on the hub's side)."),
+    root: Path | None = typer.Option(None, "--root", exists=True, dir_okay=False,
+                                     help="Refuse a hub whose root of trust is not this root.json."),
+    ca_sha256: str | None = typer.Option(None, "--ca-sha256", help="Trust the hub's TLS CA only if its sha256 is this "
+                                         "(from `edgefleet keys show`)."),
+    ca: Path | None = typer.Option(None, "--ca", exists=True, dir_okay=False, help="Trust this PEM CA for the hub."),
+    insecure_http: bool = typer.Option(False, "--insecure-http",
+                                       help="Accept plain http:// to another machine (credentials in clear)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Enrol this device: get its id, MQTT credentials and the pinned root of trust."""
-    from agent.identity import enroll
+    import json
+
+    from agent.identity import Pins, enroll
 
     try:
-        ident = enroll(hub or CTX.hub, token, data, device_id=device_id)
+        pins = Pins(root_sha256=root_sha256, root=json.loads(root.read_text()) if root else None, ca_sha256=ca_sha256,
+                    ca_pem=ca.read_text() if ca else None, insecure_http=insecure_http)
+        ident = enroll(hub or CTX.hub, token, data, device_id=device_id, pins=pins)
     except Exception as exc:  # enrol errors are reported, not traced
         err.print(f"[red]enrolment failed:[/] {exc}")
         raise typer.Exit(1) from None
@@ -216,6 +297,8 @@ def sim_run(
     flaky_period: float = typer.Option(30.0, "--flaky-period", help="About how often each flaky link drops (s)."),
     connect_rate: float = typer.Option(1000.0, "--connect-rate",
                                        help="Devices started per second, jittered (0: all at once)."),
+    shift: float = typer.Option(0.0, "--shift", help="Move feature 0 of the generated inputs by this many standard "
+                                                     "deviations (a drift scenario)."),
 ) -> None:
     """Run N simulated devices (real agents, real MQTT connections) against --hub."""
     import asyncio
@@ -233,7 +316,8 @@ def sim_run(
                               telemetry_interval=telemetry_interval, duration=duration, prefix=prefix,
                               scenario=Scenario(fail_share=fail_share, fail_modules=tuple(fail_module) or ("*",),
                                                 slow_share=slow_share, slow_s=slow, flaky_share=flaky_share,
-                                                flaky_period_s=flaky_period), connect_rate=connect_rate))
+                                                flaky_period_s=flaky_period), connect_rate=connect_rate,
+                              shift=shift))
     except KeyboardInterrupt:
         pass
 

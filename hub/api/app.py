@@ -6,10 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from hub.api.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring
+from hub.api.guard import Guard, Limits
+from hub.api.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring, tokens, webhooks
+from hub.bounds import json_safe_errors
 from hub.config import HubConfig
 from hub.console import mount_console
 from hub.context import Hub
@@ -41,11 +44,18 @@ def create_app(config: HubConfig) -> FastAPI:
     async def hub_error(request: Request, exc: HubError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
-    for router in (admin.router, models.router, modules.router, fleet.router, device.router, deployments.router,
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input: a NaN there made the 422 a 500, a 10,000-entry map a huge answer
+        return JSONResponse({"detail": json_safe_errors(exc.errors())}, status_code=422)
+
+    for router in (admin.router, tokens.router, models.router, modules.router, fleet.router, device.router, deployments.router,
                    deployments.rollouts,
-                   monitoring.router):
+                   monitoring.router, webhooks.router):
         app.include_router(router, prefix=API)
     app.include_router(endpoints.router, prefix=API)
     app.include_router(monitoring.ops)
     mount_console(app)
+    # outermost but for Starlette's error handler: it sees a request before any route reads its body
+    app.add_middleware(Guard, limits=Limits(default=config.max_body_bytes, upload=config.max_upload_bytes))
     return app

@@ -13,7 +13,7 @@ from fastapi import HTTPException, Request
 from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 from hub.store import Database
-from hub.trust.tokens import ROLE_RANK, Principal, principal_for
+from hub.trust.tokens import ROLE_RANK, Principal, TokenRefused, authenticate_token
 
 __all__ = ["Principal", "authenticate", "current_device", "get_endpoints", "get_hub", "require", "running_endpoints"]
 
@@ -34,20 +34,27 @@ def running_endpoints(request: Request) -> EndpointManager | None:
 
 
 def authenticate(db: Database, header: str | None) -> Principal:
+    """The holder of a ``Bearer`` header's token; 401 saying whether it is missing, unknown, expired or revoked."""
     if not header or not header.lower().startswith("bearer "):
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    principal = principal_for(db, header[7:].strip())
-    if principal is None:
-        raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
-    return principal
+    try:
+        return authenticate_token(db, header[7:].strip())
+    except TokenRefused as exc:
+        raise HTTPException(401, exc.detail, headers={"WWW-Authenticate": "Bearer"}) from None
 
 
 def require(role: str) -> Callable[[Request], Principal]:
-    """A valid token whose role is at least ``role`` (401 if absent/invalid, 403 if too weak)."""
+    """A valid token whose role is at least ``role`` (401 if absent/invalid, 403 if too weak).
+
+    The principal is kept on the request: the guard (hub/api/guard.py) audits a mutation in its name.
+    """
     needed = ROLE_RANK[role]
 
     def dependency(request: Request) -> Principal:
-        principal = authenticate(get_hub(request).db, request.headers.get("authorization"))
+        principal = getattr(request.state, "principal", None)  # authenticated by the guard before the body
+        if not isinstance(principal, Principal):
+            principal = authenticate(get_hub(request).db, request.headers.get("authorization"))
+            request.state.principal = principal
         if ROLE_RANK.get(principal.role, 0) < needed:
             raise HTTPException(403, f"role {principal.role!r} may not do this: needs {role!r}")
         return principal

@@ -3,9 +3,9 @@
 * ``gateway``  the per-endpoint HTTP server (httptools on uvloop, no framework): keys, traffic split,
                adaptive batching, crash handling; ``edgefleet serve`` runs the same class in the foreground
 * ``pool``     one model version's worker processes as the gateway sees them
-* ``worker``   a worker process: load the verified bundle with the shared runner, score batches
-* ``wire``     length-prefixed pickle frames between gateway and workers
-* ``collect``  sampled inputs/outputs into the hub's ``data_records`` table
+* ``worker``   a worker process in the sandbox: load the verified bundle with the shared runner, score batches
+* ``wire``     length-prefixed typed MessagePack frames between gateway and (sandboxed, untrusted) workers
+* ``collect``  sampled inputs/outputs (picked by workers, written by the gateway) into ``data_records``
 * ``manager``  the hub side: endpoints table, keys, pulling bundles, spawning and steering gateways
 
 See docs/endpoints.md for the design and its measurements.

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from modules.bundle import RELEASE_FILE
+from protocol.manifest import Manifest
+from protocol.schema import validate
 
 NPY = "application/x-npy"
 JSON = "application/json"
@@ -45,3 +50,8 @@ def json_safe(arr: np.ndarray) -> Any:
     if isinstance(arr, np.ndarray) and (arr.dtype.kind in "OUSb" or not arr.flags.c_contiguous):
         return arr.tolist()
     return arr
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    """The manifest of a pulled bundle, from its (already verified) release file."""
+    return validate(Manifest, loads((bundle_dir / RELEASE_FILE).read_bytes())["signed"]["manifest"])

@@ -1,5 +1,9 @@
 """Sampled request inputs and outputs into the hub's ``data_records`` table, beside device-collected data.
 
+Workers choose the samples (:class:`Sampler`) and send them with their answers; the gateway writes
+them (:class:`Collector`): a sandboxed worker cannot reach the hub's database, and the gateway, not
+the worker, names the endpoint, module and version of each row.
+
 Endpoint rows use ``device = "endpoint:NAME"`` and are tagged by two columns (hub/store/schema.py):
 ``source`` ('device' for rows from devices, 'endpoint' here) and ``endpoint`` (its name);
 ``module``/``version`` name the module version that answered.
@@ -7,6 +11,7 @@ Endpoint rows use ``device = "endpoint:NAME"`` and are tagged by two columns (hu
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -14,9 +19,6 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
-
-from hub.endpoints.codec import dumps
 from hub.store import open_database
 
 log = logging.getLogger("edgefleet.endpoint.collect")
@@ -25,31 +27,41 @@ INSERT = ("INSERT INTO data_records (device, seq, idx, ts, module, version, inpu
           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'endpoint', ?) ON CONFLICT DO NOTHING")
 
 
+class Sampler:
+    """In the worker: keeps ``rate_ppm`` of the requests (every 1e6/rate-th: no RNG on the hot path)."""
+
+    def __init__(self, rate_ppm: int) -> None:
+        self.rate = rate_ppm
+        self._credit = 0
+
+    def take(self) -> bool:
+        self._credit += self.rate
+        if self._credit < 1_000_000:
+            return False
+        self._credit -= 1_000_000
+        return True
+
 
 class Collector:
-    """Keeps ``rate_ppm`` of the requests it is offered and writes them in batches from a thread."""
+    """In the gateway: writes one version's samples in batches from a thread."""
 
-    def __init__(self, db_path: str, endpoint: str, module: str, version: int, rate_ppm: int,
-                 flush_s: float = 0.5) -> None:
+    _instances = itertools.count()
+
+    def __init__(self, db_path: str, endpoint: str, module: str, version: int, flush_s: float = 0.5) -> None:
         self.db_path, self.endpoint, self.module, self.version = db_path, endpoint, module, version
-        self.rate, self.flush_s = rate_ppm, flush_s
-        self._credit = 0  # deterministic sampling: every (1e6 / rate)-th request, no RNG on the hot path
-        # (seq, idx) is unique across worker restarts and replicas: seq from the start time (ms) and the pid,
-        # idx counts this worker's samples
-        self._seq = int(time.time() * 1000) * 1_000_000 + os.getpid() % 1_000_000
+        self.flush_s = flush_s
+        # (seq, idx) is unique across gateway restarts and versions: seq from the start time (ms), the pid and this
+        # collector's number in the process; idx counts its samples
+        self._seq = int(time.time() * 1000) * 1_000_000 + (os.getpid() % 1000) * 1000 + next(self._instances) % 1000
         self._n = 0
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
         self._thread.start()
 
-    def offer(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        self._credit += self.rate
-        if self._credit < 1_000_000:
-            return
-        self._credit -= 1_000_000
+    def add(self, inputs_json: str, outputs_json: str) -> None:
         self._n += 1
         self._queue.put((f"endpoint:{self.endpoint}", self._seq, self._n, time.time(), self.module,
-                         self.version, dumps(inputs).decode(), dumps(outputs).decode(), self.endpoint))
+                         self.version, inputs_json, outputs_json, self.endpoint))
 
     def close(self) -> None:
         self._queue.put(None)

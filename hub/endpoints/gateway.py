@@ -28,14 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hub.endpoints.codec import JSON, NPY, dumps, loads
+from hub.endpoints.codec import JSON, NPY, dumps, loads, read_manifest
 from hub.endpoints.httpserver import HttpProtocol, Request
 from hub.endpoints.pool import Pool, PoolError, Response, Settings
 from hub.endpoints.telemetry import EndpointTelemetry
-from hub.endpoints.worker import read_manifest
 from hub.monitoring.prom import LatencyHistogram
 from modules.bundle import FILES_DIR, verify_pulled
 from modules.runners import load_sample
+from modules.sandbox import Sandbox
 from protocol.encoding import ProtocolError
 from protocol.signing import load_trusted_root
 
@@ -75,13 +75,16 @@ def parse_spec(spec: dict[str, Any]) -> tuple[list[Version], Settings]:
                         max_wait_ms=float(spec.get("max_wait_ms", 2.0)), threads=int(spec.get("threads", 1)),
                         queue_timeout_s=float(spec.get("queue_timeout_s", 30.0)),
                         collect_db=str(spec.get("collect_db") or ""),
-                        collect_rate_ppm=int(spec.get("collect_rate_ppm", -1)))
+                        collect_rate_ppm=int(spec.get("collect_rate_ppm", -1)),
+                        memory_mb=int(spec.get("memory_mb", 0)))
     return versions, settings
 
 
 class Gateway:
-    def __init__(self, name: str, root: dict[str, Any] | None, control_token: str | None = None) -> None:
+    def __init__(self, name: str, root: dict[str, Any] | None, control_token: str | None = None,
+                 sandbox: Sandbox | None = None) -> None:
         self.name = name
+        self.sandbox = sandbox or Sandbox()  # where workers run the modules' code (modules/sandbox.py)
         self.root = root  # the pinned root envelope every bundle must verify against (None: trust the bundle's own)
         self.control_token = control_token.encode() if control_token else None
         self.keys: list[bytes] = []
@@ -136,7 +139,7 @@ class Gateway:
                     pool = self.pools.get(v.label)
                     if pool is None or str(pool.bundle_dir) != v.bundle_dir:
                         await asyncio.get_running_loop().run_in_executor(None, self.verify, Path(v.bundle_dir))
-                        pool = Pool(self.name, v.label, Path(v.bundle_dir), Settings(**vars(settings)))
+                        pool = Pool(self.name, v.label, Path(v.bundle_dir), Settings(**vars(settings)), self.sandbox)
                         started.append(pool)
                         await pool.start()
             except (PoolError, ProtocolError, OSError, ValueError) as exc:
@@ -337,7 +340,7 @@ async def _hub_main() -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     boot = json.loads(await reader.readline())
     root = json.loads(Path(boot["root_file"]).read_text()) if boot.get("root_file") else None
-    gateway = Gateway(boot["name"], root, boot["control_token"])
+    gateway = Gateway(boot["name"], root, boot["control_token"], Sandbox.from_dict(boot.get("sandbox")))
     try:
         sock = bind(boot.get("host", "127.0.0.1"), int(boot.get("port", 0)))
     except OSError:  # the remembered port is taken: any free one

@@ -3,7 +3,9 @@ and one gateway process per endpoint, steered over its control path.
 
 A gateway is a child of the hub with its stdin held open: if the hub dies, stdin ends and the
 gateway stops with it; a gateway that dies alone is restarted by the monitor thread. Active
-endpoints are started again when the hub starts.
+endpoints are started again when the hub starts. A gateway runs only the hub's own code (HTTP,
+keys, the traffic split, writing telemetry and samples to the database) with an allow-listed
+environment; it starts the workers, which run the module's code, in the hub's sandbox.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from typing import Any
 
 import httpx
 
+from hub.bounds import check_api_name
 from hub.context import Hub
 from hub.endpoints.pool import REPO_ROOT
 from hub.errors import HubError, Invalid, NotFound
 from hub.registry.bundles import parse_ref
 from hub.store import dumps, loads, now
 from modules.bundle import pull_bundle, read_blocks, verify_bundle_dir
+from modules.sandbox import Sandbox, scrubbed_env
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import FileEntry
 
@@ -48,23 +52,23 @@ def new_key() -> str:
 
 
 def check_name(name: str) -> None:
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
-        raise Invalid(f"invalid endpoint name {name!r}: 1-64 letters, digits, '-', '_' or '.'")
+    check_api_name(name, "endpoint name")  # protocol.names: it names directories and processes
 
 
 class GatewayProcess:
     """One endpoint's gateway child process and a client for its control path."""
 
-    def __init__(self, name: str, host: str, port: int, root_file: Path) -> None:
+    def __init__(self, name: str, host: str, port: int, root_file: Path, sandbox: Sandbox) -> None:
         self.name = name
         self.control_token = secrets.token_urlsafe(24)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        # the gateway needs no secret of the hub's (the admin token, cloud credentials): only what Python needs
+        env = scrubbed_env({"PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p), "HOME": os.environ.get("HOME", "/")})
         self.proc = subprocess.Popen([sys.executable, "-m", "hub.endpoints.gateway"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         boot = {"name": name, "host": host, "port": port, "control_token": self.control_token,
-                "root_file": str(root_file)}
+                "root_file": str(root_file), "sandbox": sandbox.to_dict()}
         self.proc.stdin.write(dumps(boot).encode() + b"\n")
         self.proc.stdin.flush()
         lines: queue.Queue[bytes] = queue.Queue()
@@ -276,7 +280,8 @@ class EndpointManager:
         old = self.gateways.pop(row["name"], None)
         if old is not None:
             old.stop()
-        gw = GatewayProcess(row["name"], self.config.endpoint_host, int(row.get("port") or 0), self.root_file)
+        gw = GatewayProcess(row["name"], self.config.endpoint_host, int(row.get("port") or 0), self.root_file,
+                            self.hub.sandbox)
         try:
             gw.apply(spec)
         except HubError:
@@ -293,6 +298,7 @@ class EndpointManager:
                 "replicas": int(row["replicas"]), "max_batch": int(row["max_batch"]),
                 "max_wait_ms": float(row["max_wait_ms"]), "threads": self.config.endpoint_threads,
                 "collect_db": self.db.location, "queue_timeout_s": self.config.endpoint_queue_timeout_s,
+                "memory_mb": self.config.endpoint_memory_mb,
                 "telemetry_interval_s": self.config.endpoint_telemetry_s}
 
     def _pull(self, endpoint: str, module: str) -> Path:

@@ -5,6 +5,10 @@ of them in one frame. With every worker idle a request goes at once (no added la
 low load); while some worker is busy an idle one waits up to ``max_wait_ms`` for a fuller
 batch. A worker that dies fails only its own in-flight requests (503, Retry-After) and is
 restarted with backoff; queued requests wait for a live worker up to ``queue_timeout_s``.
+
+Workers run operator code, so they start in the sandbox (modules/sandbox.py) on a staged copy of
+the bundle, and what they send back is decoded as hostile input (wire.py): a malformed frame, or an
+answer that does not fit the batch it claims to answer, ends the worker like a crash.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from hub.endpoints import wire
-from hub.endpoints.codec import JSON, dumps
+from hub.endpoints.codec import JSON, dumps, read_manifest
+from hub.endpoints.collect import Collector
+from modules.sandbox import Limits, Sandbox
 
 log = logging.getLogger("edgefleet.endpoint.pool")
 
@@ -53,6 +60,7 @@ class Settings:
     queue_timeout_s: float = 30.0
     collect_db: str = ""
     collect_rate_ppm: int = -1  # -1: the module's own rate
+    memory_mb: int = 0  # address-space cap per worker (0: none)
 
 
 @dataclass
@@ -75,28 +83,37 @@ class Worker(asyncio.Protocol):
         self.restarts = 0
         self.started_at = 0.0
         self.served = 0
-        self._reader = wire.FrameReader()
+        self._reader = wire.FrameReader(wire.FromWorker)
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._batch_ids = itertools.count(1)
+        self._batch_id = 0
 
     async def start(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair()
-        s = self.pool.settings
+        s, pool = self.pool.settings, self.pool
+        bundle = pool.staged or pool.bundle_dir
         args = [sys.executable, "-m", "hub.endpoints.worker", "--fd", str(child.fileno()),
-                "--bundle", str(self.pool.bundle_dir), "--label", self.pool.label, "--endpoint", self.pool.endpoint,
+                "--bundle", str(bundle), "--label", pool.label, "--endpoint", pool.endpoint,
                 "--threads", str(s.threads), "--collect-rate-ppm", str(s.collect_rate_ppm)]
         if s.collect_db:
-            args += ["--collect-db", s.collect_db]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        self.state, self.inflight, self._reader = "starting", None, wire.FrameReader()
+            args.append("--collect")
+        env = None
+        if not pool.sandbox.active:  # as before the sandbox: the gateway's environment
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        launch = pool.sandbox.launch(args, read_only=[bundle], cwd=bundle, env=env, limits=Limits(memory_mb=s.memory_mb))
+        self.state, self.inflight, self._reader = "starting", None, wire.FrameReader(wire.FromWorker)
         self._ready = loop.create_future()
         try:
-            self.proc = await asyncio.create_subprocess_exec(*args, pass_fds=(child.fileno(),), env=env,
-                                                             stdin=subprocess.DEVNULL)
+            self.proc = await asyncio.create_subprocess_exec(*launch.argv, pass_fds=(child.fileno(),),
+                                                             stdin=subprocess.DEVNULL, **launch.kwargs())
+        except BaseException:
+            launch.cleanup()
+            raise
         finally:
             child.close()
+        self._launch = launch
         self.started_at = time.monotonic()
         await loop.connect_accepted_socket(lambda: self, parent)
         loop.create_task(self._watch(self.proc))
@@ -109,7 +126,9 @@ class Worker(asyncio.Protocol):
         return self.info
 
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        launch = self._launch
         await proc.wait()
+        launch.cleanup()
         if proc is self.proc:
             self._dead(f"worker exited with code {proc.returncode}")
 
@@ -119,19 +138,33 @@ class Worker(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        for msg in self._reader.feed(data):
-            kind = msg[0]
-            if kind == "res":
-                batch, self.inflight = self.inflight or [], None
-                for pending, result in zip(batch, msg[2]):
+        try:
+            messages = self._reader.feed(data)
+        except ValueError as exc:  # includes msgspec's DecodeError: not a message a worker may send
+            self._dead(f"worker sent a malformed frame ({exc})")
+            return
+        for msg in messages:
+            if isinstance(msg, wire.Results):
+                batch = self.inflight or []
+                if msg.batch != self._batch_id or len(msg.results) != len(batch) or len(msg.samples) > len(batch):
+                    self._dead(f"worker answered batch {msg.batch} with {len(msg.results)} result(s); "
+                               f"expected batch {self._batch_id} with {len(batch)}")
+                    return
+                self.inflight = None
+                for pending, result in zip(batch, msg.results):
                     if not pending.future.done():
                         pending.future.set_result((*result, ()))
+                if self.pool.collector is not None:
+                    for inputs, outputs in msg.samples:
+                        self.pool.collector.add(inputs, outputs)
                 self.served += len(batch)
                 self.pool.kick()
-            elif kind == "ready" and self._ready and not self._ready.done():
-                self._ready.set_result(msg[1])
-            elif kind == "fail" and self._ready and not self._ready.done():
-                self._ready.set_exception(PoolError(f"{self.pool.label}: {msg[1]}"))
+            elif isinstance(msg, wire.Ready) and self._ready and not self._ready.done():
+                self._ready.set_result({"pid": msg.pid, "batchable": msg.batchable,
+                                        "inputs": [s.to_dict() for s in msg.inputs],
+                                        "outputs": [s.to_dict() for s in msg.outputs]})
+            elif isinstance(msg, wire.Fail) and self._ready and not self._ready.done():
+                self._ready.set_exception(PoolError(f"{self.pool.label}: {msg.reason}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._dead("worker closed its connection")
@@ -140,8 +173,9 @@ class Worker(asyncio.Protocol):
 
     def send(self, batch: list[Pending]) -> None:
         self.inflight = batch
+        self._batch_id = next(self._batch_ids)
         assert self.transport is not None
-        self.transport.write(wire.encode(("run", next(self._batch_ids), [p.item for p in batch])))
+        self.transport.write(wire.encode(wire.Run(self._batch_id, [p.item for p in batch])))
 
     def _dead(self, why: str) -> None:
         if self.state == "dead":
@@ -188,8 +222,12 @@ class Worker(asyncio.Protocol):
 
 
 class Pool:
-    def __init__(self, endpoint: str, label: str, bundle_dir: Path, settings: Settings) -> None:
+    def __init__(self, endpoint: str, label: str, bundle_dir: Path, settings: Settings,
+                 sandbox: Sandbox | None = None) -> None:
         self.endpoint, self.label, self.bundle_dir, self.settings = endpoint, label, Path(bundle_dir), settings
+        self.sandbox = sandbox or Sandbox()
+        self.staged: Path | None = None  # the copy of the bundle the sandboxed workers read
+        self.collector: Collector | None = None
         self.workers: list[Worker] = []
         self.queue: deque[Pending] = deque()
         self.info: dict[str, Any] = {}
@@ -201,8 +239,25 @@ class Pool:
 
     async def start(self) -> None:
         """Start every replica and wait for all to pass the health check; PoolError if any cannot."""
-        await self.scale(self.settings.replicas)
+        if self.sandbox.active:
+            self.staged = await asyncio.to_thread(self.sandbox.stage, self.bundle_dir)
+        if self.settings.collect_db:
+            manifest = read_manifest(self.bundle_dir)
+            self.collector = Collector(self.settings.collect_db, self.endpoint, manifest.name, manifest.version)
+        try:
+            await self.scale(self.settings.replicas)
+        except BaseException:
+            self._release()
+            raise
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def _release(self) -> None:
+        if self.collector is not None:
+            self.collector.close()
+            self.collector = None
+        if self.staged is not None:
+            shutil.rmtree(self.staged, ignore_errors=True)
+            self.staged = None
 
     async def scale(self, replicas: int) -> None:
         replicas = max(1, replicas)
@@ -304,6 +359,7 @@ class Pool:
                 p.future.set_result(unavailable(p.item[0], f"{self.label} is shutting down; retry"))
         self.queue.clear()
         await asyncio.gather(*(w.stop() for w in self.workers))
+        self._release()
 
     def status(self) -> dict[str, Any]:
         return {"label": self.label, "ready": self.ready, "queued": len(self.queue),

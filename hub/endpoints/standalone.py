@@ -1,6 +1,8 @@
 """``edgefleet serve BUNDLE_DIR``: one endpoint without the hub (a container, a Kubernetes Deployment).
 
 The same Gateway, pools and workers the hub runs; the spec comes from flags instead of the hub.
+Workers run in the best sandbox the host offers (modules/sandbox.py, setting "auto"), or none with
+``--no-sandbox``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hub.endpoints.codec import read_manifest
 from hub.endpoints.gateway import Gateway, bind, new_loop
-from hub.endpoints.worker import read_manifest
+from modules.sandbox import detect
 
 log = logging.getLogger("edgefleet.endpoint.serve")
 
@@ -34,14 +37,17 @@ def standalone_spec(bundle_dir: Path, keys: list[str], workers: int = 1, max_bat
 async def run(bundle_dir: Path, root_file: Path | None, keys: list[str], host: str = "0.0.0.0", port: int = 8000,
               workers: int = 1, max_batch: int = 64, max_wait_ms: float = 2.0, collect_db: str = "",
               name: str | None = None, on_ready: Callable[[str, int], None] | None = None,
-              sock: socket.socket | None = None) -> None:
+              sock: socket.socket | None = None, sandbox: str = "auto", memory_mb: int = 0) -> None:
     """Verify and load the bundle, serve until SIGTERM/SIGINT, then drain."""
     bundle_dir = Path(bundle_dir)
     module, spec = standalone_spec(bundle_dir, keys, workers, max_batch, max_wait_ms, collect_db)
+    spec["memory_mb"] = memory_mb
     root = json.loads(root_file.read_text()) if root_file else None
     if root is None:
         log.warning("no --root given: trusting the root shipped in %s (trust on first use)", bundle_dir)
-    gateway = Gateway(name or module, root)
+    box = detect(sandbox)
+    log.info("workers' sandbox: %s", box.describe())
+    gateway = Gateway(name or module, root, sandbox=box)
     await gateway.apply(spec)  # verification, load and health check before the port opens
     sock = sock or bind(host, port)
     await gateway.serve(sock)

@@ -1,30 +1,75 @@
-"""Frames between the gateway and its workers: a 4-byte little-endian length, then a pickle.
+"""Frames between the gateway and its workers: a 4-byte little-endian length, then one MessagePack message.
 
-Both ends are processes of one endpoint that trust each other, so pickle (protocol 5) is
-fine, and it is the cheapest way to move bytes, small tuples and numpy arrays.
+Workers run operator code in the sandbox (modules/sandbox.py), so the gateway decodes what they send
+as hostile input: exactly the messages below, typed and bounded by msgspec, nothing that executes
+(this used to be pickle, which would have handed a worker the gateway). A frame that does not decode
+ends that worker. Messages are tagged arrays, as cheap to move as pickle was.
 """
 
 from __future__ import annotations
 
-import pickle
 import socket
 import struct
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+
+from protocol.manifest import TensorSpec
 
 HEADER = struct.Struct("<I")
 MAX_FRAME = 1 << 30
+MAX_TEXT = 64 * 1024
+
+# one request as the gateway forwards it: (request id, content type, body, input name for binary bodies, wants npy)
+Item = tuple[str, str, bytes, str, bool]
+Status = Annotated[int, msgspec.Meta(ge=100, le=599)]
+ContentType = Annotated[str, msgspec.Meta(pattern=r"^[!-~][ -~]{0,127}$")]  # printable ASCII: no header injection
+Result = tuple[Status, bytes, ContentType]  # (HTTP status, body, content type)
+
+
+class Run(msgspec.Struct, array_like=True, tag="run"):
+    batch: int
+    items: list[Item]
+
+
+class Ready(msgspec.Struct, array_like=True, tag="ready"):
+    """Sent once the bundle loaded and passed its health check."""
+
+    pid: int
+    batchable: bool
+    inputs: Annotated[list[TensorSpec], msgspec.Meta(max_length=1024)]
+    outputs: Annotated[list[TensorSpec], msgspec.Meta(max_length=1024)]
+
+
+class Fail(msgspec.Struct, array_like=True, tag="fail"):
+    reason: Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+
+
+class Results(msgspec.Struct, array_like=True, tag="res"):
+    batch: int
+    results: list[Result]
+    samples: list[tuple[str, str]] = []  # (inputs, outputs) as JSON, sampled for data collection
+
+
+FromWorker = Ready | Fail | Results
+
+_encoder = msgspec.msgpack.Encoder()
 
 
 def encode(message: Any) -> bytes:
-    body = pickle.dumps(message, protocol=5)
+    body = _encoder.encode(message)
     return HEADER.pack(len(body)) + body
 
 
 class FrameReader:
-    """Incremental decoder for the asyncio side: feed bytes, get whole messages."""
+    """Incremental decoder for the asyncio side: feed bytes, get whole messages of ``kind``.
 
-    def __init__(self) -> None:
+    Raises ``ValueError`` (``msgspec.DecodeError`` is one) on an oversized or malformed frame.
+    """
+
+    def __init__(self, kind: Any) -> None:
         self._buf = bytearray()
+        self._decoder = msgspec.msgpack.Decoder(kind)
 
     def feed(self, data: bytes) -> list[Any]:
         self._buf += data
@@ -36,7 +81,7 @@ class FrameReader:
             end = HEADER.size + size
             if len(self._buf) < end:
                 break
-            out.append(pickle.loads(memoryview(self._buf)[HEADER.size:end]))
+            out.append(self._decoder.decode(memoryview(self._buf)[HEADER.size:end]))
             del self._buf[:end]
         return out
 
@@ -54,11 +99,13 @@ def recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def recv(sock: socket.socket) -> Any:
+def recv(sock: socket.socket, decoder: msgspec.msgpack.Decoder[Any]) -> Any:
     """Blocking read of one message; None when the peer closed the connection."""
     head = recv_exact(sock, HEADER.size)
     if head is None:
         return None
     (size,) = HEADER.unpack(head)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes is too large")
     body = recv_exact(sock, size)
-    return None if body is None else pickle.loads(body)
+    return None if body is None else decoder.decode(body)

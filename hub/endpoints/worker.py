@@ -1,9 +1,11 @@
 """A worker process: load one verified bundle with the shared runner, then score batches from the gateway.
 
-Started by the gateway as ``python -m hub.endpoints.worker --fd N ...`` with one end of a
-socket pair; it announces ``("ready", info)`` only after the bundle's health check passed,
-then answers each ``("run", batch_id, items)`` with ``("res", batch_id, results)``.
-The gateway already checked the bundle's signature; a closed socket ends the worker.
+Started by the gateway as ``python -m hub.endpoints.worker --fd N ...`` inside the sandbox
+(modules/sandbox.py: no hub files, no hub environment), with one end of a socket pair; it announces
+``Ready`` only after the bundle's health check passed, then answers each ``Run`` with ``Results``
+(wire.py), carrying the requests it sampled for data collection: the gateway writes them, since a
+worker cannot reach the hub's database. The gateway already checked the bundle's signature; a
+closed socket ends the worker.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from hub.endpoints import wire
-from hub.endpoints.codec import JSON, NPY, dumps, json_safe, loads, npy_bytes, read_npy
-from hub.endpoints.collect import Collector
-from modules.bundle import FILES_DIR, RELEASE_FILE
+from hub.endpoints.codec import JSON, NPY, dumps, json_safe, loads, npy_bytes, read_manifest, read_npy
+from hub.endpoints.collect import Sampler
+from modules.bundle import FILES_DIR
 from modules.runners import (
     InputError,
     Runner,
@@ -33,17 +36,11 @@ from modules.runners import (
     load_sample,
 )
 from protocol.manifest import Manifest
-from protocol.schema import validate
 
 log = logging.getLogger("edgefleet.endpoint.worker")
 
-# one request as the gateway forwards it: (request id, content type, body, input name for binary bodies, wants npy)
-Item = tuple[str, str, bytes, str, bool]
+Item = wire.Item
 Result = tuple[int, bytes, str]  # (HTTP status, body, content type)
-
-
-def read_manifest(bundle_dir: Path) -> Manifest:
-    return validate(Manifest, loads((bundle_dir / RELEASE_FILE).read_bytes())["signed"]["manifest"])
 
 
 def batchable(manifest: Manifest) -> bool:
@@ -58,11 +55,12 @@ def error(status: int, detail: str, request_id: str) -> Result:
 class Scorer:
     """Parses, batches, runs and encodes; the part of a worker that tests can drive without a socket."""
 
-    def __init__(self, runner: Runner, manifest: Manifest, label: str, collector: Collector | None = None) -> None:
+    def __init__(self, runner: Runner, manifest: Manifest, label: str, sampler: Sampler | None = None) -> None:
         self.runner, self.manifest, self.label = runner, manifest, label
         self.specs = manifest.inputs or runner.inputs
         self.batchable = batchable(manifest)
-        self.collector = collector
+        self.sampler = sampler
+        self.samples: list[tuple[str, str]] = []  # (inputs, outputs) JSON since the last frame: the gateway stores them
 
     def parse(self, item: Item) -> dict[str, np.ndarray]:
         _, ctype, body, input_name, _ = item
@@ -118,8 +116,8 @@ class Scorer:
                                         f"{items[i][0]}", items[i][0])
         for i, out in outputs.items():
             results[i] = self.encode(items[i], out)
-            if self.collector is not None:
-                self.collector.offer(parsed[i], out)
+            if self.sampler is not None and self.sampler.take():
+                self.samples.append((dumps(parsed[i]).decode(), dumps(out).decode()))
         return results  # type: ignore[return-value]
 
     def _batched(self, parsed: dict[int, dict[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:
@@ -160,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", required=True)
     p.add_argument("--endpoint", default="")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--collect-db", default="")
+    p.add_argument("--collect", action="store_true", help="sample requests for data collection")
     p.add_argument("--collect-rate-ppm", type=int, default=-1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"worker {args.label} %(levelname)s: %(message)s")
@@ -168,24 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runner, manifest = load(args.bundle, args.threads)
     except Exception as exc:  # a model that does not load or fails its health check: say why, then stop
-        sock.sendall(wire.encode(("fail", f"{type(exc).__name__}: {exc}")))
+        sock.sendall(wire.encode(wire.Fail(f"{type(exc).__name__}: {exc}"[:wire.MAX_TEXT])))
         return 1
     rate = manifest.collect_rate_ppm if args.collect_rate_ppm < 0 else args.collect_rate_ppm
-    collector = (Collector(args.collect_db, args.endpoint, manifest.name, manifest.version, rate)
-                 if args.collect_db and rate > 0 else None)
-    scorer = Scorer(runner, manifest, args.label, collector)
-    sock.sendall(wire.encode(("ready", {"pid": os.getpid(), "batchable": scorer.batchable,
-                                        "inputs": [s.to_dict() for s in scorer.specs],
-                                        "outputs": [s.to_dict() for s in (manifest.outputs or runner.outputs)]})))
+    scorer = Scorer(runner, manifest, args.label, Sampler(rate) if args.collect and rate > 0 else None)
+    sock.sendall(wire.encode(wire.Ready(os.getpid(), scorer.batchable, list(scorer.specs),
+                                        list(manifest.outputs or runner.outputs))))
+    decoder = msgspec.msgpack.Decoder(wire.Run)
     try:
-        while (msg := wire.recv(sock)) is not None:
-            if msg[0] == "run":
-                sock.sendall(wire.encode(("res", msg[1], scorer.run(msg[2]))))
+        while (msg := wire.recv(sock, decoder)) is not None:
+            results = scorer.run(msg.items)
+            samples, scorer.samples = scorer.samples, []
+            sock.sendall(wire.encode(wire.Results(msg.batch, results, samples)))
     except (ConnectionError, OSError):
         pass  # the gateway went away
-    finally:
-        if collector is not None:
-            collector.close()
     return 0
 
 

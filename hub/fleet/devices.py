@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from hub.audit import record
+from hub.bounds import check_labels
 from hub.errors import Conflict, Forbidden, Invalid, NotFound
 from hub.fleet.broker_auth import mosquitto_hash
 from hub.ingest.writer import EnrolledCache
@@ -103,7 +104,7 @@ class Fleet:
             row = self.db.one("SELECT labels FROM devices WHERE id = ?", (device_id,))
             if row is None:
                 raise NotFound(f"device {device_id!r} is not enrolled")
-            labels = {k: v for k, v in loads(row["labels"], {}).items() if k not in unset} | set_
+            labels = check_labels({k: v for k, v in loads(row["labels"], {}).items() if k not in unset} | set_)
             tx.execute("UPDATE devices SET labels = ? WHERE id = ?", (dumps(labels), device_id))
             record(self.db, actor, "device.labels", device_id, set=set_, unset=unset)
         self.director.sync([device_id])
@@ -124,16 +125,20 @@ class Fleet:
         return {"id": device_id, "decommissioned": True}
 
     def create_enrollment_tokens(self, count: int, labels: dict[str, str], expires_in: int,
-                                 uses: int = 1) -> dict[str, Any]:
+                                 uses: int = 1, actor: str = "") -> dict[str, Any]:
         """``count`` tokens, each good for ``uses`` enrolments (>1: a group token for fleet provisioning)."""
         if not 1 <= count <= 10_000 or expires_in <= 0 or not 1 <= uses <= MAX_TOKEN_USES:
             raise Invalid(f"count must be 1..10000, uses 1..{MAX_TOKEN_USES} and expires_in positive")
-        expires_at = now() + expires_in
+        t = now()
+        expires_at = t + expires_in
         tokens = [secrets.token_urlsafe(24) for _ in range(count)]
+        hashes = [hash_token(tok) for tok in tokens]
         with self.db.transaction() as tx:
-            tx.insert_many("enrollment_tokens", ("token_hash", "labels", "expires_at", "uses"),
-                           [(hash_token(t), dumps(labels), expires_at, uses) for t in tokens])
-        return {"tokens": tokens, "expires_at": expires_at, "uses": uses}
+            tx.insert_many("enrollment_tokens", ("token_hash", "labels", "expires_at", "uses", "created_at", "created_by"),
+                           [(h, dumps(labels), expires_at, uses, t, actor) for h in hashes])
+            record(self.db, actor or "hub", "enrollment_tokens.created", f"{count} token(s)", uses=uses, labels=labels,
+                   expires_at=expires_at, ids=[h[:12] for h in hashes[:100]])
+        return {"tokens": tokens, "ids": [h[:12] for h in hashes], "expires_at": expires_at, "uses": uses}
 
     def enroll(self, token: str, device_id: str | None, facts: dict[str, str]) -> dict[str, Any]:
         """Spend one use of a token: create the device, hand it credentials and the root of trust."""
@@ -165,6 +170,8 @@ class Fleet:
             tok = self.db.one("SELECT * FROM enrollment_tokens WHERE token_hash = ?", (hash_token(token),))
             if tok is None:
                 raise Forbidden("enrolment token is not valid: the hub never issued it")
+            if tok["revoked_at"] is not None:
+                raise Forbidden(f"enrolment token was revoked at {_iso(tok['revoked_at'])}")
             left = tok["uses"] - tok["used"]
             if left <= 0:
                 raise Forbidden(f"enrolment token was already used (by device {tok['used_by']}); tokens are single-use"

@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from hub.config import HubConfig
-from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, EnrolledCache, data_rows, shared_wildcard
+from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, EnrolledCache, data_rows, share_group, shared_wildcard
 from hub.store import Database, StoreError
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import ProtocolError
@@ -54,8 +54,10 @@ def end_session_properties() -> Properties:
     return props
 
 
-def ingest_topics() -> list[str]:
-    return [shared_wildcard(ch) for ch in INGEST_CHANNELS]
+def ingest_topics(mqtt_url: str) -> list[str]:
+    """The shared subscriptions of the hub's ingest group (its name derives from the hub's broker password)."""
+    group = share_group(mqtt_url)
+    return [shared_wildcard(ch, group) for ch in INGEST_CHANNELS]
 
 
 def unsubscribe(client: mqtt.Client, topics: list[str], timeout: float = 5.0) -> bool:
@@ -227,7 +229,7 @@ def adopt(config: HubConfig, db: Database, client_id: str, max_s: float = 60.0) 
             raise TimeoutError(f"could not connect as {client_id} to adopt its session")
         if state["present"]:
             # no new messages for this session from here on; then store what it already holds
-            topics = ingest_topics() + [device_wildcard(ch) for ch in DEVICE_TO_HUB] + [HUB_STATUS_TOPIC]
+            topics = ingest_topics(config.mqtt_url) + [device_wildcard(ch) for ch in DEVICE_TO_HUB] + [HUB_STATUS_TOPIC]
             unsubscribe(client, topics, 10)
             while time.monotonic() < deadline and time.monotonic() - state["last"] < IDLE_S:
                 time.sleep(0.1)

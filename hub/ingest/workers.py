@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
+from hub.fleet.broker_auth import worker_login
 from hub.ingest import sessions
 from hub.ingest.writer import BatchWriter, EnrolledCache
 from hub.store import Database, is_postgres_url, open_database
@@ -55,8 +56,9 @@ class IngestWorker:
         self.client_id = f"{config.mqtt_client_id}-ingest-{index}"
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
                                   manual_ack=self.durable)
-        if url.username:
-            self.client.username_pw_set(url.username, url.password)
+        if url.username:  # isolated: a login of its own (the broker binds the client id to it, see broker_auth)
+            self.client.username_pw_set(worker_login(url.username, index) if config.isolate else url.username,
+                                        url.password)
         if url.tls:
             self.client.tls_set(ca_certs=config.tls_ca_certs())
         self.acker = sessions.Acker(self.client)
@@ -69,7 +71,7 @@ class IngestWorker:
             log.warning("broker refused ingest worker: %s", reason_code)
             return
         self.acker.reconnected()
-        client.subscribe([(topic, 1) for topic in sessions.ingest_topics()])
+        client.subscribe([(topic, 1) for topic in sessions.ingest_topics(self.config.mqtt_url)])
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         channel = "unknown"
@@ -100,7 +102,7 @@ class IngestWorker:
         while not stop.wait(STATS_EVERY_S):
             self._save_stats()
         if self.durable:  # no more messages for this session, store and acknowledge the rest, then end it
-            sessions.unsubscribe(self.client, sessions.ingest_topics())
+            sessions.unsubscribe(self.client, sessions.ingest_topics(self.config.mqtt_url))
         self.writer.stop()
         self.client.disconnect(properties=sessions.end_session_properties() if self.durable else None)
         self.client.loop_stop()
@@ -121,6 +123,14 @@ def _main(config: HubConfig, index: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parent = mp.parent_process()
+    if parent is not None:  # the hub killed outright (SIGKILL) must not leave its workers behind
+
+        def watch_parent() -> None:
+            parent.join()
+            stop.set()
+
+        threading.Thread(target=watch_parent, name="ingest-parent-watch", daemon=True).start()
     IngestWorker(config, index).run(stop)
 
 

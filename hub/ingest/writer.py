@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -9,7 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from hub.ingest import telemetry as store
-from hub.store import Database, StoreError, dumps
+from hub.store import Connection, Database, TransientStoreError, dumps, now
+from protocol.broker_url import parse_broker_url
 from protocol.messages import DataBatch, TelemetryBatch
 from protocol.topics import Channel, device_wildcard
 
@@ -18,9 +20,10 @@ log = logging.getLogger("edgefleet.hub.ingest")
 TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/ingest/telemetry.py), not SQL parameters
 DATA = "data"  # queue tag: the rows are data_records rows in DATA_COLUMNS order
 DATA_COLUMNS = ("device", "seq", "idx", "ts", "module", "version", "input", "output")
-WRITE_ATTEMPTS = 3  # a batch that fails this often is dropped (and logged); the rows are idempotent to retry
+WRITE_ATTEMPTS = 3  # a batch that fails this often (transiently) is written record by record; retries are idempotent
 ACK_WINDOW = 16  # commit early once this many messages wait for their acknowledgement (brokers allow ~20-100)
 Ack = Callable[[], None]
+LAST_SEEN_CHUNK = 500  # ids per UPDATE (under SQLite's bound-parameter limit)
 ENROLLED_TTL_S = 5.0  # how long a "not enrolled" answer is trusted before asking the database again
 
 # Telemetry and collected data may be spread over several ingest processes through one MQTT 5
@@ -29,8 +32,24 @@ INGEST_CHANNELS = (Channel.TELEMETRY, Channel.DATA)
 SHARE_GROUP = "edgefleet-ingest"
 
 
-def shared_wildcard(channel: Channel) -> str:
-    return f"$share/{SHARE_GROUP}/{device_wildcard(channel)}"
+def share_group(mqtt_url: str) -> str:
+    """The hub's shared-subscription group: a secret derived from its broker password, when it has one.
+
+    Any client may join any group: mosquitto 2.0's ACL file does not check subscriptions (a
+    device's ``$share/...`` is granted) and filters only at delivery, after the group picked its
+    member, so a device in the hub's group would silently take its share of every device's telemetry.
+    A group name only hub logins can compute keeps it out. Without a password (an open broker) there
+    is nothing to keep anyone out of, and the plain name is used.
+    """
+    password = parse_broker_url(mqtt_url).password
+    if not password:
+        return SHARE_GROUP
+    secret = hashlib.sha256(b"edgefleet share group\0" + password.encode()).hexdigest()[:24]
+    return f"{SHARE_GROUP}-{secret}"
+
+
+def shared_wildcard(channel: Channel, group: str = SHARE_GROUP) -> str:
+    return f"$share/{group}/{device_wildcard(channel)}"
 
 
 class EnrolledCache:
@@ -66,6 +85,14 @@ def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
             for i, r in enumerate(msg.records)]
 
 
+def touch_last_seen(tx: Connection, devices: set[str], t: float | None = None) -> None:
+    """A device heard from through telemetry or data is seen now: one UPDATE per batch (per 500 devices)."""
+    ids, t = sorted(devices), t if t is not None else now()
+    for i in range(0, len(ids), LAST_SEEN_CHUNK):
+        chunk = ids[i:i + LAST_SEEN_CHUNK]
+        tx.execute(f"UPDATE devices SET last_seen = ? WHERE id IN ({','.join('?' * len(chunk))})", (t, *chunk))
+
+
 class BatchWriter:
     """Collects rows for up to ``flush_s`` or ``batch_rows`` rows, then commits them together.
 
@@ -93,6 +120,7 @@ class BatchWriter:
         self._pending = 0  # row sets queued but not yet committed
         self._stopping = False
         self._cond = threading.Condition()
+        self.failed = 0  # records the database refused (each alone: its neighbours were stored)
 
     def start(self) -> None:
         self._thread.start()
@@ -151,22 +179,37 @@ class BatchWriter:
                 return
 
     def _write(self, batch: list[tuple[str, list[tuple[Any, ...]], Ack | None]]) -> None:
+        try:
+            self._commit(batch)
+        except Exception as exc:  # never end the writer; and one bad record must not take the others with it
+            log.warning("a batch of %d row set(s) failed (%r): writing its records one by one", len(batch), exc)
+            for tag, rows, _ in batch:
+                for row in rows:  # a telemetry batch (one device's message) or one data record
+                    try:
+                        self._commit([(tag, [row], None)])
+                    except Exception as one:
+                        self.failed += 1
+                        kind, device = ("telemetry", row.device) if tag is TELEMETRY else ("data", row[0])
+                        log.error("could not store a %s record of device %r: %r", kind, device, one)
+
+    def _commit(self, batch: list[tuple[str, list[tuple[Any, ...]], Ack | None]]) -> None:
+        """One batch transaction, tried again after a transient failure (a deadlock victim, a lost connection):
+        replays are ignored (ON CONFLICT DO NOTHING), so writing a record again is harmless."""
+        # in key order: beside other writers (other hubs, ingest workers) two batches never deadlock on their rows
         data = sorted({r[:3]: r for tag, rows, _ in batch if tag is DATA for r in rows}.values(), key=lambda r: r[:3])
         packed = [p for tag, rows, _ in batch if tag is TELEMETRY for p in rows]
+        seen = {p.device for p in packed} | {r[0] for r in data}
         for attempt in range(1, WRITE_ATTEMPTS + 1):
-            try:  # a batch transaction: beside other writers (other hubs, ingest workers), rows in key order
+            try:
                 with self.db.batch() as tx:
                     if data:
                         tx.insert_many("data_records", DATA_COLUMNS, data, ignore=True)
                     new_telemetry = store.store(tx, packed)
-                self.on_telemetry_rows(new_telemetry)
-                return
-            except StoreError:  # a deadlock victim, a lost connection: the same rows again are stored once
+                    touch_last_seen(tx, seen)
+                break
+            except TransientStoreError:
                 if attempt == WRITE_ATTEMPTS:
-                    log.exception("could not write a batch of %d row set(s) after %d attempts", len(batch), attempt)
-                else:
-                    log.warning("writing a batch of %d row set(s) failed; trying again", len(batch), exc_info=True)
-                    time.sleep(0.2 * attempt)
-            except Exception:  # a failed batch must not end the writer; the rows are lost and said so
-                log.exception("could not write a batch of %d row set(s)", len(batch))
-                return
+                    raise
+                log.warning("writing a batch of %d row set(s) failed; trying again", len(batch), exc_info=True)
+                time.sleep(0.2 * attempt)
+        self.on_telemetry_rows(new_telemetry)

@@ -1,4 +1,4 @@
-"""Alert rules on metrics and drift -> events in the hub -> webhooks with retries and backoff.
+"""Alert rules on metrics and drift -> events in the hub -> webhooks (``hub/events``: signed, retried).
 
 Rule kinds:
 
@@ -7,22 +7,22 @@ Rule kinds:
 * ``offline``    a device offline for more than ``for_s`` (one alert per device).
 
 A condition must hold for ``for_s`` seconds before it fires (``offline`` uses
-``for_s`` as its threshold instead); each firing and each resolution is one event.
+``for_s`` as its threshold instead); each firing and each resolution is one event, published as
+``alert.fired`` / ``alert.resolved`` to the subscribed webhooks and to the rule's own ``webhook`` URL
+(unsigned), through the one delivery mechanism of ``hub/events``.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
 from pydantic import BaseModel, Field
 
 from hub.errors import Conflict, Invalid, NotFound
+from hub.events.outbox import publish
 from hub.monitoring.reports import DriftReports
 from hub.monitoring.timeseries import SeriesFilter, totals
 from hub.store import Database
@@ -34,11 +34,11 @@ log = logging.getLogger("edgefleet.hub.alerts")
 class AlertRule(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     kind: Literal["drift", "error_rate", "offline"]
-    deployment: str | None = None  # drift and error_rate: which deployment
-    threshold: float = 0.2
-    for_s: float = Field(default=0.0, ge=0)
-    window_s: float = Field(default=300.0, gt=0)
-    webhook: str | None = None
+    deployment: str | None = Field(default=None, max_length=64)  # drift and error_rate: which deployment
+    threshold: float = Field(default=0.2, allow_inf_nan=False)
+    for_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    window_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+    webhook: str | None = Field(default=None, max_length=2048)
 
 
 @dataclass(frozen=True)
@@ -49,19 +49,11 @@ class Breach:
 
 
 class Alerts:
-    """Rules, their evaluation, events and webhook delivery."""
+    """Rules, their evaluation and events (their webhooks are sent by ``hub/events/webhooks.py``)."""
 
-    def __init__(self, db: Database, reports: DriftReports, max_attempts: int = 6, backoff_s: float = 0.5) -> None:
+    def __init__(self, db: Database, reports: DriftReports) -> None:
         self.db = db
         self.reports = reports
-        self.max_attempts = max_attempts
-        self.backoff_s = backoff_s
-        self._outbox: queue.Queue[int | None] = queue.Queue()
-        self._sender = threading.Thread(target=self._deliver_loop, name="hub-webhooks", daemon=True)
-        self._http = httpx.Client(timeout=5.0)
-        for row in db.query("SELECT id FROM alert_events WHERE webhook IS NOT NULL AND delivered = 0 "
-                            "AND attempts < ?", (max_attempts,)):
-            self._outbox.put(row["id"])  # deliveries pending from before a restart
 
     # --- rules --------------------------------------------------------------------------------
 
@@ -84,7 +76,23 @@ class Alerts:
         return row
 
     def rules(self) -> list[dict[str, Any]]:
-        return self.db.query("SELECT * FROM alert_rules ORDER BY name")
+        return [r | {"status": self.status(r)} for r in self.db.query("SELECT * FROM alert_rules ORDER BY name")]
+
+    def status(self, rule: dict[str, Any]) -> str:
+        """Whether the rule can be checked at all: a drift rule on a module without a baseline cannot."""
+        if rule["kind"] not in ("drift", "error_rate"):
+            return "ok"
+        try:
+            target = self.reports.deployment_target(rule["deployment"])
+        except NotFound:
+            return f"deployment {rule['deployment']!r} does not exist: not checked"
+        if rule["kind"] == "drift":
+            info = self.reports.baseline_info(target)
+            if info is None:
+                return self.reports.no_baseline(target)
+            if info["inherited"]:
+                return f"ok: module {target.label} has no baseline of its own, compared against {info['module']}'s"
+        return "ok"
 
     def delete_rule(self, name: str) -> None:
         self.rule(name)
@@ -93,11 +101,17 @@ class Alerts:
             tx.execute("DELETE FROM alert_state WHERE rule = ?", (name,))
 
     def events(self, rule: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM alert_events", []
+        """Newest first, each with the delivery state of the rule's own webhook (``delivered``, ``attempts``)."""
+        sql = ("SELECT e.id, e.rule, e.kind, e.key, e.state, e.value, e.message, e.ts, e.webhook, e.event_id,"
+               " CASE WHEN d.id IS NULL THEN e.delivered WHEN d.state = 'delivered' THEN 1 ELSE 0 END AS delivered,"
+               " coalesce(d.attempts, e.attempts) AS attempts,"
+               " coalesce(d.last_error, e.last_error) AS last_error FROM alert_events e LEFT JOIN webhook_deliveries d"
+               " ON d.event_id = e.event_id AND d.webhook IS NULL")
+        params: list[Any] = []
         if rule:
-            sql += " WHERE rule = ?"
+            sql += " WHERE e.rule = ?"
             params.append(rule)
-        return self.db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        return self.db.query(sql + " ORDER BY e.id DESC LIMIT ?", [*params, limit])
 
     def firing(self) -> list[dict[str, Any]]:
         return self.db.query("SELECT * FROM alert_state WHERE firing = 1 ORDER BY rule, key")
@@ -120,7 +134,7 @@ class Alerts:
                 target = self.reports.deployment_target(rule["deployment"])
             except NotFound:
                 return []
-            sums = totals(self.db, SeriesFilter(module=target.module, version=target.version),
+            sums = totals(self.db, SeriesFilter(module=target.module, version=target.version, devices=target.devices),
                           now - rule["window_s"]).values()
             n, e = int(sum(s[1] for s in sums)), int(sum(s[2] for s in sums))
             rate = e / n if n else 0.0
@@ -165,8 +179,6 @@ class Alerts:
                             raised.append(self._event(tx, rule, key, "resolved", None, f"{rule['name']}: {key} resolved"))
         for event in raised:
             log.warning("alert %s %s: %s", event["rule"], event["state"], event["message"])
-            if event["webhook"]:
-                self._outbox.put(event["id"])
         return raised
 
     def _event(self, tx: Any, rule: dict[str, Any], key: str, state: str, value: float | None,
@@ -175,40 +187,11 @@ class Alerts:
         rid = tx.scalar("INSERT INTO alert_events (rule, kind, key, state, value, message, ts, webhook) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                         (rule["name"], rule["kind"], key, state, value, message, ts, rule["webhook"]))
-        return {"id": rid, "rule": rule["name"], "kind": rule["kind"], "key": key, "state": state,
-                "value": value, "message": message, "ts": ts, "webhook": rule["webhook"],
-                "deployment": rule["deployment"]}
-
-    # --- webhooks -----------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._sender.start()
-
-    def stop(self) -> None:
-        self._outbox.put(None)
-        if self._sender.is_alive():
-            self._sender.join(5)
-        self._http.close()
-
-    def _deliver_loop(self) -> None:
-        while (event_id := self._outbox.get()) is not None:
-            row = self.db.one("SELECT * FROM alert_events WHERE id = ?", (event_id,))
-            if row is None or row["delivered"]:
-                continue
-            attempt = row["attempts"] + 1
-            body = {k: row[k] for k in ("id", "rule", "kind", "key", "state", "value", "message", "ts")}
-            try:
-                resp = self._http.post(row["webhook"], json=body)
-                ok, error = resp.status_code < 300, f"HTTP {resp.status_code}"
-            except httpx.HTTPError as exc:
-                ok, error = False, str(exc) or type(exc).__name__
-            with self.db.transaction() as tx:
-                tx.execute("UPDATE alert_events SET attempts = ?, delivered = ?, last_error = ? WHERE id = ?",
-                           (attempt, int(ok), "" if ok else error, event_id))
-            if not ok and attempt < self.max_attempts:
-                delay = self.backoff_s * 2 ** (attempt - 1)
-                log.warning("webhook for alert event %s failed (%s); retry %s in %.1fs", event_id, error, attempt, delay)
-                threading.Timer(delay, self._outbox.put, (event_id,)).start()
-            elif not ok:
-                log.error("webhook for alert event %s failed %s times; giving up: %s", event_id, attempt, error)
-
+        event = {"id": rid, "rule": rule["name"], "kind": rule["kind"], "key": key, "state": state,
+                 "value": value, "message": message, "ts": ts, "webhook": rule["webhook"],
+                 "deployment": rule["deployment"]}
+        data = {k: v for k, v in event.items() if k not in ("id", "webhook")} | {"alert_event": rid}
+        event_id = publish(tx, "alert.fired" if state == "firing" else "alert.resolved", data,
+                           also=[rule["webhook"]] if rule["webhook"] else [])
+        tx.execute("UPDATE alert_events SET event_id = ? WHERE id = ?", (event_id, rid))
+        return event | {"event_id": event_id}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from hub.errors import NotFound
+from hub.monitoring.reports import deployment_devices
 from hub.store import Database
 
 PAGE = 20_000
@@ -32,14 +33,16 @@ class ExportFilter:
     until: float | None = None
 
 
-def _where(db: Database, f: ExportFilter) -> tuple[str, list[Any]]:
+def _where(db: Database, f: ExportFilter) -> tuple[str, list[Any], frozenset[str] | None]:
+    """SQL conditions, their parameters, and the deployment's devices (rows from other sources are left out)."""
     clauses, params = [], []
-    module, version = f.module, f.version
+    module, version, devices = f.module, f.version, None
     if f.deployment:
         row = db.one("SELECT module_name, module_version FROM deployments WHERE name = ?", (f.deployment,))
         if row is None:
             raise NotFound(f"no deployment {f.deployment!r}")
         module, version = row["module_name"], row["module_version"]
+        devices = deployment_devices(db, f.deployment)
     if f.endpoint:
         clauses.append("device = ?")
         params.append(f"endpoint:{f.endpoint}")
@@ -55,17 +58,20 @@ def _where(db: Database, f: ExportFilter) -> tuple[str, list[Any]]:
     if f.until is not None:
         clauses.append("ts < ?")
         params.append(f.until)
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params, devices
 
 
 def count(db: Database, f: ExportFilter) -> int:
-    where, params = _where(db, f)
-    return int(db.scalar(f"SELECT COUNT(*) FROM data_records{where}", params) or 0)
+    where, params, devices = _where(db, f)
+    if devices is None:
+        return int(db.scalar(f"SELECT COUNT(*) FROM data_records{where}", params) or 0)
+    return sum(r["n"] for r in db.query(f"SELECT device, COUNT(*) AS n FROM data_records{where} GROUP BY device", params)
+               if r["device"] in devices)
 
 
 def pages(db: Database, f: ExportFilter, page: int = PAGE) -> Iterator[list[tuple[Any, ...]]]:
     """Rows in (ts, device, seq, idx) order, ``page`` at a time, by keyset pagination (no OFFSET rescans)."""
-    where, params = _where(db, f)
+    where, params, devices = _where(db, f)
     last: tuple[Any, ...] | None = None
     # A connection of its own: a streaming response resumes this generator on varying threads.
     with db.reader() as conn:
@@ -78,7 +84,9 @@ def pages(db: Database, f: ExportFilter, page: int = PAGE) -> Iterator[list[tupl
             rows = conn.execute(sql + " ORDER BY ts, device, seq, idx LIMIT ?", [*args, page]).fetchall()
             if not rows:
                 return
-            yield rows
+            kept = rows if devices is None else [r for r in rows if r[0] in devices]
+            if kept:
+                yield kept
             last = rows[-1]
 
 

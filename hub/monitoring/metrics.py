@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from hub.context import Hub
 from hub.monitoring.prom import Exposition
+from hub.trust.renewal import key_expiry
 
 if TYPE_CHECKING:
     from hub.endpoints.manager import EndpointManager
@@ -17,6 +18,7 @@ def render(hub: Hub, endpoints: EndpointManager | None = None) -> str:
     _bridge(hub, out)
     _rollouts(hub, out)
     _alerts(hub, out)
+    _trust(hub, out)
     if endpoints is not None:
         _endpoints(endpoints, out)
     return out.render()
@@ -36,8 +38,17 @@ def _bridge(hub: Hub, out: Exposition) -> None:
                [({"state": "online"}, online), ({"state": "offline"}, total - online)])
     out.family("edgefleet_hub_telemetry_rows_total", "counter", "Telemetry points stored (replays not counted).",
                [({}, bridge.telemetry_rows)])
+    out.family("edgefleet_hub_ingest_records_failed_total", "counter",
+               "Valid telemetry/data records the database refused (each alone; the rest of its batch was stored).",
+               [({}, bridge.writer.failed)])
     out.family("edgefleet_hub_blob_bytes_sent_total", "counter", "Bundle bytes published over MQTT.",
                [({}, bridge.blob_bytes_sent)])
+    out.family("edgefleet_hub_blob_requests_limited_total", "counter",
+               "Bundle-part requests cut short by the device's byte budget (hub/mqtt/ratelimit.py).",
+               [({}, bridge.budgets.limited)])
+    out.family("edgefleet_hub_blob_bytes_refused_total", "counter",
+               "Bundle bytes devices asked for beyond their budget (not published then).",
+               [({}, bridge.budgets.refused_bytes)])
     downloads = hub.downloads
     out.family("edgefleet_hub_device_http_bytes_sent_total", "counter", "Bundle chunk bytes devices downloaded over HTTP.",
                [({}, downloads.bytes_sent)])
@@ -74,11 +85,22 @@ def _alerts(hub: Hub, out: Exposition) -> None:
     firing = hub.db.query("SELECT rule, count(*) AS n FROM alert_state WHERE firing = 1 GROUP BY rule ORDER BY rule")
     out.family("edgefleet_hub_alerts_firing", "gauge", "Alert keys currently firing, per rule.",
                [({"rule": r["rule"]}, r["n"]) for r in firing])
-    hooks = hub.db.one("SELECT coalesce(sum(delivered), 0) AS ok, coalesce(sum(attempts - delivered), 0) AS failed "
-                       "FROM alert_events WHERE webhook IS NOT NULL")
-    out.family("edgefleet_hub_webhook_attempts_total", "counter", "Webhook delivery attempts by outcome.",
-               [({"outcome": "delivered"}, hooks["ok"] if hooks else 0),
-                ({"outcome": "failed"}, hooks["failed"] if hooks else 0)])
+    # each delivery row is delivered by its last attempt at most (a redelivery is a new row): the counts only grow
+    hooks = hub.db.one("SELECT coalesce(sum(CASE WHEN state = 'delivered' THEN 1 ELSE 0 END), 0) AS ok, "
+                       "coalesce(sum(attempts), 0) AS tried FROM webhook_deliveries") or {"ok": 0, "tried": 0}
+    out.family("edgefleet_hub_webhook_attempts_total", "counter",
+               "Webhook delivery attempts (events and alert rules) by outcome.",
+               [({"outcome": "delivered"}, hooks["ok"]), ({"outcome": "failed"}, hooks["tried"] - hooks["ok"])])
+
+
+def _trust(hub: Hub, out: Exposition) -> None:
+    """Seconds until each role's earliest signature expires (negative: expired), and whether the hub can renew it."""
+    expiry = key_expiry(hub)
+    out.family("edgefleet_key_expiry_seconds", "gauge",
+               "Seconds until the earliest expiry of what each role signs (root: the root itself); negative: expired.",
+               [({"role": r}, round(v)) for r, v in sorted(expiry.items())])
+    out.family("edgefleet_key_held", "gauge", "1 when the hub holds the role's key and renews its signatures itself.",
+               [({"role": r}, 1 if hub.keys.holds(r) else 0) for r in ("root", "release", "director")])
 
 
 def _endpoints(endpoints: EndpointManager, out: Exposition) -> None:

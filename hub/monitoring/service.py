@@ -35,14 +35,12 @@ class Monitor:
         self._thread = threading.Thread(target=self._run, name="hub-monitoring", daemon=True)
 
     def start(self) -> None:
-        self.alerts.start()
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(10)
-        self.alerts.stop()
 
     def apply_retention(self, now: float | None = None) -> dict[str, int]:
         now = time.time() if now is None else now

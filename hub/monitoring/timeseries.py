@@ -41,6 +41,7 @@ class SeriesFilter:
     device: str | None = None
     module: str | None = None
     version: int | None = None
+    devices: frozenset[str] | None = None  # only these sources (a deployment's devices); None: any
 
     def sql(self) -> tuple[str, dict[str, Any]]:
         """`` AND col = :col`` clauses for the columns set, and their parameters."""
@@ -97,6 +98,8 @@ def totals(db: Database, f: SeriesFilter, since: float, until: float = FOREVER,
     out: dict[tuple[int, str], Sums] = {}
 
     def add(key: tuple[int, str], sums: Any) -> None:
+        if f.devices is not None and key[1] not in f.devices:
+            return
         have = out.get(key)
         out[key] = np.asarray(sums, dtype=np.float64) if have is None else have + sums
 

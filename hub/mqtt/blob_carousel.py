@@ -22,6 +22,7 @@ persistent, so every copy published after a device's request reaches that device
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.topics import MANIFEST_PART
@@ -60,7 +61,10 @@ class Carousel:
         self._bundles: dict[str, _Bundle] = {}
         self.ignored = 0  # covered requests for parts (what coalescing saved), for tests and metrics
 
-    def request(self, bundle: str, device: str, manifest: bool, chunks: list[str], now: float) -> None:
+    def request(self, bundle: str, device: str, manifest: bool, chunks: list[str], now: float,
+                admit: Callable[[list[str]], list[str]] | None = None) -> None:
+        """``device`` asks for parts; ``admit`` gets the parts it newly waits for and returns those it may have
+        (the hub's per-device budget, hub/mqtt/ratelimit.py): covered requests cost nothing."""
         b = self._bundles.setdefault(bundle, _Bundle())
         b.touched = now
         asker = b.askers.get(device)
@@ -69,17 +73,19 @@ class Carousel:
         if chunks:
             asker.ready = min(asker.ready, now)  # it has the manifest
         wants = ([(MANIFEST_PART, asker.asked)] if manifest else []) + [(c, asker.ready) for c in chunks]
-        added = False
+        new = []
         for part, since in wants:
             sent = b.sent.get(part)
             if sent is not None and sent >= since and now - sent < self.covered:
                 self.ignored += 1
                 continue
-            devices = b.waiting.setdefault(part, set())
-            if device not in devices:
-                devices.add(device)
-                added = True
-        if added:
+            if device not in b.waiting.get(part, ()):
+                new.append(part)
+        if admit is not None:
+            new = admit(new)
+        for part in new:
+            b.waiting.setdefault(part, set()).add(device)
+        if new:
             b.last_new = now
             b.first_pending = min(b.first_pending, now)
 

@@ -26,8 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from hub.config import HubConfig
 from hub.errors import NotFound
 from hub.ingest import sessions
-from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, data_rows, shared_wildcard
+from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, data_rows, share_group, shared_wildcard
 from hub.mqtt.blob_carousel import Carousel
+from hub.mqtt.ratelimit import DeviceBudgets
 from hub.registry.bundles import bundle_chunks, release_envelope
 from hub.store import Database, dumps, is_postgres_url, now
 from hub.trust.roots_publish import announce, offline_will
@@ -79,6 +80,7 @@ class Bridge:
         self.carousel = (Carousel(config.blob_gather_s, max(config.blob_hold_max_s, config.blob_gather_s),
                                   config.blob_covered_s) if config.blob_gather_s > 0 else None)
         self._carousel_lock = threading.Lock()
+        self.budgets = DeviceBudgets(config.blob_device_burst_bytes, config.blob_device_rate_bps)
         self._carousel_wake = threading.Event()
         self._carousel_thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -136,7 +138,7 @@ class Bridge:
     def stop(self) -> None:
         self._stopping = True
         if self.clustered and self._ready.is_set():  # nothing new for this session; store and ack the rest; end it
-            sessions.unsubscribe(self.client, sessions.ingest_topics())
+            sessions.unsubscribe(self.client, sessions.ingest_topics(self.config.mqtt_url))
             self.writer.stop()
         self.client.disconnect(reasoncode=mqtt.ReasonCode(mqtt.PacketTypes.DISCONNECT, "Disconnect with will message"),
                                properties=sessions.end_session_properties() if self.clustered else None)
@@ -158,9 +160,17 @@ class Bridge:
             log.warning("broker refused the hub's connection: %s", reason_code)
             return
         self.acker.reconnected()  # acks owed on the old connection are void: those messages come again
+        # "online" is what the broker says now: every device's retained status arrives with the subscription below
+        # (this same thread handles it after this), and a broker that lost them (restarted) has each device that
+        # is really connected publish "online" again. A device stranded meanwhile must not stay "online".
+        try:
+            with self.db.transaction() as tx:
+                tx.execute("UPDATE devices SET online = 0 WHERE online = 1")
+        except Exception:
+            log.exception("could not reset the devices' online flags")
         # with ingest workers or other replicas, telemetry and data are shared with them (hub/ingest/workers.py)
-        shared = self.config.ingest_workers > 0 or self.clustered
-        topics = [(shared_wildcard(ch) if shared and ch in INGEST_CHANNELS else device_wildcard(ch), 1)
+        group = share_group(self.config.mqtt_url) if self.config.ingest_workers > 0 or self.clustered else None
+        topics = [(shared_wildcard(ch, group) if group and ch in INGEST_CHANNELS else device_wildcard(ch), 1)
                   for ch in DEVICE_TO_HUB]
         if self.clustered:
             topics.append((HUB_STATUS_TOPIC, 1))
@@ -293,12 +303,25 @@ class Bridge:
             raise Rejected(f"bundle {msg.bundle[:12]}… has no chunk(s) {[c[:12] for c in unknown[:3]]}")
         chunks = list(dict.fromkeys(msg.chunks))
         if self.carousel is None:  # per-device transfer: every request gets its own copy, at once
-            for part in [MANIFEST_PART] * msg.manifest + chunks:
+            with self._carousel_lock:
+                parts = self._admit(msg.device, [MANIFEST_PART] * msg.manifest + chunks)
+            for part in parts:
                 self._send(msg.bundle, part, self._part(msg.bundle, part))
             return
         with self._carousel_lock:
-            self.carousel.request(msg.bundle, msg.device, msg.manifest, chunks, time.monotonic())
+            self.carousel.request(msg.bundle, msg.device, msg.manifest, chunks, time.monotonic(),
+                                  admit=lambda parts: self._admit(msg.device, parts))
         self._carousel_wake.set()
+
+    def _admit(self, device: str, parts: list[str]) -> list[str]:
+        """The parts ``device`` may make the hub publish now (its byte budget); under ``_carousel_lock``."""
+        t = time.monotonic()
+        admitted = self.budgets.admit(device, parts, t)
+        if len(admitted) < len(parts) and self.budgets.should_warn(device, t):
+            log.warning("device %s asks for more bundle bytes than its budget (%d bytes, %d/s): %d part(s) not"
+                        " published now (edgefleet_hub_blob_requests_limited_total)", device, self.budgets.burst,
+                        self.budgets.rate, len(parts) - len(admitted))
+        return admitted
 
     def _carousel_loop(self) -> None:
         """Publish each pass when it is due (the carousel decides when; this thread keeps time)."""

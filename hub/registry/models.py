@@ -3,6 +3,8 @@
 Uploads stream into the content store (hashed as they pass); the main file is
 then loaded in a short-lived child process (modules.loadcheck), so a huge or
 hostile model can neither bloat nor crash the hub.
+A Python model (pickle, joblib, a model directory, an entry script) is never
+loaded here: its entry script is parsed, not run (modules.pymodel).
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from hub.audit import record
+from hub.bounds import check_api_name, check_labels
 from hub.errors import Conflict, Invalid, NotFound
 from hub.store import Database, dumps, loads, now
 from modules.loadcheck import inspect_model
-from modules.runners import ModelError, detect_runtime
+from modules.pymodel import check_entry_source, main_file
+from modules.runners import ModelError
+from modules.sandbox import Sandbox
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
-from protocol.manifest import check_relative_path
+from protocol.manifest import MAX_BUNDLE_FILES, check_relative_path
 
 log = logging.getLogger("edgefleet.hub.registry")
 
@@ -79,9 +85,10 @@ class ModelRegistry:
     """
 
     def __init__(self, db: Database, store: ContentStore, load_timeout_s: float = 120.0,
-                 load_memory_mb: int = 0) -> None:
+                 load_memory_mb: int = 0, sandbox: Sandbox | None = None) -> None:
         self.db, self.store = db, store
         self.load_timeout_s, self.load_memory_mb = load_timeout_s, load_memory_mb
+        self.sandbox = sandbox  # where load checks run: never in the hub's trust domain (modules/sandbox.py)
         self.usage_checks: list[UsageCheck] = [lambda n, v: deployments_using(self.db, n, v)]
         # blobs stored by uploads still in flight: garbage collection must not take them
         self._pending: Counter[str] = Counter()
@@ -93,20 +100,21 @@ class ModelRegistry:
                  description: str = "", created_by: str = "", *, properties: dict[str, Any] | None = None,
                  lineage: dict[str, Any] | None = None, baseline: BinaryIO | None = None) -> dict[str, Any]:
         """Store the files, load the main one to check it, then record version max+1."""
-        if not name or len(name) > 64 or "/" in name or ":" in name:
-            raise Invalid(f"invalid model name {name!r}: 1-64 characters, no '/' or ':'")
-        if not uploads:
-            raise Invalid("a model needs at least one file")
+        check_api_name(name, "model name")
+        check_labels(tags or {}, "tags")
+        if not 1 <= len(uploads) <= MAX_BUNDLE_FILES:
+            raise Invalid(f"a model needs 1..{MAX_BUNDLE_FILES} files, not {len(uploads)}")
         lineage = self._check_lineage(name, lineage or {})
         paths = []
         for up in uploads:
-            try:
-                paths.append(check_relative_path(Path(up.filename or "").name))
+            try:  # a relative path keeps its folders (a model directory); an absolute one keeps only its name
+                name_ = up.filename or ""
+                paths.append(check_relative_path(Path(name_).name if name_.startswith("/") else name_))
             except ProtocolError as exc:
                 raise Invalid(str(exc)) from None
         if len(set(paths)) != len(paths):
             raise Invalid(f"file names repeat: {paths}")
-        main = self._main_index(paths)
+        main, framework = main_file(paths)
         stored: list[dict[str, Any]] = []
         held: list[str] = []  # every blob this upload put, protected from GC until the row exists
         baseline_ref: dict[str, Any] | None = None
@@ -121,8 +129,7 @@ class ModelRegistry:
                 baseline_ref = {"sha256": digest, "size": size}
             # the main file first: modules take a model's first file as its entry point
             stored.insert(0, stored.pop(main))
-            framework = detect_runtime(Path(stored[0]["path"]))
-            inputs, outputs = self._describe(stored, framework)
+            inputs, outputs = self._check_python(stored) if framework == "python" else self._describe(stored, framework)
             with self.db.transaction() as tx:
                 missing = [d for d in held if not self.store.has(d)]
                 if missing:  # a delete's GC ran between our put and this insert
@@ -137,6 +144,8 @@ class ModelRegistry:
                      description, now(), created_by, dumps(properties or {}), dumps(lineage),
                      dumps(baseline_ref) if baseline_ref else None),
                 )
+                record(self.db, created_by, "model.registered", f"{name}:{version}", model=name, version=version,
+                       framework=framework, files=[f["path"] for f in stored], tags=tags or {})
         except BaseException as exc:
             self._release(held, discard=True)
             if isinstance(exc, ModelError):
@@ -174,32 +183,51 @@ class ModelRegistry:
         if discard:
             self.collect_garbage(held)
 
-    @staticmethod
-    def _main_index(paths: list[str]) -> int:
-        for i, path in enumerate(paths):
-            try:
-                detect_runtime(Path(path))
-                return i
-            except ModelError:
-                continue
-        return 0  # detect_runtime on it later gives the precise refusal
+    def _check_python(self, files: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
+        """A Python model is never loaded by the hub: its entry script, if it has one, is parsed, not run.
+
+        Pickles, joblib files and model directories are recorded as they are; only a device,
+        an endpoint worker or a batch worker loads them (modules.pymodel).
+        """
+        main = files[0]["path"]
+        if main.endswith(".py"):
+            if files[0]["size"] > 1024 * 1024:
+                raise ModelError(f"entry script {main} is larger than 1 MiB")
+            source = self.store.path(files[0]["sha256"]).read_bytes().decode("utf-8", errors="replace")
+            check_entry_source(source, main, "python")
+        return [], []
 
     def _describe(self, files: list[dict[str, Any]], framework: str) -> tuple[list[Any], list[Any]]:
         """Load the main file under its real name beside its siblings (external weights, imports), in a child."""
         with tempfile.TemporaryDirectory(prefix="edgefleet-model-") as tmp:
             for f in files:
+                (Path(tmp) / f["path"]).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / f["path"]).symlink_to(self.store.path(f["sha256"]))
             described = inspect_model(Path(tmp) / files[0]["path"], framework, self.load_timeout_s,
-                                      self.load_memory_mb)
+                                      self.load_memory_mb, self.sandbox)
             return described["inputs"], described["outputs"]
 
     # --- read ----------------------------------------------------------------------------------
 
     def get(self, name: str, version: int) -> dict[str, Any]:
+        """One version, with the aliases naming it and its latest recorded metrics (newest value of each)."""
         row = self.db.one("SELECT * FROM models WHERE name = ? AND version = ?", (name, version))
         if row is None:
             raise NotFound(f"model {name}:{version} does not exist")
-        return model_row(row)
+        metrics: dict[str, float] = {}
+        for e in self.db.query("SELECT metrics FROM model_evaluations WHERE name = ? AND version = ? ORDER BY id",
+                               (name, version)):
+            metrics |= loads(e["metrics"], {})
+        return model_row(row) | {"aliases": self._aliases([row])[(name, version)], "metrics": metrics}
+
+    def _aliases(self, rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[str]]:
+        out: dict[tuple[str, int], list[str]] = {(r["name"], r["version"]): [] for r in rows}
+        names = sorted({r["name"] for r in rows})
+        if names:
+            for a in self.db.query(f"SELECT name, alias, version FROM model_aliases WHERE name IN "
+                                   f"({','.join('?' * len(names))}) ORDER BY alias", names):
+                out.get((a["name"], a["version"]), []).append(a["alias"])
+        return out
 
     def search(self, name: str | None = None, tags: dict[str, str] | None = None, framework: str | None = None,
                limit: int | None = None, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
@@ -218,7 +246,8 @@ class ModelRegistry:
         total = self.db.scalar("SELECT count(*) FROM models" + clause, params) or 0
         sql = "SELECT * FROM models" + clause + " ORDER BY created_at DESC, version DESC LIMIT ? OFFSET ?"
         rows = self.db.query(sql, [*params, ALL_ROWS if limit is None else limit, offset])
-        return [model_row(r) for r in rows], total
+        aliases = self._aliases(rows)
+        return [model_row(r) | {"aliases": aliases[(r["name"], r["version"])]} for r in rows], total
 
     def list(self, name: str | None = None, tags: dict[str, str] | None = None,
              framework: str | None = None) -> list[dict[str, Any]]:
@@ -250,6 +279,7 @@ class ModelRegistry:
             model = self.get(name, version)
             tags = {k: v for k, v in model["tags"].items() if k not in set(remove_tags or [])}
             tags.update(set_tags or {})
+            check_labels(tags, "tags")
             props = dict(model["properties"])
             for key, value in (properties or {}).items():
                 if value is None:

@@ -7,12 +7,14 @@ hands it to the rollout controller with a strategy: all at once, a canary, or wa
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from hub.audit import record
+from hub.bounds import check_api_name
 from hub.errors import Conflict, Invalid, NotFound
 from hub.fleet.devices import category, module_views
-from hub.fleet.targeting import parse_target
+from hub.fleet.targeting import check_target
 from hub.registry.bundles import parse_ref
 from hub.rollout.director import Director
 from hub.rollout.rollout_plan import ON_FAILURE, Gates, parse_strategy
@@ -26,6 +28,7 @@ from protocol.schema import validate
 log = logging.getLogger("edgefleet.hub.deployments")
 
 DEFAULT_WAVE_TIMEOUT_S = 600.0
+PLAN_FIELDS = ("strategy", "bake_s", "on_failure", "wave_timeout_s")  # with the gates: what an update inherits
 
 
 def deployment_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -55,8 +58,10 @@ def device_bake(seconds: int | None, max_error_rate: float = 0.05, min_inference
 
 
 class Deployments:
-    def __init__(self, db: Database, director: Director, rollouts: Rollouts) -> None:
+    def __init__(self, db: Database, director: Director, rollouts: Rollouts,
+                 refusal: Callable[[str, int], str | None] = lambda name, version: None) -> None:
         self.db, self.director, self.rollouts = db, director, rollouts
+        self.refusal = refusal  # why a module version may not be deployed (the release policy revokes it), or None
         self._adopt_unrevisioned()
 
     def _adopt_unrevisioned(self) -> None:
@@ -81,9 +86,8 @@ class Deployments:
 
         Asking for exactly what the latest revision already is changes nothing (``published`` 0).
         """
-        if not name or len(name) > 64:
-            raise Invalid("deployment name must be 1-64 characters")
-        parse_target(target)
+        check_api_name(name, "deployment name")  # the API checked it too: this is for every other caller
+        check_target(target)
         waves = parse_strategy(strategy)
         gate_set = Gates.from_json(gates)
         if on_failure not in ON_FAILURE:
@@ -93,9 +97,15 @@ class Deployments:
         if collect_rate_ppm is not None and not 0 <= collect_rate_ppm <= 1_000_000:
             raise Invalid("collect_rate_ppm must be 0..1000000")
         module_name, version = parse_ref(module)
-        row = self.db.one("SELECT digest FROM modules WHERE name = ? AND version = ?", (module_name, version))
+        row = self.db.one("SELECT digest, envelope FROM modules WHERE name = ? AND version = ?", (module_name, version))
         if row is None:
             raise Invalid(f"module {module} does not exist: build it first (POST /api/v1/modules)")
+        if not loads(row["envelope"])["signatures"]:
+            raise Conflict(f"module {module} has no release signature yet: sign it where the release key is "
+                           "(edgefleet module sign) before deploying it")
+        why = self.refusal(module_name, version)
+        if why:
+            raise Conflict(f"cannot deploy {module}: {why}")
         try:
             bake_json = dumps(validate(BakePolicy, device_bake).to_dict()) if device_bake else None
         except ProtocolError as exc:
@@ -131,16 +141,37 @@ class Deployments:
                                              actor)
         log.info("deployment %s revision %d -> %s on %r: rollout %d, %d device(s) updated", name, revision, module,
                  target, rid, published)
-        return self.get(name) | {"published": published, "rollout": rid}
+        plan = self.rollouts.last_plan(name) or {}
+        return self.get(name) | {"published": published, "rollout": rid, "plan": plan | {"inherited": []}}
 
     def update(self, name: str, module: str | None = None, target: str | None = None, priority: int | None = None,
                **kwargs: Any) -> dict[str, Any]:
-        """A new revision that changes only what is given (``edgefleet deployment update``)."""
+        """A new revision that changes only what is given (``edgefleet deployment update``).
+
+        The rollout plan is the last rollout's (strategy, bake, gates, on failure, wave timeout) with what is
+        given on top; gates merge per gate. The answer's ``plan`` is the effective one, and ``plan.inherited``
+        names what came from the last rollout.
+        """
         cur = self._row(name)
         latest = self.revision(name, cur["revision"])
         kwargs.setdefault("device_bake", latest["device_bake"])  # kept unless given
-        return self.put(name, module or latest["module"], target if target is not None else cur["target"],
-                        priority if priority is not None else cur["priority"], **kwargs)
+        kwargs.setdefault("collect_rate_ppm", latest["collect_rate_ppm"])
+        last = self.rollouts.last_plan(name)
+        inherited = []
+        if last is not None:
+            for key in PLAN_FIELDS:
+                if kwargs.get(key) is None:
+                    kwargs[key] = last[key]
+                    inherited.append(key)
+            given = {k: v for k, v in (kwargs.get("gates") or {}).items()}
+            if not given:
+                inherited.append("gates")
+            kwargs["gates"] = {**(last["gates"] or {}), **given}
+        out = self.put(name, module or latest["module"], target if target is not None else cur["target"],
+                       priority if priority is not None else cur["priority"], **kwargs)
+        if out["rollout"] is not None:
+            out["plan"]["inherited"] = inherited
+        return out
 
     def rollback(self, name: str, to: int | None, actor: str) -> dict[str, Any]:
         """Roll back the live rollout; with none live, roll out an earlier revision again (as a new revision)."""

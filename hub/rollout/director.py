@@ -4,7 +4,9 @@ For each module name a device gets the highest-priority active deployment whose
 target matches it (ties: the newest). Of a deployment it gets the stable revision,
 or the revision a live rollout is moving it to (see hub/rollout/rollouts.py). A new state is signed with revision+1 and
 published retained, QoS 1, only when the module list changes, or when the last
-one nears expiry (a device refuses expired states, so they are renewed).
+one nears expiry (a device refuses expired states, so they are renewed), or when the root of trust
+or the release policy changed so that a device would refuse the stored one (rotation converges).
+Every state carries the current release policy (hub/trust/release_policy.py).
 
 Only the leader among hub replicas signs (hub/leader.py): on another replica :meth:`Director.sync`
 records the request in ``director_requests`` and the leader serves it within a tick. The leader
@@ -22,16 +24,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hub.errors import Conflict
 from hub.fleet.targeting import parse_target
 from hub.leader import SOLE_LEADER, Leader, LeaseLost
 from hub.rollout.rollout_states import HOLDING
 from hub.store import Database, dumps, loads
 from hub.trust.keys import KeyRing
-from protocol.encoding import canonical_json
+from protocol.encoding import canonical_json, digest_of
 from protocol.messages import BakePolicy, DesiredModule, DesiredState
 from protocol.schema import validate
 from protocol.signing import sign
 from protocol.topics import Channel, device_topic
+from protocol.trust import MAX_DESIRED_LIFETIME_S, signed_by
 
 log = logging.getLogger("edgefleet.hub.director")
 
@@ -68,8 +72,11 @@ def desired_module(d: dict[str, Any]) -> dict[str, Any]:
 
 class Director:
     def __init__(self, db: Database, keys: KeyRing, ttl_s: int, publish: Publish,
-                 leader: Leader = SOLE_LEADER) -> None:
-        self.db, self.keys, self.ttl_s, self.publish, self.leader = db, keys, ttl_s, publish, leader
+                 policy: Callable[[], dict[str, Any] | None] = lambda: None, leader: Leader = SOLE_LEADER) -> None:
+        if not 0 < ttl_s <= MAX_DESIRED_LIFETIME_S:
+            raise ValueError(f"desired_ttl_s must be 1..{MAX_DESIRED_LIFETIME_S} (devices refuse longer-lived states)")
+        self.db, self.keys, self.ttl_s, self.publish, self.policy = db, keys, ttl_s, publish, policy
+        self.leader = leader
         # compute, commit and publish under one lock, so revision N+1 never reaches the broker before N
         self._lock = threading.Lock()
 
@@ -115,41 +122,44 @@ class Director:
                 best[d["module_name"]] = (d, layer.created_at)
         return [desired_module(d) for _, (d, _) in sorted(best.items())]
 
-    def sync(self, device_ids: list[str] | None = None, renew_before: float | None = None) -> int:
+    def sync(self, device_ids: list[str] | None = None, renew_before: float | None = None,
+             resign: Callable[[dict[str, Any]], bool] | None = None) -> int:
         """Publish a new desired state to each device (all when None) whose module list changed; return how many.
 
-        With ``renew_before`` (unix time), also re-sign states that expire before it. On a replica that
-        is not the leader, the request goes to the leader and this returns 0.
+        With ``renew_before`` (unix time), also re-sign states that expire before it; with ``resign``, also
+        those whose device row (with its ``desired_envelope``) it says yes to. On a replica that is not the
+        leader, the request goes to the leader and this returns 0.
         """
         if not self.leader.is_leader():
-            self.request(device_ids)
+            self.request(device_ids, resign is not None)
             return 0
         with self._lock:
             deployments = self._deployments()
             out: list[tuple[str, int, bytes]] = []
+            policy = self.policy()
             try:
                 with self.db.transaction() as tx:
                     self.leader.fence(tx)  # a deposed leader's states never commit
-                    sql = "SELECT id, labels, revision, desired, desired_expires FROM devices"
+                    sql = "SELECT id, labels, revision, desired, desired_expires, desired_envelope FROM devices"
                     rows = self.db.query(sql) if device_ids is None else [
                         r for i in device_ids for r in self.db.query(sql + " WHERE id = ?", (i,))]
                     for row in rows:
                         modules = self.modules_for(row["id"], loads(row["labels"], {}), deployments)
                         unchanged = row["desired"] is not None and loads(row["desired"]) == modules
                         expiring = renew_before is not None and (row["desired_expires"] or 0) < renew_before
-                        if unchanged and not expiring:
+                        if unchanged and not expiring and not (resign is not None and resign(row)):
                             continue
                         state = DesiredState(device=row["id"], revision=row["revision"] + 1,
                                              expires=int(time.time()) + self.ttl_s,
-                                             modules=[validate(DesiredModule, m) for m in modules])
-                        envelope = canonical_json(sign(state.to_dict(), [self.keys.director_key]))
+                                             modules=[validate(DesiredModule, m) for m in modules], policy=policy)
+                        envelope = canonical_json(sign(state.to_dict(), [self.keys.key("director")]))
                         tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?,"
                                    " desired_expires = ?, desired_published = 0 WHERE id = ?",
                                    (state.revision, dumps(modules), envelope.decode(), state.expires, row["id"]))
                         out.append((row["id"], state.revision, envelope))
             except LeaseLost as exc:
                 log.warning("desired-state sync handed to the next leader: %s", exc)
-                self.request(device_ids)
+                self.request(device_ids, resign is not None)
                 return 0
             sent = self._publish(out)
             if sent:
@@ -179,15 +189,16 @@ class Director:
                 tx.executemany("UPDATE devices SET desired_published = 1 WHERE id = ? AND revision = ?", done)
         return len(done)
 
-    def request(self, device_ids: list[str] | None) -> None:
-        """Ask the leader for a sync of ``device_ids`` (None: every device)."""
+    def request(self, device_ids: list[str] | None, resign: bool = False) -> None:
+        """Ask the leader for a sync of ``device_ids`` (None: every device); ``resign``: with
+        :meth:`resign_refused` (the policy or the keys changed here)."""
         with self.db.transaction() as tx:
-            tx.execute("INSERT INTO director_requests (devices, created_at) VALUES (?, ?)",
-                       (None if device_ids is None else dumps(sorted(device_ids)), time.time()))
+            tx.execute("INSERT INTO director_requests (devices, created_at, resign) VALUES (?, ?, ?)",
+                       (None if device_ids is None else dumps(sorted(device_ids)), time.time(), int(resign)))
 
     def serve_requests(self) -> int:
         """Leader: sync what other replicas asked for; returns the states published."""
-        rows = self.db.query("SELECT id, devices FROM director_requests ORDER BY id")
+        rows = self.db.query("SELECT id, devices, resign FROM director_requests ORDER BY id")
         if not rows or not self.leader.is_leader():
             return 0
         wanted: set[str] | None = set()
@@ -196,7 +207,10 @@ class Director:
                 wanted = None
             elif wanted is not None:
                 wanted.update(loads(r["devices"]))
-        published = self.sync(None if wanted is None else sorted(wanted))
+        if any(r["resign"] for r in rows) and self.keys.holds("director"):
+            published = self.resign_refused()  # every device: covers ``wanted`` too
+        else:
+            published = self.sync(None if wanted is None else sorted(wanted))
         with self.db.transaction() as tx:
             tx.execute("DELETE FROM director_requests WHERE id <= ?", (rows[-1]["id"],))
         return published
@@ -212,6 +226,23 @@ class Director:
         if sent:
             log.info("published %d desired state(s) left pending", sent)
         return sent
+
+    def resign_refused(self) -> int:
+        """Re-sign every stored state a device would now refuse or read with a stale release policy: signed by a
+        key the current root no longer trusts for the director role (after a rotation), or carrying another
+        policy than the current one. Returns how many were re-published."""
+        if not self.keys.holds("director"):
+            raise Conflict("the hub does not hold the director key: stored desired states cannot be re-signed")
+        root, policy = self.keys.root, self.policy()
+        want = digest_of(policy) if policy else None
+
+        def stale(row: dict[str, Any]) -> bool:
+            if row["desired_envelope"] is None:
+                return False
+            envelope = loads(row["desired_envelope"])
+            held = envelope["signed"].get("policy")
+            return not signed_by(root, envelope, "director") or (digest_of(held) if held else None) != want
+        return self.sync(resign=stale)
 
     def renew_expiring(self) -> int:
         """Re-sign states past half their lifetime, so a device never holds an expired one."""

@@ -55,6 +55,15 @@ def parse_strategy(text: str) -> list[Wave]:
     return waves
 
 
+def strategy_text(waves: list[Wave]) -> str:
+    """The strategy string :func:`parse_strategy` turns back into ``waves`` (``canary:P%`` reads as ``waves:P,100``)."""
+    if len(waves) == 1 and waves[0] == Wave():
+        return "all"
+    if waves[0].devices is not None and len(waves) == 2:
+        return f"canary:{waves[0].devices}"
+    return "waves:" + ",".join(f"{w.percent:g}" for w in waves)
+
+
 def strategy_to_json(waves: list[Wave]) -> list[dict[str, Any]]:
     return [asdict(w) for w in waves]
 

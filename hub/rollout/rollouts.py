@@ -27,6 +27,7 @@ from hub.fleet.devices import bundle_state, category
 from hub.fleet.targeting import parse_target
 from hub.leader import SOLE_LEADER, Leader, LeaseLost
 from hub.rollout import rollout_states as S
+from hub.rollout import rollout_view as view
 from hub.rollout.director import Director
 from hub.rollout.gates import GateResult, evaluate, install_check
 from hub.rollout.rollout_plan import Gates, Wave, strategy_from_json, strategy_to_json
@@ -219,7 +220,12 @@ class Rollouts:
                 record(self.db, CONTROLLER, "rollout.gate_passed", r["deployment"], rollout=r["id"], wave=r["wave"] + 1)
             else:  # the last wave passed: the revision becomes what every matching device gets
                 tx.execute("UPDATE deployments SET stable_revision = ? WHERE name = ?", (r["revision"], r["deployment"]))
-                self._move(r, S.SUCCEEDED, CONTROLLER)
+                online = {d["id"]: bool(d["online"]) for d in self.db.query(
+                    "SELECT d.id, d.online FROM rollout_devices p JOIN devices d ON d.id = p.device"
+                    " WHERE p.rollout = ?", (r["id"],))}
+                outcome = view.not_updated_reason([{"id": d, "online": online.get(d, False), "state": category(s)}
+                                                   for d, (s, _) in sorted(states.items())])
+                self._move(r, S.SUCCEEDED, CONTROLLER, reason="" if outcome == "succeeded" else outcome)
         if r["wave"] + 1 < len(waves):
             return self._begin_wave(self._get(r["id"]), r["wave"] + 1)
         return self.director.sync()
@@ -275,52 +281,25 @@ class Rollouts:
     # --- views -----------------------------------------------------------------------------------
 
     def status(self, deployment: str, rollout_id: int | None = None) -> dict[str, Any]:
-        """The latest (or given) rollout of ``deployment``: state, counts by device state, per-device detail."""
+        """The latest (or given) rollout of ``deployment``: state, counts by device state, per-device detail, the
+        devices holding the current wave and the time left, and how it ended (hub/rollout/rollout_view.py)."""
         r = (self.db.one("SELECT * FROM rollouts WHERE id = ? AND deployment = ?", (rollout_id, deployment))
              if rollout_id else self.db.one("SELECT * FROM rollouts WHERE deployment = ? ORDER BY id DESC LIMIT 1",
                                             (deployment,)))
         if r is None:
             raise NotFound(f"deployment {deployment!r} has no rollout")
-        rev = self._revision(r)
         prev = self._revision(r, r["from_revision"]) if r["from_revision"] else None
-        waves = strategy_from_json(loads(r["strategy"]))
-        admitted = {p["device"]: p["wave"] for p in self.db.query(
-            "SELECT device, wave FROM rollout_devices WHERE rollout = ?", (r["id"],))}
-        target = parse_target(rev["target"])
-        reverted = r["state"] in (S.ROLLING_BACK, S.ROLLED_BACK, S.ABORTED, S.SUPERSEDED)
-        counts: dict[str, int] = {}
-        devices = []
-        for d in self.db.query("SELECT id, labels, online, reported FROM devices ORDER BY id"):
-            if d["id"] not in admitted and not target.matches(d["id"], loads(d["labels"], {})):
-                continue
-            state, error = bundle_state(loads(d["reported"]), rev["digest"])
-            if d["id"] not in admitted:
-                bucket = "waiting"
-            elif reverted:
-                bucket = "rolled_back"
-            else:
-                bucket = category(state)
-            counts[bucket] = counts.get(bucket, 0) + 1
-            devices.append({"id": d["id"], "online": bool(d["online"]), "wave": admitted.get(d["id"], -1) + 1 or None,
-                            "state": bucket, "install_state": state, "error": error})
-        return {
-            "id": r["id"], "deployment": deployment, "revision": r["revision"], "from_revision": r["from_revision"],
-            "module": f"{rev['module_name']}:{rev['module_version']}",
-            "from_module": f"{prev['module_name']}:{prev['module_version']}" if prev else None,
-            "state": S.display(r["state"], r["wave"]), "phase": r["state"], "wave": r["wave"] + 1, "waves": len(waves),
-            "strategy": [w.label for w in waves], "bake_s": r["bake_s"], "gates": loads(r["gates"]),
-            "on_failure": r["on_failure"], "reason": r["reason"], "last_gate": loads(r["last_gate"]),
-            "counts": counts, "devices": devices, "terminal": r["state"] in S.TERMINAL,
-            "created_at": r["created_at"], "created_by": r["created_by"], "updated_at": r["updated_at"],
-        }
+        return view.status(self.db, r, self._revision(r), prev)
+
+    def last_plan(self, deployment: str) -> dict[str, Any] | None:
+        """The plan (strategy, bake, gates, on failure, wave timeout) of the deployment's latest rollout, if any."""
+        r = self.db.one("SELECT * FROM rollouts WHERE deployment = ? ORDER BY id DESC LIMIT 1", (deployment,))
+        return view.plan(r) if r else None
 
     def list(self, deployment: str | None = None) -> list[dict[str, Any]]:
         rows = self.db.query("SELECT * FROM rollouts" + (" WHERE deployment = ?" if deployment else "")
                              + " ORDER BY id DESC", (deployment,) if deployment else ())
-        return [{"id": r["id"], "deployment": r["deployment"], "revision": r["revision"],
-                 "from_revision": r["from_revision"], "state": S.display(r["state"], r["wave"]), "phase": r["state"],
-                 "reason": r["reason"], "created_at": r["created_at"], "created_by": r["created_by"],
-                 "updated_at": r["updated_at"]} for r in rows]
+        return view.listing(rows)
 
     # --- helpers ---------------------------------------------------------------------------------
 

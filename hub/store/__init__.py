@@ -13,6 +13,17 @@ one, scalar, insert, upsert, tables, columns); it writes SQL in a portable subse
 ``schema.py``: one ordered list, applied once each, recorded in ``schema_version``.
 """
 
-from hub.store.db import Connection, Database, StoreError, dumps, is_postgres_url, loads, now, open_database
+from hub.store.db import (
+    Connection,
+    Database,
+    StoreError,
+    TransientStoreError,
+    dumps,
+    is_postgres_url,
+    loads,
+    now,
+    open_database,
+)
 
-__all__ = ["Connection", "Database", "StoreError", "dumps", "is_postgres_url", "loads", "now", "open_database"]
+__all__ = ["Connection", "Database", "StoreError", "TransientStoreError", "dumps", "is_postgres_url", "loads", "now",
+           "open_database"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -27,8 +28,11 @@ try:  # what a failed statement raises, for callers that survive a lost write
     import psycopg
 
     StoreError: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+    # worth trying again: a lock or deadlock, a lost connection (not a record the database refuses)
+    TransientStoreError: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
 except ImportError:  # the PostgreSQL store is an extra (edgefleet[postgres])
     StoreError = (sqlite3.Error,)
+    TransientStoreError = (sqlite3.OperationalError,)
 
 
 def dumps(obj: Any) -> str:
@@ -151,6 +155,12 @@ class Database:
         self.path = Path(path)
         self.location = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # owner-only from the first byte (SQLite gives the -wal and -shm files the database file's mode);
+        # an older hub's world-readable files are closed too
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        for p in (self.path, self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm")):
+            if p.exists():
+                os.chmod(p, 0o600)
         self._local = threading.local()
         self._write_lock = threading.RLock()
         self._conns: list[sqlite3.Connection] = []

@@ -193,13 +193,44 @@ EXPORT_INDEXES = """CREATE INDEX IF NOT EXISTS data_records_ts ON data_records (
 CREATE INDEX IF NOT EXISTS data_records_module ON data_records (module, version, ts);
 """
 
+# registry aliases, evaluations and event webhooks (migration 4)
+MLOPS = """CREATE TABLE IF NOT EXISTS model_aliases (
+    name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, updated_at REAL NOT NULL,
+    updated_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (name, alias)
+);
+-- metrics measured by running a model version on a data set (edgefleet model evaluate); never edited
+CREATE TABLE IF NOT EXISTS model_evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, version INTEGER NOT NULL, metrics TEXT NOT NULL,
+    dataset TEXT NOT NULL DEFAULT '{}', dataset_sha256 TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL,
+    created_by TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS model_evaluations_version ON model_evaluations (name, version, id);
+-- event subscriptions; the secret signs each delivery (HMAC-SHA256), so it is kept, and never shown
+CREATE TABLE IF NOT EXISTS webhooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, url TEXT NOT NULL, events TEXT NOT NULL, secret TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT ''
+);
+-- one row per (event, receiver): written in the transaction of the change it announces, sent by one thread.
+-- webhook NULL: an alert rule's own URL (unsigned)
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, event TEXT NOT NULL, webhook INTEGER,
+    url TEXT NOT NULL, body TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, last_status INTEGER,
+    last_error TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (state, next_at);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_event ON webhook_deliveries (event_id);
+"""
+
 # hub replicas on one database (hub/leader.py): the lease of the one leader, with a fencing epoch that grows with
 # each new holder, and the desired-state syncs other replicas ask the leader for (the leader alone signs)
 CLUSTER = """CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch INTEGER NOT NULL, expires_at REAL NOT NULL
 );
+-- resign 1: also re-sign states a device would refuse (a key rotation or a new release policy on that replica)
 CREATE TABLE IF NOT EXISTS director_requests (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, devices TEXT, created_at REAL NOT NULL
+    id INTEGER PRIMARY KEY AUTOINCREMENT, devices TEXT, created_at REAL NOT NULL, resign INTEGER NOT NULL DEFAULT 0
 );
 -- the durable MQTT sessions that ingest (hub/ingest/sessions.py): a process that stops beating is adopted
 CREATE TABLE IF NOT EXISTS mqtt_sessions (client_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
@@ -222,7 +253,32 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         AddColumn("data_records", "endpoint", "TEXT"),
         TELEMETRY, REGISTRY, ALERTS, INGEST_WORKERS, ENDPOINTS, EXPORT_INDEXES,
     ),
-    (  # 2: replicas (issue 17): the leader's lease, director requests, states stored but not yet acknowledged
+    (  # 2: signed release policies (revocations, per-module minimum versions): hub/trust/release_policy.py
+        """CREATE TABLE IF NOT EXISTS release_policies (
+    version INTEGER PRIMARY KEY, envelope TEXT NOT NULL, created_at REAL NOT NULL, created_by TEXT NOT NULL DEFAULT ''
+);""",
+    ),
+    (  # 3: API and enrolment tokens that expire and are revoked; the audit log's hash chain (issue 13)
+        AddColumn("api_tokens", "expires_at", "REAL"),  # NULL: never
+        AddColumn("api_tokens", "revoked_at", "REAL"),
+        AddColumn("api_tokens", "created_by", "TEXT NOT NULL DEFAULT ''"),
+        # 'bootstrap': the admin token generated at first start or given by EDGEFLEET_ADMIN_TOKEN (one at a time);
+        # 'api': made with POST /api/v1/tokens. Older hubs named their bootstrap tokens 'admin'.
+        AddColumn("api_tokens", "source", "TEXT NOT NULL DEFAULT 'api'"),
+        "UPDATE api_tokens SET source = 'bootstrap' WHERE name = 'admin' AND role = 'admin';",
+        AddColumn("enrollment_tokens", "created_at", "REAL"),
+        AddColumn("enrollment_tokens", "created_by", "TEXT NOT NULL DEFAULT ''"),
+        AddColumn("enrollment_tokens", "revoked_at", "REAL"),
+        # hash = sha256(prev_hash + canonical row): hub/audit.py; rows of older hubs are chained at start
+        AddColumn("audit", "prev_hash", "TEXT"),
+        AddColumn("audit", "hash", "TEXT"),
+    ),
+    (  # 4: the MLOps loop: registry aliases and recorded evaluations (hub/registry/aliases.py, evaluations.py),
+        # event webhooks and one delivery table for them and for alert rules' own URLs (hub/events/)
+        MLOPS,
+        AddColumn("alert_events", "event_id", "TEXT"),  # the webhook event that carried it (webhook_deliveries)
+    ),
+    (  # 5: replicas (issue 17): the leader's lease, director requests, states stored but not yet acknowledged
         CLUSTER,
         AddColumn("devices", "desired_published", "INTEGER NOT NULL DEFAULT 1"),
     ),

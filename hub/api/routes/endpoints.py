@@ -11,27 +11,32 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from hub import audit
+from hub.api.deps import Principal, get_hub, require
 from hub.api.deps import get_endpoints as manager
-from hub.api.deps import require
+from hub.bounds import MAX_LIST, Finite, Name, NamePath
+from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])
 
 
 class EndpointRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=64)
-    module: str = Field(description='"module:version"')
+    name: Name
+    module: str = Field(max_length=200, description='"module:version" or "module@alias"')
     replicas: int | None = Field(default=None, ge=1, le=64, description="worker processes per version")
     max_batch: int | None = Field(default=None, ge=1, le=4096, description="requests per batched model call")
-    max_wait_ms: float | None = Field(default=None, ge=0, le=1000, description="how long a batch may wait to fill")
-    traffic: float | None = Field(default=None, ge=0, le=100,
+    max_wait_ms: Finite | None = Field(default=None, ge=0, le=1000, description="how long a batch may wait to fill")
+    traffic: Finite | None = Field(default=None, ge=0, le=100,
                                   description="add the module beside the current version(s) with this percentage; "
                                               "leave out to replace them (explicit update)")
 
 
 class TrafficRequest(BaseModel):
-    weights: dict[str, float] = Field(default_factory=dict, description='{"module:version": weight}')
-    mirror: dict[str, float] = Field(default_factory=dict, description='{"module:version": share 0-1 mirrored}')
+    weights: dict[str, Finite] = Field(default_factory=dict, max_length=MAX_LIST,
+                                       description='{"module:version": weight}')
+    mirror: dict[str, Finite] = Field(default_factory=dict, max_length=MAX_LIST,
+                                      description='{"module:version": share 0-1 mirrored}')
 
 
 class KeyRequest(BaseModel):
@@ -40,11 +45,16 @@ class KeyRequest(BaseModel):
 
 # the manager's calls block (starting processes, health checks): keep them off the event loop
 
-@router.post("", dependencies=[Depends(require("operator"))])
-async def deploy(body: EndpointRequest, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+@router.post("")
+async def deploy(body: EndpointRequest, m: EndpointManager = Depends(manager), hub: Hub = Depends(get_hub),
+                 who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Create or update; returns once the new version passed its health check and takes traffic."""
-    return await run_in_threadpool(m.deploy, body.name, body.module, body.replicas, body.max_batch, body.max_wait_ms,
-                                   body.traffic)
+    module, note = await run_in_threadpool(hub.aliases.module_ref, body.module)  # MODULE@ALIAS resolved now
+    out = await run_in_threadpool(m.deploy, body.name, module, body.replicas, body.max_batch, body.max_wait_ms,
+                                  body.traffic)
+    await run_in_threadpool(audit.record, m.db, who.name, "endpoint.deployed", body.name, module=module,
+                            replicas=body.replicas, traffic=body.traffic)
+    return out | ({"requested": body.module, "resolved": note} if note else {})
 
 
 @router.get("", dependencies=[Depends(require("viewer"))])
@@ -53,25 +63,25 @@ def list_endpoints(m: EndpointManager = Depends(manager)) -> list[dict[str, Any]
 
 
 @router.get("/{name}", dependencies=[Depends(require("viewer"))])
-def get_endpoint(name: str, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+def get_endpoint(name: NamePath, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
     return m.get(name)
 
 
 @router.post("/{name}/traffic", dependencies=[Depends(require("operator"))])
-async def set_traffic(name: str, body: TrafficRequest, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+async def set_traffic(name: NamePath, body: TrafficRequest, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
     return await run_in_threadpool(m.set_traffic, name, body.weights, body.mirror)
 
 
 @router.get("/{name}/keys", dependencies=[Depends(require("operator"))])
-def get_keys(name: str, m: EndpointManager = Depends(manager)) -> dict[str, str]:
+def get_keys(name: NamePath, m: EndpointManager = Depends(manager)) -> dict[str, str]:
     return m.keys(name)
 
 
 @router.post("/{name}/keys", dependencies=[Depends(require("operator"))])
-async def regenerate_key(name: str, body: KeyRequest, m: EndpointManager = Depends(manager)) -> dict[str, str]:
+async def regenerate_key(name: NamePath, body: KeyRequest, m: EndpointManager = Depends(manager)) -> dict[str, str]:
     return await run_in_threadpool(m.regenerate, name, body.regenerate)
 
 
 @router.delete("/{name}", dependencies=[Depends(require("operator"))])
-async def delete_endpoint(name: str, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+async def delete_endpoint(name: NamePath, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
     return await run_in_threadpool(m.delete, name)

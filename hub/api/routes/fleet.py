@@ -2,35 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from hub import audit
 from hub.api.deps import Principal, get_hub, require
+from hub.bounds import MAX_LABELS, Facts, Key, Labels, NamePath, Value
 from hub.context import Hub
 from hub.fleet.devices import MAX_BATCH, MAX_TOKEN_USES
 
 router = APIRouter(tags=["fleet"])
 
 
+# device ids are checked (and explained) by the fleet service: the name rule plus the reserved prefix
+DeviceId = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class EnrollmentTokenRequest(BaseModel):
     count: int = Field(default=1, ge=1, le=10_000)
-    labels: dict[str, str] = Field(default_factory=dict)
-    expires_in: int = Field(default=3600, gt=0, description="seconds")
+    labels: Labels = Field(default_factory=dict)
+    expires_in: int = Field(default=3600, gt=0, le=10 * 366 * 86_400, description="seconds")
     uses: int = Field(default=1, ge=1, le=MAX_TOKEN_USES, description="enrolments per token (>1: a group token)")
 
 
 class EnrollRequest(BaseModel):
     token: str = Field(min_length=1, max_length=256)
-    device_id: str | None = None
-    facts: dict[str, str] = Field(default_factory=dict)
+    device_id: DeviceId | None = None
+    facts: Facts = Field(default_factory=dict)
 
 
 class BatchDevice(BaseModel):
-    device_id: str | None = None
-    facts: dict[str, str] = Field(default_factory=dict)
+    device_id: DeviceId | None = None
+    facts: Facts = Field(default_factory=dict)
 
 
 class EnrollBatchRequest(BaseModel):
@@ -38,10 +43,11 @@ class EnrollBatchRequest(BaseModel):
     devices: list[BatchDevice] = Field(min_length=1, max_length=MAX_BATCH)
 
 
-@router.post("/enrollment-tokens", dependencies=[Depends(require("operator"))])
-def enrollment_tokens(body: EnrollmentTokenRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/enrollment-tokens")
+def enrollment_tokens(body: EnrollmentTokenRequest, hub: Hub = Depends(get_hub),
+                      who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Enrolment tokens (single-use unless ``uses`` says more); devices enrolled with one get its labels."""
-    return hub.fleet.create_enrollment_tokens(body.count, body.labels, body.expires_in, body.uses)
+    return hub.fleet.create_enrollment_tokens(body.count, body.labels, body.expires_in, body.uses, actor=who.name)
 
 
 @router.post("/enroll")
@@ -62,17 +68,18 @@ def devices(hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
 
 
 @router.get("/devices/{device_id}", dependencies=[Depends(require("viewer"))])
-def device(device_id: str, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+def device(device_id: NamePath, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     return hub.fleet.device(device_id)
 
 
 class LabelsPatch(BaseModel):
-    labels: dict[str, str | None] = Field(default_factory=dict, description="value sets the label, null removes it")
-    unset: list[str] = Field(default_factory=list)
+    labels: dict[Key, Value | None] = Field(default_factory=dict, max_length=MAX_LABELS,
+                                           description="value sets the label, null removes it")
+    unset: list[Key] = Field(default_factory=list, max_length=MAX_LABELS)
 
 
 @router.patch("/devices/{device_id}")
-def patch_device(device_id: str, body: LabelsPatch, hub: Hub = Depends(get_hub),
+def patch_device(device_id: NamePath, body: LabelsPatch, hub: Hub = Depends(get_hub),
                  who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Set or remove labels; deployments that select by label follow at once."""
     set_ = {k: v for k, v in body.labels.items() if v is not None}
@@ -81,14 +88,14 @@ def patch_device(device_id: str, body: LabelsPatch, hub: Hub = Depends(get_hub),
 
 
 @router.delete("/devices/{device_id}")
-def delete_device(device_id: str, hub: Hub = Depends(get_hub),
+def delete_device(device_id: NamePath, hub: Hub = Depends(get_hub),
                   who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     """Decommission: forget the device and revoke its broker credentials at once (under isolation)."""
     return hub.fleet.decommission(device_id, who.name)
 
 
 @router.post("/devices/{device_id}/decommission")
-def decommission_device(device_id: str, hub: Hub = Depends(get_hub),
+def decommission_device(device_id: NamePath, hub: Hub = Depends(get_hub),
                         who: Principal = Depends(require("operator"))) -> dict[str, Any]:
     return hub.fleet.decommission(device_id, who.name)
 

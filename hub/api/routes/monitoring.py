@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from hub import audit
 from hub.api.deps import Principal, get_hub, require, running_endpoints
 from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
@@ -59,18 +60,19 @@ def metrics_series(device: str | None = None, deployment: str | None = None, end
                    module: str | None = None, version: int | None = None, step: float = Query(default=60.0, gt=0),
                    since: float | None = None, until: float | None = None,
                    hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
-    """Counts, error rate and latency percentiles per ``step`` seconds, for a device, deployment, web endpoint
-    or module version (devices and endpoints together unless one is named)."""
+    """Counts, error rate and latency percentiles per ``step`` seconds, for a device, deployment (its own devices
+    only), web endpoint or module version (devices and endpoints together unless one is named)."""
     if endpoint:
         if device:
             raise Invalid("give a device or an endpoint, not both")
         device = f"endpoint:{endpoint}"  # endpoints report as this pseudo-device (hub/endpoints/telemetry.py)
-    if deployment:
+    devices = None
+    if deployment:  # that deployment's devices only: not an endpoint or another deployment on the same version
         target = hub.monitor.reports.deployment_target(deployment)
-        module, version = target.module, target.version
+        module, version, devices = target.module, target.version, target.devices
     end = until if until is not None else time.time()
     start = since if since is not None else end - 3600
-    return hub.monitor.series.series(SeriesFilter(device, module, version), step, start, end)
+    return hub.monitor.series.series(SeriesFilter(device, module, version, devices), step, start, end)
 
 
 @router.get("/drift/{deployment}", dependencies=[Depends(require("viewer"))])
@@ -93,7 +95,9 @@ def drift_series(deployment: str, window: float = Query(default=300.0, gt=0), po
 @router.post("/alerts/rules", status_code=201)
 def add_alert_rule(rule: AlertRule, principal: Principal = Depends(require("operator")),
                    hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    return hub.monitor.alerts.add_rule(rule, principal.name)
+    added = hub.monitor.alerts.add_rule(rule, principal.name)
+    audit.record(hub.db, principal.name, "alert_rule.added", rule.name, kind=rule.kind, threshold=rule.threshold)
+    return added
 
 
 @router.get("/alerts/rules", dependencies=[Depends(require("viewer"))])

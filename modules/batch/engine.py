@@ -1,0 +1,197 @@
+"""Scoring parts: the worker side (load the verified bundle once per process, stream a part through it)
+and the embedded engine, a pool of processes on this machine.
+
+A worker reads its own part of the input and writes its own part file, so only part numbers and
+row counts cross between processes, never rows.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from modules.batch.columns import BatchError, Feed, feed_arrays, output_columns
+from modules.batch.io import PartWriter, read_part
+from modules.batch.plan import Part, Source
+from modules.errors import InputError
+
+Report = Callable[[int], None]
+
+
+@dataclass
+class Job:
+    """All a worker needs to score any part of the job: no rows, so it is small enough to send with each task."""
+
+    bundle_dir: str
+    root: dict[str, Any] | None  # the pinned root envelope; None: the root the bundle ships (trust on first use)
+    sources: list[Source]
+    schema: pa.Schema
+    feeds: list[Feed]
+    keep: list[str]
+    parts_dir: str
+    batch_rows: int = 65536
+    digest: str = ""
+    read_columns: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cols = list(self.keep) + [c for f in self.feeds for c in f.columns]
+        self.read_columns = list(dict.fromkeys(cols))
+
+
+def load_verified(bundle_dir: Path, root: dict[str, Any] | None) -> Any:
+    """Verify a bundle as a device does (signature, expiry, every file's hash), load it, run its health check."""
+    import json
+
+    from modules.bundle import FILES_DIR, ROOT_FILE, verify_pulled
+    from modules.runners import health_check, load_runner, load_sample
+    from protocol.signing import load_trusted_root
+
+    pinned = root if root is not None else json.loads((bundle_dir / ROOT_FILE).read_bytes())
+    manifest = verify_pulled(bundle_dir, load_trusted_root(pinned))
+    runner = load_runner(bundle_dir / FILES_DIR, manifest)
+    health_check(runner, load_sample(bundle_dir / FILES_DIR, manifest))
+    return runner
+
+
+_runners: dict[tuple[str, str], Any] = {}
+_runners_lock = threading.Lock()  # a Dask worker may run tasks in threads
+
+
+def runner_for(job: Job) -> Any:
+    key = (job.bundle_dir, job.digest)
+    with _runners_lock:
+        if key not in _runners:
+            _runners[key] = load_verified(Path(job.bundle_dir), job.root)
+        return _runners[key]
+
+
+def score_part(job: Job, part: Part, report: Report | None = None) -> int:
+    """Score one part into its part file; returns its row count. Raises BatchError naming what is wrong."""
+    runner = runner_for(job)
+    source = job.sources[part.source]
+    writer = PartWriter(Path(job.parts_dir) / part.name)
+    row = part.row_start
+    try:
+        for batch in read_part(source, part, job.read_columns, job.batch_rows, job.schema):
+            n = batch.num_rows
+            inputs = feed_arrays(job.feeds, batch, row)
+            try:
+                out = runner.predict(inputs)
+            except InputError as exc:
+                raise BatchError(f"rows {row}…{row + n - 1}: {exc}") from None
+            except Exception as exc:  # the module's own failure: say where, keep its words
+                raise BatchError(f"the model failed on rows {row}…{row + n - 1}: {exc!r}") from None
+            cols = output_columns(out, n)
+            clash = sorted(set(cols) & set(job.keep))
+            if clash:
+                raise BatchError(f"output column(s) {clash} would replace input column(s) of the same name: "
+                                 "leave them out with --keep")
+            arrays = [batch.column(c) for c in job.keep] + list(cols.values())
+            writer.write(pa.RecordBatch.from_arrays(arrays, names=[*job.keep, *cols]))
+            row += n
+            if report is not None:
+                report(n)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# --- the embedded engine: a process pool ------------------------------------------------------------
+
+_queue: Any = None
+WARM_MODULES = ["modules.batch.engine", "modules.runners", "onnxruntime"]  # what the fork server imports once
+
+
+def _exit_with(owner: int) -> None:
+    """Exit when the job's process is gone, even by kill -9: a worker must not write parts for a dead job.
+
+    Neither the pipes (a worker holds both ends of its queues) nor the parent-death signal (its parent
+    is the fork server) tell it, so a thread waits on the owner's pidfd.
+    """
+    import select
+
+    try:
+        fd = os.pidfd_open(owner)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): look every half second
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(1)
+    select.select([fd], [], [])  # readable once the owner has exited
+    os._exit(1)
+
+
+def _init_worker(queue: Any, owner: int) -> None:
+    global _queue
+    threading.Thread(target=_exit_with, args=(owner,), name="owner-watch", daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
+    _queue = queue
+
+
+def _pool_task(job: Job, part: Part) -> int:
+    return score_part(job, part, _queue.put)
+
+
+class LocalEngine:
+    """The embedded engine: up to ``workers`` processes on this machine, each loading the runner once.
+
+    Workers fork from a fresh server process that imported the scoring code once: as safe as spawning
+    (no fork of this process and its threads) without every worker importing NumPy, pyarrow and
+    onnxruntime again, or the command line's own ``__main__``. The server starts (and imports) while
+    the caller verifies the bundle and plans the job; no more workers start than there are parts.
+    """
+
+    def __init__(self, workers: int) -> None:
+        from multiprocessing import forkserver
+
+        self.workers = max(1, workers)
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(WARM_MODULES)  # a module that does not import is skipped
+        self.queue = self.ctx.SimpleQueue()
+        self.pool: ProcessPoolExecutor | None = None
+        self._warm = threading.Thread(target=forkserver.ensure_running, name="score-warm", daemon=True)
+        self._warm.start()
+
+    def run(self, job: Job, parts: list[Part], on_rows: Report) -> None:
+        """Score ``parts``; raise the first failure (the parts already written stay done)."""
+        if not parts:
+            return
+        self._warm.join()
+        self.pool = ProcessPoolExecutor(max_workers=min(self.workers, len(parts)), mp_context=self.ctx,
+                                        initializer=_init_worker, initargs=(self.queue, os.getpid()))
+        reader = threading.Thread(target=self._drain, args=(on_rows,), name="score-progress", daemon=True)
+        reader.start()
+        try:
+            futures = [self.pool.submit(_pool_task, job, p) for p in parts]
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in futures:
+                if fut in finished and fut.exception() is not None:
+                    raise fut.exception()  # type: ignore[misc]
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.queue.put(None)
+            reader.join()
+
+    def _drain(self, on_rows: Report) -> None:
+        while (n := self.queue.get()) is not None:
+            on_rows(n)
+
+    def close(self) -> None:
+        self._warm.join()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
