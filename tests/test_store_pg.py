@@ -205,7 +205,7 @@ def test_a_leader_whose_lease_ran_out_by_its_own_clock_stops_leading_and_the_dir
     assert leadership.is_leader()
     published: list = []
     keys = load_or_create_keys(tmp_path / "keys")
-    director = Director(db, keys, 3600, lambda *a: published.append(a), leadership)
+    director = Director(db, keys, 3600, lambda *a: published.append(a), leader=leadership)
     with db.transaction() as tx:
         tx.insert("devices", {"id": "dev-1", "labels": "{}", "created_at": 0})
         tx.insert("modules", {"name": "m", "version": 1, "digest": "d" * 64, "runtime": "onnx", "size": 1,

@@ -133,7 +133,7 @@ def hub_serve(
     except DataDirBusy as exc:
         err.print(f"[red]cannot serve:[/] {exc.detail}", soft_wrap=True)  # one line, however long
         raise typer.Exit(1) from None
-    except (KeySetupError, TokenError, Refused, ServiceError, SandboxUnavailable, StoreError) as exc:
+    except (KeySetupError, TokenError, Refused, ServiceError, SandboxUnavailable, *StoreError) as exc:
         err.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, for logs and service managers
         raise typer.Exit(1) from None
 
