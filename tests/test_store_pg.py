@@ -244,3 +244,78 @@ def test_the_content_store_is_a_blob_store():
     from hub.store.blobs import BlobStore
 
     assert isinstance(ContentStore.__new__(ContentStore), BlobStore)
+
+
+# --- the tables of tokens, the audit chain, the webhook outbox, aliases and evaluations, on both stores -----------
+
+
+def test_the_audit_chain_holds_with_two_hubs_writing_at_once_and_names_the_edited_row(location):
+    """Two hubs on one database (two Database objects) record at once: one chain, every link intact; an edit is named."""
+    from hub.audit import record, seal, verify
+
+    hubs = [open_database(location), open_database(location)]
+    try:
+        seal(hubs[0])
+
+        def write(db, who: str) -> None:
+            for i in range(25):
+                record(db, who, "token.created", f"{who}-{i}", n=i)
+        threads = [threading.Thread(target=write, args=(db, f"hub{i}")) for i, db in enumerate(hubs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert verify(hubs[1]) | {"head": None} == {"ok": True, "rows": 50, "broken": None, "head": None}
+        victim = hubs[0].scalar("SELECT id FROM audit WHERE subject = 'hub1-7'")
+        with hubs[0].transaction() as tx:
+            tx.execute("UPDATE audit SET actor = 'someone' WHERE id = ?", (victim,))
+        broken = verify(hubs[1])
+        assert not broken["ok"] and broken["broken"]["id"] == victim and "edited" in broken["broken"]["reason"]
+    finally:
+        for db in hubs:
+            db.close()
+
+
+def test_the_webhook_outbox_queues_in_the_change_and_only_the_leader_sends(db):
+    from hub.audit import record
+    from hub.events.webhooks import Webhooks
+    from hub.leader import SOLE_LEADER
+
+    follower = Webhooks(db, leader=Leadership(db, 30.0))  # a replica that has not won the lease
+    hook = follower.add("http://127.0.0.1:9/hook", ["alias.moved"], actor="admin")
+    record(db, "admin", "alias.moved", "churn@champion", version=4)  # an event: queued in the same transaction
+    record(db, "admin", "token.created", "ci")  # not an event
+    pending = follower.deliveries()
+    assert [(d["event"], d["webhook"], d["state"]) for d in pending] == [("alias.moved", hook["id"], "pending")]
+    assert follower.send_due() == 0 and follower.deliveries()[0]["attempts"] == 0  # a follower sends nothing
+    leader = Webhooks(db, backoff_s=30.0, timeout_s=2.0, leader=SOLE_LEADER)
+    try:
+        assert leader.send_due() == 1  # port 9: refused, so retried later
+        row = leader.deliveries()[0]
+        assert row["attempts"] == 1 and row["state"] == "pending" and row["last_error"]
+        again = leader.redeliver(row["id"])
+        assert again["id"] != row["id"] and again["event_id"] == row["event_id"]
+        assert follower.delete(hook["id"])["cancelled"] == 2
+    finally:
+        leader.stop()
+        follower.stop()
+
+
+def test_aliases_evaluations_tokens_and_release_policies_take_the_same_sql(db):
+    from hub.trust.tokens import authenticates, create_token, list_tokens, revoke_token
+
+    with db.transaction() as tx:
+        for alias, version in (("champion", 3), ("champion", 4), ("canary", 5)):
+            tx.upsert("model_aliases", {"name": "churn", "alias": alias, "version": version, "updated_at": 1.0,
+                                        "updated_by": "ci"}, key=["name", "alias"])
+        first = tx.scalar("INSERT INTO model_evaluations (name, version, metrics, created_at) VALUES (?, ?, ?, ?)"
+                          " RETURNING id", ("churn", 4, '{"accuracy": 0.9}', 1.0))
+        tx.execute("INSERT INTO release_policies (version, envelope, created_at) VALUES (1, '{}', 1.0)")
+    assert db.query("SELECT alias, version FROM model_aliases ORDER BY alias") == [
+        {"alias": "canary", "version": 5}, {"alias": "champion", "version": 4}]
+    assert db.scalar("SELECT id FROM model_evaluations WHERE name = 'churn' AND version = 4") == first
+    assert db.scalar("SELECT max(version) FROM release_policies") == 1
+    plain = create_token(db, "ci", "operator", expires_in=60, actor="admin")
+    assert authenticates(db, plain) and [t["name"] for t in list_tokens(db)] == ["ci"]
+    revoke_token(db, "ci", actor="admin")
+    assert not authenticates(db, plain) and list_tokens(db) == []
