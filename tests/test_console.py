@@ -15,8 +15,6 @@ import pytest
 from simulator.fleet import Fleet
 from tests.rollout_support import all_running, build_versions, rollout, wait_rollout
 
-pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
-
 N = 4
 NAME = "console-demo"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -141,7 +141,6 @@ def expected(model_dir: str, seed: int, x: list[list[float]]) -> np.ndarray:
     return sess.run(None, {"x": np.asarray(x, dtype=np.float32)})[0]
 
 
-@pytest.mark.hubstore
 def test_score_keys_shapes_binary_and_delete_refusal(admin, modules):
     ep = deploy(admin, "score", modules["v1"])
     url, keys = ep["url"], ep["keys"]

@@ -20,7 +20,6 @@ def hub_options() -> dict:
     return {"rollout_tick_s": 0.2}
 
 
-@pytest.mark.hubstore
 def test_three_wave_rollout_then_broken_version_halts_in_wave_one_and_rolls_back(server, admin, broker, tmp_path):
     build_versions(admin, tmp_path, n=3)
     scenario = Scenario(fail_share=0.2, fail_modules=("scorer:3",))
