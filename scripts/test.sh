@@ -3,7 +3,7 @@
 #
 # Without arguments (CI, the README's test command): the whole suite with the hub on SQLite, then the
 # tests marked `hubstore` (the hub's API, registry, fleet, rollout states, monitoring, ingest, endpoints, tokens,
-# audit, webhooks) again with the hub on PostgreSQL (EDGEFLEET_TEST_DB=postgres; tests/pg.py starts a real server).
+# audit) again with the hub on PostgreSQL (EDGEFLEET_TEST_DB=postgres; tests/pg.py starts a real server).
 # With arguments they go to one pytest run, e.g. `./scripts/test.sh -k protocol -x`, on the store
 # EDGEFLEET_TEST_DB names (sqlite by default).
 set -euo pipefail

@@ -17,7 +17,7 @@ from hub.audit import record, seal, verify
 from hub.store import Database
 from hub.testing import wait_until
 from tests.clirun import as_json, cli
-from tests.rollout_support import build_versions
+from tests.rollout_support import build_versions, wait_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,6 +139,7 @@ def test_every_mutation_is_audited_in_a_chain_that_names_the_edited_or_deleted_r
     admin.post("/api/v1/keys/rotate", json={"role": "director"}).raise_for_status()
     build_versions(admin, tmp_path, n=1)  # a model registered, a module built
     admin.post("/api/v1/deployments", json={"name": "d", "module": "scorer:1", "target": "*"}).raise_for_status()
+    wait_rollout(admin, "d", "succeeded")  # the controller's own records come before the list below, not after it
     admin.post("/api/v1/alerts/rules", json={"name": "off", "kind": "offline", "threshold": 1}).raise_for_status()
     admin.delete("/api/v1/alerts/rules/off").raise_for_status()  # a route that records nothing itself
     admin.delete("/api/v1/tokens/ci").raise_for_status()

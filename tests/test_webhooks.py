@@ -102,7 +102,6 @@ def test_signed_events_reach_a_receiver_that_fails_twice_then_succeeds(server, a
     assert 'edgefleet_hub_webhook_attempts_total{outcome="failed"} 2' in metrics
 
 
-@pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 def test_ping_cancel_on_delete_and_redeliver(server, admin):
     r = Receiver()
     try:
