@@ -82,7 +82,7 @@ def ingest(pg: PgCluster, broker: LocalBroker, work: Path, rounds: int, messages
                                ("2 hubs, PostgreSQL", "pg", 2)):
             data = work / f"ingest-{kind}-{n}-{r}"
             data.mkdir()
-            token = secrets.token_hex(8)
+            token = secrets.token_hex(16)
             if kind == "pg":
                 location = pg.new_database("ingest")
                 hubs = [HubProcess(f"i{r}{k}", data, location, broker.url, token, lease_s=5, log_dir=work)
@@ -118,7 +118,7 @@ def metric(url: str, name: str) -> float:
 def rollout(pg: PgCluster, broker: LocalBroker, work: Path, devices: int, mb: float, replicas: bool) -> dict[str, Any]:
     """One wave to ``devices``: through two replicas on PostgreSQL, or (the baseline) one hub on SQLite."""
     location = pg.new_database("rollout") if replicas else ""
-    token = secrets.token_hex(8)
+    token = secrets.token_hex(16)
     shared = work / f"rollout-{int(replicas)}"
     shared.mkdir()
     hubs = [HubProcess(n, shared, location, broker.url, token, lease_s=5, log_dir=work)
@@ -182,7 +182,7 @@ def failover(pg: PgCluster, broker: LocalBroker, work: Path, trials: int, lease_
     from tests.rollout_support import rollout as rollout_status
 
     location = pg.new_database("failover")
-    token = secrets.token_hex(8)
+    token = secrets.token_hex(16)
     shared = work / "failover"
     shared.mkdir()
     hubs = [HubProcess(n, shared, location, broker.url, token, lease_s=lease_s, log_dir=work) for n in ("f1", "f2")]

@@ -30,7 +30,7 @@ NAME = "scorer-cluster"
 def replicas(postgres, broker, tmp_path):
     """Two hub processes on a fresh database, both ready; the leader first."""
     db_url = postgres.new_database()
-    token = f"cluster-{secrets.token_hex(8)}"
+    token = f"cluster-{secrets.token_hex(16)}"
     shared = tmp_path / "shared"
     shared.mkdir()
     hubs = [HubProcess(n, shared, db_url, broker.url, token, log_dir=tmp_path) for n in ("a", "b")]
@@ -177,7 +177,7 @@ def test_killing_a_replica_during_ingest_loses_nothing(replicas, broker, victim)
 
 def test_ingest_workers_on_their_own_join_the_hubs_group(postgres, broker, tmp_path):
     db_url = postgres.new_database()
-    token = f"cluster-{secrets.token_hex(8)}"
+    token = f"cluster-{secrets.token_hex(16)}"
     (tmp_path / "shared").mkdir()
     hub = HubProcess("solo", tmp_path / "shared", db_url, broker.url, token, log_dir=tmp_path).start()
     log = (tmp_path / "ingest.log").open("wb")
