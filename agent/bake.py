@@ -4,8 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
 
 from protocol.messages import BakePolicy
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from agent.install import Installed
+
+log = logging.getLogger("edgefleet.agent")
+
+
+async def bake(active_modules: dict[str, Any], activate: Callable[[str], Awaitable[None]], load_errors: dict[str, str],
+               device_id: str, inst: Installed, policy: BakePolicy) -> str:
+    """Serve ``inst`` (``active_modules``: the inference front's ``ActiveModule`` by name) on probation and wait for its verdict: "" commits, anything else is the reason to roll back."""
+    active = active_modules.get(inst.name)
+    if active is None or (active.bundle, active.config) != (inst.bundle, inst.config_digest):
+        await activate(inst.name)
+        active = active_modules.get(inst.name)
+    if active is None or (active.bundle, active.config) != (inst.bundle, inst.config_digest):
+        return f"the new version did not start: {load_errors.get(inst.name, 'unknown reason')}"
+    watch = active.bake = BakeWatch(policy)
+    log.info("%s: module %s baking for %ds (rollback above %g%% errors over >= %d inferences)",
+             device_id, inst.name, policy.seconds, policy.max_error_ppm / 10_000, policy.min_inferences)
+    try:
+        reason = await watch.wait()
+    finally:
+        active.bake = None
+    log.info("%s: module %s bake %s: %s", device_id, inst.name, "failed" if reason else "passed",
+             reason or watch.summary())
+    return reason
 
 
 class BakeWatch:

@@ -34,11 +34,13 @@ from agent.identity import Identity, check_hub_url, save_identity
 from agent.inference import ActiveModule, Answered, InferenceFront
 from agent.install import Installer
 from agent.journal import atomic_write_json
+from agent.limits import DownloadLimits
 from agent.localapi import LocalApi
 from agent.outbox import Outbox
 from agent.reconcile import Accepted, RootTrusted, Trust, TrustEvent
 from agent.reporter import Reporter
 from agent.session import ClientFactory, Handlers, Session, default_client_factory, last_will
+from agent.workerproc import WorkerSandbox
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError
 from protocol.messages import Command, DesiredState, ReportedState, decode
@@ -47,6 +49,7 @@ from protocol.topics import Channel
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
     from agent.http_transfer import HubHttp
+    from agent.supervisor import Reply
     from agent.workload import Workload
     from modules.runners import Batch, Runner
 
@@ -85,6 +88,11 @@ class Agent:
         api_port: int = 0,
         transfer: str = "mqtt",
         hub_url: str | None = None,
+        limits: DownloadLimits | None = None,
+        api_tokens: dict[str, str] | None = None,
+        api_socket: Path | None = None,
+        api_group: str | None = None,
+        module_sandbox: WorkerSandbox | None = None,
     ) -> None:
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {ISOLATION_MODES}, not {isolation!r}")
@@ -103,7 +111,7 @@ class Agent:
         self.health_timeout = health_timeout
         self.identity = identity
         self.device_id = identity.device_id
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).absolute()  # workers in a sandbox start elsewhere: no relative paths
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self.telemetry_interval = telemetry_interval
@@ -126,15 +134,24 @@ class Agent:
             identity, self.data_dir, self.trust, self.front, self.client, reject=self.session.reject,
             changed=self._report_dirty.set, spawn=self._spawn, clock=clock, isolation=isolation,
             module_limits=self.module_limits, health_timeout=health_timeout, telemetry_interval=telemetry_interval,
-            transfer=transfer, hub_url=self.hub_url, blob_retry=blob_retry, runner_cache=runner_cache)
+            transfer=transfer, hub_url=self.hub_url, blob_retry=blob_retry, runner_cache=runner_cache,
+            limits=limits, sandbox=module_sandbox)
+        self.executor.installer.facts = self.facts  # runners pick their accelerator from them (modules/accel.py)
         self.reporter = Reporter(self.session, self.outbox, self.trust, self.front, self.executor, self.facts,
                                  self.rejected, clock, telemetry_interval, self._report_dirty)
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
-        self.api: LocalApi | None = LocalApi(self, port=api_port) if api_port else None
+        # the local API: TCP on 127.0.0.1 (per-app tokens when given), and/or a Unix socket (its mode is the guard)
+        self.apis: list[LocalApi] = [*([LocalApi(self, port=api_port, tokens=api_tokens)] if api_port else []),
+                                     *([LocalApi(self, path=api_socket, group=api_group)] if api_socket else [])]
         self._running = False
 
     # --- the parts' state, as the agent's -------------------------------------------------------
+
+    @property
+    def api(self) -> LocalApi | None:
+        """The TCP listener of the local API, if on."""
+        return next((a for a in self.apis if a.path is None), None)
 
     @property
     def root(self) -> Root:
@@ -203,6 +220,21 @@ class Agent:
         atomic_write_json(self.data_dir / STATE_FILE, {"revision": self.trust.revision, "desired": envelope,
                                                        "policy": self.trust.state.policy_envelope})
 
+    def _persist_state(self, envelope: Any) -> None:
+        """Save the accepted state; on a full disk it is applied from memory and saved once there is room (a restart
+        meanwhile falls back to the state saved before it, and the hub's retained copy brings it again)."""
+        try:
+            self._save_state(envelope)
+        except OSError as exc:
+            log.error("%s: desired state not saved (%s): applied anyway, saving again in %gs", self.device_id, exc,
+                      self.executor.limits.retry_s)
+            self.executor.storage_error = f"disk full: the desired state cannot be saved ({exc})"
+            asyncio.get_running_loop().call_later(self.executor.limits.retry_s, self._save_later, envelope)
+
+    def _save_later(self, envelope: Any) -> None:
+        if self.trust.desired is not None and self._running and envelope is self.trust.state.applied:
+            self._persist_state(envelope)
+
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -212,12 +244,12 @@ class Agent:
             await self.executor.start()
             await self.session.start(Handlers(desired=self._on_desired, root=self._on_root, command=self._on_command,
                                               blob=self.executor.on_blob, connected=self.reporter.connected))
-            if self.api is not None:
+            for api in list(self.apis):
                 try:
-                    await self.api.start()
-                except OSError as exc:  # e.g. the port is taken: the device still serves over MQTT
-                    log.error("%s: local API not started on port %d: %s", self.device_id, self.api_port, exc)
-                    self.api = None
+                    await api.start()
+                except (OSError, LookupError) as exc:  # the port is taken, no such group: MQTT still serves
+                    log.error("%s: local API not started on %s: %s", self.device_id, api.path or api.port, exc)
+                    self.apis.remove(api)
             self._spawn(self.executor.loop(), self.reporter.report_loop(), self.reporter.telemetry_loop(),
                         self.reporter.drain_loop())
             self.executor.wake.set()  # reconcile against the persisted desired state straight away
@@ -238,8 +270,8 @@ class Agent:
 
     async def _shutdown(self) -> None:
         try:
-            if self.api is not None:
-                await self.api.stop()
+            for api in self.apis:
+                await api.stop()
             tasks = [*self._tasks, *self.executor.tasks()]
             for t in tasks:
                 t.cancel()
@@ -268,11 +300,12 @@ class Agent:
                 self.identity = dataclasses.replace(self.identity, root=event.envelope)
                 save_identity(self.data_dir, self.identity)
                 self.executor.installer.root = event.root
+                self.executor.shadows.set_root(event.root)
                 log.warning("%s: now trusting root version %d%s", self.device_id, event.root.version,
                             " (the applied state's signer is gone: revision floor reset)" if event.floor_reset else "")
                 self._report_dirty.set()
             elif isinstance(event, Accepted):
-                self._save_state(event.envelope)
+                self._persist_state(event.envelope)
                 log.info("%s: accepted desired revision %d (%d modules)%s", self.device_id, event.state.revision,
                          len(event.state.modules), " held until a root update" if event.recheck else "")
                 self.executor.on_desired(event.state)
@@ -306,6 +339,16 @@ class Agent:
 
     def infer_json_now(self, active: ActiveModule, body: bytes, done: Answered) -> bool:
         return self.front.infer_json_now(active, body, done)
+
+    def add_labels(self, body: bytes) -> int:
+        """Ground truth from an application (``POST /v1/labels``), sent with the next data batch."""
+        return self.front.add_labels(body)
+    async def infer_form(self, active: ActiveModule, form: dict[str, Any], body: bytes) -> Reply:
+        return await self.front.infer_form(active, form, body)
+
+    def infer_form_now(self, active: ActiveModule, form: dict[str, Any], body: bytes,
+                       done: Callable[[Reply | None, Exception | None], None]) -> bool:
+        return self.front.infer_form_now(active, form, body, done)
 
     def reported(self) -> ReportedState:
         return self.reporter.reported()

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Coroutine, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.gc import collect_chunks
 from agent.identity import Identity
-from agent.inference import ActiveModule, InferenceFront
+from agent.inference import InferenceFront
 from agent.install import Installed, Installer
 from agent.journal import BEFORE_ACTIVATION, Entry
+from agent.limits import DownloadLimits, is_disk_full, wake_at
 from agent.mqtt import MqttOffline
 from agent.reconcile import (
     Action,
@@ -28,19 +29,26 @@ from agent.reconcile import (
     CancelInstall,
     Facts,
     Install,
+    InstallShadow,
     ModuleFacts,
+    Reconfigure,
     Remove,
+    RemoveShadow,
     Report,
     ResumeBake,
     SetCollectRate,
+    StartShadow,
     Trust,
+    next_retry,
     step,
+    still_wanted,
     supersede,
 )
+from agent.serving import RUN_DIR, Serving, stop_runner
 from agent.session import MqttClient
-from agent.supervisor import ModuleWorker
+from agent.shadow_slots import ShadowSlots
 from agent.transfer import MANIFESTS_DIR, BundleFetch
-from agent.workerproc import WorkerProcess, health_check_in_worker
+from agent.workerproc import WorkerProcess, WorkerSandbox, clear_run_dir
 from modules.store import ContentStore
 from protocol.messages import BakePolicy, DesiredModule, DesiredState
 
@@ -50,12 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgefleet.agent")
 
-RUN_DIR = "run"  # each module's direct socket, <module>.sock, served by its worker (process isolation)
 PARTIAL_DIR = "downloads"  # chunks cut short during an HTTP download, resumed with a Range request
-RETRY_AFTER_ERROR = 30.0
 
 
-class Executor:
+class Executor(Serving):
     """Installs, activates, bakes and removes module versions as the reconciler decides."""
 
     def __init__(self, identity: Identity, data_dir: Path, trust: Trust, front: InferenceFront, client: MqttClient, *,
@@ -63,15 +69,26 @@ class Executor:
                  spawn: Callable[[Coroutine[Any, Any, Any]], None], clock: Callable[[], float],
                  isolation: str, module_limits: dict[str, int], health_timeout: float, telemetry_interval: float,
                  transfer: str, hub_url: str | None, blob_retry: float,
-                 runner_cache: MutableMapping[str, Runner] | None) -> None:
+                 runner_cache: MutableMapping[str, Runner] | None, limits: DownloadLimits | None = None,
+                 sandbox: WorkerSandbox | None = None) -> None:
         self.identity, self.data_dir, self.trust, self.front, self.client = identity, data_dir, trust, front, client
         self.reject, self.changed, self.spawn, self.clock = reject, changed, spawn, clock
         self.isolation, self.module_limits, self.health_timeout = isolation, module_limits, health_timeout
         self.telemetry_interval, self.transfer, self.hub_url, self.blob_retry = (telemetry_interval, transfer, hub_url,
                                                                                  blob_retry)
+        self.limits, self.sandbox = limits or DownloadLimits(), sandbox
         self.chunks = ContentStore(data_dir / "chunks")
         self.installer = Installer(data_dir, trust.root, self.chunks, runner_cache, health_timeout, self._on_install,
-                                   health=self._health_in_worker if isolation == "process" else None, bake=self._bake)
+                                   health=self._health_in_worker if isolation == "process" else None, bake=self._bake,
+                                   limits=self.limits, clock=clock)
+        self.shadows = ShadowSlots(data_dir, trust.root, self.chunks, front, runner_cache=runner_cache,
+                                   health_timeout=health_timeout, isolation=isolation, module_limits=module_limits,
+                                   on_change=self._on_install)
+        self.storage_error = ""  # the last write the disk refused (a full disk), until a pass succeeds again
+        self.blocked: dict[str, tuple[str, str]] = {}  # name -> (bundle, why): an install a full disk kept off the journal
+        self._installing_failed: tuple[str, str] | None = None  # (name, bundle) of the install that raised
+        self._retry: asyncio.TimerHandle | None = None
+        self._collect = True  # an install or removal happened: collect the chunks nothing lists any more
         self.http: HubHttp | None = None  # made for the first HTTP download (agent/http_transfer.py is not loaded idle)
         self.wake = asyncio.Event()  # the desired state changed (or a retry is due): run a pass
         self.load_errors: dict[str, str] = {}
@@ -80,6 +97,7 @@ class Executor:
         self._warm: dict[str, WorkerProcess] = {}  # health-checked workers, handed over on activation
         self._fetches: dict[str, BundleFetch] = {}
         self._installing: tuple[str, str] | None = None  # (name, bundle) of the install under way
+        self._installing_shadow = False  # ... into a shadow slot
         self.install_task: asyncio.Task[Entry] | None = None
 
     # --- facts and passes ----------------------------------------------------------------------
@@ -91,16 +109,25 @@ class Executor:
             entry, active = self.installer.journal.get(name), self.front.active.get(name)
             facts[name] = ModuleFacts(current=self.installer.current(name), active=active.bundle if active else None,
                                       journal=entry.state if entry else None,
-                                      journal_bundle=entry.bundle if entry else None)
+                                      journal_bundle=entry.bundle if entry else None,
+                                      retry_at=entry.retry_at if entry else 0.0,
+                                      config=self.installer.current_config(name),
+                                      active_config=active.config if active else "",
+                                      journal_config=entry.config if entry else "")
         return facts
 
     async def start(self) -> None:
         """Recover interrupted installs and serve every installed module (before the session connects)."""
         if self.isolation == "process":
-            self._clear_run_dir()
+            clear_run_dir(self.data_dir / RUN_DIR)
         await self.installer.recover()
         for name in self.installer.installed_names():
             await self.activate(name)
+        if self.shadows.dir.exists():
+            await self.shadows.installer.recover()
+            for m in self.trust.desired.modules if self.trust.desired else []:  # candidates a restart stopped
+                if m.shadow is not None and self.shadows.installer.current(m.name) == m.shadow.bundle:
+                    await self.shadows.start(m.name, m.shadow)
 
     async def loop(self) -> None:
         """Resume interrupted bakes, then a pass for each change of the desired state, until cancelled."""
@@ -112,13 +139,46 @@ class Executor:
             if state is None:
                 continue
             try:
-                await self.carry_out(step(self.clock(), state, self.module_facts()), state)
-            except Exception:  # e.g. a full disk: settle the journal, keep serving, try again later
-                log.exception("%s: reconcile failed; retrying in %.0fs", self.identity.device_id, RETRY_AFTER_ERROR)
+                await self.carry_out(step(self.clock(), state, self.module_facts(), shadows=self.shadows.facts()),
+                                     state)
+                if self._collect:
+                    await self.collect_chunks()
+                self.storage_error = ""
+            except Exception as exc:  # e.g. a full disk: settle the journal, keep serving, try again later
+                if is_disk_full(exc):
+                    if self._installing_failed:
+                        (name, bundle), self._installing_failed = self._installing_failed, None
+                        self.blocked[name] = (bundle, f"disk full: the install cannot even be recorded ({exc}); "
+                                                      f"trying again in {self.limits.retry_s:g}s")
+                    self.storage_error = f"disk full: {exc}"
+                    log.error("%s: reconcile stopped by a full disk (%s); retrying in %gs", self.identity.device_id,
+                              exc, self.limits.retry_s)
+                else:
+                    log.exception("%s: reconcile failed; retrying in %gs", self.identity.device_id,
+                                  self.limits.retry_s)
                 with contextlib.suppress(Exception):
                     await self.installer.recover()
-                asyncio.get_running_loop().call_later(RETRY_AFTER_ERROR, self.wake.set)
+                self._wake_at(self.clock() + self.limits.retry_s)
                 self.changed()
+            self._schedule_retries()
+
+    async def collect_chunks(self) -> None:
+        """Delete the chunks, cached releases and partial downloads of versions no longer kept (``agent/gc.py``)."""
+        self._collect = False
+        try:
+            await asyncio.to_thread(collect_chunks, self.installer.modules_dir, self.data_dir / MANIFESTS_DIR,
+                                    self.data_dir / PARTIAL_DIR, self.chunks,
+                                    still_wanted(self.trust.desired, self.module_facts()))
+        except OSError as exc:
+            log.warning("%s: chunk collection failed: %s", self.identity.device_id, exc)
+
+    def _schedule_retries(self) -> None:
+        """Wake for the earliest install the environment stopped (retried from its ``retry_at``)."""
+        if (when := next_retry(self.trust.desired, self.module_facts())) is not None:
+            self._wake_at(when)
+
+    def _wake_at(self, when: float) -> None:
+        self._retry = wake_at(self._retry, when - self.clock(), self.wake)
 
     async def carry_out(self, actions: list[Action], state: DesiredState | None = None) -> None:
         """Do ``actions`` in order; stop when a newer desired state than ``state`` arrives (the next pass has it)."""
@@ -128,6 +188,7 @@ class Executor:
             if isinstance(action, Remove):
                 self.deactivate(action.name)
                 self.installer.remove(action.name)
+                self._collect = True
                 self.changed()
             elif isinstance(action, Activate):
                 await self.activate(action.name)
@@ -136,16 +197,28 @@ class Executor:
                     self.front.set_collect_rate(self.front.active[action.name], action.ppm)
             elif isinstance(action, Install):
                 await self._install(action.module)
+            elif isinstance(action, Reconfigure):
+                await self._reconfigure(action.module)
             elif isinstance(action, ResumeBake):
                 await self._resume_bake(action.name)
             elif isinstance(action, CancelInstall):
                 self._cancel(action)
+            elif isinstance(action, InstallShadow):
+                await self._install(action.module, shadow=True)
+                self.wake.set()  # the next pass starts it (or, failed, leaves it)
+            elif isinstance(action, StartShadow):
+                await self.shadows.start(action.name, action.spec)
+                self.changed()
+            elif isinstance(action, RemoveShadow):
+                await self.shadows.remove(action.name)
+                self.changed()
             elif isinstance(action, Report):
                 self.changed()
 
     def on_desired(self, state: DesiredState) -> None:
         """A newer desired state was accepted: cancel a download it no longer wants, and run a pass."""
-        entry = self.installer.journal.get(self._installing[0]) if self._installing else None
+        installer = self.shadows.installer if self._installing_shadow else self.installer
+        entry = installer.journal.get(self._installing[0]) if self._installing else None
         for action in supersede(state, self._installing, entry.state if entry else None):
             self._cancel(action)
         self.wake.set()
@@ -162,39 +235,48 @@ class Executor:
 
     # --- installing ----------------------------------------------------------------------------
 
-    async def _install(self, m: DesiredModule) -> None:
+    async def _install(self, m: DesiredModule, shadow: bool = False) -> None:
+        """Install ``m``: the live version of its module, or (``shadow``) a candidate in its shadow slot."""
+        installer = self.shadows.installer if shadow else self.installer
         if self.transfer == "http":
             from agent.http_transfer import HttpBundleFetch, HubHttp
 
             if self.http is None:
                 assert self.hub_url is not None
+                # a body read waits at most the slow-retrieval window for its next bytes
+                timeout = min(30.0, self.limits.window_s) if self.limits.window_s > 0 else 30.0
                 self.http = HubHttp(self.hub_url, self.identity.device_id, self.identity.mqtt_password,
-                                    self.identity.broker_ca)
+                                    self.identity.broker_ca, timeout=timeout)
             fetch: BundleFetch | HttpBundleFetch = HttpBundleFetch(
                 self.http, m, self.trust.root, self.chunks, self.data_dir / MANIFESTS_DIR,
                 self.data_dir / PARTIAL_DIR, reject=self.reject, progress=lambda f: self._set_progress(m.bundle, f),
-                note=lambda text: self._set_transfer_error(m.bundle, text), retry=self.blob_retry, clock=self.clock)
+                note=lambda text: self._set_transfer_error(m.bundle, text), retry=self.blob_retry, clock=self.clock,
+                limits=self.limits)
         else:
             fetch = BundleFetch(
                 self.identity.device_id, m, self.trust.root, self.chunks, self.data_dir / MANIFESTS_DIR,
                 publish=lambda t, p: self.client.publish(t, p, qos=1), reject=self.reject,
                 progress=lambda f: self._set_progress(m.bundle, f), retry=self.blob_retry, clock=self.clock,
+                limits=self.limits,
             )
             self._fetches[m.bundle] = fetch
-        self._installing = (m.name, m.bundle)
+        self._installing, self._installing_shadow = (m.name, m.bundle), shadow
         try:
             if isinstance(fetch, BundleFetch):
                 await self.client.subscribe(fetch.topic)
-            self.install_task = asyncio.create_task(self.installer.install(m, fetch.run))
+            self.install_task = asyncio.create_task(installer.install(m, fetch.run))
             await asyncio.wait({self.install_task})  # not cancelled with it: a superseded download is
             if self.install_task.cancelled():
-                entry = self.installer.journal.get(m.name)
+                entry = installer.journal.get(m.name)
                 if entry is not None and entry.state in BEFORE_ACTIVATION:
-                    self.installer.journal.drop(m.name)
+                    installer.journal.drop(m.name)
                 log.info("%s: download of %s %s superseded", self.identity.device_id, m.name, m.bundle[:12])
                 return
-            entry = self.install_task.result()
+            self._installing_failed = (m.name, m.bundle)
+            entry = self.install_task.result()  # a full disk may raise here: the journal could not be written
+            self._installing_failed = None
         finally:
+            self._collect = True
             self._fetches.pop(m.bundle, None)
             self._installing, self.install_task = None, None
             self.progress.pop(m.bundle, None)
@@ -202,6 +284,16 @@ class Executor:
             if isinstance(fetch, BundleFetch):
                 with contextlib.suppress(MqttOffline):
                     await self.client.unsubscribe(fetch.topic)
+        if not shadow:
+            await self._settle(m.name, entry)
+
+    async def _reconfigure(self, m: DesiredModule) -> None:
+        """A new configuration for the version installed: the installer's health gate, bake and rollback."""
+        self._installing = (m.name, m.bundle)
+        try:
+            entry = await self.installer.reconfigure(m)
+        finally:
+            self._installing = None
         await self._settle(m.name, entry)
 
     async def _settle(self, name: str, entry: Entry) -> None:
@@ -211,7 +303,8 @@ class Executor:
         if current is None:
             if entry.state == "failed":
                 self.deactivate(name)
-        elif entry.state in ("committed", "rolled_back") and (active is None or active.bundle != current):
+        elif entry.state in ("committed", "rolled_back") and (
+                active is None or (active.bundle, active.config) != (current, self.installer.current_config(name))):
             await self.activate(name)
         await self._drop_unused_warm()
 
@@ -223,25 +316,9 @@ class Executor:
 
     async def _bake(self, inst: Installed, policy: BakePolicy) -> str:
         """The installer's bake: the new version serves; its error rate (or a crash loop) decides. "" commits."""
-        from agent.bake import BakeWatch  # loaded when a deployment asks for a bake: the idle agent stays small
+        from agent.bake import bake  # loaded when a deployment asks for a bake: the idle agent stays small
 
-        active = self.front.active.get(inst.name)
-        if active is None or active.bundle != inst.bundle:
-            await self.activate(inst.name)
-            active = self.front.active.get(inst.name)
-        if active is None or active.bundle != inst.bundle:
-            return f"the new version did not start: {self.load_errors.get(inst.name, 'unknown reason')}"
-        watch = active.bake = BakeWatch(policy)
-        log.info("%s: module %s baking for %ds (rollback above %g%% errors over >= %d inferences)",
-                 self.identity.device_id, inst.name, policy.seconds, policy.max_error_ppm / 10_000,
-                 policy.min_inferences)
-        try:
-            reason = await watch.wait()
-        finally:
-            active.bake = None
-        log.info("%s: module %s bake %s: %s", self.identity.device_id, inst.name, "failed" if reason else "passed",
-                 reason or watch.summary())
-        return reason
+        return await bake(self.front.active, self.activate, self.load_errors, self.identity.device_id, inst, policy)
 
     def _set_transfer_error(self, bundle: str, text: str) -> None:
         if text:
@@ -255,88 +332,8 @@ class Executor:
         self.changed()
 
     def _on_install(self, name: str, entry: Entry) -> None:
+        self.blocked.pop(name, None)  # the journal is written again: it tells the state
         self.changed()
-
-    # --- serving -------------------------------------------------------------------------------
-
-    async def activate(self, name: str) -> None:
-        """Load the active version of ``name`` and start serving it (replacing an older one)."""
-        try:
-            inst: Installed = await asyncio.to_thread(self.installer.load_installed, name)
-            ppm = inst.manifest.collect_rate_ppm
-            if self.trust.desired is not None:
-                ppm = next((m.collect_rate_ppm for m in self.trust.desired.modules if m.name == name), ppm)
-            runner: Runner | ModuleWorker
-            if self.isolation == "process":
-                # A committed version, or one starting its bake (it serves on probation): its worker takes the
-                # direct socket over (rename) on start, as the TCP API switches to it.
-                runner = ModuleWorker(name, inst.files, inst.manifest, limits=self.module_limits,
-                                      start_timeout=self.health_timeout,
-                                      on_crash_loop=lambda reason: self.spawn(self._crash_loop(name, inst.bundle, reason)),
-                                      socket_path=self.data_dir / RUN_DIR / f"{name}.sock", collect_rate_ppm=ppm,
-                                      push_every=min(1.0, self.telemetry_interval))
-                await runner.start(warm=self._warm.pop(inst.bundle, None))
-            else:
-                runner = await asyncio.to_thread(self.installer.runner_for, inst)
-        except Exception as exc:  # a broken install must not stop the agent; report it
-            self.load_errors[name] = f"cannot load the active version: {exc}"
-            log.error("%s: module %s: %s", self.identity.device_id, name, self.load_errors[name])
-            return
-        self.load_errors.pop(name, None)
-        self.deactivate(name)
-        active = ActiveModule(name, inst.bundle, inst.manifest.version, runner, ppm)
-        if isinstance(runner, ModuleWorker):
-            runner.on_stats = functools.partial(self.front.direct_stats, active)
-        workload = self.front.workload
-        if workload is not None and workload.rate > 0 and runner.inputs:
-            active.task = asyncio.create_task(self.front.workload_loop(active))
-        self.front.active[name] = active
-        self.changed()
-
-    def deactivate(self, name: str) -> None:
-        active = self.front.active.pop(name, None)
-        if active is not None and active.task is not None:
-            active.task.cancel()
-        if active is not None:
-            self.spawn(_stop_runner(active.runner))
-
-    async def _health_in_worker(self, inst: Installed) -> None:
-        """The installer's health check in process mode: a fresh worker, killed if it overruns the deadline."""
-        worker = await health_check_in_worker(inst.name, inst.files, inst.manifest, self.health_timeout,
-                                              self.module_limits)
-        old = self._warm.pop(inst.bundle, None)
-        if old is not None:
-            await old.stop()
-        self._warm[inst.bundle] = worker
-
-    async def _drop_unused_warm(self) -> None:
-        for bundle in [b for b in self._warm if not any(m.bundle == b for m in self.front.active.values())]:
-            await self._warm.pop(bundle).stop()
-
-    async def _crash_loop(self, name: str, bundle: str, reason: str) -> None:
-        """A committed version's worker keeps dying: roll back to the version before it, with the reason."""
-        active = self.front.active.get(name)
-        if active is None or active.bundle != bundle:
-            return
-        if active.bake is not None:  # on probation: the bake fails now and its install rolls back
-            active.bake.fail(reason)
-            return
-        entry = await self.installer.roll_back_committed(name, reason)
-        if entry is None:  # no install record to undo (e.g. a version older than the journal): report it
-            self.load_errors[name] = reason
-            self.deactivate(name)
-        elif self.installer.current(name) is not None:
-            await self.activate(name)
-        else:
-            self.deactivate(name)
-        self.changed()
-
-    def _clear_run_dir(self) -> None:
-        """Sockets a killed agent's workers left behind: nobody answers on them; the workers started now bind afresh."""
-        run = self.data_dir / RUN_DIR
-        run.mkdir(mode=0o750, exist_ok=True)
-        for stale in run.glob("*.sock"):
-            stale.unlink(missing_ok=True)
 
     # --- shutdown ------------------------------------------------------------------------------
 
@@ -349,16 +346,11 @@ class Executor:
 
     async def stop_workers(self) -> None:
         """Stop every serving runner's worker and every warm one."""
-        await asyncio.gather(*(_stop_runner(m.runner) for m in self.front.active.values()),
-                             *(w.stop() for w in self._warm.values()), return_exceptions=True)
+        await asyncio.gather(*(stop_runner(m.runner) for m in self.front.active.values()),
+                             *(w.stop() for w in self._warm.values()), self.shadows.stop_all(), return_exceptions=True)
         self.front.active.clear()
         self._warm.clear()
 
     def close(self) -> None:
         if self.http is not None:
             self.http.close()
-
-
-async def _stop_runner(runner: Runner | ModuleWorker) -> None:
-    if isinstance(runner, ModuleWorker):
-        await runner.stop()

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.errors import InstallError, SlowDownload
 from agent.identity import check_hub_url
-from agent.install import InstallError
+from agent.limits import DownloadLimits, RateWatch, disk_full, is_disk_full
 from agent.transfer import Progress, Reject, VerifiedFetch
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, sha256_hex
@@ -37,6 +38,13 @@ MISMATCH_ATTEMPTS = 3  # a chunk whose bytes keep failing their digest fails the
 BLOCK = 64 * 1024
 MAX_ERROR_BODY = 64 * 1024
 Note = Callable[[str], None]  # the transfer's current trouble ("" once it is over), for the reported state
+
+
+def _content_length(resp: http.client.HTTPResponse) -> int | None:
+    try:
+        return int(resp.getheader("content-length") or "")
+    except ValueError:
+        return None
 
 
 class Transient(Exception):
@@ -82,6 +90,7 @@ class HubHttp:
         with self._lock:
             conn, pooled = (self._idle.pop(), True) if self._idle else (self._new(), False)
         hdrs = {"Authorization": self._auth, **(headers or {})}
+        resp: http.client.HTTPResponse | None = None
         try:
             try:
                 conn.request("GET", self.prefix + path, headers=hdrs)
@@ -95,19 +104,26 @@ class HubHttp:
                 resp = conn.getresponse()
             yield resp
         except BaseException:
-            conn.close()
+            _drop(conn, resp)
             raise
         if resp.isclosed() and not resp.will_close:
             with self._lock:
                 self._idle.append(conn)
         else:
-            conn.close()
+            _drop(conn, resp)
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _drop(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse | None) -> None:
+    """Close both: an answer with ``Connection: close`` holds the socket itself, not the connection."""
+    if resp is not None:
+        resp.close()
+    conn.close()
 
 
 def _detail(body: bytes) -> str:
@@ -139,8 +155,8 @@ class HttpBundleFetch(VerifiedFetch):
     def __init__(self, http: HubHttp, module: DesiredModule, root: Root, chunks: ContentStore, manifests_dir: Path,
                  partial_dir: Path, reject: Reject, progress: Progress | None = None, note: Note | None = None,
                  retry: float = 3.0, retry_cap: float = 30.0, clock: Callable[[], float] | None = None,
-                 concurrency: int = CONCURRENCY) -> None:
-        super().__init__(module, root, chunks, manifests_dir, reject, progress, clock)
+                 concurrency: int = CONCURRENCY, limits: DownloadLimits | None = None) -> None:
+        super().__init__(module, root, chunks, manifests_dir, reject, progress, clock, limits)
         self.http = http
         self.partial_dir = partial_dir
         self.note = note
@@ -164,6 +180,7 @@ class HttpBundleFetch(VerifiedFetch):
         self._load_cached_manifest()
         if self.manifest is None:
             await self._fetch_release()
+        self.check_space()
         await self._fetch_chunks()
         self._set_trouble("")
         assert self.envelope is not None
@@ -178,6 +195,8 @@ class HttpBundleFetch(VerifiedFetch):
             try:
                 return await asyncio.to_thread(step)
             except TRANSIENT as exc:
+                if is_disk_full(exc):  # waiting will not make room: fail now, tried again after retry_s
+                    raise disk_full(exc, "downloading") from None  # type: ignore[arg-type]
                 self._set_trouble(f"download from {self.http.base_url} failed: {exc}")
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_cap)
@@ -187,10 +206,11 @@ class HttpBundleFetch(VerifiedFetch):
 
         def get() -> bytes:
             with self.http.get(path) as resp:
-                body = resp.read(MAX_ENVELOPE_BYTES + 1)
-                if not resp.isclosed():
-                    resp.read()  # an oversize answer is read out (and refused below) to keep the connection
+                # Never read to the end: an endless answer is cut at the cap (the connection is dropped).
+                body = self._read_capped(resp, MAX_ENVELOPE_BYTES, "release")
                 check_status(resp.status, body, f"release {self.module.bundle[:12]}…")
+                if len(body) > MAX_ENVELOPE_BYTES:
+                    raise InstallError(f"release answer is more than {MAX_ENVELOPE_BYTES} bytes: refused unread")
                 return body
 
         payload = await self._retrying(get)
@@ -240,6 +260,28 @@ class HttpBundleFetch(VerifiedFetch):
         self._set_trouble("")
         self._report_progress()
 
+    def _read_block(self, resp: http.client.HTTPResponse, watch: RateWatch, what: str) -> bytes:
+        """The next bytes as they arrive (``read1``: a trickle returns each time), the rate judged after each."""
+        try:
+            block = resp.read1(BLOCK)
+        except TimeoutError:  # nothing for the socket timeout (at most the window): as slow as it gets
+            raise SlowDownload(f"{what}: no bytes for {self.http.timeout:g} s: aborted as a slow retrieval") from None
+        watch.feed(len(block))
+        if slow := watch.problem():
+            raise SlowDownload(f"{what}: {slow}")
+        return block
+
+    def _read_capped(self, resp: http.client.HTTPResponse, cap: int, what: str) -> bytes:
+        """At most ``cap + 1`` bytes of the answer (one more shows it is over the cap), at the minimum rate."""
+        announced = _content_length(resp)
+        if announced is not None and announced > cap:  # refused by its header: not one byte read
+            raise InstallError(f"{what} answer announces {announced} bytes, more than {cap}: refused unread")
+        watch = RateWatch(self.limits.min_bps, self.limits.window_s)
+        body = bytearray()
+        while len(body) <= cap and (block := self._read_block(resp, watch, what)):
+            body += block
+        return bytes(body[:cap + 1])
+
     def _download(self, digest: str, size: int | None = None) -> str:
         """Fetch one chunk into ``partial_dir`` (resuming a partial one), check it and store it; "" when stored,
         else why the bytes were refused. Runs in a worker thread."""
@@ -251,8 +293,9 @@ class HttpBundleFetch(VerifiedFetch):
             part.unlink()
             have = 0
         with self.http.get(f"/api/v1/device/chunks/{digest}", {"Range": f"bytes={have}-"} if have else None) as resp:
+            announced = _content_length(resp)
             if resp.status == 416:  # our partial copy is not a prefix the hub can continue: start over
-                resp.read()
+                resp.read(MAX_ERROR_BODY)  # never to its end: a longer answer is dropped with the connection
                 part.unlink(missing_ok=True)
                 raise Transient(f"chunk {digest[:12]}…: range not satisfiable, starting it over")
             if resp.status not in (200, 206):
@@ -261,8 +304,11 @@ class HttpBundleFetch(VerifiedFetch):
             if resp.status == 206 and not resumed:
                 raise Transient(f"chunk {digest[:12]}…: the hub answered an unexpected range")
             written = have if resumed else 0
+            if announced is not None and written + announced > size:  # refused before one byte is read
+                return f"chunk answer announces {written + announced} bytes, the release lists {size}"
+            watch = RateWatch(self.limits.min_bps, self.limits.window_s)
             with open(part, "ab" if resumed else "wb") as f:
-                while block := resp.read(BLOCK):
+                while block := self._read_block(resp, watch, f"chunk {digest[:12]}…"):
                     written += len(block)
                     if written > size:
                         break  # more than the release lists: refused below, connection dropped

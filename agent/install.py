@@ -18,12 +18,16 @@ import logging
 import os
 import shutil
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent import modconfig
+from agent.errors import InstallError, RetryLater
 from agent.journal import BEFORE_ACTIVATION, JOURNAL_FILE, Entry, Journal
+from agent.limits import DownloadLimits, check_free, disk_full, is_disk_full
 from modules.bundle import FILES_DIR, write_bundle_dir
 from modules.bundle import verify_bundle_dir as _verify_bundle_dir
 from modules.errors import InputError, ModelError
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgefleet.agent.install")
 
+__all__ = ["InstallError", "Installed", "Installer", "RetryLater"]
+
 CURRENT = "current"
 # Test hook: kill -9 this process right after the named install state is persisted, so crash-recovery
 # tests can stop at a chosen point deterministically. Never set it on a real device.
@@ -51,16 +57,19 @@ CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AT"
 MAX_BAKE_STARTS = 3
 
 
-class InstallError(RuntimeError):
-    """An install step refused the bundle; the text is the reason reported to the hub."""
-
-
 @dataclass(frozen=True)
 class Installed:
     name: str
     bundle: str
     manifest: Manifest
     files: Path  # the unpacked files directory
+    config: dict[str, Any] = field(default_factory=dict)  # the module's configuration applied (desired state)
+    config_digest: str = ""
+
+    @property
+    def key(self) -> str:
+        """What a loaded runner is for: the bundle, and the configuration it was loaded with."""
+        return f"{self.bundle}+{self.config_digest}" if self.config_digest else self.bundle
 
 
 ChangeHook = Callable[[str, Entry], None]
@@ -73,17 +82,12 @@ BakeHook = Callable[[Installed, BakePolicy], Awaitable[str]]
 class Installer:
     """Installs, activates, health-checks and rolls back module versions under ``data_dir/modules``."""
 
-    def __init__(
-        self,
-        data_dir: Path,
-        root: Root,
-        chunks: ContentStore,
-        runner_cache: MutableMapping[str, Runner] | None = None,
-        health_timeout: float = 30.0,
-        on_change: ChangeHook | None = None,
-        health: HealthHook | None = None,
-        bake: BakeHook | None = None,
-    ) -> None:
+    def __init__(self, data_dir: Path, root: Root, chunks: ContentStore,
+                 runner_cache: MutableMapping[str, Runner] | None = None, health_timeout: float = 30.0,
+                 on_change: ChangeHook | None = None, health: HealthHook | None = None, bake: BakeHook | None = None,
+                 limits: DownloadLimits | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.limits = limits or DownloadLimits()
+        self.clock = clock
         self.modules_dir = Path(data_dir) / "modules"
         self.modules_dir.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -98,6 +102,7 @@ class Installer:
         # devices use it (simulator/scenarios.py); a device integrator can add a check of its own.
         self.health_gate: Callable[[Installed], None] | None = None
         self._crash_at = os.environ.get(CRASH_ENV, "")
+        self.facts: dict[str, str] = {}  # the device's facts: runners choose their accelerator from them
 
     # --- layout ------------------------------------------------------------------------------
 
@@ -123,6 +128,16 @@ class Installer:
             return os.readlink(link)
         except OSError:
             return None
+
+    def current_config(self, name: str) -> str:
+        """The digest of the configuration applied, or ""."""
+        return modconfig.current(self.module_dir(name))
+
+    def _write_config(self, name: str, config: dict[str, Any]) -> str:
+        return modconfig.write(self.module_dir(name), config)
+
+    def _swap_config(self, name: str, digest: str) -> None:
+        modconfig.swap(self.module_dir(name), digest)
 
     def installed_names(self) -> list[str]:
         return sorted(p.name for p in self.modules_dir.iterdir()
@@ -159,15 +174,19 @@ class Installer:
         # now=0: expiry guards fresh metadata against freeze attacks; it must not stop a version
         # that was accepted and committed from running again after a reboot.
         manifest = _verify_bundle_dir(self.version_dir(name, digest), self.root, now=0)
-        return Installed(name, digest, manifest, self.version_dir(name, digest) / FILES_DIR)
+        try:
+            config, cdigest = modconfig.read(self.module_dir(name))
+        except ValueError as exc:
+            raise InstallError(f"module {name}: {exc}") from None
+        return Installed(name, digest, manifest, self.version_dir(name, digest) / FILES_DIR, config, cdigest)
 
     def runner_for(self, inst: Installed) -> Runner:
         from modules.runners import load_runner  # in-process isolation: runners (and NumPy) live in this process
 
-        runner = self.runner_cache.get(inst.bundle)
+        runner = self.runner_cache.get(inst.key)
         if runner is None:
-            runner = load_runner(inst.files, inst.manifest)
-            self.runner_cache[inst.bundle] = runner
+            runner = load_runner(inst.files, inst.manifest, inst.config, self.facts)
+            self.runner_cache[inst.key] = runner
         return runner
 
     # --- install -----------------------------------------------------------------------------
@@ -176,27 +195,61 @@ class Installer:
         """Install ``module``: ``fetch`` returns the verified release envelope once every chunk is stored."""
         name = module.name
         previous = self.current(name)
+        config = await asyncio.to_thread(self._write_config, name, dict(module.config))
         self._set(name, "downloading", bundle=module.bundle, version=module.version, previous=previous,
-                  bake=module.bake.to_dict() if module.bake is not None else None)
+                  bake=module.bake.to_dict() if module.bake is not None else None, config=config,
+                  previous_config=self.current_config(name))
         try:
             envelope = await fetch()
         except InstallError as exc:
-            return self._set(name, "failed", error=str(exc))
+            return self._fail(name, exc)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            return self._fail(name, disk_full(exc, "downloading"))
         self._set(name, "verifying")
         try:
             await asyncio.to_thread(self._unpack, module, envelope)
         except (InstallError, ProtocolError, OSError, ValueError) as exc:
             shutil.rmtree(self.version_dir(name, module.bundle), ignore_errors=True)
+            shutil.rmtree(self.version_dir(name, module.bundle).with_name(module.bundle + ".partial"),
+                          ignore_errors=True)
+            if is_disk_full(exc):
+                exc = disk_full(exc, "unpacking")  # type: ignore[arg-type]
+            if isinstance(exc, RetryLater):
+                return self._fail(name, exc)
             return self._set(name, "failed", error=f"verification failed: {exc}")
         self._set(name, "staged")
         self._set(name, "activating")
         self._swap(name, module.bundle)
+        self._swap_config(name, config)
         return await self._check_and_finish(name)
+
+    async def reconfigure(self, module: DesiredModule) -> Entry:
+        """Apply ``module.config`` to the bundle installed: staged -> activating -> health_check [-> baking] ->
+        committed, or rolled back to the configuration before (the bundle stays)."""
+        name = module.name
+        if self.current(name) != module.bundle:
+            raise InstallError(f"module {name}: {module.bundle[:12]}… is not the version installed")
+        config = await asyncio.to_thread(self._write_config, name, dict(module.config))
+        self._set(name, "staged", bundle=module.bundle, version=module.version, previous=module.bundle,
+                  bake=module.bake.to_dict() if module.bake is not None else None, config=config,
+                  previous_config=self.current_config(name))
+        self._set(name, "activating")
+        self._swap_config(name, config)
+        return await self._check_and_finish(name)
+
+    def _fail(self, name: str, exc: InstallError) -> Entry:
+        """Fail the install with the reason; one the environment caused is tried again after ``limits.retry_s``."""
+        retry_at = self.clock() + self.limits.retry_s if isinstance(exc, RetryLater) else 0.0
+        return self._set(name, "failed", error=str(exc) + (f" (trying again in {self.limits.retry_s:g}s)"
+                                                           if retry_at else ""), retry_at=retry_at)
 
     def _unpack(self, module: DesiredModule, envelope: dict[str, Any]) -> None:
         dest = self.version_dir(module.name, module.bundle)
         dest.parent.mkdir(parents=True, exist_ok=True)
         manifest = validate(Manifest, envelope["signed"]["manifest"])
+        check_free(self.modules_dir, manifest.size, self.limits.reserve_bytes, f"unpack {module.name}")
         try:
             spans = parse_spans(envelope["signed"], manifest)
         except ProtocolError:  # refused and counted by the transfer, which fetched fixed chunks instead
@@ -282,9 +335,9 @@ class Installer:
     def _health_check(self, inst: Installed) -> None:
         from modules.runners import health_check, load_runner, load_sample  # in-process isolation, as above
 
-        runner = self.runner_cache.get(inst.bundle) or load_runner(inst.files, inst.manifest)
+        runner = self.runner_cache.get(inst.key) or load_runner(inst.files, inst.manifest, inst.config, self.facts)
         health_check(runner, load_sample(inst.files, inst.manifest))
-        self.runner_cache[inst.bundle] = runner  # cache only what passed
+        self.runner_cache[inst.key] = runner  # cache only what passed
 
     async def _roll_back(self, name: str, reason: str) -> Entry:
         entry = self.journal.get(name)
@@ -292,11 +345,16 @@ class Installer:
         if entry.state != "rolling_back":
             entry = self._set(name, "rolling_back", error=reason)
         prev = entry.previous
+        if prev == entry.bundle:  # a configuration change: the bundle stays, the configuration before comes back
+            self._swap_config(name, entry.previous_config)
+            return self._set(name, "rolled_back")
         if prev and prev != entry.bundle and self.version_dir(name, prev).is_dir():
+            self._swap_config(name, entry.previous_config)
             self._swap(name, prev)
             shutil.rmtree(self.version_dir(name, entry.bundle), ignore_errors=True)
             return self._set(name, "rolled_back")
         self._swap(name, None)
+        self._swap_config(name, "")
         shutil.rmtree(self.version_dir(name, entry.bundle), ignore_errors=True)
         return self._set(name, "failed")
 
@@ -305,10 +363,12 @@ class Installer:
 
         The previous version stays as the target should the new one crash-loop after its commit.
         """
-        keep = {self.current(name), previous, CURRENT}
+        keep = {self.current(name), previous, CURRENT, modconfig.CONFIG_DIR}
         for p in self.module_dir(name).iterdir():
             if p.name not in keep and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+        entry = self.journal.get(name)
+        modconfig.keep_only(self.module_dir(name), {self.current_config(name), entry.previous_config if entry else ""})
 
     async def roll_back_committed(self, name: str, reason: str) -> Entry | None:
         """Undo a committed version that fails in service (e.g. its worker crash-loops); None if not committed."""
@@ -350,6 +410,7 @@ class Installer:
                     await self._roll_back(name, f"interrupted during activation and the new version is unusable: {exc}")
                     continue
                 self._swap(name, entry.bundle)  # finish the activation, then judge it
+                self._swap_config(name, entry.config)
                 await self._check_and_finish(name, bake_now=False)
             elif entry.state == "health_check":
                 await self._check_and_finish(name, bake_now=False)

@@ -22,7 +22,8 @@ JOURNAL_FILE = "journal.json"
 
 # state -> states it may move to. None is "no install on record": where a first install begins.
 TRANSITIONS: dict[str | None, frozenset[str]] = {
-    None: frozenset({"downloading"}),
+    # staged directly: a new configuration for the bundle already installed (nothing to download or verify)
+    None: frozenset({"downloading", "staged"}),
     "downloading": frozenset({"verifying", "failed"}),
     "verifying": frozenset({"staged", "failed"}),
     "staged": frozenset({"activating", "failed"}),
@@ -34,9 +35,9 @@ TRANSITIONS: dict[str | None, frozenset[str]] = {
     "rolling_back": frozenset({"rolled_back", "failed"}),
     # Terminal for this version; the next version's install starts from here. A committed version
     # whose worker then crash-loops is rolled back to the version kept beside it.
-    "committed": frozenset({"downloading", "rolling_back"}),
-    "rolled_back": frozenset({"downloading"}),
-    "failed": frozenset({"downloading"}),
+    "committed": frozenset({"downloading", "staged", "rolling_back"}),
+    "rolled_back": frozenset({"downloading", "staged"}),
+    "failed": frozenset({"downloading", "staged"}),
 }
 TERMINAL = frozenset({"committed", "rolled_back", "failed"})
 BEFORE_ACTIVATION = frozenset({"downloading", "verifying", "staged"})
@@ -78,6 +79,9 @@ class Entry:
     ts: float = 0.0
     bake: dict[str, int] | None = None  # the desired BakePolicy (None: commit after the health check)
     bakes: int = 0  # times the bake was started: a restart during baking starts it again
+    retry_at: float = 0.0  # failed because of the environment (disk full, slow download): try again then (0: never)
+    config: str = ""  # config digest this install applies ("" none); its file is modules/<name>/config/<digest>.json
+    previous_config: str = ""  # the one applied before, restored by a rollback
 
 
 class Journal:
@@ -101,17 +105,30 @@ class Journal:
     def transition(self, name: str, new: str, **fields: Any) -> Entry:
         old = self.entries.get(name)
         check_transition(old.state if old else None, new)
-        if new == "downloading":
+        if new == "downloading" or (new == "staged" and (old is None or old.state in TERMINAL)):  # a new install
             entry = Entry(state=new, bundle=fields["bundle"], version=fields["version"], previous=fields.get("previous"),
-                          bake=fields.get("bake"))
+                          bake=fields.get("bake"), config=fields.get("config", ""),
+                          previous_config=fields.get("previous_config", ""))
         else:
             assert old is not None
             entry = Entry(**{**vars(old), "state": new, **fields})
         entry.ts = time.time()
         self.entries[name] = entry
-        self.save()  # persisted before the step it names is carried out
+        try:
+            self.save()  # persisted before the step it names is carried out
+        except OSError:  # e.g. a full disk: the step does not happen, and the record stays what the file says
+            if old is None:
+                self.entries.pop(name, None)
+            else:
+                self.entries[name] = old
+            raise
         return entry
 
     def drop(self, name: str) -> None:
-        if self.entries.pop(name, None) is not None:
-            self.save()
+        old = self.entries.pop(name, None)
+        if old is not None:
+            try:
+                self.save()
+            except OSError:
+                self.entries[name] = old
+                raise

@@ -1,16 +1,28 @@
-"""The local inference API for applications on the device: a lean HTTP/1.1 server on 127.0.0.1.
+"""The local inference API for applications on the device: a lean HTTP/1.1 server on a Unix socket or 127.0.0.1.
 
     POST /v1/modules/{name}/predict  {"inputs": {...}} -> {"module", "version", "outputs": {...}}
+                                     or a .npy body (Content-Type: application/x-npy, X-Input: NAME) and
+                                     Accept: application/x-npy for a .npy answer
                                      404 unknown module, 422 inputs not matching the signature (named)
+    POST /v1/labels                  {"labels": [{"id": "req-1", "label": 1}]} -> 202: ground truth for earlier
+                                     predictions whose request body carried that "id" (sent with the data)
+    /v2/...                          the Open Inference Protocol v2 (modules.oip): health, metadata,
+                                     POST /v2/models/{name}/infer in JSON or the binary-data extension
     GET  /healthz                    200 healthy / 503 not, with the reasons
     GET  /metrics                    Prometheus text
 
 An asyncio Protocol with keep-alive and pipelining, no framework: the device pays for no web stack,
 and a request costs little more than the inference itself (see bench/agent_bench.py). A bad
 request gets 400/411/413/431 with the reason, counted in ``rejected["local_api"]``, and the connection closes. The body goes to the
-module's worker as it came (``InferenceFront.infer_json``): the agent neither parses the inputs nor builds arrays.
+module's worker as it came (``InferenceFront.infer_json``, or ``infer_form`` with the headers that say how to
+read it, ``modules.tensors``): the agent neither parses the inputs nor builds arrays.
 The parsing and the answers are ``modules.httpwire``'s, shared with each worker's direct socket
 (``DATA/run/<module>.sock``, ``agent/worker.py``), which serves the predict route without this loop.
+
+Who may call it: on the Unix socket (``DATA/run/api.sock``, the daemon's default) whoever the file's mode
+(0660) and group let connect; on TCP (off unless ``--api-port``) any local user could connect, so every
+request there needs ``Authorization: Bearer <token>`` with one of the per-app tokens in ``DATA/api-tokens``
+(``name token`` per line, 0600); a missing or unknown token is a 401, counted in ``rejected["local_api_auth"]``.
 """
 
 from __future__ import annotations
@@ -18,16 +30,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import logging
+import os
+import secrets
+import shutil
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.procstat import rss_bytes
-from modules.httpwire import Answer, BadRequest, RequestReader, encode_answer, json_answer, predict_target, predicted
+from modules import oip
+from modules.httpwire import (
+    Answer,
+    BadRequest,
+    Headers,
+    RequestReader,
+    Served,
+    bearer,
+    binary_answer,
+    encode_answer,
+    enlarge,
+    failed,
+    form_of,
+    json_answer,
+    keep_large_buffers,
+    oip_answer,
+    plain_json,
+    predict_target,
+    predicted,
+)
 
 if TYPE_CHECKING:
     from agent.inference import ActiveModule, Answered
+    from agent.supervisor import Reply
+
+_VERSION = "0.1.0"  # the agent's, in OIP v2 server metadata
 
 log = logging.getLogger("edgefleet.agent.api")
 
@@ -41,36 +80,103 @@ class Host(Protocol):
     def rejected(self) -> Counter[str]: ...
     async def infer_json(self, active: ActiveModule, body: bytes) -> bytes: ...
     def infer_json_now(self, active: ActiveModule, body: bytes, done: Answered) -> bool: ...
+    async def infer_form(self, active: ActiveModule, form: dict[str, Any], body: bytes) -> Reply: ...
+    def infer_form_now(self, active: ActiveModule, form: dict[str, Any], body: bytes,
+                       done: Callable[[Reply | None, Exception | None], None]) -> bool: ...
     def health(self) -> dict[str, float]: ...
     def snapshot(self) -> dict[str, Any]: ...
     def worker_stats(self) -> dict[str, float]: ...
+    def add_labels(self, body: bytes) -> int: ...
+
+
+TOKENS_FILE = "api-tokens"
+SOCKET_MODE = 0o660
+
+
+def load_tokens(path: Path) -> dict[str, str]:
+    """The per-app tokens (token -> app name) of ``path``, made with one ``default`` token (0600) if missing."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"# local API tokens, one 'app-name token' per line\ndefault {secrets.token_urlsafe(32)}\n")
+        log.warning("local API tokens made in %s: give each app a line of its own", path)
+    tokens = {}
+    for line in path.read_text().splitlines():
+        name, _, token = line.strip().partition(" ")
+        if name and not name.startswith("#") and len(token.strip()) >= 16:
+            tokens[token.strip()] = name
+    return tokens
 
 
 class LocalApi:
-    def __init__(self, agent: Host, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """One listener: TCP on ``host:port`` (with ``tokens``, each request must carry one), or the Unix socket ``path``."""
+
+    def __init__(self, agent: Host, host: str = "127.0.0.1", port: int = 8765, *,
+                 tokens: dict[str, str] | None = None, path: Path | None = None, group: str | None = None) -> None:
         self.agent, self.host, self.port = agent, host, port
+        self.tokens, self.path, self.group = tokens, path, group
         self._server: asyncio.Server | None = None
         self.requests = 0
 
     async def start(self) -> None:
+        keep_large_buffers()  # camera-sized bodies pass through this process
         loop = asyncio.get_running_loop()
+        if self.path is not None:
+            self._server = await self._start_unix(self.path)
+            log.info("local inference API on unix:%s (mode %o%s)", self.path, SOCKET_MODE,
+                     f", group {self.group}" if self.group else "")
+            return
         self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]  # the real one when 0 was asked
-        log.info("local inference API on http://%s:%d", self.host, self.port)
+        log.info("local inference API on http://%s:%d (%s)", self.host, self.port,
+                 "per-app tokens required" if self.tokens is not None else "no token: open to every local user")
+
+    async def _start_unix(self, path: Path) -> asyncio.Server:
+        """Bound aside, given its mode (and group) and only then renamed into place: never reachable more widely."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        server = await asyncio.get_running_loop().create_unix_server(lambda: _Connection(self), str(tmp))
+        try:
+            os.chmod(tmp, SOCKET_MODE)
+            if self.group:
+                shutil.chown(tmp, group=self.group)
+            os.replace(tmp, path)
+        except BaseException:
+            server.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        return server
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def authorized(self, head: bytes) -> bool:
+        """A TCP request with tokens configured must carry one (compared in constant time)."""
+        if self.tokens is None:
+            return True
+        token = bearer(head)
+        return bool(token) and any(hmac.compare_digest(token, known) for known in self.tokens)
 
     # --- routes ------------------------------------------------------------------------------
 
-    def route(self, method: str, path: str, body: bytes,
-              later: Callable[[Answer], None]) -> Answer | Coroutine[Any, Any, Answer] | None:
+    def route(self, method: str, path: str, body: bytes, later: Callable[[Answer], None],
+              headers: Headers | None = None) -> Answer | Coroutine[Any, Any, Answer] | None:
         """An answer at once; or None: a prediction is on its way to a worker and ``later`` gets the answer;
         or a coroutine that makes the answer (a worker restarting, in-process isolation)."""
         self.requests += 1
+        headers = headers or {}
+        route = oip.parse_path(path)
+        if route is not None:
+            answer = oip_answer(method, route, self.served(), self.agent.health()["healthy"] == 1.0, _VERSION)
+            if answer is not None:
+                return answer
+            return self._infer(self.agent.active[route.model], form_of("v2", headers), body, later)
         name = predict_target(path)
         path = path.split("?", 1)[0]
         if name is not None:
@@ -79,9 +185,18 @@ class LocalApi:
             active = self.agent.active.get(name)
             if active is None:
                 return json_answer(404, {"detail": f"module {name!r} is not running here", "modules": sorted(self.agent.active)})
+            form = form_of("v1", headers)
+            if not plain_json(form):
+                return self._infer(active, form, body, later)
             if self.agent.infer_json_now(active, body, lambda out, exc: later(_predicted(active, out, exc))):
                 return None
             return self._predict(active, body)
+        if path == "/v1/labels" and method == "POST":
+            try:
+                return json_answer(202, {"queued": self.agent.add_labels(body)})
+            except ValueError as exc:
+                self.agent.rejected["local_api"] += 1
+                return json_answer(400, {"detail": str(exc)})
         if path == "/healthz" and method == "GET":
             health = self.agent.health()
             ok = health["healthy"] == 1.0
@@ -89,6 +204,32 @@ class LocalApi:
         if path == "/metrics" and method == "GET":
             return 200, "text/plain; version=0.0.4", self.metrics().encode()
         return json_answer(404, {"detail": f"no route {method} {path}"})
+
+    def served(self) -> dict[str, Served]:
+        """The running modules as the OIP v2 metadata routes tell them (ready: the worker is serving)."""
+        out = {}
+        for name, m in self.agent.active.items():
+            runtime = getattr(getattr(m.runner, "manifest", None), "runtime", "")
+            ready = getattr(m.runner, "state", "serving") == "serving"
+            out[name] = Served(m.version, runtime, m.runner.inputs, m.runner.outputs, ready)
+        return out
+
+    def _infer(self, active: ActiveModule, form: dict[str, Any], body: bytes,
+               later: Callable[[Answer], None]) -> Answer | Coroutine[Any, Any, Answer] | None:
+        v2 = form["kind"] == "v2"
+
+        def answered(reply: Reply | None, exc: Exception | None) -> None:
+            later(binary_answer(*reply[:3]) if reply is not None else failed(exc or RuntimeError("no answer"), v2))
+
+        if self.agent.infer_form_now(active, form, body, answered):
+            return None
+        return self._infer_awaited(active, form, body)
+
+    async def _infer_awaited(self, active: ActiveModule, form: dict[str, Any], body: bytes) -> Answer:
+        try:
+            return binary_answer(*(await self.agent.infer_form(active, form, body))[:3])
+        except Exception as exc:
+            return failed(exc, form["kind"] == "v2")
 
     async def _predict(self, active: ActiveModule, body: bytes) -> Answer:
         try:
@@ -149,6 +290,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        enlarge(transport.get_extra_info("socket"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -176,9 +318,17 @@ class _Connection(asyncio.Protocol):
                 return
             if request is None:
                 return
-            method, path, keep, body = request
+            method, path, keep, body, headers = request
+            if not self.api.authorized(self._reader.head):
+                self.api.agent.rejected["local_api_auth"] += 1
+                self._reply(json_answer(401, {"detail": "the local API on TCP needs 'Authorization: Bearer <token>' "
+                                                        "with a token from DATA/api-tokens"}), keep=False)
+                return
             self._busy = True
-            answer = self.api.route(method, path, body, functools.partial(self._later, keep))
+            try:
+                answer = self.api.route(method, path, body, functools.partial(self._later, keep), headers)
+            except BadRequest as exc:  # a malformed header the route needed (Inference-Header-Content-Length)
+                answer = json_answer(exc.status, {"detail": str(exc)})
             if answer is None:
                 return  # _later answers (it may have already)
             if isinstance(answer, tuple):

@@ -30,6 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.limits import MAX_PACKET_BYTES
 from protocol.broker_url import BrokerURL
 
 log = logging.getLogger("edgefleet.agent.mqtt")
@@ -179,6 +180,7 @@ class AsyncMqttClient:
         self._client.preconnected = sock
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry
+        props.MaximumPacketSize = MAX_PACKET_BYTES  # the broker drops anything larger instead of sending it
         self._connack = loop.create_future()
         rc = self._client.connect(
             self.broker.host, self.broker.port, keepalive=self.keepalive, clean_start=self.clean_start, properties=props

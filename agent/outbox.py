@@ -51,10 +51,19 @@ class Outbox:
     def next_seq(self, kind: str) -> int:
         """The next sequence number for ``kind``: strictly increasing, persisted."""
         self._db.execute("BEGIN IMMEDIATE")
-        self._add_meta(f"seq:{kind}", 1)
-        seq = self._meta(f"seq:{kind}")
-        self._db.execute("COMMIT")
+        try:
+            self._add_meta(f"seq:{kind}", 1)
+            seq = self._meta(f"seq:{kind}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
         return seq
+
+    def _rollback(self) -> None:
+        """End a failed transaction (a full disk): SQLite may have rolled it back already; the next one must start."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def last_seq(self, kind: str) -> int:
         """The sequence number ``next_seq`` handed out last for ``kind`` (0: none yet)."""
@@ -71,7 +80,7 @@ class Outbox:
                 self._add_meta("dropped", excess)
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
         self._count += 1 - max(excess, 0)
         self._dropped += max(excess, 0)

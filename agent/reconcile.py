@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.encoding import ProtocolError, digest_of
-from protocol.messages import DesiredModule, DesiredState, validate
+from protocol.messages import DesiredModule, DesiredState, ShadowSpec, config_digest, validate
 from protocol.signing import Root, parse_envelope
 from protocol.trust import TrustState
 from protocol.verify import MAX_DESIRED_LIFETIME_S
 
 MAX_PENDING_ROOTS = 64  # root versions held while waiting for the one before them
 # A version the device judged unusable (its health check, bake or verification failed): not installed
-# again until the desired state names a different bundle.
+# again until the desired state names a different bundle (unless the failure has a retry time).
 GAVE_UP = frozenset({"rolled_back", "failed"})
 
 
@@ -178,6 +178,10 @@ class ModuleFacts:
     active: str | None = None  # the bundle serving now
     journal: str | None = None  # the install state on record
     journal_bundle: str | None = None  # the bundle that install is for
+    retry_at: float = 0.0  # a failure the environment caused (disk full, slow download): tried again from then
+    config: str = ""  # config_digest of the configuration applied to ``current`` ("" none)
+    active_config: str = ""  # ... of the one serving
+    journal_config: str = ""  # ... of the one the install on record is for
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,14 @@ class SetCollectRate:
 
 
 @dataclass(frozen=True)
+class Reconfigure:
+    """Apply ``module``'s configuration to the version installed (same bundle): activated, health-checked and baked
+    like an install, and rolled back to the previous configuration if that fails."""
+
+    module: DesiredModule
+
+
+@dataclass(frozen=True)
 class Install:
     """Download, verify, activate and health-check (and bake) ``module``; one at a time."""
 
@@ -232,36 +244,99 @@ class CancelInstall:
 
 
 @dataclass(frozen=True)
+class InstallShadow:
+    """Install ``module`` (a shadow's candidate) beside the live version: health-checked, never served."""
+
+    module: DesiredModule
+
+
+@dataclass(frozen=True)
+class StartShadow:
+    """Run the installed candidate of ``name`` on the live version's inputs (``spec`` says how)."""
+
+    name: str
+    spec: ShadowSpec
+
+
+@dataclass(frozen=True)
+class RemoveShadow:
+    """Stop and uninstall the candidate of ``name``: no longer desired, or another one is."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class Report:
     """Publish the reported state (once the pass is through)."""
 
 
-Action = Remove | Activate | SetCollectRate | Install | ResumeBake | CancelInstall | Report
+Action = (Remove | Activate | SetCollectRate | Reconfigure | Install | ResumeBake | CancelInstall | InstallShadow
+          | StartShadow | RemoveShadow | Report)
 
 
 def step(now: float, desired: DesiredState | None, installed: Mapping[str, ModuleFacts],
-         facts: Facts = Facts()) -> list[Action]:
+         facts: Facts = Facts(), shadows: Mapping[str, ModuleFacts] | None = None) -> list[Action]:
     """The actions that take the device from ``installed`` to ``desired``, in the order to carry them out.
 
-    ``now`` is unused so far: maintenance windows and retry times will be judged here.
+    ``now`` judges retry times: an install that failed because of the environment is tried again from its
+    ``retry_at``; one the device judged unusable is not, until the desired state names another bundle.
+    ``shadows``: what the device holds of shadow candidates, per module name (their own install slots).
+    Candidates no longer wanted go first (they only cost CPU), then the live modules, then candidates.
     """
     if facts.starting:  # a bake is an install under way, and installs run one at a time
         return [*(ResumeBake(n) for n, f in sorted(installed.items()) if f.journal == "baking"), Report()]
     if desired is None:
         return []
     wanted = {m.name for m in desired.modules}
-    actions: list[Action] = [Remove(n) for n, f in sorted(installed.items())
-                             if n not in wanted and (f.current is not None or f.active is not None)]
+    candidates = {m.name: m.shadow for m in desired.modules if m.shadow is not None}
+    shadows = dict(shadows or {})
+    actions: list[Action] = []
+    for n, f in sorted(shadows.items()):
+        spec = candidates.get(n)
+        held = [b for b in (f.current, f.active) if b is not None]
+        if (held or f.journal is not None) and (spec is None or any(b != spec.bundle for b in held)):
+            actions.append(RemoveShadow(n))
+            shadows[n] = ModuleFacts()
+    actions += [Remove(n) for n, f in sorted(installed.items())
+                if n not in wanted and (f.current is not None or f.active is not None)]
     for m in desired.modules:
         f = installed.get(m.name, ModuleFacts())
+        want = config_digest(m.config)
+        # a (bundle, configuration) the device judged unusable is not tried again until the desired state changes
+        gave_up = f.journal_bundle == m.bundle and f.journal_config == want and f.journal in GAVE_UP
         if f.current == m.bundle:
-            if f.active != m.bundle:
+            if f.config != want and not gave_up:
+                actions.append(Reconfigure(m))
+            elif f.active != m.bundle or f.active_config != f.config:
                 actions.append(Activate(m.name))
             actions.append(SetCollectRate(m.name, m.collect_rate_ppm))
-        elif not (f.journal_bundle == m.bundle and f.journal in GAVE_UP):
+        elif not gave_up or (f.retry_at and now >= f.retry_at):
             actions.append(Install(m))
+    for m in desired.modules:
+        cand = m.candidate()
+        if m.shadow is None or cand is None:
+            continue
+        f = shadows.get(m.name, ModuleFacts())
+        if f.current == cand.bundle:
+            if f.active != cand.bundle:
+                actions.append(StartShadow(m.name, m.shadow))
+        elif not (f.journal_bundle == cand.bundle and f.journal in GAVE_UP):
+            actions.append(InstallShadow(cand))
     actions.append(Report())
     return actions
+
+
+def next_retry(desired: DesiredState | None, installed: Mapping[str, ModuleFacts]) -> float | None:
+    """When the earliest desired install that the environment stopped is due again (None: none waits)."""
+    due = [f.retry_at for m in (desired.modules if desired else []) if (f := installed.get(m.name))
+           and f.journal_bundle == m.bundle and f.journal == "failed" and f.retry_at]
+    return min(due, default=None)
+
+
+def still_wanted(desired: DesiredState | None, installed: Mapping[str, ModuleFacts]) -> list[str]:
+    """The desired bundles the device has not given up on: their cached releases and chunks are kept."""
+    return [m.bundle for m in (desired.modules if desired else []) if not (
+        (f := installed.get(m.name)) and f.journal_bundle == m.bundle and f.journal in GAVE_UP and not f.retry_at)]
 
 
 def supersede(desired: DesiredState, installing: tuple[str, str] | None, state: str | None) -> list[CancelInstall]:
@@ -273,6 +348,6 @@ def supersede(desired: DesiredState, installing: tuple[str, str] | None, state: 
     if installing is None or state != "downloading":
         return []
     name, bundle = installing
-    if any(m.bundle == bundle for m in desired.modules):
+    if any(m.bundle == bundle or (m.shadow is not None and m.shadow.bundle == bundle) for m in desired.modules):
         return []
     return [CancelInstall(name, bundle)]

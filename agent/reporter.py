@@ -8,21 +8,35 @@ the hub listens (each row deleted on its PUBACK), and the health and worker figu
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from agent.executor import Executor
 from agent.inference import InferenceFront
+from agent.limits import free_bytes
 from agent.mqtt import MqttOffline
 from agent.outbox import Outbox
 from agent.procstat import CpuMeter, ProcessGone, rss_bytes
 from agent.reconcile import Trust
 from agent.session import Session
 from agent.supervisor import ModuleWorker
-from protocol.messages import DataBatch, ModuleReport, ReportedState, TelemetryBatch, TelemetryPoint
+from protocol.messages import (
+    DataBatch,
+    DesiredModule,
+    ModuleReport,
+    ReportedState,
+    ShadowReport,
+    TelemetryBatch,
+    TelemetryPoint,
+    config_digest,
+)
 from protocol.topics import Channel
+
+log = logging.getLogger("edgefleet.agent")
 
 
 class Reporter:
@@ -38,6 +52,8 @@ class Reporter:
         self.dirty = dirty  # the reported state changed: publish it (coalesced)
         self.outbox_ready = asyncio.Event()
         self._cpu: dict[int, CpuMeter] = {}  # per worker pid: CPU % since the previous telemetry
+        self.storage_error = ""  # why the last telemetry could not be queued (a full disk), until one is
+        self.lost_batches = 0  # telemetry and data batches that could not be queued
 
     def connected(self) -> None:
         """After a (re)connect: the hub may have missed changes while we were away, and the outbox waits."""
@@ -54,7 +70,9 @@ class Reporter:
             entry = installer.journal.get(m.name)
             active = self.front.active.get(m.name)
             state, error, progress = "pending", "", 0.0
-            if entry is not None and entry.bundle == m.bundle and entry.state != "committed":
+            # the install on record for this very (bundle, configuration): a config-only change is one too
+            if (entry is not None and entry.bundle == m.bundle and entry.config == config_digest(m.config)
+                    and entry.state != "committed"):
                 state, error = entry.state, entry.error
                 progress = 1.0 if entry.state not in ("downloading",) else ex.progress.get(m.bundle, 0.0)
                 if entry.state == "downloading" and not error:
@@ -63,16 +81,57 @@ class Reporter:
                 state, progress = "running", 1.0
             elif m.name in ex.load_errors:
                 state, error = "failed", ex.load_errors[m.name]
+            elif ex.blocked.get(m.name, ("",))[0] == m.bundle:
+                state, error = "failed", ex.blocked[m.name][1]
             elif installer.current(m.name) == m.bundle:
                 state, progress = "activating", 1.0
+            serving = active is not None and active.bundle == m.bundle
             modules.append(ModuleReport(name=m.name, version=m.version, bundle=m.bundle, state=state,  # type: ignore[arg-type]
-                                        error=error, progress=round(progress, 4)))
+                                        error=error, progress=round(progress, 4),
+                                        config=active.config if serving and active else "",
+                                        accelerator=getattr(active.runner, "accelerator", "") if serving and active
+                                        else "", shadow=self._shadow(m)))
         return ReportedState(device=self.device_id, revision=self.trust.revision, modules=modules,
                              error=self._error(), facts=self.facts, ts=self.clock())
 
+    def _shadow(self, m: DesiredModule) -> ShadowReport | None:
+        """The state of ``m``'s shadow candidate: its install, then ``running`` once it is offered inputs."""
+        s = m.shadow
+        if s is None:
+            return None
+        slots = self.executor.shadows
+        entry = slots.installer.journal.get(m.name) if slots.dir.exists() else None
+        running = self.front.shadows.get(m.name)
+        state, error = "pending", ""
+        if entry is not None and entry.bundle == s.bundle and entry.state != "committed":
+            state, error = entry.state, entry.error
+        elif running is not None and running.bundle == s.bundle:
+            state = "running"
+        elif m.name in slots.load_errors:
+            state, error = "failed", slots.load_errors[m.name]
+        elif entry is not None and entry.bundle == s.bundle:
+            state = "activating"
+        return ShadowReport(version=s.version, bundle=s.bundle, state=state, error=error)  # type: ignore[arg-type]
+
     def _error(self) -> str:
-        """The refusal standing, then what is flagged but kept running (root or applied state expired, clock)."""
-        return "; ".join(e for e in [self.trust.desired_error, *self.trust.warnings(self.clock())] if e)
+        """The refusal standing, then what is flagged but kept running (root or applied state expired, clock),
+        then what the disk refused (sent over MQTT, which needs no disk)."""
+        return "; ".join(e for e in [self.trust.desired_error, *self.trust.warnings(self.clock()), *self.disk_errors()]
+                         if e)
+
+    def disk_errors(self) -> list[str]:
+        """What a full disk is stopping now: queuing telemetry, a reconcile pass, or the free space itself."""
+        errors = [e for e in (self.storage_error, self.executor.storage_error) if e]
+        free, reserve = self._free(), self.executor.limits.reserve_bytes
+        if free is not None and free < reserve and not errors:
+            errors.append(f"disk nearly full: {free / 2**20:.1f} MB free, {reserve / 2**20:.1f} MB kept in reserve")
+        return errors
+
+    def _free(self) -> int | None:
+        try:
+            return free_bytes(self.executor.data_dir)
+        except OSError:
+            return None
 
     async def report_loop(self) -> None:
         while True:
@@ -101,7 +160,23 @@ class Reporter:
             await asyncio.sleep(self.telemetry_interval)
 
     def flush_telemetry(self) -> None:
-        """Queue this interval's telemetry (and sampled data) in the outbox."""
+        """Queue this interval's telemetry (and sampled data) in the outbox; a full disk loses this interval's
+        batches (counted, and shown as the device's error and health) and the next interval tries again."""
+        try:
+            self._flush()
+        except (sqlite3.Error, OSError) as exc:
+            self.lost_batches += 1
+            if not self.storage_error:
+                log.error("%s: telemetry cannot be queued (%s): lost until the disk has room", self.device_id, exc)
+                self.dirty.set()
+            self.storage_error = f"disk full: telemetry cannot be queued ({exc}); {self.lost_batches} batches lost"
+            return
+        if self.storage_error:
+            log.warning("%s: telemetry queued again (%d batches lost meanwhile)", self.device_id, self.lost_batches)
+            self.storage_error = ""
+            self.dirty.set()
+
+    def _flush(self) -> None:
         now = self.clock()
         points = []
         for a in self.front.active.values():
@@ -118,11 +193,12 @@ class Reporter:
             **self.worker_stats(),
         }
         batch = TelemetryBatch(device=self.device_id, seq=self.outbox.next_seq("telemetry"), ts=now, points=points,
-                               agent=agent)
+                               agent=agent, shadow=[s.take(now) for s in self.front.shadows.values()])
         self.outbox.put("telemetry", batch.encode())
-        while self.front.data:
+        while self.front.data or self.front.labels:
+            labels, self.front.labels = self.front.labels[:1000], self.front.labels[1000:]
             data = DataBatch(device=self.device_id, seq=self.outbox.next_seq("data"), ts=now,
-                             records=self.front.take_data(1000))
+                             records=self.front.take_data(1000), labels=labels)
             self.outbox.put("data", data.encode())
         self.outbox_ready.set()
 
@@ -148,8 +224,11 @@ class Reporter:
             for (rowid, _, _), result in zip(rows, results):
                 if isinstance(result, BaseException):
                     failed = True
-                else:
+                    continue
+                try:
                     self.outbox.delete(rowid)
+                except (sqlite3.Error, OSError):  # a full disk: sent again later, and the hub stores each seq once
+                    failed = True
             if failed:
                 await asyncio.sleep(1.0)
 
@@ -166,7 +245,8 @@ class Reporter:
         wanted = {m.name for m in desired.modules} if desired else set()
         serving = {n for n, a in self.front.active.items()
                    if not isinstance(a.runner, ModuleWorker) or a.runner.state == "serving"}
-        healthy = wanted <= serving and not self.executor.load_errors and not self.trust.desired_error
+        healthy = (wanted <= serving and not self.executor.load_errors and not self.trust.desired_error
+                   and not self.disk_errors())
         return {"healthy": 1.0 if healthy else 0.0, "modules_running": float(len(serving))}
 
     def worker_stats(self) -> dict[str, float]:
@@ -198,6 +278,7 @@ class Reporter:
             "device_id": self.device_id,
             "connected": self.client.connected.is_set(),
             "revision": self.trust.revision,
+            "root_version": self.trust.root.version,
             "error": report.error,
             "modules": [{"name": m.name, "version": m.version, "bundle": m.bundle, "state": m.state, "error": m.error,
                          "progress": m.progress} for m in report.modules],
@@ -205,4 +286,6 @@ class Reporter:
             "rejected": dict(self.rejected),
             "outbox": len(self.outbox),
             "outbox_dropped": self.outbox.dropped,
+            "disk": self.disk_errors(),
+            "telemetry_lost": self.lost_batches,
         }

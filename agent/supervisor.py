@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.workerproc import Frame, OnPush, WorkerProcess
+from agent.workerproc import Frame, OnPush, WorkerProcess, WorkerSandbox
 from modules.errors import ModelError
 from protocol.manifest import Manifest, TensorSpec
 
@@ -33,6 +33,13 @@ CRASH_LOOP = 3
 CRASH_WINDOW = 60.0
 
 CrashLoopHook = Callable[[str], None]
+Reply = tuple[str, int, bytes, bytes]  # an ``infer`` answer: content type, OIP header length or -1, body, sample JSON
+
+
+def _reply(frame: Frame) -> Reply:
+    header, _, blob = frame
+    n = int(header["body"])
+    return str(header["ctype"]), int(header["hlen"]), blob[:n], blob[n:]
 
 
 class ModuleWorker:
@@ -41,8 +48,12 @@ class ModuleWorker:
     def __init__(self, name: str, files: Path, manifest: Manifest, *, limits: dict[str, Any] | None = None,
                  start_timeout: float = 60.0, request_timeout: float = 30.0, on_crash_loop: CrashLoopHook | None = None,
                  backoff_base: float = 0.5, backoff_cap: float = 30.0, socket_path: Path | None = None,
-                 collect_rate_ppm: int = 0, push_every: float = 1.0) -> None:
+                 collect_rate_ppm: int = 0, push_every: float = 1.0, sandbox: WorkerSandbox | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self.name, self.files, self.manifest, self.limits = name, files, manifest, limits
+        self.sandbox = sandbox
+        self.options = options  # the module's config and the device's facts, for every worker started
+        self.accelerator = ""
         # The direct socket each worker of this version serves once started (None: only the agent's API).
         self.socket_path, self.collect_rate_ppm, self.push_every = socket_path, collect_rate_ppm, push_every
         self.on_stats: OnPush | None = None  # the direct socket's pushed stats, for the agent's telemetry
@@ -74,13 +85,14 @@ class ModuleWorker:
 
     def _use(self, worker: WorkerProcess) -> None:
         self._worker = worker
+        self.accelerator = worker.accelerator
         if worker.inputs:
             self.inputs, self.outputs = worker.inputs, worker.outputs
         self.state = "serving"
         self._ready.set()
 
     async def _spawn(self) -> None:
-        worker = WorkerProcess(self.name, self.files, self.manifest, self.limits)
+        worker = WorkerProcess(self.name, self.files, self.manifest, self.limits, self.sandbox, self.options)
         try:
             await worker.start(self.start_timeout)
         except BaseException:
@@ -160,15 +172,28 @@ class ModuleWorker:
 
         ``done(outputs_json, None)`` or ``done(None, error)`` with the errors :meth:`predict_json` raises.
         """
+        return self._call_now({"op": "predict_json"}, body, lambda f, exc: done(f[2] if f is not None else None, exc))
+
+    async def infer(self, form: dict[str, Any], body: bytes, sample: bool) -> Reply:
+        """A request in any form (``.npy``, OIP v2; ``modules.tensors``): decoded, run and encoded in the worker."""
+        return _reply(await self._request({"op": "infer", "form": form, "sample": sample}, blob=body))
+
+    def infer_now(self, form: dict[str, Any], body: bytes, sample: bool,
+                  done: Callable[[Reply | None, Exception | None], None]) -> bool:
+        """:meth:`infer` with a callback, no task, as :meth:`predict_json_now`."""
+        return self._call_now({"op": "infer", "form": form, "sample": sample}, body,
+                              lambda f, exc: done(_reply(f) if f is not None else None, exc))
+
+    def _call_now(self, header: dict[str, Any], body: bytes, done: Callable[[Frame | None, Exception | None], None]) -> bool:
         if self.state != "serving" or not self._ready.is_set() or self._worker is None:
             return False
 
         def answered(frame: Frame | None, exc: Exception | None) -> None:
             if isinstance(exc, TimeoutError):
                 exc = ModelError(f"module {self.name} did not answer within {self.request_timeout:g}s; worker killed")
-            done(frame[2] if frame is not None else None, exc)
+            done(frame, exc)
 
-        self._worker.call({"op": "predict_json"}, answered, blob=body, timeout=self.request_timeout)
+        self._worker.call(header, answered, blob=body, timeout=self.request_timeout)
         return True
 
     async def _request(self, header: dict[str, Any], arrays: Batch | None = None,

@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agent.install import InstallError
+from agent.errors import InstallError, RetryLater, SlowDownload
+from agent.limits import DownloadLimits, RateWatch, check_free, disk_full, is_disk_full
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, sha256_hex
 from protocol.manifest import MAX_SPAN_BYTES, Chunk, Manifest, choose_chunks, parse_spans
@@ -58,8 +59,11 @@ class VerifiedFetch:
     kept on disk for a restart, and the set of chunks the local store still lacks."""
 
     def __init__(self, module: DesiredModule, root: Root, chunks: ContentStore, manifests_dir: Path, reject: Reject,
-                 progress: Progress | None = None, clock: Callable[[], float] | None = None) -> None:
+                 progress: Progress | None = None, clock: Callable[[], float] | None = None,
+                 limits: DownloadLimits | None = None) -> None:
         self.module = module
+        self.limits = limits or DownloadLimits()
+        self.failure: InstallError | None = None  # what stopped the transfer from a callback (a full disk)
         self.root = root
         self.chunks = chunks
         self.manifests_dir = manifests_dir
@@ -101,10 +105,23 @@ class VerifiedFetch:
     def _keep_manifest(self, payload: bytes) -> None:
         """Keep the verified envelope's bytes, so a restart resumes without asking again."""
         path = self.manifests_dir / f"{self.module.bundle}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(payload)
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(payload)
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if not is_disk_full(exc):
+                raise
+            raise disk_full(exc, "keeping the release") from None
+
+    def check_space(self) -> None:
+        """Before fetching: the missing chunks plus the unpacked bundle must fit, with the reserve kept free."""
+        assert self.manifest is not None
+        missing = sum(self._sizes[d] for d in self._missing)
+        check_free(self.chunks.root, missing + self.manifest.size, self.limits.reserve_bytes,
+                   f"download {self.module.name} v{self.module.version} ({len(self._missing)} chunks missing)")
 
     def _load_cached_manifest(self) -> None:
         path = self.manifests_dir / f"{self.module.bundle}.json"
@@ -141,8 +158,10 @@ class BundleFetch(VerifiedFetch):
         retry: float = 3.0,
         retry_cap: float = 30.0,
         clock: Callable[[], float] | None = None,
+        limits: DownloadLimits | None = None,
     ) -> None:
-        super().__init__(module, root, chunks, manifests_dir, reject, progress, clock)
+        super().__init__(module, root, chunks, manifests_dir, reject, progress, clock, limits)
+        self.watch = RateWatch(self.limits.min_bps, self.limits.window_s)  # chunk bytes stored, judged per round
         self.device_id = device_id
         self.publish = publish
         self.retry, self.retry_cap = retry, retry_cap
@@ -177,7 +196,14 @@ class BundleFetch(VerifiedFetch):
         if sha256_hex(payload) != part:
             self.reject("blob", topic, "chunk bytes do not hash to the digest in its topic (tampered or corrupt)")
             return
-        self.chunks.put(payload, expected=part)
+        try:
+            self.chunks.put(payload, expected=part)
+        except OSError as exc:  # on the MQTT callback: run() raises it
+            self.failure = disk_full(exc, "storing a chunk") if is_disk_full(exc) else RetryLater(
+                f"cannot store a chunk: {exc}")
+            self._changed.set()
+            return
+        self.watch.feed(len(payload))
         self.fetched_bytes += len(payload)
         self._missing.discard(part)
         self._report_progress()
@@ -200,7 +226,10 @@ class BundleFetch(VerifiedFetch):
             self._changed.set()
             return
         self._use_manifest(envelope, manifest)
-        self._keep_manifest(payload)
+        try:
+            self._keep_manifest(payload)
+        except InstallError as exc:
+            self.failure = exc
         self._changed.set()
 
     # --- the transfer ------------------------------------------------------------------------
@@ -212,11 +241,18 @@ class BundleFetch(VerifiedFetch):
         while self.manifest is None:
             if self.fatal:
                 raise InstallError(f"manifest refused: {self.fatal}")
+            self._raise_failure()
             await self._request(manifest=True)
             await self._wait(delay)
             delay = min(delay * 2, self.retry_cap)
+        self._raise_failure()
+        self.check_space()
         delay = self.retry
+        self.watch.restart()
         while self._missing:
+            self._raise_failure()
+            if slow := self.watch.problem():
+                raise SlowDownload(f"{slow} ({len(self._missing)} chunks still missing)")
             before = len(self._missing)
             for i, group in enumerate(_groups(sorted(self._missing), MAX_CHUNKS_PER_REQUEST)):
                 await self._request(chunks=group)
@@ -232,8 +268,14 @@ class BundleFetch(VerifiedFetch):
     async def _request(self, manifest: bool = False, chunks: list[str] | None = None) -> None:
         req = BlobRequest(device=self.device_id, bundle=self.module.bundle, manifest=manifest, chunks=chunks or [])
         self.requests += 1
-        with contextlib.suppress(ConnectionError):  # offline: the next round asks again
+        try:
             await self.publish(device_topic(self.device_id, Channel.BLOB_REQ), req.encode())
+        except ConnectionError:  # offline: the next round asks again, and the rate is judged from then
+            self.watch.restart()
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
 
     async def _wait(self, timeout: float) -> None:
         self._changed.clear()

@@ -5,16 +5,15 @@ stdout; the agent makes both one end of a socketpair (``agent.workerproc``), a b
 on pipes.
 
 Requests: ``load`` (first; ``files``, ``manifest``, ``limits``), ``predict_json`` (blob: a JSON
-body ``{"inputs": {...}}``; answer blob: the outputs object as JSON), ``predict`` (arrays in and
-out), ``health`` (run the bundle's sample), ``listen`` (the version is committed: serve the
-module's direct socket, :class:`DirectSocket`), ``collect`` (its sampling rate), ``drain`` (stop
-listening before the agent closes). Answers: ``{"ok": true, ...}`` or ``{"ok": false,
-"kind": "body"|"input"|"model", "error": text}``. Unasked, the worker sends ``{"push": "stats"}``
+body ``{"inputs": {...}}``; answer blob: the outputs object as JSON), ``infer`` (``form``: how to read
+the blob, ``.npy`` or OIP v2, ``modules.tensors``; answer ``ctype``, ``hlen``, ``body``: the answer's
+length in the blob, a sampled record's JSON after it), ``predict`` (arrays), ``health``, ``listen``
+(serve the direct socket, :class:`DirectSocket`), ``collect`` (its sampling rate), ``drain`` (stop
+listening). Answers: ``{"ok": true, ...}`` or ``{"ok": false, "kind": "body"|"accept"|"input"|"model", "error": text}``. Unasked, the worker sends ``{"push": "stats"}``
 frames: the direct socket's inferences, for the agent's telemetry. The worker exits on stdin EOF, and on Linux also
 when the agent dies (PR_SET_PDEATHSIG), so a kill -9 of the agent leaves no orphan.
 
-One single-threaded selector loop serves both the agent's socket and the direct socket's clients,
-one request at a time. Nothing here loads NumPy at import time: the runners (and NumPy) load in ``Worker``.
+One selector loop serves the agent's socket and the direct socket's clients, one request at a time (no NumPy at import).
 """
 
 from __future__ import annotations
@@ -33,12 +32,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from modules import httpwire, oip
 from modules.errors import failure, from_kind
 from modules.httpwire import Answer, BadRequest, RequestReader, encode_answer, json_answer, predict_target, predicted
 from modules.workerwire import pack, take_frame
 
 if TYPE_CHECKING:
     from modules.runners import Batch
+
+# a request in any form (its form, body, whether to sample it) -> content type, OIP header length, body, sample JSON
+Infer = Callable[[dict[str, Any], bytes, bool], tuple[str, int, bytes, bytes]]
 
 PUSH_EVERY = 1.0  # seconds at most between a direct-socket inference and its stats reaching the agent
 MAX_PENDING_LATENCIES = 100_000
@@ -74,8 +77,9 @@ class DirectSocket:
     ``stats`` frame at most every ``push_every`` seconds (and on drain), so telemetry counts them once.
     """
 
-    def __init__(self, sel: selectors.BaseSelector, predict: Callable[[bytes], bytes], header: dict[str, Any]) -> None:
-        self.sel, self.predict = sel, predict
+    def __init__(self, sel: selectors.BaseSelector, predict: Callable[[bytes], bytes], header: dict[str, Any],
+                 infer: Infer, served: httpwire.Served) -> None:
+        self.sel, self.predict, self.infer, self.served = sel, predict, infer, served
         self.path = Path(header["path"])
         self.name, self.version = str(header["name"]), int(header["version"])
         self.ppm, self.push_every = int(header.get("ppm", 0)), float(header.get("push_every", PUSH_EVERY))
@@ -158,8 +162,12 @@ class DirectSocket:
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    def answer(self, method: str, path: str, body: bytes) -> Answer:
-        """The agent's predict route for this one module (``agent.localapi.LocalApi.route``)."""
+    def answer(self, method: str, path: str, body: bytes, headers: httpwire.Headers) -> Answer:
+        """The agent's inference routes for this one module (``agent.localapi.LocalApi.route``)."""
+        route = oip.parse_path(path)
+        if route is not None:
+            answer = httpwire.oip_answer(method, route, {self.name: self.served}, True, "")
+            return answer if answer is not None else self._infer(httpwire.form_of("v2", headers), body)
         name = predict_target(path)
         if name is None:
             return json_answer(404, {"detail": f"no route {method} {path.split('?', 1)[0]}"})
@@ -167,18 +175,40 @@ class DirectSocket:
             return json_answer(405, {"detail": "use POST"})
         if name != self.name:
             return json_answer(404, {"detail": f"module {name!r} is not running here", "modules": [self.name]})
+        form = httpwire.form_of("v1", headers)
+        if not httpwire.plain_json(form):
+            return self._infer(form, body)
         t0 = time.perf_counter()
         try:
             out = self.predict(body)
         except Exception as exc:
-            kind, text = failure(exc)
-            if kind == "model":  # a body or inputs refused before the model are not inferences
-                self._record(t0, False)
-            return predicted(self.name, self.version, None, from_kind(kind, text))
+            return self._failed(t0, exc, False)
         self._record(t0, True)
         if self.ppm and self._rng.random() * 1_000_000 < self.ppm:
             self._sample(body, out)
         return predicted(self.name, self.version, out, None)
+
+    def _infer(self, form: dict[str, Any], body: bytes) -> Answer:
+        """A request in any other form (``.npy``, OIP v2): decoded, run and encoded by ``modules.tensors``."""
+        t0 = time.perf_counter()
+        sample = bool(self.ppm) and self._rng.random() * 1_000_000 < self.ppm
+        try:
+            ctype, hlen, out, record = self.infer(form, body, sample)
+        except Exception as exc:
+            return self._failed(t0, exc, form["kind"] == "v2")
+        self._record(t0, True)
+        if record:
+            if len(self.samples) >= MAX_PENDING_SAMPLES:
+                self.dropped += 1
+            else:
+                self.samples.append(json.loads(record))
+        return httpwire.binary_answer(ctype, hlen, out)
+
+    def _failed(self, t0: float, exc: Exception, v2: bool) -> Answer:
+        kind, text = failure(exc)
+        if kind == "model":  # a body or inputs refused before the model are not inferences
+            self._record(t0, False)
+        return httpwire.failed(from_kind(kind, text), v2)
 
     def _accept(self, sock: Any, events: int) -> None:
         try:
@@ -186,6 +216,7 @@ class DirectSocket:
         except OSError:
             return  # the client gave up before we took it
         conn.setblocking(False)
+        httpwire.enlarge(conn)
         self.clients[conn] = _Client(conn)
         self.sel.register(conn, selectors.EVENT_READ, self._event)
 
@@ -197,7 +228,7 @@ class DirectSocket:
             self._write(client, b"")
         else:
             try:
-                data = conn.recv(65536)
+                data = conn.recv(min(client.reader.wanted(), httpwire.BIG_BUFFER))
             except BlockingIOError:
                 return
             except OSError:
@@ -221,9 +252,13 @@ class DirectSocket:
                 break
             if request is None:
                 break
-            method, path, keep, body = request
+            method, path, keep, body, headers = request
             client.closing = not keep
-            self._write(client, encode_answer(self.answer(method, path, body), keep))
+            try:
+                answer = self.answer(method, path, body, headers)
+            except BadRequest as exc:  # a malformed header the route needed
+                answer = json_answer(exc.status, {"detail": str(exc)})
+            self._write(client, encode_answer(answer, keep))
         if client.closing and not client.out:
             self._drop(client)
 
@@ -264,9 +299,9 @@ class Worker:
     """The worker's loop: the agent's frames on ``inp``, and the module's direct socket once the agent says ``listen``."""
 
     def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
-        from modules import runners  # NumPy: only the worker process pays for it
+        from modules import runners, tensors  # NumPy: only the worker process pays for it
 
-        self.runners = runners
+        self.runners, self.tensors = runners, tensors
         self.inp, self.out = inp.fileno(), out
         self.sel = selectors.DefaultSelector()
         self.runner: Any = None
@@ -300,7 +335,7 @@ class Worker:
             self.reply(stats[0], blob=stats[1])
 
     def _from_agent(self, fd: Any, events: int) -> None:
-        data = os.read(self.inp, 1 << 20)
+        data = os.read(self.inp, httpwire.BIG_BUFFER)
         if not data:
             self._open = False  # the agent closed its end: exit
             return
@@ -317,12 +352,16 @@ class Worker:
             if op == "load":
                 self.files, self.manifest = Path(header["files"]), validate(Manifest, header["manifest"])
                 apply_limits(header.get("limits") or {})
-                self.runner = self.runners.load_runner(self.files, self.manifest)
-                self.reply({"ok": True, "pid": os.getpid(),
+                self.runner = self.runners.load_runner(self.files, self.manifest, header.get("config"),
+                                                       header.get("facts"))
+                self.reply({"ok": True, "pid": os.getpid(), "accelerator": getattr(self.runner, "accelerator", ""),
                             "inputs": [s.to_dict() for s in self.runner.inputs],
                             "outputs": [s.to_dict() for s in self.runner.outputs]})
             elif op == "predict_json":
                 self.reply({"ok": True}, blob=self.runners.predict_json(self.runner, blob))
+            elif op == "infer":  # any other form (.npy, OIP v2): the answer's body is the blob, then the sample's JSON
+                ctype, hlen, out, record = self.infer(header["form"], blob, bool(header.get("sample")))
+                self.reply({"ok": True, "ctype": ctype, "hlen": hlen, "body": len(out)}, blob=out + record)
             elif op == "predict":
                 self.reply({"ok": True}, self.runner.predict(arrays))
             elif op == "health":
@@ -332,7 +371,8 @@ class Worker:
             elif op == "listen":  # the version is committed: serve the direct socket
                 self._close_direct()
                 runner, predict_json = self.runner, self.runners.predict_json
-                self.direct = DirectSocket(self.sel, lambda body: predict_json(runner, body), header)
+                served = httpwire.Served(self.manifest.version, self.manifest.runtime, self.runner.inputs, self.runner.outputs)
+                self.direct = DirectSocket(self.sel, lambda body: predict_json(runner, body), header, self.infer, served)
                 self.reply({"ok": True, "ino": self.direct.ino})
             elif op == "collect":
                 if self.direct is not None:
@@ -347,6 +387,9 @@ class Worker:
             kind, text = failure(exc)
             self.reply({"ok": False, "kind": kind, "error": text})
 
+    def infer(self, form: dict[str, Any], body: bytes, sample: bool) -> tuple[str, int, bytes, bytes]:
+        return self.tensors.serve(self.runner, form, body, self.manifest.name, self.manifest.version, sample)
+
     def _close_direct(self) -> None:
         if self.direct is not None:
             self.direct.close()
@@ -360,6 +403,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 def main() -> int:
     _die_with_parent()
+    httpwire.keep_large_buffers()
     # Run as a script, sys.path[0] is agent/: drop it so a module's imports cannot pick up agent internals.
     here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]

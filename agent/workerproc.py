@@ -12,14 +12,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import sys
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modules.errors import ModelError, from_kind
+from modules.httpwire import enlarge
+from modules.sandbox import Launch, Sandbox, SandboxUnavailable, bwrap_version, probe, scrubbed_env
 from modules.workerwire import pack, take_frame
 from protocol.manifest import Manifest, TensorSpec
 from protocol.schema import validate
@@ -130,12 +134,60 @@ class _Channel(asyncio.Protocol):
             self._queue.popleft()[1](None, lost)
 
 
+@dataclass(frozen=True)
+class WorkerSandbox:
+    """Where module workers run: bubblewrap seeing only the code, the module's files (read-only) and ``run_dir``
+    (its direct socket); never the data directory's credentials, state or chunks."""
+
+    sandbox: Sandbox
+    run_dir: Path
+
+    def launch(self, argv: list[str], files: Path) -> Launch:
+        return self.sandbox.launch(argv, read_only=[files], writable=[self.run_dir])
+
+
+def worker_sandbox(setting: str, data_dir: Path) -> WorkerSandbox | None:
+    """``on``: bubblewrap or refuse (SandboxUnavailable); ``auto``: bubblewrap where it works, else none (warned);
+    ``off``: none. The worker keeps the agent's uid (as root: without capabilities); the environment is scrubbed."""
+    if setting == "off":
+        return None
+    hide = tuple(sorted({os.path.realpath(data_dir), os.path.abspath(data_dir)}))
+    why = "bubblewrap (bwrap) is not installed"
+    if shutil.which("bwrap") and shutil.which("prlimit"):
+        box = Sandbox("bwrap", hide=hide, new_bwrap=bwrap_version() >= (0, 8))
+        why = probe(box)
+        if not why:
+            return WorkerSandbox(box, Path(os.path.abspath(data_dir)) / "run")
+    if setting == "on":
+        raise SandboxUnavailable(f"module workers cannot be sandboxed: {why}")
+    log.warning("module workers run without a sandbox (%s): a module can read the device's credentials", why)
+    return None
+
+
+def _leaf(pid: int) -> int:
+    """The process a sandbox wraps (bwrap's grandchild), for its CPU and memory figures."""
+    for _ in range(4):
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return pid
+        if not children:
+            return pid
+        pid = int(children[-1])
+    return pid
+
+
 class WorkerProcess:
     """One child running ``agent.worker`` on a socketpair; one request at a time, in order."""
 
-    def __init__(self, name: str, files: Path, manifest: Manifest, limits: dict[str, Any] | None = None) -> None:
+    def __init__(self, name: str, files: Path, manifest: Manifest, limits: dict[str, Any] | None = None,
+                 sandbox: WorkerSandbox | None = None, options: dict[str, Any] | None = None) -> None:
         self.name, self.files, self.manifest = name, files, manifest
         self.limits = limits or {}
+        self.sandbox = sandbox
+        self._leaf: int | None = None
+        self.options = options or {}  # config (the module's), facts (the device's): what load_runner is given
+        self.accelerator = ""  # what the loaded model runs on (modules/accel.py), as the worker reported it
         self.proc: asyncio.subprocess.Process | None = None
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
@@ -153,19 +205,33 @@ class WorkerProcess:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+        """The worker's own process (inside a sandbox, not bwrap's)."""
+        if self.proc is None:
+            return None
+        if self.sandbox is None:
+            return self.proc.pid
+        if self._leaf is None or self._leaf == self.proc.pid:
+            self._leaf = _leaf(self.proc.pid)
+        return self._leaf
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
     async def start(self, timeout: float) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SRC, os.environ.get("PYTHONPATH")]))}
+        # An allow-listed environment: nothing the agent was started with (a password, a token) reaches module code.
+        env = scrubbed_env({"PYTHONPATH": os.pathsep.join(filter(None, [_SRC, os.environ.get("PYTHONPATH")]))})
+        argv = [sys.executable, _WORKER]
+        if self.sandbox is not None:
+            launch = self.sandbox.launch(argv, self.files)
+            argv, env = launch.argv, launch.env or env
         # A socketpair, not two pipes: one transport with a Protocol whose callbacks hand each answer
         # on (no stream reader, no task per request). It is the worker's stdin and stdout.
         parent, child = socket.socketpair()
+        enlarge(parent)
+        enlarge(child)
         try:
-            self.proc = await asyncio.create_subprocess_exec(sys.executable, _WORKER, stdin=child, stdout=child, env=env)
+            self.proc = await asyncio.create_subprocess_exec(*argv, stdin=child, stdout=child, env=env)
         except BaseException:
             parent.close()
             raise
@@ -173,7 +239,8 @@ class WorkerProcess:
             child.close()
         await asyncio.get_running_loop().connect_accepted_socket(lambda: self._channel, parent)
         header, _, _ = await self.request({"op": "load", "files": str(self.files), "manifest": self.manifest.to_dict(),
-                                        "limits": self.limits}, timeout=timeout)
+                                        "limits": self.limits, **self.options}, timeout=timeout)
+        self.accelerator = str(header.get("accelerator", ""))
         self.inputs = [validate(TensorSpec, s) for s in header["inputs"]]
         self.outputs = [validate(TensorSpec, s) for s in header["outputs"]]
 
@@ -262,12 +329,14 @@ class WorkerProcess:
 
 
 async def health_check_in_worker(name: str, files: Path, manifest: Manifest, timeout: float,
-                                 limits: dict[str, Any] | None = None) -> WorkerProcess:
+                                 limits: dict[str, Any] | None = None,
+                                 sandbox: WorkerSandbox | None = None,
+                                 options: dict[str, Any] | None = None) -> WorkerProcess:
     """Load and health-check in a fresh worker; on success the warm worker is returned for serving.
 
     The whole check (load + sample inference) must finish within ``timeout``; a hung one is killed.
     """
-    worker = WorkerProcess(name, files, manifest, limits)
+    worker = WorkerProcess(name, files, manifest, limits, sandbox, options)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
@@ -277,3 +346,10 @@ async def health_check_in_worker(name: str, files: Path, manifest: Manifest, tim
         await worker.kill()
         raise
     return worker
+
+
+def clear_run_dir(run: Path) -> None:
+    """Sockets a killed agent's workers left behind: nobody answers on them; the workers started now bind afresh."""
+    run.mkdir(mode=0o750, exist_ok=True)
+    for stale in run.glob("*.sock"):
+        stale.unlink(missing_ok=True)

@@ -1,3 +1,3 @@
-from edgefleet.cli import app
+from edgefleet.entry import entry
 
-app(prog_name="edgefleet")
+entry()

@@ -112,6 +112,10 @@ def start_broker(opts: HubOptions) -> tuple[LocalBroker, str, str | None]:
     if opts.isolate:  # mosquitto, reading the files the hub keeps current (SIGHUP on change)
         from hub.fleet.broker_auth import BrokerAuth
 
+        if os.environ.get("EDGEFLEET_BROKER", "mosquitto") != "mosquitto":
+            raise ServiceError("the embedded iotcore broker has no per-device logins: install mosquitto, or pass "
+                               "--insecure-broker for an open broker on loopback")
+
         auth = BrokerAuth(opts.data / BROKER_DIR, workers=opts.ingest_workers)
         if not auth.password_file.exists():
             auth.write([])

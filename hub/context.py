@@ -12,6 +12,7 @@ import threading
 import time
 
 from hub import audit
+from hub.batch.jobs import fail_orphaned
 from hub.config import HubConfig
 from hub.events.webhooks import Webhooks
 from hub.fleet.broker_auth import BrokerAuth, signal_reload
@@ -32,7 +33,7 @@ from hub.rollout.rollouts import Rollouts
 from hub.store import is_postgres_url, open_database
 from hub.trust.keys import load_or_create_keys, private_dir
 from hub.trust.release_policy import ReleasePolicies
-from hub.trust.renewal import maintain
+from hub.trust.renewal import key_expiry, maintain
 from hub.trust.roots_publish import publish_roots
 from hub.trust.tokens import ensure_admin_token
 from modules.sandbox import detect
@@ -102,6 +103,8 @@ class Hub:
         self.leadership.on_elected.append(self._maintenance_wake.set)
         self.deployments = Deployments(self.db, self.director, self.rollouts, self.policies.refusal)
         self.monitor = Monitor(config, self.db, self.store, self.leadership)
+        self.rollouts.quality = self.monitor.quality  # input drift and accuracy for the quality gates
+        self.monitor.alerts.expiry = lambda now: key_expiry(self, now)  # key_expiry alert rules
         self._ingest_workers: list = []  # processes, started by start()
         self._maintenance = threading.Thread(target=self._maintain, name="hub-maintenance", daemon=True)
 
@@ -159,6 +162,7 @@ class Hub:
                 self._chores()
             if self.clustered and self.leadership.is_leader():
                 self._adopt_sessions()
+                self._fail_orphaned_jobs()
             self._maintenance_wake.wait(KEYS_CHECK_S)
             self._maintenance_wake.clear()
 
@@ -181,6 +185,14 @@ class Hub:
                     sessions.adopt(self.config, self.db, client_id)
         except Exception:
             log.exception("adopting the MQTT session of a dead ingest process failed")
+
+    def _fail_orphaned_jobs(self) -> None:
+        """Leader: batch jobs of a replica that died are failed (nobody watches them; hub/batch/jobs.py)."""
+        try:
+            if n := fail_orphaned(self.db, self.config.ingest_adopt_s):
+                log.warning("%d batch job(s) of a replica that stopped marked failed", n)
+        except Exception:
+            log.exception("failing the batch jobs of a stopped replica failed")
 
     def _root_stamp(self) -> float:
         try:

@@ -5,7 +5,9 @@ it is served over HTTPS, and when the local broker is reachable from devices bey
 API is, or ``--public-mqtt`` names another host) devices get an MQTTS listener of their own; both
 use the operator's certificates or ones the hub makes (``hub/trust/tls.py``). Plain HTTP or MQTT
 beyond loopback needs ``--insecure-http`` / ``--insecure-broker``. Loopback only (the demo, tests)
-stays plain. A local broker reachable beyond loopback always has per-device logins (isolation).
+stays plain. The hub's own broker always has per-device logins and ACLs (isolation), on loopback too (any
+local process could otherwise read and write every device's topics); only ``--insecure-broker`` on a
+loopback-only hub opens it. An external broker's access control is its operator's (``--isolate`` writes the files).
 """
 
 from __future__ import annotations
@@ -55,8 +57,14 @@ def plan(opts: ServeOptions, hostname: str) -> Exposure:
             raise Refused(f"devices would reach the broker at {device.public()} in plain text: give its mqtts:// URL"
                           " (--public-mqtt, and --broker-ca for a private CA) or pass --insecure-broker")
         return Exposure(https, None, opts.public_mqtt, opts.isolate)
-    if not (api_public or (public is not None and not is_loopback_host(public.host))):
-        return Exposure(https, None, opts.public_mqtt, opts.isolate)  # loopback only: as the demo and tests run
+    if not (api_public or (public is not None and not is_loopback_host(public.host))):  # loopback only
+        if opts.insecure_broker:
+            if opts.isolate:
+                raise Refused("--isolate and --insecure-broker contradict each other on loopback: drop one")
+            notes.append("--insecure-broker: the hub's broker takes anonymous clients; any local process can read "
+                         "and write every device's topics")
+            return Exposure(https, None, opts.public_mqtt, False, tuple(notes))
+        return Exposure(https, None, opts.public_mqtt, True)
     tls = not opts.insecure_broker
     if public is not None and public.tls and not tls:
         raise Refused(f"--public-mqtt {public.public()} is mqtts:// but --insecure-broker makes the device listener"

@@ -11,14 +11,20 @@ class BodyError(InputError):
     """A request body that is not JSON at all (HTTP 400, where other input errors are 422)."""
 
 
+class NotAcceptable(InputError):
+    """The answer cannot be given in the form the request asked for (HTTP 406): a ``.npy`` of several outputs."""
+
+
 class ModelError(RuntimeError):
     """The model could not be loaded or run; the text is the runtime's own reason."""
 
 
 def failure(exc: BaseException) -> tuple[str, str]:
-    """How a worker reports a request's failure: its kind (``body``, ``input``, ``model``) and text."""
+    """How a worker reports a request's failure: its kind (``body``, ``accept``, ``input``, ``model``) and text."""
     if isinstance(exc, BodyError):
         return "body", str(exc)
+    if isinstance(exc, NotAcceptable):
+        return "accept", str(exc)
     if isinstance(exc, InputError):
         return "input", str(exc)
     if isinstance(exc, MemoryError):
@@ -28,4 +34,5 @@ def failure(exc: BaseException) -> tuple[str, str]:
 
 def from_kind(kind: str, text: str) -> Exception:
     """The exception a reported failure stands for (the inverse of :func:`failure`)."""
-    return BodyError(text) if kind == "body" else InputError(text) if kind == "input" else ModelError(text)
+    kinds: dict[str, type[Exception]] = {"body": BodyError, "accept": NotAcceptable, "input": InputError}
+    return kinds.get(kind, ModelError)(text)

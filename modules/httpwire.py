@@ -1,4 +1,4 @@
-"""The predict route's HTTP/1.1 wire format, shared by the agent's local API and each module worker's direct socket.
+"""The device's HTTP/1.1 wire format, shared by the agent's local API and each module worker's direct socket.
 
 Pure parsing and encoding, no I/O and no NumPy: the agent (``agent.localapi``) and the worker
 (``agent/worker.py``, run by path without the agent package) import it, so both answer the same
@@ -8,16 +8,26 @@ requests with the same status codes and the same words.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from modules.errors import BodyError, InputError
+from modules import oip
+from modules.errors import BodyError, InputError, NotAcceptable
+from modules.oip import Route
+from protocol.manifest import TensorSpec
+
+NPY = "application/x-npy"
 
 Answer = tuple[int, str, bytes]  # status, content type, body
+Headers = dict[str, str]  # the request headers a route reads (``KEPT``), by lower-case name
 
-MAX_BODY = 16 * 2**20
+MAX_BODY = 64 * 2**20  # a 512x512x3 float image is 3 MB in binary, 16.5 MB as JSON
+KEPT = ("content-type", "accept", "x-input", "inference-header-content-length")
 MAX_HEAD = 64 * 1024
 MAX_HEADER_LINES = 100
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 411: "Length Required",
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
+           411: "Length Required",
            413: "Payload Too Large", 422: "Unprocessable Entity", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable"}
 _PREFIX, _SUFFIX = "/v1/modules/", "/predict"
@@ -43,17 +53,32 @@ def json_answer(status: int, obj: Any) -> Answer:
     return status, "application/json", json.dumps(obj).encode()
 
 
-def predicted(name: str, version: int, out: bytes | None, exc: BaseException | None) -> Answer:
-    """A prediction's answer: 200 with the outputs, 400 not JSON, 422 not the signature, 500 the module's own failure."""
+def error_status(exc: BaseException) -> int:
+    """400 a body that is not JSON, 406 an answer form that cannot be given, 422 not the signature, 500 the module."""
     if isinstance(exc, BodyError):
-        return json_answer(400, {"detail": str(exc)})
-    if isinstance(exc, InputError):
-        return json_answer(422, {"detail": str(exc)})
+        return 400
+    if isinstance(exc, NotAcceptable):
+        return 406
+    return 422 if isinstance(exc, InputError) else 500
+
+
+def failed(exc: BaseException, v2: bool = False) -> Answer:
+    """A request's failure: ``{"detail": ...}`` on the v1 routes, ``{"error": ...}`` on OIP v2's."""
+    return json_answer(error_status(exc), {"error" if v2 else "detail": str(exc) or repr(exc)})
+
+
+def predicted(name: str, version: int, out: bytes | None, exc: BaseException | None) -> Answer:
+    """A JSON prediction's answer: 200 with the outputs, or :func:`failed`'s."""
     if exc is not None or out is None:
-        return json_answer(500, {"detail": str(exc) or repr(exc)})
+        return failed(exc or RuntimeError("no answer"))
     # the worker's JSON as it is, inside the envelope (not parsed and encoded again)
     return 200, "application/json", b'{"module": %s, "version": %d, "outputs": %s}' % (
         json.dumps(name).encode(), version, out)
+
+
+def binary_answer(ctype: str, header_length: int, body: bytes) -> Answer:
+    """A 200 answer whose content type carries the OIP header length when there is one (``encode_answer`` splits it)."""
+    return 200, ctype if header_length < 0 else f"{ctype}\r\nInference-Header-Content-Length: {header_length}", body
 
 
 def encode_answer(answer: Answer, keep: bool) -> bytes:
@@ -63,33 +88,101 @@ def encode_answer(answer: Answer, keep: bool) -> bytes:
         b"" if keep else b"Connection: close\r\n", payload)
 
 
+def form_of(kind: str, headers: Headers) -> dict[str, Any]:
+    """The request's form (``modules.tensors.Form.to_dict``) from its headers; BadRequest on a malformed length."""
+    hlen = headers.get("inference-header-content-length", "").strip()
+    if hlen and not hlen.isdigit():
+        raise BadRequest(f"Inference-Header-Content-Length {hlen[:20]!r} is not a number")
+    return {"kind": kind, "ctype": headers.get("content-type", "application/json"), "accept": headers.get("accept", ""),
+            "hlen": int(hlen) if hlen else -1, "input": headers.get("x-input", "")}
+
+
+def plain_json(form: dict[str, Any]) -> bool:
+    """A v1 JSON request that wants JSON back: the fast path, whose outputs the worker writes as they are."""
+    return form["kind"] == "v1" and not form["ctype"].startswith(NPY) and NPY not in form["accept"]
+
+
+BIG_BUFFER = 4 * 2**20  # socket buffers for camera-sized bodies: a 3 MB image crosses in one go, not in 200 KB turns
+
+
+def enlarge(sock: Any) -> None:
+    """Ask for ``BIG_BUFFER`` send and receive buffers (the kernel caps them at its maximum): on a busy machine
+    every turn the sender waits for the receiver to drain a small buffer costs a scheduling delay."""
+    import socket  # here: this module does no I/O of its own
+
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, BIG_BUFFER)
+        except (OSError, AttributeError):
+            pass
+
+
+def keep_large_buffers() -> None:
+    """glibc: take buffers up to 32 MiB from the heap and keep up to 64 MiB of freed heap mapped.
+
+    By default each multi-megabyte body is a fresh mmap, faulted in page by page and unmapped after
+    the request; in a VM a page fault costs tens of microseconds, so a 3 MB image paid milliseconds for
+    every copy. Called once by each process on the serving path (agent, its workers, gateway, endpoint
+    workers). A no-op where glibc is not the C library.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD (its maximum on 64-bit glibc)
+        libc.mallopt(-1, 64 * 2**20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class RequestReader:
     """Requests cut from a connection's bytes as they arrive: the head at its blank line, parsed in one go."""
 
     def __init__(self) -> None:
         self.buf = bytearray()
-        self._head: tuple[int, str, str, bool, int] | None = None  # a parsed head whose body is still arriving
+        self._head: tuple[int, str, str, bool, int, Headers] | None = None  # a parsed head whose body is still arriving
+        self.head = b""  # the head of the request last parsed (the one ``take`` returns next): its other headers
 
-    def take(self) -> tuple[str, str, bool, bytes] | None:
-        """The next whole request (method, path, keep-alive, body); None until it has arrived. BadRequest: refuse it."""
+    def wanted(self) -> int:
+        """How many bytes the request being read still lacks (64 KiB while its head is incomplete)."""
+        if self._head is None:
+            return 65536
+        return max(65536, self._head[0] + self._head[4] - len(self.buf))
+
+    def take(self) -> tuple[str, str, bool, bytes, Headers] | None:
+        """The next whole request (method, path, keep-alive, body, headers); None until it has arrived. BadRequest: refuse it."""
         if self._head is None:
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buf) > MAX_HEAD:
                     raise BadRequest(f"request head over {MAX_HEAD} bytes", 431)
                 return None
-            self._head = (end + 4, *parse_head(bytes(self.buf[:end])))
-        start, method, path, keep, length = self._head
+            self.head = bytes(self.buf[:end])
+            self._head = (end + 4, *parse_head(self.head))
+        start, method, path, keep, length, headers = self._head
         if len(self.buf) < start + length:
             return None
         body = bytes(self.buf[start:start + length])
         del self.buf[:start + length]
         self._head = None
-        return method, path, keep, body
+        return method, path, keep, body, headers
 
 
-def parse_head(head: bytes) -> tuple[str, str, bool, int]:
-    """Method, path, keep-alive and Content-Length of a request head (without its blank line)."""
+def bearer(head: bytes) -> str:
+    """The token of a head's ``Authorization: Bearer`` header, or ""."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            return token.strip().decode("latin-1") if scheme.lower() == b"bearer" else ""
+    return ""
+
+
+def parse_head(head: bytes) -> tuple[str, str, bool, int, Headers]:
+    """Method, path, keep-alive, Content-Length and the kept headers of a request head (without its blank line)."""
     lines = head.decode("latin-1").split("\r\n")
     if len(lines) > MAX_HEADER_LINES:
         raise BadRequest(f"more than {MAX_HEADER_LINES} header lines", 431)
@@ -98,6 +191,7 @@ def parse_head(head: bytes) -> tuple[str, str, bool, int]:
         raise BadRequest(f"not an HTTP/1.x request line: {lines[0][:80]!r}")
     method, path, version = parts
     keep, length = version != "HTTP/1.0", 0
+    headers: Headers = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep:
@@ -111,6 +205,46 @@ def parse_head(head: bytes) -> tuple[str, str, bool, int]:
             keep = value.strip().lower() == "keep-alive" if version == "HTTP/1.0" else value.strip().lower() != "close"
         elif name == "transfer-encoding":
             raise BadRequest("Transfer-Encoding is not supported: send the body with a Content-Length", 411)
+        elif name in KEPT:
+            headers[name] = value.strip()
     if length > MAX_BODY:
         raise BadRequest(f"body of {length} bytes; at most {MAX_BODY}", 413)
-    return method, path, keep, length
+    return method, path, keep, length, headers
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the OIP v2 metadata and readiness routes tell of one module serving here."""
+
+    version: int
+    runtime: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    ready: bool = True
+
+
+def oip_answer(method: str, route: Route, models: Mapping[str, Served], ready: bool, server: str) -> Answer | None:
+    """The answer to an OIP v2 route, or None for an inference the caller runs (the module and version exist)."""
+    if route.kind == "infer":
+        if method != "POST":
+            return json_answer(405, oip.error("use POST"))
+    elif method != "GET":
+        return json_answer(405, oip.error("use GET"))
+    if route.kind == "server":
+        return json_answer(200, oip.server_metadata(server))
+    if route.kind == "live":
+        return json_answer(200, {"live": True})
+    if route.kind == "ready":
+        return json_answer(200 if ready else 503, {"ready": ready})
+    served = models.get(route.model)
+    if served is None:
+        return json_answer(404, oip.error(f"model {route.model!r} is not served here; models: {sorted(models)}"))
+    if route.version and route.version != str(served.version):
+        return json_answer(404, oip.error(f"model {route.model!r} version {route.version} is not served here; "
+                                          f"version {served.version} is"))
+    if route.kind == "model":
+        return json_answer(200, oip.model_metadata(route.model, [str(served.version)], served.runtime, served.inputs,
+                                                   served.outputs))
+    if route.kind == "model_ready":
+        return json_answer(200 if served.ready else 503, {"name": route.model, "ready": served.ready})
+    return None

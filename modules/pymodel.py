@@ -59,6 +59,34 @@ def defined_functions(source: str, filename: str) -> set[str]:
     return names
 
 
+SIGNATURE_NAMES = ("INPUTS", "OUTPUTS")  # what an entry script declares it accepts and returns
+
+
+def declared_signature(source: str, filename: str) -> dict[str, list[dict[str, object]]]:
+    """The ``INPUTS``/``OUTPUTS`` an entry script declares as top-level literals (absent ones left out),
+    read without running it: ``INPUTS = [{"name": "frame", "dtype": "uint8", "shape": [None, None, 3]}]``."""
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError as exc:
+        raise ModelError(f"entry script {filename} has a syntax error at line {exc.lineno}: {exc.msg}") from None
+    found: dict[str, list[dict[str, object]]] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.Assign):
+            continue
+        for target in node.targets:
+            if isinstance(target, ast.Name) and target.id in SIGNATURE_NAMES:
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    raise ModelError(f"entry script {filename}: {target.id} must be a literal list of "
+                                     '{"name", "dtype", "shape"} (it is read without running the script)') from None
+                if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                    raise ModelError(f"entry script {filename}: {target.id} must be a list of "
+                                     '{"name", "dtype", "shape"}')
+                found[target.id] = value
+    return found
+
+
 def check_entry_source(source: str, filename: str, runtime: str) -> None:
     """Refuse an entry script that cannot serve ``runtime``: a syntax error, or missing hooks.
 

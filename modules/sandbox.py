@@ -142,8 +142,10 @@ class Sandbox:
     # --- launching ------------------------------------------------------------------------------
 
     def launch(self, argv: Sequence[str], *, read_only: Iterable[Path | str] = (), cwd: Path | str | None = None,
-               limits: Limits = Limits(), env: Mapping[str, str] | None = None) -> Launch:
-        """Wrap ``argv``; ``read_only`` directories are the only ones of the caller's the child sees (bwrap)."""
+               limits: Limits = Limits(), env: Mapping[str, str] | None = None,
+               writable: Iterable[Path | str] = ()) -> Launch:
+        """Wrap ``argv``; ``read_only`` directories are the only ones of the caller's the child sees (bwrap), even
+        inside a hidden directory, and ``writable`` the only ones it may write (the sandbox user must own them)."""
         argv = [str(a) for a in argv]
         if self.mode == "off":  # no isolation, but limits still hold where prlimit exists
             wrap = limits.prlimit() if shutil.which("prlimit") else []
@@ -156,7 +158,8 @@ class Sandbox:
                 os.chown(scratch, self.uid, self.gid)
             child_env |= {"HOME": scratch, "TMPDIR": scratch}
             return Launch(tail, child_env, str(cwd or scratch), scratch)
-        return Launch(self._bwrap([Path(p) for p in read_only], cwd, limits) + tail, child_env, None)
+        return Launch(self._bwrap([Path(p) for p in read_only], cwd, limits, [Path(p) for p in writable]) + tail,
+                      child_env, None)
 
     def _become(self) -> list[str]:
         if self.uid < 0:
@@ -164,13 +167,16 @@ class Sandbox:
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--inh-caps=-all",
                 "--bounding-set=-all", "--no-new-privs", "--"]
 
-    def _bwrap(self, read_only: list[Path], cwd: Path | str | None, limits: Limits) -> list[str]:
+    def _bwrap(self, read_only: list[Path], cwd: Path | str | None, limits: Limits,
+               writable: list[Path] | None = None) -> list[str]:
         args = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--unshare-cgroup-try"]
         if not self.network:
             args.append("--unshare-net")
         if os.geteuid() != 0:  # unprivileged: a user namespace, and none nested inside it
             args += ["--unshare-user", *(["--disable-userns"] if self.new_bwrap else [])]
+        elif self.uid < 0:  # root staying root (the agent's module workers): at least without any capability
+            args += ["--cap-drop", "ALL"]
         for name in SYSTEM_LINKS:
             p = Path("/") / name
             if p.is_symlink():
@@ -184,15 +190,29 @@ class Sandbox:
         args += ["--proc", "/proc", "--dev", "/dev"]
         if self.new_bwrap:
             args += ["--size", str(limits.tmp_mb << 20)]
+        if writable and self.new_bwrap:  # a batch job: its process pool writes /tmp (fork server) as the sandbox user
+            args += ["--perms", "1777"]
         args += ["--tmpfs", "/tmp"]
+        if writable:  # ... and needs POSIX semaphores: a private /dev/shm, sized like /tmp
+            args += [*(["--size", str(limits.tmp_mb << 20), "--perms", "1777"] if self.new_bwrap else []),
+                     "--tmpfs", "/dev/shm"]
         binds = _outermost([*python_paths(), *map(str, self.binds), *(str(p) for p in read_only)])
         for parent in _ancestors(binds):  # created 0755: bwrap would copy the host's modes (e.g. /root's 0700)
             args += ["--perms", "0755", "--dir", parent]
         for path in binds:
             args += ["--ro-bind", path, path]
-        for hidden in self.hide:
-            if any(_inside(hidden, b) for b in binds):
-                args += ["--tmpfs", hidden]
+        hidden = [h for h in self.hide if any(_inside(h, b) for b in binds)]
+        for h in hidden:
+            args += ["--tmpfs", h]
+        # the caller's directories inside a hidden one were covered by its tmpfs: bound again on top of it
+        own = [(str(p), "--ro-bind") for p in read_only if any(_inside(str(p), h) for h in hidden)]
+        own += [(str(p), "--bind") for p in writable or []]
+        for parent in _ancestors([p for p, _ in own]):
+            in_tmpfs = any(_inside(parent, h) and parent != h for h in hidden)
+            if in_tmpfs or not any(_inside(b, parent) or _inside(parent, b) for b in binds):  # not there yet
+                args += ["--perms", "0755", "--dir", parent]
+        for path, how in own:
+            args += [how, path, path]
         return [*args, "--chdir", str(cwd or "/tmp"), "--"]
 
     # --- files the child needs -------------------------------------------------------------------
@@ -251,7 +271,7 @@ def _ancestors(binds: list[str]) -> list[str]:
 
 
 @functools.cache
-def _bwrap_version() -> tuple[int, ...]:
+def bwrap_version() -> tuple[int, ...]:
     try:
         out = subprocess.run(["bwrap", "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -261,7 +281,7 @@ def _bwrap_version() -> tuple[int, ...]:
 
 
 @functools.cache
-def _probe(sandbox: Sandbox) -> str:
+def probe(sandbox: Sandbox) -> str:
     """'' when ``sandbox`` can run this Python and import edgefleet's code, else why not."""
     launch = sandbox.launch([sys.executable, "-c", "import modules.sandbox"], limits=Limits(memory_mb=0))
     try:
@@ -302,7 +322,7 @@ def detect(setting: str = "on", user: str = "nobody", *, network: bool = False,
             uid = -1
     candidates = []
     if tools["bwrap"] and tools["prlimit"] and (os.geteuid() != 0 or (uid > 0 and tools["setpriv"])):
-        version = _bwrap_version()
+        version = bwrap_version()
         candidates.append(Sandbox("bwrap", user if uid > 0 else "", uid, gid, network, hidden,
                                   new_bwrap=version >= (0, 8)))
     elif not tools["bwrap"]:
@@ -313,7 +333,7 @@ def detect(setting: str = "on", user: str = "nobody", *, network: bool = False,
     if missing:
         reasons.append(f"{' and '.join(missing)} (util-linux) not found")
     for candidate in candidates:
-        why = _probe(replace(candidate, hide=()))
+        why = probe(replace(candidate, hide=()))
         if not why:
             if candidate.mode == "user":
                 log.warning("sandbox: bubblewrap unusable (%s); operator code runs as %s without namespaces",

@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -74,5 +74,18 @@ class ContentStore:
             f.seek(offset)
             return f.read(length)
 
-    def delete(self, digest: str) -> None:
-        self.path(digest).unlink(missing_ok=True)
+    def delete(self, digest: str) -> int:
+        """Remove an object; the bytes freed (0 if it was not there)."""
+        path = self.path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def digests(self) -> Iterator[str]:
+        """Every object's digest (the store's ``ab/cd/abcd…`` layout; temporary files are not objects)."""
+        for path in self.root.glob("??/??/*"):
+            if DIGEST_RE.match(path.name):
+                yield path.name

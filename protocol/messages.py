@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, field
 
-from protocol.encoding import ProtocolError, canonical_json, parse_json
+from protocol.encoding import ProtocolError, canonical_json, digest_of, parse_json
 from protocol.names import Name, OptionalName
 from protocol.schema import DIGEST_PATTERN, SCHEMA_VERSION, Finite, NonNegative, Positive, Schema, validate
 from protocol.topics import Channel
@@ -54,6 +54,47 @@ class BakePolicy(Schema, frozen=True, kw_only=True):
     min_inferences: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
 
 
+MAX_CONFIG_KEYS = 64
+MAX_CONFIG_BYTES = 8 * 1024  # a module's configuration, as canonical JSON
+ConfigKey = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+# strings, integers and booleans: signed documents hold no floats (a threshold travels as "0.5")
+ConfigValue = str | Annotated[int, Meta(ge=-(2**63 - 1), le=2**63 - 1)] | bool
+ModuleConfig = Annotated[dict[ConfigKey, ConfigValue], Meta(max_length=MAX_CONFIG_KEYS)]
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """A configuration's identity (sha256 of its canonical JSON); "" for none (``{}``)."""
+    return digest_of(config) if config else ""
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Refuse a configuration larger than MAX_CONFIG_BYTES (keys and value types are checked by the schema)."""
+    size = len(canonical_json(config))
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"module config is {size} bytes of JSON; at most {MAX_CONFIG_BYTES}")
+ShadowCompare = Literal["auto", "argmax", "threshold", "tolerance"]
+
+
+class ShadowSpec(Schema, frozen=True, kw_only=True):
+    """A candidate version run beside the live one on the same inputs; its outputs are never served.
+
+    ``compare``: ``argmax`` (classifiers: same top class), ``threshold`` (a single score: same side of
+    0.5), ``tolerance`` (regression: every value within ``tolerance_ppm`` millionths), ``auto`` (argmax
+    for a last dimension above 1, else threshold for values in 0..1, else tolerance).
+    """
+
+    version: Positive
+    bundle: Digest
+    size: NonNegative
+    sample_ppm: Ppm = 1_000_000  # share of live inferences mirrored to the candidate
+    max_queue: Annotated[int, Meta(ge=1, le=10_000)] = 64  # mirrored inputs waiting; more are dropped and counted
+    # the candidate runs at most this share of the time (it rests in proportion after each inference): its CPU
+    # stays bounded whatever the live load, and what arrives meanwhile waits in the queue or is dropped
+    max_duty_ppm: Annotated[int, Meta(ge=1, le=1_000_000)] = 500_000
+    compare: ShadowCompare = "auto"
+    tolerance_ppm: Ppm = 10_000  # 0.01: integers only, signed documents hold no floats
+
+
 class DesiredModule(Schema, frozen=True, kw_only=True):
     name: Name
     version: Positive
@@ -62,15 +103,31 @@ class DesiredModule(Schema, frozen=True, kw_only=True):
     deployment: OptionalName = ""
     collect_rate_ppm: Ppm = 0  # sampled share, parts per million
     bake: BakePolicy | None = None  # None: commit right after the health check (agents before it ignore the field)
+    # the module's configuration, applied without a new bundle (through the same health check, bake and rollback)
+    config: ModuleConfig = {}
+    shadow: ShadowSpec | None = None  # a candidate evaluated beside this version (agents before it ignore it)
+
+    def __post_init__(self) -> None:
+        check_config(self.config)
 
     def to_dict(self) -> dict[str, Any]:
         return _without_null_bake(super().to_dict())
 
+    def candidate(self) -> DesiredModule | None:
+        """The shadow's candidate as a module entry of its own (installed beside this one, never served)."""
+        s = self.shadow
+        return None if s is None else DesiredModule(name=self.name, version=s.version, bundle=s.bundle, size=s.size,
+                                                    deployment=self.deployment)
+
 
 def _without_null_bake(module: dict[str, Any]) -> dict[str, Any]:
-    # Absent, not null: a module without a bake signs and hashes exactly as before the field existed.
-    if module.get("bake", 0) is None:
-        del module["bake"]
+    # Absent, not null or empty: a module without a bake, shadow or config signs and hashes exactly as before
+    # the fields existed.
+    for key in ("bake", "shadow"):
+        if module.get(key, 0) is None:
+            del module[key]
+    if module.get("config", 0) == {}:
+        del module["config"]
     return module
 
 
@@ -104,6 +161,15 @@ class HubStatus(Message, frozen=True, kw_only=True):
 # --- device -> hub ---------------------------------------------------------------------------
 
 
+class ShadowReport(Schema, frozen=True, kw_only=True):
+    """The install state of a module's shadow candidate (``running`` once it is mirrored to)."""
+
+    version: NonNegative
+    bundle: Digest
+    state: InstallState
+    error: str = ""
+
+
 class ModuleReport(Schema, frozen=True, kw_only=True):
     name: Name
     version: NonNegative
@@ -111,6 +177,9 @@ class ModuleReport(Schema, frozen=True, kw_only=True):
     state: InstallState
     error: str = ""
     progress: Annotated[float, Meta(ge=0, le=1)] = 0.0  # share of bytes present, 0..1 (NaN fails the bounds)
+    config: Annotated[str, Meta(pattern=r"^([0-9a-f]{64})?$")] = ""  # config_digest of the config applied ("" none)
+    accelerator: Annotated[str, Meta(max_length=1024)] = ""  # what the module runs on (modules/accel.py), if known
+    shadow: ShadowReport | None = None  # only while the desired entry has a shadow
 
 
 class ReportedState(Message, frozen=True, kw_only=True):
@@ -143,12 +212,37 @@ class TelemetryPoint(Schema, frozen=True, kw_only=True):
     latency_ms: LatencyMs = field(default_factory=LatencyMs)
 
 
+ClassCounts = Annotated[dict[Annotated[str, Meta(max_length=32)], NonNegative], Meta(max_length=64)]
+
+
+class ShadowPoint(Schema, frozen=True, kw_only=True):
+    """One interval of a shadow candidate (``version``) against the live version, on the same inputs."""
+
+    ts: Finite
+    module: Name
+    version: NonNegative  # the candidate's
+    live_version: NonNegative
+    mirrored: NonNegative  # live inferences handed to the candidate
+    dropped: NonNegative  # not mirrored: the candidate's queue was full (the live path never waits)
+    compared: NonNegative  # answered by both
+    disagreements: NonNegative  # of those, how many differ (compare rule of the ShadowSpec)
+    errors: NonNegative  # the candidate failed where the live version answered
+    latency_ms: LatencyMs = field(default_factory=LatencyMs)  # the candidate's
+    live_latency_ms: LatencyMs = field(default_factory=LatencyMs)  # the live version's, same inputs
+    live_classes: ClassCounts = {}  # predicted class (argmax/threshold) -> count, for output drift
+    shadow_classes: ClassCounts = {}
+
+
 class TelemetryBatch(Message, frozen=True, kw_only=True):
     device: Name
     seq: NonNegative  # per device; the hub stores each (device, seq) once
     ts: Finite
     points: Annotated[list[TelemetryPoint], Meta(max_length=10_000)]
     agent: Annotated[dict[Annotated[str, Meta(max_length=64)], Finite], Meta(max_length=MAX_FACTS)] = {}  # rss_mb, ...
+    shadow: Annotated[list[ShadowPoint], Meta(max_length=64)] = []  # shadow candidates' comparisons
+
+
+SampleId = Annotated[str, Meta(max_length=64)]
 
 
 class DataRecord(Schema, frozen=True, kw_only=True):
@@ -157,6 +251,15 @@ class DataRecord(Schema, frozen=True, kw_only=True):
     version: NonNegative
     input: Any
     output: Any
+    id: SampleId = ""  # the caller's request id, to send its label later (ground truth); "" when none was given
+
+
+class Label(Schema, frozen=True, kw_only=True):
+    """Ground truth for an earlier prediction of this device: the ``id`` its request carried."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=64)]
+    label: Any  # a class (int or str), a number (regression), or a list of them, one per row of the batch
+    ts: Finite = 0.0
 
 
 class DataBatch(Message, frozen=True, kw_only=True):
@@ -164,6 +267,7 @@ class DataBatch(Message, frozen=True, kw_only=True):
     seq: NonNegative
     ts: Finite
     records: Annotated[list[DataRecord], Meta(max_length=10_000)]
+    labels: Annotated[list[Label], Meta(max_length=10_000)] = []  # ground truth for earlier records (by ``id``)
 
 
 class BlobRequest(Message, frozen=True, kw_only=True):

@@ -145,7 +145,8 @@ class TrustState:
                                    digest_of(self.policy_envelope["signed"]) if self.policy_envelope else None, now)
             policy_envelope = state.policy
         for module in state.modules:
-            why = policy.refusal(module.name, module.version) if policy else None
+            versions = [module.version] + ([module.shadow.version] if module.shadow else [])
+            why = next((w for v in versions if (w := policy.refusal(module.name, v))), None) if policy else None
             if why:
                 raise ProtocolError(why)
         self.policy, self.policy_envelope = policy, policy_envelope

@@ -110,8 +110,10 @@ class HubSide:
 
     def build(self, name: str, version: int, *, failing: bool = False, pad_bytes: int = 0, pad_seed: int | None = None,
               collect_rate_ppm: int = 0, script: str | None = None, extra: dict[str, bytes] | None = None,
-              model_seed: int | None = None, spans: bool = False, release_expires: int | None = None) -> Bundle:
-        """A logreg ONNX bundle; ``failing`` or ``script`` make it a Python module running that script instead.
+              model_seed: int | None = None, spans: bool = False, release_expires: int | None = None,
+              model_file: tuple[Path, list[TensorSpec], list[TensorSpec]] | None = None) -> Bundle:
+        """A logreg ONNX bundle; ``failing`` or ``script`` make it a Python module running that script instead,
+        ``model_file`` (an .onnx or .tflite file, its inputs, its outputs) that model without a sample.
 
         ``spans`` lists content-defined spans in the release, as the real hub does; without, the release is
         in the format from before spans (fixed-size chunks only)."""
@@ -120,7 +122,11 @@ class HubSide:
         d = self.workdir / f"{name}-v{version}-{'ok' if script is None else abs(hash(script))}"
         d.mkdir(parents=True, exist_ok=True)
         files = {"sample.json": write_sample(d / "sample.json")}
-        if script is not None:
+        specs, sample = (X_SPEC, P_SPEC), "sample.json"
+        if model_file is not None:
+            runtime, model = model_file[0].suffix[1:], f"model{model_file[0].suffix}"
+            files, specs, sample = {model: model_file[0]}, (model_file[1], model_file[2]), ""
+        elif script is not None:
             (d / "main.py").write_text(script)
             files["main.py"] = d / "main.py"
             runtime, model = "python", "main.py"
@@ -133,8 +139,8 @@ class HubSide:
         for path, data in (extra or {}).items():
             (d / path).write_bytes(data)
             files[path] = d / path
-        manifest = build_manifest(name, version, runtime, files, model=model, sample="sample.json", inputs=X_SPEC,
-                                  outputs=P_SPEC, collect_rate_ppm=collect_rate_ppm)
+        manifest = build_manifest(name, version, runtime, files, model=model, sample=sample, inputs=specs[0],
+                                  outputs=specs[1], collect_rate_ppm=collect_rate_ppm)
         cut = bundle_spans(manifest, cut_files(files)) if spans else None
         expires = int(time.time()) + 3600 if release_expires is None else release_expires
         envelope = sign_release(manifest, [self.release_key], expires, cut)

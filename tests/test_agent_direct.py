@@ -73,11 +73,12 @@ def test_direct_socket_answers_as_the_tcp_api_is_counted_and_follows_update_and_
     sock = data / "run" / "classifier.sock"
     proc = subprocess.Popen([sys.executable, "-m", "agent", "--data", str(data), "--api-port", str(port),
                              "--telemetry-interval", "0.3", "--log-level", "WARNING"], cwd=ROOT)
-    tcp = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     direct = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://device", timeout=10)
     try:
         hub.publish_desired(device, 1, [v1.desired(collect_rate_ppm=1_000_000)])
         wait(lambda: hub.module_state(device, "classifier") == "running" and sock.exists(), 60, "v1 on the socket")
+        token = (data / "api-tokens").read_text().split("default ", 1)[1].split()[0]  # the TCP API's per-app token
+        tcp = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10, headers={"Authorization": f"Bearer {token}"})
         assert stat.S_IMODE(sock.stat().st_mode) == 0o660
 
         # the same answers, status and words, on both paths
@@ -92,7 +93,7 @@ def test_direct_socket_answers_as_the_tcp_api_is_counted_and_follows_update_and_
         assert statuses == [200, 400, 422, 422, 404, 405]
         assert direct.post(url, json=GOOD).json() == tcp.post(url, json=GOOD).json()  # same outputs, module, version
         bad_http = [b"HELLO\r\n\r\n", b"POST %s HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" % url.encode(),
-                    b"POST %s HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (url.encode(), 17 * 2**20),
+                    b"POST %s HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (url.encode(), 65 * 2**20),  # over MAX_BODY
                     b"GET / HTTP/1.1\r\nX: " + b"a" * 70_000]  # no end of head in sight: 431
         for request in bad_http:
             theirs, ours = raw(("127.0.0.1", port), request), raw(str(sock), request)
@@ -127,7 +128,7 @@ def test_direct_socket_answers_as_the_tcp_api_is_counted_and_follows_update_and_
              and hub.reported(device).revision == 2 and tcp.post(url, json=GOOD).json().get("version") == 2, 60, "v2")
         assert sock.stat().st_ino != v1_file  # a new socket file, renamed over the old one
         assert direct.post(url, json=GOOD).json()["version"] == 2
-        assert sorted(p.name for p in sock.parent.iterdir()) == ["classifier.sock"]  # no temporary names left
+        assert sorted(p.name for p in sock.parent.iterdir()) == ["api.sock", "classifier.sock"]  # no temporary names left
 
         # three crashes of v2's worker: rolled back, and the socket answers as v1 again
         for i in range(3):

@@ -35,7 +35,7 @@ def test_transition_paths_are_allowed(path):
 
 
 @pytest.mark.parametrize("old, new", [(None, "activating"), ("downloading", "committed"), ("staged", "health_check"),
-                                      ("activating", "failed"), ("health_check", "rolled_back"), ("committed", "staged"),
+                                      ("activating", "failed"), ("health_check", "rolled_back"), ("committed", "verifying"),
                                       ("activating", "baking"), ("baking", "failed"), ("baking", "downloading"),
                                       ("committed", "baking")])
 def test_illegal_transitions_raise(old, new):

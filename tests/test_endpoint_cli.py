@@ -65,7 +65,8 @@ def test_serve_runs_a_pulled_bundle_without_the_hub(server, module, tmp_path):
         url = ready["url"]
         assert url.endswith("/endpoints/lrmod/score") and ready["keys"] == ["k-one"]
         r = httpx.post(url, json={"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}, headers={"Authorization": "Bearer k-one"})
-        assert r.status_code == 200 and r.json()["version"] == module
+        assert r.status_code == 200 and f'{r.json()["module"]}:{r.json()["version"]}' == module
+        assert r.headers["x-edgefleet-version"] == module
         assert httpx.post(url, json={"inputs": {"x": [[0.1]]}}, headers={"api-key": "k-one"}).status_code == 422
         assert httpx.post(url, json={"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}).status_code == 401
         assert httpx.get(url.rsplit("/endpoints", 1)[0] + "/readyz").status_code == 200

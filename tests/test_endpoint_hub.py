@@ -148,7 +148,9 @@ def test_score_keys_shapes_binary_and_delete_refusal(admin, modules):
     r = httpx.post(url, json={"inputs": {"x": x}}, headers={"Authorization": f"Bearer {keys['primary']}"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["version"] == modules["v1"] and r.headers["x-request-id"] == body["request_id"]
+    # the same answer as a device's local API: the module's name, its version as an integer
+    assert (body["module"], body["version"]) == ("lrmod", int(modules["v1"].split(":")[1]))
+    assert r.headers["x-edgefleet-version"] == modules["v1"] and r.headers["x-request-id"] == body["request_id"]
     np.testing.assert_allclose(body["outputs"]["probability"], expected(modules["dir"], 1, x), rtol=1e-6)
 
     assert httpx.post(url, json={"inputs": {"x": x}}).status_code == 401
@@ -159,7 +161,7 @@ def test_score_keys_shapes_binary_and_delete_refusal(admin, modules):
     assert bad.status_code == 422 and "expected x: float32['N', 4]" in bad.json()["detail"]
     assert httpx.post(url, json={"inputs": {"x": [["a", 1, 2, 3]]}},
                       headers={"api-key": keys["primary"]}).status_code == 422
-    assert httpx.post(url, content=b"{not json", headers={"api-key": keys["primary"]}).status_code == 422
+    assert httpx.post(url, content=b"{not json", headers={"api-key": keys["primary"]}).status_code == 400
 
     # the binary form: a .npy body in, a .npy answer out
     arr = np.asarray(x, dtype=np.float32)

@@ -59,7 +59,7 @@ def test_sigterm_stops_the_broker_and_the_endpoint_processes(tmp_path):
 
 
 def test_sigterm_stops_the_embedded_iotcore_broker_too(tmp_path):
-    hub = ServedHub(tmp_path / "data", env={"EDGEFLEET_BROKER": "iotcore"}).start()
+    hub = ServedHub(tmp_path / "data", "--insecure-broker", env={"EDGEFLEET_BROKER": "iotcore"}).start()
     try:
         children = hub.descendants()
         assert any("iotcore" in " ".join(p.cmdline()) for p in children)

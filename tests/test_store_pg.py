@@ -45,12 +45,15 @@ def test_the_hubs_sql_reads_the_same_in_postgresql():
     assert dml("SELECT blob, offset, length FROM chunks WHERE digest = ?") == \
         'SELECT blob, "offset", length FROM chunks WHERE digest = %s'
     assert dml("SELECT 1 FROM t INDEXED BY t_ts WHERE a LIKE '50%?' LIMIT ? OFFSET ?") == \
-        "SELECT 1 FROM t WHERE a LIKE '50%%?' LIMIT %s OFFSET %s"
+        "SELECT 1 FROM t WHERE a ILIKE '50%%?' LIMIT %s OFFSET %s"
     assert dml("SELECT CAST((bucket - :since) / :step AS INTEGER) AS b", named=True) == \
         "SELECT CAST(TRUNC((bucket - %(since)s) / %(step)s) AS BIGINT) AS b"
     assert dml("EXISTS (SELECT 1 FROM json_each(models.tags) t WHERE t.key = ?)") == \
         "EXISTS (SELECT 1 FROM json_each_text((models.tags)::json) t WHERE t.key = %s)"
     assert dml("SELECT x::text FROM t WHERE y = :y", named=True) == "SELECT x::text FROM t WHERE y = %(y)s"
+    assert dml("SELECT id FROM devices WHERE instr(labels, ?) > 0 AND id LIKE ? ESCAPE '\\' AND a like 'x%'") == \
+        "SELECT id FROM devices WHERE strpos(labels, %s) > 0 AND id ILIKE %s ESCAPE '\\' AND a ILIKE 'x%%'"
+    assert dml("CREATE TABLE t (LIKE other INCLUDING DEFAULTS)") == "CREATE TABLE t (LIKE other INCLUDING DEFAULTS)"
     assert ddl("CREATE TABLE IF NOT EXISTS telemetry_batches (device TEXT NOT NULL, seq INTEGER NOT NULL, "
                "ts_max REAL NOT NULL, data BLOB NOT NULL, PRIMARY KEY (device, seq))") == (
         "CREATE TABLE IF NOT EXISTS telemetry_batches (device TEXT NOT NULL, seq BIGINT NOT NULL, "

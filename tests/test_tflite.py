@@ -16,7 +16,7 @@ import pytest
 
 from edgefleet.client import HubClient
 from modules.bundle import FILES_DIR
-from modules.runners import TfliteRunner, load_runner
+from modules.runners import InputError, TfliteRunner, load_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "data" / "hand_recrop.tflite"
@@ -41,7 +41,7 @@ def test_litert_backend_registers_bundles_verifies_predicts(server, tmp_path):
         assert r.status_code == 200, r.text
         model = r.json()
         assert model["framework"] == "tflite"
-        assert model["inputs"] == [{"name": "input_1", "dtype": "float32", "shape": [None, 256, 256, 3]}]
+        assert model["inputs"] == [{"name": "input_1", "dtype": "float32", "shape": [1, 256, 256, 3]}]  # batch fixed
         built = c.post("/api/v1/modules", json={"name": "recrop", "models": ["hand-recrop:1"]}).json()
         assert built["runtime"] == "tflite"
     dest = tmp_path / "bundle"
@@ -52,8 +52,8 @@ def test_litert_backend_registers_bundles_verifies_predicts(server, tmp_path):
     assert type(runner.interpreter).__module__.startswith("ai_edge_litert")
     out = runner.predict({"input_1": rng_input()})["output_crop"]
     assert out.shape == (1, 1, 1, 4) and np.all(np.isfinite(out))
-    two = runner.predict({"input_1": np.concatenate([rng_input(), rng_input()])})["output_crop"]  # batch resize
-    assert two.shape == (2, 1, 1, 4) and np.allclose(two[0], out[0], atol=1e-5)
+    with pytest.raises(InputError, match="expected input_1: float32"):  # its batch is fixed at 1: never resized
+        runner.predict({"input_1": np.concatenate([rng_input(), rng_input()])})
 
 
 def ensure_venv() -> Path:
@@ -95,6 +95,6 @@ def test_tflite_runtime_backend_under_numpy_1(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["numpy"].startswith("1.") and got["backend"].startswith("tflite_runtime")
-    assert got["inputs"] == [{"name": "input_1", "dtype": "float32", "shape": [None, 256, 256, 3]}]
+    assert got["inputs"] == [{"name": "input_1", "dtype": "float32", "shape": [1, 256, 256, 3]}]
     here = TfliteRunner(MODEL).predict({"input_1": rng_input()})["output_crop"].ravel()
     assert np.allclose(np.asarray(got["out"]), here, atol=1e-4)  # both back ends agree

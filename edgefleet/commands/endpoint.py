@@ -123,6 +123,30 @@ def endpoint_traffic(
     emit(res, as_json, ["name", "url", "versions"])
 
 
+@endpoint_app.command("canary")
+def endpoint_canary(
+    name: str,
+    module: str | None = typer.Option(None, "--module", help="The candidate MODULE:VERSION; omit to show the canary."),
+    steps: str = typer.Option("5,25,50,100", "--steps", help="Traffic percentages, growing."),
+    interval: str = typer.Option("60s", "--interval", help="How long each step runs before it may pass."),
+    gate: list[str] = typer.Option([], "--gate", help="max_error_rate=0.01, max_p95_increase=0.2"),
+    min_inferences: int = typer.Option(20, "--min-inferences", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A canary that moves its own weight up --steps while its gates pass, and to 0 when they fail."""
+    from edgefleet.cli_common import parse_duration
+    from edgefleet.commands.fleet import _gates
+
+    with client() as c:
+        if module is None:
+            res = call(lambda: c.get(f"/api/v1/endpoints/{name}/canary"))
+        else:
+            body = {"module": module, "steps": [float(s) for s in steps.split(",") if s.strip()],
+                    "interval_s": parse_duration(interval), "gates": _gates(gate), "min_inferences": min_inferences}
+            res = call(lambda: c.post(f"/api/v1/endpoints/{name}/canary", body))
+    emit(res, as_json, ["endpoint", "module", "step", "weight", "state", "reason"])
+
+
 @endpoint_app.command("delete")
 def endpoint_delete(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     with client() as c:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,12 @@ device_app = typer.Typer(help="Devices and enrolment tokens.", no_args_is_help=T
 audit_app = typer.Typer(help="Who did what, when.", no_args_is_help=True)
 
 STRATEGY_HELP = "all | canary:N | canary:P% | waves:1,10,50,100"
-GATE_HELP = ("Health gate k=v, repeatable: max_install_failure_rate (default 0), max_error_rate, max_p95_increase,"
-             " min_reporting; v 'none' turns one off.")
+GATE_HELP = ("Gate k=v, repeatable: max_install_failure_rate (default 0), max_error_rate, max_p95_increase,"
+             " min_reporting, and the quality gates max_disagreement, max_prediction_drift, max_input_drift,"
+             " min_accuracy; v 'none' turns one off.")
+SHADOW_HELP = ("First run the new version beside the live one on the first wave's devices for this long (30s, 10m),"
+               " on the same inputs, never serving it; the gates judge it before the waves begin.")
+SHADOW_SAMPLE_HELP = "Share of live inputs mirrored to the shadow candidate (0..1, default 1: all)."
 
 
 def _gates(pairs: list[str]) -> dict[str, float | None] | None:
@@ -72,7 +78,8 @@ def _plan_line(plan: dict[str, Any]) -> str:
     """The effective rollout plan in one line, saying what was inherited from the last rollout."""
     gates = ", ".join(f"{k}={v:g}" for k, v in (plan.get("gates") or {}).items() if v is not None) or "none"
     inherited = plan.get("inherited") or []
-    return (f"rollout plan: {plan['strategy']} (waves {', '.join(plan['waves'])}); bake {plan['bake_s']:g}s;"
+    shadow = f"shadow {plan['shadow_s']:g}s first; " if plan.get("shadow_s") else ""
+    return (f"rollout plan: {shadow}{plan['strategy']} (waves {', '.join(plan['waves'])}); bake {plan['bake_s']:g}s;"
             f" gates {gates}; on failure {plan['on_failure']}; wave timeout {plan['wave_timeout_s']:g}s"
             + (f" (from the last rollout: {', '.join(inherited)})" if inherited else ""))
 
@@ -100,6 +107,8 @@ def deploy_edge(
     device_max_error_rate: float = typer.Option(0.05, "--device-max-error-rate", min=0, max=1),
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1,
                                               help="Inferences a device needs before the error rate decides."),
+    shadow: str | None = typer.Option(None, "--shadow", help=SHADOW_HELP + " Needs a live version already."),
+    shadow_sample: float | None = typer.Option(None, "--shadow-sample", min=0, max=1, help=SHADOW_SAMPLE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Deploy a module to the devices a selector matches (a new revision of NAME, rolled out by --strategy).
@@ -112,7 +121,9 @@ def deploy_edge(
             module, steps = oneshot.prepare(c, name, src, 4)
         body = {"name": name, "module": module, "target": target, "priority": priority,
                 **_rollout_options(strategy, bake, gate, on_failure, collect_rate),
-                **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
+                **_device_bake(device_bake, device_max_error_rate, device_min_inferences),
+                **({"shadow_s": parse_duration(shadow)} if shadow else {}),
+                **({"shadow_sample": shadow_sample} if shadow_sample is not None else {})}
         res = call(lambda: c.post("/api/v1/deployments", body))
     if model:
         ro = res.get("rollout")
@@ -120,6 +131,30 @@ def deploy_edge(
                                    f"started ({strategy})", deployment=name, revision=res.get("revision"), rollout=ro)
         res = res | {"steps": steps}
     _summary(res, as_json)
+
+
+def _config(pairs: list[str], unset: list[str], path: Path | None) -> dict[str, Any]:
+    """The PATCH fields for ``--config``/``--config-unset``/``--config-file``."""
+    out: dict[str, Any] = {}
+    if path is not None:
+        text = path.read_text()
+        try:
+            doc = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{path}: {exc}", param_hint="--config-file") from None
+        if not isinstance(doc, dict):
+            raise typer.BadParameter(f"{path} must hold an object of key -> value", param_hint="--config-file")
+        out["config"] = doc
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--config")
+        changes[key] = value
+    changes.update({key: None for key in unset})
+    if changes:
+        out["config_set"] = changes
+    return out
 
 
 @deployment_app.command("update")
@@ -136,17 +171,29 @@ def deployment_update(
     device_bake: str | None = typer.Option(None, "--device-bake", help=DEVICE_BAKE_HELP + " 0 turns it off."),
     device_max_error_rate: float = typer.Option(0.05, "--device-max-error-rate", min=0, max=1),
     device_min_inferences: int = typer.Option(20, "--device-min-inferences", min=1),
+    config: list[str] = typer.Option([], "--config", help="KEY=VALUE (a string) set in the module's configuration; "
+                                     "repeatable, merged into the latest revision's."),
+    config_unset: list[str] = typer.Option([], "--config-unset", help="KEY removed from the module's configuration."),
+    config_file: Path | None = typer.Option(None, "--config-file", exists=True, dir_okay=False,
+                                            help="JSON or TOML (.toml) object: the whole configuration (str/int/bool "
+                                                 "values), replacing the latest revision's; --config applies on top."),
+    shadow: str | None = typer.Option(None, "--shadow", help=SHADOW_HELP),
+    shadow_sample: float | None = typer.Option(None, "--shadow-sample", min=0, max=1, help=SHADOW_SAMPLE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Start a rollout of a new revision; earlier revisions stay for rollback.
 
     Only what is given changes: the strategy, bake, gates and failure policy are the last rollout's unless given.
+    A configuration change alone rolls out like a version change: devices health-check the module with it and
+    roll back to the previous configuration if it fails.
     """
     given = {"strategy": strategy, "bake_s": parse_duration(bake) if bake else None, "gates": _gates(gate),
-             "on_failure": on_failure, "collect_rate_ppm": collect_rate}
+             "on_failure": on_failure, "collect_rate_ppm": collect_rate,
+             "shadow_s": parse_duration(shadow) if shadow else None, "shadow_sample": shadow_sample}
     body = {"module": module, "target": target, "priority": priority,
             **{k: v for k, v in given.items() if v is not None},
-            **_device_bake(device_bake, device_max_error_rate, device_min_inferences)}
+            **_device_bake(device_bake, device_max_error_rate, device_min_inferences), **_config(config, config_unset,
+                                                                                               config_file)}
     with client() as c:
         res = call(lambda: c.request("PATCH", f"/api/v1/deployments/{name}", json=body))
     _summary(res, as_json)
@@ -176,6 +223,7 @@ def deployment_revisions(name: str, as_json: bool = typer.Option(False, "--json"
 # --- rollouts ---------------------------------------------------------------------------------
 
 BUCKETS = ("waiting", "pending", "downloading", "installing", "running", "failed", "rolled_back", "new", "not_moved")
+SHADOW_BUCKETS = ("shadow_pending", "shadow_downloading", "shadow_installing", "shadow_running", "shadow_failed")
 
 
 def _render(st: dict[str, Any]) -> Any:
@@ -185,7 +233,7 @@ def _render(st: dict[str, Any]) -> Any:
 
     total = max(1, sum(st["counts"].values()))
     bars = Progress(TextColumn("{task.description:>12}"), BarColumn(), TextColumn("{task.completed:>5}"))
-    for b in BUCKETS:
+    for b in SHADOW_BUCKETS if st["phase"] == "shadowing" else BUCKETS:
         bars.add_task(b, total=total, completed=st["counts"].get(b, 0))
     head = Text.from_markup(f"[bold]{st['deployment']}[/] revision {st['revision']} ({st['module']}"
                             f"{' from ' + st['from_module'] if st['from_module'] else ''}): [bold]{st['state']}[/]"
@@ -193,6 +241,10 @@ def _render(st: dict[str, Any]) -> Any:
     parts = [head, bars]
     if st["reason"]:
         parts.append(Text(f"reason: {st['reason']}", style="red" if "fail" in st["reason"] else ""))
+    if st.get("shadow") or (st.get("last_gate") or {}).get("shadow"):
+        from edgefleet.commands.rollout_follow import shadow_line
+
+        parts.append(Text(shadow_line(st.get("shadow") or st["last_gate"]["shadow"], st.get("shadow_ends_in_s"))))
     if st.get("holding"):  # who the wave waits for, and until when
         names = ", ".join(d["id"] + ("" if d["online"] else " (offline)") for d in st["holding"][:10])
         more = st["holding_count"] - min(10, len(st["holding"]))

@@ -64,17 +64,24 @@ def drift_report(
 @alert_app.command("add")
 def alert_add(
     name: str,
-    kind: str = typer.Option(..., "--kind", help="drift | error_rate | offline"),
+    kind: str = typer.Option(..., "--kind", help="drift | error_rate | offline | stale | key_expiry"),
     deployment: str | None = typer.Option(None, "--deployment"),
-    threshold: float = typer.Option(0.2, "--threshold", help="PSI, or error-rate fraction."),
-    for_: str = typer.Option("0s", "--for", help="How long the condition must hold (offline: the threshold)."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help="PSI or error-rate fraction (default 0.2), revisions behind (stale: 0), "
+                                  "days ahead (key_expiry: 30)."),
+    for_: str | None = typer.Option(None, "--for", help="How long the condition must hold (offline: the threshold; "
+                                                        "default 0s, stale: 10m)."),
     window: str = typer.Option("5m", "--window"),
     webhook: str | None = typer.Option(None, "--webhook", help="URL that receives each event as JSON."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Add an alert rule."""
-    body = {"name": name, "kind": kind, "deployment": deployment, "threshold": threshold,
-            "for_s": parse_duration(for_), "window_s": parse_duration(window), "webhook": webhook}
+    body = {"name": name, "kind": kind, "deployment": deployment, "window_s": parse_duration(window),
+            "webhook": webhook}
+    if for_ is not None:
+        body["for_s"] = parse_duration(for_)
+    if threshold is not None:
+        body["threshold"] = threshold
     with client() as c:
         emit(call(lambda: c.post("/api/v1/alerts/rules", body)), as_json)
 
@@ -168,3 +175,59 @@ def _write(resp: httpx.Response, fmt: str, path: Path, advance: Any) -> int:
             n += lines
             advance(lines)
     return n - 1 if fmt == "csv" else n  # the CSV header is not a row
+
+
+quality_app = typer.Typer(help="Ground truth: labels, accuracy per version, fleet A/B.", no_args_is_help=True)
+
+
+@quality_app.command("label")
+def quality_label(
+    file: Path = typer.Argument(..., help='JSON lines {"sample": "device/request-id", "label": value}'),
+) -> None:
+    """Send labels for sampled predictions (by sample id: device/request-id, or device/seq/idx from data export)."""
+    import json
+
+    items = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    with client() as c:
+        stored = matched = 0
+        for i in range(0, len(items), 10_000):
+            res = call(lambda part=items[i:i + 10_000]: c.post("/api/v1/labels", {"labels": part}))
+            stored, matched = stored + res["stored"], matched + res["matched"]
+    err.print(f"{stored} label(s) stored, {matched} matched a sampled prediction", markup=False)
+
+
+@quality_app.command("accuracy")
+def quality_accuracy(
+    module: str | None = typer.Option(None, "--module"),
+    step: str = typer.Option("1h", "--step"),
+    since: str = typer.Option("24h", "--since"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Accuracy (classes) and mean absolute error (regression) per module version and time bucket."""
+    with client() as c:
+        rows = call(lambda: c.get("/api/v1/accuracy", module=module, step=parse_duration(step),
+                                  since=parse_time(since)))
+    emit(rows, as_json, ["module", "version", "ts", "labelled", "correct", "accuracy", "mae"])
+
+
+@quality_app.command("ab")
+def quality_ab(
+    a: str, b: str,
+    metric: str = typer.Option("accuracy", "--metric", help="accuracy (labels) or success (no inference error)"),
+    since: str = typer.Option("24h", "--since"),
+    alpha: float = typer.Option(0.05, "--alpha"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Compare deployments A and B (disjoint device groups) with always-valid intervals: stop when it decides."""
+    with client() as c:
+        res = call(lambda: c.get("/api/v1/ab", a=a, b=b, metric=metric, since=parse_time(since), alpha=alpha))
+    if as_json:
+        emit(res, True)
+        return
+    for arm in res["arms"]:
+        rate = "n/a" if arm["rate"] is None else f"{arm['rate']:.4f}"
+        err.print(f"{arm['name']}: {arm['successes']}/{arm['trials']} = {rate}"
+                  f" [{arm['interval'][0]:.4f}, {arm['interval'][1]:.4f}]", markup=False)
+    lo, hi = res["interval"]
+    err.print(f"difference b - a in [{lo:.4f}, {hi:.4f}] at alpha {res['alpha']:g}: "
+              + (f"{res['winner']} wins" if res["decided"] else "undecided, keep collecting"), markup=False)

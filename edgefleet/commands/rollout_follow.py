@@ -44,12 +44,22 @@ def summary(st: dict[str, Any]) -> dict[str, Any]:
     return {"ts": round(time.time(), 3), **{k: st.get(k) for k in keep}}
 
 
+def shadow_line(f: dict[str, Any], ends_in: float | None = None) -> str:
+    """A shadow phase's figures in one line (``rollout status``)."""
+    rate = f.get("disagreement")
+    return (f"shadow: {f['compared']} predictions compared on {f['devices_reporting']} device(s),"
+            f" disagreement {'n/a' if rate is None else f'{rate:.1%}'}, {f['errors']} errors, {f['dropped']} dropped"
+            + ("" if f.get("prediction_drift") is None else f", prediction drift (PSI) {f['prediction_drift']:.3g}")
+            + ("" if ends_in is None else f"; ends in {ends_in:.0f}s"))
+
+
 def plain(st: dict[str, Any]) -> str:
     counts = " ".join(f"{k}={v}" for k, v in sorted(st["counts"].items())) or "no devices"
     origin = f" from {st['from_module']}" if st.get("from_module") else ""
     reason = f"  reason: {st['reason']}" if st.get("reason") else ""
+    shadow = f"  {shadow_line(st['shadow'], st.get('shadow_ends_in_s'))}" if st.get("shadow") else ""
     return (f"{datetime.now().strftime('%H:%M:%S')} {st['deployment']} rollout {st['id']} revision {st['revision']} "
-            f"({st['module']}{origin}): {st['state']}  {counts}{reason}")
+            f"({st['module']}{origin}): {st['state']}  {counts}{reason}{shadow}")
 
 
 def ending(st: dict[str, Any], code: int, waited: float) -> str:

@@ -46,7 +46,8 @@ def hub_serve(
     port: int = typer.Option(8080, "--port", envvar="EDGEFLEET_PORT"),
     mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Broker URL; default: start a local one."),
     public_mqtt: str | None = typer.Option(None, "--public-mqtt", envvar="EDGEFLEET_PUBLIC_MQTT", help="Broker URL handed to devices."),
-    isolate: bool = typer.Option(False, "--isolate", help="Per-device broker logins and ACL (DATA/broker); see docs/fleet.md."),
+    isolate: bool = typer.Option(False, "--isolate", help="Per-device broker logins and ACL (DATA/broker): always on "
+                                 "with the hub's own broker; with --mqtt, the files for yours (docs/fleet.md)."),
     ingest_workers: int = typer.Option(0, "--ingest-workers", envvar="EDGEFLEET_INGEST_WORKERS", min=0,
                                        help="Extra processes sharing telemetry ingest (MQTT 5 shared subscription)."),
     broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA", exists=True, dir_okay=False,
@@ -66,7 +67,8 @@ def hub_serve(
     mqtt_port: int | None = typer.Option(None, "--mqtt-port", help="Local broker's port for devices beyond loopback "
                                          "(default 8883; 1883 with --insecure-broker)."),
     insecure_http: bool = typer.Option(False, "--insecure-http", help="Plain HTTP beyond loopback (not advised)."),
-    insecure_broker: bool = typer.Option(False, "--insecure-broker", help="Plain MQTT beyond loopback (not advised)."),
+    insecure_broker: bool = typer.Option(False, "--insecure-broker", help="Plain MQTT beyond loopback; on loopback, "
+                                         "an open broker without per-device logins (not advised)."),
     no_sandbox: bool = typer.Option(False, "--no-sandbox",
                                     help="Run operator code (model load checks, endpoint workers) as the hub's user "
                                          "beside its keys: only where nothing else works (docs/security.md)."),
@@ -254,7 +256,13 @@ def agent_run(
     mqtt: str | None = typer.Option(None, "--mqtt", envvar="EDGEFLEET_MQTT", help="Override the broker URL."),
     rate: float = typer.Option(0.0, "--rate", help="Synthetic inferences/s (0: serve only local requests)."),
     telemetry_interval: float = typer.Option(5.0, "--telemetry-interval"),
-    api_port: int = typer.Option(8765, "--api-port", help="Local inference API on 127.0.0.1 (0: off)."),
+    api_port: int = typer.Option(0, "--api-port", help="Local inference API on 127.0.0.1 with per-app tokens from "
+                                 "DATA/api-tokens (0: off; apps use the Unix socket)."),
+    api_socket: str = typer.Option("", "--api-socket", help="Local API Unix socket (default DATA/run/api.sock, mode "
+                                   "0660; 'off': none)."),
+    api_group: str | None = typer.Option(None, "--api-group", help="Group owning the API socket (apps in it call it)."),
+    module_sandbox: str = typer.Option("auto", "--module-sandbox",
+                                       help="auto|on|off: module workers in bubblewrap, away from the credentials."),
     isolation: str = typer.Option("process", "--isolation", help="process (a worker per module) or inprocess."),
     module_memory_mb: int = typer.Option(0, "--module-memory-mb", help="Address-space cap per module worker."),
     module_cpu_seconds: int = typer.Option(0, "--module-cpu-seconds", help="CPU-time cap per module worker."),
@@ -263,16 +271,26 @@ def agent_run(
     transfer: str = typer.Option("mqtt", "--transfer", envvar="EDGEFLEET_TRANSFER",
                                  help="Bundle download: mqtt (blob topics) or http (HTTP(S) from the hub)."),
     hub_url: str | None = typer.Option(None, "--hub-url", help="Hub URL for --transfer http (default: the enrolled one)."),
+    min_download_rate: float = typer.Option(1024.0, "--min-download-rate",
+                                            help="Abort a download slower than this (bytes/s) over the window (0: never)."),
+    download_window: float = typer.Option(60.0, "--download-window", help="Seconds the download rate is judged over."),
+    disk_reserve_mb: float = typer.Option(4.0, "--disk-reserve-mb", help="MB kept free beyond what an install needs."),
+    retry_after: float = typer.Option(30.0, "--retry-after",
+                                      help="Seconds before an install a full disk or slow download stopped is retried."),
 ) -> None:
     """Run the device daemon until SIGINT/SIGTERM."""
     from agent.daemon import run_agent
     from agent.identity import EnrollmentError
+    from agent.limits import DownloadLimits
+    from modules.sandbox import SandboxUnavailable
 
     try:
         run_agent(data, mqtt_url=mqtt, workload_rate=rate, telemetry_interval=telemetry_interval, api_port=api_port,
                   isolation=isolation, module_memory_mb=module_memory_mb, module_cpu_seconds=module_cpu_seconds,
-                  broker_ca=broker_ca, transfer=transfer, hub_url=hub_url)
-    except (EnrollmentError, ValueError) as exc:
+                  broker_ca=broker_ca, transfer=transfer, hub_url=hub_url, module_sandbox=module_sandbox,
+                  api_socket=None if api_socket == "off" else api_socket, api_group=api_group,
+                  limits=DownloadLimits(min_download_rate, download_window, int(disk_reserve_mb * 2**20), retry_after))
+    except (EnrollmentError, ValueError, SandboxUnavailable) as exc:
         err.print(f"[red]cannot start the agent:[/] {exc}")
         raise typer.Exit(2) from None
 

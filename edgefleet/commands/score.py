@@ -18,12 +18,12 @@ from edgefleet.cli_common import client, emit, err
 class Progress:
     """A bar on a terminal; plain lines (at most one a second, and the last) anywhere else."""
 
-    def __init__(self, total: int, done: int, quiet: bool) -> None:
-        self.total, self.done, self.quiet = total, done, quiet
+    def __init__(self, total: int, done: int, quiet: bool, ndjson: bool = False) -> None:
+        self.total, self.done, self.quiet, self.ndjson = total, done, quiet, ndjson
         self.started, self.start_done, self.last = time.monotonic(), done, 0.0
         self._lock = threading.Lock()
         self.bar: Any = None
-        if not quiet and err.is_terminal:
+        if not quiet and not ndjson and err.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
             self.bar = Progress("scoring", BarColumn(), MofNCompleteColumn(), "rows", "[cyan]{task.fields[rate]}",
@@ -42,6 +42,10 @@ class Progress:
                 self.bar.update(self.task, completed=self.done, rate=f"{self.rate():,.0f} rows/s")
             elif not self.quiet and (now - self.last >= 1.0 or self.done >= self.total):
                 self.last = now
+                if self.ndjson:  # for a program watching the job (the hub's batch jobs)
+                    print(json.dumps({"rows_done": self.done, "rows_total": self.total,
+                                      "rows_per_s": round(self.rate())}), file=sys.stderr, flush=True)
+                    return
                 pct = 100.0 * self.done / self.total if self.total else 100.0
                 print(f"score: {self.done}/{self.total} rows ({pct:.0f}%), {self.rate():,.0f} rows/s",
                       file=sys.stderr, flush=True)
@@ -75,6 +79,23 @@ def _bundle(ref: str | None, bundle: Path | None, root: Path | None, dest: Path)
     return manifest, dest, pinned
 
 
+def _monitoring(records: list[dict[str, Any]], manifest: Any, post: bool, name: str,
+                file: Path | None) -> dict[str, Any]:
+    """Write the sample to ``file`` and/or send it to the hub (``POST /api/v1/batch-data``), in pieces."""
+    from modules.batch.monitor import sample_rows
+
+    if file is not None:
+        file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out: dict[str, Any] = {"rows": sample_rows(records), "records": len(records)}
+    if post:
+        with client() as c:
+            for i in range(0, max(len(records), 1), 200):
+                c.post("/api/v1/batch-data", {"name": name, "module": manifest.name, "version": manifest.version,
+                                              "records": records[i:i + 200]})
+        out["name"] = name
+    return out
+
+
 def score(
     ref: str | None = typer.Argument(None, help="MODULE:VERSION to pull from the hub (or give --bundle DIR)."),
     input_path: Path = typer.Option(..., "--input", "-i", help="A CSV or Parquet file, or a directory of Parquet files."),
@@ -93,6 +114,13 @@ def score(
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output or unfinished job."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
     as_json: bool = typer.Option(False, "--json", help="A JSON summary on stdout."),
+    progress_json: bool = typer.Option(False, "--progress-json", help="Progress as JSON lines on stderr."),
+    monitor: bool = typer.Option(False, "--monitor", help="Send a sample of inputs/outputs to the hub's monitoring "
+                                                          "store (drift against the model's baseline)."),
+    monitor_name: str | None = typer.Option(None, "--monitor-name", help="The sample's name at the hub "
+                                                                          "(default: the output's file name)."),
+    monitor_rows: int = typer.Option(5000, "--monitor-rows", min=1, help="About how many rows to sample."),
+    monitor_file: Path | None = typer.Option(None, "--monitor-file", help="Also write the sample here (JSON lines)."),
 ) -> None:
     """Score a table with a module: streamed in parts, on this machine's cores or a Dask cluster; resumable.
 
@@ -120,10 +148,17 @@ def score(
     try:
         claim(layout, overwrite)
         manifest, bundle_dir, pinned = _bundle(ref, bundle, root, layout.bundle)
+        if local is not None:
+            local.preload(str(bundle_dir), pinned, manifest.digest())
         job, parts, todo = prepare(input_path, layout, manifest, bundle_dir, pinned, columns=parse_columns(columns),
                                    keep=keep, part_rows=part_rows, batch_rows=batch_rows)
         total = sum(p.rows for p in parts)
-        progress = Progress(total, total - sum(p.rows for p in todo), quiet)
+        sampling = monitor or monitor_file is not None
+        if sampling:
+            from modules.batch.monitor import sample_every
+
+            job.sample_every = sample_every(total, monitor_rows)
+        progress = Progress(total, total - sum(p.rows for p in todo), quiet, progress_json)
         try:
             if local is not None:
                 engine = "local"
@@ -134,7 +169,13 @@ def score(
                 engine, n_workers = "dask", run_dask(job, todo, scheduler or "", progress.add)
         finally:
             progress.close()
+        records: list[dict[str, Any]] = []
+        if sampling:
+            from modules.batch.monitor import collect
+
+            records = collect(layout.work)
         rows = finish(layout, parts)
+        sent = _monitoring(records, manifest, monitor, monitor_name or layout.output.name, monitor_file)
     except (BatchError, ModelError, ProtocolError, HubError, OSError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -146,7 +187,8 @@ def score(
     summary = {"module": f"{manifest.name}:{manifest.version}", "digest": manifest.digest(), "input": str(input_path),
                "output": str(layout.output), "rows": rows, "parts": len(parts), "parts_resumed": len(parts) - len(todo),
                "rows_scored_now": scored, "engine": engine, "workers": n_workers, "seconds": round(seconds, 3),
-               "rows_per_s": round(scored / seconds) if seconds > 0 else 0}
+               "rows_per_s": round(scored / seconds) if seconds > 0 else 0,
+               **({"monitor": sent} if sampling else {})}
     if as_json:
         emit(summary, True)
     else:

@@ -11,7 +11,20 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from hub.api.guard import Guard, Limits
-from hub.api.routes import admin, deployments, device, endpoints, fleet, models, modules, monitoring, tokens, webhooks
+from hub.api.routes import (
+    admin,
+    batch,
+    deployments,
+    device,
+    endpoints,
+    fleet,
+    models,
+    modules,
+    monitoring,
+    tokens,
+    webhooks,
+)
+from hub.batch.jobs import BatchJobs
 from hub.bounds import json_safe_errors
 from hub.config import HubConfig
 from hub.console import mount_console
@@ -29,12 +42,14 @@ def create_app(config: HubConfig) -> FastAPI:
         hub = await run_in_threadpool(Hub, config)
         app.state.hub = hub
         app.state.endpoints = EndpointManager(hub)
+        app.state.batch = BatchJobs(hub)
         hub.start()
         app.state.endpoints.start()
         try:
             yield
         finally:
             await run_in_threadpool(app.state.endpoints.stop)
+            await run_in_threadpool(app.state.batch.stop)
             await run_in_threadpool(hub.stop)
 
     app = FastAPI(title="edgefleet hub", version="0.1.0", lifespan=lifespan,
@@ -51,7 +66,7 @@ def create_app(config: HubConfig) -> FastAPI:
 
     for router in (admin.router, tokens.router, models.router, modules.router, fleet.router, device.router, deployments.router,
                    deployments.rollouts,
-                   monitoring.router, webhooks.router):
+                   monitoring.router, webhooks.router, batch.router):
         app.include_router(router, prefix=API)
     app.include_router(endpoints.router, prefix=API)
     app.include_router(monitoring.ops)

@@ -10,17 +10,23 @@ from collections.abc import Callable
 
 from fastapi import HTTPException, Request
 
+from hub.batch.jobs import BatchJobs
 from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 from hub.store import Database
 from hub.trust.tokens import ROLE_RANK, Principal, TokenRefused, authenticate_token
 
-__all__ = ["Principal", "authenticate", "current_device", "get_endpoints", "get_hub", "require", "running_endpoints"]
+__all__ = ["Principal", "authenticate", "current_device", "get_batch_jobs", "get_endpoints", "get_hub", "require", "running_endpoints"]
 
 
 def get_hub(request: Request) -> Hub:
     """The running hub, built by the app's lifespan (hub/api/app.py)."""
     return request.app.state.hub
+
+
+def get_batch_jobs(request: Request) -> BatchJobs:
+    """Batch scoring jobs (hub/batch/jobs.py), made beside the hub by the app's lifespan."""
+    return request.app.state.batch
 
 
 def get_endpoints(request: Request) -> EndpointManager:

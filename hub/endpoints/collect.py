@@ -23,8 +23,9 @@ from hub.store import open_database
 
 log = logging.getLogger("edgefleet.endpoint.collect")
 
-INSERT = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output, source, endpoint)"
-          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'endpoint', ?) ON CONFLICT DO NOTHING")
+# sample_id ``endpoint:NAME/REQUEST-ID``: the id the answer carried (x-request-id), for its label later
+INSERT = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output, source, endpoint, sample_id)"
+          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'endpoint', ?, ?) ON CONFLICT DO NOTHING")
 
 
 class Sampler:
@@ -58,10 +59,11 @@ class Collector:
         self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
         self._thread.start()
 
-    def add(self, inputs_json: str, outputs_json: str) -> None:
+    def add(self, inputs_json: str, outputs_json: str, request_id: str = "") -> None:
         self._n += 1
-        self._queue.put((f"endpoint:{self.endpoint}", self._seq, self._n, time.time(), self.module,
-                         self.version, inputs_json, outputs_json, self.endpoint))
+        source = f"endpoint:{self.endpoint}"
+        self._queue.put((source, self._seq, self._n, time.time(), self.module, self.version, inputs_json,
+                         outputs_json, self.endpoint, f"{source}/{request_id}" if request_id else None))
 
     def close(self) -> None:
         self._queue.put(None)

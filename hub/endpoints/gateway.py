@@ -33,15 +33,20 @@ from hub.endpoints.httpserver import HttpProtocol, Request
 from hub.endpoints.pool import Pool, PoolError, Response, Settings
 from hub.endpoints.telemetry import EndpointTelemetry
 from hub.monitoring.prom import LatencyHistogram
+from modules import oip
 from modules.bundle import FILES_DIR, verify_pulled
-from modules.runners import load_sample
+from modules.httpwire import keep_large_buffers
+from modules.runners import load_sample, sample_request
 from modules.sandbox import Sandbox
 from protocol.encoding import ProtocolError
+from protocol.manifest import TensorSpec
+from protocol.schema import validate
 from protocol.signing import load_trusted_root
 
 log = logging.getLogger("edgefleet.endpoint.gateway")
 
 CONTROL_HEADER = b"x-control-token"
+_VERSION = "0.1.0"  # edgefleet's, in OIP v2 server metadata
 
 
 def reply(status: int, doc: Any, *headers: tuple[str, str]) -> Response:
@@ -108,6 +113,7 @@ class Gateway:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def serve(self, sock: socket.socket) -> None:
+        keep_large_buffers()  # camera-sized bodies pass through this process
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: HttpProtocol(self.handle), sock=sock, backlog=2048)
 
@@ -183,6 +189,8 @@ class Gateway:
             if not self.authorized(req.headers):
                 return self.count(UNAUTHORIZED)
             return reply(200, self.describe())
+        if req.path.startswith("/v2"):
+            return self.oip(req)
         if req.path in ("/healthz", "/readyz"):
             ready = bool(self.pools) and all(p.ready for p in self.pools.values())
             return reply(200 if ready or req.path == "/healthz" else 503, {"status": "ready" if ready else "starting"})
@@ -217,14 +225,60 @@ class Gateway:
         current[best] -= total
         return best
 
-    def score(self, req: Request) -> Response | asyncio.Future[Response]:
+    @property
+    def ready(self) -> bool:
+        return bool(self.pools) and all(p.ready for p in self.pools.values())
+
+    def oip(self, req: Request) -> Response | asyncio.Future[Response]:
+        """The Open Inference Protocol v2 (modules.oip): the endpoint is one model, named as the endpoint."""
+        route = oip.parse_path(req.path)
+        if route is None:
+            return reply(404, oip.error(f"no such OIP v2 path; infer at POST /v2/models/{self.name}/infer"))
+        if route.kind in ("live", "ready"):  # open, as /healthz is: for load balancers and probes
+            ok = route.kind == "live" or self.ready
+            return reply(200 if ok else 503, {route.kind: ok})
+        if not self.authorized(req.headers):
+            return self.count(UNAUTHORIZED)
+        if route.kind == "server":
+            return reply(200, oip.server_metadata(_VERSION))
+        if route.model != self.name:
+            return reply(404, oip.error(f"model {route.model!r} is not served here; this endpoint is {self.name!r}"))
+        label = ""
+        if route.version:
+            label = next((v.label for v in self.versions if v.label.rsplit(":", 1)[-1] == route.version), "")
+            if not label:
+                return reply(404, oip.error(f"version {route.version} is not served here; versions: "
+                                            f"{[v.label.rsplit(':', 1)[-1] for v in self.versions]}"))
+        if route.kind == "model_ready":
+            ok = self.pools[label].ready if label else self.ready
+            return reply(200 if ok else 503, {"name": self.name, "ready": ok})
+        if route.kind == "model":
+            return reply(200, self.oip_metadata(label))
+        if req.method != b"POST":
+            return reply(405, oip.error("use POST"), ("allow", "POST"))
+        hlen = req.headers.get(oip.HEADER_LENGTH.encode(), b"").strip()
+        if hlen and not hlen.isdigit():
+            return self.count(reply(400, oip.error(f"{oip.HEADER_LENGTH} {hlen[:20]!r} is not a number")))
+        return self.score(req, "v2", int(hlen) if hlen else -1, label)
+
+    def oip_metadata(self, label: str = "") -> dict[str, Any]:
+        pool = self.pools.get(label) or next(iter(self.pools.values()), None)
+        info = pool.info if pool is not None else {}
+        runtime = read_manifest(pool.bundle_dir).runtime if pool is not None else ""
+        specs = [[TensorSpec(name=s["name"], dtype=s["dtype"], shape=s["shape"]) for s in info.get(k, [])]
+                 for k in ("inputs", "outputs")]
+        versions = [label.rsplit(":", 1)[-1]] if label else [v.label.rsplit(":", 1)[-1] for v in self.versions]
+        return oip.model_metadata(self.name, versions, runtime, *specs)
+
+    def score(self, req: Request, kind: str = "v1", hlen: int = -1,
+              label: str = "") -> Response | asyncio.Future[Response]:
         if not self.pools:
             return self.count(reply(503, {"detail": "the endpoint has no version yet"}, ("retry-after", "1")))
         request_id = f"{self._id_prefix}-{next(self._ids)}"
         ctype = req.headers.get(b"content-type", b"application/json").decode("latin-1")
         want_npy = NPY in req.headers.get(b"accept", b"").decode("latin-1")
-        item = (request_id, ctype, req.body, req.headers.get(b"x-input", b"").decode("latin-1"), want_npy)
-        label = self.pick()
+        item = (request_id, ctype, req.body, req.headers.get(b"x-input", b"").decode("latin-1"), want_npy, kind, hlen)
+        label = label or self.pick()
         for v in self.versions:  # mirroring: the candidate sees real traffic, the client never sees its answers
             if v.mirror and v.label != label:
                 self._mirror_credit[v.label] += v.mirror
@@ -271,9 +325,9 @@ class Gateway:
                 sample = load_sample(pool.bundle_dir / FILES_DIR, read_manifest(pool.bundle_dir))
             except (OSError, ValueError):
                 sample = None
-        if sample is None and inputs:
-            sample = {"inputs": {s["name"]: [[0] * (d or 1) for d in s["shape"][1:2]] or 0 for s in inputs}}
-        ready = bool(self.pools) and all(p.ready for p in self.pools.values())
+        if sample is None and inputs:  # built from the real signature: posting it gets 200
+            sample = sample_request([validate(TensorSpec, s) for s in inputs])
+        ready = self.ready
         return {
             "name": self.name, "status": "ready" if ready else "degraded" if self.pools else "starting",
             "scoring_uri": self.score_path,
@@ -283,6 +337,8 @@ class Gateway:
             "sample_request": {"inputs": (sample or {}).get("inputs", {})},
             "binary": {"content-type": NPY, "x-input": "input name (optional for single-input models)",
                        "accept": f"{NPY} for a .npy answer (single-output models)"},
+            "oip_v2": {"infer": f"/v2/models/{self.name}/infer", "metadata": f"/v2/models/{self.name}",
+                       "extensions": oip.EXTENSIONS},
             "auth": "Authorization: Bearer KEY, or api-key: KEY",
         }
 

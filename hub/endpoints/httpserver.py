@@ -16,6 +16,7 @@ from http import HTTPStatus
 import httptools
 
 from hub.endpoints.pool import Response
+from modules.httpwire import enlarge
 
 MAX_BODY = 64 * 1024 * 1024
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -59,6 +60,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        enlarge(transport.get_extra_info("socket"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

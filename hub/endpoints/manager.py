@@ -27,6 +27,7 @@ import httpx
 
 from hub.bounds import check_api_name
 from hub.context import Hub
+from hub.endpoints.autocanary import AutoCanaries
 from hub.endpoints.pool import REPO_ROOT
 from hub.errors import HubError, Invalid, NotFound
 from hub.registry.bundles import parse_ref
@@ -125,6 +126,7 @@ class EndpointManager:
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="endpoint-monitor", daemon=True)
         hub.registry.usage_checks.append(self.models_in_use)
+        self.canaries = AutoCanaries(self)  # canaries that move their own weight (hub/endpoints/autocanary.py)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -159,6 +161,7 @@ class EndpointManager:
                         self._launch(self._row(row["name"]))
                     except HubError as exc:
                         log.error("endpoint %s could not start: %s", row["name"], exc)
+            self.canaries.tick()
             self._stop.wait(MONITOR_S)
 
     # --- operations ----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 from hub.endpoints import wire
 from hub.endpoints.codec import JSON, dumps, read_manifest
 from hub.endpoints.collect import Collector
+from modules.httpwire import enlarge
 from modules.sandbox import Limits, Sandbox
 
 log = logging.getLogger("edgefleet.endpoint.pool")
@@ -91,6 +92,8 @@ class Worker(asyncio.Protocol):
     async def start(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair()
+        enlarge(parent)
+        enlarge(child)
         s, pool = self.pool.settings, self.pool
         bundle = pool.staged or pool.bundle_dir
         args = [sys.executable, "-m", "hub.endpoints.worker", "--fd", str(child.fileno()),
@@ -151,12 +154,13 @@ class Worker(asyncio.Protocol):
                                f"expected batch {self._batch_id} with {len(batch)}")
                     return
                 self.inflight = None
-                for pending, result in zip(batch, msg.results):
+                for pending, (status, body, ctype, hlen) in zip(batch, msg.results):
                     if not pending.future.done():
-                        pending.future.set_result((*result, ()))
+                        extra = (("inference-header-content-length", str(hlen)),) if hlen >= 0 else ()
+                        pending.future.set_result((status, body, ctype, extra))
                 if self.pool.collector is not None:
-                    for inputs, outputs in msg.samples:
-                        self.pool.collector.add(inputs, outputs)
+                    for inputs, outputs, request_id in msg.samples:
+                        self.pool.collector.add(inputs, outputs, request_id)
                 self.served += len(batch)
                 self.pool.kick()
             elif isinstance(msg, wire.Ready) and self._ready and not self._ready.done():

@@ -20,11 +20,12 @@ HEADER = struct.Struct("<I")
 MAX_FRAME = 1 << 30
 MAX_TEXT = 64 * 1024
 
-# one request as the gateway forwards it: (request id, content type, body, input name for binary bodies, wants npy)
-Item = tuple[str, str, bytes, str, bool]
+# one request as the gateway forwards it: (request id, content type, body, input name for .npy bodies, wants npy,
+# "v1" or "v2" (OIP), the OIP binary extension's JSON header length or -1)
+Item = tuple[str, str, bytes, str, bool, str, int]
 Status = Annotated[int, msgspec.Meta(ge=100, le=599)]
 ContentType = Annotated[str, msgspec.Meta(pattern=r"^[!-~][ -~]{0,127}$")]  # printable ASCII: no header injection
-Result = tuple[Status, bytes, ContentType]  # (HTTP status, body, content type)
+Result = tuple[Status, bytes, ContentType, int]  # (HTTP status, body, content type, OIP header length or -1)
 
 
 class Run(msgspec.Struct, array_like=True, tag="run"):
@@ -48,7 +49,7 @@ class Fail(msgspec.Struct, array_like=True, tag="fail"):
 class Results(msgspec.Struct, array_like=True, tag="res"):
     batch: int
     results: list[Result]
-    samples: list[tuple[str, str]] = []  # (inputs, outputs) as JSON, sampled for data collection
+    samples: list[tuple[str, str, str]] = []  # (inputs, outputs as JSON, request id), sampled for data collection
 
 
 FromWorker = Ready | Fail | Results

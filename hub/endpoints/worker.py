@@ -17,30 +17,23 @@ import socket
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import numpy as np
 
 from hub.endpoints import wire
-from hub.endpoints.codec import JSON, NPY, dumps, json_safe, loads, npy_bytes, read_manifest, read_npy
+from hub.endpoints.codec import JSON, NPY, dumps, read_manifest
 from hub.endpoints.collect import Sampler
 from modules.bundle import FILES_DIR
-from modules.runners import (
-    InputError,
-    Runner,
-    coerce_inputs,
-    describe_signature,
-    health_check,
-    load_runner,
-    load_sample,
-)
-from protocol.manifest import Manifest
+from modules.httpwire import error_status, keep_large_buffers
+from modules.runners import InputError, Runner, health_check, load_runner, load_sample, observed_specs
+from modules.tensors import Decoded, Form, decode, encode, for_runner, outputs_json
+from protocol.manifest import Manifest, TensorSpec
 
 log = logging.getLogger("edgefleet.endpoint.worker")
 
 Item = wire.Item
-Result = tuple[int, bytes, str]  # (HTTP status, body, content type)
+Result = wire.Result
 
 
 def batchable(manifest: Manifest) -> bool:
@@ -48,60 +41,43 @@ def batchable(manifest: Manifest) -> bool:
     return bool(manifest.inputs) and all(s.shape and s.shape[0] is None for s in manifest.inputs)
 
 
-def error(status: int, detail: str, request_id: str) -> Result:
-    return status, dumps({"detail": detail, "request_id": request_id}), JSON
+def error(status: int, detail: str, request_id: str, v2: bool = False) -> Result:
+    doc = {"error": detail, "id": request_id} if v2 else {"detail": detail, "request_id": request_id}
+    return status, dumps(doc), JSON, -1
 
 
 class Scorer:
-    """Parses, batches, runs and encodes; the part of a worker that tests can drive without a socket."""
+    """Parses, batches, runs and encodes; the part of a worker that tests can drive without a socket.
+
+    Decoding, validation and encoding are ``modules.tensors``'s, the same as on a device.
+    """
 
     def __init__(self, runner: Runner, manifest: Manifest, label: str, sampler: Sampler | None = None) -> None:
         self.runner, self.manifest, self.label = runner, manifest, label
         self.specs = manifest.inputs or runner.inputs
+        self.outputs = manifest.outputs or runner.outputs
         self.batchable = batchable(manifest)
         self.sampler = sampler
         self.samples: list[tuple[str, str]] = []  # (inputs, outputs) JSON since the last frame: the gateway stores them
 
-    def parse(self, item: Item) -> dict[str, np.ndarray]:
-        _, ctype, body, input_name, _ = item
-        if ctype.startswith(NPY):
-            try:
-                arr = read_npy(body)
-            except (ValueError, OSError) as exc:
-                raise InputError(f"body is not a .npy array: {exc}") from None
-            name = input_name or (self.specs[0].name if len(self.specs) == 1 else "")
-            if not name:
-                raise InputError(f"a binary body needs an X-Input header naming one of: {describe_signature(self.specs)}")
-            raw: Any = {name: arr}
-        else:
-            try:
-                doc = loads(body)
-            except ValueError as exc:
-                raise InputError(f"body is not JSON: {exc}") from None
-            if not isinstance(doc, dict) or "inputs" not in doc:
-                raise InputError(f'body must be {{"inputs": {{...}}}}; expected {describe_signature(self.specs)}')
-            raw = doc["inputs"]
-        if not self.specs:  # a python entry script without a declared signature takes what it is given
-            if not isinstance(raw, dict):
-                raise InputError("inputs must be an object keyed by input name")
-            return {k: np.asarray(v) for k, v in raw.items()}
-        return coerce_inputs(raw, self.specs)
+    def parse(self, item: Item) -> Decoded:
+        _, ctype, body, input_name, want_npy, kind, hlen = item
+        form = Form(kind, ctype or JSON, NPY if want_npy else "", hlen, input_name)
+        return decode(form, body, self.specs, self.outputs)
 
-    def encode(self, item: Item, outputs: dict[str, np.ndarray]) -> Result:
-        request_id, _, _, _, want_npy = item
-        if want_npy and len(outputs) == 1:
-            return 200, npy_bytes(next(iter(outputs.values()))), NPY
-        body = {"outputs": {k: json_safe(v) for k, v in outputs.items()}, "version": self.label, "request_id": request_id}
-        return 200, dumps(body), JSON
+    def encode(self, item: Item, dec: Decoded, outputs: dict[str, np.ndarray]) -> Result:
+        ctype, hlen, body = encode(dec, outputs, self.manifest.name, self.manifest.version, item[0])
+        return 200, body, ctype, hlen
 
     def run(self, items: list[Item]) -> list[Result]:
         results: list[Result | None] = [None] * len(items)
-        parsed: dict[int, dict[str, np.ndarray]] = {}
+        decoded: dict[int, Decoded] = {}
         for i, item in enumerate(items):
             try:
-                parsed[i] = self.parse(item)
+                decoded[i] = self.parse(item)
             except InputError as exc:
-                results[i] = error(422, str(exc), item[0])
+                results[i] = error(error_status(exc), str(exc), item[0], item[5] == "v2")
+        parsed = {i: for_runner(self.runner, d.inputs) for i, d in decoded.items()}
         outputs: dict[int, dict[str, np.ndarray]] = {}
         if self.batchable and len(parsed) > 1:
             outputs = self._batched(parsed)
@@ -113,11 +89,16 @@ class Scorer:
             except Exception as exc:  # the model's own failure: this request gets a 500, the worker lives on
                 log.error("request %s: model raised %r\n%s", items[i][0], exc, traceback.format_exc())
                 results[i] = error(500, f"the model failed on this request ({type(exc).__name__}); request id "
-                                        f"{items[i][0]}", items[i][0])
+                                        f"{items[i][0]}", items[i][0], items[i][5] == "v2")
         for i, out in outputs.items():
-            results[i] = self.encode(items[i], out)
+            try:
+                results[i] = self.encode(items[i], decoded[i], out)
+            except InputError as exc:  # an output that cannot be given in the form asked for
+                results[i] = error(error_status(exc), str(exc), items[i][0], items[i][5] == "v2")
+                continue
             if self.sampler is not None and self.sampler.take():
-                self.samples.append((dumps(parsed[i]).decode(), dumps(out).decode()))
+                self.samples.append((dumps(outputs_json(parsed[i])).decode(), dumps(outputs_json(out)).decode(),
+                                     items[i][0]))
         return results  # type: ignore[return-value]
 
     def _batched(self, parsed: dict[int, dict[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:
@@ -139,16 +120,15 @@ class Scorer:
         return {i: {k: parts[k][n] for k in parts} for n, i in enumerate(order)}
 
 
-def load(bundle_dir: Path, threads: int) -> tuple[Runner, Manifest]:
+def load(bundle_dir: Path, threads: int) -> tuple[Runner, Manifest, list[TensorSpec]]:
+    """The runner, its manifest, and its outputs: declared, else as its health check saw them (an undeclared
+    postprocess), so the endpoint describes what it really returns."""
     manifest = read_manifest(bundle_dir)
     files = bundle_dir / FILES_DIR
-    runner = load_runner(files, manifest)
-    if hasattr(runner, "session") and threads != 1:  # reload with the thread count asked for
-        from modules.runners import OnnxRunner
-
-        runner = OnnxRunner(files / manifest.model, intra_op_threads=threads)
-    health_check(runner, load_sample(files, manifest))
-    return runner, manifest
+    # the thread count asked for (ONNX Runtime, LiteRT: modules/accel.py), the entry script kept around the model
+    runner = load_runner(files, manifest, {"threads": threads} if threads != 1 and manifest.runtime != "python" else None)
+    seen = health_check(runner, load_sample(files, manifest))
+    return runner, manifest, list(manifest.outputs or runner.outputs) or observed_specs(seen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,16 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collect-rate-ppm", type=int, default=-1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"worker {args.label} %(levelname)s: %(message)s")
+    keep_large_buffers()
     sock = socket.socket(fileno=args.fd)
     try:
-        runner, manifest = load(args.bundle, args.threads)
+        runner, manifest, outputs = load(args.bundle, args.threads)
     except Exception as exc:  # a model that does not load or fails its health check: say why, then stop
         sock.sendall(wire.encode(wire.Fail(f"{type(exc).__name__}: {exc}"[:wire.MAX_TEXT])))
         return 1
     rate = manifest.collect_rate_ppm if args.collect_rate_ppm < 0 else args.collect_rate_ppm
     scorer = Scorer(runner, manifest, args.label, Sampler(rate) if args.collect and rate > 0 else None)
-    sock.sendall(wire.encode(wire.Ready(os.getpid(), scorer.batchable, list(scorer.specs),
-                                        list(manifest.outputs or runner.outputs))))
+    sock.sendall(wire.encode(wire.Ready(os.getpid(), scorer.batchable, list(scorer.specs), outputs)))
     decoder = msgspec.msgpack.Decoder(wire.Run)
     try:
         while (msg := wire.recv(sock, decoder)) is not None:

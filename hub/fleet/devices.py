@@ -13,6 +13,8 @@ from hub.audit import record
 from hub.bounds import check_labels
 from hub.errors import Conflict, Forbidden, Invalid, NotFound
 from hub.fleet.broker_auth import mosquitto_hash
+from hub.fleet.device_query import DeviceFilter
+from hub.fleet.device_state import device_state, module_views, summarize
 from hub.ingest.writer import EnrolledCache
 from hub.monitoring.timeseries import device_totals
 from hub.rollout.director import Director
@@ -27,56 +29,6 @@ log = logging.getLogger("edgefleet.hub.fleet")
 MAX_TOKEN_USES = 1_000_000
 MAX_BATCH = 1000  # devices per bulk enrolment request
 
-INSTALLING = {"downloading", "verifying", "staged", "activating", "health_check", "baking"}
-FAILED = {"failed", "rolled_back", "rolling_back"}
-
-
-# the progress buckets operators see (rollout status, deployment counts), from the agent's install states
-CATEGORY = {"pending": "pending", "downloading": "downloading", "verifying": "installing", "staged": "installing",
-            "activating": "installing", "health_check": "installing", "baking": "installing", "running": "running",
-            "failed": "failed",
-            "rolling_back": "rolled_back", "rolled_back": "rolled_back"}
-
-
-def category(state: str) -> str:
-    return CATEGORY.get(state, state)
-
-
-def bundle_state(reported: dict[str, Any] | None, bundle: str) -> tuple[str, str]:
-    """What a device reports for ``bundle``: (state, error); ("pending", "") if it does not mention it."""
-    for m in (reported or {}).get("modules", []):
-        if m.get("bundle") == bundle:
-            return m.get("state", "pending"), m.get("error", "")
-    return "pending", ""
-
-
-def module_views(desired: list[dict[str, Any]], reported: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Each desired module with the state the device reports for that bundle ("pending" until it does)."""
-    reports = {m["name"]: m for m in (reported or {}).get("modules", [])}
-    views = []
-    for d in desired:
-        r = reports.pop(d["name"], None)
-        same = r is not None and r["bundle"] == d["bundle"]
-        views.append({"name": d["name"], "version": d["version"], "bundle": d["bundle"], "deployment": d["deployment"],
-                      "state": r["state"] if same else "pending", "error": r.get("error", "") if same else ""})
-    # modules the device still runs or reports but no longer should
-    views += [{"name": r["name"], "version": r["version"], "bundle": r["bundle"], "deployment": "",
-               "state": r["state"], "error": r.get("error", "")} for r in reports.values()]
-    return views
-
-
-def summarize(desired: list[dict[str, Any]], views: list[dict[str, Any]]) -> str:
-    if not desired:
-        return "idle"
-    states = [v["state"] for v in views if v["deployment"]]
-    if any(s in FAILED for s in states):
-        return "failed"
-    if all(s == "running" for s in states):
-        return "running"
-    if any(s in INSTALLING for s in states):
-        return "installing"
-    return "pending"
-
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
@@ -89,6 +41,7 @@ class Fleet:
         self.broker_ca_pem = broker_ca_pem  # handed to devices at enrolment so they pin the broker's CA
         self.enrolled = EnrolledCache(db)  # the per-message check on the MQTT thread
         self.on_credentials_changed: Callable[[], None] = lambda: None  # isolation: rewrite the broker's files
+        self.fill_states()  # rows of an older hub get the state the device list filters on
 
     def broker_credentials(self) -> list[tuple[str, str]]:
         """(device id, mosquitto $7$ hash) of every enrolled device, for the broker's password file."""
@@ -196,7 +149,7 @@ class Fleet:
                 rows.append((device_id, tok["labels"], dumps(facts), ts, hash_token(password), mosquitto_hash(password)))
                 out.append({"device_id": device_id, "mqtt_username": device_id, "mqtt_password": password})
             tx.insert_many("devices", ("id", "labels", "facts", "created_at", "mqtt_password_hash",
-                                       "mqtt_password_mosq"), rows)
+                                       "mqtt_password_mosq", "state"), [(*r, "idle") for r in rows])
             tx.execute("UPDATE enrollment_tokens SET used = used + ?, used_by = ? WHERE token_hash = ?",
                        (len(rows), rows[-1][0], tok["token_hash"]))
             for r in rows:
@@ -216,37 +169,79 @@ class Fleet:
     def is_enrolled(self, device_id: str) -> bool:
         return self.enrolled(device_id)
 
-    def _views(self, where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        totals = device_totals(self.db, params[0] if params else None)
-        out = []
-        for row in self.db.query("SELECT * FROM devices" + where + " ORDER BY id", params):
-            desired = loads(row["desired"], [])
-            reported = loads(row["reported"])
-            views = module_views(desired, reported)
-            inferences, errors = totals.get(row["id"], (0, 0))
-            out.append({
-                "id": row["id"], "online": bool(row["online"]), "state": summarize(desired, views),
-                "labels": loads(row["labels"], {}), "facts": loads(row["facts"], {}), "last_seen": row["last_seen"],
-                "revision": row["revision"], "reported_revision": (reported or {}).get("revision"),
-                "error": (reported or {}).get("error", ""), "modules": views,
-                "inferences": inferences, "errors": errors,
-            })
-        return out
+    def fill_states(self) -> int:
+        """Compute ``state`` for rows that lack it (written by an older hub); returns how many."""
+        rows = self.db.query("SELECT id, desired, reported FROM devices WHERE state IS NULL")
+        if rows:
+            with self.db.transaction() as tx:
+                tx.executemany("UPDATE devices SET state = ? WHERE id = ?",
+                               [(device_state(r["desired"], r["reported"]), r["id"]) for r in rows])
+        return len(rows)
 
-    def devices(self) -> list[dict[str, Any]]:
-        return self._views()
+    def _view(self, row: dict[str, Any], totals: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        desired = loads(row["desired"], [])
+        reported = loads(row["reported"])
+        views = module_views(desired, reported)
+        inferences, errors = totals.get(row["id"], (0, 0))
+        return {
+            "id": row["id"], "online": bool(row["online"]), "state": summarize(desired, views),
+            "labels": loads(row["labels"], {}), "facts": loads(row["facts"], {}), "last_seen": row["last_seen"],
+            "revision": row["revision"], "reported_revision": (reported or {}).get("revision"),
+            "error": (reported or {}).get("error", ""), "modules": views,
+            "inferences": inferences, "errors": errors,
+        }
+
+    def _totals(self, ids: list[str]) -> dict[str, tuple[int, int]]:
+        """(inferences, errors) of these devices over all time."""
+        if not ids:
+            return {}
+        rows = self.db.query("SELECT device, SUM(inferences) AS n, SUM(errors) AS e FROM telemetry_minutes"
+                             f" WHERE device IN ({','.join('?' * len(ids))}) GROUP BY device", ids)
+        return {r["device"]: (r["n"] or 0, r["e"] or 0) for r in rows}
+
+    def devices(self, f: DeviceFilter | None = None) -> list[dict[str, Any]]:
+        """Every device (matching ``f``), ordered by id."""
+        where, params = (f or DeviceFilter()).where()
+        totals = device_totals(self.db)
+        return [self._view(r, totals) for r in self.db.query("SELECT * FROM devices" + where + " ORDER BY id", params)]
+
+    def page(self, f: DeviceFilter, limit: int, cursor: str | None = None) -> dict[str, Any]:
+        """One page of the devices matching ``f`` after device id ``cursor`` (keyset: stable while devices come and
+        go), how many match in all, and how many of those are in each status (whatever ``f.status`` says)."""
+        where, params = f.where()
+        after = (" AND" if where else " WHERE") + " id > ?" if cursor else ""
+        rows = self.db.query(f"SELECT * FROM devices{where}{after} ORDER BY id LIMIT ?",
+                             [*params, *([cursor] if cursor else []), limit + 1])
+        more = len(rows) > limit
+        rows = rows[:limit]
+        totals = self._totals([r["id"] for r in rows])
+        where, params = f.where(status=False)
+        counts: dict[str, int] = {"online": 0, "offline": 0}
+        for r in self.db.query(f"SELECT state, online, COUNT(*) AS n FROM devices{where} GROUP BY state, online",
+                               params):
+            counts["online" if r["online"] else "offline"] += r["n"]
+            counts[r["state"] or "idle"] = counts.get(r["state"] or "idle", 0) + r["n"]
+        total = counts.get(f.status, 0) if f.status else counts["online"] + counts["offline"]
+        return {"items": [self._view(r, totals) for r in rows], "total": total, "limit": limit,
+                "next_cursor": rows[-1]["id"] if more else None, "counts": counts}
 
     def device(self, device_id: str) -> dict[str, Any]:
-        found = self._views(" WHERE id = ?", (device_id,))
-        if not found:
+        """One device's view, with its desired modules as signed (``desired``) and what it last reported."""
+        row = self.db.one("SELECT * FROM devices WHERE id = ?", (device_id,))
+        if row is None:
             raise NotFound(f"device {device_id!r} is not enrolled")
-        return found[0]
+        return self._view(row, self._totals([device_id])) | {
+            "desired": loads(row["desired"], []), "reported": loads(row["reported"]),
+            "desired_expires": row["desired_expires"], "created_at": row["created_at"]}
 
     def summary(self) -> dict[str, Any]:
-        devices = self.devices()
+        """Counts from SQL alone: no device's JSON is decoded (the console polls this)."""
         by_state: dict[str, int] = {}
-        for d in devices:
-            by_state[d["state"]] = by_state.get(d["state"], 0) + 1
-        return {"devices": len(devices), "online": sum(d["online"] for d in devices),
-                "inferences": sum(d["inferences"] for d in devices), "errors": sum(d["errors"] for d in devices),
-                "by_state": by_state}
+        devices = online = 0
+        for r in self.db.query("SELECT state, online, COUNT(*) AS n FROM devices GROUP BY state, online"):
+            devices += r["n"]
+            online += r["n"] if r["online"] else 0
+            by_state[r["state"] or "idle"] = by_state.get(r["state"] or "idle", 0) + r["n"]
+        n, e = self.db.db().execute("SELECT SUM(inferences), SUM(errors) FROM telemetry_minutes"
+                                    " WHERE device IN (SELECT id FROM devices)").fetchone()
+        return {"devices": devices, "online": online, "inferences": n or 0, "errors": e or 0, "by_state": by_state}

@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from hub.config import HubConfig
-from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, EnrolledCache, data_rows, share_group, shared_wildcard
+from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, EnrolledCache, share_group, shared_wildcard
 from hub.store import Database, StoreError
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import ProtocolError
@@ -121,7 +121,7 @@ def ingest(msg: mqtt.MQTTMessage, is_enrolled: Callable[[str], bool], writer: Ba
         writer.telemetry(message, ack)
     else:
         assert isinstance(message, DataBatch)
-        writer.data(data_rows(message), ack)
+        writer.data_batch(message, ack)
     return where.channel
 
 

@@ -18,8 +18,18 @@ from protocol.topics import Channel, device_wildcard
 log = logging.getLogger("edgefleet.hub.ingest")
 
 TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/ingest/telemetry.py), not SQL parameters
-DATA = "data"  # queue tag: the rows are data_records rows in DATA_COLUMNS order
+DATA = "data"  # queue tag: the rows are data_records rows in RECORD_COLUMNS order
+SHADOW = "shadow"  # queue tag: shadow_points rows in SHADOW_COLUMNS order
+LABEL = "label"  # queue tag: labels rows in LABEL_COLUMNS order (the latest label for a sample wins)
 DATA_COLUMNS = ("device", "seq", "idx", "ts", "module", "version", "input", "output")
+RECORD_COLUMNS = (*DATA_COLUMNS, "sample_id")  # a device's records carry their sample id (``data_rows``), for labels
+SHADOW_COLUMNS = ("device", "seq", "idx", "ts", "module", "version", "live_version", "mirrored", "dropped", "compared",
+                  "disagreements", "errors", "p95", "live_p95", "live_classes", "shadow_classes")
+LABEL_COLUMNS = ("sample_id", "label", "ts", "source", "created_by")
+# a correction replaces a sample's label
+LABEL_SQL = (f"INSERT INTO labels ({', '.join(LABEL_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"
+             " ON CONFLICT (sample_id) DO UPDATE SET label = excluded.label, ts = excluded.ts, source = excluded.source,"
+             " created_by = excluded.created_by")
 WRITE_ATTEMPTS = 3  # a batch that fails this often (transiently) is written record by record; retries are idempotent
 ACK_WINDOW = 16  # commit early once this many messages wait for their acknowledgement (brokers allow ~20-100)
 Ack = Callable[[], None]
@@ -80,9 +90,30 @@ class EnrolledCache:
         self._known.discard(device_id)
 
 
+SHADOW_SQL = (f"INSERT INTO shadow_points ({', '.join(SHADOW_COLUMNS)}) VALUES ({', '.join('?' * len(SHADOW_COLUMNS))})"
+              " ON CONFLICT DO NOTHING")
+
+
+def shadow_rows(msg: TelemetryBatch) -> list[tuple[Any, ...]]:
+    """A telemetry batch's shadow comparisons (protocol ShadowPoint), one row each."""
+    return [(msg.device, msg.seq, i, p.ts, p.module, p.version, p.live_version, p.mirrored, p.dropped, p.compared,
+             p.disagreements, p.errors, p.latency_ms.p95, p.live_latency_ms.p95, dumps(p.live_classes),
+             dumps(p.shadow_classes)) for i, p in enumerate(msg.shadow)]
+
+
+def sample_id(device: str, seq: int, idx: int, request_id: str = "") -> str:
+    """A device record's id for labels: ``device/request-id`` when its request carried one, else ``device/seq/idx``."""
+    return f"{device}/{request_id}" if request_id else f"{device}/{seq}/{idx}"
+
+
 def data_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
-    return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output))
-            for i, r in enumerate(msg.records)]
+    return [(msg.device, msg.seq, i, r.ts, r.module, r.version, dumps(r.input), dumps(r.output),
+             sample_id(msg.device, msg.seq, i, r.id)) for i, r in enumerate(msg.records)]
+
+
+def label_rows(msg: DataBatch) -> list[tuple[Any, ...]]:
+    """Labels a device sent (its device channel for ground truth), keyed like its records."""
+    return [(f"{msg.device}/{lb.id}", dumps(lb.label), lb.ts or msg.ts, "device", msg.device) for lb in msg.labels]
 
 
 def touch_last_seen(tx: Connection, devices: set[str], t: float | None = None) -> None:
@@ -136,12 +167,24 @@ class BatchWriter:
     def telemetry(self, msg: TelemetryBatch, ack: Ack | None = None) -> None:
         packed = store.pack(msg)  # here, on the caller's thread: the writer thread only talks to the database
         if packed is not None:
-            self._put(TELEMETRY, [packed], ack)
-        elif ack is not None:
+            self._put(TELEMETRY, [packed], None if msg.shadow else ack)
+        if msg.shadow:
+            self._put(SHADOW, shadow_rows(msg), ack)  # the ack goes with the message's last item
+        elif packed is None and ack is not None:
             ack()  # nothing to store
 
     def data(self, rows: list[tuple[Any, ...]], ack: Ack | None = None) -> None:
-        self._put(DATA, rows, ack)
+        """Records in DATA_COLUMNS order, or RECORD_COLUMNS (with a sample id; NULL when left out)."""
+        self._put(DATA, [r if len(r) == len(RECORD_COLUMNS) else (*r, None) for r in rows], ack)
+
+    def data_batch(self, msg: DataBatch, ack: Ack | None = None) -> None:
+        """A device's data message: its sampled records (with their sample ids) and any labels it carries."""
+        if msg.records:
+            self._put(DATA, data_rows(msg), None if msg.labels else ack)
+        if msg.labels:
+            self._put(LABEL, label_rows(msg), ack)
+        if not msg.records and not msg.labels and ack is not None:
+            ack()  # nothing to store
 
     def _put(self, tag: str, rows: list[tuple[Any, ...]], ack: Ack | None = None) -> None:
         with self._cond:
@@ -189,21 +232,27 @@ class BatchWriter:
                         self._commit([(tag, [row], None)])
                     except Exception as one:
                         self.failed += 1
-                        kind, device = ("telemetry", row.device) if tag is TELEMETRY else ("data", row[0])
-                        log.error("could not store a %s record of device %r: %r", kind, device, one)
+                        device = row.device if tag is TELEMETRY else row[4] if tag is LABEL else row[0]
+                        log.error("could not store a %s record of device %r: %r", tag, device, one)
 
     def _commit(self, batch: list[tuple[str, list[tuple[Any, ...]], Ack | None]]) -> None:
         """One batch transaction, tried again after a transient failure (a deadlock victim, a lost connection):
         replays are ignored (ON CONFLICT DO NOTHING), so writing a record again is harmless."""
         # in key order: beside other writers (other hubs, ingest workers) two batches never deadlock on their rows
-        data = sorted({r[:3]: r for tag, rows, _ in batch if tag is DATA for r in rows}.values(), key=lambda r: r[:3])
+        data = _in_key_order(batch, DATA, 3)
+        shadow = _in_key_order(batch, SHADOW, 3)
+        labels = _in_key_order(batch, LABEL, 1)  # the last one for a sample wins, as one after another would
         packed = [p for tag, rows, _ in batch if tag is TELEMETRY for p in rows]
-        seen = {p.device for p in packed} | {r[0] for r in data}
+        seen = {p.device for p in packed} | {r[0] for r in data} | {r[0] for r in shadow}
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 with self.db.batch() as tx:
                     if data:
-                        tx.insert_many("data_records", DATA_COLUMNS, data, ignore=True)
+                        tx.insert_many("data_records", RECORD_COLUMNS, data, ignore=True)
+                    if shadow:
+                        tx.insert_many("shadow_points", SHADOW_COLUMNS, shadow, ignore=True)
+                    if labels:
+                        tx.executemany(LABEL_SQL, labels)
                     new_telemetry = store.store(tx, packed)
                     touch_last_seen(tx, seen)
                 break
@@ -213,3 +262,9 @@ class BatchWriter:
                 log.warning("writing a batch of %d row set(s) failed; trying again", len(batch), exc_info=True)
                 time.sleep(0.2 * attempt)
         self.on_telemetry_rows(new_telemetry)
+
+
+def _in_key_order(batch: list[tuple[str, list[tuple[Any, ...]], Ack | None]], tag: str,
+                  key: int) -> list[tuple[Any, ...]]:
+    """A batch's rows of one kind, one per key (the last), sorted by it."""
+    return sorted({r[:key]: r for t, rows, _ in batch if t is tag for r in rows}.values(), key=lambda r: r[:key])

@@ -4,7 +4,13 @@ Rule kinds:
 
 * ``drift``      a feature's PSI over ``window_s`` > ``threshold`` (one alert per feature);
 * ``error_rate`` errors / inferences of a deployment over ``window_s`` > ``threshold``;
-* ``offline``    a device offline for more than ``for_s`` (one alert per device).
+* ``offline``    a device offline for more than ``for_s`` (one alert per device);
+* ``stale``      an online device that stops accepting new revisions: its reported revision lags the director's
+                 latest by more than ``threshold`` (default 0), or its report carries a refusal or trust flag
+                 (root expired, state refused, applied state expired, wrong clock), for ``for_s`` (default
+                 600 s: every new revision lags until the device has it); one alert per device;
+* ``key_expiry`` what a role signs (root, release, director) expires within ``threshold`` days (default 30),
+                 from the same figures as the ``edgefleet_key_expiry_seconds`` gauge; one alert per role.
 
 A condition must hold for ``for_s`` seconds before it fires (``offline`` uses
 ``for_s`` as its threshold instead); each firing and each resolution is one event, published as
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,7 +32,7 @@ from hub.errors import Conflict, Invalid, NotFound
 from hub.events.outbox import publish
 from hub.monitoring.reports import DriftReports
 from hub.monitoring.timeseries import SeriesFilter, totals
-from hub.store import Database
+from hub.store import Database, loads
 
 log = logging.getLogger("edgefleet.hub.alerts")
 
@@ -33,12 +40,18 @@ log = logging.getLogger("edgefleet.hub.alerts")
 
 class AlertRule(BaseModel):
     name: str = Field(min_length=1, max_length=64)
-    kind: Literal["drift", "error_rate", "offline"]
+    kind: Literal["drift", "error_rate", "offline", "stale", "key_expiry"]
     deployment: str | None = Field(default=None, max_length=64)  # drift and error_rate: which deployment
     threshold: float = Field(default=0.2, allow_inf_nan=False)
     for_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     window_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
     webhook: str | None = Field(default=None, max_length=2048)
+
+
+# a rule's threshold when none is given: PSI, error fraction, -, revisions behind, days ahead
+DEFAULT_THRESHOLD = {"drift": 0.2, "error_rate": 0.2, "offline": 0.0, "stale": 0.0, "key_expiry": 30.0}
+# and its for_s: a device lags every new revision for as long as it takes to receive and accept it
+DEFAULT_FOR_S = {"stale": 600.0}
 
 
 @dataclass(frozen=True)
@@ -51,15 +64,22 @@ class Breach:
 class Alerts:
     """Rules, their evaluation and events (their webhooks are sent by ``hub/events/webhooks.py``)."""
 
-    def __init__(self, db: Database, reports: DriftReports) -> None:
+    def __init__(self, db: Database, reports: DriftReports,
+                 expiry: Callable[[float], dict[str, float]] | None = None) -> None:
         self.db = db
         self.reports = reports
+        # seconds to expiry per role at a time (hub/trust/renewal.key_expiry), given by the hub once it has its keys
+        self.expiry = expiry
 
     # --- rules --------------------------------------------------------------------------------
 
     def add_rule(self, rule: AlertRule, who: str = "") -> dict[str, Any]:
         if rule.kind in ("drift", "error_rate") and not rule.deployment:
             raise Invalid(f"a {rule.kind} rule needs a deployment")
+        if "threshold" not in rule.model_fields_set:
+            rule = rule.model_copy(update={"threshold": DEFAULT_THRESHOLD[rule.kind]})
+        if "for_s" not in rule.model_fields_set and rule.kind in DEFAULT_FOR_S:
+            rule = rule.model_copy(update={"for_s": DEFAULT_FOR_S[rule.kind]})
         with self.db.transaction() as tx:
             if tx.execute("SELECT 1 FROM alert_rules WHERE name = ?", (rule.name,)).fetchone():
                 raise Conflict(f"alert rule {rule.name!r} exists")
@@ -147,7 +167,32 @@ class Alerts:
                                  "AND last_seen < ?", (now - rule["for_s"],))
             return [Breach(r["id"], now - r["last_seen"], f"device {r['id']} offline for {now - r['last_seen']:.0f}s")
                     for r in rows]
+        if rule["kind"] == "stale":
+            return self._stale(rule["threshold"])
+        if rule["kind"] == "key_expiry":
+            return self._expiring(rule["threshold"], now)
         return []
+
+    def _stale(self, threshold: float) -> list[Breach]:
+        out = []
+        for r in self.db.query("SELECT id, revision, reported FROM devices WHERE online = 1 ORDER BY id"):
+            reported = loads(r["reported"]) or {}
+            applied, why = int(reported.get("revision", 0)), str(reported.get("error", ""))
+            lag = r["revision"] - applied
+            if lag > threshold or why:
+                text = f"device {r['id']} answers revision {applied} of {r['revision']}"
+                out.append(Breach(r["id"], float(lag), text + (f": {why}" if why else " (no reason reported)")))
+        return out
+
+    def _expiring(self, days: float, now: float) -> list[Breach]:
+        if self.expiry is None:
+            return []
+        out = []
+        for role, left in sorted(self.expiry(now).items()):
+            if left < days * 86400:
+                when = f"expired {-left / 86400:.1f} days ago" if left <= 0 else f"expire in {left / 86400:.1f} days"
+                out.append(Breach(role, left, f"{role} signatures {when} (warning {days:g} days ahead)"))
+        return out
 
     def evaluate(self, now: float | None = None) -> list[dict[str, Any]]:
         """Evaluate every rule once; return the events it raised."""

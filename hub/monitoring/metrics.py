@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from hub.context import Hub
@@ -12,6 +13,8 @@ if TYPE_CHECKING:
     from hub.endpoints.manager import EndpointManager
 from protocol.topics import DEVICE_TO_HUB
 
+ACCURACY_WINDOW_S = 3600.0
+
 
 def render(hub: Hub, endpoints: EndpointManager | None = None) -> str:
     out = Exposition()
@@ -19,6 +22,7 @@ def render(hub: Hub, endpoints: EndpointManager | None = None) -> str:
     _rollouts(hub, out)
     _alerts(hub, out)
     _trust(hub, out)
+    _quality(hub, out)
     if endpoints is not None:
         _endpoints(endpoints, out)
     return out.render()
@@ -79,6 +83,19 @@ def _rollouts(hub: Hub, out: Exposition) -> None:
                        for state, n in sorted(status["counts"].items()))
     out.family("edgefleet_hub_rollout_devices", "gauge",
                "Devices of each deployment's latest rollout by state (pending, running, failed, ...).", samples)
+
+
+def _quality(hub: Hub, out: Exposition) -> None:
+    totals = hub.monitor.labels.totals(time.time() - ACCURACY_WINDOW_S)
+    out.family("edgefleet_hub_model_accuracy", "gauge",
+               "Share of labelled predictions right, per module version, over the last hour (ground truth).",
+               [({"module": t["module"], "version": str(t["version"])}, t["accuracy"]) for t in totals
+                if t["accuracy"] is not None])
+    out.family("edgefleet_hub_model_mae", "gauge", "Mean absolute error of labelled regression predictions, last hour.",
+               [({"module": t["module"], "version": str(t["version"])}, t["mae"]) for t in totals
+                if t["mae"] is not None])
+    out.family("edgefleet_hub_labelled_predictions", "gauge", "Labelled predictions per module version, last hour.",
+               [({"module": t["module"], "version": str(t["version"])}, t["labelled"]) for t in totals])
 
 
 def _alerts(hub: Hub, out: Exposition) -> None:

@@ -13,6 +13,7 @@ import time
 from hub.config import HubConfig
 from hub.leader import SOLE_LEADER, Leader
 from hub.monitoring.alerts import Alerts
+from hub.monitoring.labels import Labels, Quality
 from hub.monitoring.reports import DriftReports
 from hub.monitoring.timeseries import TimeSeries
 from hub.store import Database
@@ -31,6 +32,8 @@ class Monitor:
         self.reports = DriftReports(db, store)
         self.alerts = Alerts(db, self.reports)
         self.series = TimeSeries(db)
+        self.labels = Labels(db)
+        self.quality = Quality(self.reports, self.labels)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hub-monitoring", daemon=True)
 

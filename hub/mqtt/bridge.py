@@ -25,8 +25,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
 from hub.errors import NotFound
+from hub.fleet.device_state import device_state
 from hub.ingest import sessions
-from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, data_rows, share_group, shared_wildcard
+from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, share_group, shared_wildcard
 from hub.mqtt.blob_carousel import Carousel
 from hub.mqtt.ratelimit import DeviceBudgets
 from hub.registry.bundles import bundle_chunks, release_envelope
@@ -275,9 +276,12 @@ class Bridge:
                 self.carousel.reconnected(msg.device)
 
     def _on_reported(self, msg: ReportedState) -> None:
+        reported = dumps(msg.to_dict())
         with self.db.transaction() as tx:
-            tx.execute("UPDATE devices SET reported = ?, last_seen = ? WHERE id = ?",
-                       (dumps(msg.to_dict()), now(), msg.device))
+            row = tx.one("SELECT desired FROM devices WHERE id = ?", (msg.device,))
+            state = device_state(row["desired"], reported) if row else None  # the device list filters on it
+            tx.execute("UPDATE devices SET reported = ?, last_seen = ?, state = ? WHERE id = ?",
+                       (reported, now(), state, msg.device))
             if msg.facts:
                 tx.execute("UPDATE devices SET facts = ? WHERE id = ?", (dumps(msg.facts), msg.device))
 
@@ -285,7 +289,7 @@ class Bridge:
         self.writer.telemetry(msg, ack)
 
     def _on_data(self, msg: DataBatch, ack: Ack | None = None) -> None:
-        self.writer.data(data_rows(msg), ack)
+        self.writer.data_batch(msg, ack)
 
     def _on_command_reply(self, msg: CommandReply) -> None:
         self.command_replies[msg.id] = msg.to_dict()

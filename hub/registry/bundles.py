@@ -18,7 +18,7 @@ from hub.trust.keys import KeyRing
 from modules.bundle import build_manifest, sign_release
 from modules.chunking import bundle_spans, cut_files
 from modules.errors import ModelError
-from modules.pymodel import check_entry_source
+from modules.pymodel import check_entry_source, declared_signature, defined_functions
 from modules.store import ContentStore
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import Manifest, Spans, TensorSpec, fixed_chunks, parse_manifest, parse_spans, release_document
@@ -91,12 +91,12 @@ class ModuleBuilder:
             files[entry_name] = self.store.path(digest)
         first = models[0]
         check_entry(runtime or first["framework"], first, entry, entry_name)
+        inputs, outputs = entry_signature(runtime or first["framework"], first, entry, entry_name)
         kwargs: dict[str, Any] = {
             "runtime": runtime or first["framework"], "files": files, "model": first["files"][0]["path"],
             "entry": entry_name if entry is not None else "",
             "sample": SAMPLE_PATH if sample is not None else "", "collect_rate_ppm": collect_rate_ppm,
-            "inputs": [validate(TensorSpec, s) for s in first["inputs"]],
-            "outputs": [validate(TensorSpec, s) for s in first["outputs"]],
+            "inputs": inputs, "outputs": outputs,
         }
         # Hash and cut the files once, outside the write lock (only the version differs below); the cut runs
         # beside the hashing (both release the GIL): a build costs ~1.3 sha256 passes of wall time, not 2.
@@ -242,6 +242,29 @@ def check_entry(runtime: str, model: dict[str, Any], entry: str | None, entry_na
                              "script to run in the python runtime: give --entry SCRIPT with init() and run(inputs)")
     except ModelError as exc:
         raise Invalid(str(exc)) from None
+
+
+def entry_signature(runtime: str, model: dict[str, Any], entry: str | None,
+                    entry_name: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """What the module accepts and returns: the model's signature, except where the entry script changes it.
+
+    A ``preprocess`` takes what the script declares as ``INPUTS`` (free, ``[]``, if it declares nothing: the
+    model's own inputs are checked after it runs); a ``postprocess`` returns its declared ``OUTPUTS``.
+    """
+    inputs, outputs = model["inputs"], model["outputs"]
+    if entry is not None:
+        try:
+            hooks, declared = defined_functions(entry, entry_name), declared_signature(entry, entry_name)
+        except ModelError as exc:
+            raise Invalid(str(exc)) from None
+        if "preprocess" in hooks or runtime == "python":
+            inputs = declared.get("INPUTS", [] if "preprocess" in hooks else inputs)
+        if "postprocess" in hooks or runtime == "python":
+            outputs = declared.get("OUTPUTS", [] if "postprocess" in hooks else outputs)
+    try:
+        return [validate(TensorSpec, s) for s in inputs], [validate(TensorSpec, s) for s in outputs]
+    except ValueError as exc:
+        raise Invalid(f"entry script {entry_name}: INPUTS/OUTPUTS: {exc}") from None
 
 
 def release_envelope(db: Database, digest: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 from hub.audit import record
 from hub.bounds import check_api_name
 from hub.errors import Conflict, Invalid, NotFound
-from hub.fleet.devices import category, module_views
+from hub.fleet.device_state import category, module_views
 from hub.fleet.targeting import check_target
 from hub.registry.bundles import parse_ref
 from hub.rollout.director import Director
@@ -21,8 +21,8 @@ from hub.rollout.rollout_plan import ON_FAILURE, Gates, parse_strategy
 from hub.rollout.rollout_states import SUPERSEDED, display
 from hub.rollout.rollouts import Rollouts
 from hub.store import Database, dumps, loads, now
-from protocol.encoding import ProtocolError
-from protocol.messages import BakePolicy
+from protocol.encoding import ProtocolError, canonical_json
+from protocol.messages import BakePolicy, DesiredModule
 from protocol.schema import validate
 
 log = logging.getLogger("edgefleet.hub.deployments")
@@ -42,7 +42,31 @@ def revision_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"revision": row["revision"], "module": f"{row['module_name']}:{row['module_version']}",
             "bundle": row["digest"], "target": row["target"], "priority": row["priority"],
             "collect_rate_ppm": row["collect_rate_ppm"], "device_bake": loads(row.get("device_bake")),
+            "config": loads(row.get("config")) or {},
             "created_at": row["created_at"], "created_by": row["created_by"]}
+
+
+def module_config(config: dict[str, Any] | None) -> str | None:
+    """The per-module configuration a deployment revision carries, checked as a device will (protocol
+    DesiredModule.config: keys, str/int/bool values, size), as stored (canonical JSON; None for none)."""
+    if not config:
+        return None
+    try:
+        validate(DesiredModule, {"name": "m", "version": 1, "bundle": "0" * 64, "size": 0, "config": config})
+    except ProtocolError as exc:
+        raise Invalid(f"config: {exc}") from None
+    return canonical_json(config).decode()
+
+
+def merge_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied: a value sets a key, None removes it."""
+    out = dict(base)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def device_bake(seconds: int | None, max_error_rate: float = 0.05, min_inferences: int = 20) -> dict[str, int] | None:
@@ -78,8 +102,13 @@ class Deployments:
     def put(self, name: str, module: str, target: str, priority: int = 0, *, strategy: str = "all",
             bake_s: float = 0.0, gates: dict[str, Any] | None = None, on_failure: str = "rollback",
             collect_rate_ppm: int | None = None, wave_timeout_s: float = DEFAULT_WAVE_TIMEOUT_S,
-            device_bake: dict[str, int] | None = None, actor: str = "", note: str = "") -> dict[str, Any]:
+            device_bake: dict[str, int] | None = None, config: dict[str, Any] | None = None, shadow_s: float = 0.0,
+            shadow_sample: float = 1.0, actor: str = "",
+            note: str = "") -> dict[str, Any]:
         """Create or change deployment ``name``: a new revision rolled out by ``strategy``.
+
+        ``shadow_s`` > 0: before the waves, the first wave's devices run the new version beside the live one on the
+        same inputs for that long, never serving it; its gates (quality gates too) decide whether the waves begin.
 
         ``device_bake`` (see :func:`device_bake`): each device keeps the new version on probation for that long,
         watching its error rate, and rolls back by itself past the threshold.
@@ -88,6 +117,8 @@ class Deployments:
         """
         check_api_name(name, "deployment name")  # the API checked it too: this is for every other caller
         check_target(target)
+        if not 0 < shadow_sample <= 1:
+            raise Invalid("shadow_sample is the share of live inputs mirrored to the candidate: above 0, at most 1")
         waves = parse_strategy(strategy)
         gate_set = Gates.from_json(gates)
         if on_failure not in ON_FAILURE:
@@ -110,23 +141,27 @@ class Deployments:
             bake_json = dumps(validate(BakePolicy, device_bake).to_dict()) if device_bake else None
         except ProtocolError as exc:
             raise Invalid(f"device bake: {exc}") from None
+        config_json = module_config(config)
         with self.db.transaction() as tx:
             cur = self.db.one("SELECT * FROM deployments WHERE name = ?", (name,))
             latest = cur and self.db.one("SELECT * FROM deployment_revisions WHERE deployment = ? AND revision = ?",
                                          (name, cur["revision"]))
             same = latest and (latest["digest"], latest["target"], latest["priority"], latest["collect_rate_ppm"],
-                               latest["device_bake"]) == (row["digest"], target, priority, collect_rate_ppm, bake_json)
+                               latest["device_bake"], latest["config"]) == (row["digest"], target, priority,
+                                                                            collect_rate_ppm, bake_json, config_json)
             # the same again is a no-op while that revision is stable or rolling out; after an abort it is a retry
             if cur and cur["active"] and same and (cur["stable_revision"] == cur["revision"] or any(
                     r["revision"] == cur["revision"] for r in self.rollouts._live(name))):
                 return self.get(name) | {"published": 0, "rollout": None}
+            if shadow_s:
+                self._check_shadow(name, cur, module_name, row["digest"], shadow_s)
             revision = (cur["revision"] + 1) if cur else 1
             t = now()
             tx.execute("INSERT INTO deployment_revisions (deployment, revision, module_name, module_version, digest,"
-                       " target, priority, collect_rate_ppm, device_bake, created_at, created_by)"
-                       " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       " target, priority, collect_rate_ppm, device_bake, config, created_at, created_by)"
+                       " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        (name, revision, module_name, version, row["digest"], target, priority, collect_rate_ppm,
-                        bake_json, t, actor))
+                        bake_json, config_json, t, actor))
             # the row mirrors the latest revision; created_at stays the first creation (ties between layers: newest)
             tx.execute(
                 "INSERT INTO deployments (name, module_name, module_version, digest, target, priority, created_at, active,"
@@ -136,13 +171,30 @@ class Deployments:
                 " revision = excluded.revision",
                 (name, module_name, version, row["digest"], target, priority, t, revision))
             record(self.db, actor, "deployment.revision", name, revision=revision, module=module, target=target,
-                   priority=priority, collect_rate_ppm=collect_rate_ppm, device_bake=device_bake, note=note)
+                   priority=priority, collect_rate_ppm=collect_rate_ppm, device_bake=device_bake,
+                   config=config or {}, note=note)
         rid, published = self.rollouts.begin(name, revision, waves, gate_set, on_failure, bake_s, wave_timeout_s,
-                                             actor)
+                                             actor, shadow_s=shadow_s,
+                                             shadow_sample_ppm=round(shadow_sample * 1_000_000))
         log.info("deployment %s revision %d -> %s on %r: rollout %d, %d device(s) updated", name, revision, module,
                  target, rid, published)
         plan = self.rollouts.last_plan(name) or {}
         return self.get(name) | {"published": published, "rollout": rid, "plan": plan | {"inherited": []}}
+
+    def _check_shadow(self, name: str, cur: dict[str, Any] | None, module_name: str, digest: str,
+                      shadow_s: float) -> None:
+        """A shadow runs a candidate beside a live version of the same module: refuse one that cannot."""
+        if shadow_s < 0 or shadow_s > 7 * 86_400:
+            raise Invalid("shadow must be 0..604800 seconds")
+        live = cur and cur["stable_revision"] and self.db.one(
+            "SELECT module_name, module_version, digest FROM deployment_revisions WHERE deployment = ? AND revision = ?",
+            (name, cur["stable_revision"]))
+        if not live or not cur["active"]:
+            raise Invalid(f"a shadow needs a live version to run beside: deployment {name!r} has none yet")
+        if live["module_name"] != module_name:
+            raise Invalid(f"a shadow runs a candidate of the live module {live['module_name']!r}, not {module_name!r}")
+        if live["digest"] == digest:
+            raise Invalid(f"{module_name}:{live['module_version']} is already the live version: nothing to shadow")
 
     def update(self, name: str, module: str | None = None, target: str | None = None, priority: int | None = None,
                **kwargs: Any) -> dict[str, Any]:
@@ -156,6 +208,8 @@ class Deployments:
         latest = self.revision(name, cur["revision"])
         kwargs.setdefault("device_bake", latest["device_bake"])  # kept unless given
         kwargs.setdefault("collect_rate_ppm", latest["collect_rate_ppm"])
+        base = kwargs.get("config") if kwargs.get("config") is not None else latest["config"]
+        kwargs["config"] = merge_config(base, kwargs.pop("config_set", None) or {})  # the rest is kept
         last = self.rollouts.last_plan(name)
         inherited = []
         if last is not None:
@@ -185,7 +239,7 @@ class Deployments:
             raise Conflict(f"deployment {name!r} has no earlier revision to roll back to")
         old = self.revision(name, to)
         self.put(name, old["module"], old["target"], old["priority"], collect_rate_ppm=old["collect_rate_ppm"],
-                 device_bake=old["device_bake"], actor=actor, note=f"rollback to revision {to}")
+                 device_bake=old["device_bake"], config=old["config"], actor=actor, note=f"rollback to revision {to}")
         return self.rollouts.status(name)
 
     def delete(self, name: str, actor: str = "") -> dict[str, Any]:

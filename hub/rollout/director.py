@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from hub.errors import Conflict
+from hub.fleet.device_state import device_state
 from hub.fleet.targeting import parse_target
 from hub.leader import SOLE_LEADER, Leader, LeaseLost
-from hub.rollout.rollout_states import HOLDING
+from hub.rollout.rollout_states import HOLDING, SHADOWING
 from hub.store import Database, dumps, loads
 from hub.trust.keys import KeyRing
 from protocol.encoding import canonical_json, digest_of
-from protocol.messages import BakePolicy, DesiredModule, DesiredState
+from protocol.messages import BakePolicy, DesiredModule, DesiredState, ShadowSpec
 from protocol.schema import validate
 from protocol.signing import sign
 from protocol.topics import Channel, device_topic
@@ -53,21 +54,30 @@ class Layer:
     rolling: dict[str, Any] | None = None  # the revision a live rollout moves devices to
     pinned: frozenset[str] = frozenset()  # devices the rollout has moved so far
     everyone: bool = False  # the last wave is under way: every matching device gets ``rolling``
+    shadowing: bool = False  # the rollout's shadow phase: moved devices keep ``stable`` and run ``rolling`` beside it
+    shadow_sample_ppm: int = 1_000_000  # share of live inputs mirrored to the candidate
 
     def revision_for(self, device_id: str, labels: dict[str, str]) -> dict[str, Any] | None:
-        r = self.rolling
+        r, s = self.rolling, self.stable
+        stable = s if s is not None and s["target_parsed"].matches(device_id, labels) else None
         if r is not None and (self.everyone or device_id in self.pinned) and r["target_parsed"].matches(device_id, labels):
-            return r
-        s = self.stable
-        return s if s is not None and s["target_parsed"].matches(device_id, labels) else None
+            if not self.shadowing:
+                return r
+            if stable is not None and stable["module_name"] == r["module_name"]:
+                return stable | {"shadow_of": r, "shadow_sample_ppm": self.shadow_sample_ppm}
+        return stable
 
 
 def desired_module(d: dict[str, Any]) -> dict[str, Any]:
     """One deployment revision as the desired-state entry a device gets."""
     bake = d.get("device_bake")
+    cand = d.get("shadow_of")  # the candidate of a shadow phase, run beside this revision (never served)
+    shadow = ShadowSpec(version=cand["module_version"], bundle=cand["digest"], size=cand["size"],
+                        sample_ppm=d.get("shadow_sample_ppm", 1_000_000)) if cand else None
     return DesiredModule(name=d["module_name"], version=d["module_version"], bundle=d["digest"], size=d["size"],
                          deployment=d["deployment"], collect_rate_ppm=d["collect_rate_ppm"],
-                         bake=validate(BakePolicy, loads(bake)) if bake else None).to_dict()
+                         bake=validate(BakePolicy, loads(bake)) if bake else None,
+                         config=loads(d.get("config")) or {}, shadow=shadow).to_dict()
 
 
 class Director:
@@ -93,7 +103,8 @@ class Director:
             revisions[(r["deployment"], r["revision"])] = r
         holding = ",".join(f"'{s}'" for s in sorted(HOLDING))
         rollouts = {r["deployment"]: r for r in self.db.query(
-            f"SELECT id, deployment, revision, everyone FROM rollouts WHERE state IN ({holding})")}
+            f"SELECT id, deployment, revision, everyone, state, shadow_sample_ppm FROM rollouts"
+            f" WHERE state IN ({holding})")}
         pins: dict[int, set[str]] = {}
         for p in self.db.query(f"SELECT rollout, device FROM rollout_devices WHERE rollout IN"
                                f" (SELECT id FROM rollouts WHERE state IN ({holding}))"):
@@ -106,7 +117,8 @@ class Director:
                 stable=revisions.get((d["name"], d["stable_revision"])) if d["stable_revision"] else None,
                 rolling=revisions.get((d["name"], ro["revision"])) if ro else None,
                 pinned=frozenset(pins.get(ro["id"], ())) if ro else frozenset(),
-                everyone=bool(ro and ro["everyone"])))
+                everyone=bool(ro and ro["everyone"]), shadowing=bool(ro and ro["state"] == SHADOWING),
+                shadow_sample_ppm=ro["shadow_sample_ppm"] if ro else 1_000_000))
         return layers
 
     @staticmethod
@@ -140,7 +152,8 @@ class Director:
             try:
                 with self.db.transaction() as tx:
                     self.leader.fence(tx)  # a deposed leader's states never commit
-                    sql = "SELECT id, labels, revision, desired, desired_expires, desired_envelope FROM devices"
+                    sql = ("SELECT id, labels, revision, desired, desired_expires, desired_envelope, reported"
+                           " FROM devices")
                     rows = self.db.query(sql) if device_ids is None else [
                         r for i in device_ids for r in self.db.query(sql + " WHERE id = ?", (i,))]
                     for row in rows:
@@ -153,9 +166,11 @@ class Director:
                                              expires=int(time.time()) + self.ttl_s,
                                              modules=[validate(DesiredModule, m) for m in modules], policy=policy)
                         envelope = canonical_json(sign(state.to_dict(), [self.keys.key("director")]))
+                        desired = dumps(modules)
                         tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?,"
-                                   " desired_expires = ?, desired_published = 0 WHERE id = ?",
-                                   (state.revision, dumps(modules), envelope.decode(), state.expires, row["id"]))
+                                   " desired_expires = ?, desired_published = 0, state = ? WHERE id = ?",
+                                   (state.revision, desired, envelope.decode(), state.expires,
+                                    device_state(desired, row["reported"]), row["id"]))
                         out.append((row["id"], state.revision, envelope))
             except LeaseLost as exc:
                 log.warning("desired-state sync handed to the next leader: %s", exc)

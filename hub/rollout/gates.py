@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hub.fleet.devices import FAILED
+from hub.fleet.device_state import FAILED
 from hub.monitoring.timeseries import SeriesFilter, totals
 from hub.rollout.rollout_plan import Gates
 from hub.store import Database

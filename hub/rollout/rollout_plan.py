@@ -83,6 +83,11 @@ class Gates:
     max_error_rate: float | None = None  # inference errors / inferences of the new version during the bake
     max_p95_increase: float | None = None  # 0.2: new p95 latency at most 20% above the previous version's
     min_reporting: float | None = None  # share of moved devices that sent telemetry for the new version
+    # quality gates (hub/rollout/shadow_gates.py): what the candidate answers, not only whether it runs
+    max_disagreement: float | None = None  # shadow: share of mirrored inputs where the candidate's prediction differs
+    max_prediction_drift: float | None = None  # PSI of predicted classes: shadow vs live, waves vs the previous version
+    max_input_drift: float | None = None  # largest per-feature PSI of the inputs collected since the phase began
+    min_accuracy: float | None = None  # share of labelled predictions the new version got right (ground truth)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any] | None) -> Gates:

@@ -1,7 +1,11 @@
 """The rollout state machine: named states, the transitions allowed between them, and how one is shown.
 
-    pending -> installing(wave i) -> baking(wave i) -> gate passed -> installing(wave i+1) ... -> succeeded
-                                                    \\-> gate failed -> halted | rolling_back -> rolled_back
+    pending [-> shadowing] -> installing(wave i) -> baking(wave i) -> gate passed -> installing(wave i+1) ... -> succeeded
+                \\-> shadow gate failed -> rolling_back        \\-> gate failed -> halted | rolling_back -> rolled_back
+
+``shadowing``: the first wave's devices run the candidate beside the live version on the same inputs,
+never serving it; its gates decide whether the waves begin (a failed shadow always rolls back: the
+candidate is removed, the live version never stopped).
 
 ``wave`` is stored beside ``state``; :func:`display` renders ``wave[2].baking``. Every transition is
 persisted (``rollouts`` table) and audited before the controller acts on it, so a hub that restarts
@@ -11,6 +15,7 @@ finds each rollout where it was.
 from __future__ import annotations
 
 PENDING = "pending"
+SHADOWING = "shadowing"
 INSTALLING = "installing"
 BAKING = "baking"
 PAUSED = "paused"
@@ -22,7 +27,8 @@ ABORTED = "aborted"
 SUPERSEDED = "superseded"  # a newer revision's rollout replaced this one
 
 TRANSITIONS: dict[str, frozenset[str]] = {
-    PENDING: frozenset({INSTALLING, ABORTED, SUPERSEDED}),
+    PENDING: frozenset({SHADOWING, INSTALLING, ABORTED, SUPERSEDED}),
+    SHADOWING: frozenset({INSTALLING, ROLLING_BACK, ABORTED, SUPERSEDED}),
     # with no bake time the gate runs as soon as a wave is installed: on to the next wave, or done
     INSTALLING: frozenset({BAKING, INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED}),
     BAKING: frozenset({INSTALLING, SUCCEEDED, HALTED, ROLLING_BACK, PAUSED, ABORTED, SUPERSEDED}),
@@ -37,9 +43,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 # states in which the rollout's devices hold its revision (the director honours its pins)
-HOLDING = frozenset({INSTALLING, BAKING, PAUSED, HALTED})
+HOLDING = frozenset({SHADOWING, INSTALLING, BAKING, PAUSED, HALTED})
 # states the controller advances on its own
-ACTIVE = frozenset({PENDING, INSTALLING, BAKING, ROLLING_BACK})
+ACTIVE = frozenset({PENDING, SHADOWING, INSTALLING, BAKING, ROLLING_BACK})
 
 
 class IllegalTransition(Exception):

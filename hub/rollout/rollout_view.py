@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from hub.fleet.devices import bundle_state, category
+from hub.fleet.device_state import bundle_state, category
 from hub.fleet.targeting import parse_target
 from hub.rollout import rollout_states as S
 from hub.rollout.rollout_plan import strategy_from_json, strategy_text
+from hub.rollout.shadow_gates import shadow_figures, shadow_state
 from hub.store import Database, loads
 
 SETTLED = frozenset({"running", "failed", "rolled_back"})
@@ -27,7 +28,8 @@ def plan(r: dict[str, Any]) -> dict[str, Any]:
     """A rollout's plan as operators give it (strategy string, bake, gates, on failure, wave timeout)."""
     waves = strategy_from_json(loads(r["strategy"]))
     return {"strategy": strategy_text(waves), "waves": [w.label for w in waves], "bake_s": r["bake_s"],
-            "gates": loads(r["gates"]), "on_failure": r["on_failure"], "wave_timeout_s": r["wave_timeout_s"]}
+            "gates": loads(r["gates"]), "on_failure": r["on_failure"], "wave_timeout_s": r["wave_timeout_s"],
+            "shadow_s": r.get("shadow_s") or 0.0}
 
 
 def not_updated_reason(devices: list[dict[str, Any]]) -> str:
@@ -46,32 +48,62 @@ def not_updated_reason(devices: list[dict[str, Any]]) -> str:
             f"{names}")
 
 
+def by_wave(devices: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
+    """Per wave: its label, how many devices it moved and their buckets."""
+    out = [{"wave": i + 1, "label": label, "devices": 0, "counts": {}} for i, label in enumerate(labels)]
+    for d in devices:
+        if d["wave"] is not None and d["wave"] <= len(out):
+            w = out[d["wave"] - 1]
+            w["devices"] += 1
+            w["counts"][d["state"]] = w["counts"].get(d["state"], 0) + 1
+    return out
+
+
+def select(devices: list[dict[str, Any]], state: str = "", q: str = "", limit: int | None = None,
+           cursor: str = "") -> dict[str, Any]:
+    """The rollout's devices in bucket ``state`` whose id holds ``q``, one page of ``limit`` after id ``cursor``."""
+    q = q.lower()
+    match = [d for d in devices if (not state or d["state"] == state) and q in d["id"].lower()] if state or q else devices
+    after = [d for d in match if d["id"] > cursor] if cursor else match
+    shown = after if limit is None else after[:limit]
+    more = limit is not None and len(after) > limit
+    return {"devices": shown, "devices_total": len(match), "next_cursor": shown[-1]["id"] if more else None}
+
+
 def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str, Any] | None,
-           t: float | None = None) -> dict[str, Any]:
-    """The view of rollout ``r`` (a ``rollouts`` row) of revision ``rev`` (from ``prev``, if any) at time ``t``."""
+           t: float | None = None, page: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The view of rollout ``r`` (a ``rollouts`` row) of revision ``rev`` (from ``prev``, if any) at time ``t``;
+    ``page`` (:func:`select`'s arguments) lists one filtered page of its devices instead of all."""
     t = time.time() if t is None else t
     waves = strategy_from_json(loads(r["strategy"]))
     admitted = {p["device"]: p["wave"] for p in db.query(
         "SELECT device, wave FROM rollout_devices WHERE rollout = ?", (r["id"],))}
     target = parse_target(rev["target"])
     reverted = r["state"] in (S.ROLLING_BACK, S.ROLLED_BACK, S.ABORTED, S.SUPERSEDED)
+    shadowing = r["state"] == S.SHADOWING
     terminal = r["state"] in S.TERMINAL
     counts: dict[str, int] = {}
     devices = []
-    for d in db.query("SELECT id, labels, online, reported, last_seen FROM devices ORDER BY id"):
-        if d["id"] not in admitted and not target.matches(d["id"], loads(d["labels"], {})):
+    digest = rev["digest"]
+    # tuples, and a report decoded only if it names the bundle: this runs over the whole fleet on every poll
+    rows = db.db().execute("SELECT id, labels, online, reported, last_seen FROM devices ORDER BY id")
+    for device_id, labels, online, reported, last_seen in rows:
+        if device_id not in admitted and not target.matches(device_id, loads(labels, {})):
             continue
-        state, error = bundle_state(loads(d["reported"]), rev["digest"])
-        if d["id"] not in admitted:  # matched only after the last wave began: not targeted at rollout time
+        judge = shadow_state if shadowing else bundle_state
+        state, error = judge(loads(reported), digest) if reported and digest in reported else ("pending", "")
+        if device_id not in admitted:  # matched only after the last wave began: not targeted at rollout time
             bucket = "new" if r["state"] == S.SUCCEEDED or (r["everyone"] and not terminal) else (
                 "not_moved" if terminal else "waiting")
         elif reverted:
             bucket = "rolled_back"
+        elif shadowing:  # the candidate beside the live version: shadow_pending, shadow_installing, shadow_running, …
+            bucket = "shadow_" + category(state)
         else:
             bucket = category(state)
         counts[bucket] = counts.get(bucket, 0) + 1
-        devices.append({"id": d["id"], "online": bool(d["online"]), "last_seen": d["last_seen"],
-                        "wave": admitted.get(d["id"], -1) + 1 or None, "state": bucket, "install_state": state,
+        devices.append({"id": device_id, "online": bool(online), "last_seen": last_seen,
+                        "wave": admitted.get(device_id, -1) + 1 or None, "state": bucket, "install_state": state,
                         "error": error})
     moved = [d for d in devices if d["wave"] is not None]
     out: dict[str, Any] = {
@@ -81,11 +113,20 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
         "state": S.display(r["state"], r["wave"]), "phase": r["state"], "wave": r["wave"] + 1, "waves": len(waves),
         "strategy": [w.label for w in waves], "bake_s": r["bake_s"], "gates": loads(r["gates"]),
         "on_failure": r["on_failure"], "wave_timeout_s": r["wave_timeout_s"], "plan": plan(r),
-        "reason": r["reason"], "last_gate": loads(r["last_gate"]), "counts": counts, "devices": devices,
+        "reason": r["reason"], "last_gate": loads(r["last_gate"]), "counts": counts,
+        "by_wave": by_wave(devices, [w.label for w in waves]), **select(devices, **(page or {})),
         "terminal": terminal, "created_at": r["created_at"], "created_by": r["created_by"],
-        "updated_at": r["updated_at"],
+        "updated_at": r["updated_at"], "shadow_s": r["shadow_s"], "shadow_started_at": r["shadow_started_at"],
+        "shadow_sample_ppm": r["shadow_sample_ppm"],
     }
-    if r["state"] == S.INSTALLING:  # the wave waits for these, at most until the timeout
+    if shadowing:  # what the devices measured so far (the gates judge the same figures when the period ends)
+        since = r["shadow_started_at"] or r["phase_started_at"] or t
+        out["shadow"] = shadow_figures(db, rev["module_name"], rev["module_version"], since,
+                                       {d["id"] for d in moved})
+        if r["shadow_started_at"] is not None:
+            ends = r["shadow_started_at"] + r["shadow_s"]
+            out |= {"shadow_ends_at": ends, "shadow_ends_in_s": round(max(0.0, ends - t), 1)}
+    if r["state"] == S.INSTALLING or (shadowing and r["shadow_started_at"] is None):  # waits, at most until the timeout
         holding = sorted((d for d in moved if d["state"] not in SETTLED), key=lambda d: (d["online"], d["id"]))
         deadline = (r["phase_started_at"] or t) + r["wave_timeout_s"]
         out |= {"holding": [_brief(d) for d in holding[:MAX_LISTED]], "holding_count": len(holding),

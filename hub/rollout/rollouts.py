@@ -23,14 +23,15 @@ from typing import Any
 
 from hub.audit import CONTROLLER, record
 from hub.errors import Conflict, NotFound
-from hub.fleet.devices import bundle_state, category
+from hub.fleet.device_state import bundle_state, category
 from hub.fleet.targeting import parse_target
 from hub.leader import SOLE_LEADER, Leader, LeaseLost
 from hub.rollout import rollout_states as S
 from hub.rollout import rollout_view as view
 from hub.rollout.director import Director
-from hub.rollout.gates import GateResult, evaluate, install_check
+from hub.rollout.gates import Check, GateResult, evaluate, install_check
 from hub.rollout.rollout_plan import Gates, Wave, strategy_from_json, strategy_to_json
+from hub.rollout.shadow_gates import QualitySource, evaluate_shadow, quality_checks, shadow_state
 from hub.store import Database, dumps, loads, now
 
 log = logging.getLogger("edgefleet.hub.rollouts")
@@ -52,6 +53,7 @@ class Rollouts:
         self._elected = threading.Event()  # set when this process became leader: catch up first
         self._republish = threading.Event()  # set after the bridge (re)connected: send retained states again
         self._thread: threading.Thread | None = None
+        self.quality: QualitySource | None = None  # set by the hub: input drift and accuracy for the quality gates
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -123,8 +125,10 @@ class Rollouts:
     # --- starting ------------------------------------------------------------------------------
 
     def begin(self, deployment: str, revision: int, waves: list[Wave], gates: Gates, on_failure: str, bake_s: float,
-              wave_timeout_s: float, actor: str) -> tuple[int, int]:
-        """Create a rollout of ``revision`` (superseding a live one) and start its first wave: (rollout id, published)."""
+              wave_timeout_s: float, actor: str, shadow_s: float = 0.0,
+              shadow_sample_ppm: int = 1_000_000) -> tuple[int, int]:
+        """Create a rollout of ``revision`` (superseding a live one) and start its first wave, or its shadow phase
+        when ``shadow_s`` > 0: (rollout id, published)."""
         with self._lock:
             with self.db.transaction() as tx:
                 for live in self._live(deployment):
@@ -133,11 +137,14 @@ class Rollouts:
                 t = now()
                 rid = tx.scalar(
                     "INSERT INTO rollouts (deployment, revision, from_revision, strategy, gates, on_failure, bake_s,"
-                    " wave_timeout_s, state, created_at, created_by, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                    " wave_timeout_s, state, created_at, created_by, updated_at, shadow_s, shadow_sample_ppm)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                     (deployment, revision, dep["stable_revision"] if dep else None, dumps(strategy_to_json(waves)),
-                     dumps(gates.to_json()), on_failure, bake_s, wave_timeout_s, S.PENDING, t, actor, t))
+                     dumps(gates.to_json()), on_failure, bake_s, wave_timeout_s, S.PENDING, t, actor, t, shadow_s,
+                     shadow_sample_ppm))
                 record(self.db, actor, "rollout.created", deployment, rollout=rid, revision=revision,
-                       strategy=[w.label for w in waves], bake_s=bake_s, gates=gates.to_json(), on_failure=on_failure)
+                       strategy=[w.label for w in waves], bake_s=bake_s, gates=gates.to_json(), on_failure=on_failure,
+                       shadow_s=shadow_s)
             published = self.step(rid)
         self.wake()
         return rid, published
@@ -155,12 +162,14 @@ class Rollouts:
             r = self._get(rid)
             state = r["state"]
             if state == S.PENDING:
-                return self._begin_wave(r, 0)
+                return self._begin_wave(r, 0, shadow=bool(r["shadow_s"]))
             if state == S.ROLLING_BACK:
                 published = self.director.sync()  # pins no longer count: devices go back to the stable revision
                 with self.db.transaction():
                     self._move(r, S.ROLLED_BACK, CONTROLLER)
                 return published
+            if state == S.SHADOWING:
+                return self._shadow_step(r)
             if state not in (S.INSTALLING, S.BAKING):
                 return 0
             gates = Gates.from_json(loads(r["gates"]))
@@ -181,7 +190,42 @@ class Rollouts:
                 return 0
             return self._gate(r, gates, states)
 
-    def _begin_wave(self, r: dict[str, Any], i: int) -> int:
+    def _shadow_step(self, r: dict[str, Any]) -> int:
+        """The shadow phase: wait until the candidate runs beside the live version on every shadow device (or the
+        wave timeout), let it run ``shadow_s``, then judge it: the waves begin, or the candidate is removed."""
+        gates = Gates.from_json(loads(r["gates"]))
+        rev = self._revision(r)
+        states = {d["id"]: shadow_state(loads(d["reported"]), rev["digest"]) for d in self.db.query(
+            "SELECT d.id, d.reported FROM rollout_devices p JOIN devices d ON d.id = p.device WHERE p.rollout = ?",
+            (r["id"],))}
+        early = install_check(gates, states)
+        if early is not None and not early.ok:
+            return self._fail(r, GateResult([Check(early.name, early.value, early.limit, False,
+                                                   "shadow candidate: " + early.note)]))
+        t = now()
+        if r["shadow_started_at"] is None:
+            settled = all(category(s) in SETTLED for s, _ in states.values())
+            if settled or t - r["phase_started_at"] >= r["wave_timeout_s"]:
+                with self.db.transaction() as tx:
+                    self.leader.fence(tx)
+                    tx.execute("UPDATE rollouts SET shadow_started_at = ?, updated_at = ? WHERE id = ?", (t, t, r["id"]))
+            return 0
+        if t - r["shadow_started_at"] < r["shadow_s"]:
+            return 0
+        live = self._revision(r, r["from_revision"])["module_version"]
+        result, figures = evaluate_shadow(self.db, gates, states, rev["module_name"], rev["module_version"],
+                                          r["shadow_started_at"], live, self.quality)
+        if not result.ok:
+            return self._fail(r, result, {"shadow": figures})
+        with self.db.transaction() as tx:
+            self.leader.fence(tx)
+            tx.execute("UPDATE rollouts SET last_gate = ? WHERE id = ?",
+                       (dumps(result.to_json() | {"shadow": figures}), r["id"]))
+            record(self.db, CONTROLLER, "rollout.shadow_passed", r["deployment"], rollout=r["id"],
+                   disagreement=figures["disagreement"], compared=figures["compared"])
+        return self._begin_wave(self._get(r["id"]), 0)
+
+    def _begin_wave(self, r: dict[str, Any], i: int, shadow: bool = False) -> int:
         waves = strategy_from_json(loads(r["strategy"]))
         rev = self._revision(r)
         target = parse_target(rev["target"])
@@ -197,8 +241,9 @@ class Rollouts:
             new = [d for d in chosen if d not in pinned]
             tx.executemany("INSERT INTO rollout_devices (rollout, device, wave, admitted_at) VALUES (?, ?, ?, ?)",
                            [(r["id"], d, i, t) for d in new])
-            self._move(r, S.INSTALLING, CONTROLLER, wave=i, phase_started_at=t, everyone=int(last),
-                       detail={"admitted": len(new), "wave_size": len(chosen), "fleet": len(matching)})
+            # a shadow runs on the first wave's devices: pinned, they get the live version plus the candidate
+            self._move(r, S.SHADOWING if shadow else S.INSTALLING, CONTROLLER, wave=i, phase_started_at=t,
+                       everyone=int(last), detail={"admitted": len(new), "wave_size": len(chosen), "fleet": len(matching)})
         published = self.director.sync()
         log.info("rollout %s of %s: wave %d/%d moved %d device(s)", r["id"], r["deployment"], i + 1, len(waves),
                  len(new))
@@ -210,6 +255,8 @@ class Rollouts:
         result = evaluate(self.db, gates, states, rev["module_name"], rev["module_version"], r["phase_started_at"],
                           prev["module_version"] if prev and prev["module_name"] == rev["module_name"] else None,
                           r["created_at"])
+        result.checks += quality_checks(self.quality, gates, rev["module_name"], rev["module_version"],
+                                        r["phase_started_at"], set(states))
         if not result.ok:
             return self._fail(r, result)
         waves = strategy_from_json(loads(r["strategy"]))
@@ -230,14 +277,17 @@ class Rollouts:
             return self._begin_wave(self._get(r["id"]), r["wave"] + 1)
         return self.director.sync()
 
-    def _fail(self, r: dict[str, Any], result: GateResult) -> int:
-        reason = f"wave {r['wave'] + 1} gate failed: {result.reason}"
+    def _fail(self, r: dict[str, Any], result: GateResult, extra: dict[str, Any] | None = None) -> int:
+        shadow = r["state"] == S.SHADOWING  # a failed shadow always rolls back: the candidate never served
+        reason = f"{'shadow' if shadow else 'wave ' + str(r['wave'] + 1)} gate failed: {result.reason}"
         log.warning("rollout %s of %s: %s", r["id"], r["deployment"], reason)
+        back = shadow or r["on_failure"] == "rollback"
         with self.db.transaction() as tx:
             self.leader.fence(tx)
-            tx.execute("UPDATE rollouts SET last_gate = ? WHERE id = ?", (dumps(result.to_json()), r["id"]))
-            self._move(r, S.ROLLING_BACK if r["on_failure"] == "rollback" else S.HALTED, CONTROLLER, reason=reason)
-        return self.step(r["id"]) if r["on_failure"] == "rollback" else 0
+            tx.execute("UPDATE rollouts SET last_gate = ? WHERE id = ?", (dumps(result.to_json() | (extra or {})),
+                                                                           r["id"]))
+            self._move(r, S.ROLLING_BACK if back else S.HALTED, CONTROLLER, reason=reason)
+        return self.step(r["id"]) if back else 0
 
     # --- operator commands -----------------------------------------------------------------------
 
@@ -261,7 +311,7 @@ class Rollouts:
         """Stop for good; the devices it moved go back to the stable revision."""
         with self._lock:
             with self.db.transaction():
-                r = self._one_live(deployment, (S.PENDING, S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED))
+                r = self._one_live(deployment, (S.PENDING, S.SHADOWING, S.INSTALLING, S.BAKING, S.PAUSED, S.HALTED))
                 self._move(r, S.ABORTED, actor, reason=f"aborted by {actor}")
             self.director.sync()
         return self.status(deployment)
@@ -280,7 +330,7 @@ class Rollouts:
 
     # --- views -----------------------------------------------------------------------------------
 
-    def status(self, deployment: str, rollout_id: int | None = None) -> dict[str, Any]:
+    def status(self, deployment: str, rollout_id: int | None = None, page: dict[str, Any] | None = None) -> dict[str, Any]:
         """The latest (or given) rollout of ``deployment``: state, counts by device state, per-device detail, the
         devices holding the current wave and the time left, and how it ended (hub/rollout/rollout_view.py)."""
         r = (self.db.one("SELECT * FROM rollouts WHERE id = ? AND deployment = ?", (rollout_id, deployment))
@@ -289,7 +339,7 @@ class Rollouts:
         if r is None:
             raise NotFound(f"deployment {deployment!r} has no rollout")
         prev = self._revision(r, r["from_revision"]) if r["from_revision"] else None
-        return view.status(self.db, r, self._revision(r), prev)
+        return view.status(self.db, r, self._revision(r), prev, page=page)
 
     def last_plan(self, deployment: str) -> dict[str, Any] | None:
         """The plan (strategy, bake, gates, on failure, wave timeout) of the deployment's latest rollout, if any."""

@@ -8,6 +8,8 @@ differ are translated here, once per distinct statement (cached):
 * ``json_each(x)`` (the registry's tag filter) becomes ``json_each_text((x)::json)``;
 * ``CAST(x AS INTEGER)`` truncates in SQLite and rounds in PostgreSQL: it becomes ``CAST(TRUNC(x) AS BIGINT)``;
 * ``offset``, a column of ``chunks`` and a reserved word in PostgreSQL, is quoted where it names a column;
+* ``instr(x, y)`` is ``strpos(x, y)`` (same arguments, same 1-based answer);
+* ``LIKE`` before a parameter or a literal ignores ASCII case in SQLite: it becomes ``ILIKE``;
 * in schema statements (:func:`ddl`): ``INTEGER`` is 64-bit (``BIGINT``), ``REAL`` is ``DOUBLE PRECISION``
   (PostgreSQL's ``REAL`` is 32-bit), ``BLOB`` is ``BYTEA``, ``INTEGER PRIMARY KEY AUTOINCREMENT`` is an
   identity column, ``WITHOUT ROWID`` goes, and a table in :data:`~hub.store.schema.PARTITIONED` is
@@ -90,6 +92,14 @@ _INDEXED_BY = re.compile(r"\s+INDEXED\s+BY\s+[A-Za-z_][A-Za-z0-9_]*", re.IGNOREC
 # ``offset`` as a column: followed by a comma, a parenthesis, a comparison, a type or the end (not by a count)
 _OFFSET_COLUMN = re.compile(r"(?<![\w.\"])offset(?=\s*(?:,|\)|=|<|>|$|INTEGER|BIGINT))", re.IGNORECASE)
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+_INSTR = re.compile(r"\binstr\s*\(", re.IGNORECASE)
+# a pattern match (``x LIKE ?``, ``x LIKE '…'``), not ``CREATE TABLE t (LIKE other …)``
+_LIKE = re.compile(r"\bLIKE(?=\s+(?:\?|:[A-Za-z_])|\s*$)", re.IGNORECASE)
+
+
+def _functions(code: str) -> str:
+    """The calls and operators that differ: ``instr``, ``LIKE`` and those of :func:`_rewrite_calls`."""
+    return _LIKE.sub("ILIKE", _INSTR.sub("strpos(", _rewrite_calls(_INDEXED_BY.sub("", code))))
 
 
 @lru_cache(maxsize=4096)
@@ -100,8 +110,7 @@ def dml(sql: str, named: bool = False) -> str:
         if not is_code:
             out.append(text.replace("%", "%%"))
             continue
-        text = _INDEXED_BY.sub("", text)
-        text = _rewrite_calls(text)
+        text = _functions(text)
         text = _OFFSET_COLUMN.sub('"offset"', text)
         text = text.replace("%", "%%")
         text = _NAMED.sub(r"%(\1)s", text) if named else text.replace("?", "%s")
@@ -115,7 +124,7 @@ def plain(sql: str) -> str:
     out = []
     for is_code, text in _segments(sql):
         if is_code:
-            text = _OFFSET_COLUMN.sub('"offset"', _rewrite_calls(_INDEXED_BY.sub("", text)))
+            text = _OFFSET_COLUMN.sub('"offset"', _functions(text))
         out.append(text)
     return "".join(out)
 

@@ -223,6 +223,18 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (state, 
 CREATE INDEX IF NOT EXISTS webhook_deliveries_event ON webhook_deliveries (event_id);
 """
 
+# one row per shadow point of a telemetry batch (protocol ShadowPoint): hub/rollout/shadow_gates.py reads them
+SHADOW = """CREATE TABLE IF NOT EXISTS shadow_points (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, ts REAL NOT NULL,
+    module TEXT NOT NULL, version INTEGER NOT NULL, live_version INTEGER NOT NULL,
+    mirrored INTEGER NOT NULL, dropped INTEGER NOT NULL, compared INTEGER NOT NULL, disagreements INTEGER NOT NULL,
+    errors INTEGER NOT NULL, p95 REAL NOT NULL, live_p95 REAL NOT NULL, live_classes TEXT NOT NULL,
+    shadow_classes TEXT NOT NULL,
+    PRIMARY KEY (device, seq, idx)
+);
+CREATE INDEX IF NOT EXISTS shadow_points_module ON shadow_points (module, version, ts);
+"""
+
 # hub replicas on one database (hub/leader.py): the lease of the one leader, with a fencing epoch that grows with
 # each new holder, and the desired-state syncs other replicas ask the leader for (the leader alone signs)
 CLUSTER = """CREATE TABLE IF NOT EXISTS leases (
@@ -278,8 +290,47 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         MLOPS,
         AddColumn("alert_events", "event_id", "TEXT"),  # the webhook event that carried it (webhook_deliveries)
     ),
-    (  # 5: replicas (issue 17): the leader's lease, director requests, states stored but not yet acknowledged
+    (  # 5: the operations console (issue 14): a stored device state (hub/fleet/device_state.py) and indexes so the
+        # device list filters, counts and pages in SQL at 10,000+ devices (hub/fleet/device_query.py)
+        AddColumn("devices", "state", "TEXT"),  # NULL until the hub computes it (at start, for older rows)
+        # covers the counts by (state, online) without reading rows (signed envelopes make a row ~2 KB)
+        "CREATE INDEX IF NOT EXISTS devices_state ON devices (state, online, id);",
+        "CREATE INDEX IF NOT EXISTS devices_online ON devices (online, id);",
+    ),
+    (  # 6: per-module configuration in the desired state (issue 15): JSON object, NULL none
+        AddColumn("deployment_revisions", "config", "TEXT"),
+    ),
+    (  # 7: shadow evaluation on devices (issue 18): a rollout's shadow phase and the devices' comparisons
+        AddColumn("rollouts", "shadow_s", "REAL NOT NULL DEFAULT 0"),  # 0: no shadow phase
+        AddColumn("rollouts", "shadow_started_at", "REAL"),  # every shadow device settled: the period runs
+        AddColumn("rollouts", "shadow_sample_ppm", "INTEGER NOT NULL DEFAULT 1000000"),  # share of inputs mirrored
+        SHADOW,
+        # ground truth (hub/monitoring/labels.py): a device's record by the id its request carried, or by
+        # device/seq/idx; labels are kept apart and joined, so a label may arrive before its record
+        AddColumn("data_records", "sample_id", "TEXT"),
+        """CREATE INDEX IF NOT EXISTS data_records_sample ON data_records (sample_id);
+CREATE TABLE IF NOT EXISTS endpoint_canaries (
+    endpoint TEXT PRIMARY KEY, module TEXT NOT NULL, steps TEXT NOT NULL, step INTEGER NOT NULL,
+    interval_s REAL NOT NULL, gates TEXT NOT NULL, min_inferences INTEGER NOT NULL, step_started_at REAL NOT NULL,
+    state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', last_gate TEXT, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS labels (
+    sample_id TEXT PRIMARY KEY, label TEXT NOT NULL, ts REAL NOT NULL, source TEXT NOT NULL,
+    created_by TEXT NOT NULL DEFAULT ''
+);""",
+    ),
+    (  # 8: batch scoring jobs started on the hub (hub/batch/jobs.py)
+        """CREATE TABLE IF NOT EXISTS batch_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, module_name TEXT NOT NULL, module_version INTEGER NOT NULL,
+    digest TEXT NOT NULL, requested TEXT NOT NULL, input TEXT NOT NULL, output TEXT NOT NULL,
+    options TEXT NOT NULL DEFAULT '{}', state TEXT NOT NULL, rows_done INTEGER NOT NULL DEFAULT 0, rows_total INTEGER,
+    rows_per_s REAL, error TEXT NOT NULL DEFAULT '', summary TEXT, pid INTEGER, created_at REAL NOT NULL,
+    created_by TEXT NOT NULL DEFAULT '', started_at REAL, finished_at REAL
+);""",
+    ),
+    (  # 9: replicas (issue 17): the leader's lease, director requests, states stored but not yet acknowledged
         CLUSTER,
         AddColumn("devices", "desired_published", "INTEGER NOT NULL DEFAULT 1"),
+        AddColumn("batch_jobs", "owner", "TEXT"),  # the replica running it (its MQTT client id; hub/batch/jobs.py)
     ),
 ]

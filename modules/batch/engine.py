@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from modules.batch.columns import BatchError, Feed, feed_arrays, output_columns
 from modules.batch.io import PartWriter, read_part
+from modules.batch.monitor import Sampler
 from modules.batch.plan import Part, Source
 from modules.errors import InputError
 
@@ -42,6 +43,7 @@ class Job:
     batch_rows: int = 65536
     digest: str = ""
     read_columns: list[str] = field(default_factory=list)
+    sample_every: int = 0  # > 0: every k-th row's inputs and outputs go to the part's monitoring sample (monitor.py)
 
     def __post_init__(self) -> None:
         cols = list(self.keep) + [c for f in self.feeds for c in f.columns]
@@ -68,11 +70,20 @@ _runners_lock = threading.Lock()  # a Dask worker may run tasks in threads
 
 
 def runner_for(job: Job) -> Any:
-    key = (job.bundle_dir, job.digest)
+    return _runner(job.bundle_dir, job.root, job.digest)
+
+
+def _runner(bundle_dir: str, root: dict[str, Any] | None, digest: str) -> Any:
+    key = (bundle_dir, digest)
     with _runners_lock:
         if key not in _runners:
-            _runners[key] = load_verified(Path(job.bundle_dir), job.root)
+            _runners[key] = load_verified(Path(bundle_dir), root)
         return _runners[key]
+
+
+def _preload(bundle_dir: str, root: dict[str, Any] | None, digest: str) -> None:
+    """A worker loads the runner before its first part (a failure is reported by that part, with its context)."""
+    _runner(bundle_dir, root, digest)
 
 
 def score_part(job: Job, part: Part, report: Report | None = None) -> int:
@@ -80,6 +91,7 @@ def score_part(job: Job, part: Part, report: Report | None = None) -> int:
     runner = runner_for(job)
     source = job.sources[part.source]
     writer = PartWriter(Path(job.parts_dir) / part.name)
+    sample = Sampler(Path(job.parts_dir), part, job.sample_every)
     row = part.row_start
     try:
         for batch in read_part(source, part, job.read_columns, job.batch_rows, job.schema):
@@ -98,12 +110,15 @@ def score_part(job: Job, part: Part, report: Report | None = None) -> int:
                                  "leave them out with --keep")
             arrays = [batch.column(c) for c in job.keep] + list(cols.values())
             writer.write(pa.RecordBatch.from_arrays(arrays, names=[*job.keep, *cols]))
+            sample.add(row, inputs, out)
             row += n
             if report is not None:
                 report(n)
+        sample.commit()  # before the part: a part present always has its sample
         return writer.commit()
     except BaseException:
         writer.abort()
+        sample.abort()
         raise
 
 
@@ -153,7 +168,8 @@ class LocalEngine:
     Workers fork from a fresh server process that imported the scoring code once: as safe as spawning
     (no fork of this process and its threads) without every worker importing NumPy, pyarrow and
     onnxruntime again, or the command line's own ``__main__``. The server starts (and imports) while
-    the caller verifies the bundle and plans the job; no more workers start than there are parts.
+    the caller verifies the bundle; the first worker forks and loads the bundle (:meth:`preload`) while
+    it plans the job; no more workers start than there are parts.
     """
 
     def __init__(self, workers: int) -> None:
@@ -164,16 +180,39 @@ class LocalEngine:
         self.ctx.set_forkserver_preload(WARM_MODULES)  # a module that does not import is skipped
         self.queue = self.ctx.SimpleQueue()
         self.pool: ProcessPoolExecutor | None = None
-        self._warm = threading.Thread(target=forkserver.ensure_running, name="score-warm", daemon=True)
+        self._ensure_running = forkserver.ensure_running
+        self._warm = threading.Thread(target=self._start, name="score-warm", daemon=True)
         self._warm.start()
+        self._preloading: threading.Thread | None = None
+
+    def _start(self) -> None:
+        self._ensure_running()
+        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.ctx, initializer=_init_worker,
+                                        initargs=(self.queue, os.getpid()))
+
+    def preload(self, bundle_dir: str, root: dict[str, Any] | None, digest: str) -> None:
+        """The first worker forks and loads the (verified) bundle now, while the caller plans the job; the others
+        fork when there are parts for them (a one-part job keeps one worker).
+
+        From a thread: forking a worker through the server blocks its caller (a round trip to the server).
+        """
+
+        def load() -> None:
+            self._warm.join()
+            assert self.pool is not None
+            self.pool.submit(_preload, bundle_dir, root, digest)
+
+        self._preloading = threading.Thread(target=load, name="score-preload", daemon=True)
+        self._preloading.start()
 
     def run(self, job: Job, parts: list[Part], on_rows: Report) -> None:
         """Score ``parts``; raise the first failure (the parts already written stay done)."""
         if not parts:
             return
         self._warm.join()
-        self.pool = ProcessPoolExecutor(max_workers=min(self.workers, len(parts)), mp_context=self.ctx,
-                                        initializer=_init_worker, initargs=(self.queue, os.getpid()))
+        if self._preloading is not None:
+            self._preloading.join()
+        assert self.pool is not None
         reader = threading.Thread(target=self._drain, args=(on_rows,), name="score-progress", daemon=True)
         reader.start()
         try:
@@ -193,5 +232,7 @@ class LocalEngine:
 
     def close(self) -> None:
         self._warm.join()
+        if self._preloading is not None:
+            self._preloading.join()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)

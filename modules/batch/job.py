@@ -22,6 +22,7 @@ import pyarrow as pa
 from modules.batch.columns import BatchError, Feed, kept_columns, plan_feeds
 from modules.batch.engine import Job
 from modules.batch.io import describe_input, file_format, input_files, merge_parts, read_schema
+from modules.batch.monitor import SAMPLE_PREFIX
 from modules.batch.plan import PART_PREFIX, Part, job_record, part_name, pending, plan_parts, resume_refusal
 from protocol.manifest import Manifest
 
@@ -59,7 +60,7 @@ def _discard(layout: Layout) -> None:
     if not layout.record.exists() and any(layout.work.iterdir()):
         raise BatchError(f"{layout.work} holds files of no edgefleet job: remove them yourself or choose another output")
     for path in [*layout.work.glob(f"{PART_PREFIX}*.parquet"), *layout.work.glob(f".{PART_PREFIX}*.tmp"),
-                 layout.record]:
+                 *layout.work.glob(f"{SAMPLE_PREFIX}*"), *layout.work.glob(f".{SAMPLE_PREFIX}*"), layout.record]:
         path.unlink(missing_ok=True)
     shutil.rmtree(layout.bundle, ignore_errors=True)
     if layout.single and not any(layout.work.iterdir()):
@@ -131,7 +132,8 @@ def prepare(input_path: Path, layout: Layout, manifest: Manifest, bundle_dir: Pa
         tmp = layout.record.with_name(layout.record.name + ".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, layout.record)
-    for stale in layout.work.glob(f".{PART_PREFIX}*.tmp"):  # a killed worker's unfinished part
+    for stale in [*layout.work.glob(f".{PART_PREFIX}*.tmp"), *layout.work.glob(f".{SAMPLE_PREFIX}*.tmp")]:
+        # a killed worker's unfinished part (or sample)
         stale.unlink(missing_ok=True)
     present = [p.name for p in layout.work.glob(f"{PART_PREFIX}*.parquet")]
     job = Job(str(bundle_dir), root, sources, schema, feeds, kept, str(layout.work), batch_rows, manifest.digest())

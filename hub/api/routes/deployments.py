@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from hub.api.deps import Principal, get_hub, require
@@ -22,10 +22,15 @@ class RolloutOptions(BaseModel):
     bake_s: Finite = Field(default=0.0, ge=0, description="seconds each wave runs before its gates are checked")
     gates: dict[Annotated[str, Field(max_length=64)], Finite | None] | None = Field(
         default=None, max_length=16,
-        description="max_install_failure_rate (default 0), max_error_rate, max_p95_increase, min_reporting")
+        description="max_install_failure_rate (default 0), max_error_rate, max_p95_increase, min_reporting,"
+                    " max_disagreement, max_prediction_drift, max_input_drift, min_accuracy")
     on_failure: Literal["rollback", "halt"] = "rollback"
     wave_timeout_s: Finite = Field(default=600.0, gt=0, description="longest a wave waits for its devices to install")
     collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000, description="override the module's sampling")
+    shadow_s: Finite = Field(default=0.0, ge=0, le=7 * 86_400,
+                             description="run the new version beside the live one on the first wave's devices this long"
+                                         " (never served) and gate on it before the waves; 0: no shadow")
+    shadow_sample: Finite = Field(default=1.0, gt=0, le=1, description="share of live inputs mirrored to the candidate")
 
     def kwargs(self) -> dict[str, Any]:
         return self.model_dump()
@@ -51,11 +56,18 @@ Target = Annotated[str, Field(max_length=MAX_TEXT, description='"*", "id1,id2" o
 ModuleRef = Annotated[str, Field(max_length=200, description='"module:version", or "module@alias" (resolved now)')]
 
 
+ConfigValue = Annotated[str, Field(max_length=4096)] | Int63 | bool
+CONFIG_HELP = ("the module's configuration (protocol DesiredModule.config: keys [a-z][a-z0-9_.-]*, str/int/bool values, "
+               "at most 64 keys and 8 KiB), delivered to the module without a new bundle")
+
+
 class DeploymentRequest(RolloutOptions, DeviceBake):
     name: Name
     module: ModuleRef
     target: Target = "*"
     priority: Int63 = 0
+    config: dict[Annotated[str, Field(max_length=64)], ConfigValue] | None = Field(default=None, max_length=64,
+                                                                                  description=CONFIG_HELP)
 
 
 class DeploymentUpdate(DeviceBake):
@@ -72,6 +84,13 @@ class DeploymentUpdate(DeviceBake):
     wave_timeout_s: Finite | None = Field(default=None, gt=0, description="default: the last rollout's")
     collect_rate_ppm: int | None = Field(default=None, ge=0, le=1_000_000,
                                          description="default: the latest revision's; null (given) clears it")
+    config: dict[Annotated[str, Field(max_length=64)], ConfigValue] | None = Field(
+        default=None, max_length=64, description=CONFIG_HELP + "; replaces the latest revision's ({} clears it)")
+    config_set: dict[Annotated[str, Field(max_length=64)], ConfigValue | None] | None = Field(
+        default=None, max_length=64, description="merged into the configuration (null removes a key)")
+    shadow_s: Finite = Field(default=0.0, ge=0, le=7 * 86_400,
+                             description="a shadow phase of this many seconds before the waves (not inherited)")
+    shadow_sample: Finite = Field(default=1.0, gt=0, le=1, description="share of live inputs mirrored to the candidate")
 
 
 @router.post("")
@@ -126,9 +145,17 @@ def list_rollouts(deployment: str | None = None, hub: Hub = Depends(get_hub)) ->
 
 
 @rollouts.get("/{deployment}", dependencies=[Depends(require("viewer"))])
-def rollout_status(deployment: NamePath, id: int | None = None, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    """The latest rollout of a deployment (or rollout ``id``): state, counts by device state, devices, last gate."""
-    return hub.rollouts.status(deployment, id)
+def rollout_status(deployment: NamePath, id: int | None = None,
+                   state: str = Query(default="", max_length=32, description="only devices in this bucket"),
+                   q: str = Query(default="", max_length=200, description="only devices whose id holds this"),
+                   limit: int | None = Query(default=None, ge=1, le=1000, description="list one page of devices"),
+                   cursor: str = Query(default="", max_length=256, description="next_cursor of the previous page"),
+                   hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """The latest rollout of a deployment (or rollout ``id``): state, counts by device state and per wave
+    (``by_wave``), the devices (all, or one page of those matching ``state``/``q``: ``devices_total``,
+    ``next_cursor``), who holds the wave and until when, last gate."""
+    page = {"state": state, "q": q, "limit": limit, "cursor": cursor}
+    return hub.rollouts.status(deployment, id, page)
 
 
 class RollbackRequest(BaseModel):

@@ -72,6 +72,28 @@ async def set_traffic(name: NamePath, body: TrafficRequest, m: EndpointManager =
     return await run_in_threadpool(m.set_traffic, name, body.weights, body.mirror)
 
 
+class CanaryRequest(BaseModel):
+    module: str = Field(max_length=200, description='the candidate "module:version"')
+    steps: list[Finite] = Field(default=[5.0, 25.0, 50.0, 100.0], min_length=1, max_length=20,
+                                description="traffic percentages, growing; 100 is appended if missing")
+    interval_s: Finite = Field(default=60.0, gt=0, description="how long each step runs before it may pass")
+    gates: dict[str, Finite | None] | None = Field(default=None, max_length=16,
+                                                   description="max_error_rate, max_p95_increase")
+    min_inferences: int = Field(default=20, ge=1, le=1_000_000, description="answers needed before a step is judged")
+
+
+@router.post("/{name}/canary", dependencies=[Depends(require("operator"))])
+async def start_canary(name: NamePath, body: CanaryRequest, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+    """A canary that moves its own weight up ``steps`` while its gates pass, and to 0 when they fail."""
+    return await run_in_threadpool(m.canaries.start, name, body.module, body.steps, body.interval_s, body.gates,
+                                   body.min_inferences)
+
+
+@router.get("/{name}/canary", dependencies=[Depends(require("viewer"))])
+def canary_status(name: NamePath, m: EndpointManager = Depends(manager)) -> dict[str, Any]:
+    return m.canaries.get(name)
+
+
 @router.get("/{name}/keys", dependencies=[Depends(require("operator"))])
 def get_keys(name: NamePath, m: EndpointManager = Depends(manager)) -> dict[str, str]:
     return m.keys(name)

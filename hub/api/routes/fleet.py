@@ -11,9 +11,11 @@ from hub import audit
 from hub.api.deps import Principal, get_hub, require
 from hub.bounds import MAX_LABELS, Facts, Key, Labels, NamePath, Value
 from hub.context import Hub
+from hub.fleet.device_query import STATUSES, DeviceFilter
 from hub.fleet.devices import MAX_BATCH, MAX_TOKEN_USES
 
 router = APIRouter(tags=["fleet"])
+DEFAULT_PAGE, MAX_PAGE = 50, 1000  # devices per page of GET /devices
 
 
 # device ids are checked (and explained) by the fleet service: the name rule plus the reserved prefix
@@ -63,8 +65,19 @@ def enroll_batch(body: EnrollBatchRequest, hub: Hub = Depends(get_hub)) -> dict[
 
 
 @router.get("/devices", dependencies=[Depends(require("viewer"))])
-def devices(hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
-    return hub.fleet.devices()
+def devices(q: str = Query(default="", max_length=200, description="part of the id, a label, or a module name's start"),
+            status: str = Query(default="", description=f"one of {', '.join(STATUSES)}"),
+            label: str = Query(default="", max_length=1000, description="label conditions 'k=v,k2!=v2'"),
+            deployment: str = Query(default="", max_length=200, description="devices given a module by it"),
+            limit: int | None = Query(default=None, ge=1, le=MAX_PAGE, description="page size: answer one page"),
+            cursor: str | None = Query(default=None, max_length=256, description="next_cursor of the previous page"),
+            hub: Hub = Depends(get_hub)) -> list[dict[str, Any]] | dict[str, Any]:
+    """Devices ordered by id, filtered. Without ``limit`` or ``cursor``: a list of every match. With them: one page
+    ``{items, total, limit, next_cursor, counts}`` (``counts``: matches per status, ignoring ``status``)."""
+    f = DeviceFilter(q.strip(), status, label.strip(), deployment.strip())
+    if limit is None and cursor is None:
+        return hub.fleet.devices(f)
+    return hub.fleet.page(f, limit or DEFAULT_PAGE, cursor or None)
 
 
 @router.get("/devices/{device_id}", dependencies=[Depends(require("viewer"))])

@@ -7,13 +7,15 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
 
 from hub import audit
 from hub.api.deps import Principal, get_hub, require, running_endpoints
+from hub.bounds import Finite
 from hub.context import Hub
 from hub.endpoints.manager import EndpointManager
 from hub.errors import Invalid
-from hub.monitoring import export, metrics
+from hub.monitoring import abtest, export, metrics
 from hub.monitoring.alerts import AlertRule
 from hub.monitoring.timeseries import SeriesFilter, recent_points
 from hub.store import StoreError
@@ -73,6 +75,44 @@ def metrics_series(device: str | None = None, deployment: str | None = None, end
     end = until if until is not None else time.time()
     start = since if since is not None else end - 3600
     return hub.monitor.series.series(SeriesFilter(device, module, version, devices), step, start, end)
+
+
+class LabelItem(BaseModel):
+    sample: str = Field(max_length=200, description="'device/request-id' (the id the device's request carried),"
+                                                    " 'device/seq/idx' (as data export shows it), or"
+                                                    " 'endpoint:NAME/REQUEST-ID' (a web answer's x-request-id)")
+    label: Any = Field(description="the true class or value; a list gives one per row of the record's batch")
+    ts: Finite | None = None
+
+
+class LabelsRequest(BaseModel):
+    labels: list[LabelItem] = Field(max_length=10_000)
+
+
+@router.post("/labels")
+def add_labels(body: LabelsRequest, who: Principal = Depends(require("operator")),
+               hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Ground truth for sampled predictions; accuracy per version follows (``GET /accuracy``, ``/metrics``)."""
+    return hub.monitor.labels.add([i.model_dump() for i in body.labels], who.name)
+
+
+@router.get("/accuracy", dependencies=[Depends(require("viewer"))])
+def accuracy(module: str | None = None, step: float = Query(default=3600.0, gt=0), since: float | None = None,
+             until: float | None = None, hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    """Per module version and per ``step`` seconds: labelled predictions, accuracy (classes), MAE (regression)."""
+    end = until if until is not None else time.time()
+    return hub.monitor.labels.series(module, step, since if since is not None else end - 86_400, end)
+
+
+@router.get("/ab", dependencies=[Depends(require("viewer"))])
+def ab_compare(a: str, b: str, metric: str = Query(default="accuracy", pattern="^(accuracy|success)$"),
+               since: float | None = None, alpha: float = Query(default=0.05, gt=0, lt=1),
+               hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Fleet A/B: deployments ``a`` and ``b`` (disjoint device groups) compared with always-valid intervals: look as
+    often as you like; ``decided`` and ``winner`` once the difference's interval excludes 0."""
+    start = since if since is not None else time.time() - 86_400
+    q = hub.monitor.quality
+    return abtest.compare(q.arm(a, metric, start), q.arm(b, metric, start), alpha) | {"metric": metric}
 
 
 @router.get("/drift/{deployment}", dependencies=[Depends(require("viewer"))])

@@ -1,79 +1,12 @@
-// The edgefleet fleet console: a single page over the hub's /api/v1, no framework, no CDN.
-// Every value that comes from a device or a user is put in the page as text (h() below), never as HTML.
+// The edgefleet operations console: a single page over the hub's /api/v1, no framework, no CDN.
+// Every value that comes from a device or a user is put in the page as text (h() in lib.js), never as HTML.
+import { $, TOKEN_KEY, api, card, h, pill, session, table, when } from "./lib.js";
+import { device, devices } from "./fleet.js";
+import { deployment, deployments } from "./deploy.js";
 
 const REFRESH_MS = 2000;
-const TOKEN_KEY = "edgefleet.token";
-const $ = (sel) => document.querySelector(sel);
-let token = sessionStorage.getItem(TOKEN_KEY) || "";
-let refresh = null;   // the current view's refresh function
+let refresh = null;   // the current view's refresh function: it fetches only what the view shows
 let timer = null;
-
-// --- helpers -------------------------------------------------------------------------------------
-
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-    else if (v !== false && v !== null && v !== undefined) el.setAttribute(k, v === true ? "" : v);
-  }
-  for (const c of children.flat()) el.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
-  return el;
-}
-
-class ApiError extends Error {
-  constructor(status, message) { super(message); this.status = status; }
-}
-
-async function api(path, options = {}) {
-  const resp = await fetch("/api/v1" + path, {
-    ...options,
-    headers: { "Authorization": `Bearer ${token}`, "Content-Type": "application/json", ...(options.headers || {}) },
-  });
-  const text = await resp.text();
-  let body = null;
-  try { body = text ? JSON.parse(text) : null; } catch { body = text; }
-  if (!resp.ok) {
-    const detail = body && body.detail !== undefined ? body.detail : `HTTP ${resp.status}`;
-    throw new ApiError(resp.status, typeof detail === "string" ? detail : JSON.stringify(detail));
-  }
-  return body;
-}
-
-function toast(message, bad = false) {
-  const t = $("#toast");
-  t.textContent = message;
-  t.className = bad ? "bad" : "";
-  t.hidden = false;
-  clearTimeout(toast.timer);
-  toast.timer = setTimeout(() => { t.hidden = true; }, 6000);
-}
-
-const pill = (text, state = text) => h("span", { class: `pill state-${state}` }, text);
-const when = (ts) => (ts ? new Date(ts * 1000).toLocaleString() : "never");
-const labelText = (labels) => Object.entries(labels || {}).map(([k, v]) => `${k}=${v}`).join(", ");
-
-function table(headers, rows, empty = "nothing yet") {
-  return h("table", {},
-    h("thead", {}, h("tr", {}, headers.map((x) => h("th", {}, x)))),
-    h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: headers.length, class: "muted" }, empty))));
-}
-
-function card(label, value, id) {
-  return h("div", { class: "card", "data-card": id }, h("div", { class: "label" }, label), h("div", { class: "value" }, String(value)));
-}
-
-const BAR_ORDER = ["running", "installing", "downloading", "pending", "waiting", "failed", "rolled_back"];
-
-function countsBar(counts) {
-  const total = Object.values(counts).reduce((a, b) => a + b, 0) || 1;
-  const keys = [...BAR_ORDER.filter((k) => counts[k]), ...Object.keys(counts).filter((k) => !BAR_ORDER.includes(k))];
-  return h("div", {},
-    h("div", { class: "bar", role: "img", "aria-label": keys.map((k) => `${k} ${counts[k]}`).join(", ") },
-      keys.map((k) => h("span", { class: `seg-${k}`, style: `width:${(100 * counts[k]) / total}%`, title: `${k}: ${counts[k]}` }))),
-    h("div", { class: "legend" }, keys.map((k) => h("span", { "data-count": k }, `${k}: ${counts[k]}`))));
-}
-
-// --- views: each sets up its static part once and returns a refresh function ----------------------
 
 const views = {
   async overview(root) {
@@ -102,87 +35,10 @@ const views = {
     };
   },
 
-  async devices(root) {
-    const filter = h("input", { type: "search", placeholder: "filter by id, label or module", "aria-label": "filter devices" });
-    const count = h("span", { class: "muted" });
-    const body = h("div");
-    root.append(h("h1", {}, "Devices"), h("div", { class: "toolbar" }, filter, count), body);
-    let devices = [];
-    const render = () => {
-      const q = filter.value.trim().toLowerCase();
-      const shown = devices.filter((d) => !q || [d.id, labelText(d.labels), ...d.modules.map((m) => `${m.name}:${m.version}`)]
-        .some((s) => s.toLowerCase().includes(q)));
-      count.textContent = `${shown.length} of ${devices.length}`;
-      body.replaceChildren(table(["Device", "Connection", "State", "Labels", "Modules", "Inferences", "Last seen"],
-        shown.slice(0, 500).map((d) => h("tr", { "data-device": d.id },
-          h("td", {}, d.id),
-          h("td", {}, pill(d.online ? "online" : "offline")),
-          h("td", {}, pill(d.state, d.state), d.error ? h("div", { class: "error" }, d.error) : ""),
-          h("td", {}, labelText(d.labels)),
-          h("td", {}, d.modules.map((m) => pill(`${m.name}:${m.version} ${m.state}`, m.state))),
-          h("td", {}, d.inferences.toLocaleString()),
-          h("td", {}, when(d.last_seen)))), "no devices enrolled"));
-    };
-    filter.addEventListener("input", render);
-    return async () => { devices = await api("/devices"); render(); };
-  },
-
-  async deployments(root) {
-    root.append(h("h1", {}, "Edge deployments"));
-    const body = root.appendChild(h("div"));
-    return async () => {
-      const [deployments, rollouts] = await Promise.all([api("/deployments"), api("/rollouts")]);
-      const latest = {};
-      for (const r of rollouts) if (!latest[r.deployment]) latest[r.deployment] = r;  // newest first
-      body.replaceChildren(table(["Name", "Module", "Target", "Priority", "Revision", "Latest rollout"],
-        deployments.map((d) => h("tr", { "data-deployment": d.name },
-          h("td", {}, h("a", { class: "row-link", href: `#/deployments/${encodeURIComponent(d.name)}` }, d.name)),
-          h("td", {}, d.module), h("td", {}, h("code", {}, d.target)), h("td", {}, String(d.priority)),
-          h("td", {}, `${d.revision} (stable ${d.stable_revision ?? "-"})`),
-          h("td", {}, latest[d.name] ? pill(latest[d.name].state, latest[d.name].phase) : "")),
-        ), "no deployments: `edgefleet deploy edge NAME --module M:V --target '*'`"));
-    };
-  },
-
-  async deployment(root, name) {
-    const title = h("h1", {}, `Deployment ${name}`);
-    const actions = h("div", { class: "toolbar" });
-    const body = h("div");
-    root.append(h("a", { class: "row-link", href: "#/deployments" }, "← all deployments"), title, actions, body);
-    const act = (action, confirmText) => h("button", {
-      class: action === "abort" || action === "rollback" ? "danger" : "", "data-action": action,
-      onclick: async () => {
-        if (confirmText && !window.confirm(confirmText)) return;
-        try {
-          await api(`/rollouts/${encodeURIComponent(name)}/${action}`, { method: "POST" });
-          toast(`${action}: done`);
-        } catch (e) { toast(`${action} refused: ${e.message}`, true); }
-        await tick();
-      },
-    }, action[0].toUpperCase() + action.slice(1));
-    actions.append(act("pause"), act("resume"), act("abort", `Abort the rollout of ${name}?`),
-      act("rollback", `Roll ${name} back to its previous revision?`));
-    return async () => {
-      let st;
-      try { st = await api(`/rollouts/${encodeURIComponent(name)}`); } catch (e) {
-        if (e.status !== 404) throw e;
-        body.replaceChildren(h("p", { class: "muted" }, e.message));
-        return;
-      }
-      body.replaceChildren(
-        h("p", {}, pill(st.state, st.phase), ` revision ${st.revision} (${st.module})`,
-          st.from_module ? ` from ${st.from_module}` : "", ` · wave ${st.wave} of ${st.waves} (${st.strategy.join(" → ")})`,
-          ` · bake ${st.bake_s}s`),
-        st.reason ? h("p", { class: "error", "data-reason": "" }, st.reason) : "",
-        countsBar(st.counts),
-        h("h2", {}, "Devices"),
-        table(["Device", "Wave", "State", "Install state", "Error"], st.devices.map((d) => h("tr", { "data-device": d.id },
-          h("td", {}, d.id, d.online ? "" : h("span", { class: "muted" }, " (offline)")),
-          h("td", {}, d.wave == null ? "" : String(d.wave)), h("td", {}, pill(d.state)),
-          h("td", {}, d.install_state || ""), h("td", {}, d.error || "")))),
-      );
-    };
-  },
+  devices,
+  device,
+  deployments,
+  deployment,
 
   async models(root) {
     root.append(h("h1", {}, "Model registry"));
@@ -233,31 +89,40 @@ const views = {
 
 // --- routing, refresh, sign-in -------------------------------------------------------------------
 
-async function tick() {
-  if (!refresh) return;
+// A poll waits for the previous one and backs off to 5x its duration, so a slow hub is never asked faster
+// than it answers (a deployment page over 10,000 devices costs the hub more than a page of 50 devices).
+let busy = false, nextAt = 0;
+
+async function tick(force = false) {
+  if (!refresh || (!force && (busy || Date.now() < nextAt))) return;
+  const started = Date.now();
+  busy = true;
   try {
     await refresh();
     $("#live").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (e) {
     if (e.status === 401) return signOut("The hub refused the token (expired or revoked): sign in again.");
     $("#live").textContent = `hub not answering: ${e.message}`;
+  } finally {
+    busy = false;
+    nextAt = started + Math.max(REFRESH_MS, 5 * (Date.now() - started));
   }
 }
 
 async function route() {
-  if (!token) return;
+  if (!session.token) return;
   const [, view = "overview", arg] = location.hash.split("/").map(decodeURIComponent);
-  const name = view === "deployments" && arg ? "deployment" : views[view] ? view : "overview";
+  const name = arg && view === "deployments" ? "deployment" : arg && view === "devices" ? "device" : views[view] ? view : "overview";
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === view);
   const root = $("#view");
   root.replaceChildren();
   refresh = null;
   refresh = await views[name](root, arg);
-  await tick();
+  await tick(true);
 }
 
 function signOut(message = "") {
-  token = "";
+  session.token = "";
   sessionStorage.removeItem(TOKEN_KEY);
   refresh = null;
   $("#view").hidden = $("#nav").hidden = $("#logout").hidden = true;
@@ -266,14 +131,14 @@ function signOut(message = "") {
 }
 
 async function signIn(candidate) {
-  token = candidate;
+  session.token = candidate;
   try {
     await api("/fleet/summary");
   } catch (e) {
     signOut(e.status === 401 || e.status === 403 ? `Token refused: ${e.message}` : `Hub not reachable: ${e.message}`);
     return;
   }
-  sessionStorage.setItem(TOKEN_KEY, token);
+  sessionStorage.setItem(TOKEN_KEY, session.token);
   $("#login").hidden = true;
   $("#view").hidden = $("#nav").hidden = $("#logout").hidden = false;
   await route();
@@ -283,6 +148,6 @@ window.addEventListener("DOMContentLoaded", () => {
   $("#login").addEventListener("submit", (ev) => { ev.preventDefault(); signIn($("#token").value.trim()); });
   $("#logout").addEventListener("click", () => signOut());
   window.addEventListener("hashchange", route);
-  timer = setInterval(() => { if (!document.hidden) tick(); }, REFRESH_MS);
-  if (token) signIn(token); else signOut();
+  timer = setInterval(() => { if (!document.hidden) tick(); }, 250);  // tick() decides when the next poll is due
+  if (session.token) signIn(session.token); else signOut();
 });
