@@ -322,3 +322,23 @@ def test_aliases_evaluations_tokens_and_release_policies_take_the_same_sql(db):
     assert authenticates(db, plain) and [t["name"] for t in list_tokens(db)] == ["ci"]
     revoke_token(db, "ci", actor="admin")
     assert not authenticates(db, plain) and list_tokens(db) == []
+
+
+def test_batch_jobs_fail_only_where_nobody_watches_them(db):
+    """A restarted replica fails its own running jobs; the leader those of replicas that stopped beating."""
+    from hub.batch.jobs import fail_orphaned, fail_stopped
+
+    with db.transaction() as tx:
+        t = tx.clock()
+        tx.insert_many("mqtt_sessions", ("client_id", "seen_at"), [("alive", t), ("dead", t - 100)])
+        for owner in ("me", "alive", "dead", "gone"):
+            tx.execute("INSERT INTO batch_jobs (module_name, module_version, digest, requested, input, output, state,"
+                       " created_at, owner) VALUES ('m', 1, 'd', 'm:1', '/i', '/o', 'running', ?, ?)", (t, owner))
+
+    def running() -> list[str]:
+        return [r["owner"] for r in db.query("SELECT owner FROM batch_jobs WHERE state = 'running' ORDER BY owner")]
+
+    assert fail_stopped(db, "me") == 1 and running() == ["alive", "dead", "gone"]
+    assert fail_orphaned(db, 15.0) == 2 and running() == ["alive"]
+    assert db.scalar("SELECT error FROM batch_jobs WHERE owner = 'dead'").startswith("the hub stopped")
+    assert fail_stopped(db, None) == 1 and running() == []  # one hub per SQLite data directory: all of them
