@@ -88,7 +88,7 @@ def legacy_rows(msg: TelemetryBatch) -> list[tuple]:
 
 def store_new(tmp: Path, packed: list[telemetry.Packed], per_commit: int) -> float:
     db = Database(tmp / "new.db")
-    conn = db.db().conn
+    conn = db.db()
 
     def run() -> None:
         for i in range(0, len(packed), per_commit):

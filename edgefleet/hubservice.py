@@ -100,6 +100,11 @@ class HubOptions:
     sandbox_network: bool = False
     endpoint_host: str = "127.0.0.1"  # where web endpoints listen
     endpoint_url_host: str | None = None  # the host name in their URLs
+    db_url: str | None = None  # postgresql://…: hub replicas on one database; None: SQLite in DATA (one hub)
+    blobs_dir: Path | None = None
+    leader_lease_s: float = 5.0
+    mqtt_client_id: str | None = None  # None: from the host name (hub/config.py)
+    ingest_adopt_s: float = 15.0
 
 
 def start_broker(opts: HubOptions) -> tuple[LocalBroker, str, str | None]:
@@ -158,7 +163,10 @@ def serve(opts: HubOptions) -> None:
                 broker_pid_file=broker.pid_file if broker is not None and opts.isolate else None,
                 ingest_workers=opts.ingest_workers, broker_ca=opts.broker_ca, tls_ca=opts.tls_ca,
                 sandbox=opts.sandbox, sandbox_user=opts.sandbox_user, sandbox_network=opts.sandbox_network,
-                endpoint_host=opts.endpoint_host, endpoint_url_host=opts.endpoint_url_host),
+                endpoint_host=opts.endpoint_host, endpoint_url_host=opts.endpoint_url_host,
+                db_url=opts.db_url, blobs_dir=opts.blobs_dir, leader_lease_s=opts.leader_lease_s,
+                ingest_adopt_s=opts.ingest_adopt_s, **({"mqtt_client_id": opts.mqtt_client_id}
+                                                       if opts.mqtt_client_id else {})),
                 host=opts.host, port=opts.port, tls=opts.api_tls)
         finally:
             if broker is not None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from hub.store.db import is_postgres_url
 from protocol.broker_url import parse_broker_url
+
+DEFAULT_CLIENT_ID = "edgefleet-hub"
 
 
 @dataclass
@@ -35,7 +39,7 @@ class HubConfig:
     # (hub/mqtt/ratelimit.py); burst 0: no limit
     blob_device_burst_bytes: int = 64 << 20
     blob_device_rate_bps: float = 64 << 10
-    mqtt_client_id: str = "edgefleet-hub"  # two hubs on one broker need distinct ids
+    mqtt_client_id: str = DEFAULT_CLIENT_ID  # two hubs on one broker need distinct ids (replicas get their own)
     release_ttl_s: int = 365 * 86400
     writer_flush_s: float = 0.1
     writer_batch_rows: int = 1000
@@ -68,9 +72,21 @@ class HubConfig:
     tls_ca: Path | None = None  # the CA of the hub's own TLS (DATA/tls/ca.pem, or the operator's): pinned on devices too
     max_body_bytes: int = 4 << 20  # HTTP request bodies, except the model upload (hub/api/guard.py)
     max_upload_bytes: int = 8 << 30  # POST /api/v1/models: the model files of one version
+    # the database: None is SQLite in data_dir/hub.db (one hub per data directory); a postgresql:// URL lets
+    # several hub replicas share one database (docs/scaling.md). Keep its password out of the URL: PGPASSWORD.
+    db_url: str | None = None
+    blobs_dir: Path | None = None  # the content store all replicas share (default data_dir/blobs)
+    leader_lease_s: float = 5.0  # replicas: how long the leader's lease lasts unless renewed (failover time)
+    ingest_adopt_s: float = 15.0  # replicas: an ingest process silent this long has its MQTT session adopted
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.mqtt_client_id == DEFAULT_CLIENT_ID and is_postgres_url(self.database):
+            # replicas on one database: the broker would drop one of two clients with the same id
+            # the same after a restart (a container keeps its host name): its durable session is found again
+            self.mqtt_client_id = f"{DEFAULT_CLIENT_ID}-{socket.gethostname()}"
+        if self.blobs_dir is not None:
+            self.blobs_dir = Path(self.blobs_dir)
         parse_broker_url(self.mqtt_url)  # fail at start, not at first connect
         if self.broker_ca is not None:
             self.broker_ca = Path(self.broker_ca)
@@ -78,6 +94,11 @@ class HubConfig:
         if self.tls_ca is not None:
             self.tls_ca = Path(self.tls_ca)
             ssl.create_default_context(cafile=str(self.tls_ca))
+
+    @property
+    def database(self) -> str:
+        """Where the hub's database is: the PostgreSQL URL, or the SQLite file's path."""
+        return self.db_url or str(self.data_dir / "hub.db")
 
     def broker_ca_pem(self) -> str | None:
         return self.broker_ca.read_text() if self.broker_ca is not None else None

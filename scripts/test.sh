@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Install what the test suite needs (mosquitto, a venv with edgefleet[test]) and run it.
-# Extra arguments go to pytest, e.g. `./scripts/test.sh -k protocol -x`.
+# Install what the test suite needs (mosquitto, PostgreSQL, a venv with edgefleet[test]) and run it.
+#
+# Without arguments (CI, the README's test command): the whole suite with the hub on SQLite, then the
+# tests marked `hubstore` (the hub's API, registry, fleet, rollout states, monitoring, ingest, endpoints, tokens,
+# audit) again with the hub on PostgreSQL (EDGEFLEET_TEST_DB=postgres; tests/pg.py starts a real server).
+# With arguments they go to one pytest run, e.g. `./scripts/test.sh -k protocol -x`, on the store
+# EDGEFLEET_TEST_DB names (sqlite by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the web console's browser tests (Playwright drives it)
+# the PostgreSQL store's tests and the second pass run a real server (initdb/pg_ctl, tests/pg.py)
+command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)  # the sandbox for operator code (modules/sandbox.py)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)  # a frozen device clock (tests/test_fleet_trust.py)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -18,4 +25,12 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-exec .venv/bin/python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+status=0
+echo "== the whole suite, hub on SQLite" >&2
+EDGEFLEET_TEST_DB=sqlite .venv/bin/python -m pytest || status=$?
+echo "== the hub's store tests again, hub on PostgreSQL" >&2
+EDGEFLEET_TEST_DB=postgres .venv/bin/python -m pytest -m hubstore || status=$?
+exit $status

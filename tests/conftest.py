@@ -1,4 +1,9 @@
-"""Shared fixtures: a real MQTT broker process per test session on a free loopback port."""
+"""Shared fixtures: a real MQTT broker process per test session on a free loopback port, and the hub's store.
+
+``EDGEFLEET_TEST_DB=postgres`` runs the shared hub fixtures (``server``, ``admin``, ``tests/hubside.RealHub``
+and every test that builds its ``HubConfig`` with ``tests.pg.hub_db``) on a real PostgreSQL server
+(tests/pg.py), one database per hub; the default is SQLite.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,33 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from edgefleet.broker import LocalBroker, find_mosquitto  # noqa: E402
+from tests import pg  # noqa: E402
 
 
 def _require_mosquitto() -> None:
     if os.environ.get("EDGEFLEET_BROKER", "mosquitto") == "mosquitto" and find_mosquitto() is None:
         pytest.fail("mosquitto is not installed: run `apt-get install -y mosquitto` (the README's test command does)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_server():
+    """With EDGEFLEET_TEST_DB=postgres: start the session's PostgreSQL now (a missing one fails here, loudly)."""
+    if pg.test_db_kind() == "postgres":
+        try:
+            pg.cluster()
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+    yield
+    pg.stop_cluster()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's PostgreSQL server (tests/pg.py), whichever store the shared fixtures use."""
+    try:
+        return pg.cluster()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +81,7 @@ def server(broker, tmp_data, monkeypatch, hub_options):
 
     monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
     s = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}",
-                            **hub_options)).start()
+                            **{**pg.hub_db(tmp_data), **hub_options})).start()
     assert s.wait_mqtt(10)
     yield s
     s.stop()

@@ -284,8 +284,10 @@ class RealHub:
         from hub import HubConfig, HubServer
 
         self.workdir = workdir
+        from tests.pg import hub_db
+
         config = HubConfig(workdir / "hub", broker_url, mqtt_client_id=f"hub-{uuid.uuid4().hex[:8]}",
-                           admin_token=f"test-admin-{uuid.uuid4().hex}")
+                           admin_token=f"test-admin-{uuid.uuid4().hex}", **hub_db(workdir / "hub"))
         self.server = HubServer(config).start()
         if not self.server.wait_mqtt(15):
             self.server.stop()

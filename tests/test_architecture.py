@@ -60,7 +60,7 @@ def test_import_protocol_pulls_in_no_io_library():
         "import sys, protocol, protocol.messages, protocol.signing, protocol.manifest, protocol.verify, "
         "protocol.topics, protocol.broker_url, protocol.encoding, protocol.trust, protocol.policy\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "{'paho','fastapi','starlette','uvicorn','httpx','requests','sqlite3','sqlite_utils','aiohttp','http','onnxruntime','numpy'})\n"
+        "{'paho','fastapi','starlette','uvicorn','httpx','requests','sqlite3','sqlite_utils','psycopg','aiohttp','http','onnxruntime','numpy'})\n"
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -89,7 +89,7 @@ def test_agent_daemon_loads_neither_numpy_nor_pydantic():
 # --- inside the hub: capability packages over one store, the API on top (docs/architecture.md) ---------------
 
 HUB = ROOT / "hub"
-DB_DRIVERS = {"sqlite3", "sqlite_utils"}
+DB_DRIVERS = {"sqlite3", "sqlite_utils", "psycopg", "psycopg2", "psycopg_pool"}
 API_WIRING = {"hub/__init__.py", "hub/server.py"}  # they start the app; nothing else below the API imports it
 
 

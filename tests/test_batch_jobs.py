@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from hub.testing import wait_until
 from modules.examples import N_FEATURES, synthetic_inputs, write_logreg_onnx
@@ -93,6 +94,7 @@ def run(inputs):
 """
 
 
+@pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 def test_batch_jobs_refuse_bad_requests_and_cancel_a_running_job(server, admin, tmp_path):
     register(admin, tmp_path, "bc")
     x = synthetic_inputs(np.random.default_rng(2), 2000)

@@ -26,6 +26,7 @@ from agent.identity import enroll, load_identity
 from edgefleet.broker import LocalBroker
 from hub.config import HubConfig
 from hub.server import HubServer
+from tests.pg import hub_db
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,8 @@ def tls_setup(tmp_path):
     rogue_path, _, _ = make_ca(tmp_path, "someone-else-ca")
     broker = LocalBroker(kind="mosquitto", tls=make_server_cert(tmp_path, ca, ca_key)).start()
     server = HubServer(HubConfig(tmp_path / "hub", broker.url, admin_token=secrets.token_urlsafe(32),
-                                 mqtt_client_id=f"hub-{secrets.token_hex(4)}", broker_ca=ca_path)).start()
+                                 mqtt_client_id=f"hub-{secrets.token_hex(4)}", broker_ca=ca_path,
+                                 **hub_db(tmp_path / "hub"))).start()
     try:
         assert server.wait_mqtt(15), "the hub did not connect to the TLS broker"
         yield broker, server, ca_path, rogue_path

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hub.ingest import telemetry
-from hub.ingest.writer import DATA_SQL
+from hub.ingest.writer import DATA_COLUMNS
 from hub.store import dumps
 from hub.testing import MqttProbe, wait_until
 from modules.examples import write_logreg_onnx
@@ -63,7 +63,7 @@ def test_series_alerts_drift_and_export_of_a_deployment_count_its_own_devices_on
         rows = [(dev, 1, i, now - 30, "m", 2, dumps({"x": [x]}), dumps({"y": [0]}))
                 for dev, shift in (("edge-a", 0.0), (ENDPOINT, 5.0))
                 for i, x in enumerate((rng.normal(size=(300, 4)) + shift).round(4).tolist())]
-        tx.executemany(DATA_SQL, rows)
+        tx.insert_many("data_records", DATA_COLUMNS, rows)
 
     series = admin.get("/api/v1/metrics/series", params={"deployment": "edge", "step": 3600, "since": now - 3600,
                                                            "until": now + 1}).json()

@@ -8,6 +8,8 @@ from hub.seed import enrol, play
 from hub.testing import wait_until
 from tests.rollout_support import build_versions
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh (instr, LIKE: hub/store/dialect.py)
+
 N = 120  # 30 per site
 
 

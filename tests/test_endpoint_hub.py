@@ -23,6 +23,7 @@ import pytest
 
 from hub import HubConfig, HubServer
 from modules.examples import write_logreg_onnx
+from tests.pg import hub_db
 
 SAMPLE = {"inputs": {"x": [[0.5, -1.0, 0.25, 2.0]]}}
 BROKEN_SCRIPT = """
@@ -44,7 +45,7 @@ def server(broker, tmp_path_factory):
     data = tmp_path_factory.mktemp("hub")
     s = HubServer(HubConfig(data, broker.url, admin_token=secrets.token_urlsafe(32),
                             mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=30,
-                            endpoint_telemetry_s=0.5)).start()
+                            endpoint_telemetry_s=0.5, **hub_db(data))).start()
     yield s
     s.stop()
 
@@ -336,6 +337,7 @@ def test_model_exception_is_a_500_with_request_id_and_the_worker_keeps_serving(a
     admin.delete("/api/v1/endpoints/broken")
 
 
+@pytest.mark.hubstore
 def test_sampled_requests_land_in_data_records_tagged_with_endpoint_and_version(admin, modules, server):
     ep = deploy(admin, "collect", modules["v2"])  # v2 collects every request (collect_rate_ppm = 1e6)
     for i in range(5):

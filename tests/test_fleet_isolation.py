@@ -16,7 +16,10 @@ from hub.fleet.broker_auth import BrokerAuth, mosquitto_hash
 from hub.testing import wait_until
 from protocol.messages import ReportedState
 from protocol.topics import HUB_STATUS_TOPIC, Channel, device_topic, root_topic, root_wildcard
+from tests.pg import hub_db
 from tests.rollout_support import build_versions
+
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
 
 class Client:
@@ -58,7 +61,8 @@ def isolated(tmp_data, monkeypatch):
     auth.write([])  # the hub's own login must exist before the broker starts
     broker = LocalBroker(kind="mosquitto", password_file=auth.password_file, acl_file=auth.acl_file).start()
     server = HubServer(HubConfig(tmp_data, auth.hub_url(broker.url), public_mqtt_url=broker.url, isolate=True,
-                                 broker_pid=broker.proc.pid, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
+                                 broker_pid=broker.proc.pid, mqtt_client_id=f"hub-{secrets.token_hex(4)}",
+                                 **hub_db(tmp_data))).start()
     assert server.wait_mqtt(10)
     yield broker, server
     server.stop()

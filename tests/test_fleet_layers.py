@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.rollout_support import build_versions
+
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
 
 def enrol(server, admin, device: str, **labels: str) -> None:

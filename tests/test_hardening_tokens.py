@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import os
 import secrets
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from hub import HubConfig, HubServer
 from hub.audit import record, seal, verify
 from hub.store import Database
 from hub.testing import wait_until
 from tests.clirun import as_json, cli
-from tests.rollout_support import build_versions
+from tests.rollout_support import build_versions, wait_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+@pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 def test_api_tokens_are_named_listed_expired_and_revoked(server, admin):
     made = admin.post("/api/v1/tokens", json={"name": "ci", "role": "operator"}).json()
     ci = made["token"]
@@ -131,12 +132,14 @@ def test_the_env_admin_token_replaces_the_previous_one(broker, tmp_path, monkeyp
         assert reason in errs and len(errs.strip().splitlines()) == 1, errs
 
 
+@pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 def test_every_mutation_is_audited_in_a_chain_that_names_the_edited_or_deleted_row(server, admin, tmp_path):
     admin.post("/api/v1/tokens", json={"name": "ci", "role": "operator"}).raise_for_status()
     admin.post("/api/v1/enrollment-tokens", json={}).raise_for_status()
     admin.post("/api/v1/keys/rotate", json={"role": "director"}).raise_for_status()
     build_versions(admin, tmp_path, n=1)  # a model registered, a module built
     admin.post("/api/v1/deployments", json={"name": "d", "module": "scorer:1", "target": "*"}).raise_for_status()
+    wait_rollout(admin, "d", "succeeded")  # the controller's own records come before the list below, not after it
     admin.post("/api/v1/alerts/rules", json={"name": "off", "kind": "offline", "threshold": 1}).raise_for_status()
     admin.delete("/api/v1/alerts/rules/off").raise_for_status()  # a route that records nothing itself
     admin.delete("/api/v1/tokens/ci").raise_for_status()
@@ -153,25 +156,23 @@ def test_every_mutation_is_audited_in_a_chain_that_names_the_edited_or_deleted_r
     assert "intact" in cli(server, "audit", "verify").stdout
 
     ids = [e["id"] for e in reversed(events)]
-    db = sqlite3.connect(server.hub.config.data_dir / "hub.db")
-    try:
-        with db:
-            db.execute("UPDATE audit SET actor = 'someone-else' WHERE id = ?", (ids[3],))
-        broken = admin.get("/api/v1/audit/verify").json()
-        assert not broken["ok"] and broken["broken"]["id"] == ids[3] and "edited" in broken["broken"]["reason"]
-        assert broken["rows"] == 3
-        proc = cli(server, "audit", "verify", ok=False)
-        assert proc.returncode == 1 and f"row {ids[3]} " in proc.stderr
-        with db:
-            db.execute("UPDATE audit SET actor = 'admin' WHERE id = ?", (ids[3],))  # put back: intact again
-        assert admin.get("/api/v1/audit/verify").json()["ok"]
-        with db:
-            db.execute("DELETE FROM audit WHERE id = ?", (ids[5],))
-        broken = admin.get("/api/v1/audit/verify").json()
-        assert not broken["ok"] and broken["broken"]["id"] == ids[6]
-        assert f"does not chain to row {ids[4]}" in broken["broken"]["reason"]
-    finally:
-        db.close()
+
+    def tamper(sql: str, row: int) -> None:  # behind the hub's back, on whichever store it runs
+        with server.hub.db.transaction() as tx:
+            tx.execute(sql, (row,))
+
+    tamper("UPDATE audit SET actor = 'someone-else' WHERE id = ?", ids[3])
+    broken = admin.get("/api/v1/audit/verify").json()
+    assert not broken["ok"] and broken["broken"]["id"] == ids[3] and "edited" in broken["broken"]["reason"]
+    assert broken["rows"] == 3
+    proc = cli(server, "audit", "verify", ok=False)
+    assert proc.returncode == 1 and f"row {ids[3]} " in proc.stderr
+    tamper("UPDATE audit SET actor = 'admin' WHERE id = ?", ids[3])  # put back: intact again
+    assert admin.get("/api/v1/audit/verify").json()["ok"]
+    tamper("DELETE FROM audit WHERE id = ?", ids[5])
+    broken = admin.get("/api/v1/audit/verify").json()
+    assert not broken["ok"] and broken["broken"]["id"] == ids[6]
+    assert f"does not chain to row {ids[4]}" in broken["broken"]["reason"]
 
 
 def test_audit_rows_of_an_older_hub_join_the_chain(tmp_path):

@@ -17,6 +17,9 @@ from modules.examples import write_logreg_onnx
 from protocol.encoding import sha256_hex
 from protocol.signing import load_trusted_root
 from protocol.verify import accept_manifest
+from tests.pg import hub_db
+
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
 
 def client_id() -> str:
@@ -72,7 +75,7 @@ def test_generated_admin_token_is_written_0600(server, tmp_data):
 
 def test_admin_token_from_env_is_honoured(broker, tmp_data, monkeypatch):
     monkeypatch.setenv("EDGEFLEET_ADMIN_TOKEN", "env-admin-token-0123456789abcdefghij")
-    with HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=client_id())) as s:
+    with HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=client_id(), **hub_db(tmp_data))) as s:
         assert s.admin_token == "env-admin-token-0123456789abcdefghij"
         r = httpx.post(s.url + "/api/v1/tokens", headers={"Authorization": "Bearer env-admin-token-0123456789abcdefghij"},
                        json={"name": "ci", "role": "viewer"})
@@ -81,7 +84,7 @@ def test_admin_token_from_env_is_honoured(broker, tmp_data, monkeypatch):
 
 def test_restart_keeps_keys_and_token_and_frees_port(broker, tmp_data, monkeypatch):
     monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    config = HubConfig(tmp_data, broker.url, mqtt_client_id=client_id())
+    config = HubConfig(tmp_data, broker.url, mqtt_client_id=client_id(), **hub_db(tmp_data))
     with HubServer(config) as first:
         headers = {"Authorization": f"Bearer {first.admin_token}"}
         root = httpx.get(first.url + "/api/v1/root", headers=headers).json()
@@ -93,7 +96,8 @@ def test_restart_keeps_keys_and_token_and_frees_port(broker, tmp_data, monkeypat
         assert "/api/v1/models" in httpx.get(second.url + "/openapi.json").json()["paths"]
         assert httpx.get(second.url + "/docs").status_code == 200
         assert second.wait_mqtt(10)
-        assert httpx.get(second.url + "/healthz").json() == {"status": "ok", "mqtt_connected": True}
+        health = httpx.get(second.url + "/healthz").json()
+        assert (health["status"], health["mqtt_connected"], health["leader"]) == ("ok", True, True)
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -175,7 +179,8 @@ def test_module_digest_is_stable_and_release_verifies(admin, server, broker, tmp
 
     # another hub, other keys, same inputs: the same bundle digest (the name is the content)
     other_dir = tmp_path / "other"
-    with HubServer(HubConfig(other_dir, broker.url, mqtt_client_id=client_id(), admin_token="t2-" + "x" * 40)) as other:
+    with HubServer(HubConfig(other_dir, broker.url, mqtt_client_id=client_id(), admin_token="t2-" + "x" * 40,
+                             **hub_db(other_dir))) as other:
         h = {"Authorization": "Bearer t2-" + "x" * 40}
         httpx.post(other.url + "/api/v1/models", headers=h, data={"name": "logreg"},
                    files=[("files", ("model.onnx", b"".join(read_blocks(onnx_file))))]).raise_for_status()

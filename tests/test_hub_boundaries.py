@@ -8,6 +8,7 @@ import secrets
 from pathlib import Path
 
 import httpx
+import pytest
 
 from edgefleet.broker import LocalBroker
 from hub import HubConfig, HubServer
@@ -15,6 +16,7 @@ from hub.testing import MqttProbe, wait_until
 from protocol.signing import load_trusted_root
 from protocol.topics import Channel, device_topic
 from protocol.verify import accept_desired
+from tests.pg import hub_db
 
 HUB = Path(__file__).resolve().parents[1] / "hub"
 FORBIDDEN = {"agent", "simulator", "edgefleet"}
@@ -29,12 +31,15 @@ def test_hub_imports_no_agent_simulator_or_cli():
             offenders += [f"{path.relative_to(HUB)}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
     assert offenders == []
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 
 def test_hub_reconnects_and_republishes_desired_state_after_broker_restart(tmp_data, monkeypatch):
     monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
     broker = LocalBroker(kind="mosquitto").start()  # its own broker: this test stops it
     try:
-        with HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")) as server:
+        with HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}",
+                                 **hub_db(tmp_data))) as server:
             assert server.wait_mqtt(10)
             headers = {"Authorization": f"Bearer {server.admin_token}"}
             token = httpx.post(server.url + "/api/v1/enrollment-tokens", headers=headers, json={}).json()["tokens"][0]

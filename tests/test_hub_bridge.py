@@ -20,6 +20,8 @@ from protocol.signing import load_trusted_root
 from protocol.topics import Channel, blob_wildcard, device_topic
 from protocol.verify import accept_manifest
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 INBOUND = (Channel.REPORTED, Channel.STATUS, Channel.TELEMETRY, Channel.DATA, Channel.BLOB_REQ, Channel.CMD_RES)
 
 

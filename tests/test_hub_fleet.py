@@ -16,6 +16,8 @@ from protocol.topics import Channel, device_topic
 from protocol.verify import accept_desired
 from tests.clirun import as_json, cli
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 
 @pytest.fixture
 def module(admin, tmp_path) -> dict:

@@ -7,12 +7,16 @@ import time
 
 import httpx
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.config import HubConfig
 from hub.server import HubServer
 from protocol.messages import TelemetryBatch, TelemetryPoint
 from protocol.topics import Channel, device_topic
+from tests.pg import hub_db
+
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
 
 def wait_until(predicate, timeout, what):
@@ -26,7 +30,7 @@ def wait_until(predicate, timeout, what):
 
 def test_two_ingest_workers_share_the_load_and_store_each_batch_once(broker, tmp_data):
     server = HubServer(HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}",
-                                 ingest_workers=2)).start()
+                                 ingest_workers=2, **hub_db(tmp_data))).start()
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{secrets.token_hex(4)}", protocol=mqtt.MQTTv5)
     try:
         assert server.wait_mqtt(10)

@@ -31,6 +31,7 @@ def _export(admin: httpx.Client, version: int) -> list[dict]:
     return [json.loads(line) for line in r.text.splitlines() if line]
 
 
+@pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 def test_accuracy_per_version_matches_an_offline_computation(server, admin, broker, tmp_path):
     build_versions(admin, tmp_path, n=1)
     fleet = Fleet(server.url, server.admin_token, 3, tmp_path / "sim", rate=20, telemetry_interval=0.5, prefix="lb")

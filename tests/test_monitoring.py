@@ -21,6 +21,7 @@ from modules.examples import synthetic_inputs, write_logreg_onnx, write_sample
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 from simulator.fleet import Fleet
 from tests.clirun import as_json, cli
+from tests.pg import hub_db
 
 
 class Webhook:
@@ -57,7 +58,8 @@ class Webhook:
 
 @pytest.fixture
 def hub(broker, tmp_path):
-    server = HubServer(HubConfig(data_dir=tmp_path / "hub", mqtt_url=broker.url, alert_eval_s=1.0),
+    server = HubServer(HubConfig(data_dir=tmp_path / "hub", mqtt_url=broker.url, alert_eval_s=1.0,
+                                 **hub_db(tmp_path / "hub")),
                        host="127.0.0.1", port=0).start()
     yield server
     server.stop()
@@ -104,6 +106,7 @@ def test_categorical_features_use_chi_square():
 # --- the acceptance scenario -------------------------------------------------------------------------
 
 
+@pytest.mark.hubstore
 def test_drift_in_one_feature_raises_one_alert_to_the_webhook(hub, tmp_path):
     webhook = Webhook()
     fleet = None
@@ -160,6 +163,7 @@ def test_drift_in_one_feature_raises_one_alert_to_the_webhook(hub, tmp_path):
         webhook.close()
 
 
+@pytest.mark.hubstore
 def test_webhook_retries_with_backoff_until_delivered(hub):
     webhook = Webhook(fail_first=2)
     try:
@@ -187,6 +191,7 @@ def test_webhook_retries_with_backoff_until_delivered(hub):
         webhook.close()
 
 
+@pytest.mark.hubstore
 def test_error_rate_rule_and_time_series_and_retention(hub):
     db = hub.hub.db
     now = time.time()
@@ -197,7 +202,7 @@ def test_error_rate_rule_and_time_series_and_retention(hub):
         tx.execute("INSERT INTO devices (id, labels, facts, created_at, desired) VALUES ('dev', '{}', '{}', ?, ?)",
                    (now, json.dumps([{"name": "m", "version": 1, "deployment": "d"}], separators=(",", ":"))))
         # 20 one-second intervals: 100 inferences, 10 errors each
-        telemetry.store(tx.conn, [telemetry.pack(TelemetryBatch(device="dev", seq=i, ts=now - 20 + i, points=[
+        telemetry.store(tx, [telemetry.pack(TelemetryBatch(device="dev", seq=i, ts=now - 20 + i, points=[
             TelemetryPoint(ts=now - 20 + i, module="m", version=1, inferences=100, errors=10,
                            latency_ms=LatencyMs(p50=1.0, p95=2.0, p99=3.0))])) for i in range(20)])
     with HubClient(hub.url, hub.admin_token) as c:
@@ -264,13 +269,11 @@ def test_export_one_million_rows_to_parquet_in_constant_memory(hub, tmp_path):
     n = 1_000_000
     db = hub.hub.db
     payload_in, payload_out = json.dumps({"x": [[0.1, -1.2, 0.3, 2.5]]}), json.dumps({"probability": [[0.42]]})
-    conn = db.db().conn
     t0 = int(time.time()) - 3600  # recent: older rows would be pruned by the hub's data retention
-    with db.transaction():
-        conn.executemany(
-            "INSERT INTO data_records (device, seq, idx, ts, module, version, input, output) "
-            "VALUES (?, ?, ?, ?, 'm', 1, ?, ?)",
-            ((f"dev-{i % 100}", i // 100, 0, t0 + i * 0.001, payload_in, payload_out) for i in range(n)))
+    with db.transaction() as tx:
+        tx.insert_many("data_records", ("device", "seq", "idx", "ts", "module", "version", "input", "output"),
+                       ((f"dev-{i % 100}", i // 100, 0, t0 + i * 0.001, "m", 1, payload_in, payload_out)
+                        for i in range(n)))
     hub_rss_before = psutil.Process().memory_info().rss
     small, small_peak = _export(hub, tmp_path / "small.parquet", "parquet", ["--until", str(t0 + 1)])
     assert small["rows"] == 1000

@@ -16,6 +16,8 @@ from modules.errors import ModelError
 from modules.examples import write_logreg_onnx
 from modules.loadcheck import inspect_model
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 
 @pytest.fixture
 def hub_options() -> dict:

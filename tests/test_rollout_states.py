@@ -11,6 +11,8 @@ from hub.rollout.rollout_plan import Wave, parse_strategy
 from hub.store import dumps
 from tests.rollout_support import build_versions, rollout
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 
 def test_transition_table_is_exactly_what_check_allows():
     states = list(S.TRANSITIONS)

@@ -72,7 +72,7 @@ def stored(tmp_path):
     db = Database(tmp_path / "hub.db")
     batches = fleet_batches(7)
     with db.transaction() as tx:
-        new = telemetry.store(tx.conn, [telemetry.pack(b) for b in batches])
+        new = telemetry.store(tx, [telemetry.pack(b) for b in batches])
     assert new == sum(len(b.points) for b in batches)
     yield db, batches
     db.close()
@@ -104,7 +104,7 @@ def test_series_equal_the_per_point_queries_for_any_window_and_step(stored, f):
 def test_a_replayed_batch_is_stored_and_counted_once(stored):
     db, batches = stored
     with db.transaction() as tx:
-        again = telemetry.store(tx.conn, [telemetry.pack(b) for b in batches[:5]])
+        again = telemetry.store(tx, [telemetry.pack(b) for b in batches[:5]])
     assert again == 0
     ref = reference(batches)
     assert device_totals(db) == {d: (n, e) for d, n, e in ref.execute(

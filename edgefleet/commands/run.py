@@ -80,27 +80,49 @@ def hub_serve(
                                       help="Address web endpoints listen on (each on its own port: deploy web --port)."),
     endpoint_url_host: str | None = typer.Option(None, "--endpoint-url-host", envvar="EDGEFLEET_ENDPOINT_URL_HOST",
                                                  help="Host name put in endpoint URLs (default: --endpoint-host)."),
+    db: str | None = typer.Option(None, "--db", envvar="EDGEFLEET_DB",
+                                  help="postgresql://user@host:port/db for hub replicas on one database"
+                                       " (password: PGPASSWORD); default: SQLite in DATA/hub.db."),
+    blobs: Path | None = typer.Option(None, "--blobs", envvar="EDGEFLEET_BLOBS",
+                                      help="Blob store directory every replica shares (default: DATA/blobs)."),
+    leader_lease: float = typer.Option(5.0, "--leader-lease", envvar="EDGEFLEET_LEADER_LEASE_S", min=0.5,
+                                       help="Replicas: seconds the leader's lease lasts unless renewed."),
+    client_id: str | None = typer.Option(None, "--mqtt-client-id", envvar="EDGEFLEET_MQTT_CLIENT_ID",
+                                         help="MQTT client id (replicas: each its own and the same after a restart;"
+                                              " default: from the host name)."),
+    adopt_after: float = typer.Option(15.0, "--ingest-adopt-after", envvar="EDGEFLEET_INGEST_ADOPT_S", min=1.0,
+                                      help="Replicas: seconds before the leader adopts a dead ingest process's"
+                                           " MQTT session."),
 ) -> None:
     """Run the hub API (and a local broker unless --mqtt is given) until Ctrl-C or SIGTERM.
 
     The local broker keeps its port across restarts (DATA/broker/address.json) and is restarted if it dies.
+    With SQLite (the default) one hub serves a data directory; with --db postgresql://… several replicas share
+    the database, DATA (keys) and the blob store (docs/scaling.md).
     """
     import socket
 
     from edgefleet.hubservice import HubOptions, ServiceError, serve
     from hub.exposure import Refused, ServeOptions, plan
-    from hub.trust.keys import KeySetupError, load_or_create_keys
+    from hub.leader import DataDirBusy, DataDirLock
+    from hub.store import StoreError, is_postgres_url
+    from hub.trust.keys import KeySetupError
     from hub.trust.tokens import TokenError
     from modules.sandbox import SandboxUnavailable, detect
 
     log = logging.getLogger("edgefleet.hub")
+    if db is not None and not is_postgres_url(db):
+        err.print(f"[red]--db {db!r}:[/] a postgresql:// URL (SQLite is the default: DATA/hub.db)")
+        raise typer.Exit(2)
     try:  # before anything starts: keys, an admin token or exposure the hub must not use stop it with one line
         if (tls_cert is None) != (tls_key is None) or (broker_cert is None) != (broker_key is None):
             raise Refused("give --tls-cert with --tls-key, and --broker-cert with --broker-key")
         exposure = plan(ServeOptions(host, mqtt, public_mqtt, isolate, insecure_http, insecure_broker,
                                      tls_cert is not None, mqtt_port), socket.getfqdn())
-        load_or_create_keys(data / "keys")
-        preflight_admin_token(data)
+        if db is None:  # SQLite: one hub per data directory (the hub holds DATA/hub.lock); say so before the broker
+            data.mkdir(parents=True, exist_ok=True)
+            DataDirLock(data).acquire().release()
+        preflight_keys_and_token(data, db)
         # and so does a host that cannot keep operator code away from those keys (the result is cached)
         detect("off" if no_sandbox else "on", sandbox_user, network=sandbox_network)
         for note in exposure.notes:
@@ -113,8 +135,12 @@ def hub_serve(
                          device_mqtt_url=exposure.device_mqtt_url, api_tls=api_tls, tls_ca=pinned,
                          sandbox="off" if no_sandbox else "on", sandbox_user=sandbox_user,
                          sandbox_network=sandbox_network, endpoint_host=endpoint_host,
-                         endpoint_url_host=endpoint_url_host))
-    except (KeySetupError, TokenError, Refused, ServiceError, SandboxUnavailable) as exc:
+                         endpoint_url_host=endpoint_url_host, db_url=db, blobs_dir=blobs, leader_lease_s=leader_lease,
+                         mqtt_client_id=client_id, ingest_adopt_s=adopt_after))
+    except DataDirBusy as exc:
+        err.print(f"[red]cannot serve:[/] {escape(str(exc.detail))}", soft_wrap=True)  # one line, however long
+        raise typer.Exit(1) from None
+    except (KeySetupError, TokenError, Refused, ServiceError, SandboxUnavailable, *StoreError) as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # one line, for logs and service managers
         raise typer.Exit(1) from None
 
@@ -147,18 +173,51 @@ def _tls_material(data: Path, host: str, exposure: Any, names: list[str], api: P
     return api_tls, listener, ca or (own[0].ca if own else None)
 
 
-def preflight_admin_token(data: Path) -> None:
-    """The admin token the hub will use (EDGEFLEET_ADMIN_TOKEN: long enough, never revoked), checked before start."""
-    from hub.store import Database
-    from hub.trust.keys import private_dir
+def preflight_keys_and_token(data: Path, db_url: str | None = None) -> None:
+    """The keys and the admin token the hub will use (EDGEFLEET_ADMIN_TOKEN: long enough, never revoked), checked
+    before start; on the hub's database (SQLite in DATA, or ``db_url``)."""
+    from hub.store import open_database
+    from hub.trust.keys import load_or_create_keys, private_dir
     from hub.trust.tokens import ensure_admin_token
 
     private_dir(data)
-    db = Database(data / "hub.db")
+    database = open_database(db_url or str(data / "hub.db"))
     try:
-        ensure_admin_token(db, data, None)
+        with database.transaction():  # replicas starting together on an empty shared DATA: one creates the keys
+            load_or_create_keys(data / "keys")
+            ensure_admin_token(database, data, None)
     finally:
-        db.close()
+        database.close()
+
+
+@hub_app.command("ingest")
+def hub_ingest(
+    db: str = typer.Option(..., "--db", envvar="EDGEFLEET_DB",
+                           help="The hubs' database: postgresql://… (password: PGPASSWORD), or an SQLite hub.db here."),
+    mqtt: str = typer.Option(..., "--mqtt", envvar="EDGEFLEET_MQTT", help="Broker URL (the hubs' own login)."),
+    processes: int = typer.Option(1, "--processes", envvar="EDGEFLEET_INGEST_PROCESSES", min=1,
+                                  help="Worker processes on this machine."),
+    broker_ca: Path | None = typer.Option(None, "--broker-ca", envvar="EDGEFLEET_BROKER_CA", exists=True, dir_okay=False,
+                                          help="PEM CA of an mqtts:// broker."),
+    client_id: str | None = typer.Option(None, "--mqtt-client-id", envvar="EDGEFLEET_MQTT_CLIENT_ID",
+                                         help="Client id prefix, the same after a restart (default: from the host"
+                                              " name); two of these commands on one host need their own."),
+) -> None:
+    """Ingest workers on their own (any machine): join the hubs' shared subscription, write telemetry and data."""
+    import socket
+
+    from hub.config import HubConfig
+    from hub.ingest.workers import run_standalone
+    from hub.store import is_postgres_url
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data = Path.cwd() if is_postgres_url(db) else Path(db).resolve().parent
+    if not is_postgres_url(db) and not Path(db).is_file():
+        err.print(f"[red]--db {db!r}:[/] neither a postgresql:// URL nor an existing hub.db")
+        raise typer.Exit(2)
+    config = HubConfig(data_dir=data, mqtt_url=mqtt, db_url=db, broker_ca=broker_ca,
+                       mqtt_client_id=client_id or f"edgefleet-{socket.gethostname()}", ingest_workers=processes)
+    run_standalone(config)
 
 
 # --- agent --------------------------------------------------------------------------------------

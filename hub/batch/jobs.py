@@ -9,6 +9,10 @@ for and, with ``monitor``, stores its sample for drift reports (``hub/batch/data
 
 States: ``running`` -> ``succeeded`` | ``failed`` | ``cancelled``. A job running when the hub
 stopped is ``failed`` at the next start (submit it again: nothing was written to its output).
+With hub replicas a job belongs to the replica that runs it (``owner``, its MQTT client id): a
+replica restarting fails only its own, and the leader fails those of a replica that stopped beating
+(``mqtt_sessions``, hub/ingest/sessions.py). A job cancelled on another replica is stopped by its
+owner at its next progress report.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pydantic import BaseModel, Field
 from hub.batch.data import store_sample
 from hub.errors import Conflict, Invalid, NotFound
 from hub.registry.bundles import parse_ref
-from hub.store import dumps, loads
+from hub.store import Database, dumps, loads
 from modules.bundle import pull_bundle, read_blocks, verify_bundle_dir
 from modules.sandbox import CODE_ROOT
 from protocol.encoding import ProtocolError, canonical_json
@@ -45,6 +49,25 @@ log = logging.getLogger("edgefleet.hub.batch")
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STOP_GRACE_S = 10.0
+STOPPED = "the hub stopped while the job ran: submit it again"
+
+
+def fail_stopped(db: Database, owner: str | None) -> int:
+    """Jobs an earlier process left running, which nobody watches now: every one (``owner`` None: one hub per
+    SQLite data directory), or with replicas those of ``owner`` (this replica, restarted)."""
+    mine, params = ("", ()) if owner is None else (" AND owner = ?", (owner,))
+    with db.transaction() as tx:
+        return tx.execute("UPDATE batch_jobs SET state = 'failed', finished_at = ?, error = ? WHERE state = 'running'"
+                          + mine, (time.time(), STOPPED, *params)).rowcount
+
+
+def fail_orphaned(db: Database, stale_s: float) -> int:
+    """Leader among replicas: fail the running jobs of replicas whose heartbeat stopped ``stale_s`` ago (or ended)."""
+    with db.transaction() as tx:
+        cutoff = tx.clock() - stale_s
+        return tx.execute("UPDATE batch_jobs SET state = 'failed', finished_at = ?, error = ? WHERE state = 'running'"
+                          " AND NOT EXISTS (SELECT 1 FROM mqtt_sessions s WHERE s.client_id = batch_jobs.owner"
+                          " AND s.seen_at >= ?)", (time.time(), STOPPED, cutoff)).rowcount
 
 
 class BatchJobRequest(BaseModel):
@@ -68,9 +91,8 @@ class BatchJobs:
         self._procs: dict[int, subprocess.Popen[str]] = {}
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
-        with self.db.transaction() as tx:  # a job of an earlier hub process cannot be watched any more
-            tx.execute("UPDATE batch_jobs SET state = 'failed', finished_at = ?, error = "
-                       "'the hub stopped while the job ran: submit it again' WHERE state = 'running'", (time.time(),))
+        self.owner = hub.config.mqtt_client_id  # distinct per replica (HubConfig)
+        fail_stopped(self.db, self.owner if hub.clustered else None)  # an earlier process's jobs are not watched
 
     # --- the API ------------------------------------------------------------------------------
 
@@ -93,10 +115,10 @@ class BatchJobs:
         options = req.model_dump(exclude={"module", "input", "output"})
         with self.db.transaction() as tx:
             job = tx.scalar("INSERT INTO batch_jobs (module_name, module_version, digest, requested, input, output, "
-                            "options, state, created_at, created_by, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, "
-                            "'running', ?, ?, ?) RETURNING id",
+                            "options, state, created_at, created_by, started_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, "
+                            "'running', ?, ?, ?, ?) RETURNING id",
                             (name, version, info["digest"], req.module, str(src), str(out), dumps(options),
-                             time.time(), who, time.time()))
+                             time.time(), who, time.time(), self.owner))
         threading.Thread(target=self._run, args=(job, info, options), name=f"batch-job-{job}", daemon=True).start()
         return self.get(job)
 
@@ -230,8 +252,13 @@ class BatchJobs:
                 p = None
             if isinstance(p, dict) and "rows_done" in p:
                 with self.db.transaction() as tx:
-                    tx.execute("UPDATE batch_jobs SET rows_done = ?, rows_total = ?, rows_per_s = ? WHERE id = ? "
-                               "AND state = 'running'", (p["rows_done"], p["rows_total"], p.get("rows_per_s"), job))
+                    running = tx.execute("UPDATE batch_jobs SET rows_done = ?, rows_total = ?, rows_per_s = ?"
+                                         " WHERE id = ? AND state = 'running'",
+                                         (p["rows_done"], p["rows_total"], p.get("rows_per_s"), job)).rowcount
+                if not running:  # cancelled (or failed as orphaned) elsewhere: another replica's API
+                    with self._lock:
+                        self._cancelled.add(job)
+                    _stop(proc)
             elif line:
                 tail.append(line)
         return list(tail)

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from hub.store import Database
+from hub.store import open_database
 
 log = logging.getLogger("edgefleet.endpoint.collect")
 
@@ -70,7 +70,7 @@ class Collector:
         self._thread.join(5)
 
     def _run(self) -> None:
-        db = Database(self.db_path)  # opening it brings an older hub database's schema up to date
+        db = open_database(self.db_path)  # opening it brings an older hub database's schema up to date
         stopping = False
         while not stopping:
             rows = []

@@ -302,7 +302,7 @@ class EndpointManager:
         return {"versions": versions, "keys": [row["primary_key"], row["secondary_key"]],
                 "replicas": int(row["replicas"]), "max_batch": int(row["max_batch"]),
                 "max_wait_ms": float(row["max_wait_ms"]), "threads": self.config.endpoint_threads,
-                "collect_db": str(self.db.path), "queue_timeout_s": self.config.endpoint_queue_timeout_s,
+                "collect_db": self.db.location, "queue_timeout_s": self.config.endpoint_queue_timeout_s,
                 "memory_mb": self.config.endpoint_memory_mb,
                 "telemetry_interval_s": self.config.endpoint_telemetry_s}
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from hub.ingest.telemetry import pack, store
-from hub.store import Database, StoreError
+from hub.store import Database, StoreError, open_database
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 
 log = logging.getLogger("edgefleet.endpoint.telemetry")
@@ -67,7 +67,7 @@ class EndpointTelemetry:
             return 0
         try:
             if self._db is None:
-                self._db = Database(self.db_path)
+                self._db = open_database(self.db_path)
             with self._db.transaction() as tx:
                 n = store(tx, [packed])
         except StoreError as exc:  # losing one interval's counts must not stop scoring; say so

@@ -3,7 +3,8 @@
 A delivery is POSTed with its body exactly as stored, signed with the subscription's secret
 (``signature.py``); a non-2xx answer or a network error is retried with exponential backoff
 (``backoff_s`` × 2^n, at most ``MAX_DELAY_S``) until ``max_attempts``, then marked ``failed``. Rows
-are the queue: deliveries pending when the hub stopped are sent after it starts again.
+are the queue: deliveries pending when the hub stopped are sent after it starts again. Among hub
+replicas the leader alone sends (hub/leader.py); any replica may queue.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hub.errors import Invalid, NotFound
 from hub.events import signature
 from hub.events.catalog import PING, check_events
 from hub.events.outbox import enqueue
+from hub.leader import SOLE_LEADER, Leader
 from hub.store import Database, dumps, loads, now
 
 log = logging.getLogger("edgefleet.hub.webhooks")
@@ -45,8 +47,8 @@ def hook_row(row: dict[str, Any]) -> dict[str, Any]:
 
 class Webhooks:
     def __init__(self, db: Database, backoff_s: float = 1.0, max_attempts: int = 10, timeout_s: float = 5.0,
-                 poll_s: float = 0.25) -> None:
-        self.db = db
+                 poll_s: float = 0.25, leader: Leader = SOLE_LEADER) -> None:
+        self.db, self.leader = db, leader  # hub replicas: the leader alone sends (each delivery once)
         self.backoff_s, self.max_attempts, self.poll_s = backoff_s, max_attempts, poll_s
         self._http = httpx.Client(timeout=timeout_s, headers={"User-Agent": USER_AGENT})
         self._stop = threading.Event()
@@ -156,6 +158,8 @@ class Webhooks:
 
     def send_due(self, limit: int = 20) -> int:
         """One pass: attempt every delivery that is due (oldest first); returns how many were attempted."""
+        if not self.leader.is_leader():
+            return 0
         due = self.db.query(
             "SELECT d.id, d.event_id, d.event, d.webhook, d.url, d.body, d.attempts, w.secret FROM webhook_deliveries d"
             " LEFT JOIN webhooks w ON w.id = d.webhook WHERE d.state = 'pending' AND d.next_at <= ?"

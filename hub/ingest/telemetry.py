@@ -37,8 +37,7 @@ _RECORD = struct.Struct("<ddddqqH")  # one POINT
 # what a rollup row sums, in column order
 SUMS = ("points", "inferences", "errors", "w50", "w95", "w99", "s95")
 
-INSERT_BATCH = ("INSERT INTO telemetry_batches (device, seq, ts_min, ts_max, points, keys, data)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+BATCH_COLUMNS = ("device", "seq", "ts_min", "ts_max", "points", "keys", "data")
 UPSERT_MINUTE = (
     "INSERT INTO telemetry_minutes (module, version, device, bucket, points, inferences, errors, w50, w95, w99, s95)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (module, version, bucket, device) DO UPDATE SET "
@@ -164,12 +163,15 @@ def store(conn: Connection, batches: Iterable[Packed]) -> int:
     """Insert batches and add their rollups, inside the caller's transaction; return the points that were new.
 
     A (device, seq) already stored is skipped with its rollups: exactly once, whichever process got it.
+    Rows go in key order, so two processes writing at once take their row locks in the same order.
     """
+    unique = {(b.device, b.seq): b for b in reversed(list(batches))}  # a batch twice in one write: its first copy
+    rows = [(b.device, b.seq, b.ts_min, b.ts_max, b.points, b.keys, b.data) for _, b in sorted(unique.items())]
+    inserted = conn.insert_new("telemetry_batches", BATCH_COLUMNS, rows, key=("device", "seq"))
     minutes: dict[tuple[str, int, str, int], list[float]] = {}
     new = 0
-    for b in batches:
-        if conn.execute(INSERT_BATCH, (b.device, b.seq, b.ts_min, b.ts_max, b.points, b.keys, b.data)).rowcount != 1:
-            continue
+    for k in sorted(inserted):
+        b = unique[k]
         new += b.points
         for (module, version, bucket), sums in b.minutes.items():
             key = (module, version, b.device, bucket)
@@ -180,7 +182,8 @@ def store(conn: Connection, batches: Iterable[Packed]) -> int:
                 for i, s in enumerate(sums):
                     have[i] += s
     if minutes:
-        conn.executemany(UPSERT_MINUTE, [(*k, int(v[0]), int(v[1]), int(v[2]), *v[3:]) for k, v in minutes.items()])
+        conn.executemany(UPSERT_MINUTE, [(*k, int(v[0]), int(v[1]), int(v[2]), *v[3:])
+                                         for k, v in sorted(minutes.items())])
     return new
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hub.ingest import telemetry as store
-from hub.store import Connection, Database, dumps, now
+from hub.store import Connection, Database, TransientStoreError, dumps, now
 from protocol.broker_url import parse_broker_url
 from protocol.messages import DataBatch, TelemetryBatch
 from protocol.topics import Channel, device_wildcard
@@ -18,15 +18,21 @@ from protocol.topics import Channel, device_wildcard
 log = logging.getLogger("edgefleet.hub.ingest")
 
 TELEMETRY = "telemetry"  # queue tag: the rows are packed batches (hub/ingest/telemetry.py), not SQL parameters
-DATA_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
-# a device's records with their sample id (``data_rows``), for labels
-DATA_ID_SQL = ("INSERT INTO data_records (device, seq, idx, ts, module, version, input, output, sample_id)"
-               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
-# the latest label for a sample wins (a correction replaces it)
-LABEL_SQL = ("INSERT INTO labels (sample_id, label, ts, source, created_by) VALUES (?, ?, ?, ?, ?)"
+DATA = "data"  # queue tag: the rows are data_records rows in RECORD_COLUMNS order
+SHADOW = "shadow"  # queue tag: shadow_points rows in SHADOW_COLUMNS order
+LABEL = "label"  # queue tag: labels rows in LABEL_COLUMNS order (the latest label for a sample wins)
+DATA_COLUMNS = ("device", "seq", "idx", "ts", "module", "version", "input", "output")
+RECORD_COLUMNS = (*DATA_COLUMNS, "sample_id")  # a device's records carry their sample id (``data_rows``), for labels
+SHADOW_COLUMNS = ("device", "seq", "idx", "ts", "module", "version", "live_version", "mirrored", "dropped", "compared",
+                  "disagreements", "errors", "p95", "live_p95", "live_classes", "shadow_classes")
+LABEL_COLUMNS = ("sample_id", "label", "ts", "source", "created_by")
+# a correction replaces a sample's label
+LABEL_SQL = (f"INSERT INTO labels ({', '.join(LABEL_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"
              " ON CONFLICT (sample_id) DO UPDATE SET label = excluded.label, ts = excluded.ts, source = excluded.source,"
              " created_by = excluded.created_by")
+WRITE_ATTEMPTS = 3  # a batch that fails this often (transiently) is written record by record; retries are idempotent
+ACK_WINDOW = 16  # commit early once this many messages wait for their acknowledgement (brokers allow ~20-100)
+Ack = Callable[[], None]
 LAST_SEEN_CHUNK = 500  # ids per UPDATE (under SQLite's bound-parameter limit)
 ENROLLED_TTL_S = 5.0  # how long a "not enrolled" answer is trusted before asking the database again
 
@@ -84,9 +90,8 @@ class EnrolledCache:
         self._known.discard(device_id)
 
 
-SHADOW_SQL = ("INSERT INTO shadow_points (device, seq, idx, ts, module, version, live_version, mirrored, dropped,"
-              " compared, disagreements, errors, p95, live_p95, live_classes, shadow_classes)"
-              " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING")
+SHADOW_SQL = (f"INSERT INTO shadow_points ({', '.join(SHADOW_COLUMNS)}) VALUES ({', '.join('?' * len(SHADOW_COLUMNS))})"
+              " ON CONFLICT DO NOTHING")
 
 
 def shadow_rows(msg: TelemetryBatch) -> list[tuple[Any, ...]]:
@@ -125,6 +130,12 @@ class BatchWriter:
     A telemetry batch is one row (its points packed) plus its rollups. ``ON CONFLICT DO NOTHING``
     on the (device, seq, …) keys drops replays (QoS 1 redelivery, an agent resending its
     outbox), so ``on_telemetry_rows`` hears only new points.
+
+    An item may carry an ``ack``: called once its rows are committed (or given up on), so an MQTT
+    message is acknowledged to the broker only when it is stored (hub replicas: a process killed
+    before its commit leaves the message to be delivered again). With acks waiting, the writer
+    commits as soon as :data:`ACK_WINDOW` of them are queued: the broker sends a client only so
+    many unacknowledged messages at a time.
     """
 
     def __init__(self, db: Database, flush_s: float, batch_rows: int,
@@ -134,8 +145,9 @@ class BatchWriter:
         self._thread = threading.Thread(target=self._run, name="hub-ingest-writer", daemon=True)
         # Producers only append under the lock; the writer wakes every flush_s, or early for a full batch.
         # (A queue.get per message woke the writer for every message: a thread switch each, on one GIL.)
-        self._items: list[tuple[str, list[tuple[Any, ...]]]] = []
+        self._items: list[tuple[str, list[tuple[Any, ...]], Ack | None]] = []
         self._rows = 0  # rows in _items
+        self._acks = 0  # items in _items with an ack
         self._pending = 0  # row sets queued but not yet committed
         self._stopping = False
         self._cond = threading.Condition()
@@ -152,29 +164,35 @@ class BatchWriter:
                 self._cond.notify_all()
             self._thread.join(timeout)
 
-    def telemetry(self, msg: TelemetryBatch) -> None:
-        packed = store.pack(msg)  # here, on the caller's thread: the writer thread only talks to SQLite
+    def telemetry(self, msg: TelemetryBatch, ack: Ack | None = None) -> None:
+        packed = store.pack(msg)  # here, on the caller's thread: the writer thread only talks to the database
         if packed is not None:
-            self._put(TELEMETRY, [packed])
+            self._put(TELEMETRY, [packed], None if msg.shadow else ack)
         if msg.shadow:
-            self._put(SHADOW_SQL, shadow_rows(msg))
+            self._put(SHADOW, shadow_rows(msg), ack)  # the ack goes with the message's last item
+        elif packed is None and ack is not None:
+            ack()  # nothing to store
 
-    def data(self, rows: list[tuple[Any, ...]]) -> None:
-        self._put(DATA_SQL, rows)
+    def data(self, rows: list[tuple[Any, ...]], ack: Ack | None = None) -> None:
+        """Records in DATA_COLUMNS order, or RECORD_COLUMNS (with a sample id; NULL when left out)."""
+        self._put(DATA, [r if len(r) == len(RECORD_COLUMNS) else (*r, None) for r in rows], ack)
 
-    def data_batch(self, msg: DataBatch) -> None:
-        """A device's data message: its sampled records and any labels it carries."""
+    def data_batch(self, msg: DataBatch, ack: Ack | None = None) -> None:
+        """A device's data message: its sampled records (with their sample ids) and any labels it carries."""
         if msg.records:
-            self._put(DATA_ID_SQL, data_rows(msg))
+            self._put(DATA, data_rows(msg), None if msg.labels else ack)
         if msg.labels:
-            self._put(LABEL_SQL, label_rows(msg))
+            self._put(LABEL, label_rows(msg), ack)
+        if not msg.records and not msg.labels and ack is not None:
+            ack()  # nothing to store
 
-    def _put(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    def _put(self, tag: str, rows: list[tuple[Any, ...]], ack: Ack | None = None) -> None:
         with self._cond:
-            self._items.append((sql, rows))
+            self._items.append((tag, rows, ack))
             self._pending += 1
             self._rows += len(rows)
-            if self._rows >= self.batch_rows:
+            self._acks += ack is not None
+            if self._rows >= self.batch_rows or self._acks >= ACK_WINDOW:
                 self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
@@ -185,37 +203,68 @@ class BatchWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._rows >= self.batch_rows, self.flush_s)
-                batch, self._items, self._rows = self._items, [], 0
+                self._cond.wait_for(lambda: self._stopping or self._rows >= self.batch_rows
+                                    or self._acks >= ACK_WINDOW, self.flush_s)
+                batch, self._items, self._rows, self._acks = self._items, [], 0, 0
                 stopping = self._stopping
             if batch:
                 self._write(batch)
+                for _, _, ack in batch:  # stored (or given up on and logged): the broker may forget them
+                    if ack is not None:
+                        try:
+                            ack()
+                        except Exception:
+                            log.exception("acknowledging a stored message failed")
                 with self._cond:
                     self._pending -= len(batch)
                     self._cond.notify_all()
             if stopping:
                 return
 
-    def _write(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+    def _write(self, batch: list[tuple[str, list[tuple[Any, ...]], Ack | None]]) -> None:
         try:
             self._commit(batch)
         except Exception as exc:  # never end the writer; and one bad record must not take the others with it
             log.warning("a batch of %d row set(s) failed (%r): writing its records one by one", len(batch), exc)
-            for sql, rows in batch:
+            for tag, rows, _ in batch:
                 for row in rows:  # a telemetry batch (one device's message) or one data record
                     try:
-                        self._commit([(sql, [row])])
+                        self._commit([(tag, [row], None)])
                     except Exception as one:
                         self.failed += 1
-                        kind, device = ("telemetry", row.device) if sql is TELEMETRY else ("data", row[0])
-                        log.error("could not store a %s record of device %r: %r", kind, device, one)
+                        device = row.device if tag is TELEMETRY else row[4] if tag is LABEL else row[0]
+                        log.error("could not store a %s record of device %r: %r", tag, device, one)
 
-    def _commit(self, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
-        """One transaction; replays are ignored (ON CONFLICT DO NOTHING), so writing a record again is harmless."""
-        with self.db.transaction() as tx:
-            for sql, rows in batch:
-                if sql is not TELEMETRY:
-                    tx.executemany(sql, rows)
-            new_telemetry = store.store(tx, (p for sql, rows in batch if sql is TELEMETRY for p in rows))
-            touch_last_seen(tx, {p.device if sql is TELEMETRY else p[0] for sql, rows in batch for p in rows})
+    def _commit(self, batch: list[tuple[str, list[tuple[Any, ...]], Ack | None]]) -> None:
+        """One batch transaction, tried again after a transient failure (a deadlock victim, a lost connection):
+        replays are ignored (ON CONFLICT DO NOTHING), so writing a record again is harmless."""
+        # in key order: beside other writers (other hubs, ingest workers) two batches never deadlock on their rows
+        data = _in_key_order(batch, DATA, 3)
+        shadow = _in_key_order(batch, SHADOW, 3)
+        labels = _in_key_order(batch, LABEL, 1)  # the last one for a sample wins, as one after another would
+        packed = [p for tag, rows, _ in batch if tag is TELEMETRY for p in rows]
+        seen = {p.device for p in packed} | {r[0] for r in data} | {r[0] for r in shadow}
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                with self.db.batch() as tx:
+                    if data:
+                        tx.insert_many("data_records", RECORD_COLUMNS, data, ignore=True)
+                    if shadow:
+                        tx.insert_many("shadow_points", SHADOW_COLUMNS, shadow, ignore=True)
+                    if labels:
+                        tx.executemany(LABEL_SQL, labels)
+                    new_telemetry = store.store(tx, packed)
+                    touch_last_seen(tx, seen)
+                break
+            except TransientStoreError:
+                if attempt == WRITE_ATTEMPTS:
+                    raise
+                log.warning("writing a batch of %d row set(s) failed; trying again", len(batch), exc_info=True)
+                time.sleep(0.2 * attempt)
         self.on_telemetry_rows(new_telemetry)
+
+
+def _in_key_order(batch: list[tuple[str, list[tuple[Any, ...]], Ack | None]], tag: str,
+                  key: int) -> list[tuple[Any, ...]]:
+    """A batch's rows of one kind, one per key (the last), sorted by it."""
+    return sorted({r[:key]: r for t, rows, _ in batch if t is tag for r in rows}.values(), key=lambda r: r[:key])

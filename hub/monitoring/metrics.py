@@ -64,7 +64,9 @@ def _bridge(hub: Hub, out: Exposition) -> None:
                    | set(downloads.refused))])
     out.family("edgefleet_hub_mqtt_connected", "gauge", "1 while the hub is connected and subscribed.",
                [({}, 1 if bridge.connected else 0)])
-    if hub.config.ingest_workers:  # the workers save their counters in the database every second
+    out.family("edgefleet_hub_leader", "gauge", "1 while this hub is the leader of its replicas (docs/scaling.md).",
+               [({}, 1 if hub.leadership.is_leader() else 0)])
+    if hub.config.ingest_workers or hub.clustered:  # workers (here or anywhere) save their counters every second
         workers = hub.db.query("SELECT idx, received, rejected FROM ingest_workers ORDER BY idx")
         out.family("edgefleet_hub_ingest_worker_messages_total", "counter", "Messages handled by each ingest worker.",
                    [({"worker": str(w["idx"]), "outcome": o}, w[o]) for w in workers for o in ("received", "rejected")])

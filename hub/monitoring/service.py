@@ -1,4 +1,8 @@
-"""The hub's monitoring service: drift reports, alerts, time series, retention, on one background thread."""
+"""The hub's monitoring service: drift reports, alerts, time series, retention, on one background thread.
+
+With hub replicas, alert evaluation and retention run on the leader only (hub/leader.py); the
+other replicas answer queries from the same database.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import threading
 import time
 
 from hub.config import HubConfig
+from hub.leader import SOLE_LEADER, Leader
 from hub.monitoring.alerts import Alerts
 from hub.monitoring.labels import Labels, Quality
 from hub.monitoring.reports import DriftReports
@@ -20,9 +25,10 @@ RETENTION_EVERY_S = 600.0
 
 
 class Monitor:
-    def __init__(self, config: HubConfig, db: Database, store: ContentStore) -> None:
+    def __init__(self, config: HubConfig, db: Database, store: ContentStore, leader: Leader = SOLE_LEADER) -> None:
         self.config = config
         self.db = db
+        self.leader = leader
         self.reports = DriftReports(db, store)
         self.alerts = Alerts(db, self.reports)
         self.series = TimeSeries(db)
@@ -42,9 +48,8 @@ class Monitor:
     def apply_retention(self, now: float | None = None) -> dict[str, int]:
         now = time.time() if now is None else now
         folded = self.series.downsample(self.config.telemetry_retention_s, now)
-        with self.db.transaction() as tx:
-            pruned = tx.execute("DELETE FROM data_records WHERE ts < ?",
-                                (now - self.config.data_retention_s,)).rowcount
+        with self.db.transaction() as tx:  # PostgreSQL: whole days' partitions dropped, not rows deleted
+            pruned = tx.delete_before("data_records", now - self.config.data_retention_s)
         if folded or pruned:
             log.info("retention: folded %d telemetry rows into rollups, pruned %d collected records", folded, pruned)
         return {"telemetry_rows_folded": folded, "data_rows_pruned": pruned}
@@ -52,6 +57,8 @@ class Monitor:
     def _run(self) -> None:
         next_retention = 0.0
         while not self._stop.wait(self.config.alert_eval_s):
+            if not self.leader.is_leader():
+                continue
             try:
                 self.alerts.evaluate()
             except Exception:

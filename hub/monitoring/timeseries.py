@@ -31,7 +31,7 @@ from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 
 log = logging.getLogger("edgefleet.hub.timeseries")
 
-FOREVER = 1e18  # an open end of a window, as a number SQLite compares
+FOREVER = 1e18  # an open end of a window, as a number the database compares
 Sums = np.ndarray  # float64[len(SUMS)]: points, inferences, errors, w50, w95, w99, s95
 _SUM_COLS = ", ".join(f"SUM({c})" for c in SUMS)
 
@@ -251,6 +251,6 @@ class TimeSeries:
         with self.db.transaction() as tx:
             gone = tx.execute("SELECT COALESCE(SUM(points), 0) FROM telemetry_batches WHERE ts_max < ?",
                               (cutoff,)).fetchone()[0]
-            tx.execute("DELETE FROM telemetry_batches WHERE ts_max < ?", (cutoff,))
+            tx.delete_before("telemetry_batches", cutoff)  # PostgreSQL: whole partitions dropped
             _raise_raw_from(tx, cutoff)
             return gone

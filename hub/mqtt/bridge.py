@@ -3,6 +3,12 @@
 It must never die on input: every rejection (bad topic, bad payload, unknown
 device, device mismatch, a failing handler) is logged at WARNING with the topic
 and reason, counted per channel, and the next message is served.
+
+With hub replicas on PostgreSQL (``clustered``) every replica's bridge joins the ingest group's shared
+subscription for telemetry and data (each message to one member), hears the other channels itself,
+and answers bundle-part requests only while it is the leader (one copy per wave, from one place).
+Each replica's last will says "hub offline"; a replica that hears it while connected says
+"online" again, so devices hold their telemetry only when no replica is left.
 """
 
 from __future__ import annotations
@@ -20,25 +26,37 @@ from paho.mqtt.enums import CallbackAPIVersion
 from hub.config import HubConfig
 from hub.errors import NotFound
 from hub.fleet.device_state import device_state
-from hub.ingest.writer import INGEST_CHANNELS, BatchWriter, share_group, shared_wildcard
+from hub.ingest import sessions
+from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, share_group, shared_wildcard
 from hub.mqtt.blob_carousel import Carousel
 from hub.mqtt.ratelimit import DeviceBudgets
 from hub.registry.bundles import bundle_chunks, release_envelope
-from hub.store import Database, dumps, now
+from hub.store import Database, dumps, is_postgres_url, now
 from hub.trust.roots_publish import announce, offline_will
 from modules.store import ContentStore
 from protocol.broker_url import parse_broker_url
-from protocol.encoding import ProtocolError, canonical_json, sha256_hex
+from protocol.encoding import ProtocolError, canonical_json, parse_json, sha256_hex
 from protocol.messages import (
     BlobRequest,
     CommandReply,
     DataBatch,
+    HubStatus,
     ReportedState,
     Status,
     TelemetryBatch,
     decode,
 )
-from protocol.topics import DEVICE_TO_HUB, MANIFEST_PART, Channel, DeviceTopic, blob_topic, device_wildcard, parse_topic
+from protocol.schema import validate
+from protocol.topics import (
+    DEVICE_TO_HUB,
+    HUB_STATUS_TOPIC,
+    MANIFEST_PART,
+    Channel,
+    DeviceTopic,
+    blob_topic,
+    device_wildcard,
+    parse_topic,
+)
 
 log = logging.getLogger("edgefleet.hub.bridge")
 
@@ -49,8 +67,9 @@ class Rejected(Exception):
 
 class Bridge:
     def __init__(self, config: HubConfig, db: Database, store: ContentStore,
-                 is_enrolled: Callable[[str], bool]) -> None:
-        self.config, self.db, self.store, self.is_enrolled = config, db, store, is_enrolled
+                 is_enrolled: Callable[[str], bool], is_leader: Callable[[], bool] = lambda: True) -> None:
+        self.config, self.db, self.store, self.is_enrolled, self.is_leader = config, db, store, is_enrolled, is_leader
+        self.clustered = is_postgres_url(config.database)  # other replicas may share the work
         self.on_ready: Callable[[], None] = lambda: None  # set by the hub: re-send retained desired states
         self.received: dict[str, int] = defaultdict(int)
         self.rejected: dict[str, int] = defaultdict(int)
@@ -70,15 +89,18 @@ class Bridge:
         self._sub_mid: int | None = None
         self._stopping = False
         self.writer = BatchWriter(db, config.writer_flush_s, config.writer_batch_rows, self._count_rows)
-        self._handlers: dict[Channel, Callable[[Any], None]] = {
+        self._handlers: dict[Channel, Callable[..., None]] = {
             Channel.STATUS: self._on_status, Channel.REPORTED: self._on_reported,
             Channel.TELEMETRY: self._on_telemetry, Channel.DATA: self._on_data,
             Channel.BLOB_REQ: self._on_blob_request, Channel.CMD_RES: self._on_command_reply,
         }
         url = parse_broker_url(config.mqtt_url)
         self._url = url
+        # replicas: a durable session whose telemetry and data are acknowledged once stored (hub/ingest/sessions.py)
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=config.mqtt_client_id,
-                                  protocol=mqtt.MQTTv5)
+                                  protocol=mqtt.MQTTv5, manual_ack=self.clustered)
+        self.acker = sessions.Acker(self.client)
+        self._heartbeat: sessions.Heartbeat | None = None
         if url.username:
             self.client.username_pw_set(url.username, url.password)
         if url.tls:
@@ -107,28 +129,39 @@ class Bridge:
                                                      daemon=True)
             self._carousel_thread.start()
         # connect_async + loop_start: the network thread connects, and reconnects after any loss
-        self.client.connect_async(self._url.host, self._url.port, keepalive=30)
+        extra: dict[str, Any] = {}
+        if self.clustered:
+            self._heartbeat = sessions.Heartbeat(self.db, self.config.mqtt_client_id).start()
+            extra = {"clean_start": False, "properties": sessions.connect_properties(sessions.SESSION_EXPIRY_S)}
+        self.client.connect_async(self._url.host, self._url.port, keepalive=30, **extra)
         self.client.loop_start()
         log.info("MQTT bridge connecting to %s", self._url.public())
 
     def stop(self) -> None:
         self._stopping = True
-        self.client.disconnect(reasoncode=mqtt.ReasonCode(mqtt.PacketTypes.DISCONNECT, "Disconnect with will message"))
+        if self.clustered and self._ready.is_set():  # nothing new for this session; store and ack the rest; end it
+            sessions.unsubscribe(self.client, sessions.ingest_topics(self.config.mqtt_url))
+            self.writer.stop()
+        self.client.disconnect(reasoncode=mqtt.ReasonCode(mqtt.PacketTypes.DISCONNECT, "Disconnect with will message"),
+                               properties=sessions.end_session_properties() if self.clustered else None)
         self.client.loop_stop()
         self._carousel_wake.set()
         if self._carousel_thread is not None:
             self._carousel_thread.join(10)
         self.writer.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.stop(ended=True)
         self._ready.clear()
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
         # while disconnected paho keeps QoS>0 messages and sends them after reconnecting
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             log.warning("broker refused the hub's connection: %s", reason_code)
             return
+        self.acker.reconnected()  # acks owed on the old connection are void: those messages come again
         # "online" is what the broker says now: every device's retained status arrives with the subscription below
         # (this same thread handles it after this), and a broker that lost them (restarted) has each device that
         # is really connected publish "online" again. A device stranded meanwhile must not stay "online".
@@ -137,10 +170,13 @@ class Bridge:
                 tx.execute("UPDATE devices SET online = 0 WHERE online = 1")
         except Exception:
             log.exception("could not reset the devices' online flags")
-        # with ingest workers, telemetry and data are shared with them (hub/ingest/workers.py)
-        group = share_group(self.config.mqtt_url) if self.config.ingest_workers > 0 else None
-        result, mid = client.subscribe([(shared_wildcard(ch, group) if group and ch in INGEST_CHANNELS
-                                         else device_wildcard(ch), 1) for ch in DEVICE_TO_HUB])
+        # with ingest workers or other replicas, telemetry and data are shared with them (hub/ingest/workers.py)
+        group = share_group(self.config.mqtt_url) if self.config.ingest_workers > 0 or self.clustered else None
+        topics = [(shared_wildcard(ch, group) if group and ch in INGEST_CHANNELS else device_wildcard(ch), 1)
+                  for ch in DEVICE_TO_HUB]
+        if self.clustered:
+            topics.append((HUB_STATUS_TOPIC, 1))
+        result, mid = client.subscribe(topics)
         self._sub_mid = mid
         log.info("MQTT bridge connected to %s", self._url.public())
 
@@ -172,7 +208,12 @@ class Bridge:
     # --- inbound ---------------------------------------------------------------------------
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == HUB_STATUS_TOPIC:
+            self._on_hub_status(msg.payload)
+            self._ack(msg)
+            return
         channel = "unknown"
+        handed = False  # the writer acknowledges a telemetry or data message once it is stored
         try:
             where = parse_topic(msg.topic)
             if not isinstance(where, DeviceTopic):
@@ -190,7 +231,11 @@ class Bridge:
                 raise Rejected(f"message names device {claimed!r} but came on the topic of {where.device_id!r}")
             if where.channel == Channel.CMD_RES:  # a reply counts only for a command sent to that device
                 self.on_command_reply(where.device_id, message)
-            handler(message)
+            if where.channel in INGEST_CHANNELS:
+                handler(message, self.acker.later(msg) if self.clustered else None)
+                handed = True
+            else:
+                handler(message)
         except (Rejected, ProtocolError, NotFound) as exc:
             self._reject(channel, msg.topic, str(exc))
         except Exception as exc:  # a bug or a failing disk must cost one message, not the bridge
@@ -198,6 +243,21 @@ class Bridge:
             self._reject(channel, msg.topic, f"handler error: {exc!r}")
         finally:
             self._count(self.processed, channel)
+            if not handed:
+                self._ack(msg)
+
+    def _ack(self, msg: mqtt.MQTTMessage) -> None:
+        if self.clustered:
+            self.acker.now(msg)
+
+    def _on_hub_status(self, payload: bytes) -> None:
+        """Another replica's will said "offline" (or it stopped): this one is still here, so say "online"."""
+        try:
+            online = validate(HubStatus, parse_json(payload, 4096)).online if payload else False
+        except ProtocolError:
+            return
+        if not online and not self._stopping and self._ready.is_set():
+            self.publish(HUB_STATUS_TOPIC, HubStatus(online=True, ts=time.time()).encode(), 1, True)
 
     def _reject(self, channel: str, topic: str, reason: str) -> None:
         self._count(self.rejected, channel)
@@ -228,11 +288,11 @@ class Bridge:
             if msg.facts:
                 tx.execute("UPDATE devices SET facts = ? WHERE id = ?", (dumps(msg.facts), msg.device))
 
-    def _on_telemetry(self, msg: TelemetryBatch) -> None:
-        self.writer.telemetry(msg)
+    def _on_telemetry(self, msg: TelemetryBatch, ack: Ack | None = None) -> None:
+        self.writer.telemetry(msg, ack)
 
-    def _on_data(self, msg: DataBatch) -> None:
-        self.writer.data_batch(msg)
+    def _on_data(self, msg: DataBatch, ack: Ack | None = None) -> None:
+        self.writer.data_batch(msg, ack)
 
     def _on_command_reply(self, msg: CommandReply) -> None:
         self.command_replies[msg.id] = msg.to_dict()
@@ -242,6 +302,8 @@ class Bridge:
     # --- bundle transfer -------------------------------------------------------------------
 
     def _on_blob_request(self, msg: BlobRequest) -> None:
+        if not self.is_leader():  # one replica serves parts, so a wave gets one copy; devices ask again after failover
+            return
         known = bundle_chunks(self.db, msg.bundle)  # NotFound -> rejected
         unknown = [c for c in msg.chunks if c not in known]
         if unknown:

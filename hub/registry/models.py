@@ -54,6 +54,9 @@ def parse_tags(pairs: list[str]) -> dict[str, str]:
     return tags
 
 
+ALL_ROWS = 2**62  # "no limit" as a number both SQLite and PostgreSQL take (PostgreSQL refuses LIMIT -1)
+
+
 def model_row(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": row["name"], "version": row["version"], "framework": row["framework"],
@@ -242,7 +245,7 @@ class ModelRegistry:
         clause = " WHERE " + " AND ".join(where)
         total = self.db.scalar("SELECT count(*) FROM models" + clause, params) or 0
         sql = "SELECT * FROM models" + clause + " ORDER BY created_at DESC, version DESC LIMIT ? OFFSET ?"
-        rows = self.db.query(sql, [*params, -1 if limit is None else limit, offset])
+        rows = self.db.query(sql, [*params, ALL_ROWS if limit is None else limit, offset])
         aliases = self._aliases(rows)
         return [model_row(r) | {"aliases": aliases[(r["name"], r["version"])]} for r in rows], total
 

@@ -7,6 +7,12 @@ published retained, QoS 1, only when the module list changes, or when the last
 one nears expiry (a device refuses expired states, so they are renewed), or when the root of trust
 or the release policy changed so that a device would refuse the stored one (rotation converges).
 Every state carries the current release policy (hub/trust/release_policy.py).
+
+Only the leader among hub replicas signs (hub/leader.py): on another replica :meth:`Director.sync`
+records the request in ``director_requests`` and the leader serves it within a tick. The leader
+stores each new state with ``desired_published = 0`` in a transaction fenced by its lease epoch, and
+marks it published once the broker has acknowledged it; a new leader first publishes what its
+predecessor stored but may not have sent (:meth:`Director.publish_pending`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 from hub.errors import Conflict
 from hub.fleet.device_state import device_state
 from hub.fleet.targeting import parse_target
+from hub.leader import SOLE_LEADER, Leader, LeaseLost
 from hub.rollout.retries import numbers as retry_numbers
 from hub.rollout.rollout_states import HOLDING, SHADOWING
 from hub.store import Database, dumps, loads
@@ -34,7 +41,8 @@ from protocol.trust import MAX_DESIRED_LIFETIME_S, signed_by
 
 log = logging.getLogger("edgefleet.hub.director")
 
-Publish = Callable[[str, bytes, int, bool], None]  # topic, payload, qos, retain
+Publish = Callable[[str, bytes, int, bool], Any]  # topic, payload, qos, retain -> paho's MessageInfo (or None)
+ACK_WAIT_S = 10.0  # how long to wait for the broker to acknowledge a sync's last state before leaving it pending
 
 
 @dataclass(frozen=True)
@@ -75,10 +83,11 @@ def desired_module(d: dict[str, Any], retry: int = 0) -> dict[str, Any]:
 
 class Director:
     def __init__(self, db: Database, keys: KeyRing, ttl_s: int, publish: Publish,
-                 policy: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 policy: Callable[[], dict[str, Any] | None] = lambda: None, leader: Leader = SOLE_LEADER) -> None:
         if not 0 < ttl_s <= MAX_DESIRED_LIFETIME_S:
             raise ValueError(f"desired_ttl_s must be 1..{MAX_DESIRED_LIFETIME_S} (devices refuse longer-lived states)")
         self.db, self.keys, self.ttl_s, self.publish, self.policy = db, keys, ttl_s, publish, policy
+        self.leader = leader
         # compute, commit and publish under one lock, so revision N+1 never reaches the broker before N
         self._lock = threading.Lock()
 
@@ -132,37 +141,109 @@ class Director:
         """Publish a new desired state to each device (all when None) whose module list changed; return how many.
 
         With ``renew_before`` (unix time), also re-sign states that expire before it; with ``resign``, also
-        those whose device row (with its ``desired_envelope``) it says yes to.
+        those whose device row (with its ``desired_envelope``) it says yes to. On a replica that is not the
+        leader, the request goes to the leader and this returns 0.
         """
+        if not self.leader.is_leader():
+            self.request(device_ids, resign is not None)
+            return 0
         with self._lock:
             deployments = self._deployments()
             retries = retry_numbers(self.db)
-            out: list[tuple[str, bytes]] = []
+            out: list[tuple[str, int, bytes]] = []
             policy = self.policy()
+            try:
+                with self.db.transaction() as tx:
+                    self.leader.fence(tx)  # a deposed leader's states never commit
+                    sql = ("SELECT id, labels, revision, desired, desired_expires, desired_envelope, reported"
+                           " FROM devices")
+                    rows = self.db.query(sql) if device_ids is None else [
+                        r for i in device_ids for r in self.db.query(sql + " WHERE id = ?", (i,))]
+                    for row in rows:
+                        modules = self.modules_for(row["id"], loads(row["labels"], {}), deployments, retries)
+                        unchanged = row["desired"] is not None and loads(row["desired"]) == modules
+                        expiring = renew_before is not None and (row["desired_expires"] or 0) < renew_before
+                        if unchanged and not expiring and not (resign is not None and resign(row)):
+                            continue
+                        state = DesiredState(device=row["id"], revision=row["revision"] + 1,
+                                             expires=int(time.time()) + self.ttl_s,
+                                             modules=[validate(DesiredModule, m) for m in modules], policy=policy)
+                        envelope = canonical_json(sign(state.to_dict(), [self.keys.key("director")]))
+                        desired = dumps(modules)
+                        tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?,"
+                                   " desired_expires = ?, desired_published = 0, state = ? WHERE id = ?",
+                                   (state.revision, desired, envelope.decode(), state.expires,
+                                    device_state(desired, row["reported"]), row["id"]))
+                        out.append((row["id"], state.revision, envelope))
+            except LeaseLost as exc:
+                log.warning("desired-state sync handed to the next leader: %s", exc)
+                self.request(device_ids, resign is not None)
+                return 0
+            sent = self._publish(out)
+            if sent:
+                log.info("published desired state to %d device(s)", sent)
+            return sent
+
+    def _publish(self, states: list[tuple[str, int, bytes]]) -> int:
+        """Publish stored states (caller holds ``_lock``); mark them published once the broker acknowledged them."""
+        done: list[tuple[str, int]] = []
+        last = None
+        for device_id, revision, envelope in states:
+            if not self.leader.is_leader():  # deposed meanwhile: the next leader publishes what is left pending
+                log.warning("no longer the leader: %d desired state(s) left for the next one",
+                            len(states) - len(done))
+                break
+            last = self.publish(device_topic(device_id, Channel.DESIRED), envelope, 1, True)
+            done.append((device_id, revision))
+        if done and last is not None and hasattr(last, "wait_for_publish"):
+            try:  # QoS 1 acknowledgements come in order: the last one covers all
+                last.wait_for_publish(ACK_WAIT_S)
+            except (RuntimeError, ValueError):
+                pass
+            if not last.is_published():
+                return len(done)  # left pending: sent again after the next connect or election
+        if done:
             with self.db.transaction() as tx:
-                sql = "SELECT id, labels, revision, desired, desired_expires, desired_envelope, reported FROM devices"
-                rows = self.db.query(sql) if device_ids is None else [
-                    r for i in device_ids for r in self.db.query(sql + " WHERE id = ?", (i,))]
-                for row in rows:
-                    modules = self.modules_for(row["id"], loads(row["labels"], {}), deployments, retries)
-                    unchanged = row["desired"] is not None and loads(row["desired"]) == modules
-                    expiring = renew_before is not None and (row["desired_expires"] or 0) < renew_before
-                    if unchanged and not expiring and not (resign is not None and resign(row)):
-                        continue
-                    state = DesiredState(device=row["id"], revision=row["revision"] + 1,
-                                         expires=int(time.time()) + self.ttl_s,
-                                         modules=[validate(DesiredModule, m) for m in modules], policy=policy)
-                    envelope = canonical_json(sign(state.to_dict(), [self.keys.key("director")]))
-                    desired = dumps(modules)
-                    tx.execute("UPDATE devices SET revision = ?, desired = ?, desired_envelope = ?, desired_expires = ?,"
-                               " state = ? WHERE id = ?", (state.revision, desired, envelope.decode(), state.expires,
-                                                           device_state(desired, row["reported"]), row["id"]))
-                    out.append((row["id"], envelope))
-            for device_id, envelope in out:
-                self.publish(device_topic(device_id, Channel.DESIRED), envelope, 1, True)
-            if out:
-                log.info("published desired state to %d device(s)", len(out))
-            return len(out)
+                tx.executemany("UPDATE devices SET desired_published = 1 WHERE id = ? AND revision = ?", done)
+        return len(done)
+
+    def request(self, device_ids: list[str] | None, resign: bool = False) -> None:
+        """Ask the leader for a sync of ``device_ids`` (None: every device); ``resign``: with
+        :meth:`resign_refused` (the policy or the keys changed here)."""
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO director_requests (devices, created_at, resign) VALUES (?, ?, ?)",
+                       (None if device_ids is None else dumps(sorted(device_ids)), time.time(), int(resign)))
+
+    def serve_requests(self) -> int:
+        """Leader: sync what other replicas asked for; returns the states published."""
+        rows = self.db.query("SELECT id, devices, resign FROM director_requests ORDER BY id")
+        if not rows or not self.leader.is_leader():
+            return 0
+        wanted: set[str] | None = set()
+        for r in rows:
+            if r["devices"] is None:
+                wanted = None
+            elif wanted is not None:
+                wanted.update(loads(r["devices"]))
+        if any(r["resign"] for r in rows) and self.keys.holds("director"):
+            published = self.resign_refused()  # every device: covers ``wanted`` too
+        else:
+            published = self.sync(None if wanted is None else sorted(wanted))
+        with self.db.transaction() as tx:
+            tx.execute("DELETE FROM director_requests WHERE id <= ?", (rows[-1]["id"],))
+        return published
+
+    def publish_pending(self) -> int:
+        """Leader: publish the states stored but not acknowledged (a predecessor died between commit and publish)."""
+        if not self.leader.is_leader():
+            return 0
+        with self._lock:
+            rows = self.db.query("SELECT id, revision, desired_envelope FROM devices WHERE desired_published = 0"
+                                 " AND desired_envelope IS NOT NULL ORDER BY id")
+            sent = self._publish([(r["id"], r["revision"], r["desired_envelope"].encode()) for r in rows])
+        if sent:
+            log.info("published %d desired state(s) left pending", sent)
+        return sent
 
     def resign_refused(self) -> int:
         """Re-sign every stored state a device would now refuse or read with a stale release policy: signed by a
@@ -187,7 +268,8 @@ class Director:
 
     def republish_all(self) -> None:
         """Send every stored envelope again (after a reconnect: a broker without persistence lost its retained copy)."""
+        if not self.leader.is_leader():
+            return
         with self._lock:
-            rows = self.db.query("SELECT id, desired_envelope FROM devices WHERE desired_envelope IS NOT NULL")
-            for row in rows:
-                self.publish(device_topic(row["id"], Channel.DESIRED), row["desired_envelope"].encode(), 1, True)
+            rows = self.db.query("SELECT id, revision, desired_envelope FROM devices WHERE desired_envelope IS NOT NULL")
+            self._publish([(r["id"], r["revision"], r["desired_envelope"].encode()) for r in rows])

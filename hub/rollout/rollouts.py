@@ -6,6 +6,12 @@ controller is a loop in the hub that re-reads every rollout from SQLite on each 
 restarted mid-rollout carries on where it was: the state, the wave, when its phase began and
 which devices it moved are all in the database, and desired states are only re-signed when a
 device's module list really changes (no duplicated or stale revisions).
+
+With several hub replicas the loop runs on the leader only (hub/leader.py): every transition the
+controller makes is fenced by the leader's lease epoch in its own transaction, and every transition
+is a compare-and-set on the state it was computed from, so an operator's pause on another replica
+and the controller's step never overwrite each other. Operator commands on any replica are
+recorded at once; the leader's loop takes the next step.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from hub.audit import CONTROLLER, record
 from hub.errors import Conflict, NotFound
 from hub.fleet.device_state import bundle_state, category
 from hub.fleet.targeting import parse_target
+from hub.leader import SOLE_LEADER, Leader, LeaseLost
 from hub.rollout import retries
 from hub.rollout import rollout_states as S
 from hub.rollout import rollout_view as view
@@ -42,11 +49,13 @@ def wave_order(deployment: str, device_id: str) -> str:
 
 
 class Rollouts:
-    def __init__(self, db: Database, director: Director, tick_s: float = 0.5) -> None:
-        self.db, self.director, self.tick_s = db, director, tick_s
+    def __init__(self, db: Database, director: Director, tick_s: float = 0.5, leader: Leader = SOLE_LEADER) -> None:
+        self.db, self.director, self.tick_s, self.leader = db, director, tick_s, leader
         self._lock = threading.RLock()  # the loop and API commands never interleave on one rollout
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._elected = threading.Event()  # set when this process became leader: catch up first
+        self._republish = threading.Event()  # set after the bridge (re)connected: send retained states again
         self._thread: threading.Thread | None = None
         self.quality: QualitySource | None = None  # set by the hub: input drift and accuracy for the quality gates
 
@@ -65,25 +74,57 @@ class Rollouts:
     def wake(self) -> None:
         self._wake.set()
 
+    def elected(self) -> None:
+        """This process just became leader (called on the leadership thread: only flag it)."""
+        self._elected.set()
+        self._wake.set()
+
+    def republish(self) -> None:
+        """The bridge (re)connected (called on paho's thread: only flag it)."""
+        self._republish.set()
+        self._wake.set()
+
     def _run(self) -> None:
-        try:  # a crash between committing a wave's pins and publishing: publish what the database says now
-            self.director.sync()
-        except Exception:
-            log.exception("initial desired-state sync failed")
         while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("rollout tick failed")
+            if self.leader.is_leader():
+                self._lead()
             self._wake.wait(self.tick_s)
             self._wake.clear()
+
+    def _lead(self) -> None:
+        """One turn of the leader's duties: catch up after an election, serve sync requests, step rollouts."""
+        if self._elected.is_set():
+            self._elected.clear()
+            try:  # a predecessor (or this hub before a crash) may have committed states it never published
+                self.director.publish_pending()
+                self.director.sync()
+            except Exception:
+                log.exception("catching up after the election failed")
+                self._elected.set()
+        if self._republish.is_set():
+            self._republish.clear()
+            try:
+                self.director.republish_all()
+            except Exception:
+                log.exception("re-sending desired states after connecting failed")
+        try:
+            self.director.serve_requests()
+        except Exception:
+            log.exception("serving desired-state requests failed")
+        try:
+            self.tick()
+        except Exception:
+            log.exception("rollout tick failed")
 
     def tick(self) -> None:
         """Advance every rollout the controller drives on its own."""
         active = ",".join(f"'{s}'" for s in sorted(S.ACTIVE))
         for row in self.db.query(f"SELECT id FROM rollouts WHERE state IN ({active}) ORDER BY id"):
             with self._lock:
-                self.step(row["id"])
+                try:
+                    self.step(row["id"])
+                except (LeaseLost, Conflict) as exc:  # deposed, or an operator moved it first: next tick
+                    log.info("rollout %s: step not taken: %s", row["id"], exc)
 
     # --- starting ------------------------------------------------------------------------------
 
@@ -115,7 +156,12 @@ class Rollouts:
     # --- one step of the state machine -----------------------------------------------------------
 
     def step(self, rid: int) -> int:
-        """Advance rollout ``rid`` if its conditions are met; return how many desired states were published."""
+        """Advance rollout ``rid`` if its conditions are met; return how many desired states were published.
+
+        Only the leader steps (elsewhere this returns 0 and the leader's loop takes the step).
+        """
+        if not self.leader.is_leader():
+            return 0
         with self._lock:
             r = self._get(rid)
             state = r["state"]
@@ -179,6 +225,7 @@ class Rollouts:
             settled = all(category(s) in SETTLED for s, _ in states.values())
             if settled or t - r["phase_started_at"] >= r["wave_timeout_s"]:
                 with self.db.transaction() as tx:
+                    self.leader.fence(tx)
                     tx.execute("UPDATE rollouts SET shadow_started_at = ?, updated_at = ? WHERE id = ?", (t, t, r["id"]))
             return 0
         if t - r["shadow_started_at"] < r["shadow_s"]:
@@ -189,6 +236,7 @@ class Rollouts:
         if not result.ok:
             return self._fail(r, result, {"shadow": figures})
         with self.db.transaction() as tx:
+            self.leader.fence(tx)
             tx.execute("UPDATE rollouts SET last_gate = ? WHERE id = ?",
                        (dumps(result.to_json() | {"shadow": figures}), r["id"]))
             record(self.db, CONTROLLER, "rollout.shadow_passed", r["deployment"], rollout=r["id"],
@@ -231,6 +279,7 @@ class Rollouts:
             return self._fail(r, result)
         waves = strategy_from_json(loads(r["strategy"]))
         with self.db.transaction() as tx:
+            self.leader.fence(tx)
             tx.execute("UPDATE rollouts SET last_gate = ? WHERE id = ?", (dumps(result.to_json()), r["id"]))
             if r["wave"] + 1 < len(waves):
                 record(self.db, CONTROLLER, "rollout.gate_passed", r["deployment"], rollout=r["id"], wave=r["wave"] + 1)
@@ -257,6 +306,7 @@ class Rollouts:
         log.warning("rollout %s of %s: %s", r["id"], r["deployment"], reason)
         back = shadow or r["on_failure"] == "rollback"
         with self.db.transaction() as tx:
+            self.leader.fence(tx)
             tx.execute("UPDATE rollouts SET last_gate = ? WHERE id = ?", (dumps(result.to_json() | (extra or {})),
                                                                            r["id"]))
             self._move(r, S.ROLLING_BACK if back else S.HALTED, CONTROLLER, reason=reason)
@@ -402,11 +452,22 @@ class Rollouts:
 
     def _move(self, r: dict[str, Any], new: str, actor: str, detail: dict[str, Any] | None = None,
               **fields: Any) -> None:
-        """Persist one transition (checked against the table) and audit it; call inside a transaction."""
+        """Persist one transition (checked against the table) and audit it; call inside a transaction.
+
+        The controller's transitions are fenced by the leader's lease; every transition applies only if
+        the rollout is still in the state it was computed from (else :class:`Conflict`, and the
+        transaction rolls back).
+        """
         S.check(r["state"], new)
+        tx = self.db.db()
+        if actor == CONTROLLER:
+            self.leader.fence(tx)
         fields |= {"state": new, "updated_at": now()}
         sets = ", ".join(f"{k} = ?" for k in fields)
-        self.db.db().execute(f"UPDATE rollouts SET {sets} WHERE id = ?", (*fields.values(), r["id"]))
+        moved = tx.scalar(f"UPDATE rollouts SET {sets} WHERE id = ? AND state = ? AND wave = ? RETURNING id",
+                          (*fields.values(), r["id"], r["state"], r["wave"]))
+        if moved is None:
+            raise Conflict(f"rollout {r['id']} is no longer {r['state']}: it changed meanwhile")
         record(self.db, actor, f"rollout.{new}", r["deployment"], rollout=r["id"],
                wave=fields.get("wave", r["wave"]) + 1, reason=fields.get("reason", ""), **(detail or {}))
         r.update(fields)

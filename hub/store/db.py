@@ -18,13 +18,21 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from hub.store.schema import MIGRATIONS, AddColumn, Step
+from hub.store.schema import MIGRATIONS, PARTITIONED, AddColumn, Step
 
 log = logging.getLogger("edgefleet.hub.store")
 
-StoreError = sqlite3.Error  # what a failed statement raises, for callers that survive a lost write
+try:  # what a failed statement raises, for callers that survive a lost write
+    import psycopg
+
+    StoreError: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+    # worth trying again: a lock or deadlock, a lost connection (not a record the database refuses)
+    TransientStoreError: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
+except ImportError:  # the PostgreSQL store is an extra (edgefleet[postgres])
+    StoreError = (sqlite3.Error,)
+    TransientStoreError = (sqlite3.OperationalError,)
 
 
 def dumps(obj: Any) -> str:
@@ -44,6 +52,8 @@ class Connection:
 
     ``conn`` is the driver's own connection: for this package (and tests that build old schemas).
     """
+
+    kind = "sqlite"
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -77,6 +87,21 @@ class Connection:
                     ignore: bool = False) -> int:
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
         return self.conn.executemany(sql + (" ON CONFLICT DO NOTHING" if ignore else ""), rows).rowcount
+
+    def insert_new(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+                   key: Sequence[str]) -> set[tuple[Any, ...]]:
+        """Insert the rows whose key is not stored yet; returns the keys of those inserted."""
+        sql = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+               " ON CONFLICT DO NOTHING")
+        at = [list(columns).index(k) for k in key]
+        return {tuple(r[i] for i in at) for r in rows if self.conn.execute(sql, r).rowcount == 1}
+
+    def delete_before(self, table: str, cutoff: float) -> int:
+        """Delete the rows of a time-partitioned table (schema.PARTITIONED) older than ``cutoff``."""
+        return self.conn.execute(f"DELETE FROM {table} WHERE {PARTITIONED[table].column} < ?", (cutoff,)).rowcount
+
+    def clock(self) -> float:
+        return time.time()  # one hub per SQLite file: its own clock is the only one
 
     def upsert(self, table: str, row: Mapping[str, Any], key: Sequence[str]) -> None:
         """Insert ``row``, or overwrite its other columns where a row with the same ``key`` exists."""
@@ -124,8 +149,11 @@ class Database:
     the file (hub, ingest workers, endpoint gateways) sees the same tables.
     """
 
+    kind = "sqlite"
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self.location = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # owner-only from the first byte (SQLite gives the -wal and -shm files the database file's mode);
         # an older hub's world-readable files are closed too
@@ -194,6 +222,19 @@ class Database:
     def scalar(self, sql: str, params: Any = ()) -> Any:
         return self.db().scalar(sql, params)
 
+    def clock(self) -> float:
+        return time.time()
+
+    def maintain(self, now: float | None = None) -> int:
+        """PostgreSQL creates time partitions ahead; one SQLite table needs nothing."""
+        return 0
+
+    @contextmanager
+    def batch(self) -> Iterator[Connection]:
+        """A transaction for idempotent bulk inserts (ingest); SQLite has one writer at a time anyway."""
+        with self.transaction() as tx:
+            yield tx
+
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """One write transaction; nested calls join the outer one."""
@@ -227,3 +268,22 @@ class Database:
             except sqlite3.Error:
                 pass
         self._local = threading.local()
+
+
+def is_postgres_url(location: str | Path) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def open_database(location: str | Path) -> Database:
+    """The hub's database at ``location``: a ``postgresql://`` URL, or an SQLite file's path.
+
+    Both stores have the same API (``PgDatabase`` is duck-typed as :class:`Database`; tests/test_store.py
+    runs the same checks on both); only this package knows which it got.
+    """
+    if is_postgres_url(location):
+        try:
+            from hub.store.pg import PgDatabase
+        except ImportError as exc:
+            raise RuntimeError(f"{exc}: the PostgreSQL store needs `pip install 'edgefleet[postgres]'`") from None
+        return cast(Database, PgDatabase(str(location)))
+    return Database(location)

@@ -3,8 +3,9 @@
 Add a change by appending a step to :data:`MIGRATIONS` (never edit an applied one). A step is SQL
 statements or an :class:`AddColumn`. Step 1 is the schema as it stood when versioning began; it is
 idempotent (``IF NOT EXISTS``, columns added only when missing), so a database made before versioning
-takes it too. Keep the SQL portable where it costs nothing: the PostgreSQL store (issue 17) will apply
-the same list, translating only what the store knows is dialect (e.g. ``AUTOINCREMENT``, ``BLOB``).
+takes it too. Keep the SQL portable: the PostgreSQL store applies the same list, translating only what
+``hub/store/dialect.py`` knows is dialect (types, ``AUTOINCREMENT``, ``WITHOUT ROWID``), and partitions the
+tables in :data:`PARTITIONED` by time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,28 @@ class AddColumn:
 
 
 Step = str | AddColumn
+
+DAY = 86400
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """PostgreSQL keeps this table as range partitions of ``column`` (unix seconds), one per ``period_s``.
+
+    Partitions are created ahead of time (``Database.maintain``) and retention drops whole ones
+    (``Connection.delete_before``); SQLite keeps one table and deletes rows.
+    """
+
+    column: str
+    period_s: int = DAY
+
+
+# the tables that grow with the fleet's traffic
+PARTITIONED: dict[str, Partitioning] = {
+    "telemetry_batches": Partitioning("ts_max"),
+    "telemetry_minutes": Partitioning("bucket"),
+    "data_records": Partitioning("ts"),
+}
 
 CORE = """CREATE TABLE IF NOT EXISTS api_tokens (
     token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, created_at REAL NOT NULL
@@ -170,7 +193,7 @@ EXPORT_INDEXES = """CREATE INDEX IF NOT EXISTS data_records_ts ON data_records (
 CREATE INDEX IF NOT EXISTS data_records_module ON data_records (module, version, ts);
 """
 
-# registry aliases, evaluations and event webhooks (migration 3)
+# registry aliases, evaluations and event webhooks (migration 4)
 MLOPS = """CREATE TABLE IF NOT EXISTS model_aliases (
     name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, updated_at REAL NOT NULL,
     updated_by TEXT NOT NULL DEFAULT '',
@@ -210,6 +233,19 @@ SHADOW = """CREATE TABLE IF NOT EXISTS shadow_points (
     PRIMARY KEY (device, seq, idx)
 );
 CREATE INDEX IF NOT EXISTS shadow_points_module ON shadow_points (module, version, ts);
+"""
+
+# hub replicas on one database (hub/leader.py): the lease of the one leader, with a fencing epoch that grows with
+# each new holder, and the desired-state syncs other replicas ask the leader for (the leader alone signs)
+CLUSTER = """CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch INTEGER NOT NULL, expires_at REAL NOT NULL
+);
+-- resign 1: also re-sign states a device would refuse (a key rotation or a new release policy on that replica)
+CREATE TABLE IF NOT EXISTS director_requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, devices TEXT, created_at REAL NOT NULL, resign INTEGER NOT NULL DEFAULT 0
+);
+-- the durable MQTT sessions that ingest (hub/ingest/sessions.py): a process that stops beating is adopted
+CREATE TABLE IF NOT EXISTS mqtt_sessions (client_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
 """
 
 MIGRATIONS: list[tuple[Step, ...]] = [
@@ -308,5 +344,10 @@ CREATE TABLE IF NOT EXISTS labels (
     expires INTEGER NOT NULL, replied_at REAL
 );
 CREATE INDEX IF NOT EXISTS device_commands_device ON device_commands (device, created_at);""",
+    ),
+    (  # 10: replicas (issue 17): the leader's lease, director requests, states stored but not yet acknowledged
+        CLUSTER,
+        AddColumn("devices", "desired_published", "INTEGER NOT NULL DEFAULT 1"),
+        AddColumn("batch_jobs", "owner", "TEXT"),  # the replica running it (its MQTT client id; hub/batch/jobs.py)
     ),
 ]

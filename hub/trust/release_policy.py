@@ -29,14 +29,16 @@ class ReleasePolicies:
     def __init__(self, db: Database, keys: KeyRing, ttl_s: int) -> None:
         self.db, self.keys, self.ttl_s = db, keys, ttl_s
         self.on_change: Callable[[], Any] = lambda: None  # the hub re-signs desired states (they embed the policy)
-        self._cached: tuple[dict[str, Any] | None] | None = None
+        self._cached: tuple[int | None, dict[str, Any] | None] | None = None  # (version, envelope)
 
     def envelope(self) -> dict[str, Any] | None:
         """The current signed policy, or None before the first revocation."""
-        if self._cached is None:
-            row = self.db.one("SELECT envelope FROM release_policies ORDER BY version DESC LIMIT 1")
-            self._cached = (loads(row["envelope"]) if row else None,)
-        return self._cached[0]
+        # the version is read each time (one index lookup): another hub replica may have published a newer one
+        version = self.db.scalar("SELECT max(version) FROM release_policies")
+        if self._cached is None or self._cached[0] != version:
+            row = self.db.one("SELECT envelope FROM release_policies WHERE version = ?", (version,))
+            self._cached = (version, loads(row["envelope"]) if row else None)
+        return self._cached[1]
 
     def current(self) -> ReleasePolicy | None:
         env = self.envelope()

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from hub import audit
@@ -18,6 +18,7 @@ from hub.errors import Invalid
 from hub.monitoring import abtest, export, metrics
 from hub.monitoring.alerts import AlertRule
 from hub.monitoring.timeseries import SeriesFilter, recent_points
+from hub.store import StoreError
 
 router = APIRouter(tags=["monitoring"])
 ops = APIRouter(tags=["ops"])  # served at the root, without authentication
@@ -35,8 +36,15 @@ def fleet_summary(hub: Hub = Depends(get_hub)) -> dict[str, Any]:
 
 
 @ops.get("/healthz")
-def healthz(hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    return {"status": "ok", "mqtt_connected": hub.bridge.connected}
+def healthz(hub: Hub = Depends(get_hub)) -> JSONResponse:
+    """Readiness and liveness: 503 while the database does not answer. ``leader``: whether this replica leads."""
+    body: dict[str, Any] = {"status": "ok", "mqtt_connected": hub.bridge.connected,
+                            "leader": hub.leadership.is_leader(), "replica": hub.leadership.holder}
+    try:
+        hub.db.scalar("SELECT 1")
+    except StoreError as exc:
+        return JSONResponse({**body, "status": "database unavailable", "error": str(exc)[:200]}, status_code=503)
+    return JSONResponse(body)
 
 
 @ops.get("/metrics", response_class=PlainTextResponse)

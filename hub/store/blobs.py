@@ -1,0 +1,54 @@
+"""The blob store's interface: what the hub asks of the place model files and bundle parts live.
+
+Every hub replica must see the same blobs. Today that is :class:`modules.store.ContentStore` on a
+directory all replicas mount (``HubConfig.blobs_dir``, e.g. a ReadWriteMany volume); writes go to
+a temporary file and are renamed into place, and blobs are content-addressed, so replicas writing
+the same blob at once agree. An S3-compatible store fits behind the same methods: ``put_*`` upload
+(key = sha256), ``has``/``get``/``read_range``/``delete`` map to HEAD/GET/ranged GET/DELETE, and
+``path`` returns a local file, which such a store fills from the bucket on first use (a read-through
+cache: the registry's load check and the endpoints' bundles read files, and bundle downloads
+``sendfile`` from them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Content-addressed blobs, keyed by their sha256 (hex)."""
+
+    def has(self, digest: str) -> bool:
+        """Whether the blob is stored."""
+        ...
+
+    def get(self, digest: str) -> bytes:
+        """The whole blob (small ones: metadata, samples, reports)."""
+        ...
+
+    def put(self, data: bytes, expected: str | None = None) -> str:
+        """Store bytes; returns their digest (``expected``: refuse other content with ValueError)."""
+        ...
+
+    def put_stream(self, stream: BinaryIO, expected: str | None = None) -> tuple[str, int]:
+        """Store a stream without holding it in memory; (digest, size)."""
+        ...
+
+    def put_blocks(self, blocks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
+        """Store an iterable of byte blocks; (digest, size)."""
+        ...
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (a bundle part)."""
+        ...
+
+    def path(self, digest: str) -> Path:
+        """A local file holding the blob (a remote store fetches it into its cache first)."""
+        ...
+
+    def delete(self, digest: str) -> None:
+        """Remove the blob (no error if absent)."""
+        ...
