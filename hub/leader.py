@@ -69,7 +69,9 @@ class DataDirLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> DataDirLock:
-        f = self.path.open("a+")
+        # 0600 like every file in the data directory (its content names this host and pid)
+        f = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+")
+        os.chmod(self.path, 0o600)  # one an older hub left 0644
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
