@@ -38,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from agent.localapi import TOKENS_FILE, load_tokens  # noqa: E402
 from edgefleet.broker import LocalBroker, free_port  # noqa: E402
 from modules.examples import write_cnn_onnx  # noqa: E402
 from modules.runners import load_model_file  # noqa: E402
@@ -136,9 +137,9 @@ def oip_request(path: str, model: Model, headers: str = "") -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-def json_request(path: str, model: Model) -> bytes:
+def json_request(path: str, model: Model, headers: str = "") -> bytes:
     body = json.dumps({"inputs": {model.inputs[0].name: model.image.tolist()}}).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: bench\r\n{headers}Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -205,6 +206,7 @@ def bench_device(hub: HubSide, work: Path, ms: list[Model], requests: int, round
     device, port = new_device(), free_port()
     bundles = [hub.build(m.name.replace("_", "-"), 1, model_file=(m.path, m.inputs, m.outputs)) for m in ms]
     runs: dict[str, dict[str, list[float]]] = {m.name: {} for m in ms}
+    token = ""
 
     def measure() -> None:
         for m, b in zip(ms, bundles, strict=True):
@@ -212,11 +214,13 @@ def bench_device(hub: HubSide, work: Path, ms: list[Model], requests: int, round
             bare = bare_call(m)
             tcp = lambda: socket.create_connection(("127.0.0.1", port))  # noqa: E731
             sock = unix(str(work / "device" / "run" / f"{name}.sock"))
-            oip = oip_request(f"/v2/models/{name}/infer", m)
+            auth = f"Authorization: Bearer {token}\r\n"  # the TCP API asks every request for an app's token
+            oip, oip_tcp = oip_request(f"/v2/models/{name}/infer", m), oip_request(f"/v2/models/{name}/infer", m, auth)
             r = runs[m.name]
             for _ in range(rounds):
-                for key, connect, request, n in (("device", tcp, oip, requests), ("direct", sock, oip, requests),
-                                                 ("device_json", tcp, json_request(f"/v1/modules/{name}/predict", m),
+                for key, connect, request, n in (("device", tcp, oip_tcp, requests), ("direct", sock, oip, requests),
+                                                 ("device_json", tcp,
+                                                  json_request(f"/v1/modules/{name}/predict", m, auth),
                                                   max(5, requests // 20))):
                     base, got = paired(bare, Client(connect, request), n)
                     r.setdefault(key, []).append(got)
@@ -234,6 +238,7 @@ def bench_device(hub: HubSide, work: Path, ms: list[Model], requests: int, round
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("the modules did not start on the device")
             time.sleep(0.1)
+        token = next(iter(load_tokens(work / "device" / TOKENS_FILE)))
         measure()
     finally:
         proc.terminate()
