@@ -37,6 +37,7 @@ from protocol.messages import DesiredModule, DesiredState
 from protocol.offline import (
     DESIRED,
     INDEX,
+    MAX_JSON_BYTES,
     MAX_PACKAGE_MEMBERS,
     OfflineIndex,
     check_member,
@@ -74,6 +75,7 @@ class Package:
         try:
             with tarfile.open(path, "r:") as tar:
                 members: dict[str, tarfile.TarInfo] = {}
+                json_bytes = 0
                 for info in tar:
                     if len(members) >= MAX_PACKAGE_MEMBERS:
                         raise PackageRefused(f"more than {MAX_PACKAGE_MEMBERS} members")
@@ -81,6 +83,9 @@ class Package:
                     if info.name in members:
                         raise PackageRefused(f"member {info.name} appears twice")
                     members[info.name] = info
+                    json_bytes += 0 if info.name.startswith("chunks/") else info.size
+                    if json_bytes > MAX_JSON_BYTES:
+                        raise PackageRefused(f"its signed documents exceed {MAX_JSON_BYTES} bytes together")
                 json_members = {n: _read(tar, i) for n, i in members.items() if not n.startswith("chunks/")}
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise PackageRefused(f"not a readable tar file: {exc}") from None

@@ -25,6 +25,7 @@ INDEX = "edgefleet-offline.json"  # the first member
 DESIRED = "desired.json"
 MAX_PACKAGE_MEMBERS = 100_000
 MAX_JSON_MEMBER_BYTES = 1024 * 1024  # a root, desired state, release or the index
+MAX_JSON_BYTES = 64 * 1024 * 1024  # all of them together (read into memory; chunks are read one at a time)
 _MEMBER = re.compile(r"\A(?:edgefleet-offline\.json|desired\.json|roots/[1-9][0-9]{0,9}\.json"
                      r"|releases/[0-9a-f]{64}\.json|chunks/[0-9a-f]{64})\Z")
 

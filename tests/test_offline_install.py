@@ -5,6 +5,7 @@ tampered, foreign, older, expired and wrong-root packages refused with nothing a
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.identity import enroll
@@ -164,3 +166,53 @@ def test_with_no_agent_running_the_command_runs_it_and_an_expired_package_is_ref
     assert done.stdout.startswith(f"installed: desired revision {pkg['revision']} (solo v1)")
     assert (data / "modules" / "solo" / "current").is_symlink()  # installed; the agent it ran has stopped
     assert install_offline(data, tmp_path / "missing.tar").returncode == 2
+    # a module whose health check fails: rolled back, the command says so (exit 4), the other module stays
+    admin.post("/api/v1/models", data={"name": "broken"},
+               files=[("files", ("broken.py", BROKEN.encode()))]).raise_for_status()
+    admin.post("/api/v1/modules", json={"name": "broken", "models": ["broken:1"], "runtime": "python",
+                                        "sample": {"inputs": {"x": [[0.5, -1.0, 0.25, 2.0]]}}}).raise_for_status()
+    admin.post("/api/v1/deployments", json={"name": "bad", "module": "broken:1", "target": dev}).raise_for_status()
+    both = export(server, "bad", dev, tmp_path / "both.tar")
+    failed = install_offline(data, tmp_path / "both.tar", *offline)
+    assert failed.returncode == 4, failed.stderr
+    assert failed.stderr.splitlines()[-1].startswith("install failed: broken v1 failed: health check failed: ")
+    assert "this model is broken" in failed.stderr
+    assert json.loads((data / "state.json").read_text())["revision"] == both["revision"]
+    assert (data / "modules" / "solo" / "current").is_symlink() and not (data / "modules" / "broken" / "current"
+                                                                          ).exists()
+
+
+BROKEN = "def init():\n    pass\n\ndef run(inputs):\n    raise RuntimeError('this model is broken')\n"
+
+
+def test_a_package_with_foreign_members_is_refused_before_anything_is_read(tmp_path):
+    from agent.offline import Package, PackageRefused
+
+    def tar(name: str, members: list[tarfile.TarInfo]) -> Path:
+        path = tmp_path / name
+        with tarfile.open(path, "w") as t:
+            for info in members:
+                t.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+        return path
+
+    def member(name: str, size: int = 1, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.size, info.type = size, kind
+        if kind == tarfile.SYMTYPE:
+            info.linkname, info.size = "/etc/passwd", 0
+        return info
+
+    cases = {
+        "up.tar": ([member("../identity.json")], "'../identity.json' is not one of an offline package's names"),
+        "link.tar": ([member("desired.json", kind=tarfile.SYMTYPE)], "'desired.json' is not a regular file"),
+        "big.tar": ([member("desired.json", 2 * 1024 * 1024)], "desired.json is 2097152 bytes (at most 1048576)"),
+        "twice.tar": ([member("desired.json"), member("desired.json")], "member desired.json appears twice"),
+        "empty.tar": ([], "not an offline package: edgefleet-offline.json or desired.json is missing"),
+    }
+    for name, (members, reason) in cases.items():
+        with pytest.raises(PackageRefused) as refused:
+            Package.open(tar(name, members))
+        assert reason in str(refused.value), name
+    (tmp_path / "plain.tar").write_bytes(b"not a tar file at all" * 100)
+    with pytest.raises(PackageRefused, match="not a readable tar file"):
+        Package.open(tmp_path / "plain.tar")
