@@ -242,7 +242,7 @@ class OfflineInbox:
         while True:
             for path in sorted(self.dir.glob("*.tar")):
                 result = await self.install(path)
-                atomic_write_json(path.with_name(path.stem + RESULT_SUFFIX), result)
+                atomic_write_json(result_path(path), result)
                 path.unlink(missing_ok=True)
             await asyncio.sleep(self.interval)  # a directory to watch without inotify: polled
 
@@ -257,11 +257,12 @@ class OfflineInbox:
             a.rejected["offline"] += 1
             log.error("%s: offline package %s refused: %s", a.device_id, path.name, exc)
             return {"code": REFUSED, "reason": f"refused: {exc}", "revision": a.trust.revision}
-        if verdict.state is None:
-            return await self._outcome(path, "already applied")
         for bundle in verdict.releases:
             a.executor.packages[bundle] = pkg
         try:
+            if verdict.state is None:  # e.g. again after a restart interrupted its install: the next pass uses it
+                a.executor.wake.set()
+                return await self._outcome(path, "already applied")
             # the real trust, as a message from the hub would: judged on the copy, so accepted here too
             atomic_write_json(a.data_dir / MARKER, {"revision": verdict.state.revision, "file": path.name,
                                                     "installed_at": time.time()})
