@@ -165,7 +165,9 @@ def test_with_no_agent_running_the_command_runs_it_and_an_expired_package_is_ref
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"installed: desired revision {pkg['revision']} (solo v1)")
     assert (data / "modules" / "solo" / "current").is_symlink()  # installed; the agent it ran has stopped
-    assert install_offline(data, tmp_path / "missing.tar").returncode == 2
+    missing = subprocess.run([sys.executable, "-m", "edgefleet", "agent", "install-offline", str(tmp_path / "no.tar"),
+                              "--data", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and f"error: {tmp_path / 'no.tar'} is not a file" in missing.stderr
     # a module whose health check fails: rolled back, the command says so (exit 4), the other module stays
     admin.post("/api/v1/models", data={"name": "broken"},
                files=[("files", ("broken.py", BROKEN.encode()))]).raise_for_status()
