@@ -104,8 +104,11 @@ class Package:
         info = self.members.get(chunk_member(digest))
         if info is None:
             return None
-        with tarfile.open(self.path, "r:") as tar:
-            return _read(tar, info)
+        try:
+            with tarfile.open(self.path, "r:") as tar:
+                return _read(tar, info)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise PackageRefused(f"chunk {digest[:12]}… unreadable: {exc}") from None
 
 
 def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
@@ -209,7 +212,10 @@ class PackageFetch(VerifiedFetch):
 
     def _store_chunks(self) -> None:
         for digest in sorted(self._missing):
-            data = self.pkg.chunk(digest)
+            try:
+                data = self.pkg.chunk(digest)
+            except PackageRefused as exc:
+                raise InstallError(f"the offline package: {exc}") from None
             if data is None or len(data) != self._sizes[digest]:
                 raise InstallError(f"the offline package lacks chunk {digest[:12]}… (or it has another size)")
             try:
@@ -241,7 +247,11 @@ class OfflineInbox:
         self.dir.mkdir(mode=0o700, exist_ok=True)
         while True:
             for path in sorted(self.dir.glob("*.tar")):
-                result = await self.install(path)
+                try:
+                    result = await self.install(path)
+                except Exception as exc:  # answer it whatever went wrong, and keep taking packages
+                    log.exception("%s: offline package %s", self.agent.device_id, path.name)
+                    result = {"code": FAILED, "reason": f"install failed: {exc!r}", "revision": self.agent.revision}
                 atomic_write_json(result_path(path), result)
                 path.unlink(missing_ok=True)
             await asyncio.sleep(self.interval)  # a directory to watch without inotify: polled
