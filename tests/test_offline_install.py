@@ -149,11 +149,14 @@ def test_an_air_gapped_device_installs_a_package_and_reports_it_when_it_connects
     api.close()
 
 
-def test_with_no_agent_running_the_command_runs_it_and_an_expired_package_is_refused(server, admin, tmp_path):
+def test_with_no_agent_running_the_command_runs_it_walks_root_rotations_and_refuses_an_expired_package(server, admin, tmp_path):
     build_versions(admin, tmp_path / "models", "solo", 1)
     dev, data = new_device(server, admin, tmp_path, "solo")
     admin.post("/api/v1/deployments", json={"name": "solo", "module": "solo:1", "target": dev}).raise_for_status()
+    # the director key rotates while the device is away: it pinned root 1, the package's state needs root 2
+    admin.post("/api/v1/keys/rotate", json={"role": "director"}).raise_for_status()
     pkg = export(server, "solo", dev, tmp_path / "solo.tar")
+    assert json.loads((data / "identity.json").read_text())["root"]["signed"]["version"] == 1
     offline = ("--mqtt", f"mqtt://127.0.0.1:{free_port()}", "--log-level", "INFO")
     # two days later, past the desired state's one-day lifetime (the real libfaketime; the root lives a year)
     env = os.environ | {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
@@ -161,10 +164,12 @@ def test_with_no_agent_running_the_command_runs_it_and_an_expired_package_is_ref
     assert late.returncode == 3, late.stderr
     assert "refused: desired state refused: " in late.stderr and "director document expired at" in late.stderr
     assert not (data / "modules" / "solo").exists() and not (data / "state.json").exists()
+    assert json.loads((data / "identity.json").read_text())["root"]["signed"]["version"] == 1  # nothing applied
     done = install_offline(data, tmp_path / "solo.tar", *offline)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"installed: desired revision {pkg['revision']} (solo v1)")
     assert (data / "modules" / "solo" / "current").is_symlink()  # installed; the agent it ran has stopped
+    assert json.loads((data / "identity.json").read_text())["root"]["signed"]["version"] == 2  # walked the chain
     missing = subprocess.run([sys.executable, "-m", "edgefleet", "agent", "install-offline", str(tmp_path / "no.tar"),
                               "--data", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and f"error: {tmp_path / 'no.tar'} is not a file" in missing.stderr
