@@ -144,6 +144,7 @@ class Agent:
         self.reporter = Reporter(self.session, self.outbox, self.trust, self.front, self.executor, self.facts,
                                  self.rejected, clock, telemetry_interval, self._report_dirty)
         self._stopping = asyncio.Event()
+        self.started = asyncio.Event()  # run() recovered, started connecting and spawned its loops
         self._stopped = asyncio.Event()
         # the local API: TCP on 127.0.0.1 (per-app tokens when given), and/or a Unix socket (its mode is the guard)
         self.apis: list[LocalApi] = [*([LocalApi(self, port=api_port, tokens=api_tokens)] if api_port else []),
@@ -271,6 +272,7 @@ class Agent:
             self._spawn(self.executor.loop(), self.reporter.report_loop(), self.reporter.telemetry_loop(),
                         self.reporter.drain_loop())
             self.executor.wake.set()  # reconcile against the persisted desired state straight away
+            self.started.set()
             await self._stopping.wait()
         finally:
             await self._shutdown()

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agent.core import ISOLATION_MODES, TRANSFER_MODES, Agent
 from agent.identity import EnrollmentError, load_identity, read_ca_file
 from agent.limits import DownloadLimits
 from agent.localapi import TOKENS_FILE, load_tokens
+from agent.offline import OfflineInbox
 from agent.workerproc import worker_sandbox
 from modules.sandbox import SandboxUnavailable
 
@@ -21,14 +24,38 @@ log = logging.getLogger("edgefleet.agent")
 
 DEFAULT_API_PORT = 0  # TCP off: any local user can reach 127.0.0.1; the Unix socket (run/api.sock) is on
 TRANSFER_ENV = "EDGEFLEET_TRANSFER"
+LOCK_FILE = "agent.lock"
 
 
-async def _serve(agent: Agent) -> None:
+def take_lock(data_dir: Path) -> int | None:
+    """Hold ``DATA/agent.lock`` (one agent per data directory) until the process ends; None: another holds it."""
+    fd = os.open(Path(data_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+async def _serve(agent: Agent, until: Callable[[Agent], Awaitable[None]] | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # stop() publishes "offline" and disconnects cleanly before the loop ends.
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.stop()))
-    await agent.run()
+    tasks = [loop.create_task(OfflineInbox(agent).loop())]  # offline packages dropped in DATA/inbox
+
+    async def stop_when_done(done: Callable[[Agent], Awaitable[None]]) -> None:
+        await done(agent)
+        await agent.stop()
+    if until is not None:
+        tasks.append(loop.create_task(stop_when_done(until)))
+    try:
+        await agent.run()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: float = 0.0,
@@ -37,13 +64,18 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
               broker_ca: Path | str | None = None, transfer: str = "mqtt", hub_url: str | None = None,
               limits: DownloadLimits | None = None, api_socket: Path | str | None = "",
               api_group: str | None = None, module_sandbox: str = "off",
-              max_defer_s: float = 3600.0) -> None:
-    """Run the agent enrolled in ``data_dir`` until SIGINT/SIGTERM.
+              max_defer_s: float = 3600.0, lock: bool = True,
+              until: Callable[[Agent], Awaitable[None]] | None = None) -> None:
+    """Run the agent enrolled in ``data_dir`` until SIGINT/SIGTERM (or ``until`` returns).
+
+    ``lock``: take ``DATA/agent.lock`` (ValueError when another agent holds it); False: the caller holds it.
 
     ``broker_ca``: a PEM file to trust for ``mqtts://`` instead of the CA pinned at enrolment.
     ``transfer``: how bundles arrive, ``mqtt`` (blob topics) or ``http`` (from ``hub_url`` or the enrolled hub).
     """
     identity = load_identity(Path(data_dir))
+    if lock and take_lock(Path(data_dir)) is None:
+        raise ValueError(f"another agent runs on {data_dir} ({Path(data_dir) / LOCK_FILE} is held)")
     if broker_ca is not None:
         identity = dataclasses.replace(identity, broker_ca=read_ca_file(broker_ca))
     workload = None
@@ -63,7 +95,7 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
                   max_defer_s=max_defer_s)
     log.info("agent %s starting (data %s, %s isolation, bundles over %s)", identity.device_id, data_dir, isolation,
              transfer)
-    asyncio.run(_serve(agent))
+    asyncio.run(_serve(agent, until))
     log.info("agent %s stopped", identity.device_id)
 
 

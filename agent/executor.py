@@ -24,6 +24,7 @@ from agent.install import Installed, Installer
 from agent.journal import BEFORE_ACTIVATION, Entry
 from agent.limits import DownloadLimits, is_disk_full, wake_at
 from agent.mqtt import MqttOffline
+from agent.offline import Package, PackageFetch
 from agent.reconcile import (
     Action,
     Activate,
@@ -54,7 +55,7 @@ from modules.store import ContentStore
 from protocol.messages import BakePolicy, DesiredModule, DesiredState
 
 if TYPE_CHECKING:
-    from agent.http_transfer import HubHttp
+    from agent.http_transfer import HttpBundleFetch, HubHttp
     from modules.runners import Runner
 
 log = logging.getLogger("edgefleet.agent")
@@ -101,6 +102,7 @@ class Executor(Serving):
         self._installing_shadow = False  # ... into a shadow slot
         self.install_task: asyncio.Task[Entry] | None = None
         self.hold = Hold()  # an application's hold on installs (agent/deferral.py)
+        self.packages: dict[str, Package] = {}  # bundle -> the offline package it installs from (agent/offline.py)
 
     def set_hold(self, hold: Hold) -> None:
         """Apply an application's hold (or its release): the pass after it ends installs what waited."""
@@ -251,7 +253,11 @@ class Executor(Serving):
     async def _install(self, m: DesiredModule, shadow: bool = False) -> None:
         """Install ``m``: the live version of its module, or (``shadow``) a candidate in its shadow slot."""
         installer = self.shadows.installer if shadow else self.installer
-        if self.transfer == "http":
+        fetch: BundleFetch | HttpBundleFetch | PackageFetch
+        if m.bundle in self.packages:  # an offline package carries it: verified like a download, read from the file
+            fetch = PackageFetch(self.packages[m.bundle], m, self.trust.root, self.chunks, self.data_dir / MANIFESTS_DIR,
+                                 self.reject, lambda f: self._set_progress(m.bundle, f), self.clock, self.limits)
+        elif self.transfer == "http":
             from agent.http_transfer import HttpBundleFetch, HubHttp
 
             if self.http is None:
@@ -260,7 +266,7 @@ class Executor(Serving):
                 timeout = min(30.0, self.limits.window_s) if self.limits.window_s > 0 else 30.0
                 self.http = HubHttp(self.hub_url, self.identity.device_id, self.identity.mqtt_password,
                                     self.identity.broker_ca, timeout=timeout)
-            fetch: BundleFetch | HttpBundleFetch = HttpBundleFetch(
+            fetch = HttpBundleFetch(
                 self.http, m, self.trust.root, self.chunks, self.data_dir / MANIFESTS_DIR,
                 self.data_dir / PARTIAL_DIR, reject=self.reject, progress=lambda f: self._set_progress(m.bundle, f),
                 note=lambda text: self._set_transfer_error(m.bundle, text), retry=self.blob_retry, clock=self.clock,

@@ -19,6 +19,7 @@ from agent.executor import Executor
 from agent.inference import InferenceFront
 from agent.limits import free_bytes
 from agent.mqtt import MqttOffline
+from agent.offline import offline_revision
 from agent.outbox import Outbox
 from agent.procstat import CpuMeter, ProcessGone, rss_bytes
 from agent.reconcile import Trust
@@ -54,6 +55,7 @@ class Reporter:
         self._cpu: dict[int, CpuMeter] = {}  # per worker pid: CPU % since the previous telemetry
         self.storage_error = ""  # why the last telemetry could not be queued (a full disk), until one is
         self.lost_batches = 0  # telemetry and data batches that could not be queued
+        self.offline_revision = offline_revision(executor.data_dir)  # installed from an offline package (0: none)
 
     def connected(self) -> None:
         """After a (re)connect: the hub may have missed changes while we were away, and the outbox waits."""
@@ -91,8 +93,9 @@ class Reporter:
                                         config=active.config if serving and active else "",
                                         accelerator=getattr(active.runner, "accelerator", "") if serving and active
                                         else "", shadow=self._shadow(m)))
+        source = "offline" if self.offline_revision and self.offline_revision == self.trust.revision else "hub"
         return ReportedState(device=self.device_id, revision=self.trust.revision, modules=modules,
-                             error=self._error(), facts=self.facts, ts=self.clock())
+                             error=self._error(), facts=self.facts, ts=self.clock(), source=source)
 
     def _shadow(self, m: DesiredModule) -> ShadowReport | None:
         """The state of ``m``'s shadow candidate: its install, then ``running`` once it is offered inputs."""

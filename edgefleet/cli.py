@@ -18,6 +18,7 @@ from edgefleet.commands import (
     keys,
     mlops,
     monitoring,
+    offline,
     registry,
     run,
     score,
@@ -36,7 +37,7 @@ for sub, name in ((run.hub_app, "hub"), (run.agent_app, "agent"), (run.sim_app, 
                   (fleet.deployment_app, "deployment"), (fleet.rollout_app, "rollout"), (fleet.audit_app, "audit"),
                   (monitoring.metrics_app, "metrics"), (monitoring.drift_app, "drift"), (monitoring.alert_app, "alert"),
                   (monitoring.data_app, "data"), (monitoring.quality_app, "quality"), (webhooks.webhook_app, "webhook"),
-                  (batch.batch_app, "batch")):
+                  (batch.batch_app, "batch"), (offline.offline_app, "offline")):
     app.add_typer(sub, name=name)
 endpoint.register(app)  # endpoint …, serve, and deploy web
 tokens.register(app)  # token …, device token list|revoke, audit verify

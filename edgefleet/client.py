@@ -127,6 +127,31 @@ class HubClient:
             raise
         return size
 
+    def post_download(self, path: str, json: Any, dest: Path) -> tuple[int, dict[str, str]]:
+        """POST ``json`` and stream the answer into ``dest`` (written beside, then renamed): (bytes, headers)."""
+        import httpx
+
+        tmp = dest.with_name(dest.name + ".partial")
+        size = 0
+        try:
+            with self.http.stream("POST", path, json=json) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._raise(resp, "POST", path)
+                with tmp.open("wb") as out:
+                    for block in resp.iter_bytes():
+                        out.write(block)
+                        size += len(block)
+                headers = dict(resp.headers)
+            tmp.replace(dest)
+        except httpx.HTTPError as exc:
+            tmp.unlink(missing_ok=True)
+            raise HubError(f"cannot reach the hub at {self.base_url}: {exc}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return size, headers
+
     def pull_bundle(self, name: str, version: int, dest: Path, pinned: Any | None = None) -> Manifest:
         """Fetch module ``name:version`` into ``dest`` and verify it, or leave ``dest`` as it was.
 

@@ -194,6 +194,7 @@ class ReportedState(Message, frozen=True, kw_only=True):
     error: str = ""  # a refused desired state, and why
     facts: Facts = {}  # hardware / OS / agent version
     ts: Finite
+    source: Literal["hub", "offline"] = "hub"  # how the applied desired state came: from the hub, or a package
 
 
 class Status(Message, frozen=True, kw_only=True):

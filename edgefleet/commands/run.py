@@ -303,6 +303,21 @@ def agent_run(
         raise typer.Exit(2) from None
 
 
+@agent_app.command("install-offline")
+def agent_install_offline(
+    package: Path = typer.Argument(..., help="The offline package (edgefleet offline export)."),
+    data: Path = typer.Option(..., "--data", help="Agent data directory."),
+    timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait for the agent's answer."),
+    mqtt: str | None = typer.Option(None, "--mqtt", help="Broker URL when no agent runs (default: the enrolled one)."),
+) -> None:
+    """Verify an offline package by the online chain and install it (python -m agent install-offline; exit 0
+    installed, 2 usage, 3 refused, 4 install failed, 5 no answer)."""
+    from agent.offline_cli import main as install_offline
+
+    raise typer.Exit(install_offline(["--data", str(data), str(package), "--timeout", str(timeout),
+                                      *(["--mqtt", mqtt] if mqtt else [])]))
+
+
 # --- simulator ----------------------------------------------------------------------------------
 
 

@@ -189,6 +189,8 @@ class Fleet:
             "id": row["id"], "online": bool(row["online"]), "state": summarize(desired, views),
             "labels": loads(row["labels"], {}), "facts": loads(row["facts"], {}), "last_seen": row["last_seen"],
             "revision": row["revision"], "reported_revision": (reported or {}).get("revision"),
+            # how the device got the revision it reports: from the hub, or an offline package (agent/offline.py)
+            "reported_source": (reported or {}).get("source", "hub") if reported else None,
             "error": (reported or {}).get("error", ""), "modules": views,
             "inferences": inferences, "errors": errors,
         }

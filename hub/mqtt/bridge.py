@@ -23,6 +23,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from hub import audit
 from hub.config import HubConfig
 from hub.errors import NotFound
 from hub.fleet.device_state import device_state
@@ -31,7 +32,7 @@ from hub.ingest.writer import INGEST_CHANNELS, Ack, BatchWriter, share_group, sh
 from hub.mqtt.blob_carousel import Carousel
 from hub.mqtt.ratelimit import DeviceBudgets
 from hub.registry.bundles import bundle_chunks, release_envelope
-from hub.store import Database, dumps, is_postgres_url, now
+from hub.store import Database, dumps, is_postgres_url, loads, now
 from hub.trust.roots_publish import announce, offline_will
 from modules.store import ContentStore
 from protocol.broker_url import parse_broker_url
@@ -281,12 +282,17 @@ class Bridge:
     def _on_reported(self, msg: ReportedState) -> None:
         reported = dumps(msg.to_dict())
         with self.db.transaction() as tx:
-            row = tx.one("SELECT desired FROM devices WHERE id = ?", (msg.device,))
+            row = tx.one("SELECT desired, reported FROM devices WHERE id = ?", (msg.device,))
             state = device_state(row["desired"], reported) if row else None  # the device list filters on it
             tx.execute("UPDATE devices SET reported = ?, last_seen = ?, state = ? WHERE id = ?",
                        (reported, now(), state, msg.device))
             if msg.facts:
                 tx.execute("UPDATE devices SET facts = ? WHERE id = ?", (dumps(msg.facts), msg.device))
+            before = loads(row["reported"]) or {} if row else {}
+            if row and msg.source == "offline" and (before.get("source"), before.get("revision")) != (
+                    "offline", msg.revision):  # first heard of: the device installed it from a package
+                audit.record(self.db, f"device:{msg.device}", "device.offline_install", msg.device,
+                             revision=msg.revision, modules=[f"{m.name}:{m.version} {m.state}" for m in msg.modules])
 
     def _on_telemetry(self, msg: TelemetryBatch, ack: Ack | None = None) -> None:
         self.writer.telemetry(msg, ack)

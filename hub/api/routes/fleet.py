@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from hub import audit
@@ -13,6 +14,7 @@ from hub.bounds import MAX_LABELS, Facts, Key, Labels, NamePath, Value
 from hub.context import Hub
 from hub.fleet.device_query import STATUSES, DeviceFilter
 from hub.fleet.devices import MAX_BATCH, MAX_TOKEN_USES
+from hub.rollout.offline import plan_package, stream_package
 
 router = APIRouter(tags=["fleet"])
 DEFAULT_PAGE, MAX_PAGE = 50, 1000  # devices per page of GET /devices
@@ -160,3 +162,24 @@ def audit_log(subject: str | None = None, action: str | None = None, since_id: i
               limit: int = Query(default=200, ge=1, le=10_000), hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
     """Who did what, when: deployments, rollout transitions (actor ``controller``), device changes. Newest first."""
     return audit.events(hub.db, subject, action, limit, since_id)
+
+
+class OfflinePackageRequest(BaseModel):
+    deployment: Annotated[str, Field(min_length=1, max_length=256)]
+    device: DeviceId
+
+
+@router.post("/offline-packages", response_class=StreamingResponse,
+             responses={200: {"content": {"application/x-tar": {}}}})
+def offline_package(body: OfflinePackageRequest, hub: Hub = Depends(get_hub),
+                    who: Principal = Depends(require("operator"))) -> StreamingResponse:
+    """An offline package (tar) for one device of a deployment: its desired state, signed afresh as the director
+    publishes it, every root version, the releases and chunks of its bundles (docs/protocol.md#offline-packages)."""
+    plan = plan_package(hub.db, hub.director, hub.keys.keys_dir or hub.config.data_dir / "keys", body.deployment,
+                        body.device)
+    audit.record(hub.db, who.name, "device.offline_package", body.device, deployment=body.deployment,
+                 revision=plan.index.revision, bundles=plan.index.releases, bytes=plan.index.bytes)
+    name = f"{body.device}-r{plan.index.revision}.tar"
+    return StreamingResponse(stream_package(plan, hub.store), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{name}"',
+                                      "X-Edgefleet-Revision": str(plan.index.revision)})

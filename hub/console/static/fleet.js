@@ -75,7 +75,7 @@ export async function device(root, id) {
     }
     const t = Date.now() / 1000;
     head.replaceChildren(pill(d.online ? "online" : "offline"), pill(d.state, d.state),
-      ` last seen ${ago(d.last_seen)} · desired revision ${d.revision}, reported ${d.reported_revision ?? "-"}`,
+      ` last seen ${ago(d.last_seen)} · desired revision ${d.revision}, reported ${d.reported_revision ?? "-"}${d.reported_source === "offline" ? " (installed offline)" : ""}`,
       ` · ${d.inferences.toLocaleString()} inferences, ${d.errors.toLocaleString()} errors`,
       d.error ? h("div", { class: "error" }, d.error) : "");
     parts.modules.show(table(["Module", "Deployment", "State", "Error"], d.modules.map((m) => h("tr", { "data-module": m.name },
