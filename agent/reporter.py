@@ -27,6 +27,7 @@ from agent.supervisor import ModuleWorker
 from protocol.messages import (
     DataBatch,
     DesiredModule,
+    HoldReport,
     ModuleReport,
     ReportedState,
     ShadowReport,
@@ -91,8 +92,10 @@ class Reporter:
                                         config=active.config if serving and active else "",
                                         accelerator=getattr(active.runner, "accelerator", "") if serving and active
                                         else "", shadow=self._shadow(m)))
+        held, now = self.executor.hold, self.clock()
+        hold = HoldReport(since=held.since, until=held.until, reason=held.reason) if held.active(now) else None
         return ReportedState(device=self.device_id, revision=self.trust.revision, modules=modules,
-                             error=self._error(), facts=self.facts, ts=self.clock())
+                             error=self._error(), facts=self.facts, hold=hold, ts=now)
 
     def _shadow(self, m: DesiredModule) -> ShadowReport | None:
         """The state of ``m``'s shadow candidate: its install, then ``running`` once it is offered inputs."""
