@@ -62,6 +62,7 @@ export function commandsPart(deviceId) {
       h("strong", {}, `${c.name} ${argsText(c.args)}`), " ", statePill(c),
       c.state === "sent" ? ` the device answers when it is online (the command expires ${when(c.expires)})` : "",
       c.error ? h("div", { class: "error", "data-command-error": "" }, c.error) : "",
+      c.state === "done" && !text ? h("div", { class: "muted" }, "the device answered with nothing (no log lines match)") : "",
       text ? h("div", { class: "muted", "data-result-size": size },
         `${bytes(size)}${c.result && Array.isArray(c.result.lines) ? `, ${c.result.lines.length} lines` : ""}`) : ""),
     text ? h("pre", { class: "json log", "data-result": c.name }, text) : "");
