@@ -77,6 +77,8 @@ def test_a_held_update_shows_in_device_show_and_in_the_rollouts_holding_list(ser
         assert admin.get(f"/api/v1/devices/{held}").json()["modules"][0]["version"] == 2  # desired, not installed
         out = cli(server, "rollout", "status", "hd", columns=250).stdout
         assert f"waits for 1 device(s): {held} ({text})" in " ".join(out.split()), out
+        follow = cli(server, "rollout", "status", "hd", "--wait", "--timeout", "1", "--interval", "0.2", ok=False)
+        assert follow.returncode == 5 and f"  {held} {text}" in follow.stdout.splitlines()[0], follow.stdout
 
         fleet.defer(0, None)  # the app releases it: the update goes ahead, the hub stops showing the hold
         wait_rollout(admin, "hd", "succeeded")
