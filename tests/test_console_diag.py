@@ -97,6 +97,9 @@ def test_logs_commands_and_a_held_update_on_the_device_page(server, admin, fleet
         until = datetime.datetime.fromtimestamp(view["until"], datetime.UTC).strftime("%H:%M")
         line = f"held by app until {until}: {REASON}"
         page.wait_for_selector(f"[data-hold]:has-text('{line}')")
+        page.goto(f"{server.url}/console/#/devices")
+        page.wait_for_selector(f"tr[data-device='{device}'] [data-list-hold]:has-text('{line}')")
+        assert page.query_selector(f"tr[data-device='{other}'] [data-list-hold]") is None
         admin.patch("/api/v1/deployments/cd", json={"module": "scorer:2"}).raise_for_status()
         all_running(admin, [other], "scorer", 2)
         wait_until(lambda: rollout(admin, "cd").get("holding_count") == 1, 30, 0.2, "the wave held by the app")
