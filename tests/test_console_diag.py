@@ -14,6 +14,7 @@ import pytest
 
 from hub.testing import wait_until
 from simulator.fleet import Fleet
+from tests.cli_setup import enrol
 from tests.rollout_support import all_running, build_versions, rollout, wait_rollout
 from tests.test_console import TIMEOUT_MS, browser, sign_in  # noqa: F401  (browser: the fixture)
 
@@ -112,6 +113,14 @@ def test_logs_commands_and_a_held_update_on_the_device_page(server, admin, fleet
         page.wait_for_selector("[data-section=modules] tr[data-module=scorer]:has-text('scorer:2')")
         page.wait_for_selector("[data-hold]", state="detached")
 
+        # a device that is not connected: the command waits at the hub, and the page says so
+        enrol(server, admin, "asleep", {})
+        page.goto(f"{server.url}/console/#/devices/asleep")
+        page.wait_for_selector("[data-commands=history] :text('no commands sent to this device yet')")
+        page.click("button[data-command=support_bundle]")
+        page.wait_for_selector("[data-commands=result] [data-state=sent]:has-text('the device answers when it is online')")
+        page.wait_for_selector("tr[data-command-row] :text('waiting')")
+
         # a viewer's token: the page says commands need an operator, and sends none
         viewer = admin.post("/api/v1/tokens", json={"name": "diag-viewer", "role": "viewer"}).json()["token"]
         page.click("#logout")
@@ -124,4 +133,4 @@ def test_logs_commands_and_a_held_update_on_the_device_page(server, admin, fleet
     finally:
         context.close()
     command_posts = [u for u in posts if urlsplit(u).path.endswith("/commands")]
-    assert len(command_posts) == 3  # one per click; the viewer sent none
+    assert len(command_posts) == 4  # one per click; the viewer sent none

@@ -36,7 +36,8 @@ export function commandsPart(deviceId) {
     const mod = module.value;
     if (name === "restart_module" && !mod) return toast("choose the module to restart", true);
     if (name === "restart_module" && !window.confirm(`Restart module ${mod} on ${deviceId}?`)) return;
-    const args = name === "logs" ? { lines: Number(lines.value) || 200, ...(mod ? { module: mod } : {}) }
+    const n = Math.min(500, Math.max(1, Math.round(Number(lines.value)) || 200));  // the device sends at most 500
+    const args = name === "logs" ? { lines: n, ...(mod ? { module: mod } : {}) }
       : name === "restart_module" ? { module: mod } : {};
     try {
       const c = await api(`/devices/${enc}/commands`, { method: "POST", body: JSON.stringify({ name, args }) });
