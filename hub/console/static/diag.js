@@ -31,6 +31,7 @@ export function commandsPart(deviceId) {
   const shown = h("div", { "data-commands": "result" });
   let selected = null;   // the command whose result is shown (the one just sent, or one clicked in the history)
   let modules = [];
+  let waiting = false, polls = 0;
 
   const send = async (name) => {
     const mod = module.value;
@@ -79,7 +80,11 @@ export function commandsPart(deviceId) {
         module.value = names.includes(keep) ? keep : "";
       }
     }
+    // results can be large (a support bundle): the history is fetched while a command waits for its answer,
+    // after a click, and otherwise every 5th poll of the page
+    if (device && !waiting && polls++ % 5 !== 0) return;
     const list = await api(`/devices/${enc}/commands`);
+    waiting = list.some((c) => c.state === "sent");
     history.replaceChildren(table(["Sent", "Command", "State", "By", "Answered", "Result"], list.map((c) => h("tr", {
       "data-command-row": c.id, "data-name": c.name, class: c.id === selected ? "selected" : "" },
     h("td", {}, when(c.created_at)), h("td", {}, `${c.name} ${argsText(c.args)}`), h("td", {}, statePill(c)),
