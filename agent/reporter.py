@@ -28,6 +28,7 @@ from agent.supervisor import ModuleWorker
 from protocol.messages import (
     DataBatch,
     DesiredModule,
+    HoldReport,
     ModuleReport,
     ReportedState,
     ShadowReport,
@@ -94,8 +95,10 @@ class Reporter:
                                         accelerator=getattr(active.runner, "accelerator", "") if serving and active
                                         else "", shadow=self._shadow(m)))
         source = "offline" if self.offline_revision and self.offline_revision == self.trust.revision else "hub"
+        held, now = self.executor.hold, self.clock()
+        hold = HoldReport(since=held.since, until=held.until, reason=held.reason) if held.active(now) else None
         return ReportedState(device=self.device_id, revision=self.trust.revision, modules=modules,
-                             error=self._error(), facts=self.facts, ts=self.clock(), source=source)
+                             error=self._error(), facts=self.facts, hold=hold, ts=now, source=source)
 
     def _shadow(self, m: DesiredModule) -> ShadowReport | None:
         """The state of ``m``'s shadow candidate: its install, then ``running`` once it is offered inputs."""

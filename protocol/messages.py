@@ -187,12 +187,21 @@ class ModuleReport(Schema, frozen=True, kw_only=True):
     shadow: ShadowReport | None = None  # only while the desired entry has a shadow
 
 
+class HoldReport(Schema, frozen=True, kw_only=True):
+    """An application's hold on installs (agent/deferral.py), while it lasts; times on the device's clock."""
+
+    since: Finite
+    until: Finite
+    reason: Annotated[str, Meta(max_length=200)] = ""
+
+
 class ReportedState(Message, frozen=True, kw_only=True):
     device: Name
     revision: NonNegative  # the desired revision the modules below answer
     modules: Annotated[list[ModuleReport], Meta(max_length=64)] = []
     error: str = ""  # a refused desired state, and why
     facts: Facts = {}  # hardware / OS / agent version
+    hold: HoldReport | None = None  # installs held by an application (additive: older hubs ignore it)
     ts: Finite
     source: Literal["hub", "offline"] = "hub"  # how the applied desired state came: from the hub, or a package
 

@@ -252,6 +252,20 @@ class Fleet:
         fut: concurrent.futures.Future[list[dict[str, Any]]] = asyncio.run_coroutine_threadsafe(take(), loop)
         return fut.result(timeout)
 
+    def defer(self, index: int, seconds: float | None, reason: str = "", timeout: float = 10.0) -> dict[str, Any]:
+        """Thread-safe: device ``index``'s application holds its installs for ``seconds`` (None: releases the hold),
+        as ``POST /v1/defer`` on its local API does; returns the hold, or raises ValueError with the refusal."""
+        assert self._loop is not None, "the fleet is not running"
+        agent = self.agents[index]
+
+        async def call() -> tuple[dict[str, Any], str | None]:
+            return agent.defer(seconds, reason)
+
+        view, why = asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout)
+        if why is not None:
+            raise ValueError(why)
+        return view
+
 
 async def run_fleet(
     hub_url: str,

@@ -34,6 +34,9 @@ def test_api_tokens_are_named_listed_expired_and_revoked(server, admin):
     with httpx.Client(base_url=server.url, headers=bearer(ci)) as c:
         assert c.post("/api/v1/enrollment-tokens", json={}).status_code == 200  # an operator's right
         assert c.get("/api/v1/tokens").status_code == 403  # an admin's
+        assert c.get("/api/v1/whoami").json() == {"name": "ci", "role": "operator", "id": made["id"]}
+    assert admin.get("/api/v1/whoami").json()["role"] == "admin"
+    assert httpx.get(server.url + "/api/v1/whoami").status_code == 401
     listed = admin.get("/api/v1/tokens")
     assert {t["name"]: t["role"] for t in listed.json()} == {"admin": "admin", "ci": "operator"}
     assert ci not in listed.text and server.admin_token not in listed.text  # ids and names, never a token

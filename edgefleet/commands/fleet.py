@@ -271,7 +271,8 @@ def _render(st: dict[str, Any]) -> Any:
 
         parts.append(Text(shadow_line(st.get("shadow") or st["last_gate"]["shadow"], st.get("shadow_ends_in_s"))))
     if st.get("holding"):  # who the wave waits for, and until when
-        names = ", ".join(d["id"] + ("" if d["online"] else " (offline)") for d in st["holding"][:10])
+        names = ", ".join(d["id"] + ("" if d["online"] else " (offline)")
+                          + (f" ({d['hold']['text']})" if d.get("hold") else "") for d in st["holding"][:10])
         more = st["holding_count"] - min(10, len(st["holding"]))
         parts.append(Text(f"wave {st['wave']} waits for {st['holding_count']} device(s): {names}"
                           + (f" and {more} more" if more > 0 else "")

@@ -58,8 +58,14 @@ def plain(st: dict[str, Any]) -> str:
     origin = f" from {st['from_module']}" if st.get("from_module") else ""
     reason = f"  reason: {st['reason']}" if st.get("reason") else ""
     shadow = f"  {shadow_line(st['shadow'], st.get('shadow_ends_in_s'))}" if st.get("shadow") else ""
+    held = "".join(f"  {d['id']} {d['hold']['text']}" for d in held_devices(st)[:5])
     return (f"{datetime.now().strftime('%H:%M:%S')} {st['deployment']} rollout {st['id']} revision {st['revision']} "
-            f"({st['module']}{origin}): {st['state']}  {counts}{reason}{shadow}")
+            f"({st['module']}{origin}): {st['state']}  {counts}{reason}{shadow}{held}")
+
+
+def held_devices(st: dict[str, Any]) -> list[dict[str, Any]]:
+    """The devices holding the wave because an application on them defers the update (protocol §5 ``hold``)."""
+    return [d for d in st.get("holding") or [] if d.get("hold")]
 
 
 def ending(st: dict[str, Any], code: int, waited: float) -> str:
@@ -91,7 +97,8 @@ def follow(c: HubClient, name: str, rollout_id: int | None, *, interval: float, 
             waited = time.monotonic() - start
             if code is None and timeout is not None and waited >= timeout:
                 code = EXIT_TIMEOUT
-            key = (st["state"], tuple(sorted(st["counts"].items())), st.get("reason"))
+            key = (st["state"], tuple(sorted(st["counts"].items())), st.get("reason"),
+                   tuple(d["id"] for d in held_devices(st)))
             if mode == "live" and view is not None and live is not None:
                 view.update(live(st))
             elif key != last_key or code is not None or time.monotonic() - last_print >= HEARTBEAT_S:

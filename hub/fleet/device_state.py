@@ -7,6 +7,7 @@ filter and count by state in SQL instead of decoding every device's JSON on ever
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -80,3 +81,15 @@ def device_state(desired_json: str | None, reported_json: str | None) -> str:
     desired = json.loads(desired_json) if desired_json else []
     reported = json.loads(reported_json) if reported_json else None
     return summarize(desired, module_views(desired, reported))
+
+
+def active_hold(reported: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+    """The application hold a device reported (protocol §5 ``ReportedState.hold``) while it lasts, with the line
+    operators read: ``held by app until 14:05: checkout in progress`` (UTC); None when there is none or it ended."""
+    hold = (reported or {}).get("hold")
+    if not isinstance(hold, dict) or not isinstance(hold.get("until"), (int, float)) or hold["until"] <= now:
+        return None
+    until = datetime.datetime.fromtimestamp(hold["until"], datetime.UTC).strftime("%H:%M")
+    reason = str(hold.get("reason") or "no reason given")
+    return {"since": hold.get("since"), "until": hold["until"], "reason": hold.get("reason") or "",
+            "text": f"held by app until {until}: {reason}"}

@@ -14,7 +14,7 @@ from hub.bounds import check_labels
 from hub.errors import Conflict, Forbidden, Invalid, NotFound
 from hub.fleet.broker_auth import mosquitto_hash
 from hub.fleet.device_query import DeviceFilter
-from hub.fleet.device_state import device_state, module_views, summarize
+from hub.fleet.device_state import active_hold, device_state, module_views, summarize
 from hub.ingest.writer import EnrolledCache
 from hub.monitoring.timeseries import device_totals
 from hub.rollout.director import Director
@@ -192,7 +192,7 @@ class Fleet:
             # how the device got the revision it reports: from the hub, or an offline package (agent/offline.py)
             "reported_source": (reported or {}).get("source", "hub") if reported else None,
             "error": (reported or {}).get("error", ""), "modules": views,
-            "inferences": inferences, "errors": errors,
+            "inferences": inferences, "errors": errors, "hold": active_hold(reported, time.time()),
         }
 
     def _totals(self, ids: list[str]) -> dict[str, tuple[int, int]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from hub.fleet.device_state import bundle_state, category
+from hub.fleet.device_state import active_hold, bundle_state, category
 from hub.fleet.targeting import parse_target
 from hub.rollout import retries
 from hub.rollout import rollout_states as S
@@ -110,7 +110,7 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
         counts[bucket] = counts.get(bucket, 0) + 1
         devices.append({"id": device_id, "online": bool(online), "last_seen": last_seen,
                         "wave": admitted.get(device_id, -1) + 1 or None, "state": bucket, "install_state": state,
-                        "error": error})
+                        "error": error, "hold": active_hold(rep, t) if rep and bucket == "pending" else None})
     moved = [d for d in devices if d["wave"] is not None]
     out: dict[str, Any] = {
         "id": r["id"], "deployment": r["deployment"], "revision": r["revision"], "from_revision": r["from_revision"],
@@ -152,7 +152,7 @@ def status(db: Database, r: dict[str, Any], rev: dict[str, Any], prev: dict[str,
 
 
 def _brief(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: d[k] for k in ("id", "online", "last_seen", "state", "install_state", "error")}
+    return {k: d[k] for k in ("id", "online", "last_seen", "state", "install_state", "error", "hold")}
 
 
 def listing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -34,6 +34,12 @@ def new_token(body: TokenRequest, hub: Hub = Depends(get_hub),
     return view | {"token": token}
 
 
+@router.get("/whoami")
+def whoami(who: Principal = Depends(require("viewer"))) -> dict[str, Any]:
+    """The caller's token: its name and role (the console shows operators' actions only to operators)."""
+    return {"name": who.name, "role": who.role, "id": who.id}
+
+
 @router.get("/tokens", dependencies=[Depends(require("admin"))])
 def tokens(all: bool = False, hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
     """Tokens by id, name, role and state (never the token); revoked and expired ones too with ``all``."""

@@ -3,6 +3,7 @@
 import { $, TOKEN_KEY, api, card, h, pill, session, table, when } from "./lib.js";
 import { device, devices } from "./fleet.js";
 import { deployment, deployments } from "./deploy.js";
+import { batchJob, batchJobs } from "./batch.js";
 
 const REFRESH_MS = 2000;
 let refresh = null;   // the current view's refresh function: it fetches only what the view shows
@@ -39,6 +40,8 @@ const views = {
   device,
   deployments,
   deployment,
+  batch: batchJobs,
+  batchJob,
 
   async models(root) {
     root.append(h("h1", {}, "Model registry"));
@@ -112,7 +115,8 @@ async function tick(force = false) {
 async function route() {
   if (!session.token) return;
   const [, view = "overview", arg] = location.hash.split("/").map(decodeURIComponent);
-  const name = arg && view === "deployments" ? "deployment" : arg && view === "devices" ? "device" : views[view] ? view : "overview";
+  const name = arg && view === "deployments" ? "deployment" : arg && view === "devices" ? "device"
+    : arg && view === "batch" ? "batchJob" : views[view] ? view : "overview";
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === view);
   const root = $("#view");
   root.replaceChildren();
@@ -122,7 +126,7 @@ async function route() {
 }
 
 function signOut(message = "") {
-  session.token = "";
+  session.token = session.role = "";
   sessionStorage.removeItem(TOKEN_KEY);
   refresh = null;
   $("#view").hidden = $("#nav").hidden = $("#logout").hidden = true;
@@ -134,6 +138,7 @@ async function signIn(candidate) {
   session.token = candidate;
   try {
     await api("/fleet/summary");
+    Object.assign(session, await api("/whoami"));  // the role decides which actions the pages offer
   } catch (e) {
     signOut(e.status === 401 || e.status === 403 ? `Token refused: ${e.message}` : `Hub not reachable: ${e.message}`);
     return;

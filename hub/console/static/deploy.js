@@ -95,7 +95,7 @@ export async function deployment(root, name) {
       h("div", { class: "holding-list" }, st.holding.map((d) => h("a", {
         class: `pill state-${d.online ? d.state : "offline"}`, "data-holding-device": d.id, href: `#/devices/${encodeURIComponent(d.id)}`,
         title: `${d.online ? "online" : "offline"}, ${d.install_state}, last seen ${when(d.last_seen)}`,
-      }, `${d.id}${d.online ? "" : " (offline)"}`))),
+      }, `${d.id}${d.online ? "" : " (offline)"}${d.hold ? ` (${d.hold.text})` : ""}`))),
       st.holding_count > st.holding.length ? h("p", { class: "muted" }, `the first ${st.holding.length} named, offline ones first`) : "") : "";
     head.replaceChildren(
       h("p", {}, pill(st.state, st.phase), ` revision ${st.revision} (${st.module})`, st.from_module ? ` from ${st.from_module}` : "",
@@ -112,7 +112,8 @@ export async function deployment(root, name) {
     devices.replaceChildren(table(["Device", "Wave", "State", "Install state", "Error"], st.devices.map((d) => h("tr", { "data-device": d.id },
       h("td", {}, h("a", { class: "row-link", href: `#/devices/${encodeURIComponent(d.id)}` }, d.id), d.online ? "" : h("span", { class: "muted" }, " (offline)")),
       h("td", {}, d.wave == null ? "" : String(d.wave)), h("td", {}, pill(d.state)),
-      h("td", {}, d.install_state || ""), h("td", {}, d.error || ""))), "no devices match"));
+      h("td", {}, d.install_state || "", d.hold ? h("div", { class: "muted", "data-device-hold": "" }, d.hold.text) : ""),
+      h("td", {}, d.error || ""))), "no devices match"));
     if (slow++ % 5 === 0) await slowParts(st);  // history, charts and events change slowly: every 5th poll
   }
 

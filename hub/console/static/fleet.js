@@ -1,6 +1,7 @@
 // The device list (server-side search, filters, keyset pages) and a device's own page.
 import { ago, api, h, kvTable, labelText, pill, query, section, table, when } from "./lib.js";
 import { telemetryCharts } from "./charts.js";
+import { commandsPart } from "./diag.js";
 
 const PAGE = 50;
 const STATUSES = ["", "online", "offline", "failed", "pending", "installing", "running", "idle"];
@@ -36,7 +37,8 @@ export async function devices(root) {
       page.items.map((d) => h("tr", { "data-device": d.id },
         h("td", {}, h("a", { class: "row-link", href: `#/devices/${encodeURIComponent(d.id)}` }, d.id)),
         h("td", {}, pill(d.online ? "online" : "offline")),
-        h("td", {}, pill(d.state, d.state), d.error ? h("div", { class: "error" }, d.error) : ""),
+        h("td", {}, pill(d.state, d.state), d.error ? h("div", { class: "error" }, d.error) : "",
+          d.hold ? h("div", { class: "muted", "data-list-hold": "" }, d.hold.text) : ""),
         h("td", {}, labelText(d.labels)),
         h("td", {}, d.modules.map((m) => [pill(`${m.name}:${m.version} ${m.state}`, m.state),
           m.error ? h("div", { class: "error" }, m.error) : ""])),
@@ -65,7 +67,9 @@ export async function device(root, id) {
   const parts = Object.fromEntries([["modules", "Modules"], ["telemetry", "Telemetry (last hour)"], ["labels", "Labels"],
     ["facts", "Facts"], ["config", "Configuration (desired state)"], ["reported", "Reported state"], ["events", "Recent events"]]
     .map(([k, t]) => [k, section(t, k)]));
-  root.append(h("a", { class: "row-link", href: "#/devices" }, "← all devices"), title, head, ...Object.values(parts).map((p) => p.el));
+  const diag = commandsPart(id);
+  root.append(h("a", { class: "row-link", href: "#/devices" }, "← all devices"), title, head, ...Object.values(parts).map((p) => p.el),
+    diag.el);
   return async () => {
     let d;
     try { d = await api(`/devices/${encodeURIComponent(id)}`); } catch (e) {
@@ -77,7 +81,9 @@ export async function device(root, id) {
     head.replaceChildren(pill(d.online ? "online" : "offline"), pill(d.state, d.state),
       ` last seen ${ago(d.last_seen)} · desired revision ${d.revision}, reported ${d.reported_revision ?? "-"}${d.reported_source === "offline" ? " (installed offline)" : ""}`,
       ` · ${d.inferences.toLocaleString()} inferences, ${d.errors.toLocaleString()} errors`,
-      d.error ? h("div", { class: "error" }, d.error) : "");
+      d.error ? h("div", { class: "error" }, d.error) : "",
+      d.hold ? h("div", { class: "holding", "data-hold": "", title: `held since ${when(d.hold.since)}, until ${when(d.hold.until)}` },
+        `Updates ${d.hold.text} (an application on the device defers installs)`) : "");
     parts.modules.show(table(["Module", "Deployment", "State", "Error"], d.modules.map((m) => h("tr", { "data-module": m.name },
       h("td", {}, `${m.name}:${m.version}`),
       h("td", {}, m.deployment ? h("a", { class: "row-link", href: `#/deployments/${encodeURIComponent(m.deployment)}` }, m.deployment) : "(not desired)"),
@@ -90,6 +96,7 @@ export async function device(root, id) {
       h("p", { class: "muted" }, `signed state expires ${when(d.desired_expires)}; enrolled ${when(d.created_at)}`));
     parts.reported.show(d.reported ? h("pre", { class: "json" }, JSON.stringify(d.reported, null, 2)) : h("p", { class: "muted" }, "nothing reported yet"));
     await Promise.all([
+      diag.refresh(d).catch((e) => diag.el.querySelector("[data-commands=history]").replaceChildren(h("p", { class: "muted" }, e.message))),
       api("/metrics/series" + query({ device: id, step: 60, since: t - 3600, until: t }))
         .then((rows) => parts.telemetry.show(h("div", { class: "charts" }, telemetryCharts(rows, "device"))), (e) => parts.telemetry.fail(e)),
       api("/audit" + query({ subject: id, limit: 20 }))

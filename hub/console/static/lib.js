@@ -2,7 +2,10 @@
 
 export const TOKEN_KEY = "edgefleet.token";
 export const $ = (sel) => document.querySelector(sel);
-export const session = { token: sessionStorage.getItem(TOKEN_KEY) || "" };
+export const session = { token: sessionStorage.getItem(TOKEN_KEY) || "", role: "", name: "" };
+// operator and admin tokens may act (send commands, start batch jobs); a viewer's only looks (the hub enforces it)
+export const canOperate = () => session.role === "operator" || session.role === "admin";
+export const bytes = (n) => (n >= 2 ** 20 ? `${(n / 2 ** 20).toFixed(1)} MB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KB` : `${n} B`);
 
 export function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
