@@ -28,9 +28,12 @@ fi
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi
+# two pytest-xdist workers, a test file each at a time (a file's tests share its fixtures): most tests wait on
+# processes (agents, hubs, brokers) more than they compute, so two at once nearly halve the time on 2 cores
+parallel=(-n 2 --dist loadfile)
 status=0
 echo "== the whole suite, hub on SQLite" >&2
-EDGEFLEET_TEST_DB=sqlite .venv/bin/python -m pytest || status=$?
+EDGEFLEET_TEST_DB=sqlite .venv/bin/python -m pytest "${parallel[@]}" || status=$?
 echo "== the hub's store tests again, hub on PostgreSQL" >&2
-EDGEFLEET_TEST_DB=postgres .venv/bin/python -m pytest -m hubstore || status=$?
+EDGEFLEET_TEST_DB=postgres .venv/bin/python -m pytest "${parallel[@]}" -m hubstore || status=$?
 exit $status
