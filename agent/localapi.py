@@ -54,6 +54,7 @@ from modules.httpwire import (
     bearer,
     binary_answer,
     encode_answer,
+    encode_head,
     enlarge,
     failed,
     form_of,
@@ -298,7 +299,7 @@ def _predicted(active: ActiveModule, out: bytes | None, exc: Exception | None) -
     return predicted(active.name, active.version, out, exc)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One client connection: requests parsed from the bytes as they arrive, answered in order, one at a time.
 
     A Protocol rather than a StreamReader: the head is cut at its blank line and parsed in one go
@@ -327,8 +328,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
-        self._reader.buf += data
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer()  # a large body is received in place (no copies of camera frames)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._reader.buffer_updated(nbytes)
         if not self._busy:
             self._serve()
 
@@ -364,7 +368,7 @@ class _Connection(asyncio.Protocol):
     def _later(self, keep: bool, answer: Answer) -> None:
         self._busy = False
         self._reply(answer, keep)
-        if self._reader.buf:  # pipelined requests that came meanwhile
+        if self._reader.pending():  # pipelined requests that came meanwhile
             self._serve()
 
     async def _finish(self, pending: Coroutine[Any, Any, Answer], keep: bool) -> None:
@@ -377,6 +381,10 @@ class _Connection(asyncio.Protocol):
     def _reply(self, answer: Answer, keep: bool) -> None:
         if self.transport is None:
             return
-        self.transport.write(encode_answer(answer, keep))
+        if len(answer[2]) > 65536:  # a tensor answer: its buffer sent as it is, after the head
+            self.transport.write(encode_head(answer, keep))
+            self.transport.write(answer[2])
+        else:
+            self.transport.write(encode_answer(answer, keep))
         if not keep:
             self.transport.close()

@@ -39,6 +39,8 @@ Reply = tuple[str, int, bytes, bytes]  # an ``infer`` answer: content type, OIP 
 def _reply(frame: Frame) -> Reply:
     header, _, blob = frame
     n = int(header["body"])
+    if n == len(blob):  # no sample after it: the answer's buffer as it came (no copy)
+        return str(header["ctype"]), int(header["hlen"]), blob, b""
     return str(header["ctype"]), int(header["hlen"]), blob[:n], blob[n:]
 
 

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modules import httpwire, oip
 from modules.errors import failure, from_kind
+from modules.framebuf import FrameReader, write_all
 from modules.httpwire import Answer, BadRequest, RequestReader, encode_answer, json_answer, predict_target, predicted
-from modules.workerwire import pack, take_frame
+from modules.workerwire import pack_parts
 
 if TYPE_CHECKING:
     from modules.runners import Batch
@@ -228,15 +229,15 @@ class DirectSocket:
             self._write(client, b"")
         else:
             try:
-                data = conn.recv(min(client.reader.wanted(), httpwire.BIG_BUFFER))
+                n = conn.recv_into(client.reader.get_buffer())  # a large body lands in place
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
-            if not data:
+                n = 0
+            if not n:
                 self._drop(client)
                 return
-            client.reader.buf += data
+            client.reader.buffer_updated(n)
         self._serve(client)
 
     def _serve(self, client: _Client) -> None:
@@ -308,7 +309,7 @@ class Worker:
         self.files = Path(".")
         self.manifest: Any = None
         self.direct: DirectSocket | None = None
-        self._buf = bytearray()
+        self._frames = FrameReader()  # a large request body lands in place
         self._open = True
 
     def run(self) -> None:
@@ -325,22 +326,21 @@ class Worker:
             if self.direct is not None:
                 self.direct.close()
 
-    def reply(self, header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"") -> None:
-        self.out.write(pack(header, arrays, blob))
-        self.out.flush()
+    def reply(self, header: dict[str, Any], arrays: Batch | None = None, *blobs: bytes) -> None:
+        write_all(self.out.fileno(), pack_parts(header, arrays, *blobs))  # writev: the answer's bytes as they are
 
     def push(self) -> None:
         stats = self.direct.take_stats() if self.direct is not None else None
         if stats is not None:
-            self.reply(stats[0], blob=stats[1])
+            self.reply(stats[0], None, stats[1])
 
     def _from_agent(self, fd: Any, events: int) -> None:
-        data = os.read(self.inp, httpwire.BIG_BUFFER)
-        if not data:
+        n = os.readv(self.inp, [self._frames.get_buffer()])
+        if not n:
             self._open = False  # the agent closed its end: exit
             return
-        self._buf += data
-        while self._open and (frame := take_frame(self._buf)) is not None:
+        self._frames.buffer_updated(n)
+        while self._open and (frame := self._frames.take()) is not None:
             self.handle(*frame)
 
     def handle(self, header: dict[str, Any], arrays: Batch, blob: bytes) -> None:
@@ -358,10 +358,10 @@ class Worker:
                             "inputs": [s.to_dict() for s in self.runner.inputs],
                             "outputs": [s.to_dict() for s in self.runner.outputs]})
             elif op == "predict_json":
-                self.reply({"ok": True}, blob=self.runners.predict_json(self.runner, blob))
+                self.reply({"ok": True}, None, self.runners.predict_json(self.runner, blob))
             elif op == "infer":  # any other form (.npy, OIP v2): the answer's body is the blob, then the sample's JSON
                 ctype, hlen, out, record = self.infer(header["form"], blob, bool(header.get("sample")))
-                self.reply({"ok": True, "ctype": ctype, "hlen": hlen, "body": len(out)}, blob=out + record)
+                self.reply({"ok": True, "ctype": ctype, "hlen": hlen, "body": len(out)}, None, out, record)
             elif op == "predict":
                 self.reply({"ok": True}, self.runner.predict(arrays))
             elif op == "health":

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modules.errors import ModelError, from_kind
+from modules.framebuf import FrameReader
 from modules.httpwire import enlarge
 from modules.sandbox import Launch, Sandbox, SandboxUnavailable, bwrap_version, probe, scrubbed_env
-from modules.workerwire import pack, take_frame
+from modules.workerwire import pack_parts
 from protocol.manifest import Manifest, TensorSpec
 from protocol.schema import validate
 
@@ -54,7 +55,7 @@ def answer_error(answer: dict[str, Any]) -> Exception | None:
     return from_kind(str(answer.get("kind")), str(answer.get("error", "worker error")))
 
 
-class _Channel(asyncio.Protocol):
+class _Channel(asyncio.BufferedProtocol):
     """The agent's end of a worker's socket: requests go one at a time, each answer calls its request's ``done``.
 
     Plain callbacks, not a lock and a future per request: an answer is handed on inside the
@@ -64,14 +65,14 @@ class _Channel(asyncio.Protocol):
     def __init__(self, on_timeout: Callable[[], None], on_push: OnPush | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.on_timeout, self.on_push = on_timeout, on_push
-        self._queue: deque[tuple[bytes, Done, float | None]] = deque()
+        self._queue: deque[tuple[list[Any], Done, float | None]] = deque()
         self._inflight: tuple[Done, asyncio.TimerHandle | None] | None = None
-        self._buf = bytearray()
+        self._frames = FrameReader()  # a large answer lands in place
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def call(self, frame: bytes, done: Done, timeout: float | None) -> None:
+    def call(self, frame: list[Any], done: Done, timeout: float | None) -> None:
         if self.transport is None:
             done(None, ConnectionResetError("the worker's socket is closed"))
             return
@@ -86,7 +87,8 @@ class _Channel(asyncio.Protocol):
         # the deadline runs from the moment the worker has the request, not while it waits its turn
         timer = asyncio.get_running_loop().call_later(timeout, self._timed_out) if timeout is not None else None
         self._inflight = (done, timer)
-        self.transport.write(frame)
+        for part in frame:  # each part sent as it is (a camera frame is not joined to its header first)
+            self.transport.write(part)
 
     def _finish(self, frame: Frame | None, exc: BaseException | None) -> None:
         if self._inflight is None:
@@ -104,10 +106,13 @@ class _Channel(asyncio.Protocol):
         self._finish(None, TimeoutError())
         self.on_timeout()  # kills the worker: the queued requests fail with it
 
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._frames.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._frames.buffer_updated(nbytes)
         try:
-            while (frame := take_frame(self._buf)) is not None:
+            while (frame := self._frames.take()) is not None:
                 if frame[0].get("push"):
                     self._pushed(frame)
                     continue
@@ -265,7 +270,7 @@ class WorkerProcess:
                 self._kill_now()
                 done(None, WorkerCrashed(f"module {self.name} worker died ({self._exit_text()}): {exc!r}"))
 
-        self._channel.call(pack(header, arrays, blob), answered, timeout)
+        self._channel.call(pack_parts(header, arrays, blob), answered, timeout)
 
     async def request(self, header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"",
                       timeout: float | None = None) -> Frame:
