@@ -73,6 +73,11 @@ class ModuleWorker:
         self._task: asyncio.Task[None] | None = None
 
     @property
+    def process(self) -> WorkerProcess | None:
+        """The worker serving now (None between restarts)."""
+        return self._worker if self._worker is not None and self._worker.alive else None
+
+    @property
     def pid(self) -> int | None:
         return self._worker.pid if self._worker is not None and self._worker.alive else None
 

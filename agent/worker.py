@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import random
-import resource
 import selectors
 import signal
 import socket
@@ -36,6 +35,8 @@ from modules import httpwire, oip
 from modules.errors import failure, from_kind
 from modules.framebuf import FrameReader, write_all
 from modules.httpwire import Answer, BadRequest, RequestReader, encode_answer, json_answer, predict_target, predicted
+from modules.shmregions import Regions
+from modules.workerenv import apply_limits, die_with_parent, shm_op
 from modules.workerwire import pack_parts
 
 if TYPE_CHECKING:
@@ -47,26 +48,6 @@ Infer = Callable[[dict[str, Any], bytes, bool], tuple[str, int, bytes, bytes]]
 PUSH_EVERY = 1.0  # seconds at most between a direct-socket inference and its stats reaching the agent
 MAX_PENDING_LATENCIES = 100_000
 MAX_PENDING_SAMPLES = 1000
-
-
-def apply_limits(limits: dict[str, Any]) -> None:
-    """Address-space and CPU-time caps for this process, where the OS supports them."""
-    mem_mb, cpu_s = int(limits.get("memory_mb") or 0), int(limits.get("cpu_seconds") or 0)
-    if mem_mb > 0 and hasattr(resource, "RLIMIT_AS"):
-        resource.setrlimit(resource.RLIMIT_AS, (mem_mb * 2**20, mem_mb * 2**20))
-    if cpu_s > 0 and hasattr(resource, "RLIMIT_CPU"):
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-
-
-def _die_with_parent() -> None:
-    # ctypes here, not at the top: the agent imports this module for its framing and must stay small
-    import ctypes
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass  # best effort: stdin EOF still ends the worker
 
 
 class DirectSocket:
@@ -310,6 +291,7 @@ class Worker:
         self.manifest: Any = None
         self.direct: DirectSocket | None = None
         self._frames = FrameReader()  # a large request body lands in place
+        self.shm = Regions()  # the apps' shared memory regions, mapped (modules/shmregions.py)
         self._open = True
 
     def run(self) -> None:
@@ -335,11 +317,10 @@ class Worker:
             self.reply(stats[0], None, stats[1])
 
     def _from_agent(self, fd: Any, events: int) -> None:
-        n = os.readv(self.inp, [self._frames.get_buffer()])
+        n = self._frames.fill(self.inp)  # with the descriptors of shared memory regions the agent passes
         if not n:
             self._open = False  # the agent closed its end: exit
             return
-        self._frames.buffer_updated(n)
         while self._open and (frame := self._frames.take()) is not None:
             self.handle(*frame)
 
@@ -374,6 +355,8 @@ class Worker:
                 served = httpwire.Served(self.manifest.version, self.manifest.runtime, self.runner.inputs, self.runner.outputs)
                 self.direct = DirectSocket(self.sel, lambda body: predict_json(runner, body), header, self.infer, served)
                 self.reply({"ok": True, "ino": self.direct.ino})
+            elif op in ("shm_attach", "shm_detach"):
+                self.reply(shm_op(self.shm, header, self._frames.fds))
             elif op == "collect":
                 if self.direct is not None:
                     self.direct.ppm = int(header["ppm"])
@@ -388,7 +371,8 @@ class Worker:
             self.reply({"ok": False, "kind": kind, "error": text})
 
     def infer(self, form: dict[str, Any], body: bytes, sample: bool) -> tuple[str, int, bytes, bytes]:
-        return self.tensors.serve(self.runner, form, body, self.manifest.name, self.manifest.version, sample)
+        return self.tensors.serve(self.runner, form, body, self.manifest.name, self.manifest.version, sample,
+                                  self.shm.for_app(str(form.get("app", ""))))
 
     def _close_direct(self) -> None:
         if self.direct is not None:
@@ -402,7 +386,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     Worker(inp, out).run()
 
 def main() -> int:
-    _die_with_parent()
+    die_with_parent()
     httpwire.keep_large_buffers()
     # Run as a script, sys.path[0] is agent/: drop it so a module's imports cannot pick up agent internals.
     here = str(Path(__file__).resolve().parent)

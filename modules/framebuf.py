@@ -8,7 +8,11 @@ Both ends import it: the agent (``agent.workerproc``) and the worker (``agent/wo
 
 from __future__ import annotations
 
+import array
 import os
+import socket
+import stat
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +34,23 @@ class FrameReader:
         self._header: dict[str, Any] | None = None
         self._body: bytearray | None = None
         self._filled = 0
+        self.fds: deque[int] = deque()  # descriptors passed with the frames (SCM_RIGHTS), taken in order
+        self._sock: socket.socket | None = None
+
+    def fill(self, fd: int) -> int:
+        """Read what ``fd`` has (blocking) into :meth:`get_buffer`, keeping passed descriptors; 0 at end of stream."""
+        if self._sock is None and stat.S_ISSOCK(os.fstat(fd).st_mode):
+            self._sock = socket.socket(fileno=os.dup(fd))
+        if self._sock is None:  # a pipe (a worker run by hand): no descriptors can come
+            n = os.readv(fd, [self.get_buffer()])
+        else:
+            n, ancillary, _, _ = self._sock.recvmsg_into([self.get_buffer()], socket.CMSG_SPACE(16 * 4))
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    self.fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
+        if n:
+            self.buffer_updated(n)
+        return n
 
     def get_buffer(self) -> memoryview:
         if self._body is not None:
