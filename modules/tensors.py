@@ -62,7 +62,7 @@ def _listed(obj: Any) -> Any:
 
 def _loads_slow(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json.loads(body if isinstance(body, bytes | bytearray) else bytes(body))  # a memoryview too
     except (ValueError, UnicodeDecodeError) as exc:
         raise BodyError(f"body is not JSON: {exc}") from None
 
