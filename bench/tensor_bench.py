@@ -155,9 +155,10 @@ class ShmRegions:
             self.maps.append(mmap.mmap(fd, size))
             os.close(fd)
         self.image = np.frombuffer(self.maps[0], dtype=model.image.dtype).reshape(model.image.shape)
+        self.names = [f"{model.name}_in", f"{model.name}_out"]  # one app registers the regions of every model
 
     def register(self, port: int, auth: str, names: list[str]) -> None:
-        for region, key, mm in zip(("in", "out"), self.keys, self.maps, strict=True):
+        for region, key, mm in zip(self.names, self.keys, self.maps, strict=True):
             body = json.dumps({"key": key, "offset": 0, "byte_size": len(mm)}).encode()
             sock = socket.create_connection(("127.0.0.1", port))
             sock.sendall((f"POST /v2/systemsharedmemory/region/{region}/register HTTP/1.1\r\nHost: b\r\n{auth}"
@@ -170,9 +171,9 @@ class ShmRegions:
     def request(self, path: str, model: Model, names: list[str], headers: str) -> bytes:
         offsets = np.cumsum([0, *self.out_sizes])
         body = json.dumps({"inputs": [{"name": model.inputs[0].name, "shape": list(model.image.shape), "datatype": "FP32",
-                                       "parameters": {"shared_memory_region": "in",
+                                       "parameters": {"shared_memory_region": self.names[0],
                                                       "shared_memory_byte_size": model.image.nbytes}}],
-                           "outputs": [{"name": n, "parameters": {"shared_memory_region": "out",
+                           "outputs": [{"name": n, "parameters": {"shared_memory_region": self.names[1],
                                                                  "shared_memory_byte_size": int(size),
                                                                  "shared_memory_offset": int(off)}}
                                        for n, size, off in zip(names, self.out_sizes, offsets, strict=False)]}).encode()
