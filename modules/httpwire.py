@@ -160,8 +160,8 @@ class RequestReader:
         self._filled = 0
 
     def pending(self) -> bool:
-        """Bytes of a next request are waiting (pipelined)."""
-        return bool(self.buf)
+        """A next request has (partly) arrived (pipelined): its bytes, or its parsed head with the body coming in place."""
+        return bool(self.buf) or self._head is not None
 
     def get_buffer(self) -> memoryview:
         """Where the next bytes from the connection go: the rest of a body being received, else a scratch buffer."""
