@@ -335,7 +335,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         enlarge(sock)
-        if sock is not None and sock.family == socket.AF_UNIX:  # who connected: their uid names their app
+        if sock is not None and sock.family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):  # their uid: their app
             self._peer_uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
 
     def connection_lost(self, exc: Exception | None) -> None:
