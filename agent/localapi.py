@@ -38,12 +38,15 @@ import logging
 import os
 import secrets
 import shutil
+import socket
+import struct
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.procstat import rss_bytes
+from agent.shmem import SharedMemory
 from modules import oip
 from modules.httpwire import (
     Answer,
@@ -54,6 +57,7 @@ from modules.httpwire import (
     bearer,
     binary_answer,
     encode_answer,
+    encode_head,
     enlarge,
     failed,
     form_of,
@@ -122,6 +126,7 @@ class LocalApi:
         self.tokens, self.path, self.group = tokens, path, group
         self._server: asyncio.Server | None = None
         self.requests = 0
+        self.shm = SharedMemory()
 
     async def start(self) -> None:
         keep_large_buffers()  # camera-sized bodies pass through this process
@@ -160,28 +165,41 @@ class LocalApi:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+        self.shm.close()
+
+    def app_of(self, head: bytes, peer_uid: int | None = None) -> str | None:
+        """Who asks: the app whose token a TCP request carries (compared in constant time), ``uid:N`` on the Unix
+        socket, ``local`` on TCP without tokens; None: a TCP request with tokens configured that carries none."""
+        if self.tokens is None:
+            return f"uid:{peer_uid}" if peer_uid is not None else "local"
+        token = bearer(head)
+        found = [app for known, app in self.tokens.items() if hmac.compare_digest(token, known)] if token else []
+        return found[0] if found else None
 
     def authorized(self, head: bytes) -> bool:
-        """A TCP request with tokens configured must carry one (compared in constant time)."""
-        if self.tokens is None:
-            return True
-        token = bearer(head)
-        return bool(token) and any(hmac.compare_digest(token, known) for known in self.tokens)
+        return self.app_of(head) is not None
 
     # --- routes ------------------------------------------------------------------------------
 
     def route(self, method: str, path: str, body: bytes, later: Callable[[Answer], None],
-              headers: Headers | None = None) -> Answer | Coroutine[Any, Any, Answer] | None:
+              headers: Headers | None = None, app: str = "local",
+              owner: int | None = None) -> Answer | Coroutine[Any, Any, Answer] | None:
         """An answer at once; or None: a prediction is on its way to a worker and ``later`` gets the answer;
         or a coroutine that makes the answer (a worker restarting, in-process isolation)."""
         self.requests += 1
         headers = headers or {}
+        shm = self.shm.route(method, path.split("?", 1)[0], body, app, os.geteuid() if owner is None else owner)
+        if shm is not None:  # the shared memory extension (agent/shmem.py)
+            return shm
         route = oip.parse_path(path)
         if route is not None:
             answer = oip_answer(method, route, self.served(), self.agent.health()["healthy"] == 1.0, _VERSION)
             if answer is not None:
                 return answer
-            return self._infer(self.agent.active[route.model], form_of("v2", headers), body, later)
+            active = self.agent.active[route.model]
+            if app in self.shm.apps:  # its regions go to the worker ahead of the request (and named in its form)
+                self.shm.pass_to(getattr(active.runner, "process", None), app)
+            return self._infer(active, {**form_of("v2", headers), "app": app}, body, later)
         name = predict_target(path)
         path = path.split("?", 1)[0]
         if name is not None:
@@ -298,7 +316,7 @@ def _predicted(active: ActiveModule, out: bytes | None, exc: Exception | None) -
     return predicted(active.name, active.version, out, exc)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One client connection: requests parsed from the bytes as they arrive, answered in order, one at a time.
 
     A Protocol rather than a StreamReader: the head is cut at its blank line and parsed in one go
@@ -311,10 +329,14 @@ class _Connection(asyncio.Protocol):
         self._reader = RequestReader()
         self._busy = False  # a prediction is being answered: later requests wait in the buffer, answered in order
         self._task: asyncio.Task[None] | None = None
+        self._peer_uid: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        enlarge(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        enlarge(sock)
+        if sock is not None and sock.family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):  # their uid: their app
+            self._peer_uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -327,8 +349,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
-        self._reader.buf += data
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer()  # a large body is received in place (no copies of camera frames)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._reader.buffer_updated(nbytes)
         if not self._busy:
             self._serve()
 
@@ -343,14 +368,16 @@ class _Connection(asyncio.Protocol):
             if request is None:
                 return
             method, path, keep, body, headers = request
-            if not self.api.authorized(self._reader.head):
+            app = self.api.app_of(self._reader.head, self._peer_uid)
+            if app is None:
                 self.api.agent.rejected["local_api_auth"] += 1
                 self._reply(json_answer(401, {"detail": "the local API on TCP needs 'Authorization: Bearer <token>' "
                                                         "with a token from DATA/api-tokens"}), keep=False)
                 return
             self._busy = True
             try:
-                answer = self.api.route(method, path, body, functools.partial(self._later, keep), headers)
+                answer = self.api.route(method, path, body, functools.partial(self._later, keep), headers, app,
+                                        self._peer_uid)
             except BadRequest as exc:  # a malformed header the route needed (Inference-Header-Content-Length)
                 answer = json_answer(exc.status, {"detail": str(exc)})
             if answer is None:
@@ -364,7 +391,7 @@ class _Connection(asyncio.Protocol):
     def _later(self, keep: bool, answer: Answer) -> None:
         self._busy = False
         self._reply(answer, keep)
-        if self._reader.buf:  # pipelined requests that came meanwhile
+        if self._reader.pending():  # pipelined requests that came meanwhile
             self._serve()
 
     async def _finish(self, pending: Coroutine[Any, Any, Answer], keep: bool) -> None:
@@ -377,6 +404,10 @@ class _Connection(asyncio.Protocol):
     def _reply(self, answer: Answer, keep: bool) -> None:
         if self.transport is None:
             return
-        self.transport.write(encode_answer(answer, keep))
+        if len(answer[2]) > 65536:  # a tensor answer: its buffer sent as it is, after the head
+            self.transport.write(encode_head(answer, keep))
+            self.transport.write(answer[2])
+        else:
+            self.transport.write(encode_answer(answer, keep))
         if not keep:
             self.transport.close()

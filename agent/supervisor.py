@@ -39,6 +39,8 @@ Reply = tuple[str, int, bytes, bytes]  # an ``infer`` answer: content type, OIP 
 def _reply(frame: Frame) -> Reply:
     header, _, blob = frame
     n = int(header["body"])
+    if n == len(blob):  # no sample after it: the answer's buffer as it came (no copy)
+        return str(header["ctype"]), int(header["hlen"]), blob, b""
     return str(header["ctype"]), int(header["hlen"]), blob[:n], blob[n:]
 
 
@@ -69,6 +71,11 @@ class ModuleWorker:
         self._worker: WorkerProcess | None = None
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def process(self) -> WorkerProcess | None:
+        """The worker serving now (None between restarts)."""
+        return self._worker if self._worker is not None and self._worker.alive else None
 
     @property
     def pid(self) -> int | None:

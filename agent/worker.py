@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import random
-import resource
 import selectors
 import signal
 import socket
@@ -34,8 +33,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modules import httpwire, oip
 from modules.errors import failure, from_kind
+from modules.framebuf import FrameReader, write_all
 from modules.httpwire import Answer, BadRequest, RequestReader, encode_answer, json_answer, predict_target, predicted
-from modules.workerwire import pack, take_frame
+from modules.shmregions import Regions
+from modules.workerenv import apply_limits, die_with_parent, shm_op
+from modules.workerwire import pack_parts
 
 if TYPE_CHECKING:
     from modules.runners import Batch
@@ -46,26 +48,6 @@ Infer = Callable[[dict[str, Any], bytes, bool], tuple[str, int, bytes, bytes]]
 PUSH_EVERY = 1.0  # seconds at most between a direct-socket inference and its stats reaching the agent
 MAX_PENDING_LATENCIES = 100_000
 MAX_PENDING_SAMPLES = 1000
-
-
-def apply_limits(limits: dict[str, Any]) -> None:
-    """Address-space and CPU-time caps for this process, where the OS supports them."""
-    mem_mb, cpu_s = int(limits.get("memory_mb") or 0), int(limits.get("cpu_seconds") or 0)
-    if mem_mb > 0 and hasattr(resource, "RLIMIT_AS"):
-        resource.setrlimit(resource.RLIMIT_AS, (mem_mb * 2**20, mem_mb * 2**20))
-    if cpu_s > 0 and hasattr(resource, "RLIMIT_CPU"):
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-
-
-def _die_with_parent() -> None:
-    # ctypes here, not at the top: the agent imports this module for its framing and must stay small
-    import ctypes
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass  # best effort: stdin EOF still ends the worker
 
 
 class DirectSocket:
@@ -228,15 +210,15 @@ class DirectSocket:
             self._write(client, b"")
         else:
             try:
-                data = conn.recv(min(client.reader.wanted(), httpwire.BIG_BUFFER))
+                n = conn.recv_into(client.reader.get_buffer())  # a large body lands in place
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
-            if not data:
+                n = 0
+            if not n:
                 self._drop(client)
                 return
-            client.reader.buf += data
+            client.reader.buffer_updated(n)
         self._serve(client)
 
     def _serve(self, client: _Client) -> None:
@@ -308,7 +290,8 @@ class Worker:
         self.files = Path(".")
         self.manifest: Any = None
         self.direct: DirectSocket | None = None
-        self._buf = bytearray()
+        self._frames = FrameReader()  # a large request body lands in place
+        self.shm = Regions()  # the apps' shared memory regions, mapped (modules/shmregions.py)
         self._open = True
 
     def run(self) -> None:
@@ -325,22 +308,20 @@ class Worker:
             if self.direct is not None:
                 self.direct.close()
 
-    def reply(self, header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"") -> None:
-        self.out.write(pack(header, arrays, blob))
-        self.out.flush()
+    def reply(self, header: dict[str, Any], arrays: Batch | None = None, *blobs: bytes) -> None:
+        write_all(self.out.fileno(), pack_parts(header, arrays, *blobs))  # writev: the answer's bytes as they are
 
     def push(self) -> None:
         stats = self.direct.take_stats() if self.direct is not None else None
         if stats is not None:
-            self.reply(stats[0], blob=stats[1])
+            self.reply(stats[0], None, stats[1])
 
     def _from_agent(self, fd: Any, events: int) -> None:
-        data = os.read(self.inp, httpwire.BIG_BUFFER)
-        if not data:
+        n = self._frames.fill(self.inp)  # with the descriptors of shared memory regions the agent passes
+        if not n:
             self._open = False  # the agent closed its end: exit
             return
-        self._buf += data
-        while self._open and (frame := take_frame(self._buf)) is not None:
+        while self._open and (frame := self._frames.take()) is not None:
             self.handle(*frame)
 
     def handle(self, header: dict[str, Any], arrays: Batch, blob: bytes) -> None:
@@ -358,10 +339,10 @@ class Worker:
                             "inputs": [s.to_dict() for s in self.runner.inputs],
                             "outputs": [s.to_dict() for s in self.runner.outputs]})
             elif op == "predict_json":
-                self.reply({"ok": True}, blob=self.runners.predict_json(self.runner, blob))
+                self.reply({"ok": True}, None, self.runners.predict_json(self.runner, blob))
             elif op == "infer":  # any other form (.npy, OIP v2): the answer's body is the blob, then the sample's JSON
                 ctype, hlen, out, record = self.infer(header["form"], blob, bool(header.get("sample")))
-                self.reply({"ok": True, "ctype": ctype, "hlen": hlen, "body": len(out)}, blob=out + record)
+                self.reply({"ok": True, "ctype": ctype, "hlen": hlen, "body": len(out)}, None, out, record)
             elif op == "predict":
                 self.reply({"ok": True}, self.runner.predict(arrays))
             elif op == "health":
@@ -374,6 +355,8 @@ class Worker:
                 served = httpwire.Served(self.manifest.version, self.manifest.runtime, self.runner.inputs, self.runner.outputs)
                 self.direct = DirectSocket(self.sel, lambda body: predict_json(runner, body), header, self.infer, served)
                 self.reply({"ok": True, "ino": self.direct.ino})
+            elif op in ("shm_attach", "shm_detach"):
+                self.reply(shm_op(self.shm, header, self._frames.fds))
             elif op == "collect":
                 if self.direct is not None:
                     self.direct.ppm = int(header["ppm"])
@@ -388,7 +371,8 @@ class Worker:
             self.reply({"ok": False, "kind": kind, "error": text})
 
     def infer(self, form: dict[str, Any], body: bytes, sample: bool) -> tuple[str, int, bytes, bytes]:
-        return self.tensors.serve(self.runner, form, body, self.manifest.name, self.manifest.version, sample)
+        return self.tensors.serve(self.runner, form, body, self.manifest.name, self.manifest.version, sample,
+                                  self.shm.for_app(str(form.get("app", ""))))
 
     def _close_direct(self) -> None:
         if self.direct is not None:
@@ -402,7 +386,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     Worker(inp, out).run()
 
 def main() -> int:
-    _die_with_parent()
+    die_with_parent()
     httpwire.keep_large_buffers()
     # Run as a script, sys.path[0] is agent/: drop it so a module's imports cannot pick up agent internals.
     here = str(Path(__file__).resolve().parent)

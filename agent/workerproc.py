@@ -8,6 +8,7 @@ declares crash loops; this file knows one process.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modules.errors import ModelError, from_kind
+from modules.framebuf import FrameReader
 from modules.httpwire import enlarge
 from modules.sandbox import Launch, Sandbox, SandboxUnavailable, bwrap_version, probe, scrubbed_env
-from modules.workerwire import pack, take_frame
+from modules.workerwire import pack_parts
 from protocol.manifest import Manifest, TensorSpec
 from protocol.schema import validate
 
@@ -54,7 +56,7 @@ def answer_error(answer: dict[str, Any]) -> Exception | None:
     return from_kind(str(answer.get("kind")), str(answer.get("error", "worker error")))
 
 
-class _Channel(asyncio.Protocol):
+class _Channel(asyncio.BufferedProtocol):
     """The agent's end of a worker's socket: requests go one at a time, each answer calls its request's ``done``.
 
     Plain callbacks, not a lock and a future per request: an answer is handed on inside the
@@ -64,29 +66,39 @@ class _Channel(asyncio.Protocol):
     def __init__(self, on_timeout: Callable[[], None], on_push: OnPush | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.on_timeout, self.on_push = on_timeout, on_push
-        self._queue: deque[tuple[bytes, Done, float | None]] = deque()
+        self._queue: deque[tuple[list[Any], Done, float | None, tuple[int, ...]]] = deque()
+        self.sock: socket.socket | None = None  # the transport's socket: a frame passing descriptors goes on it
         self._inflight: tuple[Done, asyncio.TimerHandle | None] | None = None
-        self._buf = bytearray()
+        self._frames = FrameReader()  # a large answer lands in place
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def call(self, frame: bytes, done: Done, timeout: float | None) -> None:
+    def call(self, frame: list[Any], done: Done, timeout: float | None, fds: tuple[int, ...] = ()) -> None:
         if self.transport is None:
             done(None, ConnectionResetError("the worker's socket is closed"))
             return
-        self._queue.append((frame, done, timeout))
+        self._queue.append((frame, done, timeout, fds))
         if self._inflight is None:
             self._next()
 
     def _next(self) -> None:
         if self._inflight is not None or not self._queue or self.transport is None:
             return
-        frame, done, timeout = self._queue.popleft()
+        frame, done, timeout, fds = self._queue.popleft()
         # the deadline runs from the moment the worker has the request, not while it waits its turn
         timer = asyncio.get_running_loop().call_later(timeout, self._timed_out) if timeout is not None else None
         self._inflight = (done, timer)
-        self.transport.write(frame)
+        if fds:  # a small frame with descriptors (SCM_RIGHTS); nothing else is being written: answers come in turn
+            try:
+                assert self.sock is not None and not self.transport.get_write_buffer_size()
+                self.sock.sendmsg([b"".join(frame)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            except (OSError, AssertionError) as exc:
+                self._finish(None, exc)
+                self.transport.abort()
+            return
+        for part in frame:  # each part sent as it is (a camera frame is not joined to its header first)
+            self.transport.write(part)
 
     def _finish(self, frame: Frame | None, exc: BaseException | None) -> None:
         if self._inflight is None:
@@ -104,10 +116,13 @@ class _Channel(asyncio.Protocol):
         self._finish(None, TimeoutError())
         self.on_timeout()  # kills the worker: the queued requests fail with it
 
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._frames.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._frames.buffer_updated(nbytes)
         try:
-            while (frame := take_frame(self._buf)) is not None:
+            while (frame := self._frames.take()) is not None:
                 if frame[0].get("push"):
                     self._pushed(frame)
                     continue
@@ -194,6 +209,7 @@ class WorkerProcess:
         self._channel = _Channel(self._kill_now)
         self.direct_path: Path | None = None  # the socket file this worker listens on, and its inode
         self.direct_ino: int | None = None
+        self.regions: set[tuple[str, str, int]] = set()  # shared memory regions passed to it (agent.shmem)
 
     @property
     def on_push(self) -> OnPush | None:
@@ -237,6 +253,7 @@ class WorkerProcess:
             raise
         finally:
             child.close()
+        self._channel.sock = parent
         await asyncio.get_running_loop().connect_accepted_socket(lambda: self._channel, parent)
         header, _, _ = await self.request({"op": "load", "files": str(self.files), "manifest": self.manifest.to_dict(),
                                         "limits": self.limits, **self.options}, timeout=timeout)
@@ -245,7 +262,7 @@ class WorkerProcess:
         self.outputs = [validate(TensorSpec, s) for s in header["outputs"]]
 
     def call(self, header: dict[str, Any], done: Callable[[Frame | None, Exception | None], None],
-             arrays: Batch | None = None, blob: bytes = b"", timeout: float | None = None) -> None:
+             arrays: Batch | None = None, blob: bytes = b"", timeout: float | None = None, fds: tuple[int, ...] = ()) -> None:
         """Send one request; ``done(answer, None)`` or ``done(None, error)`` from the callback that reads the answer.
 
         The error is the request's (BodyError, InputError, ModelError as the worker reported it), a
@@ -265,7 +282,7 @@ class WorkerProcess:
                 self._kill_now()
                 done(None, WorkerCrashed(f"module {self.name} worker died ({self._exit_text()}): {exc!r}"))
 
-        self._channel.call(pack(header, arrays, blob), answered, timeout)
+        self._channel.call(pack_parts(header, arrays, blob), answered, timeout, fds)
 
     async def request(self, header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"",
                       timeout: float | None = None) -> Frame:

@@ -6,6 +6,9 @@ For each image model: the bare runtime's p50 (onnxruntime ``session.run`` / Lite
 the runners set them up), then one client with a keep-alive socket sending pre-built OIP v2 binary
 requests (JSON header + the image's raw bytes, outputs as raw bytes) to
 (d) the device's local API (a real agent, ``python -m agent``, module in its worker process),
+(s) the device's local API with the image in a shared memory region (OIP v2 system shared memory: the
+    request is the JSON header only, the outputs written into a second region; the client copies its frame
+    into the region before each request, as an app holding the frame elsewhere must),
 (d') the module's direct socket (``DATA/run/<module>.sock``, the agent's loop off the path),
 (w) a web endpoint (``edgefleet serve``, one worker, no sandbox),
 and the same image as JSON to the device for scale. Goals (issue 15): device <= 1.1x bare (<= +0.5 ms
@@ -137,6 +140,67 @@ def oip_request(path: str, model: Model, headers: str = "") -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+class ShmRegions:
+    """An app's two POSIX shared memory objects (input, outputs) under /dev/shm, mapped here."""
+
+    def __init__(self, model: Model, outputs: list[np.ndarray]) -> None:
+        import mmap
+
+        tag = f"ef_bench_{os.getpid()}_{model.name}"
+        self.keys, self.maps = [f"/{tag}_in", f"/{tag}_out"], []
+        self.out_sizes = [o.nbytes for o in outputs]
+        for key, size in zip(self.keys, (model.image.nbytes, sum(self.out_sizes)), strict=True):
+            fd = os.open(f"/dev/shm{key}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(fd, size)
+            self.maps.append(mmap.mmap(fd, size))
+            os.close(fd)
+        self.image = np.frombuffer(self.maps[0], dtype=model.image.dtype).reshape(model.image.shape)
+        self.names = [f"{model.name}_in", f"{model.name}_out"]  # one app registers the regions of every model
+
+    def register(self, port: int, auth: str, names: list[str]) -> None:
+        for region, key, mm in zip(self.names, self.keys, self.maps, strict=True):
+            body = json.dumps({"key": key, "offset": 0, "byte_size": len(mm)}).encode()
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall((f"POST /v2/systemsharedmemory/region/{region}/register HTTP/1.1\r\nHost: b\r\n{auth}"
+                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+            answer = sock.recv(65536)
+            sock.close()
+            if not answer.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(answer.decode(errors="replace"))
+
+    def request(self, path: str, model: Model, names: list[str], headers: str) -> bytes:
+        offsets = np.cumsum([0, *self.out_sizes])
+        body = json.dumps({"inputs": [{"name": model.inputs[0].name, "shape": list(model.image.shape), "datatype": "FP32",
+                                       "parameters": {"shared_memory_region": self.names[0],
+                                                      "shared_memory_byte_size": model.image.nbytes}}],
+                           "outputs": [{"name": n, "parameters": {"shared_memory_region": self.names[1],
+                                                                 "shared_memory_byte_size": int(size),
+                                                                 "shared_memory_offset": int(off)}}
+                                       for n, size, off in zip(names, self.out_sizes, offsets, strict=False)]}).encode()
+        return (f"POST {path} HTTP/1.1\r\nHost: bench\r\n{headers}Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def close(self) -> None:
+        self.image = None  # type: ignore[assignment]
+        for key, mm in zip(self.keys, self.maps, strict=True):
+            mm.close()
+            os.unlink(f"/dev/shm{key}")
+
+
+class ShmClient:
+    """A client that writes its frame into its region (as an app holding the frame elsewhere must), then asks."""
+
+    def __init__(self, client: Client, regions: ShmRegions, image: np.ndarray) -> None:
+        self.client, self.regions, self.source = client, regions, image
+
+    def __call__(self) -> bytes:
+        np.copyto(self.regions.image, self.source)
+        return self.client()
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def json_request(path: str, model: Model, headers: str = "") -> bytes:
     body = json.dumps({"inputs": {model.inputs[0].name: model.image.tolist()}}).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: bench\r\n{headers}Content-Type: application/json\r\n"
@@ -164,7 +228,7 @@ class Client:
         self.sock.close()
 
 
-def paired(bare: Callable[[], object], client: Client, requests: int) -> tuple[float, float]:
+def paired(bare: Callable[[], object], client: Client | ShmClient, requests: int) -> tuple[float, float]:
     """p50 of the bare call and of the request, taken in turns: both see the same load on a busy machine."""
     client()  # warm: the connection, the server's buffers
     a, b = [], []
@@ -207,6 +271,7 @@ def bench_device(hub: HubSide, work: Path, ms: list[Model], requests: int, round
     bundles = [hub.build(m.name.replace("_", "-"), 1, model_file=(m.path, m.inputs, m.outputs)) for m in ms]
     runs: dict[str, dict[str, list[float]]] = {m.name: {} for m in ms}
     token = ""
+    shms: list[ShmRegions] = []
 
     def measure() -> None:
         for m, b in zip(ms, bundles, strict=True):
@@ -217,7 +282,15 @@ def bench_device(hub: HubSide, work: Path, ms: list[Model], requests: int, round
             auth = f"Authorization: Bearer {token}\r\n"  # the TCP API asks every request for an app's token
             oip, oip_tcp = oip_request(f"/v2/models/{name}/infer", m), oip_request(f"/v2/models/{name}/infer", m, auth)
             r = runs[m.name]
+            shm = ShmRegions(m, [np.asarray(o) for o in bare()])  # type: ignore[attr-defined]
+            shms.append(shm)
+            names = [o.name for o in m.outputs]
+            shm.register(port, auth, names)
+            shm_req = shm.request(f"/v2/models/{name}/infer", m, names, auth)
             for _ in range(rounds):
+                base, got = paired(bare, ShmClient(Client(tcp, shm_req), shm, m.image), requests)
+                r.setdefault("shm", []).append(got)
+                r.setdefault("bare_shm", []).append(base)
                 for key, connect, request, n in (("device", tcp, oip_tcp, requests), ("direct", sock, oip, requests),
                                                  ("device_json", tcp,
                                                   json_request(f"/v1/modules/{name}/predict", m, auth),
@@ -243,6 +316,8 @@ def bench_device(hub: HubSide, work: Path, ms: list[Model], requests: int, round
     finally:
         proc.terminate()
         proc.wait(30)
+        for shm in shms:
+            shm.close()
     return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in runs.items()}
 
 
@@ -316,7 +391,8 @@ def main() -> int:
     for m in ms:
         d = dev[m.name]
         print(f"{m.name} {list(m.image.shape)} ({m.image.nbytes / 2**20:.1f} MB in):")
-        for key, what, goal in (("device", "device local API", 1.1), ("direct", "device direct socket", 1.1),
+        for key, what, goal in (("device", "device local API", 1.1), ("shm", "device shared memory", 1.1),
+                                ("direct", "device direct socket", 1.1),
                                 ("device_json", "device JSON (v1)", 0), ("web", "web endpoint", 1.2)):
             got, bare = d[key], d[f"bare_{key}"]
             limit = max(goal * bare, bare + 0.5) if goal == 1.1 and bare < 2 else goal * bare

@@ -81,11 +81,16 @@ def binary_answer(ctype: str, header_length: int, body: bytes) -> Answer:
     return 200, ctype if header_length < 0 else f"{ctype}\r\nInference-Header-Content-Length: {header_length}", body
 
 
-def encode_answer(answer: Answer, keep: bool) -> bytes:
+def encode_head(answer: Answer, keep: bool) -> bytes:
+    """An answer's status line and headers; its body follows as it is (large ones are not copied into one buffer)."""
     status, ctype, payload = answer
-    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
         status, REASONS.get(status, "").encode(), ctype.encode(), len(payload),
-        b"" if keep else b"Connection: close\r\n", payload)
+        b"" if keep else b"Connection: close\r\n")
+
+
+def encode_answer(answer: Answer, keep: bool) -> bytes:
+    return encode_head(answer, keep) + answer[2]
 
 
 def form_of(kind: str, headers: Headers) -> dict[str, Any]:
@@ -139,21 +144,61 @@ def keep_large_buffers() -> None:
 
 
 class RequestReader:
-    """Requests cut from a connection's bytes as they arrive: the head at its blank line, parsed in one go."""
+    """Requests cut from a connection's bytes as they arrive: the head at its blank line, parsed in one go.
+
+    A large body is received in place: once its head is parsed, :meth:`get_buffer` hands out the rest of a
+    buffer of the body's size (``recv_into`` / ``asyncio.BufferedProtocol``), so the body's bytes are
+    written once by the kernel and never copied here. Small bodies and heads go through ``buf``.
+    """
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self._head: tuple[int, str, str, bool, int, Headers] | None = None  # a parsed head whose body is still arriving
         self.head = b""  # the head of the request last parsed (the one ``take`` returns next): its other headers
+        self._scratch = bytearray(65536)
+        self._body: bytearray | None = None  # a large body being received in place, and how much of it has come
+        self._filled = 0
 
-    def wanted(self) -> int:
-        """How many bytes the request being read still lacks (64 KiB while its head is incomplete)."""
-        if self._head is None:
-            return 65536
-        return max(65536, self._head[0] + self._head[4] - len(self.buf))
+    def pending(self) -> bool:
+        """A next request has (partly) arrived (pipelined): its bytes, or its parsed head with the body coming in place."""
+        return bool(self.buf) or self._head is not None
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes from the connection go: the rest of a body being received, else a scratch buffer."""
+        if self._body is not None:
+            return memoryview(self._body)[self._filled:]
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, n: int) -> None:
+        """``n`` bytes were written into :meth:`get_buffer`'s buffer."""
+        if self._body is not None:
+            self._filled += n
+        else:
+            self.buf += memoryview(self._scratch)[:n]
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read some other way (``asyncio.Protocol.data_received``)."""
+        if self._body is not None:
+            n = min(len(data), len(self._body) - self._filled)
+            self._body[self._filled:self._filled + n] = memoryview(data)[:n]
+            self._filled += n
+            data = memoryview(data)[n:]
+        if data:
+            self.buf += data
 
     def take(self) -> tuple[str, str, bool, bytes, Headers] | None:
-        """The next whole request (method, path, keep-alive, body, headers); None until it has arrived. BadRequest: refuse it."""
+        """The next whole request (method, path, keep-alive, body, headers); None until it has arrived. BadRequest: refuse it.
+
+        The body is ``bytes``, or a ``bytearray`` of its own when it was received in place."""
+        if self._body is not None:
+            if self._filled < len(self._body):
+                return None
+            assert self._head is not None
+            body: bytes = self._body  # type: ignore[assignment]  # bytes-like, owned by this request alone
+            self._body, self._filled = None, 0
+            _, method, path, keep, _, headers = self._head
+            self._head = None
+            return method, path, keep, body, headers
         if self._head is None:
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
@@ -164,8 +209,14 @@ class RequestReader:
             self._head = (end + 4, *parse_head(self.head))
         start, method, path, keep, length, headers = self._head
         if len(self.buf) < start + length:
+            if length > len(self._scratch):  # the rest comes straight into a buffer of the body's size
+                self._body = bytearray(length)
+                self._filled = len(self.buf) - start
+                self._body[:self._filled] = memoryview(self.buf)[start:]
+                self.buf.clear()
             return None
-        body = bytes(self.buf[start:start + length])
+        with memoryview(self.buf) as view:  # one copy of the body, not two (a slice, then bytes of it)
+            body = bytes(view[start:start + length])
         del self.buf[:start + length]
         self._head = None
         return method, path, keep, body, headers

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from modules.errors import BodyError, InputError, NotAcceptable
 from modules.oip import DATATYPES, DTYPES
+from modules.shmregions import Region
 from protocol.manifest import TensorSpec
 
 Batch = dict[str, np.ndarray]
@@ -60,7 +62,7 @@ def _listed(obj: Any) -> Any:
 
 def _loads_slow(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json.loads(body if isinstance(body, bytes | bytearray) else bytes(body))  # a memoryview too
     except (ValueError, UnicodeDecodeError) as exc:
         raise BodyError(f"body is not JSON: {exc}") from None
 
@@ -94,6 +96,7 @@ class Decoded:
     id: str = ""
     binary: bool = False  # v2: outputs as raw bytes unless a requested output says otherwise
     requested: dict[str, bool | None] = field(default_factory=dict)  # v2: outputs asked for -> binary (None: default)
+    shm_out: dict[str, tuple[str, memoryview]] = field(default_factory=dict)  # v2: output -> its region and bytes
 
 
 def describe_signature(specs: list[TensorSpec]) -> str:
@@ -172,12 +175,14 @@ def _finite(name: str, arr: np.ndarray) -> np.ndarray:
 
 # --- decoding ------------------------------------------------------------------------------------
 
-def decode(form: Form, body: bytes, specs: list[TensorSpec], outputs: list[TensorSpec] | None = None) -> Decoded:
-    """A request body in ``form``, decoded and checked against ``specs`` (and a ``.npy`` answer against ``outputs``)."""
+def decode(form: Form, body: bytes, specs: list[TensorSpec], outputs: list[TensorSpec] | None = None,
+           regions: Mapping[str, Region] | None = None) -> Decoded:
+    """A request body in ``form``, decoded and checked against ``specs`` (and a ``.npy`` answer against ``outputs``);
+    OIP v2 tensors may name the caller's shared memory ``regions`` (``modules.shmregions``)."""
     if outputs is not None and len(outputs) > 1 and wants_npy(form):  # refused before the model runs
         raise NotAcceptable(_npy_refusal(len(outputs), [s.name for s in outputs]))
     if form.kind == "v2":
-        return _decode_v2(form, body, specs)
+        return _decode_v2(form, body, specs, regions or {})
     if form.ctype.startswith(NPY):
         try:
             arr = np.load(io.BytesIO(body), allow_pickle=False)
@@ -193,7 +198,16 @@ def decode(form: Form, body: bytes, specs: list[TensorSpec], outputs: list[Tenso
     return Decoded(check_inputs(doc["inputs"], specs), form)
 
 
-def _decode_v2(form: Form, body: bytes, specs: list[TensorSpec]) -> Decoded:
+def _region(regions: Mapping[str, Region], what: str, params: dict[str, Any]) -> tuple[str, memoryview]:
+    name = params["shared_memory_region"]
+    region = regions.get(name) if isinstance(name, str) else None
+    if region is None:
+        raise InputError(f"{what}: shared memory region {name!r} is not registered by this app "
+                         f"(POST /v2/systemsharedmemory/region/NAME/register)")
+    return name, region.view(what, params.get("shared_memory_offset", 0), params.get("shared_memory_byte_size"))
+
+
+def _decode_v2(form: Form, body: bytes, specs: list[TensorSpec], regions: Mapping[str, Region]) -> Decoded:
     hlen = form.header_length
     if hlen > len(body):
         raise BodyError(f"Inference-Header-Content-Length {hlen} is more than the body's {len(body)} bytes")
@@ -218,7 +232,13 @@ def _decode_v2(form: Form, body: bytes, specs: list[TensorSpec]) -> Decoded:
         count = int(np.prod(shape, dtype=np.int64))
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
-        if size is not None:
+        if isinstance(params, dict) and "shared_memory_region" in params:  # read in place, never copied
+            view = _region(regions, f"input {name!r}", params)[1]
+            if len(view) != count * np.dtype(dtype).itemsize:
+                raise InputError(f"input {name!r}: shared_memory_byte_size {len(view)}; {shape} {datatype} is "
+                                 f"{count * np.dtype(dtype).itemsize} bytes")
+            arr = np.frombuffer(view, dtype=np.dtype(dtype), count=count).reshape(shape)
+        elif size is not None:
             want = count * np.dtype(dtype).itemsize
             if not isinstance(size, int) or size != want or offset + size > len(body):
                 raise InputError(f"input {name!r}: binary_data_size {size!r}; {shape} {datatype} is {want} bytes "
@@ -238,13 +258,16 @@ def _decode_v2(form: Form, body: bytes, specs: list[TensorSpec]) -> Decoded:
         raise InputError(f"{len(body) - offset} bytes after the last binary input")
     params = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
     requested: dict[str, bool | None] = {}
+    shm_out: dict[str, tuple[str, memoryview]] = {}
     for o in doc.get("outputs") or []:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise InputError("each requested output needs a name")
         p = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
         requested[o["name"]] = bool(p["binary_data"]) if "binary_data" in p else None
+        if "shared_memory_region" in p:
+            shm_out[o["name"]] = _region(regions, f"output {o['name']!r}", p)
     return Decoded(check_inputs(raw, specs), form, id=str(doc.get("id", "")) if doc.get("id") is not None else "",
-                   binary=bool(params.get("binary_data_output", False)), requested=requested)
+                   binary=bool(params.get("binary_data_output", False)), requested=requested, shm_out=shm_out)
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -298,7 +321,14 @@ def _encode_v2(dec: Decoded, outputs: Batch, module: str, version: int, request_
         t: dict[str, Any] = {"name": name, "datatype": DATATYPES.get(arr.dtype.name, arr.dtype.name.upper()),
                              "shape": list(arr.shape)}
         binary = dec.requested.get(name)
-        if binary if binary is not None else dec.binary:
+        if name in dec.shm_out:  # written into the caller's region: the answer only says where
+            region, view = dec.shm_out[name]
+            if arr.dtype.kind in "OUS" or arr.nbytes > len(view):
+                raise InputError(f"output {name!r} is {arr.nbytes} bytes of {arr.dtype}; shared_memory_byte_size is "
+                                 f"{len(view)}")
+            np.frombuffer(view, dtype=np.uint8, count=arr.nbytes)[:] = arr.reshape(-1).view(np.uint8)
+            t["parameters"] = {"shared_memory_region": region, "shared_memory_byte_size": arr.nbytes}
+        elif binary if binary is not None else dec.binary:
             if arr.dtype.kind in "OUS":
                 raise NotAcceptable(f"output {name!r} is not numeric: ask for it as JSON")
             t["parameters"] = {"binary_data_size": arr.nbytes}
@@ -325,13 +355,13 @@ def for_runner(runner: Any, inputs: Batch) -> Batch:
 
 
 def serve(runner: Any, form: dict[str, Any], body: bytes, module: str, version: int,
-          sample: bool = False) -> tuple[str, int, bytes, bytes]:
+          sample: bool = False, regions: Mapping[str, Region] | None = None) -> tuple[str, int, bytes, bytes]:
     """One request in ``form`` (:meth:`Form.to_dict`) through ``runner``: decoded, checked, run and encoded.
 
     (content type, OIP header length or -1, answer body, and when ``sample`` the inputs and outputs as
     a JSON data record, else b""): the device's worker and in-process paths.
     """
-    dec = decode(Form.from_dict(form), body, runner.inputs, runner.outputs)
+    dec = decode(Form.from_dict(form), body, runner.inputs, runner.outputs, regions)
     out = runner.predict(for_runner(runner, dec.inputs))
     ctype, hlen, answer = encode(dec, out, module, version)
     record = dumps({"input": outputs_json(dec.inputs), "output": outputs_json(out)}) if sample else b""

@@ -17,21 +17,27 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from modules.runners import Batch
 
-_LEN = struct.Struct(">I")
+LEN = struct.Struct(">I")
 MAX_HEADER = 16 * 2**20
 
 
-def pack(header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"") -> bytes:
-    """One frame: header (with the arrays' descriptions and the blob's size added), the arrays' bytes, the blob."""
-    bufs = []
+def pack_parts(header: dict[str, Any], arrays: Batch | None = None, *blobs: Any) -> list[Any]:
+    """One frame as buffers to write in order (``os.writev``): the length and header, each array's bytes (views
+    of C-contiguous arrays, not copies), the blobs (bytes-like, counted as one blob)."""
+    parts: list[Any] = []
     descs = []
     for name, a in (arrays or {}).items():
         if a.dtype.kind in "OUS":
             raise ValueError(f"array {name!r} has dtype {a.dtype}: only numeric and bool tensors cross the worker pipe")
         descs.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "nbytes": a.nbytes})
-        bufs.append(a.tobytes())  # C order, whatever the array's layout
-    head = json.dumps({**header, "arrays": descs, "blob": len(blob)}).encode()
-    return b"".join([_LEN.pack(len(head)), head, *bufs, blob])
+        parts.append(memoryview(a.reshape(-1) if a.flags.c_contiguous else a.ravel()).cast("B"))  # C order
+    head = json.dumps({**header, "arrays": descs, "blob": sum(len(b) for b in blobs)}).encode()
+    return [LEN.pack(len(head)) + head, *parts, *blobs]
+
+
+def pack(header: dict[str, Any], arrays: Batch | None = None, blob: bytes = b"") -> bytes:
+    """One frame: header (with the arrays' descriptions and the blob's size added), the arrays' bytes, the blob."""
+    return b"".join(pack_parts(header, arrays, blob))
 
 
 def parse_header(raw: bytes) -> dict[str, Any]:
@@ -49,24 +55,25 @@ def unpack_body(header: dict[str, Any], body: bytes) -> tuple[Batch, bytes]:
     """A frame body's arrays and blob."""
     descs = header.get("arrays", [])
     offset = sum(int(d["nbytes"]) for d in descs)
-    return (_arrays(descs, body) if descs else {}), body[offset:]
+    return (_arrays(descs, body) if descs else {}), body if offset == 0 else bytes(body[offset:])
 
 
 def take_frame(buf: bytearray) -> tuple[dict[str, Any], Batch, bytes] | None:
     """The first whole frame in ``buf``, removed from it; None while it is incomplete. ValueError: not a frame."""
-    if len(buf) < _LEN.size:
+    if len(buf) < LEN.size:
         return None
-    (n,) = _LEN.unpack_from(buf)
+    (n,) = LEN.unpack_from(buf)
     if n > MAX_HEADER:
         raise ValueError(f"worker header of {n} bytes")
-    start = _LEN.size + n
+    start = LEN.size + n
     if len(buf) < start:
         return None
-    header = parse_header(bytes(buf[_LEN.size:start]))
+    header = parse_header(bytes(buf[LEN.size:start]))
     end = start + body_size(header)
     if len(buf) < end:
         return None  # parsed again when more comes: headers are small, bodies come in few reads
-    body = bytes(buf[start:end])
+    with memoryview(buf) as view:  # one copy of the body, not two (a slice, then bytes of it)
+        body = bytes(view[start:end])
     del buf[:end]
     return (header, *unpack_body(header, body))
 
@@ -78,6 +85,7 @@ def _arrays(descs: list[dict[str, Any]], body: bytes) -> Batch:
     offset = 0
     for d in descs:
         n = int(d["nbytes"])
-        out[d["name"]] = np.frombuffer(body[offset:offset + n], dtype=np.dtype(d["dtype"])).reshape(d["shape"])
+        dtype = np.dtype(d["dtype"])
+        out[d["name"]] = np.frombuffer(body, dtype=dtype, count=n // dtype.itemsize, offset=offset).reshape(d["shape"])
         offset += n
     return out

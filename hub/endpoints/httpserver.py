@@ -35,6 +35,11 @@ Handler = Callable[[Request], "Response | asyncio.Future[Response]"]
 
 
 def render(resp: Response, keep_alive: bool) -> bytes:
+    return render_head(resp, keep_alive) + resp[1]
+
+
+def render_head(resp: Response, keep_alive: bool) -> bytes:
+    """The status line and headers; the body is written after them as it is."""
     status, body, ctype, extra = resp
     head = [b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (
         status, REASONS.get(status, b"Unknown"), ctype.encode(), len(body))]
@@ -43,7 +48,7 @@ def render(resp: Response, keep_alive: bool) -> bytes:
     if not keep_alive:
         head.append(b"connection: close\r\n")
     head.append(b"\r\n")
-    return b"".join(head) + body
+    return b"".join(head)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -135,6 +140,10 @@ class HttpProtocol(asyncio.Protocol):
     def _write(self, resp: Response, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(render(resp, keep_alive))
+        if len(resp[1]) > 65536:  # a tensor answer: not copied into one buffer with its head
+            self.transport.write(render_head(resp, keep_alive))
+            self.transport.write(resp[1])
+        else:
+            self.transport.write(render(resp, keep_alive))
         if not keep_alive:
             self.transport.close()

@@ -71,7 +71,7 @@ class Pending:
     since: float = field(default_factory=time.monotonic)
 
 
-class Worker(asyncio.Protocol):
+class Worker(asyncio.BufferedProtocol):
     """The gateway's end of one worker process's socket."""
 
     def __init__(self, pool: Pool, index: int) -> None:
@@ -140,9 +140,12 @@ class Worker(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer()  # a large answer lands in place
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            messages = self._reader.feed(data)
+            messages = self._reader.buffer_updated(nbytes)
         except ValueError as exc:  # includes msgspec's DecodeError: not a message a worker may send
             self._dead(f"worker sent a malformed frame ({exc})")
             return

@@ -33,6 +33,15 @@ class Run(msgspec.Struct, array_like=True, tag="run"):
     items: list[Item]
 
 
+# ``Run`` as a worker decodes it: each body a view of the received frame (no copy of a camera frame)
+ItemView = tuple[str, str, memoryview, str, bool, str, int]
+
+
+class RunView(msgspec.Struct, array_like=True, tag="run"):
+    batch: int
+    items: list[ItemView]
+
+
 class Ready(msgspec.Struct, array_like=True, tag="ready"):
     """Sent once the bundle loaded and passed its health check."""
 
@@ -57,9 +66,12 @@ FromWorker = Ready | Fail | Results
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode(message: Any) -> bytes:
-    body = _encoder.encode(message)
-    return HEADER.pack(len(body)) + body
+def encode(message: Any) -> bytearray:
+    """The frame: written once, after room for its length (no second copy to put the length in front)."""
+    buf = bytearray(HEADER.size)
+    _encoder.encode_into(message, buf, HEADER.size)
+    HEADER.pack_into(buf, 0, len(buf) - HEADER.size)
+    return buf
 
 
 class FrameReader:
@@ -71,8 +83,26 @@ class FrameReader:
     def __init__(self, kind: Any) -> None:
         self._buf = bytearray()
         self._decoder = msgspec.msgpack.Decoder(kind)
+        self._scratch = bytearray(256 * 1024)
+        self._frame: bytearray | None = None  # a large frame being received in place, and how much has come
+        self._filled = 0
 
-    def feed(self, data: bytes) -> list[Any]:
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes go (``asyncio.BufferedProtocol``): the rest of a large frame, else a scratch buffer."""
+        if self._frame is not None:
+            return memoryview(self._frame)[self._filled:]
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, n: int) -> list[Any]:
+        if self._frame is None:
+            return self.feed(memoryview(self._scratch)[:n])
+        self._filled += n
+        if self._filled < len(self._frame):
+            return []
+        frame, self._frame = self._frame, None
+        return [self._decoder.decode(frame)]
+
+    def feed(self, data: Any) -> list[Any]:
         self._buf += data
         out = []
         while len(self._buf) >= HEADER.size:
@@ -81,14 +111,19 @@ class FrameReader:
                 raise ValueError(f"frame of {size} bytes is too large")
             end = HEADER.size + size
             if len(self._buf) < end:
+                if size > len(self._scratch):  # the rest comes straight into a buffer of the frame's size
+                    self._frame = bytearray(size)
+                    self._filled = len(self._buf) - HEADER.size
+                    self._frame[:self._filled] = memoryview(self._buf)[HEADER.size:]
+                    self._buf.clear()
                 break
             out.append(self._decoder.decode(memoryview(self._buf)[HEADER.size:end]))
             del self._buf[:end]
         return out
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    """Blocking read of exactly ``n`` bytes; None at end of stream."""
+def recv_exact(sock: socket.socket, n: int) -> bytearray | None:
+    """Blocking read of exactly ``n`` bytes into a buffer of their own; None at end of stream."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -97,7 +132,7 @@ def recv_exact(sock: socket.socket, n: int) -> bytes | None:
         if k == 0:
             return None
         got += k
-    return bytes(buf)
+    return buf
 
 
 def recv(sock: socket.socket, decoder: msgspec.msgpack.Decoder[Any]) -> Any:

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = manifest.collect_rate_ppm if args.collect_rate_ppm < 0 else args.collect_rate_ppm
     scorer = Scorer(runner, manifest, args.label, Sampler(rate) if args.collect and rate > 0 else None)
     sock.sendall(wire.encode(wire.Ready(os.getpid(), scorer.batchable, list(scorer.specs), outputs)))
-    decoder = msgspec.msgpack.Decoder(wire.Run)
+    decoder = msgspec.msgpack.Decoder(wire.RunView)  # bodies are views of the received frame
     try:
         while (msg := wire.recv(sock, decoder)) is not None:
             results = scorer.run(msg.items)
