@@ -50,6 +50,7 @@ from protocol.signing import Root, parse_envelope
 from protocol.topics import Channel
 
 if TYPE_CHECKING:  # both load NumPy: the runners only with in-process isolation, the workload only when asked for
+    from agent.apitokens import ApiTokens
     from agent.http_transfer import HubHttp
     from agent.supervisor import Reply
     from agent.workload import Workload
@@ -92,7 +93,7 @@ class Agent:
         hub_url: str | None = None,
         max_defer_s: float = 3600.0,
         limits: DownloadLimits | None = None,
-        api_tokens: dict[str, str] | None = None,
+        api_tokens: ApiTokens | None = None,
         api_socket: Path | None = None,
         api_group: str | None = None,
         module_sandbox: WorkerSandbox | None = None,

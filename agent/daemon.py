@@ -12,10 +12,10 @@ import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from agent.apitokens import TOKENS_FILE, ApiTokens
 from agent.core import ISOLATION_MODES, TRANSFER_MODES, Agent
 from agent.identity import EnrollmentError, load_identity, read_ca_file
 from agent.limits import DownloadLimits
-from agent.localapi import TOKENS_FILE, load_tokens
 from agent.offline import OfflineInbox
 from agent.workerproc import worker_sandbox
 from modules.sandbox import SandboxUnavailable
@@ -38,11 +38,15 @@ def take_lock(data_dir: Path) -> int | None:
     return fd
 
 
-async def _serve(agent: Agent, until: Callable[[Agent], Awaitable[None]] | None = None) -> None:
+async def _serve(agent: Agent, tokens: ApiTokens | None,
+                 until: Callable[[Agent], Awaitable[None]] | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # stop() publishes "offline" and disconnects cleanly before the loop ends.
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.stop()))
+    # SIGHUP re-reads DATA/api-tokens (its changes are also seen by themselves: agent/apitokens.py); never a stop
+    loop.add_signal_handler(signal.SIGHUP, tokens.reload if tokens is not None else
+                            lambda: log.info("SIGHUP: no TCP API, no tokens to re-read"))
     tasks = [loop.create_task(OfflineInbox(agent).loop())]  # offline packages dropped in DATA/inbox
 
     async def stop_when_done(done: Callable[[Agent], Awaitable[None]]) -> None:
@@ -85,7 +89,7 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
         workload = Workload(rate=workload_rate)
     # "" : the default DATA/run/api.sock; None: no Unix socket. TCP, when on, takes the per-app tokens.
     socket_path = Path(data_dir) / "run" / "api.sock" if api_socket == "" else Path(api_socket) if api_socket else None
-    tokens = load_tokens(Path(data_dir) / TOKENS_FILE) if api_port else None
+    tokens = ApiTokens(Path(data_dir) / TOKENS_FILE) if api_port else None
     agent = Agent(identity, Path(data_dir), mqtt_url=mqtt_url, workload=workload, api_tokens=tokens,
                   api_socket=socket_path, api_group=api_group,
                   module_sandbox=worker_sandbox(module_sandbox, Path(data_dir)) if isolation == "process" else None,
@@ -95,7 +99,7 @@ def run_agent(data_dir: Path | str, mqtt_url: str | None = None, workload_rate: 
                   max_defer_s=max_defer_s)
     log.info("agent %s starting (data %s, %s isolation, bundles over %s)", identity.device_id, data_dir, isolation,
              transfer)
-    asyncio.run(_serve(agent, until))
+    asyncio.run(_serve(agent, tokens, until))
     log.info("agent %s stopped", identity.device_id)
 
 

@@ -20,7 +20,7 @@ from agent.deferral import Hold
 from agent.gc import collect_chunks
 from agent.identity import Identity
 from agent.inference import InferenceFront
-from agent.install import Installed, Installer
+from agent.install import BakeHook, HealthHook, Installed, Installer
 from agent.journal import BEFORE_ACTIVATION, Entry
 from agent.limits import DownloadLimits, is_disk_full, wake_at
 from agent.mqtt import MqttOffline
@@ -80,12 +80,12 @@ class Executor(Serving):
                                                                                  blob_retry)
         self.limits, self.sandbox = limits or DownloadLimits(), sandbox
         self.chunks = ContentStore(data_dir / "chunks")
-        self.installer = Installer(data_dir, trust.root, self.chunks, runner_cache, health_timeout, self._on_install,
-                                   health=self._health_in_worker if isolation == "process" else None, bake=self._bake,
-                                   limits=self.limits, clock=clock)
-        self.shadows = ShadowSlots(data_dir, trust.root, self.chunks, front, runner_cache=runner_cache,
-                                   health_timeout=health_timeout, isolation=isolation, module_limits=module_limits,
-                                   on_change=self._on_install)
+        self.runner_cache = runner_cache
+        self.installer = self.make_installer(data_dir, self._health_in_worker if isolation == "process" else None,
+                                             bake=self._bake)
+        # shadow candidates: the same installer (download and disk limits) and worker sandbox as live versions
+        self.shadows = ShadowSlots(data_dir, front, self.make_installer, sandbox=sandbox,
+                                   health_timeout=health_timeout, isolation=isolation, module_limits=module_limits)
         self.storage_error = ""  # the last write the disk refused (a full disk), until a pass succeeds again
         self.blocked: dict[str, tuple[str, str]] = {}  # name -> (bundle, why): an install a full disk kept off the journal
         self._installing_failed: tuple[str, str] | None = None  # (name, bundle) of the install that raised
@@ -103,6 +103,11 @@ class Executor(Serving):
         self.install_task: asyncio.Task[Entry] | None = None
         self.hold = Hold()  # an application's hold on installs (agent/deferral.py)
         self.packages: dict[str, Package] = {}  # bundle -> the offline package it installs from (agent/offline.py)
+
+    def make_installer(self, data_dir: Path, health: HealthHook | None, bake: BakeHook | None = None) -> Installer:
+        """An installer under ``data_dir`` with this agent's root, chunk store, limits and clock: live or shadow."""
+        return Installer(data_dir, self.trust.root, self.chunks, self.runner_cache, self.health_timeout,
+                         self._on_install, health=health, bake=bake, limits=self.limits, clock=self.clock)
 
     def set_hold(self, hold: Hold) -> None:
         """Apply an application's hold (or its release): the pass after it ends installs what waited."""
@@ -187,7 +192,7 @@ class Executor(Serving):
     def _schedule_retries(self) -> None:
         """Wake for the earliest install the environment stopped (retried from its ``retry_at``), or for the end
         of an application's hold on installs."""
-        if (when := next_retry(self.trust.desired, self.module_facts())) is not None:
+        if (when := next_retry(self.trust.desired, self.module_facts(), self.shadows.facts())) is not None:
             self._wake_at(when)
         if self.hold.until > self.clock():
             self._wake_at(self.hold.until + 0.01)

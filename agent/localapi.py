@@ -24,7 +24,8 @@ The parsing and the answers are ``modules.httpwire``'s, shared with each worker'
 Who may call it: on the Unix socket (``DATA/run/api.sock``, the daemon's default) whoever the file's mode
 (0660) and group let connect; on TCP (off unless ``--api-port``) any local user could connect, so every
 request there needs ``Authorization: Bearer <token>`` with one of the per-app tokens in ``DATA/api-tokens``
-(``name token`` per line, 0600); a missing or unknown token is a 401, counted in ``rejected["local_api_auth"]``.
+(``name token`` per line, 0600; re-read when it changes or on SIGHUP: ``agent.apitokens``); a missing or unknown
+token is a 401, counted in ``rejected["local_api_auth"]``.
 """
 
 from __future__ import annotations
@@ -32,11 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import os
-import secrets
 import shutil
 import socket
 import struct
@@ -70,6 +69,7 @@ from modules.httpwire import (
 )
 
 if TYPE_CHECKING:
+    from agent.apitokens import ApiTokens
     from agent.inference import ActiveModule, Answered
     from agent.supervisor import Reply
 
@@ -98,30 +98,14 @@ class Host(Protocol):
     def add_labels(self, body: bytes) -> int: ...
 
 
-TOKENS_FILE = "api-tokens"
 SOCKET_MODE = 0o660
-
-
-def load_tokens(path: Path) -> dict[str, str]:
-    """The per-app tokens (token -> app name) of ``path``, made with one ``default`` token (0600) if missing."""
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"# local API tokens, one 'app-name token' per line\ndefault {secrets.token_urlsafe(32)}\n")
-        log.warning("local API tokens made in %s: give each app a line of its own", path)
-    tokens = {}
-    for line in path.read_text().splitlines():
-        name, _, token = line.strip().partition(" ")
-        if name and not name.startswith("#") and len(token.strip()) >= 16:
-            tokens[token.strip()] = name
-    return tokens
 
 
 class LocalApi:
     """One listener: TCP on ``host:port`` (with ``tokens``, each request must carry one), or the Unix socket ``path``."""
 
     def __init__(self, agent: Host, host: str = "127.0.0.1", port: int = 8765, *,
-                 tokens: dict[str, str] | None = None, path: Path | None = None, group: str | None = None) -> None:
+                 tokens: ApiTokens | None = None, path: Path | None = None, group: str | None = None) -> None:
         self.agent, self.host, self.port = agent, host, port
         self.tokens, self.path, self.group = tokens, path, group
         self._server: asyncio.Server | None = None
@@ -172,11 +156,10 @@ class LocalApi:
         socket, ``local`` on TCP without tokens; None: a TCP request with tokens configured that carries none."""
         if self.tokens is None:
             return f"uid:{peer_uid}" if peer_uid is not None else "local"
-        token = bearer(head)
-        found = [app for known, app in self.tokens.items() if hmac.compare_digest(token, known)] if token else []
-        return found[0] if found else None
+        return self.tokens.app(bearer(head))  # in the file now (agent/apitokens.py), compared in constant time
 
     def authorized(self, head: bytes) -> bool:
+        """A TCP request with tokens configured must carry one that is in the file now (agent/apitokens.py)."""
         return self.app_of(head) is not None
 
     # --- routes ------------------------------------------------------------------------------

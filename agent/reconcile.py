@@ -328,16 +328,21 @@ def step(now: float, desired: DesiredState | None, installed: Mapping[str, Modul
         if f.current == cand.bundle:
             if f.active != cand.bundle:
                 actions.append(StartShadow(m.name, m.shadow))
-        elif not (f.journal_bundle == cand.bundle and f.journal in GAVE_UP):
-            actions.append(InstallShadow(cand))
+        elif not (f.journal_bundle == cand.bundle and f.journal in GAVE_UP) or (f.retry_at and now >= f.retry_at):
+            actions.append(InstallShadow(cand))  # a candidate the environment stopped: again from its retry time
     actions.append(Report())
     return actions
 
 
-def next_retry(desired: DesiredState | None, installed: Mapping[str, ModuleFacts]) -> float | None:
-    """When the earliest desired install that the environment stopped is due again (None: none waits)."""
-    due = [f.retry_at for m in (desired.modules if desired else []) if (f := installed.get(m.name))
-           and f.journal_bundle == m.bundle and f.journal == "failed" and f.retry_at]
+def next_retry(desired: DesiredState | None, installed: Mapping[str, ModuleFacts],
+               shadows: Mapping[str, ModuleFacts] | None = None) -> float | None:
+    """When the earliest desired install (or shadow candidate's) that the environment stopped is due again
+    (None: none waits)."""
+    wanted = [(m.bundle, installed.get(m.name)) for m in (desired.modules if desired else [])]
+    wanted += [(m.shadow.bundle, (shadows or {}).get(m.name)) for m in (desired.modules if desired else [])
+               if m.shadow is not None]
+    due = [f.retry_at for bundle, f in wanted if f and f.journal_bundle == bundle and f.journal == "failed"
+           and f.retry_at]
     return min(due, default=None)
 
 

@@ -1,26 +1,25 @@
 """Where shadow candidates live on a device: their own install slots, runners and shadows.
 
-A candidate installs through the same journalled :class:`Installer` as a live version (download,
-verify, health check), but under ``DATA/shadow/`` with its own journal, so its ``current`` link is
-never the live one and its failure never touches the live version. Started, it runs in its own
-worker process (process isolation; no direct socket: nobody calls it) or in process, and the
-inference front offers it the live inputs (:mod:`agent.shadow`).
+A candidate installs through an :class:`Installer` made by the executor's own factory (the live
+version's root, chunk store, download and disk limits, clock), but under ``DATA/shadow/`` with its
+own journal, so its ``current`` link is never the live one and its failure never touches the live
+version. Started, it runs in its own worker process (process isolation, in the live modules' sandbox;
+no direct socket: nobody calls it) or in process, and the inference front offers it the live inputs
+(:mod:`agent.shadow`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.install import Installed, Installer
-from agent.journal import Entry
+from agent.install import HealthHook, Installed, Installer
 from agent.reconcile import ModuleFacts
 from agent.supervisor import ModuleWorker
-from agent.workerproc import WorkerProcess, health_check_in_worker
-from modules.store import ContentStore
+from agent.workerproc import WorkerProcess, WorkerSandbox, health_check_in_worker
 from protocol.messages import ShadowSpec
 from protocol.signing import Root
 
@@ -36,13 +35,16 @@ SHADOW_DIR = "shadow"
 class ShadowSlots:
     """The shadow candidates of one device: installs under ``DATA/shadow`` and the running shadows."""
 
-    def __init__(self, data_dir: Path, root: Root, chunks: ContentStore, front: InferenceFront, *,
-                 runner_cache: MutableMapping[str, Runner] | None, health_timeout: float, isolation: str,
-                 module_limits: dict[str, int], on_change: Callable[[str, Entry], None]) -> None:
+    def __init__(self, data_dir: Path, front: InferenceFront, make_installer: Callable[[Path, HealthHook | None],
+                                                                                       Installer], *,
+                 sandbox: WorkerSandbox | None, health_timeout: float, isolation: str,
+                 module_limits: dict[str, int]) -> None:
+        """``make_installer(directory, health)``: the live installer's factory (``Executor.make_installer``);
+        ``sandbox``: the live module workers' (``agent/workerproc.py``), None for none."""
         self.dir = data_dir / SHADOW_DIR
         self.front, self.isolation, self.module_limits = front, isolation, module_limits
-        self.health_timeout = health_timeout
-        self._args = (root, chunks, runner_cache, health_timeout, on_change)
+        self.health_timeout, self.sandbox = health_timeout, sandbox
+        self._make_installer = make_installer
         self._installer: Installer | None = None
         self.load_errors: dict[str, str] = {}
         self._warm: dict[str, WorkerProcess] = {}
@@ -51,14 +53,12 @@ class ShadowSlots:
     def installer(self) -> Installer:
         """Made on first use: a device never asked for a shadow has no ``shadow/`` directory."""
         if self._installer is None:
-            root, chunks, cache, timeout, on_change = self._args
-            self._installer = Installer(self.dir, root, chunks, cache, timeout, on_change,
-                                        health=self._health_in_worker if self.isolation == "process" else None)
+            self._installer = self._make_installer(self.dir, self._health_in_worker
+                                                   if self.isolation == "process" else None)
         return self._installer
 
     def set_root(self, root: Root) -> None:
-        self._args = (root, *self._args[1:])
-        if self._installer is not None:
+        if self._installer is not None:  # one made later takes the agent's root then
             self._installer.root = root
 
     def facts(self) -> dict[str, ModuleFacts]:
@@ -70,7 +70,8 @@ class ShadowSlots:
             entry, running = inst.journal.get(name), self.front.shadows.get(name)
             out[name] = ModuleFacts(current=inst.current(name), active=running.bundle if running else None,
                                     journal=entry.state if entry else None,
-                                    journal_bundle=entry.bundle if entry else None)
+                                    journal_bundle=entry.bundle if entry else None,
+                                    retry_at=entry.retry_at if entry else 0.0)
         return out
 
     async def start(self, name: str, spec: ShadowSpec) -> None:
@@ -83,7 +84,7 @@ class ShadowSlots:
             runner: Runner | ModuleWorker
             if self.isolation == "process":
                 runner = ModuleWorker(name, inst.files, inst.manifest, limits=self.module_limits,
-                                      start_timeout=self.health_timeout)
+                                      start_timeout=self.health_timeout, sandbox=self.sandbox)
                 await runner.start(warm=self._warm.pop(inst.bundle, None))
             else:
                 runner = await asyncio.to_thread(self.installer.runner_for, inst)
@@ -118,7 +119,7 @@ class ShadowSlots:
 
     async def _health_in_worker(self, inst: Installed) -> None:
         worker = await health_check_in_worker(inst.name, inst.files, inst.manifest, self.health_timeout,
-                                              self.module_limits)
+                                              self.module_limits, self.sandbox)
         old = self._warm.pop(inst.bundle, None)
         if old is not None:
             await old.stop()

@@ -5,12 +5,21 @@ Starts mosquitto (fd limit raised, ``max_connections -1``) and a hub in this pro
 with every device online divided by N: an upper bound, as it includes the interpreter and
 onnxruntime (the agents are all built before they connect, so an RSS slope over "online" says
 nothing). Heartbeat health is the share of devices whose telemetry batch (sent every interval, empty
-with no module installed) an observer on the broker saw within each interval once all are online. Usage: ``python bench/sim_scale.py [--devices 10000] [--telemetry-interval 30]``
+with no module installed) an observer on the broker saw within each interval once all are online.
+
+The broker runs the hub's real isolation path, as ``hub serve`` does by default: per-device passwords
+and the ACL the hub writes at each enrolment batch (hub/fleet/broker_auth.py), reloaded by SIGHUP,
+client ids bound to logins. The observer logs in as ingest worker 0 (read-only on telemetry and
+data; no ingest worker runs here), since no other login may read every device's topics.
+``--insecure-broker`` runs the open broker of the earlier figures, for comparison.
+Usage: ``python bench/sim_scale.py [--devices 10000] [--telemetry-interval 30] [--insecure-broker]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -18,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -25,7 +35,9 @@ import psutil  # noqa: E402
 
 from edgefleet.broker import LocalBroker, raise_fd_limit  # noqa: E402
 from hub import HubConfig, HubServer  # noqa: E402
+from hub.fleet.broker_auth import HUB_USER, BrokerAuth, worker_login  # noqa: E402
 from hub.testing import MqttProbe  # noqa: E402
+from protocol.broker_url import parse_broker_url  # noqa: E402
 
 TOKEN = "bench-sim-token-0123456789abcdefghijk"
 
@@ -46,17 +58,37 @@ def main() -> None:
     ap.add_argument("--intervals", type=int, default=3, help="telemetry intervals to watch once all are online")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--keep-log", type=Path, help="copy the simulator's log here")
+    ap.add_argument("--insecure-broker", action="store_true", help="an open broker (no logins, no ACL)")
     args = ap.parse_args()
-    n, every = args.devices, args.telemetry_interval
-    print(f"open-file limit: {raise_fd_limit()} (the sim and the broker each need more than {n})")
-    with tempfile.TemporaryDirectory(prefix="edgefleet-sim-scale-") as tmp, LocalBroker(kind="mosquitto") as broker:
+    n, every, isolate = args.devices, args.telemetry_interval, not args.insecure_broker
+    print(f"open-file limit: {raise_fd_limit()} (the sim and the broker each need more than {n});"
+          f" broker isolation {'on' if isolate else 'off (--insecure-broker)'}")
+    print("load average at the start (1, 5, 15 min): " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
+    with tempfile.TemporaryDirectory(prefix="edgefleet-sim-scale-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        server = HubServer(HubConfig(work / "hub", broker.url, admin_token=TOKEN, mqtt_client_id="bench-scale-hub",
-                                     writer_batch_rows=5000)).start()
-        assert server.wait_mqtt(10) and broker.proc is not None
+        auth = BrokerAuth(work / "hub" / "broker", workers=1)  # the directory the hub writes (hub/context.py)
+        if isolate:
+            auth.write([])  # the hub's own login must exist before the broker starts
+        broker = LocalBroker(kind="mosquitto", **({"password_file": auth.password_file, "acl_file": auth.acl_file}
+                                                  if isolate else {}))
+        stack.enter_context(broker)
+        assert broker.proc is not None
+        hub_url = auth.hub_url(broker.url) if isolate else broker.url
+        server = HubServer(HubConfig(work / "hub", hub_url, public_mqtt_url=broker.url, admin_token=TOKEN,
+                                     mqtt_client_id="bench-scale-hub", writer_batch_rows=5000, isolate=isolate,
+                                     broker_pid=broker.proc.pid if isolate else None)).start()
+        assert server.wait_mqtt(10)
         db = server.hub.db
         mosquitto = psutil.Process(broker.proc.pid)
-        probe = MqttProbe(broker.url)  # an observer beside the hub: every device's telemetry batch
+        probe_url = broker.url
+        if isolate:  # the observer's login: ingest worker 0's (the hub was started without workers, so add it)
+            hub_auth = server.hub.broker_auth
+            assert hub_auth is not None
+            hub_auth.workers = 1
+            hub_auth.write(server.hub.fleet.broker_credentials())
+            b = parse_broker_url(hub_url)
+            probe_url = f"mqtt://{worker_login(HUB_USER, 0)}:{quote(b.password or '', safe='')}@{b.host}:{b.port}"
+        probe = MqttProbe(probe_url)  # an observer beside the hub: every device's telemetry batch
         probe.subscribe("edgefleet/v1/devices/+/telemetry", qos=0)
         t0 = time.monotonic()
         sim = subprocess.Popen([sys.executable, "-m", "edgefleet", "--hub", server.url, "--token", TOKEN, "sim", "run",
@@ -91,6 +123,8 @@ def main() -> None:
             rss, peak = proc.memory_info().rss, peak_rss(sim.pid)
             broker_rss = mosquitto.memory_info().rss
             cpu = proc.cpu_percent(interval=5.0)
+            logins = sum(not line.startswith(HUB_USER) for line in auth.password_file.read_text().splitlines()) \
+                if isolate else 0
         finally:
             sim.send_signal(signal.SIGINT)
             try:
@@ -101,6 +135,10 @@ def main() -> None:
             server.stop()
             if args.keep_log:
                 shutil.copy(work / "sim.log", args.keep_log)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average at the end (1, 5, 15 min): {load}")
+    if isolate:
+        print(f"broker isolation: {logins} device logins in {auth.password_file.name}, ACL bound to %u, client id = login")
     print(f"devices {n}: enrolled after {t_enrolled:.0f}s, all online after {t_online:.0f}s"
           f" (connect ramp {args.connect_rate:g}/s)")
     print(f"heartbeat health: {', '.join(f'{h:.1%}' for h in health)} of devices heard per {every:g}s interval")

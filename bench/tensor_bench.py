@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.localapi import TOKENS_FILE, load_tokens  # noqa: E402
+from agent.apitokens import TOKENS_FILE, load_tokens  # noqa: E402
 from edgefleet.broker import LocalBroker, free_port  # noqa: E402
 from modules.examples import write_cnn_onnx  # noqa: E402
 from modules.runners import load_model_file  # noqa: E402

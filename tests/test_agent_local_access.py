@@ -25,7 +25,7 @@ import httpx
 import psutil
 import pytest
 
-from agent.localapi import load_tokens
+from agent.apitokens import ApiTokens
 from tests.hubside import HubSide, new_device, running_agent, until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +131,8 @@ def test_tcp_needs_a_per_app_token_and_the_socket_only_its_group(hub, tmp_path):
     v1 = hub.build("classifier", 1)
     pub = Path(tempfile.mkdtemp(prefix="edgefleet-api-"))  # traversable by anyone: the socket's mode is the guard
     os.chmod(pub, 0o755)
-    tokens = load_tokens(data.parent / "api-tokens")
-    token = next(iter(tokens))
+    tokens = ApiTokens(data.parent / "api-tokens")
+    token = tokens.path.read_text().split()[-1]  # the one "default" line made with the file
     port = _free_port()
 
     async def main() -> None:

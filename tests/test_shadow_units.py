@@ -16,6 +16,7 @@ from agent.reconcile import (
     RemoveShadow,
     Report,
     StartShadow,
+    next_retry,
     step,
     supersede,
 )
@@ -67,6 +68,18 @@ def test_step_gives_up_on_a_candidate_that_failed_and_downloads_are_not_cancelle
     failed = {"m": ModuleFacts(journal="rolled_back", journal_bundle=CAND)}
     assert not any(isinstance(a, InstallShadow) for a in step(NOW, _state(_mod(CAND)), live, shadows=failed))
     assert supersede(_state(_mod(CAND)), ("m", CAND), "downloading") == []
+
+
+def test_a_candidate_the_environment_stopped_is_tried_again_from_its_retry_time_like_a_live_install():
+    live = {"m": ModuleFacts(current=LIVE, active=LIVE)}
+    stopped = {"m": ModuleFacts(journal="failed", journal_bundle=CAND, retry_at=NOW + 30)}  # a full disk, say
+    assert not any(isinstance(a, InstallShadow) for a in step(NOW, _state(_mod(CAND)), live, shadows=stopped))
+    assert next_retry(_state(_mod(CAND)), live, stopped) == NOW + 30  # the agent wakes for it
+    assert InstallShadow(_mod(CAND).candidate()) in step(NOW + 30, _state(_mod(CAND)), live, shadows=stopped)  # type: ignore[arg-type]
+    refused = {"m": ModuleFacts(journal="failed", journal_bundle=CAND)}  # the bundle's fault: not again
+    assert not any(isinstance(a, InstallShadow) for a in step(NOW + 99, _state(_mod(CAND)), live, shadows=refused))
+    assert next_retry(_state(_mod(CAND)), live, refused) is None
+    assert next_retry(_state(_mod(OTHER)), live, stopped) is None  # another candidate is wanted now
 
 
 @pytest.mark.parametrize(("live", "cand", "rule", "differ"), [

@@ -20,6 +20,7 @@ import pytest
 import tritonclient.http as triton
 import tritonclient.utils.shared_memory as shm
 
+from agent.apitokens import ApiTokens
 from edgefleet.broker import free_port
 from modules.examples import write_cnn_onnx
 from protocol.manifest import TensorSpec
@@ -44,7 +45,10 @@ def test_tritonclient_infers_through_shared_memory_and_regions_are_checked(broke
     sock = data / "run" / "cnn.sock"
 
     async def main() -> None:
-        async with running_agent(hub, device, data, isolation="process", api_port=port, api_tokens=TOKENS) as agent:
+        tokens_file = tmp_path / "api-tokens"
+        tokens_file.write_text("".join(f"{app} {token}\n" for token, app in TOKENS.items()))
+        tokens = ApiTokens(tokens_file)
+        async with running_agent(hub, device, data, isolation="process", api_port=port, api_tokens=tokens) as agent:
             hub.publish_desired(device, 1, [bundle.desired()])
             await until(lambda: hub.module_state(device, "cnn") == "running" and sock.exists(), 60, "cnn running")
             await asyncio.to_thread(checks, port, image, bare)

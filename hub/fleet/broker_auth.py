@@ -38,7 +38,7 @@ from protocol.topics import (
 log = logging.getLogger("edgefleet.hub.broker_auth")
 
 HUB_USER = "edgefleet-hub"
-PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default; the password is 144 random bits, so cost buys little
+PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default; the password is 192 random bits, so cost buys little
 PASSWORD_FILE, ACL_FILE, HUB_PASSWORD_FILE = "passwd", "acl", "hub-password"
 
 
