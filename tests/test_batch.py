@@ -166,25 +166,21 @@ import time
 
 import numpy as np
 
-calls = 0
-
-
 def init():
-    with open({pid!r}, "w") as f:
-        f.write(str(os.getpid()))
+    with open({pid!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
 
 
 def run(inputs):
-    global calls
-    calls += 1
-    while calls > 1 and os.path.exists({gate!r}):  # the test holds the second part here, then kills the job
+    while inputs["id"][0] >= 100 and os.path.exists({gate!r}):  # the test holds every part after the first
         time.sleep(0.01)
     x = np.column_stack([inputs["a"], inputs["b"]])
     return {{"y": x[:, 0] * 10 + x[:, 1]}}
 '''
 
 
-def test_a_job_killed_mid_way_resumes_with_every_row_exactly_once(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])  # in the job's own process; in worker processes
+def test_a_job_killed_mid_way_resumes_with_every_row_exactly_once(tmp_path, workers):
     gate, pid_file = tmp_path / "gate", tmp_path / "worker.pid"
     gate.touch()
     (tmp_path / "gated.py").write_text(GATED.format(gate=str(gate), pid=str(pid_file)))
@@ -195,21 +191,23 @@ def test_a_job_killed_mid_way_resumes_with_every_row_exactly_once(tmp_path):
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=100)
     out = tmp_path / "out.parquet"
     args = ["--bundle", str(bundle), "-i", str(tmp_path / "in.parquet"), "-o", str(out), "--part-rows", "100",
-            "--batch-rows", "100", "--workers", "1", "--json"]
+            "--batch-rows", "100", "--workers", workers, "--json"]
     job = subprocess.Popen([sys.executable, "-m", "edgefleet", "score", *args], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
     try:
         await_path(tmp_path / "out.parquet.parts" / "part-00000.parquet", job)
-        worker = int(pid_file.read_text())
-        assert psutil.pid_exists(worker)
+        pids = [int(p) for p in pid_file.read_text().split()]
+        assert all(psutil.pid_exists(p) for p in pids)
+        assert (pids == [job.pid]) if workers == "1" else (job.pid not in pids)
         job.send_signal(signal.SIGKILL)
         job.wait(30)
     finally:
         if job.poll() is None:
             job.kill()
         job.communicate()
-    psutil.wait_procs([psutil.Process(worker)] if psutil.pid_exists(worker) else [], timeout=30)
-    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+    for worker in pids:  # a worker process exits with the job (engine.py: _exit_with)
+        psutil.wait_procs([psutil.Process(worker)] if psutil.pid_exists(worker) else [], timeout=30)
+        assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
     assert not out.exists()
     assert sorted(p.name for p in (tmp_path / "out.parquet.parts").glob("part-*")) == ["part-00000.parquet"]
 
