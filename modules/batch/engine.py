@@ -51,11 +51,11 @@ class Job:
 
 def load_checked(files: Path, manifest: Any, threads: int = 1) -> Any:
     """Load a verified bundle's files, the model on ``threads`` cores (ONNX Runtime, LiteRT), and run its
-    health check."""
+    health check. Its threads do not spin between calls: the reading and writing threads need the cores."""
     from modules.runners import health_check, load_runner, load_sample
 
     config = {"threads": threads} if threads != 1 and manifest.runtime != "python" else None
-    runner = load_runner(files, manifest, config)
+    runner = load_runner(files, manifest, config, spin=False)
     health_check(runner, load_sample(files, manifest))
     return runner
 
