@@ -240,9 +240,13 @@ def test_bad_input_is_refused_with_the_column_named(logreg, tmp_path):
     pq.write_table(pa.table(cols | {"f1": pa.array([str(v) for v in x[:, 1]])}), tmp_path / "text.parquet")
     assert "column 'f1' is string; model input 'x' takes float32" in score(tmp_path / "text.parquet")
     holes = x[:, 3].copy()
-    pq.write_table(pa.table(cols | {"f3": pa.array(holes, mask=np.arange(2000) == 1234)}), tmp_path / "holes.parquet")
+    pq.write_table(pa.table(cols | {"f3": pa.array(holes, mask=np.arange(2000) == 1234)}), tmp_path / "holes.parquet",
+                   row_group_size=500)
     assert "column 'f3' has 1 empty value(s)" in score(tmp_path / "holes.parquet") and "row 1234" in \
-        score(tmp_path / "holes.parquet")
+        score(tmp_path / "holes.parquet", "--workers", "1", "--overwrite")
+    # in order, in one process: the parts before the bad one are done, nothing half-written is left
+    assert sorted(p.name for p in (tmp_path / "out-holes").iterdir() if not p.name.startswith("_")) == \
+        ["part-00000.parquet", "part-00001.parquet"]
     pq.write_table(pa.table(cols | {"id": pa.array(np.arange(2000))}), tmp_path / "wide.parquet")
     assert "takes 4 features; 5 columns would feed it" in score(tmp_path / "wide.parquet")
 

@@ -4,7 +4,8 @@ Three stages, each in its own thread, joined by queues one batch deep: a reader 
 rows (pyarrow decodes without the GIL), the caller's thread feeds the model (onnxruntime runs without
 it too) and a writer encodes and writes the part files. Memory stays a handful of batches whatever
 the input's size. A part file is committed (written beside, fsynced, renamed) only after its last
-batch, and after its monitoring sample: a failure or a kill leaves only whole parts behind.
+batch, and after its monitoring sample: a failure or a kill leaves only whole parts behind, and a
+bad batch still lets the parts before it be committed.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class _Writer:
         try:
             while True:
                 kind, part, value = _get(self.items, self.stop)
-                if kind == DONE:
+                if kind in (DONE, FAILED):  # FAILED: scoring failed after the parts handed over before it
                     return
                 if writer is None:
                     writer = PartWriter(Path(self.job.parts_dir) / part.name)
@@ -163,6 +164,12 @@ def score_parts(job: Job, parts: list[Part], runner: Any, report: Callable[[int]
             _put(writer.items, (BATCH, part, scored), stop)
         writer.thread.join()
     except BaseException:
+        if not stop.is_set():  # this thread failed: the parts it finished are committed first, then all stop
+            try:
+                _put(writer.items, (FAILED, None, None), stop)
+            except _Stopped:
+                pass
+            writer.thread.join()
         stop.set()
         raise
     finally:
