@@ -75,8 +75,15 @@ def _read(job: Job, parts: list[Part], out: queue.Queue[Any], stop: threading.Ev
             pass
 
 
+def _commit(sample: Sampler, writer: PartWriter) -> int:
+    sample.commit()  # the part's sample first: a part present always has its sample
+    return writer.commit()
+
+
 class _Writer:
-    """The writing stage: part files from the scored batches, committed at each part's end."""
+    """The writing stage: part files from the scored batches. A finished part is committed (its footer
+    written, fsynced, renamed) by a second thread while the next part is written: an fsync can take tens
+    of milliseconds on a busy disk."""
 
     def __init__(self, job: Job, report: Callable[[int], None] | None, stop: threading.Event) -> None:
         self.job, self.report, self.stop = job, report, stop
@@ -87,30 +94,37 @@ class _Writer:
         self.thread.start()
 
     def _run(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         writer: PartWriter | None = None
-        try:
-            while True:
-                kind, part, value = _get(self.items, self.stop)
-                if kind in (DONE, FAILED):  # FAILED: scoring failed after the parts handed over before it
-                    return
-                if writer is None:
-                    writer = PartWriter(Path(self.job.parts_dir) / part.name)
-                if kind == BATCH:
-                    writer.write(value)
-                    if self.report is not None:
-                        self.report(value.num_rows)
-                    continue
-                value.commit()  # the part's sample first: a part present always has its sample
-                self.rows += writer.commit()
-                writer = None
-        except _Stopped:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - raised by the caller's thread
-            self.error = exc
-            self.stop.set()
-        finally:
-            if writer is not None:
-                writer.abort()
+        committing: list[Any] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="score-commit") as commits:
+            try:
+                while True:
+                    kind, part, value = _get(self.items, self.stop)
+                    if kind in (DONE, FAILED):  # FAILED: scoring failed after the parts handed over before it
+                        break
+                    if writer is None:
+                        writer = PartWriter(Path(self.job.parts_dir) / part.name)
+                    if kind == BATCH:
+                        writer.write(value)
+                        if self.report is not None:
+                            self.report(value.num_rows)
+                        continue
+                    committing.append(commits.submit(_commit, value, writer))
+                    writer = None
+                    while len(committing) > 1:  # one part behind at most
+                        self.rows += committing.pop(0).result()
+                for fut in committing:
+                    self.rows += fut.result()
+            except _Stopped:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - raised by the caller's thread
+                self.error = exc
+                self.stop.set()
+            finally:
+                if writer is not None:
+                    writer.abort()
 
 
 def _scored(job: Job, runner: Any, batch: pa.RecordBatch, row: int) -> tuple[dict[str, Any], Any, pa.RecordBatch]:
