@@ -98,7 +98,8 @@ def _monitoring(records: list[dict[str, Any]], manifest: Any, post: bool, name: 
 
 def score(
     ref: str | None = typer.Argument(None, help="MODULE:VERSION to pull from the hub (or give --bundle DIR)."),
-    input_path: Path = typer.Option(..., "--input", "-i", help="A CSV or Parquet file, or a directory of Parquet files."),
+    input_path: str = typer.Option(..., "--input", "-i", help="A CSV or Parquet file, a directory of Parquet files, "
+                                                             "or an http(s) URL of a file (fetched once into the job)."),
     output: Path = typer.Option(..., "--output", "-o",
                                 help="out.parquet or out.csv (one file), or a directory of Parquet part files."),
     bundle: Path | None = typer.Option(None, "--bundle", exists=True, file_okay=False,
@@ -123,6 +124,8 @@ def score(
                                                                           "(default: the output's file name)."),
     monitor_rows: int = typer.Option(5000, "--monitor-rows", min=1, help="About how many rows to sample."),
     monitor_file: Path | None = typer.Option(None, "--monitor-file", help="Also write the sample here (JSON lines)."),
+    max_input_bytes: int = typer.Option(20 * 1024**3, "--max-input-bytes", min=1,
+                                        help="Refuse a URL input larger than this (bytes)."),
 ) -> None:
     """Score a table with a module: streamed in parts, on this machine's cores or a Dask cluster; resumable.
 
@@ -153,10 +156,13 @@ def score(
             else LocalEngine(n_workers)
     try:
         claim(layout, overwrite)
+        from modules.batch.remote import fetch_input, is_url
+
+        source = fetch_input(input_path, layout.work, max_input_bytes) if is_url(input_path) else Path(input_path)
         manifest, bundle_dir, pinned = _bundle(ref, bundle, root, layout.bundle)
         if isinstance(local, LocalEngine):
             local.preload(str(bundle_dir), pinned, manifest.digest())
-        job, parts, todo = prepare(input_path, layout, manifest, bundle_dir, pinned, columns=parse_columns(columns),
+        job, parts, todo = prepare(source, layout, manifest, bundle_dir, pinned, columns=parse_columns(columns),
                                    keep=keep, part_rows=part_rows, batch_rows=batch_rows)
         if isinstance(local, LocalEngine) and len(todo) < 2:
             local.close()
@@ -196,7 +202,7 @@ def score(
             local.close()
     seconds = time.monotonic() - started
     scored = sum(p.rows for p in todo)
-    summary = {"module": f"{manifest.name}:{manifest.version}", "digest": manifest.digest(), "input": str(input_path),
+    summary = {"module": f"{manifest.name}:{manifest.version}", "digest": manifest.digest(), "input": input_path,
                "output": str(layout.output), "rows": rows, "parts": len(parts), "parts_resumed": len(parts) - len(todo),
                "rows_scored_now": scored, "engine": engine, "workers": n_workers,
                "in_process": isinstance(local, InlineEngine), "seconds": round(seconds, 3),
