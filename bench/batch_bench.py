@@ -6,11 +6,15 @@ Writes a Parquet file of ``--rows`` rows of the example model's features (module
 of 131072 rows) and a signed bundle of that model, then, alternating each round:
 
 * **bare**: one process reads the file in batches of 262144 rows, runs onnxruntime (its default
-  threads) and writes the probabilities to a Parquet file: the fastest plain script;
+  threads) and writes the probabilities to a Parquet file with pyarrow's defaults: the plain script;
+* **bare, plain encoding**: the same script writing the way edgefleet score does (no dictionary for the
+  float column, which pyarrow otherwise builds and abandons at a cost larger than the scoring): the
+  fastest plain script, so the second ratio is edgefleet's own overhead;
 * **edgefleet score** (local engine, one worker per core) from the start of the command to its exit
   (bundle verification, worker start-up and the job record included), writing a directory of part files;
 * the same job on **Dask distributed** with 1 and 2 worker processes (a scheduler and workers on loopback).
 
+Each command runs from compiled bytecode, as installed (``as_installed``), after one untimed run.
 Prints the median rows/s of each and the ratios, and the peak memory (RSS summed over the scoring
 process and its workers, sampled every 20 ms) for half the rows and all of them: it must not grow
 with the file. Both are also run on a file of 1,000 rows: its time is the fixed cost of each (start-up,
@@ -55,7 +59,8 @@ for batch in pq.ParquetFile(sys.argv[2]).iter_batches(batch_size=262144):
     x = np.column_stack([c.to_numpy() for c in batch.columns]).astype(np.float32, copy=False)
     p = session.run(None, {"x": x})[0].reshape(-1)
     out = pa.record_batch([pa.array(p)], names=["probability"])
-    writer = writer or pq.ParquetWriter(sys.argv[3], out.schema)
+    # argv[4] "plain": no dictionary for the float column, as edgefleet score writes it (modules/batch/io.py)
+    writer = writer or pq.ParquetWriter(sys.argv[3], out.schema, use_dictionary=sys.argv[4] != "plain")
     writer.write_batch(out)
 writer.close()
 '''
@@ -78,10 +83,21 @@ def write_rows(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
-def measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+ENV = dict(os.environ)
+
+
+def as_installed(pycache: Path) -> None:
+    """Every command runs from compiled bytecode, as after ``pip install`` (which compiles it): a shell with
+    PYTHONDONTWRITEBYTECODE would otherwise compile edgefleet's own modules from source on every run. The
+    bytecode goes to the bench's directory, written by an untimed first run of each command."""
+    ENV.pop("PYTHONDONTWRITEBYTECODE", None)
+    ENV["PYTHONPYCACHEPREFIX"] = str(pycache)
+
+
+def measured(cmd: list[str]) -> tuple[float, int]:
     """(wall seconds, peak RSS in bytes summed over the process tree) of a command that must succeed."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     peak = 0
     stop = threading.Event()
 
@@ -144,7 +160,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-dask", action="store_true", help="skip the Dask runs (a quicker look at the local engine)")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="edgefleet-batch-bench-"))
     try:
         bundle, root = make_bundle(work)
@@ -161,14 +179,19 @@ def main() -> None:
             return measured([*edgefleet, "-i", str(table), "-o", str(work / "scored"), *extra])
 
         runs: dict[str, list[tuple[float, int]]] = {"bare": [], "score": [], "score_half": [], "bare_tiny": [],
-                                                    "score_tiny": []}
+                                                    "score_tiny": [], "plain": [], "plain_tiny": []}
+        as_installed(work / "pycache")
+        score(tiny)  # untimed: bytecode written, files cached
+        measured([sys.executable, str(bare), str(model), str(tiny), str(work / "b.parquet"), "plain"])
         for _ in range(args.rounds):
-            for key, table in (("bare", full), ("bare_tiny", tiny)):
-                runs[key].append(measured([sys.executable, str(bare), str(model), str(table), str(work / "b.parquet")]))
+            for key, table, enc in (("bare", full, "dict"), ("bare_tiny", tiny, "dict"), ("plain", full, "plain"),
+                                    ("plain_tiny", tiny, "plain")):
+                runs[key].append(measured([sys.executable, str(bare), str(model), str(table), str(work / "b.parquet"),
+                                           enc]))
             runs["score"].append(score(full))
             runs["score_half"].append(score(half))
             runs["score_tiny"].append(score(tiny))
-        for n in (1, 2):
+        for n in () if args.no_dask else (1, 2):
             cluster = Cluster(n, work / "dask.log")
             try:
                 runs[f"dask{n}"] = [score(full, "--scheduler", cluster.address) for _ in range(args.rounds)]
@@ -183,40 +206,54 @@ def main() -> None:
     def seconds(key: str) -> float:
         return statistics.median(t for t, _ in runs[key])
 
-    def marginal(key: str) -> float:
-        return (args.rows - TINY) / max(seconds(key) - seconds(f"{key}_tiny"), 1e-9)
+    def marginal(key: str) -> float | None:
+        """None where the 1,000-row run took as long as all the rows (other work on the machine)."""
+        extra = seconds(key) - seconds(f"{key}_tiny")
+        return (args.rows - TINY) / extra if extra > 0 else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
 
     def peak(key: str) -> float:
         return statistics.median(m for _, m in runs[key]) / 2**20
 
     result = {
-        "rows": args.rows, "rounds": args.rounds, "cores": os.cpu_count(), "load_average_after": os.getloadavg()[0],
-        "bare_rows_per_s": round(rate("bare")), "score_rows_per_s": round(rate("score")),
+        "rows": args.rows, "rounds": args.rounds, "cores": os.cpu_count(), "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
+        "bare_rows_per_s": round(rate("bare")), "plain_rows_per_s": round(rate("plain")),
+        "score_rows_per_s": round(rate("score")),
         "ratio_score_vs_bare": round(rate("score") / rate("bare"), 3),
-        "fixed_seconds": {"bare": round(seconds("bare_tiny"), 3), "score": round(seconds("score_tiny"), 3)},
-        "marginal_rows_per_s": {"bare": round(marginal("bare")), "score": round(marginal("score"))},
-        "marginal_ratio_score_vs_bare": round(marginal("score") / marginal("bare"), 3),
+        "ratio_score_vs_plain": round(rate("score") / rate("plain"), 3),
+        "fixed_seconds": {"bare": round(seconds("bare_tiny"), 3), "plain": round(seconds("plain_tiny"), 3),
+                          "score": round(seconds("score_tiny"), 3)},
+        "marginal_rows_per_s": {k: round(m) if (m := marginal(k)) else None for k in ("bare", "plain", "score")},
+        "marginal_ratio_score_vs_bare": ratio(marginal("score"), marginal("bare")),
+        "marginal_ratio_score_vs_plain": ratio(marginal("score"), marginal("plain")),
         "peak_rss_mb": {"bare": round(peak("bare"), 1), f"score_{args.rows // 2}_rows": round(peak("score_half"), 1),
                         f"score_{args.rows}_rows": round(peak("score"), 1)},
-        "dask_1_worker_rows_per_s": round(rate("dask1")), "dask_2_workers_rows_per_s": round(rate("dask2")),
-        "dask_scaling_2_vs_1": round(rate("dask2") / rate("dask1"), 3),
+        **({} if args.no_dask else {
+            "dask_1_worker_rows_per_s": round(rate("dask1")), "dask_2_workers_rows_per_s": round(rate("dask2")),
+            "dask_scaling_2_vs_1": round(rate("dask2") / rate("dask1"), 3)}),
         "seconds_median": {k: round(statistics.median(t for t, _ in v), 3) for k, v in runs.items()},
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.rows} rows, {os.cpu_count()} cores, median of {args.rounds} rounds "
-          f"(load average {result['load_average_after']:.1f} at the end: other work on the machine slows both sides)")
+    print(f"{args.rows} rows, {os.cpu_count()} cores, median of {args.rounds} rounds (load average "
+          f"{load_before:.1f} before, {result['load_average_after']:.1f} after: other work slows both sides)")
     print(f"  bare onnxruntime, one process   {result['bare_rows_per_s']:>12,} rows/s")
+    print(f"  bare, plain encoding            {result['plain_rows_per_s']:>12,} rows/s")
     print(f"  edgefleet score (local engine)  {result['score_rows_per_s']:>12,} rows/s   "
-          f"{result['ratio_score_vs_bare']:.2f}x bare (goal >= 0.8x)")
-    print(f"  fixed cost (a {TINY}-row file): bare {result['fixed_seconds']['bare']} s, "
-          f"score {result['fixed_seconds']['score']} s")
-    print(f"  marginal rate: bare {result['marginal_rows_per_s']['bare']:,} rows/s, score "
-          f"{result['marginal_rows_per_s']['score']:,} rows/s   {result['marginal_ratio_score_vs_bare']:.2f}x")
-    print(f"  edgefleet score, Dask 1 worker  {result['dask_1_worker_rows_per_s']:>12,} rows/s")
-    print(f"  edgefleet score, Dask 2 workers {result['dask_2_workers_rows_per_s']:>12,} rows/s   "
-          f"{result['dask_scaling_2_vs_1']:.2f}x one worker")
+          f"{result['ratio_score_vs_bare']:.2f}x bare (goal >= 0.8x), {result['ratio_score_vs_plain']:.2f}x plain")
+    fixed, marg = result["fixed_seconds"], result["marginal_rows_per_s"]
+    print(f"  fixed cost (a {TINY}-row file): bare {fixed['bare']} s, plain {fixed['plain']} s, score {fixed['score']} s")
+    print(f"  marginal rows/s: bare {marg['bare']}, plain {marg['plain']}, score {marg['score']}   "
+          f"{result['marginal_ratio_score_vs_bare']}x bare, {result['marginal_ratio_score_vs_plain']}x plain "
+          "(None: the 1,000-row run took as long as all the rows)")
+    if not args.no_dask:
+        print(f"  edgefleet score, Dask 1 worker  {result['dask_1_worker_rows_per_s']:>12,} rows/s")
+        print(f"  edgefleet score, Dask 2 workers {result['dask_2_workers_rows_per_s']:>12,} rows/s   "
+              f"{result['dask_scaling_2_vs_1']:.2f}x one worker")
     mem = result["peak_rss_mb"]
     print(f"  peak RSS (process tree, MiB): bare {mem['bare']}, score {args.rows // 2} rows "
           f"{mem[f'score_{args.rows // 2}_rows']}, score {args.rows} rows {mem[f'score_{args.rows}_rows']}")

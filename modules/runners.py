@@ -86,12 +86,14 @@ class OnnxRunner:
     session is built with the first that loads, the rest of the list behind it. ``accelerator`` says which."""
 
     def __init__(self, model_path: Path, intra_op_threads: int = 1, providers: Sequence[str] = (CPU,),
-                 notes: dict[str, str] | None = None) -> None:
+                 notes: dict[str, str] | None = None, spin: bool = True) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
+        if not spin:  # idle threads sleep instead of busy-waiting for the next call: the cores are shared
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         order = list(providers) if providers and providers[-1] == CPU else [*providers, CPU]
         skipped = dict(notes or {})
         for i, first in enumerate(order):
@@ -305,7 +307,7 @@ def _to_model_dtypes(inputs: Batch, specs: list[TensorSpec]) -> Batch:
 
 
 def load_model_file(path: Path, runtime: str, config: Mapping[str, Any] | None = None,
-                    facts: Mapping[str, str] | None = None) -> Runner:
+                    facts: Mapping[str, str] | None = None, *, spin: bool = True) -> Runner:
     """Load one model file in its runtime, on the accelerator its ``config`` prefers and the device (``facts``)
     has, falling back in order to the CPU (modules/accel.py). The registry loads with neither: CPU, 1 thread."""
     try:
@@ -316,7 +318,7 @@ def load_model_file(path: Path, runtime: str, config: Mapping[str, Any] | None =
         import onnxruntime as ort
 
         choice = accel.choose("onnx", prefs, ort.get_available_providers(), facts or {})
-        return OnnxRunner(path, choice.threads, choice.order, choice.skipped)
+        return OnnxRunner(path, choice.threads, choice.order, choice.skipped, spin=spin)
     if runtime == "tflite":
         choice = accel.choose("tflite", prefs, list(TFLITE_DELEGATES), facts or {})
         return TfliteRunner(path, choice.order, choice.threads if config and "threads" in config else None,
@@ -338,10 +340,11 @@ def detect_runtime(path: Path) -> str:
 
 
 def load_runner(bundle_dir: Path, manifest: Manifest, config: Mapping[str, Any] | None = None,
-                facts: Mapping[str, str] | None = None) -> Runner:
+                facts: Mapping[str, str] | None = None, *, spin: bool = True) -> Runner:
     """Load an unpacked, verified bundle with the module's configuration (the desired state's ``config``:
     handed to the script's ``init(config)`` and in ``EDGEFLEET_CONFIG``; its accelerator keys pick the
-    hardware, see modules/accel.py) on a device with ``facts``."""
+    hardware, see modules/accel.py) on a device with ``facts``. ``spin`` false: ONNX Runtime's idle threads
+    sleep rather than busy-wait (batch scoring, whose reader and writer threads need those cores)."""
     os.environ[CONFIG_ENV] = json.dumps(dict(config or {}), sort_keys=True)
     if manifest.runtime == "python":
         # the entry script, when the bundle has one apart from its model files; else the model is the script
@@ -351,7 +354,7 @@ def load_runner(bundle_dir: Path, manifest: Manifest, config: Mapping[str, Any] 
                              f"({script!r} is not a .py file): build it with --entry SCRIPT")
         return PythonRunner(bundle_dir / script, manifest.inputs, manifest.outputs, model_dir=bundle_dir,
                             config=config)
-    runner = load_model_file(bundle_dir / manifest.model, manifest.runtime, config, facts)
+    runner = load_model_file(bundle_dir / manifest.model, manifest.runtime, config, facts, spin=spin)
     if manifest.entry:
         return WithEntry(runner, bundle_dir / manifest.entry, config)
     return runner

@@ -166,25 +166,21 @@ import time
 
 import numpy as np
 
-calls = 0
-
-
 def init():
-    with open({pid!r}, "w") as f:
-        f.write(str(os.getpid()))
+    with open({pid!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
 
 
 def run(inputs):
-    global calls
-    calls += 1
-    while calls > 1 and os.path.exists({gate!r}):  # the test holds the second part here, then kills the job
+    while inputs["id"][0] >= 100 and os.path.exists({gate!r}):  # the test holds every part after the first
         time.sleep(0.01)
     x = np.column_stack([inputs["a"], inputs["b"]])
     return {{"y": x[:, 0] * 10 + x[:, 1]}}
 '''
 
 
-def test_a_job_killed_mid_way_resumes_with_every_row_exactly_once(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])  # in the job's own process; in worker processes
+def test_a_job_killed_mid_way_resumes_with_every_row_exactly_once(tmp_path, workers):
     gate, pid_file = tmp_path / "gate", tmp_path / "worker.pid"
     gate.touch()
     (tmp_path / "gated.py").write_text(GATED.format(gate=str(gate), pid=str(pid_file)))
@@ -195,21 +191,23 @@ def test_a_job_killed_mid_way_resumes_with_every_row_exactly_once(tmp_path):
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=100)
     out = tmp_path / "out.parquet"
     args = ["--bundle", str(bundle), "-i", str(tmp_path / "in.parquet"), "-o", str(out), "--part-rows", "100",
-            "--batch-rows", "100", "--workers", "1", "--json"]
+            "--batch-rows", "100", "--workers", workers, "--json"]
     job = subprocess.Popen([sys.executable, "-m", "edgefleet", "score", *args], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
     try:
         await_path(tmp_path / "out.parquet.parts" / "part-00000.parquet", job)
-        worker = int(pid_file.read_text())
-        assert psutil.pid_exists(worker)
+        pids = [int(p) for p in pid_file.read_text().split()]
+        assert all(psutil.pid_exists(p) for p in pids)
+        assert (pids == [job.pid]) if workers == "1" else (job.pid not in pids)
         job.send_signal(signal.SIGKILL)
         job.wait(30)
     finally:
         if job.poll() is None:
             job.kill()
         job.communicate()
-    psutil.wait_procs([psutil.Process(worker)] if psutil.pid_exists(worker) else [], timeout=30)
-    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+    for worker in pids:  # a worker process exits with the job (engine.py: _exit_with)
+        psutil.wait_procs([psutil.Process(worker)] if psutil.pid_exists(worker) else [], timeout=30)
+        assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
     assert not out.exists()
     assert sorted(p.name for p in (tmp_path / "out.parquet.parts").glob("part-*")) == ["part-00000.parquet"]
 
@@ -242,9 +240,13 @@ def test_bad_input_is_refused_with_the_column_named(logreg, tmp_path):
     pq.write_table(pa.table(cols | {"f1": pa.array([str(v) for v in x[:, 1]])}), tmp_path / "text.parquet")
     assert "column 'f1' is string; model input 'x' takes float32" in score(tmp_path / "text.parquet")
     holes = x[:, 3].copy()
-    pq.write_table(pa.table(cols | {"f3": pa.array(holes, mask=np.arange(2000) == 1234)}), tmp_path / "holes.parquet")
+    pq.write_table(pa.table(cols | {"f3": pa.array(holes, mask=np.arange(2000) == 1234)}), tmp_path / "holes.parquet",
+                   row_group_size=500)
     assert "column 'f3' has 1 empty value(s)" in score(tmp_path / "holes.parquet") and "row 1234" in \
-        score(tmp_path / "holes.parquet")
+        score(tmp_path / "holes.parquet", "--workers", "1", "--overwrite")
+    # in order, in one process: the parts before the bad one are done, nothing half-written is left
+    assert sorted(p.name for p in (tmp_path / "out-holes").iterdir() if not p.name.startswith("_")) == \
+        ["part-00000.parquet", "part-00001.parquet"]
     pq.write_table(pa.table(cols | {"id": pa.array(np.arange(2000))}), tmp_path / "wide.parquet")
     assert "takes 4 features; 5 columns would feed it" in score(tmp_path / "wide.parquet")
 

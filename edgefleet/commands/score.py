@@ -98,7 +98,8 @@ def _monitoring(records: list[dict[str, Any]], manifest: Any, post: bool, name: 
 
 def score(
     ref: str | None = typer.Argument(None, help="MODULE:VERSION to pull from the hub (or give --bundle DIR)."),
-    input_path: Path = typer.Option(..., "--input", "-i", help="A CSV or Parquet file, or a directory of Parquet files."),
+    input_path: str = typer.Option(..., "--input", "-i", help="A CSV or Parquet file, a directory of Parquet files, "
+                                                             "or an http(s) URL of a file (fetched once into the job)."),
     output: Path = typer.Option(..., "--output", "-o",
                                 help="out.parquet or out.csv (one file), or a directory of Parquet part files."),
     bundle: Path | None = typer.Option(None, "--bundle", exists=True, file_okay=False,
@@ -107,7 +108,9 @@ def score(
                                      help="Pinned root.json to verify the bundle against (default: trust on first use)."),
     columns: list[str] = typer.Option([], "--columns", help="INPUT=COL,COL,...: the columns feeding a model input."),
     keep: str = typer.Option("all", "--keep", help="Input columns copied to the output: all, none, or COL,COL."),
-    workers: int = typer.Option(0, "--workers", min=0, help="Worker processes (default: this machine's cores)."),
+    workers: int = typer.Option(0, "--workers", min=0,
+                                help="Worker processes; 1: in this process, the model on one thread (default: in this "
+                                     "process on 2 cores or fewer, else one process per core)."),
     scheduler: str | None = typer.Option(None, "--scheduler", help="Run on Dask distributed: tcp://HOST:8786."),
     part_rows: int = typer.Option(262_144, "--part-rows", min=1, help="Rows per part file (the unit of resuming)."),
     batch_rows: int = typer.Option(65_536, "--batch-rows", min=1, help="Rows per model call."),
@@ -121,6 +124,8 @@ def score(
                                                                           "(default: the output's file name)."),
     monitor_rows: int = typer.Option(5000, "--monitor-rows", min=1, help="About how many rows to sample."),
     monitor_file: Path | None = typer.Option(None, "--monitor-file", help="Also write the sample here (JSON lines)."),
+    max_input_bytes: int = typer.Option(20 * 1024**3, "--max-input-bytes", min=1,
+                                        help="Refuse a URL input larger than this (bytes)."),
 ) -> None:
     """Score a table with a module: streamed in parts, on this machine's cores or a Dask cluster; resumable.
 
@@ -139,19 +144,32 @@ def score(
 
     started = time.monotonic()
     layout = layout_for(output)
-    local = None
-    n_workers = workers or os.cpu_count() or 1
-    if not scheduler:  # workers start up while the bundle is verified and the input planned
-        from modules.batch.engine import LocalEngine
+    from modules.batch.engine import InlineEngine, LocalEngine
 
-        local = LocalEngine(n_workers)
+    cores = os.cpu_count() or 1
+    n_workers = workers or cores
+    # in this process where worker processes gain nothing (onnxruntime's own threads use the cores); a pool
+    # starts up while the bundle is verified and the input planned, and is dropped if one part is all there is
+    local: InlineEngine | LocalEngine | None = None
+    if not scheduler:
+        local = InlineEngine(1 if workers == 1 else cores) if n_workers == 1 or (cores <= 2 and not workers) \
+            else LocalEngine(n_workers)
     try:
         claim(layout, overwrite)
+        from modules.batch.remote import fetch_input, is_url
+
+        source = fetch_input(input_path, layout.work, max_input_bytes) if is_url(input_path) else Path(input_path)
         manifest, bundle_dir, pinned = _bundle(ref, bundle, root, layout.bundle)
-        if local is not None:
+        if isinstance(local, LocalEngine):
             local.preload(str(bundle_dir), pinned, manifest.digest())
-        job, parts, todo = prepare(input_path, layout, manifest, bundle_dir, pinned, columns=parse_columns(columns),
+        job, parts, todo = prepare(source, layout, manifest, bundle_dir, pinned, columns=parse_columns(columns),
                                    keep=keep, part_rows=part_rows, batch_rows=batch_rows)
+        if isinstance(local, LocalEngine) and len(todo) < 2:
+            local.close()
+            local = InlineEngine(n_workers)
+        if isinstance(local, InlineEngine):
+            local.load(bundle_dir, manifest)  # verified above, in this process: once
+            n_workers = 1
         total = sum(p.rows for p in parts)
         sampling = monitor or monitor_file is not None
         if sampling:
@@ -184,13 +202,16 @@ def score(
             local.close()
     seconds = time.monotonic() - started
     scored = sum(p.rows for p in todo)
-    summary = {"module": f"{manifest.name}:{manifest.version}", "digest": manifest.digest(), "input": str(input_path),
+    summary = {"module": f"{manifest.name}:{manifest.version}", "digest": manifest.digest(), "input": input_path,
                "output": str(layout.output), "rows": rows, "parts": len(parts), "parts_resumed": len(parts) - len(todo),
-               "rows_scored_now": scored, "engine": engine, "workers": n_workers, "seconds": round(seconds, 3),
+               "rows_scored_now": scored, "engine": engine, "workers": n_workers,
+               "in_process": isinstance(local, InlineEngine), "seconds": round(seconds, 3),
                "rows_per_s": round(scored / seconds) if seconds > 0 else 0,
                **({"monitor": sent} if sampling else {})}
     if as_json:
         emit(summary, True)
     else:
+        how = (f"{engine} x{n_workers}" if not isinstance(local, InlineEngine)
+               else f"in this process, the model on {local.threads} thread(s)")
         err.print(f"scored {rows} rows into {layout.output} ({len(parts)} parts, {len(parts) - len(todo)} from an "
-                  f"earlier run) in {seconds:.1f}s with {engine} x{n_workers}", highlight=False)
+                  f"earlier run) in {seconds:.1f}s, {how}", highlight=False)

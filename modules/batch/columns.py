@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from protocol.manifest import TensorSpec
 
@@ -118,6 +117,8 @@ def plan_feeds(specs: list[TensorSpec], schema: pa.Schema, columns: dict[str, li
 
 def _numpy(column: str, arr: pa.ChunkedArray | pa.Array, dtype: str | None, row0: int) -> np.ndarray:
     if arr.null_count:
+        import pyarrow.compute as pc  # only here and for list columns: it takes longer to import than pyarrow
+
         first = pc.index(pc.is_null(arr), True).as_py()
         raise BatchError(f"column {column!r} has {arr.null_count} empty value(s) in rows {row0}…{row0 + len(arr) - 1} "
                          f"(first at row {row0 + first})")
@@ -136,6 +137,8 @@ def feed_arrays(feeds: list[Feed], batch: pa.RecordBatch, row0: int) -> dict[str
     n = batch.num_rows
     for feed in feeds:
         if feed.list_column:
+            import pyarrow.compute as pc
+
             col = batch.column(feed.columns[0])
             lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
             if n and (lengths != lengths[0]).any():
@@ -154,6 +157,13 @@ def feed_arrays(feeds: list[Feed], batch: pa.RecordBatch, row0: int) -> dict[str
     return out
 
 
+def _column(arr: np.ndarray) -> pa.Array:
+    """A 1-D array as an Arrow column: numbers without a copy (nor pa.array's detour through numpy.ma)."""
+    if arr.dtype.kind in "iuf" and arr.dtype.isnative and arr.flags.c_contiguous:
+        return pa.Array.from_buffers(pa.from_numpy_dtype(arr.dtype), len(arr), [None, pa.py_buffer(arr)])
+    return pa.array(arr)
+
+
 def output_columns(outputs: dict[str, Any], rows: int) -> dict[str, pa.Array]:
     """The outputs of one batch as columns; each must have one row per input row."""
     cols: dict[str, pa.Array] = {}
@@ -166,10 +176,10 @@ def output_columns(outputs: dict[str, Any], rows: int) -> dict[str, pa.Array]:
         if arr.ndim > 2:
             arr = arr.reshape(rows, -1)
         if arr.ndim == 1 or arr.shape[1] == 1:
-            cols[name] = pa.array(arr.reshape(rows))
+            cols[name] = _column(arr.reshape(rows))
         else:
             for j in range(arr.shape[1]):
-                cols[f"{name}_{j}"] = pa.array(np.ascontiguousarray(arr[:, j]))
+                cols[f"{name}_{j}"] = _column(np.ascontiguousarray(arr[:, j]))
     return cols
 
 

@@ -7,24 +7,23 @@ row counts cross between processes, never rows.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from modules.batch.columns import BatchError, Feed, feed_arrays, output_columns
-from modules.batch.io import PartWriter, read_part
-from modules.batch.monitor import Sampler
+from modules.batch.columns import Feed
+from modules.batch.pipeline import score_parts
 from modules.batch.plan import Part, Source
-from modules.errors import InputError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 Report = Callable[[int], None]
 
@@ -50,19 +49,26 @@ class Job:
         self.read_columns = list(dict.fromkeys(cols))
 
 
+def load_checked(files: Path, manifest: Any, threads: int = 1) -> Any:
+    """Load a verified bundle's files, the model on ``threads`` cores (ONNX Runtime, LiteRT), and run its
+    health check. Its threads do not spin between calls: the reading and writing threads need the cores."""
+    from modules.runners import health_check, load_runner, load_sample
+
+    config = {"threads": threads} if threads != 1 and manifest.runtime != "python" else None
+    runner = load_runner(files, manifest, config, spin=False)
+    health_check(runner, load_sample(files, manifest))
+    return runner
+
+
 def load_verified(bundle_dir: Path, root: dict[str, Any] | None) -> Any:
     """Verify a bundle as a device does (signature, expiry, every file's hash), load it, run its health check."""
     import json
 
     from modules.bundle import FILES_DIR, ROOT_FILE, verify_pulled
-    from modules.runners import health_check, load_runner, load_sample
     from protocol.signing import load_trusted_root
 
     pinned = root if root is not None else json.loads((bundle_dir / ROOT_FILE).read_bytes())
-    manifest = verify_pulled(bundle_dir, load_trusted_root(pinned))
-    runner = load_runner(bundle_dir / FILES_DIR, manifest)
-    health_check(runner, load_sample(bundle_dir / FILES_DIR, manifest))
-    return runner
+    return load_checked(bundle_dir / FILES_DIR, verify_pulled(bundle_dir, load_trusted_root(pinned)))
 
 
 _runners: dict[tuple[str, str], Any] = {}
@@ -88,41 +94,36 @@ def _preload(bundle_dir: str, root: dict[str, Any] | None, digest: str) -> None:
 
 def score_part(job: Job, part: Part, report: Report | None = None) -> int:
     """Score one part into its part file; returns its row count. Raises BatchError naming what is wrong."""
-    runner = runner_for(job)
-    source = job.sources[part.source]
-    writer = PartWriter(Path(job.parts_dir) / part.name)
-    sample = Sampler(Path(job.parts_dir), part, job.sample_every)
-    row = part.row_start
-    try:
-        for batch in read_part(source, part, job.read_columns, job.batch_rows, job.schema):
-            n = batch.num_rows
-            inputs = feed_arrays(job.feeds, batch, row)
-            try:
-                out = runner.predict(inputs)
-            except InputError as exc:
-                raise BatchError(f"rows {row}…{row + n - 1}: {exc}") from None
-            except Exception as exc:  # the module's own failure: say where, keep its words
-                raise BatchError(f"the model failed on rows {row}…{row + n - 1}: {exc!r}") from None
-            cols = output_columns(out, n)
-            clash = sorted(set(cols) & set(job.keep))
-            if clash:
-                raise BatchError(f"output column(s) {clash} would replace input column(s) of the same name: "
-                                 "leave them out with --keep")
-            arrays = [batch.column(c) for c in job.keep] + list(cols.values())
-            writer.write(pa.RecordBatch.from_arrays(arrays, names=[*job.keep, *cols]))
-            sample.add(row, inputs, out)
-            row += n
-            if report is not None:
-                report(n)
-        sample.commit()  # before the part: a part present always has its sample
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        sample.abort()
-        raise
+    return score_parts(job, [part], runner_for(job), report)
 
 
-# --- the embedded engine: a process pool ------------------------------------------------------------
+# --- the embedded engines: this process, or a process pool ------------------------------------------
+
+
+class InlineEngine:
+    """Scores in this process, with the bundle it has verified already (once): no worker to start, nothing
+    imported twice. The model uses ``threads`` cores (onnxruntime's own threads); reading and writing
+    overlap it in two threads (pipeline.py). The default where processes would gain nothing: two cores or
+    fewer, or a single part to score."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = max(1, threads)
+        self.runner: Any = None
+
+    def load(self, bundle_dir: Path, manifest: Any) -> None:
+        from modules.bundle import FILES_DIR
+
+        self.runner = load_checked(bundle_dir / FILES_DIR, manifest, self.threads)
+
+    def run(self, job: Job, parts: list[Part], on_rows: Report) -> None:
+        if parts:
+            score_parts(job, parts, self.runner, on_rows)
+
+    def close(self) -> None:
+        self.runner = None
+
+
+# --- the process pool ------------------------------------------------------------
 
 _queue: Any = None
 WARM_MODULES = ["modules.batch.engine", "modules.runners", "onnxruntime"]  # what the fork server imports once
@@ -173,6 +174,7 @@ class LocalEngine:
     """
 
     def __init__(self, workers: int) -> None:
+        import multiprocessing as mp
         from multiprocessing import forkserver
 
         self.workers = max(1, workers)
@@ -186,6 +188,8 @@ class LocalEngine:
         self._preloading: threading.Thread | None = None
 
     def _start(self) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
         self._ensure_running()
         self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.ctx, initializer=_init_worker,
                                         initargs=(self.queue, os.getpid()))
@@ -207,6 +211,8 @@ class LocalEngine:
 
     def run(self, job: Job, parts: list[Part], on_rows: Report) -> None:
         """Score ``parts``; raise the first failure (the parts already written stay done)."""
+        from concurrent.futures import FIRST_EXCEPTION, wait
+
         if not parts:
             return
         self._warm.join()

@@ -164,6 +164,12 @@ def read_part(source: Source, part: Part, columns: list[str], batch_rows: int,
         raw.close()
 
 
+def writer_options(schema: pa.Schema) -> dict[str, Any]:
+    """Parquet writer options: no dictionary for floating-point columns (model outputs are nearly all distinct:
+    building the dictionary and falling back to plain cost more than the rest of a job, for a larger file)."""
+    return {"use_dictionary": [f.name for f in schema if not (pa.types.is_floating(f.type) or pa.types.is_nested(f.type))]}
+
+
 class PartWriter:
     """Writes one part file beside its final name, then renames it: a part file exists whole or not at all."""
 
@@ -175,7 +181,7 @@ class PartWriter:
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, batch.schema)
+            self._writer = pq.ParquetWriter(self.tmp, batch.schema, **writer_options(batch.schema))
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
 
@@ -209,7 +215,7 @@ def merge_parts(parts: list[Path], output: Path) -> int:
                 if writer is None:
                     schema = batch.schema
                     writer = (pacsv.CSVWriter(str(tmp), schema) if file_format(output) == "csv"
-                              else pq.ParquetWriter(tmp, schema))
+                              else pq.ParquetWriter(tmp, schema, **writer_options(schema)))
                 if batch.schema != schema:
                     batch = batch.cast(schema)
                 writer.write_batch(batch)

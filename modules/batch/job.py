@@ -24,6 +24,7 @@ from modules.batch.engine import Job
 from modules.batch.io import describe_input, file_format, input_files, merge_parts, read_schema
 from modules.batch.monitor import SAMPLE_PREFIX
 from modules.batch.plan import PART_PREFIX, Part, job_record, part_name, pending, plan_parts, resume_refusal
+from modules.batch.remote import INPUT_DIR
 from protocol.manifest import Manifest
 
 FILE_SUFFIXES = (".parquet", ".csv")
@@ -63,6 +64,7 @@ def _discard(layout: Layout) -> None:
                  *layout.work.glob(f"{SAMPLE_PREFIX}*"), *layout.work.glob(f".{SAMPLE_PREFIX}*"), layout.record]:
         path.unlink(missing_ok=True)
     shutil.rmtree(layout.bundle, ignore_errors=True)
+    shutil.rmtree(layout.work / INPUT_DIR, ignore_errors=True)
     if layout.single and not any(layout.work.iterdir()):
         layout.work.rmdir()
 
@@ -153,4 +155,5 @@ def finish(layout: Layout, parts: list[Part]) -> int:
     import pyarrow.parquet as pq
 
     shutil.rmtree(layout.bundle, ignore_errors=True)
+    shutil.rmtree(layout.work / INPUT_DIR, ignore_errors=True)  # a URL input's copy
     return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
