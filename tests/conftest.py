@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,27 @@ def postgres():
         return pg.cluster()
     except RuntimeError as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request, tmp_path):
+    """A fresh, empty hub database location of each kind (tests/test_store.py: one test, both stores)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "hub.db")
+    cluster = request.getfixturevalue("postgres")
+    name = f"store_{uuid.uuid4().hex[:12]}"  # empty: not the template, so its migrations run
+    cluster.admin(f"CREATE DATABASE {name}")
+    return cluster.url(name)
+
+
+@pytest.fixture
+def db(location):
+    """The hub's database at ``location`` (both stores, one after the other)."""
+    from hub.store import open_database
+
+    d = open_database(location)
+    yield d
+    d.close()
 
 
 @pytest.fixture(scope="session")
