@@ -74,6 +74,9 @@ class ContentStore:
             f.seek(offset)
             return f.read(length)
 
+    def open(self, digest: str) -> BinaryIO:
+        return self.path(digest).open("rb")
+
     def delete(self, digest: str) -> int:
         """Remove an object; the bytes freed (0 if it was not there)."""
         path = self.path(digest)

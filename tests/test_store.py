@@ -7,6 +7,8 @@ tests/test_store_pg.py.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import sqlite3
 import threading
 import time
@@ -108,3 +110,31 @@ def test_a_database_from_before_versioning_gets_its_missing_columns_and_keeps_it
     assert {"source", "endpoint"} <= db.db().columns("data_records")
     assert "rollouts" in db.db().tables()
     db.close()
+
+
+# --- the blob store's interface (hub/store/blobs.py), what every implementation must do -------------------------
+
+
+def test_the_blob_store_keeps_content_by_its_digest_and_refuses_other_content(tmp_path):
+    from hub.store.blobs import BlobStore, blocks, open_blob_store
+
+    store = open_blob_store(tmp_path / "blobs")
+    assert isinstance(store, BlobStore)
+    data = bytes(range(256)) * 5000  # 1.28 MB: more than one block
+    digest = store.put(data)
+    assert digest == hashlib.sha256(data).hexdigest() and store.has(digest) and store.get(digest) == data
+    assert store.put_stream(io.BytesIO(data)) == (digest, len(data))  # the same content: the same blob
+    assert store.read_range(digest, 1000, 300) == data[1000:1300]
+    with store.open(digest) as f:
+        f.seek(len(data) - 10)
+        assert f.read() == data[-10:]
+    assert b"".join(blocks(store, digest, 4096)) == data
+    assert store.path(digest).read_bytes() == data  # a local file (a remote store's read-through cache)
+    with pytest.raises(ValueError, match="does not match"):
+        store.put_blocks([b"other", b" bytes"], expected=digest)
+    with pytest.raises(ValueError, match="not a sha256 digest"):
+        store.get("../../etc/passwd")
+    assert store.delete(digest) == len(data) and not store.has(digest) and store.delete(digest) == 0
+    with pytest.raises(FileNotFoundError):
+        store.open(digest)
+    assert list(tmp_path.joinpath("blobs").rglob(".incoming-*")) == []  # the refused upload left nothing behind

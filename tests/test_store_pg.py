@@ -17,7 +17,6 @@ from hub.store.dialect import ddl, dml
 from hub.store.lease import Lease, LeaseLost
 from hub.testing import wait_until
 from hub.trust.keys import load_or_create_keys
-from modules.store import ContentStore
 
 DAY = 86400
 
@@ -149,12 +148,6 @@ def test_one_hub_per_sqlite_data_directory(tmp_path, broker):
     finally:
         lock.release()
     DataDirLock(tmp_path).acquire().release()  # free again once its hub stopped
-
-
-def test_the_content_store_is_a_blob_store():
-    from hub.store.blobs import BlobStore
-
-    assert isinstance(ContentStore.__new__(ContentStore), BlobStore)
 
 
 # --- the tables of tokens, the audit chain, the webhook outbox, aliases and evaluations, on both stores -----------
