@@ -20,6 +20,8 @@ from protocol.messages import ReportedState, TelemetryBatch, TelemetryPoint
 from protocol.topics import Channel, device_topic
 from tests.pg import hub_db
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 PUBLIC_GROUP = "edgefleet-ingest"  # the shared-subscription group name the hub used, documented in docs/scaling.md
 
 

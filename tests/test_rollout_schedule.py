@@ -15,6 +15,8 @@ from tests.cli_setup import enrol
 from tests.clirun import as_json, cli
 from tests.rollout_support import build_versions, rollout
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 WEEK = 7 * 1440
 MONDAY = datetime(2026, 11, 30, tzinfo=UTC).timestamp()  # a Monday, 00:00 UTC
 

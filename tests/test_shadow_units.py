@@ -137,6 +137,7 @@ class _Quality:
         return {"accuracy": self.acc, "correct": 0, "labelled": 0 if self.acc is None else 10}
 
 
+@pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 def test_shadow_gates_judge_stored_comparisons_and_fail_without_evidence(tmp_data):
     from hub.ingest.writer import SHADOW_SQL, shadow_rows
     from hub.rollout.rollout_plan import Gates

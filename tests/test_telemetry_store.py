@@ -19,6 +19,8 @@ from protocol.encoding import ProtocolError
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
 from tests.pg import hub_store
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 T0 = 1_700_000_000.0
 MODULES = [("m", 1), ("m", 2), ("other", 1)]
 

@@ -13,6 +13,8 @@ from tests.clirun import as_json, cli
 from tests.pg import hub_store
 from tests.webhook_receiver import Receiver
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 SECRET = "s3cret-shared-with-the-receiver"
 EVENTS = ["model.registered", "alias.moved", "rollout.started", "rollout.succeeded", "rollout.rolled_back",
           "alert.fired"]
