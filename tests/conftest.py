@@ -1,8 +1,10 @@
 """Shared fixtures: a real MQTT broker process per test session on a free loopback port, and the hub's store.
 
-``EDGEFLEET_TEST_DB=postgres`` runs the shared hub fixtures (``server``, ``admin``, ``tests/hubside.RealHub``
-and every test that builds its ``HubConfig`` with ``tests.pg.hub_db``) on a real PostgreSQL server
-(tests/pg.py), one database per hub; the default is SQLite.
+``EDGEFLEET_TEST_DB=postgres`` runs every hub a test starts on a real PostgreSQL server (tests/pg.py), one
+database per hub (per data directory): the shared fixtures (``server``, ``admin``), ``tests/hubside.RealHub``,
+a ``HubConfig`` built with ``tests.pg.hub_db``, an ``edgefleet hub serve`` child given ``tests.pg.hub_env``, and a
+store used without a hub from ``tests.pg.hub_store``. The default is SQLite. ``location``/``db`` give one test
+both stores, one after the other, whatever the switch says.
 """
 
 from __future__ import annotations
