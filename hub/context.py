@@ -71,7 +71,8 @@ class Hub:
             self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
         self._root_mtime = self._root_stamp()
         self.leadership = Leadership(self.db, config.leader_lease_s, sole=not self.clustered)
-        self.store = open_blob_store(config.blobs_dir or config.data_dir / "blobs")  # shared by every replica
+        self.store = open_blob_store(config.blobs_dir or config.data_dir / "blobs",  # shared by every replica
+                                     cache=config.data_dir / "blob-cache")
         # before anything runs operator code: refuse to start (sandbox "on") where nothing can isolate it
         self.sandbox = detect(config.sandbox, config.sandbox_user, network=config.sandbox_network,
                               hide=[config.data_dir])

@@ -73,6 +73,16 @@ def db(location):
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (tests/s3.py: moto_server) for the session."""
+    from tests.s3 import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def broker():
     """A real broker (mosquitto by default; EDGEFLEET_BROKER=iotcore for the embedded one)."""
     _require_mosquitto()

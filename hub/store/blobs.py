@@ -61,12 +61,20 @@ class BlobStore(Protocol):
         ...
 
 
-def open_blob_store(location: Path) -> BlobStore:
-    """The blob store at ``location``: a directory (every replica mounts the same one). The seam for another
-    kind (an ``s3://bucket/prefix`` URL would pick an S3-compatible implementation here)."""
+def open_blob_store(location: Path | str, cache: Path | None = None) -> BlobStore:
+    """The blob store at ``location``: a directory (every replica mounts the same one), or an ``s3://bucket/prefix``
+    URL (:mod:`hub.store.s3blobs`, its read-through copies in ``cache``); the one place that picks an implementation."""
+    if str(location).startswith("s3://"):
+        if cache is None:
+            raise ValueError("an s3:// blob store needs a local cache directory")
+        try:
+            from hub.store.s3blobs import S3BlobStore
+        except ImportError as exc:
+            raise RuntimeError(f"{exc}: the S3 blob store needs `pip install 'edgefleet[s3]'`") from None
+        return S3BlobStore(str(location), cache)
     from modules.store import ContentStore
 
-    return ContentStore(location)
+    return ContentStore(Path(location))
 
 
 def blocks(store: BlobStore, digest: str, size: int = 1024 * 1024) -> Iterator[bytes]:
