@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import urlparse
 
 import boto3
 from botocore.exceptions import ClientError
 
-from modules.store import BLOCK, ContentStore
+from modules.store import ContentStore, DerivedBlobMethods
 from protocol.topics import DIGEST_RE
 
 
@@ -31,8 +31,9 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return u.netloc, f"{prefix}/" if prefix else ""
 
 
-class S3BlobStore:
-    """A :class:`hub.store.blobs.BlobStore` on a bucket; ``cache`` is a local directory for read-through copies."""
+class S3BlobStore(DerivedBlobMethods):
+    """A :class:`hub.store.blobs.BlobStore` on a bucket; ``cache`` is a local directory for read-through copies
+    (``get``, ``open``, ``put``, ``put_stream``: :class:`~modules.store.DerivedBlobMethods`)."""
 
     def __init__(self, url: str, cache: Path, client: Any = None) -> None:
         self.bucket, self.prefix = parse_s3_url(url)
@@ -55,15 +56,6 @@ class S3BlobStore:
     def has(self, digest: str) -> bool:
         return self._head(digest) is not None
 
-    def get(self, digest: str) -> bytes:
-        return self.path(digest).read_bytes()
-
-    def put(self, data: bytes, expected: str | None = None) -> str:
-        return self.put_blocks([data], expected)[0]
-
-    def put_stream(self, stream: BinaryIO, expected: str | None = None) -> tuple[str, int]:
-        return self.put_blocks(iter(lambda: stream.read(BLOCK), b""), expected)
-
     def put_blocks(self, blocks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
         digest, size = self.cache.put_blocks(blocks, expected)  # hashed and checked before any byte is uploaded
         if not self.has(digest):
@@ -83,9 +75,6 @@ class S3BlobStore:
                 return b""
             raise
         return got["Body"].read()
-
-    def open(self, digest: str) -> BinaryIO:
-        return self.path(digest).open("rb")
 
     def path(self, digest: str) -> Path:
         """The cached copy, fetched from the bucket on first use (FileNotFoundError if the bucket has none)."""
