@@ -101,7 +101,7 @@ class HubOptions:
     endpoint_host: str = "127.0.0.1"  # where web endpoints listen
     endpoint_url_host: str | None = None  # the host name in their URLs
     db_url: str | None = None  # postgresql://…: hub replicas on one database; None: SQLite in DATA (one hub)
-    blobs_dir: Path | None = None
+    blobs_dir: Path | str | None = None  # a directory or s3://bucket/prefix
     leader_lease_s: float = 5.0
     mqtt_client_id: str | None = None  # None: from the host name (hub/config.py)
     ingest_adopt_s: float = 15.0

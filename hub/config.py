@@ -75,7 +75,8 @@ class HubConfig:
     # the database: None is SQLite in data_dir/hub.db (one hub per data directory); a postgresql:// URL lets
     # several hub replicas share one database (docs/scaling.md). Keep its password out of the URL: PGPASSWORD.
     db_url: str | None = None
-    blobs_dir: Path | None = None  # the content store all replicas share (default data_dir/blobs)
+    # the blob store all replicas share: a directory (default data_dir/blobs) or an s3://bucket/prefix URL
+    blobs_dir: Path | str | None = None
     leader_lease_s: float = 5.0  # replicas: how long the leader's lease lasts unless renewed (failover time)
     ingest_adopt_s: float = 15.0  # replicas: an ingest process silent this long has its MQTT session adopted
 
@@ -85,7 +86,7 @@ class HubConfig:
             # replicas on one database: the broker would drop one of two clients with the same id
             # the same after a restart (a container keeps its host name): its durable session is found again
             self.mqtt_client_id = f"{DEFAULT_CLIENT_ID}-{socket.gethostname()}"
-        if self.blobs_dir is not None:
+        if self.blobs_dir is not None and not str(self.blobs_dir).startswith("s3://"):
             self.blobs_dir = Path(self.blobs_dir)
         parse_broker_url(self.mqtt_url)  # fail at start, not at first connect
         if self.broker_ca is not None:

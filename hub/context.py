@@ -32,13 +32,13 @@ from hub.rollout.deployments import Deployments
 from hub.rollout.director import Director
 from hub.rollout.rollouts import Rollouts
 from hub.store import is_postgres_url, open_database
+from hub.store.blobs import open_blob_store
 from hub.trust.keys import load_or_create_keys, private_dir
 from hub.trust.release_policy import ReleasePolicies
 from hub.trust.renewal import key_expiry, maintain
 from hub.trust.roots_publish import publish_roots
 from hub.trust.tokens import ensure_admin_token
 from modules.sandbox import detect
-from modules.store import ContentStore
 
 log = logging.getLogger("edgefleet.hub")
 
@@ -71,8 +71,8 @@ class Hub:
             self.admin_token = ensure_admin_token(self.db, config.data_dir, config.admin_token)
         self._root_mtime = self._root_stamp()
         self.leadership = Leadership(self.db, config.leader_lease_s, sole=not self.clustered)
-        self.store = ContentStore(  # a hub.store.blobs.BlobStore; shared by every replica
-            config.blobs_dir or config.data_dir / "blobs")
+        self.store = open_blob_store(config.blobs_dir or config.data_dir / "blobs",  # shared by every replica
+                                     cache=config.data_dir / "blob-cache")
         # before anything runs operator code: refuse to start (sandbox "on") where nothing can isolate it
         self.sandbox = detect(config.sandbox, config.sandbox_user, network=config.sandbox_network,
                               hide=[config.data_dir])

@@ -15,7 +15,29 @@ from protocol.topics import DIGEST_RE
 BLOCK = 1024 * 1024
 
 
-class ContentStore:
+class DerivedBlobMethods:
+    """What a blob store derives from its ``path`` and ``put_blocks``: this store, and the hub's S3 one."""
+
+    def path(self, digest: str) -> Path:
+        raise NotImplementedError
+
+    def put_blocks(self, blocks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def get(self, digest: str) -> bytes:
+        return self.path(digest).read_bytes()
+
+    def open(self, digest: str) -> BinaryIO:
+        return self.path(digest).open("rb")
+
+    def put(self, data: bytes, expected: str | None = None) -> str:
+        return self.put_blocks([data], expected)[0]
+
+    def put_stream(self, stream: BinaryIO, expected: str | None = None) -> tuple[str, int]:
+        return self.put_blocks(iter(lambda: stream.read(BLOCK), b""), expected)
+
+
+class ContentStore(DerivedBlobMethods):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # blobs are private: files 0600 (mkstemp), dirs 0700
@@ -30,15 +52,6 @@ class ContentStore:
 
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
-
-    def get(self, digest: str) -> bytes:
-        return self.path(digest).read_bytes()
-
-    def put(self, data: bytes, expected: str | None = None) -> str:
-        return self.put_blocks([data], expected)[0]
-
-    def put_stream(self, stream: BinaryIO, expected: str | None = None) -> tuple[str, int]:
-        return self.put_blocks(iter(lambda: stream.read(BLOCK), b""), expected)
 
     def put_blocks(self, blocks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
         """Stream blocks to a temporary file, hashing as they pass, then rename into place.

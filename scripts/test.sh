@@ -2,10 +2,11 @@
 # Install what the test suite needs (mosquitto, PostgreSQL, a venv with edgefleet[test]) and run it.
 #
 # Without arguments (CI, the README's test command): the whole suite with the hub on SQLite, then the
-# tests marked `hubstore` (the hub's API, registry, fleet, rollout states, monitoring, ingest, endpoints, tokens,
-# audit) again with the hub on PostgreSQL (EDGEFLEET_TEST_DB=postgres; tests/pg.py starts a real server).
+# tests marked `hubstore` (the hub's API, registry, fleet, rollouts, monitoring, telemetry, ingest, endpoints, tokens,
+# audit, webhooks) again with the hub on PostgreSQL (EDGEFLEET_TEST_DB=postgres; tests/pg.py starts a real server).
 # With arguments they go to one pytest run, e.g. `./scripts/test.sh -k protocol -x`, on the store
-# EDGEFLEET_TEST_DB names (sqlite by default).
+# EDGEFLEET_TEST_DB names (sqlite by default): `EDGEFLEET_TEST_DB=postgres ./scripts/test.sh -n 2 --dist loadfile tests/` is the whole
+# suite on PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

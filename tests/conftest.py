@@ -1,8 +1,10 @@
 """Shared fixtures: a real MQTT broker process per test session on a free loopback port, and the hub's store.
 
-``EDGEFLEET_TEST_DB=postgres`` runs the shared hub fixtures (``server``, ``admin``, ``tests/hubside.RealHub``
-and every test that builds its ``HubConfig`` with ``tests.pg.hub_db``) on a real PostgreSQL server
-(tests/pg.py), one database per hub; the default is SQLite.
+``EDGEFLEET_TEST_DB=postgres`` runs every hub a test starts on a real PostgreSQL server (tests/pg.py), one
+database per hub (per data directory): the shared fixtures (``server``, ``admin``), ``tests/hubside.RealHub``,
+a ``HubConfig`` built with ``tests.pg.hub_db``, an ``edgefleet hub serve`` child given ``tests.pg.hub_env``, and a
+store used without a hub from ``tests.pg.hub_store``. The default is SQLite. ``location``/``db`` give one test
+both stores, one after the other, whatever the switch says.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -60,6 +63,37 @@ def postgres():
         return pg.cluster()
     except RuntimeError as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request, tmp_path):
+    """A fresh, empty hub database location of each kind (tests/test_store.py: one test, both stores)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "hub.db")
+    cluster = request.getfixturevalue("postgres")
+    name = f"store_{uuid.uuid4().hex[:12]}"  # empty: not the template, so its migrations run
+    cluster.admin(f"CREATE DATABASE {name}")
+    return cluster.url(name)
+
+
+@pytest.fixture
+def db(location):
+    """The hub's database at ``location`` (both stores, one after the other)."""
+    from hub.store import open_database
+
+    d = open_database(location)
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (tests/s3.py: moto_server) for the session."""
+    from tests.s3 import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

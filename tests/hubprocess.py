@@ -14,6 +14,7 @@ import httpx
 from hub.testing import MqttProbe, wait_until
 from protocol.topics import HUB_STATUS_TOPIC, root_topic
 from tests.hubside import RealHub
+from tests.pg import hub_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ class ProcessHub(RealHub):
         self.token = self.admin_token = f"test-admin-{uuid.uuid4().hex}"
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = (workdir / "hub.log").open("w")
-        env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": self.token}
+        env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": self.token, **hub_env(data)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgefleet", "hub", "serve", "--data", str(data), "--mqtt", broker_url,
              "--port", self.url.rsplit(":", 1)[1]], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)

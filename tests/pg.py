@@ -18,6 +18,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 from edgefleet.broker import free_port
 
@@ -157,3 +158,18 @@ def hub_db(data_dir: Path | None = None) -> dict[str, str]:
         marker.write_text(url)
         return {"db_url": url}
     return {"db_url": cluster().new_database()}
+
+
+def hub_env(data_dir: Path) -> dict[str, str]:
+    """Environment for an ``edgefleet hub serve --data DATA`` child process: ``EDGEFLEET_DB`` (its ``--db``) on
+    PostgreSQL, nothing on SQLite; the same database for the same ``data_dir``, as :func:`hub_db`."""
+    db = hub_db(data_dir)
+    return {"EDGEFLEET_DB": db["db_url"]} if db else {}
+
+
+def hub_store(data_dir: Path) -> Any:
+    """The hub's database for a test that uses the store without a hub: ``data_dir/hub.db``, or on PostgreSQL a
+    fresh database (the same one again for the same ``data_dir``)."""
+    from hub.store import open_database
+
+    return open_database(hub_db(data_dir).get("db_url") or Path(data_dir) / "hub.db")

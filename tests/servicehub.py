@@ -15,6 +15,7 @@ import psutil
 
 from edgefleet.broker import free_port
 from hub.testing import wait_until
+from tests.pg import hub_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "service-admin-token-0123456789abcdef"
@@ -27,7 +28,8 @@ class ServedHub:
         self.data, self.args = data, list(args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1", **hub_env(data),
+                    **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data.parent / f"{data.name}-hub.log"
 

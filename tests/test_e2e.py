@@ -20,13 +20,14 @@ import pytest
 from edgefleet.broker import free_port, wait_for_port
 from edgefleet.client import HubClient
 from modules.examples import write_logreg_onnx, write_sample
+from tests.pg import hub_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-admin-token-0123456789abcdefghijkl"
 
 
-def cli(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+def cli(*args: str, env_extra: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "edgefleet", *args], cwd=ROOT, env=env, **kw)
 
 
@@ -56,7 +57,7 @@ def hub_process(broker, tmp_path):
     port = free_port()
     log = open(tmp_path / "hub.log", "wb")
     proc = cli("hub", "serve", "--data", str(tmp_path / "hub"), "--port", str(port), "--mqtt", broker.url,
-               stdout=log, stderr=subprocess.STDOUT)
+               stdout=log, stderr=subprocess.STDOUT, env_extra=hub_env(tmp_path / "hub"))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_port("127.0.0.1", port, 30, proc)  # type: ignore[arg-type]

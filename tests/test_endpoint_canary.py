@@ -17,6 +17,7 @@ from hub import HubConfig, HubServer
 from hub.endpoints.autocanary import decide
 from hub.rollout.gates import Check, GateResult
 from modules.examples import write_logreg_onnx
+from tests.pg import hub_db
 
 BODY = {"inputs": {"x": [[666.0, 1.0, 0.5, 2.0]]}}  # the broken candidate fails on 666; the others answer
 BROKEN = """
@@ -35,9 +36,10 @@ def run(inputs):
 
 @pytest.fixture(scope="module")
 def server(broker, tmp_path_factory):
-    s = HubServer(HubConfig(tmp_path_factory.mktemp("hub"), broker.url, admin_token=secrets.token_urlsafe(32),
+    data = tmp_path_factory.mktemp("hub")
+    s = HubServer(HubConfig(data, broker.url, admin_token=secrets.token_urlsafe(32),
                             mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=30,
-                            endpoint_telemetry_s=0.5)).start()
+                            endpoint_telemetry_s=0.5, **hub_db(data))).start()
     yield s
     s.stop()
 

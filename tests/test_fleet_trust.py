@@ -21,6 +21,7 @@ from edgefleet.broker import free_port
 from hub.testing import wait_until
 from simulator.fleet import Fleet
 from tests.clirun import ROOT, as_json, cli
+from tests.pg import hub_db
 from tests.rollout_support import all_running, build_versions
 
 FROZEN_AT = "2040-01-01 00:00:00"  # past the root (365 days), releases and desired states
@@ -44,7 +45,7 @@ def hub_at(broker, monkeypatch):
     started: list[tuple[Any, httpx.Client]] = []
 
     def start(data: Path) -> tuple[Any, httpx.Client]:
-        s = HubServer(HubConfig(data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
+        s = HubServer(HubConfig(data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}", **hub_db(data))).start()
         assert s.wait_mqtt(10)
         c = httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {s.admin_token}"}, timeout=60)
         started.append((s, c))

@@ -18,6 +18,9 @@ from hub.fleet.broker_auth import BrokerAuth, mosquitto_hash
 from hub.testing import MqttProbe, wait_until
 from protocol.messages import ReportedState, TelemetryBatch, TelemetryPoint
 from protocol.topics import Channel, device_topic
+from tests.pg import hub_db
+
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
 PUBLIC_GROUP = "edgefleet-ingest"  # the shared-subscription group name the hub used, documented in docs/scaling.md
 
@@ -64,7 +67,7 @@ def isolated(tmp_data, monkeypatch, hub_config):
     auth.write([])  # the hub's logins exist before the broker starts (as `hub serve --isolate` does it)
     broker = LocalBroker(kind="mosquitto", password_file=auth.password_file, acl_file=auth.acl_file).start()
     server = HubServer(HubConfig(tmp_data, auth.hub_url(broker.url), public_mqtt_url=broker.url, isolate=True,
-                                 broker_pid=broker.proc.pid, **hub_config)).start()
+                                 broker_pid=broker.proc.pid, **hub_db(tmp_data), **hub_config)).start()
     assert server.wait_mqtt(10)
     admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=30)
     yield broker, server, admin

@@ -12,11 +12,11 @@ import pytest
 
 from hub.ingest.telemetry import pack
 from hub.ingest.writer import BatchWriter
-from hub.store import Database
 from hub.testing import MqttProbe, wait_until
 from protocol.messages import DesiredModule, TelemetryBatch, TelemetryPoint
 from protocol.topics import Channel, device_topic
 from tests.hubside import HubSide, new_device, running_agent, until
+from tests.pg import hub_store
 from tests.rollout_support import build_versions
 
 # --- the agent: module names in a signed desired state ---------------------------------------
@@ -207,7 +207,7 @@ def test_a_seq_beyond_63_bits_is_refused_alone_and_the_other_devices_batches_are
 
 def test_the_batch_writer_falls_back_to_one_record_at_a_time(tmp_path):
     """Whatever slips past validation and fails in SQLite loses only itself (counted), never its neighbours."""
-    db = Database(tmp_path / "hub.db")  # the hub's own schema: telemetry_batches, rollups, data_records
+    db = hub_store(tmp_path)  # the hub's own schema: telemetry_batches, rollups, data_records
     stored_points = []
     writer = BatchWriter(db, flush_s=60.0, batch_rows=10_000, on_telemetry_rows=stored_points.append)
     good = [TelemetryBatch(device="dev-b", seq=s, ts=1.0, points=[

@@ -16,6 +16,7 @@ import httpx
 
 from hub.testing import MqttProbe, wait_until
 from tests.hubprocess import free_port
+from tests.pg import hub_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_hub_logs_no_token_password_or_key(tmp_path):
     data, port = tmp_path / "hub", free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_ADMIN_TOKEN"}  # generated: the case that leaked
+    env = {**{k: v for k, v in os.environ.items() if k != "EDGEFLEET_ADMIN_TOKEN"}, **hub_env(data)}  # generated: the case that leaked
     log_path = tmp_path / "hub.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "edgefleet", "-v", "hub", "serve", "--isolate", "--data",

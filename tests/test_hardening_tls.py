@@ -24,6 +24,7 @@ from hub.exposure import Refused, ServeOptions, plan
 from hub.testing import wait_until
 from hub.trust.tls import fingerprint
 from tests.hubprocess import free_port
+from tests.pg import hub_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
 def test_a_hub_beyond_loopback_speaks_tls_and_devices_pin_it(tmp_path):
     data, port, mqtt_port = tmp_path / "hub", free_port(), free_port()
     token = secrets.token_urlsafe(32)
-    env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": token, "PYTHONUNBUFFERED": "1", **hub_env(data)}
     log = (tmp_path / "hub.log").open("w")
     hub = subprocess.Popen([sys.executable, "-m", "edgefleet", "hub", "serve", "--host", "0.0.0.0", "--port", str(port),
                             "--data", str(data), "--public-mqtt", f"mqtts://127.0.0.1:{mqtt_port}"],

@@ -14,9 +14,9 @@ import pytest
 
 from hub import HubConfig, HubServer
 from hub.audit import record, seal, verify
-from hub.store import Database
 from hub.testing import wait_until
 from tests.clirun import as_json, cli
+from tests.pg import hub_db, hub_env, hub_store
 from tests.rollout_support import build_versions, wait_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def serve(data: Path, broker_url: str, token: str | None) -> subprocess.Popen[st
     if token is not None:
         env["EDGEFLEET_ADMIN_TOKEN"] = token
     return subprocess.Popen([sys.executable, "-m", "edgefleet", "hub", "serve", "--data", str(data), "--mqtt", broker_url,
-                             "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--port", "0"], cwd=ROOT, env={**env, **hub_env(data)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -110,7 +110,7 @@ def test_the_env_admin_token_replaces_the_previous_one(broker, tmp_path, monkeyp
 
     def start(token: str) -> HubServer:
         monkeypatch.setenv("EDGEFLEET_ADMIN_TOKEN", token)
-        return HubServer(HubConfig(data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}"))  # `with` starts it
+        return HubServer(HubConfig(data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}", **hub_db(data)))  # `with` starts it
 
     with start(first) as s:
         robot = httpx.post(s.url + "/api/v1/tokens", headers=bearer(first), json={"name": "robot", "role": "viewer"})
@@ -179,7 +179,7 @@ def test_every_mutation_is_audited_in_a_chain_that_names_the_edited_or_deleted_r
 
 
 def test_audit_rows_of_an_older_hub_join_the_chain(tmp_path):
-    db = Database(tmp_path / "hub.db")
+    db = hub_store(tmp_path)
     with db.transaction() as tx:  # as a hub before the chain wrote them: no hashes
         for i in range(3):
             tx.execute("INSERT INTO audit (ts, actor, action, subject, detail) VALUES (?, 'old', 'x', ?, '{}')",

@@ -19,6 +19,7 @@ from protocol.signing import key_id, load_private, load_trusted_root
 from tests.clirun import ROOT, as_json, cli
 from tests.hubprocess import ProcessHub
 from tests.hubside import agent_running, until
+from tests.pg import hub_db
 
 
 def edgefleet(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -158,7 +159,7 @@ def server_factory(broker, monkeypatch):
     started = []
 
     def start(data):
-        s = HubServer(HubConfig(data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
+        s = HubServer(HubConfig(data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}", **hub_db(data))).start()
         assert s.wait_mqtt(10)
         c = httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {s.admin_token}"}, timeout=60)
         started.append((s, c))

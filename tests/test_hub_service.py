@@ -17,6 +17,7 @@ from hub import HubConfig, HubServer
 from hub.testing import MqttProbe, wait_until
 from protocol.messages import Status
 from protocol.topics import Channel, device_topic
+from tests.pg import hub_db
 from tests.rollout_support import build_versions
 from tests.servicehub import ServedHub, alive, running
 from tests.test_fleet_isolation import Client
@@ -125,7 +126,7 @@ def test_devices_whose_status_the_broker_lost_are_not_shown_online(tmp_data, mon
     """A restarted broker has no retained statuses: a device that did not reconnect must not stay "online"."""
     monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
     broker = LocalBroker(kind="mosquitto").start()
-    config = HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")
+    config = HubConfig(tmp_data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}", **hub_db(tmp_data))
     try:
         with HubServer(config) as server:
             assert server.wait_mqtt(10)

@@ -19,6 +19,7 @@ from protocol.signing import key_id, load_private
 from protocol.topics import Channel, device_topic
 from protocol.trust import TrustState
 from tests.clirun import as_json, cli
+from tests.pg import hub_db
 
 
 def register_and_build(admin: httpx.Client, tmp_path: Path, versions: int = 2) -> list[dict]:
@@ -110,7 +111,8 @@ def test_the_release_role_held_by_ci_signs_releases_and_revocations(broker, tmp_
     ci_key = tmp_path / "ci" / "release.key"
     shutil.move(keys / "release.key", ci_key)  # the release role moves to CI; the hub keeps root and director
     monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
-    server = HubServer(HubConfig(tmp_path / "hub", broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}")).start()
+    server = HubServer(HubConfig(tmp_path / "hub", broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}",
+                                 **hub_db(tmp_path / "hub"))).start()
     try:
         assert server.wait_mqtt(10)
         admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=60)

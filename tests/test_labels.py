@@ -16,6 +16,7 @@ from hub.testing import MqttProbe, wait_until
 from protocol.messages import DataBatch, DataRecord, Label
 from protocol.topics import Channel, device_topic
 from simulator.fleet import Fleet
+from tests.pg import hub_store
 from tests.rollout_support import build_versions, cli, wait_rollout
 
 TRUE_W = np.array([1.5, -2.0, 0.5, 1.0])  # modules/examples.py's data: the label is the side of this plane
@@ -93,9 +94,8 @@ def test_scoring_rules_and_refused_labels(tmp_data):
     n, right, err, reg = score({"y": [[12.0], [3.0]]}, [10.0, 4.0])  # regression: absolute error
     assert (n, reg, err) == (0, 2, 3.0)
     from hub.errors import Invalid
-    from hub.store import Database
 
-    labels = Labels(Database(tmp_data / "hub.db"))
+    labels = Labels(hub_store(tmp_data))
     with pytest.raises(Invalid, match="sample"):
         labels.add([{"sample": "no-slash", "label": 1}], "t")
     with pytest.raises(Invalid, match="no label"):

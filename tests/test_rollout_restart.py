@@ -13,6 +13,7 @@ import psutil
 from edgefleet.broker import free_port
 from hub.testing import wait_until
 from simulator.fleet import Fleet
+from tests.pg import hub_env
 from tests.rollout_support import DesiredRecorder, all_running, build_versions, rollout, wait_rollout
 from tests.servicehub import TOKEN as SERVED_TOKEN
 from tests.servicehub import ServedHub, alive
@@ -22,7 +23,7 @@ NAME = "durable"
 
 
 def start_hub(data, port: int, broker_url: str, log) -> subprocess.Popen:
-    env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1", **hub_env(data)}
     proc = subprocess.Popen([sys.executable, "-m", "edgefleet", "hub", "serve", "--data", str(data), "--port", str(port),
                              "--mqtt", broker_url], env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -94,6 +94,7 @@ def closed_window_now() -> str:
     return f"{t:%a} {t:%H}:00-{(t.hour + 1) % 24:02d}:00"
 
 
+@pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 def test_a_rollout_waits_for_its_window_and_start_time(server, admin, tmp_path):
     build_versions(admin, tmp_path, n=3)
     enrol(server, admin, "sched-0", {"ring": "sched"})
@@ -122,6 +123,7 @@ def test_a_rollout_waits_for_its_window_and_start_time(server, admin, tmp_path):
     assert [m["version"] for m in admin.get("/api/v1/devices/sched-0").json()["modules"]] == [3]
 
 
+@pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 def test_a_scheduled_rollout_with_a_shadow_phase_begins_with_the_shadow(server, admin, tmp_path):
     build_versions(admin, tmp_path, n=2)
     admin.post("/api/v1/deployments", json={"name": "sched-shadow", "module": "scorer:1",

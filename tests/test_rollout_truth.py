@@ -11,6 +11,8 @@ from hub.store import dumps
 from tests.clirun import cli
 from tests.rollout_support import build_versions, rollout
 
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
+
 
 @pytest.fixture
 def hub_options() -> dict:

@@ -100,6 +100,7 @@ def server(broker, tmp_path_factory, secrets_env) -> Iterator[HubServer]:
     if os.geteuid() != 0:
         pytest.fail("run as root (CI does): the separate sandbox user is what these tests exercise")
     data = tmp_path_factory.mktemp("hub")
+    # SQLite whatever EDGEFLEET_TEST_DB says: part of the loot is a row of the hub.db file in the data directory
     s = HubServer(HubConfig(data, broker.url, mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=60,
                             load_check_memory_mb=1024, endpoint_memory_mb=1024)).start()
     yield s

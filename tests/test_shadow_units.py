@@ -23,6 +23,7 @@ from agent.reconcile import (
 from agent.shadow import Shadow, compare
 from protocol.messages import DesiredModule, DesiredState, ShadowSpec, TelemetryBatch, decode
 from protocol.topics import Channel
+from tests.pg import hub_store
 
 NOW = 1_700_000_000.0
 LIVE, CAND, OTHER = "a" * 64, "b" * 64, "c" * 64
@@ -149,14 +150,14 @@ class _Quality:
         return {"accuracy": self.acc, "correct": 0, "labelled": 0 if self.acc is None else 10}
 
 
+@pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 def test_shadow_gates_judge_stored_comparisons_and_fail_without_evidence(tmp_data):
     from hub.ingest.writer import SHADOW_SQL, shadow_rows
     from hub.rollout.rollout_plan import Gates
     from hub.rollout.shadow_gates import evaluate_shadow, quality_checks
-    from hub.store import Database
     from protocol.messages import LatencyMs, ShadowPoint
 
-    db = Database(tmp_data / "hub.db")
+    db = hub_store(tmp_data)
     states = {"d1": ("running", ""), "d2": ("running", "")}
     gates = Gates(max_disagreement=0.1, max_prediction_drift=0.2, min_reporting=1.0)
     result, figures = evaluate_shadow(db, gates, states, "m", 2, NOW - 10, 1)

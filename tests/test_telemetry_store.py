@@ -17,6 +17,9 @@ from hub.rollout.gates import Gates, evaluate
 from hub.store import Database
 from protocol.encoding import ProtocolError
 from protocol.messages import LatencyMs, TelemetryBatch, TelemetryPoint
+from tests.pg import hub_store
+
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
 T0 = 1_700_000_000.0
 MODULES = [("m", 1), ("m", 2), ("other", 1)]
@@ -69,7 +72,7 @@ def reference_series(conn: sqlite3.Connection, f: SeriesFilter, step: float, sin
 
 @pytest.fixture
 def stored(tmp_path):
-    db = Database(tmp_path / "hub.db")
+    db = hub_store(tmp_path)
     batches = fleet_batches(7)
     with db.transaction() as tx:
         new = telemetry.store(tx, [telemetry.pack(b) for b in batches])

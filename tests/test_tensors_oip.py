@@ -27,6 +27,7 @@ from hub import HubConfig, HubServer
 from modules.examples import write_cnn_onnx
 from protocol.manifest import TensorSpec
 from tests.hubside import HubSide, new_device, running_agent, until
+from tests.pg import hub_db
 
 SIZE = 512
 IMAGE = [TensorSpec(name="image", dtype="float32", shape=[1, SIZE, SIZE, 3])]
@@ -53,8 +54,10 @@ def bare(model, image) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def web(broker, model, tmp_path_factory) -> Iterator[dict[str, Any]]:
     """One endpoint serving the CNN from a real hub: {"url", "port", "key", "host"}."""
-    server = HubServer(HubConfig(tmp_path_factory.mktemp("hub"), broker.url, admin_token=secrets.token_urlsafe(32),
-                                 mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=60)).start()
+    data = tmp_path_factory.mktemp("hub")
+    server = HubServer(HubConfig(data, broker.url, admin_token=secrets.token_urlsafe(32),
+                                 mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=60,
+                                 **hub_db(data))).start()
     try:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"},
                           timeout=120) as admin:

@@ -7,11 +7,13 @@ import time
 import pytest
 
 from hub.events.webhooks import Webhooks
-from hub.store import Database
 from hub.testing import wait_until
 from modules.examples import write_logreg_onnx, write_sample
 from tests.clirun import as_json, cli
+from tests.pg import hub_store
 from tests.webhook_receiver import Receiver
+
+pytestmark = pytest.mark.hubstore  # run again on PostgreSQL by scripts/test.sh
 
 SECRET = "s3cret-shared-with-the-receiver"
 EVENTS = ["model.registered", "alias.moved", "rollout.started", "rollout.succeeded", "rollout.rolled_back",
@@ -141,7 +143,7 @@ def test_pending_deliveries_survive_a_restart(tmp_path):
     """The rows are the queue: a sender stopped mid-retry leaves them pending; the next one delivers them."""
     from hub.events.outbox import publish
 
-    db = Database(tmp_path / "hub.db")
+    db = hub_store(tmp_path)
     r = Receiver(fail_first=1)
     try:
         first = Webhooks(db, backoff_s=0.2)

@@ -83,8 +83,9 @@ def hub_serve(
     db: str | None = typer.Option(None, "--db", envvar="EDGEFLEET_DB",
                                   help="postgresql://user@host:port/db for hub replicas on one database"
                                        " (password: PGPASSWORD); default: SQLite in DATA/hub.db."),
-    blobs: Path | None = typer.Option(None, "--blobs", envvar="EDGEFLEET_BLOBS",
-                                      help="Blob store directory every replica shares (default: DATA/blobs)."),
+    blobs: str | None = typer.Option(None, "--blobs", envvar="EDGEFLEET_BLOBS",
+                                     help="Blob store every replica shares: a directory (default: DATA/blobs), or"
+                                          " s3://BUCKET/PREFIX (endpoint, keys: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID…)."),
     leader_lease: float = typer.Option(5.0, "--leader-lease", envvar="EDGEFLEET_LEADER_LEASE_S", min=0.5,
                                        help="Replicas: seconds the leader's lease lasts unless renewed."),
     client_id: str | None = typer.Option(None, "--mqtt-client-id", envvar="EDGEFLEET_MQTT_CLIENT_ID",

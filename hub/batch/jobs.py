@@ -37,7 +37,8 @@ from hub.batch.data import store_sample
 from hub.errors import Conflict, Invalid, NotFound
 from hub.registry.bundles import parse_ref
 from hub.store import Database, dumps, loads
-from modules.bundle import pull_bundle, read_blocks, verify_bundle_dir
+from hub.store.blobs import blocks
+from modules.bundle import pull_bundle, verify_bundle_dir
 from modules.sandbox import CODE_ROOT
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import FileEntry
@@ -184,7 +185,7 @@ class BatchJobs:
             bundle = Path(tmp) / "bundle"
 
             def fetch(entry: FileEntry) -> Any:
-                return read_blocks(hub.store.path(entry.sha256))
+                return blocks(hub.store, entry.sha256)
 
             try:
                 pull_bundle(bundle, info["envelope"], hub.keys.root, fetch, digest=info["digest"], name=info["name"],

@@ -32,7 +32,8 @@ from hub.endpoints.pool import REPO_ROOT
 from hub.errors import HubError, Invalid, NotFound
 from hub.registry.bundles import parse_ref
 from hub.store import dumps, loads, now
-from modules.bundle import pull_bundle, read_blocks, verify_bundle_dir
+from hub.store.blobs import blocks
+from modules.bundle import pull_bundle, verify_bundle_dir
 from modules.sandbox import Sandbox, scrubbed_env
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import FileEntry
@@ -319,7 +320,7 @@ class EndpointManager:
                 shutil.rmtree(dest)
 
         def fetch(entry: FileEntry) -> Any:
-            return read_blocks(self.hub.store.path(entry.sha256))
+            return blocks(self.hub.store, entry.sha256)
 
         try:
             pull_bundle(dest, info["envelope"], self.hub.keys.root, fetch, digest=info["digest"], name=name,

@@ -24,8 +24,8 @@ from fastapi import HTTPException
 from hub.errors import NotFound
 from hub.registry.bundles import release_envelope
 from hub.store import Database
+from hub.store.blobs import BlobStore
 from hub.trust.tokens import hash_token
-from modules.store import ContentStore
 from protocol.encoding import canonical_json
 from protocol.topics import DIGEST_RE
 
@@ -72,7 +72,7 @@ def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
 class DeviceDownloads:
     """Authenticates devices and locates what they download; counts bytes served and refusals."""
 
-    def __init__(self, db: Database, store: ContentStore) -> None:
+    def __init__(self, db: Database, store: BlobStore) -> None:
         self.db, self.store = db, store
         self.refused: Counter[str] = Counter()
         self.bytes_sent = 0

@@ -20,7 +20,7 @@ from typing import Any
 from hub.errors import NotFound
 from hub.monitoring.drift import compare, flatten_rows
 from hub.store import Database, loads
-from modules.store import ContentStore
+from hub.store.blobs import BlobStore
 
 MAX_ROWS = 50_000  # per window: enough for stable statistics, bounded memory
 # PSI over 10 bins has a sampling bias of about 9/n: below ~200 rows noise alone can pass a 0.2 threshold
@@ -54,7 +54,7 @@ def deployment_devices(db: Database, deployment: str) -> frozenset[str]:
 
 
 class DriftReports:
-    def __init__(self, db: Database, store: ContentStore) -> None:
+    def __init__(self, db: Database, store: BlobStore) -> None:
         self.db = db
         self.store = store
         self._baselines: dict[tuple[str, int], tuple[dict[str, list[Any]], dict[str, list[Any]]] | None] = {}

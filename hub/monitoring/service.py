@@ -17,7 +17,7 @@ from hub.monitoring.labels import Labels, Quality
 from hub.monitoring.reports import DriftReports
 from hub.monitoring.timeseries import TimeSeries
 from hub.store import Database
-from modules.store import ContentStore
+from hub.store.blobs import BlobStore
 
 log = logging.getLogger("edgefleet.hub.monitoring")
 
@@ -25,7 +25,7 @@ RETENTION_EVERY_S = 600.0
 
 
 class Monitor:
-    def __init__(self, config: HubConfig, db: Database, store: ContentStore, leader: Leader = SOLE_LEADER) -> None:
+    def __init__(self, config: HubConfig, db: Database, store: BlobStore, leader: Leader = SOLE_LEADER) -> None:
         self.config = config
         self.db = db
         self.leader = leader

@@ -33,8 +33,8 @@ from hub.mqtt.blob_carousel import Carousel
 from hub.mqtt.ratelimit import DeviceBudgets
 from hub.registry.bundles import bundle_chunks, release_envelope
 from hub.store import Database, dumps, is_postgres_url, loads, now
+from hub.store.blobs import BlobStore
 from hub.trust.roots_publish import announce, offline_will
-from modules.store import ContentStore
 from protocol.broker_url import parse_broker_url
 from protocol.encoding import ProtocolError, canonical_json, parse_json, sha256_hex
 from protocol.messages import (
@@ -67,7 +67,7 @@ class Rejected(Exception):
 
 
 class Bridge:
-    def __init__(self, config: HubConfig, db: Database, store: ContentStore,
+    def __init__(self, config: HubConfig, db: Database, store: BlobStore,
                  is_enrolled: Callable[[str], bool], is_leader: Callable[[], bool] = lambda: True) -> None:
         self.config, self.db, self.store, self.is_enrolled, self.is_leader = config, db, store, is_enrolled, is_leader
         self.clustered = is_postgres_url(config.database)  # other replicas may share the work

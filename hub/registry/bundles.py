@@ -14,12 +14,12 @@ from msgspec.structs import replace
 from hub.errors import Invalid, NotFound
 from hub.registry.models import ModelRegistry
 from hub.store import Database, dumps, loads, now
+from hub.store.blobs import BlobStore
 from hub.trust.keys import KeyRing
 from modules.bundle import build_manifest, sign_release
 from modules.chunking import bundle_spans, cut_files
 from modules.errors import ModelError
 from modules.pymodel import check_entry_source, declared_signature, defined_functions
-from modules.store import ContentStore
 from protocol.encoding import ProtocolError, canonical_json
 from protocol.manifest import Manifest, Spans, TensorSpec, fixed_chunks, parse_manifest, parse_spans, release_document
 from protocol.schema import validate
@@ -53,7 +53,7 @@ def module_row(row: dict[str, Any], with_envelope: bool = False) -> dict[str, An
 
 
 class ModuleBuilder:
-    def __init__(self, db: Database, store: ContentStore, registry: ModelRegistry, keys: KeyRing,
+    def __init__(self, db: Database, store: BlobStore, registry: ModelRegistry, keys: KeyRing,
                  release_ttl_s: int) -> None:
         self.db, self.store, self.registry, self.keys = db, store, registry, keys
         self.release_ttl_s = release_ttl_s

@@ -22,11 +22,11 @@ from hub.audit import record
 from hub.bounds import check_api_name, check_labels
 from hub.errors import Conflict, Invalid, NotFound
 from hub.store import Database, dumps, loads, now
+from hub.store.blobs import BlobStore
 from modules.loadcheck import inspect_model
 from modules.pymodel import check_entry_source, main_file
 from modules.runners import ModelError
 from modules.sandbox import Sandbox
-from modules.store import ContentStore
 from protocol.encoding import ProtocolError
 from protocol.manifest import MAX_BUNDLE_FILES, check_relative_path
 
@@ -84,7 +84,7 @@ class ModelRegistry:
     per kind of consumer (edge deployments now; web endpoints can add theirs).
     """
 
-    def __init__(self, db: Database, store: ContentStore, load_timeout_s: float = 120.0,
+    def __init__(self, db: Database, store: BlobStore, load_timeout_s: float = 120.0,
                  load_memory_mb: int = 0, sandbox: Sandbox | None = None) -> None:
         self.db, self.store = db, store
         self.load_timeout_s, self.load_memory_mb = load_timeout_s, load_memory_mb
@@ -193,7 +193,7 @@ class ModelRegistry:
         if main.endswith(".py"):
             if files[0]["size"] > 1024 * 1024:
                 raise ModelError(f"entry script {main} is larger than 1 MiB")
-            source = self.store.path(files[0]["sha256"]).read_bytes().decode("utf-8", errors="replace")
+            source = self.store.get(files[0]["sha256"]).decode("utf-8", errors="replace")
             check_entry_source(source, main, "python")
         return [], []
 

@@ -15,12 +15,13 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from hub.store.schema import MIGRATIONS, PARTITIONED, AddColumn, Step
+from hub.store.base import SqlConnection, SqlDatabase
+from hub.store.schema import PARTITIONED, AddColumn, Step
 
 log = logging.getLogger("edgefleet.hub.store")
 
@@ -47,8 +48,8 @@ def now() -> float:
     return time.time()
 
 
-class Connection:
-    """One connection and the SQL the hub's code may use on it; what differs between databases stays here.
+class Connection(SqlConnection):
+    """One SQLite connection and the SQL the hub's code may use on it (:class:`~hub.store.base.SqlConnection`).
 
     ``conn`` is the driver's own connection: for this package (and tests that build old schemas).
     """
@@ -63,25 +64,6 @@ class Connection:
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
         return self.conn.executemany(sql, rows)
-
-    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        cur = self.conn.execute(sql, params)
-        if cur.description is None:
-            return []
-        keys = [d[0] for d in cur.description]
-        return [dict(zip(keys, row)) for row in cur.fetchall()]
-
-    def one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
-        rows = self.query(sql, params)
-        return rows[0] if rows else None
-
-    def scalar(self, sql: str, params: Any = ()) -> Any:
-        rows = self.conn.execute(sql, params).fetchall()  # all: an INSERT … RETURNING must run to its end
-        return rows[0][0] if rows else None
-
-    def insert(self, table: str, row: Mapping[str, Any], *, ignore: bool = False) -> int:
-        """Insert one row; with ``ignore`` a row whose key exists is skipped. Returns the rows inserted."""
-        return self.insert_many(table, list(row), [tuple(row.values())], ignore=ignore)
 
     def insert_many(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *,
                     ignore: bool = False) -> int:
@@ -102,13 +84,6 @@ class Connection:
 
     def clock(self) -> float:
         return time.time()  # one hub per SQLite file: its own clock is the only one
-
-    def upsert(self, table: str, row: Mapping[str, Any], key: Sequence[str]) -> None:
-        """Insert ``row``, or overwrite its other columns where a row with the same ``key`` exists."""
-        cols = list(row)
-        sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in key)
-        self.conn.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-                          f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}", tuple(row.values()))
 
     def tables(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -142,7 +117,7 @@ def _connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-class Database:
+class Database(SqlDatabase):
     """``data_dir/hub.db``; use :meth:`query`/:meth:`one` to read and :meth:`transaction` to write.
 
     Opening it brings the schema up to date (:mod:`hub.store.schema`), so every process that opens
@@ -170,27 +145,8 @@ class Database:
             conn.execute("PRAGMA journal_mode = WAL")
         self.migrate()
 
-    @property
-    def schema_version(self) -> int:
-        c = self.db()
-        if "schema_version" not in c.tables():
-            return 0
-        return int(c.scalar("SELECT version FROM schema_version") or 0)
-
-    def migrate(self) -> int:
-        """Apply the migrations this database lacks, in one transaction; returns how many were applied."""
-        if self.schema_version >= len(MIGRATIONS):
-            return 0
-        with self.transaction() as tx:  # BEGIN IMMEDIATE: two processes starting at once migrate once
-            tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            have = int(tx.scalar("SELECT version FROM schema_version") or 0)
-            for step in (s for steps in MIGRATIONS[have:] for s in steps):
-                tx.apply(step)
-            tx.execute("DELETE FROM schema_version")
-            tx.execute("INSERT INTO schema_version (version) VALUES (?)", (len(MIGRATIONS),))
-        if have:
-            log.info("database %s migrated from schema version %d to %d", self.path, have, len(MIGRATIONS))
-        return len(MIGRATIONS) - have
+    def _migration(self) -> AbstractContextManager[Connection]:
+        return self.transaction()  # BEGIN IMMEDIATE: two processes starting at once migrate once
 
     def db(self) -> Connection:
         """This thread's connection (autocommit; transactions are explicit)."""
@@ -212,15 +168,6 @@ class Database:
             yield Connection(conn)
         finally:
             conn.close()
-
-    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        return self.db().query(sql, params)
-
-    def one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
-        return self.db().one(sql, params)
-
-    def scalar(self, sql: str, params: Any = ()) -> Any:
-        return self.db().scalar(sql, params)
 
     def clock(self) -> float:
         return time.time()

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from itertools import chain, islice
 from typing import Any
 
@@ -25,8 +25,9 @@ import psycopg
 from psycopg import sql as psql
 
 from hub.store import dialect
+from hub.store.base import SqlConnection, SqlDatabase
 from hub.store.pg_conn import POOL_SIZE, Deferred, Pool, Rows
-from hub.store.schema import MIGRATIONS, PARTITIONED, AddColumn, Step
+from hub.store.schema import PARTITIONED, AddColumn, Step
 
 log = logging.getLogger("edgefleet.hub.store.pg")
 
@@ -43,8 +44,8 @@ def _params(params: Any) -> tuple[bool, Any]:
     return False, tuple(params) if params is not None else ()
 
 
-class PgConnection:
-    """The SQL surface of :class:`hub.store.Connection`, on a pooled connection or a transaction's own."""
+class PgConnection(SqlConnection):
+    """The SQL surface of :class:`~hub.store.base.SqlConnection`, on a pooled connection or a transaction's own."""
 
     kind = "postgres"
 
@@ -84,24 +85,6 @@ class PgConnection:
                 cur.executemany(text, rows)  # type: ignore[arg-type]  # pipelined: one round trip for all
             return Rows(cur) if not self.pipelined else Deferred(c, cur)
         return self._run(run)
-
-    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        rows = self.execute(sql, params)
-        if rows.description is None:
-            return []
-        keys = [d.name for d in rows.description]
-        return [dict(zip(keys, r)) for r in rows.fetchall()]
-
-    def one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
-        rows = self.query(sql, params)
-        return rows[0] if rows else None
-
-    def scalar(self, sql: str, params: Any = ()) -> Any:
-        row = self.execute(sql, params).fetchone()
-        return row[0] if row else None
-
-    def insert(self, table: str, row: Mapping[str, Any], *, ignore: bool = False) -> int:
-        return self.insert_many(table, list(row), [tuple(row.values())], ignore=ignore)
 
     def insert_many(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *,
                     ignore: bool = False) -> int:
@@ -154,12 +137,6 @@ class PgConnection:
                 cur = c.execute(q)
                 return [()] * max(cur.rowcount, 0)
         return self._run(run)
-
-    def upsert(self, table: str, row: Mapping[str, Any], key: Sequence[str]) -> None:
-        cols = list(row)
-        sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in key)
-        self.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-                     f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}", tuple(row.values()))
 
     def tables(self) -> set[str]:
         """Tables (a partitioned table counts once, its partitions not at all)."""
@@ -236,7 +213,7 @@ class PgConnection:
         self.execute(f"ALTER TABLE {table} ATTACH PARTITION {name} FOR VALUES FROM ({lo!r}) TO ({hi!r})")
 
 
-class PgDatabase:
+class PgDatabase(SqlDatabase):
     """A hub database on a PostgreSQL server; opening it brings the schema up to date (once, whoever opens first)."""
 
     kind = "postgres"
@@ -275,15 +252,6 @@ class PgDatabase:
             conn.close()
 
     # --- reads ---------------------------------------------------------------------------------------
-
-    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        return self.db().query(sql, params)
-
-    def one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
-        return self.db().one(sql, params)
-
-    def scalar(self, sql: str, params: Any = ()) -> Any:
-        return self.db().scalar(sql, params)
 
     def clock(self) -> float:
         return self.db().clock()
@@ -331,27 +299,8 @@ class PgDatabase:
 
     # --- schema --------------------------------------------------------------------------------------
 
-    @property
-    def schema_version(self) -> int:
-        c = self.db()
-        if "schema_version" not in c.tables():
-            return 0
-        return int(c.scalar("SELECT version FROM schema_version") or 0)
-
-    def migrate(self) -> int:
-        """Apply the migrations this database lacks, in one transaction under a migration lock."""
-        if self.schema_version >= len(MIGRATIONS):
-            return 0
-        with self._transaction(MIGRATE_LOCK) as tx:
-            tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-            have = int(tx.scalar("SELECT version FROM schema_version") or 0)
-            for step in (s for steps in MIGRATIONS[have:] for s in steps):
-                tx.apply(step)
-            tx.execute("DELETE FROM schema_version")
-            tx.execute("INSERT INTO schema_version (version) VALUES (?)", (len(MIGRATIONS),))
-        if have:
-            log.info("database migrated from schema version %d to %d", have, len(MIGRATIONS))
-        return len(MIGRATIONS) - have
+    def _migration(self) -> AbstractContextManager[PgConnection]:
+        return self._transaction(MIGRATE_LOCK)
 
     def maintain(self, now: float | None = None) -> int:
         """Create the time partitions the coming week needs; returns how many were made."""
