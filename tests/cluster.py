@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 
 from edgefleet.broker import free_port
-from hub.testing import MqttProbe, wait_until
-from protocol.topics import HUB_STATUS_TOPIC, root_topic
+from hub.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,16 +100,6 @@ def leader_of(hubs: list[HubProcess], timeout: float = 30.0) -> HubProcess:
         leaders = [h for h in hubs if h.proc is not None and h.proc.poll() is None and h.is_leader()]
         return leaders[0] if len(leaders) == 1 else None
     return wait_until(one, timeout, 0.05, "one leader")
-
-
-def clear_retained(mqtt_url: str, root_versions: int = 1) -> None:
-    """What replicas leave retained on the session's shared broker (their status, their roots)."""
-    probe = MqttProbe(mqtt_url)
-    try:
-        for topic in [HUB_STATUS_TOPIC, *(root_topic(v) for v in range(1, root_versions + 1))]:
-            probe.publish(topic, b"", retain=True)
-    finally:
-        probe.close()
 
 
 def stop_all(hubs: list[HubProcess]) -> None:

@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
 
 from edgefleet.broker import LocalBroker, find_mosquitto  # noqa: E402
 from tests import pg  # noqa: E402
+from tests.hubside import clear_hub_retained  # noqa: E402
 
 # The slowest files first (about a minute or more each, measured with --durations): scripts/test.sh runs the
 # suite on two pytest-xdist workers, file by file (--dist loadfile), handing files out in collection order;
@@ -132,7 +133,9 @@ def server(broker, tmp_data, monkeypatch, hub_options):
                             **{**pg.hub_db(tmp_data), **hub_options})).start()
     assert s.wait_mqtt(10)
     yield s
+    versions = s.hub.keys.root.version
     s.stop()
+    clear_hub_retained(broker.url, max(versions, 9))
 
 
 @pytest.fixture

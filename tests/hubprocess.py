@@ -11,9 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from hub.testing import MqttProbe, wait_until
-from protocol.topics import HUB_STATUS_TOPIC, root_topic
-from tests.hubside import RealHub
+from hub.testing import wait_until
+from tests.hubside import RealHub, clear_hub_retained
 from tests.pg import hub_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +65,4 @@ class ProcessHub(RealHub):
                 self.proc.kill()
                 self.proc.wait(5)
         self.log.close()
-        probe = MqttProbe(self.broker_url)
-        try:  # clear what it left retained, so later tests on the shared broker do not see a stranger's hub
-            for topic in [HUB_STATUS_TOPIC, *(root_topic(v) for v in range(1, 10))]:
-                probe.publish(topic, b"", retain=True)
-        finally:
-            probe.close()
+        clear_hub_retained(self.broker_url)

@@ -247,6 +247,19 @@ async def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str =
         await asyncio.sleep(0.05)
 
 
+def clear_hub_retained(broker_url: str, root_versions: int = 9) -> None:
+    """Clear what a stopped hub left retained (its status, its roots), so later tests on a shared broker (one per
+    pytest worker) never hear a stranger's hub or root."""
+    from hub.testing import MqttProbe
+
+    probe = MqttProbe(broker_url)
+    try:
+        for topic in [HUB_STATUS_TOPIC, *(root_topic(v) for v in range(1, root_versions + 1))]:
+            probe.publish(topic, b"", retain=True)
+    finally:
+        probe.close()
+
+
 def new_device() -> str:
     """A fresh device id: retained desired states outlive a test on the session broker."""
     return f"dev-{uuid.uuid4().hex[:10]}"
@@ -297,19 +310,11 @@ class RealHub:
         self._models = 0
 
     def close(self) -> None:
-        from hub.testing import MqttProbe
-
         url = self.server.hub.config.mqtt_url
         versions = self.server.hub.keys.root.version
         self.api.close()
         self.server.stop()
-        # Clear what this hub left retained, so later tests on a shared broker do not see a stranger's hub.
-        probe = MqttProbe(url)
-        try:
-            for topic in [HUB_STATUS_TOPIC, *(root_topic(v) for v in range(1, versions + 1))]:
-                probe.publish(topic, b"", retain=True)
-        finally:
-            probe.close()
+        clear_hub_retained(url, versions)
 
     def enroll(self, data_dir: Path, device_id: str | None = None) -> Identity:
         from agent.identity import enroll

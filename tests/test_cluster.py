@@ -20,7 +20,8 @@ from hub.testing import wait_until
 from protocol.messages import TelemetryBatch, TelemetryPoint
 from protocol.topics import Channel, device_topic
 from simulator.fleet import Fleet
-from tests.cluster import HubProcess, clear_retained, leader_of, stop_all
+from tests.cluster import HubProcess, leader_of, stop_all
+from tests.hubside import clear_hub_retained
 from tests.rollout_support import DesiredRecorder, all_running, build_versions, rollout, wait_rollout
 
 NAME = "scorer-cluster"
@@ -43,7 +44,7 @@ def replicas(postgres, broker, tmp_path):
         yield [leader, *(h for h in hubs if h is not leader)], db_url
     finally:
         stop_all(hubs)
-        clear_retained(broker.url)
+        clear_hub_retained(broker.url)
 
 
 def controller_moves(api, rollout_id: int) -> list[tuple[str, int]]:
@@ -214,4 +215,4 @@ def test_ingest_workers_on_their_own_join_the_hubs_group(postgres, broker, tmp_p
             worker.kill()
         db.close()
         hub.stop()
-        clear_retained(broker.url)
+        clear_hub_retained(broker.url)
