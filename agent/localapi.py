@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from agent.supervisor import Reply
 
 _VERSION = "0.1.0"  # the agent's, in OIP v2 server metadata
+SHM_EXTENSIONS = [*oip.EXTENSIONS, "system_shared_memory"]  # the local API maps regions (agent/shmem.py)
 
 log = logging.getLogger("edgefleet.agent.api")
 
@@ -176,7 +177,8 @@ class LocalApi:
             return shm
         route = oip.parse_path(path)
         if route is not None:
-            answer = oip_answer(method, route, self.served(), self.agent.health()["healthy"] == 1.0, _VERSION)
+            answer = oip_answer(method, route, self.served(), self.agent.health()["healthy"] == 1.0, _VERSION,
+                                SHM_EXTENSIONS)
             if answer is not None:
                 return answer
             active = self.agent.active[route.model]

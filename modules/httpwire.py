@@ -274,7 +274,8 @@ class Served:
     ready: bool = True
 
 
-def oip_answer(method: str, route: Route, models: Mapping[str, Served], ready: bool, server: str) -> Answer | None:
+def oip_answer(method: str, route: Route, models: Mapping[str, Served], ready: bool, server: str,
+               extensions: list[str] = oip.EXTENSIONS) -> Answer | None:
     """The answer to an OIP v2 route, or None for an inference the caller runs (the module and version exist)."""
     if route.kind == "infer":
         if method != "POST":
@@ -282,7 +283,7 @@ def oip_answer(method: str, route: Route, models: Mapping[str, Served], ready: b
     elif method != "GET":
         return json_answer(405, oip.error("use GET"))
     if route.kind == "server":
-        return json_answer(200, oip.server_metadata(server))
+        return json_answer(200, oip.server_metadata(server, extensions))
     if route.kind == "live":
         return json_answer(200, {"live": True})
     if route.kind == "ready":

@@ -71,8 +71,8 @@ def model_metadata(name: str, versions: list[str], runtime: str, inputs: list[Te
             "inputs": [tensor_metadata(s) for s in inputs], "outputs": [tensor_metadata(s) for s in outputs]}
 
 
-def server_metadata(version: str) -> dict[str, Any]:
-    return {"name": "edgefleet", "version": version, "extensions": EXTENSIONS}
+def server_metadata(version: str, extensions: list[str] = EXTENSIONS) -> dict[str, Any]:
+    return {"name": "edgefleet", "version": version, "extensions": extensions}
 
 
 def error(text: str) -> dict[str, str]:

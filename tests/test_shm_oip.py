@@ -71,6 +71,9 @@ def checks(port: int, image: np.ndarray, bare: dict[str, np.ndarray]) -> None:
     auth = {"Authorization": f"Bearer {'a' * 24}"}
     other = {"Authorization": f"Bearer {'b' * 24}"}
     try:
+        # the server says it has the extension (a client's first question), with its binary-tensor one
+        assert set(client.get_server_metadata(headers=dict(auth))["extensions"]) >= {"system_shared_memory",
+                                                                                      "binary_tensor_data"}
         shm.set_shared_memory_region(region_in, [image])
         client.register_system_shared_memory("in", key_in, image.nbytes, headers=dict(auth))
         client.register_system_shared_memory("out", key_out, out_size, headers=dict(auth))
