@@ -25,15 +25,36 @@ Frame = tuple[dict[str, Any], "Batch", bytes]
 SCRATCH = 256 * 1024  # heads and small frames are read in pieces of up to this; larger bodies in place
 
 
-class FrameReader:
+class InPlaceBuffer:
+    """Where a stream's next bytes go: the rest of a large body being received in place (``_body``, filled up to
+    ``_filled``), else a scratch buffer whose bytes are appended to ``buf``. Shared by the frame and HTTP readers."""
+
+    def __init__(self, scratch: int = SCRATCH) -> None:
+        self.buf = bytearray()
+        self._scratch = bytearray(scratch)
+        self._body: bytearray | None = None
+        self._filled = 0
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes from the connection go (``recv_into`` / ``asyncio.BufferedProtocol``)."""
+        if self._body is not None:
+            return memoryview(self._body)[self._filled:]
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, n: int) -> None:
+        """``n`` bytes were written into :meth:`get_buffer`'s buffer."""
+        if self._body is not None:
+            self._filled += n
+        else:
+            self.buf += memoryview(self._scratch)[:n]
+
+
+class FrameReader(InPlaceBuffer):
     """Whole frames cut from a stream; a large body lands straight in a ``bytearray`` of its size."""
 
     def __init__(self) -> None:
-        self.buf = bytearray()
-        self._scratch = bytearray(SCRATCH)
+        super().__init__()
         self._header: dict[str, Any] | None = None
-        self._body: bytearray | None = None
-        self._filled = 0
         self.fds: deque[int] = deque()  # descriptors passed with the frames (SCM_RIGHTS), taken in order
         self._sock: socket.socket | None = None
 
@@ -51,17 +72,6 @@ class FrameReader:
         if n:
             self.buffer_updated(n)
         return n
-
-    def get_buffer(self) -> memoryview:
-        if self._body is not None:
-            return memoryview(self._body)[self._filled:]
-        return memoryview(self._scratch)
-
-    def buffer_updated(self, n: int) -> None:
-        if self._body is not None:
-            self._filled += n
-        else:
-            self.buf += memoryview(self._scratch)[:n]
 
     def take(self) -> Frame | None:
         """The next whole frame; None while it is incomplete. ValueError: not a frame."""

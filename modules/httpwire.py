@@ -14,6 +14,7 @@ from typing import Any
 
 from modules import oip
 from modules.errors import BodyError, InputError, NotAcceptable
+from modules.framebuf import InPlaceBuffer
 from modules.oip import Route
 from protocol.manifest import TensorSpec
 
@@ -143,7 +144,7 @@ def keep_large_buffers() -> None:
         pass
 
 
-class RequestReader:
+class RequestReader(InPlaceBuffer):
     """Requests cut from a connection's bytes as they arrive: the head at its blank line, parsed in one go.
 
     A large body is received in place: once its head is parsed, :meth:`get_buffer` hands out the rest of a
@@ -152,29 +153,13 @@ class RequestReader:
     """
 
     def __init__(self) -> None:
-        self.buf = bytearray()
+        super().__init__(65536)  # a large body is received in place (``_body``, ``_filled``)
         self._head: tuple[int, str, str, bool, int, Headers] | None = None  # a parsed head whose body is still arriving
         self.head = b""  # the head of the request last parsed (the one ``take`` returns next): its other headers
-        self._scratch = bytearray(65536)
-        self._body: bytearray | None = None  # a large body being received in place, and how much of it has come
-        self._filled = 0
 
     def pending(self) -> bool:
         """A next request has (partly) arrived (pipelined): its bytes, or its parsed head with the body coming in place."""
         return bool(self.buf) or self._head is not None
-
-    def get_buffer(self) -> memoryview:
-        """Where the next bytes from the connection go: the rest of a body being received, else a scratch buffer."""
-        if self._body is not None:
-            return memoryview(self._body)[self._filled:]
-        return memoryview(self._scratch)
-
-    def buffer_updated(self, n: int) -> None:
-        """``n`` bytes were written into :meth:`get_buffer`'s buffer."""
-        if self._body is not None:
-            self._filled += n
-        else:
-            self.buf += memoryview(self._scratch)[:n]
 
     def feed(self, data: bytes) -> None:
         """Bytes read some other way (``asyncio.Protocol.data_received``)."""
