@@ -32,7 +32,7 @@ class InPlaceBuffer:
     def __init__(self, scratch: int = SCRATCH) -> None:
         self.buf = bytearray()
         self._scratch = bytearray(scratch)
-        self._body: bytearray | None = None
+        self._body: Any = None  # a bytearray, or a caller's writable buffer (RequestReader's allocator)
         self._filled = 0
 
     def get_buffer(self) -> memoryview:

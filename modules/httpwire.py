@@ -8,7 +8,7 @@ requests with the same status codes and the same words.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,8 +152,9 @@ class RequestReader(InPlaceBuffer):
     written once by the kernel and never copied here. Small bodies and heads go through ``buf``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, alloc: Callable[[int, Headers], Any] = lambda length, headers: bytearray(length)) -> None:
         super().__init__(65536)  # a large body is received in place (``_body``, ``_filled``)
+        self._alloc = alloc  # a large body's buffer (the web gateway's: shared memory, hub/endpoints/arena.py)
         self._head: tuple[int, str, str, bool, int, Headers] | None = None  # a parsed head whose body is still arriving
         self.head = b""  # the head of the request last parsed (the one ``take`` returns next): its other headers
 
@@ -174,7 +175,7 @@ class RequestReader(InPlaceBuffer):
     def take(self) -> tuple[str, str, bool, bytes, Headers] | None:
         """The next whole request (method, path, keep-alive, body, headers); None until it has arrived. BadRequest: refuse it.
 
-        The body is ``bytes``, or a ``bytearray`` of its own when it was received in place."""
+        The body is ``bytes``, or the allocator's buffer (a ``bytearray`` of its own) when it was received in place."""
         if self._body is not None:
             if self._filled < len(self._body):
                 return None
@@ -195,7 +196,7 @@ class RequestReader(InPlaceBuffer):
         start, method, path, keep, length, headers = self._head
         if len(self.buf) < start + length:
             if length > len(self._scratch):  # the rest comes straight into a buffer of the body's size
-                self._body = bytearray(length)
+                self._body = self._alloc(length, headers)
                 self._filled = len(self.buf) - start
                 self._body[:self._filled] = memoryview(self.buf)[start:]
                 self.buf.clear()
@@ -226,7 +227,7 @@ def parse_head(head: bytes) -> tuple[str, str, bool, int, Headers]:
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise BadRequest(f"not an HTTP/1.x request line: {lines[0][:80]!r}")
     method, path, version = parts
-    keep, length = version != "HTTP/1.0", 0
+    keep, length, seen_length = version != "HTTP/1.0", 0, False
     headers: Headers = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
@@ -236,7 +237,9 @@ def parse_head(head: bytes) -> tuple[str, str, bool, int, Headers]:
         if name == "content-length":
             if not value.strip().isdigit():
                 raise BadRequest(f"Content-Length {value.strip()[:20]!r} is not a number")
-            length = int(value)
+            if seen_length and int(value) != length:  # two lengths: where this body ends is ambiguous (smuggling)
+                raise BadRequest("two different Content-Length headers")
+            length, seen_length = int(value), True
         elif name == "connection":
             keep = value.strip().lower() == "keep-alive" if version == "HTTP/1.0" else value.strip().lower() != "close"
         elif name == "transfer-encoding":

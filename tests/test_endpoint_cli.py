@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 
@@ -70,9 +71,38 @@ def test_serve_runs_a_pulled_bundle_without_the_hub(server, module, tmp_path):
         assert httpx.post(url, json={"inputs": {"x": [[0.1]]}}, headers={"api-key": "k-one"}).status_code == 422
         assert httpx.post(url, json={"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}).status_code == 401
         assert httpx.get(url.rsplit("/endpoints", 1)[0] + "/readyz").status_code == 200
+        # the gateway's HTTP/1.1 as a raw client sees it: pipelined answers in order, refusals that close
+        port, path = int(url.split(":")[2].split("/")[0]), "/endpoints/lrmod/score"
+        ok, bad = (b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}', b'{"inputs": {"x": [[0.1]]}}')
+        req = [b"POST %s HTTP/1.1\r\nHost: t\r\napi-key: k-one\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(b), b)
+               for b in (ok, bad, ok)]
+        answers = raw(port, b"".join(req), 3)
+        assert [a.split(b" ")[1] for a in answers] == [b"200", b"422", b"200"]
+        chunked = b"POST %s HTTP/1.1\r\nHost: t\r\napi-key: k-one\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        assert raw(port, chunked % path.encode(), 1)[0].startswith(b"HTTP/1.1 411 ")
+        two = b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 50\r\n\r\nhello" % path.encode()
+        assert raw(port, two, 1)[0].startswith(b"HTTP/1.1 400 ")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def raw(port: int, data: bytes, answers: int) -> list[bytes]:
+    """Send ``data`` on one connection; the first ``answers`` HTTP answers (heads and bodies), cut by Content-Length."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        buf, out = b"", []
+        while len(out) < answers:
+            end = buf.find(b"\r\n\r\n")
+            length = int(buf[:end].lower().split(b"content-length: ")[1].split(b"\r\n")[0]) if end >= 0 else -1
+            if end >= 0 and len(buf) >= end + 4 + length:
+                out.append(buf[:end + 4 + length])
+                buf = buf[end + 4 + length:]
+                continue
+            chunk = sock.recv(65536)
+            assert chunk, f"the connection closed after {len(out)} answer(s): {buf[:200]!r}"
+            buf += chunk
+        return out
 
 
 def test_serve_refuses_a_tampered_bundle(server, module, tmp_path):

@@ -98,6 +98,6 @@ def test_gateway_frames_received_in_place_decode_as_sent():
     for seed in range(3):
         got = pour(wire.FrameReader(wire.FromWorker), b"".join(bytes(wire.encode(m)) for m in sent), random.Random(seed))
         assert got == sent
-    run = wire.Run(3, [("id", "application/octet-stream", body, "", False, "v2", 10)])
+    run = wire.Run(3, [("id", "application/octet-stream", body, "", False, "v2", 10, -1, 0)])
     view = wire.msgspec.msgpack.Decoder(wire.RunView).decode(wire.encode(run)[wire.HEADER.size:])
     assert isinstance(view.items[0][2], memoryview) and view.items[0][2] == body

@@ -68,7 +68,8 @@ def web(broker, model, tmp_path_factory) -> Iterator[dict[str, Any]]:
             ep = admin.post("/api/v1/endpoints", json={"name": "cnn", "module": f"cnn:{m.json()['version']}"})
             assert ep.status_code == 200, ep.text
             ep = ep.json()
-            yield {"url": ep["url"], "port": ep["port"], "key": ep["keys"]["primary"], "version": m.json()["version"]}
+            yield {"url": ep["url"], "port": ep["port"], "key": ep["keys"]["primary"], "version": m.json()["version"],
+                   "admin": admin}
     finally:
         server.stop()
 
@@ -118,6 +119,9 @@ def test_tritonclient_drives_a_web_endpoint_bit_identical_to_onnxruntime(web, im
                headers={"Authorization": f"Bearer {web['key']}"})
     r = httpx.get(f"http://127.0.0.1:{web['port']}/v2/models/cnn")
     assert r.status_code == 401  # metadata and inference need the endpoint's key; health does not
+    # the 3 MB bodies went through the gateway's arena (read in place by the worker), and every slot was freed
+    arena = web["admin"].get("/api/v1/endpoints/cnn").json()["status"]["arena"]
+    assert arena["on"] and arena["bodies"] >= 2 and arena["slots"] == 0 and arena["in_use"] == 0, arena
 
 
 def npy(arr: np.ndarray) -> bytes:

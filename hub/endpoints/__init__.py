@@ -1,6 +1,6 @@
 """Cloud web-service endpoints: a lean scoring gateway process feeding model worker processes.
 
-* ``gateway``  the per-endpoint HTTP server (httptools on uvloop, no framework): keys, traffic split,
+* ``gateway``  the per-endpoint HTTP server (uvloop, the device's parser, no framework): keys, traffic split,
                adaptive batching, crash handling; ``edgefleet serve`` runs the same class in the foreground
 * ``pool``     one model version's worker processes as the gateway sees them
 * ``worker``   a worker process in the sandbox: load the verified bundle with the shared runner, score batches

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hub.endpoints.arena import Arena
 from hub.endpoints.codec import JSON, NPY, dumps, loads, read_manifest
 from hub.endpoints.httpserver import HttpProtocol, Request
 from hub.endpoints.pool import Pool, PoolError, Response, Settings
@@ -109,13 +110,14 @@ class Gateway:
         self.score_path = f"/endpoints/{name}/score"
         self.info_path = f"/endpoints/{name}"
         self._server: asyncio.base_events.Server | None = None
+        self.arena = Arena()  # large bodies, received in place and read there by the workers (arena.py)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def serve(self, sock: socket.socket) -> None:
         keep_large_buffers()  # camera-sized bodies pass through this process
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: HttpProtocol(self.handle), sock=sock, backlog=2048)
+        self._server = await loop.create_server(lambda: HttpProtocol(self.handle, self.arena.alloc), sock=sock, backlog=2048)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -127,6 +129,7 @@ class Gateway:
         if self.telemetry is not None:  # the last interval too
             await asyncio.to_thread(self.telemetry.flush)
             self.telemetry.close()
+        self.arena.close()
 
     async def _report(self, interval_s: float) -> None:
         assert self.telemetry is not None
@@ -145,7 +148,8 @@ class Gateway:
                     pool = self.pools.get(v.label)
                     if pool is None or str(pool.bundle_dir) != v.bundle_dir:
                         await asyncio.get_running_loop().run_in_executor(None, self.verify, Path(v.bundle_dir))
-                        pool = Pool(self.name, v.label, Path(v.bundle_dir), Settings(**vars(settings)), self.sandbox)
+                        pool = Pool(self.name, v.label, Path(v.bundle_dir), Settings(**vars(settings)), self.sandbox,
+                                    self.arena.read_only_fd)
                         started.append(pool)
                         await pool.start()
             except (PoolError, ProtocolError, OSError, ValueError) as exc:
@@ -179,6 +183,11 @@ class Gateway:
     # --- requests ------------------------------------------------------------------------------
 
     def handle(self, req: Request) -> Response | asyncio.Future[Response]:
+        resp = self.route(req)
+        self.arena.discard(req.body)  # a body in the arena that no worker will read (refused, not a score route)
+        return resp
+
+    def route(self, req: Request) -> Response | asyncio.Future[Response]:
         if req.path == self.score_path:
             if req.method != b"POST":
                 return reply(405, {"detail": "use POST"}, ("allow", "POST"))
@@ -277,7 +286,9 @@ class Gateway:
         request_id = f"{self._id_prefix}-{next(self._ids)}"
         ctype = req.headers.get(b"content-type", b"application/json").decode("latin-1")
         want_npy = NPY in req.headers.get(b"accept", b"").decode("latin-1")
-        item = (request_id, ctype, req.body, req.headers.get(b"x-input", b"").decode("latin-1"), want_npy, kind, hlen)
+        at, size = self.arena.ref(req.body) or (-1, 0)  # in the arena: the worker reads it there
+        item = (request_id, ctype, req.body if at < 0 else b"", req.headers.get(b"x-input", b"").decode("latin-1"),
+                want_npy, kind, hlen, at, size)
         label = label or self.pick()
         for v in self.versions:  # mirroring: the candidate sees real traffic, the client never sees its answers
             if v.mirror and v.label != label:
@@ -285,8 +296,8 @@ class Gateway:
                 if self._mirror_credit[v.label] >= 1:
                     self._mirror_credit[v.label] -= 1
                     self.mirrored += 1
-                    self._observe(v.label, self.pools[v.label].submit(item))  # the candidate's own telemetry
-        fut = self.pools[label].submit(item)
+                    self._observe(v.label, self._submit(v.label, item, req.body))  # the candidate's own telemetry
+        fut = self._submit(label, item, req.body)
         out: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
         self._observe(label, fut, started)
@@ -298,6 +309,14 @@ class Gateway:
 
         fut.add_done_callback(done)
         return out
+
+    def _submit(self, label: str, item: tuple[Any, ...], body: Any) -> asyncio.Future[Response]:
+        """``item`` to the version's pool; a body in the arena is kept there until this answer is back."""
+        fut = self.pools[label].submit(item)
+        if item[7] >= 0:
+            self.arena.hold(body, 1)
+            fut.add_done_callback(lambda _: self.arena.release(body))
+        return fut
 
     def _observe(self, label: str, fut: asyncio.Future[Response], started: float | None = None) -> None:
         """Latency into the /metrics histogram (successes) and the telemetry window, when ``fut`` completes."""
@@ -349,7 +368,7 @@ class Gateway:
                 "max_batch": self.settings.max_batch, "max_wait_ms": self.settings.max_wait_ms,
                 "replicas": self.settings.replicas, "responses": {str(k): n for k, n in sorted(self.counts.items())},
                 "latency_ms": {label: h.as_dict() for label, h in sorted(self.latency.items())},
-                "mirrored": self.mirrored}
+                "mirrored": self.mirrored, "arena": self.arena.status()}
 
     def control(self, req: Request) -> Response | asyncio.Future[Response]:
         token = req.headers.get(CONTROL_HEADER, b"")

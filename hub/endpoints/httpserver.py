@@ -1,25 +1,29 @@
-"""A minimal HTTP/1.1 server on httptools: keep-alive, pipelining in order, bounded bodies.
+"""A minimal HTTP/1.1 server: keep-alive, pipelining in order, bounded heads and bodies.
 
 The scoring path needs none of a framework's routing, validation or middleware, and on a
-2-core machine every microsecond of the front end is throughput (docs/endpoints.md).
+2-core machine every microsecond of the front end is throughput (docs/endpoints.md). Requests
+are cut by the device's parser (``modules.httpwire.RequestReader``): a camera-sized body is
+received in place, written once by the kernel into a buffer of its own size, never joined from
+pieces. A request it refuses (not HTTP/1.x, a chunked body, a head over 64 KB, a body over
+64 MB, a malformed or repeated Content-Length) gets its status and the connection closes.
 A handler returns a response tuple at once or a future of one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-
-import httptools
+from typing import Any
 
 from hub.endpoints.pool import Response
-from modules.httpwire import enlarge
+from modules.httpwire import BadRequest, RequestReader, enlarge
 
-MAX_BODY = 64 * 1024 * 1024
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+MAX_PIPELINED = 64  # answers owed on one connection before it is no longer read from
 
 
 @dataclass
@@ -51,17 +55,23 @@ def render_head(resp: Response, keep_alive: bool) -> bytes:
     return b"".join(head)
 
 
-class HttpProtocol(asyncio.Protocol):
-    def __init__(self, handler: Handler) -> None:
+def all_headers(head: bytes) -> dict[bytes, bytes]:
+    """Every header of a request head (already checked by ``parse_head``), by lower-case name."""
+    headers: dict[bytes, bytes] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+class HttpProtocol(asyncio.BufferedProtocol):
+    def __init__(self, handler: Handler, alloc: Callable[[int, dict[str, str]], Any] | None = None) -> None:
         self.handler = handler
-        self.parser = httptools.HttpRequestParser(self)
+        self.reader = RequestReader(alloc) if alloc is not None else RequestReader()
         self.transport: asyncio.Transport | None = None
         self._responses: deque[tuple[Response | asyncio.Future[Response], bool]] = deque()
-        self._url = b""
-        self._headers: dict[bytes, bytes] = {}
-        self._body: list[bytes] = []
-        self._size = 0
-        self._too_large = False
+        self._done = False  # a request said Connection: close, or was refused: nothing more is read
+        self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -70,50 +80,35 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, b"upgrades are not supported")
-        except httptools.HttpParserError:
-            self._fail(400, b"malformed HTTP request")
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer()  # the rest of a large body, in place
 
-    def _fail(self, status: int, text: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(render((status, text, "text/plain", ()), False))
-            self.transport.close()
+    def buffer_updated(self, nbytes: int) -> None:
+        self.reader.buffer_updated(nbytes)
+        self._take()
 
-    # --- httptools callbacks -----------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._url, self._headers, self._body, self._size, self._too_large = b"", {}, [], 0, False
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.lower()] = value
-
-    def on_body(self, body: bytes) -> None:
-        self._size += len(body)
-        if self._size > MAX_BODY:
-            self._too_large = True
-            self._body = []
-        elif not self._too_large:
-            self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        keep_alive = self.parser.should_keep_alive()
-        if self._too_large:
-            self._queue((413, b'{"detail":"body too large"}', "application/json", ()), False)
-            return
-        path, _, query = self._url.decode("latin-1").partition("?")
-        req = Request(self.parser.get_method(), path, self._headers, b"".join(self._body), query)
-        try:
-            resp = self.handler(req)
-        except Exception:  # a bug in a handler must not kill the connection silently
-            resp = (500, b'{"detail":"internal error"}', "application/json", ())
-        self._queue(resp, keep_alive)
+    def _take(self) -> None:
+        while not self._done and not self._paused:
+            try:
+                request = self.reader.take()
+            except BadRequest as exc:
+                self._done = True
+                self._queue((exc.status, json.dumps({"detail": str(exc)}).encode(), "application/json", ()), False)
+                return
+            if request is None:
+                return
+            method, target, keep_alive, body, _ = request
+            path, _, query = target.partition("?")
+            req = Request(method.encode("latin-1"), path, all_headers(self.reader.head), body, query)
+            try:
+                resp = self.handler(req)
+            except Exception:  # a bug in a handler must not kill the connection silently
+                resp = (500, b'{"detail":"internal error"}', "application/json", ())
+            self._done = not keep_alive
+            self._queue(resp, keep_alive)
+            if len(self._responses) >= MAX_PIPELINED and self.transport is not None:
+                self._paused = True  # a client that does not read its answers is not read from until it does
+                self.transport.pause_reading()
 
     # --- responses, in request order ---------------------------------------------------------
 
@@ -132,10 +127,15 @@ class HttpProtocol(asyncio.Protocol):
             resp, keep_alive = self._responses[0]
             if isinstance(resp, asyncio.Future):
                 if not resp.done():
-                    return
+                    break
                 resp = resp.result() if not resp.cancelled() else (503, b"", "text/plain", ())
             self._responses.popleft()
             self._write(resp, keep_alive)
+        if self._paused and len(self._responses) < MAX_PIPELINED // 2 and self.transport is not None \
+                and not self.transport.is_closing():
+            self._paused = False
+            self.transport.resume_reading()
+            self._take()  # requests that arrived before the pause
 
     def _write(self, resp: Response, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():

@@ -101,6 +101,9 @@ class Worker(asyncio.BufferedProtocol):
                 "--threads", str(s.threads), "--collect-rate-ppm", str(s.collect_rate_ppm)]
         if s.collect_db:
             args.append("--collect")
+        fds = (child.fileno(),) if pool.arena_fd < 0 else (child.fileno(), pool.arena_fd)
+        if pool.arena_fd >= 0:
+            args += ["--arena-fd", str(pool.arena_fd)]
         env = None
         if not pool.sandbox.active:  # as before the sandbox: the gateway's environment
             env = dict(os.environ)
@@ -109,7 +112,7 @@ class Worker(asyncio.BufferedProtocol):
         self.state, self.inflight, self._reader = "starting", None, wire.FrameReader(wire.FromWorker)
         self._ready = loop.create_future()
         try:
-            self.proc = await asyncio.create_subprocess_exec(*launch.argv, pass_fds=(child.fileno(),),
+            self.proc = await asyncio.create_subprocess_exec(*launch.argv, pass_fds=fds,
                                                              stdin=subprocess.DEVNULL, **launch.kwargs())
         except BaseException:
             launch.cleanup()
@@ -230,7 +233,8 @@ class Worker(asyncio.BufferedProtocol):
 
 class Pool:
     def __init__(self, endpoint: str, label: str, bundle_dir: Path, settings: Settings,
-                 sandbox: Sandbox | None = None) -> None:
+                 sandbox: Sandbox | None = None, arena_fd: int = -1) -> None:
+        self.arena_fd = arena_fd  # the gateway's body arena, read-only (arena.py); -1: bodies come inline
         self.endpoint, self.label, self.bundle_dir, self.settings = endpoint, label, Path(bundle_dir), settings
         self.sandbox = sandbox or Sandbox()
         self.staged: Path | None = None  # the copy of the bundle the sandboxed workers read

@@ -21,8 +21,9 @@ MAX_FRAME = 1 << 30
 MAX_TEXT = 64 * 1024
 
 # one request as the gateway forwards it: (request id, content type, body, input name for .npy bodies, wants npy,
-# "v1" or "v2" (OIP), the OIP binary extension's JSON header length or -1)
-Item = tuple[str, str, bytes, str, bool, str, int]
+# "v1" or "v2" (OIP), the OIP binary extension's JSON header length or -1, and for a body in the shared arena
+# (arena.py; the body field then empty) its offset and size there, else -1 and 0)
+Item = tuple[str, str, bytes, str, bool, str, int, int, int]
 Status = Annotated[int, msgspec.Meta(ge=100, le=599)]
 ContentType = Annotated[str, msgspec.Meta(pattern=r"^[!-~][ -~]{0,127}$")]  # printable ASCII: no header injection
 Result = tuple[Status, bytes, ContentType, int]  # (HTTP status, body, content type, OIP header length or -1)
@@ -34,7 +35,7 @@ class Run(msgspec.Struct, array_like=True, tag="run"):
 
 
 # ``Run`` as a worker decodes it: each body a view of the received frame (no copy of a camera frame)
-ItemView = tuple[str, str, memoryview, str, bool, str, int]
+ItemView = tuple[str, str, memoryview, str, bool, str, int, int, int]
 
 
 class RunView(msgspec.Struct, array_like=True, tag="run"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import mmap
 import os
 import socket
 import sys
@@ -52,8 +53,10 @@ class Scorer:
     Decoding, validation and encoding are ``modules.tensors``'s, the same as on a device.
     """
 
-    def __init__(self, runner: Runner, manifest: Manifest, label: str, sampler: Sampler | None = None) -> None:
+    def __init__(self, runner: Runner, manifest: Manifest, label: str, sampler: Sampler | None = None,
+                 arena: memoryview | None = None) -> None:
         self.runner, self.manifest, self.label = runner, manifest, label
+        self.arena = arena  # the gateway's request bodies, mapped read-only (arena.py)
         self.specs = manifest.inputs or runner.inputs
         self.outputs = manifest.outputs or runner.outputs
         self.batchable = batchable(manifest)
@@ -61,7 +64,11 @@ class Scorer:
         self.samples: list[tuple[str, str]] = []  # (inputs, outputs) JSON since the last frame: the gateway stores them
 
     def parse(self, item: Item) -> Decoded:
-        _, ctype, body, input_name, want_npy, kind, hlen = item
+        _, ctype, body, input_name, want_npy, kind, hlen, at, size = item
+        if at >= 0:  # the body is in the arena: decoded where the gateway received it
+            if self.arena is None or at + size > len(self.arena):
+                raise InputError(f"body at {at}+{size} is outside the request arena")
+            body = self.arena[at:at + size]
         form = Form(kind, ctype or JSON, NPY if want_npy else "", hlen, input_name)
         return decode(form, body, self.specs, self.outputs)
 
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--collect", action="store_true", help="sample requests for data collection")
     p.add_argument("--collect-rate-ppm", type=int, default=-1)
+    p.add_argument("--arena-fd", type=int, default=-1, help="the gateway's request bodies, read-only (arena.py)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"worker {args.label} %(levelname)s: %(message)s")
     keep_large_buffers()
@@ -150,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         sock.sendall(wire.encode(wire.Fail(f"{type(exc).__name__}: {exc}"[:wire.MAX_TEXT])))
         return 1
     rate = manifest.collect_rate_ppm if args.collect_rate_ppm < 0 else args.collect_rate_ppm
-    scorer = Scorer(runner, manifest, args.label, Sampler(rate) if args.collect and rate > 0 else None)
+    arena = None
+    if args.arena_fd >= 0:
+        arena = memoryview(mmap.mmap(args.arena_fd, 0, mmap.MAP_SHARED, mmap.PROT_READ))
+        os.close(args.arena_fd)
+    scorer = Scorer(runner, manifest, args.label, Sampler(rate) if args.collect and rate > 0 else None, arena)
     sock.sendall(wire.encode(wire.Ready(os.getpid(), scorer.batchable, list(scorer.specs), outputs)))
     decoder = msgspec.msgpack.Decoder(wire.RunView)  # bodies are views of the received frame
     try:
