@@ -139,15 +139,17 @@ class SharedMemory:
 
     def pass_to(self, worker: WorkerProcess | None, app: str) -> None:
         """Give ``worker`` the app's regions it does not have yet (ahead of the app's request, in the same queue)."""
-        if worker is None:
+        if worker is None or not worker.alive:
             return
         for region in self.apps.get(app, {}).values():
             if (app, region.name, region.fd) in worker.regions:
                 continue
             worker.regions.add((app, region.name, region.fd))
             region.workers = [w for w in region.workers if w.alive] + [worker]
+            # a copy of the descriptor, closed once sent: an unregister meanwhile cannot close it under the queue
+            fd = os.dup(region.fd)
             worker.call({"op": "shm_attach", "app": app, "name": region.name, "offset": region.offset,
-                         "size": region.size}, lambda frame, exc: None, fds=(region.fd,))
+                         "size": region.size}, lambda frame, exc, fd=fd: os.close(fd), fds=(fd,))
 
     def close(self) -> None:
         for app in list(self.apps):
