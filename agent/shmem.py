@@ -12,7 +12,8 @@ place and writes the outputs into the region.
 Checks (docs/security.md): a key is one name under /dev/shm (no slash, no ``..``), opened without following a
 symlink, a regular file owned by the caller (on the Unix socket the peer's uid, SO_PEERCRED; on TCP the
 agent's own uid), the registered bytes inside the file. A region belongs to the app that registered it (its
-token on TCP, its uid on the Unix socket): only that app sees it, uses it or unregisters it. The agent opens
+token on TCP, its uid on the Unix socket): only that app sees it, uses it or unregisters it. A uid's regions
+are also passed to every module worker, whose direct socket lets that uid's connections name them. The agent opens
 the file once and passes the open descriptor to module workers (SCM_RIGHTS); a worker never opens a path.
 """
 
