@@ -3,9 +3,9 @@ agent's Unix socket (``DATA/run/api.sock``) are usable on every module's direct 
 
 A real agent (process isolation) serves a CNN; this test's uid registers an input and an output region on api.sock
 and infers on run/cnn.sock: outputs bit-identical to bare onnxruntime's, written into the region. Refused on the
-direct socket: a region a token app registered over TCP (the same words as an unknown region), any region to
-another uid (``nobody``, a real process), the registration routes themselves, a region once unregistered. A
-worker killed with SIGKILL and restarted by the agent still serves the regions.
+direct socket: a region a token app registered over TCP (the same words as an unknown region, even for a token app
+named after this very uid), any region to another uid (``nobody``, a real process), the registration routes
+themselves, a region once unregistered. A worker killed with SIGKILL and restarted by the agent still serves them.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def test_regions_registered_on_api_sock_serve_the_direct_socket(broker, tmp_path
 
     async def main() -> None:
         tokens_file = tmp_path / "api-tokens"
-        tokens_file.write_text(f"app-a {TOKEN}\n")
+        tokens_file.write_text(f"uid:{os.getuid()} {TOKEN}\n")  # a token app named as this uid is still not it
         async with running_agent(hub, device, data, isolation="process", api_port=port, api_tokens=ApiTokens(tokens_file),
                                  api_socket=api_sock) as agent:
             hub.publish_desired(device, 1, [bundle.desired()])
