@@ -150,6 +150,8 @@ class Agent:
         # the local API: TCP on 127.0.0.1 (per-app tokens when given), and/or a Unix socket (its mode is the guard)
         self.apis: list[LocalApi] = [*([LocalApi(self, port=api_port, tokens=api_tokens)] if api_port else []),
                                      *([LocalApi(self, path=api_socket, group=api_group)] if api_socket else [])]
+        # the regions a uid registers on the Unix socket reach each worker taking its direct socket (agent.shmem)
+        self.executor.on_listen = next((api.share_regions for api in self.apis if api.path is not None), None)
         self.diagnostics = Diagnostics(self)
         self._running = False
 

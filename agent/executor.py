@@ -97,6 +97,7 @@ class Executor(Serving):
         self.progress: dict[str, float] = {}
         self.transfer_errors: dict[str, str] = {}  # bundle -> what keeps its download from progressing
         self._warm: dict[str, WorkerProcess] = {}  # health-checked workers, handed over on activation
+        self.on_listen: Callable[[WorkerProcess], None] | None = None  # set by the agent (its Unix socket's regions)
         self._fetches: dict[str, BundleFetch] = {}
         self._installing: tuple[str, str] | None = None  # (name, bundle) of the install under way
         self._installing_shadow = False  # ... into a shadow slot

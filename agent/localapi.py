@@ -37,8 +37,6 @@ import json
 import logging
 import os
 import shutil
-import socket
-import struct
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
@@ -63,6 +61,7 @@ from modules.httpwire import (
     json_answer,
     keep_large_buffers,
     oip_answer,
+    peer_uid,
     plain_json,
     predict_target,
     predicted,
@@ -72,6 +71,7 @@ if TYPE_CHECKING:
     from agent.apitokens import ApiTokens
     from agent.inference import ActiveModule, Answered
     from agent.supervisor import Reply
+    from agent.workerproc import WorkerProcess
 
 _VERSION = "0.1.0"  # the agent's, in OIP v2 server metadata
 SHM_EXTENSIONS = [*oip.EXTENSIONS, "system_shared_memory"]  # the local API maps regions (agent/shmem.py)
@@ -157,7 +157,14 @@ class LocalApi:
         socket, ``local`` on TCP without tokens; None: a TCP request with tokens configured that carries none."""
         if self.tokens is None:
             return f"uid:{peer_uid}" if peer_uid is not None else "local"
-        return self.tokens.app(bearer(head))  # in the file now (agent/apitokens.py), compared in constant time
+        app = self.tokens.app(bearer(head))  # in the file now (agent/apitokens.py), compared in constant time
+        return None if app is None else f"token:{app}"  # never a uid's, whatever the file calls it
+
+    def share_regions(self, worker: WorkerProcess) -> None:
+        """Every uid's regions to ``worker`` as it takes (or has just taken) its module's direct socket, where that
+        uid's connections may name them (``agent/worker.py``); a token's regions stay on this API."""
+        for app in [a for a in self.shm.apps if a.startswith("uid:")]:
+            self.shm.pass_to(worker, app)
 
     def authorized(self, head: bytes) -> bool:
         """A TCP request with tokens configured must carry one that is in the file now (agent/apitokens.py)."""
@@ -174,6 +181,9 @@ class LocalApi:
         headers = headers or {}
         shm = self.shm.route(method, path.split("?", 1)[0], body, app, os.geteuid() if owner is None else owner)
         if shm is not None:  # the shared memory extension (agent/shmem.py)
+            if app.startswith("uid:"):  # a uid's regions: usable on every module's direct socket too
+                for active in self.agent.active.values():
+                    self.shm.pass_to(getattr(active.runner, "process", None), app)
             return shm
         route = oip.parse_path(path)
         if route is not None:
@@ -320,8 +330,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         enlarge(sock)
-        if sock is not None and sock.family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):  # their uid: their app
-            self._peer_uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        self._peer_uid = peer_uid(sock)  # on the Unix socket their uid is their app
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

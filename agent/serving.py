@@ -45,6 +45,7 @@ class Serving:
     _warm: dict[str, WorkerProcess]
     spawn: Callable[[Coroutine[Any, Any, Any]], None]
     changed: Callable[[], None]
+    on_listen: Callable[[WorkerProcess], None] | None  # the agent's: a worker takes its direct socket (shared memory)
 
     async def activate(self, name: str) -> None:
         """Load the active version of ``name`` and start serving it (replacing an older one)."""
@@ -62,7 +63,8 @@ class Serving:
                                       start_timeout=self.health_timeout,
                                       on_crash_loop=lambda reason: self.spawn(self._crash_loop(name, inst.bundle, reason)),
                                       socket_path=self.data_dir / RUN_DIR / f"{name}.sock", collect_rate_ppm=ppm,
-                                      push_every=min(1.0, self.telemetry_interval), sandbox=self.sandbox)
+                                      push_every=min(1.0, self.telemetry_interval), sandbox=self.sandbox,
+                                      on_listen=self.on_listen)
                 await runner.start(warm=self._warm.pop(inst.key, None))
             else:
                 runner = await asyncio.to_thread(self.installer.runner_for, inst)

@@ -12,16 +12,19 @@ place and writes the outputs into the region.
 Checks (docs/security.md): a key is one name under /dev/shm (no slash, no ``..``), opened without following a
 symlink, a regular file owned by the caller (on the Unix socket the peer's uid, SO_PEERCRED; on TCP the
 agent's own uid), the registered bytes inside the file. A region belongs to the app that registered it (its
-token on TCP, its uid on the Unix socket): only that app sees it, uses it or unregisters it. The agent opens
+token on TCP, its uid on the Unix socket): only that app sees it, uses it or unregisters it. A uid's regions
+are also passed to every module worker, whose direct socket lets that uid's connections name them. The agent opens
 the file once and passes the open descriptor to module workers (SCM_RIGHTS); a worker never opens a path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import stat
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +55,18 @@ class Registered:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.size}
 
 
+def _once(detached: list[asyncio.Future[None]]) -> Answer | Coroutine[Any, Any, Answer]:
+    """200 once the workers have detached: a request on a direct socket after the answer cannot use the region."""
+    if not detached:
+        return json_answer(200, {})
+
+    async def answer() -> Answer:
+        await asyncio.gather(*detached)
+        return json_answer(200, {})
+
+    return answer()
+
+
 def _error(status: int, text: str) -> Answer:
     return json_answer(status, {"error": text})
 
@@ -64,9 +79,11 @@ class SharedMemory:
         self.apps: dict[str, dict[str, Registered]] = {}
         self._serial = 0
 
-    def route(self, method: str, path: str, body: bytes, app: str, owner: int) -> Answer | None:
-        """The answer to a ``/v2/systemsharedmemory`` route (``owner``: the uid the region's file must have); None
-        for any other path."""
+    def route(self, method: str, path: str, body: bytes, app: str,
+              owner: int) -> Answer | Coroutine[Any, Any, Answer] | None:
+        """The answer to a ``/v2/systemsharedmemory`` route (``owner``: the uid the region's file must have), or a
+        coroutine making it (an unregister, answered once the workers have let the region go); None for any other
+        path."""
         if not path.startswith(PREFIX + "/"):
             return None
         rest = path[len(PREFIX) + 1:].split("/")
@@ -74,9 +91,7 @@ class SharedMemory:
         if rest == ["status"] and method == "GET":
             return json_answer(200, [r.status() for r in regions.values()])
         if rest == ["unregister"] and method == "POST":
-            for name in list(regions):
-                self.unregister(app, name)
-            return json_answer(200, {})
+            return _once([f for name in list(regions) for f in self.unregister(app, name)])
         if len(rest) != 3 or rest[0] != "region" or rest[2] not in ("register", "unregister", "status"):
             return _error(404, f"no route {method} {path}")
         name, action = rest[1], rest[2]
@@ -86,8 +101,7 @@ class SharedMemory:
             found = regions.get(name)
             return json_answer(200, [found.status()]) if found else _error(404, f"region {name!r} is not registered")
         if action == "unregister":
-            self.unregister(app, name)
-            return json_answer(200, {})
+            return _once(self.unregister(app, name))
         return self.register(app, name, body, owner)
 
     def register(self, app: str, name: str, body: bytes, owner: int) -> Answer:
@@ -127,27 +141,35 @@ class SharedMemory:
         log.info("shared memory region %r (%s, %d bytes) registered by %s", name, key, size, app)
         return json_answer(200, {})
 
-    def unregister(self, app: str, name: str) -> None:
+    def unregister(self, app: str, name: str) -> list[asyncio.Future[None]]:
+        """Forget the region; the futures are done when each worker that had it has detached it (or died)."""
         region = self.apps.get(app, {}).pop(name, None)
         if region is None:
-            return
+            return []
+        detached = []
         for worker in region.workers:
             if worker.alive:
-                worker.call({"op": "shm_detach", "app": app, "name": name}, lambda frame, exc: None)
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                worker.call({"op": "shm_detach", "app": app, "name": name},
+                            lambda frame, exc, done=done: done.done() or done.set_result(None))
                 worker.regions.discard((app, name, region.fd))
+                detached.append(done)
         os.close(region.fd)
+        return detached
 
     def pass_to(self, worker: WorkerProcess | None, app: str) -> None:
         """Give ``worker`` the app's regions it does not have yet (ahead of the app's request, in the same queue)."""
-        if worker is None:
+        if worker is None or not worker.alive:
             return
         for region in self.apps.get(app, {}).values():
             if (app, region.name, region.fd) in worker.regions:
                 continue
             worker.regions.add((app, region.name, region.fd))
             region.workers = [w for w in region.workers if w.alive] + [worker]
+            # a copy of the descriptor, closed once sent: an unregister meanwhile cannot close it under the queue
+            fd = os.dup(region.fd)
             worker.call({"op": "shm_attach", "app": app, "name": region.name, "offset": region.offset,
-                         "size": region.size}, lambda frame, exc: None, fds=(region.fd,))
+                         "size": region.size}, lambda frame, exc, fd=fd: os.close(fd), fds=(fd,))
 
     def close(self) -> None:
         for app in list(self.apps):

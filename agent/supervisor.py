@@ -51,8 +51,9 @@ class ModuleWorker:
                  start_timeout: float = 60.0, request_timeout: float = 30.0, on_crash_loop: CrashLoopHook | None = None,
                  backoff_base: float = 0.5, backoff_cap: float = 30.0, socket_path: Path | None = None,
                  collect_rate_ppm: int = 0, push_every: float = 1.0, sandbox: WorkerSandbox | None = None,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, on_listen: Callable[[WorkerProcess], None] | None = None) -> None:
         self.name, self.files, self.manifest, self.limits = name, files, manifest, limits
+        self.on_listen = on_listen  # each worker taking the direct socket: the apps' shared memory regions go to it
         self.sandbox = sandbox
         self.options = options  # the module's config and the device's facts, for every worker started
         self.accelerator = ""
@@ -113,11 +114,15 @@ class ModuleWorker:
         worker.on_push = self._pushed
         if self.socket_path is None:
             return
+        if self.on_listen is not None:  # before: the worker takes the regions before its first client (frames in order)
+            self.on_listen(worker)
         try:
             await worker.listen(self.socket_path, self.name, self.manifest.version, self.collect_rate_ppm,
                                 self.push_every, self.start_timeout)
         except Exception as exc:
             log.error("module %s: direct socket %s not served: %s", self.name, self.socket_path, exc)
+        if self.on_listen is not None:  # and after: those registered while it was asked (it is not listed before)
+            self.on_listen(worker)
 
     def _pushed(self, header: dict[str, Any], blob: bytes) -> None:
         if self.on_stats is not None:

@@ -48,6 +48,7 @@ Infer = Callable[[dict[str, Any], bytes, bool], tuple[str, int, bytes, bytes]]
 PUSH_EVERY = 1.0  # seconds at most between a direct-socket inference and its stats reaching the agent
 MAX_PENDING_LATENCIES = 100_000
 MAX_PENDING_SAMPLES = 1000
+SHM_ROUTES = "/v2/systemsharedmemory/"  # the agent's only (agent/shmem.py)
 
 
 class DirectSocket:
@@ -55,8 +56,10 @@ class DirectSocket:
 
     HTTP/1.1 keep-alive with the agent's parsing and answers (``modules.httpwire``), so an application
     gets the same outputs, status codes and messages as from the agent's TCP API, without the agent's
-    loop on the path. Inferences are counted, timed and sampled here and pushed to the agent as a
-    ``stats`` frame at most every ``push_every`` seconds (and on drain), so telemetry counts them once.
+    loop on the path. An OIP v2 request may name the shared memory regions its uid (SO_PEERCRED) registered on
+    the agent's Unix socket (the agent passes them here: ``shm_attach``). Inferences are counted, timed and
+    sampled here and pushed to the agent as a ``stats`` frame at most every ``push_every`` seconds (and on
+    drain), so telemetry counts them once.
     """
 
     def __init__(self, sel: selectors.BaseSelector, predict: Callable[[bytes], bytes], header: dict[str, Any],
@@ -144,12 +147,16 @@ class DirectSocket:
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    def answer(self, method: str, path: str, body: bytes, headers: httpwire.Headers) -> Answer:
-        """The agent's inference routes for this one module (``agent.localapi.LocalApi.route``)."""
+    def answer(self, method: str, path: str, body: bytes, headers: httpwire.Headers, app: str = "") -> Answer:
+        """The agent's inference routes for this one module (``agent.localapi.LocalApi.route``); ``app``: the
+        client's (``uid:N``), whose shared memory regions registered on the agent's Unix socket it may name."""
+        if path.startswith(SHM_ROUTES):
+            return json_answer(404, {"error": "register shared memory regions on the agent's socket, "
+                                              "DATA/run/api.sock: its regions are usable here by the same uid"})
         route = oip.parse_path(path)
         if route is not None:
             answer = httpwire.oip_answer(method, route, {self.name: self.served}, True, "")
-            return answer if answer is not None else self._infer(httpwire.form_of("v2", headers), body)
+            return answer if answer is not None else self._infer({**httpwire.form_of("v2", headers), "app": app}, body)
         name = predict_target(path)
         if name is None:
             return json_answer(404, {"detail": f"no route {method} {path.split('?', 1)[0]}"})
@@ -199,7 +206,8 @@ class DirectSocket:
             return  # the client gave up before we took it
         conn.setblocking(False)
         httpwire.enlarge(conn)
-        self.clients[conn] = _Client(conn)
+        uid = httpwire.peer_uid(conn)  # the client's app: its uid, as on the agent's Unix socket
+        self.clients[conn] = _Client(conn, "" if uid is None else f"uid:{uid}")
         self.sel.register(conn, selectors.EVENT_READ, self._event)
 
     def _event(self, conn: Any, events: int) -> None:
@@ -237,7 +245,7 @@ class DirectSocket:
             method, path, keep, body, headers = request
             client.closing = not keep
             try:
-                answer = self.answer(method, path, body, headers)
+                answer = self.answer(method, path, body, headers, client.app)
             except BadRequest as exc:  # a malformed header the route needed
                 answer = json_answer(exc.status, {"detail": str(exc)})
             self._write(client, encode_answer(answer, keep))
@@ -268,10 +276,10 @@ class DirectSocket:
 
 
 class _Client:
-    __slots__ = ("sock", "reader", "out", "closing")
+    __slots__ = ("sock", "app", "reader", "out", "closing")
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket, app: str) -> None:
+        self.sock, self.app = sock, app
         self.reader = RequestReader()
         self.out = b""
         self.closing = False  # answer what is due, then close

@@ -7,6 +7,7 @@ requests with the same status codes and the same words.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -121,6 +122,37 @@ def enlarge(sock: Any) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, BIG_BUFFER)
         except (OSError, AttributeError):
             pass
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The uid of the process on the other end of a Unix socket (SO_PEERCRED); None where it cannot be told.
+
+    In a user namespace that maps only some uids (an unprivileged agent's sandboxed worker), every unmapped
+    peer shows as the overflow uid: that uid is nobody in particular there, so it is None too.
+    """
+    import socket
+    import struct
+
+    if sock is None or sock.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+    except OSError:
+        return None
+    return None if uid == _unmapped_uid() else uid
+
+
+@functools.cache
+def _unmapped_uid() -> int | None:
+    """The uid unmapped peers show as, if this process is in a user namespace that does not map them all."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            if f.read().split() == ["0", "0", "4294967295"]:  # the initial namespace: every uid is itself
+                return None
+        with open("/proc/sys/kernel/overflowuid") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def keep_large_buffers() -> None:
