@@ -1,14 +1,15 @@
 """Camera-sized tensors over the binary path, each against the bare runtime measured in the same run.
 
-    python bench/tensor_bench.py [--rounds 3] [--requests 300] [--mediapipe-wheel FILE]
+    python bench/tensor_bench.py [--rounds 3] [--requests 300] [--mediapipe-wheel FILE] [--shm-copy]
 
 For each image model: the bare runtime's p50 (onnxruntime ``session.run`` / LiteRT ``invoke``, set up as
 the runners set them up), then one client with a keep-alive socket sending pre-built OIP v2 binary
 requests (JSON header + the image's raw bytes, outputs as raw bytes) to
 (d) the device's local API (a real agent, ``python -m agent``, module in its worker process),
 (s) the device's local API with the image in a shared memory region (OIP v2 system shared memory: the
-    request is the JSON header only, the outputs written into a second region; the client copies its frame
-    into the region before each request, as an app holding the frame elsewhere must),
+    request is the JSON header only, the outputs written into a second region; the app's frame is in the region,
+    written there by its capture or decoder as the bare call's frame is in its array; ``--shm-copy``: the client
+    copies the frame in before each request, as an app holding it elsewhere must),
 (d') the module's direct socket (``DATA/run/<module>.sock``, the agent's loop off the path),
 (s') the direct socket with shared memory: the regions registered on the agent's Unix socket (``run/api.sock``)
     as this process's uid, the requests (JSON header only) on ``run/<module>.sock``,
@@ -18,8 +19,9 @@ for models under 2 ms), web binary <= 1.2x bare at 1 client.
 
 Models: mediapipe's face detection (128x128x3) and selfie segmentation (256x256x3) ``.tflite`` from the
 mediapipe 0.10.14 wheel (downloaded once with ``pip download --no-deps`` into ~/.cache/edgefleet, or
-given), and an ONNX CNN on a 512x512x3 float image built here. Without the wheel, mediapipe's
-hand_recrop (256x256x3, shipped in tests/data) stands in.
+given), SqueezeNet 1.0 (ONNX model zoo, 1x3x224x224, shipped in the onnx wheel), and a small ONNX CNN on a
+512x512x3 float image built here (the stress case: a 3 MB tensor for 2-3 ms of compute). Without the
+wheel, mediapipe's hand_recrop (256x256x3, shipped in tests/data) stands in.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def models(work: Path, wheel: Path | None) -> list[Model]:
     else:
         print("mediapipe wheel not available: hand_recrop from tests/data stands in", file=sys.stderr)
         paths["hand_recrop"] = ROOT / "tests" / "data" / "hand_recrop.tflite"
+    paths["squeezenet"] = squeezenet()
     paths["cnn512"] = write_cnn_onnx(work / "cnn512.onnx", size=512, width=8)
     out = []
     for name, path in paths.items():
@@ -87,6 +90,14 @@ def models(work: Path, wheel: Path | None) -> list[Model]:
         inputs = [TensorSpec(name=spec.name, dtype=spec.dtype, shape=shape)]
         out.append(Model(name, path, inputs, runner.outputs, image))
     return out
+
+
+def squeezenet() -> Path:
+    """SqueezeNet 1.0 (ONNX model zoo) as the onnx wheel ships it for its backend tests: the real graph, its
+    weights made by ConstantOfShape nodes (folded once at load), so the compute per image is the real one."""
+    import onnx
+
+    return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
 
 
 def fetch_wheel() -> Path | None:
@@ -191,13 +202,16 @@ class ShmRegions:
 
 
 class ShmClient:
-    """A client that writes its frame into its region (as an app holding the frame elsewhere must), then asks."""
+    """A client whose frame is in its region: written there by the app's capture or decoder, as the bare call's
+    frame is in its array (an app that copies a frame it holds elsewhere pays one memcpy more: ``--shm-copy``)."""
 
-    def __init__(self, client: Client, regions: ShmRegions, image: np.ndarray) -> None:
-        self.client, self.regions, self.source = client, regions, image
+    def __init__(self, client: Client, regions: ShmRegions, image: np.ndarray, copy: bool) -> None:
+        self.client, self.regions, self.source, self.copy = client, regions, image, copy
+        np.copyto(self.regions.image, self.source)
 
     def __call__(self) -> bytes:
-        np.copyto(self.regions.image, self.source)
+        if self.copy:
+            np.copyto(self.regions.image, self.source)
         return self.client()
 
     def close(self) -> None:
@@ -268,7 +282,8 @@ def unix(path: str) -> Callable[[], socket.socket]:
 
 # --- the device and the web ----------------------------------------------------------------------
 
-def bench_device(hub: HubSide, work: Path, ms: list[Model], requests: int, rounds: int) -> dict[str, dict[str, float]]:
+def bench_device(hub: HubSide, work: Path, ms: list[Model], requests: int, rounds: int,
+                 shm_copy: bool = False) -> dict[str, dict[str, float]]:
     """p50s per model: "device", "shm", "direct", "shm_direct", "device_json" and each one's paired "bare_..." (medians over rounds)."""
     device, port = new_device(), free_port()
     bundles = [hub.build(m.name.replace("_", "-"), 1, model_file=(m.path, m.inputs, m.outputs)) for m in ms]
@@ -294,7 +309,8 @@ def bench_device(hub: HubSide, work: Path, ms: list[Model], requests: int, round
             shm_direct = shm.request(f"/v2/models/{name}/infer", m, names, "")
             for _ in range(rounds):
                 for key, connect, request in (("shm", tcp, shm_tcp), ("shm_direct", sock, shm_direct)):
-                    base, got = paired(bare, ShmClient(Client(connect, request), shm, m.image), requests)
+                    base, got = paired(bare, ShmClient(Client(connect, request), shm, m.image, shm_copy),
+                                       requests)
                     r.setdefault(key, []).append(got)
                     r.setdefault(f"bare_{key}", []).append(base)
                 for key, connect, request, n in (("device", tcp, oip_tcp, requests), ("direct", sock, oip, requests),
@@ -381,13 +397,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--mediapipe-wheel", type=Path, default=None)
+    parser.add_argument("--shm-copy", action="store_true", help="copy the frame into its region before each request")
     args = parser.parse_args()
     with LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ms = models(work, args.mediapipe_wheel)
         hub = HubSide(broker.url, work / "hub")
         try:
-            dev = bench_device(hub, work, ms, args.requests, args.rounds)
+            dev = bench_device(hub, work, ms, args.requests, args.rounds, args.shm_copy)
         finally:
             hub.close()
         for m in ms:  # the web after the device: one server at a time on the machine
