@@ -40,11 +40,11 @@ def npy_item(rid: str, arr: np.ndarray) -> tuple:
     from hub.endpoints.codec import NPY
     from modules.tensors import npy_bytes
 
-    return (rid, NPY, npy_bytes(arr), "input_1", False, "v1", -1)  # hub.endpoints.wire's request item
+    return (rid, NPY, npy_bytes(arr), "input_1", False, "v1", -1, -1, 0)  # hub.endpoints.wire's request item
 
 
 def json_item(rid: str, doc: bytes) -> tuple:
-    return (rid, "application/json", doc, "", False, "v1", -1)
+    return (rid, "application/json", doc, "", False, "v1", -1, -1, 0)
 
 
 def test_tflite_fixed_batch_is_recorded_and_a_batch_of_two_gets_422(tmp_path):
