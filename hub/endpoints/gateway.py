@@ -24,14 +24,14 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hub.endpoints.arena import Arena
 from hub.endpoints.codec import JSON, NPY, dumps, loads, read_manifest
-from hub.endpoints.httpserver import HttpProtocol, Request
+from hub.endpoints.httpserver import HttpProtocol, Request, bind, new_loop
 from hub.endpoints.pool import Pool, PoolError, Response, Settings
+from hub.endpoints.spec import Version, parse_spec
 from hub.endpoints.telemetry import EndpointTelemetry
 from hub.monitoring.prom import LatencyHistogram
 from modules import oip
@@ -56,34 +56,6 @@ def reply(status: int, doc: Any, *headers: tuple[str, str]) -> Response:
 
 UNAUTHORIZED = reply(401, {"detail": "a valid endpoint key is required (Authorization: Bearer KEY or api-key: KEY)"},
                      ("www-authenticate", "Bearer"))
-
-
-@dataclass
-class Version:
-    """One model version behind the endpoint and its share of traffic."""
-
-    label: str  # "module:version"
-    bundle_dir: str
-    weight: float = 100.0
-    mirror: float = 0.0  # share (0-1) of all requests also sent here, answers discarded
-
-
-def parse_spec(spec: dict[str, Any]) -> tuple[list[Version], Settings]:
-    versions = [Version(v["label"], str(v["bundle_dir"]), float(v.get("weight", 100)), float(v.get("mirror", 0)))
-                for v in spec.get("versions", [])]
-    if not versions or sum(v.weight for v in versions) <= 0:
-        raise ValueError("an endpoint needs at least one version with a positive weight")
-    if len({v.label for v in versions}) != len(versions):
-        raise ValueError("each version may appear once")
-    if any(v.weight < 0 or not 0 <= v.mirror <= 1 for v in versions):
-        raise ValueError("weights must be >= 0 and mirror shares between 0 and 1")
-    settings = Settings(replicas=int(spec.get("replicas", 1)), max_batch=max(1, int(spec.get("max_batch", 64))),
-                        max_wait_ms=float(spec.get("max_wait_ms", 2.0)), threads=int(spec.get("threads", 1)),
-                        queue_timeout_s=float(spec.get("queue_timeout_s", 30.0)),
-                        collect_db=str(spec.get("collect_db") or ""),
-                        collect_rate_ppm=int(spec.get("collect_rate_ppm", -1)),
-                        memory_mb=int(spec.get("memory_mb", 0)))
-    return versions, settings
 
 
 class Gateway:
@@ -388,24 +360,6 @@ class Gateway:
             asyncio.get_running_loop().create_task(run())
             return out
         return reply(404, {"detail": "unknown control path"})
-
-
-def bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:  # uvloop's loop and transports are markedly cheaper per request than asyncio's
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover
-        return asyncio.new_event_loop()
 
 
 async def _hub_main() -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hub.endpoints.codec import read_manifest
-from hub.endpoints.gateway import Gateway, bind, new_loop
+from hub.endpoints.gateway import Gateway
+from hub.endpoints.httpserver import bind, new_loop
 from modules.sandbox import detect
 
 log = logging.getLogger("edgefleet.endpoint.serve")
