@@ -87,3 +87,8 @@ def test_a_command_to_an_offline_device_waits_at_the_hub(server, admin):
     [waiting] = as_json(cli(server, "device", "commands", "asleep", "--json"))
     assert waiting["state"] == "sent" and waiting["name"] == "logs"
     assert admin.post("/api/v1/devices/asleep/commands", json={"name": "format_disk"}).status_code == 422
+    for _ in range(2):
+        admin.post("/api/v1/devices/asleep/commands", json={"name": "logs"}).raise_for_status()
+    newest = admin.get("/api/v1/devices/asleep/commands", params={"limit": 2}).json()
+    assert len(newest) == 2 and waiting["id"] not in [c["id"] for c in newest]  # the newest N, the oldest left out
+    assert admin.get("/api/v1/devices/asleep/commands", params={"limit": 0}).status_code == 422

@@ -147,8 +147,9 @@ def device_command(device_id: NamePath, body: CommandRequest, hub: Hub = Depends
 
 
 @router.get("/devices/{device_id}/commands", dependencies=[Depends(require("operator"))])
-def device_commands(device_id: NamePath, hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
-    return hub.commands.list(device_id)
+def device_commands(device_id: NamePath, hub: Hub = Depends(get_hub),
+                    limit: int = Query(default=50, ge=1, le=1000, description="the newest N")) -> list[dict[str, Any]]:
+    return hub.commands.list(device_id, limit)
 
 
 @router.get("/commands/{command_id}", dependencies=[Depends(require("operator"))])
