@@ -42,6 +42,12 @@ def call(fn: Any) -> Any:
         fail(str(exc))
 
 
+def get(path: str, **params: Any) -> Any:
+    """GET ``path`` from the hub; on a refusal print why and exit 1."""
+    with client() as c:
+        return call(lambda: c.get(path, **params))
+
+
 def fail(text: str, prefix: str = "error:", code: int = 1) -> NoReturn:
     """Print ``prefix text`` in one line on stderr (``text`` shown as typed) and exit with ``code``."""
     err.print(f"[red]{escape(prefix)}[/] {escape(text)}", soft_wrap=True, highlight=False)

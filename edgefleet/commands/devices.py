@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from edgefleet.cli_common import call, client, emit, err, fail, parse_duration, parse_kv
+from edgefleet.cli_common import call, client, emit, err, fail, get, parse_duration, parse_kv
 
 device_app = typer.Typer(rich_markup_mode=None, help="Devices and enrolment tokens.", no_args_is_help=True)
 
@@ -65,8 +65,7 @@ def device_list(
 @device_app.command("show")
 def device_show(device_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """One device: state, labels, facts, modules, last seen."""
-    with client() as c:
-        res = call(lambda: c.get(f"/api/v1/devices/{device_id}"))
+    res = get(f"/api/v1/devices/{device_id}")
     emit(res, as_json)
 
 
@@ -172,6 +171,5 @@ def device_restart_module(device_id: str, module: str, wait: float = typer.Optio
 @device_app.command("commands")
 def device_commands(device_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """The diagnostic commands sent to a device, newest first, with their state."""
-    with client() as c:
-        res = call(lambda: c.get(f"/api/v1/devices/{device_id}/commands"))
+    res = get(f"/api/v1/devices/{device_id}/commands")
     emit(res, as_json, ["id", "name", "state", "error", "created_at", "created_by", "replied_at"])

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from edgefleet.cli_common import call, client, emit, err, fail
+from edgefleet.cli_common import call, client, emit, err, fail, get
 from edgefleet.commands import oneshot
 from edgefleet.commands.fleet import deploy_app
 
@@ -39,7 +39,7 @@ def parse_weights(pairs: list[str]) -> dict[str, float]:
 @deploy_app.command("web")
 def deploy_web(
     name: str,
-    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)"),
+    module: str | None = oneshot.MODULE_OPT,
     model: list[str] = oneshot.MODEL_OPT,
     model_name: str | None = oneshot.MODEL_NAME_OPT,
     sample: Path | None = oneshot.SAMPLE_OPT,
@@ -83,16 +83,14 @@ def deploy_web(
 
 @endpoint_app.command("list")
 def endpoint_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/endpoints"))
+    res = get("/api/v1/endpoints")
     emit(res, as_json, ["name", "url", "versions", "replicas", "max_batch"])
 
 
 @endpoint_app.command("show")
 def endpoint_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """Versions, traffic, workers (pids, restarts, batches) and response counts."""
-    with client() as c:
-        res = call(lambda: c.get(f"/api/v1/endpoints/{name}"))
+    res = get(f"/api/v1/endpoints/{name}")
     emit(res, as_json)
 
 

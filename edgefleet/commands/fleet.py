@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from edgefleet.cli_common import call, client, emit, err, human_time, parse_duration, parse_kv, parse_time
+from edgefleet.cli_common import call, client, emit, err, get, human_time, parse_duration, parse_kv, parse_time
 from edgefleet.commands import oneshot
 
 deploy_app = typer.Typer(rich_markup_mode=None, help="Deploy modules to devices and to the cloud.", no_args_is_help=True)
@@ -96,7 +96,7 @@ def _plan_line(plan: dict[str, Any]) -> str:
 @deploy_app.command("edge")
 def deploy_edge(
     name: str,
-    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)"),
+    module: str | None = oneshot.MODULE_OPT,
     model: list[str] = oneshot.MODEL_OPT,
     model_name: str | None = oneshot.MODEL_NAME_OPT,
     sample: Path | None = oneshot.SAMPLE_OPT,
@@ -172,7 +172,7 @@ def _config(pairs: list[str], unset: list[str], path: Path | None) -> dict[str, 
 @deployment_app.command("update")
 def deployment_update(
     name: str,
-    module: str | None = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)"),
+    module: str | None = oneshot.MODULE_OPT,
     target: str | None = typer.Option(None, "--target"),
     priority: int | None = typer.Option(None, "--priority"),
     strategy: str | None = typer.Option(None, "--strategy", help=STRATEGY_HELP + " (default: the last rollout's)"),
@@ -218,15 +218,13 @@ def deployment_update(
 
 @deployment_app.command("list")
 def deployment_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/deployments"))
+    res = get("/api/v1/deployments")
     emit(res, as_json, ["name", "module", "target", "priority", "revision", "stable_revision", "active"])
 
 
 @deployment_app.command("show")
 def deployment_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    with client() as c:
-        res = call(lambda: c.get(f"/api/v1/deployments/{name}"))
+    res = get(f"/api/v1/deployments/{name}")
     emit(res, as_json)
 
 
@@ -240,8 +238,7 @@ def deployment_delete(name: str, as_json: bool = typer.Option(False, "--json")) 
 
 @deployment_app.command("revisions")
 def deployment_revisions(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    with client() as c:
-        res = call(lambda: c.get(f"/api/v1/deployments/{name}/revisions"))
+    res = get(f"/api/v1/deployments/{name}/revisions")
     emit(res, as_json, ["revision", "module", "target", "priority", "created_at", "created_by"])
 
 
@@ -363,8 +360,7 @@ def rollout_approve(name: str, as_json: bool = typer.Option(False, "--json")) ->
 @rollout_app.command("list")
 def rollout_list(deployment: str | None = typer.Option(None, "--deployment"),
                  as_json: bool = typer.Option(False, "--json")) -> None:
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/rollouts", **({"deployment": deployment} if deployment else {})))
+    res = get("/api/v1/rollouts", **({"deployment": deployment} if deployment else {}))
     emit(res, as_json, ["id", "deployment", "revision", "from_revision", "state", "reason", "created_by"])
 
 
@@ -373,13 +369,11 @@ def audit_list(subject: str | None = typer.Option(None, "--subject"), action: st
                limit: int = typer.Option(50, "--limit"), as_json: bool = typer.Option(False, "--json")) -> None:
     params: dict[str, Any] = {"limit": limit} | ({"subject": subject} if subject else {}) | (
         {"action": action} if action else {})
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/audit", **params))
+    res = get("/api/v1/audit", **params)
     emit(res, as_json, ["id", "ts", "actor", "action", "subject", "detail"])
 
 
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Fleet summary from the hub."""
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/fleet/summary"))
+    res = get("/api/v1/fleet/summary")
     emit(res, as_json)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from edgefleet.cli_common import call, client, emit, err, escape
+from edgefleet.cli_common import call, client, emit, err, escape, get
 from edgefleet.client import HubClient, HubError
 from edgefleet.commands.registry import model_app, parse_model_ref
 
@@ -69,16 +69,14 @@ def alias_delete(name: str, alias: str, as_json: bool = typer.Option(False, "--j
 
 @alias_app.command("list")
 def alias_list(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    with client() as c:
-        res = call(lambda: c.get(f"/api/v1/models/{name}/aliases"))
+    res = get(f"/api/v1/models/{name}/aliases")
     emit(res, as_json, ["alias", "version", "updated_at", "updated_by"])
 
 
 @alias_app.command("get")
 def alias_get(name: str, alias: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """The version NAME@ALIAS names (plain: just the number, for scripts)."""
-    with client() as c:
-        res = call(lambda: c.get(f"/api/v1/models/{name}/aliases/{alias}"))
+    res = get(f"/api/v1/models/{name}/aliases/{alias}")
     if as_json:
         emit(res, True)
     else:

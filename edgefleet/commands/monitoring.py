@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from edgefleet.cli_common import CTX, call, client, emit, err, escape, parse_duration, parse_time
+from edgefleet.cli_common import CTX, call, client, emit, err, escape, get, parse_duration, parse_time
 
 if TYPE_CHECKING:
     import httpx
@@ -219,8 +219,7 @@ def quality_ab(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Compare deployments A and B (disjoint device groups) with always-valid intervals: stop when it decides."""
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/ab", a=a, b=b, metric=metric, since=parse_time(since), alpha=alpha))
+    res = get("/api/v1/ab", a=a, b=b, metric=metric, since=parse_time(since), alpha=alpha)
     if as_json:
         emit(res, True)
         return

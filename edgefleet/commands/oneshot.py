@@ -87,6 +87,7 @@ def _step(steps: list[dict[str, Any]], total: int, what: str, text: str, **facts
 
 
 # the options ``deploy edge`` and ``deploy web`` share for ``--model``
+MODULE_OPT = typer.Option(None, "--module", help="MODULE:VERSION, or MODULE@ALIAS (resolved now)")
 MODEL_OPT = typer.Option([], "--model", help="FILE (repeat for extra files): registered, built and signed on the way; "
                                              "or MODEL:VERSION / MODEL@ALIAS (built and signed).")
 MODEL_NAME_OPT = typer.Option(None, "--model-name", help="With --model FILE: the model's name (default: NAME).")

@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from edgefleet.cli_common import call, client, emit, err, fail, parse_kv
+from edgefleet.cli_common import call, client, emit, err, fail, get, parse_kv
 from edgefleet.client import HubClient, HubError
 from protocol.manifest import check_relative_path
 
@@ -259,8 +259,7 @@ def module_build(
 @module_app.command("list")
 def module_list(name: str | None = typer.Option(None, "--name"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Built modules (signed bundles), newest first."""
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/modules", name=name))
+    res = get("/api/v1/modules", name=name)
     emit(res, as_json, ["name", "version", "runtime", "signed", "size", "created_at"])
 
 
@@ -269,8 +268,7 @@ def module_show(ref: str = typer.Argument(..., help="MODULE:VERSION"), as_json: 
                 ) -> None:
     """One module: its bundle digest, models, runtime, files, signatures and release expiry."""
     name, version = parse_model_ref(ref)
-    with client() as c:
-        res = call(lambda: c.get(f"/api/v1/modules/{name}/versions/{version}"))
+    res = get(f"/api/v1/modules/{name}/versions/{version}")
     if as_json:
         emit(res, True)
         return

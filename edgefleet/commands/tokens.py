@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from edgefleet.cli_common import call, client, emit, err, parse_duration
+from edgefleet.cli_common import call, client, emit, err, get, parse_duration
 from edgefleet.commands import devices, fleet
 
 token_app = typer.Typer(rich_markup_mode=None, help="API tokens: create, list, revoke (admin).", no_args_is_help=True)
@@ -35,8 +35,7 @@ def token_create(
 def token_list(all_: bool = typer.Option(False, "--all", help="Also revoked and expired tokens."),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Tokens by id, name, role and state (never the token itself)."""
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/tokens", all=str(all_).lower()))
+    res = get("/api/v1/tokens", all=str(all_).lower())
     emit(res, as_json, TOKEN_COLUMNS)
 
 
@@ -67,8 +66,7 @@ def enrolment_tokens(
 def enrolment_list(all_: bool = typer.Option(False, "--all", help="Also used, expired and revoked tokens."),
                    as_json: bool = typer.Option(False, "--json")) -> None:
     """Enrolment tokens by id (never the token): uses, labels, expiry, state."""
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/enrollment-tokens", all=str(all_).lower()))
+    res = get("/api/v1/enrollment-tokens", all=str(all_).lower())
     emit(res, as_json, ["id", "state", "uses", "used", "used_by", "labels", "expires_at", "created_by"])
 
 
@@ -83,8 +81,7 @@ def enrolment_revoke(ref: str = typer.Argument(..., help="The token's id (8+ hex
 
 def audit_verify(as_json: bool = typer.Option(False, "--json")) -> None:
     """Check the audit log's hash chain; exit 1 naming the first row that was edited or follows a deleted one."""
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/audit/verify"))
+    res = get("/api/v1/audit/verify")
     if as_json:
         emit(res, True)
     elif res["ok"]:

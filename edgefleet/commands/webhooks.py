@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from edgefleet.cli_common import call, client, emit, err
+from edgefleet.cli_common import call, client, emit, err, get
 
 webhook_app = typer.Typer(rich_markup_mode=None, help="Event webhooks: signed POSTs when models, aliases, rollouts and alerts change.",
                           no_args_is_help=True)
@@ -37,8 +37,7 @@ def webhook_add(
 
 @webhook_app.command("list")
 def webhook_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/webhooks"))
+    res = get("/api/v1/webhooks")
     emit(res, as_json, ["id", "url", "events", "signed", "description", "created_by"])
 
 
@@ -68,8 +67,7 @@ def webhook_deliveries(
 ) -> None:
     """Deliveries, newest first, with their state, attempts and last error (alert rules' own URLs too)."""
     params = {"webhook": webhook, "state": state, "event": event, "limit": limit}
-    with client() as c:
-        res = call(lambda: c.get("/api/v1/webhooks/deliveries", **params))
+    res = get("/api/v1/webhooks/deliveries", **params)
     emit(res, as_json, ["id", "event", "webhook", "url", "state", "attempts", "last_status", "last_error"])
 
 
