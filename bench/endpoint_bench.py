@@ -167,7 +167,9 @@ def pool_costs(bundle: Path, starts: int, blocks: int = 40, per_block: int = 100
             for mode in (list(modes) if b % 2 == 0 else list(reversed(modes))):
                 for i in range(per_block):
                     t0 = time.perf_counter()
-                    status = (await pools[mode].submit((f"r{i}", "application/json", body, "", False)))[0]
+                    # an inline JSON body: v1, no OIP header (-1), not in the arena (-1, 0); see hub/endpoints/wire.py Item
+                    item = (f"r{i}", "application/json", body, "", False, "v1", -1, -1, 0)
+                    status = (await pools[mode].submit(item))[0]
                     lat[mode].append((time.perf_counter() - t0) * 1000)
                     assert status == 200
         for pool in pools.values():
