@@ -24,10 +24,12 @@ edgefleet/naive and edgefleet/LitServe, with the bare runtime's single-thread p5
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -216,8 +218,10 @@ def start(work: Path, m: Model, args: argparse.Namespace) -> tuple[dict[str, str
             "naive": [sys.executable, str(work / "naive.py"), model_file, str(ports["naive"]), shape, KEY],
             "litserve": [sys.executable, str(work / "lit.py"), model_file, str(ports["litserve"]), shape, KEY]}
     env = {**os.environ, "LIT_SERVER_API_KEY": KEY}
-    procs = {s: subprocess.Popen(cmd, cwd=work, env=env, stderr=subprocess.DEVNULL if s == "edgefleet" else None)
-             for s, cmd in cmds.items()}
+    procs = {}
+    for s, cmd in cmds.items():  # stderr to a log (LitServe's workers print tracebacks as they are stopped)
+        with open(work / f"{s}.log", "wb") as log:
+            procs[s] = subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True, stderr=log)
     urls = {"edgefleet": f"http://127.0.0.1:{ports['edgefleet']}/endpoints/{name}/score",
             "naive": f"http://127.0.0.1:{ports['naive']}/predict",
             "litserve": f"http://127.0.0.1:{ports['litserve']}/predict"}
@@ -225,14 +229,18 @@ def start(work: Path, m: Model, args: argparse.Namespace) -> tuple[dict[str, str
 
 
 def stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Each server's whole process group: LitServe's and edgefleet's workers are children of the process started."""
     for proc in procs.values():
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
     for proc in procs.values():
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group (a LitServe worker outlives its parent)
+        proc.wait()
 
 
 def bench_model(work: Path, m: Model, args: argparse.Namespace, conns: list[int]) -> dict[str, object]:
@@ -248,7 +256,11 @@ def bench_model(work: Path, m: Model, args: argparse.Namespace, conns: list[int]
     bare: list[float] = []
     try:
         for s in SERVERS:
-            wait_up(s, urls[s], body, expected, procs[s])
+            try:
+                wait_up(s, urls[s], body, expected, procs[s])
+            except RuntimeError:
+                print((work / f"{s}.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+                raise
             run_wrk(urls[s], lua, 16, 2)  # warm: connections, the runtime's first calls
         for r in range(args.rounds):
             bare.append(bare_p50(m))
@@ -286,6 +298,7 @@ def main() -> None:
     p.add_argument("--mediapipe-wheel", type=Path, default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's TERM still stops the servers (finally)
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     need_litserve()
