@@ -48,6 +48,7 @@ from tensor_bench import Model, bare_call, free_port, make_bundle, models  # noq
 
 KEY = "bench-key-0123456789abcdef0123456789"
 SERVERS = ("edgefleet", "naive", "litserve")
+WRK_TIMEOUT_S = 30.0  # above any queueing delay here: wrk leaves a timed-out request out of its percentiles
 
 # What the two other servers share: load the model, run it on an array, give the one output back.
 RUNTIME = '''
@@ -261,13 +262,13 @@ def bench_model(work: Path, m: Model, args: argparse.Namespace, conns: list[int]
             except RuntimeError:
                 print((work / f"{s}.log").read_text(errors="replace")[-3000:], file=sys.stderr)
                 raise
-            run_wrk(urls[s], lua, 16, 2)  # warm: connections, the runtime's first calls
+            run_wrk(urls[s], lua, 16, 2, WRK_TIMEOUT_S)  # warm: connections, the runtime's first calls
         for r in range(args.rounds):
             bare.append(bare_p50(m))
             order = SERVERS[r % 3:] + SERVERS[:r % 3]  # rotate who goes first
             for c in conns:
                 for s in order:
-                    got = run_wrk(urls[s], lua, c, args.duration)
+                    got = run_wrk(urls[s], lua, c, args.duration, WRK_TIMEOUT_S)
                     if got["non2xx"]:
                         raise RuntimeError(f"{m.name} {s} c={c}: {got['non2xx']:.0f} non-2xx answers")
                     runs[(s, c)].append(got)
