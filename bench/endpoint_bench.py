@@ -128,7 +128,7 @@ def run_wrk(url: str, lua: Path, conns: int, duration: float, timeout_s: float =
     """wrk's figures; a request slower than ``timeout_s`` counts as a socket error, not in the latencies."""
     out = subprocess.run(["wrk", f"-t{min(conns, 2)}", f"-c{conns}", f"-d{duration:g}s", f"--timeout={timeout_s:g}s",
                           "--latency", "-s", str(lua), url], capture_output=True, text=True, check=True).stdout
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))  # wrk pads "1.38s "
     if "50" not in lat or "99" not in lat:
         raise RuntimeError(f"no latency distribution in wrk's output:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
