@@ -10,9 +10,9 @@ For each image model (tensor_bench.py's: SqueezeNet from the onnx wheel, mediapi
 (b) the naive server, what one writes first: FastAPI + uvicorn, ``await request.body()``, ``np.frombuffer`` of the
     image's bytes into the input shape the server knows, onnxruntime / LiteRT inline, the output's raw bytes back;
 (c) LitServe (``pip install -e '.[bench]'``), one worker, no batching: a LitAPI whose ``setup`` loads the model,
-    ``decode_request`` takes the raw body (annotated ``Annotated[bytes, Body()]``: LitServe
-    parses a ``fastapi.Request`` as JSON or a form, FastAPI gives a ``bytes`` body of a non-JSON type unchanged) and ``encode_response`` answers a
-    ``fastapi.Response`` of the output's raw bytes.
+    ``decode_request`` takes the raw body (annotated ``Annotated[bytes, Body()]``: LitServe parses a
+    ``fastapi.Request`` as JSON or a form, FastAPI hands a non-JSON ``bytes`` body over unchanged) and
+    ``encode_response`` answers a ``fastapi.Response`` of the output's raw bytes.
 The naive server and LitServe use their runtime's default threads, as a first try would.
 All three get the same bytes: wrk (``--latency``, a Lua script whose body is the ``.npy`` file read at its top level,
 carrying both servers' key headers) at each concurrency, the servers' order rotated every round; a run with any
