@@ -58,7 +58,7 @@ def test_serve_runs_a_pulled_bundle_without_the_hub(server, module, tmp_path):
     cli(server, "bundle", "pull", module, str(bundle))
     root = server.config.data_dir / "keys" / "root.json"
     proc = subprocess.Popen([sys.executable, "-m", "edgefleet", "serve", str(bundle), "--root", str(root), "--host",
-                             "127.0.0.1", "--port", "0", "--workers", "2", "--key", "k-one", "--json"],
+                             "127.0.0.1", "--port", "0", "--workers", "2", "--threads", "2", "--key", "k-one", "--json"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -163,6 +163,9 @@ def serve(
     host: str = typer.Option("0.0.0.0", "--host"),
     port: int = typer.Option(8000, "--port"),
     workers: int = typer.Option(1, "--workers", min=1, help="Worker processes."),
+    threads: int = typer.Option(1, "--threads", min=1, max=256,
+                                help="Runtime threads per worker (ONNX Runtime intra-op, LiteRT); workers x threads "
+                                     "at most the cores."),
     max_batch: int = typer.Option(64, "--max-batch", min=1),
     max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0),
     key: list[str] = typer.Option([], "--key", envvar="EDGEFLEET_ENDPOINT_KEYS",
@@ -203,6 +206,6 @@ def serve(
     try:
         run_serve(bundle_dir=bundle_dir, root_file=root, keys=keys, host=host, port=port, workers=workers,
                   max_batch=max_batch, max_wait_ms=max_wait_ms, collect_db=collect_db, name=name, on_ready=ready,
-                  sandbox="off" if no_sandbox else "auto", memory_mb=memory_mb)
+                  sandbox="off" if no_sandbox else "auto", memory_mb=memory_mb, threads=threads)
     except (PoolError, ProtocolError, OSError, ValueError) as exc:  # a bundle that does not verify or load
         fail(f"cannot serve {bundle_dir}: {exc}")

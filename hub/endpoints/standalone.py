@@ -38,10 +38,10 @@ def standalone_spec(bundle_dir: Path, keys: list[str], workers: int = 1, max_bat
 async def run(bundle_dir: Path, root_file: Path | None, keys: list[str], host: str = "0.0.0.0", port: int = 8000,
               workers: int = 1, max_batch: int = 64, max_wait_ms: float = 2.0, collect_db: str = "",
               name: str | None = None, on_ready: Callable[[str, int], None] | None = None,
-              sock: socket.socket | None = None, sandbox: str = "auto", memory_mb: int = 0) -> None:
+              sock: socket.socket | None = None, sandbox: str = "auto", memory_mb: int = 0, threads: int = 1) -> None:
     """Verify and load the bundle, serve until SIGTERM/SIGINT, then drain."""
     bundle_dir = Path(bundle_dir)
-    module, spec = standalone_spec(bundle_dir, keys, workers, max_batch, max_wait_ms, collect_db)
+    module, spec = standalone_spec(bundle_dir, keys, workers, max_batch, max_wait_ms, collect_db, threads)
     spec["memory_mb"] = memory_mb
     root = json.loads(root_file.read_text()) if root_file else None
     if root is None:
