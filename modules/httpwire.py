@@ -218,8 +218,8 @@ class RequestReader(InPlaceBuffer):
             self._head = None
             return method, path, keep, body, headers
         if self._head is None:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
+            end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+            if end < 0:  # also a head that came whole in one read but is longer than allowed
                 if len(self.buf) > MAX_HEAD:
                     raise BadRequest(f"request head over {MAX_HEAD} bytes", 431)
                 return None
