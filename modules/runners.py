@@ -186,7 +186,8 @@ class TfliteRunner:
         for d in self._in:
             self.interpreter.set_tensor(d["index"], inputs[d["name"]])
         self.interpreter.invoke()
-        return {d["name"]: self.interpreter.get_tensor(d["index"]).copy() for d in self._out}
+        # get_tensor already returns a copy of its own (the next invoke cannot change it): no second one
+        return {d["name"]: self.interpreter.get_tensor(d["index"]) for d in self._out}
 
 
 def _load_script(path: Path) -> ModuleType:
