@@ -1,7 +1,8 @@
 """Web serving of image models: `edgefleet serve` against the naive server and LitServe, side by side (issue 15).
 
     python bench/image_serving_bench.py [--rounds 3] [--duration 8] [--concurrency 1,16,64]
-                                        [--models squeezenet,selfie_segmentation] [--workers 1] [--no-sandbox] [--json]
+                                        [--models squeezenet,selfie_segmentation] [--workers 1] [--threads 1]
+                                        [--no-sandbox] [--json]
 
 For each image model (tensor_bench.py's: SqueezeNet from the onnx wheel, mediapipe's selfie segmentation
 ``.tflite`` from the mediapipe wheel, face detection, cnn512), three servers on this machine, one model at a time:
@@ -213,7 +214,7 @@ def start(work: Path, m: Model, args: argparse.Namespace) -> tuple[dict[str, str
     (work / "lit.py").write_text(LITSERVE)
     ports = {s: free_port() for s in SERVERS}
     serve = [sys.executable, "-m", "edgefleet", "serve", str(bundle), "--root", str(root), "--host", "127.0.0.1",
-             "--port", str(ports["edgefleet"]), "--workers", str(args.workers), "--key", KEY,
+             "--port", str(ports["edgefleet"]), "--workers", str(args.workers), "--threads", str(args.threads), "--key", KEY,
              *(["--no-sandbox"] if args.no_sandbox else [])]
     cmds = {"edgefleet": serve,
             "naive": [sys.executable, str(work / "naive.py"), model_file, str(ports["naive"]), shape, KEY],
@@ -295,6 +296,7 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--models", default="squeezenet,selfie_segmentation")
     p.add_argument("--workers", type=int, default=1, help="edgefleet serve's worker processes")
+    p.add_argument("--threads", type=int, default=1, help="edgefleet serve's runtime threads per worker")
     p.add_argument("--no-sandbox", action="store_true", help="edgefleet serve --no-sandbox")
     p.add_argument("--mediapipe-wheel", type=Path, default=None)
     p.add_argument("--json", action="store_true")
@@ -314,10 +316,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        print(json.dumps({"rounds": args.rounds, "duration_s": args.duration, "workers": args.workers,
+        print(json.dumps({"rounds": args.rounds, "duration_s": args.duration, "workers": args.workers, "threads": args.threads,
                           "sandbox": not args.no_sandbox, "models": out}, indent=2))
         return
-    print(f"median of {args.rounds} round(s), {args.duration:g} s each; edgefleet serve: {args.workers} worker(s), "
+    print(f"median of {args.rounds} round(s), {args.duration:g} s each; edgefleet serve: {args.workers} worker(s) x {args.threads} thread(s), "
           f"{'no sandbox' if args.no_sandbox else 'default sandbox'}; naive and LitServe: 1 process, runtime defaults")
     for mo in out:
         print(f"\n{mo['model']} {mo['shape']}: bare runtime p50 {mo['bare_p50_ms']:.2f} ms (1 thread)")
