@@ -18,6 +18,7 @@ a body that is not JSON raises ``BodyError`` (400).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -103,10 +104,11 @@ class Decoded:
 # Looked up by the dtype itself: ``dtype.name`` is a Python-level property in NumPy 2, a measurable cost on the
 # per-request path where the caches are cold after the model ran.
 _DATATYPE = {np.dtype(k): v for k, v in DATATYPES.items() if k != "str"}
-_DTYPE: dict[str, np.dtype[Any] | None] = {k: np.dtype(k) for k in DATATYPES if k != "str"}
 
 
+@functools.cache
 def _dtype(name: str) -> np.dtype[Any] | None:
+    """A signature's dtype by name, made once (None: strings)."""
     return None if name == "str" else np.dtype(name)
 
 
@@ -135,7 +137,7 @@ def check_inputs(raw: Any, specs: list[TensorSpec]) -> Batch:
         raise InputError(f"unknown input(s) {unknown}; expected {describe_signature(specs)}")
     out: Batch = {}
     for spec in specs:
-        arr = _finite(spec.name, _as_array(spec.name, raw[spec.name], _DTYPE.get(spec.dtype) or _dtype(spec.dtype)))
+        arr = _finite(spec.name, _as_array(spec.name, raw[spec.name], _dtype(spec.dtype)))
         if arr.ndim != len(spec.shape) or any(
             want is not None and want >= 0 and got != want for got, want in zip(arr.shape, spec.shape, strict=False)
         ):

@@ -285,8 +285,7 @@ class Gateway:
     def _submit(self, label: str, item: tuple[Any, ...], body: Any) -> asyncio.Future[Response]:
         """``item`` to the version's pool; a body in the arena is kept there until this answer is back."""
         fut = self.pools[label].submit(item)
-        if item[7] >= 0:
-            self.arena.hold(body, 1)
+        if self.arena.hold(body):
             fut.add_done_callback(lambda _: self.arena.release(body))
         return fut
 

@@ -101,9 +101,9 @@ class Worker(asyncio.BufferedProtocol):
                 "--threads", str(s.threads), "--collect-rate-ppm", str(s.collect_rate_ppm)]
         if s.collect_db:
             args.append("--collect")
-        fds = (child.fileno(),) if pool.arena_fd < 0 else (child.fileno(), pool.arena_fd)
+        fds: tuple[int, ...] = (child.fileno(),)
         if pool.arena_fd >= 0:
-            args += ["--arena-fd", str(pool.arena_fd)]
+            fds, args = (*fds, pool.arena_fd), [*args, "--arena-fd", str(pool.arena_fd)]
         env = None
         if not pool.sandbox.active:  # as before the sandbox: the gateway's environment
             env = dict(os.environ)
