@@ -1,6 +1,7 @@
 """Camera-sized tensors over the binary path, each against the bare runtime measured in the same run.
 
     python bench/tensor_bench.py [--rounds 3] [--requests 300] [--mediapipe-wheel FILE] [--shm-copy]
+                                 [--models NAME ...]
 
 For each image model: the bare runtime's p50 (onnxruntime ``session.run`` / LiteRT ``invoke``, set up as
 the runners set them up), then one client with a keep-alive socket sending pre-built OIP v2 binary
@@ -17,8 +18,8 @@ requests (JSON header + the image's raw bytes, outputs as raw bytes) to
 and the same image as JSON to the device for scale. Goals (issue 15): device <= 1.1x bare (<= +0.5 ms
 for models under 2 ms), web binary <= 1.2x bare at 1 client.
 
-Models: mediapipe's face detection (128x128x3) and selfie segmentation (256x256x3) ``.tflite`` from the
-mediapipe 0.10.14 wheel (downloaded once with ``pip download --no-deps`` into ~/.cache/edgefleet, or
+Models: mediapipe's face detection (128x128x3), selfie segmentation (256x256x3) and hand landmarks (the
+full model, 224x224x3) ``.tflite`` from the mediapipe 0.10.14 wheel (downloaded once with ``pip download --no-deps`` into ~/.cache/edgefleet, or
 given), SqueezeNet 1.0 (ONNX model zoo, 1x3x224x224, shipped in the onnx wheel), and a small ONNX CNN on a
 512x512x3 float image built here (the stress case: a 3 MB tensor for 2-3 ms of compute). Without the
 wheel, mediapipe's hand_recrop (256x256x3, shipped in tests/data) stands in.
@@ -55,7 +56,8 @@ from tests.hubside import HubSide, new_device  # noqa: E402
 CACHE = Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet"))
 WHEEL = "mediapipe==0.10.14"
 MEDIAPIPE = {"face_detection": "mediapipe/modules/face_detection/face_detection_short_range.tflite",
-             "selfie_segmentation": "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite"}
+             "selfie_segmentation": "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite",
+             "hand_landmark": "mediapipe/modules/hand_landmark/hand_landmark_full.tflite"}
 KEY = "bench-key-0123456789abcdef0123456789"
 
 
@@ -68,7 +70,7 @@ class Model:
     image: np.ndarray
 
 
-def models(work: Path, wheel: Path | None) -> list[Model]:
+def models(work: Path, wheel: Path | None, only: list[str] | None = None) -> list[Model]:
     paths: dict[str, Path] = {}
     wheel = wheel or fetch_wheel()
     if wheel is not None:
@@ -83,6 +85,8 @@ def models(work: Path, wheel: Path | None) -> list[Model]:
     paths["cnn512"] = write_cnn_onnx(work / "cnn512.onnx", size=512, width=8)
     out = []
     for name, path in paths.items():
+        if only and name not in only:
+            continue
         runner = load_model_file(path, path.suffix[1:])
         spec = runner.inputs[0]
         shape = [1 if d is None else d for d in spec.shape]
@@ -397,11 +401,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--mediapipe-wheel", type=Path, default=None)
+    parser.add_argument("--models", nargs="+", metavar="NAME", help="only these (default: all)")
     parser.add_argument("--shm-copy", action="store_true", help="copy the frame into its region before each request")
     args = parser.parse_args()
     with LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ms = models(work, args.mediapipe_wheel)
+        ms = models(work, args.mediapipe_wheel, args.models)
         hub = HubSide(broker.url, work / "hub")
         try:
             dev = bench_device(hub, work, ms, args.requests, args.rounds, args.shm_copy)

@@ -141,9 +141,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
     def _write(self, resp: Response, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if len(resp[1]) > 65536:  # a tensor answer: not copied into one buffer with its head
-            self.transport.write(render_head(resp, keep_alive))
-            self.transport.write(resp[1])
+        if len(resp[1]) > 65536:  # a tensor answer: not copied into one buffer with its head, yet one writev
+            self.transport.writelines((render_head(resp, keep_alive), resp[1]))  # (two writes: two wakeups)
         else:
             self.transport.write(render(resp, keep_alive))
         if not keep_alive:
