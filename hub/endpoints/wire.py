@@ -19,6 +19,7 @@ from protocol.manifest import TensorSpec
 HEADER = struct.Struct("<I")
 MAX_FRAME = 1 << 30
 MAX_TEXT = 64 * 1024
+REUSE_MAX = 16 << 20
 
 # one request as the gateway forwards it: (request id, content type, body, input name for .npy bodies, wants npy,
 # "v1" or "v2" (OIP), the OIP binary extension's JSON header length or -1, and for a body in the shared arena
@@ -85,8 +86,19 @@ class FrameReader:
         self._buf = bytearray()
         self._decoder = msgspec.msgpack.Decoder(kind)
         self._scratch = bytearray(256 * 1024)
-        self._frame: bytearray | None = None  # a large frame being received in place, and how much has come
+        self._big = bytearray()  # large frames up to REUSE_MAX, reused (_room)
+        self._frame: memoryview | None = None  # a large frame being received in place, and how much has come
         self._filled = 0
+
+    def _room(self, size: int) -> memoryview:
+        """Where a large frame is received: one buffer kept across frames, not a fresh zero-filled one each time
+        (a memset of every answer's size). Safe because every message a worker sends decodes into copies (bytes,
+        str), never views of the frame; a frame over ``REUSE_MAX`` gets its own, so one huge answer is not kept."""
+        if size > REUSE_MAX:
+            return memoryview(bytearray(size))
+        if len(self._big) < size:
+            self._big = bytearray(size)
+        return memoryview(self._big)[:size]
 
     def get_buffer(self) -> memoryview:
         """Where the next bytes go (``asyncio.BufferedProtocol``): the rest of a large frame, else a scratch buffer."""
@@ -113,7 +125,7 @@ class FrameReader:
             end = HEADER.size + size
             if len(self._buf) < end:
                 if size > len(self._scratch):  # the rest comes straight into a buffer of the frame's size
-                    self._frame = bytearray(size)
+                    self._frame = self._room(size)
                     self._filled = len(self._buf) - HEADER.size
                     self._frame[:self._filled] = memoryview(self._buf)[HEADER.size:]
                     self._buf.clear()
