@@ -55,6 +55,7 @@ from modules.httpwire import (
     binary_answer,
     encode_answer,
     encode_head,
+    encoding_refusal,
     enlarge,
     failed,
     form_of,
@@ -179,6 +180,9 @@ class LocalApi:
         or a coroutine that makes the answer (a worker restarting, in-process isolation)."""
         self.requests += 1
         headers = headers or {}
+        refused = encoding_refusal(headers.get("content-encoding"))
+        if refused is not None:
+            return json_answer(refused.status, refused.doc())
         shm = self.shm.route(method, path.split("?", 1)[0], body, app, os.geteuid() if owner is None else owner)
         if shm is not None:  # the shared memory extension (agent/shmem.py)
             if app.startswith("uid:"):  # a uid's regions: usable on every module's direct socket too
@@ -357,7 +361,7 @@ class _Connection(asyncio.BufferedProtocol):
                 request = self._reader.take()
             except BadRequest as exc:
                 self.api.agent.rejected["local_api"] += 1
-                self._reply(json_answer(exc.status, {"detail": str(exc)}), keep=False)
+                self._reply(json_answer(exc.status, exc.doc()), keep=False)
                 return
             if request is None:
                 return
@@ -373,7 +377,7 @@ class _Connection(asyncio.BufferedProtocol):
                 answer = self.api.route(method, path, body, functools.partial(self._later, keep), headers, app,
                                         self._peer_uid)
             except BadRequest as exc:  # a malformed header the route needed (Inference-Header-Content-Length)
-                answer = json_answer(exc.status, {"detail": str(exc)})
+                answer = json_answer(exc.status, exc.doc())
             if answer is None:
                 return  # _later answers (it may have already)
             if isinstance(answer, tuple):

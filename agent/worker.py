@@ -150,6 +150,9 @@ class DirectSocket:
     def answer(self, method: str, path: str, body: bytes, headers: httpwire.Headers, app: str = "") -> Answer:
         """The agent's inference routes for this one module (``agent.localapi.LocalApi.route``); ``app``: the
         client's (``uid:N``), whose shared memory regions registered on the agent's Unix socket it may name."""
+        refused = httpwire.encoding_refusal(headers.get("content-encoding"))
+        if refused is not None:
+            return json_answer(refused.status, refused.doc())
         if path.startswith(SHM_ROUTES):
             return json_answer(404, {"error": "register shared memory regions on the agent's socket, "
                                               "DATA/run/api.sock: its regions are usable here by the same uid"})
@@ -238,7 +241,7 @@ class DirectSocket:
                 self.rejected += 1
                 self._arm()
                 client.closing = True
-                self._write(client, encode_answer(json_answer(exc.status, {"detail": str(exc)}), False))
+                self._write(client, encode_answer(json_answer(exc.status, exc.doc()), False))
                 break
             if request is None:
                 break
@@ -247,7 +250,7 @@ class DirectSocket:
             try:
                 answer = self.answer(method, path, body, headers, client.app)
             except BadRequest as exc:  # a malformed header the route needed
-                answer = json_answer(exc.status, {"detail": str(exc)})
+                answer = json_answer(exc.status, exc.doc())
             self._write(client, encode_answer(answer, keep))
         if client.closing and not client.out:
             self._drop(client)

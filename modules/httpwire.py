@@ -25,12 +25,12 @@ Answer = tuple[int, str, bytes]  # status, content type, body
 Headers = dict[str, str]  # the request headers a route reads (``KEPT``), by lower-case name
 
 MAX_BODY = 64 * 2**20  # a 512x512x3 float image is 3 MB in binary, 16.5 MB as JSON
-KEPT = ("content-type", "accept", "x-input", "inference-header-content-length")
+KEPT = ("content-type", "accept", "x-input", "inference-header-content-length", "content-encoding")
 MAX_HEAD = 64 * 1024
 MAX_HEADER_LINES = 100
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
            411: "Length Required",
-           413: "Payload Too Large", 422: "Unprocessable Entity", 431: "Request Header Fields Too Large",
+           413: "Payload Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Entity", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable"}
 _PREFIX, _SUFFIX = "/v1/modules/", "/predict"
 
@@ -41,6 +41,10 @@ class BadRequest(ValueError):
     def __init__(self, detail: str, status: int = 400) -> None:
         super().__init__(detail)
         self.status = status
+
+    def doc(self) -> dict[str, str]:
+        """The answer's JSON: ``detail`` as every other refusal here, ``error`` as OIP v2 clients read it."""
+        return {"detail": str(self), "error": str(self)}
 
 
 def predict_target(path: str) -> str | None:
@@ -53,6 +57,16 @@ def predict_target(path: str) -> str | None:
 
 def json_answer(status: int, obj: Any) -> Answer:
     return status, "application/json", json.dumps(obj).encode()
+
+
+def encoding_refusal(encoding: str | None) -> BadRequest | None:
+    """415 for a body sent compressed (``Content-Encoding``, as tritonclient's ``request_compression_algorithm``
+    sends it), which read as if it were not would fail later with a misleading parse error. Answered like
+    any refusal (:meth:`BadRequest.doc`), but the body was read whole (its Content-Length frames it), so the
+    connection goes on."""
+    if not encoding or encoding.strip().lower() == "identity":
+        return None
+    return BadRequest(f"Content-Encoding {encoding.strip()[:20]!r} is not supported: send the body uncompressed", 415)
 
 
 def error_status(exc: BaseException) -> int:

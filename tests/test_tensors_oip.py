@@ -9,6 +9,7 @@ requests with the same status and words.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import secrets
@@ -106,6 +107,10 @@ def oip_checks(url: str, model: str, version: str, image: np.ndarray, bare: dict
         assert result.get_response()["id"] == "r1" and result.as_numpy("embedding") is None
         assert result.as_numpy("scores").tobytes() == bare["scores"].tobytes()
 
+        # tritonclient's request_compression_algorithm: refused by name, and the connection serves on
+        with pytest.raises(triton.InferenceServerException, match="Content-Encoding 'gzip' is not supported"):
+            client.infer(model, [binary], headers=h(), request_compression_algorithm="gzip")
+
         wrong = triton.InferInput("image", [1, SIZE, SIZE, 3], "FP64")
         wrong.set_data_from_numpy(image.astype(np.float64), binary_data=True)
         with pytest.raises(triton.InferenceServerException, match="the model takes float32"):
@@ -143,6 +148,8 @@ def refusals(client: httpx.Client, path: str, image: np.ndarray) -> list[tuple[i
         {"json": {"inputs": {"image": small.tolist(), "extra": [1.0]}}},
         {"content": npy(image), "headers": {"content-type": "application/x-npy", "accept": "application/x-npy"}},
         {"content": b"{not json"},
+        {"content": gzip.compress(npy(image)), "headers": {"content-type": "application/x-npy",
+                                                          "content-encoding": "gzip"}},
     ]
     out = []
     for kw in cases:
@@ -206,10 +213,11 @@ def device_checks(port: int, sock: Path, web: dict[str, Any], image: np.ndarray,
         device = refusals(tcp, "/v1/modules/cnn/predict", image)
         assert refusals(direct, "/v1/modules/cnn/predict", image) == device
         assert refusals(site, web["url"], image) == device
-        assert [s for s, _ in device] == [422, 422, 422, 422, 422, 406, 400]
+        assert [s for s, _ in device] == [422, 422, 422, 422, 422, 406, 400, 415]
         assert "the model takes float32" in device[0][1] and "uint8" in device[1][1]
         assert "non-finite" in device[2][1] and "non-finite" in device[3][1]
         assert "unknown input(s) ['extra']" in device[4][1] and "2 outputs" in device[5][1]
+        assert device[7][1] == "Content-Encoding 'gzip' is not supported: send the body uncompressed"
     finally:
         tcp.close()
         direct.close()

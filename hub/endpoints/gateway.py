@@ -36,7 +36,7 @@ from hub.endpoints.telemetry import EndpointTelemetry
 from hub.monitoring.prom import LatencyHistogram
 from modules import oip
 from modules.bundle import FILES_DIR, verify_pulled
-from modules.httpwire import keep_large_buffers
+from modules.httpwire import encoding_refusal, keep_large_buffers
 from modules.runners import load_sample, sample_request
 from modules.sandbox import Sandbox
 from protocol.encoding import ProtocolError
@@ -155,7 +155,8 @@ class Gateway:
     # --- requests ------------------------------------------------------------------------------
 
     def handle(self, req: Request) -> Response | asyncio.Future[Response]:
-        resp = self.route(req)
+        refused = encoding_refusal(req.headers.get(b"content-encoding", b"").decode("latin-1"))
+        resp = self.count(reply(refused.status, refused.doc())) if refused else self.route(req)
         self.arena.discard(req.body)  # a body in the arena that no worker will read (refused, not a score route)
         return resp
 

@@ -94,7 +94,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 request = self.reader.take()
             except BadRequest as exc:
                 self._done = True
-                self._queue((exc.status, json.dumps({"detail": str(exc)}).encode(), "application/json", ()), False)
+                self._queue((exc.status, json.dumps(exc.doc()).encode(), "application/json", ()), False)
                 return
             if request is None:
                 return
