@@ -66,6 +66,7 @@ from modules.httpwire import (
     plain_json,
     predict_target,
     predicted,
+    refusal_doc,
 )
 
 if TYPE_CHECKING:
@@ -78,6 +79,9 @@ _VERSION = "0.1.0"  # the agent's, in OIP v2 server metadata
 SHM_EXTENSIONS = [*oip.EXTENSIONS, "system_shared_memory"]  # the local API maps regions (agent/shmem.py)
 
 log = logging.getLogger("edgefleet.agent.api")
+
+
+TOKEN_REQUIRED = "the local API on TCP needs 'Authorization: Bearer <token>' with a token from DATA/api-tokens"
 
 
 class Host(Protocol):
@@ -369,8 +373,7 @@ class _Connection(asyncio.BufferedProtocol):
             app = self.api.app_of(self._reader.head, self._peer_uid)
             if app is None:
                 self.api.agent.rejected["local_api_auth"] += 1
-                self._reply(json_answer(401, {"detail": "the local API on TCP needs 'Authorization: Bearer <token>' "
-                                                        "with a token from DATA/api-tokens"}), keep=False)
+                self._reply(json_answer(401, refusal_doc(TOKEN_REQUIRED)), keep=False)
                 return
             self._busy = True
             try:

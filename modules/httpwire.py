@@ -43,8 +43,12 @@ class BadRequest(ValueError):
         self.status = status
 
     def doc(self) -> dict[str, str]:
-        """The answer's JSON: ``detail`` as every other refusal here, ``error`` as OIP v2 clients read it."""
-        return {"detail": str(self), "error": str(self)}
+        return refusal_doc(str(self))
+
+
+def refusal_doc(text: str) -> dict[str, str]:
+    """A refusal's JSON on any route: ``detail`` as the v1 routes answer, ``error`` as OIP v2 clients read it."""
+    return {"detail": text, "error": text}
 
 
 def predict_target(path: str) -> str | None:

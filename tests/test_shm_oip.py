@@ -21,6 +21,7 @@ import tritonclient.http as triton
 import tritonclient.utils.shared_memory as shm
 
 from agent.apitokens import ApiTokens
+from agent.localapi import TOKEN_REQUIRED
 from edgefleet.broker import free_port
 from modules.examples import write_cnn_onnx
 from protocol.manifest import TensorSpec
@@ -120,6 +121,9 @@ def checks(port: int, image: np.ndarray, bare: dict[str, np.ndarray]) -> None:
                 client.register_system_shared_memory(name, key, size, headers=dict(auth))
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         assert http.post("/v2/systemsharedmemory/region/in/register", json={"key": key_in, "byte_size": 8}).status_code == 401
+        with pytest.raises(triton.InferenceServerException) as refused:  # the reason where tritonclient reads it
+            client.get_system_shared_memory_status(headers={"Authorization": "Bearer not-a-token-of-this-device"})
+        assert refused.value.message() == TOKEN_REQUIRED and refused.value.status() == "401"
 
         client.unregister_system_shared_memory("in", headers=dict(other))  # not app-b's: nothing happens to it
         assert len(client.get_system_shared_memory_status(headers=dict(auth))) == 2

@@ -115,6 +115,11 @@ def oip_checks(url: str, model: str, version: str, image: np.ndarray, bare: dict
         wrong.set_data_from_numpy(image.astype(np.float64), binary_data=True)
         with pytest.raises(triton.InferenceServerException, match="the model takes float32"):
             client.infer(model, [wrong], headers=h())
+
+        if fixed:  # a server that asks for a key: refused with its reason where tritonclient looks for it
+            with pytest.raises(triton.InferenceServerException) as refused:
+                client.infer(model, [binary], headers={"Authorization": "Bearer wrong-key"})
+            assert refused.value.status() == "401" and refused.value.message().startswith("a valid endpoint key")
     finally:
         client.close()
 

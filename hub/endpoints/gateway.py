@@ -36,7 +36,7 @@ from hub.endpoints.telemetry import EndpointTelemetry
 from hub.monitoring.prom import LatencyHistogram
 from modules import oip
 from modules.bundle import FILES_DIR, verify_pulled
-from modules.httpwire import encoding_refusal, keep_large_buffers
+from modules.httpwire import encoding_refusal, keep_large_buffers, refusal_doc
 from modules.runners import load_sample, sample_request
 from modules.sandbox import Sandbox
 from protocol.encoding import ProtocolError
@@ -54,8 +54,8 @@ def reply(status: int, doc: Any, *headers: tuple[str, str]) -> Response:
     return status, dumps(doc), JSON, tuple(headers)
 
 
-UNAUTHORIZED = reply(401, {"detail": "a valid endpoint key is required (Authorization: Bearer KEY or api-key: KEY)"},
-                     ("www-authenticate", "Bearer"))
+_KEY_REQUIRED = "a valid endpoint key is required (Authorization: Bearer KEY or api-key: KEY)"
+UNAUTHORIZED = reply(401, refusal_doc(_KEY_REQUIRED), ("www-authenticate", "Bearer"))
 
 
 class Gateway:
