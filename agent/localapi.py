@@ -46,6 +46,7 @@ from agent.procstat import rss_bytes
 from agent.shmem import SharedMemory
 from modules import oip
 from modules.httpwire import (
+    CONTINUE,
     Answer,
     BadRequest,
     Headers,
@@ -368,6 +369,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self._reply(json_answer(exc.status, exc.doc()), keep=False)
                 return
             if request is None:
+                if self._reader.continue_due():  # nothing is owed ahead of it: not busy
+                    self.transport.write(CONTINUE)
                 return
             method, path, keep, body, headers = request
             app = self.api.app_of(self._reader.head, self._peer_uid)

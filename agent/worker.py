@@ -244,6 +244,8 @@ class DirectSocket:
                 self._write(client, encode_answer(json_answer(exc.status, exc.doc()), False))
                 break
             if request is None:
+                if client.reader.continue_due():  # its answers so far were all taken (the loop's condition)
+                    self._write(client, httpwire.CONTINUE)
                 break
             method, path, keep, body, headers = request
             client.closing = not keep

@@ -26,10 +26,11 @@ Headers = dict[str, str]  # the request headers a route reads (``KEPT``), by low
 
 MAX_BODY = 64 * 2**20  # a 512x512x3 float image is 3 MB in binary, 16.5 MB as JSON
 KEPT = ("content-type", "accept", "x-input", "inference-header-content-length", "content-encoding")
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # the interim answer to ``Expect: 100-continue`` (RequestReader)
 MAX_HEAD = 64 * 1024
 MAX_HEADER_LINES = 100
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
-           411: "Length Required",
+           411: "Length Required", 417: "Expectation Failed",
            413: "Payload Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Entity", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable"}
 _PREFIX, _SUFFIX = "/v1/modules/", "/predict"
@@ -207,6 +208,14 @@ class RequestReader(InPlaceBuffer):
         self._alloc = alloc  # a large body's buffer (the web gateway's: shared memory, hub/endpoints/arena.py)
         self._head: tuple[int, str, str, bool, int, Headers] | None = None  # a parsed head whose body is still arriving
         self.head = b""  # the head of the request last parsed (the one ``take`` returns next): its other headers
+        self._continue = False  # the parsed head asked for 100 Continue and its body has not all come yet
+
+    def continue_due(self) -> bool:
+        """True once after a head that asked ``Expect: 100-continue`` was parsed and its body is still to come:
+        the server then writes :data:`CONTINUE`, and the client sends the body at once instead of after a
+        timeout. A body that already came whole (the client did not wait) is not answered 100."""
+        due, self._continue = self._continue, False
+        return due
 
     def pending(self) -> bool:
         """A next request has (partly) arrived (pipelined): its bytes, or its parsed head with the body coming in place."""
@@ -233,7 +242,7 @@ class RequestReader(InPlaceBuffer):
             body: bytes = self._body  # type: ignore[assignment]  # bytes-like, owned by this request alone
             self._body, self._filled = None, 0
             _, method, path, keep, _, headers = self._head
-            self._head = None
+            self._head, self._continue = None, False
             return method, path, keep, body, headers
         if self._head is None:
             end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
@@ -243,6 +252,7 @@ class RequestReader(InPlaceBuffer):
                 return None
             self.head = bytes(self.buf[:end])
             self._head = (end + 4, *parse_head(self.head))
+            self._continue = "expect" in self._head[5]
         start, method, path, keep, length, headers = self._head
         if len(self.buf) < start + length:
             if length > len(self._scratch):  # the rest comes straight into a buffer of the body's size
@@ -255,6 +265,7 @@ class RequestReader(InPlaceBuffer):
             body = bytes(view[start:start + length])
         del self.buf[:start + length]
         self._head = None
+        self._continue = False
         return method, path, keep, body, headers
 
 
@@ -294,6 +305,10 @@ def parse_head(head: bytes) -> tuple[str, str, bool, int, Headers]:
             keep = value.strip().lower() == "keep-alive" if version == "HTTP/1.0" else value.strip().lower() != "close"
         elif name == "transfer-encoding":
             raise BadRequest("Transfer-Encoding is not supported: send the body with a Content-Length", 411)
+        elif name == "expect":  # curl asks it for bodies over 1 MB, then waits a second for the answer
+            if value.strip().lower() != "100-continue":
+                raise BadRequest(f"Expect {value.strip()[:20]!r} is not supported (only 100-continue)", 417)
+            headers[name] = "100-continue"
         elif name in KEPT:
             headers[name] = value.strip()
     if length > MAX_BODY:

@@ -17,6 +17,7 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the web console's 
 command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)  # the sandbox for operator code (modules/sandbox.py)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)  # a frozen device clock (tests/test_fleet_trust.py)
+command -v curl >/dev/null 2>&1 || missing+=(curl)  # a stranger's client (tests/test_tensors_oip.py)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "installing ${missing[*]} with apt-get" >&2

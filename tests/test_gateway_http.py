@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from hub.endpoints.httpserver import MAX_PIPELINED, HttpProtocol, Request, bind, new_loop
+from modules.httpwire import CONTINUE
 
 
 class Server:
@@ -108,11 +109,30 @@ def test_a_large_body_lands_whole_in_the_allocators_buffer(server):
     assert server.allocated == [len(body)]  # small bodies come with the head, not through the allocator
 
 
+def test_expect_100_continue_is_answered_before_the_body_and_only_while_it_is_awaited(server):
+    body = bytes(range(256)) * 1024  # 256 KB: received in place
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request(2, extra=b"Expect: 100-continue\r\n").replace(b"Content-Length: 0", b"Content-Length: %d"
+                                                                           % len(body)))
+        got = b""
+        while len(got) < len(CONTINUE):  # the client holds its body until this comes (curl: for a second)
+            chunk = sock.recv(len(CONTINUE) - len(got))
+            assert chunk, "closed instead of 100 Continue"
+            got += chunk
+        assert got == CONTINUE
+        sock.sendall(body)
+        # a client that sent its body without waiting gets no 100, only the answer
+        sock.sendall(request(4, b"small", extra=b"Expect: 100-continue\r\n"))
+        (s1, big), (s2, small) = answers(sock, 2)
+    assert (s1, big["size"], big["sum"]) == (200, len(body), sum(body[:1000])) and (s2, small["size"]) == (200, 5)
+
+
 @pytest.mark.parametrize("raw, status", [
     (b"POST /2 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
     (b"POST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 50\r\n\r\nhello", 400),
     (b"POST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999\r\n\r\n", 413),
     (b"GARBAGE\r\n\r\n", 400),
+    (b"POST /2 HTTP/1.1\r\nHost: t\r\nExpect: tea\r\nContent-Length: 0\r\n\r\n", 417),
     (b"GET /2 HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
 ])
 def test_a_refused_request_gets_its_status_and_the_connection_closes(server, raw, status):

@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,21 @@ def device_checks(port: int, sock: Path, web: dict[str, Any], image: np.ndarray,
             assert np.asarray(doc["outputs"]["scores"], np.float32).tobytes() == bare["scores"].tobytes()
         web_doc = site.post(web["url"], content=npy(image), headers={"content-type": "application/x-npy"}).json()
         assert (web_doc["module"], web_doc["version"]) == ("cnn", web["version"])  # the same types on the web
+
+        # curl as a stranger posts an image file: over 1 MB it asks Expect: 100-continue and waits (here up to a
+        # minute) for the interim answer before sending the body; every server gives it at once
+        upload = sock.parent.parent / "image.npy"
+        upload.write_bytes(npy(image))
+        for url, extra in ((f"http://127.0.0.1:{port}/v1/modules/cnn/predict", []),
+                           ("http://device/v1/modules/cnn/predict", ["--unix-socket", str(sock)]),
+                           (web["url"], ["-H", f"api-key: {web['key']}"])):
+            done = subprocess.run(["curl", "-sSv", "--fail-with-body", "--expect100-timeout", "60", *extra,
+                                   "-H", "content-type: application/x-npy", "--data-binary", f"@{upload}", url],
+                                  capture_output=True, timeout=120)
+            assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+            assert b"< HTTP/1.1 100 Continue" in done.stderr, url
+            scores = np.asarray(json.loads(done.stdout)["outputs"]["scores"], np.float32)
+            assert scores.tobytes() == bare["scores"].tobytes(), url
 
         # OIP v2 binary on the direct socket (tritonclient cannot speak to a Unix socket)
         head = json.dumps({"inputs": [{"name": "image", "shape": [1, SIZE, SIZE, 3], "datatype": "FP32",

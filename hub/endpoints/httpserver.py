@@ -21,7 +21,7 @@ from http import HTTPStatus
 from typing import Any
 
 from hub.endpoints.pool import Response
-from modules.httpwire import BadRequest, RequestReader, enlarge
+from modules.httpwire import CONTINUE, BadRequest, RequestReader, enlarge
 
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 MAX_PIPELINED = 64  # answers owed on one connection before it is no longer read from
@@ -97,6 +97,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 self._queue((exc.status, json.dumps(exc.doc()).encode(), "application/json", ()), False)
                 return
             if request is None:
+                if self.reader.continue_due() and not self._responses and self.transport is not None:
+                    self.transport.write(CONTINUE)  # else answers are owed ahead of it: the client's timeout sends it
                 return
             method, target, keep_alive, body, _ = request
             path, _, query = target.partition("?")
