@@ -1,0 +1,115 @@
+"""A device written from docs/protocol.md alone (tests/docdevice.py) against a real hub on a real mosquitto with
+the hub's password file and ACL: enrol, get a model deployed, write byte-identical files, show running and online,
+and refuse tampered documents."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import httpx
+import pytest
+
+from edgefleet.broker import LocalBroker
+from hub import HubConfig, HubServer
+from hub.fleet.broker_auth import BrokerAuth
+from hub.testing import wait_until
+from modules.examples import write_logreg_onnx, write_sample
+from tests.docdevice import P, DocDevice, canonical, load_root
+from tests.pg import hub_db
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """mosquitto on the hub's password file and ACL (as ``hub serve --isolate`` runs it) and the hub on it."""
+    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
+    data = tmp_path / "hub"
+    auth = BrokerAuth(data / "broker")
+    auth.write([])
+    broker = LocalBroker(kind="mosquitto", password_file=auth.password_file, acl_file=auth.acl_file).start()
+    server = HubServer(HubConfig(data, auth.hub_url(broker.url), public_mqtt_url=broker.url, isolate=True,
+                                 broker_pid=broker.proc.pid, **hub_db(data))).start()
+    assert server.wait_mqtt(10)
+    admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=30)
+    try:
+        yield server, admin
+    finally:
+        admin.close()
+        server.stop()
+        broker.stop()
+
+
+def test_a_device_written_from_the_docs_installs_reports_and_refuses_tampering(isolated, tmp_path):
+    server, admin = isolated
+    model_file = write_logreg_onnx(tmp_path / "logreg.onnx", seed=7)
+    weights = tmp_path / "weights.bin"  # large and random: the release lists content-defined spans for it
+    weights.write_bytes(random.Random(7).randbytes(1_500_000))
+    r = admin.post("/api/v1/models", data={"name": "doc-model"},
+                   files=[("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in (model_file, weights)])
+    assert r.status_code in (200, 201), r.text
+    sample = json.loads(write_sample(tmp_path / "sample.json").read_text())
+    module = admin.post("/api/v1/modules", json={"name": "doc-mod", "models": ["doc-model:1"], "sample": sample})
+    assert module.status_code in (200, 201), module.text
+    built = module.json()
+    [token] = admin.post("/api/v1/enrollment-tokens", json={}).json()["tokens"]
+
+    out = tmp_path / "device"
+    device = DocDevice(server.url, token, "doc-1", out, {"os": "docs-only"}).start(telemetry_interval=0.5)
+    try:
+        r = admin.post("/api/v1/deployments", json={"name": "doc", "module": f"doc-mod:{built['version']}",
+                                                    "target": "doc-1"})
+        assert r.status_code in (200, 201), r.text
+
+        def running() -> dict | None:
+            d = admin.get("/api/v1/devices/doc-1").json()
+            mods = [(m["name"], m["version"], m["bundle"], m.get("state")) for m in d.get("modules", [])]
+            return d if d.get("online") and mods == [("doc-mod", built["version"], built["digest"], "running")] else None
+
+        view = wait_until(running, 45, interval=0.2, what="the hub to show doc-mod running on doc-1")
+        assert view["last_seen"], view
+        wait_until(lambda: admin.get("/api/v1/telemetry", params={"device": "doc-1"}).json(), 20, interval=0.2,
+                   what="the device's telemetry at the hub")
+
+        written = out / "doc-mod" / str(built["version"])
+        [onnx] = [p for p in written.rglob("*.onnx")]
+        assert onnx.read_bytes() == model_file.read_bytes()
+        [blob] = [p for p in written.rglob("weights.bin")]
+        assert blob.read_bytes() == weights.read_bytes()
+        assert device.spans_used, "the release listed no spans: the CDC path went untested"
+        assert device.refused == {}, device.refused
+
+        # tampering: a copy of the applied state with a raised revision (its signature no longer covers it),
+        # a replay of the applied state, and a root whose key was swapped; each refused, nothing changes
+        applied = device.applied
+        assert applied is not None
+        revision = applied["signed"]["revision"]
+        forged = copy.deepcopy(applied)
+        forged["signed"]["revision"] += 1
+        device.handle(f"{P}devices/doc-1/desired", canonical(forged))
+        assert device.refused["desired"] == 1 and "not signed" in device.error, device.error
+        device.handle(f"{P}devices/doc-1/desired", canonical(applied))
+        assert device.refused["desired"] == 2 and f"revision {revision} is not above {revision}" in device.error
+        assert device.applied is applied
+        root = copy.deepcopy(device.root)
+        root_env = {"signed": {**root, "version": root["version"] + 1}, "signatures": []}
+        device.handle(f"{P}root/{root['version'] + 1}", canonical(root_env))
+        assert device.refused["root"] == 1 and device.root == root
+        assert [m["state"] for m in device.reports] == ["running"]
+        wait_until(lambda: "is not above" in admin.get("/api/v1/devices/doc-1").json()["reported"]["error"], 10,
+                   what="the refusal reported to the hub")
+    finally:
+        device.stop()
+    wait_until(lambda: admin.get("/api/v1/devices/doc-1").json()["online"] is False, 10, what="offline after stop")
+
+
+def test_the_verifier_refuses_a_root_signed_by_someone_else(isolated):
+    server, admin = isolated
+    [token] = admin.post("/api/v1/enrollment-tokens", json={}).json()["tokens"]
+    root = httpx.post(server.url + "/api/v1/enroll", json={"token": token, "device_id": "doc-2"}).json()["root"]
+    assert load_root(root)["version"] >= 1
+    bad = copy.deepcopy(root)
+    bad["signed"]["expires"] += 1
+    with pytest.raises(Exception, match="not signed by a threshold"):
+        load_root(bad)
+
