@@ -16,7 +16,7 @@ from hub import HubConfig, HubServer
 from hub.fleet.broker_auth import BrokerAuth
 from hub.testing import wait_until
 from modules.examples import write_logreg_onnx, write_sample
-from tests.docdevice import P, DocDevice, canonical, load_root
+from tests.docdevice import DocDevice, P, canonical, load_root
 from tests.pg import hub_db
 
 
