@@ -9,14 +9,15 @@ project's own packages, on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import queue
 import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,7 +58,7 @@ def is_int(x: Any) -> bool:
 
 
 def parse_json(payload: bytes) -> Doc:
-    """§3: at most 512 KiB, UTF-8, a JSON object, ``v`` = 1 (envelopes carry it in ``signed``)."""
+    """§3: at most 512 KiB, UTF-8, a JSON object (``v`` is checked where the document is read)."""
     if len(payload) > MAX_JSON:
         raise Refused(f"message of {len(payload)} bytes is over 512 KiB")
     try:
@@ -214,6 +215,8 @@ def check_release(root: Doc, envelope: Doc, bundle: str, module: Doc, policy: Do
                       f"the state names {module['name']}:{module['version']}")
     if reason := forbidden(policy, manifest["name"], manifest["version"]):
         raise Refused(reason)
+    if sum(f.get("size", 0) for f in manifest.get("files", [])) != module["size"]:
+        raise Refused(f"release holds another size than the state's {module['size']} bytes")
     for f in manifest.get("files", []):
         parts = str(f.get("path")).split("/")
         if not 1 <= len(parts) <= 8 or not all(NAME.match(p) for p in parts):
@@ -272,7 +275,7 @@ class DocDevice:
         self.error, self.reports, self.seq = "", [], 0
         self.refused: Counter[str] = Counter()
         self.chunks: dict[str, bytes] = {}  # the local chunk store, by digest
-        self.fetches: dict[str, _Fetch] = {}
+        self.fetches: dict[str, queue.Queue[tuple[str, bytes]]] = {}  # bundle -> parts arriving for it
         self.spans_used: set[str] = set()  # files fetched by content-defined spans
         self.hub_online: bool | None = None
         self.stopping = threading.Event()
@@ -308,7 +311,7 @@ class DocDevice:
             log.warning("connect refused: %s", rc)
             return
         # §7a.2 and §10: roots with (here: before) the state; presence; the outbox waits for the hub.
-        client.subscribe([(f"{P}root/+", 1), (self.topic("desired"), 1), (f"{P}hub/status", 1), (self.topic("cmd"), 1)])
+        client.subscribe([(f"{P}root/+", 1), (self.topic("desired"), 1), (f"{P}hub/status", 1)])
         client.publish(self.topic("status"), self.status(True), qos=1, retain=True)
         self.hub_online = None if self.hub_online is None else False
         self._report()
@@ -323,8 +326,8 @@ class DocDevice:
         try:
             if topic.startswith(f"{P}blobs/"):
                 _, bundle, part = topic.removeprefix(P).split("/")
-                if (f := self.fetches.get(bundle)) is not None:
-                    f.offer(part, payload)
+                if (inbox := self.fetches.get(bundle)) is not None:
+                    inbox.put((part, payload))
                 return
             doc = parse_json(payload)
             if topic.startswith(f"{P}root/"):
@@ -333,9 +336,6 @@ class DocDevice:
                 self.hub_online = doc.get("online") is True
             elif topic == self.topic("desired"):
                 self._on_desired(doc)
-            elif topic == self.topic("cmd") and doc.get("name") == "ping" and "signed" not in doc:
-                reply = {"v": 1, "id": doc.get("id"), "ok": True, "result": "pong", "error": ""}
-                self.client.publish(self.topic("cmd-res"), canonical(reply), qos=1)
         except Refused as exc:
             self.refused[kind] += 1
             log.warning("refused %s: %s", topic, exc)
@@ -349,14 +349,12 @@ class DocDevice:
                 self.pending_roots[version] = envelope
             while (nxt := self.pending_roots.pop(self.root["version"] + 1, None)) is not None:
                 self.root = next_root(self.root, nxt)
-                if self.policy is not None and self.policy_envelope_stale():
+                held = (self.applied or {}).get("signed", {}).get("policy")
+                if self.policy is not None and (held is None or not signed_by(self.root, "release", held)):
                     self.policy = None  # §7b: the root stopped trusting the policy's keys
                 if self.held_refused is not None:  # §7a.4: judge the refused state again
-                    self._on_desired(self.held_refused)
-
-    def policy_envelope_stale(self) -> bool:
-        policy_env = (self.applied or {}).get("signed", {}).get("policy")
-        return policy_env is None or not signed_by(self.root, "release", policy_env)
+                    with contextlib.suppress(Refused):
+                        self._on_desired(self.held_refused)
 
     def floor(self) -> int:
         """§7a.5: the applied revision while the trusted root still accepts its director signatures."""
@@ -399,52 +397,54 @@ class DocDevice:
                 self._report()
 
     def _fetch(self, module: Doc, timeout: float = 60) -> dict[str, bytes]:
-        """§6 transfer over MQTT: subscribe, ask for the release, verify it, ask for missing chunks with backoff."""
-        bundle, deadline = module["bundle"], time.monotonic() + timeout
-        f = self.fetches.setdefault(bundle, _Fetch())
+        """§6 over MQTT: subscribe, ask for the release, verify it, ask for missing chunks with backoff, assemble."""
+        bundle, deadline, backoff = module["bundle"], time.monotonic() + timeout, 2.0
+        inbox = self.fetches[bundle] = queue.Queue()
         self.client.subscribe(f"{P}blobs/{bundle}/+", qos=1)  # before asking: parts are not retained
-        backoff = 2.0
-        while not isinstance(release := f.release, dict):
-            if isinstance(release, bytes):
+        release: Doc | None = None
+        lists: dict[str, list[tuple[str, int]]] = {}
+        want: dict[str, int] = {}  # digest -> size, of the chosen lists
+        got: dict[str, bytes] = {}
+        while release is None or len(got) < len(want):
+            check_deadline(deadline, f"bundle {bundle}: {'chunks' if release else 'the release'}")
+            missing = [d for d in want if d not in got]
+            for i in range(0, max(len(missing), 1), 64):  # the release first, then 64 chunks per request
+                self._request(bundle, release is None, missing[i:i + 64])
+            until = time.monotonic() + backoff
+            while (release is None or len(got) < len(want)) and (left := until - time.monotonic()) > 0:
                 try:
-                    with self.lock:
-                        f.release = check_release(self.root, parse_json(release), bundle, module, self.policy,
-                                                  time.time())
-                    continue
-                except Refused as exc:
-                    self.refused["release"] += 1
-                    f.release, f.refusal = None, str(exc)
-            self._check_deadline(deadline, f"the release ({f.refusal or 'none came'})")
-            self._request(bundle, True, [])
-            f.wait_for(lambda: f.release is not None, backoff)
+                    part, payload = inbox.get(timeout=left)
+                except queue.Empty:
+                    break
+                if part == "manifest" and release is None:
+                    try:
+                        with self.lock:
+                            release = check_release(self.root, parse_json(payload), bundle, module, self.policy,
+                                                    time.time())
+                    except Refused as exc:  # anyone might publish here: wait for a genuine one
+                        self.refused["release"] += 1
+                        log.warning("release refused: %s", exc)
+                        continue
+                    lists = chunk_lists(release, set(self.chunks))
+                    want = {d: n for lst in lists.values() for d, n in lst}
+                    got = {d: self.chunks[d] for d in want if d in self.chunks}
+                    fixed = {e["path"]: e["chunks"] for e in release["manifest"]["files"]}
+                    self.spans_used.update(p for p, lst in lists.items() if [d for d, _ in lst] != fixed[p])
+                elif part in want and len(payload) == want[part] and sha256(payload) == part:
+                    got[part] = payload  # §6 step 3: its digest, chosen and of the size the list gives
+                elif part != "manifest":  # simpler than §6: another device's choice is counted as bad ones are
+                    self.refused["chunk"] += 1
             backoff = min(backoff * 2, 30)
-        lists = chunk_lists(release, set(self.chunks))
-        fixed = {e["path"]: e["chunks"] for e in release["manifest"]["files"]}
-        self.spans_used.update(p for p, lst in lists.items() if [d for d, _ in lst] != fixed[p])
-        with f.cond:
-            f.want = {d: s for lst in lists.values() for d, s in lst}
-        backoff = 2.0
-        while missing := [d for d in f.want if d not in self.chunks and d not in f.got]:
-            self._check_deadline(deadline, f"{len(missing)} chunks")
-            for i in range(0, len(missing), 64):
-                self._request(bundle, False, missing[i:i + 64])
-            f.wait_for(lambda: all(d in f.got for d in missing), backoff)
-            backoff = min(backoff * 2, 30)
-        self.chunks.update(f.got)
+        self.fetches.pop(bundle, None)
+        self.client.unsubscribe(f"{P}blobs/{bundle}/+")
+        self.chunks.update(got)
         files = {}
-        for entry in release["manifest"]["files"]:
-            data = b"".join(self.chunks[d] for d, _ in lists[entry["path"]])
+        for entry in release["manifest"]["files"]:  # §6 step 5
+            data = b"".join(got[d] for d, _ in lists[entry["path"]])
             if len(data) != entry["size"] or sha256(data) != entry["sha256"]:
                 raise Refused(f"{entry['path']}: assembled file does not match the manifest")
             files[entry["path"]] = data
-        self.fetches.pop(bundle, None)
-        self.client.unsubscribe(f"{P}blobs/{bundle}/+")
         return files
-
-    @staticmethod
-    def _check_deadline(deadline: float, what: str) -> None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out fetching {what}")
 
     def _request(self, bundle: str, manifest: bool, chunks: list[str]) -> None:
         req = {"v": 1, "device": self.id, "bundle": bundle, "manifest": manifest, "chunks": chunks}
@@ -472,38 +472,11 @@ class DocDevice:
             self.client.publish(self.topic("telemetry"), canonical(batch), qos=1)
 
 
+def check_deadline(deadline: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"timed out fetching {what}")
+
+
 def _report_for(m: Doc, state: str, error: str = "", progress: float = 0.0) -> Doc:
     return {"name": m["name"], "version": m["version"], "bundle": m["bundle"], "state": state, "error": error,
             "progress": progress, "config": "", "accelerator": "", "shadow": None}
-
-
-class _Fetch:
-    """What arrived for one bundle: the raw release, then the verified one, and the wanted chunks."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.release: bytes | Doc | None = None
-        self.want: dict[str, int] = {}
-        self.got: dict[str, bytes] = {}
-        self.refusal, self.dropped = "", 0
-
-    def offer(self, part: str, payload: bytes) -> None:
-        with self.cond:
-            if part == "manifest":
-                if not isinstance(self.release, dict):
-                    self.release = payload
-            elif part in self.want and len(payload) == self.want[part] and sha256(payload) == part:
-                self.got[part] = payload
-            elif not isinstance(self.release, dict) or not self._listed(part):
-                self.dropped += 1  # §6 step 3: a chunk the release lists but we did not choose is ignored
-            self.cond.notify_all()
-
-    def _listed(self, part: str) -> bool:
-        m = self.release["manifest"]  # type: ignore[index]
-        spans = (self.release.get("spans") or {}).get("files", {})  # type: ignore[union-attr]
-        return any(part in f["chunks"] for f in m["files"]) or any(part == s.get("sha256") for v in spans.values()
-                                                                   for s in v)
-
-    def wait_for(self, predicate: Callable[[], bool], seconds: float) -> None:
-        with self.cond:
-            self.cond.wait_for(predicate, max(0.05, seconds))

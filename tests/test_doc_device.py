@@ -68,8 +68,16 @@ def test_a_device_written_from_the_docs_installs_reports_and_refuses_tampering(i
 
         view = wait_until(running, 45, interval=0.2, what="the hub to show doc-mod running on doc-1")
         assert view["last_seen"], view
-        wait_until(lambda: admin.get("/api/v1/telemetry", params={"device": "doc-1"}).json(), 20, interval=0.2,
-                   what="the device's telemetry at the hub")
+        dep = wait_until(lambda: (d := admin.get("/api/v1/deployments/doc").json())["rollout"]["state"] == "succeeded"
+                         and d, 20, interval=0.2, what="the deployment's rollout to succeed")
+        assert dep["counts"] == {"running": 1} and dep["bundle"] == built["digest"], dep
+        def telemetry() -> list[dict]:
+            rows = admin.get("/api/v1/telemetry", params={"device": "doc-1"}).json()
+            return rows.get("items", rows) if isinstance(rows, dict) else rows
+
+        rows = wait_until(telemetry, 20, interval=0.2, what="the device's telemetry at the hub")
+        assert {r["module"] for r in rows} == {"doc-mod"}, rows
+        assert [d["id"] for d in admin.get("/api/v1/devices", params={"status": "online"}).json()] == ["doc-1"]
 
         written = out / "doc-mod" / str(built["version"])
         [onnx] = [p for p in written.rglob("*.onnx")]
