@@ -364,6 +364,8 @@ class DocDevice:
 
     def _on_desired(self, envelope: Doc) -> None:
         with self.lock:
+            if self.applied is not None and canonical(envelope) == canonical(self.applied):
+                return  # §5: the retained copy of the applied state, re-sent on every (re)subscription
             try:
                 signed, policy = check_desired(self.root, envelope, self.id, self.floor(), self.policy, time.time())
             except Refused as exc:

@@ -7,16 +7,19 @@ from __future__ import annotations
 import copy
 import json
 import random
+import time
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edgefleet.broker import LocalBroker
 from hub import HubConfig, HubServer
 from hub.fleet.broker_auth import BrokerAuth
 from hub.testing import wait_until
 from modules.examples import write_logreg_onnx, write_sample
-from tests.docdevice import DocDevice, P, canonical, load_root
+from tests.docdevice import DocDevice, P, Refused, canonical, check_release, load_root, sha256
 from tests.pg import hub_db
 
 
@@ -87,28 +90,79 @@ def test_a_device_written_from_the_docs_installs_reports_and_refuses_tampering(i
         assert device.spans_used, "the release listed no spans: the CDC path went untested"
         assert device.refused == {}, device.refused
 
-        # tampering: a copy of the applied state with a raised revision (its signature no longer covers it),
-        # a replay of the applied state, and a root whose key was swapped; each refused, nothing changes
-        applied = device.applied
-        assert applied is not None
-        revision = applied["signed"]["revision"]
-        forged = copy.deepcopy(applied)
-        forged["signed"]["revision"] += 1
-        device.handle(f"{P}devices/doc-1/desired", canonical(forged))
-        assert device.refused["desired"] == 1 and "not signed" in device.error, device.error
-        device.handle(f"{P}devices/doc-1/desired", canonical(applied))
-        assert device.refused["desired"] == 2 and f"revision {revision} is not above {revision}" in device.error
-        assert device.applied is applied
-        root = copy.deepcopy(device.root)
-        root_env = {"signed": {**root, "version": root["version"] + 1}, "signatures": []}
-        device.handle(f"{P}root/{root['version'] + 1}", canonical(root_env))
-        assert device.refused["root"] == 1 and device.root == root
+        tampered_states_are_refused(server, device)
+        tampered_releases_are_refused(server, device)
         assert [m["state"] for m in device.reports] == ["running"]
-        wait_until(lambda: "is not above" in admin.get("/api/v1/devices/doc-1").json()["reported"]["error"], 10,
-                   what="the refusal reported to the hub")
+        wait_until(lambda: "forbidden" in admin.get("/api/v1/devices/doc-1").json()["reported"]["error"], 10,
+                   what="the last refusal reported to the hub")
     finally:
         device.stop()
     wait_until(lambda: admin.get("/api/v1/devices/doc-1").json()["online"] is False, 10, what="offline after stop")
+
+
+def sign(signed: dict, key: Ed25519PrivateKey) -> dict:
+    """An envelope as §7 describes it, signed by one of the hub's own keys (the test is the operator)."""
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return {"signed": signed, "signatures": [{"keyid": sha256(public), "sig": key.sign(canonical(signed)).hex()}]}
+
+
+def tampered_states_are_refused(server: HubServer, device: DocDevice) -> None:
+    """Modified copies of the applied state, fed to the device as if from the broker: each refused with its reason,
+    the applied state kept. The identical retained copy is a no-op (§5)."""
+    applied = device.applied
+    assert applied is not None
+    topic = f"{P}devices/doc-1/desired"
+    device.handle(topic, canonical(copy.deepcopy(applied)))
+    assert device.refused == {} and device.error == ""
+    director, release = server.hub.keys.director_key, server.hub.keys.release_key
+    state, now = applied["signed"], int(time.time())
+    revision, version = state["revision"], state["modules"][0]["version"]
+    policy = {"type": "release-policy", "v": 1, "version": 1, "expires": now + 3600,
+              "modules": {"doc-mod": {"min_version": 1, "revoked": [version]}}}
+    cases = [
+        ({**applied, "signed": {**state, "revision": revision + 1}}, "not signed by a threshold of the director"),
+        (sign({**state, "revision": revision + 1}, release), "not signed by a threshold of the director"),
+        (sign({**state, "revision": revision + 1, "device": "doc-2"}, director), "is for device 'doc-2'"),
+        (sign({**state, "modules": []}, director), f"revision {revision} is not above {revision}"),
+        (sign({**state, "revision": revision + 1, "expires": now - 1}, director), "desired state expired"),
+        (sign({**state, "revision": revision + 1, "expires": now + 40 * 86400}, director), "s ahead of now"),
+        (sign({**state, "revision": revision + 1, "v": 2}, director), "unsupported schema version"),
+        (sign({**state, "revision": revision + 1, "policy": sign(policy, director)}, director),
+         "release policy is not signed"),
+        (sign({**state, "revision": revision + 1, "policy": sign(policy, release)}, director),
+         f"doc-mod version {version} is forbidden"),
+    ]
+    for n, (envelope, reason) in enumerate(cases, 1):
+        device.handle(topic, canonical(envelope))
+        assert device.refused["desired"] == n and reason in device.error, (n, device.error)
+        assert device.applied is applied
+    root = copy.deepcopy(device.root)
+    device.handle(f"{P}root/{root['version'] + 1}", canonical({"signed": {**root, "version": root["version"] + 1},
+                                                                  "signatures": []}))
+    assert device.refused["root"] == 1 and device.root == root
+
+
+def tampered_releases_are_refused(server: HubServer, device: DocDevice) -> None:
+    """The release as §6 serves it over HTTP, and modified copies of it against the device's release checks."""
+    module = device.applied["signed"]["modules"][0]  # type: ignore[index]
+    r = httpx.get(f"{server.url}/api/v1/device/bundles/{module['bundle']}/release", auth=(device.id, device.password))
+    assert r.status_code == 200, r.text
+    genuine = r.json()
+    assert check_release(device.root, genuine, module["bundle"], module, None, time.time())["manifest"]["name"] == \
+        "doc-mod"
+    signed, release_key = genuine["signed"], server.hub.keys.release_key
+    renamed = {**signed, "manifest": {**signed["manifest"], "name": "other"}}
+    cases = [
+        ({**genuine, "signed": renamed}, module, "not signed by a threshold of the release role"),
+        (sign(signed, server.hub.keys.director_key), module, "not signed by a threshold of the release role"),
+        (sign(renamed, release_key), module, "does not hash to its bundle digest"),
+        (sign({**signed, "expires": int(time.time()) - 1}, release_key), module, "release expired"),
+        (genuine, {**module, "size": module["size"] + 1}, "another size"),
+        (genuine, {**module, "version": module["version"] + 1}, "the state names doc-mod"),
+    ]
+    for envelope, entry, reason in cases:
+        with pytest.raises(Refused, match=reason):
+            check_release(device.root, envelope, module["bundle"], entry, None, time.time())
 
 
 def test_the_verifier_refuses_a_root_signed_by_someone_else(isolated):
@@ -118,6 +172,6 @@ def test_the_verifier_refuses_a_root_signed_by_someone_else(isolated):
     assert load_root(root)["version"] >= 1
     bad = copy.deepcopy(root)
     bad["signed"]["expires"] += 1
-    with pytest.raises(Exception, match="not signed by a threshold"):
+    with pytest.raises(Refused, match="not signed by a threshold"):
         load_root(bad)
 
