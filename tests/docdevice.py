@@ -277,6 +277,7 @@ class DocDevice:
         self.chunks: dict[str, bytes] = {}  # the local chunk store, by digest
         self.fetches: dict[str, queue.Queue[tuple[str, bytes]]] = {}  # bundle -> parts arriving for it
         self.spans_used: set[str] = set()  # files fetched by content-defined spans
+        self.installed: dict[str, str] = {}  # module -> bundle written and reported running
         self.hub_online: bool | None = None
         self.stopping = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.id, protocol=mqtt.MQTTv5)
@@ -292,10 +293,12 @@ class DocDevice:
 
     def start(self, telemetry_interval: float = 1.0) -> DocDevice:
         url = urlsplit(self.mqtt_url)
+        if url.scheme == "mqtts":
+            self.client.tls_set()  # the system's CAs; a private CA comes as the enrolment's broker_ca (not handled)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self.client.reconnect_delay_set(1, 30)
-        self.client.connect(url.hostname or "localhost", url.port or 1883, clean_start=False, properties=props)
+        self.client.connect(url.hostname or "localhost", url.port or (8883 if url.scheme == "mqtts" else 1883), clean_start=False, properties=props)
         self.client.loop_start()
         threading.Thread(target=self._telemetry, args=(telemetry_interval,), daemon=True).start()
         return self
@@ -379,6 +382,9 @@ class DocDevice:
 
     def _install(self, state: Doc) -> None:
         for i, module in enumerate(state.get("modules", [])):
+            if self.installed.get(module["name"]) == module["bundle"]:
+                self._set(state, i, "running")  # a re-signed state naming what already runs
+                continue
             try:
                 self._set(state, i, "downloading")
                 files = self._fetch(module)
@@ -387,6 +393,7 @@ class DocDevice:
                     dest = target.joinpath(*path.split("/"))
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     dest.write_bytes(data)
+                self.installed[module["name"]] = module["bundle"]
                 self._set(state, i, "running")
             except (Refused, TimeoutError) as exc:
                 self.refused["install"] += 1

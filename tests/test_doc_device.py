@@ -95,6 +95,20 @@ def test_a_device_written_from_the_docs_installs_reports_and_refuses_tampering(i
         assert [m["state"] for m in device.reports] == ["running"]
         wait_until(lambda: "forbidden" in admin.get("/api/v1/devices/doc-1").json()["reported"]["error"], 10,
                    what="the last refusal reported to the hub")
+
+        # a director key rotation: root 2 on root/+ and a state re-signed by the new key, in either order (§10)
+        applied = device.applied["signed"]  # type: ignore[index]
+        r = admin.post("/api/v1/keys/rotate", json={"role": "director"})
+        assert r.status_code == 200 and r.json()["resigned_states"] >= 1, r.text
+
+        def moved_on() -> dict | None:
+            d = admin.get("/api/v1/devices/doc-1").json()
+            ok = d["reported_revision"] == d["revision"] > applied["revision"] and d["state"] == "running"
+            return d if ok and not d["reported"]["error"] else None
+
+        wait_until(moved_on, 20, interval=0.2, what="the device to accept the state re-signed after the rotation")
+        assert device.root["version"] == 2 and device.refused["root"] == 1  # the forged root of earlier only
+        assert device.applied["signed"]["modules"] == applied["modules"]  # type: ignore[index]
     finally:
         device.stop()
     wait_until(lambda: admin.get("/api/v1/devices/doc-1").json()["online"] is False, 10, what="offline after stop")
