@@ -373,42 +373,45 @@ class _Connection(asyncio.BufferedProtocol):
                     self.transport.write(CONTINUE)
                 return
             method, path, keep, body, headers = request
+            head = method == "HEAD"  # answered as GET is, without the body
             app = self.api.app_of(self._reader.head, self._peer_uid)
             if app is None:
                 self.api.agent.rejected["local_api_auth"] += 1
-                self._reply(json_answer(401, refusal_doc(TOKEN_REQUIRED)), keep=False)
+                self._reply(json_answer(401, refusal_doc(TOKEN_REQUIRED)), keep=False, head=head)
                 return
             self._busy = True
             try:
-                answer = self.api.route(method, path, body, functools.partial(self._later, keep), headers, app,
-                                        self._peer_uid)
+                answer = self.api.route("GET" if head else method, path, body,
+                                        functools.partial(self._later, keep, head=head), headers, app, self._peer_uid)
             except BadRequest as exc:  # a malformed header the route needed (Inference-Header-Content-Length)
                 answer = json_answer(exc.status, exc.doc())
             if answer is None:
                 return  # _later answers (it may have already)
             if isinstance(answer, tuple):
                 self._busy = False
-                self._reply(answer, keep)
+                self._reply(answer, keep, head)
             else:
-                self._task = asyncio.get_running_loop().create_task(self._finish(answer, keep))
+                self._task = asyncio.get_running_loop().create_task(self._finish(answer, keep, head))
 
-    def _later(self, keep: bool, answer: Answer) -> None:
+    def _later(self, keep: bool, answer: Answer, head: bool = False) -> None:
         self._busy = False
-        self._reply(answer, keep)
+        self._reply(answer, keep, head)
         if self._reader.pending():  # pipelined requests that came meanwhile
             self._serve()
 
-    async def _finish(self, pending: Coroutine[Any, Any, Answer], keep: bool) -> None:
+    async def _finish(self, pending: Coroutine[Any, Any, Answer], keep: bool, head: bool) -> None:
         try:
             answer = await pending
         finally:
             self._task = None
-        self._later(keep, answer)
+        self._later(keep, answer, head)
 
-    def _reply(self, answer: Answer, keep: bool) -> None:
+    def _reply(self, answer: Answer, keep: bool, head: bool = False) -> None:
         if self.transport is None:
             return
-        if len(answer[2]) > 65536:  # a tensor answer: its buffer sent as it is, after the head
+        if head:  # HEAD: the head alone (a body would be read as the next answer's start)
+            self.transport.write(encode_head(answer, keep))
+        elif len(answer[2]) > 65536:  # a tensor answer: its buffer sent as it is, after the head
             self.transport.write(encode_head(answer, keep))
             self.transport.write(answer[2])
         else:

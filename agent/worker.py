@@ -249,11 +249,12 @@ class DirectSocket:
                 break
             method, path, keep, body, headers = request
             client.closing = not keep
+            head = method == "HEAD"  # answered as GET is, without the body
             try:
-                answer = self.answer(method, path, body, headers, client.app)
+                answer = self.answer("GET" if head else method, path, body, headers, client.app)
             except BadRequest as exc:  # a malformed header the route needed
                 answer = json_answer(exc.status, exc.doc())
-            self._write(client, encode_answer(answer, keep))
+            self._write(client, httpwire.encode_head(answer, keep) if head else encode_answer(answer, keep))
         if client.closing and not client.out:
             self._drop(client)
 

@@ -71,6 +71,15 @@ def test_serve_runs_a_pulled_bundle_without_the_hub(server, module, tmp_path):
         assert httpx.post(url, json={"inputs": {"x": [[0.1]]}}, headers={"api-key": "k-one"}).status_code == 422
         assert httpx.post(url, json={"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}).status_code == 401
         assert httpx.get(url.rsplit("/endpoints", 1)[0] + "/readyz").status_code == 200
+        # Prometheus: this endpoint's own counters, for its key holders (a hub's /metrics carries the hub's endpoints)
+        metrics = url.rsplit("/endpoints", 1)[0] + "/metrics"
+        assert httpx.get(metrics).status_code == 401
+        text = httpx.get(metrics, headers={"Authorization": "Bearer k-one"}).text
+        for line in ('edgefleet_hub_endpoint_up{endpoint="lrmod"} 1',
+                     'edgefleet_hub_endpoint_responses_total{endpoint="lrmod",code="200"} 1',
+                     'edgefleet_hub_endpoint_responses_total{endpoint="lrmod",code="422"} 1',
+                     f'edgefleet_hub_endpoint_latency_ms_count{{endpoint="lrmod",version="{module}"}} 1'):
+            assert line in text.splitlines(), (line, text)
         # the gateway's HTTP/1.1 as a raw client sees it: pipelined answers in order, refusals that close
         port, path = int(url.split(":")[2].split("/")[0]), "/endpoints/lrmod/score"
         ok, bad = (b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}', b'{"inputs": {"x": [[0.1]]}}')

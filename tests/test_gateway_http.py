@@ -127,6 +127,19 @@ def test_expect_100_continue_is_answered_before_the_body_and_only_while_it_is_aw
     assert (s1, big["size"], big["sum"]) == (200, len(body), sum(body[:1000])) and (s2, small["size"]) == (200, 5)
 
 
+def test_a_head_request_gets_the_head_alone_and_the_next_answer_follows_it(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"HEAD /2 HTTP/1.1\r\nHost: t\r\n\r\n" + request(4, b"abc"))
+        buf = b""
+        while buf.count(b"\r\n\r\n") < 2 or not buf.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, buf
+            buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: " in head  # the length GET's body would have
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b'"size": 3, "sum": 294}')  # no body in between
+
+
 @pytest.mark.parametrize("raw, status", [
     (b"POST /2 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
     (b"POST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 50\r\n\r\nhello", 400),

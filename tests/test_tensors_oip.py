@@ -203,6 +203,11 @@ def device_checks(port: int, sock: Path, web: dict[str, Any], image: np.ndarray,
         web_doc = site.post(web["url"], content=npy(image), headers={"content-type": "application/x-npy"}).json()
         assert (web_doc["module"], web_doc["version"]) == ("cnn", web["version"])  # the same types on the web
 
+        # HEAD answered with the head alone: the next request on the same connection reads its own answer
+        for client, path in ((tcp, "/healthz"), (direct, "/v2/health/ready")):
+            first, second = client.head(path), client.get(path)
+            assert first.status_code == second.status_code == 200 and first.content == b"" and second.json(), path
+
         # curl as a stranger posts an image file: over 1 MB it asks Expect: 100-continue and waits (here up to a
         # minute) for the interim answer before sending the body; every server gives it at once
         upload = sock.parent.parent / "image.npy"

@@ -33,7 +33,7 @@ from hub.endpoints.httpserver import HttpProtocol, Request, bind, new_loop
 from hub.endpoints.pool import Pool, PoolError, Response, Settings
 from hub.endpoints.spec import Version, parse_spec
 from hub.endpoints.telemetry import EndpointTelemetry
-from hub.monitoring.prom import LatencyHistogram
+from hub.monitoring.prom import Exposition, LatencyHistogram, endpoint_families
 from modules import oip
 from modules.bundle import FILES_DIR, verify_pulled
 from modules.httpwire import encoding_refusal, keep_large_buffers, refusal_doc
@@ -60,8 +60,9 @@ UNAUTHORIZED = reply(401, refusal_doc(_KEY_REQUIRED), ("www-authenticate", "Bear
 
 class Gateway:
     def __init__(self, name: str, root: dict[str, Any] | None, control_token: str | None = None,
-                 sandbox: Sandbox | None = None) -> None:
+                 sandbox: Sandbox | None = None, metrics: bool = False) -> None:
         self.name = name
+        self.metrics = metrics  # serve /metrics (standalone; under the hub its /metrics carries the counters)
         self.sandbox = sandbox or Sandbox()  # where workers run the modules' code (modules/sandbox.py)
         self.root = root  # the pinned root envelope every bundle must verify against (None: trust the bundle's own)
         self.control_token = control_token.encode() if control_token else None
@@ -173,6 +174,12 @@ class Gateway:
             return reply(200, self.describe())
         if req.path.startswith("/v2"):
             return self.oip(req)
+        if req.path == "/metrics" and self.metrics:  # counts of this endpoint's traffic: for its key holders
+            if not self.authorized(req.headers):
+                return self.count(UNAUTHORIZED)
+            out = Exposition()
+            endpoint_families(out, [(self.name, self.status())])
+            return 200, out.render().encode(), "text/plain; version=0.0.4; charset=utf-8", ()
         if req.path in ("/healthz", "/readyz"):
             ready = bool(self.pools) and all(p.ready for p in self.pools.values())
             return reply(200 if ready or req.path == "/healthz" else 503, {"status": "ready" if ready else "starting"})

@@ -70,7 +70,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.handler = handler
         self.reader = RequestReader(alloc) if alloc is not None else RequestReader()
         self.transport: asyncio.Transport | None = None
-        self._responses: deque[tuple[Response | asyncio.Future[Response], bool]] = deque()
+        # answers owed, in request order: (answer, keep-alive, a HEAD request's: the head without the body)
+        self._responses: deque[tuple[Response | asyncio.Future[Response], bool, bool]] = deque()
         self._done = False  # a request said Connection: close, or was refused: nothing more is read
         self._paused = False
 
@@ -108,18 +109,18 @@ class HttpProtocol(asyncio.BufferedProtocol):
             except Exception:  # a bug in a handler must not kill the connection silently
                 resp = (500, b'{"detail":"internal error"}', "application/json", ())
             self._done = not keep_alive
-            self._queue(resp, keep_alive)
+            self._queue(resp, keep_alive, method == "HEAD")
             if len(self._responses) >= MAX_PIPELINED and self.transport is not None:
                 self._paused = True  # a client that does not read its answers is not read from until it does
                 self.transport.pause_reading()
 
     # --- responses, in request order ---------------------------------------------------------
 
-    def _queue(self, resp: Response | asyncio.Future[Response], keep_alive: bool) -> None:
+    def _queue(self, resp: Response | asyncio.Future[Response], keep_alive: bool, head_only: bool = False) -> None:
         if not isinstance(resp, asyncio.Future) and not self._responses:
-            self._write(resp, keep_alive)  # the common case: nothing pending ahead of it
+            self._write(resp, keep_alive, head_only)  # the common case: nothing pending ahead of it
             return
-        self._responses.append((resp, keep_alive))
+        self._responses.append((resp, keep_alive, head_only))
         if isinstance(resp, asyncio.Future):
             resp.add_done_callback(self._flush)
         else:
@@ -127,23 +128,25 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def _flush(self, _: object = None) -> None:
         while self._responses:
-            resp, keep_alive = self._responses[0]
+            resp, keep_alive, head_only = self._responses[0]
             if isinstance(resp, asyncio.Future):
                 if not resp.done():
                     break
                 resp = resp.result() if not resp.cancelled() else (503, b"", "text/plain", ())
             self._responses.popleft()
-            self._write(resp, keep_alive)
+            self._write(resp, keep_alive, head_only)
         if self._paused and len(self._responses) < MAX_PIPELINED // 2 and self.transport is not None \
                 and not self.transport.is_closing():
             self._paused = False
             self.transport.resume_reading()
             self._take()  # requests that arrived before the pause
 
-    def _write(self, resp: Response, keep_alive: bool) -> None:
+    def _write(self, resp: Response, keep_alive: bool, head_only: bool = False) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if len(resp[1]) > 65536:  # a tensor answer: not copied into one buffer with its head, yet one writev
+        if head_only:  # HEAD: the answer's head (its Content-Length the body's) and no body, or framing breaks
+            self.transport.write(render_head(resp, keep_alive))
+        elif len(resp[1]) > 65536:  # a tensor answer: not copied into one buffer with its head, yet one writev
             self.transport.writelines((render_head(resp, keep_alive), resp[1]))  # (two writes: two wakeups)
         else:
             self.transport.write(render(resp, keep_alive))

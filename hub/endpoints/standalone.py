@@ -48,7 +48,7 @@ async def run(bundle_dir: Path, root_file: Path | None, keys: list[str], host: s
         log.warning("no --root given: trusting the root shipped in %s (trust on first use)", bundle_dir)
     box = detect(sandbox)
     log.info("workers' sandbox: %s", box.describe())
-    gateway = Gateway(name or module, root, sandbox=box)
+    gateway = Gateway(name or module, root, sandbox=box, metrics=True)
     await gateway.apply(spec)  # verification, load and health check before the port opens
     sock = sock or bind(host, port)
     await gateway.serve(sock)

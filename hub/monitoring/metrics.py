@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from hub.context import Hub
-from hub.monitoring.prom import Exposition
+from hub.monitoring.prom import Exposition, endpoint_families
 from hub.trust.renewal import key_expiry
 
 if TYPE_CHECKING:
@@ -122,20 +122,8 @@ def _trust(hub: Hub, out: Exposition) -> None:
 
 def _endpoints(endpoints: EndpointManager, out: Exposition) -> None:
     """Cloud endpoints: each gateway process keeps its own counters; ask each one (127.0.0.1, a few ms)."""
-    responses: list[tuple[dict[str, str], float]] = []
-    queued: list[tuple[dict[str, str], float]] = []
-    up: list[tuple[dict[str, str], float]] = []
-    latency = []
+    statuses = []
     for name, gw in sorted(endpoints.gateways.items()):
         status = gw.status() if gw.alive else {"error": "gateway not running"}
-        up.append(({"endpoint": name}, 0 if "error" in status else 1))
-        if "error" in status:
-            continue
-        responses.extend(({"endpoint": name, "code": code}, n) for code, n in status["responses"].items())
-        queued.extend(({"endpoint": name, "version": v["label"]}, v["queued"]) for v in status["versions"])
-        latency.extend(({"endpoint": name, "version": label}, h) for label, h in status.get("latency_ms", {}).items())
-    out.family("edgefleet_hub_endpoint_up", "gauge", "1 while the endpoint's gateway answers.", up)
-    out.family("edgefleet_hub_endpoint_responses_total", "counter", "Scoring responses by HTTP status code.", responses)
-    out.family("edgefleet_hub_endpoint_queued_requests", "gauge", "Requests waiting for a worker, per version.", queued)
-    out.histogram("edgefleet_hub_endpoint_latency_ms", "Successful scoring latency at the gateway, per version.",
-                  latency)
+        statuses.append((name, None if "error" in status else status))
+    endpoint_families(out, statuses)

@@ -64,3 +64,24 @@ class LatencyHistogram:
 
     def as_dict(self) -> dict[str, Any]:
         return {"buckets": list(self.buckets), "counts": list(self.counts), "sum": self.sum, "count": self.count}
+
+
+def endpoint_families(out: Exposition, statuses: list[tuple[str, dict[str, Any] | None]]) -> None:
+    """The web endpoints' families from each gateway's ``status()`` (None: its gateway is not answering): the
+    hub's ``/metrics`` for all of them, a standalone ``edgefleet serve``'s own for itself."""
+    up: list[tuple[dict[str, str], float]] = []
+    responses: list[tuple[dict[str, str], float]] = []
+    queued: list[tuple[dict[str, str], float]] = []
+    latency: list[tuple[dict[str, str], dict[str, Any]]] = []
+    for name, status in statuses:
+        up.append(({"endpoint": name}, 0 if status is None else 1))
+        if status is None:
+            continue
+        responses.extend(({"endpoint": name, "code": code}, n) for code, n in status["responses"].items())
+        queued.extend(({"endpoint": name, "version": v["label"]}, v["queued"]) for v in status["versions"])
+        latency.extend(({"endpoint": name, "version": label}, h) for label, h in status.get("latency_ms", {}).items())
+    out.family("edgefleet_hub_endpoint_up", "gauge", "1 while the endpoint's gateway answers.", up)
+    out.family("edgefleet_hub_endpoint_responses_total", "counter", "Scoring responses by HTTP status code.", responses)
+    out.family("edgefleet_hub_endpoint_queued_requests", "gauge", "Requests waiting for a worker, per version.", queued)
+    out.histogram("edgefleet_hub_endpoint_latency_ms", "Successful scoring latency at the gateway, per version.",
+                  latency)
