@@ -61,6 +61,8 @@ def parse_path(path: str) -> Route | None:
 
 
 def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    if spec.dtype.startswith(("seq(", "map(")):  # an ONNX sequence or map: answered as BYTES, one JSON text per row
+        return {"name": spec.name, "datatype": "BYTES", "shape": [-1]}
     return {"name": spec.name, "datatype": DATATYPES.get(spec.dtype, spec.dtype.upper()),
             "shape": [-1 if d is None or d < 0 else d for d in spec.shape]}
 

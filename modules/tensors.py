@@ -22,6 +22,7 @@ import functools
 import io
 import json
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -285,7 +286,37 @@ def _decode_v2(form: Form, body: bytes, specs: list[TensorSpec], regions: Mappin
 
 def outputs_json(outputs: Batch) -> dict[str, Any]:
     """Outputs as JSON values (arrays orjson cannot write as they are become lists)."""
-    return {k: (v.tolist() if v.dtype.kind in "OUSb" or not v.flags.c_contiguous else v) for k, v in outputs.items()}
+    return {k: (_jsonable(v.tolist()) if v.dtype.kind == "O" else v.tolist() if v.dtype.kind in "USb"
+                or not v.flags.c_contiguous else v) for k, v in outputs.items()}
+
+
+def _jsonable(value: Any) -> Any:
+    """An element of a non-tensor output (an ONNX sequence or map: skl2onnx's default classifier gives its
+    probabilities as a sequence of {class: probability}) as JSON can hold it: map keys become strings."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else value
+
+
+def _text(value: Any) -> str:
+    """One element of a BYTES output: a string as it is, anything else (a map, a sequence) as compact JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return json.dumps(_jsonable(value), separators=(",", ":"))
+
+
+def _bytes_blob(arr: np.ndarray) -> bytes:
+    """A BYTES output in the binary extension, as Triton writes it: each element's length (4 bytes, little
+    endian), then its UTF-8 bytes."""
+    parts = []
+    for value in arr.ravel().tolist():
+        data = value if isinstance(value, bytes) else _text(value).encode()
+        parts += [struct.pack("<I", len(data)), data]
+    return b"".join(parts)
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -329,7 +360,8 @@ def _encode_v2(dec: Decoded, outputs: Batch, module: str, version: int, request_
     tensors, blobs = [], []
     for name in names:
         arr = np.ascontiguousarray(outputs[name])
-        t: dict[str, Any] = {"name": name, "datatype": _DATATYPE.get(arr.dtype) or arr.dtype.name.upper(),
+        text = arr.dtype.kind in "OUS"  # strings, or maps and sequences: BYTES, each element a string
+        t: dict[str, Any] = {"name": name, "datatype": "BYTES" if text else _DATATYPE.get(arr.dtype) or arr.dtype.name.upper(),
                              "shape": list(arr.shape)}
         binary = dec.requested.get(name)
         if name in dec.shm_out:  # written into the caller's region: the answer only says where
@@ -340,12 +372,12 @@ def _encode_v2(dec: Decoded, outputs: Batch, module: str, version: int, request_
             np.frombuffer(view, dtype=np.uint8, count=arr.nbytes)[:] = arr.reshape(-1).view(np.uint8)
             t["parameters"] = {"shared_memory_region": region, "shared_memory_byte_size": arr.nbytes}
         elif binary if binary is not None else dec.binary:
-            if arr.dtype.kind in "OUS":
-                raise NotAcceptable(f"output {name!r} is not numeric: ask for it as JSON")
-            t["parameters"] = {"binary_data_size": arr.nbytes}
-            blobs.append(arr.data.cast("B") if arr.ndim else arr.tobytes())
+            blob = _bytes_blob(arr) if text else arr.data.cast("B") if arr.ndim else arr.tobytes()
+            t["parameters"] = {"binary_data_size": len(blob) if text else arr.nbytes}
+            blobs.append(blob)
         else:
-            t["data"] = arr.ravel().tolist() if arr.dtype.kind in "OUSb" else arr.ravel()
+            t["data"] = ([_text(v) for v in arr.ravel().tolist()] if text
+                         else arr.ravel().tolist() if arr.dtype.kind == "b" else arr.ravel())
         tensors.append(t)
     doc: dict[str, Any] = {"model_name": module, "model_version": str(version), "outputs": tensors}
     if dec.id or request_id:
