@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 import tritonclient.http as triton
 from skl2onnx import to_onnx
@@ -24,6 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from edgefleet.broker import free_port
 from hub import HubConfig, HubServer
 from modules.runners import load_model_file
+from tests.batch_support import score_cli, sign_bundle, write_table
 from tests.hubside import HubSide, new_device, running_agent, until
 from tests.pg import hub_db
 
@@ -109,3 +112,20 @@ def test_a_zipmap_classifier_on_a_web_endpoint_as_json_and_through_tritonclient(
             client.close()
     finally:
         server.stop()
+
+
+def test_batch_scoring_writes_a_column_per_class_of_a_zipmap_output(zipmap, tmp_path):
+    labels, probs = expected(zipmap)
+    runner = load_model_file(zipmap, "onnx")
+    bundle = sign_bundle(tmp_path / "bundle", "clf", {"clf.onnx": zipmap}, runtime="onnx", model="clf.onnx",
+                         inputs=runner.inputs, outputs=runner.outputs)
+    features = write_table(tmp_path / "features.csv", X, ids=False)
+    for out in ("scored.parquet", "scored.csv"):  # both formats take a column per class (CSV has no maps)
+        done = score_cli("--bundle", str(bundle), "-i", str(features), "-o", str(tmp_path / out), "--json")
+        assert done.returncode == 0, done.stderr
+        table = pq.read_table(tmp_path / out) if out.endswith(".parquet") else pacsv.read_csv(tmp_path / out)
+        assert table.column_names == ["f0", "f1", "f2", "f3", "output_label", *(f"output_probability_{c}"
+                                                                                   for c in probs[0])]
+        assert table["output_label"].to_pylist() == labels
+        for c in probs[0]:
+            assert table[f"output_probability_{c}"].to_pylist() == [p[c] for p in probs]

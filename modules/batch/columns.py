@@ -173,6 +173,12 @@ def output_columns(outputs: dict[str, Any], rows: int) -> dict[str, pa.Array]:
             got = "a scalar" if arr.ndim == 0 else f"{arr.shape[0]} rows"
             raise BatchError(f"output {name!r} has {got} for {rows} input rows: batch scoring needs one output row "
                              "per input row")
+        if arr.dtype.kind == "O" and arr.ndim == 1 and all(isinstance(v, dict) for v in arr.tolist()):
+            # one map per row (skl2onnx's ZipMap: {class: probability}): a column per key, as a 2-D output's
+            by_row = arr.tolist()
+            for key in dict.fromkeys(k for row in by_row for k in row):
+                cols[f"{name}_{key}"] = pa.array([row.get(key) for row in by_row])
+            continue
         if arr.ndim > 2:
             arr = arr.reshape(rows, -1)
         if arr.ndim == 1 or arr.shape[1] == 1:
