@@ -98,6 +98,16 @@ def test_psi_sees_a_shift_in_one_feature_only():
     assert psi(np.array([10.0, 10.0]), np.array([10.0, 10.0])) == pytest.approx(0.0)
 
 
+def test_a_map_per_row_output_drifts_per_key():
+    rng = np.random.default_rng(2)
+    rows = lambda n, p: [{"0": float(v), "1": float(1 - v)} for v in rng.beta(p, 2, n)]  # noqa: E731  ZipMap rows
+    ref = flatten_rows([{"label": [0] * 500, "probability": rows(500, 2)}])
+    cur = flatten_rows([{"label": [0] * 300, "probability": rows(300, 8)}])
+    assert sorted(ref) == ["label", "probability[0]", "probability[1]"] and len(ref["probability[1]"]) == 500
+    drift = {f.feature: f for f in compare(ref, cur)}
+    assert drift["probability[0]"].kind == "numeric" and drift["probability[0]"].p_value < 1e-6
+
+
 def test_categorical_features_use_chi_square():
     (f,) = compare({"c": ["a"] * 50 + ["b"] * 50}, {"c": ["a"] * 80 + ["b"] * 20})
     assert f.kind == "categorical" and f.statistic == pytest.approx(36.0) and f.p_value < 1e-8

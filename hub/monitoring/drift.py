@@ -122,11 +122,17 @@ def categorical_drift(name: str, reference: list[Any], current: list[Any]) -> Fe
 def flatten_rows(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Turn records like ``{"x": [[1, 2], [3, 4]]}`` into columns ``x[0]: [1, 3], x[1]: [2, 4]``.
 
-    The first dimension of each tensor is the batch; scalars per row become one column.
+    The first dimension of each tensor is the batch; scalars per row become one column, and a map per row
+    (``{"p": [{"cat": 0.9, "dog": 0.1}, ...]}``) a column per key (``p[cat]``, ``p[dog]``).
     """
     columns: dict[str, list[Any]] = {}
     for record in records:
         for tensor, value in record.items():
+            if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+                for row in value:  # one map per row (skl2onnx's ZipMap {class: probability}): a column per key
+                    for key, v in row.items():
+                        columns.setdefault(f"{tensor}[{key}]", []).append(v)
+                continue
             arr = np.asarray(value, dtype=object)
             if arr.ndim == 0:
                 columns.setdefault(tensor, []).append(arr.item())
