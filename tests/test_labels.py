@@ -91,6 +91,9 @@ def test_accuracy_per_version_matches_an_offline_computation(server, admin, brok
 def test_scoring_rules_and_refused_labels(tmp_data):
     assert score({"p": [[0.2, 0.7, 0.1]]}, 1)[:2] == (1, 1)  # argmax
     assert score({"p": [[0.7], [0.3]]}, [1, 1])[:2] == (2, 1)  # one score per row, a label per row
+    # a class id per row (skl2onnx's output_label first, its ZipMap probabilities after): classes, not values
+    assert score({"output_label": [2, 0], "output_probability": [{"0": 0.1, "2": 0.8}, {"0": 0.9, "2": 0.1}]},
+                 [2, 1])[:2] == (2, 1)
     n, right, err, reg = score({"y": [[12.0], [3.0]]}, [10.0, 4.0])  # regression: absolute error
     assert (n, reg, err) == (0, 2, 3.0)
     from hub.errors import Invalid

@@ -4,8 +4,8 @@ A label names a sampled record by its sample id (``device/request-id`` when the 
 an id, else ``device/seq/idx``: hub/ingest/writer.py). Labels are stored apart (``labels``) and joined
 when read, so a label may arrive before or after its record, and a later label corrects an earlier one.
 
-What a record predicted: its first output's row ``i``: the argmax for several columns, 0/1 for one score in
-0..1 (the same side of 0.5), else the value itself (regression). A classification row is right when the
+What a record predicted: its first output's row ``i``: the argmax for several columns, the class for one
+integer (a label output), 0/1 for one score in 0..1 (the same side of 0.5), else the value itself (regression). A classification row is right when the
 prediction equals the label; a regression row contributes its absolute error. ``accuracy`` is the share
 of right classification rows, ``mae`` the mean absolute error of regression rows.
 """
@@ -42,6 +42,8 @@ def predictions(output: Any) -> list[tuple[str, float]]:
             continue
         if len(nums) > 1:
             out.append(("class", float(max(range(len(nums)), key=nums.__getitem__))))
+        elif isinstance(vals[0], int) and not isinstance(vals[0], bool):  # a class id (skl2onnx's output_label)
+            out.append(("class", nums[0]))
         elif 0.0 <= nums[0] <= 1.0:
             out.append(("class", 1.0 if nums[0] >= 0.5 else 0.0))
         else:
