@@ -166,7 +166,10 @@ class TfliteRunner:
     def __init__(self, model_path: Path, delegates: Sequence[str] = (), threads: int | None = None,
                  notes: dict[str, str] | None = None) -> None:
         self.interpreter, self.accelerator = _tflite_interpreter(model_path, delegates, threads, notes)
-        self.interpreter.allocate_tensors()
+        try:  # where a model needs an op the runtime lacks (mediapipe's custom ops): refused at registration
+            self.interpreter.allocate_tensors()
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"LiteRT could not prepare {model_path.name}: {str(exc).splitlines()[0]}") from None
         self._in = self.interpreter.get_input_details()
         self._out = self.interpreter.get_output_details()
         self.inputs = [_tflite_spec(d) for d in self._in]
