@@ -54,9 +54,9 @@ from modules.httpwire import (
     Served,
     bearer,
     binary_answer,
+    check_encoding,
     encode_answer,
     encode_head,
-    encoding_refusal,
     enlarge,
     failed,
     form_of,
@@ -185,9 +185,7 @@ class LocalApi:
         or a coroutine that makes the answer (a worker restarting, in-process isolation)."""
         self.requests += 1
         headers = headers or {}
-        refused = encoding_refusal(headers.get("content-encoding"))
-        if refused is not None:
-            return json_answer(refused.status, refused.doc())
+        check_encoding(headers.get("content-encoding"))  # BadRequest: answered by the connection
         shm = self.shm.route(method, path.split("?", 1)[0], body, app, os.geteuid() if owner is None else owner)
         if shm is not None:  # the shared memory extension (agent/shmem.py)
             if app.startswith("uid:"):  # a uid's regions: usable on every module's direct socket too
@@ -383,7 +381,7 @@ class _Connection(asyncio.BufferedProtocol):
             try:
                 answer = self.api.route("GET" if head else method, path, body,
                                         functools.partial(self._later, keep, head=head), headers, app, self._peer_uid)
-            except BadRequest as exc:  # a malformed header the route needed (Inference-Header-Content-Length)
+            except BadRequest as exc:  # a header the route refuses (Inference-Header-Content-Length, Content-Encoding)
                 answer = json_answer(exc.status, exc.doc())
             if answer is None:
                 return  # _later answers (it may have already)

@@ -150,9 +150,7 @@ class DirectSocket:
     def answer(self, method: str, path: str, body: bytes, headers: httpwire.Headers, app: str = "") -> Answer:
         """The agent's inference routes for this one module (``agent.localapi.LocalApi.route``); ``app``: the
         client's (``uid:N``), whose shared memory regions registered on the agent's Unix socket it may name."""
-        refused = httpwire.encoding_refusal(headers.get("content-encoding"))
-        if refused is not None:
-            return json_answer(refused.status, refused.doc())
+        httpwire.check_encoding(headers.get("content-encoding"))  # BadRequest: answered by _serve
         if path.startswith(SHM_ROUTES):
             return json_answer(404, {"error": "register shared memory regions on the agent's socket, "
                                               "DATA/run/api.sock: its regions are usable here by the same uid"})
@@ -252,7 +250,7 @@ class DirectSocket:
             head = method == "HEAD"  # answered as GET is, without the body
             try:
                 answer = self.answer("GET" if head else method, path, body, headers, client.app)
-            except BadRequest as exc:  # a malformed header the route needed
+            except BadRequest as exc:  # a header the route refuses (malformed, or Content-Encoding)
                 answer = json_answer(exc.status, exc.doc())
             self._write(client, httpwire.encode_head(answer, keep) if head else encode_answer(answer, keep))
         if client.closing and not client.out:

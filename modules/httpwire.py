@@ -30,9 +30,9 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # the interim answer to ``Expect: 1
 MAX_HEAD = 64 * 1024
 MAX_HEADER_LINES = 100
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
-           411: "Length Required", 417: "Expectation Failed",
-           413: "Payload Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Entity", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 503: "Service Unavailable"}
+           411: "Length Required", 413: "Payload Too Large", 415: "Unsupported Media Type", 417: "Expectation Failed",
+           422: "Unprocessable Entity", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable"}
 _PREFIX, _SUFFIX = "/v1/modules/", "/predict"
 
 
@@ -64,14 +64,14 @@ def json_answer(status: int, obj: Any) -> Answer:
     return status, "application/json", json.dumps(obj).encode()
 
 
-def encoding_refusal(encoding: str | None) -> BadRequest | None:
-    """415 for a body sent compressed (``Content-Encoding``, as tritonclient's ``request_compression_algorithm``
-    sends it), which read as if it were not would fail later with a misleading parse error. Answered like
-    any refusal (:meth:`BadRequest.doc`), but the body was read whole (its Content-Length frames it), so the
+def check_encoding(encoding: str | None) -> None:
+    """BadRequest 415 for a body sent compressed (``Content-Encoding``, as tritonclient's
+    ``request_compression_algorithm`` sends it), which read as if it were not would fail later with a misleading
+    parse error. Raised by a route, after the body was read whole (its Content-Length frames it), so the
     connection goes on."""
-    if not encoding or encoding.strip().lower() == "identity":
-        return None
-    return BadRequest(f"Content-Encoding {encoding.strip()[:20]!r} is not supported: send the body uncompressed", 415)
+    if encoding and encoding.strip().lower() != "identity":
+        raise BadRequest(f"Content-Encoding {encoding.strip()[:20]!r} is not supported: send the body uncompressed",
+                         415)
 
 
 def error_status(exc: BaseException) -> int:

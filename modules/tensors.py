@@ -373,7 +373,7 @@ def _encode_v2(dec: Decoded, outputs: Batch, module: str, version: int, request_
             t["parameters"] = {"shared_memory_region": region, "shared_memory_byte_size": arr.nbytes}
         elif binary if binary is not None else dec.binary:
             blob = _bytes_blob(arr) if text else arr.data.cast("B") if arr.ndim else arr.tobytes()
-            t["parameters"] = {"binary_data_size": len(blob) if text else arr.nbytes}
+            t["parameters"] = {"binary_data_size": len(blob)}  # a byte view: its length is its size
             blobs.append(blob)
         else:
             t["data"] = ([_text(v) for v in arr.ravel().tolist()] if text

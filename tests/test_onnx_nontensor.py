@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from pathlib import Path
 
 import httpx
@@ -24,11 +23,10 @@ from skl2onnx import to_onnx
 from sklearn.linear_model import LogisticRegression
 
 from edgefleet.broker import free_port
-from hub import HubConfig, HubServer
 from modules.runners import load_model_file
 from tests.batch_support import score_cli, sign_bundle, write_table
 from tests.hubside import HubSide, new_device, running_agent, until
-from tests.pg import hub_db
+from tests.webside import model_endpoint
 
 X = np.random.default_rng(3).random((5, 4), dtype=np.float32)
 
@@ -79,20 +77,8 @@ def test_a_zipmap_classifier_answers_on_a_device_as_json(broker, tmp_path, zipma
 
 def test_a_zipmap_classifier_on_a_web_endpoint_as_json_and_through_tritonclient(broker, tmp_path, zipmap):
     labels, probs = expected(zipmap)
-    server = HubServer(HubConfig(tmp_path / "hub", broker.url, admin_token=secrets.token_urlsafe(32),
-                                 mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=60,
-                                 **hub_db(tmp_path / "hub"))).start()
-    try:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"},
-                          timeout=120) as admin:
-            admin.post("/api/v1/models", data={"name": "clf"},
-                       files=[("files", ("clf.onnx", zipmap.read_bytes()))]).raise_for_status()
-            m = admin.post("/api/v1/modules", json={"name": "clf", "models": ["clf:1"]})
-            assert m.status_code == 200, m.text
-            ep = admin.post("/api/v1/endpoints", json={"name": "clf", "module": f"clf:{m.json()['version']}"})
-            assert ep.status_code == 200, ep.text
-            key, url, port = ep.json()["keys"]["primary"], ep.json()["url"], ep.json()["port"]
-
+    with model_endpoint(broker.url, tmp_path / "hub", "clf", zipmap) as web:
+        key, url, port = web["key"], web["url"], web["port"]
         r = httpx.post(url, json={"inputs": {"X": X.tolist()}}, headers={"api-key": key}, timeout=60)
         assert r.status_code == 200, r.text
         check_json(r.json(), labels, probs)
@@ -110,8 +96,6 @@ def test_a_zipmap_classifier_on_a_web_endpoint_as_json_and_through_tritonclient(
                 assert rows == probs
         finally:
             client.close()
-    finally:
-        server.stop()
 
 
 def test_batch_scoring_writes_a_column_per_class_of_a_zipmap_output(zipmap, tmp_path):

@@ -12,7 +12,6 @@ import asyncio
 import gzip
 import io
 import json
-import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +24,10 @@ import pytest
 import tritonclient.http as triton
 
 from edgefleet.broker import free_port
-from hub import HubConfig, HubServer
 from modules.examples import write_cnn_onnx
 from protocol.manifest import TensorSpec
 from tests.hubside import HubSide, new_device, running_agent, until
-from tests.pg import hub_db
+from tests.webside import model_endpoint
 
 SIZE = 512
 IMAGE = [TensorSpec(name="image", dtype="float32", shape=[1, SIZE, SIZE, 3])]
@@ -55,25 +53,9 @@ def bare(model, image) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def web(broker, model, tmp_path_factory) -> Iterator[dict[str, Any]]:
-    """One endpoint serving the CNN from a real hub: {"url", "port", "key", "host"}."""
-    data = tmp_path_factory.mktemp("hub")
-    server = HubServer(HubConfig(data, broker.url, admin_token=secrets.token_urlsafe(32),
-                                 mqtt_client_id=f"hub-{secrets.token_hex(4)}", load_check_timeout_s=60,
-                                 **hub_db(data))).start()
-    try:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"},
-                          timeout=120) as admin:
-            admin.post("/api/v1/models", data={"name": "cnn"},
-                       files=[("files", ("cnn.onnx", model.read_bytes()))]).raise_for_status()
-            m = admin.post("/api/v1/modules", json={"name": "cnn", "models": ["cnn:1"]})
-            assert m.status_code == 200, m.text
-            ep = admin.post("/api/v1/endpoints", json={"name": "cnn", "module": f"cnn:{m.json()['version']}"})
-            assert ep.status_code == 200, ep.text
-            ep = ep.json()
-            yield {"url": ep["url"], "port": ep["port"], "key": ep["keys"]["primary"], "version": m.json()["version"],
-                   "admin": admin}
-    finally:
-        server.stop()
+    """One endpoint serving the CNN from a real hub: {"url", "port", "key", "version", "admin"}."""
+    with model_endpoint(broker.url, tmp_path_factory.mktemp("hub"), "cnn", model) as web:
+        yield web
 
 
 def oip_checks(url: str, model: str, version: str, image: np.ndarray, bare: dict[str, np.ndarray],

@@ -36,7 +36,7 @@ from hub.endpoints.telemetry import EndpointTelemetry
 from hub.monitoring.prom import Exposition, LatencyHistogram, endpoint_families
 from modules import oip
 from modules.bundle import FILES_DIR, verify_pulled
-from modules.httpwire import encoding_refusal, keep_large_buffers, refusal_doc
+from modules.httpwire import BadRequest, check_encoding, keep_large_buffers, refusal_doc
 from modules.runners import load_sample, sample_request
 from modules.sandbox import Sandbox
 from protocol.encoding import ProtocolError
@@ -156,8 +156,11 @@ class Gateway:
     # --- requests ------------------------------------------------------------------------------
 
     def handle(self, req: Request) -> Response | asyncio.Future[Response]:
-        refused = encoding_refusal(req.headers.get(b"content-encoding", b"").decode("latin-1"))
-        resp = self.count(reply(refused.status, refused.doc())) if refused else self.route(req)
+        try:
+            check_encoding(req.headers.get(b"content-encoding", b"").decode("latin-1"))
+            resp = self.route(req)
+        except BadRequest as exc:
+            resp = self.count(reply(exc.status, exc.doc()))
         self.arena.discard(req.body)  # a body in the arena that no worker will read (refused, not a score route)
         return resp
 

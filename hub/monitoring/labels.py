@@ -5,9 +5,10 @@ an id, else ``device/seq/idx``: hub/ingest/writer.py). Labels are stored apart (
 when read, so a label may arrive before or after its record, and a later label corrects an earlier one.
 
 What a record predicted: its first output's row ``i``: the argmax for several columns, the class for one
-integer (a label output), 0/1 for one score in 0..1 (the same side of 0.5), else the value itself (regression). A classification row is right when the
-prediction equals the label; a regression row contributes its absolute error. ``accuracy`` is the share
-of right classification rows, ``mae`` the mean absolute error of regression rows.
+integer (a label output), 0/1 for one score in 0..1 (the same side of 0.5), else the value itself
+(regression). A classification row is right when the prediction equals the label; a regression row
+contributes its absolute error. ``accuracy`` is the share of right classification rows, ``mae`` the mean
+absolute error of regression rows.
 """
 
 from __future__ import annotations
